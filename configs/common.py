@@ -1,0 +1,72 @@
+"""Pieces shared by the experiment configs: argument parsing and blocks."""
+
+import pathlib
+
+import ml_collections
+
+# Repository root (configs/ lives directly under it). Shipped data paths are
+# resolved against it so configs work from any current directory.
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def parse_arg(arg: str | None, lazy: bool = False, **spec):
+  """Parses `configs/x.py:a=1,b,c=foo` style arguments into a ConfigDict.
+
+  `spec` names every accepted key with its default; the default's type is the
+  type the value is parsed to. A bare name (`smoke`) sets a bool to True.
+
+  Args:
+    arg: the string after the colon in `--config`, or None.
+    lazy: if True, unknown keys are accepted as strings.
+    **spec: accepted keys and their defaults.
+
+  Returns:
+    A ConfigDict with one entry per key in `spec` (plus unknown ones if lazy).
+  """
+  parsed = ml_collections.ConfigDict(spec)
+  if not arg:
+    return parsed
+  for item in arg.split(","):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in spec:
+      if not lazy:
+        raise ValueError(
+            f"unknown config argument {key!r}; accepted: {sorted(spec)}")
+      parsed[key] = value
+      continue
+    default = spec[key]
+    if not value:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      parsed[key] = True
+    elif isinstance(default, bool):
+      parsed[key] = value.lower() in ("1", "true", "yes")
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def model_block() -> ml_collections.ConfigDict:
+  """The pretrained encoder: which weights, how to pool, precision."""
+  model = ml_collections.ConfigDict()
+  # Packaged model name or a directory holding config.json + model.safetensors
+  # (or pytorch_model.bin) + vocab.txt.
+  model.pretrained = "all-MiniLM-L6-v2"
+  # "cls" | "mean" | "" ("" = what the checkpoint's pooling config says).
+  model.pooling = ""
+  # L2-normalise embeddings; None = what the checkpoint's modules say.
+  model.normalize = ml_collections.FieldReference(None, field_type=bool)
+  # Compute dtype of the encoder: "float32" or "bfloat16" (params stay fp32).
+  model.dtype = "float32"
+  # Tokens per text including [CLS]/[SEP]; longer texts are truncated.
+  model.max_length = 256
+  return model
+
+
+def mesh_block() -> ml_collections.ConfigDict:
+  """The device mesh: one size per axis (data, fsdp, model), -1 = the rest."""
+  mesh = ml_collections.ConfigDict()
+  # Sizes of the (data, fsdp, model) axes; -1 takes all remaining devices.
+  mesh.shape = (-1, 1, 1)
+  return mesh

@@ -1,0 +1,157 @@
+"""The `evaluate` and `encode` modes: pretrained encoder on a BEIR directory.
+
+`evaluate(config, workdir)` writes to the workdir:
+  metrics.json             flat {measure: mean} over the judged queries
+  metrics_per_query.json   {measure: {query_id: value}}
+  run.trec                 TREC run (ids with spaces percent-encoded)
+  timing.json              seconds per phase, texts/s
+  config.json              the resolved config
+`encode(config, workdir)` writes corpus_embeddings.npy (float32, one row per
+document in corpus.jsonl order) and corpus_ids.json.
+"""
+
+import json
+import logging
+import pathlib
+import time
+
+import ml_collections
+import numpy as np
+
+from retrieval_jax import encoding
+from retrieval_jax import sharding
+from retrieval_jax.data import beir
+from retrieval_jax.evaluation import evaluators
+from retrieval_jax.evaluation import trec_run
+
+
+class ConfigError(ValueError):
+  """A config value is missing or wrong; the message names the key."""
+
+
+def check_data_path(config: ml_collections.ConfigDict,
+                    corpus_only: bool = False) -> pathlib.Path:
+  """Validates `config.data.path` up front, naming the key on failure."""
+  path = pathlib.Path(config.data.path).expanduser()
+  if not path.is_dir():
+    raise ConfigError(
+        f"config.data.path={config.data.path!r}: no such directory (expected "
+        "a BEIR directory with corpus.jsonl, queries.jsonl, qrels/)")
+  needed = ["corpus.jsonl"]
+  if not corpus_only:
+    needed += ["queries.jsonl", f"qrels/{config.data.split}.tsv"]
+  missing = [n for n in needed if not (path / n).is_file()]
+  if missing:
+    raise ConfigError(
+        f"config.data.path={str(path)!r} (split "
+        f"config.data.split={config.data.split!r}) lacks {missing}")
+  return path
+
+
+def make_encoder(config: ml_collections.ConfigDict,
+                 mesh) -> encoding.TextEncoder:
+  """The pretrained text encoder described by `config.model`."""
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected "
+                      "'float32' or 'bfloat16'")
+  if config.model.pooling not in ("", "cls", "mean"):
+    raise ConfigError(f"config.model.pooling={config.model.pooling!r}: "
+                      "expected 'cls', 'mean' or '' (checkpoint default)")
+  return encoding.TextEncoder.from_pretrained(
+      config.model.pretrained, mesh, pooling=config.model.pooling,
+      normalize=config.model.normalize, max_length=config.model.max_length,
+      dtype=config.model.dtype)
+
+
+def load_collection(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                    corpus_only: bool = False) -> beir.BeirCollection:
+  """Reads the BEIR directory through the TFDS builder (prepared once)."""
+  from retrieval_jax.data import tfds_beir  # Imports TensorFlow (CPU only).
+  path = check_data_path(config, corpus_only)
+  tfds_dir = pathlib.Path(config.data.tfds_dir or workdir / "tfds")
+  return tfds_beir.load_beir_tfds(
+      path, split=None if corpus_only else config.data.split,
+      data_dir=tfds_dir, on_unknown=config.data.on_unknown)
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  # Write then rename, so a crash never leaves a half-written file behind.
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+  tmp.replace(path)
+
+
+def format_table(metrics: dict[str, float], title: str) -> str:
+  """A two-column text table of measures and values."""
+  width = max(len(k) for k in metrics)
+  lines = [title, "-" * (width + 10)]
+  lines += [f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+  return "\n".join(lines)
+
+
+def evaluate(config: ml_collections.ConfigDict,
+             workdir: str | pathlib.Path) -> dict[str, float]:
+  """Runs the evaluate mode; returns the mean metrics (also written)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  mesh = sharding.make_mesh(config.mesh.shape)
+  collection = load_collection(config, workdir)
+  evaluator = evaluators.RetrievalEvaluator(
+      collection, measures=config.eval.measures,
+      relevance_level=config.eval.relevance_level,
+      top_k=config.search.top_k, metric=config.search.metric,
+      chunk_size=config.search.chunk_size,
+      max_queries=config.data.max_queries, name="evaluate")
+  encoder = make_encoder(config, mesh)
+  logging.info("evaluating %s on %d docs, %d queries (split %s)",
+               config.model.pretrained, len(collection.doc_ids),
+               len(evaluator.query_ids), config.data.split)
+  result = evaluator.run(
+      encoder, batch_size=config.encode.batch_size,
+      pad_multiple=config.encode.pad_multiple,
+      sort_by_length=config.encode.sort_by_length, mesh=mesh)
+  trec_run.write_run(workdir / "run.trec", result.run,
+                     tag=config.eval.run_tag)
+  _write_json(workdir / "metrics.json", result.metrics)
+  _write_json(workdir / "metrics_per_query.json", result.per_query)
+  timing = dict(result.timing, total_s=time.perf_counter() - start,
+                num_docs=len(collection.doc_ids),
+                num_queries=len(evaluator.query_ids))
+  _write_json(workdir / "timing.json", timing)
+  _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  print(format_table(
+      result.metrics,
+      f"{pathlib.Path(config.data.path).name} ({config.data.split}, "
+      f"{len(evaluator.query_ids)} queries, {len(collection.doc_ids)} docs)"))
+  print(f"time: corpus {timing['encode_corpus_s']:.1f} s "
+        f"({timing['corpus_texts_per_s']:.0f} docs/s), queries "
+        f"{timing['encode_queries_s']:.1f} s, search {timing['search_s']:.2f} "
+        f"s, metrics {timing['metrics_s']:.2f} s, total "
+        f"{timing['total_s']:.1f} s")
+  print(f"wrote {workdir}/metrics.json, metrics_per_query.json, run.trec")
+  return result.metrics
+
+
+def encode(config: ml_collections.ConfigDict,
+           workdir: str | pathlib.Path) -> np.ndarray:
+  """Runs the encode mode; returns the [N, D] corpus embeddings."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  collection = load_collection(config, workdir, corpus_only=True)
+  encoder = make_encoder(config, mesh)
+  start = time.perf_counter()
+  docs_nd = encoder.encode(
+      collection.doc_texts(), batch_size=config.encode.batch_size,
+      pad_multiple=config.encode.pad_multiple,
+      sort_by_length=config.encode.sort_by_length, desc="encode: corpus")
+  elapsed = time.perf_counter() - start
+  tmp = workdir / "corpus_embeddings.tmp.npy"
+  np.save(tmp, docs_nd.astype(np.float32))
+  tmp.replace(workdir / "corpus_embeddings.npy")
+  _write_json(workdir / "corpus_ids.json", list(collection.doc_ids))
+  print(f"encoded {len(docs_nd)} docs into {docs_nd.shape[1]}-d float32 in "
+        f"{elapsed:.1f} s ({len(docs_nd) / elapsed:.0f} docs/s): "
+        f"{workdir}/corpus_embeddings.npy, corpus_ids.json")
+  return docs_nd

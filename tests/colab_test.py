@@ -1,0 +1,41 @@
+"""The Colab notebooks run headless, in smoke mode, from a fresh process."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_NOTEBOOKS = sorted((_ROOT / "colab").glob("*.ipynb"))
+
+
+def notebook_code(path: pathlib.Path) -> str:
+  """The notebook's code cells as one script (shell `!` lines dropped)."""
+  cells = json.loads(path.read_text())["cells"]
+  lines = []
+  for cell in cells:
+    if cell["cell_type"] == "code":
+      lines += [l for l in "".join(cell["source"]).splitlines()
+                if not l.lstrip().startswith(("!", "%"))]
+  return "\n".join(lines) + "\n"
+
+
+class ColabTest(parameterized.TestCase):
+
+  @parameterized.parameters(*[(p.name,) for p in _NOTEBOOKS])
+  def test_notebook_runs(self, name):
+    env = dict(os.environ, RETRIEVAL_JAX_SMOKE="1",
+               RETRIEVAL_JAX_ROOT=str(_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", notebook_code(_ROOT / "colab" / name)],
+        cwd=_ROOT / "colab", env=env, capture_output=True, text=True,
+        timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,62 @@
+"""Every config loads, is locked, has a smoke variant and comments its fields."""
+
+import ast
+import importlib
+import pathlib
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from configs import common
+
+_CONFIG_DIR = pathlib.Path(common.__file__).parent
+_CONFIGS = sorted(p.stem for p in _CONFIG_DIR.glob("*.py")
+                  if p.stem not in ("__init__", "common"))
+
+
+def _assigned_fields(path: pathlib.Path):
+  """(line number, dotted name) of every `config.x.y = ...` in a file."""
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Assign):
+      for target in node.targets:
+        if isinstance(target, ast.Attribute):
+          yield node.lineno, ast.unparse(target)
+
+
+class ConfigsTest(parameterized.TestCase):
+
+  @parameterized.parameters(*[(c,) for c in _CONFIGS])
+  def test_default_and_smoke_load_locked(self, name):
+    module = importlib.import_module(f"configs.{name}")
+    for arg in (None, "smoke"):
+      config = module.get_config(arg)
+      self.assertTrue(config.is_locked)
+      with self.assertRaises(AttributeError):
+        config.no_such_field = 1  # Typos fail loudly.
+    self.assertIn("python -m retrieval_jax.main", module.__doc__)
+
+  @parameterized.parameters(*[(c,) for c in _CONFIGS + ["common"]])
+  def test_every_field_has_a_comment(self, name):
+    path = _CONFIG_DIR / f"{name}.py"
+    lines = path.read_text().splitlines()
+    for lineno, field in _assigned_fields(path):
+      line = lines[lineno - 1]
+      indent = len(line) - len(line.lstrip())
+      # Fields are declared at the top of a function body; deeper lines are
+      # variant overrides of fields declared (and commented) above. Lines
+      # creating sub-dicts or pulling in shared blocks need no comment.
+      if indent != 2 or "ConfigDict()" in line or "_block()" in line:
+        continue
+      self.assertTrue(
+          lines[lineno - 2].strip().startswith("#"),
+          f"{path.name}:{lineno}: field {field} has no comment above it")
+
+  def test_parse_arg(self):
+    arg = common.parse_arg("smoke,n=3,name=x", smoke=False, n=1, name="")
+    self.assertEqual((arg.smoke, arg.n, arg.name), (True, 3, "x"))
+    with self.assertRaisesRegex(ValueError, "unknown config argument 'bad'"):
+      common.parse_arg("bad", smoke=False)
+
+
+if __name__ == "__main__":
+  absltest.main()
