@@ -14,3 +14,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
 # TensorFlow (used by the data builders) must never take an accelerator, and
 # its C++ logging would drown the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# absltest helpers (create_tempdir, ...) read absl flags; under pytest nobody
+# parses them, so mark them parsed with their defaults.
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,665 @@
+"""BERT WordPiece tokenization in pure Python.
+
+`WordPieceTokenizer` gives the same ids as the Hugging Face `tokenizers` BERT
+pipeline (`BertNormalizer` -> `BertPreTokenizer` -> `WordPiece` ->
+`TemplateProcessing`), which is what `transformers.AutoTokenizer` and
+sentence-transformers run for BERT-family checkpoints such as
+all-MiniLM-L6-v2. The steps, in the reference's order:
+
+1. Added (special) tokens such as "[SEP]" are matched in the *raw* text,
+   case-sensitively and leftmost-longest, and pass through untouched. So
+   "a[SEP]b" holds a separator but "[sep]" and "[SE\u200bP]" do not.
+2. Each remaining segment is normalised: drop NUL, U+FFFD and "other"
+   characters (except tab, newline and carriage return); map whitespace to a
+   space; put spaces around CJK ideographs; NFD then drop non-spacing marks
+   (when lowercasing and `strip_accents` is unset, or when it is True); and
+   lowercase character by character (so no Greek final sigma).
+3. The normalised text is split on whitespace, and every punctuation
+   character becomes a word of its own.
+4. Each word becomes WordPiece ids by greedy longest-match-first; a word of
+   more than `max_input_chars_per_word` characters, or one that cannot be
+   segmented completely, becomes a single unknown token.
+5. [CLS] a [SEP] (and b [SEP] for pairs) is built around the ids, after
+   truncation of the content to fit `max_length`.
+
+The character classes for step 2 and 3 come from the Rust crates the
+reference is compiled with, not from Python's `unicodedata`: "other",
+"punctuation" and "non-spacing mark" follow Unicode 8.0 (the
+`unicode_categories` crate), whitespace is Rust's `char::is_whitespace`, and
+lowercasing is Rust's `char::to_lowercase` (Unicode 16). The tests check all
+of them against the reference on every code point.
+"""
+
+from collections.abc import Mapping, Sequence
+import functools
+import json
+import os
+import re
+import unicodedata
+
+import numpy as np
+
+# Code points the reference's `is_other` accepts (General_Category C* as of
+# Unicode 8.0), less tab, newline and carriage return, which the normaliser
+# treats as whitespace instead. Characters assigned after Unicode 8.0 are
+# "unassigned" to the reference and survive cleaning. Surrogates cannot occur
+# in the reference's UTF-8 strings; Python strings may hold them, and we drop
+# them as the C* class they belong to.
+_OTHER_RANGES = """
+0-8 B-C E-1F 7F-9F AD 600-605 61C 6DD 70F 180E 200B-200F 202A-202E 2060-2064
+2066-206F D800-F8FF FEFF FFF9-FFFB 110BD 1BCA0-1BCA3 1D173-1D17A E0001
+E0020-E007F F0000-FFFFD 100000-10FFFD
+"""
+
+# Characters the pre-tokeniser isolates: ASCII punctuation (which includes the
+# ASCII symbols $+<=>^`|~) plus General_Category P* as of Unicode 8.0.
+_PUNCTUATION_RANGES = """
+21-2F 3A-40 5B-60 7B-7E A1 A7 AB B6-B7 BB BF 37E 387 55A-55F 589-58A 5BE 5C0
+5C3 5C6 5F3-5F4 609-60A 60C-60D 61B 61E-61F 66A-66D 6D4 700-70D 7F7-7F9
+830-83E 85E 964-965 970 AF0 DF4 E4F E5A-E5B F04-F12 F14 F3A-F3D F85 FD0-FD4
+FD9-FDA 104A-104F 10FB 1360-1368 1400 166D-166E 169B-169C 16EB-16ED 1735-1736
+17D4-17D6 17D8-17DA 1800-180A 1944-1945 1A1E-1A1F 1AA0-1AA6 1AA8-1AAD
+1B5A-1B60 1BFC-1BFF 1C3B-1C3F 1C7E-1C7F 1CC0-1CC7 1CD3 2010-2027 2030-2043
+2045-2051 2053-205E 207D-207E 208D-208E 2308-230B 2329-232A 2768-2775
+27C5-27C6 27E6-27EF 2983-2998 29D8-29DB 29FC-29FD 2CF9-2CFC 2CFE-2CFF 2D70
+2E00-2E2E 2E30-2E42 3001-3003 3008-3011 3014-301F 3030 303D 30A0 30FB
+A4FE-A4FF A60D-A60F A673 A67E A6F2-A6F7 A874-A877 A8CE-A8CF A8F8-A8FA A8FC
+A92E-A92F A95F A9C1-A9CD A9DE-A9DF AA5C-AA5F AADE-AADF AAF0-AAF1 ABEB
+FD3E-FD3F FE10-FE19 FE30-FE52 FE54-FE61 FE63 FE68 FE6A-FE6B FF01-FF03
+FF05-FF0A FF0C-FF0F FF1A-FF1B FF1F-FF20 FF3B-FF3D FF3F FF5B FF5D FF5F-FF65
+10100-10102 1039F 103D0 1056F 10857 1091F 1093F 10A50-10A58 10A7F 10AF0-10AF6
+10B39-10B3F 10B99-10B9C 11047-1104D 110BB-110BC 110BE-110C1 11140-11143
+11174-11175 111C5-111C9 111CD 111DB 111DD-111DF 11238-1123D 112A9 114C6
+115C1-115D7 11641-11643 1173C-1173E 12470-12474 16A6E-16A6F 16AF5 16B37-16B3B
+16B44 1BC9F 1DA87-1DA8B
+"""
+
+# General_Category Mn as of Unicode 8.0: what accent stripping removes after
+# NFD.
+_NONSPACING_MARK_RANGES = """
+300-33F 342 345-36F 483-487 591-5BD 5BF 5C1-5C2 5C4-5C5 5C7 610-61A 64B-65F
+670 6D6-6DC 6DF-6E4 6E7-6E8 6EA-6ED 711 730-74A 7A6-7B0 7EB-7F3 816-819
+81B-823 825-827 829-82D 859-85B 8E3-902 93A 93C 941-948 94D 951-957 962-963
+981 9BC 9C1-9C4 9CD 9E2-9E3 A01-A02 A3C A41-A42 A47-A48 A4B-A4D A51 A70-A71
+A75 A81-A82 ABC AC1-AC5 AC7-AC8 ACD AE2-AE3 B01 B3C B3F B41-B44 B4D B56
+B62-B63 B82 BC0 BCD C00 C3E-C40 C46-C47 C4A-C4D C55-C56 C62-C63 C81 CBC CBF
+CC6 CCC-CCD CE2-CE3 D01 D41-D44 D4D D62-D63 DCA DD2-DD4 DD6 E31 E34-E3A
+E47-E4E EB1 EB4-EB9 EBB-EBC EC8-ECD F18-F19 F35 F37 F39 F71-F72 F74 F77
+F79-F7E F80 F82-F84 F86-F87 F8D-F92 F94-F97 F99-F9C F9E-FA1 FA3-FA6 FA8-FAB
+FAD-FB8 FBA-FBC FC6 102D-1030 1032-1037 1039-103A 103D-103E 1058-1059
+105E-1060 1071-1074 1082 1085-1086 108D 109D 135D-135F 1712-1714 1732-1734
+1752-1753 1772-1773 17B4-17B5 17B7-17BD 17C6 17C9-17D3 17DD 180B-180D 18A9
+1920-1922 1927-1928 1932 1939-193B 1A17-1A18 1A1B 1A56 1A58-1A5E 1A60 1A62
+1A65-1A6C 1A73-1A7C 1A7F 1AB0-1ABD 1B00-1B03 1B34 1B36-1B3A 1B3C 1B42
+1B6B-1B73 1B80-1B81 1BA2-1BA5 1BA8-1BA9 1BAB-1BAD 1BE6 1BE8-1BE9 1BED
+1BEF-1BF1 1C2C-1C33 1C36-1C37 1CD0-1CD2 1CD4-1CE0 1CE2-1CE8 1CED 1CF4
+1CF8-1CF9 1DC0-1DF5 1DFC-1DFF 20D0-20DC 20E1 20E5-20F0 2CEF-2CF1 2D7F
+2DE0-2DFF 302A-302D 3099-309A A66F A674-A67D A69E-A69F A6F0-A6F1 A802 A806
+A80B A825-A826 A8C4 A8E0-A8F1 A926-A92D A947-A951 A980-A982 A9B3 A9B6-A9B9
+A9BC A9E5 AA29-AA2E AA31-AA32 AA35-AA36 AA43 AA4C AA7C AAB0 AAB2-AAB4
+AAB7-AAB8 AABE-AABF AAC1 AAEC-AAED AAF6 ABE5 ABE8 ABED FB1E FE00-FE0F
+FE20-FE2F 101FD 102E0 10376-1037A 10A01-10A03 10A05-10A06 10A0C-10A0F
+10A38-10A3A 10A3F 10AE5-10AE6 11001 11038-11046 1107F-11081 110B3-110B6
+110B9-110BA 11100-11102 11127-1112B 1112D 11130-11134 11173 11180-11181
+111B6-111BE 111CA-111CC 1122F-11231 11234 11236-11237 112DF 112E3-112EA
+11300-11301 1133C 11340 11366-1136C 11370-11374 114B3-114B8 114BA 114BF-114C0
+114C2-114C3 115B2-115B5 115BC-115BD 115BF-115C0 115DC-115DD 11633-1163A 1163D
+1163F-11640 116AB 116AD 116B0-116B5 116B7 1171D-1171F 11722-11725 11727-1172B
+16AF0-16AF4 16B30-16B36 16F8F-16F92 1BC9D-1BC9E 1D167-1D169 1D17B-1D182
+1D185-1D18B 1D1AA-1D1AD 1D242-1D244 1DA00-1DA36 1DA3B-1DA6C 1DA75 1DA84
+1DA9B-1DA9F 1DAA1-1DAAF 1E8D0-1E8D6 E0100-E01EF
+"""
+
+# Rust's `char::is_whitespace` (the Unicode White_Space property). The
+# normaliser maps these to " " (those that are also "other", like U+0085, are
+# dropped first); the pre-tokeniser splits on them.
+_WHITESPACE_RANGES = "9-D 20 85 A0 1680 2000-200A 2028-2029 202F 205F 3000"
+
+# The blocks the reference calls "Chinese characters": CJK Unified Ideographs
+# and their extensions A-E plus the compatibility blocks. Extension F
+# (2CEB0-2EBEF) and later, and the gap 2B820-2B91F, are not included.
+_CJK_RANGES = "3400-4DBF 4E00-9FFF F900-FAFF 20000-2A6DF 2A700-2B81F " + (
+    "2B920-2CEAF 2F800-2FA1F"
+)
+
+# Lowercase mappings that Rust's Unicode 16 tables have and Python 3.11's
+# Unicode 14 tables lack, as (first, last, offset) runs. Where Python already
+# knows a mapping, `str.lower` has applied it before these are looked up, so
+# the table is harmless on newer Pythons.
+_EXTRA_LOWERCASE_RUNS = (
+    (0x1C89, 0x1C89, 1),
+    (0xA7CB, 0xA7CB, 0x0264 - 0xA7CB),
+    (0xA7CC, 0xA7CC, 1),
+    (0xA7CE, 0xA7CE, 1),
+    (0xA7D2, 0xA7D2, 1),
+    (0xA7D4, 0xA7D4, 1),
+    (0xA7DA, 0xA7DA, 1),
+    (0xA7DC, 0xA7DC, 0x019B - 0xA7DC),
+    (0x10D50, 0x10D65, 0x20),
+    (0x16EA0, 0x16EB8, 0x1B),
+)
+
+# DIVES AKURU VOWEL SIGN O: it decomposes since Unicode 13.0, but not in the
+# reference's normalisation tables. It is a starter (combining class 0), so
+# NFD of the pieces between its occurrences equals NFD of the whole text.
+_NFD_STABLE = "\U00011938"
+
+_GREEK_CAPITAL_SIGMA = "\u03a3"
+_GREEK_SMALL_SIGMA = "\u03c3"
+
+# Default special tokens of BERT checkpoints.
+_DEFAULT_SPECIAL_TOKENS = {
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "mask_token": "[MASK]",
+}
+
+
+def _parse_ranges(ranges: str) -> list[tuple[int, int]]:
+  """Turns "41-5A 5F" into [(0x41, 0x5A), (0x5F, 0x5F)]."""
+  out = []
+  for item in ranges.split():
+    first, _, last = item.partition("-")
+    out.append((int(first, 16), int(last or first, 16)))
+  return out
+
+
+def _class_body(pairs: list[tuple[int, int]]) -> str:
+  """Regex character-class body (no brackets) for inclusive code point runs."""
+  return "".join(
+      f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in pairs
+  )
+
+
+_ASTRAL = "\\U00010000-\\U0010ffff"
+
+
+def _split_class(ranges: str, negate: bool = False) -> str:
+  """A regex matching one character of `ranges` (or of its complement).
+
+  Python's regex engine tests BMP characters against a class with a bitmap,
+  but runs through the astral ranges one by one for every character. Behind a
+  one-comparison lookahead for astral characters, the long astral part is
+  only consulted for the (rare) astral characters themselves.
+  """
+  pairs = _parse_ranges(ranges)
+  bmp = [(a, min(b, 0xFFFF)) for a, b in pairs if a <= 0xFFFF]
+  astral = [(max(a, 0x10000), b) for a, b in pairs if b > 0xFFFF]
+  if negate:
+    bmp_part = f"[^{_class_body(bmp)}{_ASTRAL}]"
+    astral_part = f"(?=[{_ASTRAL}])[^{_class_body(astral)}]" if astral else (
+        f"[{_ASTRAL}]"
+    )
+  else:
+    bmp_part = f"[{_class_body(bmp)}]"
+    astral_part = f"(?=[{_ASTRAL}])[{_class_body(astral)}]" if astral else ""
+  return f"(?:{bmp_part}|{astral_part})" if astral_part else bmp_part
+
+
+# U+FFFD is a symbol (So), but the reference drops it with the "other"s.
+_DROP_RE = re.compile(_split_class(_OTHER_RANGES + " FFFD") + "+")
+# After the drop, tab, newline and carriage return are the only C* characters
+# left that are whitespace; " " itself is left out so that it is not
+# rewritten.
+_TO_SPACE_RE = re.compile(_split_class(_WHITESPACE_RANGES.replace(" 20 ", " ")))
+_CJK_RE = re.compile(_split_class(_CJK_RANGES))
+_NONSPACING_MARK_RE = re.compile(_split_class(_NONSPACING_MARK_RANGES) + "+")
+# One match per word: a lone punctuation character, or a maximal run of
+# characters that are neither punctuation nor whitespace.
+_WORD_RE = re.compile(
+    _split_class(_PUNCTUATION_RANGES)
+    + "|"
+    + _split_class(_PUNCTUATION_RANGES + " " + _WHITESPACE_RANGES, negate=True)
+    + "+"
+)
+_EXTRA_LOWERCASE = {
+    cp: cp + offset
+    for first, last, offset in _EXTRA_LOWERCASE_RUNS
+    for cp in range(first, last + 1)
+}
+
+
+def _read_json(path: str) -> dict | None:
+  """Returns the parsed JSON object at `path`, or None if there is no file."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _read_vocab_file(path: str | os.PathLike) -> list[str]:
+  """Reads a one-token-per-line vocabulary; line i holds token id i."""
+  with open(path, encoding="utf-8") as f:
+    # Only the newline is stripped (as transformers' `load_vocab` does):
+    # tokens themselves may end in other whitespace.
+    return [line.rstrip("\n") for line in f]
+
+
+def _token_content(token) -> str:
+  """Special tokens are plain strings or {"content": ...} dicts in configs."""
+  return token["content"] if isinstance(token, dict) else token
+
+
+class WordPieceTokenizer:
+  """BERT tokenizer (normalise, split, WordPiece) with the reference's ids.
+
+  Build it with `from_pretrained_dir` for a checkpoint directory, or directly
+  from a vocabulary with explicit options. Instances cache the WordPiece ids
+  of recent words, so repeated words cost one dictionary lookup.
+  """
+
+  def __init__(
+      self,
+      vocab: Sequence[str] | Mapping[str, int] | str | os.PathLike,
+      *,
+      do_lower_case: bool = True,
+      strip_accents: bool | None = None,
+      tokenize_chinese_chars: bool = True,
+      clean_text: bool = True,
+      unk_token: str = "[UNK]",
+      cls_token: str = "[CLS]",
+      sep_token: str = "[SEP]",
+      pad_token: str = "[PAD]",
+      mask_token: str = "[MASK]",
+      added_tokens: Sequence[str] | None = None,
+      max_input_chars_per_word: int = 100,
+      continuing_subword_prefix: str = "##",
+      cache_size: int = 1 << 18,
+  ):
+    """Creates a tokenizer.
+
+    Args:
+      vocab: token -> id mapping, list of tokens (index = id), or the path of
+        a vocab.txt with one token per line.
+      do_lower_case: lowercase after normalisation.
+      strip_accents: NFD and drop non-spacing marks; None follows
+        `do_lower_case`, as in BERT.
+      tokenize_chinese_chars: put spaces around CJK ideographs.
+      clean_text: drop control characters and map whitespace to " ".
+      unk_token: token for words that cannot be segmented.
+      cls_token: token that starts every sequence.
+      sep_token: token that ends every segment.
+      pad_token: token used for padding.
+      mask_token: mask token (for `mask_id`).
+      added_tokens: strings matched verbatim in the raw text (before
+        normalisation) and mapped straight to their ids; None means the five
+        special tokens above.
+      max_input_chars_per_word: longer words become `unk_token`.
+      continuing_subword_prefix: marks word pieces that do not start a word.
+      cache_size: how many distinct words keep their WordPiece ids cached.
+    """
+    if isinstance(vocab, (str, os.PathLike)):
+      vocab = _read_vocab_file(vocab)
+    if isinstance(vocab, Mapping):
+      self._vocab = dict(vocab)
+    else:
+      # A repeated token keeps its last line, as in a dict built line by line.
+      self._vocab = {token: i for i, token in enumerate(vocab)}
+    self._id_to_token = {i: token for token, i in self._vocab.items()}
+    self.do_lower_case = do_lower_case
+    self.strip_accents = (
+        do_lower_case if strip_accents is None else strip_accents
+    )
+    self.tokenize_chinese_chars = tokenize_chinese_chars
+    self.clean_text = clean_text
+    self.max_input_chars_per_word = max_input_chars_per_word
+    self.continuing_subword_prefix = continuing_subword_prefix
+    self.special_tokens = {
+        "unk_token": unk_token,
+        "cls_token": cls_token,
+        "sep_token": sep_token,
+        "pad_token": pad_token,
+        "mask_token": mask_token,
+    }
+    for name, token in self.special_tokens.items():
+      if token not in self._vocab:
+        raise ValueError(f"{name} {token!r} is not in the vocabulary.")
+    if added_tokens is None:
+      added_tokens = list(self.special_tokens.values())
+    missing = [t for t in added_tokens if t not in self._vocab]
+    if missing:
+      raise ValueError(f"Added tokens {missing} are not in the vocabulary.")
+    self._added_ids = {token: self._vocab[token] for token in added_tokens}
+    # Longest alternatives first: at one start position Python's regex takes
+    # the first alternative that matches, which then is the longest one, as
+    # in the reference's leftmost-longest matcher.
+    self._added_re = (
+        re.compile(
+            "("
+            + "|".join(
+                re.escape(t)
+                for t in sorted(added_tokens, key=len, reverse=True)
+            )
+            + ")"
+        )
+        if added_tokens
+        else None
+    )
+    # No vocabulary entry is longer than this many characters, so longer
+    # candidate pieces need not be looked up.
+    self._max_piece_chars = max(len(t) for t in self._vocab)
+    self._word_ids = functools.lru_cache(maxsize=cache_size)(self._wordpiece)
+
+  @classmethod
+  def from_pretrained_dir(
+      cls, path: str | os.PathLike, **overrides
+  ) -> "WordPieceTokenizer":
+    """Loads a tokenizer from a Hugging Face checkpoint directory.
+
+    The vocabulary comes from vocab.txt (or tokenizer.json's WordPiece vocab
+    when there is no vocab.txt). Options are taken, most specific first, from
+    tokenizer_config.json (which transformers uses to rebuild the
+    normaliser), tokenizer.json, special_tokens_map.json, then BERT's
+    defaults. The added tokens are tokenizer.json's "added_tokens" if present,
+    else the special tokens.
+
+    Args:
+      path: the checkpoint directory.
+      **overrides: constructor keyword arguments that win over the files.
+
+    Returns:
+      The tokenizer.
+    """
+    path = os.fspath(path)
+    config = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
+    special_map = (
+        _read_json(os.path.join(path, "special_tokens_map.json")) or {}
+    )
+    tokenizer_json = _read_json(os.path.join(path, "tokenizer.json")) or {}
+    model = tokenizer_json.get("model") or {}
+    normalizer = tokenizer_json.get("normalizer") or {}
+    if model and model.get("type") != "WordPiece":
+      raise ValueError(f"{path} holds a {model.get('type')} model.")
+    if normalizer and normalizer.get("type") != "BertNormalizer":
+      raise ValueError(f"{path} has a {normalizer.get('type')} normaliser.")
+
+    vocab_txt = os.path.join(path, "vocab.txt")
+    if os.path.exists(vocab_txt):
+      vocab = _read_vocab_file(vocab_txt)
+    elif model.get("vocab"):
+      vocab = model["vocab"]
+    else:
+      raise FileNotFoundError(f"No vocab.txt or tokenizer.json in {path}.")
+
+    kwargs = {
+        "do_lower_case": config.get(
+            "do_lower_case", normalizer.get("lowercase", True)
+        ),
+        # An explicit null in tokenizer_config.json means "follow lowercase".
+        "strip_accents": config.get(
+            "strip_accents", normalizer.get("strip_accents")
+        ),
+        "tokenize_chinese_chars": config.get(
+            "tokenize_chinese_chars",
+            normalizer.get("handle_chinese_chars", True),
+        ),
+        "clean_text": normalizer.get("clean_text", True),
+        "max_input_chars_per_word": model.get("max_input_chars_per_word", 100),
+        "continuing_subword_prefix": model.get(
+            "continuing_subword_prefix", "##"
+        ),
+    }
+    for name, default in _DEFAULT_SPECIAL_TOKENS.items():
+      token = config.get(name) or special_map.get(name) or default
+      kwargs[name] = _token_content(token)
+    if model.get("unk_token"):
+      kwargs["unk_token"] = model["unk_token"]
+    if tokenizer_json.get("added_tokens"):
+      for token in tokenizer_json["added_tokens"]:
+        # Only verbatim, raw-text matches are implemented; flag anything else
+        # rather than tokenize it differently from the reference.
+        if (
+            token.get("normalized")
+            or token.get("lstrip")
+            or token.get("rstrip")
+            or token.get("single_word")
+        ):
+          raise ValueError(
+              f"Added token {token['content']!r} uses normalized/lstrip/"
+              "rstrip/single_word matching, which is not supported."
+          )
+      kwargs["added_tokens"] = [
+          t["content"] for t in tokenizer_json["added_tokens"]
+      ]
+    kwargs.update(overrides)
+    return cls(vocab, **kwargs)
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of entries in the vocabulary."""
+    return len(self._vocab)
+
+  @property
+  def pad_id(self) -> int:
+    return self._vocab[self.special_tokens["pad_token"]]
+
+  @property
+  def cls_id(self) -> int:
+    return self._vocab[self.special_tokens["cls_token"]]
+
+  @property
+  def sep_id(self) -> int:
+    return self._vocab[self.special_tokens["sep_token"]]
+
+  @property
+  def unk_id(self) -> int:
+    return self._vocab[self.special_tokens["unk_token"]]
+
+  @property
+  def mask_id(self) -> int:
+    return self._vocab[self.special_tokens["mask_token"]]
+
+  def token_to_id(self, token: str) -> int | None:
+    """Id of a vocabulary entry, or None."""
+    return self._vocab.get(token)
+
+  def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+    """Vocabulary entries of `ids` (for inspection; there is no detokenizer)."""
+    return [self._id_to_token[int(i)] for i in ids]
+
+  def normalize(self, text: str) -> str:
+    """Applies the BertNormalizer steps (no added-token handling) to `text`."""
+    if self.clean_text:
+      text = _DROP_RE.sub("", text)
+      text = _TO_SPACE_RE.sub(" ", text)
+    # Everything below only changes non-ASCII characters or letter case.
+    ascii_only = text.isascii()
+    if self.tokenize_chinese_chars and not ascii_only:
+      text = _CJK_RE.sub(r" \g<0> ", text)
+    if self.strip_accents and not ascii_only:
+      text = _NFD_STABLE.join(
+          unicodedata.normalize("NFD", part) for part in text.split(_NFD_STABLE)
+      )
+      text = _NONSPACING_MARK_RE.sub("", text)
+    if self.do_lower_case:
+      # `str.lower` lowercases by character except for a word-final capital
+      # sigma, which it turns into "ς"; the reference always gives "σ".
+      text = text.replace(_GREEK_CAPITAL_SIGMA, _GREEK_SMALL_SIGMA).lower()
+      if not ascii_only:
+        text = text.translate(_EXTRA_LOWERCASE)
+    return text
+
+  def pre_tokenize(self, normalized: str) -> list[str]:
+    """Splits normalised text into words (BertPreTokenizer)."""
+    return _WORD_RE.findall(normalized)
+
+  def _wordpiece(self, word: str) -> tuple[int, ...]:
+    """Greedy longest-match-first WordPiece ids of one word."""
+    if len(word) > self.max_input_chars_per_word:
+      return (self.unk_id,)
+    vocab = self._vocab
+    prefix = self.continuing_subword_prefix
+    ids = []
+    start, n = 0, len(word)
+    while start < n:
+      end = min(n, start + self._max_piece_chars)
+      while end > start:
+        piece = word[start:end]
+        piece_id = vocab.get(prefix + piece if start else piece)
+        if piece_id is not None:
+          break
+        end -= 1
+      else:
+        # Some position has no matching piece: the whole word is unknown,
+        # including the pieces already found.
+        return (self.unk_id,)
+      ids.append(piece_id)
+      start = end
+    return tuple(ids)
+
+  def tokenize_to_ids(self, text: str, limit: int | None = None) -> list[int]:
+    """Content ids of `text`, without [CLS]/[SEP] around them.
+
+    Args:
+      text: raw text; added tokens in it map straight to their ids.
+      limit: if set, stop after this many ids (the result is the prefix of the
+        untruncated ids), which saves work on long documents.
+
+    Returns:
+      The ids, at most `limit` of them.
+    """
+    if limit is not None and limit <= 0:
+      return []
+    if self._added_re is None:
+      segments = [text]
+    else:
+      # Odd positions hold the matched added tokens.
+      segments = self._added_re.split(text)
+    ids = []
+    word_ids = self._word_ids
+    for i, segment in enumerate(segments):
+      if i % 2:
+        ids.append(self._added_ids[segment])
+      elif segment:
+        for word in _WORD_RE.findall(self.normalize(segment)):
+          ids.extend(word_ids(word))
+          if limit is not None and len(ids) >= limit:
+            return ids[:limit]
+      if limit is not None and len(ids) >= limit:
+        return ids[:limit]
+    return ids
+
+  def encode(self, text: str, max_length: int) -> list[int]:
+    """[CLS] + content ids + [SEP], keeping the head of the content.
+
+    Args:
+      text: raw text.
+      max_length: most ids in the result, special tokens included (>= 2).
+
+    Returns:
+      The ids, between 2 and `max_length` of them.
+    """
+    if max_length < 2:
+      raise ValueError(
+          f"max_length={max_length} leaves no room for [CLS]/[SEP]."
+      )
+    content = self.tokenize_to_ids(text, limit=max_length - 2)
+    return [self.cls_id, *content, self.sep_id]
+
+  def encode_pair(
+      self, text_a: str, text_b: str, max_length: int
+  ) -> tuple[list[int], list[int]]:
+    """[CLS] a [SEP] b [SEP] with "longest_first" truncation.
+
+    The content budget `max_length - 3` is split as the reference's
+    `truncate_encodings` does: if both segments fit, nothing is cut; if the
+    shorter one fits in half the budget, the longer one gets the rest;
+    otherwise the first segment keeps floor(budget / 2) ids and the second
+    keeps the remaining ceil(budget / 2). Each segment keeps its head.
+
+    Args:
+      text_a: first segment (token type 0).
+      text_b: second segment (token type 1).
+      max_length: most ids in the result, special tokens included (>= 3).
+
+    Returns:
+      (input_ids, token_type_ids), two lists of equal length.
+    """
+    if max_length < 3:
+      raise ValueError(f"max_length={max_length} leaves no room for specials.")
+    budget = max_length - 3
+    # Neither segment keeps more than `budget` ids, so reading one more than
+    # that tells "fits" from "must be cut" without tokenizing long texts to
+    # the end.
+    ids_a = self.tokenize_to_ids(text_a, limit=budget + 1)
+    ids_b = self.tokenize_to_ids(text_b, limit=budget + 1)
+    n_a, n_b = len(ids_a), len(ids_b)
+    if n_a > budget and n_b > budget and budget % 2:
+      # Both get cut to about half the budget, and the longer one gets the
+      # odd id, so their full lengths decide.
+      n_a = len(self.tokenize_to_ids(text_a))
+      n_b = len(self.tokenize_to_ids(text_b))
+    if n_a + n_b > budget:
+      short, long_ = min(n_a, n_b), max(n_a, n_b)
+      long_ = max(short, budget - short)
+      if short + long_ > budget:
+        short = budget // 2
+        long_ = short + budget % 2
+      # On a tie the first segment counts as the shorter one.
+      n_a, n_b = (long_, short) if n_a > n_b else (short, long_)
+    ids_a, ids_b = ids_a[:n_a], ids_b[:n_b]
+    input_ids = [self.cls_id, *ids_a, self.sep_id, *ids_b, self.sep_id]
+    token_type_ids = [0] * (len(ids_a) + 2) + [1] * (len(ids_b) + 1)
+    return input_ids, token_type_ids
+
+  def __call__(
+      self,
+      texts: Sequence[str],
+      max_length: int,
+      pad_to_multiple_of: int | None = None,
+      pad_to: int | None = None,
+      text_pairs: Sequence[str] | None = None,
+  ) -> dict[str, np.ndarray]:
+    """Encodes and right-pads a batch.
+
+    The width L is the longest encoding in the batch, or `pad_to` if given
+    (it must not be shorter), then rounded up to `pad_to_multiple_of`.
+
+    Args:
+      texts: B raw texts.
+      max_length: most ids per row before padding, special tokens included.
+      pad_to_multiple_of: round L up to a multiple of this.
+      pad_to: fixed L (for static shapes under jit).
+      text_pairs: optional B second segments; rows are then
+        [CLS] a [SEP] b [SEP] (see `encode_pair`).
+
+    Returns:
+      Dict of int32 arrays of shape [B, L]: "input_ids" (padded with
+      `pad_id`), "attention_mask" (1 on real tokens, 0 on padding) and
+      "token_type_ids" (0 for the first segment and padding, 1 for the
+      second).
+    """
+    if text_pairs is None:
+      rows = [self.encode(text, max_length) for text in texts]
+      types = [None] * len(rows)
+    else:
+      if len(text_pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(text_pairs)} pairs.")
+      rows, types = [], []
+      for a, b in zip(texts, text_pairs):
+        ids, type_ids = self.encode_pair(a, b, max_length)
+        rows.append(ids)
+        types.append(type_ids)
+    longest = max((len(r) for r in rows), default=0)
+    length = longest
+    if pad_to is not None:
+      if pad_to < longest:
+        raise ValueError(f"pad_to={pad_to} < longest encoding {longest}.")
+      length = pad_to
+    if pad_to_multiple_of:
+      length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids_bl = np.full((len(rows), length), self.pad_id, np.int32)
+    attention_mask_bl = np.zeros((len(rows), length), np.int32)
+    token_type_ids_bl = np.zeros((len(rows), length), np.int32)
+    for b, (ids, type_ids) in enumerate(zip(rows, types)):
+      input_ids_bl[b, : len(ids)] = ids
+      attention_mask_bl[b, : len(ids)] = 1
+      if type_ids is not None:
+        token_type_ids_bl[b, : len(ids)] = type_ids
+    return {
+        "input_ids": input_ids_bl,
+        "attention_mask": attention_mask_bl,
+        "token_type_ids": token_type_ids_bl,
+    }
