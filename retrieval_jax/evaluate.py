@@ -71,7 +71,8 @@ def load_collection(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   tfds_dir = pathlib.Path(config.data.tfds_dir or workdir / "tfds")
   return tfds_beir.load_beir_tfds(
       path, split=None if corpus_only else config.data.split,
-      data_dir=tfds_dir, on_unknown=config.data.on_unknown)
+      data_dir=tfds_dir, on_unknown=config.data.on_unknown,
+      corpus_only=corpus_only)
 
 
 def _write_json(path: pathlib.Path, obj) -> None:

@@ -253,7 +253,10 @@ def prepare(
   )
   if not builder.is_prepared():
     logging.info("Preparing %s in %s", builder.builder_config.name, data_dir)
-  builder.download_and_prepare()
+    # Local collections prepare in seconds; TFDS's nested progress bars
+    # would only clutter the output.
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare()
   return builder
 
 

@@ -1,0 +1,585 @@
+"""IR metrics with trec_eval's exact conventions, vectorised over queries.
+
+Every value equals what trec_eval (and its Python binding pytrec_eval)
+reports for the same qrels and run, up to floating-point summation order:
+
+* Ordering: the documents of a query are sorted by score descending; ties are
+  broken by document id in *descending* string order (code-point order, which
+  is the byte order of trec_eval's `strcmp` on UTF-8). Any rank the run
+  carries is ignored. Scores are compared as float32: trec_eval stores them
+  in a C `float` (pytrec_eval casts each Python float), so float64 scores
+  that differ only below float32 precision tie.
+* Judgments: a retrieved document absent from the qrels is non-relevant with
+  gain 0. A negative qrels label marks a judged non-relevant document that is
+  not counted in R (the number of relevant documents).
+* nDCG uses linear gains (gain = the integer label, only positive labels add
+  gain) with discount 1/log2(rank + 1). The ideal DCG is built from *all*
+  positive-label documents in the qrels, retrieved or not; `ndcg@k` takes the
+  top k of that ideal ordering. An ideal DCG of 0 gives nDCG 0.
+* `relevance_level` (default 1) defines "relevant" for the binary measures
+  (P, recall, MAP, reciprocal rank). It does not change nDCG gains.
+* `p@k` divides by k even when fewer than k documents are retrieved;
+  `recall@k` and `map`/`map@k` divide by R (0 when R = 0); `map@k` keeps R.
+* `mrr@k` is the reciprocal rank of the first relevant document within the
+  top k, i.e. trec_eval's `recip_rank` on the run cut to each query's top k
+  (pytrec_eval has no cut-off for it). `mrr` is the uncut `recip_rank`.
+* Query set: per-query values exist only for queries in both the run and the
+  qrels (a query with an empty qrels dict is not in the qrels; a query with an
+  empty run dict is, like in pytrec_eval, evaluated with every value 0). The
+  mean is over those queries; queries without any relevant document stay in
+  the mean with value 0. (For a query whose labels are *all* negative,
+  trec_eval's nDCG code reads stale memory and may not return; here every
+  value is 0, as the definitions give.)
+
+Measure names: "ndcg@K", "ndcg", "recall@K", "mrr@K", "mrr", "map", "map@K",
+"p@K". `to_pytrec_eval_name` maps them to pytrec_eval's result keys.
+
+Implementation. All measures depend on the ranks of the *judged* documents
+only, so the run is never fully sorted: for each (query, judged document) in
+the run its rank is 1 + #(scores above it) + #(tied documents with a larger
+id), counted with array comparisons against the query's padded float32 score
+row. Ids are compared only inside tie groups, each sorted once. The ranked
+gains and relevance flags are then scattered into [Q, K] matrices that the
+small array functions below (`ndcg_at_k`, `average_precision`, ...) reduce.
+"""
+
+from collections.abc import Mapping, Sequence
+import bisect
+import dataclasses
+import heapq
+import itertools
+import re
+
+import numpy as np
+
+DEFAULT_MEASURES = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map",
+                    "p@10")
+
+# Families whose cut-off is optional ("ndcg" = uncut nDCG); "recall" and "p"
+# need one (trec_eval has no uncut measure of that form).
+_OPTIONAL_CUT = ("ndcg", "mrr", "map")
+_MEASURE_RE = re.compile(r"^(ndcg|recall|mrr|map|p)(?:@([0-9]+))?$")
+_ACCEPTED_FORMS = ("'ndcg', 'ndcg@K', 'recall@K', 'mrr', 'mrr@K', 'map', "
+                   "'map@K', 'p@K' (K a positive integer)")
+# One query's run: {doc id: score} or (doc id, score) pairs.
+DocScores = Mapping[str, float] | Sequence[tuple[str, float]]
+# Upper bound on the elements of one [chunk, K] comparison block when ranking
+# judged documents; keeps each block near 16 MB of float32 scores.
+_COMPARE_BLOCK = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """A parsed measure name.
+
+  Attributes:
+    family: one of "ndcg", "recall", "mrr", "map", "p".
+    k: the cut-off, or None for an uncut measure.
+  """
+  family: str
+  k: int | None
+
+
+def parse_measure(name: str) -> Measure:
+  """Parses a measure name such as "ndcg@10" (case-insensitive).
+
+  Args:
+    name: the measure name.
+
+  Returns:
+    The parsed `Measure`.
+
+  Raises:
+    ValueError: the name is not one of the accepted forms.
+  """
+  match = _MEASURE_RE.match(name.strip().lower())
+  if match is not None:
+    family, k = match.group(1), match.group(2)
+    k = None if k is None else int(k)
+    if (k is None and family in _OPTIONAL_CUT) or (k is not None and k >= 1):
+      return Measure(family, k)
+  raise ValueError(
+      f"Unknown measure {name!r}; accepted forms: {_ACCEPTED_FORMS}.")
+
+
+def to_pytrec_eval_name(name: str) -> str:
+  """Maps a measure name to the key pytrec_eval returns for it.
+
+  "ndcg@10" -> "ndcg_cut_10", "ndcg" -> "ndcg", "recall@100" -> "recall_100",
+  "map" -> "map", "map@10" -> "map_cut_10", "p@10" -> "P_10", and both "mrr"
+  and "mrr@K" -> "recip_rank" (for "mrr@K" pytrec_eval must be given the run
+  cut to each query's top K, see `truncate_run`).
+
+  Args:
+    name: one of our measure names.
+
+  Returns:
+    The pytrec_eval result key.
+  """
+  measure = parse_measure(name)
+  if measure.family == "mrr":
+    return "recip_rank"
+  base = {"ndcg": "ndcg_cut", "recall": "recall", "map": "map_cut",
+          "p": "P"}[measure.family]
+  if measure.k is None:
+    return measure.family  # "ndcg" or "map"
+  return f"{base}_{measure.k}"
+
+
+def to_pytrec_eval_request(name: str) -> str:
+  """Maps a measure name to the string pytrec_eval's evaluator is built with.
+
+  Like `to_pytrec_eval_name` but with a dot before the cut-off, e.g.
+  "ndcg@10" -> "ndcg_cut.10" (pytrec_eval answers it as "ndcg_cut_10").
+
+  Args:
+    name: one of our measure names.
+
+  Returns:
+    The measure string for `pytrec_eval.RelevanceEvaluator`.
+  """
+  key = to_pytrec_eval_name(name)
+  head, _, tail = key.rpartition("_")
+  return f"{head}.{tail}" if tail.isdigit() else key
+
+
+def trec_eval_sorted(doc_scores: DocScores,
+                     k: int | None = None) -> list[tuple[str, float]]:
+  """Returns (doc id, score) pairs in trec_eval's order, optionally the top k.
+
+  Args:
+    doc_scores: one query's run, {doc id: score} or (doc id, score) pairs.
+    k: keep only the first k pairs (None keeps all).
+
+  Returns:
+    The pairs sorted by score descending, then doc id descending.
+  """
+  items = list(doc_scores.items() if isinstance(doc_scores, Mapping)
+               else doc_scores)
+  # Keys (float32 score, id, position): reverse order gives score desc, id
+  # desc, as trec_eval compares float32 scores. The position picks the pair
+  # to return, with its original score.
+  scores32 = _as_float32(np.fromiter((s for _, s in items), np.float64,
+                                     len(items))).tolist()
+  keys = zip(scores32, (doc for doc, _ in items), range(len(items)))
+  if k is None:
+    ranked = sorted(keys, reverse=True)
+  else:
+    # heapq.nlargest returns the k largest keys in descending order.
+    ranked = heapq.nlargest(k, keys)
+  return [items[i] for _, _, i in ranked]
+
+
+def truncate_run(run: Mapping[str, Mapping[str, float]],
+                 k: int) -> dict[str, dict[str, float]]:
+  """Cuts every query of a run to its top k documents in trec_eval's order.
+
+  trec_eval's `recip_rank` on the result equals our `mrr@k` (this is what
+  trec_eval's `-M k` option does).
+
+  Args:
+    run: {query id: {doc id: score}}.
+    k: documents kept per query.
+
+  Returns:
+    {query id: {doc id: score}} with at most k documents per query.
+  """
+  return {qid: dict(trec_eval_sorted(docs, k)) for qid, docs in run.items()}
+
+
+def _as_float32(scores: np.ndarray) -> np.ndarray:
+  """Rounds float64 scores to float32 as trec_eval's C `float` field does."""
+  # Out-of-range doubles become +-inf, as the x86 conversion does.
+  with np.errstate(over="ignore"):
+    return np.asarray(scores, np.float64).astype(np.float32)
+
+
+# Array layer: pure functions on per-query matrices in rank order. Column j
+# of a [Q, K] matrix is rank j + 1; padding columns hold 0 / False, so a
+# query with fewer documents than k needs no special case.
+
+
+def _discounts(num_ranks: int) -> np.ndarray:
+  """Returns log2(rank + 1) for ranks 1..num_ranks, float64 [num_ranks]."""
+  return np.log2(np.arange(2, num_ranks + 2, dtype=np.float64))
+
+
+def dcg_at_k(gains_qk: np.ndarray, k: int | None = None) -> np.ndarray:
+  """Discounted cumulative gain with linear gains.
+
+  Args:
+    gains_qk: float [Q, K], the gain of the document at each rank.
+    k: cut-off (None = all K ranks).
+
+  Returns:
+    float64 [Q], sum over ranks r <= k of gain_r / log2(r + 1).
+  """
+  gains_qk = np.asarray(gains_qk, np.float64)[:, :k]
+  # Dividing (not multiplying by a reciprocal) mirrors trec_eval's arithmetic.
+  return (gains_qk / _discounts(gains_qk.shape[1])).sum(axis=-1)
+
+
+def ndcg_at_k(gains_qk: np.ndarray, ideal_gains_qr: np.ndarray,
+              k: int | None = None) -> np.ndarray:
+  """nDCG@k = DCG@k / ideal DCG@k, and 0 where the ideal DCG is 0.
+
+  Args:
+    gains_qk: float [Q, K], gains of the retrieved documents in rank order.
+    ideal_gains_qr: float [Q, R], the positive qrels labels of each query
+      sorted descending (all judged documents, retrieved or not), 0-padded.
+    k: cut-off (None = uncut nDCG over the whole list and the whole ideal).
+
+  Returns:
+    float64 [Q].
+  """
+  dcg_q = dcg_at_k(gains_qk, k)
+  ideal_q = dcg_at_k(ideal_gains_qr, k)
+  safe_q = np.where(ideal_q > 0, ideal_q, 1.0)
+  return np.where(ideal_q > 0, dcg_q / safe_q, 0.0)
+
+
+def precision_at_k(relevant_qk: np.ndarray, k: int) -> np.ndarray:
+  """P@k = |relevant in the top k| / k (k even if fewer were retrieved).
+
+  Args:
+    relevant_qk: bool [Q, K], relevance of the document at each rank.
+    k: cut-off.
+
+  Returns:
+    float64 [Q].
+  """
+  return np.asarray(relevant_qk)[:, :k].sum(axis=-1) / float(k)
+
+
+def recall_at_k(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
+                k: int | None = None) -> np.ndarray:
+  """Recall@k = |relevant in the top k| / R, and 0 where R = 0.
+
+  Args:
+    relevant_qk: bool [Q, K], relevance of the document at each rank.
+    num_relevant_q: int [Q], R = number of relevant documents in the qrels.
+    k: cut-off (None = all K ranks).
+
+  Returns:
+    float64 [Q].
+  """
+  hits_q = np.asarray(relevant_qk)[:, :k].sum(axis=-1)
+  num_relevant_q = np.asarray(num_relevant_q)
+  # trec_eval reports 0, not NaN, for a query without relevant documents.
+  return np.where(num_relevant_q > 0,
+                  hits_q / np.maximum(num_relevant_q, 1), 0.0)
+
+
+def reciprocal_rank(relevant_qk: np.ndarray,
+                    k: int | None = None) -> np.ndarray:
+  """1 / rank of the first relevant document within the top k, else 0.
+
+  Args:
+    relevant_qk: bool [Q, K], relevance of the document at each rank.
+    k: cut-off (None = whole list, trec_eval's `recip_rank`).
+
+  Returns:
+    float64 [Q].
+  """
+  relevant_qk = np.asarray(relevant_qk, bool)[:, :k]
+  if relevant_qk.shape[1] == 0:
+    return np.zeros(relevant_qk.shape[0])
+  # argmax finds the first True; rows without one are masked out.
+  first_q = relevant_qk.argmax(axis=-1)
+  return np.where(relevant_qk.any(axis=-1), 1.0 / (first_q + 1.0), 0.0)
+
+
+def average_precision(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
+                      k: int | None = None) -> np.ndarray:
+  """AP@k = (1/R) sum over relevant ranks r <= k of P@r; 0 where R = 0.
+
+  Relevant documents that are not retrieved (or ranked below k) add 0 but
+  still count in R, as in trec_eval's `map` and `map_cut`.
+
+  Args:
+    relevant_qk: bool [Q, K], relevance of the document at each rank.
+    num_relevant_q: int [Q], R = number of relevant documents in the qrels.
+    k: cut-off (None = whole list).
+
+  Returns:
+    float64 [Q].
+  """
+  relevant_qk = np.asarray(relevant_qk, bool)[:, :k]
+  ranks_k = np.arange(1, relevant_qk.shape[1] + 1, dtype=np.float64)
+  precision_qk = np.cumsum(relevant_qk, axis=-1) / ranks_k
+  # P@r counts only at the ranks r of relevant documents.
+  sum_q = np.where(relevant_qk, precision_qk, 0.0).sum(axis=-1)
+  num_relevant_q = np.asarray(num_relevant_q)
+  return np.where(num_relevant_q > 0,
+                  sum_q / np.maximum(num_relevant_q, 1), 0.0)
+
+
+def ranked_judgments(rows_j: np.ndarray, ranks_j: np.ndarray,
+                     labels_j: np.ndarray, num_queries: int, depth: int,
+                     relevance_level: int = 1
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Scatters judged documents into rank-ordered gain / relevance matrices.
+
+  Args:
+    rows_j: int [J], query row of each judgment.
+    ranks_j: int [J], 1-based rank of the judged document in its query's run,
+      0 if it was not retrieved.
+    labels_j: int [J], the qrels label.
+    num_queries: Q.
+    depth: K, number of rank columns (ranks above K are dropped).
+    relevance_level: labels >= this are relevant for binary measures.
+
+  Returns:
+    gains_qk: float64 [Q, K], max(label, 0) at each judged document's rank.
+    relevant_qk: bool [Q, K], label >= relevance_level at that rank.
+  """
+  keep_j = (ranks_j > 0) & (ranks_j <= depth)
+  rows_j, cols_j, labels_j = rows_j[keep_j], ranks_j[keep_j] - 1, labels_j[
+      keep_j]
+  gains_qk = np.zeros((num_queries, depth), np.float64)
+  relevant_qk = np.zeros((num_queries, depth), bool)
+  # Negative labels are judged non-relevant: no gain, never relevant.
+  gains_qk[rows_j, cols_j] = np.maximum(labels_j, 0)
+  relevant_qk[rows_j, cols_j] = labels_j >= relevance_level
+  return gains_qk, relevant_qk
+
+
+def ideal_gains(rows_j: np.ndarray, labels_j: np.ndarray,
+                num_queries: int) -> np.ndarray:
+  """The ideal ranking's gains: each query's positive labels, descending.
+
+  Args:
+    rows_j: int [J], query row of each judgment.
+    labels_j: int [J], the qrels label.
+    num_queries: Q.
+
+  Returns:
+    float64 [Q, R] with R the largest number of positive labels of a query;
+    rows are 0-padded.
+  """
+  # Labels <= 0 add no gain, so they are left out of the ideal ranking.
+  positive_j = labels_j > 0
+  rows_p, labels_p = rows_j[positive_j], labels_j[positive_j]
+  counts_q = np.bincount(rows_p, minlength=num_queries)
+  ideal_qr = np.zeros((num_queries, max(int(counts_q.max(initial=0)), 1)))
+  # Group by row, largest label first; the column is the rank within a row.
+  order = np.lexsort((-labels_p, rows_p))
+  rows_p, labels_p = rows_p[order], labels_p[order]
+  starts_q = np.cumsum(counts_q) - counts_q
+  cols_p = np.arange(len(rows_p)) - starts_q[rows_p]
+  ideal_qr[rows_p, cols_p] = labels_p
+  return ideal_qr
+
+
+def num_relevant(rows_j: np.ndarray, labels_j: np.ndarray, num_queries: int,
+                 relevance_level: int = 1) -> np.ndarray:
+  """R per query: judgments with label >= relevance_level.
+
+  Args:
+    rows_j: int [J], query row of each judgment.
+    labels_j: int [J], the qrels label.
+    num_queries: Q.
+    relevance_level: labels >= this are relevant.
+
+  Returns:
+    int64 [Q].
+  """
+  return np.bincount(rows_j[labels_j >= relevance_level],
+                     minlength=num_queries).astype(np.int64)
+
+
+def _measure_values(measure: Measure, gains_qk: np.ndarray,
+                    relevant_qk: np.ndarray, ideal_qr: np.ndarray,
+                    num_relevant_q: np.ndarray) -> np.ndarray:
+  """Per-query values of one measure, float64 [Q]."""
+  k = measure.k
+  if measure.family == "ndcg":
+    return ndcg_at_k(gains_qk, ideal_qr, k)
+  if measure.family == "recall":
+    return recall_at_k(relevant_qk, num_relevant_q, k)
+  if measure.family == "mrr":
+    return reciprocal_rank(relevant_qk, k)
+  if measure.family == "map":
+    return average_precision(relevant_qk, num_relevant_q, k)
+  return precision_at_k(relevant_qk, k)
+
+
+# Dict layer: from {qid: {docid: ...}} mappings to the arrays above.
+
+
+def _tie_offsets(run: Mapping[str, Mapping[str, float]],
+                 qids: Sequence[str], scores_qk: np.ndarray,
+                 rows_t: np.ndarray, docs_t: Sequence[str],
+                 scores_t: np.ndarray) -> np.ndarray:
+  """Counts, for tied judged documents, the tied documents ranked first.
+
+  trec_eval breaks score ties by doc id descending, so a tied document is
+  preceded by the documents of equal score with a larger id. Each tie group
+  (query, score) is found once with an array comparison, its ids are sorted
+  (code-point order, like `strcmp` on UTF-8), and each judged member is
+  located by binary search. This stays fast when a whole run ties (e.g. a
+  model whose scores collapsed), where comparing pairs would be quadratic.
+
+  Args:
+    run: {query id: {doc id: score}}.
+    qids: the evaluated queries; row r of `scores_qk` is `run[qids[r]]`.
+    scores_qk: float32 [Q, K] padded scores of all rows (NaN padding).
+    rows_t: int [T], row of each tied judged document.
+    docs_t: T doc ids.
+    scores_t: float32 [T], their scores.
+
+  Returns:
+    int64 [T], the number of equal-score documents with a larger id.
+  """
+  # Tie groups: distinct (row, float32 bits) keys. Adding +0 turns -0.0 into
+  # 0.0, which trec_eval's float comparison treats as equal.
+  bits_t = (scores_t + np.float32(0)).view(np.uint32).astype(np.int64)
+  _, first_g, group_t = np.unique(rows_t.astype(np.int64) << 32 | bits_t,
+                                  return_index=True, return_inverse=True)
+  rows_g, scores_g = rows_t[first_g], scores_t[first_g]
+  sorted_ids_g = []
+  row_ids = {}  # row -> its doc ids in column order
+  chunk = max(_COMPARE_BLOCK // scores_qk.shape[1], 1)
+  for start in range(0, len(rows_g), chunk):
+    part = slice(start, start + chunk)
+    # NaN padding is never equal, so every member is a real document.
+    equal_ck = scores_qk[rows_g[part]] == scores_g[part, None]
+    sizes_c = equal_ck.sum(axis=-1).tolist()
+    cols = np.nonzero(equal_ck)[1].tolist()
+    offset = 0
+    for row, size in zip(rows_g[part].tolist(), sizes_c):
+      ids = row_ids.get(row)
+      if ids is None:
+        ids = row_ids[row] = list(run[qids[row]])
+      sorted_ids_g.append(sorted([ids[k] for k in cols[offset:offset + size]]))
+      offset += size
+  return np.fromiter(
+      (len(sorted_ids_g[g]) - bisect.bisect_right(sorted_ids_g[g], doc)
+       for g, doc in zip(group_t.tolist(), docs_t)), np.int64, len(docs_t))
+
+
+def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
+                  run: Mapping[str, Mapping[str, float]],
+                  qids: Sequence[str]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Ranks (trec_eval order) of every judged document in the run.
+
+  Args:
+    qrels: {query id: {doc id: label}}.
+    run: {query id: {doc id: score}}.
+    qids: the evaluated queries, in output order (all in run and qrels).
+
+  Returns:
+    rows_j: int64 [J], row in `qids` of each judgment of those queries.
+    labels_j: int64 [J], the label.
+    ranks_j: int64 [J], 1-based rank in the run, 0 if not retrieved.
+  """
+  num_queries = len(qids)
+  lengths_q = np.fromiter((len(run[q]) for q in qids), np.int64, num_queries)
+  depth = max(int(lengths_q.max(initial=0)), 1)
+  # Scores as a float32 [Q, K] matrix (trec_eval's precision) padded with
+  # NaN: NaN is neither above nor equal to any score, so padding never counts
+  # in a rank.
+  scores_qk = np.full((num_queries, depth), np.nan, np.float32)
+  scores_qk[np.arange(depth) < lengths_q[:, None]] = _as_float32(np.fromiter(
+      itertools.chain.from_iterable(run[q].values() for q in qids),
+      np.float64, int(lengths_q.sum())))
+  if np.isnan(scores_qk).sum() != scores_qk.size - lengths_q.sum():
+    raise ValueError("run scores must not be NaN (trec_eval cannot order "
+                     "them)")
+
+  # Judgments, flattened query by query in the qrels dicts' order; only J
+  # (not the run's N entries) are looked up by id.
+  judged = [(qrels[q], run[q]) for q in qids]
+  counts_q = np.fromiter((len(j) for j, _ in judged), np.int64, num_queries)
+  rows_j = np.repeat(np.arange(num_queries), counts_q)
+  docs_j = list(itertools.chain.from_iterable(j for j, _ in judged))
+  labels_j = np.fromiter(
+      itertools.chain.from_iterable(j.values() for j, _ in judged), np.int64,
+      len(docs_j))
+  # Score of each judged document in its query's run (NaN: not retrieved).
+  nan = float("nan")
+  judged_scores_j = _as_float32(np.fromiter(
+      itertools.chain.from_iterable(
+          map(r.get, j, itertools.repeat(nan)) for j, r in judged),
+      np.float64, len(docs_j)))
+
+  ranks_j = np.zeros(len(docs_j), np.int64)
+  retrieved = np.flatnonzero(~np.isnan(judged_scores_j))
+  tied = []
+  chunk = max(_COMPARE_BLOCK // depth, 1)
+  for start in range(0, len(retrieved), chunk):
+    idx = retrieved[start:start + chunk]
+    row_scores_ck = scores_qk[rows_j[idx]]
+    score_c = judged_scores_j[idx, None]
+    ranks_j[idx] = 1 + (row_scores_ck > score_c).sum(axis=-1)
+    # The document ties with itself; more than one equal score is a tie.
+    num_equal_c = (row_scores_ck == score_c).sum(axis=-1)
+    tied.append(idx[num_equal_c > 1])
+  tied = np.concatenate(tied) if tied else np.zeros(0, np.int64)
+  if len(tied):
+    ranks_j[tied] += _tie_offsets(run, qids, scores_qk, rows_j[tied],
+                                  [docs_j[j] for j in tied],
+                                  judged_scores_j[tied])
+  return rows_j, labels_j, ranks_j
+
+
+def evaluate(qrels: Mapping[str, Mapping[str, int]],
+             run: Mapping[str, Mapping[str, float]],
+             measures: Sequence[str] = DEFAULT_MEASURES,
+             relevance_level: int = 1
+             ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+  """Evaluates a run against qrels with trec_eval's conventions.
+
+  Args:
+    qrels: {query id: {doc id: integer label}}; labels > 0 carry nDCG gain,
+      labels >= relevance_level are relevant, negative labels are judged
+      non-relevant and not counted in R.
+    run: {query id: {doc id: score}}; scores are compared as float32, like
+      trec_eval does.
+    measures: names such as "ndcg@10", "recall@100", "mrr@10", "map", "p@10"
+      (see the module docstring).
+    relevance_level: positive integer threshold for the binary measures.
+
+  Returns:
+    (means, per_query): means[name] is the mean over the evaluated queries
+    (run ∩ qrels), per_query[name] is {query id: value}.
+
+  Raises:
+    TypeError: `measures` is a single string.
+    ValueError: an unknown measure, a relevance level below 1, NaN scores,
+      or no query in both the run and the qrels.
+  """
+  if isinstance(measures, str):
+    raise TypeError(f"measures must be a sequence of names, got {measures!r}")
+  parsed = {name: parse_measure(name) for name in measures}
+  if relevance_level < 1:
+    # pytrec_eval rejects it too; below 1 trec_eval would count unjudged
+    # documents as relevant.
+    raise ValueError(f"relevance_level must be >= 1, got {relevance_level}")
+  # A query with an empty qrels dict has no qrels lines, so trec_eval does
+  # not know it; an empty run dict is kept (pytrec_eval scores it 0).
+  qids = [q for q in run if qrels.get(q)]
+  if not qids:
+    raise ValueError("no query is in both the run and the qrels")
+  num_queries = len(qids)
+  rows_j, labels_j, ranks_j = _judged_ranks(qrels, run, qids)
+
+  # Columns beyond the deepest judged document hold only zeros, so the
+  # matrices stop there.
+  depth = max(int(ranks_j.max(initial=0)), 1)
+  gains_qk, relevant_qk = ranked_judgments(rows_j, ranks_j, labels_j,
+                                           num_queries, depth,
+                                           relevance_level)
+  num_relevant_q = num_relevant(rows_j, labels_j, num_queries,
+                                relevance_level)
+  ideal_qr = (ideal_gains(rows_j, labels_j, num_queries)
+              if any(m.family == "ndcg" for m in parsed.values()) else None)
+  means, per_query = {}, {}
+  for name, measure in parsed.items():
+    values_q = _measure_values(measure, gains_qk, relevant_qk, ideal_qr,
+                               num_relevant_q)
+    # Queries without relevant documents count as 0 in the mean (trec_eval).
+    means[name] = float(values_q.mean())
+    per_query[name] = dict(zip(qids, values_q.tolist()))
+  return means, per_query
