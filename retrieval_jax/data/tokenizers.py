@@ -8,7 +8,8 @@ all-MiniLM-L6-v2. The steps, in the reference's order:
 
 1. Added (special) tokens such as "[SEP]" are matched in the *raw* text,
    case-sensitively and leftmost-longest, and pass through untouched. So
-   "a[SEP]b" holds a separator but "[sep]" and "[SE\u200bP]" do not.
+   "a[SEP]b" holds a separator, but "[sep]" does not, nor does "[SEP]" with
+   a zero-width space inside (which normalisation would drop).
 2. Each remaining segment is normalised: drop NUL, U+FFFD and "other"
    characters (except tab, newline and carriage return); map whitespace to a
    space; put spaces around CJK ideographs; NFD then drop non-spacing marks
@@ -22,7 +23,7 @@ all-MiniLM-L6-v2. The steps, in the reference's order:
 5. [CLS] a [SEP] (and b [SEP] for pairs) is built around the ids, after
    truncation of the content to fit `max_length`.
 
-The character classes for step 2 and 3 come from the Rust crates the
+The character classes for steps 2 and 3 come from the Rust crates the
 reference is compiled with, not from Python's `unicodedata`: "other",
 "punctuation" and "non-spacing mark" follow Unicode 8.0 (the
 `unicode_categories` crate), whitespace is Rust's `char::is_whitespace`, and
@@ -32,9 +33,11 @@ of them against the reference on every code point.
 
 from collections.abc import Mapping, Sequence
 import functools
+import itertools
 import json
 import os
 import re
+import sys
 import unicodedata
 
 import numpy as np
@@ -176,36 +179,53 @@ def _class_body(pairs: list[tuple[int, int]]) -> str:
 _ASTRAL = "\\U00010000-\\U0010ffff"
 
 
-def _split_class(ranges: str, negate: bool = False) -> str:
+def _split_class(
+    ranges: str, negate: bool = False, runs: bool = False
+) -> str:
   """A regex matching one character of `ranges` (or of its complement).
 
   Python's regex engine tests BMP characters against a class with a bitmap,
   but runs through the astral ranges one by one for every character. Behind a
   one-comparison lookahead for astral characters, the long astral part is
   only consulted for the (rare) astral characters themselves.
+
+  Args:
+    ranges: space-separated hex code points and inclusive ranges "A-B".
+    negate: match the complement instead.
+    runs: match a run of BMP characters or a run of astral ones (a mixed run
+      gives several matches), which keeps the engine's fast path for `[...]+`.
+
+  Returns:
+    The regex source.
   """
   pairs = _parse_ranges(ranges)
   bmp = [(a, min(b, 0xFFFF)) for a, b in pairs if a <= 0xFFFF]
   astral = [(max(a, 0x10000), b) for a, b in pairs if b > 0xFFFF]
   if negate:
     bmp_part = f"[^{_class_body(bmp)}{_ASTRAL}]"
-    astral_part = f"(?=[{_ASTRAL}])[^{_class_body(astral)}]" if astral else (
-        f"[{_ASTRAL}]"
-    )
+    astral_part = f"[^{_class_body(astral)}]" if astral else f"[{_ASTRAL}]"
   else:
     bmp_part = f"[{_class_body(bmp)}]"
-    astral_part = f"(?=[{_ASTRAL}])[{_class_body(astral)}]" if astral else ""
-  return f"(?:{bmp_part}|{astral_part})" if astral_part else bmp_part
+    astral_part = f"[{_class_body(astral)}]" if astral else ""
+  if not astral_part:
+    return bmp_part + ("+" if runs else "")
+  if runs:
+    return f"{bmp_part}+|(?=[{_ASTRAL}]){astral_part}+"
+  return f"(?:{bmp_part}|(?=[{_ASTRAL}]){astral_part})"
 
 
 # U+FFFD is a symbol (So), but the reference drops it with the "other"s.
-_DROP_RE = re.compile(_split_class(_OTHER_RANGES + " FFFD") + "+")
-# After the drop, tab, newline and carriage return are the only C* characters
-# left that are whitespace; " " itself is left out so that it is not
-# rewritten.
-_TO_SPACE_RE = re.compile(_split_class(_WHITESPACE_RANGES.replace(" 20 ", " ")))
+_DROP_RE = re.compile(_split_class(_OTHER_RANGES + " FFFD", runs=True))
+# The whitespace that cleaning maps to " ": after the drop, tab, newline and
+# carriage return are the only C* characters left in it; " " itself is left
+# out so that it is not rewritten.
+_TO_SPACE_RE = re.compile(
+    _split_class("9-D 85 A0 1680 2000-200A 2028-2029 202F 205F 3000")
+)
 _CJK_RE = re.compile(_split_class(_CJK_RANGES))
-_NONSPACING_MARK_RE = re.compile(_split_class(_NONSPACING_MARK_RANGES) + "+")
+_NONSPACING_MARK_RE = re.compile(
+    _split_class(_NONSPACING_MARK_RANGES, runs=True)
+)
 # One match per word: a lone punctuation character, or a maximal run of
 # characters that are neither punctuation nor whitespace.
 _WORD_RE = re.compile(
@@ -214,11 +234,21 @@ _WORD_RE = re.compile(
     + _split_class(_PUNCTUATION_RANGES + " " + _WHITESPACE_RANGES, negate=True)
     + "+"
 )
+# Runs of non-whitespace (used instead of `str.split` when text is not
+# cleaned).
+_NON_WHITESPACE_RE = re.compile(
+    _split_class(_WHITESPACE_RANGES, negate=True) + "+"
+)
 _EXTRA_LOWERCASE = {
-    cp: cp + offset
+    chr(cp): chr(cp + offset)
     for first, last, offset in _EXTRA_LOWERCASE_RUNS
     for cp in range(first, last + 1)
 }
+_EXTRA_LOWERCASE_RE = re.compile(
+    _split_class(
+        " ".join(f"{a:X}-{b:X}" for a, b, _ in _EXTRA_LOWERCASE_RUNS)
+    )
+)
 
 
 def _read_json(path: str) -> dict | None:
@@ -246,8 +276,8 @@ class WordPieceTokenizer:
   """BERT tokenizer (normalise, split, WordPiece) with the reference's ids.
 
   Build it with `from_pretrained_dir` for a checkpoint directory, or directly
-  from a vocabulary with explicit options. Instances cache the WordPiece ids
-  of recent words, so repeated words cost one dictionary lookup.
+  from a vocabulary with explicit options. Instances cache the ids of recent
+  whitespace-delimited chunks and words, so repeated ones cost one lookup.
   """
 
   def __init__(
@@ -288,7 +318,8 @@ class WordPieceTokenizer:
         special tokens above.
       max_input_chars_per_word: longer words become `unk_token`.
       continuing_subword_prefix: marks word pieces that do not start a word.
-      cache_size: how many distinct words keep their WordPiece ids cached.
+      cache_size: how many distinct words, and separately how many distinct
+        whitespace-delimited chunks, keep their WordPiece ids cached.
     """
     if isinstance(vocab, (str, os.PathLike)):
       vocab = _read_vocab_file(vocab)
@@ -340,7 +371,31 @@ class WordPieceTokenizer:
     # No vocabulary entry is longer than this many characters, so longer
     # candidate pieces need not be looked up.
     self._max_piece_chars = max(len(t) for t in self._vocab)
-    self._word_ids = functools.lru_cache(maxsize=cache_size)(self._wordpiece)
+    self._cache_size = cache_size
+    self._make_caches()
+
+  def _make_caches(self) -> None:
+    """(Re)creates the id caches, which are per instance and not pickled."""
+    # Real text repeats whitespace-delimited chunks ("the", "cells.") far more
+    # than it creates new ones, so most chunks cost one cache lookup; the word
+    # cache serves the pieces of new chunks ("(TNF-alpha)").
+    self._word_ids = functools.lru_cache(maxsize=self._cache_size)(
+        self._wordpiece
+    )
+    self._chunk_ids = functools.lru_cache(maxsize=self._cache_size)(
+        self._chunk_ids_uncached
+    )
+
+  def __getstate__(self) -> dict:
+    # Data-loader workers receive the tokenizer pickled; the caches hold bound
+    # methods, which do not pickle, and are cheap to refill.
+    state = self.__dict__.copy()
+    del state["_word_ids"], state["_chunk_ids"]
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._make_caches()
 
   @classmethod
   def from_pretrained_dir(
@@ -402,10 +457,11 @@ class WordPieceTokenizer:
         ),
     }
     for name, default in _DEFAULT_SPECIAL_TOKENS.items():
-      token = config.get(name) or special_map.get(name) or default
+      from_model = model.get("unk_token") if name == "unk_token" else None
+      token = (
+          config.get(name) or from_model or special_map.get(name) or default
+      )
       kwargs[name] = _token_content(token)
-    if model.get("unk_token"):
-      kwargs["unk_token"] = model["unk_token"]
     if tokenizer_json.get("added_tokens"):
       for token in tokenizer_json["added_tokens"]:
         # Only verbatim, raw-text matches are implemented; flag anything else
@@ -433,22 +489,27 @@ class WordPieceTokenizer:
 
   @property
   def pad_id(self) -> int:
+    """Id of the padding token."""
     return self._vocab[self.special_tokens["pad_token"]]
 
   @property
   def cls_id(self) -> int:
+    """Id of the token that starts every sequence."""
     return self._vocab[self.special_tokens["cls_token"]]
 
   @property
   def sep_id(self) -> int:
+    """Id of the token that ends every segment."""
     return self._vocab[self.special_tokens["sep_token"]]
 
   @property
   def unk_id(self) -> int:
+    """Id of the token for words that cannot be segmented."""
     return self._vocab[self.special_tokens["unk_token"]]
 
   @property
   def mask_id(self) -> int:
+    """Id of the mask token."""
     return self._vocab[self.special_tokens["mask_token"]]
 
   def token_to_id(self, token: str) -> int | None:
@@ -461,14 +522,17 @@ class WordPieceTokenizer:
 
   def normalize(self, text: str) -> str:
     """Applies the BertNormalizer steps (no added-token handling) to `text`."""
-    if self.clean_text:
+    # Everything cleaning changes is non-printable to Python (C*, Z* but " ")
+    # except U+FFFD, so most texts can skip the two regexes.
+    if self.clean_text and (not text.isprintable() or "\ufffd" in text):
       text = _DROP_RE.sub("", text)
       text = _TO_SPACE_RE.sub(" ", text)
-    # Everything below only changes non-ASCII characters or letter case.
-    ascii_only = text.isascii()
-    if self.tokenize_chinese_chars and not ascii_only:
+    if text.isascii():
+      # No CJK, no accents, no sigma: only letter case can change.
+      return text.lower() if self.do_lower_case else text
+    if self.tokenize_chinese_chars:
       text = _CJK_RE.sub(r" \g<0> ", text)
-    if self.strip_accents and not ascii_only:
+    if self.strip_accents:
       text = _NFD_STABLE.join(
           unicodedata.normalize("NFD", part) for part in text.split(_NFD_STABLE)
       )
@@ -477,8 +541,9 @@ class WordPieceTokenizer:
       # `str.lower` lowercases by character except for a word-final capital
       # sigma, which it turns into "ς"; the reference always gives "σ".
       text = text.replace(_GREEK_CAPITAL_SIGMA, _GREEK_SMALL_SIGMA).lower()
-      if not ascii_only:
-        text = text.translate(_EXTRA_LOWERCASE)
+      text = _EXTRA_LOWERCASE_RE.sub(
+          lambda m: _EXTRA_LOWERCASE[m.group()], text
+      )
     return text
 
   def pre_tokenize(self, normalized: str) -> list[str]:
@@ -520,7 +585,8 @@ class WordPieceTokenizer:
     Returns:
       The ids, at most `limit` of them.
     """
-    if limit is not None and limit <= 0:
+    limit = sys.maxsize if limit is None else limit
+    if limit <= 0:
       return []
     if self._added_re is None:
       segments = [text]
@@ -528,18 +594,31 @@ class WordPieceTokenizer:
       # Odd positions hold the matched added tokens.
       segments = self._added_re.split(text)
     ids = []
-    word_ids = self._word_ids
+    chunk_ids = self._chunk_ids
     for i, segment in enumerate(segments):
       if i % 2:
         ids.append(self._added_ids[segment])
       elif segment:
-        for word in _WORD_RE.findall(self.normalize(segment)):
-          ids.extend(word_ids(word))
-          if limit is not None and len(ids) >= limit:
-            return ids[:limit]
-      if limit is not None and len(ids) >= limit:
+        normalized = self.normalize(segment)
+        # Every chunk gives at least one id, so chunks past the remaining
+        # budget cannot make it into the result.
+        budget = limit - len(ids)
+        if self.clean_text:
+          # Cleaning leaves " " as the only whitespace, and no \x1c-\x1f
+          # (which `str.split` would also split on, but the reference not).
+          chunks = normalized.split(None, budget)
+        else:
+          chunks = _NON_WHITESPACE_RE.findall(normalized)
+        del chunks[budget:]
+        ids.extend(itertools.chain.from_iterable(map(chunk_ids, chunks)))
+      if len(ids) >= limit:
         return ids[:limit]
     return ids
+
+  def _chunk_ids_uncached(self, chunk: str) -> tuple[int, ...]:
+    """WordPiece ids of a whitespace-free stretch of normalised text."""
+    word_ids = self._word_ids
+    return tuple(i for word in _WORD_RE.findall(chunk) for i in word_ids(word))
 
   def encode(self, text: str, max_length: int) -> list[int]:
     """[CLS] + content ids + [SEP], keeping the head of the content.
