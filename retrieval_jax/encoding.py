@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -64,7 +65,15 @@ class TextEncoder:
       max_length: token budget per text; None for the checkpoint's.
       dtype: compute dtype, "float32" or "bfloat16".
     """
-    loaded = pretrained.load_pretrained(name_or_path, dtype=dtype)
+    loaded = pretrained.load_pretrained(name_or_path, dtype=jnp.dtype(dtype))
+    return cls.from_model(loaded, mesh, pooling=pooling, normalize=normalize,
+                          max_length=max_length)
+
+  @classmethod
+  def from_model(cls, loaded: pretrained.PretrainedModel, mesh: Mesh, *,
+                 pooling: str = "", normalize: bool | None = None,
+                 max_length: int | None = None) -> "TextEncoder":
+    """Wraps an imported model; empty/None arguments keep its pipeline's."""
     graphdef, state = nnx.split(loaded.model)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     return cls(

@@ -15,6 +15,7 @@ import logging
 import pathlib
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -108,10 +109,11 @@ def evaluate(config: ml_collections.ConfigDict,
   logging.info("evaluating %s on %d docs, %d queries (split %s)",
                config.model.pretrained, len(collection.doc_ids),
                len(evaluator.query_ids), config.data.split)
-  result = evaluator.run(
-      encoder, batch_size=config.encode.batch_size,
-      pad_multiple=config.encode.pad_multiple,
-      sort_by_length=config.encode.sort_by_length, mesh=mesh)
+  with jax.default_matmul_precision(config.model.matmul_precision):
+    result = evaluator.run(
+        encoder, batch_size=config.encode.batch_size,
+        pad_multiple=config.encode.pad_multiple,
+        sort_by_length=config.encode.sort_by_length, mesh=mesh)
   trec_run.write_run(workdir / "run.trec", result.run,
                      tag=config.eval.run_tag)
   _write_json(workdir / "metrics.json", result.metrics)
@@ -143,10 +145,11 @@ def encode(config: ml_collections.ConfigDict,
   collection = load_collection(config, workdir, corpus_only=True)
   encoder = make_encoder(config, mesh)
   start = time.perf_counter()
-  docs_nd = encoder.encode(
-      collection.doc_texts(), batch_size=config.encode.batch_size,
-      pad_multiple=config.encode.pad_multiple,
-      sort_by_length=config.encode.sort_by_length, desc="encode: corpus")
+  with jax.default_matmul_precision(config.model.matmul_precision):
+    docs_nd = encoder.encode(
+        collection.doc_texts(), batch_size=config.encode.batch_size,
+        pad_multiple=config.encode.pad_multiple,
+        sort_by_length=config.encode.sort_by_length, desc="encode: corpus")
   elapsed = time.perf_counter() - start
   tmp = workdir / "corpus_embeddings.tmp.npy"
   np.save(tmp, docs_nd.astype(np.float32))

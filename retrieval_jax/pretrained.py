@@ -12,18 +12,15 @@ restricted unpickler that maps storages straight to NumPy arrays (see
 `read_torch_checkpoint`). Tokenizers are loaded by the caller from
 `PretrainedModel.model_dir`.
 
-Usage:
+Usage (`encoding.TextEncoder` wraps this with the tokenizer and a mesh):
 
-  model = load_pretrained("all-MiniLM-L6-v2")
-  tokenizer = WordPieceTokenizer.from_pretrained_dir(model.model_dir)
-  batch = tokenizer(texts, max_length=model.max_length)
-  emb_nd = model.embed_many(batch["input_ids"], batch["attention_mask"])
+  loaded = load_pretrained("all-MiniLM-L6-v2")
+  graphdef, state = nnx.split(loaded.model)
 """
 
 import collections
 from collections.abc import Mapping
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -35,8 +32,6 @@ from typing import Any
 import zipfile
 
 from absl import logging
-from flax import nnx
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -80,102 +75,6 @@ class PretrainedModel:
   normalize: bool
   max_length: int
   model_dir: pathlib.Path
-
-  def embed(self,
-            input_ids_bl: jax.Array,
-            attention_mask_bl: jax.Array,
-            token_type_ids_bl: jax.Array | None = None) -> jax.Array:
-    """Sentence embeddings, as the checkpoint's own pipeline computes them.
-
-    Jitted; compiles once per input shape, so pad lengths to a few buckets.
-
-    Args:
-      input_ids_bl: [B, L] int token ids.
-      attention_mask_bl: [B, L] nonzero for real tokens.
-      token_type_ids_bl: [B, L] int segment ids, zeros when None.
-
-    Returns:
-      [B, D] float32 embeddings (unit norm when `normalize`).
-    """
-    if token_type_ids_bl is None:
-      token_type_ids_bl = jnp.zeros_like(input_ids_bl)
-    graphdef, state = nnx.split(self.model)
-    return _embed(graphdef, state, jnp.asarray(input_ids_bl),
-                  jnp.asarray(attention_mask_bl),
-                  jnp.asarray(token_type_ids_bl), pooling=self.pooling,
-                  normalize=self.normalize)
-
-  def embed_many(self,
-                 input_ids_nl: np.ndarray,
-                 attention_mask_nl: np.ndarray,
-                 token_type_ids_nl: np.ndarray | None = None,
-                 tokens_per_batch: int = 4096) -> np.ndarray:
-    """Embeds many right-padded rows, batched by length.
-
-    Each row is cut to the first width of the ladder 16, 32, 64, 128, 192,
-    256, 320, ... (capped at L) that holds its tokens, and the rows of one
-    width run in equal batches of at most tokens_per_batch // width rows.
-    So jit compiles once per width, and short texts do not pay for the
-    longest one. Trimming only drops padding, which the encoder ignores.
-
-    Args:
-      input_ids_nl: [N, L] int token ids, right-padded.
-      attention_mask_nl: [N, L] 1 for real tokens, 0 for padding.
-      token_type_ids_nl: [N, L] int segment ids, zeros when None.
-      tokens_per_batch: bound on batch rows × width.
-
-    Returns:
-      [N, D] float32 NumPy embeddings, in input order.
-
-    Raises:
-      ValueError: if a row is not right-padded (trimming would cut tokens).
-    """
-    input_ids_nl = np.asarray(input_ids_nl)
-    attention_mask_nl = np.asarray(attention_mask_nl)
-    if token_type_ids_nl is None:
-      token_type_ids_nl = np.zeros_like(input_ids_nl)
-    token_type_ids_nl = np.asarray(token_type_ids_nl)
-    n, max_width = input_ids_nl.shape
-    lengths_n = attention_mask_nl.astype(bool).sum(axis=1)
-    right_padded_nl = np.arange(max_width)[None, :] < lengths_n[:, None]
-    if not np.array_equal(attention_mask_nl.astype(bool), right_padded_nl):
-      raise ValueError("embed_many needs right-padded rows (mask 1...1 0...0)")
-    widths_n = np.array([_bucket_width(int(k), max_width) for k in lengths_n])
-    emb_nd = np.zeros((n, self.config.hidden_size), np.float32)
-    for width in np.unique(widths_n):
-      rows = np.flatnonzero(widths_n == width)
-      # Equal batches: 46 rows with room for 21 run as 3 x 16, not 3 x 21.
-      num_batches = -(-len(rows) // max(1, tokens_per_batch // int(width)))
-      batch = -(-len(rows) // num_batches)
-      for start in range(0, len(rows), batch):
-        idx = rows[start:start + batch]
-        # Repeat a row to fill the last batch: one shape per width.
-        take = np.concatenate([idx, np.repeat(idx[:1], batch - len(idx))])
-        emb_bd = self.embed(input_ids_nl[take, :width],
-                            attention_mask_nl[take, :width],
-                            token_type_ids_nl[take, :width])
-        emb_nd[idx] = np.asarray(emb_bd)[:len(idx)]
-    return emb_nd
-
-
-def _bucket_width(length: int, max_width: int) -> int:
-  """Smallest of 16, 32, 64, 128, 192, 256, ... >= length, capped."""
-  width = 16
-  while width < length:
-    width = width * 2 if width < 128 else width + 64
-  return min(width, max_width)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "pooling",
-                                             "normalize"))
-def _embed(graphdef, state, input_ids_bl, attention_mask_bl,
-           token_type_ids_bl, *, pooling: str, normalize: bool):
-  """Encoder -> pooling -> optional L2 norm; [B, L] ints -> [B, D] f32."""
-  model = nnx.merge(graphdef, state)
-  hidden_bld = model(input_ids_bl, attention_mask_bl, token_type_ids_bl,
-                     deterministic=True)
-  emb_bd = pooling_lib.pool(hidden_bld, attention_mask_bl, pooling)
-  return pooling_lib.l2_normalize(emb_bd) if normalize else emb_bd
 
 
 # ---------------------------------------------------------------------------

@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from retrieval_jax import encoding
 from retrieval_jax import pretrained
+from retrieval_jax import sharding
 from retrieval_jax.models import transformer_encoder as te
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,8 +68,13 @@ class MiniLMParityTest(absltest.TestCase):
     cls.token_type_ids = data["token_type_ids"].astype(np.int32)
     cls.reference = data["embeddings"]
     cls.model = pretrained.load_pretrained(pretrained.DEFAULT_MODEL)
-    cls.ours = cls.model.embed_many(cls.input_ids, cls.attention_mask,
-                                    cls.token_type_ids)
+    # The production path: the same encoder the evaluate mode uses.
+    cls.encoder = encoding.TextEncoder.from_model(
+        cls.model, sharding.make_mesh(devices=jax.devices()[:1]))
+    lengths = cls.attention_mask.sum(1)
+    cls.ours = cls.encoder.encode_ids(
+        [row[:n].tolist() for row, n in zip(cls.input_ids, lengths)],
+        progress=False)
 
   def assert_parity(self, ours):
     cos = (ours * self.reference).sum(1) / (
@@ -120,8 +127,8 @@ class MiniLMParityTest(absltest.TestCase):
                                    self.token_type_ids[i]))]
     self.assertEmpty(mismatched, msg=f"token ids differ on texts "
                      f"{[self.texts[i][:30] for i in mismatched[:10]]}")
-    self.assert_parity(self.model.embed_many(
-        ours["input_ids"], ours["attention_mask"], ours["token_type_ids"]))
+    # Texts in, embeddings out: tokenizer, buckets, jitted step.
+    self.assert_parity(self.encoder.encode(self.texts, progress=False))
 
 
 def _tiny_bert_config():

@@ -6,7 +6,7 @@ and absolute difference of the final embeddings, in float32:
 
   1. our encoder on the reference token ids (isolates the model port);
   2. our tokenizer's ids vs the reference ids, and the full pipeline
-     (our tokenizer + our encoder), when retrieval_jax.data.tokenizers exists.
+     (our tokenizer + our encoder).
 
 Command (from the repository root):
 
@@ -28,7 +28,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sentences as sentences_lib
 
+from retrieval_jax import encoding
 from retrieval_jax import pretrained
+from retrieval_jax import sharding
 
 MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4
@@ -94,41 +96,39 @@ def main():
              for k in ("input_ids", "attention_mask", "token_type_ids")}
 
   # Ours on the reference ids. Full float32 matmuls on every backend.
-  ours = pretrained.load_pretrained(model_dir)
-  if ours.max_length != args.max_length:
-    print(f"note: model metadata max_length {ours.max_length}, "
+  loaded = pretrained.load_pretrained(model_dir)
+  ours = encoding.TextEncoder.from_model(
+      loaded, sharding.make_mesh(devices=jax.devices()[:1]),
+      max_length=args.max_length)
+  if loaded.max_length != args.max_length:
+    print(f"note: model metadata max_length {loaded.max_length}, "
           f"comparing at {args.max_length}")
   start = time.perf_counter()
   with jax.default_matmul_precision("float32"):
-    ours_nd = ours.embed_many(ref_ids["input_ids"], ref_ids["attention_mask"],
-                              ref_ids["token_type_ids"])
+    lengths = ref_ids["attention_mask"].sum(1)
+    ours_nd = ours.encode_ids(
+        [row[:n].tolist() for row, n in zip(ref_ids["input_ids"], lengths)],
+        progress=False)
   print(f"retrieval_jax embed (incl. compiles): "
         f"{time.perf_counter() - start:.1f}s")
   ok = report("encoder on reference ids", compare(ours_nd, ref_nd), groups,
               texts)
 
-  try:
-    from retrieval_jax.data import tokenizers
-  except ImportError as e:
-    print(f"[tokenizer] skipped: {e}")
-  else:
-    tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(model_dir)
-    our_ids = tokenizer(texts, max_length=args.max_length,
-                        pad_to=ref_ids["input_ids"].shape[1])
-    lengths = ref_ids["attention_mask"].sum(1)
-    mismatched = [i for i, n in enumerate(lengths)
-                  if not np.array_equal(our_ids["input_ids"][i],
-                                        ref_ids["input_ids"][i])
-                  or our_ids["attention_mask"][i].sum() != n]
-    print(f"[tokenizer] ids equal on {len(texts) - len(mismatched)}/"
-          f"{len(texts)} texts; mismatches: {mismatched[:10]}")
-    with jax.default_matmul_precision("float32"):
-      full_nd = ours.embed_many(our_ids["input_ids"],
-                                our_ids["attention_mask"],
-                                our_ids["token_type_ids"])
-    ok &= not mismatched
-    ok &= report("tokenizer + encoder", compare(full_nd, ref_nd), groups,
-                 texts)
+  tokenizer = ours.tokenizer
+  our_ids = tokenizer(texts, max_length=args.max_length,
+                      pad_to=ref_ids["input_ids"].shape[1])
+  lengths = ref_ids["attention_mask"].sum(1)
+  mismatched = [i for i, n in enumerate(lengths)
+                if not np.array_equal(our_ids["input_ids"][i],
+                                      ref_ids["input_ids"][i])
+                or our_ids["attention_mask"][i].sum() != n]
+  print(f"[tokenizer] ids equal on {len(texts) - len(mismatched)}/"
+        f"{len(texts)} texts; mismatches: {mismatched[:10]}")
+  with jax.default_matmul_precision("float32"):
+    full_nd = ours.encode(texts, progress=False)
+  ok &= not mismatched
+  ok &= report("tokenizer + encoder", compare(full_nd, ref_nd), groups,
+               texts)
 
   if args.write_fixture:
     path = pathlib.Path(args.write_fixture)
