@@ -26,7 +26,6 @@ fails at start-up with the same "path:line: " messages as `beir.py`.
 """
 
 from collections.abc import Mapping, Sequence
-import json
 import os
 
 from absl import logging

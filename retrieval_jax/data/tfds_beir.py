@@ -36,7 +36,7 @@ from absl import logging
 import numpy as np
 
 # TF must be imported with accelerators hidden before tfds imports it.
-from retrieval_jax.data import tf_setup  # pylint: disable=unused-import
+from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
 import tensorflow_datasets as tfds
 
 from retrieval_jax.data import beir
