@@ -72,4 +72,7 @@ def mesh_block() -> ml_collections.ConfigDict:
   mesh = ml_collections.ConfigDict()
   # Sizes of the (data, fsdp, model) axes; -1 takes all remaining devices.
   mesh.shape = (-1, 1, 1)
+  # CPU hosts: XLA devices to split the host into (0 = one per core). XLA
+  # runs each CPU matmul on one thread; per-core devices use every core.
+  mesh.cpu_devices = 0
   return mesh

@@ -31,8 +31,14 @@ _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  # pylint: disable=g-import-not-at-top
+  from retrieval_jax import sharding
+  import jax
+  # pylint: enable=g-import-not-at-top
 
+  # Before the first device query: on CPU, one XLA device per core.
+  sharding.use_cpu_cores_as_devices(config.mesh.cpu_devices)
   if any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
     jax.distributed.initialize()
   # Random bits that do not depend on how arrays are sharded.
@@ -41,7 +47,6 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  config = _CONFIG.value
   logging.info("config:\n%s", config)
 
   # pylint: disable=g-import-not-at-top

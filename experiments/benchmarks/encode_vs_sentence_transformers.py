@@ -50,8 +50,9 @@ def main():
   parser.add_argument("--dtype", default="float32")
   args = parser.parse_args()
 
-  # Same thread budget on both sides: XLA's CPU client uses every core it is
-  # given, so pin the process to `threads` cores before JAX starts.
+  # Same cores on both sides: pin the process to `threads` cores; torch gets
+  # `threads` intra-op threads, JAX one CPU device per core (the evaluate
+  # mode's default, see `sharding.use_cpu_cores_as_devices`).
   cores = sorted(os.sched_getaffinity(0))[:args.threads]
   os.sched_setaffinity(0, cores)
 
@@ -63,6 +64,7 @@ def main():
   from retrieval_jax import pretrained  # pylint: disable=g-import-not-at-top
   from retrieval_jax import sharding  # pylint: disable=g-import-not-at-top
 
+  sharding.use_cpu_cores_as_devices(args.threads)
   torch.set_num_threads(args.threads)
   texts = load_texts(pathlib.Path(args.data), args.kind, args.num_texts)
   model_dir = pretrained.resolve_model_dir(pretrained.DEFAULT_MODEL)
