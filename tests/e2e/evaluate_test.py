@@ -122,16 +122,28 @@ class EvaluateModeTest(absltest.TestCase):
     self.assertLen(first, 6)
     self.assertEqual(first[-1], "smoke")
 
-  def test_command_line_bad_path_is_one_clear_line(self):
-    proc = subprocess.run(
-        [sys.executable, "-m", "retrieval_jax.main",
-         "--config", str(common.REPO_ROOT / "configs/evaluate.py:smoke"),
-         "--workdir", self.create_tempdir().full_path,
-         "--config.data.path=/nonexistent"],
-        cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=600)
-    self.assertNotEqual(proc.returncode, 0)
-    self.assertIn("config.data.path='/nonexistent'", proc.stderr)
-    self.assertNotIn("Traceback", proc.stderr)
+  def test_command_line_bad_input_is_one_clear_line(self):
+    # A malformed corpus line: the error names file and line, and the
+    # process exits non-zero without a traceback.
+    bad = pathlib.Path(self.create_tempdir())
+    (bad / "qrels").mkdir()
+    src = common.REPO_ROOT / "data/limit-small"
+    lines = (src / "corpus.jsonl").read_text().splitlines()[:2]
+    (bad / "corpus.jsonl").write_text(
+        "\n".join(lines + ['{"_id": "x", "text": "cut'])+ "\n")
+    (bad / "queries.jsonl").write_text((src / "queries.jsonl").read_text())
+    (bad / "qrels/test.tsv").write_text((src / "qrels/test.tsv").read_text())
+    for flag, expected in (
+        ("--config.data.path=/nonexistent", "config.data.path='/nonexistent'"),
+        (f"--config.data.path={bad}", f"{bad}/corpus.jsonl:3: malformed JSON")):
+      proc = subprocess.run(
+          [sys.executable, "-m", "retrieval_jax.main",
+           "--config", str(common.REPO_ROOT / "configs/evaluate.py:smoke"),
+           "--workdir", self.create_tempdir().full_path, flag],
+          cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=600)
+      self.assertNotEqual(proc.returncode, 0)
+      self.assertIn(expected, proc.stderr)
+      self.assertNotIn("Traceback", proc.stderr)
 
 
 @pytest.mark.slow
