@@ -7,7 +7,7 @@ distinct shapes (one compile each). Results come back in input order.
 """
 
 import dataclasses
-import logging
+from absl import logging
 import time
 from collections.abc import Sequence
 

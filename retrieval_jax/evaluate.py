@@ -11,7 +11,7 @@ document in corpus.jsonl order) and corpus_ids.json.
 """
 
 import json
-import logging
+from absl import logging
 import pathlib
 import time
 

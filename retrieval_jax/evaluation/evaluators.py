@@ -7,7 +7,7 @@ use it, so the numbers are computed one way only.
 """
 
 import dataclasses
-import logging
+from absl import logging
 import time
 from collections.abc import Sequence
 
