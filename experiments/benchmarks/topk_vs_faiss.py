@@ -13,6 +13,24 @@ Run (1M × 384, 1k queries, k = 10 and 100, 2 threads):
 
 Prints one markdown row per k:
   | corpus | queries | k | faiss s | ours s | ratio (faiss/ours) | ... |
+
+Result (2-core AMD EPYC VM, AVX2; jax 0.10.2, faiss-cpu 1.15.1; best of 5;
+other jobs shared the machine, so single runs vary by about 10%; two runs
+gave ratios 1.01 and 1.04 for k = 10, 0.88 and 0.91 for k = 100):
+
+  | corpus | queries | k | faiss s | ours s | ratio (faiss/ours) |
+  |---|---|---|---|---|---|
+  | 1,000,000 × 384 | 1,000 | 10 | 6.64 | 6.36 | 1.04 |
+  | 1,000,000 × 384 | 1,000 | 100 | 6.89 | 7.61 | 0.91 |
+
+JAX compile time 0.65 s (k = 10) and 0.73 s (k = 100). Indices: all rows
+identical for k = 10; for k = 100, 980 of 1000 rows identical, and the 20
+others differ only by near-ties (same float64 scores to 1e-4 relative):
+re-ranked in float64, faiss matched the exact order on 17 of them and
+exact_topk on 3, since XLA's CPU GEMM rounds a little more than faiss's BLAS.
+At 400k rows the float32 matmul alone (XLA CPU) ran slightly faster than
+the whole faiss search; the exact selection added a few percent for k = 10
+and roughly 10-20% for k = 100 (noisy measurements).
 """
 
 import argparse

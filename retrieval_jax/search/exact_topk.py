@@ -14,14 +14,21 @@ lower position first on ties, and every candidate list it sees is laid out
 in increasing corpus-index order (running list before the new chunk, shard
 0 before shard 1, selected groups sorted by index).
 
+"Exact" means exact for the float32 scores the matmul produces: two rows
+whose true scores differ by less than float32 rounding (~1e-7 relative)
+may be ordered differently from another float32 GEMM (faiss's BLAS sums in
+another order). Inputs must be finite.
+
 k larger than the corpus size is an error (`ValueError`), so that a result
 row never contains a padding row or a made-up index.
 
 Speed: each chunk's scores go through a two-stage exact selection. The
 chunk is cut into contiguous groups of `group_size` rows; the top-k groups
-by group maximum provably hold the top-k rows (proof in `_chunk_topk`), so
-the full-width `lax.top_k` runs over `chunk / group_size` maxima and then
-over `k × group_size` candidates instead of over the whole chunk.
+by group maximum provably hold the chunk's top-k rows, and only groups
+whose maximum beats the running k-th score can contribute (proofs in
+`_update_topk`). So `lax.top_k` runs over chunk / group_size maxima and
+then over k × group_size candidates, placed behind the running top-k,
+instead of over the whole chunk; the search is then bound by the matmul.
 """
 
 import dataclasses
@@ -49,7 +56,7 @@ class EncodedCorpus:
 
   Attributes:
     embeddings_nd: [N_pad, D] rows sharded over the corpus mesh axes; rows at
-      index >= num_docs are padding and are masked out of every result.
+      index >= num_docs are zero padding, masked out of every result.
     num_docs: N, the number of real rows.
     metric: "dot" or "cosine" (for cosine the rows are already unit-norm,
       float32).
@@ -127,7 +134,7 @@ def encode_corpus(corpus_nd,
   rows_per_shard = -(-num_docs // shards)
   # `chunk_size` is an upper bound: take the fewest chunks it allows, then
   # the smallest multiple of 128 (aligned groups and matmul tiles) that
-  # covers the shard, so padding stays under 128 rows per chunk.
+  # covers the shard, so the padding stays small.
   num_chunks = -(-rows_per_shard // max(int(chunk_size), 128))
   chunk_size = -(-rows_per_shard // (num_chunks * 128)) * 128
   rows_per_shard = num_chunks * chunk_size
@@ -178,11 +185,14 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
   running top-k with a score strictly above the running k-th score tau
   (on a tie the running row has the smaller index), so groups with
   max <= tau are first set to -inf: this keeps the groups above tau in the
-  same order and turns the rest into cheap filler.
+  same order and turns the rest into cheap filler. When every query has at
+  most m groups above tau, the top-m groups already hold every row that
+  can enter, so a smaller m is exact too.
 
   Args:
     best_scores_qk: [Q, k] float32 running top-k, descending.
-    best_index_qk: [Q, k] int32, all smaller than the chunk's indices.
+    best_index_qk: [Q, k] int32; its real rows all precede the chunk (the
+      initial -inf slots hold _EMPTY_INDEX).
     scores_qc: [Q, C] float32 scores of the chunk.
     start: int32 scalar, global corpus index of the chunk's first row.
     num_docs: int32 scalar; rows at index >= num_docs are padding.
@@ -194,31 +204,61 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
   """
   q, c = scores_qc.shape
   k = best_scores_qk.shape[1]
-  # Mask padding by index, not by trusting its score: -inf can only win if
-  # fewer than k real rows exist, and k <= N is enforced by the caller.
-  valid_c = start + jnp.arange(c, dtype=jnp.int32) < num_docs
+  # Padding is masked by index, never trusted to score low: -inf can only
+  # win if fewer than k real rows exist, and the caller enforces k <= N.
   num_groups = c // group_size if group_size > 1 else 0
   if num_groups <= k or c % group_size:
+    valid_c = start + jnp.arange(c, dtype=jnp.int32) < num_docs
     masked_qc = jnp.where(valid_c[None, :], scores_qc, -jnp.inf)
     index_qc = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (q, c))
     return _merge(best_scores_qk, best_index_qk, masked_qc, index_qc, k)
 
   scores_qgr = scores_qc.reshape(q, num_groups, group_size)
-  valid_gr = valid_c.reshape(num_groups, group_size)
-  # The mask fuses into the reduction; the [Q, C] scores are read once here.
-  max_qg = jnp.max(jnp.where(valid_gr[None], scores_qgr, -jnp.inf), axis=-1)
+  # Maxima of the raw scores: masking all of [Q, C] first would cost one
+  # more full pass over the scores (the CPU reduction does not fuse it).
+  max_qg = jnp.max(scores_qgr, axis=-1)
+  # Groups wholly past the end hold only padding.
+  group_start_g = start + jnp.arange(num_groups, dtype=jnp.int32) * group_size
+  max_qg = jnp.where(group_start_g[None, :] < num_docs, max_qg, -jnp.inf)
+  # At most one group mixes real and padding rows: the one holding row
+  # num_docs. Recompute its maximum over its real rows (when the chunk has
+  # no such group this recomputes a fully real group, a no-op).
+  mixed = jnp.clip((num_docs - start) // group_size, 0, num_groups - 1)
+  rows_qr = lax.dynamic_slice_in_dim(scores_qc, mixed * group_size,
+                                     group_size, axis=1)
+  valid_r = (start + mixed * group_size +
+             jnp.arange(group_size, dtype=jnp.int32)) < num_docs
+  mixed_max_q1 = jnp.max(
+      jnp.where(valid_r[None, :], rows_qr, -jnp.inf), axis=1, keepdims=True)
+  max_qg = lax.dynamic_update_slice_in_dim(max_qg, mixed_max_q1, mixed, axis=1)
   tau_q1 = best_scores_qk[:, -1:]
   max_qg = jnp.where(max_qg > tau_q1, max_qg, -jnp.inf)
-  _, group_qk = lax.top_k(max_qg, k)
-  # Sorted groups keep the candidates in index order (tie-break contract).
-  group_qk = jnp.sort(group_qk, axis=-1)
-  cand_qkr = jnp.take_along_axis(scores_qgr, group_qk[:, :, None], axis=1)
-  pos_qkr = (group_qk[:, :, None] * group_size +
-             jnp.arange(group_size, dtype=group_qk.dtype))
-  index_qkr = start + pos_qkr.astype(jnp.int32)
-  cand_qkr = jnp.where(index_qkr < num_docs, cand_qkr, -jnp.inf)
-  return _merge(best_scores_qk, best_index_qk, cand_qkr.reshape(q, -1),
-                index_qkr.reshape(q, -1), k)
+
+  def merge_groups(m):
+    # Exact whenever every group above tau is among the top-m groups.
+    _, group_qm = lax.top_k(max_qg, m)
+    # Sorted groups keep the candidates in index order (tie-break contract).
+    group_qm = jnp.sort(group_qm, axis=-1)
+    cand_qmr = jnp.take_along_axis(scores_qgr, group_qm[:, :, None], axis=1)
+    pos_qmr = (group_qm[:, :, None] * group_size +
+               jnp.arange(group_size, dtype=group_qm.dtype))
+    index_qmr = start + pos_qmr.astype(jnp.int32)
+    cand_qmr = jnp.where(index_qmr < num_docs, cand_qmr, -jnp.inf)
+    return _merge(best_scores_qk, best_index_qk, cand_qmr.reshape(q, -1),
+                  index_qmr.reshape(q, -1), k)
+
+  # Once the running list is good, few groups per query beat tau (about
+  # k / chunks-seen). When no query in the batch has more than k / 4, the
+  # top k / 4 groups hold them all: a quarter of the selection work. Below
+  # k = 32 the full selection is cheap and the branch costs more than it
+  # saves (measured on CPU).
+  few = k // 4
+  if k < 32:
+    return merge_groups(k)
+  num_above_q = jnp.sum(max_qg > -jnp.inf, axis=1)
+  return lax.cond(
+      jnp.max(num_above_q) <= few, lambda: merge_groups(few),
+      lambda: merge_groups(k))
 
 
 @functools.partial(
@@ -239,7 +279,7 @@ def _search_batch(queries_qd, corpus_nd, num_docs, *, k, chunk_size,
 
     def step(carry, xs):
       chunk_cd, start = xs
-      # HIGHEST keeps float32 products exact-ish on TPU/GPU (no bf16/TF32
+      # HIGHEST: full float32 products on TPU/GPU too (no bf16 or TF32
       # passes); bf16 inputs still accumulate in float32.
       scores_qc = jnp.einsum(
           "qd,cd->qc", queries_qd, chunk_cd,
@@ -315,17 +355,18 @@ def search(corpus: EncodedCorpus,
       chunk_size=corpus.chunk_size,
       group_size=group_size,
       mesh=corpus.mesh)
-  scores, indices = [], []
+  outputs = []
   for lo in range(0, num_queries, batch):
     queries_bd = queries_qd[lo:lo + batch]
+    # Zero rows fill the last batch: one shape, one compiled function.
     short = batch - queries_bd.shape[0]
     if short:
       queries_bd = jnp.pad(jnp.asarray(queries_bd), ((0, short), (0, 0)))
-    scores_bk, index_bk = run(queries_bd)
-    scores.append(np.asarray(scores_bk)[:batch - short])
-    indices.append(np.asarray(index_bk)[:batch - short])
-  scores_qk = np.concatenate(scores)
-  indices_qk = np.concatenate(indices)
+    # Dispatch is asynchronous; results are fetched after the loop so the
+    # next batch is queued while this one runs.
+    outputs.append((run(queries_bd), batch - short))
+  scores_qk = np.concatenate([np.asarray(s)[:n] for (s, _), n in outputs])
+  indices_qk = np.concatenate([np.asarray(i)[:n] for (_, i), n in outputs])
   # Only non-finite scores (inf / NaN inputs) could let a padding row through.
   if (indices_qk >= corpus.num_docs).any():
     raise FloatingPointError("non-finite scores: padding rows were selected")

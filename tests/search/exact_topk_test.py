@@ -101,6 +101,45 @@ class ExactTopkTest(parameterized.TestCase):
     np.testing.assert_array_equal(indices_qk, ref_indices_qk)
     np.testing.assert_array_equal(scores_qk, ref_scores_qk)
 
+  @parameterized.product(num_devices=[1, 8], group_size=[1, 8])
+  def test_padding_never_returned(self, num_devices, group_size):
+    # Padding rows are zero vectors (score 0) and every real score is
+    # negative, so any padding row that leaked, or a group maximum taken
+    # over padding, would change the answer. N = 4 mod 8: the last real
+    # group of each size mixes real and padding rows.
+    rng = np.random.default_rng(8)
+    n = 3004
+    corpus_nd = _grid(rng, (n, 16))**2 + 0.125
+    queries_qd = -(_grid(rng, (5, 16))**2 + 0.125)
+    corpus = et.encode_corpus(corpus_nd, chunk_size=512,
+                              mesh=_mesh(num_devices))
+    self.assertGreater(corpus.embeddings_nd.shape[0], n)
+    for k in (1, 3, 20):
+      scores_qk, indices_qk = et.search(
+          corpus, queries_qd, k, group_size=group_size)
+      ref_scores_qk, ref_indices_qk = _reference(queries_qd, corpus_nd, k)
+      np.testing.assert_array_equal(indices_qk, ref_indices_qk)
+      np.testing.assert_array_equal(scores_qk, ref_scores_qk)
+
+  @parameterized.parameters(8, 9)
+  def test_groups_above_running_kth(self, num_above):
+    # k = 32, groups of 4: the cheap selection (top k/4 = 8 groups) is exact
+    # only when at most 8 groups of a chunk beat the running 32nd score.
+    # Chunk 0 fills the running list with 10s; chunk 1 has `num_above`
+    # groups holding one better row each, so 9 must take the full path.
+    scores_n = np.zeros(1024, np.float32)
+    scores_n[:40] = 10.0
+    scores_n[512 + 4 * np.arange(num_above)] = 20.0 + np.arange(num_above)
+    corpus = et.encode_corpus(scores_n[:, None], chunk_size=512,
+                              mesh=_mesh(1))
+    self.assertEqual(corpus.chunk_size, 512)
+    queries_qd = np.ones((1, 1), np.float32)
+    scores_qk, indices_qk = et.search(corpus, queries_qd, 32, group_size=4)
+    ref_scores_qk, ref_indices_qk = _reference(queries_qd, scores_n[:, None],
+                                               32)
+    np.testing.assert_array_equal(indices_qk, ref_indices_qk)
+    np.testing.assert_array_equal(scores_qk, ref_scores_qk)
+
   def test_all_rows_equal_gives_first_k(self):
     corpus_nd = np.ones((1000, 4), np.float32)
     queries_qd = np.ones((3, 4), np.float32)
@@ -163,8 +202,8 @@ class ExactTopkTest(parameterized.TestCase):
   @parameterized.parameters("dot", "cosine")
   def test_sharded_equals_single_device(self, metric):
     rng = np.random.default_rng(4)
-    corpus_nd = rng.standard_normal((5001, 48)).astype(np.float32)
-    queries_qd = rng.standard_normal((33, 48)).astype(np.float32)
+    corpus_nd = rng.standard_normal((5001, 128)).astype(np.float32)
+    queries_qd = rng.standard_normal((33, 128)).astype(np.float32)
     results = {}
     meshes = {
         "1": sharding.make_mesh(devices=jax.devices()[:1]),
@@ -183,7 +222,7 @@ class ExactTopkTest(parameterized.TestCase):
       np.testing.assert_allclose(scores_qk, single_scores_qk, atol=1e-6)
     self.assertEqual(
         et.encode_corpus(corpus_nd, mesh=meshes["8"]).embeddings_nd.sharding
-        .shard_shape((5120, 48)), (640, 48))
+        .shard_shape((5120, 128)), (640, 128))
 
   def test_query_batches_match_one_batch(self):
     rng = np.random.default_rng(5)
