@@ -1,0 +1,108 @@
+"""Training objectives, chosen by name through explicit registries.
+
+`LOSSES` maps a config name to a `LossSpec` of an in-batch contrastive loss
+(`contrastive.py`, uniform signature `fn(scores_qc, positive_qc, valid_qc)
+-> (loss, aux)`; `sharded_contrastive.sharded_contrastive_loss` runs any of
+them shard by shard). The spec also tells the data side how to build
+examples: which positives go into a query's group (`positives`) and whether
+an example is a (query, positive) pair or a query (`unit`).
+
+`LISTWISE_LOSSES` maps names to the list losses of `listwise.py` that share
+the signature `fn(scores_bn, labels_bn, valid_bn) -> (loss, aux)`
+(`margin_mse` has its own argument layout and is used by module).
+Regularisers live in `regularizers.py`.
+"""
+
+from collections.abc import Callable
+import dataclasses
+
+from retrieval_jax.losses import contrastive
+from retrieval_jax.losses import listwise
+from retrieval_jax.losses import regularizers
+from retrieval_jax.losses import sharded_contrastive
+
+__all__ = [
+    "LISTWISE_LOSSES", "LOSSES", "LossSpec", "contrastive", "get_loss",
+    "listwise", "regularizers", "sharded_contrastive"
+]
+
+# How many of a query's positives go into its group.
+ONE = "one"  # a single positive per example
+ALL = "all"  # every positive of the query, up to the configured maximum
+# What one training example is.
+PAIR = "pair"  # one example per judged (query, positive) pair
+QUERY = "query"  # one example per query
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """A contrastive objective and the batch construction it expects.
+
+  Attributes:
+    fn: `fn(scores_qc, positive_qc, valid_qc) -> (loss, aux)`.
+    positives: "one" (one positive per example) or "all" (all positives of
+      the query, up to a maximum, in the first slots of its group).
+    unit: "pair" (one example per (query, positive) pair) or "query" (one
+      example per query).
+    description: one line for logs and docs.
+  """
+  fn: Callable
+  positives: str
+  unit: str
+  description: str
+
+  def __post_init__(self):
+    if self.positives not in (ONE, ALL):
+      raise ValueError(f"positives={self.positives!r}: use 'one' or 'all'")
+    if self.unit not in (PAIR, QUERY):
+      raise ValueError(f"unit={self.unit!r}: use 'pair' or 'query'")
+
+
+LOSSES: dict[str, LossSpec] = {
+    "infonce": LossSpec(
+        contrastive.info_nce, ONE, PAIR,
+        "InfoNCE over in-batch + hard negatives; every judged pair is an "
+        "example (DPR)."),
+    "symmetric_infonce": LossSpec(
+        contrastive.symmetric_info_nce, ONE, PAIR,
+        "Half query->passage InfoNCE, half passage->query over the B "
+        "positives."),
+    # Same math as "infonce"; only the batch construction differs (one
+    # example per query, its positive cycling across epochs).
+    "rand1_lh": LossSpec(
+        contrastive.info_nce, ONE, QUERY,
+        "InfoNCE with one positive per query per epoch, cycling through its "
+        "positives (Rand1LH)."),
+    "joint_lh": LossSpec(
+        contrastive.joint_lh, ALL, QUERY,
+        "Sum over positives of -log softmax, other positives in the "
+        "denominator (JointLH)."),
+    "sum_marg_lh": LossSpec(
+        contrastive.sum_marg_lh, ALL, QUERY,
+        "-log of the softmax mass on all positives (SumMargLH)."),
+    "lse_pair": LossSpec(
+        contrastive.lse_pair, ALL, QUERY,
+        "log(1 + sum over positive-negative pairs of exp(s_n - s_p)) "
+        "(LSEPair)."),
+}
+
+LISTWISE_LOSSES: dict[str, Callable] = {
+    "kl_distillation": listwise.kl_distillation,
+    "listnet": listwise.listnet,
+    "listmle": listwise.listmle,
+    "approx_ndcg": listwise.approx_ndcg,
+    "wasserstein_list": listwise.wasserstein_list,
+}
+
+
+def get_loss(name: str) -> LossSpec:
+  """The `LossSpec` registered as `name` in `LOSSES`.
+
+  Raises:
+    ValueError: unknown name; the message lists the known ones.
+  """
+  try:
+    return LOSSES[name]
+  except KeyError:
+    raise ValueError(f"unknown loss {name!r}; known: "
+                     f"{', '.join(sorted(LOSSES))}") from None

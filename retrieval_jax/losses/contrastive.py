@@ -1,0 +1,426 @@
+"""In-batch contrastive losses on a global score matrix (DPR group layout).
+
+Batch layout (DPR / Tevatron groups): B queries, G passages per query and
+C = B·G candidates flattened query-major. The first m_i slots of query i's
+block are its positives, the remaining G - m_i slots its hard negatives.
+Every query scores every candidate of the batch, so the other queries'
+passages are free in-batch negatives.
+
+Every loss has the signature `fn(scores_qc, positive_qc, valid_qc)`:
+
+* `scores_qc`: [B, C] scores already divided by the temperature (any float
+  dtype; upcast to float32 inside).
+* `positive_qc`: [B, C] bool, the positive slots of each row (`group_masks`).
+* `valid_qc`: [B, C] bool, the candidates a row may see; invalid ones are
+  neither positives nor negatives.
+
+and returns `(loss, aux)`: `loss` is a float32 scalar, the mean over *valid
+rows* (rows with at least one valid positive; the others get weight 0, never
+NaN), and `aux` a flat dict of float32 scalars. `aux["num_valid_rows"]` is a
+count; every other aux entry is a mean over the valid rows, which is what
+lets `sharded_contrastive.py` combine shards for any loss of this module.
+
+Numerics follow one rule: logits are never exponentiated directly. Masked
+entries become the finite constant `NEG` before a log-sum-exp, so a fully
+masked set gives a finite, very negative LSE (not -inf, whose gradients are
+NaN) and the row is then dropped by its weight.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+# A quarter of the float32 minimum: finite, and still finite when two masked
+# LSEs are added (LSEPair) or subtracted from each other.
+NEG = 0.25 * float(jnp.finfo(jnp.float32).min)
+
+
+def masked_logsumexp(x_qc: jax.Array, mask_qc: jax.Array) -> jax.Array:
+  """log Σ_{mask} exp(x) along the last axis; all-masked rows give ~NEG.
+
+  Args:
+    x_qc: [..., C] float array.
+    mask_qc: [..., C] bool, broadcastable to `x_qc`.
+
+  Returns:
+    [...] array of `x_qc`'s dtype. Masked entries receive zero gradient.
+  """
+  # `where` (not adding a -inf bias) routes zero gradient to masked entries,
+  # and an all-NEG row gives softmax weights that `where` then discards.
+  return jax.nn.logsumexp(jnp.where(mask_qc, x_qc, NEG), axis=-1)
+
+
+def candidate_masks(
+    rows_r: jax.Array,
+    cols_c: jax.Array,
+    positive_counts_b: jax.Array,
+    group_size: int,
+    passage_doc_x: jax.Array | None,
+    relevant_doc_rk: jax.Array | None,
+    share_hard_negatives: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """Positive and valid masks for a block of rows × columns of the batch.
+
+  Rows and columns are *global* indices into the batch (query index and
+  flattened candidate index), so the same code serves the dense loss (all
+  rows, all columns) and one shard of the sharded loss (its own rows, all
+  columns; or all rows, its own positive columns).
+
+  Args:
+    rows_r: [R] int32 global query indices.
+    cols_c: [K] int32 global candidate indices.
+    positive_counts_b: [B] int, m_i for every query of the global batch.
+    group_size: G.
+    passage_doc_x: [C] int32 corpus ids of every global candidate (-1 =
+      padding), or None for no id masking.
+    relevant_doc_rk: [R, K'] int32 known-relevant corpus ids of the rows
+      (-1 padded), or None.
+    share_hard_negatives: keep the other queries' hard negatives.
+
+  Returns:
+    (positive_rc, valid_rc), both [R, K] bool.
+  """
+  # jnp.asarray: numpy inputs must not be indexed by traced indices.
+  counts_b = jnp.asarray(positive_counts_b, jnp.int32)
+  owner_c = cols_c // group_size
+  slot_c = cols_c % group_size
+  own_rc = owner_c[None, :] == rows_r[:, None]
+  # Whether a column is one of the positive slots of the query owning it.
+  positive_slot_c = slot_c < counts_b[owner_c]
+  positive_rc = own_rc & positive_slot_c[None, :]
+  valid_rc = jnp.ones_like(positive_rc)
+  if not share_hard_negatives:
+    # Another query's positive stays an in-batch negative (DPR); only its
+    # hard negatives are dropped (SPLADE / ColBERT in-batch term).
+    valid_rc &= own_rc | positive_slot_c[None, :]
+  if passage_doc_x is not None:
+    doc_x = jnp.asarray(passage_doc_x, jnp.int32)
+    doc_c = doc_x[cols_c]
+    # The docs of each row's own positive slots are relevant by definition;
+    # matching them catches duplicates even without `relevant_doc`.
+    g_g = jnp.arange(group_size, dtype=jnp.int32)
+    own_doc_rg = doc_x[rows_r[:, None] * group_size + g_g[None, :]]
+    own_doc_rg = jnp.where(g_g[None, :] < counts_b[rows_r][:, None],
+                           own_doc_rg, -1)
+    known_rk = own_doc_rg
+    if relevant_doc_rk is not None:
+      known_rk = jnp.concatenate(
+          [known_rk, jnp.asarray(relevant_doc_rk, jnp.int32)], axis=1)
+    # -1 entries pad `known_rk`; they must not match padding candidates.
+    # Memory is R·K·(G + R') bools: per shard R is the local batch, so this
+    # stays well below the float32 score matrix for G + R' ≲ 32.
+    is_known_rc = jnp.any(
+        (doc_c[None, :, None] == known_rk[:, None, :]) &
+        (known_rk[:, None, :] >= 0), axis=-1)
+    # A relevant doc outside the row's positive slots is a false negative.
+    valid_rc &= positive_rc | ~is_known_rc
+    valid_rc &= (doc_c >= 0)[None, :]
+  return positive_rc, valid_rc
+
+
+def group_masks(
+    positive_counts_b: jax.Array,
+    group_size: int,
+    passage_doc_c: jax.Array | None = None,
+    relevant_doc_br: jax.Array | None = None,
+    share_hard_negatives: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """Positive and valid masks of the [B, C = B·G] group-layout score matrix.
+
+  `positive_qc[i, j] = (j // G == i) & (j % G < m_i)`. `valid_qc[i, j]` is
+  False for padding candidates (`passage_doc_c[j] < 0`), for a known-relevant
+  doc of query i that is not one of its positive slots (a duplicate copy of
+  its positive elsewhere in the batch, or another of its positives: never a
+  negative), and, when `share_hard_negatives` is False, for the other
+  queries' hard negatives. Positive slots stay valid unless padding.
+
+  Args:
+    positive_counts_b: [B] int, m_i = number of positive slots of query i.
+    group_size: G, passages per query.
+    passage_doc_c: [C] int32 corpus ids of the candidates, -1 = padding slot;
+      None: no id masking at all.
+    relevant_doc_br: [B, R] int32 all known-relevant corpus ids of each
+      query, -1 padded; None: only the docs in a query's own positive slots
+      count as relevant. Ignored when `passage_doc_c` is None.
+    share_hard_negatives: keep other queries' hard negatives as negatives.
+
+  Returns:
+    (positive_qc, valid_qc), both [B, C] bool.
+  """
+  b = jnp.shape(positive_counts_b)[0]
+  # The dense case is the block "every row × every column".
+  rows_b = jnp.arange(b, dtype=jnp.int32)
+  cols_c = jnp.arange(b * group_size, dtype=jnp.int32)
+  if passage_doc_c is None:
+    # Relevant ids mean nothing without the candidates' ids.
+    relevant_doc_br = None
+  return candidate_masks(rows_b, cols_c, positive_counts_b, group_size,
+                         passage_doc_c, relevant_doc_br, share_hard_negatives)
+
+
+def rows_with_positive(positive_counts_b: jax.Array, group_size: int,
+                       passage_doc_x: jax.Array | None) -> jax.Array:
+  """[B] bool: rows that have at least one valid positive slot.
+
+  Equals `jnp.any(positive_qc & valid_qc, -1)` of `group_masks` without
+  building the [B, C] masks: a positive slot is invalid only as padding.
+
+  Args:
+    positive_counts_b: [B] int, m_i.
+    group_size: G.
+    passage_doc_x: [B·G] int32 corpus ids (-1 = padding) or None.
+  """
+  counts_b = jnp.asarray(positive_counts_b, jnp.int32)
+  g_g = jnp.arange(group_size, dtype=jnp.int32)
+  # Positive slots ignore id and hard-negative masking; padding is the only
+  # way to lose one.
+  slot_bg = g_g[None, :] < counts_b[:, None]
+  if passage_doc_x is not None:
+    slot_bg &= jnp.asarray(passage_doc_x).reshape(-1, group_size) >= 0
+  return jnp.any(slot_bg, axis=-1)
+
+
+def scores_and_masks(
+    q_bd: jax.Array,
+    p_cd: jax.Array,
+    batch: Mapping[str, jax.Array],
+    temperature: float,
+    share_hard_negatives: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Temperature-scaled scores and masks for one group-layout batch.
+
+  Args:
+    q_bd: [B, D] query embeddings (float32 or bfloat16).
+    p_cd: [C, D] passage embeddings, C = B·G, query-major groups.
+    batch: "positive_counts" [B] int; optional "passage_doc" [C] int32 and
+      "relevant_doc" [B, R] int32 (see `group_masks`).
+    temperature: τ; scores are `q·p / τ`.
+    share_hard_negatives: see `group_masks`.
+
+  Returns:
+    (scores_qc float32 [B, C], positive_qc bool [B, C], valid_qc bool [B, C]).
+  """
+  b, c = q_bd.shape[0], p_cd.shape[0]
+  if c % b:
+    raise ValueError(f"{c} passages do not form groups for {b} queries")
+  # float32 accumulation even for bf16 embeddings: the LSE needs it.
+  scores_qc = jnp.einsum("bd,cd->bc", q_bd, p_cd,
+                         preferred_element_type=jnp.float32) / temperature
+  positive_qc, valid_qc = group_masks(
+      batch["positive_counts"], c // b, batch.get("passage_doc"),
+      batch.get("relevant_doc"), share_hard_negatives)
+  return scores_qc, positive_qc, valid_qc
+
+
+def _row_setup(scores_qc, positive_qc, valid_qc):
+  """≥float32 scores, valid positives/negatives and per-row counts."""
+  # bf16 / fp16 scores are upcast; float64 (tests under x64) is kept.
+  scores_qc = jnp.asarray(scores_qc)
+  scores_qc = scores_qc.astype(jnp.promote_types(scores_qc.dtype,
+                                                 jnp.float32))
+  pos_qc = positive_qc & valid_qc
+  neg_qc = valid_qc & ~positive_qc
+  # m_i counts *valid* positives: a padded positive slot is not one.
+  num_pos_q = jnp.sum(pos_qc, axis=-1).astype(scores_qc.dtype)
+  return scores_qc, pos_qc, neg_qc, num_pos_q
+
+
+def _accuracy_rows(scores_qc, pos_qc, valid_qc):
+  """1.0 where the top-scoring valid candidate of a row is a positive."""
+  # Exact ties go to the lowest column; rare with float scores, and this is
+  # a monitoring metric, not a loss.
+  top_q = jnp.argmax(jnp.where(valid_qc, scores_qc, NEG), axis=-1)
+  return jnp.take_along_axis(pos_qc, top_q[:, None], axis=-1)[:, 0]
+
+
+def _reduce(loss_q, row_valid_q, **rows):
+  """Mean of per-row values over valid rows; returns (loss, aux)."""
+  weight_q = row_valid_q.astype(loss_q.dtype)
+  n = jnp.sum(weight_q)
+  # max(n, 1): a batch without a valid row gives 0, and `loss * n` is the
+  # per-row sum in every case (the sharded reduction relies on it).
+  denom = jnp.maximum(n, 1.0)
+
+  def mean(x_q):
+    # `where`, not a product: dropped rows may hold huge finite values.
+    return jnp.sum(jnp.where(row_valid_q, x_q, 0.0)) / denom
+
+  aux = {"num_valid_rows": n}
+  aux.update({k: mean(v.astype(loss_q.dtype)) for k, v in rows.items()})
+  return mean(loss_q), aux
+
+
+def _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, normalize):
+  """Per-row JointLH: Σ_{p∈P} (LSE_C s − s_p), optionally ÷ m."""
+  lse_q = masked_logsumexp(scores_qc, valid_qc)
+  pos_sum_q = jnp.sum(jnp.where(pos_qc, scores_qc, 0.0), axis=-1)
+  # Σ_p (LSE − s_p) = m·LSE − Σ_p s_p: one LSE per row, not one per positive.
+  loss_q = num_pos_q * lse_q - pos_sum_q
+  if normalize:
+    loss_q = loss_q / jnp.maximum(num_pos_q, 1.0)
+  return loss_q
+
+
+def info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
+             valid_qc: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """InfoNCE / DPR negative log-likelihood: mean of `LSE_C s − s_p`.
+
+  Intended for exactly one positive per row (DPR, Rand1LH; the data side
+  picks it). A row with several valid positive slots gets one term per
+  positive with the other positives in the denominator, i.e. it equals
+  `joint_lh` (with no division by m); jit cannot raise on the mask's content.
+
+  Args:
+    scores_qc: [B, C] temperature-scaled scores.
+    positive_qc: [B, C] bool positive slots.
+    valid_qc: [B, C] bool candidates each row may see.
+
+  Returns:
+    (loss float32 scalar, aux) with aux "num_valid_rows" and "accuracy"
+    (fraction of valid rows whose best valid candidate is a positive).
+  """
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
+                                               valid_qc)
+  loss_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, False)
+  return _reduce(loss_q, num_pos_q > 0,
+                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+
+
+def joint_lh(scores_qc: jax.Array, positive_qc: jax.Array,
+             valid_qc: jax.Array, *, normalize_by_positives: bool = False
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """JointLH: `Σ_{p∈P_i} (LSE_{C_i} s − s_p)` = −Σ_p log π_p per row.
+
+  The other positives stay in each positive's denominator, so the optimum
+  spreads the softmax mass evenly over the positives; the minimum is
+  m·log m, not 0. Gradient: ∂/∂s_p = m·π_p − 1, ∂/∂s_n = m·π_n.
+
+  Args:
+    scores_qc, positive_qc, valid_qc: see the module docstring.
+    normalize_by_positives: divide each row's loss by its m_i.
+
+  Returns:
+    (loss float32 scalar, aux): "num_valid_rows", "accuracy".
+  """
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
+                                               valid_qc)
+  loss_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q,
+                       normalize_by_positives)
+  return _reduce(loss_q, num_pos_q > 0,
+                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+
+
+def sum_marg_lh(scores_qc: jax.Array, positive_qc: jax.Array,
+                valid_qc: jax.Array
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SumMargLH: `LSE_{C_i} s − LSE_{P_i} s` = −log Σ_{p∈P} π_p per row.
+
+  Marginal likelihood of "some positive": ∂/∂s_p = −π_p(1 − Π_P)/Π_P, so
+  the best-scored positive gets most of the push ("rich get richer").
+
+  Args:
+    scores_qc, positive_qc, valid_qc: see the module docstring.
+
+  Returns:
+    (loss float32 scalar, aux): "num_valid_rows", "accuracy".
+  """
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
+                                               valid_qc)
+  # Both LSEs are finite even for dropped rows, so their difference is too.
+  loss_q = (masked_logsumexp(scores_qc, valid_qc) -
+            masked_logsumexp(scores_qc, pos_qc))
+  return _reduce(loss_q, num_pos_q > 0,
+                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+
+
+def lse_pair(scores_qc: jax.Array, positive_qc: jax.Array,
+             valid_qc: jax.Array, *, normalize_by_positives: bool = False
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """LSEPair: `log(1 + Σ_{p∈P} Σ_{n∈N} exp(s_n − s_p))` per row.
+
+  Computed in the factorised O(C) form `softplus(LSE_N s + LSE_P(−s))`
+  (Σ_pΣ_n e^{s_n−s_p} = Σ_n e^{s_n} · Σ_p e^{−s_p}). The worst-scored
+  positive and the best-scored negative get the largest gradients, and the
+  other positives never appear in a positive's denominator. A row without
+  valid negatives has loss 0 (LSE_N = NEG).
+
+  Args:
+    scores_qc, positive_qc, valid_qc: see the module docstring.
+    normalize_by_positives: divide each row's loss by its m_i.
+
+  Returns:
+    (loss float32 scalar, aux): "num_valid_rows", "accuracy".
+  """
+  scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(scores_qc, positive_qc,
+                                                    valid_qc)
+  # Each LSE is ≥ NEG (= finfo.min / 4), so the sum stays finite.
+  loss_q = jax.nn.softplus(masked_logsumexp(scores_qc, neg_qc) +
+                           masked_logsumexp(-scores_qc, pos_qc))
+  if normalize_by_positives:
+    # max(m, 1) only guards dropped rows (m = 0); valid rows have m ≥ 1.
+    loss_q = loss_q / jnp.maximum(num_pos_q, 1.0)
+  return _reduce(loss_q, num_pos_q > 0,
+                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+
+
+def first_positive(positive_qc: jax.Array, valid_qc: jax.Array) -> jax.Array:
+  """[B] int32 column of each row's first valid positive (0 if none)."""
+  # argmax of a bool row is its first True; an all-False row gives 0, which
+  # only dropped rows see.
+  return jnp.argmax(positive_qc & valid_qc, axis=-1).astype(jnp.int32)
+
+
+def reverse_rows(scores_kb: jax.Array, valid_kb: jax.Array,
+                 target_k: jax.Array) -> jax.Array:
+  """Document→query cross-entropy rows of the symmetric loss.
+
+  Args:
+    scores_kb: [K, B] float32, score of query b for the first positive of
+      query k (the transposed B×B block of positives).
+    valid_kb: [K, B] bool, whether that query may pick that document.
+    target_k: [K] int32, the column of query k itself.
+
+  Returns:
+    [K] float32 `LSE_b s_kb − s_k,target_k`.
+  """
+  target_s_k = jnp.take_along_axis(scores_kb, target_k[:, None], axis=-1)
+  return masked_logsumexp(scores_kb, valid_kb) - target_s_k[:, 0]
+
+
+def symmetric_info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
+                       valid_qc: jax.Array
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """½ [query→document InfoNCE + document→query InfoNCE].
+
+  The forward term is `info_nce`. The reverse term uses only the B×B block
+  of positive columns (the first valid positive of each row), transposed:
+  each query's positive picks its query among the B queries, hard negatives
+  take no part (sentence-transformers' MultipleNegativesSymmetricRanking).
+  A query is a reverse candidate only if its row is valid and the document
+  is valid for it (so a duplicate masked in the forward direction is masked
+  here too). Both terms average over the same valid rows, so the loss is
+  still a mean of per-row values, ½(fwd_i + rev_i).
+
+  Args:
+    scores_qc, positive_qc, valid_qc: see the module docstring.
+
+  Returns:
+    (loss float32 scalar, aux): "num_valid_rows", "accuracy" (forward
+    direction), "forward_loss", "reverse_loss".
+  """
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
+                                               valid_qc)
+  row_valid_q = num_pos_q > 0
+  # Forward rows are info_nce's (JointLH if a row has several positives).
+  fwd_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, False)
+  first_k = first_positive(pos_qc, valid_qc)
+  # Column k of the B×B block holds every query's score for k's positive.
+  scores_kb = jnp.take(scores_qc, first_k, axis=1).T
+  valid_kb = (jnp.take(valid_qc, first_k, axis=1).T & row_valid_q[None, :])
+  # Query k's own score for its positive sits on the block's diagonal.
+  rev_k = reverse_rows(scores_kb, valid_kb,
+                       jnp.arange(scores_qc.shape[0], dtype=jnp.int32))
+  return _reduce(0.5 * (fwd_q + rev_k), row_valid_q,
+                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+                 forward_loss=fwd_q, reverse_loss=rev_k)

@@ -1,0 +1,180 @@
+"""`shard_map` form of the contrastive losses: the [B, C] matrix stays sharded.
+
+Each shard along the batch axes holds its B/W queries and their groups of
+passages. It all-gathers the passages (`lax.all_gather` is differentiable:
+its transpose is a reduce-scatter, so passage gradients flow back to the
+shard that owns them), scores its own queries against all C candidates and
+builds its rows' masks from *global* indices (row offset
+`axis_index · B/W`, column offset `axis_index · B/W · G`). Per-row losses are
+summed, the sums and the valid-row counts are `psum`-ed and divided: the
+result and its gradients equal the dense loss of `contrastive.py` on the
+whole batch. There is no "× W" factor (PyTorch ports need one only because
+their gather does not carry gradients).
+
+Peak memory per shard: a [B/W, C] score matrix instead of [B, C].
+"""
+
+from collections.abc import Callable, Sequence
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from retrieval_jax.losses import contrastive
+
+LossFn = Callable[[jax.Array, jax.Array, jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _is_symmetric(loss_fn) -> bool:
+  # functools.partial objects expose the wrapped function as `.func`.
+  return getattr(loss_fn, "func", loss_fn) is contrastive.symmetric_info_nce
+
+
+def _symmetric_shard(scores_lc, positive_lc, valid_lc, q_bd, p_cd, rows_l,
+                     counts_b, doc_c, rel_br, temperature, group_size, share):
+  """Local rows of `symmetric_info_nce`; needs every query for the reverse.
+
+  The reverse row of local query k scores k's first positive against all B
+  queries, so the (small) [B, D] queries are gathered as well; the masks of
+  that [B, B/W] block come from the same global-index mask builder.
+  """
+  fwd_loss, aux = contrastive.info_nce(scores_lc, positive_lc, valid_lc)
+  # Global column of each local row's first positive (columns are global).
+  first_l = contrastive.first_positive(positive_lc, valid_lc)
+  scores_lb = jnp.einsum("ld,bd->lb", p_cd[first_l], q_bd,
+                         preferred_element_type=jnp.float32) / temperature
+  rows_b = jnp.arange(q_bd.shape[0], dtype=jnp.int32)
+  # valid[i, first(k)] for every query i: the dense loss's column k.
+  _, valid_bl = contrastive.candidate_masks(
+      rows_b, first_l, counts_b, group_size, doc_c, rel_br, share)
+  # Dropped queries are no reverse candidates; their validity depends only
+  # on counts and ids, both gathered, so no [B, C] mask is needed.
+  row_valid_b = contrastive.rows_with_positive(counts_b, group_size, doc_c)
+  valid_lb = valid_bl.T & row_valid_b[None, :]
+  rev_l = contrastive.reverse_rows(scores_lb, valid_lb, rows_l)
+  # Same valid rows and count as the forward term: the local mean pairs up
+  # with "num_valid_rows" like every other aux entry.
+  n = aux["num_valid_rows"]
+  rev_loss = (jnp.sum(jnp.where(row_valid_b[rows_l], rev_l, 0.0)) /
+              jnp.maximum(n, 1.0))
+  aux = dict(aux, forward_loss=fwd_loss, reverse_loss=rev_loss)
+  return 0.5 * (fwd_loss + rev_loss), aux
+
+
+def sharded_contrastive_loss(
+    loss_fn: LossFn,
+    q_bd: jax.Array,
+    p_cd: jax.Array,
+    positive_counts_b: jax.Array,
+    passage_doc_c: jax.Array | None,
+    relevant_doc_br: jax.Array | None,
+    *,
+    temperature: float,
+    group_size: int,
+    mesh: Mesh,
+    axis_names: Sequence[str] = ("data", "fsdp"),
+    share_hard_negatives: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """A `contrastive.py` loss on the global batch, computed shard by shard.
+
+  Args:
+    loss_fn: a loss of `contrastive.py` (`info_nce`, `joint_lh`,
+      `sum_marg_lh`, `lse_pair`, `symmetric_info_nce`, or a
+      `functools.partial` of one). Any function of the same contract works
+      if its loss is a mean over valid rows and its aux entries (other than
+      "num_valid_rows") are means over valid rows too.
+    q_bd: [B, D] query embeddings, float32 or bfloat16.
+    p_cd: [C, D] passage embeddings, C = B·G, query-major groups.
+    positive_counts_b: [B] int, positives in each group (first slots).
+    passage_doc_c: [C] int32 corpus ids (-1 = padding) or None.
+    relevant_doc_br: [B, R] int32 known-relevant ids (-1 padded) or None.
+    temperature: τ; scores are `q·p / τ` in float32.
+    group_size: G.
+    mesh: the device mesh; the batch axis of every input is split over
+      `axis_names` (B must be divisible by their total size).
+    axis_names: mesh axes that split the batch; names absent from the mesh
+      are ignored. Other mesh axes see replicated inputs.
+    share_hard_negatives: see `contrastive.group_masks`.
+
+  Returns:
+    (loss, aux), equal to `loss_fn(*contrastive.scores_and_masks(...))` on
+    the whole batch; "num_valid_rows" is the global count.
+  """
+  # Axes missing from the mesh are skipped so one default serves meshes
+  # with or without an fsdp axis.
+  axes = tuple(a for a in axis_names if a in mesh.shape)
+  num_shards = math.prod(mesh.shape[a] for a in axes)
+  b, c = q_bd.shape[0], p_cd.shape[0]
+  if c != b * group_size:
+    raise ValueError(f"{c} passages != {b} queries x group size {group_size}")
+  if b % num_shards:
+    raise ValueError(f"batch {b} not divisible by {num_shards} shards {axes}")
+  has_doc = passage_doc_c is not None
+  has_rel = has_doc and relevant_doc_br is not None
+  symmetric = _is_symmetric(loss_fn)
+  rows = PartitionSpec(axes)
+  rows2 = PartitionSpec(axes, None)
+
+  def shard_fn(q_ld, p_md, counts_l, *ids):
+    # Optional id arrays are passed only when present (None has no spec).
+    ids = list(ids)
+    doc_m = ids.pop(0) if has_doc else None
+    rel_lr = ids.pop(0) if has_rel else None
+    b_local = q_ld.shape[0]
+    # Linear index over `axes` (major to minor), the order in which a
+    # PartitionSpec over the same tuple lays out the batch.
+    shard = lax.axis_index(axes) if axes else 0
+    rows_l = shard * b_local + jnp.arange(b_local, dtype=jnp.int32)
+
+    def gather(x):
+      # Tiled: concatenated along the batch axis in shard order, so the
+      # result is the global array. Differentiable (transpose: a
+      # reduce-scatter), which is why no "× W" correction is needed.
+      return lax.all_gather(x, axes, tiled=True) if axes else x
+
+    p_cd = gather(p_md)
+    # Counts and ids of every query: the column owners' positive slots and
+    # the duplicates of a local positive may live on any shard.
+    counts_b = gather(counts_l)
+    doc_c = gather(doc_m) if has_doc else None
+    # The only score block a shard ever holds: [B/W, C], float32.
+    scores_lc = jnp.einsum("ld,cd->lc", q_ld, p_cd,
+                           preferred_element_type=jnp.float32) / temperature
+    cols_c = jnp.arange(p_cd.shape[0], dtype=jnp.int32)
+    positive_lc, valid_lc = contrastive.candidate_masks(
+        rows_l, cols_c, counts_b, group_size, doc_c, rel_lr,
+        share_hard_negatives)
+    if symmetric:
+      loss, aux = _symmetric_shard(
+          scores_lc, positive_lc, valid_lc, gather(q_ld), p_cd, rows_l,
+          counts_b, doc_c, gather(rel_lr) if has_rel else None, temperature,
+          group_size, share_hard_negatives)
+    else:
+      loss, aux = loss_fn(scores_lc, positive_lc, valid_lc)
+    # Local means × local counts are the local sums (0 for a shard without
+    # valid rows); the global mean is psum(sums) / psum(counts).
+    n = aux["num_valid_rows"]
+    psum = (lambda x: lax.psum(x, axes)) if axes else (lambda x: x)
+    total = psum(n)
+    denom = jnp.maximum(total, 1.0)
+    out = {k: psum(v * n) / denom for k, v in aux.items()
+           if k != "num_valid_rows"}
+    out["num_valid_rows"] = total
+    return psum(loss * n) / denom, out
+
+  args = [q_bd, p_cd, positive_counts_b]
+  specs = [rows2, rows2, rows]
+  if has_doc:
+    args.append(passage_doc_c)
+    specs.append(rows)
+  if has_rel:
+    args.append(relevant_doc_br)
+    specs.append(rows2)
+  # Mesh axes outside `axes` (e.g. model) see replicated inputs and compute
+  # the same value, so the scalar outputs are replicated everywhere.
+  return jax.shard_map(
+      shard_fn, mesh=mesh, in_specs=tuple(specs),
+      out_specs=PartitionSpec())(*args)
