@@ -185,9 +185,11 @@ class TasksTest(absltest.TestCase):
 
   def test_missing_train_split(self):
     with self.assertRaisesRegex(
-        beir.BeirFormatError, "no qrels for split 'train'; splits found: test"
+        beir.BeirFormatError, "no qrels for split 'validation'; splits found: dev, test, train",
     ):
-      tasks.register_beir_train_task("t_nosplit", str(LIMIT_SMALL))
+      tasks.register_beir_train_task(
+          "t_nosplit", str(LIMIT_SMALL), split="validation"
+      )
 
 
 def _pairs_as_examples(path: pathlib.Path):

@@ -160,10 +160,10 @@ class TfdsBeirTest(absltest.TestCase):
 
   def test_missing_split_lists_available(self):
     with self.assertRaisesRegex(
-        beir.BeirFormatError, "no qrels for split 'dev'; splits found: test"
+        beir.BeirFormatError, "no qrels for split 'validation'; splits found: dev, test, train",
     ):
       tfds_beir.load_beir_tfds(
-          str(LIMIT_SMALL), split="dev", data_dir=self.data_dir
+          str(LIMIT_SMALL), split="validation", data_dir=self.data_dir
       )
 
   def test_corpus_only_directory(self):

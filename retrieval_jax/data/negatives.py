@@ -1,0 +1,495 @@
+"""Hard-negative mining for training queries, with an on-disk cache.
+
+A hard negative is a document that a retriever ranks high for a query but
+that is not known to be relevant to it. Two miners:
+
+* `bm25_negatives`: Lucene BM25 through bm25s, with the settings of the
+  shared data's baselines (method "lucene", k1 0.9, b 0.4, bm25s' regex
+  tokenizer, lower-casing, bm25s' English stop list "en", PyStemmer's
+  "porter" stemmer);
+* `dense_negatives`: an encoder's embeddings and the project's exact top-k.
+
+Both return, per query, the first `depth` documents of the ranking that are
+not excluded, in rank order, with ties broken by the smaller corpus index,
+so the result is a pure function of the inputs.
+
+Mining SciFact's 809 training queries with BM25 takes about a second, but
+dense mining or a large corpus does not, so `cached_negatives` keeps the
+result in a JSON file keyed by a content hash of everything that decides it
+(`mining_key`): a restarted run reads the file, and a changed corpus, query
+set, positive set, model or setting mines again.
+
+`attach_negatives` is the trainer's entry point: it mines (or reads from
+the cache) and attaches the result to a `pipeline.TrainingData`.
+
+This module does not import the model code: `dense_negatives` takes any
+object with `TextEncoder.encode`'s signature.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any, TYPE_CHECKING
+
+from absl import logging
+import jax
+import numpy as np
+
+from retrieval_jax.search import exact_topk
+
+if TYPE_CHECKING:
+  from retrieval_jax import encoding
+  from retrieval_jax.data import pipeline
+
+# The BM25 settings of /work/shared/data/DATA.md's baselines (Pyserini's
+# defaults); part of every BM25 cache key.
+BM25_SETTINGS = {
+    "library": "bm25s",
+    "method": "lucene",
+    "k1": 0.9,
+    "b": 0.4,
+    "token_pattern": r"(?u)\b\w\w+\b",
+    "lower": True,
+    "stopwords": "en",
+    "stemmer": "porter",
+}
+# Bumped when the cache file layout changes, so old files re-mine.
+CACHE_FORMAT = 1
+
+
+def _check_inputs(query_texts: Sequence[str], corpus_ids: Sequence[str],
+                  corpus_texts: Sequence[str], exclude: Sequence[set[str]],
+                  depth: int) -> None:
+  """Raises ValueError on mismatched lengths, an empty corpus or depth < 1."""
+  if len(corpus_ids) != len(corpus_texts):
+    raise ValueError(
+        f"corpus_ids has {len(corpus_ids)} entries but corpus_texts has"
+        f" {len(corpus_texts)}"
+    )
+  if not corpus_ids:
+    raise ValueError("the corpus is empty: there is nothing to mine")
+  if len(set(corpus_ids)) != len(corpus_ids):
+    # A negative is returned by id; a repeated id would be ambiguous.
+    raise ValueError("corpus_ids holds duplicate ids")
+  if len(exclude) != len(query_texts):
+    raise ValueError(
+        f"exclude has {len(exclude)} sets but there are {len(query_texts)}"
+        " queries (one set of known relevant doc ids per query)"
+    )
+  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    raise ValueError(f"depth must be a positive integer, got {depth!r}")
+
+
+def _top_indices(scores_n: np.ndarray, k: int) -> np.ndarray:
+  """The k best rows by (score descending, index ascending).
+
+  Args:
+    scores_n: [N] float scores.
+    k: 1 <= k; more than N returns all N.
+
+  Returns:
+    int64 [min(k, N)] row indices in rank order.
+  """
+  n = scores_n.shape[0]
+  if k < n:
+    # argpartition finds the k-th best score in O(N); every row tied with
+    # it is kept, so the stable sort below, not argpartition's arbitrary
+    # choice among ties, decides which of them make the cut.
+    kth = scores_n[np.argpartition(-scores_n, k - 1)[k - 1]]
+    candidates = np.flatnonzero(scores_n >= kth)
+  else:
+    candidates = np.arange(n)
+  order = np.argsort(-scores_n[candidates], kind="stable")
+  return candidates[order[:k]]
+
+
+def _unexcluded(ranked: Iterable[int], corpus_ids: Sequence[str],
+                excluded: set[str], depth: int) -> list[str]:
+  """The first `depth` ids of a ranking that are not in `excluded`."""
+  out = []
+  for i in ranked:
+    doc_id = corpus_ids[int(i)]
+    # Known relevant docs would teach the model to push positives away.
+    if doc_id not in excluded:
+      out.append(doc_id)
+      if len(out) == depth:
+        break
+  return out
+
+
+def bm25_negatives(
+    query_texts: Sequence[str],
+    corpus_ids: Sequence[str],
+    corpus_texts: Sequence[str],
+    exclude: Sequence[set[str]],
+    *,
+    depth: int = 100,
+) -> list[list[str]]:
+  """Mines negatives with Lucene BM25 (`BM25_SETTINGS`).
+
+  Documents that share no term with the query score 0; BM25 gives them no
+  rank, so they are never returned (a query may get fewer than `depth`).
+
+  Args:
+    query_texts: list[str] [Q].
+    corpus_ids: list[str] [N], unique.
+    corpus_texts: list[str] [N]; the shared data's baselines index
+      `title + " " + text` (`beir.doc_text`).
+    exclude: list[set[str]] [Q], each query's known relevant doc ids.
+    depth: int >= 1, most negatives per query.
+
+  Returns:
+    list[list[str]] [Q][<= depth]: per query, the best-ranked doc ids that
+    are not excluded, in rank order (ties by the smaller corpus index).
+
+  Raises:
+    ValueError: mismatched lengths, an empty corpus, depth < 1.
+  """
+  _check_inputs(query_texts, corpus_ids, corpus_texts, exclude, depth)
+  # Imported here: only BM25 mining needs them.
+  import bm25s  # pylint: disable=g-import-not-at-top
+  import Stemmer  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  settings = BM25_SETTINGS
+  # Queries and documents must go through the same analyzer, or their
+  # stems would not match.
+  tokenize_kwargs = dict(
+      lower=settings["lower"], token_pattern=settings["token_pattern"],
+      stopwords=settings["stopwords"],
+      stemmer=Stemmer.Stemmer(settings["stemmer"]), show_progress=False)
+  retriever = bm25s.BM25(method=settings["method"], k1=settings["k1"],
+                         b=settings["b"])
+  retriever.index(bm25s.tokenize(list(corpus_texts), **tokenize_kwargs),
+                  show_progress=False)
+  # As strings: the corpus vocabulary maps them to ids below, dropping
+  # query terms that no document contains.
+  query_tokens = bm25s.tokenize(list(query_texts), return_ids=False,
+                                **tokenize_kwargs)
+  negatives = []
+  for tokens, excluded in zip(query_tokens, exclude):
+    token_ids = retriever.get_tokens_ids(tokens)
+    if not token_ids:
+      # Every document scores 0: BM25 has no opinion on this query.
+      negatives.append([])
+      continue
+    # The score of every document, ranked here rather than by bm25s' own
+    # top-k so that ties are broken by index, the same on every run.
+    scores_n = np.asarray(retriever.get_scores_from_ids(token_ids))
+    # Over-fetch by the excluded count so `depth` remain after exclusion.
+    ranked = _top_indices(scores_n, depth + len(excluded))
+    ranked = ranked[scores_n[ranked] > 0]
+    negatives.append(_unexcluded(ranked, corpus_ids, excluded, depth))
+  logging.info("BM25 negatives: %d queries x %d docs, depth %d, in %.1f s",
+               len(query_texts), len(corpus_ids), depth,
+               time.perf_counter() - start)
+  return negatives
+
+
+def dense_negatives(
+    encoder: "encoding.TextEncoder",
+    query_texts: Sequence[str],
+    corpus_ids: Sequence[str],
+    corpus_texts: Sequence[str],
+    exclude: Sequence[set[str]],
+    *,
+    depth: int = 100,
+    batch_size: int = 64,
+    metric: str = "dot",
+    mesh=None,
+) -> list[list[str]]:
+  """Mines negatives with an encoder and exact top-k search.
+
+  Args:
+    encoder: a `TextEncoder` (anything with its `encode` signature).
+    query_texts: list[str] [Q].
+    corpus_ids: list[str] [N], unique.
+    corpus_texts: list[str] [N], the passages as the encoder should see them.
+    exclude: list[set[str]] [Q], each query's known relevant doc ids.
+    depth: int >= 1, negatives per query (fewer only when the corpus minus
+      the excluded docs is smaller).
+    batch_size: texts per encoder step.
+    metric: "dot" or "cosine"; "dot" scores as the encoder's own embeddings
+      do (normalised or not per its checkpoint).
+    mesh: devices the corpus is sharded over for search (None = all).
+
+  Returns:
+    list[list[str]] [Q][<= depth]: per query, the best-scoring doc ids that
+    are not excluded, in rank order (ties by the smaller corpus index).
+
+  Raises:
+    ValueError: mismatched lengths, an empty corpus, depth < 1.
+  """
+  _check_inputs(query_texts, corpus_ids, corpus_texts, exclude, depth)
+  start = time.perf_counter()
+  # The progress bars stay off: mining runs inside the trainer's log.
+  docs_nd = encoder.encode(list(corpus_texts), batch_size=batch_size,
+                           desc="negatives: corpus", progress=False)
+  queries_qd = encoder.encode(list(query_texts), batch_size=batch_size,
+                              desc="negatives: queries", progress=False)
+  # One k for all queries (one compiled search): enough results that
+  # `depth` survive even the largest excluded set.
+  max_excluded = max((len(s) for s in exclude), default=0)
+  k = min(len(corpus_ids), depth + max_excluded)
+  # exact_topk orders ties by the smaller index, so the lists are
+  # deterministic for a given set of embeddings.
+  _, indices_qk = exact_topk.exact_topk(queries_qd, docs_nd, k,
+                                        metric=metric, mesh=mesh)
+  negatives = [_unexcluded(indices_k, corpus_ids, excluded, depth)
+               for indices_k, excluded in zip(indices_qk, exclude)]
+  logging.info("Dense negatives: %d queries x %d docs, depth %d, in %.1f s",
+               len(query_texts), len(corpus_ids), depth,
+               time.perf_counter() - start)
+  return negatives
+
+
+def _hash_into(digest, value: Any) -> None:
+  """Feeds a nested value into `digest`, unambiguously.
+
+  Every item is tagged and length-prefixed, so ["ab", "c"] and ["a", "bc"]
+  hash differently; sets are sorted first, since their order is arbitrary.
+  """
+  if isinstance(value, str):
+    # Checked before Sequence: a str is a sequence of 1-char strings.
+    data = value.encode("utf-8")
+    digest.update(b"s%d:" % len(data))
+    digest.update(data)
+  elif isinstance(value, (set, frozenset)):
+    _hash_into(digest, sorted(value))
+  elif isinstance(value, Sequence):
+    # Lists and tuples hash alike: JSON round trips turn one into the other.
+    digest.update(b"l%d:" % len(value))
+    for item in value:
+      _hash_into(digest, item)
+  else:
+    raise TypeError(
+        "fingerprint takes strings and (nested) sequences or sets of them,"
+        f" got {type(value).__name__}")
+
+
+def fingerprint(*columns: Any) -> str:
+  """A content hash of string columns, cheap enough for a whole corpus.
+
+  Args:
+    *columns: strings, or sequences / sets of them, nested to any depth,
+      e.g. `fingerprint(doc_ids, doc_texts)`.
+
+  Returns:
+    str, 64 hex digits (SHA-256).
+  """
+  digest = hashlib.sha256()
+  _hash_into(digest, list(columns))
+  return digest.hexdigest()
+
+
+def mining_key(method: str, settings: Mapping[str, Any],
+               query_ids: Sequence[str], query_texts: Sequence[str],
+               corpus_ids: Sequence[str], corpus_texts: Sequence[str],
+               exclude: Sequence[set[str]], depth: int) -> dict[str, Any]:
+  """The cache key of one mining run: everything its result depends on.
+
+  Args:
+    method: str, e.g. "bm25" or "dense".
+    settings: JSON-serialisable settings of the miner (`BM25_SETTINGS`, or
+      the encoder's fingerprint and options).
+    query_ids, query_texts: list[str] [Q].
+    corpus_ids, corpus_texts: list[str] [N].
+    exclude: list[set[str]] [Q], the excluded (known relevant) doc ids.
+    depth: int, negatives per query.
+
+  Returns:
+    dict, JSON-serialisable, for `cached_negatives`.
+  """
+  # Hashes rather than the texts themselves: the key is stored in the cache
+  # file, and a corpus can be gigabytes. The counts make a mismatch easy to
+  # read in the file.
+  return {
+      "method": method,
+      "settings": dict(settings),
+      "depth": depth,
+      "num_queries": len(query_ids),
+      "num_docs": len(corpus_ids),
+      "queries": fingerprint(query_ids, query_texts),
+      "corpus": fingerprint(corpus_ids, corpus_texts),
+      # The positives decide what is excluded, so they belong to the key.
+      "exclude": fingerprint([sorted(s) for s in exclude]),
+  }
+
+
+def encoder_fingerprint(encoder: "encoding.TextEncoder") -> dict[str, Any]:
+  """Settings that identify a `TextEncoder` for `mining_key`.
+
+  The weights are hashed, so re-mining with a fine-tuned model does not hit
+  the cache of the model it started from. Costs one pass over the
+  parameters (about 0.2 s for MiniLM's 22M).
+
+  Args:
+    encoder: a `TextEncoder`.
+
+  Returns:
+    dict with the weights' SHA-256 and the encoding options.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(encoder.state):
+    array = np.asarray(jax.device_get(leaf))
+    # Names, dtypes and shapes too: the same bytes under another layout
+    # are another model.
+    digest.update(jax.tree_util.keystr(path).encode("utf-8"))
+    digest.update(str((array.dtype, array.shape)).encode("utf-8"))
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return {
+      "weights": digest.hexdigest(),
+      "pooling": encoder.pooling,
+      "normalize": bool(encoder.normalize),
+      "max_length": int(encoder.max_length),
+  }
+
+
+def _key_digest(key: Mapping[str, Any]) -> str:
+  """SHA-256 of the key's canonical JSON (sorted keys, no spaces)."""
+  try:
+    # Sorted keys: two dicts equal as values give one digest.
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"the cache key must be JSON-serialisable: {e}") from None
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _is_negatives(value: Any) -> bool:
+  """Whether `value` has the list[list[str]] shape of mined negatives."""
+  return isinstance(value, list) and all(
+      isinstance(row, list) and all(isinstance(d, str) for d in row)
+      for row in value
+  )
+
+
+def _read_cache(path: str, digest: str) -> list[list[str]] | None:
+  """The cached negatives when `path` holds this key's; else None."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      cached = json.load(f)
+  except (OSError, ValueError) as e:
+    # Writes are atomic, so this is a file someone else wrote or edited;
+    # mining again is always safe.
+    logging.warning("%s: unreadable negatives cache (%s); mining again",
+                    path, e)
+    return None
+  # Anything but this module's own layout is treated as absent, never
+  # trusted: a wrong list would silently train on wrong negatives.
+  if not (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT
+          and _is_negatives(cached.get("negatives"))):
+    logging.warning("%s: not a negatives cache of format %d; mining again",
+                    path, CACHE_FORMAT)
+    return None
+  if cached.get("key_digest") != digest:
+    logging.info("%s: inputs or settings changed; mining again", path)
+    return None
+  return cached["negatives"]
+
+
+def cached_negatives(
+    cache_path: str | os.PathLike,
+    key: Mapping[str, Any],
+    compute_fn: Callable[[], list[list[str]]],
+) -> list[list[str]]:
+  """Returns `compute_fn()`, computed once per key and kept in a JSON file.
+
+  The file holds one result and the SHA-256 of `key`'s canonical JSON. A
+  call with the same key reads it back; a call with another key (changed
+  inputs or settings) computes again and replaces the file. The file is
+  written to a temporary name in the same directory and renamed, so a run
+  killed mid-write leaves either the old file or the new one, never half.
+
+  Args:
+    cache_path: the JSON file; its directory is created if needed.
+    key: JSON-serialisable description of the inputs (`mining_key`).
+    compute_fn: mines the negatives, list[list[str]] [Q][*].
+
+  Returns:
+    list[list[str]], the cached or freshly computed negatives.
+
+  Raises:
+    ValueError: `key` is not JSON-serialisable, or `compute_fn` returned
+      something other than a list of lists of doc-id strings.
+  """
+  path = os.fspath(cache_path)
+  digest = _key_digest(key)
+  cached = _read_cache(path, digest)
+  if cached is not None:
+    logging.info("%s: reusing mined negatives (%d queries)", path, len(cached))
+    return cached
+  negatives = compute_fn()
+  # JSON turns tuples into lists; normalise first so a hit and a miss return
+  # the same type.
+  negatives = [list(row) for row in negatives]
+  if not _is_negatives(negatives):
+    raise ValueError("compute_fn must return a list of lists of doc-id strings")
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  # Same directory as the target: os.replace is atomic only within one
+  # file system. A unique name keeps two writers from sharing a temp file.
+  fd, tmp_path = tempfile.mkstemp(dir=directory, suffix=".tmp",
+                                  prefix=os.path.basename(path) + ".")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      # The key is stored in full so a stale file can be diagnosed by eye.
+      json.dump({"format": CACHE_FORMAT, "key_digest": digest, "key": key,
+                 "negatives": negatives}, f, ensure_ascii=False)
+      f.flush()
+      # On disk before the rename makes it visible under the real name.
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    # Interrupted or failed: leave no stray temp file, keep the old cache.
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  logging.info("%s: cached mined negatives (%d queries)", path, len(negatives))
+  return negatives
+
+
+def attach_negatives(
+    data: "pipeline.TrainingData",
+    *,
+    method: str,
+    depth: int = 100,
+    cache_dir: str | os.PathLike | None = None,
+    encoder_fn: Callable[[], "encoding.TextEncoder"] | None = None,
+    batch_size: int = 64,
+) -> "pipeline.TrainingData":
+  """Mines hard negatives for training data, through a cache directory.
+
+  Args:
+    data: a `pipeline.TrainingData`.
+    method: "bm25" or "dense".
+    depth: negatives kept per query.
+    cache_dir: holds `<method>.json` (see `cached_negatives`); None mines
+      without a cache.
+    encoder_fn: returns the `TextEncoder` for method "dense"; called only
+      for that method, so BM25 runs never build an encoder.
+    batch_size: texts per encoder step, for method "dense".
+
+  Returns:
+    `data.mine_negatives(...)`: the data with `negative_ids` set.
+
+  Raises:
+    ValueError: an unknown method, or "dense" without `encoder_fn`.
+  """
+  encoder = None
+  if method == "dense":
+    if encoder_fn is None:
+      raise ValueError('method "dense" needs encoder_fn')
+    # Built even on a cache hit: its weights are part of the cache key.
+    encoder = encoder_fn()
+  # One file per method, so switching methods back and forth does not
+  # evict the other's result.
+  cache_path = (None if cache_dir is None else
+                os.path.join(cache_dir, f"{method}.json"))
+  return data.mine_negatives(method, depth=depth, encoder=encoder,
+                             batch_size=batch_size, cache_path=cache_path)
