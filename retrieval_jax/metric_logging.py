@@ -1,0 +1,363 @@
+"""Metric logging: clu writers, an append-only metrics.jsonl, a NaN guard.
+
+Every scalar goes to two places:
+
+  * clu's default writer: TensorBoard event files in the workdir plus the
+    INFO log, for people watching a run;
+  * `<workdir>/metrics.jsonl`, one JSON object per `write` call,
+    `{"step": 120, "train/loss": 0.71, ...}`, for notebooks and tests
+    (`read_metrics`).
+
+Only the primary process (process 0) writes files; the others only log.
+Names are namespaced by the caller: `train/...`, `eval/<evaluator>/...`,
+`perf/...`.
+
+The JSONL file survives crashes: each record is flushed as one line, a
+record cut short by a crash is dropped when the file is next opened (the
+resumed run appends after the last complete record), and `read_metrics`
+skips such a partial last line. After a resume the steps between the
+restored checkpoint and the crash appear twice; the later record is the
+rerun.
+
+TensorBoard summaries need the `tensorboard` package, which clu's writers
+import. Without it the logger warns once and writes the log and
+metrics.jsonl only.
+"""
+
+from collections.abc import Iterable, Mapping
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+# clu's writers import TensorFlow; tf_setup hides the accelerators from it
+# first, so TF cannot reserve the memory JAX needs.
+from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
+
+try:
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  _WRITERS_IMPORT_ERROR = None
+except ImportError as e:  # clu's TensorBoard writer needs `tensorboard`.
+  metric_writers = None
+  _WRITERS_IMPORT_ERROR = e
+
+METRICS_FILE = "metrics.jsonl"
+# Key of the step in each JSONL record; no metric may use it.
+STEP_KEY = "step"
+
+
+def tensorboard_available() -> bool:
+  """Whether clu's TensorBoard writer can be used in this environment."""
+  return metric_writers is not None
+
+
+class NonFiniteError(FloatingPointError):
+  """A metric is NaN or infinite; `step` and `names` say which and when."""
+
+  def __init__(self, message: str, *, step: int, names: list[str]):
+    super().__init__(message)
+    self.step = step
+    self.names = names
+
+
+def _check_step(step: Any) -> int:
+  """`step` as a python int; rejects bools, floats and negatives."""
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+    raise TypeError(
+        f"step must be a python or numpy integer, got {type(step).__name__}"
+        f" {step!r}")
+  # The step is TensorBoard's x-axis and the JSONL's join key with
+  # checkpoints: 2.5 or True there is always a caller's mistake.
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
+  return int(step)
+
+
+def _to_host(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """numpy copies of the values, in one explicit device-to-host transfer.
+
+  Explicit, so it also works inside `jax.transfer_guard("disallow")`, where
+  `float(jax_array)` would be an error.
+  """
+  if not isinstance(metrics, Mapping):
+    raise TypeError(
+        f"metrics must be a dict of name -> scalar, got"
+        f" {type(metrics).__name__}")
+  host = jax.device_get(dict(metrics))
+  # device_get sorts dict keys; keep the caller's order for the records.
+  return {k: np.asarray(host[k]) for k in metrics}
+
+
+def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """Metric values as python floats; checks names and that each is scalar."""
+  scalars = {}
+  for name, value in _to_host(metrics).items():
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+    if name == STEP_KEY:
+      raise ValueError(
+          f"{STEP_KEY!r} is the step of each record, not a metric name; use"
+          " e.g. 'train/step'")
+    # Size-1 arrays ([1] from a keepdims mean) count as scalars; anything
+    # bigger is a histogram, which belongs elsewhere.
+    if value.size != 1 or not (np.issubdtype(value.dtype, np.number) or
+                               value.dtype == np.bool_):
+      raise ValueError(
+          f"metric {name!r} must be a numeric scalar, got"
+          f" {value.dtype}{list(value.shape)}")
+    # Plain floats: json cannot encode numpy scalars, and ints (counts)
+    # stay exact up to 2**53.
+    scalars[name] = float(value.reshape(()))
+  return scalars
+
+
+def _parse_record(line: str) -> dict | None:
+  """The JSON object on `line`, or None when it is not one."""
+  # A line cut mid-record fails to decode; one cut right after a number
+  # cannot pass, since the closing brace is the record's last character.
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _drop_partial_last_line(path: str) -> None:
+  """Ends `path` on a complete record, so appends start on a fresh line.
+
+  A crash mid-write leaves the last line without its newline. A complete
+  record that only lacks the newline gets one; a cut-short record is
+  removed, since appending to it would merge it with the next record.
+  """
+  with open(path, "rb+") as f:
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+      return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+      return
+    # Scan back from the end for the newline before the last line; files
+    # can be large, so read in blocks rather than the whole file.
+    start, pos = 0, size
+    while pos > 0:
+      block_start = max(0, pos - 65536)
+      f.seek(block_start)
+      newline = f.read(pos - block_start).rfind(b"\n")
+      if newline >= 0:
+        start = block_start + newline + 1
+        break
+      pos = block_start
+    f.seek(start)
+    # read() leaves the position at the end, where the newline goes.
+    tail = f.read()
+    if _parse_record(tail.decode("utf-8", errors="replace")) is not None:
+      f.write(b"\n")
+    else:
+      logging.warning("%s: dropping a partial last record (%d bytes)", path,
+                      len(tail))
+      f.truncate(start)
+
+
+class _LogOnlyWriter:
+  """The INFO-log half of clu's default writer, used without tensorboard."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    values = ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items()))
+    logging.info("[%d] %s", step, values)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    logging.info("[Hyperparameters] %s", hparams)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class MetricLogger:
+  """Writes scalar metrics to clu's writers and to metrics.jsonl.
+
+  Usable as a context manager; leaving the block closes it.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True):
+    """Opens the writers for a run.
+
+    Args:
+      workdir: the run's directory (created if missing, on the primary).
+      is_primary: whether this process writes files (process 0). Other
+        processes only log, so a multi-host run has one event file and one
+        metrics.jsonl.
+    """
+    self._workdir = os.fspath(workdir)
+    self._file = None
+    self._closed = False
+    if is_primary:
+      os.makedirs(self._workdir, exist_ok=True)
+    # just_logging on the other processes: one event file per run, and
+    # their logs still show the values they computed.
+    if metric_writers is not None:
+      self._writer = metric_writers.create_default_writer(
+          self._workdir, just_logging=not is_primary)
+    else:
+      if is_primary:
+        logging.warning(
+            "TensorBoard summaries are off: clu's writers cannot be imported"
+            " (%s); install tensorboard. Writing the log and %s only.",
+            _WRITERS_IMPORT_ERROR, METRICS_FILE)
+      self._writer = _LogOnlyWriter()
+    if is_primary:
+      path = os.path.join(self._workdir, METRICS_FILE)
+      # Append, never truncate: a resumed run keeps the history before the
+      # crash in the same file.
+      if os.path.exists(path):
+        _drop_partial_last_line(path)
+      self._file = open(path, "a", encoding="utf-8")
+
+  @property
+  def path(self) -> str | None:
+    """The metrics.jsonl this logger appends to; None off the primary."""
+    return self._file.name if self._file is not None else None
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Writes one step's scalars to the writers and as one JSONL record.
+
+    Args:
+      step: the train step the values belong to (>= 0).
+      metrics: name -> scalar (python, numpy or jax; size-1 arrays are
+        fine). NaN and inf are written as they are (JSON `NaN`/`Infinity`,
+        which Python's json reads back); `check_finite` is the guard.
+
+    Raises:
+      ValueError: a value is not a numeric scalar, a name is empty or is
+        "step", or the logger is closed.
+    """
+    if self._closed:
+      raise ValueError("MetricLogger is closed")
+    step = _check_step(step)
+    # Convert before writing anywhere, so a bad value leaves neither the
+    # event file nor the JSONL with half a record.
+    scalars = _to_scalars(metrics)
+    if not scalars:
+      return
+    self._writer.write_scalars(step, scalars)
+    if self._file is not None:
+      # One write call per record keeps a crash from interleaving records;
+      # the flush puts it in the OS's hands before training goes on.
+      self._file.write(json.dumps({STEP_KEY: step, **scalars}) + "\n")
+      self._file.flush()
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Records the run's hyperparameters (nested dicts are flattened).
+
+    Args:
+      hparams: name -> value; values are bools, numbers, strings, None, or
+        nested dicts/lists of those (e.g. `config.to_dict()`).
+    """
+    if self._closed:
+      raise ValueError("MetricLogger is closed")
+    self._writer.write_hparams(dict(hparams))
+
+  def flush(self) -> None:
+    """Pushes buffered summaries to disk."""
+    self._writer.flush()
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the writers; further writes raise. Idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    # clu's writer is asynchronous: flush before close so queued values
+    # reach the event file.
+    self._writer.flush()
+    self._writer.close()
+    if self._file is not None:
+      self._file.close()
+
+  def __enter__(self) -> "MetricLogger":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def check_finite(metrics: Mapping[str, Any], step: int,
+                 keys: Iterable[str] | None = None) -> None:
+  """Raises if any checked metric is NaN or infinite.
+
+  Write the metrics before calling this, so the diverged values are on
+  record when the run stops.
+
+  Args:
+    metrics: name -> numeric value (scalar or array; python, numpy or jax).
+    step: the step the values belong to, for the message.
+    keys: the names to check; None checks every metric.
+
+  Raises:
+    NonFiniteError: naming every non-finite metric and the step.
+    KeyError: a name in `keys` is not in `metrics`.
+    TypeError: a checked value is not numeric.
+  """
+  names = list(metrics) if keys is None else list(keys)
+  missing = [k for k in names if k not in metrics]
+  if missing:
+    raise KeyError(f"check_finite: no metrics named {missing}; have"
+                   f" {sorted(metrics)}")
+  # One transfer for all values: the check runs every step, and per-value
+  # float() calls would each block on the device.
+  values = _to_host({k: metrics[k] for k in names})
+  bad = []
+  for name, value in values.items():
+    if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+      raise TypeError(f"metric {name!r} is not numeric: {value.dtype}")
+    if not np.all(np.isfinite(value)):
+      bad.append(name)
+  if bad:
+    shown = ", ".join(
+        f"{k}={values[k] if values[k].size == 1 else '<array>'}" for k in bad)
+    raise NonFiniteError(f"non-finite metrics at step {step}: {shown}",
+                         step=step, names=bad)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads a metrics.jsonl back, one dict per record, in file order.
+
+  Args:
+    path: the metrics.jsonl, or the workdir that holds it.
+
+  Returns:
+    Records `{"step": int, "<name>": float, ...}`. A partial last line
+    (a crash mid-write) is skipped.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a line other than the last is not a JSON object (the file
+      is corrupt, not merely cut short).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
+  # split("\n"), not readlines(): the last element tells whether the file
+  # ends on a newline.
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  # A file ending in a newline splits into a last, empty element; otherwise
+  # the last element is an unterminated line that may be cut short.
+  records = []
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    record = _parse_record(line)
+    if record is None:
+      if lineno == len(lines):
+        logging.warning("%s: skipping a partial last line", path)
+        continue
+      raise ValueError(f"{path}:{lineno}: not a JSON object: {line[:80]!r}")
+    records.append(record)
+  return records

@@ -1,0 +1,364 @@
+"""Tests for retrieval_jax.checkpointing on 8 fake CPU devices."""
+
+import os
+
+# Before JAX initialises: 8 fake CPU devices for the sharded paths.
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                             _FLAG).strip()
+
+import shutil
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+import orbax.checkpoint as ocp
+
+from retrieval_jax import checkpointing
+from retrieval_jax import sharding
+
+
+class _Tiny(nnx.Module):
+  """Two dense layers: kernels [16, 8] and [8, 32], rows divisible by 8."""
+
+  def __init__(self, seed: int):
+    rngs = nnx.Rngs(seed)
+    self.up = nnx.Linear(16, 8, rngs=rngs)
+    self.out = nnx.Linear(8, 32, rngs=rngs)
+
+
+def _shard(tree, mesh, axis):
+  """Matrices split by rows over `axis`, everything else replicated."""
+  def one(x):
+    spec = PartitionSpec(axis, None) if x.ndim == 2 else PartitionSpec()
+    return NamedSharding(mesh, spec)
+  return jax.tree.map(one, tree)
+
+
+def _abstract(tree, mesh, axis):
+  """The target a trainer builds: shapes, dtypes and shardings, no data."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, _shard(tree, mesh, axis))
+
+
+def _make_state(mesh, axis, seed=0, step=7):
+  """A train state as the trainer holds it, placed on `mesh`.
+
+  One adamw update makes the moments non-zero, so a restore that dropped or
+  swapped them would show.
+  """
+  params = nnx.state(_Tiny(seed), nnx.Param)
+  tx = optax.adamw(1e-3)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, opt_state = tx.update(grads, opt_state, params)
+  state = {
+      "params": params,
+      "opt_state": opt_state,
+      "step": jnp.asarray(step, jnp.int32),
+      "rng": jax.random.key_data(jax.random.key(seed)),
+  }
+  return jax.device_put(state, _shard(state, mesh, axis))
+
+
+def _host(tree):
+  """numpy copies, kept to compare against after the arrays are gone."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_trees_equal(test, actual, expected):
+  """Same structure, and every leaf equal to the numpy copy `expected`."""
+  test.assertEqual(jax.tree.structure(actual), jax.tree.structure(expected))
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(jax.device_get(a)), e)
+
+
+def _assert_shardings(test, actual, abstract):
+  """Every leaf is a jax.Array laid out as its target says."""
+  test.assertEqual(jax.tree.structure(actual), jax.tree.structure(abstract))
+  for (path, a), t in zip(jax.tree_util.tree_leaves_with_path(actual),
+                          jax.tree.leaves(abstract)):
+    test.assertIsInstance(a, jax.Array, jax.tree_util.keystr(path))
+    test.assertEqual(a.sharding, t.sharding, jax.tree_util.keystr(path))
+
+
+class CheckpointerTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.assertLen(jax.devices(), 8)
+    self.mesh8 = sharding.make_mesh((8, 1, 1))
+    self.dir = self.create_tempdir().full_path
+
+  def _checkpointer(self, directory=None, **kwargs):
+    kwargs = {"save_interval_steps": 1, "max_to_keep": None, **kwargs}
+    ckpt = checkpointing.Checkpointer(directory or self.dir, **kwargs)
+    self.addCleanup(ckpt.close)
+    return ckpt
+
+  @parameterized.named_parameters(
+      ("one_device", (1, 1, 1), 1, None),
+      ("data2_fsdp4", (2, 4, 1), 8, sharding.FSDP),
+  )
+  def test_restore_onto_another_mesh(self, shape, num_devices, axis):
+    state = _make_state(self.mesh8, sharding.DATA)
+    expected = _host(state)
+    ckpt = self._checkpointer()
+    self.assertTrue(ckpt.save(7, state, data={"step": 7}, metadata={}))
+    ckpt.wait_until_finished()
+
+    mesh = sharding.make_mesh(shape, devices=jax.devices()[:num_devices])
+    abstract = _abstract(state, mesh, axis)
+    restored, data, _ = ckpt.restore(None, abstract)
+
+    _assert_trees_equal(self, restored, expected)
+    _assert_shardings(self, restored, abstract)
+    # The kernels really changed layout (8 row shards -> 1 or 4).
+    kernel = restored["params"]["up"]["kernel"][...]
+    self.assertEqual(kernel.sharding.shard_shape(kernel.shape),
+                     (16, 8) if axis is None else (4, 8))
+    self.assertIsInstance(restored["params"], nnx.State)
+    self.assertIsInstance(restored["opt_state"][0], optax.ScaleByAdamState)
+    self.assertEqual(restored["step"].dtype, jnp.int32)
+    self.assertEqual(data, {"step": 7})
+
+  def test_data_and_metadata_round_trip(self):
+    state = _make_state(self.mesh8, sharding.DATA)
+    data = {"step": 120, "seed": 0, "epoch": 1, "order": [3, 1, 2]}
+    metadata = {"config": {"optim": {"lr": 3e-4}, "model": "tiny"},
+                "note": "résumé"}
+    expected_data = {"step": 120, "seed": 0, "epoch": 1, "order": [3, 1, 2]}
+    ckpt = self._checkpointer()
+    ckpt.save(120, state, data=data, metadata=metadata)
+    # The loader moves on while the save is still being written.
+    data["step"] = 121
+    data["order"].append(9)
+    _, data_out, metadata_out = ckpt.restore(
+        120, _abstract(state, self.mesh8, sharding.DATA))
+    self.assertEqual(data_out, expected_data)
+    self.assertEqual(metadata_out, metadata)
+
+  def test_non_json_data_is_rejected_before_saving(self):
+    state = _make_state(self.mesh8, sharding.DATA)
+    ckpt = self._checkpointer()
+    with self.assertRaisesRegex(TypeError, "data is not JSON"):
+      ckpt.save(1, state, data={"seed": np.int64(0)}, metadata={})
+    with self.assertRaisesRegex(TypeError, "metadata must be a dict"):
+      ckpt.save(1, state, data={}, metadata=["config"])
+    self.assertEqual(ckpt.all_steps(), [])
+
+  def test_keeps_the_last_max_to_keep(self):
+    state = _make_state(self.mesh8, sharding.DATA)
+    ckpt = self._checkpointer(max_to_keep=2)
+    for step in range(1, 5):
+      self.assertTrue(ckpt.save(step, state, data={}, metadata={}))
+    ckpt.wait_until_finished()
+    self.assertEqual(ckpt.all_steps(), [3, 4])
+    self.assertEqual(ckpt.latest_step(), 4)
+    self.assertCountEqual(
+        [n for n in os.listdir(self.dir) if n.isdigit()], ["3", "4"])
+
+  def test_interval_and_force(self):
+    state = _make_state(self.mesh8, sharding.DATA)
+    ckpt = self._checkpointer(save_interval_steps=5)
+    self.assertFalse(ckpt.should_save(3))
+    self.assertTrue(ckpt.should_save(5))
+    self.assertFalse(ckpt.save(3, state, data={}, metadata={}))
+    self.assertEqual(ckpt.all_steps(), [])
+    self.assertTrue(ckpt.save(5, state, data={}, metadata={}))
+    # Forced off the interval (a preemption or the last step).
+    self.assertTrue(ckpt.save(7, state, data={}, metadata={}, force=True))
+    # The same step twice is skipped, forced or not.
+    self.assertFalse(ckpt.save(7, state, data={}, metadata={}, force=True))
+    self.assertFalse(ckpt.should_save(5))
+    self.assertTrue(ckpt.save(10, state, data={}, metadata={}))
+    ckpt.wait_until_finished()
+    self.assertEqual(ckpt.all_steps(), [5, 7, 10])
+    with self.assertRaisesRegex(ValueError, "steps must increase"):
+      ckpt.save(9, state, data={}, metadata={}, force=True)
+    with self.assertRaisesRegex(TypeError, "integer"):
+      ckpt.should_save(5.0)
+
+  def test_bad_options(self):
+    with self.assertRaisesRegex(ValueError, "save_interval_steps"):
+      checkpointing.Checkpointer(self.dir, save_interval_steps=0,
+                                 max_to_keep=None)
+    with self.assertRaisesRegex(ValueError, "max_to_keep"):
+      checkpointing.Checkpointer(self.dir, save_interval_steps=1,
+                                 max_to_keep=0)
+
+  def test_async_save_survives_donation(self):
+    """`save` returns after the host copy: the caller may free the arrays."""
+    state = _make_state(self.mesh8, sharding.DATA)
+    expected = _host(state)
+    abstract = _abstract(state, self.mesh8, sharding.DATA)
+    ckpt = self._checkpointer(async_save=True)
+    self.assertTrue(ckpt.save(1, state, data={"step": 1}, metadata={}))
+    # What donating the state to the next train step does to its buffers.
+    jax.tree.map(lambda x: x.delete(), state)
+    ckpt.wait_until_finished()
+    restored, _, _ = ckpt.restore(1, abstract)
+    _assert_trees_equal(self, restored, expected)
+
+  def test_interrupted_save_keeps_the_last_complete_checkpoint(self):
+    state10 = _make_state(self.mesh8, sharding.DATA, seed=10, step=10)
+    state20 = _make_state(self.mesh8, sharding.DATA, seed=20, step=20)
+    abstract = _abstract(state10, self.mesh8, sharding.DATA)
+    with self._checkpointer() as ckpt:
+      ckpt.save(10, state10, data={"step": 10}, metadata={})
+      ckpt.save(20, state20, data={"step": 20}, metadata={})
+    # What a crash during the save of step 30 leaves behind: Orbax writes
+    # into "<step>.orbax-checkpoint-tmp" and renames it only once complete.
+    tmp = os.path.join(self.dir, "30" + ocp.path.atomicity.TMP_DIR_SUFFIX)
+    shutil.copytree(os.path.join(self.dir, "20"), tmp)
+    os.remove(os.path.join(tmp, ocp.path.atomicity.COMMIT_SUCCESS_FILE))
+    shutil.rmtree(os.path.join(tmp, "metadata"))
+
+    ckpt = self._checkpointer()
+    self.assertEqual(ckpt.latest_step(), 20)
+    self.assertEqual(ckpt.all_steps(), [10, 20])
+    restored, data, _ = ckpt.restore(None, abstract)
+    _assert_trees_equal(self, restored, _host(state20))
+    self.assertEqual(data, {"step": 20})
+    # The resumed run reaches step 30 again and saves it for real.
+    state30 = _make_state(self.mesh8, sharding.DATA, seed=30, step=30)
+    self.assertTrue(ckpt.save(30, state30, data={"step": 30}, metadata={}))
+    restored, data, _ = ckpt.restore(30, abstract)
+    _assert_trees_equal(self, restored, _host(state30))
+    self.assertEqual(data, {"step": 30})
+
+  def test_restore_errors(self):
+    state = _make_state(self.mesh8, sharding.DATA)
+    abstract = _abstract(state, self.mesh8, sharding.DATA)
+    ckpt = self._checkpointer()
+    with self.assertRaisesRegex(FileNotFoundError, "no checkpoint in"):
+      ckpt.restore(None, abstract)
+    ckpt.save(3, state, data={}, metadata={})
+    with self.assertRaisesRegex(FileNotFoundError, r"available steps: \[3\]"):
+      ckpt.restore(4, abstract)
+    unsharded = dict(abstract, step=jax.ShapeDtypeStruct((), jnp.int32))
+    with self.assertRaisesRegex(ValueError, r"\['step'\].*no sharding"):
+      ckpt.restore(3, unsharded)
+    wrong_shape = dict(abstract, step=jax.ShapeDtypeStruct(
+        (2,), jnp.int32, sharding=abstract["step"].sharding))
+    with self.assertRaisesRegex(ValueError, "shape"):
+      ckpt.restore(3, wrong_shape)
+
+  def test_restore_params_reads_only_the_params(self):
+    state = _make_state(self.mesh8, sharding.DATA, seed=3)
+    ckpt = self._checkpointer()
+    ckpt.save(2, state, data={}, metadata={})
+    mesh = sharding.make_mesh((2, 4, 1))
+    abstract_params = _abstract(state["params"], mesh, sharding.FSDP)
+
+    params = ckpt.restore_params(None, abstract_params)
+    _assert_trees_equal(self, params, _host(state["params"]))
+    _assert_shardings(self, params, abstract_params)
+
+    with self.assertRaisesRegex(KeyError, "no 'weights'.*'opt_state'"):
+      ckpt.restore_params(2, abstract_params, params_key="weights")
+
+  def test_restore_params_from_is_read_only(self):
+    state = _make_state(self.mesh8, sharding.DATA, seed=4)
+    with self._checkpointer() as ckpt:
+      ckpt.save(1, state, data={}, metadata={})
+      ckpt.save(2, state, data={}, metadata={})
+    before = sorted(os.listdir(self.dir))
+    abstract_params = _abstract(
+        state["params"], sharding.make_mesh((1, 1, 1),
+                                            devices=jax.devices()[:1]), None)
+    params = checkpointing.restore_params_from(self.dir, abstract_params)
+    _assert_trees_equal(self, params, _host(state["params"]))
+    _assert_shardings(self, params, abstract_params)
+    self.assertEqual(sorted(os.listdir(self.dir)), before)
+
+    missing = os.path.join(self.dir, "nope")
+    with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
+      checkpointing.restore_params_from(missing, abstract_params)
+    self.assertFalse(os.path.exists(missing))
+    empty = self.create_tempdir().full_path
+    with self.assertRaisesRegex(FileNotFoundError, "no checkpoint"):
+      checkpointing.restore_params_from(empty, abstract_params)
+
+  def test_reached_preemption_is_false_without_a_preemption(self):
+    self.assertFalse(self._checkpointer().reached_preemption(5))
+
+
+class ResumeOrInitTest(absltest.TestCase):
+  """The resume order: own checkpoint, then init_from, then scratch."""
+
+  def setUp(self):
+    super().setUp()
+    self.mesh = sharding.make_mesh((2, 4, 1))
+    self.calls = 0
+    self.abstract = _abstract(_make_state(self.mesh, sharding.FSDP),
+                              self.mesh, sharding.FSDP)
+
+  def _init_fn(self):
+    self.calls += 1
+    return _make_state(self.mesh, sharding.FSDP, seed=0, step=0)
+
+  def _checkpointer(self, directory):
+    ckpt = checkpointing.Checkpointer(directory, save_interval_steps=1,
+                                      max_to_keep=None)
+    self.addCleanup(ckpt.close)
+    return ckpt
+
+  def test_scratch(self):
+    ckpt = self._checkpointer(self.create_tempdir().full_path)
+    state, data, source = checkpointing.resume_or_init(
+        ckpt, self.abstract, init_fn=self._init_fn)
+    self.assertEqual(source, "scratch")
+    self.assertIsNone(data)
+    self.assertEqual(self.calls, 1)
+    _assert_trees_equal(self, state, _host(self._init_fn()))
+
+  def test_init_from_replaces_only_the_params(self):
+    other = self.create_tempdir().full_path
+    # The other run trained on 8 data shards; this one shards over fsdp.
+    other_state = _make_state(sharding.make_mesh((8, 1, 1)), sharding.DATA,
+                              seed=5, step=900)
+    with self._checkpointer(other) as other_ckpt:
+      other_ckpt.save(900, other_state, data={"step": 900}, metadata={})
+
+    ckpt = self._checkpointer(self.create_tempdir().full_path)
+    state, data, source = checkpointing.resume_or_init(
+        ckpt, self.abstract, init_fn=self._init_fn, init_from=other)
+    self.assertEqual(source, f"init_from:{other}")
+    self.assertIsNone(data)
+    fresh = _host(self._init_fn())
+    _assert_trees_equal(self, state["params"], _host(other_state["params"]))
+    _assert_trees_equal(self, state["opt_state"], fresh["opt_state"])
+    self.assertEqual(int(state["step"]), 0)
+    _assert_shardings(self, state, self.abstract)
+
+  def test_own_checkpoint_wins_over_init_from(self):
+    other = self.create_tempdir().full_path
+    with self._checkpointer(other) as other_ckpt:
+      other_ckpt.save(900, _make_state(self.mesh, sharding.FSDP, seed=5),
+                      data={}, metadata={})
+    workdir = self.create_tempdir().full_path
+    own = _make_state(self.mesh, sharding.FSDP, seed=6, step=40)
+    expected = _host(own)
+    with self._checkpointer(workdir) as ckpt:
+      ckpt.save(40, own, data={"step": 40, "seed": 0}, metadata={})
+
+    state, data, source = checkpointing.resume_or_init(
+        self._checkpointer(workdir), self.abstract, init_fn=self._init_fn,
+        init_from=other)
+    self.assertEqual(source, "checkpoint:40")
+    self.assertEqual(data, {"step": 40, "seed": 0})
+    self.assertEqual(self.calls, 0)
+    _assert_trees_equal(self, state, expected)
+
+
+if __name__ == "__main__":
+  absltest.main()
