@@ -1,0 +1,620 @@
+r"""Export of the query and passage towers for serving (STYLE.md, 15).
+
+Each tower becomes one serialized `jax.export.Exported` program
+
+  fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd
+
+that runs `steps.encode_step` (the training-time encoder, pooling and L2
+norm) in deterministic mode: int32 [B, L] ids and mask in, float32 [B, D]
+embeddings out. B is symbolic; L is symbolic too, constrained to
+`L <= max_length` of the tower, so one program serves every batch shape.
+Encoders whose code cannot trace a symbolic length are exported at L =
+max_length instead (`length_mode: "fixed"` in the manifest), and the loader
+pads to it.
+
+Weights are an argument, not constants baked into the programs: both towers
+read one `params.safetensors` (a flat list whose order the manifest records),
+or, for untied towers, the query tower its own `query_params.safetensors`.
+The tokenizer's vocabulary and exact settings go to `tokenizer/`. The layout
+and its reader are in `retrieval_jax/serving.py`, which loads an export
+without Flax, Optax, Orbax or TensorFlow.
+
+Command line (a pretrained checkpoint):
+
+  python -m retrieval_jax.export --model=all-MiniLM-L6-v2 \
+      --out_dir=/tmp/minilm_export --query_max_length=64
+"""
+
+from collections.abc import Mapping, Sequence
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import sys
+import uuid
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retrieval_jax import pretrained
+from retrieval_jax import serving
+from retrieval_jax import steps
+from retrieval_jax.data import tokenizers
+
+# Short strings that tokenize through every branch of the pipeline (case,
+# accents, punctuation, CJK, unknown words, special tokens in raw text); the
+# tokenizer rebuilt from the export must give the same ids on them.
+_TOKENIZER_PROBES = (
+    "Hello, World! Naïve café — 東京 [SEP] x[MASK]y",
+    "ÀÉÎÕÜ ß ΣΑΣ \u200b tab\tnew\nline",
+    "supercalifragilisticexpialidocious 12345.678",
+)
+
+# numpy dtypes -> safetensors codes (the inverse of the reader's table).
+_DTYPE_CODES = {dtype: code for code, dtype in
+                serving.SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str | os.PathLike, keys: Sequence[str],
+                      arrays: Sequence[np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes arrays to a .safetensors file, in the given order.
+
+  Args:
+    path: the file.
+    keys: tensor names, unique.
+    arrays: one array per key; dtypes from `serving.SAFETENSORS_DTYPES`.
+    metadata: optional string -> string header metadata.
+  """
+  assert sys.byteorder == "little", "safetensors data is little-endian"
+  if len(set(keys)) != len(keys):
+    raise ValueError("tensor names must be unique")
+  header, offset, blobs = {}, 0, []
+  # Tensors are stored back to back in key order; the reference reader
+  # rejects gaps or overlaps between data_offsets.
+  for key, array in zip(keys, arrays, strict=True):
+    # tobytes() of a C-contiguous array is the row-major layout the format
+    # specifies, whatever strides the caller's array had.
+    array = np.ascontiguousarray(array)
+    if array.dtype not in _DTYPE_CODES:
+      raise ValueError(f"{key}: dtype {array.dtype} cannot be stored")
+    blob = array.tobytes()
+    header[key] = {"dtype": _DTYPE_CODES[array.dtype],
+                   "shape": list(array.shape),
+                   "data_offsets": [offset, offset + len(blob)]}
+    offset += len(blob)
+    blobs.append(blob)
+  header["__metadata__"] = dict(metadata or {"format": "np"})
+  header_bytes = json.dumps(header, separators=(",", ":")).encode()
+  # The format pads the header with spaces so that the data starts 8-byte
+  # aligned (readers may map tensors straight from the file).
+  header_bytes += b" " * (-len(header_bytes) % 8)
+  with open(path, "wb") as f:
+    f.write(len(header_bytes).to_bytes(8, "little"))
+    f.write(header_bytes)
+    for blob in blobs:
+      f.write(blob)
+
+
+def split_params(graphdef: nnx.GraphDef,
+                 params: nnx.State | Sequence[nnx.State]):
+  """Separates an encoder's weights from the rest of its state.
+
+  Args:
+    graphdef: the encoder's graph.
+    params: the state(s) that `nnx.merge(graphdef, ...)` takes: the one
+      state of `nnx.split(model)`, or the states of a filtered split such as
+      `nnx.split(model, nnx.Param, ...)`.
+
+  Returns:
+    (graphdef, param_state, rest_state) of `nnx.split(model, nnx.Param,
+    ...)`: the weights, and the rest (dropout RNG streams, unused in
+    deterministic mode).
+  """
+  states = (params,) if isinstance(params, nnx.State) else tuple(params)
+  # Merging and re-splitting normalises whichever split the caller made
+  # into (weights, everything else); only the weights become arguments.
+  return nnx.split(nnx.merge(graphdef, *states), nnx.Param, ...)
+
+
+def flatten_params(param_state: nnx.State):
+  """Flat weight list, names and treedef of a Param state.
+
+  Args:
+    param_state: `nnx.Param` variables.
+
+  Returns:
+    (keys, arrays, treedef): path strings such as
+    "layers.0.attention.query_dnh", the arrays as NumPy in `jax.tree`
+    order, and the treedef that `jax.tree.unflatten` rebuilds the state
+    with.
+  """
+  leaves, treedef = jax.tree.flatten(param_state)
+  flat = list(nnx.to_flat_state(param_state))
+  # Names come from NNX's flat view, order from jax.tree; check that the two
+  # agree leaf for leaf, so the names label the right arrays.
+  if len(flat) != len(leaves) or any(
+      leaf is not variable.get_value()
+      for leaf, (_, variable) in zip(leaves, flat)):
+    raise RuntimeError("jax.tree and nnx.to_flat_state order the parameters "
+                       "differently")
+  # Dotted paths are the keys of `pretrained`-style flat dicts as well, so
+  # weight files are readable by other tools without this code.
+  keys = [".".join(map(str, path)) for path, _ in flat]
+  # np.asarray gathers sharded or device arrays to host memory.
+  return keys, [np.asarray(leaf) for leaf in leaves], treedef
+
+
+def make_tower_fn(graphdef: nnx.GraphDef, treedef, rest_state: nnx.State, *,
+                  pooling: str, normalize: bool):
+  """The function a tower exports.
+
+  Args:
+    graphdef: graph of the `nnx.split(model, nnx.Param, ...)` split.
+    treedef: of the Param state (from `flatten_params`).
+    rest_state: the non-Param state; closed over. In deterministic mode
+      nothing reads it, so it adds no constants to the program.
+    pooling: "cls" or "mean".
+    normalize: L2-normalise the pooled vectors.
+
+  Returns:
+    `fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd`: a list of
+    weight arrays in `treedef` order, int32 [B, L] ids and mask, float32
+    [B, D] embeddings.
+  """
+
+  def tower_fn(flat_params, input_ids_bl, attention_mask_bl):
+    param_state = jax.tree.unflatten(treedef, flat_params)
+    model = nnx.merge(graphdef, param_state, rest_state)
+    # The same step the evaluator encodes with, so exported embeddings
+    # match the training-time encoder by construction.
+    model_graphdef, state = nnx.split(model)
+    batch = {"input_ids": input_ids_bl, "attention_mask": attention_mask_bl}
+    return steps.encode_step(model_graphdef, state, batch, pooling=pooling,
+                             normalize=normalize)
+
+  return tower_fn
+
+
+def export_tower(tower_fn, arrays: Sequence[np.ndarray], max_length: int, *,
+                 platforms: Sequence[str], symbolic_length: bool = True):
+  """Exports one tower with a symbolic batch (and, if possible, length).
+
+  Args:
+    tower_fn: from `make_tower_fn`.
+    arrays: the flat weights (only shapes and dtypes are used).
+    max_length: longest input, [CLS]/[SEP] included.
+    platforms: lowering platforms, e.g. ("cpu", "cuda").
+    symbolic_length: try a symbolic length `l <= max_length` first; on
+      failure, or when False, export at length max_length.
+
+  Returns:
+    (exported, length_mode) with length_mode "symbolic" or "fixed".
+  """
+  # Only shapes and dtypes enter the program: the weights stay arguments.
+  weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+  jitted = jax.jit(tower_fn)
+
+  def export(shape):
+    # ids and mask share one spec, so the program knows their shapes agree.
+    ids_spec = jax.ShapeDtypeStruct(shape, jnp.int32)
+    return jax.export.export(jitted, platforms=tuple(platforms))(
+        weight_specs, ids_spec, ids_spec)
+
+  if symbolic_length:
+    # The bound lets shape checks such as `length > max_position_embeddings`
+    # resolve at export time, and makes over-long inputs a call-time error.
+    shape = jax.export.symbolic_shape(
+        "b, l", constraints=(f"l <= {max_length}",))
+    try:
+      return export(shape), "symbolic"
+    except Exception as e:  # pylint: disable=broad-except
+      # Encoders built around a fixed length (FFT mixers, learned length
+      # projections) cannot trace a symbolic one; a genuine bug fails again
+      # below and is raised from there.
+      logging.warning("symbolic-length export failed (%s: %s); exporting at "
+                      "the fixed length %d", type(e).__name__, e, max_length)
+  # The batch stays symbolic either way: only the length is pinned.
+  (batch,) = jax.export.symbolic_shape("b")
+  return export((batch, max_length)), "fixed"
+
+
+def tokenizer_recipe(tokenizer: tokenizers.WordPieceTokenizer,
+                     max_lengths: Mapping[str, int]) -> dict[str, Any]:
+  """The exact settings that rebuild `tokenizer` (see serving.build_tokenizer).
+
+  Args:
+    tokenizer: the tokenizer the towers were trained/evaluated with.
+    max_lengths: {"query": int, "passage": int}, [CLS]/[SEP] included.
+
+  Returns:
+    A JSON-serialisable dict.
+  """
+  options = {
+      "do_lower_case": tokenizer.do_lower_case,
+      # Resolved to a bool: None would re-derive it from do_lower_case.
+      "strip_accents": bool(tokenizer.strip_accents),
+      "tokenize_chinese_chars": tokenizer.tokenize_chinese_chars,
+      "clean_text": tokenizer.clean_text,
+      "max_input_chars_per_word": tokenizer.max_input_chars_per_word,
+      "continuing_subword_prefix": tokenizer.continuing_subword_prefix,
+      **tokenizer.special_tokens,
+      # Strings matched verbatim in raw text. The tokenizer keeps them only
+      # in its private id table, whose insertion order is the given order.
+      # pylint: disable-next=protected-access
+      "added_tokens": list(tokenizer._added_ids),
+  }
+  return {
+      "type": "bert_wordpiece",
+      "dir": serving.TOKENIZER_DIR,
+      "vocab_file": serving.VOCAB_FILE,
+      "vocab_size": tokenizer.vocab_size,
+      "options": options,
+      "special_token_ids": serving.special_token_ids(tokenizer),
+      "max_lengths": {name: int(max_lengths[name]) for name in serving.TOWERS},
+      "template": "[CLS] text [SEP]",
+      "truncation": "the text's first max_length - 2 ids are kept",
+      "padding": ("right, with the pad id; attention_mask is 1 on tokens and "
+                  "0 on padding; token_type_ids are all 0 and not an input"),
+  }
+
+
+def _write_tokenizer(source, tokenizer_dir: pathlib.Path,
+                     max_lengths: Mapping[str, int]) -> dict[str, Any]:
+  """Writes vocab.txt and the recipe; returns the recipe.
+
+  The vocabulary file is copied verbatim when there is one (line i is id i,
+  duplicates included); a tokenizer without a file writes its tokens by id.
+  """
+  vocab_file = None
+  # A tokenizer object carries no file; a directory is read the way the
+  # training-time code reads it (`from_pretrained_dir`).
+  if isinstance(source, tokenizers.WordPieceTokenizer):
+    tokenizer = source
+  else:
+    tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(source)
+    if (pathlib.Path(source) / serving.VOCAB_FILE).is_file():
+      vocab_file = pathlib.Path(source) / serving.VOCAB_FILE
+  tokenizer_dir.mkdir()
+  if vocab_file is not None:
+    shutil.copyfile(vocab_file, tokenizer_dir / serving.VOCAB_FILE)
+  else:
+    # vocab.txt encodes ids as line numbers, so ids must be 0..V-1.
+    try:
+      tokens = tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size))
+    except KeyError as e:
+      raise ValueError(f"vocabulary ids are not 0..{tokenizer.vocab_size - 1}"
+                       f" (id {e} is missing); export from its vocab.txt")
+    if any("\n" in t for t in tokens):
+      raise ValueError("a token holds a newline; vocab.txt cannot store it")
+    (tokenizer_dir / serving.VOCAB_FILE).write_text(
+        "".join(t + "\n" for t in tokens), encoding="utf-8")
+  recipe = tokenizer_recipe(tokenizer, max_lengths)
+  (tokenizer_dir / serving.TOKENIZER_RECIPE_FILE).write_text(
+      json.dumps(recipe, indent=2, ensure_ascii=False) + "\n",
+      encoding="utf-8")
+  # The loader's path must give the very same ids; check it on the files,
+  # so a lossy recipe fails the export instead of shifting served vectors.
+  rebuilt = serving.build_tokenizer(tokenizer_dir, recipe)
+  # pylint: disable-next=protected-access
+  same_vocab = rebuilt._vocab == tokenizer._vocab
+  if not same_vocab or any(rebuilt.encode(t, 512) != tokenizer.encode(t, 512)
+                           for t in _TOKENIZER_PROBES):
+    raise RuntimeError("the tokenizer rebuilt from the export differs from "
+                       "the one given")
+  return recipe
+
+
+def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> pathlib.Path:
+  """Checks `out_dir` may be written; returns a fresh sibling tmp dir."""
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"{out_dir} exists and is not a directory")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to "
+                          "replace it")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  # A sibling, so the final rename stays on one file system (atomic).
+  tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+  tmp_dir.mkdir()
+  return tmp_dir
+
+
+def _commit(tmp_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+  """Moves the finished export into place; readers never see half of one."""
+  old_dir = None
+  if out_dir.exists():
+    # An old export (or an empty directory) is moved aside first: renaming
+    # onto a non-empty directory fails, and deleting first would leave a
+    # window with no export at all.
+    old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(out_dir, old_dir)
+  try:
+    os.rename(tmp_dir, out_dir)
+  except OSError:
+    if old_dir is not None:
+      os.rename(old_dir, out_dir)
+    raise
+  if old_dir is not None:
+    shutil.rmtree(old_dir)
+
+
+def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
+                  params: nnx.State | Sequence[nnx.State],
+                  model_dir_or_tokenizer_files: (
+                      str | os.PathLike | tokenizers.WordPieceTokenizer),
+                  pooling: str, normalize: bool, query_max_length: int,
+                  passage_max_length: int,
+                  platforms: Sequence[str] = ("cpu",),
+                  query_params: nnx.State | Sequence[nnx.State] | None = None,
+                  symbolic_length: bool = True, overwrite: bool = False,
+                  metadata: Mapping[str, Any] | None = None) -> dict:
+  """Writes the query and passage towers, weights and tokenizer to `out_dir`.
+
+  Args:
+    out_dir: target directory; written atomically (a sibling tmp dir that is
+      renamed into place when complete).
+    graphdef: the encoder's graph (`nnx.split`).
+    params: its state(s); the passage tower's weights, and the query tower's
+      too unless `query_params` is given (see `split_params`).
+    model_dir_or_tokenizer_files: a checkpoint directory with the tokenizer
+      files (vocab.txt, tokenizer_config.json, ...), or a tokenizer.
+    pooling: "cls" or "mean".
+    normalize: L2-normalise embeddings.
+    query_max_length: query token budget, [CLS]/[SEP] included.
+    passage_max_length: passage token budget.
+    platforms: platforms to lower for ("cpu", "cuda", "tpu", ...).
+    query_params: state(s) of an untied query tower (same graphdef), written
+      to its own weight file; None ties the towers.
+    symbolic_length: export with a symbolic length when the encoder allows.
+    overwrite: replace a non-empty `out_dir`.
+    metadata: JSON-serialisable facts to keep in the manifest (source
+      checkpoint, training step, ...).
+
+  Returns:
+    The manifest (also written to out_dir/manifest.json).
+
+  Raises:
+    FileExistsError: `out_dir` is a file, or non-empty without `overwrite`.
+    ValueError: a max length outside 2..max_position_embeddings.
+  """
+  # Absolute, so the sibling tmp dir and the renames use the same parent
+  # even if the working directory changes meanwhile.
+  out_dir = pathlib.Path(out_dir).absolute()
+  max_lengths = {"query": int(query_max_length),
+                 "passage": int(passage_max_length)}
+  # Tied towers share one weight file; the loader reads it once.
+  tower_params = {"passage": params,
+                  "query": params if query_params is None else query_params}
+  param_files = {"passage": serving.PARAMS_FILE,
+                 "query": (serving.PARAMS_FILE if query_params is None
+                           else serving.QUERY_PARAMS_FILE)}
+  tmp_dir = _prepare_out_dir(out_dir, overwrite)
+  try:
+    manifest = {
+        "format": serving.FORMAT,
+        "format_version": serving.FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "jax_version": jax.__version__,
+        "platforms": list(platforms),
+        "towers": {},
+        "param_files": {},
+        "tokenizer": _write_tokenizer(
+            model_dir_or_tokenizer_files, tmp_dir / serving.TOKENIZER_DIR,
+            max_lengths),
+        "metadata": dict(metadata or {}),
+    }
+    for name in serving.TOWERS:
+      param_graphdef, param_state, rest_state = split_params(
+          graphdef, tower_params[name])
+      keys, arrays, treedef = flatten_params(param_state)
+      position_rows = _position_rows(param_state)
+      if not 2 <= max_lengths[name] <= position_rows:
+        raise ValueError(f"{name}_max_length {max_lengths[name]} is outside "
+                         f"2..{position_rows} (the position table)")
+      filename = param_files[name]
+      # Tied towers reach here twice with the same file: write it once.
+      if filename not in manifest["param_files"]:
+        write_safetensors(tmp_dir / filename, keys, arrays)
+        manifest["param_files"][filename] = keys
+      tower_fn = make_tower_fn(param_graphdef, treedef, rest_state,
+                               pooling=pooling, normalize=normalize)
+      exported, length_mode = export_tower(
+          tower_fn, arrays, max_lengths[name], platforms=platforms,
+          symbolic_length=symbolic_length)
+      (out_aval,) = exported.out_avals
+      (tmp_dir / serving.TOWER_FILES[name]).write_bytes(exported.serialize())
+      manifest["towers"][name] = {
+          "file": serving.TOWER_FILES[name],
+          "params_file": filename,
+          "max_length": max_lengths[name],
+          "length_mode": length_mode,
+          # ["b", "l"] for symbolic lengths, ["b", max_length] for fixed.
+          "input_shape": [d if isinstance(d, int) else str(d)
+                          for d in exported.in_avals[-1].shape],
+          "input_dtype": "int32",
+          "pooling": pooling,
+          "normalize": bool(normalize),
+          "embedding_dim": int(out_aval.shape[-1]),
+          "dtype": str(out_aval.dtype),
+      }
+    # Checksums of everything but the manifest itself, so a loader can tell
+    # a truncated or partial copy from a complete one.
+    manifest["sha256"] = {
+        str(p.relative_to(tmp_dir)): serving.sha256_file(p)
+        for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+    (tmp_dir / serving.MANIFEST_FILE).write_text(
+        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+        encoding="utf-8")
+    _commit(tmp_dir, out_dir)
+  except BaseException:
+    # Also on KeyboardInterrupt: no half-written export is left behind.
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise
+  logging.info("Exported query/passage towers (%s) to %s",
+               ", ".join(f"{n}: {m['length_mode']} length <= {m['max_length']}"
+                         for n, m in manifest["towers"].items()), out_dir)
+  return manifest
+
+
+def _position_rows(param_state: nnx.State) -> int:
+  """Rows of the position-embedding table: the longest input the model takes.
+
+  Encoders without one (relative or no positions) report no limit.
+  """
+  for path, variable in nnx.to_flat_state(param_state):
+    if path[-1] == "position_pd":
+      return int(variable.shape[0])
+  return sys.maxsize
+
+
+def export_pretrained(name_or_path: (str | os.PathLike |
+                                    pretrained.PretrainedModel),
+                      out_dir: str | os.PathLike, *,
+                      query_max_length: int | None = None,
+                      passage_max_length: int | None = None,
+                      pooling: str = "", normalize: bool | None = None,
+                      dtype: str = "float32",
+                      platforms: Sequence[str] = ("cpu",),
+                      symbolic_length: bool = True,
+                      overwrite: bool = False) -> dict:
+  """Exports a pretrained checkpoint as tied query/passage towers.
+
+  Args:
+    name_or_path: a packaged model name or a checkpoint directory (see
+      `pretrained.resolve_model_dir`), or a checkpoint already loaded with
+      `pretrained.load_pretrained` (then `dtype` is its own).
+    out_dir: target directory.
+    query_max_length: query token budget; None for the checkpoint's.
+    passage_max_length: passage token budget; None for the checkpoint's.
+    pooling: "cls" / "mean", or "" for the checkpoint's.
+    normalize: None for the checkpoint's setting.
+    dtype: compute dtype, "float32" or "bfloat16" (weights stay float32).
+    platforms: lowering platforms.
+    symbolic_length: see `export_towers`.
+    overwrite: replace a non-empty `out_dir`.
+
+  Returns:
+    The manifest.
+  """
+  if isinstance(name_or_path, pretrained.PretrainedModel):
+    # Saves a second read of the weights when the caller holds them.
+    loaded, source = name_or_path, str(name_or_path.model_dir)
+    dtype = jnp.dtype(loaded.config.dtype).name
+  else:
+    loaded = pretrained.load_pretrained(name_or_path, dtype=jnp.dtype(dtype))
+    source = os.fspath(name_or_path)
+  graphdef, state = nnx.split(loaded.model)
+  return export_towers(
+      out_dir, graphdef=graphdef, params=state,
+      model_dir_or_tokenizer_files=loaded.model_dir,
+      pooling=pooling or loaded.pooling,
+      normalize=loaded.normalize if normalize is None else normalize,
+      query_max_length=query_max_length or loaded.max_length,
+      passage_max_length=passage_max_length or loaded.max_length,
+      platforms=platforms, symbolic_length=symbolic_length,
+      overwrite=overwrite,
+      metadata={"source": source,
+                "model_dir": str(loaded.model_dir), "compute_dtype": dtype})
+
+
+def export_from_workdir(config, workdir: str | os.PathLike, *,
+                        step: int | None = None,
+                        out_dir: str | os.PathLike | None = None) -> dict:
+  """The export mode: towers of a training run's checkpoint.
+
+  Restores only the params (no optimizer state) of the latest checkpoint
+  (or `step`) in `<workdir>/checkpoints` onto the model `config.model`
+  describes, and exports both towers with `config.export`'s token budgets
+  to `<workdir>/export` (replaced if present).
+
+  Args:
+    config: the training config the run used (configs/train.py).
+    workdir: the run's workdir.
+    step: checkpoint step; None for the latest.
+    out_dir: export directory; None for `<workdir>/export`.
+
+  Returns:
+    The manifest.
+
+  Raises:
+    FileNotFoundError: the workdir holds no checkpoint.
+  """
+  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec
+  from retrieval_jax import checkpointing
+  from retrieval_jax import sharding
+  from retrieval_jax import train_state
+  # pylint: enable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  ckpt_dir = workdir / "checkpoints"
+  loaded = pretrained.load_pretrained(config.model.pretrained,
+                                      dtype=jnp.dtype(config.model.dtype))
+  model_def, params = train_state.split_model(loaded.model)
+  # Serving runs on one device: restore the params replicated there.
+  device = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
+  replicated = NamedSharding(device, PartitionSpec())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      params)
+  with checkpointing.Checkpointer(ckpt_dir, save_interval_steps=1,
+                                  max_to_keep=None,
+                                  async_save=False) as checkpointer:
+    restored_step = checkpointer.latest_step() if step is None else step
+    if restored_step is None:
+      raise FileNotFoundError(
+          f"{ckpt_dir}: no checkpoint to export; train first "
+          "(--mode=train with the same --workdir)")
+    params = checkpointer.restore_params(restored_step, abstract)
+  graphdef, state = nnx.split(model_def.merge(params))
+  out_dir = pathlib.Path(out_dir or workdir / "export")
+  manifest = export_towers(
+      out_dir, graphdef=graphdef, params=state,
+      model_dir_or_tokenizer_files=loaded.model_dir,
+      pooling=config.model.pooling or loaded.pooling,
+      normalize=(loaded.normalize if config.model.normalize is None else
+                 config.model.normalize),
+      query_max_length=config.export.query_max_length,
+      passage_max_length=config.export.passage_max_length,
+      overwrite=True,
+      metadata={"checkpoint": str(ckpt_dir / str(restored_step)),
+                "step": int(restored_step),
+                "pretrained": str(config.model.pretrained)})
+  print(f"exported the towers of {ckpt_dir}/{restored_step} to {out_dir}")
+  return manifest
+
+
+def _define_flags():
+  """Command-line flags; defined only when run as a script."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("model", pretrained.DEFAULT_MODEL,
+                      "Packaged model name or checkpoint directory.")
+  flags.DEFINE_string("out_dir", None, "Export directory.", required=True)
+  flags.DEFINE_integer("query_max_length", None,
+                       "Query token budget; default: the checkpoint's.")
+  flags.DEFINE_integer("passage_max_length", None,
+                       "Passage token budget; default: the checkpoint's.")
+  flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+  flags.DEFINE_list("platforms", ["cpu"], "Lowering platforms.")
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty out_dir.")
+  return flags.FLAGS
+
+
+def _main(argv):
+  del argv
+  manifest = export_pretrained(
+      FLAGS.model, FLAGS.out_dir, query_max_length=FLAGS.query_max_length,
+      passage_max_length=FLAGS.passage_max_length, dtype=FLAGS.dtype,
+      platforms=FLAGS.platforms, overwrite=FLAGS.overwrite)
+  print(json.dumps(manifest["towers"], indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  app.run(_main)

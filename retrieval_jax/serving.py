@@ -1,0 +1,425 @@
+"""Loads exported query/passage towers and embeds text, without training code.
+
+An export directory (written by `retrieval_jax.export.export_towers`) holds:
+
+  manifest.json              format version, towers, weight files and their
+                             key order, tokenizer recipe, checksums
+  query_tower.jax_exported   serialized `jax.export.Exported` per tower:
+  passage_tower.jax_exported   fn(flat_params, input_ids_bl, attention_mask_bl)
+                               -> float32 emb_bd (pooled, maybe L2-normalised)
+  params.safetensors         weights as a flat list, in the manifest's key
+                             order (both towers when they are tied)
+  query_params.safetensors   the query tower's own weights (untied only)
+  tokenizer/vocab.txt        WordPiece vocabulary
+  tokenizer/wordpiece.json   the tokenizer recipe (also in the manifest)
+
+This module is the format's reader and defines its constants. It imports only
+the standard library, NumPy, JAX and the pure-Python tokenizer, so a serving
+process never loads Flax, Optax, Orbax or TensorFlow: the towers are StableHLO
+programs and the weights plain arrays.
+
+Usage:
+
+  model = ServingModel.load("/path/to/export")
+  q_nd = model.encode_queries(["what is a cell?"])
+  p_nd = model.encode_passages(passages)
+  scores_nm = q_nd @ p_nd.T
+"""
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import struct
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retrieval_jax.data import tokenizers
+
+FORMAT = "retrieval_jax.serving_towers"
+# Bump when a reader of the old version could misread a new directory.
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOWERS = ("query", "passage")
+TOWER_FILES = {"query": "query_tower.jax_exported",
+               "passage": "passage_tower.jax_exported"}
+PARAMS_FILE = "params.safetensors"
+QUERY_PARAMS_FILE = "query_params.safetensors"
+TOKENIZER_DIR = "tokenizer"
+VOCAB_FILE = "vocab.txt"
+TOKENIZER_RECIPE_FILE = "wordpiece.json"
+# Length of a tower's inputs: "symbolic" towers take any length up to their
+# max_length; "fixed" towers take exactly max_length (the loader pads to it).
+LENGTH_MODES = ("symbolic", "fixed")
+
+# safetensors dtype codes <-> dtypes. bfloat16 comes from JAX's own dtype
+# table (ml_dtypes), so no extra import is needed.
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file (u64 header size, JSON header, raw bytes).
+
+  Args:
+    path: the file.
+
+  Returns:
+    {tensor name: array} in the file's order; arrays are read-only views of
+    one buffer.
+
+  Raises:
+    ValueError: for a dtype outside `SAFETENSORS_DTYPES` or a header that
+      does not fit the file.
+  """
+  # The format is little-endian; so are all hosts JAX runs on.
+  assert sys.byteorder == "little", "big-endian hosts are not supported"
+  # One read of the whole file: the arrays below are views of it, and the
+  # caller copies them to the device anyway.
+  data = pathlib.Path(path).read_bytes()
+  (header_size,) = struct.unpack("<Q", data[:8])
+  header = json.loads(data[8:8 + header_size])
+  body = memoryview(data)[8 + header_size:]
+  arrays = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, "
+                       "which this reader does not support")
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    start, end = info["data_offsets"]
+    count = int(np.prod(info["shape"], dtype=np.int64))
+    # A size check before frombuffer gives a message naming the tensor
+    # rather than a reshape error.
+    if end - start != count * dtype.itemsize or end > len(body):
+      raise ValueError(f"{path}: tensor {name!r} does not fit its offsets")
+    arrays[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(
+        info["shape"])
+  return arrays
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  # Blockwise, so checksumming a multi-GB weight file needs little memory.
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def build_tokenizer(tokenizer_dir: str | os.PathLike,
+                    recipe: Mapping[str, Any]) -> tokenizers.WordPieceTokenizer:
+  """Rebuilds the tokenizer an export was made with.
+
+  Args:
+    tokenizer_dir: directory holding the recipe's `vocab_file`.
+    recipe: the manifest's "tokenizer" entry: `options` are the
+      `WordPieceTokenizer` constructor arguments, `special_token_ids` the ids
+      the exporting tokenizer had.
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    ValueError: for an unknown tokenizer type, or when the rebuilt tokenizer's
+      special-token ids or vocabulary size differ from the recorded ones (a
+      vocabulary file that was edited or swapped).
+  """
+  if recipe.get("type") != "bert_wordpiece":
+    raise ValueError(f"unsupported tokenizer type {recipe.get('type')!r}")
+  # The options are the constructor's own arguments, all resolved (no None
+  # that would be re-derived), so the files alone decide the ids.
+  tokenizer = tokenizers.WordPieceTokenizer(
+      pathlib.Path(tokenizer_dir) / recipe["vocab_file"], **recipe["options"])
+  # Ids the towers were trained with; a vocabulary swapped for one of the
+  # same family would otherwise load silently and give shifted embeddings.
+  found = special_token_ids(tokenizer)
+  if (found != dict(recipe["special_token_ids"])
+      or tokenizer.vocab_size != recipe["vocab_size"]):
+    raise ValueError(
+        f"tokenizer in {tokenizer_dir} does not match its recipe: special "
+        f"ids {found} vs {recipe['special_token_ids']}, vocabulary size "
+        f"{tokenizer.vocab_size} vs {recipe['vocab_size']}")
+  return tokenizer
+
+
+def special_token_ids(tokenizer: tokenizers.WordPieceTokenizer) -> dict:
+  """{"cls": id, "sep": id, "pad": id, "unk": id, "mask": id}."""
+  return {"cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
+          "pad": tokenizer.pad_id, "unk": tokenizer.unk_id,
+          "mask": tokenizer.mask_id}
+
+
+def pick_device(platforms: Sequence[str]) -> jax.Device:
+  """The device to run towers exported for `platforms` on.
+
+  The default backend when the towers were exported for it, else the CPU
+  (which every JAX installation has), else an error.
+  """
+  # Platform names as jax.export spells them ("cuda", not "gpu").
+  default = jax.export.default_export_platform()
+  if default in platforms:
+    return jax.devices()[0]
+  if "cpu" in platforms:
+    return jax.devices("cpu")[0]
+  raise ValueError(f"towers were exported for {list(platforms)}, but this "
+                   f"host runs {default!r} and the export has no 'cpu'")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tower:
+  """One loaded tower: its program, weights and input length rule."""
+
+  name: str
+  exported: jax.export.Exported
+  call: Any  # jitted exported.call(flat_params, ids_bl, mask_bl) -> emb_bd
+  params: list[jax.Array]
+  max_length: int
+  length_mode: str
+  embedding_dim: int
+
+
+def _next_power_of_two(n: int) -> int:
+  """Smallest power of two >= n (1 for n <= 1)."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
+class ServingModel:
+  """Exported towers plus their tokenizer, ready to embed text.
+
+  Batches are sorted by token count and padded per batch: to a multiple of
+  `pad_multiple` capped at the tower's max_length for symbolic-length towers,
+  to max_length for fixed ones; a last partial batch gets its row count
+  rounded up to a power of two. Each distinct padded shape compiles once per
+  process, so these roundings bound the number of compiles.
+  """
+
+  def __init__(self, export_dir: pathlib.Path, manifest: dict,
+               tokenizer: tokenizers.WordPieceTokenizer,
+               towers: Mapping[str, _Tower], device: jax.Device):
+    """Use `ServingModel.load`; this only stores what it builds."""
+    self.export_dir = export_dir
+    self._manifest = manifest
+    self.tokenizer = tokenizer
+    self._towers = dict(towers)
+    self.device = device
+
+  @property
+  def manifest(self) -> dict:
+    """The parsed manifest.json (a copy: editing it changes nothing)."""
+    # A deep copy through JSON: the manifest holds only JSON types.
+    return json.loads(json.dumps(self._manifest))
+
+  @property
+  def embedding_dim(self) -> int:
+    """D, the width of every embedding."""
+    return self._towers["passage"].embedding_dim
+
+  def max_length(self, tower: str) -> int:
+    """Most tokens, [CLS]/[SEP] included, that `tower` reads per text."""
+    return self._tower(tower).max_length
+
+  @classmethod
+  def load(cls, export_dir: str | os.PathLike, *,
+           device: jax.Device | None = None,
+           verify_checksums: bool = True) -> "ServingModel":
+    """Loads an export directory.
+
+    Args:
+      export_dir: the directory `export.export_towers` wrote.
+      device: where weights live and towers run; by default the default
+        backend if the towers were exported for it, else the CPU.
+      verify_checksums: compare every file with its SHA-256 in the manifest
+        (catches truncated or partial copies before they give wrong vectors).
+
+    Returns:
+      The model.
+
+    Raises:
+      FileNotFoundError: no manifest.
+      ValueError: unknown format or version, checksum mismatch, weights that
+        do not fit a tower's signature, or a tokenizer unlike its recipe.
+    """
+    export_dir = pathlib.Path(export_dir)
+    manifest_path = export_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+      raise FileNotFoundError(f"{export_dir} holds no {MANIFEST_FILE}")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+      raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} "
+                       f"is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{manifest_path}: format version "
+                       f"{manifest.get('format_version')} is not supported "
+                       f"(this reader knows version {FORMAT_VERSION})")
+    if verify_checksums:
+      for name, expected in manifest["sha256"].items():
+        found = sha256_file(export_dir / name)
+        if found != expected:
+          raise ValueError(f"{export_dir / name}: SHA-256 {found} differs "
+                           f"from the manifest's {expected}")
+    device = device or pick_device(manifest["platforms"])
+    recipe = manifest["tokenizer"]
+    # The recipe is read from the manifest (checksummed with the rest);
+    # tokenizer/wordpiece.json is a copy for people and other tools.
+    tokenizer = build_tokenizer(export_dir / recipe["dir"], recipe)
+
+    # Tied towers name the same weight file: read and place it once.
+    weights = {}
+    for filename, keys in manifest["param_files"].items():
+      arrays = read_safetensors(export_dir / filename)
+      if sorted(arrays) != sorted(keys):
+        raise ValueError(f"{export_dir / filename} holds other tensors than "
+                         "the manifest lists")
+      weights[filename] = [jax.device_put(arrays[k], device) for k in keys]
+
+    towers = {}
+    for name in TOWERS:
+      spec = manifest["towers"][name]
+      if spec["max_length"] != recipe["max_lengths"][name]:
+        raise ValueError(f"{manifest_path}: tower {name} has max_length "
+                         f"{spec['max_length']}, the tokenizer recipe "
+                         f"{recipe['max_lengths'][name]}")
+      if spec["length_mode"] not in LENGTH_MODES:
+        raise ValueError(f"{manifest_path}: unknown length_mode "
+                         f"{spec['length_mode']!r}")
+      # deserialize checks the serialization and calling-convention
+      # versions, so a program from a much newer JAX fails here, clearly.
+      exported = jax.export.deserialize(
+          bytearray((export_dir / spec["file"]).read_bytes()))
+      params = weights[spec["params_file"]]
+      _check_signature(name, exported, params)
+      towers[name] = _Tower(
+          # Jitted: each padded shape compiles once, and repeated shapes
+          # skip `Exported.call`'s per-call tracing (about 10x less overhead).
+          name=name, exported=exported, call=jax.jit(exported.call),
+          params=params, max_length=int(spec["max_length"]),
+          length_mode=spec["length_mode"],
+          embedding_dim=int(spec["embedding_dim"]))
+    return cls(export_dir, manifest, tokenizer, towers, device)
+
+  def _tower(self, tower: str) -> _Tower:
+    if tower not in self._towers:
+      raise ValueError(f"unknown tower {tower!r}; expected one of {TOWERS}")
+    return self._towers[tower]
+
+  def tokenize(self, tower: str, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids per text with the stored recipe: [CLS] head [SEP].
+
+    Args:
+      tower: "query" or "passage" (they may truncate at different lengths).
+      texts: N strings.
+
+    Returns:
+      N lists of ids, each at most `max_length(tower)` long.
+    """
+    # A lone string is a sequence too, and would embed its characters.
+    if isinstance(texts, str):
+      raise TypeError("texts must be a sequence of strings, not one string")
+    max_length = self._tower(tower).max_length
+    return [self.tokenizer.encode(t, max_length) for t in texts]
+
+  def encode_queries(self, texts: Sequence[str], batch_size: int = 64,
+                     pad_multiple: int = 16) -> np.ndarray:
+    """Embeds queries with the query tower: float32 [N, D], input order."""
+    return self.encode("query", texts, batch_size=batch_size,
+                       pad_multiple=pad_multiple)
+
+  def encode_passages(self, texts: Sequence[str], batch_size: int = 64,
+                      pad_multiple: int = 16) -> np.ndarray:
+    """Embeds passages with the passage tower: float32 [N, D], input order."""
+    return self.encode("passage", texts, batch_size=batch_size,
+                       pad_multiple=pad_multiple)
+
+  def encode(self, tower: str, texts: Sequence[str], *, batch_size: int = 64,
+             pad_multiple: int = 16) -> np.ndarray:
+    """Tokenizes and embeds `texts` with `tower`; see `encode_ids`."""
+    return self.encode_ids(tower, self.tokenize(tower, texts),
+                           batch_size=batch_size, pad_multiple=pad_multiple)
+
+  def encode_ids(self, tower: str, ids: Sequence[Sequence[int]], *,
+                 batch_size: int = 64, pad_multiple: int = 16) -> np.ndarray:
+    """Embeds tokenized texts.
+
+    Args:
+      tower: "query" or "passage".
+      ids: N id lists, [CLS] ... [SEP], each 1 to max_length long.
+      batch_size: most texts per call.
+      pad_multiple: padded lengths of symbolic-length towers are multiples
+        of this, capped at max_length.
+
+    Returns:
+      float32 [N, D] embeddings in the order of `ids` ([0, D] for N = 0).
+
+    Raises:
+      ValueError: for an empty or over-long id list.
+    """
+    spec = self._tower(tower)
+    n = len(ids)
+    emb_nd = np.zeros((n, spec.embedding_dim), np.float32)
+    if not n:
+      return emb_nd
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+    # The program would refuse these too, but with a shape-refinement error
+    # that names neither the tower nor the limit.
+    if lengths.min() < 1 or lengths.max() > spec.max_length:
+      raise ValueError(f"{tower} tower takes 1 to {spec.max_length} ids per "
+                       f"text; got lengths {lengths.min()}..{lengths.max()}")
+    # Longest first (largest shapes first); stable, so ties keep input order.
+    order = np.argsort(-lengths, kind="stable")
+    pending = None
+    for start in range(0, n, batch_size):
+      rows = order[start:start + batch_size]
+      if spec.length_mode == "fixed":
+        width = spec.max_length
+      else:
+        width = int(lengths[rows].max())
+        width = min(-(-width // pad_multiple) * pad_multiple, spec.max_length)
+      # Full batches share one shape; a partial one is rounded to a power of
+      # two, so single-query traffic does not pay for batch_size rows.
+      num_rows = (batch_size if len(rows) == batch_size
+                  else min(batch_size, _next_power_of_two(len(rows))))
+      input_ids_bl = np.full((num_rows, width), self.tokenizer.pad_id,
+                             np.int32)
+      mask_bl = np.zeros((num_rows, width), np.int32)
+      # Padding rows keep an all-zero mask; their outputs are dropped.
+      for i, row in enumerate(rows):
+        input_ids_bl[i, :lengths[row]] = ids[row]
+        mask_bl[i, :lengths[row]] = 1
+      # Dispatch is asynchronous: the device runs this batch while the host
+      # pads the next one; results are collected one batch behind.
+      emb_bd = spec.call(spec.params,
+                         jax.device_put(input_ids_bl, self.device),
+                         jax.device_put(mask_bl, self.device))
+      if pending is not None:
+        emb_nd[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+      pending = (rows, emb_bd)
+    emb_nd[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+    return emb_nd
+
+
+def _check_signature(name: str, exported: jax.export.Exported,
+                     params: Sequence[jax.Array]) -> None:
+  """Checks that weights fit a tower's (flat params, ids, mask) signature."""
+  # in_avals is flat: the weights in file order, then ids and mask.
+  avals = exported.in_avals
+  if len(avals) != len(params) + 2:
+    raise ValueError(f"{name} tower takes {len(avals) - 2} weight arrays, "
+                     f"its weight file holds {len(params)}")
+  for i, (aval, array) in enumerate(zip(avals, params)):
+    if tuple(aval.shape) != array.shape or aval.dtype != array.dtype:
+      raise ValueError(f"{name} tower argument {i} is {aval}, the weight "
+                       f"file holds {array.dtype}{list(array.shape)}")
