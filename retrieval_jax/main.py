@@ -1,7 +1,14 @@
 r"""Entry point: set-up, then dispatch on --mode.
 
   python -m retrieval_jax.main --config configs/evaluate.py[:variant] \
-      --workdir DIR [--mode evaluate|encode] [--config.a.b=value ...]
+      --workdir DIR [--mode train|evaluate|encode|export] \
+      [--config.a.b=value ...]
+
+  train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
+  evaluate  zero-shot retrieval metrics (configs/evaluate.py)
+  encode    corpus embeddings to .npy (configs/evaluate.py)
+  export    query / passage towers of the latest checkpoint in <workdir>
+            (configs/train.py) for serving, to <workdir>/export
 
 Set-up only: multi-process initialisation, partitionable PRNG, logging of the
 process and device counts; every mode is a library function that Colab and
@@ -22,16 +29,48 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for outputs (created if missing).")
 _MODE = flags.DEFINE_enum(
-    "mode", "evaluate", ["evaluate", "encode"], "What to run.")
+    "mode", None, ["train", "evaluate", "encode", "export"],
+    "What to run; by default `train` for a config with a `train` block "
+    "(configs/train.py), else `evaluate`.")
 
 # Environment variables that mean "one of several cooperating processes".
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def initialize_distributed() -> bool:
+  """Joins a multi-process run when the environment describes one.
+
+  `JAX_COORDINATOR_ADDRESS` (host:port of process 0) turns it on;
+  `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` give the layout explicitly (as
+  on a CPU cluster or in tests); on TPU pods and SLURM they may be left out
+  and JAX detects them. Returns whether initialisation happened.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if not any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
+    return False
+  num = os.environ.get("JAX_NUM_PROCESSES")
+  pid = os.environ.get("JAX_PROCESS_ID")
+  jax.distributed.initialize(
+      coordinator_address=(os.environ.get("JAX_COORDINATOR_ADDRESS") or
+                           os.environ.get("COORDINATOR_ADDRESS")),
+      num_processes=int(num) if num else None,
+      process_id=int(pid) if pid else None)
+  return True
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO records of Orbax's internals (several per save)."""
+
+  def filter(self, record) -> bool:
+    return not (record.levelno <= logging.logging.INFO and
+                "/orbax/" in record.pathname)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # pylint: disable=g-import-not-at-top
   from retrieval_jax import sharding
   import jax
@@ -39,8 +78,7 @@ def main(argv):
 
   # Before the first device query: on CPU, one XLA device per core.
   sharding.use_cpu_cores_as_devices(config.mesh.cpu_devices)
-  if any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
-    jax.distributed.initialize()
+  initialize_distributed()
   # Random bits that do not depend on how arrays are sharded.
   jax.config.update("jax_threefry_partitionable", True)
   logging.info("process %d of %d; %d local / %d global devices (%s)",
@@ -51,14 +89,35 @@ def main(argv):
 
   # pylint: disable=g-import-not-at-top
   from retrieval_jax import evaluate
+  from retrieval_jax import metric_logging
+  from retrieval_jax import optimizers
   from retrieval_jax.data import beir
   # pylint: enable=g-import-not-at-top
+  mode = _MODE.value or ("train" if "train" in config else "evaluate")
+  if mode in ("train", "export") and "train" not in config:
+    sys.exit(f"error: --mode={mode} needs a training config "
+             "(configs/train.py), got one without a `train` block")
+  if mode in ("evaluate", "encode") and "search" not in config:
+    sys.exit(f"error: --mode={mode} needs configs/evaluate.py (a `search` "
+             "block); use --mode=train with configs/train.py")
   try:
-    if _MODE.value == "evaluate":
+    if mode == "train":
+      from retrieval_jax import train  # pylint: disable=g-import-not-at-top
+      train.train_and_evaluate(config, _WORKDIR.value)
+    elif mode == "export":
+      from retrieval_jax import export  # pylint: disable=g-import-not-at-top
+      export.export_from_workdir(config, _WORKDIR.value)
+    elif mode == "evaluate":
       evaluate.evaluate(config, _WORKDIR.value)
-    elif _MODE.value == "encode":
+    elif mode == "encode":
       evaluate.encode(config, _WORKDIR.value)
-  except (evaluate.ConfigError, beir.BeirFormatError) as e:
+  except metric_logging.NonFiniteError as e:
+    # The last good checkpoint is untouched; say where it is.
+    logging.error("%s", e)
+    sys.exit(f"error: {e}; the last good checkpoint is in "
+             f"{_WORKDIR.value}/checkpoints")
+  except (evaluate.ConfigError, optimizers.OptimizerConfigError,
+          beir.BeirFormatError, FileNotFoundError) as e:
     # Bad config values and bad input files are the user's to fix: one line
     # naming the key, or the file and line, and no traceback.
     logging.error("%s", e)

@@ -8,6 +8,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -58,3 +60,268 @@ def make_encode_step(graphdef: nnx.GraphDef, mesh: Mesh, *, pooling: str,
       step,
       in_shardings=(replicated, batch_sharding),
       out_shardings=batch_sharding)
+
+
+# ---------------------------------------------------------------------------
+# Training.
+
+
+def encode_tower(model_def, params, ids_bl: jax.Array, mask_bl: jax.Array,
+                 dropout_rng: jax.Array | None, *, pooling: str,
+                 normalize: bool) -> jax.Array:
+  """Embeds a batch with trainable params (dropout on iff a key is given).
+
+  Args:
+    model_def: `train_state.ModelDef` of the encoder.
+    params: the encoder's params (pure dict).
+    ids_bl: int32 [B, L] token ids.
+    mask_bl: int32 [B, L] attention mask.
+    dropout_rng: PRNG key, or None for a deterministic pass.
+    pooling: "cls" or "mean".
+    normalize: L2-normalise the pooled vectors.
+
+  Returns:
+    float32 [B, D].
+  """
+  model = model_def.merge(params)
+  hidden_bld = model(ids_bl, mask_bl, None,
+                     deterministic=dropout_rng is None,
+                     dropout_rng=dropout_rng)
+  emb_bd = pooling_lib.pool(hidden_bld.astype(jnp.float32), mask_bl, pooling)
+  if normalize:
+    emb_bd = pooling_lib.l2_normalize(emb_bd)
+  return emb_bd
+
+
+def contrastive_loss(q_bd: jax.Array, p_cd: jax.Array, batch, *, loss_fn,
+                     temperature: float, share_hard_negatives: bool):
+  """A registry loss on the in-batch score matrix of the global batch.
+
+  Args:
+    q_bd: float32 [B, D] query embeddings.
+    p_cd: float32 [B*G, D] passage embeddings, query-major groups.
+    batch: the loader's batch ("positive_counts", "passage_doc",
+      "relevant_doc" are read).
+    loss_fn: `fn(scores_qc, positive_qc, valid_qc) -> (loss, aux)`.
+    temperature: scores are divided by it.
+    share_hard_negatives: other queries' hard negatives count as negatives.
+
+  Returns:
+    (float32 scalar loss, dict of float32 scalars).
+  """
+  # Imported here: losses depend on models/layers, not the other way round.
+  from retrieval_jax.losses import contrastive  # pylint: disable=g-import-not-at-top
+  group_size = p_cd.shape[0] // q_bd.shape[0]
+  # float32 scores whatever the encoder's dtype (softmax over many columns).
+  scores_qc = jnp.einsum("bd,cd->bc", q_bd, p_cd,
+                         preferred_element_type=jnp.float32) / temperature
+  positive_qc, valid_qc = contrastive.group_masks(
+      batch["positive_counts"], group_size, batch.get("passage_doc"),
+      batch.get("relevant_doc"), share_hard_negatives=share_hard_negatives)
+  return loss_fn(scores_qc, positive_qc, valid_qc)
+
+
+def _chunk_rows(x, num_chunks: int):
+  """[N, ...] -> [num_chunks, N / num_chunks, ...], rows strided.
+
+  Chunk k holds rows k, k + num_chunks, ...: with the batch split over
+  devices in contiguous blocks, every chunk then keeps rows on every device
+  (a contiguous split would put a whole chunk on one device).
+  """
+  n = x.shape[0]
+  x = x.reshape((n // num_chunks, num_chunks) + x.shape[1:])
+  return jnp.swapaxes(x, 0, 1)
+
+
+def _unchunk_rows(x):
+  """Inverse of `_chunk_rows`."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _grad_cache_value_and_grad(params, batch, rngs, *, encode, loss_from_reps,
+                               query_chunks: int, passage_chunks: int):
+  """Loss and param gradients via cached representation gradients.
+
+  GradCache (Gao et al. 2021): (1) embed every chunk without keeping
+  activations, (2) take the loss and its gradient w.r.t. the embeddings on
+  the full batch, (3) re-run each chunk's forward pass with the same dropout
+  key and pull its cached embedding gradient back to the params (a VJP),
+  summing over chunks. The result equals the full-batch gradient because
+  the loss couples examples only through their embeddings; peak activation
+  memory is one chunk's.
+  """
+  q_rng, p_rng = rngs
+  towers = (
+      (batch["query_ids"], batch["query_mask"], q_rng, query_chunks),
+      (batch["passage_ids"], batch["passage_mask"], p_rng, passage_chunks),
+  )
+
+  def chunk_inputs(ids, mask, rng, num_chunks):
+    keys = (None if rng is None else jax.random.split(rng, num_chunks))
+    return _chunk_rows(ids, num_chunks), _chunk_rows(mask, num_chunks), keys
+
+  inputs = [chunk_inputs(*t) for t in towers]
+
+  def embed_all(ids_kbl, mask_kbl, keys):
+    # lax.map: one chunk's activations alive at a time, nothing stored for
+    # a backward pass (no gradient is taken through this).
+    if keys is None:
+      emb = jax.lax.map(lambda xs: encode(params, xs[0], xs[1], None),
+                        (ids_kbl, mask_kbl))
+    else:
+      emb = jax.lax.map(lambda xs: encode(params, *xs),
+                        (ids_kbl, mask_kbl, keys))
+    return _unchunk_rows(emb)
+
+  q_bd, p_cd = (embed_all(*x) for x in inputs)
+  (loss, aux), (dq_bd, dp_cd) = jax.value_and_grad(
+      loss_from_reps, argnums=(0, 1), has_aux=True)(q_bd, p_cd)
+
+  def pull_back(grads, ids_kbl, mask_kbl, keys, demb):
+    demb_kbd = _chunk_rows(demb, ids_kbl.shape[0])
+
+    def body(acc, xs):
+      ids, mask, key, g = xs
+      _, vjp = jax.vjp(lambda prm: encode(prm, ids, mask, key), params)
+      return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
+
+    if keys is None:
+      body_fn = lambda acc, x: body(acc, (x[0], x[1], None, x[2]))
+      xs = (ids_kbl, mask_kbl, demb_kbd)
+    else:
+      body_fn = body
+      xs = (ids_kbl, mask_kbl, keys, demb_kbd)
+    grads, _ = jax.lax.scan(body_fn, grads, xs)
+    return grads
+
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads = pull_back(grads, *inputs[0], dq_bd)
+  grads = pull_back(grads, *inputs[1], dp_cd)
+  return (loss, aux), grads
+
+
+def train_step(state, batch, rng, *, model_def, tx, loss_fn,
+               temperature: float, pooling: str, normalize: bool,
+               dropout: bool, share_hard_negatives: bool = True,
+               grad_cache_chunks: tuple[int, int] | None = None,
+               learning_rate_fn=None):
+  """One optimizer step of a bi-encoder with tied towers.
+
+  Args:
+    state: {"step", "params", "opt_state"} (see `train_state`).
+    batch: the loader's arrays: query_ids / query_mask [B, Lq], passage_ids /
+      passage_mask [B*G, Lp], positive_counts [B], passage_doc [B*G],
+      relevant_doc [B, R].
+    rng: the run's base PRNG key; this step's dropout keys are derived from
+      it and `state["step"]`, so a resumed run draws the same masks.
+    model_def: `train_state.ModelDef`.
+    tx: the optax optimizer.
+    loss_fn: a registry loss `fn(scores_qc, positive_qc, valid_qc)`.
+    temperature: similarity scale (scores / temperature).
+    pooling: "cls" or "mean".
+    normalize: L2-normalise embeddings (cosine similarity).
+    dropout: train with dropout.
+    share_hard_negatives: see `contrastive_loss`.
+    grad_cache_chunks: (query chunks, passage chunks) to run GradCache with;
+      None computes the whole batch at once.
+    learning_rate_fn: schedule, only to report the rate in the metrics.
+
+  Returns:
+    (new state, metrics): float32 scalars "loss", "grad_norm", "param_norm",
+    "update_norm", "learning_rate" and the loss's own aux values.
+  """
+  step_rng = jax.random.fold_in(rng, state["step"])
+  rngs = ((None, None) if not dropout else
+          tuple(jax.random.split(step_rng, 2)))
+  encode = functools.partial(encode_tower, model_def, pooling=pooling,
+                             normalize=normalize)
+  loss_from_reps = functools.partial(
+      contrastive_loss, batch=batch, loss_fn=loss_fn, temperature=temperature,
+      share_hard_negatives=share_hard_negatives)
+
+  if grad_cache_chunks is None:
+
+    def loss_of_params(params):
+      q_bd = encode(params, batch["query_ids"], batch["query_mask"], rngs[0])
+      p_cd = encode(params, batch["passage_ids"], batch["passage_mask"],
+                    rngs[1])
+      return loss_from_reps(q_bd, p_cd)
+
+    (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
+        state["params"])
+  else:
+    (loss, aux), grads = _grad_cache_value_and_grad(
+        state["params"], batch, rngs, encode=encode,
+        loss_from_reps=loss_from_reps, query_chunks=grad_cache_chunks[0],
+        passage_chunks=grad_cache_chunks[1])
+
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
+  }
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state["step"]),
+                                           jnp.float32)
+  metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
+  new_state = {"step": state["step"] + 1, "params": params,
+               "opt_state": opt_state}
+  return new_state, metrics
+
+
+def batch_shardings(mesh: Mesh, batch_spec: dict[str, tuple]) -> dict:
+  """NamedSharding per batch key: the leading (example) axis on the data axes.
+
+  Args:
+    mesh: the device mesh.
+    batch_spec: {key: shape} of the loader's batch.
+  """
+  return {k: sharding.named_sharding(mesh, (sharding.BATCH,) +
+                                     (None,) * (len(shape) - 1))
+          for k, shape in batch_spec.items()}
+
+
+def make_train_step(mesh: Mesh, state_shardings, batch_spec: dict[str, tuple],
+                    **step_kwargs):
+  """Jits `train_step` once for `mesh`, donating the state.
+
+  Args:
+    mesh: the device mesh.
+    state_shardings: from `train_state.state_layout(...).shardings`.
+    batch_spec: {key: shape} of every batch the loader yields.
+    **step_kwargs: the static arguments of `train_step`.
+
+  Returns:
+    `fn(state, batch, rng) -> (state, metrics)`; the batch must already be
+    placed with `batch_shardings` (see `put_batch`).
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step = functools.partial(train_step, **step_kwargs)
+  return jax.jit(
+      step,
+      in_shardings=(state_shardings, batch_shardings(mesh, batch_spec),
+                    replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+
+
+def put_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict:
+  """Places a host batch (the *global* batch) on the mesh.
+
+  Every process holds the same global batch on its host (the loader is a
+  pure function of the step); each device receives just its rows, so this
+  works unchanged when the mesh spans several processes.
+  """
+  out = {}
+  for key, array in batch.items():
+    target = shardings[key]
+    index_map = target.addressable_devices_indices_map(array.shape)
+    pieces = [jax.device_put(array[index], device)
+              for device, index in index_map.items()]
+    out[key] = jax.make_array_from_single_device_arrays(
+        array.shape, target, pieces)
+  return out

@@ -1,0 +1,427 @@
+"""The train mode: fine-tune a bi-encoder, checkpoint, evaluate.
+
+`train_and_evaluate(config, workdir)` is the whole job; `main.py --mode=train`
+and the notebooks call it the same way. Wiring only, no math: the step is
+`steps.train_step`, losses come from `retrieval_jax.losses`, batches from
+`data.pipeline.TrainLoader`.
+
+Resume order (the first that applies):
+  1. the latest complete checkpoint in <workdir>/checkpoints: the full state
+     (params, optimizer, step) and the data position; the run continues as
+     if it had never stopped (same batches, same dropout keys);
+  2. `config.checkpoint.init_from`: params from another run's checkpoint
+     directory, fresh optimizer, step 0;
+  3. scratch: the pretrained weights of `config.model.pretrained`.
+
+Workdir after a run:
+  checkpoints/          Orbax checkpoints (state, data position, config)
+  metrics.jsonl         one line per logged step (train/..., eval/..., perf/...)
+  events.out.tfevents*  the same scalars for TensorBoard
+  results.json          eval metrics before and after training, run summary
+  negatives/            mined hard negatives (cache keyed by content)
+"""
+
+import json
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import tqdm
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from retrieval_jax import checkpointing
+from retrieval_jax import encoding
+from retrieval_jax import metric_logging
+from retrieval_jax import optimizers
+from retrieval_jax import pretrained
+from retrieval_jax import sharding
+from retrieval_jax import steps
+from retrieval_jax import train_state
+from retrieval_jax.data import tokenizers
+from retrieval_jax.evaluation import evaluators
+from retrieval_jax.evaluate import ConfigError
+
+# Batch keys the step reads; the loader's other keys stay on the host.
+STEP_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask",
+             "positive_counts", "passage_doc", "relevant_doc")
+
+
+# ---------------------------------------------------------------------------
+# Start-up checks: every bad value fails here, naming its key.
+
+
+def _get_loss(config):
+  from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
+  try:
+    return losses.get_loss(config.loss.name)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"config.loss.name={config.loss.name!r}: unknown loss; "
+                      f"known: {sorted(losses.LOSSES)}") from e
+
+
+def _check_path(key: str, value: str, *, is_dir: bool,
+                needs: tuple[str, ...] = ()) -> pathlib.Path:
+  path = pathlib.Path(value).expanduser()
+  if not value:
+    raise ConfigError(f"config.{key} is empty: set it to a "
+                      f"{'directory' if is_dir else 'file'}")
+  if is_dir and not path.is_dir():
+    raise ConfigError(f"config.{key}={value!r}: no such directory")
+  if not is_dir and not path.is_file():
+    raise ConfigError(f"config.{key}={value!r}: no such file")
+  missing = [n for n in needs if not (path / n).is_file()]
+  if missing:
+    raise ConfigError(f"config.{key}={value!r} lacks {missing}")
+  return path
+
+
+def validate(config: ml_collections.ConfigDict, mesh) -> None:
+  """Checks the config against the mesh and the file system.
+
+  Raises:
+    ConfigError: naming the offending key.
+  """
+  _get_loss(config)
+  batch_size = config.train.batch_size
+  if batch_size < 1:
+    raise ConfigError(f"config.train.batch_size={batch_size}: must be >= 1")
+  shards = sharding.data_size(mesh)
+  if batch_size % shards:
+    raise ConfigError(
+        f"config.train.batch_size={batch_size} is not divisible by the "
+        f"{shards} data shards of config.mesh.shape={tuple(config.mesh.shape)}"
+        f" ({len(mesh.devices.flat)} devices)")
+  if config.data.format == "beir":
+    _check_path("data.path", config.data.path, is_dir=True,
+                needs=("corpus.jsonl", "queries.jsonl",
+                       f"qrels/{config.data.train_split}.tsv"))
+  elif config.data.format == "pairs":
+    _check_path("data.path", config.data.path, is_dir=False)
+    _check_path("data.corpus_path", config.data.corpus_path, is_dir=True,
+                needs=("corpus.jsonl",))
+  else:
+    raise ConfigError(f"config.data.format={config.data.format!r}: expected "
+                      "'beir' or 'pairs'")
+  if config.data.negatives not in ("bm25", "dense", "none"):
+    raise ConfigError(f"config.data.negatives={config.data.negatives!r}: "
+                      "expected 'bm25', 'dense' or 'none'")
+  q_chunks, p_chunks = config.train.grad_cache_chunks
+  if (q_chunks or p_chunks) and not (q_chunks and p_chunks):
+    raise ConfigError("config.train.grad_cache_chunks: set both (query, "
+                      "passage) chunk counts, or (0, 0) for no GradCache")
+  if q_chunks and (batch_size % q_chunks or
+                   (batch_size * config.data.group_size) % p_chunks):
+    raise ConfigError(
+        f"config.train.grad_cache_chunks={tuple(config.train.grad_cache_chunks)}"
+        f" must divide the {batch_size} queries and "
+        f"{batch_size * config.data.group_size} passages of a batch")
+  for name, ev in config.evals.items():
+    _check_path(f"evals.{name}.path", ev.path, is_dir=True,
+                needs=("corpus.jsonl", "queries.jsonl",
+                       f"qrels/{ev.split}.tsv"))
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the job.
+
+
+def _training_data(config, workdir: pathlib.Path, tokenizer, loss_spec,
+                   encoder_fn):
+  """Training groups with mined negatives, and the loader over them."""
+  from retrieval_jax.data import negatives as negatives_lib  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data_cfg = config.data
+  if data_cfg.format == "beir":
+    data = pipeline.TrainingData.from_beir(
+        data_cfg.path, split=data_cfg.train_split,
+        corpus_dir=data_cfg.corpus_path or None)
+  else:
+    data = pipeline.TrainingData.from_pairs(data_cfg.path,
+                                            data_cfg.corpus_path)
+  if data_cfg.negatives != "none":
+    data = negatives_lib.attach_negatives(
+        data, method=data_cfg.negatives, depth=data_cfg.negative_depth,
+        cache_dir=workdir / "negatives", encoder_fn=encoder_fn)
+  loader = pipeline.TrainLoader(
+      data, tokenizer, batch_size=config.train.batch_size,
+      group_size=data_cfg.group_size, unit=loss_spec.unit,
+      positives=loss_spec.positives, max_positives=data_cfg.max_positives,
+      query_max_length=data_cfg.query_max_length,
+      passage_max_length=data_cfg.passage_max_length, seed=data_cfg.seed,
+      negative_depth=data_cfg.negative_depth,
+      max_relevant=data_cfg.max_relevant)
+  return data, loader
+
+
+def _make_evaluators(config, workdir: pathlib.Path):
+  from retrieval_jax.data import tfds_beir  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, ev in config.evals.items():
+    collection = tfds_beir.load_beir_tfds(
+        pathlib.Path(ev.path), split=ev.split,
+        data_dir=pathlib.Path(config.data.tfds_dir or workdir / "tfds"),
+        on_unknown="warn")
+    out[name] = evaluators.RetrievalEvaluator(
+        collection, measures=ev.measures, relevance_level=1,
+        top_k=ev.top_k, metric="cosine" if config.model.normalize else "dot",
+        max_queries=ev.max_queries, name=name)
+  return out
+
+
+class _EvalRunner:
+  """Runs the evaluators on the current params with one compiled encoder."""
+
+  def __init__(self, config, model_def, tokenizer, mesh, evals):
+    self.config = config
+    self.model_def = model_def
+    self.mesh = mesh
+    self.evals = evals
+    self.encoder = None
+    self.tokenizer = tokenizer
+
+  def _encoder(self, params):
+    # Merge the trained params into the module and split it whole: the
+    # encode step takes the full NNX state. One TextEncoder (one compiled
+    # step per padded length) serves every evaluation; only its state moves.
+    model = self.model_def.merge(params)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+    if self.encoder is None:
+      self.encoder = encoding.TextEncoder(
+          graphdef=graphdef, state=state, tokenizer=self.tokenizer,
+          pooling=self.config.model.pooling,
+          normalize=self.config.model.normalize,
+          max_length=self.config.model.max_length, mesh=self.mesh)
+    else:
+      self.encoder.state = state
+    return self.encoder
+
+  def run(self, params) -> dict[str, float]:
+    """{"eval/<name>/<measure>": value} over every evaluator."""
+    if not self.evals:
+      return {}
+    encoder = self._encoder(params)
+    out = {}
+    with jax.default_matmul_precision(self.config.model.matmul_precision):
+      for name, evaluator in self.evals.items():
+        ev = self.config.evals[name]
+        result = evaluator.run(encoder, batch_size=ev.batch_size,
+                               pad_multiple=16, sort_by_length=True,
+                               mesh=self.mesh)
+        out.update({f"eval/{name}/{k}": float(v)
+                    for k, v in result.metrics.items()})
+    return out
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1) + "\n")
+  tmp.replace(path)
+
+
+def _resolve_model_settings(config, loaded) -> None:
+  """Fills the checkpoint's own pooling / normalisation into the config."""
+  with config.unlocked():
+    if not config.model.pooling:
+      config.model.pooling = loaded.pooling
+    if config.model.normalize is None:
+      config.model.normalize = loaded.normalize
+
+
+# ---------------------------------------------------------------------------
+# The job.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Fine-tunes, checkpoints and evaluates as `config` says.
+
+  Args:
+    config: a `configs/train.py` config.
+    workdir: outputs and checkpoints; rerunning on the same workdir resumes.
+
+  Returns:
+    {"before": eval metrics at step 0 (absent when resumed past it),
+     "after": eval metrics at the end, "train": last train metrics,
+     "steps": total steps, "source": where the state came from}.
+
+  Raises:
+    ConfigError: a bad config value (named).
+    metric_logging.NonFiniteError: the loss went NaN/inf; the last good
+      checkpoint is kept.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
+  mesh = sharding.make_mesh(config.mesh.shape)
+  validate(config, mesh)
+  loss_spec = _get_loss(config)
+  is_primary = jax.process_index() == 0
+
+  loaded = pretrained.load_pretrained(config.model.pretrained,
+                                      dtype=jnp.dtype(config.model.dtype))
+  _resolve_model_settings(config, loaded)
+  tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
+      loaded.model_dir)
+  model_def, params = train_state.split_model(loaded.model)
+
+  evals = _make_evaluators(config, workdir)
+  eval_runner = _EvalRunner(config, model_def, tokenizer, mesh, evals)
+
+  def encoder_fn():
+    # Dense negative mining uses the starting (pretrained) encoder.
+    return eval_runner._encoder(params)  # pylint: disable=protected-access
+
+  _, loader = _training_data(config, workdir, tokenizer, loss_spec,
+                                encoder_fn)
+  logging.info("training data: %s", loader.describe())
+  if config.train.num_steps:
+    total_steps = int(config.train.num_steps)
+  else:
+    total_steps = max(1, int(round(config.train.num_epochs *
+                                   loader.steps_per_epoch)))
+
+  tx, schedule = optimizers.make_optimizer(config.optim, total_steps)
+  layout = train_state.state_layout(model_def, params, tx, mesh)
+  checkpointer = checkpointing.Checkpointer(
+      workdir / "checkpoints",
+      save_interval_steps=config.checkpoint.every_steps,
+      max_to_keep=config.checkpoint.max_to_keep or None,
+      async_save=config.checkpoint.async_save)
+  state, data_position, source = checkpointing.resume_or_init(
+      checkpointer, layout.abstract,
+      init_fn=lambda: train_state.create(params, tx, layout),
+      init_from=config.checkpoint.init_from)
+  start_step = int(jax.device_get(state["step"]))
+  if data_position is not None and (
+      data_position.get("seed") != config.data.seed or
+      data_position.get("step") != start_step):
+    raise ConfigError(
+        f"checkpoint at step {start_step} was written with data position "
+        f"{data_position}; config.data.seed={config.data.seed} differs, so "
+        "resuming would not replay the same batches (use a new workdir)")
+  logging.info("state from %s; %d parameters; step %d of %d", source,
+               train_state.num_params(params), start_step, total_steps)
+
+  batch_spec = {k: v.shape for k, v in loader.batch_at(0).items()
+                if k in STEP_KEYS}
+  step_fn = steps.make_train_step(
+      mesh, layout.shardings, batch_spec, model_def=model_def, tx=tx,
+      loss_fn=loss_spec.fn, temperature=config.loss.temperature,
+      pooling=config.model.pooling, normalize=config.model.normalize,
+      dropout=config.model.dropout,
+      share_hard_negatives=config.loss.share_hard_negatives,
+      grad_cache_chunks=(tuple(config.train.grad_cache_chunks)
+                         if config.train.grad_cache_chunks[0] else None),
+      learning_rate_fn=schedule)
+  in_batch_shardings = steps.batch_shardings(mesh, batch_spec)
+  rng = jax.device_put(jax.random.PRNGKey(config.train.seed),
+                       NamedSharding(mesh, PartitionSpec()))
+  logger = metric_logging.MetricLogger(workdir, is_primary=is_primary)
+  config_json = json.loads(config.to_json_best_effort())
+  if start_step == 0:
+    logger.write_hparams({k: v for k, v in _flat(config_json).items()
+                          if isinstance(v, (int, float, str, bool))})
+
+  results: dict[str, Any] = {"source": source, "steps": total_steps}
+  if start_step == 0 and evals and config.train.eval_before:
+    results["before"] = eval_runner.run(state["params"])
+    logger.write(0, results["before"])
+    _print_metrics("before training", results["before"])
+
+  def save(step, force=False):
+    checkpointer.save(step, state, data={"step": step,
+                                         "seed": config.data.seed},
+                      metadata={"config": config_json}, force=force)
+
+  examples_per_step = config.train.batch_size
+  last_metrics: dict[str, float] = {}
+  bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train",
+                  unit="step", disable=not is_primary, mininterval=2.0)
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    batches = loader.iterate(start_step)
+    for step in range(start_step, total_steps):
+      host_batch = next(batches)
+      batch = steps.put_batch({k: host_batch[k] for k in STEP_KEYS},
+                              in_batch_shardings)
+      # Implicit host<->device copies inside the loop are bugs (a stray
+      # numpy array re-uploaded every step); explicit ones are allowed.
+      with jax.transfer_guard("disallow"):
+        state, metrics = step_fn(state, batch, rng)
+      window_steps += 1
+      done = step + 1
+      log_now = (done % config.train.log_every == 0 or done == total_steps or
+                 checkpointer.should_save(done))
+      if log_now:
+        metrics = {f"train/{k}": float(v)
+                   for k, v in jax.device_get(metrics).items()}
+        # Checked before any save, so a diverged state never overwrites
+        # the last good checkpoint.
+        metric_logging.check_finite(metrics, done)
+        elapsed = time.perf_counter() - window_start
+        metrics["perf/examples_per_s"] = (window_steps * examples_per_step /
+                                          max(elapsed, 1e-9))
+        metrics["perf/step_time_s"] = elapsed / max(window_steps, 1)
+        window_start, window_steps = time.perf_counter(), 0
+        logger.write(done, metrics)
+        last_metrics = metrics
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                        ex_s=f"{metrics['perf/examples_per_s']:.1f}")
+      bar.update(1)
+      if checkpointer.should_save(done) or done == total_steps:
+        save(done, force=True)
+      every = config.train.eval_every
+      if evals and every and done % every == 0 and done != total_steps:
+        logger.write(done, eval_runner.run(state["params"]))
+      if checkpointer.reached_preemption(done):
+        save(done, force=True)
+        logging.warning("preemption signal at step %d: saved and stopping",
+                        done)
+        break
+  finally:
+    bar.close()
+    checkpointer.wait_until_finished()
+  if evals and config.train.eval_after:
+    results["after"] = eval_runner.run(state["params"])
+    logger.write(int(jax.device_get(state["step"])), results["after"])
+    _print_metrics("after training", results["after"])
+  results["train"] = last_metrics
+  checkpointer.close()
+  logger.close()
+  if is_primary:
+    _write_json(workdir / "results.json", results)
+  if "before" in results and "after" in results:
+    _print_before_after(results["before"], results["after"])
+  return results
+
+
+def _flat(obj, prefix=""):
+  out = {}
+  for k, v in obj.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+  print(title)
+  for k, v in metrics.items():
+    print(f"  {k:<36} {v:.4f}")
+
+
+def _print_before_after(before: dict[str, float],
+                        after: dict[str, float]) -> None:
+  width = max(len(k) for k in after)
+  print(f"{'measure':<{width}}  before   after    change")
+  for k in after:
+    b = before.get(k, float("nan"))
+    print(f"{k:<{width}}  {b:.4f}   {after[k]:.4f}   {after[k] - b:+.4f}")

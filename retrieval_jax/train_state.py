@@ -1,0 +1,182 @@
+"""The training state: a plain pytree, its abstract twin and its shardings.
+
+The state is a dict, so Orbax, `jax.jit` shardings and donation all see the
+same structure:
+
+  step       int32 []            optimizer steps taken
+  params     nested dict         the encoder's trainable weights (the NNX
+                                 state as a pure dict: `State.to_pure_dict()`)
+  opt_state  optax state         moments etc., laid out like `params`
+
+The model's static graph and its non-trainable NNX state (RNG stream
+counters, unused because dropout keys are passed explicitly) stay outside:
+they are bound once into the jitted step (`ModelDef`).
+
+Shardings are derived, never written by hand: each parameter carries logical
+axis names (`out_sharding` metadata); `sharding.logical_to_spec` maps them
+to mesh axes through the config's rules; optimizer leaves shaped like a
+parameter inherit that parameter's sharding (Adam's moments), everything else
+(counters) is replicated.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from retrieval_jax import sharding
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """The static half of a split encoder.
+
+  Attributes:
+    graphdef: from `nnx.split(model, nnx.Param, ...)`.
+    rest: the non-parameter NNX state (RNG streams); small, replicated.
+    logical_axes: {param path: logical axis names}, from the Params'
+      `out_sharding` metadata.
+  """
+  graphdef: nnx.GraphDef
+  rest: nnx.State
+  logical_axes: dict[tuple, tuple[str | None, ...]]
+
+  def merge(self, params: PyTree) -> nnx.Module:
+    """The module holding `params` (a pure dict); call inside jit."""
+    return nnx.merge(self.graphdef, params, self.rest)
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, PyTree]:
+  """Splits an NNX encoder into its static `ModelDef` and pure-dict params."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  logical_axes = {}
+  for path, variable in nnx.to_flat_state(params):
+    axes = variable.get_metadata().get("out_sharding")
+    logical_axes[tuple(path)] = tuple(axes) if axes else (None,) * len(
+        variable.shape)
+  return ModelDef(graphdef, rest, logical_axes), nnx.to_pure_dict(params)
+
+
+def _path_key(entry) -> Any:
+  """A tree-path entry as the plain key it stands for."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def param_shardings(model_def: ModelDef, params: PyTree, mesh: Mesh,
+                    rules=sharding.DEFAULT_RULES) -> PyTree:
+  """NamedSharding per parameter from its logical axes and `rules`."""
+
+  def one(path, leaf):
+    del leaf
+    key = tuple(_path_key(p) for p in path)
+    return sharding.named_sharding(mesh, model_def.logical_axes[key], rules)
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def opt_state_shardings(abstract_opt_state: PyTree, params_shardings: PyTree,
+                        abstract_params: PyTree, mesh: Mesh) -> PyTree:
+  """Shardings for an optax state: param-like leaves follow their param.
+
+  An optimizer leaf is "param-like" when the tail of its tree path is a
+  parameter's path and the shapes agree (Adam's mu / nu, momentum traces);
+  all other leaves (step counters, scalars) are replicated.
+  """
+  by_path = {}
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_shardings = jax.tree_util.tree_leaves(params_shardings)
+  for (path, leaf), shard in zip(flat_params, flat_shardings):
+    by_path[tuple(_path_key(p) for p in path)] = (leaf.shape, shard)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def one(path, leaf):
+    keys = tuple(_path_key(p) for p in path)
+    # Optax wraps the parameter tree in its own containers (tuples, named
+    # tuples, MaskedState); the parameter's path is a suffix of the leaf's.
+    for start in range(len(keys)):
+      hit = by_path.get(keys[start:])
+      if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """Abstract state (shapes, dtypes, shardings) and its shardings."""
+  abstract: PyTree  # jax.ShapeDtypeStruct leaves with .sharding set
+  shardings: PyTree  # NamedSharding leaves, same structure
+
+
+def state_layout(model_def: ModelDef, params: PyTree,
+                 tx: optax.GradientTransformation, mesh: Mesh,
+                 rules=sharding.DEFAULT_RULES) -> StateLayout:
+  """Derives the train state's abstract value and shardings.
+
+  Args:
+    model_def: the model's static half.
+    params: real or abstract params (only shapes and dtypes are read).
+    tx: the optimizer.
+    mesh: the device mesh.
+    rules: logical-axis rules.
+
+  Returns:
+    StateLayout; restore targets and the jitted step's in/out shardings.
+  """
+  abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  p_shardings = param_shardings(model_def, abstract_params, mesh, rules)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  o_shardings = opt_state_shardings(abstract_opt, p_shardings,
+                                    abstract_params, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = {"step": replicated, "params": p_shardings,
+               "opt_state": o_shardings}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+              "params": abstract_params, "opt_state": abstract_opt}
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+  return StateLayout(abstract=abstract, shardings=shardings)
+
+
+def create(params: PyTree, tx: optax.GradientTransformation,
+           layout: StateLayout) -> PyTree:
+  """The step-0 state: params placed by their shardings, fresh optimizer.
+
+  Args:
+    params: host or device arrays (e.g. pretrained weights).
+    tx: the optimizer.
+    layout: from `state_layout`.
+
+  Returns:
+    The state dict, every leaf on the mesh with its layout's sharding.
+  """
+  params = jax.device_put(params, layout.shardings["params"])
+  # Jit the init so the moments are created directly in their shards.
+  opt_state = jax.jit(tx.init, out_shardings=layout.shardings["opt_state"])(
+      params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), layout.shardings["step"])
+  return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def num_params(params: PyTree) -> int:
+  """Total parameter count."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def map_params(fn: Callable[[Sequence, Any], Any], params: PyTree) -> PyTree:
+  """`fn(path_keys, leaf)` over params, with plain keys (str / int)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: fn(tuple(_path_key(p) for p in path), x), params)
