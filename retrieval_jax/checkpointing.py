@@ -73,8 +73,12 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
   }
 
 
-def _check_step(step: Any) -> int:
-  """Returns `step` as a python int; rejects bools, floats and negatives."""
+def check_step(step: Any) -> int:
+  """Returns `step` as a python int; rejects bools, floats and negatives.
+
+  Steps name checkpoint directories and are the x-axis and join key of the
+  metric logs, so 2.5 or True is always a caller's mistake.
+  """
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
     raise TypeError(
         f"step must be a python or numpy integer, got {type(step).__name__}"
@@ -156,7 +160,7 @@ def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     return max(steps)
-  step = _check_step(step)
+  step = check_step(step)
   if step not in steps:
     raise FileNotFoundError(
         f"no checkpoint for step {step} in {manager.directory};"
@@ -258,7 +262,7 @@ class Checkpointer:
     the latest checkpoint (a resumed run does not rewrite the step it
     restored).
     """
-    step = _check_step(step)
+    step = check_step(step)
     latest = self.latest_step()
     return step % self._interval == 0 and (latest is None or step > latest)
 
@@ -281,7 +285,7 @@ class Checkpointer:
       ValueError: `step` is older than the latest checkpoint.
       TypeError: `data` or `metadata` is not JSON-serialisable.
     """
-    step = _check_step(step)
+    step = check_step(step)
     # latest_step() already counts a save still in flight, so a repeated
     # call for the same step is caught here and not by Orbax's error.
     latest = self.latest_step()

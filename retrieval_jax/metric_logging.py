@@ -33,6 +33,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from retrieval_jax import checkpointing
 # clu's writers import TensorFlow; tf_setup hides the accelerators from it
 # first, so TF cannot reserve the memory JAX needs.
 from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
@@ -61,19 +62,6 @@ class NonFiniteError(FloatingPointError):
     super().__init__(message)
     self.step = step
     self.names = names
-
-
-def _check_step(step: Any) -> int:
-  """`step` as a python int; rejects bools, floats and negatives."""
-  if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-    raise TypeError(
-        f"step must be a python or numpy integer, got {type(step).__name__}"
-        f" {step!r}")
-  # The step is TensorBoard's x-axis and the JSONL's join key with
-  # checkpoints: 2.5 or True there is always a caller's mistake.
-  if step < 0:
-    raise ValueError(f"step must be >= 0, got {step}")
-  return int(step)
 
 
 def _to_host(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -238,7 +226,7 @@ class MetricLogger:
     """
     if self._closed:
       raise ValueError("MetricLogger is closed")
-    step = _check_step(step)
+    step = checkpointing.check_step(step)
     # Convert before writing anywhere, so a bad value leaves neither the
     # event file nor the JSONL with half a record.
     scalars = _to_scalars(metrics)

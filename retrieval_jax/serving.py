@@ -72,6 +72,10 @@ SAFETENSORS_DTYPES = {
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors file (u64 header size, JSON header, raw bytes).
 
+  `pretrained.read_safetensors` decodes the same format for checkpoint
+  import, but that module imports Flax; serving must not, so the (short)
+  decoder lives here too.
+
   Args:
     path: the file.
 
