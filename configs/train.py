@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.max_positives = 2
   # Known relevant documents tracked per query (masked as negatives).
   config.data.max_relevant = 8
-  # Token budgets ([CLS] and [SEP] included); sequences pad to these.
+  # Query token budget ([CLS] and [SEP] included); queries pad to it.
   config.data.query_max_length = 16
   # LIMIT-small documents are 143-173 tokens: 176 keeps every attribute.
   config.data.passage_max_length = 176
@@ -140,9 +140,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.decay_norms_and_biases = False
   # Clip the global gradient norm (0 = off).
   config.optim.clip_norm = 1.0
-  # Adam moment decay rates and epsilon.
+  # Adam's first-moment decay rate.
   config.optim.b1 = 0.9
+  # Adam's second-moment decay rate.
   config.optim.b2 = 0.999
+  # Adam's epsilon (added to the root of the second moment).
   config.optim.eps = 1e-8
 
   config.checkpoint = ml_collections.ConfigDict()
@@ -161,8 +163,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       limit, "dev", ("recall@2", "recall@10", "ndcg@10", "mrr@10"))
 
   config.export = ml_collections.ConfigDict()
-  # Token budgets of the exported query and passage towers.
+  # Token budget of the exported query tower.
   config.export.query_max_length = 32
+  # Token budget of the exported passage tower.
   config.export.passage_max_length = 256
 
   config.mesh = common.mesh_block()

@@ -99,9 +99,10 @@ class EvaluateModeTest(absltest.TestCase):
       evaluate.evaluate(config, self.create_tempdir())
 
   def test_missing_split_names_the_keys(self):
-    config = _config(**{"data.split": "dev"})
-    with self.assertRaisesRegex(evaluate.ConfigError,
-                                r"config\.data\.split='dev'.*qrels/dev\.tsv"):
+    config = _config(**{"data.split": "validation"})
+    with self.assertRaisesRegex(
+        evaluate.ConfigError,
+        r"config\.data\.split='validation'.*qrels/validation\.tsv"):
       evaluate.evaluate(config, self.create_tempdir())
 
   def test_command_line_smoke(self):

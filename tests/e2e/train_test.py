@@ -11,9 +11,11 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl.testing import absltest
@@ -27,7 +29,7 @@ from retrieval_jax import sharding
 from retrieval_jax import train_state
 from test_util import REPO
 
-NUM_STEPS = 8
+NUM_STEPS = 12
 EVERY = 2
 
 
@@ -75,10 +77,14 @@ class TrainEndToEndTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.root = pathlib.Path(absltest.get_default_test_tmpdir()) / "e2e_train"
+    cls.root = pathlib.Path(tempfile.mkdtemp(prefix="rj_e2e_train_"))
     cls.reference = cls.root / "uninterrupted"
-    if not (cls.reference / "results.json").exists():
-      _run(cls.reference)
+    _run(cls.reference)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
 
   def test_sigkill_then_resume_equals_uninterrupted_run(self):
     workdir = self.root / "killed"
@@ -86,18 +92,22 @@ class TrainEndToEndTest(absltest.TestCase):
     proc = subprocess.Popen(_command(workdir), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    # Kill as soon as the first checkpoint is committed (Orbax renames the
-    # finished tmp directory to "<step>"), long before step NUM_STEPS.
+    # Kill as soon as a checkpoint is committed (Orbax renames the finished
+    # tmp directory to "<step>"), well before step NUM_STEPS.
     deadline = time.monotonic() + 600
-    while not (ckpts / str(EVERY)).is_dir():
+
+    def committed():
+      if not ckpts.is_dir():
+        return []
+      return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+
+    while not committed():
       self.assertIsNone(proc.poll(), "the run ended before its checkpoint")
       self.assertLess(time.monotonic(), deadline)
       time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    committed = sorted(int(p.name) for p in ckpts.iterdir()
-                       if p.name.isdigit())
-    self.assertLess(max(committed), NUM_STEPS, "not killed mid-run")
+    self.assertLess(max(committed()), NUM_STEPS, "not killed mid-run")
 
     resumed = _run(workdir)
     results = json.loads((workdir / "results.json").read_text())
@@ -166,19 +176,30 @@ class TrainEndToEndTest(absltest.TestCase):
         np.abs(encoder.encode(texts, progress=False) - served).max(), 1e-4)
 
   def test_bad_config_values_name_the_key(self):
+    from configs import train as train_config  # pylint: disable=g-import-not-at-top
+    from retrieval_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from retrieval_jax import train  # pylint: disable=g-import-not-at-top
     cases = {
-        ("--config.loss.name=no_such_loss",): "config.loss.name='no_such_loss'",
-        # Two CPU devices, so an odd batch cannot split over the data axis.
-        ("--config.train.batch_size=7", "--config.mesh.cpu_devices=2"):
-            "config.train.batch_size=7",
-        ("--config.data.path=/no/such/dir",): "config.data.path='/no/such/dir'",
+        ("loss.name", "no_such_loss"): "config.loss.name='no_such_loss'",
+        # 8 test devices: an odd batch cannot split over the data axis.
+        ("train.batch_size", 7): "config.train.batch_size=7",
+        ("data.path", "/no/such/dir"): "config.data.path='/no/such/dir'",
     }
-    for flags, expected in cases.items():
-      with self.subTest(flags[0]):
-        proc = _run(self.root / "bad", *flags, check=False)
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(expected, proc.stderr)
-        self.assertNotIn("Traceback", proc.stderr)
+    for (key, value), expected in cases.items():
+      with self.subTest(key):
+        config = train_config.get_config("smoke")
+        with config.unlocked():
+          section, field = key.split(".")
+          config[section][field] = value
+        # Fails in validation, before any model or data is loaded.
+        with self.assertRaisesRegex(evaluate.ConfigError, expected):
+          train.train_and_evaluate(config, self.root / "bad")
+    # Through the command line: one line naming the key, no traceback.
+    proc = _run(self.root / "bad", "--config.loss.name=no_such_loss",
+                check=False)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("config.loss.name='no_such_loss'", proc.stderr)
+    self.assertNotIn("Traceback", proc.stderr)
 
 
 if __name__ == "__main__":
