@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from retrieval_jax import sharding
+from retrieval_jax.layers import core
 
 # Added to the attention logits of padding keys. Finite so that a row whose
 # keys are all padding still gives a (uniform) softmax and no NaN; large
@@ -138,65 +139,12 @@ class EncoderConfig:
     return cls(**fields)
 
 
-def _param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
-           axes: tuple[str | None, ...]) -> nnx.Param:
-  """A parameter annotated with logical axis names (metadata only)."""
-  assert len(axes) == len(shape), (axes, shape)
-  return nnx.Param(
-      init_fn(rngs.params(), shape, dtype),
-      out_sharding=axes,
-      eager_sharding=False)
-
-
-def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
-               eps: float) -> jax.Array:
-  """LayerNorm over the last axis with float32 statistics.
-
-  Two-pass variance (mean of squared deviations), as torch.nn.LayerNorm
-  computes it; E[x^2] - E[x]^2 cancels badly when |mean| >> std.
-
-  Args:
-    x_bld: [..., D] activations, any float dtype.
-    scale_d: [D] gain. bias_d: [D] offset.
-    eps: added to the variance.
-
-  Returns:
-    Normalised array of the shape and dtype of `x_bld`.
-  """
-  x32 = x_bld.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  centered = x32 - mean
-  var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
-  y = centered * jax.lax.rsqrt(var + eps)
-  y = y * scale_d.astype(jnp.float32) + bias_d.astype(jnp.float32)
-  return y.astype(x_bld.dtype)
-
-
-class LayerNorm(nnx.Module):
+class LayerNorm(core.LayerNorm):
   """LayerNorm with scale and bias over the model width."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
-    d = config.hidden_size
-    self.eps = config.layer_norm_eps
-    self.scale_d = _param(nnx.initializers.ones, rngs, (d,),
-                          config.param_dtype, (sharding.EMBED,))
-    self.bias_d = _param(nnx.initializers.zeros, rngs, (d,),
-                         config.param_dtype, (sharding.EMBED,))
-
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    """[..., D] -> [..., D], same dtype."""
-    return layer_norm(x_bld, self.scale_d[...], self.bias_d[...], self.eps)
-
-
-def _dropout(layer: nnx.Dropout, x: jax.Array, deterministic: bool,
-             rng: jax.Array | None) -> jax.Array:
-  """Applies `layer`, with an explicit key when one is given.
-
-  With `rng=None` the layer draws from the stream it was built with (the
-  stateful NNX way); an explicit key lets a pure `train_step(state, batch,
-  rng)` drive dropout without threading RNG state.
-  """
-  return layer(x, deterministic=deterministic, rngs=rng)
+    super().__init__(config.hidden_size, config.layer_norm_eps,
+                     config.param_dtype, rngs=rngs)
 
 
 class Embeddings(nnx.Module):
@@ -206,12 +154,12 @@ class Embeddings(nnx.Module):
     init = nnx.initializers.normal(config.initializer_range)
     d = config.hidden_size
     self.dtype = config.dtype
-    self.word_vd = _param(init, rngs, (config.vocab_size, d),
+    self.word_vd = core.param(init, rngs, (config.vocab_size, d),
                           config.param_dtype, (sharding.VOCAB, sharding.EMBED))
     # Position and type tables are small (<= 512 rows): rows replicated.
-    self.position_pd = _param(init, rngs, (config.max_position_embeddings, d),
+    self.position_pd = core.param(init, rngs, (config.max_position_embeddings, d),
                               config.param_dtype, (None, sharding.EMBED))
-    self.type_td = _param(init, rngs, (config.type_vocab_size, d),
+    self.type_td = core.param(init, rngs, (config.type_vocab_size, d),
                           config.param_dtype, (None, sharding.EMBED))
     self.norm = LayerNorm(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
@@ -230,7 +178,7 @@ class Embeddings(nnx.Module):
              + self.position_pd[:length][None, :, :]
              + jnp.take(self.type_td[...], token_type_ids_bl, axis=0))
     x_bld = self.norm(x_bld).astype(self.dtype)
-    return _dropout(self.dropout, x_bld, deterministic, rng)
+    return core.dropout(self.dropout, x_bld, deterministic, rng)
 
 
 class SelfAttention(nnx.Module):
@@ -244,15 +192,15 @@ class SelfAttention(nnx.Module):
     self.dtype = config.dtype
     in_axes = (sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM)
     bias_axes = (sharding.HEADS, sharding.HEAD_DIM)
-    self.query_dnh = _param(init, rngs, (d, n, h), pd, in_axes)
-    self.query_bias_nh = _param(zeros, rngs, (n, h), pd, bias_axes)
-    self.key_dnh = _param(init, rngs, (d, n, h), pd, in_axes)
-    self.key_bias_nh = _param(zeros, rngs, (n, h), pd, bias_axes)
-    self.value_dnh = _param(init, rngs, (d, n, h), pd, in_axes)
-    self.value_bias_nh = _param(zeros, rngs, (n, h), pd, bias_axes)
-    self.out_nhd = _param(init, rngs, (n, h, d), pd,
+    self.query_dnh = core.param(init, rngs, (d, n, h), pd, in_axes)
+    self.query_bias_nh = core.param(zeros, rngs, (n, h), pd, bias_axes)
+    self.key_dnh = core.param(init, rngs, (d, n, h), pd, in_axes)
+    self.key_bias_nh = core.param(zeros, rngs, (n, h), pd, bias_axes)
+    self.value_dnh = core.param(init, rngs, (d, n, h), pd, in_axes)
+    self.value_bias_nh = core.param(zeros, rngs, (n, h), pd, bias_axes)
+    self.out_nhd = core.param(init, rngs, (n, h, d), pd,
                           (sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED))
-    self.out_bias_d = _param(zeros, rngs, (d,), pd, (sharding.EMBED,))
+    self.out_bias_d = core.param(zeros, rngs, (d,), pd, (sharding.EMBED,))
     self.dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
 
   def __call__(self, x_bld: jax.Array, mask_bl: jax.Array, *,
@@ -274,7 +222,7 @@ class SelfAttention(nnx.Module):
     logits_bnqk = (logits_bnqk.astype(jnp.float32)
                    + bias_bk[:, None, None, :].astype(jnp.float32))
     probs_bnqk = jax.nn.softmax(logits_bnqk, axis=-1).astype(dt)
-    probs_bnqk = _dropout(self.dropout, probs_bnqk, deterministic, rng)
+    probs_bnqk = core.dropout(self.dropout, probs_bnqk, deterministic, rng)
     context_bqnh = jnp.einsum("bnqk,bknh->bqnh", probs_bnqk, v_blnh)
     return (jnp.einsum("bqnh,nhd->bqd", context_bqnh,
                        self.out_nhd[...].astype(dt))
@@ -290,10 +238,10 @@ class FeedForward(nnx.Module):
     d, f, pd = config.hidden_size, config.intermediate_size, config.param_dtype
     self.dtype = config.dtype
     self.hidden_act = config.hidden_act
-    self.wi_df = _param(init, rngs, (d, f), pd, (sharding.EMBED, sharding.MLP))
-    self.bi_f = _param(zeros, rngs, (f,), pd, (sharding.MLP,))
-    self.wo_fd = _param(init, rngs, (f, d), pd, (sharding.MLP, sharding.EMBED))
-    self.bo_d = _param(zeros, rngs, (d,), pd, (sharding.EMBED,))
+    self.wi_df = core.param(init, rngs, (d, f), pd, (sharding.EMBED, sharding.MLP))
+    self.bi_f = core.param(zeros, rngs, (f,), pd, (sharding.MLP,))
+    self.wo_fd = core.param(init, rngs, (f, d), pd, (sharding.MLP, sharding.EMBED))
+    self.bo_d = core.param(zeros, rngs, (d,), pd, (sharding.EMBED,))
 
   def __call__(self, x_bld: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, L, D] in the compute dtype."""
@@ -322,9 +270,9 @@ class EncoderLayer(nnx.Module):
     rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
     y_bld = self.attention(x_bld, mask_bl, deterministic=deterministic,
                            rng=rngs[0])
-    y_bld = _dropout(self.attention_dropout, y_bld, deterministic, rngs[1])
+    y_bld = core.dropout(self.attention_dropout, y_bld, deterministic, rngs[1])
     x_bld = self.attention_norm(x_bld + y_bld)
-    y_bld = _dropout(self.mlp_dropout, self.mlp(x_bld), deterministic, rngs[2])
+    y_bld = core.dropout(self.mlp_dropout, self.mlp(x_bld), deterministic, rngs[2])
     return self.mlp_norm(x_bld + y_bld)
 
 

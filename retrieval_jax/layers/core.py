@@ -1,0 +1,84 @@
+"""Building blocks shared by the encoders: annotated parameters, LayerNorm.
+
+Every parameter carries its logical axis names (from `retrieval_jax.sharding`)
+as `out_sharding` metadata with eager sharding off: the names are read by
+the sharding rules when the state's shardings are derived from
+`jax.eval_shape(init)`, and nothing is placed on devices at construction.
+"""
+
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from retrieval_jax import sharding
+
+
+def param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
+          axes: tuple[str | None, ...]) -> nnx.Param:
+  """A parameter annotated with logical axis names (metadata only).
+
+  Args:
+    init_fn: `fn(key, shape, dtype) -> array`.
+    rngs: draws the `params` key.
+    shape: parameter shape.
+    dtype: storage dtype.
+    axes: one logical axis name (or None) per dimension.
+  """
+  assert len(axes) == len(shape), (axes, shape)
+  return nnx.Param(
+      init_fn(rngs.params(), shape, dtype),
+      out_sharding=axes,
+      eager_sharding=False)
+
+
+def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
+               eps: float) -> jax.Array:
+  """LayerNorm over the last axis with float32 statistics.
+
+  Two-pass variance (mean of squared deviations), as torch.nn.LayerNorm
+  computes it; E[x^2] - E[x]^2 cancels badly when |mean| >> std.
+
+  Args:
+    x_bld: [..., D] activations, any float dtype.
+    scale_d: [D] gain. bias_d: [D] offset.
+    eps: added to the variance.
+
+  Returns:
+    Normalised array of the shape and dtype of `x_bld`.
+  """
+  x32 = x_bld.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  centered = x32 - mean
+  var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+  y = centered * jax.lax.rsqrt(var + eps)
+  y = y * scale_d.astype(jnp.float32) + bias_d.astype(jnp.float32)
+  return y.astype(x_bld.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale (`scale_d`) and bias (`bias_d`) over the width."""
+
+  def __init__(self, size: int, eps: float, param_dtype: Any, *,
+               rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale_d = param(nnx.initializers.ones, rngs, (size,), param_dtype,
+                         (sharding.EMBED,))
+    self.bias_d = param(nnx.initializers.zeros, rngs, (size,), param_dtype,
+                        (sharding.EMBED,))
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    """[..., D] -> [..., D], same dtype."""
+    return layer_norm(x_bld, self.scale_d[...], self.bias_d[...], self.eps)
+
+
+def dropout(layer: nnx.Dropout, x: jax.Array, deterministic: bool,
+            rng: jax.Array | None) -> jax.Array:
+  """Applies `layer`, with an explicit key when one is given.
+
+  With `rng=None` the layer draws from the stream it was built with (the
+  stateful NNX way); an explicit key lets a pure `train_step(state, batch,
+  rng)` drive dropout without threading RNG state.
+  """
+  return layer(x, deterministic=deterministic, rngs=rng)
