@@ -35,7 +35,7 @@ def param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
 
 def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
                eps: float) -> jax.Array:
-  """LayerNorm over the last axis with float32 statistics.
+  """LayerNorm over the last axis with (at least) float32 statistics.
 
   Two-pass variance (mean of squared deviations), as torch.nn.LayerNorm
   computes it; E[x^2] - E[x]^2 cancels badly when |mean| >> std.
@@ -48,12 +48,13 @@ def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
   Returns:
     Normalised array of the shape and dtype of `x_bld`.
   """
-  x32 = x_bld.astype(jnp.float32)
+  # float32 for bf16/fp16 inputs; float64 stays float64 (x64 references).
+  x32 = x_bld.astype(jnp.promote_types(x_bld.dtype, jnp.float32))
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   centered = x32 - mean
   var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
   y = centered * jax.lax.rsqrt(var + eps)
-  y = y * scale_d.astype(jnp.float32) + bias_d.astype(jnp.float32)
+  y = y * scale_d.astype(x32.dtype) + bias_d.astype(x32.dtype)
   return y.astype(x_bld.dtype)
 
 

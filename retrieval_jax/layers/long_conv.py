@@ -1,0 +1,390 @@
+"""Long convolutions for the M2 sequence mixer, and their implicit filters.
+
+Convolutions (plain functions, along the last axis of length L):
+
+  fft_causal_conv      y[t] = sum_{s<=t} k[s] u[t-s]
+  bidirectional_conv   y[t] = sum_{s=0}^{t} k_fwd[s] v[t-s]
+                            + sum_{j=t+1}^{L-1} k_rev[j-t-1] v[j] + D v[t]
+  short_causal_conv    depthwise, kernel K, output t sees t-K+1..t
+
+The long ones run as FFT products of size 2L, O(L log L) per channel. A
+size-L FFT would compute a circular convolution, whose wrapped-around taps
+are O(1) wrong; zero padding to 2L leaves room for the whole linear
+convolution of the first L outputs. The bidirectional kernel packs both
+directions into one length-2L kernel, kappa = [k_fwd, 0_L] + [0_L,
+reverse(k_rev)]: in the circular convolution of size 2L, the lag t-j < 0
+wraps to 2L+t-j, which lands on reverse(k_rev)[L+t-j] = k_rev[j-t-1]. So
+the forward filter includes lag 0 and the reverse filter starts at lag 1.
+
+Implicit filters (`HyenaFilter`, a Flax NNX module): a small MLP with sine
+activations maps positional features z_n (a normalised time t_n and a few
+Fourier features of n) to one tap per channel, and the taps are damped by
+exp(-t_n |delta_c|), with decay rates spread over the channels so that some
+filters are short and some long. Filters are generated for `l_max`
+positions; a length-L input uses their first L taps (positions are always
+normalised by `l_max`, never by L).
+
+Shape letters: b batch, c channels, h filter channels (the model width H),
+l / t positions, k short-conv taps, e positional-feature width, o MLP width
+("order").
+
+Numerics: every FFT convolution runs in float32 (float64 for float64
+inputs) and casts back to the input dtype, because bf16 products summed over
+thousands of taps lose most of their digits.
+"""
+
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retrieval_jax import sharding
+from retrieval_jax.layers import core
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+  """float32, or float64 when any input is float64."""
+  return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
+
+
+def fft_causal_conv(u_hl: jax.Array, k_hl: jax.Array) -> jax.Array:
+  """Linear causal convolution along the last axis, via FFTs of size 2L.
+
+  y[..., t] = sum_{s=0}^{t} k[..., s] u[..., t-s] for t < L.
+
+  Args:
+    u_hl: [..., L] signal, any float dtype (e.g. [B, H, L]).
+    k_hl: [..., K] kernel with K <= L, broadcastable against `u_hl` in its
+      leading dims (e.g. [H, L], shared over the batch).
+
+  Returns:
+    [..., L] (the broadcast leading shape) in the dtype of `u_hl`; computed
+    in float32, or float64 when an input is float64.
+  """
+  length, taps = u_hl.shape[-1], k_hl.shape[-1]
+  if taps > length:
+    raise ValueError(f"kernel has {taps} taps, more than the length {length}")
+  dt = _compute_dtype(u_hl, k_hl)
+  n = 2 * length
+  # The kernel has no batch dim, so its transform is computed once.
+  k_f = jnp.fft.rfft(k_hl.astype(dt), n=n)
+  u_f = jnp.fft.rfft(u_hl.astype(dt), n=n)
+  y = jnp.fft.irfft(u_f * k_f, n=n)[..., :length]
+  return y.astype(u_hl.dtype)
+
+
+def bidirectional_kernel(k_fwd_hl: jax.Array,
+                         k_rev_hl: jax.Array) -> jax.Array:
+  """Packs both directions into one kernel: [k_fwd, 0_L] + [0_L, rev(k_rev)].
+
+  Args:
+    k_fwd_hl: [..., L] forward taps (lag 0, 1, ...).
+    k_rev_hl: [..., L] reverse taps (k_rev[m] multiplies v[t+1+m]).
+
+  Returns:
+    [..., 2L] kernel for a circular convolution of size 2L, dtype of the
+    inputs (promoted).
+  """
+  zeros = jnp.zeros_like(k_fwd_hl)
+  return (jnp.concatenate([k_fwd_hl, zeros], axis=-1)
+          + jnp.concatenate([jnp.zeros_like(k_rev_hl),
+                             jnp.flip(k_rev_hl, axis=-1)], axis=-1))
+
+
+def bidirectional_conv(v_bhl: jax.Array, k_fwd_hl: jax.Array,
+                       k_rev_hl: jax.Array, d_h: jax.Array) -> jax.Array:
+  """Bidirectional long convolution plus a per-channel skip.
+
+  y[t] = sum_{s=0}^{t} k_fwd[s] v[t-s] + sum_{j=t+1}^{L-1} k_rev[j-t-1] v[j]
+         + D v[t],
+  computed as irfft(rfft(v, 2L) * rfft(kappa, 2L))[:L] + D v with kappa =
+  `bidirectional_kernel(k_fwd, k_rev)`; see `toeplitz_operator` for the same
+  map as a dense matrix.
+
+  Args:
+    v_bhl: [B, H, L] signal (any leading dims), any float dtype.
+    k_fwd_hl: [H, L] forward filters.
+    k_rev_hl: [H, L] reverse filters.
+    d_h: [H] skip weights D.
+
+  Returns:
+    [B, H, L] in the dtype of `v_bhl`; computed in float32 (float64 when an
+    input is float64), so bf16 activations do not lose the long sums.
+  """
+  length = v_bhl.shape[-1]
+  if k_fwd_hl.shape[-1] != length or k_rev_hl.shape[-1] != length:
+    raise ValueError(f"filters {k_fwd_hl.shape}, {k_rev_hl.shape} do not "
+                     f"match the length {length}; slice them first")
+  dt = _compute_dtype(v_bhl, k_fwd_hl, k_rev_hl, d_h)
+  n = 2 * length
+  kappa_hl = bidirectional_kernel(k_fwd_hl.astype(dt), k_rev_hl.astype(dt))
+  # One kernel transform, broadcast over the batch.
+  k_f = jnp.fft.rfft(kappa_hl, n=n)
+  v = v_bhl.astype(dt)
+  y = jnp.fft.irfft(jnp.fft.rfft(v, n=n) * k_f, n=n)[..., :length]
+  y = y + d_h.astype(dt)[:, None] * v
+  return y.astype(v_bhl.dtype)
+
+
+def toeplitz_operator(k_fwd_l: jax.Array, k_rev_l: jax.Array, d: Any,
+                      length: int) -> jax.Array:
+  """The dense [L, L] matrix of `bidirectional_conv` for one channel.
+
+  T[t, j] = k_fwd[t-j] for j <= t, k_rev[j-t-1] for j > t, plus D on the
+  diagonal, so y = T v. Meant for tests and documentation (O(L^2)).
+
+  Args:
+    k_fwd_l: [>= length] forward taps; the first `length` are used.
+    k_rev_l: [>= length] reverse taps; the first `length` are used.
+    d: scalar skip weight D.
+    length: L.
+
+  Returns:
+    [L, L] array in the promoted dtype of the inputs.
+  """
+  k_fwd_l = jnp.asarray(k_fwd_l)[:length]
+  k_rev_l = jnp.asarray(k_rev_l)[:length]
+  idx = np.arange(length)
+  lag_ll = idx[:, None] - idx[None, :]  # t - j
+  lower = k_fwd_l[np.clip(lag_ll, 0, length - 1)]
+  upper = k_rev_l[np.clip(-lag_ll - 1, 0, length - 1)]
+  op_ll = jnp.where(lag_ll >= 0, lower, upper)
+  eye_ll = jnp.eye(length, dtype=op_ll.dtype)
+  return op_ll + jnp.asarray(d, op_ll.dtype) * eye_ll
+
+
+def short_causal_conv(x_bcl: jax.Array, w_ck: jax.Array,
+                      b_c: jax.Array) -> jax.Array:
+  """Depthwise causal convolution with K taps per channel, plus a bias.
+
+  y[b, c, t] = b[c] + sum_{k=0}^{K-1} w[c, k] x[b, c, t-(K-1)+k], with x = 0
+  before the start. Tap K-1 multiplies the current position and tap 0 the
+  oldest one: the layout of a PyTorch `Conv1d(C, C, K, groups=C,
+  padding=K-1)` weight [C, 1, K] with its first L outputs kept, so such a
+  weight loads as `w[:, 0, :]`.
+
+  Args:
+    x_bcl: [B, C, L] signal, any float dtype.
+    w_ck: [C, K] taps.
+    b_c: [C] bias.
+
+  Returns:
+    [B, C, L] in the dtype of `x_bcl`. The K products are summed in float32
+    (float64 for float64 inputs); with K = 3 a shifted multiply-add is as
+    cheap as a convolution call and fuses with its neighbours.
+  """
+  length, taps = x_bcl.shape[-1], w_ck.shape[-1]
+  dt = _compute_dtype(x_bcl, w_ck, b_c)
+  x = x_bcl.astype(dt)
+  pad = [(0, 0)] * (x.ndim - 1) + [(taps - 1, 0)]
+  x_pad = jnp.pad(x, pad)
+  w = w_ck.astype(dt)
+  y = b_c.astype(dt)[:, None] + w[:, 0, None] * x_pad[..., 0:length]
+  for k in range(1, taps):
+    y = y + w[:, k, None] * x_pad[..., k:k + length]
+  return y.astype(x_bcl.dtype)
+
+
+def positional_features(l_max: int, emb_dim: int = 5,
+                        dtype: Any = np.float32) -> tuple[np.ndarray,
+                                                          np.ndarray]:
+  """Fourier positional features of the implicit filters.
+
+  With b = (e-1)/2 bands and frequencies f = linspace(1e-4, b-1, b):
+  z[n] = [t_n, cos(2 pi f_1 n / l_max), ..., cos(2 pi f_b n / l_max),
+          -sin(2 pi f_1 n / l_max), ..., -sin(2 pi f_b n / l_max)],
+  t_n = n / (l_max - 1), i.e. [t, Re, Im] of exp(-i 2 pi f n / l_max). The
+  first frequency is ~0, so its cosine is ~1 and its sine ~0: effectively
+  a constant input feature.
+
+  Args:
+    l_max: number of positions.
+    emb_dim: e, odd and >= 3.
+    dtype: numpy dtype of the results (computed in float64).
+
+  Returns:
+    (z_le [l_max, e], t_l1 [l_max, 1]) numpy arrays.
+  """
+  if emb_dim < 3 or emb_dim % 2 == 0:
+    raise ValueError(f"emb_dim must be odd and >= 3 (time, cosines, sines), "
+                     f"got {emb_dim}")
+  bands = (emb_dim - 1) // 2
+  n_l1 = np.arange(l_max, dtype=np.float64)[:, None]
+  t_l1 = n_l1 / max(l_max - 1, 1)
+  f_b = np.linspace(1e-4, bands - 1, bands)[None, :]
+  angle_lb = 2 * math.pi * f_b * n_l1 / l_max
+  z_le = np.concatenate([t_l1, np.cos(angle_lb), -np.sin(angle_lb)], axis=1)
+  return z_le.astype(dtype), t_l1.astype(dtype)
+
+
+def decay_rates(hidden: int, fast_decay_pct: float = 0.3,
+                slow_decay_pct: float = 1.5, target: float = 1e-2,
+                dtype: Any = np.float32) -> np.ndarray:
+  """Per-channel decay rates delta of the exponential filter modulation.
+
+  delta = linspace(ln(target) / slow_decay_pct, ln(target) / fast_decay_pct,
+  H): channel c's envelope exp(-t |delta_c|) reaches `target` at t =
+  slow_decay_pct (channel 0, the longest filter) down to t = fast_decay_pct
+  (channel H-1, the shortest), t being the position over l_max - 1.
+
+  Args:
+    hidden: number of channels H.
+    fast_decay_pct, slow_decay_pct: normalised times at which the fastest
+      and slowest envelopes reach `target`.
+    target: envelope value at those times.
+    dtype: numpy dtype of the result (computed in float64).
+
+  Returns:
+    [H] numpy array of (negative) rates.
+  """
+  return np.linspace(math.log(target) / slow_decay_pct,
+                     math.log(target) / fast_decay_pct, hidden).astype(dtype)
+
+
+def exponential_modulation(t_l1: Any, delta_h: Any) -> jax.Array:
+  """Envelope exp(-t_n |delta_c|), [L, 1] x [H] -> [L, H] (input dtype)."""
+  return jnp.exp(-jnp.asarray(t_l1) * jnp.abs(jnp.asarray(delta_h)))
+
+
+def _uniform_fan_in(fan_in: int):
+  """PyTorch `nn.Linear`'s default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class HyenaFilter(nnx.Module):
+  """Implicit bidirectional long-convolution filters for H channels.
+
+  k_fwd[c, n] = MLP_fwd(z_n)[c] exp(-t_n |delta_c|), and the same with an
+  MLP_rev of its own weights for k_rev, where z is `pos_emb_le` (learnable,
+  initialised with `positional_features`) and
+
+    MLP(z) = Sin(Sin(Sin(z W0 + b0) W1 + b1) W2 + b2) W3,
+    Sin(x) = sin(phi * x),
+
+  with one learnable frequency vector phi (`sin_freq_o`, init `w`) shared by
+  every Sin of both MLPs. Weights are stored [in, out] (the transpose of a
+  PyTorch Linear weight). `bias_h` is the skip weight D of
+  `bidirectional_conv`.
+
+  Parameters (o = order, e = emb_dim, H = hidden):
+    pos_emb_le [l_max, e]; sin_freq_o [o]; bias_h [H];
+    fwd_w0_eo [e, o], fwd_b0_o [o], fwd_w1_oo [o, o], fwd_b1_o [o],
+    fwd_w2_oo [o, o], fwd_b2_o [o], fwd_w3_oh [o, H] (no bias);
+    rev_* the same, only when bidirectional.
+  The time grid t and the rates delta are constants recomputed from the
+  static sizes at every call, so they are not state.
+  """
+
+  def __init__(self, hidden: int, l_max: int, *, emb_dim: int = 5,
+               order: int = 128, w: float = 10.0, bidirectional: bool = True,
+               fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
+               target: float = 1e-2, mlp_init_std: float | None = None,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """Builds the filter parameters.
+
+    Args:
+      hidden: channels H (the model width).
+      l_max: longest input; filters are generated for these positions.
+      emb_dim: positional-feature width e (odd, >= 3).
+      order: MLP width o.
+      w: initial Sin frequency.
+      bidirectional: whether to build the reverse MLP (otherwise k_rev = 0).
+      fast_decay_pct, slow_decay_pct, target: see `decay_rates`.
+      mlp_init_std: None for PyTorch-Linear default inits of the MLP
+        (U(+-1/sqrt(fan_in)) weights and biases); a float for N(0, std)
+        weights and zero biases, the re-initialisation that BERT-style
+        `post_init` applies to every Linear module of a model.
+      param_dtype: storage dtype of the parameters.
+      rngs: draws the `params` keys.
+    """
+    z_le, _ = positional_features(l_max, emb_dim, np.float64)
+    self.hidden, self.l_max, self.order = hidden, l_max, order
+    self.bidirectional = bidirectional
+    self.fast_decay_pct = fast_decay_pct
+    self.slow_decay_pct = slow_decay_pct
+    self.target = target
+    pd = param_dtype
+    self.pos_emb_le = core.param(
+        lambda key, shape, dtype: jnp.asarray(z_le, dtype), rngs,
+        (l_max, emb_dim), pd, (None, None))
+    self.sin_freq_o = core.param(nnx.initializers.constant(w), rngs,
+                                 (order,), pd, (None,))
+    self.bias_h = core.param(nnx.initializers.normal(1.0), rngs, (hidden,),
+                             pd, (sharding.EMBED,))
+
+    def linear(fan_in, shape):
+      if mlp_init_std is None:
+        return _uniform_fan_in(fan_in)
+      if len(shape) == 1:
+        return nnx.initializers.zeros
+      return nnx.initializers.normal(mlp_init_std)
+
+    # (name, shape, axes, fan_in) of one MLP, in layer order.
+    layout = (
+        ("w0_eo", (emb_dim, order), (None, None), emb_dim),
+        ("b0_o", (order,), (None,), emb_dim),
+        ("w1_oo", (order, order), (None, None), order),
+        ("b1_o", (order,), (None,), order),
+        ("w2_oo", (order, order), (None, None), order),
+        ("b2_o", (order,), (None,), order),
+        ("w3_oh", (order, hidden), (None, sharding.EMBED), order),
+    )
+    for prefix in ("fwd", "rev") if bidirectional else ("fwd",):
+      for name, shape, axes, fan_in in layout:
+        setattr(self, f"{prefix}_{name}",
+                core.param(linear(fan_in, shape), rngs, shape, pd, axes))
+
+  def _mlp(self, prefix: str, z_le: jax.Array, phi_o: jax.Array,
+           dt: Any) -> jax.Array:
+    """[L, e] features -> [L, H] raw taps of the `prefix` MLP."""
+    get = lambda name: getattr(self, f"{prefix}_{name}")[...].astype(dt)
+    # The filter MLP is tiny next to the convolutions; full precision keeps
+    # accelerators from rounding its matmuls to bf16 passes.
+    hi = jax.lax.Precision.HIGHEST
+    h = jnp.sin(phi_o * (jnp.dot(z_le, get("w0_eo"), precision=hi)
+                         + get("b0_o")))
+    h = jnp.sin(phi_o * (jnp.dot(h, get("w1_oo"), precision=hi)
+                         + get("b1_o")))
+    h = jnp.sin(phi_o * (jnp.dot(h, get("w2_oo"), precision=hi)
+                         + get("b2_o")))
+    return jnp.dot(h, get("w3_oh"), precision=hi)
+
+  def __call__(self, length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Filters for a length-`length` input.
+
+    The MLP is pointwise in the position, so evaluating it on the first
+    `length` positions equals generating all `l_max` taps and slicing.
+
+    Args:
+      length: static input length L <= l_max.
+
+    Returns:
+      (k_fwd_hl [H, L], k_rev_hl [H, L] (zeros when not bidirectional),
+      d_h [H]), in float32 (float64 for float64 parameters).
+    """
+    if length > self.l_max:
+      raise ValueError(f"input length {length} exceeds the filter length "
+                       f"l_max={self.l_max}")
+    dt = _compute_dtype(self.pos_emb_le[...])
+    # t_n = n / (l_max - 1), the first column of the initial features.
+    t_l1 = jnp.asarray(
+        np.arange(length)[:, None] / max(self.l_max - 1, 1), dt)
+    delta_h = jnp.asarray(
+        decay_rates(self.hidden, self.fast_decay_pct, self.slow_decay_pct,
+                    self.target, np.float64), dt)
+    envelope_lh = exponential_modulation(t_l1, delta_h)
+    z_le = self.pos_emb_le[...][:length].astype(dt)
+    phi_o = self.sin_freq_o[...].astype(dt)
+    k_fwd_hl = (self._mlp("fwd", z_le, phi_o, dt) * envelope_lh).T
+    if self.bidirectional:
+      k_rev_hl = (self._mlp("rev", z_le, phi_o, dt) * envelope_lh).T
+    else:
+      k_rev_hl = jnp.zeros_like(k_fwd_hl)
+    return k_fwd_hl, k_rev_hl, self.bias_h[...].astype(dt)

@@ -1,0 +1,444 @@
+"""Monarch matrices: block-diagonal factors between stride permutations.
+
+A Monarch matrix replaces a dense N x N matrix (N^2 parameters, N^2
+multiply-adds) by a product of block-diagonal matrices and fixed
+permutations, so it costs O(N^{3/2}) (order 2) and is still computed with
+dense GEMMs on the blocks.
+
+Order 2, general (rectangular) form. Factors `w1_kqp` (k, q, p) and `w2_lsr`
+(l, s, r) with k*p = n_in and l*r = k*q map n_in -> n_out = l*s:
+
+  x[k*p_dim + p]                    the input as k blocks of p (row-major)
+  h[k, q] = sum_p w1[k, q, p] x[k, p]                       (B1)
+  h flattened (k q), read as (r, l), transposed to (l, r)   (P_mid)
+  y[l, s] = sum_r w2[l, s, r] h[l, r]                       (B2)
+  y read as (l, s), emitted as (s, l): out[s*l_dim + l]     (P_out)
+
+so M = P_out B2 P_mid B1. A "stride permutation" always means: view the
+vector as a row-major (a, b) grid, transpose to (b, a), flatten.
+
+Square case, N = n0*n1: w1 (n0, n1, n1) and w2 (n1, n0, n0), i.e. k = r = n0
+and q = l = n1 (usually n0 = n1 = m = sqrt(N), where both permutations are
+the same self-inverse m x m transpose and M = P B2 P B1). Writing the output
+index s*n1 + l and the input index k*n1 + p,
+
+  M[(s, l), (k, p)] = w2[l, s, k] * w1[k, l, p],
+
+so for fixed (l, k) the (s, p) slice of M is a rank-1 outer product. A dense
+matrix is Monarch iff every such slice has rank <= 1, and the best (Frobenius)
+Monarch approximation is the rank-1 SVD of each slice (`dense_to_monarch`).
+Parameters and multiply-adds: N*(n0 + n1), i.e. 2 N^{3/2} at n0 = n1.
+
+Order p (`order_p_apply`): N = b^p, p factors of shape (N/b, b, b). Each
+stage applies a block-diagonal factor to contiguous b-chunks and then the
+stride permutation of an (N/b, b) grid, which moves the last base-b digit of
+the index to the front:  M = (R F_p) ... (R F_2)(R F_1). After p stages every
+digit has been mixed once and the digits are back in their original order.
+p = 2 is exactly the square order-2 matrix with (F_1, F_2) = (w1, w2);
+p = log2 N gives butterfly-like O(N log N). Cost and parameters: p N^{1+1/p}.
+
+The DFT (Cooley-Tukey four-step, `monarch_dft`): with N = m1*m2, input index
+n = m2*n1 + n2 and output index k1 + m1*k2,
+
+  X[k1 + m1 k2] =
+      sum_n2 w_m2^{n2 k2} w_N^{n2 k1} sum_n1 w_m1^{n1 k1} x[m2 n1 + n2]
+
+(w_M = exp(-2 pi i / M)): F_N = M(w1, w2) P_in, where P_in is the stride
+permutation of the input's (m1, m2) grid, w1 holds the m2 blocks DFT_m1 with
+the twiddles w_N^{n2 k1} folded in, and w2 holds the m1 blocks DFT_m2. So a
+long convolution, F^-1 diag(F k) F, is a product of Monarch matrices.
+
+Shape letters: as above (k, q, p / l, s, r); g blocks of a lone block-diagonal
+matrix, b leading (batch) dimensions, n / o / i flattened vector lengths.
+"""
+
+import math
+from typing import Any, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retrieval_jax import sharding
+from retrieval_jax.layers import core
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _stride_perm(a: int, b: int) -> np.ndarray:
+  """Gather indices of the (a, b) -> (b, a) transpose: out = x[idx]."""
+  return np.arange(a * b).reshape(a, b).T.reshape(-1)
+
+
+def _perm_matrix(idx: np.ndarray, dtype: Any) -> jax.Array:
+  """The matrix P with (P x)[i] = x[idx[i]]."""
+  return jnp.eye(len(idx), dtype=dtype)[idx]
+
+
+def _block_diag_dense(w_gqp: jax.Array) -> jax.Array:
+  """[g, q, p] blocks -> the dense (g*q, g*p) block-diagonal matrix."""
+  g, q, p = w_gqp.shape
+  eye_gh = jnp.eye(g, dtype=w_gqp.dtype)
+  return jnp.einsum("gqp,gh->gqhp", w_gqp, eye_gh).reshape(g * q, g * p)
+
+
+def _check_order2(w1_kqp: jax.Array, w2_lsr: jax.Array) -> None:
+  if w1_kqp.ndim != 3 or w2_lsr.ndim != 3:
+    raise ValueError(f"factors must be 3-D, got {w1_kqp.shape}, "
+                     f"{w2_lsr.shape}")
+  k, q, _ = w1_kqp.shape
+  l, _, r = w2_lsr.shape
+  if l * r != k * q:
+    raise ValueError(f"w2 (l, s, r) = {w2_lsr.shape} needs l*r = k*q for "
+                     f"w1 (k, q, p) = {w1_kqp.shape}")
+
+
+def monarch_apply(x_bn: jax.Array, w1_kqp: jax.Array, w2_lsr: jax.Array, *,
+                  precision: jax.lax.PrecisionLike = None) -> jax.Array:
+  """Order-2 Monarch product y = P_out B2 P_mid B1 x (module docstring).
+
+  Two batched block GEMMs and free reshapes: k*q*p + l*s*r multiply-adds
+  per vector (2 N^{3/2} when square with sqrt(N) blocks); no N x N array is
+  formed.
+
+  Args:
+    x_bn: [..., n_in] with n_in = k*p; float or complex.
+    w1_kqp: [k, q, p] first block-diagonal factor (k blocks of q x p).
+    w2_lsr: [l, s, r] second factor, l*r = k*q.
+    precision: passed to the einsums.
+
+  Returns:
+    [..., l*s], the dtype promoted from the inputs (the input dtype when
+    the weights share it).
+  """
+  _check_order2(w1_kqp, w2_lsr)
+  k, _, p = w1_kqp.shape
+  l, s, r = w2_lsr.shape
+  if x_bn.shape[-1] != k * p:
+    raise ValueError(f"input width {x_bn.shape[-1]} != k*p = {k * p}")
+  lead = x_bn.shape[:-1]
+  x_bkp = x_bn.reshape(*lead, k, p)
+  h_bkq = jnp.einsum("...kp,kqp->...kq", x_bkp, w1_kqp, precision=precision)
+  # The middle permutation is free: reading the flat (k q) vector as (r, l)
+  # is a reshape, and the transpose to (l, r) is folded into the einsum.
+  h_brl = h_bkq.reshape(*lead, r, l)
+  y_bsl = jnp.einsum("...rl,lsr->...sl", h_brl, w2_lsr, precision=precision)
+  return y_bsl.reshape(*lead, s * l)
+
+
+def monarch_to_dense(w1_kqp: jax.Array, w2_lsr: jax.Array) -> jax.Array:
+  """The explicit matrix P_out B2 P_mid B1 (for tests and projection).
+
+  Built from the dense block-diagonal matrices and permutation matrices,
+  independently of `monarch_apply`'s reshapes. Costs O(N^3): small N only.
+
+  Args:
+    w1_kqp: [k, q, p]. w2_lsr: [l, s, r] with l*r = k*q.
+
+  Returns:
+    [l*s, k*p] matrix M with monarch_apply(x) == M @ x, weight dtype.
+  """
+  _check_order2(w1_kqp, w2_lsr)
+  l, s, r = w2_lsr.shape
+  dtype = jnp.result_type(w1_kqp.dtype, w2_lsr.dtype)
+  b1 = _block_diag_dense(w1_kqp.astype(dtype))
+  b2 = _block_diag_dense(w2_lsr.astype(dtype))
+  p_mid = _perm_matrix(_stride_perm(r, l), dtype)
+  p_out = _perm_matrix(_stride_perm(l, s), dtype)
+  # Permutation products are exact at any precision; HIGHEST keeps the
+  # block products in full float32 on accelerators.
+  return jnp.linalg.multi_dot([p_out, b2, p_mid, b1], precision=_HIGHEST)
+
+
+def dense_to_monarch(m_nn: jax.Array,
+                     nblocks: int) -> tuple[jax.Array, jax.Array]:
+  """Best square Monarch approximation (Frobenius) of a dense matrix.
+
+  With n0 = nblocks and n1 = N / n0, the (l, k) slice M[(s, l), (k, p)]
+  over (s, p) is replaced by its leading rank-1 SVD term; the singular
+  value is split evenly (sqrt) between the factors. A Monarch matrix
+  round-trips exactly (up to rounding); the factors themselves are only
+  defined up to a per-slice scale.
+
+  Args:
+    m_nn: [N, N] float or complex matrix.
+    nblocks: blocks n0 of the first factor; must divide N (sqrt(N) gives
+      the symmetric (m, m, m) factors).
+
+  Returns:
+    (w1_kqp [n0, n1, n1], w2_lsr [n1, n0, n0]) for `monarch_apply`.
+  """
+  n = m_nn.shape[0]
+  if m_nn.shape != (n, n) or n % nblocks:
+    raise ValueError(f"need a square matrix with nblocks | N, got "
+                     f"{m_nn.shape} and nblocks={nblocks}")
+  n0, n1 = nblocks, n // nblocks
+  # [s, l, k, p] -> one (s, p) slice per (l, k).
+  m_lksp = m_nn.reshape(n0, n1, n0, n1).transpose(1, 2, 0, 3)
+  u_lksr, sv_lkr, vh_lkrp = jnp.linalg.svd(m_lksp, full_matrices=False)
+  root_lk = jnp.sqrt(sv_lkr[..., 0]).astype(m_nn.dtype)
+  w2_lks = u_lksr[..., :, 0] * root_lk[..., None]
+  w1_lkp = vh_lkrp[..., 0, :] * root_lk[..., None]
+  # w2[l, s, k] and w1[k, l, p], per the closed form.
+  return jnp.swapaxes(w1_lkp, 0, 1), jnp.swapaxes(w2_lks, 1, 2)
+
+
+def _check_order_p(factors: Sequence[jax.Array]) -> tuple[int, int]:
+  """Validates order-p factors; returns (N, b)."""
+  if not factors:
+    raise ValueError("need at least one factor")
+  g, b, _ = factors[0].shape
+  n = g * b
+  for f in factors:
+    if f.shape != (g, b, b):
+      raise ValueError(f"all factors must be (N/b, b, b) = {(g, b, b)}, got "
+                       f"{f.shape}")
+  if b ** len(factors) != n:
+    raise ValueError(f"order {len(factors)} with block {b} needs N = "
+                     f"{b ** len(factors)}, got N = {n}")
+  return n, b
+
+
+def order_p_apply(x_bn: jax.Array, factors: Sequence[jax.Array], *,
+                  precision: jax.lax.PrecisionLike = None) -> jax.Array:
+  """Order-p Monarch product (R F_p) ... (R F_1) x.
+
+  Convention: F_i is block-diagonal over contiguous b-chunks (block g of
+  (N/b, b, b) acts on x[g*b : (g+1)*b]) and R is the stride permutation of
+  the (N/b, b) grid, moving the last base-b digit of the index to the front.
+  For p = 3 with input digits (a, c, d) and output digits (x, y, z), index
+  a*b^2 + c*b + d:
+
+    M[(x, y, z), (a, c, d)] =
+        F_3[y*b + z, x, a] * F_2[z*b + a, y, c] * F_1[a*b + c, z, d].
+
+  Args:
+    x_bn: [..., N], N = b^p.
+    factors: p arrays [N/b, b, b] (block, out, in), applied first to last.
+    precision: passed to the einsums.
+
+  Returns:
+    [..., N]; p*N*b = p N^{1+1/p} multiply-adds per vector.
+  """
+  n, b = _check_order_p(factors)
+  if x_bn.shape[-1] != n:
+    raise ValueError(f"input width {x_bn.shape[-1]} != N = {n}")
+  lead = x_bn.shape[:-1]
+  y_bn = x_bn
+  for f_gqp in factors:
+    # Writing the output as (q, g) is the stride permutation R.
+    y_bqg = jnp.einsum("...gp,gqp->...qg", y_bn.reshape(*lead, n // b, b),
+                       f_gqp, precision=precision)
+    y_bn = y_bqg.reshape(*lead, n)
+  return y_bn
+
+
+def order_p_to_dense(factors: Sequence[jax.Array]) -> jax.Array:
+  """The explicit [N, N] matrix (R F_p) ... (R F_1) of `order_p_apply`."""
+  n, b = _check_order_p(factors)
+  dtype = jnp.result_type(*[f.dtype for f in factors])
+  r_nn = _perm_matrix(_stride_perm(n // b, b), dtype)
+  m_nn = jnp.eye(n, dtype=dtype)
+  for f_gqp in factors:
+    m_nn = jnp.linalg.multi_dot(
+        [r_nn, _block_diag_dense(f_gqp.astype(dtype)), m_nn],
+        precision=_HIGHEST)
+  return m_nn
+
+
+def blockdiag_apply(x_bi: jax.Array, w_gqp: jax.Array,
+                    out_features: int | None = None, *,
+                    precision: jax.lax.PrecisionLike = None) -> jax.Array:
+  """Block-diagonal linear map (no permutation), with padding/truncation.
+
+  The input is zero-padded from its width up to g*p (the padded features
+  meet weights that never matter), and the g*q outputs are cut to
+  `out_features`; this is how widths not divisible by g are handled.
+
+  Args:
+    x_bi: [..., in_features], in_features <= g*p.
+    w_gqp: [g, q, p], block g maps x[g*p:(g+1)*p] to y[g*q:(g+1)*q].
+    out_features: output width <= g*q (default g*q).
+    precision: passed to the einsum.
+
+  Returns:
+    [..., out_features].
+  """
+  g, q, p = w_gqp.shape
+  in_features = x_bi.shape[-1]
+  out_features = g * q if out_features is None else out_features
+  if in_features > g * p or out_features > g * q:
+    raise ValueError(f"widths {in_features} -> {out_features} exceed the "
+                     f"blocks {w_gqp.shape}")
+  if in_features < g * p:
+    pad = [(0, 0)] * (x_bi.ndim - 1) + [(0, g * p - in_features)]
+    x_bi = jnp.pad(x_bi, pad)
+  lead = x_bi.shape[:-1]
+  y_bgq = jnp.einsum("...gp,gqp->...gq", x_bi.reshape(*lead, g, p), w_gqp,
+                     precision=precision)
+  return y_bgq.reshape(*lead, g * q)[..., :out_features]
+
+
+def _root_of_unity(modulus: int, exponent: np.ndarray) -> np.ndarray:
+  """exp(-2 pi i e / M) in complex128, reducing e mod M first.
+
+  The reduction keeps the angle in [0, 2 pi): large products n*k would
+  otherwise lose digits in the float64 angle.
+  """
+  return np.exp(-2j * np.pi * (exponent % modulus) / modulus)
+
+
+def dft_monarch_factors(m1: int, m2: int, dtype: Any = jnp.complex64
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Monarch factors of the length-N DFT, N = m1*m2 (four-step FFT).
+
+  fft(x) == monarch_apply(P_in x, w1, w2), where P_in x reads x as an
+  (m1, m2) grid and transposes it (`monarch_dft` does this). The twiddle
+  w_N^{n2 k1} is folded into the first factor as one exact root of unity:
+  w_m1^{n1 k1} w_N^{n2 k1} = w_N^{k1 (m2 n1 + n2)}.
+
+  Args:
+    m1, m2: the two factor lengths.
+    dtype: complex dtype of the factors.
+
+  Returns:
+    w1_kqp [m2, m1, m1] with w1[n2, k1, n1] = w_N^{k1 (m2 n1 + n2)}, and
+    w2_lsr [m1, m2, m2] with w2[k1, k2, n2] = w_m2^{k2 n2}.
+  """
+  n = m1 * m2
+  n2 = np.arange(m2)[:, None, None]
+  k1 = np.arange(m1)[None, :, None]
+  n1 = np.arange(m1)[None, None, :]
+  w1_kqp = _root_of_unity(n, k1 * (m2 * n1 + n2))
+  k2 = np.arange(m2)[:, None]
+  w2_sr = _root_of_unity(m2, k2 * np.arange(m2)[None, :])
+  w2_lsr = np.broadcast_to(w2_sr, (m1, m2, m2))
+  return jnp.asarray(w1_kqp, dtype), jnp.asarray(w2_lsr, dtype)
+
+
+def monarch_dft(x_bn: jax.Array, m1: int, m2: int, *,
+                precision: jax.lax.PrecisionLike = _HIGHEST) -> jax.Array:
+  """DFT along the last axis as a Monarch product; equals `jnp.fft.fft`.
+
+  O(N (m1 + m2)) multiply-adds in two dense block GEMMs (N^{3/2} for
+  m1 = m2), instead of the FFT's O(N log N) scalar butterflies.
+
+  Args:
+    x_bn: [..., N], N = m1*m2; real input is promoted to complex (float32
+      -> complex64, float64 -> complex128).
+    m1, m2: the factorisation of N.
+    precision: passed to the einsums (full float32 by default).
+
+  Returns:
+    [..., N] complex: X[k] = sum_n x[n] exp(-2 pi i n k / N).
+  """
+  n = m1 * m2
+  if x_bn.shape[-1] != n:
+    raise ValueError(f"input width {x_bn.shape[-1]} != m1*m2 = {n}")
+  dtype = jnp.result_type(x_bn.dtype, jnp.complex64)
+  lead = x_bn.shape[:-1]
+  x_bn = jnp.swapaxes(x_bn.astype(dtype).reshape(*lead, m1, m2), -1, -2)
+  w1_kqp, w2_lsr = dft_monarch_factors(m1, m2, dtype)
+  return monarch_apply(x_bn.reshape(*lead, n), w1_kqp, w2_lsr,
+                       precision=precision)
+
+
+def _uniform(bound: float):
+  """Initializer U(-bound, +bound)."""
+
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class BlockDiagLinear(nnx.Module):
+  """y = blockdiag(W_1..W_g) pad(x) [:out_features] + bias.
+
+  Init follows the PyTorch-Linear rule for each block's own fan-in: every
+  entry U(+-1/sqrt(in_blk)). The bias is U(+-1/sqrt(out_features)), a
+  fan-in taken from the bias length, kept for parity with checkpoints
+  trained that way. Widths not divisible by `nblocks` are padded up to
+  ceil(width / nblocks) per block (`blockdiag_apply`).
+  """
+
+  def __init__(self, in_features: int, out_features: int, nblocks: int, *,
+               use_bias: bool = True, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               in_axis: str | None = sharding.EMBED,
+               out_axis: str | None = sharding.MLP):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    in_blk = -(-in_features // nblocks)
+    out_blk = -(-out_features // nblocks)
+    self.weight_gqp = core.param(
+        _uniform(1 / math.sqrt(in_blk)), rngs, (nblocks, out_blk, in_blk),
+        param_dtype, (None, out_axis, in_axis))
+    self.bias_o = (
+        core.param(_uniform(1 / math.sqrt(out_features)), rngs,
+                   (out_features,), param_dtype, (out_axis,))
+        if use_bias else None)
+
+  def __call__(self, x_bi: jax.Array) -> jax.Array:
+    """[..., in_features] -> [..., out_features] in `dtype`."""
+    y_bo = blockdiag_apply(x_bi.astype(self.dtype),
+                           self.weight_gqp[...].astype(self.dtype),
+                           self.out_features)
+    if self.bias_o is not None:
+      y_bo = y_bo + self.bias_o[...].astype(self.dtype)
+    return y_bo
+
+
+class MonarchLinear(nnx.Module):
+  """Order-2 Monarch replacement of a dense layer: y = M pad(x) + bias.
+
+  Both factors have `nblocks` blocks: w1 (g, q, in_blk) and w2 (g, out_blk,
+  q), with q = min(in_blk, out_blk) so the middle width g*q is the smaller
+  padded width; widths are padded / truncated as in `blockdiag_apply`.
+
+  Init matches the second moments of a PyTorch-default dense Linear
+  (weights U(+-1/sqrt(in)), so Var y = Var x / 3 for white input, and bias
+  U(+-1/sqrt(in))). w1 is variance preserving, U(+-sqrt(3 g / in)): each
+  middle unit sums in/g real inputs on average, padding included. w2 then
+  takes the dense rule for its own fan-in q, U(+-1/sqrt(q)), giving the
+  dense layer's Var x / 3. (Initialising both factors by their own fan-in
+  would give Var x / 9.)
+  """
+
+  def __init__(self, in_features: int, out_features: int, nblocks: int, *,
+               use_bias: bool = True, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               in_axis: str | None = sharding.EMBED,
+               out_axis: str | None = sharding.MLP):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    in_blk = -(-in_features // nblocks)
+    out_blk = -(-out_features // nblocks)
+    q = min(in_blk, out_blk)
+    self.w1_kqp = core.param(
+        _uniform(math.sqrt(3 * nblocks / in_features)), rngs,
+        (nblocks, q, in_blk), param_dtype, (None, None, in_axis))
+    self.w2_lsr = core.param(
+        _uniform(1 / math.sqrt(q)), rngs, (nblocks, out_blk, q),
+        param_dtype, (None, out_axis, None))
+    self.bias_o = (
+        core.param(_uniform(1 / math.sqrt(in_features)), rngs,
+                   (out_features,), param_dtype, (out_axis,))
+        if use_bias else None)
+
+  def __call__(self, x_bi: jax.Array) -> jax.Array:
+    """[..., in_features] -> [..., out_features] in `dtype`."""
+    w1_kqp = self.w1_kqp[...].astype(self.dtype)
+    w2_lsr = self.w2_lsr[...].astype(self.dtype)
+    g, _, in_blk = w1_kqp.shape
+    x_bi = x_bi.astype(self.dtype)
+    if self.in_features < g * in_blk:
+      pad = [(0, 0)] * (x_bi.ndim - 1) + [(0, g * in_blk - self.in_features)]
+      x_bi = jnp.pad(x_bi, pad)
+    y_bo = monarch_apply(x_bi, w1_kqp, w2_lsr)[..., :self.out_features]
+    if self.bias_o is not None:
+      y_bo = y_bo + self.bias_o[...].astype(self.dtype)
+    return y_bo
