@@ -1,0 +1,622 @@
+"""Long-document retrieval collections packed from real passages.
+
+Long-context encoders (M2-BERT at 2k-32k tokens) need collections whose
+documents are far longer than the 512 tokens a BERT encoder reads. This
+module builds one from any BEIR collection on disk, in the spirit of LoCo:
+
+1. All passages of the corpus are shuffled with a seeded generator.
+2. Consecutive passages are packed into long documents. Each document draws a
+   target length log-uniformly in [min_tokens, max_tokens] (so short and long
+   documents are equally common on a log scale) and takes passages, joined by
+   blank lines, until its length reaches the target. A passage that would
+   push the document past max_tokens is not added: the document closes if it
+   already has min_tokens, and otherwise the passage is deferred to the next
+   document while up to `_MAX_LOOKAHEAD` later passages are tried instead.
+   A passage longer than max_tokens forms a document of its own; a document
+   stays below min_tokens only when no remaining passage fits into it.
+3. A query's relevant documents are those containing one of its judged
+   passages; the document's score is the highest score of those passages, so
+   graded judgments stay graded.
+
+The retrieval task is then "find the long document that holds the answer
+passage somewhere inside it"; the manifest records each judged passage's
+token offset, which shows how much a 512-token truncated encoder cannot see.
+
+Lengths are counted by `count_tokens(text) -> int` (by default the
+all-MiniLM-L6-v2 WordPiece tokenizer, without [CLS]/[SEP]). A document's
+length is the sum of its passages' lengths: for WordPiece, and for any
+tokenizer that never merges tokens across whitespace, that equals the count
+of the joined text, because the blank-line separator ends every word.
+
+Output (`out_dir`), readable by `beir.load_beir`:
+
+  corpus.jsonl        {"_id": "doc-00000", "title": "", "text": ...}
+  queries.jsonl       every query judged in a requested split
+  qrels/<split>.tsv   query -> long document, per requested split
+  manifest.json       settings, source hashes, per-document passages,
+                      summary statistics
+
+Source data licenses carry over to the output (SciFact is CC BY-NC): build
+collections at run time into a work directory, never into the repository.
+"""
+
+import collections
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+from absl import logging
+import numpy as np
+
+from retrieval_jax.data import beir
+
+MANIFEST_FILE = "manifest.json"
+# Bump when the packing or the output format changes, so that
+# `ensure_long_documents` does not reuse collections built by older code.
+FORMAT_VERSION = 1
+DEFAULT_TOKENIZER = "all-MiniLM-L6-v2"
+# Joins passages inside a document. It ends every word, which makes WordPiece
+# lengths additive across passages.
+SEPARATOR = "\n\n"
+# A BERT-style encoder truncated to 512 positions cannot see a passage that
+# starts at or beyond this token offset (it sees even less: [CLS] and [SEP]
+# take two of the 512 positions).
+TRUNCATION_PROBE = 512
+# How many later passages a document below min_tokens tries when the next
+# passage would overflow max_tokens. Bounds the packing at O(N * lookahead)
+# for adversarial length distributions.
+_MAX_LOOKAHEAD = 64
+_READ_CHUNK_BYTES = 1 << 20
+# The files `WordPieceTokenizer.from_pretrained_dir` reads.
+_TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+# ---------------------------------------------------------------------------
+# Writing BEIR directories.
+
+
+def write_beir(
+    out_dir: str,
+    doc_ids: Sequence[str],
+    titles: Sequence[str],
+    texts: Sequence[str],
+    query_ids: Sequence[str],
+    queries: Sequence[str],
+    qrels: Mapping[str, Mapping[str, Mapping[str, int]]],
+) -> None:
+  """Writes a BEIR collection directory (no atomicity; see `atomic_output`).
+
+  Args:
+    out_dir: str, an existing directory.
+    doc_ids, titles, texts: list[str] [N] each, the corpus in output order.
+    query_ids, queries: list[str] [Q] each.
+    qrels: split -> query id -> doc id -> integer score; each split becomes
+      qrels/<split>.tsv, rows in mapping order.
+  """
+  _write_jsonl(
+      os.path.join(out_dir, beir.CORPUS_FILE),
+      (
+          {"_id": d, "title": t, "text": x}
+          for d, t, x in zip(doc_ids, titles, texts, strict=True)
+      ),
+  )
+  _write_jsonl(
+      os.path.join(out_dir, beir.QUERIES_FILE),
+      ({"_id": q, "text": x} for q, x in zip(query_ids, queries, strict=True)),
+  )
+  qrels_dir = os.path.join(out_dir, beir.QRELS_DIR)
+  os.makedirs(qrels_dir, exist_ok=True)
+  for split, judgments in qrels.items():
+    path = os.path.join(qrels_dir, split + beir.QRELS_SUFFIX)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+      f.write("query-id\tcorpus-id\tscore\n")
+      for query_id, docs in judgments.items():
+        for doc_id, score in docs.items():
+          f.write(f"{query_id}\t{doc_id}\t{int(score)}\n")
+
+
+def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
+  """Writes one compact JSON object per line, UTF-8, "\\n" line ends."""
+  with open(path, "w", encoding="utf-8", newline="\n") as f:
+    for row in rows:
+      # ensure_ascii=False keeps the text readable; beir.py splits lines on
+      # b"\n" only, so unescaped U+2028 and friends do not break lines.
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class atomic_output:  # pylint: disable=invalid-name
+  """Context manager: build a directory in a temporary sibling, then swap.
+
+  Usage:
+
+    with atomic_output(out_dir) as tmp_dir:
+      ...write files into tmp_dir...
+
+  On success `out_dir` is replaced by the new directory; on an exception the
+  temporary directory is removed and `out_dir` is untouched. A crash leaves
+  either the old collection or the new one (or, during the swap of an
+  existing directory, none), never a half-written one. Concurrent builders
+  of the same `out_dir` are not coordinated.
+  """
+
+  def __init__(self, out_dir: str | os.PathLike):
+    self.out_dir = os.path.abspath(os.fspath(out_dir))
+    self.tmp_dir = None
+
+  def __enter__(self) -> str:
+    parent = os.path.dirname(self.out_dir)
+    os.makedirs(parent, exist_ok=True)
+    # Same parent directory: os.rename is atomic only within a file system.
+    self.tmp_dir = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(self.out_dir)}.tmp-", dir=parent
+    )
+    return self.tmp_dir
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      shutil.rmtree(self.tmp_dir, ignore_errors=True)
+      return
+    # mkdtemp creates 0700 directories; give the result the usual mode.
+    os.chmod(self.tmp_dir, 0o755)
+    old = None
+    if os.path.lexists(self.out_dir):
+      # rename() cannot replace a non-empty directory: move the old one
+      # aside first, then delete it once the new one is in place.
+      old = tempfile.mkdtemp(
+          prefix=f".{os.path.basename(self.out_dir)}.old-",
+          dir=os.path.dirname(self.out_dir),
+      )
+      os.rename(self.out_dir, os.path.join(old, "collection"))
+    os.rename(self.tmp_dir, self.out_dir)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Token counting.
+
+
+@functools.cache
+def _default_tokenizer_dir() -> str:
+  """The directory holding the all-MiniLM-L6-v2 tokenizer files."""
+  # Imported here: pretrained.py pulls in JAX and the model code, which a
+  # collection that brings its own counter does not need.
+  from retrieval_jax import pretrained  # pylint: disable=g-import-not-at-top
+
+  return str(pretrained.resolve_model_dir(DEFAULT_TOKENIZER))
+
+
+@functools.cache
+def _default_tokenizer():
+  """The all-MiniLM-L6-v2 WordPiece tokenizer (loaded once per process)."""
+  from retrieval_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+
+  return tokenizers.WordPieceTokenizer.from_pretrained_dir(
+      _default_tokenizer_dir()
+  )
+
+
+def default_count_tokens(text: str) -> int:
+  """WordPiece tokens of `text` under all-MiniLM-L6-v2, without specials.
+
+  The tokenizer caches the ids of repeated words, so the 5,183 SciFact
+  abstracts (1.7M tokens) take about 3 s on one CPU core.
+
+  Args:
+    text: str.
+
+  Returns:
+    int >= 0.
+  """
+  return len(_default_tokenizer().tokenize_to_ids(text))
+
+
+def _tokenizer_name(count_tokens: Callable[[str], int] | None) -> str:
+  """Identifies a token counter in the manifest's settings."""
+  if count_tokens is None or count_tokens is default_count_tokens:
+    # Hash the tokenizer files: another package version with a different
+    # vocabulary or normaliser options must not reuse old lengths.
+    digest = hashlib.sha256()
+    model_dir = _default_tokenizer_dir()
+    for name in _TOKENIZER_FILES:
+      path = os.path.join(model_dir, name)
+      if os.path.isfile(path):
+        digest.update(name.encode() + b"\0" + _sha256(path).encode())
+    return f"wordpiece:{DEFAULT_TOKENIZER}:{digest.hexdigest()[:16]}"
+  # A custom counter is known only by its name; changing what a function of
+  # the same name counts requires deleting the output by hand.
+  module = getattr(count_tokens, "__module__", None) or "?"
+  name = getattr(count_tokens, "__qualname__", None) or repr(count_tokens)
+  return f"callable:{module}.{name}"
+
+
+# ---------------------------------------------------------------------------
+# Packing.
+
+
+def _draw_target(
+    rng: np.random.Generator, min_tokens: int, max_tokens: int
+) -> int:
+  """A log-uniform integer in [min_tokens, max_tokens]."""
+  log_length = rng.uniform(math.log(min_tokens), math.log(max_tokens))
+  # Rounding can step just outside the range at either end.
+  return int(min(max(round(math.exp(log_length)), min_tokens), max_tokens))
+
+
+def pack_passages(
+    lengths: Sequence[int],
+    *,
+    min_tokens: int,
+    max_tokens: int,
+    seed: int,
+) -> list[list[int]]:
+  """Packs shuffled passages into documents of log-uniform target lengths.
+
+  Args:
+    lengths: int [N], each passage's token count (>= 0).
+    min_tokens: int >= 1, the shortest target length.
+    max_tokens: int >= min_tokens, the longest document (but see Returns).
+    seed: int, seeds the shuffle and the target lengths.
+
+  Returns:
+    list of documents, each a non-empty list of passage indices in document
+    order; every index in [0, N) occurs exactly once. A document exceeds
+    max_tokens only when it is a single passage longer than that. A document
+    falls below min_tokens only when none of the remaining passages (at most
+    the next `_MAX_LOOKAHEAD`) fits into it: near the end of the shuffled
+    order, or when [min_tokens, max_tokens] is narrow next to the passage
+    lengths (both counted in the build summary's "below_min_tokens").
+  """
+  _check_lengths(min_tokens, max_tokens)
+  rng = np.random.default_rng(seed)
+  queue = collections.deque(int(i) for i in rng.permutation(len(lengths)))
+  documents = []
+  while queue:
+    target = _draw_target(rng, min_tokens, max_tokens)
+    document, tokens, deferred = [], 0, []
+    while queue:
+      index = queue.popleft()
+      n = lengths[index]
+      if document and tokens + n > max_tokens:
+        if tokens >= min_tokens or len(deferred) >= _MAX_LOOKAHEAD:
+          queue.appendleft(index)
+          break
+        # Too short to close, too long to take this passage: try a later,
+        # shorter one and keep this one for the next document.
+        deferred.append(index)
+        continue
+      document.append(index)
+      tokens += n
+      if tokens >= target:
+        break
+    # Deferred passages start the next document, in their shuffled order.
+    queue.extendleft(reversed(deferred))
+    documents.append(document)
+  # The last document is whatever was left over; fold it into the one
+  # before when that stays within max_tokens.
+  if len(documents) >= 2:
+    last = sum(lengths[i] for i in documents[-1])
+    before = sum(lengths[i] for i in documents[-2])
+    if last < min_tokens and before + last <= max_tokens:
+      documents[-2].extend(documents.pop())
+  return documents
+
+
+def _check_lengths(min_tokens, max_tokens) -> None:
+  """Raises ValueError naming the argument for invalid length bounds."""
+  for name, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f"{name} must be an integer, got {value!r}")
+  if min_tokens < 1:
+    raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+  if max_tokens < min_tokens:
+    raise ValueError(
+        f"max_tokens must be >= min_tokens ({min_tokens}), got {max_tokens}"
+    )
+
+
+def _normalize_splits(splits) -> list[str]:
+  """Sorted, de-duplicated split names; a lone string is one split."""
+  if isinstance(splits, str):
+    splits = (splits,)
+  splits = sorted(set(splits))
+  if not splits:
+    raise ValueError("splits must name at least one qrels split")
+  return splits
+
+
+# ---------------------------------------------------------------------------
+# Building.
+
+
+def _sha256(path: str) -> str:
+  """Hex SHA-256 of a file's bytes."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_READ_CHUNK_BYTES):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _source_files(source_dir: str, splits: Sequence[str]) -> dict[str, str]:
+  """Relative name -> path of the files a build reads; raises if missing."""
+  beir.check_directory(source_dir)
+  # The qrels first: a wrong split name is the likeliest mistake, and its
+  # message lists the splits that do exist.
+  files = {}
+  for split in splits:
+    path = beir.qrels_path(source_dir, split)
+    files[os.path.relpath(path, source_dir)] = path
+  files[beir.CORPUS_FILE] = beir.corpus_path(source_dir)
+  files[beir.QUERIES_FILE] = beir.queries_path(source_dir)
+  return dict(sorted(files.items()))
+
+
+def _settings(splits, min_tokens, max_tokens, seed, count_tokens) -> dict:
+  """The manifest's settings block; equal blocks mean equal builds."""
+  _check_lengths(min_tokens, max_tokens)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer, got {seed!r}")
+  return {
+      "format_version": FORMAT_VERSION,
+      "splits": _normalize_splits(splits),
+      "min_tokens": int(min_tokens),
+      "max_tokens": int(max_tokens),
+      "seed": int(seed),
+      "tokenizer": _tokenizer_name(count_tokens),
+      "separator": SEPARATOR,
+      "max_lookahead": _MAX_LOOKAHEAD,
+  }
+
+
+def _length_stats(values: Sequence[int]) -> dict:
+  """min / median / mean / max of a non-empty list of ints."""
+  values = np.asarray(values, np.float64)
+  return {
+      "min": int(values.min()),
+      "median": float(np.median(values)),
+      "mean": round(float(values.mean()), 3),
+      "max": int(values.max()),
+  }
+
+
+def build_long_documents(
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    splits: Sequence[str] = ("train", "test"),
+    min_tokens: int = 2048,
+    max_tokens: int = 8192,
+    seed: int = 0,
+    count_tokens: Callable[[str], int] | None = None,
+) -> dict:
+  """Builds a long-document collection from a BEIR collection (see module).
+
+  The output replaces `out_dir` atomically (see `atomic_output`).
+
+  Args:
+    source_dir: a BEIR collection directory.
+    out_dir: where the collection goes; created or replaced.
+    splits: qrels splits to carry over; each must exist in `source_dir`.
+    min_tokens: int >= 1, the shortest target document length.
+    max_tokens: int >= min_tokens, the longest document (a single longer
+      passage is the only exception).
+    seed: int, seeds the passage shuffle and the target lengths.
+    count_tokens: text -> token count; None uses `default_count_tokens`.
+
+  Returns:
+    dict, the manifest's "summary": documents, passages, token length
+    statistics, and per split the queries, judgments and judged passages'
+    token offsets (median and the fraction starting at or beyond 512).
+
+  Raises:
+    ValueError: invalid settings, or `out_dir` is `source_dir`.
+    beir.BeirFormatError: a missing split (the message lists those found) or
+      a malformed source file.
+  """
+  source_dir = os.path.abspath(os.fspath(source_dir))
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.realpath(out_dir) == os.path.realpath(source_dir):
+    raise ValueError(f"out_dir must differ from source_dir ({source_dir})")
+  settings = _settings(splits, min_tokens, max_tokens, seed, count_tokens)
+  splits = settings["splits"]
+  files = _source_files(source_dir, splits)
+  count_tokens = count_tokens or default_count_tokens
+  start = time.perf_counter()
+
+  logging.info("Long documents: reading %s (splits %s)", source_dir, splits)
+  sources = {name: _sha256(path) for name, path in files.items()}
+  passage_ids, titles, texts = beir.read_corpus(files[beir.CORPUS_FILE])
+  query_ids, queries = beir.read_queries(files[beir.QUERIES_FILE])
+  qrels = {
+      split: beir.read_qrels(
+          beir.qrels_path(source_dir, split), query_ids, passage_ids
+      )
+      for split in splits
+  }
+
+  passages = [beir.doc_text(t, x) for t, x in zip(titles, texts)]
+  logging.info("Long documents: counting tokens of %d passages", len(passages))
+  lengths = []
+  for passage in passages:
+    n = count_tokens(passage)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+      raise ValueError(f"count_tokens must return an int >= 0, got {n!r}")
+    lengths.append(int(n))
+  logging.info(
+      "Long documents: %d tokens in %.1f s; packing into %d-%d token documents",
+      sum(lengths), time.perf_counter() - start, min_tokens, max_tokens,
+  )
+  packed = pack_passages(
+      lengths, min_tokens=min_tokens, max_tokens=max_tokens, seed=seed
+  )
+
+  width = max(5, len(str(len(packed) - 1)))
+  doc_ids, doc_texts, records = [], [], []
+  # passage index -> (document index, token offset inside the document).
+  placement = {}
+  for d, members in enumerate(packed):
+    doc_id = f"doc-{d:0{width}d}"
+    offsets, offset = [], 0
+    for p in members:
+      placement[p] = (d, offset)
+      offsets.append(offset)
+      offset += lengths[p]
+    doc_ids.append(doc_id)
+    # Empty passages (no title, no text) add nothing but blank lines.
+    doc_texts.append(
+        SEPARATOR.join(passages[p] for p in members if passages[p])
+    )
+    records.append({
+        "_id": doc_id,
+        "tokens": offset,
+        "passages": [passage_ids[p] for p in members],
+        "offsets": offsets,
+    })
+
+  passage_index = {pid: i for i, pid in enumerate(passage_ids)}
+  long_qrels, split_stats = {}, {}
+  for split in splits:
+    judgments = {}
+    judged_offsets = []
+    for query_id, docs in qrels[split].items():
+      row = {}
+      for passage_id, score in docs.items():
+        d, offset = placement[passage_index[passage_id]]
+        doc_id = doc_ids[d]
+        # Several judged passages can share a document; the best one
+        # decides its grade.
+        row[doc_id] = max(row.get(doc_id, score), score)
+        if score > 0:
+          judged_offsets.append(offset)
+      judgments[query_id] = row
+    long_qrels[split] = judgments
+    offsets = np.asarray(judged_offsets, np.float64)
+    split_stats[split] = {
+        "queries": len(judgments),
+        "judgments": sum(len(row) for row in judgments.values()),
+        "judged_passages": len(judged_offsets),
+        "offset_median": float(np.median(offsets)) if offsets.size else None,
+        f"beyond_{TRUNCATION_PROBE}": (
+            round(float(np.mean(offsets >= TRUNCATION_PROBE)), 6)
+            if offsets.size
+            else None
+        ),
+    }
+
+  judged = set().union(*(long_qrels[s].keys() for s in splits))
+  out_queries = [(q, x) for q, x in zip(query_ids, queries) if q in judged]
+  tokens = [r["tokens"] for r in records]
+  summary = {
+      "documents": len(records),
+      "passages": len(passages),
+      "tokens": _length_stats(tokens),
+      "below_min_tokens": sum(n < min_tokens for n in tokens),
+      "above_max_tokens": sum(n > max_tokens for n in tokens),
+      "splits": split_stats,
+  }
+  manifest = {
+      "settings": settings,
+      "source_dir": source_dir,
+      "sources": sources,
+      "summary": summary,
+      "documents": records,
+  }
+
+  logging.info("Long documents: writing %d documents to %s", len(records),
+               out_dir)
+  with atomic_output(out_dir) as tmp_dir:
+    write_beir(
+        tmp_dir,
+        doc_ids,
+        [""] * len(doc_ids),
+        doc_texts,
+        [q for q, _ in out_queries],
+        [x for _, x in out_queries],
+        long_qrels,
+    )
+    # Written last: a directory with a manifest is a complete collection.
+    with open(os.path.join(tmp_dir, MANIFEST_FILE), "w", encoding="utf-8",
+              newline="\n") as f:
+      json.dump(manifest, f, ensure_ascii=False, indent=1)
+      f.write("\n")
+  logging.info(
+      "Long documents: built in %.1f s: %s", time.perf_counter() - start,
+      json.dumps(summary),
+  )
+  return summary
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+  """The manifest of a built collection, or None if absent or unreadable."""
+  path = os.path.join(os.fspath(out_dir), MANIFEST_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return manifest if isinstance(manifest, dict) else None
+
+
+def ensure_long_documents(
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    splits: Sequence[str] = ("train", "test"),
+    min_tokens: int = 2048,
+    max_tokens: int = 8192,
+    seed: int = 0,
+    count_tokens: Callable[[str], int] | None = None,
+) -> tuple[str, dict]:
+  """Returns a long-document collection, building it only when needed.
+
+  An existing `out_dir` is reused when its manifest has the same settings
+  and the same SHA-256 for every source file, and its collection files are
+  present; otherwise it is rebuilt (atomically) with `build_long_documents`.
+
+  Args:
+    source_dir, out_dir, splits, min_tokens, max_tokens, seed, count_tokens:
+      as for `build_long_documents`.
+
+  Returns:
+    (str, dict): the absolute path of the collection and its summary.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  settings = _settings(splits, min_tokens, max_tokens, seed, count_tokens)
+  manifest = read_manifest(out_dir)
+  if manifest is not None:
+    files = _source_files(os.fspath(source_dir), settings["splits"])
+    expected = [beir.CORPUS_FILE, beir.QUERIES_FILE] + [
+        os.path.join(beir.QRELS_DIR, s + beir.QRELS_SUFFIX)
+        for s in settings["splits"]
+    ]
+    if (
+        manifest.get("settings") == settings
+        and manifest.get("sources")
+        == {name: _sha256(path) for name, path in files.items()}
+        and all(os.path.isfile(os.path.join(out_dir, f)) for f in expected)
+    ):
+      logging.info("Long documents: reusing %s", out_dir)
+      return out_dir, manifest["summary"]
+    logging.info("Long documents: %s is stale; rebuilding", out_dir)
+  summary = build_long_documents(
+      source_dir,
+      out_dir,
+      splits=splits,
+      min_tokens=min_tokens,
+      max_tokens=max_tokens,
+      seed=seed,
+      count_tokens=count_tokens,
+  )
+  return out_dir, summary

@@ -1,0 +1,638 @@
+"""LoCoV1 long-document retrieval tasks from local files, via TFDS or BEIR.
+
+LoCoV1 (Saad-Falcon et al. 2024, "Benchmarking and Building Long-Context
+Retrieval Models with LoCo and M2-BERT") is published as two Hugging Face
+datasets with one split, `test`:
+
+  hazyresearch/LoCoV1-Queries    rows {"qid", "query", "answer_pids", "dataset"}
+  hazyresearch/LoCoV1-Documents  rows {"pid", "passage", "dataset"}
+
+`dataset` names the task. Each task is a retrieval collection of its own:
+the corpus is the task's documents, and every pid in a query's `answer_pids`
+is relevant with score 1 (LoCo's binary qrels; nDCG@10 is the headline).
+
+What was verified, and how (not guessed):
+* Field names `qid`, `query`, `answer_pids` (a list) and `pid`, `passage`,
+  `dataset`, the split `test`, the relevance 1 per answer pid and the title-
+  less corpus: the reference loader `create_LoCo.py` of the M2-BERT
+  repository (HazyResearch/m2, bert/src/embeddings), which builds
+  `corpus[pid] = {"title": "", "text": passage}` and
+  `qrels[qid][pid] = 1` for each pid in `answer_pids`.
+* The 12 `dataset` values, `LOCO_TASKS` below: the README of both Hugging
+  Face datasets, which lists exactly these strings.
+* Layout on the Hub: one JSONL file per task (`documents/<task>_test.jsonl`
+  in each dataset repository) and a Parquet conversion of each whole dataset
+  (`refs/convert/parquet`, `default/test/0000.parquet`).
+* Some QASPER passages are null; the reference loader drops them and the
+  queries that point at them. Here a null passage is dropped from the corpus
+  and from every `answer_pids` list (and counted); a query left with no
+  answer pid stays in the queries but has no judgments, so evaluation skips
+  it as the reference does.
+
+Inputs. `queries` and `documents` are each a JSONL file (one row per line),
+a Parquet file (if pyarrow is installed), or a directory whose `*.jsonl`,
+`*.json` and `*.parquet` files are read in name order (a clone of a Hub
+repository's `documents/` folder). The task is a free string validated
+against the `dataset` values in the files, so a renamed or new task works
+too; an unknown task raises an error listing the values found.
+
+Errors are `beir.BeirFormatError`s naming the file and the 1-based line
+(the row, for Parquet): malformed JSON, missing or mistyped fields,
+duplicate ids, an answer pid that is not a document of the task. Only rows
+of the requested task are validated beyond their `dataset` field.
+
+Two ways in:
+* `loco_to_beir` writes a BEIR directory, for everything that reads BEIR
+  (evaluation, `tfds_beir`).
+* `LocoLocal`, a TFDS builder with the tables, features and caching of
+  `tfds_beir.BeirLocal` (corpus / queries with the split "full", qrels with
+  the split "test"), and `load_loco_tfds`, which returns the same
+  `beir.BeirCollection` as `beir.load_beir` on the `loco_to_beir` output.
+"""
+
+from collections.abc import Iterator
+import dataclasses
+import functools
+import hashlib
+import os
+import re
+
+from absl import logging
+
+# TF must be imported with accelerators hidden before tfds imports it.
+from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
+import tensorflow_datasets as tfds
+
+from retrieval_jax.data import beir
+from retrieval_jax.data import long_documents
+from retrieval_jax.data import tfds_beir
+
+# The `dataset` values of LoCoV1, in the order of the benchmark's task list.
+LOCO_TASKS = (
+    "summ_screen_fd",
+    "gov_report",
+    "qmsum",
+    "qasper_title",
+    "qasper_abstract",
+    "multifieldqa",
+    "2wikimqa",
+    "passage_retrieval",
+    "legal_case_reports",
+    "courtlistener_HTML",
+    "courtlistener_Plain_Text",
+    "stackoverflow",
+)
+# LoCoV1 has only a test split; its qrels table gets that one split.
+QRELS_SPLIT = "test"
+TASK_FIELD = "dataset"
+QUERY_FIELDS = ("qid", "query", "answer_pids", TASK_FIELD)
+DOCUMENT_FIELDS = ("pid", "passage", TASK_FIELD)
+SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Every answer pid is relevant with this score (binary qrels).
+RELEVANCE = 1
+
+_HASH_CHARS = 16
+_READ_CHUNK_BYTES = 1 << 20
+# Rows per Parquet batch: bounds memory for files of long documents.
+_PARQUET_BATCH = 1024
+# Reads a prepared table back exactly as `tfds_beir.load_beir_tfds` does.
+_read_split = tfds_beir._read_split  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class LocoTask:
+  """One LoCoV1 task, parsed and validated.
+
+  Attributes:
+    task: str, the `dataset` value.
+    doc_ids: list[str] [N], pids in source order, null passages left out.
+    texts: list[str] [N].
+    query_ids: list[str] [Q], qids in source order.
+    queries: list[str] [Q].
+    qrels_rows: list[beir.QrelsRow], one per (qid, answer pid) with score 1,
+      `line` being the query's line (or Parquet row) in its file.
+    qrels_source: str, the queries file or directory, for messages.
+    null_passages: int, documents of the task whose passage is null.
+    dropped_judgments: int, answer pids that named such documents.
+  """
+
+  task: str
+  doc_ids: list[str]
+  texts: list[str]
+  query_ids: list[str]
+  queries: list[str]
+  qrels_rows: list[beir.QrelsRow]
+  qrels_source: str
+  null_passages: int
+  dropped_judgments: int
+
+
+# ---------------------------------------------------------------------------
+# Reading rows.
+
+
+def source_files(source: str | os.PathLike) -> list[str]:
+  """The files behind a source: the file itself, or a directory's files.
+
+  Args:
+    source: a JSONL or Parquet file, or a directory of them.
+
+  Returns:
+    list[str], absolute paths in name order.
+
+  Raises:
+    BeirFormatError: the source does not exist, or a directory holds no file
+      with a suffix in SOURCE_SUFFIXES.
+  """
+  source = os.path.abspath(os.fspath(source))
+  if os.path.isfile(source):
+    return [source]
+  if not os.path.isdir(source):
+    raise beir.BeirFormatError(
+        source, None, "does not exist; expected a LoCoV1 JSONL or Parquet"
+        " file, or a directory of them"
+    )
+  files = sorted(
+      os.path.join(source, name)
+      for name in os.listdir(source)
+      if name.endswith(SOURCE_SUFFIXES)
+      and os.path.isfile(os.path.join(source, name))
+  )
+  if not files:
+    raise beir.BeirFormatError(
+        source, None, f"holds no {'/'.join(SOURCE_SUFFIXES)} files"
+    )
+  return files
+
+
+def _parquet_rows(
+    path: str, fields: tuple[str, ...]
+) -> Iterator[tuple[int, dict]]:
+  """Yields (1-based row, {field: value}) of a Parquet file."""
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise beir.BeirFormatError(
+        path, None, "reading Parquet needs pyarrow (`pip install pyarrow`);"
+        " or convert the file to JSONL"
+    ) from None
+  parquet = pq.ParquetFile(path)
+  names = set(parquet.schema_arrow.names)
+  # Missing columns surface as missing fields per row, with the row number,
+  # like a JSONL line without the key.
+  columns = [f for f in fields if f in names]
+  row = 0
+  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH,
+                                    columns=columns):
+    for obj in batch.to_pylist():
+      row += 1
+      yield row, obj
+
+
+def iter_rows(
+    source: str | os.PathLike, fields: tuple[str, ...]
+) -> Iterator[tuple[str, int, dict]]:
+  """Yields every row of a LoCoV1 source.
+
+  Args:
+    source: a JSONL or Parquet file, or a directory of them.
+    fields: the keys a Parquet reader needs (JSONL rows keep all keys).
+
+  Yields:
+    (path, 1-based line or Parquet row, dict).
+
+  Raises:
+    BeirFormatError: invalid UTF-8, malformed JSON or a non-object line.
+  """
+  for path in source_files(source):
+    if path.endswith(".parquet"):
+      rows = _parquet_rows(path, fields)
+    else:
+      rows = beir.read_json_objects(path)
+    for lineno, obj in rows:
+      yield path, lineno, obj
+
+
+def _task_of(path: str, lineno: int, obj: dict) -> str:
+  """The row's `dataset` value, validated."""
+  return beir.json_text(path, lineno, obj, TASK_FIELD, required=True)
+
+
+def _answer_pids(path: str, lineno: int, obj: dict) -> list[str]:
+  """The row's `answer_pids` as id strings (the rules of `beir.json_id`)."""
+  if "answer_pids" not in obj:
+    raise beir.BeirFormatError(path, lineno, 'missing "answer_pids"')
+  values = obj["answer_pids"]
+  if not isinstance(values, (list, tuple)):
+    raise beir.BeirFormatError(
+        path, lineno, '"answer_pids" must be a list of pids, got'
+        f" {type(values).__name__}"
+    )
+  # beir.json_id validates one key of one object; wrap each element.
+  return [
+      beir.json_id(path, lineno, {f"answer_pids[{i}]": v}, f"answer_pids[{i}]")
+      for i, v in enumerate(values)
+  ]
+
+
+def _unknown_task(source: str, kind: str, task: str, found: set) -> Exception:
+  """The error for a task that no row of `source` has."""
+  found_list = ", ".join(sorted(found)) if found else "none (no rows)"
+  extra = ""
+  if task not in LOCO_TASKS:
+    extra = f"; the LoCoV1 tasks are {', '.join(LOCO_TASKS)}"
+  return beir.BeirFormatError(
+      source, None,
+      f"no {kind} of task {task!r}; the {TASK_FIELD!r} values found are:"
+      f" {found_list}{extra}",
+  )
+
+
+def read_loco(
+    queries: str | os.PathLike, documents: str | os.PathLike, task: str
+) -> LocoTask:
+  """Reads and validates one LoCoV1 task (see the module docstring).
+
+  Args:
+    queries: LoCoV1-Queries rows: a JSONL or Parquet file, or a directory.
+    documents: LoCoV1-Documents rows, likewise.
+    task: str, the `dataset` value to select.
+
+  Returns:
+    LocoTask.
+
+  Raises:
+    BeirFormatError: a malformed row, a duplicate id, an answer pid that is
+      not a document of the task, or a task that one of the sources lacks.
+  """
+  queries, documents = os.fspath(queries), os.fspath(documents)
+  if not isinstance(task, str) or not task:
+    raise ValueError(f"task must be a non-empty string, got {task!r}")
+
+  found = set()
+  doc_ids, texts = [], []
+  # pid -> "path:line" of its row, for duplicate messages; None marks a
+  # null passage.
+  pid_where, null_pids = {}, set()
+  for path, lineno, obj in iter_rows(documents, DOCUMENT_FIELDS):
+    row_task = _task_of(path, lineno, obj)
+    found.add(row_task)
+    if row_task != task:
+      continue
+    pid = beir.json_id(path, lineno, obj, "pid")
+    if pid in pid_where:
+      raise beir.BeirFormatError(
+          path, lineno, f"duplicate pid {pid!r} in task {task!r} (first at"
+          f" {pid_where[pid]})"
+      )
+    pid_where[pid] = f"{path}:{lineno}"
+    if "passage" in obj and obj["passage"] is None:
+      # QASPER has documents without text; they cannot be encoded.
+      null_pids.add(pid)
+      continue
+    doc_ids.append(pid)
+    texts.append(beir.json_text(path, lineno, obj, "passage", required=True))
+  if not pid_where:
+    raise _unknown_task(documents, "documents", task, found)
+  if not doc_ids:
+    raise beir.BeirFormatError(
+        documents, None, f"every passage of task {task!r} is null"
+    )
+
+  found = set()
+  query_ids, query_texts, rows = [], [], []
+  qid_where = {}
+  dropped = 0
+  for path, lineno, obj in iter_rows(queries, QUERY_FIELDS):
+    row_task = _task_of(path, lineno, obj)
+    found.add(row_task)
+    if row_task != task:
+      continue
+    qid = beir.json_id(path, lineno, obj, "qid")
+    if qid in qid_where:
+      raise beir.BeirFormatError(
+          path, lineno, f"duplicate qid {qid!r} in task {task!r} (first at"
+          f" {qid_where[qid]})"
+      )
+    qid_where[qid] = f"{path}:{lineno}"
+    query_ids.append(qid)
+    query_texts.append(beir.json_text(path, lineno, obj, "query", True))
+    seen = set()
+    for pid in _answer_pids(path, lineno, obj):
+      if pid not in pid_where:
+        raise beir.BeirFormatError(
+            path, lineno, f"answer pid {pid!r} is not a document of task"
+            f" {task!r} in {documents}"
+        )
+      if pid in seen:
+        # trec_eval rejects duplicate judgments; so does beir.py.
+        raise beir.BeirFormatError(
+            path, lineno, f"answer pid {pid!r} is listed twice"
+        )
+      seen.add(pid)
+      if pid in null_pids:
+        dropped += 1
+        continue
+      rows.append(beir.QrelsRow(qid, pid, RELEVANCE, lineno))
+  if not query_ids:
+    raise _unknown_task(queries, "queries", task, found)
+  if not rows:
+    raise beir.BeirFormatError(
+        queries, None, f"no query of task {task!r} has an answer pid with a"
+        " non-null passage"
+    )
+  if task not in LOCO_TASKS:
+    logging.warning("%r is not one of the 12 LoCoV1 tasks %s", task,
+                    LOCO_TASKS)
+  if null_pids:
+    logging.info(
+        "LoCoV1 %s: dropped %d null passages and %d judgments naming them",
+        task, len(null_pids), dropped,
+    )
+  return LocoTask(
+      task=task,
+      doc_ids=doc_ids,
+      texts=texts,
+      query_ids=query_ids,
+      queries=query_texts,
+      qrels_rows=rows,
+      qrels_source=os.path.abspath(queries),
+      null_passages=len(null_pids),
+      dropped_judgments=dropped,
+  )
+
+
+def _qrels_dict(loco: LocoTask) -> dict[str, dict[str, int]]:
+  """query id -> doc id -> score, validated like a BEIR qrels file."""
+  return beir.qrels_from_rows(
+      loco.qrels_source, loco.qrels_rows, loco.query_ids, loco.doc_ids,
+      on_unknown="error",
+  )
+
+
+def loco_to_beir(
+    queries_file: str | os.PathLike,
+    documents_file: str | os.PathLike,
+    task: str,
+    out_dir: str | os.PathLike,
+) -> dict:
+  """Writes one LoCoV1 task as a BEIR directory (atomically replaced).
+
+  The corpus has empty titles and the passages as text; qrels/test.tsv has
+  score 1 per answer pid.
+
+  Args:
+    queries_file: LoCoV1-Queries rows (JSONL, Parquet, or a directory).
+    documents_file: LoCoV1-Documents rows, likewise.
+    task: str, the `dataset` value.
+    out_dir: the BEIR directory to create or replace.
+
+  Returns:
+    dict with "task", "documents", "queries", "judged_queries",
+    "judgments", "null_passages" and "dropped_judgments".
+
+  Raises:
+    BeirFormatError: as `read_loco`.
+  """
+  loco = read_loco(queries_file, documents_file, task)
+  qrels = _qrels_dict(loco)
+  with long_documents.atomic_output(out_dir) as tmp_dir:
+    long_documents.write_beir(
+        tmp_dir,
+        loco.doc_ids,
+        [""] * len(loco.doc_ids),
+        loco.texts,
+        loco.query_ids,
+        loco.queries,
+        {QRELS_SPLIT: qrels},
+    )
+  summary = {
+      "task": task,
+      "documents": len(loco.doc_ids),
+      "queries": len(loco.query_ids),
+      "judged_queries": len(qrels),
+      "judgments": len(loco.qrels_rows),
+      "null_passages": loco.null_passages,
+      "dropped_judgments": loco.dropped_judgments,
+  }
+  logging.info("LoCoV1 %s written to %s: %s", task, out_dir, summary)
+  return summary
+
+
+# ---------------------------------------------------------------------------
+# TFDS.
+
+
+@dataclasses.dataclass(eq=False)
+class LocoLocalConfig(tfds_beir.BeirLocalConfig):
+  """Which table of which LoCoV1 task a `LocoLocal` builder prepares.
+
+  Create it with `make_config`. `source_dir` (inherited) is unused.
+
+  Attributes:
+    task: str, the `dataset` value.
+    queries_source: str, LoCoV1-Queries file or directory.
+    documents_source: str, LoCoV1-Documents file or directory.
+  """
+
+  task: str = ""
+  queries_source: str = ""
+  documents_source: str = ""
+
+
+def fingerprint(queries: str, documents: str, task: str) -> str:
+  """Hashes the task name and the names and bytes of both sources' files.
+
+  Returns:
+    str, _HASH_CHARS hex digits of a SHA-256; identical copies of the files
+    elsewhere give the same value.
+  """
+  digest = hashlib.sha256(task.encode("utf-8") + b"\0")
+  for role, source in (("queries", queries), ("documents", documents)):
+    for path in source_files(source):
+      digest.update(f"{role}/{os.path.basename(path)}".encode() + b"\0")
+      # The size delimits this file's bytes from the next file's name.
+      digest.update(str(os.path.getsize(path)).encode() + b"\0")
+      with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK_BYTES):
+          digest.update(chunk)
+  return digest.hexdigest()[:_HASH_CHARS]
+
+
+def make_config(
+    queries: str | os.PathLike,
+    documents: str | os.PathLike,
+    task: str,
+    table: str,
+) -> LocoLocalConfig:
+  """Returns the LocoLocalConfig for one table of one LoCoV1 task.
+
+  All three tables hash both sources: a qrels row is only valid together
+  with the documents it names.
+
+  Args:
+    queries: LoCoV1-Queries file or directory.
+    documents: LoCoV1-Documents file or directory.
+    task: str, the `dataset` value.
+    table: str, one of tfds_beir.TABLES.
+
+  Raises:
+    BeirFormatError: a source does not exist.
+    ValueError: an unknown table.
+  """
+  if table not in tfds_beir.TABLES:
+    raise ValueError(f"table must be one of {tfds_beir.TABLES}, got {table!r}")
+  queries = os.path.abspath(os.fspath(queries))
+  documents = os.path.abspath(os.fspath(documents))
+  # Config names are lower case; the hash covers the exact task string, so
+  # "courtlistener_HTML" and a hypothetical "courtlistener_html" differ.
+  stem = re.sub(r"[^a-z0-9]+", "_", task.lower()).strip("_") or "task"
+  return LocoLocalConfig(
+      name=f"loco_{stem}_{table}_{fingerprint(queries, documents, task)}",
+      description=f"{table} of LoCoV1 task {task!r} from {queries} and"
+      f" {documents}",
+      table=table,
+      task=task,
+      queries_source=queries,
+      documents_source=documents,
+  )
+
+
+@functools.lru_cache(maxsize=1)
+def _read_loco_cached(
+    queries: str, documents: str, task: str, digest: str
+) -> LocoTask:
+  """`read_loco`, once for the three tables of one preparation."""
+  del digest  # Part of the cache key only: changed files miss the cache.
+  return read_loco(queries, documents, task)
+
+
+class LocoLocal(tfds_beir.BeirLocal):
+  """One table of one LoCoV1 task from local files (see module docstring).
+
+  The features are `tfds_beir.BeirLocal`'s, so both builders' tables read
+  back the same way; the qrels `line` is the query's line in its file.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Corpus, queries and qrels of one LoCoV1 task."}
+
+  def _loco(self) -> LocoTask:
+    config = self.builder_config
+    digest = config.name.rsplit("_", 1)[-1]
+    return _read_loco_cached(
+        config.queries_source, config.documents_source, config.task, digest
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Local files only.
+    # Parse (and validate) before TFDS opens any output file.
+    loco = self._loco()
+    table = self.builder_config.table
+    split = QRELS_SPLIT if table == "qrels" else tfds_beir.FULL_SPLIT
+    return {split: self._generate_examples(loco=loco, table=table)}
+
+  def _generate_examples(self, loco: LocoTask, table: str):
+    if table == "corpus":
+      for i, (doc_id, text) in enumerate(zip(loco.doc_ids, loco.texts)):
+        yield i, {"index": i, "_id": doc_id, "title": "", "text": text}
+    elif table == "queries":
+      for i, (qid, text) in enumerate(zip(loco.query_ids, loco.queries)):
+        yield i, {"index": i, "_id": qid, "text": text}
+    else:
+      for i, row in enumerate(loco.qrels_rows):
+        yield i, {
+            "index": i,
+            "query_id": row.query_id,
+            "doc_id": row.doc_id,
+            "score": row.score,
+            "line": row.line,
+        }
+
+
+def prepare(
+    queries: str | os.PathLike,
+    documents: str | os.PathLike,
+    task: str,
+    table: str,
+    data_dir: str | os.PathLike | None = None,
+) -> LocoLocal:
+  """Prepares one table of a LoCoV1 task (if needed); returns its builder.
+
+  Args:
+    queries: LoCoV1-Queries file or directory.
+    documents: LoCoV1-Documents file or directory.
+    task: str, the `dataset` value.
+    table: str, one of tfds_beir.TABLES.
+    data_dir: where prepared datasets live; tfds_beir.DEFAULT_DATA_DIR if
+      None.
+
+  Returns:
+    LocoLocal, prepared, in ArrayRecord format; read it with
+    `as_data_source(split)` ("full", or "test" for qrels).
+
+  Raises:
+    BeirFormatError: as `read_loco`.
+  """
+  data_dir = os.fspath(data_dir) if data_dir else tfds_beir.DEFAULT_DATA_DIR
+  builder = LocoLocal(
+      config=make_config(queries, documents, task, table),
+      data_dir=data_dir,
+      file_format="array_record",
+  )
+  if not builder.is_prepared():
+    logging.info("Preparing %s in %s", builder.builder_config.name, data_dir)
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare()
+  return builder
+
+
+def load_loco_tfds(
+    queries: str | os.PathLike,
+    documents: str | os.PathLike,
+    task: str,
+    data_dir: str | os.PathLike | None = None,
+) -> beir.BeirCollection:
+  """Reads one LoCoV1 task through its prepared TFDS tables.
+
+  Returns what `beir.load_beir(out_dir)` returns after
+  `loco_to_beir(queries, documents, task, out_dir)`, preparing the tables
+  first if needed.
+
+  Args:
+    queries: LoCoV1-Queries file or directory.
+    documents: LoCoV1-Documents file or directory.
+    task: str, the `dataset` value.
+    data_dir: where prepared datasets live; tfds_beir.DEFAULT_DATA_DIR if
+      None.
+
+  Returns:
+    beir.BeirCollection with the test qrels.
+
+  Raises:
+    BeirFormatError: as `read_loco`.
+  """
+  try:
+    corpus = prepare(queries, documents, task, "corpus", data_dir)
+    doc_ids, titles, texts = _read_split(
+        corpus, tfds_beir.FULL_SPLIT, ("_id", "title", "text")
+    )
+    query_table = prepare(queries, documents, task, "queries", data_dir)
+    query_ids, query_texts = _read_split(
+        query_table, tfds_beir.FULL_SPLIT, ("_id", "text")
+    )
+    qrels_table = prepare(queries, documents, task, "qrels", data_dir)
+    columns = _read_split(
+        qrels_table, QRELS_SPLIT, ("query_id", "doc_id", "score", "line")
+    )
+  finally:
+    # The parsed task can be large; it is only needed while preparing.
+    _read_loco_cached.cache_clear()
+  rows = [beir.QrelsRow(*row) for row in zip(*columns)]
+  qrels = beir.qrels_from_rows(
+      os.path.abspath(os.fspath(queries)), rows, query_ids, doc_ids,
+      on_unknown="error",
+  )
+  return beir.BeirCollection(
+      doc_ids, titles, texts, query_ids, query_texts, qrels
+  )
