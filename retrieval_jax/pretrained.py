@@ -69,8 +69,8 @@ class PretrainedModel:
     model_dir: directory the files came from (holds the tokenizer files).
   """
 
-  model: transformer_encoder.TransformerEncoder
-  config: transformer_encoder.EncoderConfig
+  model: Any  # TransformerEncoder or m2_encoder.M2Encoder
+  config: Any  # its EncoderConfig / M2Config
   pooling: str
   normalize: bool
   max_length: int
@@ -633,4 +633,54 @@ def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL,
     raise ValueError(f"{model_dir}: {e}") from e
   return PretrainedModel(model=model, config=config, pooling=pooling,
                          normalize=normalize, max_length=max_length,
+                         model_dir=model_dir)
+
+
+ARCHITECTURES = ("bert", "m2")
+
+
+def load_model(model_cfg, dtype: Any = jnp.float32) -> PretrainedModel:
+  """The encoder a `config.model` block describes.
+
+  architecture "bert": the checkpoint `model_cfg.pretrained` (see
+  `load_pretrained`).
+  architecture "m2": an M2-BERT encoder built from `model_cfg.m2` (a preset
+  plus overrides) at random initialisation. Its tokenizer comes from the
+  checkpoint directory `model_cfg.pretrained`, which must use
+  bert-base-uncased's vocabulary (all-MiniLM-L6-v2 does); with
+  `m2.init_embeddings` its word/type embeddings and their LayerNorm are
+  copied from that checkpoint too (widths must match).
+
+  Args:
+    model_cfg: the `config.model` ConfigDict.
+    dtype: compute dtype.
+
+  Raises:
+    ValueError: unknown architecture or M2 settings, naming the key.
+  """
+  from retrieval_jax.models import m2_encoder  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  architecture = model_cfg.get("architecture", "bert")
+  if architecture == "bert":
+    return load_pretrained(model_cfg.pretrained, dtype=dtype)
+  if architecture != "m2":
+    raise ValueError(f"config.model.architecture={architecture!r}: expected "
+                     f"one of {ARCHITECTURES}")
+  block = model_cfg.m2
+  try:
+    config = m2_encoder.config_from_block(block, dtype=dtype)
+  except ValueError as e:
+    raise ValueError(f"config.model.m2: {e}") from e
+  model_dir = resolve_model_dir(model_cfg.pretrained)
+  model = m2_encoder.M2Encoder(
+      config, rngs=nnx.Rngs(params=block.seed, dropout=block.seed + 1))
+  if block.init_embeddings:
+    source = load_pretrained(model_dir)
+    rows = m2_encoder.copy_embeddings(model, source.model)
+    logging.info("M2: copied %d word embeddings from %s", rows, model_dir)
+  return PretrainedModel(model=model, config=config,
+                         pooling=model_cfg.pooling or "pooler",
+                         normalize=True if model_cfg.normalize is None
+                         else bool(model_cfg.normalize),
+                         max_length=model_cfg.max_length,
                          model_dir=model_dir)

@@ -17,6 +17,15 @@ from retrieval_jax import sharding
 from retrieval_jax.layers import pooling as pooling_lib
 
 
+def pool_states(model: nnx.Module, hidden_bld: jax.Array, mask_bl: jax.Array,
+                pooling: str) -> jax.Array:
+  """[B, L, D] -> float32 [B, D]: the model's own `pool` (trained poolers)
+  when it has one, else `layers.pooling.pool`."""
+  if hasattr(model, "pool"):
+    return model.pool(hidden_bld, mask_bl, pooling)
+  return pooling_lib.pool(hidden_bld, mask_bl, pooling)
+
+
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State,
                 batch: dict[str, jax.Array], *, pooling: str,
                 normalize: bool) -> jax.Array:
@@ -37,8 +46,8 @@ def encode_step(graphdef: nnx.GraphDef, state: nnx.State,
   hidden_bld = model(batch["input_ids"], batch["attention_mask"],
                      batch.get("token_type_ids"), deterministic=True)
   # Pool in float32 even when the encoder computes in bfloat16.
-  emb_bd = pooling_lib.pool(hidden_bld.astype(jnp.float32),
-                            batch["attention_mask"], pooling)
+  emb_bd = pool_states(model, hidden_bld.astype(jnp.float32),
+                       batch["attention_mask"], pooling)
   if normalize:
     emb_bd = pooling_lib.l2_normalize(emb_bd)
   return emb_bd
@@ -87,7 +96,8 @@ def encode_tower(model_def, params, ids_bl: jax.Array, mask_bl: jax.Array,
   hidden_bld = model(ids_bl, mask_bl, None,
                      deterministic=dropout_rng is None,
                      dropout_rng=dropout_rng)
-  emb_bd = pooling_lib.pool(hidden_bld.astype(jnp.float32), mask_bl, pooling)
+  emb_bd = pool_states(model, hidden_bld.astype(jnp.float32), mask_bl,
+                       pooling)
   if normalize:
     emb_bd = pooling_lib.l2_normalize(emb_bd)
   return emb_bd
