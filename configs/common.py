@@ -50,6 +50,10 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec):
 def model_block() -> ml_collections.ConfigDict:
   """The pretrained encoder: which weights, how to pool, precision."""
   model = ml_collections.ConfigDict()
+  # "bert": import the checkpoint `pretrained`; "m2": an M2-BERT encoder
+  # built from `model.m2` (configs/m2_long_docs.py), tokenizer from
+  # `pretrained`.
+  model.architecture = "bert"
   # Packaged model name or a directory holding config.json + model.safetensors
   # (or pytorch_model.bin) + vocab.txt.
   model.pretrained = "all-MiniLM-L6-v2"
@@ -76,3 +80,29 @@ def mesh_block() -> ml_collections.ConfigDict:
   # runs each CPU matmul on one thread; per-core devices use every core.
   mesh.cpu_devices = 0
   return mesh
+
+
+def m2_block(preset: str = "m2-bert-80m-2k") -> ml_collections.ConfigDict:
+  """An M2-BERT encoder: a preset of `models.m2_encoder.M2_CONFIGS` plus
+  overrides (0 keeps the preset's value)."""
+  m2 = ml_collections.ConfigDict()
+  # m2-bert-80m-{128,2k,8k,32k}: the 80M model at that maximum length.
+  m2.preset = preset
+  # Mixer + GLU blocks (0 = preset: 12).
+  m2.num_layers = 0
+  # Model width (0 = preset: 768).
+  m2.hidden_size = 0
+  # GLU width (0 = preset: 3072).
+  m2.intermediate_size = 0
+  # Longest input: position table and filter length (0 = preset's).
+  m2.max_position_embeddings = 0
+  # Width of the implicit filters' sine MLP (0 = preset: 128).
+  m2.filter_order = 0
+  # Zero padded positions before the long convolutions, so an embedding
+  # does not depend on the pad length (False = the reference computation).
+  m2.mask_padding = True
+  # Copy word/type embeddings from `model.pretrained` (same width needed).
+  m2.init_embeddings = False
+  # Seed of the random initialisation.
+  m2.seed = 0
+  return m2

@@ -553,8 +553,8 @@ def export_from_workdir(config, workdir: str | os.PathLike, *,
   # pylint: enable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   ckpt_dir = workdir / "checkpoints"
-  loaded = pretrained.load_pretrained(config.model.pretrained,
-                                      dtype=jnp.dtype(config.model.dtype))
+  loaded = pretrained.load_model(config.model,
+                                 dtype=jnp.dtype(config.model.dtype))
   model_def, params = train_state.split_model(loaded.model)
   # Serving runs on one device: restore the params replicated there.
   device = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])

@@ -80,6 +80,37 @@ def _check_path(key: str, value: str, *, is_dir: bool,
   return path
 
 
+# Losses that read raw cosines (not softmax logits): temperature must be 1.
+COSINE_LOSSES = ("orthogonal_projection",)
+
+
+def _validate_model(config) -> None:
+  from retrieval_jax.models import m2_encoder  # pylint: disable=g-import-not-at-top
+  model = config.model
+  architecture = model.get("architecture", "bert")
+  if architecture not in pretrained.ARCHITECTURES:
+    raise ConfigError(f"config.model.architecture={architecture!r}: expected "
+                      f"one of {pretrained.ARCHITECTURES}")
+  kinds = (m2_encoder.POOLING_KINDS if architecture == "m2" else
+           ("cls", "mean"))
+  if model.pooling not in ("",) + tuple(kinds):
+    raise ConfigError(f"config.model.pooling={model.pooling!r}: expected one "
+                      f"of {kinds} or '' (the model's default)")
+  if model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype={model.dtype!r}: expected "
+                      "'float32' or 'bfloat16'")
+  if architecture == "m2":
+    try:
+      m2 = m2_encoder.config_from_block(model.m2)
+    except (ValueError, KeyError, AttributeError) as e:
+      raise ConfigError(f"config.model.m2: {e}") from e
+    if model.max_length > m2.max_position_embeddings:
+      raise ConfigError(
+          f"config.model.max_length={model.max_length} exceeds the M2 "
+          f"encoder's max_position_embeddings {m2.max_position_embeddings} "
+          "(config.model.m2)")
+
+
 def validate(config: ml_collections.ConfigDict, mesh) -> None:
   """Checks the config against the mesh and the file system.
 
@@ -87,6 +118,13 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     ConfigError: naming the offending key.
   """
   _get_loss(config)
+  _validate_model(config)
+  if config.loss.name in COSINE_LOSSES and (
+      config.loss.temperature != 1.0 or config.model.normalize is False):
+    raise ConfigError(
+        f"config.loss.name={config.loss.name!r} reads cosine similarities: "
+        f"set config.loss.temperature=1 (is {config.loss.temperature}) and "
+        "keep config.model.normalize on")
   batch_size = config.train.batch_size
   if batch_size < 1:
     raise ConfigError(f"config.train.batch_size={batch_size}: must be >= 1")
@@ -128,6 +166,40 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
 
 # ---------------------------------------------------------------------------
 # Pieces of the job.
+
+
+def prepare_long_documents(config, workdir: pathlib.Path) -> None:
+  """Builds the `config.long_docs` collection and points the run at it.
+
+  The collection (long documents packed from `long_docs.source`, see
+  `data/long_documents.py`) is written once to `long_docs.out_dir` (or
+  <workdir>/long_docs) and reused while its settings and sources are
+  unchanged. `data.path` and every evaluator's `path` that is empty are
+  set to it.
+  """
+  if "long_docs" not in config or not config.long_docs.source:
+    return
+  from retrieval_jax.data import long_documents  # pylint: disable=g-import-not-at-top
+  cfg = config.long_docs
+  _check_path("long_docs.source", cfg.source, is_dir=True,
+              needs=("corpus.jsonl", "queries.jsonl"))
+  tokenizer_dir = pretrained.resolve_model_dir(config.model.pretrained)
+  tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(tokenizer_dir)
+  try:
+    path, summary = long_documents.ensure_long_documents(
+        cfg.source, cfg.out_dir or workdir / "long_docs",
+        splits=tuple(cfg.splits), min_tokens=cfg.min_tokens,
+        max_tokens=cfg.max_tokens, seed=cfg.seed,
+        # Counted without [CLS]/[SEP], by the model's own tokenizer.
+        count_tokens=lambda text: len(tokenizer.encode(text, 1 << 30)) - 2)
+  except ValueError as e:
+    raise ConfigError(f"config.long_docs: {e}") from e
+  logging.info("long documents: %s", summary.get("description", summary))
+  if not config.data.path:
+    config.data.path = str(path)
+  for ev in config.evals.values():
+    if not ev.path:
+      ev.path = str(path)
 
 
 def _training_data(config, workdir: pathlib.Path, tokenizer, loss_spec,
@@ -259,12 +331,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir.mkdir(parents=True, exist_ok=True)
   config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
   mesh = sharding.make_mesh(config.mesh.shape)
+  prepare_long_documents(config, workdir)
   validate(config, mesh)
   loss_spec = _get_loss(config)
   is_primary = jax.process_index() == 0
 
-  loaded = pretrained.load_pretrained(config.model.pretrained,
-                                      dtype=jnp.dtype(config.model.dtype))
+  loaded = pretrained.load_model(config.model,
+                                 dtype=jnp.dtype(config.model.dtype))
   _resolve_model_settings(config, loaded)
   tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
       loaded.model_dir)

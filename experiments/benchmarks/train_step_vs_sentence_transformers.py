@@ -96,7 +96,6 @@ from retrieval_jax import sharding
 sharding.use_cpu_cores_as_devices(ARGS.threads)
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import sentence_transformers

@@ -59,6 +59,11 @@ class LossSpec:
 
 
 LOSSES: dict[str, LossSpec] = {
+    # Needs cosine scores: config.loss.temperature = 1, normalised towers.
+    "orthogonal_projection": LossSpec(
+        contrastive.orthogonal_projection, ALL, QUERY,
+        "(1 - mean positive cosine) + |mean negative cosine| per query; "
+        "works with one-query batches (long-document fine-tuning)."),
     "infonce": LossSpec(
         contrastive.info_nce, ONE, PAIR,
         "InfoNCE over in-batch + hard negatives; every judged pair is an "

@@ -364,6 +364,44 @@ def lse_pair(scores_qc: jax.Array, positive_qc: jax.Array,
                  accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
 
 
+def orthogonal_projection(scores_qc: jax.Array, positive_qc: jax.Array,
+                          valid_qc: jax.Array, *, gamma: float = 1.0
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Orthogonal projection loss: `(1 − mean_P cos) + γ·|mean_N cos|` per row.
+
+  Pulls a query's positives to cosine 1 and pushes its negatives towards
+  orthogonality (cosine 0) rather than below every positive, so the loss of
+  a row needs no other rows: it trains with single-query batches, the
+  setting of long-document fine-tuning where a batch holds one query, its
+  document and a few negatives. Unlike the softmax losses it is not
+  shift-invariant, so `scores_qc` must be cosines (unit vectors,
+  temperature 1). With a one-query batch the row means are the batch
+  means of the original batch-level form; with larger batches each row is
+  reduced on its own and the rows are averaged.
+
+  Args:
+    scores_qc, positive_qc, valid_qc: see the module docstring; scores are
+      cosine similarities in [-1, 1].
+    gamma: weight of the negative term.
+
+  Returns:
+    (loss float32 scalar, aux): "num_valid_rows", "accuracy",
+    "positive_cosine", "negative_cosine" (row means).
+  """
+  scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(scores_qc, positive_qc,
+                                                    valid_qc)
+  num_neg_q = jnp.sum(neg_qc, axis=-1).astype(scores_qc.dtype)
+  pos_mean_q = (jnp.sum(jnp.where(pos_qc, scores_qc, 0.0), axis=-1) /
+                jnp.maximum(num_pos_q, 1.0))
+  # A row without negatives contributes only its positive term.
+  neg_mean_q = (jnp.sum(jnp.where(neg_qc, scores_qc, 0.0), axis=-1) /
+                jnp.maximum(num_neg_q, 1.0))
+  loss_q = (1.0 - pos_mean_q) + gamma * jnp.abs(neg_mean_q)
+  return _reduce(loss_q, num_pos_q > 0,
+                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+                 positive_cosine=pos_mean_q, negative_cosine=neg_mean_q)
+
+
 def first_positive(positive_qc: jax.Array, valid_qc: jax.Array) -> jax.Array:
   """[B] int32 column of each row's first valid positive (0 if none)."""
   # argmax of a bool row is its first True; an all-False row gives 0, which

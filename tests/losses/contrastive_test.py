@@ -282,6 +282,35 @@ class KnownValuesTest(parameterized.TestCase):
     self.assertAlmostEqual(float(aux["accuracy"]), 2 / 3, places=6)
 
 
+class OrthogonalProjectionTest(absltest.TestCase):
+
+  def test_hand_cases(self):
+    # Row 0: one positive at 0.8, negatives 0.2 and -0.4 (mean -0.1):
+    # (1 - 0.8) + |-0.1| = 0.3. Row 1: positives 0.5 and 0.9 (mean 0.7),
+    # negative 0.6, the third column masked: 0.3 + 0.6 = 0.9.
+    s = np.array([[0.8, 0.2, -0.4], [0.5, 0.9, 0.6]])
+    pos = np.array([[True, False, False], [True, True, False]])
+    valid = np.array([[True, True, True], [True, True, True]])
+    loss, aux = cl.orthogonal_projection(s, pos, valid)
+    self.assertAlmostEqual(float(loss), (0.3 + 0.9) / 2, places=6)
+    self.assertAlmostEqual(float(aux["positive_cosine"]), 0.75, places=6)
+    self.assertAlmostEqual(float(aux["negative_cosine"]), 0.25, places=6)
+    loss, _ = cl.orthogonal_projection(s, pos, valid, gamma=0.5)
+    self.assertAlmostEqual(float(loss), (0.25 + 0.6) / 2, places=6)
+    # Perfect embeddings: positives at 1, negatives orthogonal.
+    perfect = np.array([[1.0, 0.0, 0.0]])
+    loss, _ = cl.orthogonal_projection(perfect, pos[:1], valid[:1])
+    self.assertEqual(float(loss), 0.0)
+
+  def test_gradient(self):
+    # d/ds_p = -1/m, d/ds_n = sign(mean_N)/n, per row, / rows.
+    s = np.array([[0.8, 0.2, -0.4, 0.1]], np.float32)
+    pos = np.array([[True, False, False, False]])
+    valid = np.array([[True, True, True, False]])
+    g = jax.grad(lambda x: cl.orthogonal_projection(x, pos, valid)[0])(s)
+    np.testing.assert_allclose(g, [[-1.0, -0.5, -0.5, 0.0]], atol=1e-7)
+
+
 class PropertiesTest(parameterized.TestCase):
 
   @parameterized.parameters(0, 1, 2)

@@ -31,6 +31,7 @@ _LOSSES = {
                                        normalize_by_positives=True),
     "lse_pair": cl.lse_pair,
     "symmetric": cl.symmetric_info_nce,
+    "orthogonal_projection": cl.orthogonal_projection,
 }
 
 
@@ -118,6 +119,10 @@ class ShardedContrastiveTest(parameterized.TestCase):
   def test_symmetric(self):
     # Its reverse term needs every query: a separate path.
     self._check("symmetric", (2, 4, 1))
+
+  def test_orthogonal_projection(self):
+    # Row means of cosines, reduced shard by shard like the softmax losses.
+    self._check("orthogonal_projection", (8, 1, 1))
 
   def test_unshared_hard_negatives(self):
     self._check("lse_pair", (8, 1, 1), share=False)
