@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Document lengths, drawn log-uniformly in [min_tokens, max_tokens]
   # (WordPiece tokens of the model's vocabulary, [CLS]/[SEP] excluded).
   config.long_docs.min_tokens = 2048
+  # Upper end of that range (a document plus [CLS]/[SEP] fits max_length).
   config.long_docs.max_tokens = 4000
   # Seed of the passage shuffle and the length draws.
   config.long_docs.seed = 0
@@ -58,17 +59,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.long_docs.out_dir = ""
 
   model = config.model
+  # The Monarch Mixer encoder (retrieval_jax/models/m2_encoder.py).
   model.architecture = "m2"
   # Tokenizer (and with m2.init_embeddings, the starting word embeddings).
   model.pretrained = "all-MiniLM-L6-v2"
+  # Its hyperparameters: the 80M 8k preset, overridden below.
   model.m2 = common.m2_block("m2-bert-80m-8k")
   # Mean of the token states: a useful embedding from the first step on,
   # where a randomly initialised pooler is not; the 80M presets use the
   # reference's trained pooler.
   model.pooling = "mean"
+  # Cosine similarity, as the reference's retrieval evaluation.
   model.normalize = True
   # Whole documents: max_tokens plus [CLS] and [SEP] fit.
   model.max_length = 4096
+  # Dropout while training.
   model.dropout = True
   if arg.model == "small":
     model.m2.num_layers = 2
@@ -83,31 +88,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.max_length = int(
         {"m2-bert-80m-128": 128, "m2-bert-80m-2k": 2048,
          "m2-bert-80m-8k": 8192, "m2-bert-80m-32k": 32768}.get(arg.model, 0))
+  # Initialisation seed follows the run's seed.
   model.m2.seed = arg.seed
 
   data = config.data
+  # The built collection is a BEIR directory.
   data.format = "beir"
   # Filled in at start-up with the built collection (long_docs.out_dir).
   data.path = ""
+  # Its train queries (SciFact's train judgments).
   data.train_split = "train"
   # In-batch negatives only: a hard negative would double the documents
   # encoded per step.
   data.negatives = "none"
+  # Documents per query in a batch: its positive only.
   data.group_size = 1
+  # One positive document per query.
   data.max_positives = 1
+  # Query token budget.
   data.query_max_length = 48
+  # Documents are read whole.
   data.passage_max_length = model.max_length
 
+  # Softmax temperature for the contrastive losses.
   config.loss.temperature = 0.05
   if arg.loss == "orthogonal_projection":
     # Cosines, one query (its document and the others' as negatives).
     config.loss.temperature = 1.0
 
   train = config.train
+  # Queries (and documents) per step.
   train.batch_size = 8
+  # About one epoch of the 809 SciFact train queries.
   train.num_steps = 100
+  # Log every N steps.
   train.log_every = 5
-  train.eval_before = False
+  # Evaluate the starting encoder too (random M2, MiniLM word embeddings).
+  train.eval_before = True
   # GradCache: the 8 documents of a step are embedded and back-propagated
   # 4 at a time, so activation memory is that of 4 long documents.
   train.grad_cache_chunks = (2, 2)
@@ -115,17 +132,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   optim = config.optim
   # Most weights start at random: a from-scratch learning rate.
   optim.learning_rate = 5e-4
+  # Linear warm-up over the first 10% of steps.
   optim.warmup_fraction = 0.1
+  # Decoupled weight decay.
   optim.weight_decay = 0.01
 
+  # Checkpoint every N steps.
   config.checkpoint.every_steps = 25
   # The exported passage tower reads whole documents.
   config.export.passage_max_length = model.max_length
 
   config.evals = ml_collections.ConfigDict()
+  # The test queries against the long documents (path set at start-up).
   config.evals.long_docs = train_config._eval_block(  # pylint: disable=protected-access
       "", "test", ("ndcg@10", "recall@1", "recall@10", "mrr@10"),
       top_k=100)
+  # Long documents: few per encoder call.
   config.evals.long_docs.batch_size = 4
 
   if arg.smoke:
@@ -147,6 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.batch_size = 4
     train.num_steps = 4
     train.log_every = 1
+    train.eval_before = False
     train.grad_cache_chunks = (0, 0)
     config.checkpoint.every_steps = 2
 
