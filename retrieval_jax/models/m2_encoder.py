@@ -142,9 +142,14 @@ class SequenceMixer(nnx.Module):
                                     (sharding.MLP, None))
     self.short_conv_bias_c = core.param(_torch_uniform(k), rngs, (c,), pd,
                                         (sharding.MLP,))
+    # The filter MLPs' Linear layers get the BERT init (normal, std
+    # initializer_range, zero bias) like every Linear of the reference model:
+    # the filters start near zero, so a fresh layer is close to a per-token
+    # map (D * v) and long-range mixing is learned, not imposed at random.
     filter_args = dict(emb_dim=config.filter_emb_dim,
                        order=config.filter_order, w=config.filter_w,
-                       bidirectional=config.bidirectional, param_dtype=pd)
+                       bidirectional=config.bidirectional, param_dtype=pd,
+                       mlp_init_std=config.initializer_range)
     self.filter = long_conv.HyenaFilter(
         d, config.max_position_embeddings, rngs=rngs, **filter_args)
     if config.residual_long_conv:

@@ -168,6 +168,50 @@ class PaddingTest(parameterized.TestCase):
     np.testing.assert_allclose(emb_a, emb_b, atol=1e-6)
 
 
+class TrainabilityTest(absltest.TestCase):
+
+  def test_contrastive_loss_fits_a_fixed_batch(self):
+    # Gradients reach every part of the encoder: 4 (query, document) pairs
+    # of random tokens, in-batch InfoNCE, Adam; the loss must fall from
+    # ln 4 to near zero.
+    import optax  # pylint: disable=g-import-not-at-top
+    from retrieval_jax.losses import contrastive  # pylint: disable=g-import-not-at-top
+    config = dataclasses.replace(SMALL, max_position_embeddings=64)
+    model = m2_encoder.M2Encoder(config, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(4)
+    q_ids = rng.integers(1, 512, size=(4, 8)).astype(np.int32)
+    d_ids = rng.integers(1, 512, size=(4, 48)).astype(np.int32)
+    d_ids[:, 40:] = 0  # Padding inside the batch.
+    tx = optax.adam(3e-3)
+
+    def loss_fn(params):
+      enc = nnx.merge(graphdef, params, rest)
+      def embed(ids):
+        mask = (ids != 0).astype(np.int32)
+        return steps.pool_states(enc, enc(ids, mask), mask, "mean")
+      q, d = embed(q_ids), embed(d_ids)
+      q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+      d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
+      scores = q @ d.T / 0.05
+      return contrastive.info_nce(scores, np.eye(4, dtype=bool),
+                                  np.ones((4, 4), bool))[0]
+
+    @jax.jit
+    def step(params, opt_state):
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    losses = []
+    for _ in range(40):
+      params, opt_state, loss = step(params, opt_state)
+      losses.append(float(loss))
+    self.assertGreater(losses[0], 0.5)
+    self.assertLess(losses[-1], 0.05 * losses[0])
+
+
 class PrecisionTest(absltest.TestCase):
 
   def test_bfloat16_compute_tracks_float32(self):
