@@ -8,6 +8,7 @@ import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _NOTEBOOKS = sorted((_ROOT / "colab").glob("*.ipynb"))
@@ -33,6 +34,9 @@ class ColabTest(parameterized.TestCase):
   def test_tpu_notebook_parses(self, name):
     compile(notebook_code(_ROOT / "colab" / name), name, "exec")
 
+  # About 2 minutes; the smoke training it runs is also covered by
+  # tests/e2e/train_test.py in the default run.
+  @pytest.mark.slow
   @parameterized.parameters(*[(p.name,) for p in _CPU_NOTEBOOKS])
   def test_notebook_runs(self, name):
     env = dict(os.environ, RETRIEVAL_JAX_SMOKE="1",

@@ -64,7 +64,8 @@ def minilm_row(collection_dir: pathlib.Path, split: str, out: pathlib.Path,
          f"--config.data.path={collection_dir}",
          f"--config.data.split={split}",
          f"--config.model.max_length={max_length}",
-         "--config.search.top_k=100", "--config.encode.batch_size=16"]
+         "--config.search.top_k=100", "--config.encode.batch_size=16",
+         f"--config.eval.measures={MEASURES!r}"]
   start = time.perf_counter()
   subprocess.run(cmd, check=True, cwd=REPO)
   metrics = json.loads((workdir / "metrics.json").read_text())

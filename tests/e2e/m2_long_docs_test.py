@@ -14,6 +14,7 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
 from retrieval_jax import serving
 from retrieval_jax.data import beir
@@ -68,6 +69,9 @@ class M2LongDocsTest(absltest.TestCase):
       self.assertIn(text, joined)
     self.assertEqual(set(built.qrels), set(source.qrels))
 
+  # Two more runs of the job (about 90 s); resume and export are covered
+  # for the BERT encoder by tests/e2e/train_test.py in the default run.
+  @pytest.mark.slow
   def test_rerun_resumes_and_export_serves(self):
     self.assertEqual(self.first.returncode, 0, self.first.stderr[-3000:])
     manifest = os.stat(f"{self.workdir}/long_docs/manifest.json").st_mtime
