@@ -243,14 +243,25 @@ def prepare(
   Raises:
     BeirFormatError: a missing or malformed source file.
   """
+  return prepare_builder(BeirLocal, make_config(directory, table), data_dir)
+
+
+def prepare_builder(builder_cls, config, data_dir=None):
+  """Builds `builder_cls(config)` in ArrayRecord format, preparing it once.
+
+  Args:
+    builder_cls: a local-files builder class (BeirLocal or a subclass).
+    config: its builder config (created at run time).
+    data_dir: where prepared datasets live; DEFAULT_DATA_DIR if None.
+
+  Returns:
+    The prepared builder.
+  """
   data_dir = os.fspath(data_dir) if data_dir else DEFAULT_DATA_DIR
   # A config created at run time: TFDS logs "Using custom data
   # configuration" for it, which is expected.
-  builder = BeirLocal(
-      config=make_config(directory, table),
-      data_dir=data_dir,
-      file_format="array_record",
-  )
+  builder = builder_cls(config=config, data_dir=data_dir,
+                        file_format="array_record")
   if not builder.is_prepared():
     logging.info("Preparing %s in %s", builder.builder_config.name, data_dir)
     # Local collections prepare in seconds; TFDS's nested progress bars
@@ -260,7 +271,7 @@ def prepare(
   return builder
 
 
-def _read_split(
+def read_split(
     builder: BeirLocal, split: str, keys: tuple[str, ...]
 ) -> list[list]:
   """Reads a whole split; returns one list per key, in index order."""
@@ -317,17 +328,17 @@ def load_beir_tfds(
   if split is not None and not corpus_only:
     qrels_file = beir.qrels_path(directory, split)
   corpus = prepare(directory, "corpus", data_dir)
-  doc_ids, titles, texts = _read_split(
+  doc_ids, titles, texts = read_split(
       corpus, FULL_SPLIT, ("_id", "title", "text")
   )
   if corpus_only:
     return beir.BeirCollection(doc_ids, titles, texts, [], [], {})
   queries = prepare(directory, "queries", data_dir)
-  query_ids, query_texts = _read_split(queries, FULL_SPLIT, ("_id", "text"))
+  query_ids, query_texts = read_split(queries, FULL_SPLIT, ("_id", "text"))
   qrels = {}
   if qrels_file is not None:
     qrels_builder = prepare(directory, "qrels", data_dir)
-    columns = _read_split(
+    columns = read_split(
         qrels_builder, split, ("query_id", "doc_id", "score", "line")
     )
     rows = [beir.QrelsRow(*row) for row in zip(*columns)]

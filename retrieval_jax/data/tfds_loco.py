@@ -95,8 +95,6 @@ _HASH_CHARS = 16
 _READ_CHUNK_BYTES = 1 << 20
 # Rows per Parquet batch: bounds memory for files of long documents.
 _PARQUET_BATCH = 1024
-# Reads a prepared table back exactly as `tfds_beir.load_beir_tfds` does.
-_read_split = tfds_beir._read_split  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -574,17 +572,8 @@ def prepare(
   Raises:
     BeirFormatError: as `read_loco`.
   """
-  data_dir = os.fspath(data_dir) if data_dir else tfds_beir.DEFAULT_DATA_DIR
-  builder = LocoLocal(
-      config=make_config(queries, documents, task, table),
-      data_dir=data_dir,
-      file_format="array_record",
-  )
-  if not builder.is_prepared():
-    logging.info("Preparing %s in %s", builder.builder_config.name, data_dir)
-    tfds.display_progress_bar(False)
-    builder.download_and_prepare()
-  return builder
+  return tfds_beir.prepare_builder(
+      LocoLocal, make_config(queries, documents, task, table), data_dir)
 
 
 def load_loco_tfds(
@@ -614,15 +603,15 @@ def load_loco_tfds(
   """
   try:
     corpus = prepare(queries, documents, task, "corpus", data_dir)
-    doc_ids, titles, texts = _read_split(
+    doc_ids, titles, texts = tfds_beir.read_split(
         corpus, tfds_beir.FULL_SPLIT, ("_id", "title", "text")
     )
     query_table = prepare(queries, documents, task, "queries", data_dir)
-    query_ids, query_texts = _read_split(
+    query_ids, query_texts = tfds_beir.read_split(
         query_table, tfds_beir.FULL_SPLIT, ("_id", "text")
     )
     qrels_table = prepare(queries, documents, task, "qrels", data_dir)
-    columns = _read_split(
+    columns = tfds_beir.read_split(
         qrels_table, QRELS_SPLIT, ("query_id", "doc_id", "score", "line")
     )
   finally:
