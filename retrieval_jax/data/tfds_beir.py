@@ -213,13 +213,13 @@ class BeirLocal(tfds.core.GeneratorBasedBuilder):
         yield i, {"index": i, "_id": query_id, "text": text}
     else:
       for i, row in enumerate(beir.read_qrels_rows(path)):
-        yield i, {
-            "index": i,
-            "query_id": row.query_id,
-            "doc_id": row.doc_id,
-            "score": row.score,
-            "line": row.line,
-        }
+        yield i, qrels_example(i, row)
+
+
+def qrels_example(index: int, row) -> dict:
+  """The qrels table's example for one `beir.QrelsRow`."""
+  return {"index": index, "query_id": row.query_id, "doc_id": row.doc_id,
+          "score": row.score, "line": row.line}
 
 
 def prepare(

@@ -11,23 +11,18 @@ datasets with one split, `test`:
 the corpus is the task's documents, and every pid in a query's `answer_pids`
 is relevant with score 1 (LoCo's binary qrels; nDCG@10 is the headline).
 
-What was verified, and how (not guessed):
-* Field names `qid`, `query`, `answer_pids` (a list) and `pid`, `passage`,
-  `dataset`, the split `test`, the relevance 1 per answer pid and the title-
-  less corpus: the reference loader `create_LoCo.py` of the M2-BERT
-  repository (HazyResearch/m2, bert/src/embeddings), which builds
-  `corpus[pid] = {"title": "", "text": passage}` and
-  `qrels[qid][pid] = 1` for each pid in `answer_pids`.
-* The 12 `dataset` values, `LOCO_TASKS` below: the README of both Hugging
-  Face datasets, which lists exactly these strings.
-* Layout on the Hub: one JSONL file per task (`documents/<task>_test.jsonl`
-  in each dataset repository) and a Parquet conversion of each whole dataset
-  (`refs/convert/parquet`, `default/test/0000.parquet`).
-* Some QASPER passages are null; the reference loader drops them and the
-  queries that point at them. Here a null passage is dropped from the corpus
+Format details this module relies on:
+* Queries carry `qid`, `query`, `answer_pids` (a list of pids) and
+  `dataset`; documents carry `pid`, `passage` and `dataset`. The corpus is
+  title-less: `{"title": "", "text": passage}`.
+* The 12 `dataset` values are `LOCO_TASKS` below.
+* On the Hub each dataset has one JSONL file per task
+  (`documents/<task>_test.jsonl`) and a Parquet conversion of the whole
+  dataset (`refs/convert/parquet`, `default/test/0000.parquet`).
+* Some QASPER passages are null. A null passage is dropped from the corpus
   and from every `answer_pids` list (and counted); a query left with no
-  answer pid stays in the queries but has no judgments, so evaluation skips
-  it as the reference does.
+  answer pid stays in the queries but has no judgments, so evaluation
+  skips it.
 
 Inputs. `queries` and `documents` are each a JSONL file (one row per line),
 a Parquet file (if pyarrow is installed), or a directory whose `*.jsonl`,
@@ -539,13 +534,7 @@ class LocoLocal(tfds_beir.BeirLocal):
         yield i, {"index": i, "_id": qid, "text": text}
     else:
       for i, row in enumerate(loco.qrels_rows):
-        yield i, {
-            "index": i,
-            "query_id": row.query_id,
-            "doc_id": row.doc_id,
-            "score": row.score,
-            "line": row.line,
-        }
+        yield i, tfds_beir.qrels_example(i, row)
 
 
 def prepare(

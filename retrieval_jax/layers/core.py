@@ -33,6 +33,16 @@ def param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
       eager_sharding=False)
 
 
+def uniform(bound: float):
+  """Initializer U(-bound, +bound); `uniform(1 / sqrt(fan_in))` is PyTorch's
+  default for Linear and Conv weights and biases."""
+
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
 def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
                eps: float) -> jax.Array:
   """LayerNorm over the last axis with (at least) float32 statistics.
@@ -83,3 +93,11 @@ def dropout(layer: nnx.Dropout, x: jax.Array, deterministic: bool,
   rng)` drive dropout without threading RNG state.
   """
   return layer(x, deterministic=deterministic, rngs=rng)
+
+
+def dropout_keys(rng: jax.Array | None, count: int,
+                 deterministic: bool) -> list[jax.Array | None]:
+  """`count` independent dropout keys, or Nones (no key / deterministic)."""
+  if rng is None or deterministic:
+    return [None] * count
+  return list(jax.random.split(rng, count))

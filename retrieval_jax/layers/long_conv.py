@@ -249,15 +249,6 @@ def exponential_modulation(t_l1: Any, delta_h: Any) -> jax.Array:
   return jnp.exp(-jnp.asarray(t_l1) * jnp.abs(jnp.asarray(delta_h)))
 
 
-def _uniform_fan_in(fan_in: int):
-  """PyTorch `nn.Linear`'s default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
 class HyenaFilter(nnx.Module):
   """Implicit bidirectional long-convolution filters for H channels.
 
@@ -321,7 +312,7 @@ class HyenaFilter(nnx.Module):
 
     def linear(fan_in, shape):
       if mlp_init_std is None:
-        return _uniform_fan_in(fan_in)
+        return core.uniform(1.0 / math.sqrt(fan_in))
       if len(shape) == 1:
         return nnx.initializers.zeros
       return nnx.initializers.normal(mlp_init_std)

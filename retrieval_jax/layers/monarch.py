@@ -344,15 +344,6 @@ def monarch_dft(x_bn: jax.Array, m1: int, m2: int, *,
                        precision=precision)
 
 
-def _uniform(bound: float):
-  """Initializer U(-bound, +bound)."""
-
-  def init(key, shape, dtype):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
 class BlockDiagLinear(nnx.Module):
   """y = blockdiag(W_1..W_g) pad(x) [:out_features] + bias.
 
@@ -374,10 +365,10 @@ class BlockDiagLinear(nnx.Module):
     in_blk = -(-in_features // nblocks)
     out_blk = -(-out_features // nblocks)
     self.weight_gqp = core.param(
-        _uniform(1 / math.sqrt(in_blk)), rngs, (nblocks, out_blk, in_blk),
+        core.uniform(1 / math.sqrt(in_blk)), rngs, (nblocks, out_blk, in_blk),
         param_dtype, (None, out_axis, in_axis))
     self.bias_o = (
-        core.param(_uniform(1 / math.sqrt(out_features)), rngs,
+        core.param(core.uniform(1 / math.sqrt(out_features)), rngs,
                    (out_features,), param_dtype, (out_axis,))
         if use_bias else None)
 
@@ -419,13 +410,13 @@ class MonarchLinear(nnx.Module):
     out_blk = -(-out_features // nblocks)
     q = min(in_blk, out_blk)
     self.w1_kqp = core.param(
-        _uniform(math.sqrt(3 * nblocks / in_features)), rngs,
+        core.uniform(math.sqrt(3 * nblocks / in_features)), rngs,
         (nblocks, q, in_blk), param_dtype, (None, None, in_axis))
     self.w2_lsr = core.param(
-        _uniform(1 / math.sqrt(q)), rngs, (nblocks, out_blk, q),
+        core.uniform(1 / math.sqrt(q)), rngs, (nblocks, out_blk, q),
         param_dtype, (None, out_axis, None))
     self.bias_o = (
-        core.param(_uniform(1 / math.sqrt(in_features)), rngs,
+        core.param(core.uniform(1 / math.sqrt(in_features)), rngs,
                    (out_features,), param_dtype, (out_axis,))
         if use_bias else None)
 

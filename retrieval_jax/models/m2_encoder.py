@@ -115,15 +115,6 @@ M2_CONFIGS = {
 }
 
 
-def _torch_uniform(fan_in: int):
-  """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / fan_in ** 0.5
-
-  def init(key, shape, dtype):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
 class SequenceMixer(nnx.Module):
   """Gated bidirectional long convolution with a residual long convolution."""
 
@@ -132,15 +123,17 @@ class SequenceMixer(nnx.Module):
     c, k = 3 * d, config.short_conv_size
     normal = nnx.initializers.normal(config.initializer_range)
     zeros = nnx.initializers.zeros
+    # PyTorch's Conv1d default: U(+-1/sqrt(fan_in)), fan_in = k taps.
+    torch_init = core.uniform(1.0 / k ** 0.5)
     self.dtype = config.dtype
     self.mask_padding = config.mask_padding
     self.residual_long_conv = config.residual_long_conv
     self.in_proj_dc = core.param(normal, rngs, (d, c), pd,
                                  (sharding.EMBED, sharding.MLP))
     self.in_bias_c = core.param(zeros, rngs, (c,), pd, (sharding.MLP,))
-    self.short_conv_ck = core.param(_torch_uniform(k), rngs, (c, k), pd,
+    self.short_conv_ck = core.param(torch_init, rngs, (c, k), pd,
                                     (sharding.MLP, None))
-    self.short_conv_bias_c = core.param(_torch_uniform(k), rngs, (c,), pd,
+    self.short_conv_bias_c = core.param(torch_init, rngs, (c,), pd,
                                         (sharding.MLP,))
     # The filter MLPs' Linear layers get the BERT init (normal, std
     # initializer_range, zero bias) like every Linear of the reference model:
@@ -282,9 +275,8 @@ class M2Encoder(nnx.Module):
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
     mask_bl = attention_mask_bl if self.config.mask_padding else None
-    keys = [None] * (len(self.layers) + 1)
-    if dropout_rng is not None and not deterministic:
-      keys = list(jax.random.split(dropout_rng, len(self.layers) + 1))
+    keys = core.dropout_keys(dropout_rng, len(self.layers) + 1,
+                             deterministic)
     x_bld = self.embeddings(input_ids_bl, token_type_ids_bl,
                             deterministic=deterministic, rng=keys[0])
     for layer, key in zip(self.layers, keys[1:]):

@@ -316,9 +316,8 @@ class TransformerEncoder(nnx.Module):
     """
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
-    keys = [None] * (len(self.layers) + 1)
-    if dropout_rng is not None and not deterministic:
-      keys = list(jax.random.split(dropout_rng, len(self.layers) + 1))
+    keys = core.dropout_keys(dropout_rng, len(self.layers) + 1,
+                             deterministic)
     x_bld = self.embeddings(input_ids_bl, token_type_ids_bl,
                             deterministic=deterministic, rng=keys[0])
     for layer, key in zip(self.layers, keys[1:]):
