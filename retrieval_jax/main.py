@@ -1,7 +1,7 @@
 r"""Entry point: set-up, then dispatch on --mode.
 
   python -m retrieval_jax.main --config configs/evaluate.py[:variant] \
-      --workdir DIR [--mode train|evaluate|encode|export] \
+      --workdir DIR [--mode train|evaluate|encode|export|critical_n] \
       [--config.a.b=value ...]
 
   train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
@@ -9,6 +9,8 @@ r"""Entry point: set-up, then dispatch on --mode.
   encode    corpus embeddings to .npy (configs/evaluate.py)
   export    query / passage towers of the latest checkpoint in <workdir>
             (configs/train.py) for serving, to <workdir>/export
+  critical_n  free-embedding critical n against the embedding dimension
+            (configs/limit.py)
 
 Set-up only: multi-process initialisation, partitionable PRNG, logging of the
 process and device counts; every mode is a library function that Colab and
@@ -29,9 +31,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for outputs (created if missing).")
 _MODE = flags.DEFINE_enum(
-    "mode", None, ["train", "evaluate", "encode", "export"],
+    "mode", None, ["train", "evaluate", "encode", "export", "critical_n"],
     "What to run; by default `train` for a config with a `train` block "
-    "(configs/train.py), else `evaluate`.")
+    "(configs/train.py), `critical_n` for one with a `protocol` block "
+    "(configs/limit.py), else `evaluate`.")
 
 # Environment variables that mean "one of several cooperating processes".
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
@@ -93,13 +96,17 @@ def main(argv):
   from retrieval_jax import optimizers
   from retrieval_jax.data import beir
   # pylint: enable=g-import-not-at-top
-  mode = _MODE.value or ("train" if "train" in config else "evaluate")
+  mode = _MODE.value or ("train" if "train" in config else "critical_n"
+                         if "protocol" in config else "evaluate")
   if mode in ("train", "export") and "train" not in config:
     sys.exit(f"error: --mode={mode} needs a training config "
              "(configs/train.py), got one without a `train` block")
   if mode in ("evaluate", "encode") and "search" not in config:
     sys.exit(f"error: --mode={mode} needs configs/evaluate.py (a `search` "
              "block); use --mode=train with configs/train.py")
+  if mode == "critical_n" and "protocol" not in config:
+    sys.exit("error: --mode=critical_n needs configs/limit.py (a `protocol` "
+             "block)")
   try:
     if mode == "train":
       from retrieval_jax import train  # pylint: disable=g-import-not-at-top
@@ -111,6 +118,14 @@ def main(argv):
       evaluate.evaluate(config, _WORKDIR.value)
     elif mode == "encode":
       evaluate.encode(config, _WORKDIR.value)
+    elif mode == "critical_n":
+      # pylint: disable-next=g-import-not-at-top
+      from retrieval_jax.analysis import embedding_dimension
+      try:
+        embedding_dimension.run(config, _WORKDIR.value)
+      except embedding_dimension.ConfigError as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
   except metric_logging.NonFiniteError as e:
     # The last good checkpoint is untouched; say where it is.
     logging.error("%s", e)
