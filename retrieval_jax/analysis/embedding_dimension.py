@@ -141,12 +141,10 @@ def initial_embeddings(num_queries: int, num_docs: int, dim: int,
     (queries [m, d], docs [n, d]) float32, drawn exactly as the released
     experiment draws them (one key per matrix, split from PRNGKey(seed)).
   """
-  key_q, key_d = jax.random.split(jax.random.PRNGKey(seed))
-  q_md = jax.random.normal(key_q, (num_queries, dim), jnp.float32)
-  d_nd = jax.random.normal(key_d, (num_docs, dim), jnp.float32)
-  q_md = q_md / jnp.linalg.norm(q_md, axis=1, keepdims=True)
-  d_nd = d_nd / jnp.linalg.norm(d_nd, axis=1, keepdims=True)
-  return np.asarray(q_md), np.asarray(d_nd)
+  q_md = _raw_normals(seed, 0, num_queries, dim)
+  d_nd = _raw_normals(seed, 1, num_docs, dim)
+  return (np.asarray(_normalize_rows(jnp.asarray(q_md))),
+          np.asarray(_normalize_rows(jnp.asarray(d_nd))))
 
 
 @functools.lru_cache(maxsize=None)
