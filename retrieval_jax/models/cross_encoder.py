@@ -24,6 +24,7 @@ teaches the model what they mean.
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from retrieval_jax import sharding
@@ -137,3 +138,56 @@ def encode_pairs(tokenizer, queries, items, max_length: int, head: str,
     out["token_type_ids"][b, :len(row)] = type_ids
   out["markers"] = np.asarray(markers, np.int32).reshape(-1, 2)
   return out
+
+
+class PairScorer:
+  """A cross-encoder as a black-box `score(query_ids, item_ids)` function.
+
+  The signature `search/cur_knn.py` expects: query_ids [b] index `queries`,
+  item_ids [b, c] index `items`, and the result is the [b, c] score matrix.
+  Pairs are scored in fixed-size batches split over the mesh's batch axes
+  (one jitted call per padded width, widths rounded up to
+  `pad_to_multiple_of`); the last batch is filled by repeating its last
+  pair, and those scores are dropped.
+  """
+
+  def __init__(self, model: CrossEncoder, tokenizer, queries, items, *,
+               max_length: int = 256, batch_size: int = 64,
+               pad_to_multiple_of: int = 32, mesh=None):
+    self._queries, self._items = list(queries), list(items)
+    self._tokenizer, self._head = tokenizer, model.head
+    self._max_length, self._multiple = max_length, pad_to_multiple_of
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    shards = sharding.data_size(mesh)
+    # Every batch splits evenly over the data shards.
+    self._batch = -(-batch_size // shards) * shards
+    graphdef, state = nnx.split(model)
+    self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    self._rows = sharding.named_sharding(mesh, (sharding.BATCH, None))
+
+    def score(state, *arrays):
+      return nnx.merge(graphdef, state)(*arrays)
+
+    self._score = jax.jit(score, out_shardings=sharding.named_sharding(
+        mesh, (sharding.BATCH,)))
+
+  def __call__(self, query_ids_b, item_ids_bc) -> np.ndarray:
+    query_ids_b = np.asarray(query_ids_b)
+    item_ids_bc = np.asarray(item_ids_bc)
+    b, c = item_ids_bc.shape
+    pairs_q = np.repeat(query_ids_b, c)
+    pairs_i = item_ids_bc.reshape(-1)
+    out = np.zeros(b * c, np.float32)
+    for lo in range(0, b * c, self._batch):
+      idx = np.arange(lo, min(lo + self._batch, b * c))
+      padded = np.concatenate([idx, np.full(self._batch - len(idx), idx[-1])])
+      batch = encode_pairs(self._tokenizer,
+                           [self._queries[q] for q in pairs_q[padded]],
+                           [self._items[i] for i in pairs_i[padded]],
+                           self._max_length, self._head,
+                           pad_to_multiple_of=self._multiple)
+      arrays = [jax.device_put(batch[k], self._rows) for k in
+                ("input_ids", "attention_mask", "token_type_ids", "markers")
+                if k in batch]
+      out[idx] = np.asarray(self._score(self._state, *arrays))[:len(idx)]
+    return out.reshape(b, c)

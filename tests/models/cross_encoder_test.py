@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from retrieval_jax import pretrained
+from retrieval_jax import sharding
 from retrieval_jax.data import tokenizers
 from retrieval_jax.models import cross_encoder as ce
 from retrieval_jax.models import transformer_encoder as te
@@ -97,3 +98,28 @@ class CrossEncoderTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class PairScorerTest(absltest.TestCase):
+
+  def test_scorer_matches_the_model_on_one_and_eight_devices(self):
+    tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
+        pretrained.resolve_model_dir(pretrained.DEFAULT_MODEL))
+    config = te.EncoderConfig(hidden_size=32, num_layers=1, num_heads=2,
+                              intermediate_size=64)
+    model = ce.CrossEncoder(te.TransformerEncoder(config, rngs=nnx.Rngs(0)),
+                            "emb", rngs=nnx.Rngs(1))
+    query_ids = np.array([2, 0, 1])
+    item_ids = np.array([[0, 1], [2, 2], [1, 0]])
+    batch = ce.encode_pairs(
+        tokenizer, [_QUERIES[q] for q in np.repeat(query_ids, 2)],
+        [_ITEMS[i] for i in item_ids.ravel()], 32, "emb")
+    expected = np.asarray(model(batch["input_ids"], batch["attention_mask"],
+                                batch["token_type_ids"], batch["markers"]))
+    for mesh in (sharding.make_mesh(devices=jax.devices()[:1]),
+                 sharding.make_mesh()):
+      scorer = ce.PairScorer(model, tokenizer, _QUERIES, _ITEMS,
+                             max_length=32, batch_size=4, mesh=mesh)
+      np.testing.assert_allclose(scorer(query_ids, item_ids),
+                                 expected.reshape(3, 2), rtol=1e-5,
+                                 atol=1e-5)
