@@ -23,16 +23,28 @@ _ITEMS = ["Ann Lee likes apples, pears and opera.",
           "a much longer description of somebody " * 30, "x"]
 
 
+_SHARED = {}
+
+
+def _tokenizer_and_encoder():
+  """all-MiniLM-L6-v2's tokenizer and a small random encoder, built once."""
+  if not _SHARED:
+    _SHARED["tokenizer"] = tokenizers.WordPieceTokenizer.from_pretrained_dir(
+        pretrained.resolve_model_dir(pretrained.DEFAULT_MODEL))
+    config = te.EncoderConfig(hidden_size=32, num_layers=2, num_heads=2,
+                              intermediate_size=64)
+    # The "rbg" generator compiles the 30,522-row table's init far faster.
+    _SHARED["encoder"] = te.TransformerEncoder(
+        config, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  return _SHARED["tokenizer"], _SHARED["encoder"]
+
+
 class CrossEncoderTest(absltest.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
-        pretrained.resolve_model_dir(pretrained.DEFAULT_MODEL))
-    config = te.EncoderConfig(hidden_size=32, num_layers=2, num_heads=2,
-                              intermediate_size=64)
-    cls.encoder = te.TransformerEncoder(config, rngs=nnx.Rngs(0))
+    cls.tokenizer, cls.encoder = _tokenizer_and_encoder()
 
   def test_emb_layout_is_the_pair_encoding_plus_markers(self):
     emb = ce.encode_pairs(self.tokenizer, _QUERIES, _ITEMS, 40, "emb")
@@ -103,12 +115,8 @@ if __name__ == "__main__":
 class PairScorerTest(absltest.TestCase):
 
   def test_scorer_matches_the_model_on_one_and_eight_devices(self):
-    tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
-        pretrained.resolve_model_dir(pretrained.DEFAULT_MODEL))
-    config = te.EncoderConfig(hidden_size=32, num_layers=1, num_heads=2,
-                              intermediate_size=64)
-    model = ce.CrossEncoder(te.TransformerEncoder(config, rngs=nnx.Rngs(0)),
-                            "emb", rngs=nnx.Rngs(1))
+    tokenizer, encoder = _tokenizer_and_encoder()
+    model = ce.CrossEncoder(encoder, "emb", rngs=nnx.Rngs(1))
     query_ids = np.array([2, 0, 1])
     item_ids = np.array([[0, 1], [2, 2], [1, 0]])
     batch = ce.encode_pairs(
