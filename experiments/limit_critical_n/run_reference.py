@@ -18,6 +18,12 @@ Each d runs in its own process, as the script is meant to be launched
 starting n as `configs/limit.py:critical_n` (the paper's cubic, rounded).
 Writes <out>/d=<d>_k=2.json (the script's own results), <out>/d=<d>.log and
 <out>/timing.json ({d: {wall_s, critical_n, solved, failed}}).
+
+`--resume` continues an interrupted d from the rows already in its results
+file (the script skips the n it has cached). Its wall_s is then the resumed
+process's wall time plus the cached rows' own optimisation time
+(`cached_s`), which leaves out the few seconds per run the script spends
+outside `optimize_embeddings`, so a resumed timing is a slight undercount.
 """
 
 import argparse
@@ -54,6 +60,8 @@ def main() -> None:
   parser.add_argument("--dims", default="4,5,6,7,8")
   parser.add_argument("--k", type=int, default=2)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the cached rows of an interrupted run")
   parser.add_argument("--child", nargs=argparse.REMAINDER,
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -69,7 +77,12 @@ def main() -> None:
   for d in (int(x) for x in args.dims.split(",")):
     initial_n = embedding_dimension.initial_n(d, args.k)
     results = out / f"d={d}_k={args.k}.json"
-    results.unlink(missing_ok=True)  # A rerun must not reuse cached rows.
+    cached_s = 0.0
+    if args.resume and results.exists():
+      cached_s = sum(r["metrics"]["optimization_duration_seconds"]
+                     for r in json.loads(results.read_text()))
+    else:
+      results.unlink(missing_ok=True)  # A rerun must not reuse cached rows.
     log = out / f"d={d}.log"
     cmd = [sys.executable, __file__, "--script", args.script, "--out",
            args.out, "--child", f"--d={d}", f"--k={args.k}",
@@ -79,7 +92,7 @@ def main() -> None:
     start = time.perf_counter()
     with open(log, "w") as f:
       subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start + cached_s
     text = log.read_text()
     found = re.findall(r"Critical N is likely (\S+)", text)
     rows = json.loads(results.read_text())
@@ -92,7 +105,7 @@ def main() -> None:
     failed = sorted(r["parameters"]["n"] for r in rows
                     if r["metrics"]["max_accuracy_observed"] < 1.0)
     timing[str(d)] = dict(
-        wall_s=wall, initial_n=initial_n,
+        wall_s=wall, cached_s=cached_s, initial_n=initial_n,
         critical_n=None if not found or found[-1] == "None" else
         int(found[-1]), solved=solved, failed=failed,
         run_s={str(r["parameters"]["n"]):
