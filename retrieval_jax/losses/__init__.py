@@ -9,7 +9,7 @@ an example is a (query, positive) pair or a query (`unit`).
 
 `LISTWISE_LOSSES` maps names to the list losses of `listwise.py` that share
 the signature `fn(scores_bn, labels_bn, valid_bn) -> (loss, aux)`
-(`margin_mse` has its own argument layout and is used by module).
+(and the pointwise BCE of re-rankers, "bce"; `margin_mse` has its own argument layout and is used by module).
 Regularisers live in `regularizers.py`.
 """
 
@@ -92,6 +92,7 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 LISTWISE_LOSSES: dict[str, Callable] = {
+    "bce": listwise.pointwise_bce,
     "kl_distillation": listwise.kl_distillation,
     "listnet": listwise.listnet,
     "listmle": listwise.listmle,

@@ -85,6 +85,37 @@ def kl_distillation(
                    teacher_entropy=entropy_b)
 
 
+def pointwise_bce(scores_bn: jax.Array, labels_bn: jax.Array,
+                  valid_bn: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Pointwise binary cross-entropy on logits, the usual re-ranker loss.
+
+  `−y log σ(s) − (1 − y) log(1 − σ(s))` per valid item (labels in [0, 1],
+  e.g. 1 for relevant, 0 for a hard negative), computed stably as
+  `softplus(s) − y·s`; the mean runs over every valid item of the batch
+  (sentence-transformers' CrossEncoder BCEWithLogitsLoss), so each pair
+  weighs the same whatever its list's length.
+
+  Args:
+    scores_bn: [B, n] logits.
+    labels_bn: [B, n] targets in [0, 1].
+    valid_bn: [B, n] bool real items.
+
+  Returns:
+    (loss scalar, aux): "num_valid_rows", "num_pairs", "accuracy" (share of
+    valid items on the label's side of 0, counting y ≥ 0.5 as positive).
+  """
+  scores_bn, labels_bn = _float(scores_bn), _float(labels_bn)
+  loss_bn = jax.nn.softplus(scores_bn) - labels_bn * scores_bn
+  num_pairs = jnp.sum(valid_bn).astype(scores_bn.dtype)
+  denom = jnp.maximum(num_pairs, 1.0)
+  loss = jnp.sum(jnp.where(valid_bn, loss_bn, 0.0)) / denom
+  correct_bn = (scores_bn > 0) == (labels_bn >= 0.5)
+  accuracy = jnp.sum(jnp.where(valid_bn, correct_bn, False)) / denom
+  num_rows = jnp.sum(jnp.any(valid_bn, axis=-1)).astype(scores_bn.dtype)
+  return loss, {"num_valid_rows": num_rows, "num_pairs": num_pairs,
+                "accuracy": accuracy.astype(scores_bn.dtype)}
+
+
 def listnet(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ListNet (top-one): `−Σ_j softmax(y)_j · log softmax(s)_j` per row.

@@ -302,6 +302,37 @@ class WassersteinListTest(parameterized.TestCase):
       self.assertAlmostEqual(float((g * direction).sum()), fd, places=6)
 
 
+class PointwiseBCETest(parameterized.TestCase):
+
+  def test_matches_torch_bce_with_logits(self):
+    torch = __import__("torch")
+    rng = np.random.default_rng(0)
+    s = (rng.normal(size=(4, 5)) * 20).astype(np.float32)  # Large logits.
+    y = rng.uniform(size=(4, 5)).astype(np.float32)
+    y[0] = (y[0] > 0.5)
+    valid = rng.uniform(size=(4, 5)) > 0.3
+    loss, aux = lw.pointwise_bce(s, y, valid)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor(s[valid]), torch.tensor(y[valid]))
+    self.assertAlmostEqual(float(loss), float(want), places=5)
+    self.assertEqual(float(aux["num_pairs"]), valid.sum())
+    hits = ((s > 0) == (y >= 0.5))[valid].mean()
+    self.assertAlmostEqual(float(aux["accuracy"]), hits, places=6)
+
+  def test_hand_case_gradient_and_empty(self):
+    # s = 0: loss log 2 whatever the label; d/ds = sigmoid(s) - y over n.
+    s = np.array([[0.0, 2.0, -1.0]], np.float32)
+    y = np.array([[1.0, 0.0, 1.0]], np.float32)
+    valid = np.array([[True, True, False]])
+    loss, _ = lw.pointwise_bce(s[:, :1], y[:, :1], valid[:, :1])
+    self.assertAlmostEqual(float(loss), np.log(2.0), places=6)
+    g = jax.grad(lambda x: lw.pointwise_bce(x, y, valid)[0])(s)
+    want = np.array([[0.5 - 1.0, 1 / (1 + np.exp(-2.0)), 0.0]]) / 2
+    np.testing.assert_allclose(g, want, atol=1e-6)
+    loss, aux = lw.pointwise_bce(s, y, np.zeros_like(valid))
+    self.assertEqual((float(loss), float(aux["num_pairs"])), (0.0, 0.0))
+
+
 class MarginMSETest(parameterized.TestCase):
 
   def test_hand_case(self):
