@@ -43,7 +43,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import pathlib
 import time
 from typing import Callable, Iterator, Mapping, Sequence
@@ -53,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from retrieval_jax import plotting
 from retrieval_jax.analysis import qrel_patterns
 
 class ConfigError(ValueError):
@@ -709,76 +709,26 @@ def write_plot_svg(path, dims, critical, coefficients,
                    paper=PAPER_CUBIC, title: str = "") -> None:
   """Writes an SVG plot of measured critical n and the cubic fits.
 
-  Plain SVG, no plotting library: the measured points, our cubic (solid)
-  and the paper's cubic (dashed) over the measured range of d, one unit
-  beyond on each side.
+  The measured points, our cubic (solid) and the paper's cubic (dashed)
+  over the measured range of d, one unit beyond on each side.
   """
   dims = np.asarray(dims, float)
-  critical = np.asarray(critical, float)
   lo, hi = dims.min() - 1, dims.max() + 1
   grid = np.linspace(lo, hi, 200)
-  curves = [("this run, cubic fit", "#1f77b4", "",
-             np.polynomial.polynomial.polyval(grid, coefficients))]
+  series = [plotting.Series(
+      "this run, cubic fit", grid,
+      np.polynomial.polynomial.polyval(grid, coefficients), color="#1f77b4")]
   if paper is not None:
-    curves.append(("paper's cubic fit", "#d62728", "6,4",
-                   np.polynomial.polynomial.polyval(grid, paper)))
-  y_values = np.concatenate([critical] + [c[3] for c in curves])
-  y_lo, y_hi = min(0.0, y_values.min()), y_values.max() * 1.05
-  width, height, left, right, top, bottom = 640, 420, 60, 20, 40, 50
-
-  def sx(x):
-    return left + (x - lo) / (hi - lo) * (width - left - right)
-
-  def sy(y):
-    return height - bottom - (y - y_lo) / (y_hi - y_lo) * (
-        height - top - bottom)
-
-  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
-           f'height="{height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle" '
-           f'font-size="14">{title or "critical n against d"}</text>']
-  # Axes with integer ticks.
-  x0, y0 = sx(lo), sy(y_lo)
-  parts.append(f'<line x1="{x0}" y1="{y0}" x2="{sx(hi)}" y2="{y0}" '
-               'stroke="black"/>')
-  parts.append(f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{sy(y_hi)}" '
-               'stroke="black"/>')
-  for d in range(int(np.ceil(lo)), int(np.floor(hi)) + 1):
-    parts.append(f'<text x="{sx(d)}" y="{y0 + 16}" text-anchor="middle">'
-                 f'{d}</text>')
-  step = max(1, int(10 ** np.floor(np.log10(max(y_hi - y_lo, 1)))) // 2)
-  for y in range(int(np.ceil(y_lo / step)) * step, int(y_hi) + 1, step):
-    parts.append(f'<text x="{x0 - 6}" y="{sy(y) + 4}" text-anchor="end">'
-                 f'{y}</text>')
-    parts.append(f'<line x1="{x0}" y1="{sy(y)}" x2="{sx(hi)}" y2="{sy(y)}" '
-                 'stroke="#eeeeee"/>')
-  parts.append(f'<text x="{width / 2}" y="{height - 10}" '
-               'text-anchor="middle">embedding dimension d</text>')
-  parts.append(f'<text x="15" y="{height / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 15 {height / 2})">critical n</text>')
-  for i, (label, color, dash, ys) in enumerate(curves):
-    points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(grid, ys))
-    parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" '
-                 f'stroke-width="2" stroke-dasharray="{dash}"/>')
-    parts.append(f'<line x1="{left + 20}" y1="{top + 12 + 18 * i}" '
-                 f'x2="{left + 50}" y2="{top + 12 + 18 * i}" stroke="{color}" '
-                 f'stroke-width="2" stroke-dasharray="{dash}"/>')
-    parts.append(f'<text x="{left + 56}" y="{top + 16 + 18 * i}">{label}'
-                 '</text>')
-  for d, n in zip(dims, critical):
-    parts.append(f'<circle cx="{sx(d):.1f}" cy="{sy(n):.1f}" r="4" '
-                 'fill="black"/>')
-  i = len(curves)
-  parts.append(f'<circle cx="{left + 35}" cy="{top + 12 + 18 * i}" r="4" '
-               'fill="black"/>')
-  parts.append(f'<text x="{left + 56}" y="{top + 16 + 18 * i}">measured '
-               '(largest solved n)</text>')
-  parts.append("</svg>")
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(parts) + "\n")
-  os.replace(tmp, path)
+    series.append(plotting.Series(
+        "paper's cubic fit", grid,
+        np.polynomial.polynomial.polyval(grid, paper), color="#d62728",
+        dash="6,4"))
+  series.append(plotting.Series("measured (largest solved n)", dims,
+                                np.asarray(critical, float), color="black",
+                                line=False, markers=True))
+  plotting.line_plot_svg(path, series, title=title or "critical n against d",
+                         xlabel="embedding dimension d", ylabel="critical n",
+                         x_range=(lo, hi))
 
 
 def format_table(searches: Mapping[tuple[int, int], SearchResult]) -> str:
