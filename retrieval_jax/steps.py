@@ -266,6 +266,12 @@ def train_step(state, batch, rng, *, model_def, tx, loss_fn,
         loss_from_reps=loss_from_reps, query_chunks=grad_cache_chunks[0],
         passage_chunks=grad_cache_chunks[1])
 
+  return _apply_gradients(state, grads, loss, aux, tx=tx,
+                          learning_rate_fn=learning_rate_fn)
+
+
+def _apply_gradients(state, grads, loss, aux, *, tx, learning_rate_fn):
+  """The optimizer update and the step's metrics, shared by every step."""
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {
@@ -283,6 +289,78 @@ def train_step(state, batch, rng, *, model_def, tx, loss_fn,
   return new_state, metrics
 
 
+# Batch keys of a cross-encoder step (`TrainLoader.pair_batch_at`).
+PAIR_KEYS = ("pair_ids", "pair_mask", "pair_types", "pair_markers",
+             "positive_counts", "passage_doc")
+
+
+def group_labels(positive_counts_b: jax.Array, passage_doc_p: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """[B, G] positive and valid masks of the loader's query-major groups.
+
+  Row i's group is passages i*G .. i*G+G-1, its first positive_counts[i]
+  are positives; padding passages (doc -1) are invalid.
+  """
+  b = positive_counts_b.shape[0]
+  valid_bg = (passage_doc_p >= 0).reshape(b, -1)
+  slot_g = jnp.arange(valid_bg.shape[1])
+  positive_bg = (slot_g[None, :] < positive_counts_b[:, None]) & valid_bg
+  return positive_bg, valid_bg
+
+
+def cross_encoder_loss(scores_bg: jax.Array, positive_bg: jax.Array,
+                       valid_bg: jax.Array, *, loss_name: str):
+  """A registry loss on the [B, G] pair scores of each query's group.
+
+  Names of `losses.LOSSES` (InfoNCE, LSEPair, ...) take the scores as
+  logits over the group, positives in the first slots; names of
+  `losses.LISTWISE_LOSSES` ("bce", "listnet", ...) take 1/0 labels.
+  """
+  from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
+  if loss_name in losses.LISTWISE_LOSSES:
+    return losses.LISTWISE_LOSSES[loss_name](
+        scores_bg, positive_bg.astype(jnp.float32), valid_bg)
+  return losses.get_loss(loss_name).fn(scores_bg, positive_bg, valid_bg)
+
+
+def cross_encoder_train_step(state, batch, rng, *, model_def, tx,
+                             loss_name: str, dropout: bool,
+                             learning_rate_fn=None):
+  """One optimizer step of a cross-encoder on the loader's pair groups.
+
+  Args:
+    state: {"step", "params", "opt_state"} (see `train_state`).
+    batch: `PAIR_KEYS`: pair_ids / pair_mask / pair_types [B*G, L],
+      pair_markers [B*G, 2] (the "emb" head's marker positions),
+      positive_counts [B], passage_doc [B*G].
+    rng: the run's base key; dropout keys fold in the step.
+    model_def: `train_state.ModelDef` of a `models.cross_encoder.CrossEncoder`.
+    tx: the optax optimizer.
+    loss_name: see `cross_encoder_loss`.
+    dropout: train with dropout.
+    learning_rate_fn: schedule, only to report the rate.
+
+  Returns:
+    (new state, metrics), as `train_step`.
+  """
+  dropout_rng = (jax.random.fold_in(rng, state["step"]) if dropout else None)
+  positive_bg, valid_bg = group_labels(batch["positive_counts"],
+                                       batch["passage_doc"])
+
+  def loss_of_params(params):
+    model = model_def.merge(params)
+    scores_p = model(batch["pair_ids"], batch["pair_mask"],
+                     batch["pair_types"], batch["pair_markers"],
+                     deterministic=not dropout, dropout_rng=dropout_rng)
+    return cross_encoder_loss(scores_p.reshape(valid_bg.shape), positive_bg,
+                              valid_bg, loss_name=loss_name)
+
+  (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
+      state["params"])
+  return _apply_gradients(state, grads, loss, aux, tx=tx,
+                          learning_rate_fn=learning_rate_fn)
+
+
 def batch_shardings(mesh: Mesh, batch_spec: dict[str, tuple]) -> dict:
   """NamedSharding per batch key: the leading (example) axis on the data axes.
 
@@ -296,21 +374,22 @@ def batch_shardings(mesh: Mesh, batch_spec: dict[str, tuple]) -> dict:
 
 
 def make_train_step(mesh: Mesh, state_shardings, batch_spec: dict[str, tuple],
-                    **step_kwargs):
+                    step_fn=train_step, **step_kwargs):
   """Jits `train_step` once for `mesh`, donating the state.
 
   Args:
     mesh: the device mesh.
     state_shardings: from `train_state.state_layout(...).shardings`.
     batch_spec: {key: shape} of every batch the loader yields.
-    **step_kwargs: the static arguments of `train_step`.
+    step_fn: `train_step` (bi-encoder) or `cross_encoder_train_step`.
+    **step_kwargs: the static arguments of `step_fn`.
 
   Returns:
     `fn(state, batch, rng) -> (state, metrics)`; the batch must already be
     placed with `batch_shardings` (see `put_batch`).
   """
   replicated = NamedSharding(mesh, PartitionSpec())
-  step = functools.partial(train_step, **step_kwargs)
+  step = functools.partial(step_fn, **step_kwargs)
   return jax.jit(
       step,
       in_shardings=(state_shardings, batch_shardings(mesh, batch_spec),

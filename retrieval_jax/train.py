@@ -1,4 +1,12 @@
-"""The train mode: fine-tune a bi-encoder, checkpoint, evaluate.
+"""The train mode: fine-tune a bi- or cross-encoder, checkpoint, evaluate.
+
+A cross-encoder (`config.model.kind = "cross_encoder"`,
+`models/cross_encoder.py`) trains on the same loader: each query's group
+(its positive, then hard negatives) becomes (query, passage) pairs
+tokenised together at `config.data.pair_max_length`, scored jointly and
+fed to a registry loss over the group (InfoNCE, ...) or a pointwise /
+listwise one on 1/0 labels ("bce", "listnet", ...). Its evaluations
+re-rank a first stage (dense or BM25) of each eval collection.
 
 `train_and_evaluate(config, workdir)` is the whole job; `main.py --mode=train`
 and the notebooks call it the same way. Wiring only, no math: the step is
@@ -30,6 +38,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -42,6 +51,7 @@ from retrieval_jax import pretrained
 from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax import train_state
+from retrieval_jax.data import beir
 from retrieval_jax.data import tokenizers
 from retrieval_jax.evaluation import evaluators
 from retrieval_jax.evaluate import ConfigError
@@ -55,13 +65,27 @@ STEP_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask",
 # Start-up checks: every bad value fails here, naming its key.
 
 
+def is_cross_encoder(config) -> bool:
+  """Whether `config.model.kind` asks for a cross-encoder (pair scorer)."""
+  return config.model.get("kind", "bi_encoder") == "cross_encoder"
+
+
 def _get_loss(config):
+  """The loss's `LossSpec`; a cross-encoder also takes the listwise ones."""
   from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
+  name = config.loss.name
+  if is_cross_encoder(config) and name in losses.LISTWISE_LOSSES:
+    # One (query, positive) pair per example, its group filled with hard
+    # negatives labelled 0.
+    return losses.LossSpec(losses.LISTWISE_LOSSES[name], losses.ONE,
+                           losses.PAIR, f"{name} on 1/0 pair labels")
   try:
-    return losses.get_loss(config.loss.name)
+    return losses.get_loss(name)
   except (KeyError, ValueError) as e:
-    raise ConfigError(f"config.loss.name={config.loss.name!r}: unknown loss; "
-                      f"known: {sorted(losses.LOSSES)}") from e
+    known = sorted(losses.LOSSES) + (sorted(losses.LISTWISE_LOSSES)
+                                     if is_cross_encoder(config) else [])
+    raise ConfigError(f"config.loss.name={name!r}: unknown loss; "
+                      f"known: {known}") from e
 
 
 def _check_path(key: str, value: str, *, is_dir: bool,
@@ -80,6 +104,10 @@ def _check_path(key: str, value: str, *, is_dir: bool,
   return path
 
 
+MODEL_KINDS = ("bi_encoder", "cross_encoder")
+# First stages a cross-encoder's evaluations can re-rank.
+FIRST_STAGES = ("dense", "bm25")
+
 # Losses that read raw cosines (not softmax logits): temperature must be 1.
 COSINE_LOSSES = ("orthogonal_projection",)
 
@@ -96,6 +124,18 @@ def _validate_model(config) -> None:
   if model.pooling not in ("",) + tuple(kinds):
     raise ConfigError(f"config.model.pooling={model.pooling!r}: expected one "
                       f"of {kinds} or '' (the model's default)")
+  kind = model.get("kind", "bi_encoder")
+  if kind not in MODEL_KINDS:
+    raise ConfigError(f"config.model.kind={kind!r}: expected one of "
+                      f"{MODEL_KINDS}")
+  if kind == "cross_encoder":
+    from retrieval_jax.models import cross_encoder  # pylint: disable=g-import-not-at-top
+    if architecture != "bert":
+      raise ConfigError("config.model.kind='cross_encoder' needs "
+                        "config.model.architecture='bert'")
+    if model.head not in cross_encoder.HEADS:
+      raise ConfigError(f"config.model.head={model.head!r}: expected one of "
+                        f"{cross_encoder.HEADS}")
   if model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={model.dtype!r}: expected "
                       "'float32' or 'bfloat16'")
@@ -148,6 +188,13 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   if config.data.negatives not in ("bm25", "dense", "none"):
     raise ConfigError(f"config.data.negatives={config.data.negatives!r}: "
                       "expected 'bm25', 'dense' or 'none'")
+  if is_cross_encoder(config) and config.data.negatives == "dense":
+    raise ConfigError("config.data.negatives='dense' mines with the model "
+                      "being trained, which a cross-encoder cannot do; use "
+                      "'bm25'")
+  if is_cross_encoder(config) and config.train.grad_cache_chunks[0]:
+    raise ConfigError("config.train.grad_cache_chunks: GradCache is for "
+                      "bi-encoders; set (0, 0) for a cross-encoder")
   q_chunks, p_chunks = config.train.grad_cache_chunks
   if (q_chunks or p_chunks) and not (q_chunks and p_chunks):
     raise ConfigError("config.train.grad_cache_chunks: set both (query, "
@@ -162,6 +209,13 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     _check_path(f"evals.{name}.path", ev.path, is_dir=True,
                 needs=("corpus.jsonl", "queries.jsonl",
                        f"qrels/{ev.split}.tsv"))
+    if is_cross_encoder(config):
+      if ev.get("first_stage") not in FIRST_STAGES:
+        raise ConfigError(f"config.evals.{name}.first_stage="
+                          f"{ev.get('first_stage')!r}: a cross-encoder "
+                          f"re-ranks one of {FIRST_STAGES}")
+      if ev.get("rerank_depth", 0) < 1:
+        raise ConfigError(f"config.evals.{name}.rerank_depth must be >= 1")
 
 
 # ---------------------------------------------------------------------------
@@ -290,6 +344,78 @@ class _EvalRunner:
     return out
 
 
+class _RerankRunner:
+  """A cross-encoder's evaluations: re-rank each eval's first stage.
+
+  The first stage (config.evals.<name>.first_stage: the pretrained
+  bi-encoder `config.model.pretrained`, or BM25) is ranked once and kept
+  in <workdir>/first_stage_<name>.json, keyed by the settings that decide
+  it; its own metrics are reported as "first_stage/<name>/<measure>".
+  """
+
+  def __init__(self, config, model_def, tokenizer, mesh, workdir):
+    self.config, self.model_def = config, model_def
+    self.tokenizer, self.mesh = tokenizer, mesh
+    self.evals, self.first_stage_metrics = {}, {}
+    for name, ev in config.evals.items():
+      collection = beir.load_beir(ev.path, split=ev.split, on_unknown="warn")
+      candidates, metrics = self._first_stage(
+          name, ev, collection, workdir / f"first_stage_{name}.json")
+      self.evals[name] = evaluators.RerankEvaluator(
+          collection, candidates, depth=ev.rerank_depth,
+          measures=ev.measures, name=name)
+      self.first_stage_metrics.update(
+          {f"first_stage/{name}/{k}": v for k, v in metrics.items()})
+
+  def _first_stage(self, name, ev, collection, path):
+    key = {"kind": ev.first_stage, "path": str(ev.path), "split": ev.split,
+           "depth": max(ev.rerank_depth, ev.top_k),
+           "max_queries": ev.max_queries, "measures": list(ev.measures),
+           "model": self.config.model.pretrained,
+           "max_length": self.config.model.max_length}
+    if path.exists():
+      cached = json.loads(path.read_text())
+      if cached.get("key") == key:
+        logging.info("%s: first stage from %s", name, path)
+        return cached["candidates"], cached["metrics"]
+    encoder = None
+    if ev.first_stage == "dense":
+      loaded = pretrained.load_model(self.config.model)
+      graphdef, state = nnx.split(loaded.model)
+      encoder = encoding.TextEncoder(
+          graphdef=graphdef, state=jax.device_put(
+              state, NamedSharding(self.mesh, PartitionSpec())),
+          tokenizer=self.tokenizer, pooling=loaded.pooling,
+          normalize=loaded.normalize,
+          max_length=self.config.model.max_length, mesh=self.mesh)
+    candidates, metrics = evaluators.first_stage(
+        ev.first_stage, collection, depth=key["depth"], measures=ev.measures,
+        max_queries=ev.max_queries, encoder=encoder,
+        batch_size=ev.batch_size, mesh=self.mesh)
+    if jax.process_index() == 0:
+      _write_json(path, {"key": key, "candidates": candidates,
+                         "metrics": metrics})
+    return candidates, metrics
+
+  def run(self, params) -> dict[str, float]:
+    """{"eval/<name>/<measure>": value} of the re-ranked runs."""
+    from retrieval_jax.models import cross_encoder  # pylint: disable=g-import-not-at-top
+    model = self.model_def.merge(params)
+    out = {}
+    with jax.default_matmul_precision(self.config.model.matmul_precision):
+      for name, evaluator in self.evals.items():
+        scorer = cross_encoder.PairScorer(
+            model, self.tokenizer, evaluator.query_texts,
+            evaluator.collection.doc_texts(),
+            max_length=self.config.data.pair_max_length,
+            batch_size=self.config.evals[name].batch_size, mesh=self.mesh,
+            desc=f"{name}: re-rank")
+        result = evaluator.run(scorer)
+        out.update({f"eval/{name}/{k}": float(v)
+                    for k, v in result.metrics.items()})
+    return out
+
+
 def _write_json(path: pathlib.Path, obj) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=1) + "\n")
@@ -341,14 +467,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   _resolve_model_settings(config, loaded)
   tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
       loaded.model_dir)
-  model_def, params = train_state.split_model(loaded.model)
+  cross = is_cross_encoder(config)
+  if cross:
+    from retrieval_jax.models import cross_encoder  # pylint: disable=g-import-not-at-top
+    # The head (if any) starts from BERT's init, seeded by the run's seed.
+    model = cross_encoder.CrossEncoder(loaded.model, config.model.head,
+                                       rngs=nnx.Rngs(config.train.seed))
+    model_def, params = train_state.split_model(model)
+    eval_runner = _RerankRunner(config, model_def, tokenizer, mesh, workdir)
+    evals = eval_runner.evals
+    encoder_fn = None
+  else:
+    model_def, params = train_state.split_model(loaded.model)
+    evals = _make_evaluators(config, workdir)
+    eval_runner = _EvalRunner(config, model_def, tokenizer, mesh, evals)
 
-  evals = _make_evaluators(config, workdir)
-  eval_runner = _EvalRunner(config, model_def, tokenizer, mesh, evals)
-
-  def encoder_fn():
-    # Dense negative mining uses the starting (pretrained) encoder.
-    return eval_runner._encoder(params)  # pylint: disable=protected-access
+    def encoder_fn():
+      # Dense negative mining uses the starting (pretrained) encoder.
+      return eval_runner._encoder(params)  # pylint: disable=protected-access
 
   _, loader = _training_data(config, workdir, tokenizer, loss_spec,
                                 encoder_fn)
@@ -381,17 +517,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info("state from %s; %d parameters; step %d of %d", source,
                train_state.num_params(params), start_step, total_steps)
 
-  batch_spec = {k: v.shape for k, v in loader.batch_at(0).items()
-                if k in STEP_KEYS}
+  if cross:
+
+    def device_batch(step, host_batch):
+      # (query, passage) rows tokenised together, at one fixed width.
+      queries, passages = loader.texts_at(step, host_batch)
+      pairs = cross_encoder.encode_pairs(
+          tokenizer, queries, passages, config.data.pair_max_length,
+          config.model.head, pad_to_multiple_of=config.data.pair_max_length)
+      markers = pairs.get("markers",
+                          np.zeros((len(queries), 2), np.int32))
+      return {"pair_ids": pairs["input_ids"],
+              "pair_mask": pairs["attention_mask"],
+              "pair_types": pairs["token_type_ids"], "pair_markers": markers,
+              "positive_counts": host_batch["positive_counts"],
+              "passage_doc": host_batch["passage_doc"]}
+
+    step_kwargs = dict(step_fn=steps.cross_encoder_train_step,
+                       loss_name=config.loss.name)
+  else:
+
+    def device_batch(step, host_batch):
+      del step
+      return {k: host_batch[k] for k in STEP_KEYS}
+
+    step_kwargs = dict(
+        loss_fn=loss_spec.fn, temperature=config.loss.temperature,
+        pooling=config.model.pooling, normalize=config.model.normalize,
+        share_hard_negatives=config.loss.share_hard_negatives,
+        grad_cache_chunks=(tuple(config.train.grad_cache_chunks)
+                           if config.train.grad_cache_chunks[0] else None))
+  batch_spec = {k: v.shape for k, v in
+                device_batch(0, loader.batch_at(0)).items()}
   step_fn = steps.make_train_step(
       mesh, layout.shardings, batch_spec, model_def=model_def, tx=tx,
-      loss_fn=loss_spec.fn, temperature=config.loss.temperature,
-      pooling=config.model.pooling, normalize=config.model.normalize,
-      dropout=config.model.dropout,
-      share_hard_negatives=config.loss.share_hard_negatives,
-      grad_cache_chunks=(tuple(config.train.grad_cache_chunks)
-                         if config.train.grad_cache_chunks[0] else None),
-      learning_rate_fn=schedule)
+      dropout=config.model.dropout, learning_rate_fn=schedule, **step_kwargs)
   in_batch_shardings = steps.batch_shardings(mesh, batch_spec)
   rng = jax.device_put(jax.random.PRNGKey(config.train.seed),
                        NamedSharding(mesh, PartitionSpec()))
@@ -402,6 +562,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                           if isinstance(v, (int, float, str, bool))})
 
   results: dict[str, Any] = {"source": source, "steps": total_steps}
+  if cross and eval_runner.first_stage_metrics:
+    results["first_stage"] = eval_runner.first_stage_metrics
+    _print_metrics("first stage (re-ranked below)",
+                   eval_runner.first_stage_metrics)
   if start_step == 0 and evals and config.train.eval_before:
     results["before"] = eval_runner.run(state["params"])
     logger.write(0, results["before"])
@@ -420,8 +584,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     batches = loader.iterate(start_step)
     for step in range(start_step, total_steps):
-      host_batch = next(batches)
-      batch = steps.put_batch({k: host_batch[k] for k in STEP_KEYS},
+      batch = steps.put_batch(device_batch(step, next(batches)),
                               in_batch_shardings)
       # Implicit host<->device copies inside the loop are bugs (a stray
       # numpy array re-uploaded every step); explicit ones are allowed.

@@ -734,6 +734,26 @@ class TrainLoader:
         "example_index": positions_b,
     }
 
+  def texts_at(self, step: int, batch: dict[str, np.ndarray]
+               ) -> tuple[list[str], list[str]]:
+    """The texts of batch `step`'s passage rows and of their queries.
+
+    For pair models (cross-encoders), which tokenise (query, passage)
+    together: row p of both lists is passage row p of `batch` (which must be
+    `batch_at(step)`) and its group's query; padding rows get "" as passage.
+
+    Returns:
+      (query_texts, passage_texts), both list[str] [B*G].
+    """
+    _, examples_b = self.examples_at(step)
+    queries_b = self._units_e2[examples_b, 0]
+    g = self.group_size
+    query_texts = [self.data.examples[q].query for q in queries_b
+                   for _ in range(g)]
+    passage_texts = [self.data.doc_texts[d] if d != PAD_DOC else ""
+                     for d in batch["passage_doc"]]
+    return query_texts, passage_texts
+
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Yields batch_at(start_step), batch_at(start_step + 1), ... forever.
 

@@ -124,3 +124,140 @@ class RetrievalEvaluator:
     return RetrievalResult(metrics=metrics, per_query=per_query, run=run,
                            timing=timing, query_ids=self.query_ids,
                            scores_qk=scores_qk, indices_qk=indices_qk)
+
+
+class RerankEvaluator:
+  """Re-ranking evaluation: a pair scorer re-orders first-stage candidates.
+
+  The candidates are each judged query's first `depth` documents of a
+  first-stage ranking (dense or BM25, computed once by the caller); the
+  scorer is any `score(query_rows, doc_rows) -> scores` black box over
+  `query_texts` and the collection's `doc_texts()` (a
+  `models.cross_encoder.PairScorer`). The run holds only the re-ranked
+  documents, scored by the pair scorer, and is scored with `ir_metrics`
+  like `RetrievalEvaluator`'s.
+  """
+
+  def __init__(self, collection: beir.BeirCollection,
+               candidates: dict[str, Sequence[str]], *, depth: int,
+               measures: Sequence[str] = ir_metrics.DEFAULT_MEASURES,
+               relevance_level: int = 1, name: str = "rerank"):
+    """Checks the candidates and the measure names.
+
+    Args:
+      collection: corpus, queries and the split's qrels.
+      candidates: {query id: doc ids in first-stage rank order}; its
+        queries (in query-file order) are the ones evaluated.
+      depth: candidates re-ranked per query (the first `depth`).
+      measures, relevance_level: as `RetrievalEvaluator`.
+      name: prefix for logs and progress bars.
+
+    Raises:
+      ValueError: bad measures, depth < 1, no candidates or an unknown doc
+        id. A query with fewer than `depth` candidates (BM25 finds nothing
+        for a query sharing no term with the corpus) re-ranks what it has.
+    """
+    ir_metrics.evaluate({"q": {"d": 1}}, {"q": {"d": 1.0}}, measures)
+    if depth < 1:
+      raise ValueError(f"{name}: depth must be >= 1, got {depth}")
+    self.collection = collection
+    self.measures = tuple(measures)
+    self.relevance_level = relevance_level
+    self.depth = depth
+    self.name = name
+    row_of = {d: i for i, d in enumerate(collection.doc_ids)}
+    text_of = dict(zip(collection.query_ids, collection.queries))
+    self.query_ids = [q for q in collection.query_ids if q in candidates]
+    if not self.query_ids:
+      raise ValueError(f"{name}: no candidates for any query of the "
+                       "collection")
+    # Corpus rows, -1 past the end of a short list.
+    self.candidates_qk = np.full((len(self.query_ids), depth), -1, np.int64)
+    for i, q in enumerate(self.query_ids):
+      docs = list(candidates[q])[:depth]
+      unknown = [d for d in docs if d not in row_of]
+      if unknown:
+        raise ValueError(f"{name}: query {q!r}: candidate {unknown[0]!r} is "
+                         "not in the corpus")
+      self.candidates_qk[i, :len(docs)] = [row_of[d] for d in docs]
+    self.query_texts = [text_of[q] for q in self.query_ids]
+    self.qrels = {q: collection.qrels.get(q, {}) for q in self.query_ids}
+
+  def run(self, scorer) -> RetrievalResult:
+    """Scores every candidate pair, re-ranks and evaluates.
+
+    Args:
+      scorer: `scorer(query_rows [Q], doc_rows [Q, depth]) -> [Q, depth]`,
+        rows indexing `self.query_texts` and `collection.doc_texts()`.
+
+    Returns:
+      A `RetrievalResult`; `indices_qk` are corpus rows, best first.
+    """
+    start = time.perf_counter()
+    real_qk = self.candidates_qk >= 0
+    scores_qk = np.full(real_qk.shape, -np.inf, np.float32)
+    for k in np.unique(real_qk.sum(1)):
+      # Queries grouped by list length, so no padding pair is scored.
+      rows = np.flatnonzero(real_qk.sum(1) == k)
+      if k:
+        scores_qk[rows, :k] = scorer(rows, self.candidates_qk[rows, :k])
+    timing = {"score_pairs_s": time.perf_counter() - start}
+    # Stable, so equal scores keep the first stage's order.
+    order_qk = np.argsort(-scores_qk, axis=1, kind="stable")
+    scores_qk = np.take_along_axis(scores_qk, order_qk, axis=1)
+    indices_qk = np.take_along_axis(self.candidates_qk, order_qk, axis=1)
+    timing["pairs_per_s"] = real_qk.sum() / max(timing["score_pairs_s"],
+                                                1e-9)
+    run = trec_run.run_from_topk(self.query_ids, self.collection.doc_ids,
+                                 scores_qk, indices_qk)
+    metrics, per_query = ir_metrics.evaluate(
+        self.qrels, run, self.measures, relevance_level=self.relevance_level)
+    logging.info("%s: %s", self.name, metrics)
+    return RetrievalResult(metrics=metrics, per_query=per_query, run=run,
+                           timing=timing, query_ids=self.query_ids,
+                           scores_qk=scores_qk, indices_qk=indices_qk)
+
+
+def first_stage(kind: str, collection: beir.BeirCollection, *, depth: int,
+                measures: Sequence[str], max_queries: int = 0, encoder=None,
+                batch_size: int = 64, mesh=None
+                ) -> tuple[dict[str, list[str]], dict[str, float]]:
+  """A first-stage ranking of the judged queries, for re-ranking.
+
+  Args:
+    kind: "dense" (exact search with `encoder`, a `TextEncoder`) or "bm25"
+      (Lucene BM25 through bm25s with `data.negatives.BM25_SETTINGS`).
+    collection: the collection with its split's qrels.
+    depth: documents ranked per query (BM25 may find fewer).
+    measures: scored on the first-stage run itself.
+    max_queries: the first N judged queries (0 = all).
+    encoder, batch_size, mesh: for "dense".
+
+  Returns:
+    ({query id: doc ids in rank order}, the first stage's metrics).
+  """
+  if kind == "dense":
+    if encoder is None:
+      raise ValueError("a dense first stage needs an encoder")
+    result = RetrievalEvaluator(
+        collection, measures=measures, top_k=depth, max_queries=max_queries,
+        name="first stage").run(encoder, batch_size=batch_size, mesh=mesh)
+    ids = collection.doc_ids
+    return ({q: [ids[i] for i in row if i >= 0] for q, row in
+             zip(result.query_ids, result.indices_qk.tolist())},
+            result.metrics)
+  if kind != "bm25":
+    raise ValueError(f"first stage {kind!r}: expected 'dense' or 'bm25'")
+  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
+  query_ids, query_texts = collection.judged_queries()
+  if max_queries:
+    query_ids, query_texts = query_ids[:max_queries], query_texts[:max_queries]
+  ranked = negatives.bm25_negatives(
+      query_texts, collection.doc_ids, collection.doc_texts(),
+      [set() for _ in query_ids], depth=depth)
+  # BM25 scores are not kept; rank order is all re-ranking needs.
+  run = {q: {d: float(depth - r) for r, d in enumerate(docs)}
+         for q, docs in zip(query_ids, ranked)}
+  metrics, _ = ir_metrics.evaluate(
+      {q: collection.qrels[q] for q in query_ids}, run, measures)
+  return dict(zip(query_ids, ranked)), metrics

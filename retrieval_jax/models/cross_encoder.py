@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
+import tqdm
 
 from retrieval_jax import sharding
 from retrieval_jax.layers import core
@@ -148,13 +149,16 @@ class PairScorer:
   Pairs are scored in fixed-size batches split over the mesh's batch axes
   (one jitted call per padded width, widths rounded up to
   `pad_to_multiple_of`); the last batch is filled by repeating its last
-  pair, and those scores are dropped.
+  pair, and those scores are dropped. `desc` turns on a progress bar.
   """
 
   def __init__(self, model: CrossEncoder, tokenizer, queries, items, *,
                max_length: int = 256, batch_size: int = 64,
-               pad_to_multiple_of: int = 32, mesh=None):
+               pad_to_multiple_of: int = 32, mesh=None,
+               desc: str | None = None):
     self._queries, self._items = list(queries), list(items)
+    # Progress bar label for long calls (None = no bar).
+    self._desc = desc
     self._tokenizer, self._head = tokenizer, model.head
     self._max_length, self._multiple = max_length, pad_to_multiple_of
     mesh = sharding.make_mesh() if mesh is None else mesh
@@ -178,6 +182,8 @@ class PairScorer:
     pairs_q = np.repeat(query_ids_b, c)
     pairs_i = item_ids_bc.reshape(-1)
     out = np.zeros(b * c, np.float32)
+    bar = tqdm.tqdm(total=b * c, desc=self._desc, unit="pair",
+                    disable=self._desc is None, mininterval=5.0)
     for lo in range(0, b * c, self._batch):
       idx = np.arange(lo, min(lo + self._batch, b * c))
       padded = np.concatenate([idx, np.full(self._batch - len(idx), idx[-1])])
@@ -190,4 +196,6 @@ class PairScorer:
                 ("input_ids", "attention_mask", "token_type_ids", "markers")
                 if k in batch]
       out[idx] = np.asarray(self._score(self._state, *arrays))[:len(idx)]
+      bar.update(len(idx))
+    bar.close()
     return out.reshape(b, c)
