@@ -439,6 +439,45 @@ def restore_params_from(directory: str | os.PathLike, abstract_params: PyTree,
     manager.close()
 
 
+def read_run_checkpoint(directory: str | os.PathLike, abstract_params_fn,
+                        step: int | None = None
+                        ) -> tuple[int, dict, PyTree]:
+  """Another run's checkpoint, read-only: its step, metadata and params.
+
+  For jobs that use a trained model (experiments, export): the saved
+  metadata (the run's config) decides which model to build, so the params'
+  structure comes from a function of it.
+
+  Args:
+    directory: that run's checkpoint directory.
+    abstract_params_fn: metadata dict -> tree of `jax.ShapeDtypeStruct`s
+      with shardings (see `Checkpointer.restore_params`).
+    step: the step; None for the latest.
+
+  Returns:
+    (step, metadata, params).
+
+  Raises:
+    FileNotFoundError: `directory` is missing or holds no such checkpoint.
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers=_item_handlers())
+  try:
+    step = _resolve_step(manager, step)
+    metadata = manager.restore(step, args=ocp.args.Composite(**{
+        METADATA: ocp.args.JsonRestore()}))[METADATA]
+    params = _restore_params(manager, step, abstract_params_fn(metadata),
+                             "params")
+    return step, metadata, params
+  finally:
+    manager.close()
+
+
 def _get(tree: PyTree, key: str) -> PyTree:
   """`tree[key]` for dict-like states, `tree.key` for dataclass ones."""
   if isinstance(tree, Mapping):

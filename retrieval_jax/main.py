@@ -1,7 +1,7 @@
 r"""Entry point: set-up, then dispatch on --mode.
 
   python -m retrieval_jax.main --config configs/evaluate.py[:variant] \
-      --workdir DIR [--mode train|evaluate|encode|export|critical_n] \
+      --workdir DIR [--mode train|evaluate|encode|export|critical_n|cur_knn] \
       [--config.a.b=value ...]
 
   train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
@@ -11,6 +11,8 @@ r"""Entry point: set-up, then dispatch on --mode.
             (configs/train.py) for serving, to <workdir>/export
   critical_n  free-embedding critical n against the embedding dimension
             (configs/limit.py)
+  cur_knn   CUR k-NN search for a trained cross-encoder: recall of the
+            exact top-k against the CE-call budget (configs/cur_knn.py)
 
 Set-up only: multi-process initialisation, partitionable PRNG, logging of the
 process and device counts; every mode is a library function that Colab and
@@ -31,10 +33,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for outputs (created if missing).")
 _MODE = flags.DEFINE_enum(
-    "mode", None, ["train", "evaluate", "encode", "export", "critical_n"],
+    "mode", None,
+    ["train", "evaluate", "encode", "export", "critical_n", "cur_knn"],
     "What to run; by default `train` for a config with a `train` block "
     "(configs/train.py), `critical_n` for one with a `protocol` block "
-    "(configs/limit.py), else `evaluate`.")
+    "(configs/limit.py), `cur_knn` for one with a `subset` block "
+    "(configs/cur_knn.py), else `evaluate`.")
 
 # Environment variables that mean "one of several cooperating processes".
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
@@ -97,7 +101,8 @@ def main(argv):
   from retrieval_jax.data import beir
   # pylint: enable=g-import-not-at-top
   mode = _MODE.value or ("train" if "train" in config else "critical_n"
-                         if "protocol" in config else "evaluate")
+                         if "protocol" in config else "cur_knn"
+                         if "subset" in config else "evaluate")
   if mode in ("train", "export") and "train" not in config:
     sys.exit(f"error: --mode={mode} needs a training config "
              "(configs/train.py), got one without a `train` block")
@@ -106,6 +111,9 @@ def main(argv):
              "block); use --mode=train with configs/train.py")
   if mode == "critical_n" and "protocol" not in config:
     sys.exit("error: --mode=critical_n needs configs/limit.py (a `protocol` "
+             "block)")
+  if mode == "cur_knn" and "subset" not in config:
+    sys.exit("error: --mode=cur_knn needs configs/cur_knn.py (a `subset` "
              "block)")
   try:
     if mode == "train":
@@ -124,6 +132,14 @@ def main(argv):
       try:
         embedding_dimension.run(config, _WORKDIR.value)
       except embedding_dimension.ConfigError as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    elif mode == "cur_knn":
+      # pylint: disable-next=g-import-not-at-top
+      from retrieval_jax.search import cur_experiment
+      try:
+        cur_experiment.run(config, _WORKDIR.value)
+      except cur_experiment.ConfigError as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
   except metric_logging.NonFiniteError as e:

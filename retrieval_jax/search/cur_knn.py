@@ -333,6 +333,50 @@ def adaptive_cur_search(index: CurIndex, query_ids, scorer: Scorer, k: int,
                       np.full(b, anchors_ba.shape[1]))
 
 
+def retrieve_and_rerank(query_ids, ranking_bn, scorer: Scorer, k: int,
+                        budget: int) -> SearchResult:
+  """The baseline pipelines: a first stage's top `budget` scored exactly.
+
+  Args:
+    query_ids: int [b].
+    ranking_bn: int [b, n] item indices in first-stage order (dual encoder,
+      BM25, ...), -1 padded where a first stage ranks fewer items; a
+      query's calls are its first min(budget, ranked) items.
+    scorer: the exact scorer.
+    k: items returned (the tail, past the re-ranked ones, keeps the first
+      stage's order and gets -inf as its score; -1 where nothing is left).
+    budget: scorer calls per query, at most.
+
+  Returns:
+    SearchResult; calls_b counts each query's real calls.
+  """
+  query_ids = np.asarray(query_ids)
+  ranking_bn = np.asarray(ranking_bn)
+  b = len(query_ids)
+  if not 1 <= k or budget < 0:
+    raise ValueError(f"need k >= 1 and budget >= 0, got k={k}, "
+                     f"budget={budget}")
+  real_b = np.minimum((ranking_bn >= 0).sum(1), budget)
+  width = max(k, ranking_bn.shape[1])
+  ranked = np.full((b, width), -1, np.int64)
+  ranked[:, :ranking_bn.shape[1]] = ranking_bn
+  items = np.full((b, k), -1, np.int32)
+  scores = np.full((b, k), -np.inf)
+  exact = np.zeros((b, k), bool)
+  for r in np.unique(real_b):
+    rows = np.flatnonzero(real_b == r)
+    exact_r = (np.asarray(scorer(query_ids[rows], ranked[rows, :r])) if r
+               else np.zeros((len(rows), 0)))
+    order = np.argsort(-exact_r, axis=1, kind="stable")
+    cand = np.concatenate([np.take_along_axis(ranked[rows, :r], order, 1),
+                           ranked[rows, r:]], axis=1)[:, :k]
+    items[rows, :cand.shape[1]] = cand
+    m = min(r, k)
+    scores[rows, :m] = np.take_along_axis(exact_r, order, 1)[:, :m]
+    exact[rows, :m] = True
+  return SearchResult(items, scores, exact, real_b)
+
+
 def top_k_recall(found_bk, exact_bk) -> float:
   """Mean |found top-k ∩ exact top-k| / k over queries."""
   found_bk, exact_bk = np.asarray(found_bk), np.asarray(exact_bk)

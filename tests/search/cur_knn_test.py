@@ -147,5 +147,37 @@ class SearchTest(absltest.TestCase):
     self.assertGreater(recalls[5], 0.7)
 
 
+class RetrieveAndRerankTest(absltest.TestCase):
+
+  def test_known_answer_budget_and_padding(self):
+    s = np.array([[0.1, 0.9, 0.5, 0.3, 0.7],
+                  [0.2, 0.4, 0.8, 0.6, 0.0]])
+    # Query 0's first stage ranks items 0, 3, 1, 4, 2; query 1's ranks only
+    # items 4 and 0 (-1: nothing else shares a term).
+    ranking = np.array([[0, 3, 1, 4, 2], [4, 0, -1, -1, -1]])
+    scorer = ck.CountingScorer(ck.matrix_scorer(s))
+    result = ck.retrieve_and_rerank(np.arange(2), ranking, scorer, k=4,
+                                    budget=3)
+    # Query 0: the first 3 (0, 3, 1) re-ranked by exact score (1, 3, 0),
+    # then the first stage's next item (4) with score -inf.
+    np.testing.assert_array_equal(result.items_bk[0], [1, 3, 0, 4])
+    np.testing.assert_allclose(result.scores_bk[0, :3], [0.9, 0.3, 0.1])
+    self.assertEqual(result.scores_bk[0, 3], -np.inf)
+    np.testing.assert_array_equal(result.exact_bk[0], [1, 1, 1, 0])
+    # Query 1: its 2 ranked items, re-ranked; the rest is empty.
+    np.testing.assert_array_equal(result.items_bk[1], [0, 4, -1, -1])
+    np.testing.assert_array_equal(result.calls_b, [3, 2])
+    self.assertEqual(scorer.per_query, {0: 3, 1: 2})
+
+  def test_full_budget_is_exact_search(self):
+    s = _low_rank(noise=1.0)[:50, :300]
+    rng = np.random.default_rng(0)
+    ranking = np.stack([rng.permutation(300) for _ in range(50)])
+    result = ck.retrieve_and_rerank(np.arange(50), ranking,
+                                    ck.matrix_scorer(s), 10, 300)
+    self.assertEqual(ck.top_k_recall(
+        result.items_bk, np.argsort(-s, axis=1)[:, :10]), 1.0)
+
+
 if __name__ == "__main__":
   absltest.main()
