@@ -28,6 +28,7 @@ HEADS = "heads"  # attention heads
 HEAD_DIM = "head_dim"  # per-head width
 MLP = "mlp"  # feed-forward hidden width
 CORPUS = "corpus"  # documents of an encoded corpus
+CODEBOOK = "codebook"  # codebooks (heads) of a key-value memory
 
 # Default rules: batch and corpus over every data-like axis, parameters
 # replicated except the large matrices, which FSDP shards along the width.
@@ -38,6 +39,7 @@ DEFAULT_RULES = (
     (EMBED, FSDP),
     (HEADS, MODEL),
     (MLP, MODEL),
+    (CODEBOOK, MODEL),
     (LENGTH, None),
     (HEAD_DIM, None),
 )
