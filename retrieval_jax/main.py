@@ -1,8 +1,9 @@
 r"""Entry point: set-up, then dispatch on --mode.
 
   python -m retrieval_jax.main --config configs/evaluate.py[:variant] \
-      --workdir DIR [--mode train|evaluate|encode|export|critical_n|cur_knn] \
-      [--config.a.b=value ...]
+      --workdir DIR [--mode MODE] [--config.a.b=value ...]
+
+MODE (by default chosen from the config's blocks):
 
   train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
   evaluate  zero-shot retrieval metrics (configs/evaluate.py)
@@ -13,6 +14,7 @@ r"""Entry point: set-up, then dispatch on --mode.
             (configs/limit.py)
   cur_knn   CUR k-NN search for a trained cross-encoder: recall of the
             exact top-k against the CE-call budget (configs/cur_knn.py)
+  kv_memory discrete key-value bottleneck experiments (configs/kv_memory.py)
 
 Set-up only: multi-process initialisation, partitionable PRNG, logging of the
 process and device counts; every mode is a library function that Colab and
@@ -34,11 +36,13 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for outputs (created if missing).")
 _MODE = flags.DEFINE_enum(
     "mode", None,
-    ["train", "evaluate", "encode", "export", "critical_n", "cur_knn"],
+    ["train", "evaluate", "encode", "export", "critical_n", "cur_knn",
+     "kv_memory"],
     "What to run; by default `train` for a config with a `train` block "
     "(configs/train.py), `critical_n` for one with a `protocol` block "
     "(configs/limit.py), `cur_knn` for one with a `subset` block "
-    "(configs/cur_knn.py), else `evaluate`.")
+    "(configs/cur_knn.py), `kv_memory` for one with a `kv` block "
+    "(configs/kv_memory.py), else `evaluate`.")
 
 # Environment variables that mean "one of several cooperating processes".
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
@@ -102,7 +106,8 @@ def main(argv):
   # pylint: enable=g-import-not-at-top
   mode = _MODE.value or ("train" if "train" in config else "critical_n"
                          if "protocol" in config else "cur_knn"
-                         if "subset" in config else "evaluate")
+                         if "subset" in config else "kv_memory"
+                         if "kv" in config else "evaluate")
   if mode in ("train", "export") and "train" not in config:
     sys.exit(f"error: --mode={mode} needs a training config "
              "(configs/train.py), got one without a `train` block")
@@ -111,6 +116,9 @@ def main(argv):
              "block); use --mode=train with configs/train.py")
   if mode == "critical_n" and "protocol" not in config:
     sys.exit("error: --mode=critical_n needs configs/limit.py (a `protocol` "
+             "block)")
+  if mode == "kv_memory" and "kv" not in config:
+    sys.exit("error: --mode=kv_memory needs configs/kv_memory.py (a `kv` "
              "block)")
   if mode == "cur_knn" and "subset" not in config:
     sys.exit("error: --mode=cur_knn needs configs/cur_knn.py (a `subset` "
@@ -142,6 +150,18 @@ def main(argv):
       except cur_experiment.ConfigError as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    elif mode == "kv_memory":
+      # pylint: disable=g-import-not-at-top
+      from retrieval_jax.analysis import class_incremental
+      from retrieval_jax.analysis import memory_adapter
+      # pylint: enable=g-import-not-at-top
+      if config.experiment == "retrieval":
+        memory_adapter.run(config, _WORKDIR.value)
+      elif config.experiment in ("digits", "toy"):
+        class_incremental.run_experiment(config, _WORKDIR.value)
+      else:
+        sys.exit(f"error: config.experiment={config.experiment!r}: expected "
+                 "'digits', 'toy' or 'retrieval'")
   except metric_logging.NonFiniteError as e:
     # The last good checkpoint is untouched; say where it is.
     logging.error("%s", e)
