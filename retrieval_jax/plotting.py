@@ -55,6 +55,7 @@ def line_plot_svg(path: str | os.PathLike, series: Sequence[Series], *,
                   title: str = "", xlabel: str = "", ylabel: str = "",
                   x_range: tuple[float, float] | None = None,
                   y_range: tuple[float, float] | None = None,
+                  legend: str = "upper left",
                   width: int = 640, height: int = 420) -> None:
   """Writes the series to `path` (atomically: a temp file, then rename).
 
@@ -63,6 +64,7 @@ def line_plot_svg(path: str | os.PathLike, series: Sequence[Series], *,
     series: the curves, drawn in order; legend in the top-left corner.
     title, xlabel, ylabel: texts (escaped).
     x_range, y_range: axis limits; None fits the data (y from min(0, ...)).
+    legend: "upper left" or "lower right" (where the curves leave room).
     width, height: pixels.
 
   Raises:
@@ -70,6 +72,9 @@ def line_plot_svg(path: str | os.PathLike, series: Sequence[Series], *,
   """
   if not series:
     raise ValueError("nothing to plot: no series")
+  if legend not in ("upper left", "lower right"):
+    raise ValueError(f"legend={legend!r}: expected 'upper left' or "
+                     "'lower right'")
   for s in series:
     if len(s.xs) != len(s.ys):
       raise ValueError(f"series {s.label!r}: {len(s.xs)} xs but "
@@ -112,25 +117,31 @@ def line_plot_svg(path: str | os.PathLike, series: Sequence[Series], *,
                f'text-anchor="middle">{esc(xlabel)}</text>')
   parts.append(f'<text x="15" y="{height / 2}" text-anchor="middle" '
                f'transform="rotate(-90 15 {height / 2})">{esc(ylabel)}</text>')
+  # Legend entries: a 30-px line sample, then the label.
+  if legend == "upper left":
+    legend_x, legend_top = left + 20, top + 12
+  else:
+    legend_x = width - right - 230
+    legend_top = height - bottom - 12 - 18 * (len(series) - 1)
   for i, s in enumerate(series):
     color = s.color or COLORS[i % len(COLORS)]
     points = [(sx(x), sy(y)) for x, y in zip(s.xs, s.ys)]
-    legend_y = top + 12 + 18 * i
+    legend_y = legend_top + 18 * i
     if s.line:
       joined = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
       parts.append(f'<polyline points="{joined}" fill="none" '
                    f'stroke="{color}" stroke-width="2" '
                    f'stroke-dasharray="{s.dash}"/>')
-      parts.append(f'<line x1="{left + 20}" y1="{legend_y}" x2="{left + 50}" '
-                   f'y2="{legend_y}" stroke="{color}" stroke-width="2" '
-                   f'stroke-dasharray="{s.dash}"/>')
+      parts.append(f'<line x1="{legend_x}" y1="{legend_y}" '
+                   f'x2="{legend_x + 30}" y2="{legend_y}" stroke="{color}" '
+                   f'stroke-width="2" stroke-dasharray="{s.dash}"/>')
     if s.markers:
       parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" '
                    f'fill="{color}"/>' for x, y in points)
-      parts.append(f'<circle cx="{left + 35}" cy="{legend_y}" r="4" '
+      parts.append(f'<circle cx="{legend_x + 15}" cy="{legend_y}" r="4" '
                    f'fill="{color}"/>')
-    parts.append(f'<text x="{left + 56}" y="{legend_y + 4}">{esc(s.label)}'
-                 '</text>')
+    parts.append(f'<text x="{legend_x + 36}" y="{legend_y + 4}">'
+                 f'{esc(s.label)}</text>')
   parts.append("</svg>")
   tmp = f"{os.fspath(path)}.tmp"
   with open(tmp, "w") as f:

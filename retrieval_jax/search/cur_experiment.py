@@ -322,7 +322,7 @@ def write_plots(workdir: pathlib.Path, rows: list[dict], ks) -> None:
         workdir / f"recall_at_{k}.svg", series,
         title=f"top-{k} recall against the exact cross-encoder",
         xlabel="cross-encoder calls per query", ylabel=f"top-{k} recall",
-        y_range=(0.0, 1.0))
+        y_range=(0.0, 1.0), legend="lower right")
 
 
 # ---------------------------------------------------------------------------
