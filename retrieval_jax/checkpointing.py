@@ -422,21 +422,26 @@ def restore_params_from(directory: str | os.PathLike, abstract_params: PyTree,
     FileNotFoundError: `directory` is missing or holds no checkpoint.
     KeyError: the saved state has no `params_key`.
   """
+  manager = _read_only_manager(directory)
+  try:
+    return _restore_params(manager, None, abstract_params, params_key)
+  finally:
+    manager.close()
+
+
+def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
+  """A manager that reads another run's checkpoints and changes nothing."""
   directory = os.fspath(directory)
   # A read-only manager does not create the directory, but it would report
   # a missing one as "no checkpoint"; say which it is.
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-  manager = ocp.CheckpointManager(
+  return ocp.CheckpointManager(
       directory,
       # read_only also turns off the temporary-directory cleanup, which
       # would delete the other run's save in progress.
       options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers=_item_handlers())
-  try:
-    return _restore_params(manager, None, abstract_params, params_key)
-  finally:
-    manager.close()
 
 
 def read_run_checkpoint(directory: str | os.PathLike, abstract_params_fn,
@@ -460,13 +465,7 @@ def read_run_checkpoint(directory: str | os.PathLike, abstract_params_fn,
   Raises:
     FileNotFoundError: `directory` is missing or holds no such checkpoint.
   """
-  directory = os.fspath(directory)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-  manager = ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers=_item_handlers())
+  manager = _read_only_manager(directory)
   try:
     step = _resolve_step(manager, step)
     metadata = manager.restore(step, args=ocp.args.Composite(**{

@@ -145,11 +145,7 @@ def main(argv):
     elif mode == "cur_knn":
       # pylint: disable-next=g-import-not-at-top
       from retrieval_jax.search import cur_experiment
-      try:
-        cur_experiment.run(config, _WORKDIR.value)
-      except cur_experiment.ConfigError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+      cur_experiment.run(config, _WORKDIR.value)
     elif mode == "kv_memory":
       # pylint: disable=g-import-not-at-top
       from retrieval_jax.analysis import class_incremental

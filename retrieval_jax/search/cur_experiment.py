@@ -55,14 +55,11 @@ from retrieval_jax import train_state
 from retrieval_jax.data import beir
 from retrieval_jax.data import negatives
 from retrieval_jax.data import tokenizers
+from retrieval_jax.evaluate import ConfigError
 from retrieval_jax.evaluation import ir_metrics
 from retrieval_jax.models import cross_encoder
 from retrieval_jax.search import cur_knn
 from retrieval_jax.search import exact_topk
-
-
-class ConfigError(ValueError):
-  """A config value is missing or wrong; the message names the key."""
 
 
 # ---------------------------------------------------------------------------

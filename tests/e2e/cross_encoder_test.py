@@ -12,7 +12,6 @@ searched with CUR, through the real entry point on the shipped LIMIT-small.
 """
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -21,14 +20,12 @@ import tempfile
 
 from absl.testing import absltest
 
+import test_util
 from test_util import REPO
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=str(REPO))
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  return env
+  return test_util.subprocess_env()
 
 
 def _main(*args, check=True):

@@ -27,6 +27,7 @@ from retrieval_jax import checkpointing
 from retrieval_jax import pretrained
 from retrieval_jax import sharding
 from retrieval_jax import train_state
+import test_util
 from test_util import REPO
 
 NUM_STEPS = 12
@@ -43,14 +44,7 @@ def _command(workdir, *extra):
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=str(REPO))
-  # The job picks its own CPU device count (one per core), like a user's
-  # run; the test suite's 8 fake devices must not leak into it.
-  # Less XLA optimisation: compiles 3x faster; every run in this file uses
-  # the same flags, so the programs compared are the same.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  return env
+  return test_util.subprocess_env()
 
 
 def _run(workdir, *extra, check=True):
