@@ -45,6 +45,7 @@ import optax
 from sklearn import datasets
 from sklearn import model_selection
 
+from retrieval_jax import plotting
 from retrieval_jax.models import key_value_memory as kvm
 
 LEARNERS = ("dkvb", "linear", "mlp")
@@ -367,8 +368,9 @@ def format_table(results: Results) -> str:
 def run_experiment(config, workdir) -> Results:
   """configs/kv_memory.py's `digits` / `toy` experiments, end to end.
 
-  Writes <workdir>/results.json (per-stage accuracies, settings, seconds)
-  and table.md, and prints the table.
+  Writes <workdir>/results.json (per-stage accuracies, settings, seconds),
+  table.md and accuracy.svg (all-class accuracy after each stage, with the
+  upper bound), and prints the table.
   """
   kv = config.kv
   settings = Settings(
@@ -385,6 +387,15 @@ def run_experiment(config, workdir) -> Results:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "table.md").write_text(table + "\n")
+  stages = list(range(1, len(results.stages) + 1))
+  plotting.line_plot_svg(
+      workdir / "accuracy.svg",
+      [plotting.Series("upper bound", stages, results.upper_bound,
+                       color="black", dash="6,4")] +
+      [plotting.Series(name, stages, acc, markers=True)
+       for name, acc in results.all.items()],
+      title=f"class-incremental {config.experiment}: accuracy on all "
+      "classes", xlabel="stage", ylabel="accuracy", y_range=(0.0, 1.0))
   tmp = workdir / "results.json.tmp"
   tmp.write_text(json.dumps({
       "experiment": config.experiment,

@@ -162,6 +162,9 @@ class ExperimentTest(absltest.TestCase):
     self.assertEqual(saved["final"], results.final)
     self.assertEqual(open(f"{workdir}/table.md").read(),
                      ci.format_table(results) + "\n")
+    svg = open(f"{workdir}/accuracy.svg").read()
+    # The upper bound and one curve per learner.
+    self.assertEqual(svg.count("<polyline"), 1 + len(results.all))
 
 
 if __name__ == "__main__":

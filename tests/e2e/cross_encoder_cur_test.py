@@ -9,6 +9,8 @@ searched with CUR, through the real entry point on the shipped LIMIT-small.
   pair length from its saved config), scores the exact matrices and reports
   every method at every budget with calls equal to the budget.
 * Bad values stop the job naming the key.
+
+Marked slow (about 2 minutes on 2 cores): run with `pytest -m slow`.
 """
 
 import json
@@ -19,6 +21,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 import test_util
 from test_util import REPO
@@ -51,6 +54,7 @@ class CrossEncoderEndToEndTest(absltest.TestCase):
     shutil.rmtree(cls.root, ignore_errors=True)
     super().tearDownClass()
 
+  @pytest.mark.slow
   def test_training_checkpoints_and_reranks(self):
     results = json.loads((self.train_dir / "results.json").read_text())
     self.assertEqual(results["steps"], 4)
@@ -66,6 +70,7 @@ class CrossEncoderEndToEndTest(absltest.TestCase):
     self.assertLen(cached["candidates"], 16)
     self.assertTrue((self.train_dir / "checkpoints" / "4").is_dir())
 
+  @pytest.mark.slow
   def test_cur_knn_on_the_checkpoint(self):
     workdir = self.root / "cur"
     proc = _main("--config=configs/cur_knn.py:smoke",
@@ -93,6 +98,7 @@ class CrossEncoderEndToEndTest(absltest.TestCase):
     self.assertTrue((workdir / "recall_at_10.svg").is_file())
     self.assertIn("| method |", (workdir / "table.md").read_text())
 
+  @pytest.mark.slow
   def test_bad_values_name_the_key(self):
     proc = _main("--config=configs/train.py:smoke,cross_encoder",
                  "--config.model.head=pooler",

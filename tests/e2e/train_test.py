@@ -6,6 +6,9 @@
 * `--mode=export` writes towers that a serving process loads, giving the
   trained encoder's embeddings.
 * Bad config values stop the job at start-up with a message naming the key.
+
+Marked slow (about 4 minutes on 2 cores; the default suite must stay under
+15): run with `pytest -m slow`.
 """
 
 import json
@@ -19,6 +22,7 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import pytest
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -80,6 +84,7 @@ class TrainEndToEndTest(absltest.TestCase):
     shutil.rmtree(cls.root, ignore_errors=True)
     super().tearDownClass()
 
+  @pytest.mark.slow
   def test_sigkill_then_resume_equals_uninterrupted_run(self):
     workdir = self.root / "killed"
     ckpts = workdir / "checkpoints"
@@ -126,6 +131,7 @@ class TrainEndToEndTest(absltest.TestCase):
              (workdir / "metrics.jsonl").read_text().splitlines()]
     self.assertIn(NUM_STEPS, steps)
 
+  @pytest.mark.slow
   def test_export_mode_serves_the_trained_encoder(self):
     out = self.reference / "export"
     _run(self.reference, "--mode=export")
@@ -169,6 +175,7 @@ class TrainEndToEndTest(absltest.TestCase):
     self.assertGreater(
         np.abs(encoder.encode(texts, progress=False) - served).max(), 1e-4)
 
+  @pytest.mark.slow
   def test_bad_config_values_name_the_key(self):
     from configs import train as train_config  # pylint: disable=g-import-not-at-top
     from retrieval_jax import evaluate  # pylint: disable=g-import-not-at-top
