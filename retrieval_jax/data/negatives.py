@@ -3,10 +3,8 @@
 A hard negative is a document that a retriever ranks high for a query but
 that is not known to be relevant to it. Two miners:
 
-* `bm25_negatives`: Lucene BM25 through bm25s, with the settings of the
-  shared data's baselines (method "lucene", k1 0.9, b 0.4, bm25s' regex
-  tokenizer, lower-casing, bm25s' English stop list "en", PyStemmer's
-  "porter" stemmer);
+* `bm25_negatives`: Lucene BM25 (`search.bm25`, the shared data's
+  baseline settings);
 * `dense_negatives`: an encoder's embeddings and the project's exact top-k.
 
 Both return, per query, the first `depth` documents of the ranking that are
@@ -38,24 +36,15 @@ from absl import logging
 import jax
 import numpy as np
 
+from retrieval_jax.search import bm25
 from retrieval_jax.search import exact_topk
 
 if TYPE_CHECKING:
   from retrieval_jax import encoding
   from retrieval_jax.data import pipeline
 
-# The BM25 settings of /work/shared/data/DATA.md's baselines (Pyserini's
-# defaults); part of every BM25 cache key.
-BM25_SETTINGS = {
-    "library": "bm25s",
-    "method": "lucene",
-    "k1": 0.9,
-    "b": 0.4,
-    "token_pattern": r"(?u)\b\w\w+\b",
-    "lower": True,
-    "stopwords": "en",
-    "stemmer": "porter",
-}
+# Part of every BM25 cache key.
+BM25_SETTINGS = bm25.SETTINGS
 # Bumped when the cache file layout changes, so old files re-mine.
 CACHE_FORMAT = 1
 
@@ -83,27 +72,7 @@ def _check_inputs(query_texts: Sequence[str], corpus_ids: Sequence[str],
     raise ValueError(f"depth must be a positive integer, got {depth!r}")
 
 
-def _top_indices(scores_n: np.ndarray, k: int) -> np.ndarray:
-  """The k best rows by (score descending, index ascending).
-
-  Args:
-    scores_n: [N] float scores.
-    k: 1 <= k; more than N returns all N.
-
-  Returns:
-    int64 [min(k, N)] row indices in rank order.
-  """
-  n = scores_n.shape[0]
-  if k < n:
-    # argpartition finds the k-th best score in O(N); every row tied with
-    # it is kept, so the stable sort below, not argpartition's arbitrary
-    # choice among ties, decides which of them make the cut.
-    kth = scores_n[np.argpartition(-scores_n, k - 1)[k - 1]]
-    candidates = np.flatnonzero(scores_n >= kth)
-  else:
-    candidates = np.arange(n)
-  order = np.argsort(-scores_n[candidates], kind="stable")
-  return candidates[order[:k]]
+_top_indices = bm25.top_indices
 
 
 def _unexcluded(ranked: Iterable[int], corpus_ids: Sequence[str],
@@ -149,38 +118,16 @@ def bm25_negatives(
     ValueError: mismatched lengths, an empty corpus, depth < 1.
   """
   _check_inputs(query_texts, corpus_ids, corpus_texts, exclude, depth)
-  # Imported here: only BM25 mining needs them.
-  import bm25s  # pylint: disable=g-import-not-at-top
-  import Stemmer  # pylint: disable=g-import-not-at-top
-
   start = time.perf_counter()
-  settings = BM25_SETTINGS
-  # Queries and documents must go through the same analyzer, or their
-  # stems would not match.
-  tokenize_kwargs = dict(
-      lower=settings["lower"], token_pattern=settings["token_pattern"],
-      stopwords=settings["stopwords"],
-      stemmer=Stemmer.Stemmer(settings["stemmer"]), show_progress=False)
-  retriever = bm25s.BM25(method=settings["method"], k1=settings["k1"],
-                         b=settings["b"])
-  retriever.index(bm25s.tokenize(list(corpus_texts), **tokenize_kwargs),
-                  show_progress=False)
-  # As strings: the corpus vocabulary maps them to ids below, dropping
-  # query terms that no document contains.
-  query_tokens = bm25s.tokenize(list(query_texts), return_ids=False,
-                                **tokenize_kwargs)
+  index = bm25.Bm25Index.build(corpus_texts)
   negatives = []
-  for tokens, excluded in zip(query_tokens, exclude):
-    token_ids = retriever.get_tokens_ids(tokens)
-    if not token_ids:
+  for scores_n, excluded in zip(index.scores(query_texts), exclude):
+    if scores_n is None:
       # Every document scores 0: BM25 has no opinion on this query.
       negatives.append([])
       continue
-    # The score of every document, ranked here rather than by bm25s' own
-    # top-k so that ties are broken by index, the same on every run.
-    scores_n = np.asarray(retriever.get_scores_from_ids(token_ids))
     # Over-fetch by the excluded count so `depth` remain after exclusion.
-    ranked = _top_indices(scores_n, depth + len(excluded))
+    ranked = bm25.top_indices(scores_n, depth + len(excluded))
     ranked = ranked[scores_n[ranked] > 0]
     negatives.append(_unexcluded(ranked, corpus_ids, excluded, depth))
   logging.info("BM25 negatives: %d queries x %d docs, depth %d, in %.1f s",

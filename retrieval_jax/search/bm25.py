@@ -1,0 +1,188 @@
+"""Lucene BM25 as a retriever: index a corpus, score and rank queries.
+
+BM25 runs through bm25s with the settings of the shared data's baselines
+(`SETTINGS`: method "lucene", k1 0.9, b 0.4, bm25s' regex tokenizer,
+lower-casing, bm25s' English stop list "en", PyStemmer's "porter" stemmer),
+which reproduce DATA.md's BM25 rows (SciFact test nDCG@10 0.671).
+
+`Bm25Index` is the one place BM25 is computed: the evaluation mode's "bm25"
+retriever, the re-ranking first stage, hybrid fusion, hard-negative mining
+and cross-encoder distillation targets all call it. Ranking is done here,
+not by bm25s' own top-k, so ties are broken by the smaller corpus index and
+the result is a pure function of the inputs. Documents that share no term
+with a query score 0 and are never returned: BM25 has no opinion on them.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import time
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+# The BM25 settings of /work/shared/data/DATA.md's baselines (Pyserini's
+# defaults). Part of every cache key that depends on BM25.
+SETTINGS = {
+    "library": "bm25s",
+    "method": "lucene",
+    "k1": 0.9,
+    "b": 0.4,
+    "token_pattern": r"(?u)\b\w\w+\b",
+    "lower": True,
+    "stopwords": "en",
+    "stemmer": "porter",
+}
+
+
+def top_indices(scores_n: np.ndarray, k: int) -> np.ndarray:
+  """The k best rows by (score descending, index ascending).
+
+  Args:
+    scores_n: [N] float scores.
+    k: 1 <= k; more than N returns all N.
+
+  Returns:
+    int64 [min(k, N)] row indices in rank order.
+  """
+  n = scores_n.shape[0]
+  if k < n:
+    # argpartition finds the k-th best score in O(N); every row tied with
+    # it is kept, so the stable sort below, not argpartition's arbitrary
+    # choice among ties, decides which of them make the cut.
+    kth = scores_n[np.argpartition(-scores_n, k - 1)[k - 1]]
+    candidates = np.flatnonzero(scores_n >= kth)
+  else:
+    candidates = np.arange(n)
+  order = np.argsort(-scores_n[candidates], kind="stable")
+  return candidates[order[:k]]
+
+
+@dataclasses.dataclass
+class Bm25Index:
+  """A BM25 index of one corpus.
+
+  Build with `Bm25Index.build(texts)`. Attributes:
+    retriever: the bm25s index (its sparse score matrix).
+    num_docs: N, the corpus size.
+    settings: the analyzer and scoring settings (`SETTINGS`).
+    build_s: seconds spent indexing.
+  """
+  retriever: Any
+  num_docs: int
+  settings: dict[str, Any]
+  build_s: float
+
+  @classmethod
+  def build(cls, corpus_texts: Sequence[str],
+            settings: dict[str, Any] | None = None) -> "Bm25Index":
+    """Tokenizes and indexes `corpus_texts` (e.g. `beir.doc_text` rows).
+
+    Raises:
+      ValueError: an empty corpus.
+    """
+    if not corpus_texts:
+      raise ValueError("the corpus is empty: there is nothing to index")
+    import bm25s  # pylint: disable=g-import-not-at-top
+    settings = dict(SETTINGS if settings is None else settings)
+    start = time.perf_counter()
+    retriever = bm25s.BM25(method=settings["method"], k1=settings["k1"],
+                           b=settings["b"])
+    index = cls(retriever, len(corpus_texts), settings, 0.0)
+    retriever.index(index._tokenize(corpus_texts, return_ids=True),
+                    show_progress=False)
+    index.build_s = time.perf_counter() - start
+    return index
+
+  def _tokenize(self, texts: Sequence[str], return_ids: bool):
+    import bm25s  # pylint: disable=g-import-not-at-top
+    import Stemmer  # pylint: disable=g-import-not-at-top
+    s = self.settings
+    # Queries and documents must go through the same analyzer, or their
+    # stems would not match.
+    return bm25s.tokenize(
+        list(texts), return_ids=return_ids, lower=s["lower"],
+        token_pattern=s["token_pattern"], stopwords=s["stopwords"],
+        stemmer=Stemmer.Stemmer(s["stemmer"]), show_progress=False)
+
+  def scores(self, query_texts: Sequence[str]) -> list[np.ndarray | None]:
+    """Every document's BM25 score, per query.
+
+    Returns:
+      list [Q] of float32 [N] arrays; None for a query none of whose terms
+      occurs in the corpus (every document would score 0).
+    """
+    # As strings: the corpus vocabulary maps them to ids, dropping query
+    # terms that no document contains.
+    out = []
+    for tokens in self._tokenize(query_texts, return_ids=False):
+      token_ids = self.retriever.get_tokens_ids(tokens)
+      out.append(np.asarray(self.retriever.get_scores_from_ids(token_ids),
+                            np.float32) if token_ids else None)
+    return out
+
+  def pair_scores(self, query_texts: Sequence[str],
+                  doc_rows: Sequence[int]) -> np.ndarray:
+    """BM25 scores of (query, document) pairs; row p pairs query p, doc p.
+
+    Args:
+      query_texts: list[str] [P].
+      doc_rows: int [P] corpus rows; negative rows (padding) score 0.
+
+    Returns:
+      float32 [P].
+    """
+    if len(query_texts) != len(doc_rows):
+      raise ValueError(f"{len(query_texts)} queries for {len(doc_rows)} "
+                       "doc rows: expected one query per pair")
+    unique = sorted(set(query_texts))
+    by_text = dict(zip(unique, self.scores(unique)))
+    out = np.zeros(len(doc_rows), np.float32)
+    for p, (text, row) in enumerate(zip(query_texts, doc_rows)):
+      if row >= 0 and by_text[text] is not None:
+        out[p] = by_text[text][row]
+    return out
+
+  def search(self, query_texts: Sequence[str], k: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The top k documents per query, ties by the smaller corpus index.
+
+    Args:
+      query_texts: list[str] [Q].
+      k: int >= 1 (clipped to the corpus size).
+
+    Returns:
+      (scores_qk float32, indices_qk int64), best first; a query with fewer
+      than k matching documents is padded with score -inf and index -1
+      (the padding `trec_run.run_from_topk` skips).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = min(k, self.num_docs)
+    scores_qk = np.full((len(query_texts), k), -np.inf, np.float32)
+    indices_qk = np.full((len(query_texts), k), -1, np.int64)
+    for i, scores_n in enumerate(self.scores(query_texts)):
+      if scores_n is None:
+        continue
+      ranked = top_indices(scores_n, k)
+      ranked = ranked[scores_n[ranked] > 0]
+      scores_qk[i, :len(ranked)] = scores_n[ranked]
+      indices_qk[i, :len(ranked)] = ranked
+    return scores_qk, indices_qk
+
+  def size_bytes(self) -> int:
+    """Bytes of the stored score matrix (data, indices, pointers)."""
+    return int(sum(np.asarray(a).nbytes for a in self.retriever.scores.values()
+                   if hasattr(a, "nbytes")))
+
+
+def retrieve(query_texts: Sequence[str], corpus_texts: Sequence[str], k: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Indexes `corpus_texts` and returns `Bm25Index.search(query_texts, k)`."""
+  index = Bm25Index.build(corpus_texts)
+  start = time.perf_counter()
+  out = index.search(query_texts, k)
+  logging.info("BM25: %d queries x %d docs, top %d, index %.1f s, search "
+               "%.1f s", len(query_texts), len(corpus_texts), k,
+               index.build_s, time.perf_counter() - start)
+  return out
