@@ -28,7 +28,8 @@ Arguments (`configs/train.py:a=1,b`):
   scifact    SciFact train pairs -> SciFact test
   cross_encoder  train a cross-encoder (model.kind) and evaluate it as a
              re-ranker; `loss=bce` for pointwise BCE, `head=emb` for the
-             [EMB]-marker head
+             [EMB]-marker head, `loss=kl_distillation,teacher=bm25` to
+             distil BM25's scores of each group
   loss=NAME  a key of retrieval_jax.losses.LOSSES (infonce, rand1_lh,
              joint_lh, sum_marg_lh, lse_pair, symmetric_infonce)
   seed=N     data order, negatives and dropout seed
@@ -64,7 +65,7 @@ def _eval_block(path: str, split: str, measures, *, max_queries: int = 0,
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the training config; `arg` selects variants (see docstring)."""
   arg = common.parse_arg(arg, smoke=False, scifact=False, loss="infonce",
-                         cross_encoder=False, head="cls",
+                         cross_encoder=False, head="cls", teacher="",
                          seed=0, shared=str(common.REPO_ROOT.parent /
                                             "shared" / "data"))
   limit = str(common.REPO_ROOT / "data" / "limit-small")
@@ -111,6 +112,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Other queries' hard negatives are negatives too (DPR); False keeps only
   # the query's own hard negatives plus in-batch positives.
   config.loss.share_hard_negatives = True
+  # Cross-encoders: "" trains on 1/0 labels; "bm25" distils the BM25 score
+  # of every (query, passage) row through a list loss (kl_distillation,
+  # listnet, ...): the teacher's scores, times teacher_scale, are its
+  # targets (softmax logits for kl_distillation).
+  config.loss.teacher = arg.teacher
+  # Multiplies the teacher's scores (BM25's run to about 30 on SciFact).
+  config.loss.teacher_scale = 1.0
 
   config.train = ml_collections.ConfigDict()
   # Queries per optimizer step (global, over all devices).

@@ -309,17 +309,23 @@ def group_labels(positive_counts_b: jax.Array, passage_doc_p: jax.Array
 
 
 def cross_encoder_loss(scores_bg: jax.Array, positive_bg: jax.Array,
-                       valid_bg: jax.Array, *, loss_name: str):
+                       valid_bg: jax.Array, *, loss_name: str,
+                       teacher_bg: jax.Array | None = None):
   """A registry loss on the [B, G] pair scores of each query's group.
 
   Names of `losses.LOSSES` (InfoNCE, LSEPair, ...) take the scores as
   logits over the group, positives in the first slots; names of
-  `losses.LISTWISE_LOSSES` ("bce", "listnet", ...) take 1/0 labels.
+  `losses.LISTWISE_LOSSES` ("bce", "listnet", ...) take 1/0 labels, or
+  the teacher's scores `teacher_bg` when given (distillation, e.g.
+  "kl_distillation": KL(softmax(teacher) || softmax(scores))).
   """
   from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
   if loss_name in losses.LISTWISE_LOSSES:
-    return losses.LISTWISE_LOSSES[loss_name](
-        scores_bg, positive_bg.astype(jnp.float32), valid_bg)
+    labels_bg = (positive_bg.astype(jnp.float32) if teacher_bg is None
+                 else teacher_bg.astype(jnp.float32))
+    return losses.LISTWISE_LOSSES[loss_name](scores_bg, labels_bg, valid_bg)
+  if teacher_bg is not None:
+    raise ValueError(f"loss {loss_name!r} takes no teacher scores")
   return losses.get_loss(loss_name).fn(scores_bg, positive_bg, valid_bg)
 
 
@@ -332,7 +338,8 @@ def cross_encoder_train_step(state, batch, rng, *, model_def, tx,
     state: {"step", "params", "opt_state"} (see `train_state`).
     batch: `PAIR_KEYS`: pair_ids / pair_mask / pair_types [B*G, L],
       pair_markers [B*G, 2] (the "emb" head's marker positions),
-      positive_counts [B], passage_doc [B*G].
+      positive_counts [B], passage_doc [B*G]; optionally teacher_scores
+      [B*G] float32, the distillation targets of a list loss.
     rng: the run's base key; dropout keys fold in the step.
     model_def: `train_state.ModelDef` of a `models.cross_encoder.CrossEncoder`.
     tx: the optax optimizer.
@@ -352,8 +359,12 @@ def cross_encoder_train_step(state, batch, rng, *, model_def, tx,
     scores_p = model(batch["pair_ids"], batch["pair_mask"],
                      batch["pair_types"], batch["pair_markers"],
                      deterministic=not dropout, dropout_rng=dropout_rng)
-    return cross_encoder_loss(scores_p.reshape(valid_bg.shape), positive_bg,
-                              valid_bg, loss_name=loss_name)
+    teacher_p = batch.get("teacher_scores")
+    return cross_encoder_loss(
+        scores_p.reshape(valid_bg.shape), positive_bg, valid_bg,
+        loss_name=loss_name,
+        teacher_bg=(None if teacher_p is None
+                    else teacher_p.reshape(valid_bg.shape)))
 
   (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
       state["params"])

@@ -53,6 +53,7 @@ from retrieval_jax import steps
 from retrieval_jax import train_state
 from retrieval_jax.data import beir
 from retrieval_jax.data import tokenizers
+from retrieval_jax.search import bm25
 from retrieval_jax.evaluation import evaluators
 from retrieval_jax.evaluate import ConfigError
 
@@ -216,6 +217,30 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
                           f"re-ranks one of {FIRST_STAGES}")
       if ev.get("rerank_depth", 0) < 1:
         raise ConfigError(f"config.evals.{name}.rerank_depth must be >= 1")
+  _validate_teacher(config)
+
+
+TEACHERS = ("", "bm25")
+
+
+def _validate_teacher(config) -> None:
+  """`config.loss.teacher`: graded targets for a cross-encoder's list loss."""
+  from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
+  teacher = config.loss.get("teacher", "")
+  if teacher not in TEACHERS:
+    raise ConfigError(f"config.loss.teacher={teacher!r}: expected one of "
+                      f"{TEACHERS}")
+  if not teacher:
+    return
+  if not is_cross_encoder(config):
+    raise ConfigError("config.loss.teacher is for a cross-encoder "
+                      "(config.model.kind='cross_encoder')")
+  graded = sorted(set(losses.LISTWISE_LOSSES) - {"bce"})
+  if config.loss.name not in graded:
+    raise ConfigError(
+        f"config.loss.teacher={teacher!r} gives graded scores, which "
+        f"config.loss.name={config.loss.name!r} does not take; use one of "
+        f"{graded}")
 
 
 # ---------------------------------------------------------------------------
@@ -527,11 +552,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           config.model.head, pad_to_multiple_of=config.data.pair_max_length)
       markers = pairs.get("markers",
                           np.zeros((len(queries), 2), np.int32))
-      return {"pair_ids": pairs["input_ids"],
-              "pair_mask": pairs["attention_mask"],
-              "pair_types": pairs["token_type_ids"], "pair_markers": markers,
-              "positive_counts": host_batch["positive_counts"],
-              "passage_doc": host_batch["passage_doc"]}
+      batch = {"pair_ids": pairs["input_ids"],
+               "pair_mask": pairs["attention_mask"],
+               "pair_types": pairs["token_type_ids"], "pair_markers": markers,
+               "positive_counts": host_batch["positive_counts"],
+               "passage_doc": host_batch["passage_doc"]}
+      if teacher is not None:
+        # The teacher's score of every (query, passage) row, as the list
+        # loss's targets (distillation); padding rows are masked there.
+        batch["teacher_scores"] = config.loss.teacher_scale * (
+            teacher.pair_scores(queries, host_batch["passage_doc"]))
+      return batch
+
+    teacher = None
+    if config.loss.get("teacher", ""):
+      # BM25 over the training corpus: a passage row indexes its documents.
+      teacher = bm25.Bm25Index.build(loader.data.doc_texts)
+      logging.info("distillation teacher: BM25 over %d docs (%.1f s), "
+                   "scores x %g", teacher.num_docs, teacher.build_s,
+                   config.loss.teacher_scale)
 
     step_kwargs = dict(step_fn=steps.cross_encoder_train_step,
                        loss_name=config.loss.name)

@@ -225,3 +225,59 @@ class CrossEncoderStepTest(parameterized.TestCase):
     np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5)
     # A fixed batch is fitted: the loss falls well below its start.
     self.assertLess(one[-1], 0.5 * one[0])
+
+  def test_teacher_scores_are_the_list_loss_targets(self):
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(3, 4)).astype(np.float32)
+    teacher = rng.normal(size=(3, 4)).astype(np.float32) * 3
+    positive, valid = steps.group_labels(
+        np.array([1, 1, 2]), np.array([0, 1, 2, 3, 4, 5, -1, 7, 8, 9, 10,
+                                       11]))
+    got, _ = steps.cross_encoder_loss(scores, positive, valid,
+                                      loss_name="kl_distillation",
+                                      teacher_bg=teacher)
+    want, _ = losses.LISTWISE_LOSSES["kl_distillation"](scores, teacher,
+                                                        valid)
+    self.assertAlmostEqual(float(got), float(want), places=6)
+    # KL(p_t || p_s) by hand over the valid slots.
+    v = np.asarray(valid)
+    kl = []
+    for s_row, t_row, v_row in zip(scores, teacher, v):
+      p_t = np.exp(t_row[v_row] - t_row[v_row].max())
+      p_t /= p_t.sum()
+      log_p_s = s_row[v_row] - np.log(np.exp(s_row[v_row]).sum())
+      kl.append(np.sum(p_t * (np.log(p_t) - log_p_s)))
+    self.assertAlmostEqual(float(got), float(np.mean(kl)), places=5)
+    with self.assertRaisesRegex(ValueError, "no teacher"):
+      steps.cross_encoder_loss(scores, positive, valid, loss_name="infonce",
+                               teacher_bg=teacher)
+
+  def test_distillation_step_fits_the_teacher(self):
+    batch = _pair_batch()
+    # A teacher ranking that is not the 1/0 labels: the last row first.
+    batch["teacher_scores"] = np.tile(np.arange(G, dtype=np.float32),
+                                      B) * 2.0
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model_def, params = train_state.split_model(_cross_encoder())
+    tx = optax.adam(1e-2)
+    layout = train_state.state_layout(model_def, params, tx, mesh)
+    state = train_state.create(params, tx, layout)
+    spec = {k: v.shape for k, v in batch.items()}
+    step = steps.make_train_step(
+        mesh, layout.shardings, spec, step_fn=steps.cross_encoder_train_step,
+        model_def=model_def, tx=tx, loss_name="kl_distillation",
+        dropout=False)
+    placed = steps.put_batch(batch, steps.batch_shardings(mesh, spec))
+    curve = []
+    for _ in range(12):
+      state, metrics = step(state, placed, jax.random.PRNGKey(0))
+      curve.append(float(metrics["loss"]))
+    self.assertLess(curve[-1], 0.3 * curve[0])
+    model = model_def.merge(state["params"])
+    scores = np.asarray(model(batch["pair_ids"], batch["pair_mask"],
+                              batch["pair_types"])).reshape(B, G)
+    # Each full group is now ordered as the teacher orders it.
+    for row in range(B):
+      if row != 2:
+        np.testing.assert_array_equal(np.argsort(scores[row]),
+                                      np.arange(G))
