@@ -19,6 +19,13 @@ Other collections are a data path away, e.g.
 Expected with all-MiniLM-L6-v2 (max length 256, cosine): LIMIT-small
 recall@2 = 0.162, SciFact ndcg@10 = 0.645, Cranfield ndcg@10 = 0.382.
 
+Retrievers (`configs/evaluate.py:retriever=NAME`, see
+retrieval_jax/evaluation/retrievers.py): dense (default), bm25, hybrid,
+dense_prf; e.g. BM25 on SciFact (nDCG@10 0.671, DATA.md's baseline):
+
+  python -m retrieval_jax.main --config configs/evaluate.py:retriever=bm25 \
+      --workdir /tmp/rj_bm25_scifact --config.data.path=../shared/data/scifact
+
 Variants: `configs/evaluate.py:smoke` (64 queries, max length 32: seconds).
 """
 
@@ -29,7 +36,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the evaluation config; `arg` selects variants (`smoke`)."""
-  arg = common.parse_arg(arg, smoke=False)
+  arg = common.parse_arg(arg, smoke=False, retriever="dense")
   config = ml_collections.ConfigDict()
 
   config.model = common.model_block()
@@ -53,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.encode.pad_multiple = 16
   # Encode in length order so batches carry little padding.
   config.encode.sort_by_length = True
+  # Where the dense, hybrid and PRF retrievers cache the dense embeddings
+  # ("" = the workdir); runs sharing it encode a collection once.
+  config.encode.cache_dir = ""
 
   config.search = ml_collections.ConfigDict()
   # Documents retrieved per query (BEIR's 1,000; clipped to the corpus size).
@@ -61,6 +71,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search.metric = "cosine"
   # Corpus rows scored per step of the chunked search (bounds memory).
   config.search.chunk_size = 16384
+
+  config.retriever = ml_collections.ConfigDict()
+  # "dense" (the encoder of config.model), "bm25" (Lucene BM25 with the
+  # shared data's settings), "hybrid" (dense + BM25 interpolation),
+  # "dense_prf" (dense, then vector PRF and a second search).
+  config.retriever.kind = arg.retriever
+  # Queries searched one at a time to measure latency (stats.json).
+  config.retriever.latency_queries = 100
+  # hybrid: score = alpha * bm25 + dense (sparse + alpha * dense with
+  # weight_on_dense) over the union of the two systems' lists; a document
+  # missing from one list takes that list's minimum.
+  config.retriever.alpha = 0.1
+  # hybrid: per-query score normalisation, "none" | "minmax_center" |
+  # "zscore".
+  config.retriever.normalization = "minmax_center"
+  # hybrid: put alpha on the dense scores instead of the sparse ones.
+  config.retriever.weight_on_dense = False
+  # hybrid: each system's top fusion_depth are fused (0 = search.top_k).
+  config.retriever.fusion_depth = 1000
+  # dense_prf: "average" ((q + sum of the top prf_k) / (prf_k + 1)) or
+  # "rocchio" (alpha q + beta mean(top prf_k) - gamma mean(bottom k)).
+  config.retriever.prf_method = "rocchio"
+  # dense_prf: feedback documents (the first pass's top prf_k).
+  config.retriever.prf_k = 3
+  # dense_prf, rocchio: weight of the original query.
+  config.retriever.prf_alpha = 0.9
+  # dense_prf, rocchio: weight of the mean of the top prf_k.
+  config.retriever.prf_beta = 0.1
+  # dense_prf, rocchio: weight of the mean of the bottom prf_k_bottom.
+  config.retriever.prf_gamma = 0.1
+  # dense_prf, rocchio: negative feedback documents (0 = none), the last
+  # prf_k_bottom of the first pass's top prf_depth.
+  config.retriever.prf_k_bottom = 0
+  # dense_prf, rocchio: depth of the feedback list (0 = prf_k).
+  config.retriever.prf_depth = 0
 
   config.eval = ml_collections.ConfigDict()
   # Measures to report: ndcg@K, recall@K, mrr@K, map, map@K, p@K, ndcg, mrr.

@@ -1,10 +1,11 @@
-"""The `evaluate` and `encode` modes: pretrained encoder on a BEIR directory.
+"""The `evaluate` and `encode` modes: a retriever on a BEIR directory.
 
 `evaluate(config, workdir)` writes to the workdir:
   metrics.json             flat {measure: mean} over the judged queries
   metrics_per_query.json   {measure: {query_id: value}}
   run.trec                 TREC run (ids with spaces percent-encoded)
   timing.json              seconds per phase, texts/s
+  stats.json               index size, query latency (`retrievers`)
   config.json              the resolved config
 `encode(config, workdir)` writes corpus_embeddings.npy (float32, one row per
 document in corpus.jsonl order) and corpus_ids.json.
@@ -23,6 +24,7 @@ from retrieval_jax import encoding
 from retrieval_jax import sharding
 from retrieval_jax.data import beir
 from retrieval_jax.evaluation import evaluators
+from retrieval_jax.evaluation import retrievers
 from retrieval_jax.evaluation import trec_run
 
 
@@ -97,6 +99,10 @@ def evaluate(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
+  try:
+    retrievers.validate(config)
+  except retrievers.RetrieverError as e:
+    raise ConfigError(str(e)) from e
   mesh = sharding.make_mesh(config.mesh.shape)
   collection = load_collection(config, workdir)
   evaluator = evaluators.RetrievalEvaluator(
@@ -105,15 +111,12 @@ def evaluate(config: ml_collections.ConfigDict,
       top_k=config.search.top_k, metric=config.search.metric,
       chunk_size=config.search.chunk_size,
       max_queries=config.data.max_queries, name="evaluate")
-  encoder = make_encoder(config, mesh)
-  logging.info("evaluating %s on %d docs, %d queries (split %s)",
+  kind = config.retriever.kind
+  logging.info("evaluating %s (%s) on %d docs, %d queries (split %s)", kind,
                config.model.pretrained, len(collection.doc_ids),
                len(evaluator.query_ids), config.data.split)
-  with jax.default_matmul_precision(config.model.matmul_precision):
-    result = evaluator.run(
-        encoder, batch_size=config.encode.batch_size,
-        pad_multiple=config.encode.pad_multiple,
-        sort_by_length=config.encode.sort_by_length, mesh=mesh)
+  result, stats = retrievers.retrieve(
+      config, evaluator, lambda: make_encoder(config, mesh), mesh, workdir)
   trec_run.write_run(workdir / "run.trec", result.run,
                      tag=config.eval.run_tag)
   _write_json(workdir / "metrics.json", result.metrics)
@@ -122,17 +125,24 @@ def evaluate(config: ml_collections.ConfigDict,
                 num_docs=len(collection.doc_ids),
                 num_queries=len(evaluator.query_ids))
   _write_json(workdir / "timing.json", timing)
+  _write_json(workdir / "stats.json", dict(stats, retriever=kind))
   _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   print(format_table(
       result.metrics,
       f"{pathlib.Path(config.data.path).name} ({config.data.split}, "
-      f"{len(evaluator.query_ids)} queries, {len(collection.doc_ids)} docs)"))
-  print(f"time: corpus {timing['encode_corpus_s']:.1f} s "
-        f"({timing['corpus_texts_per_s']:.0f} docs/s), queries "
-        f"{timing['encode_queries_s']:.1f} s, search {timing['search_s']:.2f} "
-        f"s, metrics {timing['metrics_s']:.2f} s, total "
-        f"{timing['total_s']:.1f} s")
-  print(f"wrote {workdir}/metrics.json, metrics_per_query.json, run.trec")
+      f"{len(evaluator.query_ids)} queries, {len(collection.doc_ids)} docs, "
+      f"retriever {kind})"))
+  for part, metrics in stats.get("parts", {}).items():
+    print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                    metrics.items()))
+  phases = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timing.items()
+                     if k.endswith("_s"))
+  print(f"time: {phases}")
+  print(f"index {stats['index_bytes'] / 2**20:.1f} MiB, search "
+        f"{stats['search_ms_per_query']:.2f} ms/query (one at a time), "
+        f"query encoding {stats['encode_ms_per_query']:.2f} ms/query")
+  print(f"wrote {workdir}/metrics.json, metrics_per_query.json, run.trec, "
+        "stats.json")
   return result.metrics
 
 

@@ -96,8 +96,28 @@ class RetrievalEvaluator:
     Returns:
       The metrics, per-query values, run and timings.
     """
-    kwargs = dict(batch_size=batch_size, pad_multiple=pad_multiple,
-                  sort_by_length=sort_by_length, progress=progress)
+    docs_nd, queries_qd, timing = self.encode(
+        encoder, batch_size=batch_size, pad_multiple=pad_multiple,
+        sort_by_length=sort_by_length, progress=progress)
+    start = time.perf_counter()
+    scores_qk, indices_qk = exact_topk.exact_topk(
+        queries_qd, docs_nd, self.top_k, metric=self.metric,
+        chunk_size=self.chunk_size, mesh=mesh)
+    timing["search_s"] = time.perf_counter() - start
+    return self.score_ranking(scores_qk, indices_qk, timing)
+
+  def encode(self, encoder, **kwargs
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Embeds the corpus and the judged queries.
+
+    Args:
+      encoder: a `TextEncoder` (anything with its `encode` signature).
+      **kwargs: passed to `encode` (batch_size, pad_multiple, ...).
+
+    Returns:
+      (docs_nd, queries_qd, timing): float32 embeddings in corpus and
+      `self.query_ids` order, and the seconds each side took.
+    """
     timing = {}
     start = time.perf_counter()
     docs_nd = encoder.encode(self.collection.doc_texts(),
@@ -107,23 +127,73 @@ class RetrievalEvaluator:
     queries_qd = encoder.encode(self.query_texts,
                                 desc=f"{self.name}: queries", **kwargs)
     timing["encode_queries_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    scores_qk, indices_qk = exact_topk.exact_topk(
-        queries_qd, docs_nd, self.top_k, metric=self.metric,
-        chunk_size=self.chunk_size, mesh=mesh)
-    timing["search_s"] = time.perf_counter() - start
-    start = time.perf_counter()
+    timing["corpus_texts_per_s"] = (
+        len(self.collection.doc_ids) / max(timing["encode_corpus_s"], 1e-9))
+    return docs_nd, queries_qd, timing
+
+  def score_ranking(self, scores_qk: np.ndarray, indices_qk: np.ndarray,
+                    timing: dict[str, float] | None = None
+                    ) -> RetrievalResult:
+    """Scores a ranking of `self.query_ids` produced by any retriever.
+
+    Args:
+      scores_qk: float [Q, k] scores, best first (-inf padding).
+      indices_qk: int [Q, k] corpus rows (-1 padding), rows in
+        `self.query_ids` order.
+      timing: the retriever's timings; "metrics_s" is added.
+
+    Returns:
+      The metrics, per-query values, run and timings.
+    """
+    if len(indices_qk) != len(self.query_ids):
+      raise ValueError(f"{self.name}: {len(indices_qk)} ranked rows for "
+                       f"{len(self.query_ids)} queries")
     run = trec_run.run_from_topk(self.query_ids, self.collection.doc_ids,
                                  scores_qk, indices_qk)
+    return self.score_run(run, timing, scores_qk=scores_qk,
+                          indices_qk=indices_qk)
+
+  def score_run(self, run: dict[str, dict[str, float]],
+                timing: dict[str, float] | None = None, *,
+                scores_qk: np.ndarray | None = None,
+                indices_qk: np.ndarray | None = None) -> RetrievalResult:
+    """Scores a run dict ({query id: {doc id: score}}, e.g. a fusion's).
+
+    Args:
+      run: the judged queries' rankings (missing queries score 0).
+      timing: the retriever's timings; "metrics_s" is added.
+      scores_qk, indices_qk: the same ranking as arrays, if the caller has
+        them; otherwise they are built from `run` in trec_eval's order.
+
+    Returns:
+      The metrics, per-query values, run and timings.
+    """
+    timing = dict(timing or {})
+    start = time.perf_counter()
     metrics, per_query = ir_metrics.evaluate(
         self.qrels, run, self.measures, relevance_level=self.relevance_level)
     timing["metrics_s"] = time.perf_counter() - start
-    timing["corpus_texts_per_s"] = (
-        len(self.collection.doc_ids) / max(timing["encode_corpus_s"], 1e-9))
+    if indices_qk is None:
+      scores_qk, indices_qk = _arrays_from_run(
+          run, self.query_ids, self.collection.doc_ids)
     logging.info("%s: %s", self.name, metrics)
     return RetrievalResult(metrics=metrics, per_query=per_query, run=run,
                            timing=timing, query_ids=self.query_ids,
-                           scores_qk=scores_qk, indices_qk=indices_qk)
+                           scores_qk=np.asarray(scores_qk),
+                           indices_qk=np.asarray(indices_qk))
+
+
+def _arrays_from_run(run, query_ids, doc_ids):
+  """[Q, k] scores and corpus rows of a run, trec_eval's order, padded."""
+  row_of = {d: i for i, d in enumerate(doc_ids)}
+  ranked = [ir_metrics.trec_eval_sorted(run.get(q, {})) for q in query_ids]
+  k = max((len(r) for r in ranked), default=0)
+  scores_qk = np.full((len(query_ids), k), -np.inf, np.float32)
+  indices_qk = np.full((len(query_ids), k), -1, np.int64)
+  for i, pairs in enumerate(ranked):
+    for j, (doc, score) in enumerate(pairs):
+      scores_qk[i, j], indices_qk[i, j] = score, row_of[doc]
+  return scores_qk, indices_qk
 
 
 class RerankEvaluator:
@@ -226,7 +296,7 @@ def first_stage(kind: str, collection: beir.BeirCollection, *, depth: int,
 
   Args:
     kind: "dense" (exact search with `encoder`, a `TextEncoder`) or "bm25"
-      (Lucene BM25 through bm25s with `data.negatives.BM25_SETTINGS`).
+      (Lucene BM25, `search.bm25`).
     collection: the collection with its split's qrels.
     depth: documents ranked per query (BM25 may find fewer).
     measures: scored on the first-stage run itself.
@@ -248,16 +318,16 @@ def first_stage(kind: str, collection: beir.BeirCollection, *, depth: int,
             result.metrics)
   if kind != "bm25":
     raise ValueError(f"first stage {kind!r}: expected 'dense' or 'bm25'")
-  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
   query_ids, query_texts = collection.judged_queries()
   if max_queries:
     query_ids, query_texts = query_ids[:max_queries], query_texts[:max_queries]
-  ranked = negatives.bm25_negatives(
-      query_texts, collection.doc_ids, collection.doc_texts(),
-      [set() for _ in query_ids], depth=depth)
-  # BM25 scores are not kept; rank order is all re-ranking needs.
-  run = {q: {d: float(depth - r) for r, d in enumerate(docs)}
-         for q, docs in zip(query_ids, ranked)}
+  index = bm25.Bm25Index.build(collection.doc_texts())
+  scores_qk, indices_qk = index.search(query_texts, depth)
+  run = trec_run.run_from_topk(query_ids, collection.doc_ids, scores_qk,
+                               indices_qk)
+  ids = collection.doc_ids
+  ranked = [[ids[i] for i in row if i >= 0] for row in indices_qk.tolist()]
   metrics, _ = ir_metrics.evaluate(
       {q: collection.qrels[q] for q in query_ids}, run, measures)
   return dict(zip(query_ids, ranked)), metrics

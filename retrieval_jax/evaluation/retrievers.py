@@ -1,0 +1,257 @@
+"""The retrievers of the evaluate mode, one per `config.retriever.kind`.
+
+Every retriever ranks the judged queries of a `RetrievalEvaluator` and
+returns its `RetrievalResult` (scored one way, by `score_ranking` or
+`score_run`) together with `stats`: index size and query latency measured
+the same way for each kind, so that a table of retrievers compares like
+with like.
+
+  dense       exact top-k over the encoder's embeddings (`exact_topk`)
+  bm25        Lucene BM25 (`search.bm25`, the shared data's settings)
+  hybrid      dense + BM25 score interpolation (`search.fusion`)
+  dense_prf   dense, then vector PRF (Average or Rocchio, `search.prf`) and
+              a second dense search
+
+Latency. "search_ms_per_query" is the mean wall time of searching one
+query at a time (after a warm-up call) over `config.retriever.
+latency_queries` queries, the query already encoded; "encode_ms_per_query"
+is the batch query-encoding time divided by the number of queries. Both are
+reported so that retrievers with and without a query encoder compare.
+
+Dense embeddings are cached (`dense_<key>.npz` in `config.encode.cache_dir`,
+default the workdir; keyed by the model settings and the texts), so the
+dense, hybrid and PRF runs of one collection encode it once.
+"""
+
+from collections.abc import Callable
+import json
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from retrieval_jax.evaluation import evaluators
+
+KINDS = ("dense", "bm25", "hybrid", "dense_prf")
+PRF_METHODS = ("average", "rocchio")
+
+
+class RetrieverError(ValueError):
+  """A `config.retriever` value is wrong; the message names the key."""
+
+
+def _latency_ms(search_one: Callable[[int], Any], num_queries: int,
+                limit: int) -> float:
+  """Mean ms of `search_one(i)` over the first `limit` queries, warmed up."""
+  n = min(limit, num_queries)
+  if n < 1:
+    return float("nan")
+  search_one(0)  # Compiles (dense) or fills caches, outside the timing.
+  start = time.perf_counter()
+  for i in range(n):
+    search_one(i)
+  return 1e3 * (time.perf_counter() - start) / n
+
+
+def _dense_cache_key(config, evaluator) -> str:
+  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
+  model = config.model
+  return negatives.fingerprint(
+      [model.pretrained, model.pooling, str(model.normalize), model.dtype,
+       str(model.max_length), model.get("checkpoint", "")],
+      list(evaluator.collection.doc_ids), evaluator.collection.doc_texts(),
+      evaluator.query_texts)[:16]
+
+
+def dense_embeddings(config, evaluator, encoder_fn, workdir
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+  """The corpus and query embeddings, from the workdir cache if present.
+
+  Args:
+    config: the evaluate config (model settings key the cache).
+    evaluator: the `RetrievalEvaluator`.
+    encoder_fn: () -> `TextEncoder`, called only on a cache miss.
+    workdir: where the cache lives unless `config.encode.cache_dir` is set.
+
+  Returns:
+    (docs_nd, queries_qd, timing) as `RetrievalEvaluator.encode`; a cache
+    hit reports the timings of the run that wrote it.
+  """
+  cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  path = cache_dir / f"dense_{_dense_cache_key(config, evaluator)}.npz"
+  if path.is_file():
+    with np.load(path) as f:
+      logging.info("dense embeddings from %s", path)
+      return (f["docs_nd"], f["queries_qd"],
+              json.loads(str(f["timing"])))
+  docs_nd, queries_qd, timing = evaluator.encode(
+      encoder_fn(), batch_size=config.encode.batch_size,
+      pad_multiple=config.encode.pad_multiple,
+      sort_by_length=config.encode.sort_by_length)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, docs_nd=docs_nd.astype(np.float32),
+           queries_qd=queries_qd.astype(np.float32),
+           timing=json.dumps(timing))
+  tmp.replace(path)
+  return docs_nd, queries_qd, timing
+
+
+def _dense_search(config, docs_nd, queries_qd, k, mesh):
+  from retrieval_jax.search import exact_topk  # pylint: disable=g-import-not-at-top
+  corpus = exact_topk.encode_corpus(
+      docs_nd, metric=config.search.metric,
+      chunk_size=config.search.chunk_size, mesh=mesh)
+  start = time.perf_counter()
+  scores_qk, indices_qk = exact_topk.search(corpus, queries_qd, k)
+  search_s = time.perf_counter() - start
+  latency = _latency_ms(
+      lambda i: exact_topk.search(corpus, queries_qd[i:i + 1], k),
+      len(queries_qd), config.retriever.latency_queries)
+  return scores_qk, indices_qk, search_s, latency
+
+
+def _dense(config, evaluator, encoder_fn, mesh, workdir):
+  docs_nd, queries_qd, timing = dense_embeddings(config, evaluator,
+                                                 encoder_fn, workdir)
+  scores_qk, indices_qk, timing["search_s"], latency = _dense_search(
+      config, docs_nd, queries_qd, evaluator.top_k, mesh)
+  stats = {"index_bytes": int(docs_nd.astype(np.float32).nbytes),
+           "search_ms_per_query": latency,
+           "encode_ms_per_query": 1e3 * timing["encode_queries_s"] /
+                                  len(queries_qd)}
+  return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
+
+
+def _bm25(config, evaluator, encoder_fn, mesh, workdir):
+  del encoder_fn, mesh, workdir
+  from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
+  index = bm25.Bm25Index.build(evaluator.collection.doc_texts())
+  texts = evaluator.query_texts
+  start = time.perf_counter()
+  scores_qk, indices_qk = index.search(texts, evaluator.top_k)
+  timing = {"index_s": index.build_s,
+            "search_s": time.perf_counter() - start}
+  # Tokenising the query is BM25's "query encoding"; it is inside search.
+  stats = {"index_bytes": index.size_bytes(),
+           "search_ms_per_query": _latency_ms(
+               lambda i: index.search(texts[i:i + 1], evaluator.top_k),
+               len(texts), config.retriever.latency_queries),
+           "encode_ms_per_query": 0.0}
+  return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
+
+
+def _hybrid(config, evaluator, encoder_fn, mesh, workdir):
+  from retrieval_jax.search import fusion  # pylint: disable=g-import-not-at-top
+  r = config.retriever
+  dense, dense_stats = _dense(config, evaluator, encoder_fn, mesh, workdir)
+  sparse, sparse_stats = _bm25(config, evaluator, encoder_fn, mesh, workdir)
+  start = time.perf_counter()
+  run = fusion.interpolate(
+      _cut(dense.run, r.fusion_depth), _cut(sparse.run, r.fusion_depth),
+      alpha=r.alpha, normalization=r.normalization,
+      weight_on_dense=r.weight_on_dense, k=evaluator.top_k)
+  fuse_s = time.perf_counter() - start
+  timing = {"dense_" + k: v for k, v in dense.timing.items()}
+  timing.update({"bm25_" + k: v for k, v in sparse.timing.items()})
+  timing["fuse_s"] = fuse_s
+  n = len(evaluator.query_ids)
+  stats = {"index_bytes": dense_stats["index_bytes"] +
+                          sparse_stats["index_bytes"],
+           # The two searches run one after the other, then the fusion.
+           "search_ms_per_query": dense_stats["search_ms_per_query"] +
+                                  sparse_stats["search_ms_per_query"] +
+                                  1e3 * fuse_s / n,
+           "encode_ms_per_query": dense_stats["encode_ms_per_query"],
+           "parts": {"dense": dense.metrics, "bm25": sparse.metrics}}
+  return evaluator.score_run(run, timing), stats
+
+
+def _cut(run, depth):
+  from retrieval_jax.evaluation import ir_metrics  # pylint: disable=g-import-not-at-top
+  return ir_metrics.truncate_run(run, depth) if depth else run
+
+
+def _dense_prf(config, evaluator, encoder_fn, mesh, workdir):
+  from retrieval_jax.search import prf  # pylint: disable=g-import-not-at-top
+  r = config.retriever
+  docs_nd, queries_qd, timing = dense_embeddings(config, evaluator,
+                                                 encoder_fn, workdir)
+  k = evaluator.top_k
+  first_scores, first_qk, first_s, first_ms = _dense_search(
+      config, docs_nd, queries_qd, k, mesh)
+  del first_scores
+  depth = max(r.prf_k, r.prf_k_bottom) if r.prf_method == "rocchio" else (
+      r.prf_k)
+  # Rocchio's bottom k are the last of the first pass's top `prf_depth`.
+  feedback_qk = np.asarray(first_qk)[:, :max(depth, r.prf_depth)]
+  start = time.perf_counter()
+  if r.prf_method == "average":
+    new_qd = prf.average_prf(queries_qd, docs_nd, feedback_qk, k=r.prf_k)
+  else:
+    new_qd = prf.rocchio_prf(
+        queries_qd, docs_nd, feedback_qk, alpha=r.prf_alpha,
+        beta=r.prf_beta, gamma=r.prf_gamma, k_top=r.prf_k,
+        k_bottom=r.prf_k_bottom)
+  new_qd = np.asarray(new_qd)
+  prf_s = time.perf_counter() - start
+  scores_qk, indices_qk, second_s, second_ms = _dense_search(
+      config, docs_nd, new_qd, k, mesh)
+  timing.update(first_search_s=first_s, prf_s=prf_s, search_s=second_s)
+  stats = {"index_bytes": int(docs_nd.astype(np.float32).nbytes),
+           "search_ms_per_query": first_ms + second_ms +
+                                  1e3 * prf_s / len(queries_qd),
+           "encode_ms_per_query": 1e3 * timing["encode_queries_s"] /
+                                  len(queries_qd)}
+  return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
+
+
+_RETRIEVERS = {"dense": _dense, "bm25": _bm25, "hybrid": _hybrid,
+               "dense_prf": _dense_prf}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.retriever` up front, naming the offending key."""
+  r = config.retriever
+  if r.kind not in KINDS:
+    raise RetrieverError(f"config.retriever.kind={r.kind!r}: expected one "
+                         f"of {KINDS}")
+  if r.kind == "hybrid":
+    from retrieval_jax.search import fusion  # pylint: disable=g-import-not-at-top
+    if r.normalization not in fusion.NORMALIZATIONS:
+      raise RetrieverError(
+          f"config.retriever.normalization={r.normalization!r}: expected "
+          f"one of {fusion.NORMALIZATIONS}")
+    if r.fusion_depth < 0:
+      raise RetrieverError("config.retriever.fusion_depth must be >= 0 "
+                           "(0 = the whole top_k)")
+  if r.kind == "dense_prf" and r.prf_method not in PRF_METHODS:
+    raise RetrieverError(f"config.retriever.prf_method={r.prf_method!r}: "
+                         f"expected one of {PRF_METHODS}")
+
+
+def retrieve(config: ml_collections.ConfigDict,
+             evaluator: "evaluators.RetrievalEvaluator",
+             encoder_fn: Callable[[], Any], mesh, workdir
+             ) -> tuple["evaluators.RetrievalResult", dict[str, Any]]:
+  """Runs `config.retriever.kind` and scores it with `evaluator`.
+
+  Args:
+    config: the evaluate config.
+    evaluator: the judged queries and measures.
+    encoder_fn: () -> the dense `TextEncoder` (built only if needed).
+    mesh: devices of the dense search.
+    workdir: holds the caches (dense embeddings).
+
+  Returns:
+    (result, stats): stats has index_bytes, search_ms_per_query,
+    encode_ms_per_query (and the parts' metrics for "hybrid").
+  """
+  validate(config)
+  with jax.default_matmul_precision(config.model.matmul_precision):
+    return _RETRIEVERS[config.retriever.kind](config, evaluator, encoder_fn,
+                                              mesh, workdir)
