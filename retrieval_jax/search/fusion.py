@@ -1,0 +1,201 @@
+"""Fusion of two or more retrieval runs: score interpolation and RRF.
+
+Runs are {query id: {doc id: score}} dicts, the format of
+`retrieval_jax.evaluation.trec_run`. Every function returns new dicts and
+leaves its inputs untouched.
+
+Ordering. Each returned query maps its documents in trec_eval's order (score
+descending, compared as float32, ties by doc id descending; see
+`ir_metrics.trec_eval_sorted`), so "top k" here is the top k that
+trec_eval would evaluate. Queries appear in the order they are first met in
+the inputs (first run's queries, then the new ones of the next run, ...).
+
+Score interpolation (dense + sparse hybrid), per query:
+
+  1. each system's list is normalised on its own ("none", "minmax_center"
+     or "zscore", see `normalize_scores`);
+  2. the union of the two document sets is scored; a document missing from
+     one list takes that list's minimum (normalised) score for the query;
+  3. score = alpha * sparse + dense, or sparse + alpha * dense with
+     `weight_on_dense`; the top k are kept.
+
+Filling after normalising equals filling with the raw minimum and then
+normalising, since both normalisations are increasing affine maps of each
+list (the minimum maps to the minimum); filling first is the order of the
+original hybrid searcher, which also has no guard for a constant list.
+
+Reciprocal rank fusion (Cormack et al., "Reciprocal Rank Fusion outperforms
+Condorcet and individual Rank Learning Methods", SIGIR 2009):
+score(d) = sum over systems of 1 / (k + rank_sys(d)), ranks starting at 1,
+a system that did not retrieve d (within `depth`) adding nothing.
+"""
+
+from collections.abc import Mapping, Sequence
+import math
+
+import numpy as np
+
+from retrieval_jax.evaluation import ir_metrics
+
+Run = Mapping[str, Mapping[str, float]]
+
+NORMALIZATIONS = ("none", "minmax_center", "zscore")
+
+
+def _check_normalization(method: str) -> None:
+  if method not in NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got "
+                     f"{method!r}")
+
+
+def normalize_scores(scores: Mapping[str, float],
+                     method: str) -> dict[str, float]:
+  """Normalises one query's scores.
+
+  Methods:
+    * "none": scores unchanged (as floats).
+    * "minmax_center": (x - (min + max) / 2) / (max - min), range [-1/2, 1/2];
+      a list whose max equals its min (one document, or all tied) maps to 0.
+    * "zscore": (x - mean) / std with the population std (ddof 0); a list with
+      std 0 maps to 0.
+
+  Both non-trivial methods are increasing affine maps of the list, so they
+  keep its order and make it invariant to a positive affine rescaling of the
+  input scores. Statistics are computed in float64.
+
+  Args:
+    scores: {doc id: score}; may be empty.
+    method: one of `NORMALIZATIONS`.
+
+  Returns:
+    {doc id: normalised score}, in the input's iteration order.
+
+  Raises:
+    ValueError: unknown method.
+  """
+  _check_normalization(method)
+  ids = list(scores)
+  x = np.fromiter((scores[d] for d in ids), np.float64, len(ids))
+  if method == "none" or not ids:
+    out = x
+  elif method == "minmax_center":
+    lo, hi = x.min(), x.max()
+    out = (x - (lo + hi) / 2) / (hi - lo) if hi > lo else np.zeros_like(x)
+  else:
+    std = x.std()
+    out = (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+  return dict(zip(ids, out.tolist()))
+
+
+def _check_positive(name: str, value: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < 1):
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _query_order(runs: Sequence[Run]) -> list[str]:
+  """Query ids in first-seen order over the runs."""
+  return list(dict.fromkeys(qid for run in runs for qid in run))
+
+
+def interpolate(dense_run: Run,
+                sparse_run: Run,
+                *,
+                alpha: float = 0.1,
+                normalization: str = "none",
+                weight_on_dense: bool = False,
+                k: int = 1000) -> dict[str, dict[str, float]]:
+  """Hybrid run: per-query linear interpolation of dense and sparse scores.
+
+  For each query the two lists are normalised separately, their union is
+  scored with missing documents filled by the list's minimum normalised
+  score, and score = alpha * sparse + dense (or sparse + alpha * dense when
+  `weight_on_dense`). With alpha = 0 (and `weight_on_dense` False) the
+  ranking is the dense one, extended to the union: documents only the sparse
+  system found all tie at the dense minimum.
+
+  A query that only one run has (or whose list in the other run is empty)
+  keeps that run's ranking: its scores are that system's weighted,
+  normalised term alone (the absent system adds nothing), cut to k.
+
+  Args:
+    dense_run: {query id: {doc id: score}} of the dense system.
+    sparse_run: {query id: {doc id: score}} of the sparse system.
+    alpha: weight of the sparse scores (of the dense ones with
+      `weight_on_dense`).
+    normalization: "none", "minmax_center" or "zscore" (`normalize_scores`),
+      applied to each system's list per query before filling and mixing.
+    weight_on_dense: put alpha on the dense instead of the sparse scores.
+    k: documents kept per query, >= 1.
+
+  Returns:
+    {query id: {doc id: fused score}}, each query's top k in trec_eval's
+    order.
+
+  Raises:
+    ValueError: unknown normalization, or k < 1.
+  """
+  _check_normalization(normalization)
+  _check_positive("k", k)
+  w_dense, w_sparse = (alpha, 1.0) if weight_on_dense else (1.0, alpha)
+  fused = {}
+  for qid in _query_order([dense_run, sparse_run]):
+    dense = normalize_scores(dense_run.get(qid, {}), normalization)
+    sparse = normalize_scores(sparse_run.get(qid, {}), normalization)
+    if dense and sparse:
+      dense_min, sparse_min = min(dense.values()), min(sparse.values())
+      scores = {
+          doc: (w_sparse * sparse.get(doc, sparse_min) +
+                w_dense * dense.get(doc, dense_min))
+          for doc in dict.fromkeys([*dense, *sparse])
+      }
+    elif dense:
+      scores = {doc: w_dense * s for doc, s in dense.items()}
+    else:
+      scores = {doc: w_sparse * s for doc, s in sparse.items()}
+    fused[qid] = dict(ir_metrics.trec_eval_sorted(scores, k))
+  return fused
+
+
+def reciprocal_rank_fusion(runs: Sequence[Run],
+                           *,
+                           k: int = 60,
+                           depth: int = 1000) -> dict[str, dict[str, float]]:
+  """Reciprocal rank fusion: score(d) = sum_sys 1 / (k + rank_sys(d)).
+
+  Each system's list for a query is ranked in trec_eval's order (score
+  descending, ties by doc id descending), so rank_sys(d), starting at 1, is
+  the rank trec_eval itself gives d in that run; only the first `depth`
+  documents of each list take part. Sums use `math.fsum` (correctly
+  rounded), so documents with the same multiset of ranks get bit-identical
+  scores whatever the system order. The output keeps every document that
+  entered the fusion (at most depth x len(runs) per query); cut it with
+  `ir_metrics.truncate_run`.
+
+  Args:
+    runs: one or more {query id: {doc id: score}} runs.
+    k: the RRF constant, an int >= 0 (60 in the original paper).
+    depth: documents of each system's list used per query, >= 1.
+
+  Returns:
+    {query id: {doc id: RRF score}} in trec_eval's order; a query present in
+    any run appears.
+
+  Raises:
+    ValueError: no runs, k < 0 or depth < 1.
+  """
+  if not runs:
+    raise ValueError("runs must hold at least one run, got none")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    raise ValueError(f"k must be an int >= 0, got {k!r}")
+  _check_positive("depth", depth)
+  fused = {}
+  for qid in _query_order(runs):
+    terms: dict[str, list[float]] = {}
+    for run in runs:
+      ranked = ir_metrics.trec_eval_sorted(run.get(qid, {}), depth)
+      for rank, (doc, _) in enumerate(ranked, start=1):
+        terms.setdefault(doc, []).append(1.0 / (k + rank))
+    scores = {doc: math.fsum(t) for doc, t in terms.items()}
+    fused[qid] = dict(ir_metrics.trec_eval_sorted(scores))
+  return fused

@@ -1,0 +1,209 @@
+"""Vector pseudo-relevance feedback (PRF) for dense query embeddings.
+
+After a first-pass search, the query embedding is moved towards the
+embeddings of the documents it retrieved and the search is run again with
+the new vector (Li et al., "Pseudo Relevance Feedback with Deep Language
+Models and Dense Retrievers: Successes and Pitfalls", arXiv:2108.11044):
+
+  Average:  q' = (q + sum_{i<=k} d_i) / (1 + #feedback rows used)
+  Rocchio:  q' = alpha q + beta mean(top k_top) - gamma mean(bottom k_bottom)
+
+Feedback lists. `feedback_qk[q]` holds corpus row indices of the first-pass
+ranking of query q, best first (e.g. the indices `exact_topk.search`
+returns). Entries < 0 (conventionally -1) mark missing results, e.g. a
+first pass that found fewer than K documents; they are skipped wherever
+they sit. "Top k" means the first k valid entries, "bottom k" the last k
+valid entries of the row; both may overlap on a short list. A mean over no
+rows contributes 0 (so an all-missing row leaves alpha q for Rocchio and q
+for Average). An index >= N cannot be caught inside `jit`; traced calls
+gather NaN rows for it (jnp.take's fill mode), eager calls raise.
+
+Cosine models. q' is not unit length even when q and the d_i are. The
+scores of a dot-product search with q' are then those of cosine search times
+|q'|, which leaves each query's ranking unchanged; the original vector PRF
+uses q' as is. `renormalize=True` returns q' / |q'| for code that expects
+unit query vectors.
+
+Everything is computed in float32 and jittable; `k`, `k_top`, `k_bottom`
+and `renormalize` are static (changing them retraces), the weights are not.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# q' / max(|q'|, eps): a zero q' stays zero instead of becoming NaN.
+_NORM_EPS = 1e-12
+
+
+def _check_inputs(queries_qd, docs_nd, feedback_qk) -> None:
+  """Shape, dtype and (for concrete arrays) index-range checks."""
+  if jnp.ndim(queries_qd) != 2:
+    raise ValueError(f"queries_qd must be [Q, D], got shape "
+                     f"{jnp.shape(queries_qd)}")
+  if jnp.ndim(docs_nd) != 2:
+    raise ValueError(f"docs_nd must be [N, D], got shape "
+                     f"{jnp.shape(docs_nd)}")
+  if jnp.shape(docs_nd)[1] != jnp.shape(queries_qd)[1]:
+    raise ValueError(f"docs_nd has dimension {jnp.shape(docs_nd)[1]} but "
+                     f"queries_qd has {jnp.shape(queries_qd)[1]}")
+  if jnp.ndim(feedback_qk) != 2 or (
+      jnp.shape(feedback_qk)[0] != jnp.shape(queries_qd)[0]):
+    raise ValueError(f"feedback_qk must be [Q={jnp.shape(queries_qd)[0]}, K],"
+                     f" got shape {jnp.shape(feedback_qk)}")
+  if not jnp.issubdtype(jnp.result_type(feedback_qk), jnp.integer):
+    raise ValueError(f"feedback_qk must hold integer corpus indices, got "
+                     f"dtype {jnp.result_type(feedback_qk)}")
+  if not isinstance(feedback_qk, jax.core.Tracer) and jnp.size(feedback_qk):
+    max_index = int(np.max(np.asarray(feedback_qk)))
+    if max_index >= jnp.shape(docs_nd)[0]:
+      raise ValueError(f"feedback_qk holds index {max_index}, but docs_nd "
+                       f"has only {jnp.shape(docs_nd)[0]} rows")
+
+
+def _check_count(name: str, value: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < 0):
+    raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _masked_sum(docs_nd: jax.Array, feedback_qk: jax.Array,
+                 use_qk: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sum and number of the selected feedback rows.
+
+  Args:
+    docs_nd: [N, D] float32.
+    feedback_qk: [Q, K] int row indices.
+    use_qk: [Q, K] bool, True for rows to include (valid ones only).
+
+  Returns:
+    sum_qd: [Q, D] float32 sum of the selected rows; count_q: [Q] float32.
+  """
+  # Missing entries are pointed at row 0 and masked by `where` (not a
+  # multiply, so a NaN row gathered for a bad index cannot leak through a
+  # zero weight of another entry).
+  docs_qkd = jnp.take(docs_nd, jnp.where(use_qk, feedback_qk, 0), axis=0)
+  sum_qd = jnp.sum(jnp.where(use_qk[..., None], docs_qkd, 0.0), axis=1)
+  return sum_qd, jnp.sum(use_qk, axis=1, dtype=jnp.float32)
+
+
+def _first_valid(valid_qk: jax.Array, k: int) -> jax.Array:
+  """[Q, K] bool: the first k True entries of each row."""
+  return valid_qk & (jnp.cumsum(valid_qk, axis=1) <= k)
+
+
+def _last_valid(valid_qk: jax.Array, k: int) -> jax.Array:
+  """[Q, K] bool: the last k True entries of each row."""
+  from_end_qk = jnp.flip(jnp.cumsum(jnp.flip(valid_qk, 1), axis=1), 1)
+  return valid_qk & (from_end_qk <= k)
+
+
+def _maybe_renormalize(q_qd: jax.Array, renormalize: bool) -> jax.Array:
+  if not renormalize:
+    return q_qd
+  norm_q1 = jnp.linalg.norm(q_qd, axis=1, keepdims=True)
+  return q_qd / jnp.maximum(norm_q1, _NORM_EPS)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "renormalize"))
+def _average(queries_qd, docs_nd, feedback_qk, k, renormalize):
+  valid_qk = feedback_qk >= 0
+  sum_qd, count_q = _masked_sum(docs_nd, feedback_qk,
+                                 _first_valid(valid_qk, k))
+  q_qd = (queries_qd + sum_qd) / (1.0 + count_q)[:, None]
+  return _maybe_renormalize(q_qd, renormalize)
+
+
+def average_prf(queries_qd: jax.Array,
+                docs_nd: jax.Array,
+                feedback_qk: jax.Array,
+                *,
+                k: int,
+                renormalize: bool = False) -> jax.Array:
+  """Average PRF: q' = (q + sum of the first k feedback rows) / (1 + count).
+
+  Args:
+    queries_qd: [Q, D] query embeddings (cast to float32).
+    docs_nd: [N, D] corpus embeddings (cast to float32).
+    feedback_qk: [Q, K] int corpus row indices of the first-pass ranking,
+      best first; entries < 0 are missing and skipped.
+    k: feedback depth, an int >= 0; the first k valid entries are used (all
+      of them when a row has fewer). k = 0 returns q.
+    renormalize: L2-normalise q' (see the module docstring).
+
+  Returns:
+    [Q, D] float32 new query embeddings; count = number of valid entries
+    used, so missing results do not shrink q'.
+
+  Raises:
+    ValueError: bad shapes or dtypes, k < 0, or (eager calls only) an index
+      >= N.
+  """
+  _check_inputs(queries_qd, docs_nd, feedback_qk)
+  _check_count("k", k)
+  return _average(jnp.asarray(queries_qd, jnp.float32),
+                  jnp.asarray(docs_nd, jnp.float32), jnp.asarray(feedback_qk),
+                  k=int(k), renormalize=bool(renormalize))
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("k_top", "k_bottom", "renormalize"))
+def _rocchio(queries_qd, docs_nd, feedback_qk, alpha, beta, gamma, k_top,
+             k_bottom, renormalize):
+  valid_qk = feedback_qk >= 0
+  top_qd, top_q = _masked_sum(docs_nd, feedback_qk,
+                               _first_valid(valid_qk, k_top))
+  q_qd = alpha * queries_qd + beta * (top_qd / jnp.maximum(top_q, 1)[:, None])
+  if k_bottom:
+    bottom_qd, bottom_q = _masked_sum(docs_nd, feedback_qk,
+                                       _last_valid(valid_qk, k_bottom))
+    q_qd = q_qd - gamma * (bottom_qd / jnp.maximum(bottom_q, 1)[:, None])
+  return _maybe_renormalize(q_qd, renormalize)
+
+
+def rocchio_prf(queries_qd: jax.Array,
+                docs_nd: jax.Array,
+                feedback_qk: jax.Array,
+                *,
+                alpha: float = 0.9,
+                beta: float = 0.1,
+                gamma: float = 0.1,
+                k_top: int = 3,
+                k_bottom: int = 0,
+                renormalize: bool = False) -> jax.Array:
+  """Rocchio PRF: q' = alpha q + beta mean(top) - gamma mean(bottom).
+
+  "top" are the first k_top valid feedback entries, "bottom" the last
+  k_bottom valid entries of the retrieved list (its depth is K, the width of
+  `feedback_qk`). The defaults (0.9, 0.1, 0.1, 3, 0) are the usual ones: no
+  negative feedback.
+
+  Args:
+    queries_qd: [Q, D] query embeddings (cast to float32).
+    docs_nd: [N, D] corpus embeddings (cast to float32).
+    feedback_qk: [Q, K] int corpus row indices of the first-pass ranking,
+      best first; entries < 0 are missing and skipped.
+    alpha: weight of the query.
+    beta: weight of the mean of the top rows (positive feedback).
+    gamma: weight of the mean of the bottom rows (negative feedback).
+    k_top: number of top rows, an int >= 0.
+    k_bottom: number of bottom rows, an int >= 0 (0: no negative term).
+    renormalize: L2-normalise q' (see the module docstring).
+
+  Returns:
+    [Q, D] float32 new query embeddings. A mean over no valid rows is 0.
+
+  Raises:
+    ValueError: bad shapes or dtypes, k_top or k_bottom < 0, or (eager calls
+      only) an index >= N.
+  """
+  _check_inputs(queries_qd, docs_nd, feedback_qk)
+  _check_count("k_top", k_top)
+  _check_count("k_bottom", k_bottom)
+  weights = [jnp.asarray(w, jnp.float32) for w in (alpha, beta, gamma)]
+  return _rocchio(jnp.asarray(queries_qd, jnp.float32),
+                  jnp.asarray(docs_nd, jnp.float32), jnp.asarray(feedback_qk),
+                  *weights, k_top=int(k_top), k_bottom=int(k_bottom),
+                  renormalize=bool(renormalize))
