@@ -21,7 +21,8 @@ recall@2 = 0.162, SciFact ndcg@10 = 0.645, Cranfield ndcg@10 = 0.382.
 
 Retrievers (`configs/evaluate.py:retriever=NAME`, see
 retrieval_jax/evaluation/retrievers.py): dense (default), bm25, hybrid,
-dense_prf; e.g. BM25 on SciFact (nDCG@10 0.671, DATA.md's baseline):
+dense_prf, splade, inference_free, colbert (the last three read a trained
+run: `--config.retriever.splade_workdir=...`); e.g. BM25 on SciFact (nDCG@10 0.671, DATA.md's baseline):
 
   python -m retrieval_jax.main --config configs/evaluate.py:retriever=bm25 \
       --workdir /tmp/rj_bm25_scifact --config.data.path=../shared/data/scifact
@@ -106,6 +107,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.retriever.prf_k_bottom = 0
   # dense_prf, rocchio: depth of the feedback list (0 = prf_k).
   config.retriever.prf_depth = 0
+
+  # splade / inference_free / colbert: the workdirs of trained runs
+  # (configs/train.py:scifact,splade etc.; their latest checkpoint).
+  config.retriever.splade_workdir = ""
+  # The inference-free run's workdir.
+  config.retriever.inference_free_workdir = ""
+  # The ColBERT run's workdir.
+  config.retriever.colbert_workdir = ""
+  # splade / inference_free: keep each document's t largest weights (0 =
+  # every non-zero one).
+  config.retriever.top_terms = 0
+  # colbert: where the candidates come from: "bm25" | "dense" | "splade" |
+  # "inference_free" (the last two need their workdir set).
+  config.retriever.first_stage = "bm25"
+  # colbert: first-stage candidates re-ranked by MaxSim per query.
+  config.retriever.rerank_depth = 100
+  # colbert: drop candidates scoring below prune_ratio x the query's top
+  # first-stage score before re-ranking (0 = keep all).
+  config.retriever.prune_ratio = 0.0
 
   config.eval = ml_collections.ConfigDict()
   # Measures to report: ndcg@K, recall@K, mrr@K, map, map@K, p@K, ndcg, mrr.

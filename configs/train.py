@@ -30,6 +30,9 @@ Arguments (`configs/train.py:a=1,b`):
              re-ranker; `loss=bce` for pointwise BCE, `head=emb` for the
              [EMB]-marker head, `loss=kl_distillation,teacher=bm25` to
              distil BM25's scores of each group
+  splade / inference_free / colbert  train a SPLADE encoder, an
+             inference-free (document-only) SPLADE, or ColBERT; evaluate
+             with configs/evaluate.py:retriever=<kind>
   loss=NAME  a key of retrieval_jax.losses.LOSSES (infonce, rand1_lh,
              joint_lh, sum_marg_lh, lse_pair, symmetric_infonce)
   seed=N     data order, negatives and dropout seed
@@ -66,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the training config; `arg` selects variants (see docstring)."""
   arg = common.parse_arg(arg, smoke=False, scifact=False, loss="infonce",
                          cross_encoder=False, head="cls", teacher="",
+                         splade=False, inference_free=False, colbert=False,
                          seed=0, shared=str(common.REPO_ROOT.parent /
                                             "shared" / "data"))
   limit = str(common.REPO_ROOT / "data" / "limit-small")
@@ -236,6 +240,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ev.rerank_depth = 20
       ev.measures = ("ndcg@10", "mrr@10", "recall@10", "recall@20")
       ev.batch_size = 32
+
+  if arg.splade or arg.inference_free or arg.colbert:
+    # "splade" | "inference_free" | "colbert" (models/builder.py); trained
+    # by steps.representation_train_step with raw scores (no temperature)
+    # and evaluated by the evaluate mode (configs/evaluate.py:
+    # retriever=<kind>, retriever.<kind>_workdir=<this workdir>).
+    config.model.kind = ("splade" if arg.splade else "inference_free"
+                         if arg.inference_free else "colbert")
+    config.evals = ml_collections.ConfigDict()
+    config.train.eval_before = False
+    # The positive and one BM25 negative per query, 16 queries per step.
+    config.data.group_size = 2
+    config.data.max_positives = 1
+    config.train.batch_size = 16
+    config.optim.learning_rate = 5e-5
+    if arg.colbert:
+      # Token vectors projected to this width (random init, no bias).
+      config.model.colbert_dim = 128
+      # Pad queries with attended-to-nothing, scored [MASK] tokens.
+      config.model.colbert_augment = True
+      # Query width ([CLS] [Q] ... [SEP] + [MASK]s): ColBERT's 32.
+      config.data.query_max_length = 32
+    else:
+      # Pooling of log(1 + ReLU(MLM logits)) over positions: "max" | "sum".
+      config.model.splade_aggregation = "max"
+      # Start of the MLM head's output bias: the checkpoint has no MLM head
+      # and at 0 an untied-from-training head activates almost every term;
+      # -5 starts with tens (the text's own words and their forms).
+      config.model.splade_bias_init = -5.0
+      # FLOPS weights on queries (splade only) and documents.
+      config.loss.flops_q = 0.0 if arg.inference_free else 1e-3
+      config.loss.flops_d = 1e-3
+      # Quadratic warm-up of both weights over this many steps.
+      config.loss.flops_warmup_steps = 20
 
   if arg.smoke:
     config.data.group_size = 2

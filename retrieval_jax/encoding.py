@@ -118,15 +118,6 @@ class TextEncoder:
                  desc: str = "encode", progress: bool = True) -> np.ndarray:
     """Embeds already tokenized texts; see `encode`."""
     n = len(ids)
-    if not n:
-      raise ValueError(f"{desc}: nothing to encode (0 texts)")
-    shards = sharding.data_size(self.mesh)
-    batch_size = -(-batch_size // shards) * shards
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-    # Longest first, so the largest shapes (and any memory error) come first;
-    # a stable sort keeps equal-length texts in input order.
-    order = (np.argsort(-lengths, kind="stable") if sort_by_length
-             else np.arange(n))
     emb_nd, pending = None, None
     start_time = time.perf_counter()
     bar = tqdm.tqdm(total=n, desc=desc, unit="text", disable=not progress,
@@ -140,21 +131,11 @@ class TextEncoder:
       emb_nd[rows] = emb_bd[:len(rows)]
       bar.update(len(rows))
 
-    for start in range(0, n, batch_size):
-      rows = order[start:start + batch_size]
-      width = int(lengths[rows].max())
-      width = min(-(-width // pad_multiple) * pad_multiple,
-                  max(self.max_length, width))
-      # The last batch is padded with empty rows so every step has the same
-      # batch size (one compile per padded length only).
-      input_ids = np.full((batch_size, width), self.tokenizer.pad_id,
-                          np.int32)
-      mask = np.zeros((batch_size, width), np.int32)
-      for i, row in enumerate(rows):
-        input_ids[i, :lengths[row]] = ids[row]
-        mask[i, :lengths[row]] = 1
-      batch = {"input_ids": input_ids, "attention_mask": mask,
-               "token_type_ids": np.zeros_like(input_ids)}
+    for rows, batch in padded_batches(
+        ids, batch_size=batch_size, pad_multiple=pad_multiple,
+        max_length=self.max_length, pad_id=self.tokenizer.pad_id,
+        shards=sharding.data_size(self.mesh), sort_by_length=sort_by_length,
+        desc=desc):
       # Dispatch is asynchronous: the devices run this batch while the host
       # collects the previous one and pads the next.
       emb_bd = self._step(self.state, batch)
@@ -168,3 +149,127 @@ class TextEncoder:
     logging.info("%s: %d texts in %.1f s (%.1f texts/s)", desc, n, elapsed,
                  n / max(elapsed, 1e-9))
     return emb_nd
+
+
+def padded_batches(ids: Sequence[Sequence[int]], *, batch_size: int,
+                   pad_multiple: int, max_length: int, pad_id: int,
+                   shards: int = 1, sort_by_length: bool = True,
+                   desc: str = "encode"):
+  """Length-bucketed, padded batches of token ids, for any encoder step.
+
+  Args:
+    ids: N token-id lists.
+    batch_size: rows per batch, rounded up to a multiple of `shards`.
+    pad_multiple: padded widths are multiples of this (capped at
+      max(max_length, the longest row)).
+    max_length: the encoder's token budget.
+    pad_id: the tokenizer's [PAD].
+    shards: the mesh's data-axis size.
+    sort_by_length: longest rows first (little padding per batch).
+    desc: names the job in errors.
+
+  Yields:
+    (rows, batch): the input rows of this batch (int64 [<= batch_size]) and
+    {"input_ids", "attention_mask", "token_type_ids"}: int32
+    [batch_size, width]; the last batch is padded with empty rows so every
+    step has the same batch size (one compile per padded width).
+  """
+  n = len(ids)
+  if not n:
+    raise ValueError(f"{desc}: nothing to encode (0 texts)")
+  batch_size = -(-batch_size // shards) * shards
+  lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+  # Longest first, so the largest shapes (and any memory error) come first;
+  # a stable sort keeps equal-length texts in input order.
+  order = (np.argsort(-lengths, kind="stable") if sort_by_length
+           else np.arange(n))
+  for start in range(0, n, batch_size):
+    rows = order[start:start + batch_size]
+    width = int(lengths[rows].max())
+    width = min(-(-width // pad_multiple) * pad_multiple,
+                max(max_length, width))
+    input_ids = np.full((batch_size, width), pad_id, np.int32)
+    mask = np.zeros((batch_size, width), np.int32)
+    for i, row in enumerate(rows):
+      input_ids[i, :lengths[row]] = ids[row]
+      mask[i, :lengths[row]] = 1
+    yield rows, {"input_ids": input_ids, "attention_mask": mask,
+                 "token_type_ids": np.zeros_like(input_ids)}
+
+
+def make_apply_step(graphdef: nnx.GraphDef, mesh: Mesh):
+  """Jits `model(ids, mask, types)` for `mesh`: params replicated, batch
+  split on the data axes (models whose output is not a pooled vector)."""
+
+  def apply(state, batch):
+    model = nnx.merge(graphdef, state)
+    return model(batch["input_ids"], batch["attention_mask"],
+                 batch["token_type_ids"], deterministic=True)
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = sharding.named_sharding(mesh, (sharding.BATCH, None))
+  return jax.jit(apply, in_shardings=(replicated, batch_sharding),
+                 out_shardings=batch_sharding)
+
+
+@dataclasses.dataclass
+class SparseEncoder:
+  """A learned sparse encoder (`models.splade.Splade`) over texts.
+
+  Attributes:
+    graphdef, state: the model, its params replicated on `mesh`.
+    tokenizer: the model's WordPiece tokenizer.
+    max_length: tokens per text, [CLS] and [SEP] included.
+    mesh: devices the batch is split over.
+    top_terms: keep each text's t largest weights (0 = all non-zero).
+  """
+  graphdef: nnx.GraphDef
+  state: nnx.State
+  tokenizer: tokenizers.WordPieceTokenizer
+  max_length: int
+  mesh: Mesh
+  top_terms: int = 0
+
+  def __post_init__(self):
+    self._step = make_apply_step(self.graphdef, self.mesh)
+
+  @classmethod
+  def from_model(cls, model, tokenizer, mesh: Mesh, *, max_length: int,
+                 top_terms: int = 0) -> "SparseEncoder":
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return cls(graphdef, state, tokenizer, max_length, mesh, top_terms)
+
+  def encode(self, texts: Sequence[str], *, batch_size: int = 32,
+             pad_multiple: int = 16, desc: str = "encode",
+             progress: bool = True):
+    """Term weights of `texts` as a scipy CSR [N, V] float32 matrix.
+
+    Only non-zero weights leave the device batch by batch, so the dense
+    [N, V] matrix never exists.
+    """
+    import scipy.sparse  # pylint: disable=g-import-not-at-top
+    from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
+    ids = [self.tokenizer.encode(t, self.max_length) for t in texts]
+    parts, order = [], []
+    bar = tqdm.tqdm(total=len(ids), desc=desc, unit="text",
+                    disable=not progress, mininterval=1.0)
+    for rows, batch in padded_batches(
+        ids, batch_size=batch_size, pad_multiple=pad_multiple,
+        max_length=self.max_length, pad_id=self.tokenizer.pad_id,
+        shards=sharding.data_size(self.mesh), desc=desc):
+      w_bv = np.asarray(self._step(self.state, batch))[:len(rows)]
+      if self.top_terms:
+        index = sparse_index.from_dense_batches(
+            [w_bv], vocab_size=w_bv.shape[1], top_terms=self.top_terms)
+        parts.append(index.docs_nv.tocsr())
+      else:
+        parts.append(sparse_index.to_sparse_rows(w_bv))
+      order.append(rows)
+      bar.update(len(rows))
+    bar.close()
+    # Rows come back longest first; put them in input order.
+    stacked = scipy.sparse.vstack(parts, format="csr")
+    inverse = np.empty(len(ids), np.int64)
+    inverse[np.concatenate(order)] = np.arange(len(ids))
+    return stacked[inverse]

@@ -119,12 +119,25 @@ def contrastive_loss(q_bd: jax.Array, p_cd: jax.Array, batch, *, loss_fn,
   Returns:
     (float32 scalar loss, dict of float32 scalars).
   """
-  # Imported here: losses depend on models/layers, not the other way round.
-  from retrieval_jax.losses import contrastive  # pylint: disable=g-import-not-at-top
-  group_size = p_cd.shape[0] // q_bd.shape[0]
   # float32 scores whatever the encoder's dtype (softmax over many columns).
   scores_qc = jnp.einsum("bd,cd->bc", q_bd, p_cd,
                          preferred_element_type=jnp.float32) / temperature
+  return in_batch_loss(scores_qc, batch, loss_fn=loss_fn,
+                       share_hard_negatives=share_hard_negatives)
+
+
+def in_batch_loss(scores_qc: jax.Array, batch, *, loss_fn,
+                  share_hard_negatives: bool):
+  """A registry loss on a [B, B*G] query x passage score matrix.
+
+  Args:
+    scores_qc: float32 scores of every query against every passage row of
+      the global batch (query-major groups).
+    batch, loss_fn, share_hard_negatives: as `contrastive_loss`.
+  """
+  # Imported here: losses depend on models/layers, not the other way round.
+  from retrieval_jax.losses import contrastive  # pylint: disable=g-import-not-at-top
+  group_size = scores_qc.shape[1] // scores_qc.shape[0]
   positive_qc, valid_qc = contrastive.group_masks(
       batch["positive_counts"], group_size, batch.get("passage_doc"),
       batch.get("relevant_doc"), share_hard_negatives=share_hard_negatives)
@@ -365,6 +378,124 @@ def cross_encoder_train_step(state, batch, rng, *, model_def, tx,
         loss_name=loss_name,
         teacher_bg=(None if teacher_p is None
                     else teacher_p.reshape(valid_bg.shape)))
+
+  (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
+      state["params"])
+  return _apply_gradients(state, grads, loss, aux, tx=tx,
+                          learning_rate_fn=learning_rate_fn)
+
+
+# Batch keys of a ColBERT step: its own tokenisation (query [MASK]
+# augmentation, [Q]/[D] markers) with separate score masks.
+COLBERT_KEYS = ("query_ids", "query_mask", "query_score_mask", "passage_ids",
+                "passage_mask", "passage_score_mask", "positive_counts",
+                "passage_doc", "relevant_doc")
+
+
+def bag_of_tokens(ids_bl: jax.Array, mask_bl: jax.Array, weight_v: jax.Array,
+                  special_ids: tuple[int, ...]) -> jax.Array:
+  """Inference-free queries: [B, V] = 1[token j in the query] * weight_j.
+
+  Each token counts once (a max, not a sum, over positions); special
+  tokens and padding give 0.
+  """
+  keep_bl = mask_bl.astype(bool)
+  for i in special_ids:
+    keep_bl &= ids_bl != i
+  b, v = ids_bl.shape[0], weight_v.shape[0]
+  rows_bl = jnp.broadcast_to(jnp.arange(b)[:, None], ids_bl.shape)
+  bag_bv = jnp.zeros((b, v), jnp.float32).at[rows_bl, ids_bl].max(
+      keep_bl.astype(jnp.float32))
+  return bag_bv * jax.nn.relu(weight_v.astype(jnp.float32))[None, :]
+
+
+def representation_train_step(state, batch, rng, *, model_def, tx, loss_fn,
+                              kind: str, dropout: bool,
+                              share_hard_negatives: bool = True,
+                              flops_q: float = 0.0, flops_d: float = 0.0,
+                              flops_warmup_steps: int = 0,
+                              idf_v: np.ndarray | None = None,
+                              special_ids: tuple[int, ...] = (),
+                              colbert_chunk: int | None = None,
+                              learning_rate_fn=None):
+  """One optimizer step of a learned sparse or late-interaction retriever.
+
+  Scores are raw (no temperature), as SPLADE and ColBERT train:
+    splade          q_v . d_v of the max-pooled log(1 + ReLU) MLM weights,
+                    plus lambda_q(t) FLOPS(q) + lambda_d(t) FLOPS(d)
+    inference_free  sum over the query's tokens of idf_j d_j (no query
+                    encoder), plus lambda_d(t) FLOPS(d): FLOPS on the raw
+                    weights is IDF-aware, since the loss sees idf_j d_j
+    colbert         MaxSim over L2-normalised token vectors
+
+  lambda(t) = lambda * min(1, (t / flops_warmup_steps)^2) (quadratic
+  warm-up; 0 steps = no warm-up).
+
+  Args:
+    state: {"step", "params", "opt_state"}.
+    batch: `train.STEP_KEYS` (splade, inference_free) or `COLBERT_KEYS`.
+    rng: the run's base key; dropout keys fold in the step.
+    model_def: `train_state.ModelDef` of a `Splade` or `ColBERT`.
+    tx: the optax optimizer.
+    loss_fn: a registry loss on the [B, B*G] scores.
+    kind: "splade", "inference_free" or "colbert".
+    dropout: train with dropout.
+    share_hard_negatives: see `contrastive_loss`.
+    flops_q, flops_d: the regularisers' final weights.
+    flops_warmup_steps: T of the quadratic warm-up.
+    idf_v: [V] idf of the training corpus (inference_free).
+    special_ids: token ids left out of inference-free query bags.
+    colbert_chunk: passages per MaxSim chunk (bounds memory; None = all).
+    learning_rate_fn: schedule, only to report the rate.
+
+  Returns:
+    (new state, metrics) as `train_step`, plus "flops_q"/"flops_d" and the
+    mean non-zero terms per query / passage ("l0_q", "l0_d") for sparse
+    kinds.
+  """
+  from retrieval_jax.losses import regularizers  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.search import late_interaction  # pylint: disable=g-import-not-at-top
+  step_rng = jax.random.fold_in(rng, state["step"])
+  rngs = ((None, None) if not dropout else
+          tuple(jax.random.split(step_rng, 2)))
+  warmup = (regularizers.quadratic_warmup(state["step"], flops_warmup_steps)
+            if flops_warmup_steps else 1.0)
+  valid_c = batch["passage_doc"] >= 0
+
+  def run(model, ids, mask, key):
+    return model(ids, mask, None, deterministic=key is None, dropout_rng=key)
+
+  def loss_of_params(params):
+    model = model_def.merge(params)
+    extra = {}
+    if kind == "colbert":
+      q_bld = run(model, batch["query_ids"], batch["query_mask"], rngs[0])
+      p_cld = run(model, batch["passage_ids"], batch["passage_mask"],
+                  rngs[1])
+      scores_qc = late_interaction.maxsim_all(
+          q_bld, batch["query_score_mask"], p_cld,
+          batch["passage_score_mask"], chunk_size=colbert_chunk)
+      reg = 0.0
+    else:
+      p_cv = run(model, batch["passage_ids"], batch["passage_mask"], rngs[1])
+      if kind == "splade":
+        q_bv = run(model, batch["query_ids"], batch["query_mask"], rngs[0])
+        reg_q = regularizers.flops(q_bv)
+      else:
+        q_bv = bag_of_tokens(batch["query_ids"], batch["query_mask"],
+                             jnp.asarray(idf_v), special_ids)
+        reg_q = jnp.zeros((), jnp.float32)
+      reg_d = regularizers.flops(p_cv, valid_c)
+      scores_qc = jnp.einsum("bv,cv->bc", q_bv, p_cv,
+                             preferred_element_type=jnp.float32)
+      reg = warmup * (flops_q * reg_q + flops_d * reg_d)
+      extra = {"flops_q": reg_q, "flops_d": reg_d,
+               "l0_q": jnp.mean(jnp.sum(q_bv > 0, axis=-1)),
+               "l0_d": jnp.sum(jnp.where(valid_c, jnp.sum(p_cv > 0, -1), 0))
+                       / jnp.maximum(jnp.sum(valid_c), 1)}
+    loss, aux = in_batch_loss(scores_qc, batch, loss_fn=loss_fn,
+                              share_hard_negatives=share_hard_negatives)
+    return loss + reg, dict(aux, ranking_loss=loss, **extra)
 
   (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
       state["params"])

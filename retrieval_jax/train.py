@@ -53,6 +53,7 @@ from retrieval_jax import steps
 from retrieval_jax import train_state
 from retrieval_jax.data import beir
 from retrieval_jax.data import tokenizers
+from retrieval_jax.models import builder
 from retrieval_jax.search import bm25
 from retrieval_jax.evaluation import evaluators
 from retrieval_jax.evaluate import ConfigError
@@ -105,7 +106,11 @@ def _check_path(key: str, value: str, *, is_dir: bool,
   return path
 
 
-MODEL_KINDS = ("bi_encoder", "cross_encoder")
+MODEL_KINDS = ("bi_encoder", "cross_encoder", "splade", "inference_free",
+               "colbert")
+# Kinds trained by `steps.representation_train_step` and evaluated by the
+# evaluate mode (configs/evaluate.py:retriever=<kind>), not during training.
+REPRESENTATION_KINDS = ("splade", "inference_free", "colbert")
 # First stages a cross-encoder's evaluations can re-rank.
 FIRST_STAGES = ("dense", "bm25")
 
@@ -129,11 +134,18 @@ def _validate_model(config) -> None:
   if kind not in MODEL_KINDS:
     raise ConfigError(f"config.model.kind={kind!r}: expected one of "
                       f"{MODEL_KINDS}")
+  if kind != "bi_encoder" and architecture != "bert":
+    raise ConfigError(f"config.model.kind={kind!r} needs "
+                      "config.model.architecture='bert'")
+  if kind in REPRESENTATION_KINDS:
+    needed = (("colbert_dim",) if kind == "colbert" else
+              ("splade_aggregation", "splade_bias_init"))
+    missing = [k for k in needed if k not in model]
+    if missing:
+      raise ConfigError(f"config.model.kind={kind!r} needs config.model."
+                        f"{missing[0]} (see configs/train.py:{kind})")
   if kind == "cross_encoder":
     from retrieval_jax.models import cross_encoder  # pylint: disable=g-import-not-at-top
-    if architecture != "bert":
-      raise ConfigError("config.model.kind='cross_encoder' needs "
-                        "config.model.architecture='bert'")
     if model.head not in cross_encoder.HEADS:
       raise ConfigError(f"config.model.head={model.head!r}: expected one of "
                         f"{cross_encoder.HEADS}")
@@ -193,9 +205,23 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     raise ConfigError("config.data.negatives='dense' mines with the model "
                       "being trained, which a cross-encoder cannot do; use "
                       "'bm25'")
-  if is_cross_encoder(config) and config.train.grad_cache_chunks[0]:
+  kind = config.model.get("kind", "bi_encoder")
+  if kind in REPRESENTATION_KINDS:
+    if config.data.negatives == "dense":
+      raise ConfigError(f"config.data.negatives='dense' mines with a "
+                        f"bi-encoder; a {kind!r} run uses 'bm25' or 'none'")
+    if config.evals:
+      raise ConfigError(
+          f"config.evals: a {kind!r} run is evaluated by the evaluate mode "
+          f"(configs/evaluate.py:retriever={kind}), not during training; "
+          "set config.evals to {}")
+    if config.loss.name not in losses_registry():
+      raise ConfigError(f"config.loss.name={config.loss.name!r}: a {kind!r} "
+                        f"run takes one of {sorted(losses_registry())}")
+  if (is_cross_encoder(config) or kind in REPRESENTATION_KINDS) and (
+      config.train.grad_cache_chunks[0]):
     raise ConfigError("config.train.grad_cache_chunks: GradCache is for "
-                      "bi-encoders; set (0, 0) for a cross-encoder")
+                      f"bi-encoders; set (0, 0) for a {kind!r} model")
   q_chunks, p_chunks = config.train.grad_cache_chunks
   if (q_chunks or p_chunks) and not (q_chunks and p_chunks):
     raise ConfigError("config.train.grad_cache_chunks: set both (query, "
@@ -221,6 +247,11 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 TEACHERS = ("", "bm25")
+
+
+def losses_registry():
+  from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
+  return losses.LOSSES
 
 
 def _validate_teacher(config) -> None:
@@ -493,15 +524,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
       loaded.model_dir)
   cross = is_cross_encoder(config)
+  kind = config.model.get("kind", "bi_encoder")
   if cross:
     from retrieval_jax.models import cross_encoder  # pylint: disable=g-import-not-at-top
     # The head (if any) starts from BERT's init, seeded by the run's seed.
-    model = cross_encoder.CrossEncoder(loaded.model, config.model.head,
-                                       rngs=nnx.Rngs(config.train.seed))
-    model_def, params = train_state.split_model(model)
+    model_def, params = train_state.split_model(builder.build(
+        config.model, loaded, tokenizer, seed=config.train.seed))
     eval_runner = _RerankRunner(config, model_def, tokenizer, mesh, workdir)
     evals = eval_runner.evals
     encoder_fn = None
+  elif kind in REPRESENTATION_KINDS:
+    model_def, params = train_state.split_model(builder.build(
+        config.model, loaded, tokenizer, seed=config.train.seed))
+    evals, eval_runner, encoder_fn = {}, None, None
   else:
     model_def, params = train_state.split_model(loaded.model)
     evals = _make_evaluators(config, workdir)
@@ -574,6 +609,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     step_kwargs = dict(step_fn=steps.cross_encoder_train_step,
                        loss_name=config.loss.name)
+  elif kind in REPRESENTATION_KINDS:
+    device_batch, step_kwargs = _representation_batches(
+        config, kind, loader, tokenizer, loss_spec)
   else:
 
     def device_batch(step, host_batch):
@@ -674,6 +712,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if "before" in results and "after" in results:
     _print_before_after(results["before"], results["after"])
   return results
+
+
+def _representation_batches(config, kind, loader, tokenizer, loss_spec):
+  """`device_batch` and step arguments of a SPLADE / ColBERT run."""
+  kwargs = dict(step_fn=steps.representation_train_step, loss_fn=loss_spec.fn,
+                kind=kind,
+                share_hard_negatives=config.loss.share_hard_negatives)
+  if kind == "colbert":
+    from retrieval_jax.models import colbert  # pylint: disable=g-import-not-at-top
+    g = config.data.group_size
+
+    def device_batch(step, host_batch):
+      # ColBERT's own layout: [Q]/[D] markers, [MASK]-augmented queries at
+      # a fixed width, documents padded to the full passage width.
+      queries, passages = loader.texts_at(step, host_batch)
+      q_ids, q_mask, q_score = colbert.encode_queries(
+          tokenizer, queries[::g], query_maxlen=config.data.query_max_length,
+          augment=config.model.colbert_augment)
+      p_ids, p_mask, p_score = colbert.encode_docs(
+          tokenizer, passages, doc_maxlen=config.data.passage_max_length,
+          pad_multiple=config.data.passage_max_length)
+      return {"query_ids": q_ids, "query_mask": q_mask,
+              "query_score_mask": q_score, "passage_ids": p_ids,
+              "passage_mask": p_mask, "passage_score_mask": p_score,
+              **{k: host_batch[k] for k in ("positive_counts", "passage_doc",
+                                            "relevant_doc")}}
+
+    return device_batch, kwargs
+
+  kwargs.update(flops_q=config.loss.flops_q, flops_d=config.loss.flops_d,
+                flops_warmup_steps=config.loss.flops_warmup_steps)
+  if kind == "inference_free":
+    from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
+    # The query side's idf comes from the training corpus.
+    idf_v = splade.idf_from_corpus(
+        [tokenizer.tokenize_to_ids(t) for t in loader.data.doc_texts],
+        tokenizer.vocab_size)
+    kwargs.update(idf_v=idf_v,
+                  special_ids=builder.special_ids(tokenizer))
+
+  def device_batch(step, host_batch):
+    del step
+    return {k: host_batch[k] for k in STEP_KEYS}
+
+  return device_batch, kwargs
 
 
 def _flat(obj, prefix=""):

@@ -11,6 +11,16 @@ with like.
   hybrid      dense + BM25 score interpolation (`search.fusion`)
   dense_prf   dense, then vector PRF (Average or Rocchio, `search.prf`) and
               a second dense search
+  splade      a trained SPLADE run (`retriever.splade_workdir`): queries and
+              documents encoded, exact search in a scipy inverted index
+              (`search.sparse_index`)
+  inference_free  a trained inference-free run: documents encoded, queries
+              a bag of their tokens weighted by the corpus idf
+  colbert     a trained ColBERT run (`retriever.colbert_workdir`) re-ranks
+              the top `rerank_depth` of `first_stage` (bm25, dense, splade,
+              inference_free) by exact MaxSim: "two-stage" retrieval, with
+              optional pruning of candidates scoring below `prune_ratio`
+              times the query's top first-stage score
 
 Latency. "search_ms_per_query" is the mean wall time of searching one
 query at a time (after a warm-up call) over `config.retriever.
@@ -36,7 +46,10 @@ import numpy as np
 
 from retrieval_jax.evaluation import evaluators
 
-KINDS = ("dense", "bm25", "hybrid", "dense_prf")
+KINDS = ("dense", "bm25", "hybrid", "dense_prf", "splade", "inference_free",
+         "colbert")
+# First stages a ColBERT re-ranking can take its candidates from.
+FIRST_STAGES = ("bm25", "dense", "splade", "inference_free")
 PRF_METHODS = ("average", "rocchio")
 
 
@@ -210,8 +223,179 @@ def _dense_prf(config, evaluator, encoder_fn, mesh, workdir):
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
 
+def _trained(config, key: str, kind: str, mesh):
+  """(model, tokenizer, run config, step) of `config.retriever.<key>`."""
+  from retrieval_jax.models import builder  # pylint: disable=g-import-not-at-top
+  path = config.retriever.get(key, "")
+  if not path:
+    raise RetrieverError(
+        f"config.retriever.{key} is empty: set it to the workdir of a "
+        f"configs/train.py:scifact,{kind} run")
+  try:
+    return builder.load_trained(path, mesh, kinds=(kind,))
+  except (FileNotFoundError, ValueError) as e:
+    raise RetrieverError(f"config.retriever.{key}: {e}") from e
+
+
+def _sparse_cache(config, evaluator, key, workdir, step):
+  cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
+  digest = negatives.fingerprint(
+      [str(pathlib.Path(config.retriever[key]).resolve()), str(step),
+       str(config.model.max_length), str(config.retriever.top_terms)],
+      list(evaluator.collection.doc_ids), evaluator.collection.doc_texts()
+  )[:16]
+  return cache_dir / f"sparse_{digest}.npz"
+
+
+def _sparse(config, evaluator, encoder_fn, mesh, workdir, kind=None):
+  """SPLADE or inference-free retrieval over an inverted index."""
+  del encoder_fn
+  from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.models import builder  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
+  kind = kind or config.retriever.kind
+  key = "splade_workdir" if kind == "splade" else "inference_free_workdir"
+  model, tokenizer, _, step = _trained(config, key, kind, mesh)
+  encoder = encoding.SparseEncoder.from_model(
+      model, tokenizer, mesh, max_length=config.model.max_length,
+      top_terms=config.retriever.top_terms)
+  timing = {}
+  cache = _sparse_cache(config, evaluator, key, workdir, step)
+  if cache.is_file():
+    index = sparse_index.load(cache)
+    logging.info("sparse index from %s", cache)
+  else:
+    start = time.perf_counter()
+    docs_nv = encoder.encode(evaluator.collection.doc_texts(),
+                             batch_size=config.encode.batch_size,
+                             desc=f"{kind}: corpus")
+    timing["encode_corpus_s"] = time.perf_counter() - start
+    index = sparse_index.SparseIndex(docs_nv.tocsc(), docs_nv.shape[0],
+                                     docs_nv.shape[1])
+    sparse_index.save(index, cache)
+  texts = evaluator.query_texts
+  start = time.perf_counter()
+  if kind == "splade":
+    queries_qv = encoder.encode(texts, batch_size=config.encode.batch_size,
+                                desc=f"{kind}: queries")
+  else:
+    # idf of the collection being searched (document frequencies of the
+    # WordPiece tokens over its corpus).
+    idf_v = splade.idf_from_corpus(
+        [tokenizer.tokenize_to_ids(t) for t in
+         evaluator.collection.doc_texts()], tokenizer.vocab_size)
+    timing["idf_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    import scipy.sparse  # pylint: disable=g-import-not-at-top
+    queries_qv = scipy.sparse.csr_matrix(splade.inference_free_query(
+        [tokenizer.encode(t, config.model.max_length) for t in texts],
+        vocab_size=tokenizer.vocab_size, idf_v=idf_v,
+        special_ids=builder.special_ids(tokenizer)))
+  timing["encode_queries_s"] = time.perf_counter() - start
+  start = time.perf_counter()
+  k = evaluator.top_k
+  scores_qk, indices_qk = sparse_index.search(index, queries_qv, k)
+  timing["search_s"] = time.perf_counter() - start
+  index_stats = sparse_index.stats(index)
+  q_terms = np.diff(queries_qv.indptr)
+  stats = {"index_bytes": sparse_index.index_size_bytes(index),
+           "search_ms_per_query": _latency_ms(
+               lambda i: sparse_index.search(index, queries_qv[i:i + 1], k),
+               len(texts), config.retriever.latency_queries),
+           "encode_ms_per_query": 1e3 * timing["encode_queries_s"] /
+                                  len(texts),
+           "terms_per_doc": index_stats["avg_terms_per_doc"],
+           "terms_per_query": float(q_terms.mean()),
+           "checkpoint_step": step}
+  return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
+
+
+def _colbert_embeddings(config, evaluator, encoder, workdir, step):
+  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
+  cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  digest = negatives.fingerprint(
+      [str(pathlib.Path(config.retriever.colbert_workdir).resolve()),
+       str(step), str(config.model.max_length)],
+      list(evaluator.collection.doc_ids), evaluator.collection.doc_texts()
+  )[:16]
+  path = cache_dir / f"colbert_{digest}.npz"
+  if path.is_file():
+    with np.load(path) as f:
+      logging.info("ColBERT document vectors from %s", path)
+      return f["docs_nld"], f["masks_nl"], json.loads(str(f["timing"]))
+  start = time.perf_counter()
+  docs_nld, masks_nl = encoder.embed_docs(
+      evaluator.collection.doc_texts(), batch_size=config.encode.batch_size,
+      desc="colbert: corpus")
+  timing = {"encode_corpus_s": time.perf_counter() - start}
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, docs_nld=docs_nld, masks_nl=masks_nl,
+           timing=json.dumps(timing))
+  tmp.replace(path)
+  return docs_nld, masks_nl, timing
+
+
+def _colbert(config, evaluator, encoder_fn, mesh, workdir):
+  """A first stage's top `rerank_depth`, re-ranked by ColBERT's MaxSim."""
+  from retrieval_jax.models import colbert  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.search import late_interaction  # pylint: disable=g-import-not-at-top
+  r = config.retriever
+  model, tokenizer, run_cfg, step = _trained(config, "colbert_workdir",
+                                             "colbert", mesh)
+  encoder = colbert.MultiVectorEncoder.from_model(
+      model, tokenizer, mesh, query_maxlen=run_cfg["data"]["query_max_length"],
+      doc_maxlen=config.model.max_length,
+      augment=run_cfg["model"]["colbert_augment"])
+  docs_nld, masks_nl, timing = _colbert_embeddings(config, evaluator, encoder,
+                                                   workdir, step)
+  if r.first_stage in ("splade", "inference_free"):
+    first, first_stats = _sparse(config, evaluator, encoder_fn, mesh, workdir,
+                                 kind=r.first_stage)
+  else:
+    first, first_stats = _RETRIEVERS[r.first_stage](
+        config, evaluator, encoder_fn, mesh, workdir)
+  texts = evaluator.query_texts
+  start = time.perf_counter()
+  queries_qld, q_masks_ql = encoder.embed_queries(texts, desc="colbert: "
+                                                  "queries")
+  timing["encode_queries_s"] = time.perf_counter() - start
+  depth = r.rerank_depth
+  scores_qk = first.scores_qk[:, :depth]
+  indices_qk = first.indices_qk[:, :depth]
+  prune = r.prune_ratio or None
+  start = time.perf_counter()
+  out = late_interaction.two_stage(scores_qk, indices_qk, queries_qld,
+                                   q_masks_ql, docs_nld, masks_nl,
+                                   prune_ratio=prune)
+  timing["rerank_s"] = time.perf_counter() - start
+  timing.update({"first_stage_" + k: v for k, v in first.timing.items()})
+
+  def one(i):
+    late_interaction.two_stage(scores_qk[i:i + 1], indices_qk[i:i + 1],
+                               queries_qld[i:i + 1], q_masks_ql[i:i + 1],
+                               docs_nld, masks_nl, prune_ratio=prune)
+
+  n = len(texts)
+  stats = {"index_bytes": int(docs_nld.nbytes + masks_nl.nbytes) +
+                          first_stats["index_bytes"],
+           "search_ms_per_query": first_stats["search_ms_per_query"] +
+                                  _latency_ms(one, n, r.latency_queries),
+           "encode_ms_per_query": first_stats["encode_ms_per_query"] +
+                                  1e3 * timing["encode_queries_s"] / n,
+           "maxsim_per_query": out.num_maxsim / n,
+           "checkpoint_step": step,
+           "parts": {r.first_stage: first.metrics}}
+  return evaluator.score_ranking(out.run_scores(), out.indices_qk,
+                                 timing), stats
+
+
 _RETRIEVERS = {"dense": _dense, "bm25": _bm25, "hybrid": _hybrid,
-               "dense_prf": _dense_prf}
+               "dense_prf": _dense_prf, "splade": _sparse,
+               "inference_free": _sparse, "colbert": _colbert}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -229,6 +413,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if r.fusion_depth < 0:
       raise RetrieverError("config.retriever.fusion_depth must be >= 0 "
                            "(0 = the whole top_k)")
+  if r.kind == "colbert":
+    if r.first_stage not in FIRST_STAGES:
+      raise RetrieverError(f"config.retriever.first_stage={r.first_stage!r}:"
+                           f" expected one of {FIRST_STAGES}")
+    if r.rerank_depth < 1:
+      raise RetrieverError("config.retriever.rerank_depth must be >= 1")
+    if not 0 <= r.prune_ratio < 1:
+      raise RetrieverError(f"config.retriever.prune_ratio={r.prune_ratio}: "
+                           "expected 0 (off) <= ratio < 1")
   if r.kind == "dense_prf" and r.prf_method not in PRF_METHODS:
     raise RetrieverError(f"config.retriever.prf_method={r.prf_method!r}: "
                          f"expected one of {PRF_METHODS}")

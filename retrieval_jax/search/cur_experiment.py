@@ -40,21 +40,14 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from retrieval_jax import checkpointing
 from retrieval_jax import encoding
 from retrieval_jax import plotting
-from retrieval_jax import pretrained
 from retrieval_jax import sharding
-from retrieval_jax import train_state
 from retrieval_jax.data import beir
 from retrieval_jax.data import negatives
-from retrieval_jax.data import tokenizers
 from retrieval_jax.evaluate import ConfigError
 from retrieval_jax.evaluation import ir_metrics
 from retrieval_jax.models import cross_encoder
@@ -76,32 +69,13 @@ def load_cross_encoder(train_workdir: str | pathlib.Path, mesh):
     FileNotFoundError: no checkpoint in <train_workdir>/checkpoints.
     ConfigError: the run did not train a cross-encoder.
   """
-  directory = pathlib.Path(train_workdir) / "checkpoints"
-  built = {}
-
-  def abstract(metadata):
-    run = metadata.get("config", {})
-    if run.get("model", {}).get("kind") != "cross_encoder":
-      raise ConfigError(
-          f"config.cross_encoder.workdir={str(train_workdir)!r}: that run "
-          "trained no cross-encoder (train it with configs/train.py:"
-          "scifact,cross_encoder)")
-    model_cfg = ml_collections.ConfigDict(run["model"])
-    loaded = pretrained.load_model(model_cfg, dtype=jnp.dtype(model_cfg.dtype))
-    model = cross_encoder.CrossEncoder(loaded.model, model_cfg.head,
-                                       rngs=nnx.Rngs(0))
-    built["model_def"], params = train_state.split_model(model)
-    built["model_dir"] = loaded.model_dir
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=replicated), params)
-
-  step, metadata, params = checkpointing.read_run_checkpoint(directory,
-                                                             abstract)
-  model = built["model_def"].merge(params)
-  tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
-      built["model_dir"])
-  return model, tokenizer, metadata["config"], step
+  from retrieval_jax.models import builder  # pylint: disable=g-import-not-at-top
+  try:
+    return builder.load_trained(train_workdir, mesh, kinds=("cross_encoder",))
+  except ValueError as e:
+    raise ConfigError(
+        f"config.cross_encoder.workdir: {e} (train a cross-encoder with "
+        "configs/train.py:scifact,cross_encoder)") from e
 
 
 def select_subset(test: beir.BeirCollection, train: beir.BeirCollection, *,
