@@ -115,8 +115,11 @@ def evaluate(config: ml_collections.ConfigDict,
   logging.info("evaluating %s (%s) on %d docs, %d queries (split %s)", kind,
                config.model.pretrained, len(collection.doc_ids),
                len(evaluator.query_ids), config.data.split)
-  result, stats = retrievers.retrieve(
-      config, evaluator, lambda: make_encoder(config, mesh), mesh, workdir)
+  try:
+    result, stats = retrievers.retrieve(
+        config, evaluator, lambda: make_encoder(config, mesh), mesh, workdir)
+  except retrievers.RetrieverError as e:
+    raise ConfigError(str(e)) from e
   trec_run.write_run(workdir / "run.trec", result.run,
                      tag=config.eval.run_tag)
   _write_json(workdir / "metrics.json", result.metrics)
@@ -136,7 +139,7 @@ def evaluate(config: ml_collections.ConfigDict,
     print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                     metrics.items()))
   phases = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timing.items()
-                     if k.endswith("_s"))
+                     if k.endswith("_s") and not k.endswith("_per_s"))
   print(f"time: {phases}")
   print(f"index {stats['index_bytes'] / 2**20:.1f} MiB, search "
         f"{stats['search_ms_per_query']:.2f} ms/query (one at a time), "

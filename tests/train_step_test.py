@@ -17,6 +17,7 @@ from absl.testing import parameterized
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from retrieval_jax import losses
@@ -281,3 +282,89 @@ class CrossEncoderStepTest(parameterized.TestCase):
       if row != 2:
         np.testing.assert_array_equal(np.argsort(scores[row]),
                                       np.arange(G))
+
+
+def _colbert_batch():
+  batch = _batch()
+  # ColBERT's layout: separate score masks; query rows padded with
+  # scored, unattended [MASK]s (id 4 here) up to the full width.
+  q_score = np.ones_like(batch["query_mask"])
+  q_ids = np.where(batch["query_mask"] == 1, batch["query_ids"], 4)
+  return dict(batch, query_ids=q_ids.astype(np.int32),
+              query_score_mask=q_score.astype(np.int32),
+              passage_score_mask=batch["passage_mask"].copy())
+
+
+def _representation_curve(mesh, kind, batch, num_steps=6, **kwargs):
+  from retrieval_jax.models import colbert  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
+  if kind == "colbert":
+    model = colbert.ColBERT(_model(), 8, rngs=nnx.Rngs(1))
+  else:
+    model = splade.Splade(_model(), bias_init=0.0, rngs=nnx.Rngs(1))
+  model_def, params = train_state.split_model(model)
+  tx = optax.adam(1e-2)
+  layout = train_state.state_layout(model_def, params, tx, mesh)
+  state = train_state.create(params, tx, layout)
+  spec = {k: v.shape for k, v in batch.items()}
+  step = steps.make_train_step(
+      mesh, layout.shardings, spec, step_fn=steps.representation_train_step,
+      model_def=model_def, tx=tx, loss_fn=losses.get_loss("infonce").fn,
+      kind=kind, dropout=False, **kwargs)
+  placed = steps.put_batch(batch, steps.batch_shardings(mesh, spec))
+  curve = []
+  for _ in range(num_steps):
+    state, metrics = step(state, placed, jax.random.PRNGKey(0))
+    curve.append(jax.device_get(metrics))
+  return curve
+
+
+class RepresentationStepTest(parameterized.TestCase):
+
+  def test_bag_of_tokens_is_the_inference_free_query(self):
+    from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
+    batch = _batch()
+    idf = np.random.default_rng(0).normal(size=VOCAB).astype(np.float32)
+    special = (0, 7, 9)
+    got = steps.bag_of_tokens(batch["query_ids"], batch["query_mask"], idf,
+                              special)
+    rows = [ids[mask == 1].tolist() for ids, mask in
+            zip(batch["query_ids"], batch["query_mask"])]
+    want = splade.inference_free_query(rows, vocab_size=VOCAB, idf_v=idf,
+                                       special_ids=special)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+  def _check_sharded_and_learns(self, kind, **kwargs):
+    batch = _colbert_batch() if kind == "colbert" else _batch()
+    one = _representation_curve(
+        sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), kind,
+        batch, **kwargs)
+    eight = _representation_curve(sharding.make_mesh((8, 1, 1)), kind, batch,
+                                  **kwargs)
+    for a, b in zip(one, eight):
+      for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=1e-5,
+                                   err_msg=key)
+    # A fixed batch is fitted: the ranking loss falls.
+    self.assertLess(one[-1]["ranking_loss"], 0.7 * one[0]["ranking_loss"])
+    if kind != "colbert":
+      self.assertGreater(one[0]["flops_d"], 0.0)
+      # The regulariser enters the loss (after warm-up, at full weight).
+      total = one[-1]["ranking_loss"] + kwargs["flops_d"] * one[-1][
+          "flops_d"] + kwargs.get("flops_q", 0.0) * one[-1]["flops_q"]
+      self.assertAlmostEqual(float(one[-1]["loss"]), float(total), places=4)
+
+  def test_splade_sharded_step_equals_one_device_and_learns(self):
+    self._check_sharded_and_learns("splade", flops_q=1e-2, flops_d=1e-2,
+                                   flops_warmup_steps=3)
+
+  @pytest.mark.slow
+  def test_inference_free_sharded_step_equals_one_device_and_learns(self):
+    self._check_sharded_and_learns(
+        "inference_free", flops_d=1e-2,
+        idf_v=np.linspace(0.5, 3.0, VOCAB).astype(np.float32),
+        special_ids=(0,))
+
+  @pytest.mark.slow
+  def test_colbert_sharded_step_equals_one_device_and_learns(self):
+    self._check_sharded_and_learns("colbert")

@@ -422,6 +422,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= r.prune_ratio < 1:
       raise RetrieverError(f"config.retriever.prune_ratio={r.prune_ratio}: "
                            "expected 0 (off) <= ratio < 1")
+  needed = {"splade": ["splade_workdir"],
+            "inference_free": ["inference_free_workdir"],
+            "colbert": ["colbert_workdir"]}.get(r.kind, [])
+  if r.kind == "colbert" and r.first_stage in ("splade", "inference_free"):
+    needed.append(f"{r.first_stage}_workdir")
+  for key in needed:
+    if not r.get(key, ""):
+      raise RetrieverError(
+          f"config.retriever.{key} is empty: set it to the workdir of a "
+          f"configs/train.py:scifact,{key[:-len('_workdir')]} run")
   if r.kind == "dense_prf" and r.prf_method not in PRF_METHODS:
     raise RetrieverError(f"config.retriever.prf_method={r.prf_method!r}: "
                          f"expected one of {PRF_METHODS}")

@@ -105,6 +105,59 @@ class EvaluateModeTest(absltest.TestCase):
         r"config\.data\.split='validation'.*qrels/validation\.tsv"):
       evaluate.evaluate(config, self.create_tempdir())
 
+  def test_bm25_hybrid_and_prf_retrievers(self):
+    # LIMIT-small's first 100 judged queries; max length 32 keeps the dense
+    # side to seconds. One dense cache serves the dense, hybrid and PRF runs.
+    base = pathlib.Path(self.create_tempdir())
+    common_overrides = {"data.max_queries": 100, "model.max_length": 32,
+                        "data.tfds_dir": str(base / "tfds"),
+                        "encode.cache_dir": str(base / "cache")}
+
+    def run(kind, **overrides):
+      workdir = base / kind
+      config = _config(**common_overrides, **overrides)
+      with config.unlocked():
+        config.retriever.kind = kind
+      return evaluate.evaluate(config, workdir), workdir
+
+    bm25, workdir = run("bm25")
+    # DATA.md's BM25 row on all 1,000 queries: Recall@2 0.979, @10 1.000.
+    self.assertGreater(bm25["recall@2"], 0.95)
+    self.assertEqual(bm25["recall@10"], 1.0)
+    stats = json.loads((workdir / "stats.json").read_text())
+    self.assertGreater(stats["index_bytes"], 0)
+    self.assertGreater(stats["search_ms_per_query"], 0)
+    dense, _ = run("dense")
+    # alpha = 0 without normalisation ranks by the dense scores alone (the
+    # dense list covers all 46 documents, so the union adds nothing).
+    hybrid, workdir = run("hybrid", **{"retriever.alpha": 0.0,
+                                       "retriever.normalization": "none"})
+    for name, value in dense.items():
+      self.assertAlmostEqual(hybrid[name], value, places=6, msg=name)
+    parts = json.loads((workdir / "stats.json").read_text())["parts"]
+    self.assertEqual(parts["bm25"], bm25)
+    # The default hybrid differs from both parts.
+    mixed, _ = run("hybrid")
+    self.assertNotEqual(mixed["recall@2"], dense["recall@2"])
+    # Average PRF with no feedback document is the identity.
+    prf, _ = run("dense_prf", **{"retriever.prf_method": "average",
+                                 "retriever.prf_k": 0})
+    for name, value in dense.items():
+      self.assertAlmostEqual(prf[name], value, places=6, msg=name)
+
+  def test_bad_retriever_names_the_key(self):
+    config = _config()
+    with config.unlocked():
+      config.retriever.kind = "tfidf"
+    with self.assertRaisesRegex(evaluate.ConfigError,
+                                r"config\.retriever\.kind='tfidf'"):
+      evaluate.evaluate(config, self.create_tempdir())
+    with config.unlocked():
+      config.retriever.kind = "splade"
+    with self.assertRaisesRegex(evaluate.ConfigError,
+                                r"config\.retriever\.splade_workdir is empty"):
+      evaluate.evaluate(config, self.create_tempdir())
+
   def test_command_line_smoke(self):
     workdir = self.create_tempdir()
     proc = subprocess.run(
@@ -151,11 +204,26 @@ class EvaluateModeTest(absltest.TestCase):
 class ReferenceCollectionsTest(absltest.TestCase):
   """Full zero-shot runs against DATA.md's reference numbers (minutes)."""
 
-  def _run(self, name):
+  def _run(self, name, retriever="dense"):
     if not (_SHARED / name).is_dir():
       self.skipTest(f"{_SHARED / name} not present")
-    return evaluate.evaluate(_config(**{"data.path": str(_SHARED / name)}),
-                             self.create_tempdir())
+    config = _config(**{"data.path": str(_SHARED / name)})
+    with config.unlocked():
+      config.retriever.kind = retriever
+    return evaluate.evaluate(config, self.create_tempdir())
+
+  def test_scifact_bm25(self):
+    # DATA.md: bm25s Lucene BM25 (k1 0.9, b 0.4), nDCG@10 0.671, R@100
+    # 0.919, MRR@10 0.636.
+    metrics = self._run("scifact", "bm25")
+    self.assertAlmostEqual(metrics["ndcg@10"], 0.671, delta=0.01)
+    self.assertAlmostEqual(metrics["recall@100"], 0.919, delta=0.01)
+    self.assertAlmostEqual(metrics["mrr@10"], 0.636, delta=0.01)
+
+  def test_cranfield_bm25(self):
+    # DATA.md: nDCG@10 0.353.
+    metrics = self._run("cranfield", "bm25")
+    self.assertAlmostEqual(metrics["ndcg@10"], 0.353, delta=0.01)
 
   def test_scifact(self):
     metrics = self._run("scifact")
@@ -164,6 +232,56 @@ class ReferenceCollectionsTest(absltest.TestCase):
   def test_cranfield(self):
     metrics = self._run("cranfield")
     self.assertAlmostEqual(metrics["ndcg@10"], 0.382, delta=0.003)
+
+
+@pytest.mark.slow
+class TrainedRetrieversTest(absltest.TestCase):
+  """SPLADE, inference-free SPLADE and ColBERT: the smoke training runs,
+  then the evaluate mode reads their checkpoints (minutes)."""
+
+  def test_train_then_evaluate(self):
+    base = pathlib.Path(self.create_tempdir())
+    for kind in ("splade", "inference_free", "colbert"):
+      proc = subprocess.run(
+          [sys.executable, "-m", "retrieval_jax.main", "--config",
+           str(common.REPO_ROOT / f"configs/train.py:smoke,{kind}"),
+           "--workdir", str(base / f"train_{kind}")],
+          cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=900)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    results = {}
+    for kind, first_stage in (("splade", "bm25"), ("inference_free", "bm25"),
+                              ("colbert", "bm25"), ("colbert", "splade")):
+      config = _config(**{"data.max_queries": 64, "model.max_length": 32,
+                          "data.tfds_dir": str(base / "tfds"),
+                          "encode.cache_dir": str(base / "cache")})
+      with config.unlocked():
+        config.retriever.kind = kind
+        config.retriever.first_stage = first_stage
+        config.retriever.rerank_depth = 20
+        for k in ("splade", "inference_free", "colbert"):
+          config.retriever[f"{k}_workdir"] = str(base / f"train_{k}")
+      workdir = base / f"eval_{kind}_{first_stage}"
+      results[kind, first_stage] = evaluate.evaluate(config, workdir)
+      stats = json.loads((workdir / "stats.json").read_text())
+      self.assertEqual(stats["checkpoint_step"], 4)
+      if kind != "colbert":
+        # A sparse index: far fewer terms per document than the vocabulary.
+        self.assertLess(stats["terms_per_doc"], 30522 / 4)
+        self.assertGreater(stats["terms_per_doc"], 1)
+      else:
+        self.assertLessEqual(stats["maxsim_per_query"], 20)
+      self.assertGreater(results[kind, first_stage]["recall@100"], 0.9)
+    # A re-ranking re-orders the first stage's top 20 and nothing else.
+    config = _config(**{"data.max_queries": 64,
+                        "data.tfds_dir": str(base / "tfds")})
+    with config.unlocked():
+      config.retriever.kind = "bm25"
+    evaluate.evaluate(config, base / "eval_bm25")
+    first = trec_run.read_run(base / "eval_bm25/run.trec")
+    reranked = trec_run.read_run(base / "eval_colbert_bm25/run.trec")
+    for query, docs in first.items():
+      top = {d for d, _ in ir_metrics.trec_eval_sorted(docs, 20)}
+      self.assertEqual(set(reranked[query]), top, query)
 
 
 if __name__ == "__main__":
