@@ -82,8 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.retriever.latency_queries = 100
   # hybrid: score = alpha * bm25 + dense (sparse + alpha * dense with
   # weight_on_dense) over the union of the two systems' lists; a document
-  # missing from one list takes that list's minimum.
-  config.retriever.alpha = 0.1
+  # missing from one list takes that list's minimum. 1 weighs both equally
+  # once normalised (Pyserini's 0.1 is meant for raw scores, with
+  # normalization "none"); see experiments/retrievers/README.md.
+  config.retriever.alpha = 1.0
   # hybrid: per-query score normalisation, "none" | "minmax_center" |
   # "zscore".
   config.retriever.normalization = "minmax_center"

@@ -252,6 +252,7 @@ def _sparse_cache(config, evaluator, key, workdir, step):
 def _sparse(config, evaluator, encoder_fn, mesh, workdir, kind=None):
   """SPLADE or inference-free retrieval over an inverted index."""
   del encoder_fn
+  import scipy.sparse  # pylint: disable=g-import-not-at-top
   from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
   from retrieval_jax.models import builder  # pylint: disable=g-import-not-at-top
   from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
@@ -289,12 +290,15 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, kind=None):
          evaluator.collection.doc_texts()], tokenizer.vocab_size)
     timing["idf_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    import scipy.sparse  # pylint: disable=g-import-not-at-top
     queries_qv = scipy.sparse.csr_matrix(splade.inference_free_query(
         [tokenizer.encode(t, config.model.max_length) for t in texts],
         vocab_size=tokenizer.vocab_size, idf_v=idf_v,
         special_ids=builder.special_ids(tokenizer)))
   timing["encode_queries_s"] = time.perf_counter() - start
+  # Kept for side-by-side latency benchmarks (experiments/retrievers).
+  scipy.sparse.save_npz(pathlib.Path(workdir) / "queries_sparse.npz",
+                        queries_qv.tocsr())
+  (pathlib.Path(workdir) / "sparse_index_path.txt").write_text(str(cache))
   start = time.perf_counter()
   k = evaluator.top_k
   scores_qk, indices_qk = sparse_index.search(index, queries_qv, k)
