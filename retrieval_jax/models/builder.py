@@ -14,6 +14,7 @@ config here, so the two can never disagree:
 
 import pathlib
 
+from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,18 @@ def build(model_cfg, loaded: pretrained.PretrainedModel, tokenizer, *,
     return cross_encoder.CrossEncoder(loaded.model, model_cfg.head, rngs=rngs)
   if kind in SPARSE_KINDS:
     from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
-    return splade.Splade(
+    model = splade.Splade(
         loaded.model, aggregation=model_cfg.splade_aggregation,
         bias_init=model_cfg.splade_bias_init,
         special_ids=special_ids(tokenizer), rngs=rngs)
+    # A checkpoint with BERT's MLM head (bert-base-uncased, ...) gives the
+    # head its trained transform and bias; all-MiniLM-L6-v2 has none, and
+    # the head keeps its identity init (the decoder is the tied embedding
+    # table either way).
+    if model_cfg.get("architecture", "bert") == "bert" and splade.load_mlm_head(
+        model.head, pretrained.read_state_dict(loaded.model_dir)):
+      logging.info("SPLADE: MLM head weights from %s", loaded.model_dir)
+    return model
   if kind == "colbert":
     from retrieval_jax.models import colbert  # pylint: disable=g-import-not-at-top
     return colbert.ColBERT(loaded.model, model_cfg.colbert_dim, rngs=rngs)
