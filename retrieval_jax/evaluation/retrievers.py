@@ -379,9 +379,11 @@ def _colbert(config, evaluator, encoder_fn, mesh, workdir):
   timing.update({"first_stage_" + k: v for k, v in first.timing.items()})
 
   def one(i):
+    # batch=1: a lone query is not padded to a batch of copies.
     late_interaction.two_stage(scores_qk[i:i + 1], indices_qk[i:i + 1],
                                queries_qld[i:i + 1], q_masks_ql[i:i + 1],
-                               docs_nld, masks_nl, prune_ratio=prune)
+                               docs_nld, masks_nl, prune_ratio=prune,
+                               batch=1)
 
   n = len(texts)
   stats = {"index_bytes": int(docs_nld.nbytes + masks_nl.nbytes) +
