@@ -253,6 +253,7 @@ class CrossEncoderStepTest(parameterized.TestCase):
       steps.cross_encoder_loss(scores, positive, valid, loss_name="infonce",
                                teacher_bg=teacher)
 
+  @pytest.mark.slow
   def test_distillation_step_fits_the_teacher(self):
     batch = _pair_batch()
     # A teacher ranking that is not the 1/0 labels: the last row first.
@@ -354,6 +355,7 @@ class RepresentationStepTest(parameterized.TestCase):
           "flops_d"] + kwargs.get("flops_q", 0.0) * one[-1]["flops_q"]
       self.assertAlmostEqual(float(one[-1]["loss"]), float(total), places=4)
 
+  @pytest.mark.slow
   def test_splade_sharded_step_equals_one_device_and_learns(self):
     self._check_sharded_and_learns("splade", flops_q=1e-2, flops_d=1e-2,
                                    flops_warmup_steps=3)
