@@ -31,6 +31,7 @@ def _main(*args):
 
 class LimitConfigTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_critical_n_smoke_writes_results_fit_and_plot(self):
     workdir = pathlib.Path(self.create_tempdir())
     result = _main("--config", "configs/limit.py:smoke", "--workdir",
