@@ -215,9 +215,10 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
           f"config.evals: a {kind!r} run is evaluated by the evaluate mode "
           f"(configs/evaluate.py:retriever={kind}), not during training; "
           "set config.evals to {}")
-    if config.loss.name not in losses_registry():
+    from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
+    if config.loss.name not in losses.LOSSES:
       raise ConfigError(f"config.loss.name={config.loss.name!r}: a {kind!r} "
-                        f"run takes one of {sorted(losses_registry())}")
+                        f"run takes one of {sorted(losses.LOSSES)}")
   if (is_cross_encoder(config) or kind in REPRESENTATION_KINDS) and (
       config.train.grad_cache_chunks[0]):
     raise ConfigError("config.train.grad_cache_chunks: GradCache is for "
@@ -248,10 +249,6 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
 
 TEACHERS = ("", "bm25")
 
-
-def losses_registry():
-  from retrieval_jax import losses  # pylint: disable=g-import-not-at-top
-  return losses.LOSSES
 
 
 def _validate_teacher(config) -> None:

@@ -72,9 +72,6 @@ def _check_inputs(query_texts: Sequence[str], corpus_ids: Sequence[str],
     raise ValueError(f"depth must be a positive integer, got {depth!r}")
 
 
-_top_indices = bm25.top_indices
-
-
 def _unexcluded(ranked: Iterable[int], corpus_ids: Sequence[str],
                 excluded: set[str], depth: int) -> list[str]:
   """The first `depth` ids of a ranking that are not in `excluded`."""
