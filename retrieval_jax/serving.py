@@ -7,16 +7,17 @@ An export directory (written by `retrieval_jax.export.export_towers`) holds:
   query_tower.jax_exported   serialized `jax.export.Exported` per tower:
   passage_tower.jax_exported   fn(flat_params, input_ids_bl, attention_mask_bl)
                                -> float32 emb_bd (pooled, maybe L2-normalised)
-  params.safetensors         weights as a flat list, in the manifest's key
+  params.safetensors         weights, passed to a tower in the manifest's key
                              order (both towers when they are tied)
   query_params.safetensors   the query tower's own weights (untied only)
-  tokenizer/vocab.txt        WordPiece vocabulary
-  tokenizer/wordpiece.json   the tokenizer recipe (also in the manifest)
+  tokenizer/                 the checkpoint's tokenizer files (tokenizer.json,
+                             vocab.txt, ...), read by
+                             `data.tokenizers.from_pretrained_dir`
 
 This module is the format's reader and defines its constants. It imports only
-the standard library, NumPy, JAX and the pure-Python tokenizer, so a serving
-process never loads Flax, Optax, Orbax or TensorFlow: the towers are StableHLO
-programs and the weights plain arrays.
+the standard library, NumPy, JAX, safetensors and the tokenizer module, so a
+serving process never loads Flax, Optax, Orbax or TensorFlow: the towers are
+StableHLO programs and the weights plain arrays.
 
 Usage:
 
@@ -32,19 +33,18 @@ import hashlib
 import json
 import os
 import pathlib
-import struct
-import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 from retrieval_jax.data import tokenizers
 
 FORMAT = "retrieval_jax.serving_towers"
 # Bump when a reader of the old version could misread a new directory.
-FORMAT_VERSION = 1
+# Version 2 stores the tokenizer's own files instead of a WordPiece recipe.
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TOWERS = ("query", "passage")
 TOWER_FILES = {"query": "query_tower.jax_exported",
@@ -52,67 +52,9 @@ TOWER_FILES = {"query": "query_tower.jax_exported",
 PARAMS_FILE = "params.safetensors"
 QUERY_PARAMS_FILE = "query_params.safetensors"
 TOKENIZER_DIR = "tokenizer"
-VOCAB_FILE = "vocab.txt"
-TOKENIZER_RECIPE_FILE = "wordpiece.json"
 # Length of a tower's inputs: "symbolic" towers take any length up to their
 # max_length; "fixed" towers take exactly max_length (the loader pads to it).
 LENGTH_MODES = ("symbolic", "fixed")
-
-# safetensors dtype codes <-> dtypes. bfloat16 comes from JAX's own dtype
-# table (ml_dtypes), so no extra import is needed.
-SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16),
-    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file (u64 header size, JSON header, raw bytes).
-
-  `pretrained.read_safetensors` decodes the same format for checkpoint
-  import, but that module imports Flax; serving must not, so the (short)
-  decoder lives here too.
-
-  Args:
-    path: the file.
-
-  Returns:
-    {tensor name: array} in the file's order; arrays are read-only views of
-    one buffer.
-
-  Raises:
-    ValueError: for a dtype outside `SAFETENSORS_DTYPES` or a header that
-      does not fit the file.
-  """
-  # The format is little-endian; so are all hosts JAX runs on.
-  assert sys.byteorder == "little", "big-endian hosts are not supported"
-  # One read of the whole file: the arrays below are views of it, and the
-  # caller copies them to the device anyway.
-  data = pathlib.Path(path).read_bytes()
-  (header_size,) = struct.unpack("<Q", data[:8])
-  header = json.loads(data[8:8 + header_size])
-  body = memoryview(data)[8 + header_size:]
-  arrays = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, "
-                       "which this reader does not support")
-    dtype = SAFETENSORS_DTYPES[info["dtype"]]
-    start, end = info["data_offsets"]
-    count = int(np.prod(info["shape"], dtype=np.int64))
-    # A size check before frombuffer gives a message naming the tensor
-    # rather than a reshape error.
-    if end - start != count * dtype.itemsize or end > len(body):
-      raise ValueError(f"{path}: tensor {name!r} does not fit its offsets")
-    arrays[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(
-        info["shape"])
-  return arrays
-
 
 def sha256_file(path: str | os.PathLike) -> str:
   """Hex SHA-256 of a file, read in 1 MiB blocks."""
@@ -125,29 +67,22 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def build_tokenizer(tokenizer_dir: str | os.PathLike,
-                    recipe: Mapping[str, Any]) -> tokenizers.WordPieceTokenizer:
-  """Rebuilds the tokenizer an export was made with.
+                    recipe: Mapping[str, Any]) -> tokenizers.Tokenizer:
+  """Loads an export's tokenizer and checks it against the manifest.
 
   Args:
-    tokenizer_dir: directory holding the recipe's `vocab_file`.
-    recipe: the manifest's "tokenizer" entry: `options` are the
-      `WordPieceTokenizer` constructor arguments, `special_token_ids` the ids
-      the exporting tokenizer had.
+    tokenizer_dir: the export's tokenizer files.
+    recipe: the manifest's "tokenizer" entry (`special_token_ids` and
+      `vocab_size` of the exporting tokenizer).
 
   Returns:
     The tokenizer.
 
   Raises:
-    ValueError: for an unknown tokenizer type, or when the rebuilt tokenizer's
-      special-token ids or vocabulary size differ from the recorded ones (a
-      vocabulary file that was edited or swapped).
+    ValueError: when the special-token ids or vocabulary size differ from
+      the recorded ones (files that were edited or swapped).
   """
-  if recipe.get("type") != "bert_wordpiece":
-    raise ValueError(f"unsupported tokenizer type {recipe.get('type')!r}")
-  # The options are the constructor's own arguments, all resolved (no None
-  # that would be re-derived), so the files alone decide the ids.
-  tokenizer = tokenizers.WordPieceTokenizer(
-      pathlib.Path(tokenizer_dir) / recipe["vocab_file"], **recipe["options"])
+  tokenizer = tokenizers.from_pretrained_dir(tokenizer_dir)
   # Ids the towers were trained with; a vocabulary swapped for one of the
   # same family would otherwise load silently and give shifted embeddings.
   found = special_token_ids(tokenizer)
@@ -160,8 +95,8 @@ def build_tokenizer(tokenizer_dir: str | os.PathLike,
   return tokenizer
 
 
-def special_token_ids(tokenizer: tokenizers.WordPieceTokenizer) -> dict:
-  """{"cls": id, "sep": id, "pad": id, "unk": id, "mask": id}."""
+def special_token_ids(tokenizer: tokenizers.Tokenizer) -> dict:
+  """{"cls": id, "sep": id, "pad": id, "unk": id, "mask": id} (None: none)."""
   return {"cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
           "pad": tokenizer.pad_id, "unk": tokenizer.unk_id,
           "mask": tokenizer.mask_id}
@@ -212,7 +147,7 @@ class ServingModel:
   """
 
   def __init__(self, export_dir: pathlib.Path, manifest: dict,
-               tokenizer: tokenizers.WordPieceTokenizer,
+               tokenizer: tokenizers.Tokenizer,
                towers: Mapping[str, _Tower], device: jax.Device):
     """Use `ServingModel.load`; this only stores what it builds."""
     self.export_dir = export_dir
@@ -277,14 +212,12 @@ class ServingModel:
                            f"from the manifest's {expected}")
     device = device or pick_device(manifest["platforms"])
     recipe = manifest["tokenizer"]
-    # The recipe is read from the manifest (checksummed with the rest);
-    # tokenizer/wordpiece.json is a copy for people and other tools.
     tokenizer = build_tokenizer(export_dir / recipe["dir"], recipe)
 
     # Tied towers name the same weight file: read and place it once.
     weights = {}
     for filename, keys in manifest["param_files"].items():
-      arrays = read_safetensors(export_dir / filename)
+      arrays = safetensors.numpy.load_file(export_dir / filename)
       if sorted(arrays) != sorted(keys):
         raise ValueError(f"{export_dir / filename} holds other tensors than "
                          "the manifest lists")
