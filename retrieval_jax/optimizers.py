@@ -22,11 +22,13 @@ import jax
 import ml_collections
 import optax
 
+from retrieval_jax import errors
+
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(errors.ConfigError):
   """An `optim.*` value is invalid; the message names the key."""
 
 

@@ -44,6 +44,8 @@ import os
 import re
 import warnings
 
+from retrieval_jax import errors
+
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
 QRELS_DIR = "qrels"
@@ -57,22 +59,8 @@ _NUM_EXAMPLES = 3
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
-class BeirFormatError(ValueError):
-  """A BEIR file is missing or malformed.
-
-  The message starts with "path:line: " when one line is at fault and with
-  "path: " when the file as a whole is (missing, empty).
-
-  Attributes:
-    path: str, the file or directory at fault.
-    line: int or None, the 1-based line number.
-  """
-
-  def __init__(self, path: str, line: int | None, message: str):
-    self.path = str(path)
-    self.line = line
-    where = self.path if line is None else f"{self.path}:{line}"
-    super().__init__(f"{where}: {message}")
+class BeirFormatError(errors.DataError):
+  """A BEIR file is missing or malformed (see `errors.DataError`)."""
 
 
 class UnknownIdsWarning(UserWarning):

@@ -43,7 +43,6 @@ collections at run time into a work directory, never into the repository.
 import collections
 from collections.abc import Callable, Iterable, Mapping, Sequence
 import functools
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ import time
 from absl import logging
 import numpy as np
 
+from retrieval_jax import io
 from retrieval_jax.data import beir
 
 MANIFEST_FILE = "manifest.json"
@@ -72,7 +72,6 @@ TRUNCATION_PROBE = 512
 # passage would overflow max_tokens. Bounds the packing at O(N * lookahead)
 # for adversarial length distributions.
 _MAX_LOOKAHEAD = 64
-_READ_CHUNK_BYTES = 1 << 20
 # The files `WordPieceTokenizer.from_pretrained_dir` reads.
 _TOKENIZER_FILES = (
     "vocab.txt",
@@ -227,13 +226,11 @@ def _tokenizer_name(count_tokens: Callable[[str], int] | None) -> str:
   if count_tokens is None or count_tokens is default_count_tokens:
     # Hash the tokenizer files: another package version with a different
     # vocabulary or normaliser options must not reuse old lengths.
-    digest = hashlib.sha256()
     model_dir = _default_tokenizer_dir()
-    for name in _TOKENIZER_FILES:
-      path = os.path.join(model_dir, name)
-      if os.path.isfile(path):
-        digest.update(name.encode() + b"\0" + _sha256(path).encode())
-    return f"wordpiece:{DEFAULT_TOKENIZER}:{digest.hexdigest()[:16]}"
+    files = [(name, io.file_sha256(os.path.join(model_dir, name)))
+             for name in _TOKENIZER_FILES
+             if os.path.isfile(os.path.join(model_dir, name))]
+    return f"wordpiece:{DEFAULT_TOKENIZER}:{io.fingerprint(files)[:16]}"
   # A custom counter is known only by its name; changing what a function of
   # the same name counts requires deleting the output by hand.
   module = getattr(count_tokens, "__module__", None) or "?"
@@ -340,15 +337,6 @@ def _normalize_splits(splits) -> list[str]:
 # Building.
 
 
-def _sha256(path: str) -> str:
-  """Hex SHA-256 of a file's bytes."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_READ_CHUNK_BYTES):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _source_files(source_dir: str, splits: Sequence[str]) -> dict[str, str]:
   """Relative name -> path of the files a build reads; raises if missing."""
   beir.check_directory(source_dir)
@@ -436,7 +424,7 @@ def build_long_documents(
   start = time.perf_counter()
 
   logging.info("Long documents: reading %s (splits %s)", source_dir, splits)
-  sources = {name: _sha256(path) for name, path in files.items()}
+  sources = {name: io.file_sha256(path) for name, path in files.items()}
   passage_ids, titles, texts = beir.read_corpus(files[beir.CORPUS_FILE])
   query_ids, queries = beir.read_queries(files[beir.QUERIES_FILE])
   qrels = {
@@ -604,7 +592,7 @@ def ensure_long_documents(
     if (
         manifest.get("settings") == settings
         and manifest.get("sources")
-        == {name: _sha256(path) for name, path in files.items()}
+        == {name: io.file_sha256(path) for name, path in files.items()}
         and all(os.path.isfile(os.path.join(out_dir, f)) for f in expected)
     ):
       logging.info("Long documents: reusing %s", out_dir)

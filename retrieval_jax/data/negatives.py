@@ -17,32 +17,31 @@ result in a JSON file keyed by a content hash of everything that decides it
 (`mining_key`): a restarted run reads the file, and a changed corpus, query
 set, positive set, model or setting mines again.
 
-`attach_negatives` is the trainer's entry point: it mines (or reads from
-the cache) and attaches the result to a `pipeline.TrainingData`.
+`mine` is the trainer's entry point: it mines (or reads from the cache)
+and returns the `pipeline.TrainingData` with its negatives set.
 
-This module does not import the model code: `dense_negatives` takes any
-object with `TextEncoder.encode`'s signature.
+Dense mining takes a plain `encode_fn(texts) -> float32 [N, D]`, so this
+module imports no model or encoder code.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-import hashlib
 import json
 import os
-import tempfile
 import time
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 from absl import logging
 import jax
 import numpy as np
 
+from retrieval_jax import io
+from retrieval_jax.data import pipeline
 from retrieval_jax.search import bm25
 from retrieval_jax.search import exact_topk
 
-if TYPE_CHECKING:
-  from retrieval_jax import encoding
-  from retrieval_jax.data import pipeline
-
+MINING_METHODS = ("bm25", "dense")
+# texts: list[str] [N] -> float32 [N, D] embeddings.
+EncodeFn = Callable[[list[str]], np.ndarray]
 # Part of every BM25 cache key.
 BM25_SETTINGS = bm25.SETTINGS
 # Bumped when the cache file layout changes, so old files re-mine.
@@ -134,28 +133,27 @@ def bm25_negatives(
 
 
 def dense_negatives(
-    encoder: "encoding.TextEncoder",
+    encode_fn: EncodeFn,
     query_texts: Sequence[str],
     corpus_ids: Sequence[str],
     corpus_texts: Sequence[str],
     exclude: Sequence[set[str]],
     *,
     depth: int = 100,
-    batch_size: int = 64,
     metric: str = "dot",
     mesh=None,
 ) -> list[list[str]]:
   """Mines negatives with an encoder and exact top-k search.
 
   Args:
-    encoder: a `TextEncoder` (anything with its `encode` signature).
+    encode_fn: texts list[str] [N] -> float32 [N, D] embeddings, e.g. a
+      `TextEncoder.encode` with its batch size bound.
     query_texts: list[str] [Q].
     corpus_ids: list[str] [N], unique.
     corpus_texts: list[str] [N], the passages as the encoder should see them.
     exclude: list[set[str]] [Q], each query's known relevant doc ids.
     depth: int >= 1, negatives per query (fewer only when the corpus minus
       the excluded docs is smaller).
-    batch_size: texts per encoder step.
     metric: "dot" or "cosine"; "dot" scores as the encoder's own embeddings
       do (normalised or not per its checkpoint).
     mesh: devices the corpus is sharded over for search (None = all).
@@ -169,11 +167,8 @@ def dense_negatives(
   """
   _check_inputs(query_texts, corpus_ids, corpus_texts, exclude, depth)
   start = time.perf_counter()
-  # The progress bars stay off: mining runs inside the trainer's log.
-  docs_nd = encoder.encode(list(corpus_texts), batch_size=batch_size,
-                           desc="negatives: corpus", progress=False)
-  queries_qd = encoder.encode(list(query_texts), batch_size=batch_size,
-                              desc="negatives: queries", progress=False)
+  docs_nd = np.asarray(encode_fn(list(corpus_texts)), np.float32)
+  queries_qd = np.asarray(encode_fn(list(query_texts)), np.float32)
   # One k for all queries (one compiled search): enough results that
   # `depth` survive even the largest excluded set.
   max_excluded = max((len(s) for s in exclude), default=0)
@@ -190,45 +185,6 @@ def dense_negatives(
   return negatives
 
 
-def _hash_into(digest, value: Any) -> None:
-  """Feeds a nested value into `digest`, unambiguously.
-
-  Every item is tagged and length-prefixed, so ["ab", "c"] and ["a", "bc"]
-  hash differently; sets are sorted first, since their order is arbitrary.
-  """
-  if isinstance(value, str):
-    # Checked before Sequence: a str is a sequence of 1-char strings.
-    data = value.encode("utf-8")
-    digest.update(b"s%d:" % len(data))
-    digest.update(data)
-  elif isinstance(value, (set, frozenset)):
-    _hash_into(digest, sorted(value))
-  elif isinstance(value, Sequence):
-    # Lists and tuples hash alike: JSON round trips turn one into the other.
-    digest.update(b"l%d:" % len(value))
-    for item in value:
-      _hash_into(digest, item)
-  else:
-    raise TypeError(
-        "fingerprint takes strings and (nested) sequences or sets of them,"
-        f" got {type(value).__name__}")
-
-
-def fingerprint(*columns: Any) -> str:
-  """A content hash of string columns, cheap enough for a whole corpus.
-
-  Args:
-    *columns: strings, or sequences / sets of them, nested to any depth,
-      e.g. `fingerprint(doc_ids, doc_texts)`.
-
-  Returns:
-    str, 64 hex digits (SHA-256).
-  """
-  digest = hashlib.sha256()
-  _hash_into(digest, list(columns))
-  return digest.hexdigest()
-
-
 def mining_key(method: str, settings: Mapping[str, Any],
                query_ids: Sequence[str], query_texts: Sequence[str],
                corpus_ids: Sequence[str], corpus_texts: Sequence[str],
@@ -238,7 +194,7 @@ def mining_key(method: str, settings: Mapping[str, Any],
   Args:
     method: str, e.g. "bm25" or "dense".
     settings: JSON-serialisable settings of the miner (`BM25_SETTINGS`, or
-      the encoder's fingerprint and options).
+      the encoder's `encoder_key`).
     query_ids, query_texts: list[str] [Q].
     corpus_ids, corpus_texts: list[str] [N].
     exclude: list[set[str]] [Q], the excluded (known relevant) doc ids.
@@ -256,51 +212,50 @@ def mining_key(method: str, settings: Mapping[str, Any],
       "depth": depth,
       "num_queries": len(query_ids),
       "num_docs": len(corpus_ids),
-      "queries": fingerprint(query_ids, query_texts),
-      "corpus": fingerprint(corpus_ids, corpus_texts),
+      "queries": io.fingerprint(query_ids, query_texts),
+      "corpus": io.fingerprint(corpus_ids, corpus_texts),
       # The positives decide what is excluded, so they belong to the key.
-      "exclude": fingerprint([sorted(s) for s in exclude]),
+      "exclude": io.fingerprint([sorted(s) for s in exclude]),
   }
 
 
-def encoder_fingerprint(encoder: "encoding.TextEncoder") -> dict[str, Any]:
-  """Settings that identify a `TextEncoder` for `mining_key`.
+def encoder_key(params: Any, **options: Any) -> dict[str, Any]:
+  """Identifies an encoder for `mining_key`: its weights and options.
 
   The weights are hashed, so re-mining with a fine-tuned model does not hit
   the cache of the model it started from. Costs one pass over the
-  parameters (about 0.2 s for MiniLM's 22M).
+  parameters (about 0.2 s for MiniLM's 22M), one leaf at a time.
 
   Args:
-    encoder: a `TextEncoder`.
+    params: the encoder's weights, any pytree of arrays (pass only the
+      parameters: RNG counters that change between runs would change the
+      key, and the cache would miss).
+    **options: JSON-serialisable settings that change its embeddings
+      (pooling, normalize, max_length).
 
   Returns:
-    dict with the weights' SHA-256 and the encoding options.
+    dict with the weights' SHA-256 and the options.
   """
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(encoder.state):
-    array = np.asarray(jax.device_get(leaf))
-    # Names, dtypes and shapes too: the same bytes under another layout
-    # are another model.
-    digest.update(jax.tree_util.keystr(path).encode("utf-8"))
-    digest.update(str((array.dtype, array.shape)).encode("utf-8"))
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return {
-      "weights": digest.hexdigest(),
-      "pooling": encoder.pooling,
-      "normalize": bool(encoder.normalize),
-      "max_length": int(encoder.max_length),
-  }
+  leaves = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      # Typed keys (dropout RNG state) have no numpy form; their bits do.
+      leaf = jax.random.key_data(leaf)
+    # Names too: the same arrays under another layout are another model.
+    leaves.append(io.fingerprint(jax.tree_util.keystr(path),
+                                 np.asarray(jax.device_get(leaf))))
+  return {"weights": io.fingerprint(leaves), **options}
 
 
 def _key_digest(key: Mapping[str, Any]) -> str:
-  """SHA-256 of the key's canonical JSON (sorted keys, no spaces)."""
+  """`io.fingerprint` of the key's canonical JSON (sorted, no spaces)."""
   try:
     # Sorted keys: two dicts equal as values give one digest.
     text = json.dumps(key, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False)
   except (TypeError, ValueError) as e:
     raise ValueError(f"the cache key must be JSON-serialisable: {e}") from None
-  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+  return io.fingerprint(text)
 
 
 def _is_negatives(value: Any) -> bool:
@@ -374,66 +329,74 @@ def cached_negatives(
   negatives = [list(row) for row in negatives]
   if not _is_negatives(negatives):
     raise ValueError("compute_fn must return a list of lists of doc-id strings")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # Same directory as the target: os.replace is atomic only within one
-  # file system. A unique name keeps two writers from sharing a temp file.
-  fd, tmp_path = tempfile.mkstemp(dir=directory, suffix=".tmp",
-                                  prefix=os.path.basename(path) + ".")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      # The key is stored in full so a stale file can be diagnosed by eye.
-      json.dump({"format": CACHE_FORMAT, "key_digest": digest, "key": key,
-                 "negatives": negatives}, f, ensure_ascii=False)
-      f.flush()
-      # On disk before the rename makes it visible under the real name.
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    # Interrupted or failed: leave no stray temp file, keep the old cache.
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  # The key is stored in full so a stale file can be diagnosed by eye.
+  io.write_json_atomic(path, {"format": CACHE_FORMAT, "key_digest": digest,
+                              "key": key, "negatives": negatives},
+                       indent=None)
   logging.info("%s: cached mined negatives (%d queries)", path, len(negatives))
   return negatives
 
 
-def attach_negatives(
-    data: "pipeline.TrainingData",
+def mine(
+    data: pipeline.TrainingData,
     *,
     method: str,
     depth: int = 100,
     cache_dir: str | os.PathLike | None = None,
-    encoder_fn: Callable[[], "encoding.TextEncoder"] | None = None,
-    batch_size: int = 64,
-) -> "pipeline.TrainingData":
-  """Mines hard negatives for training data, through a cache directory.
+    encode_fn: EncodeFn | None = None,
+    encoder_key: Mapping[str, Any] | None = None,
+) -> pipeline.TrainingData:
+  """Mines hard negatives for every query, excluding all its positives.
 
   Args:
     data: a `pipeline.TrainingData`.
-    method: "bm25" or "dense".
+    method: "bm25" (`bm25_negatives`) or "dense" (`dense_negatives`).
     depth: negatives kept per query.
     cache_dir: holds `<method>.json` (see `cached_negatives`); None mines
       without a cache.
-    encoder_fn: returns the `TextEncoder` for method "dense"; called only
-      for that method, so BM25 runs never build an encoder.
-    batch_size: texts per encoder step, for method "dense".
+    encode_fn: texts -> float32 [N, D] embeddings, for method "dense".
+    encoder_key: what identifies `encode_fn` in the cache key (see
+      `encoder_key()`), for method "dense" with a `cache_dir`.
 
   Returns:
-    `data.mine_negatives(...)`: the data with `negative_ids` set.
+    `data` with `negative_ids` set.
 
   Raises:
-    ValueError: an unknown method, or "dense" without `encoder_fn`.
+    ValueError: an unknown method, or "dense" without `encode_fn` (or,
+      with a cache, without `encoder_key`).
   """
-  encoder = None
-  if method == "dense":
-    if encoder_fn is None:
-      raise ValueError('method "dense" needs encoder_fn')
-    # Built even on a cache hit: its weights are part of the cache key.
-    encoder = encoder_fn()
+  if method not in MINING_METHODS:
+    raise ValueError(
+        f"method must be one of {MINING_METHODS}, got {method!r}")
+  query_ids = [ex.query_id for ex in data.examples]
+  query_texts = [ex.query for ex in data.examples]
+  # Every positive is excluded, not only the ones a batch will feed: a
+  # positive is relevant whichever the loader picks.
+  exclude = [set(ex.positive_ids) for ex in data.examples]
+  if method == "bm25":
+    settings = BM25_SETTINGS
+
+    def compute():
+      return bm25_negatives(query_texts, data.doc_ids, data.doc_texts,
+                            exclude, depth=depth)
+
+  else:
+    if encode_fn is None:
+      raise ValueError('method "dense" needs encode_fn')
+    if cache_dir is not None and encoder_key is None:
+      # Without it, another model's cached negatives would be reused.
+      raise ValueError('method "dense" with a cache_dir needs encoder_key')
+    settings = dict(encoder_key or {})
+
+    def compute():
+      return dense_negatives(encode_fn, query_texts, data.doc_ids,
+                             data.doc_texts, exclude, depth=depth)
+
+  if cache_dir is None:
+    return data.with_negatives(compute())
   # One file per method, so switching methods back and forth does not
   # evict the other's result.
-  cache_path = (None if cache_dir is None else
-                os.path.join(cache_dir, f"{method}.json"))
-  return data.mine_negatives(method, depth=depth, encoder=encoder,
-                             batch_size=batch_size, cache_path=cache_path)
+  key = mining_key(method, settings, query_ids, query_texts, data.doc_ids,
+                   data.doc_texts, exclude, depth)
+  path = os.path.join(cache_dir, f"{method}.json")
+  return data.with_negatives(cached_negatives(path, key, compute))

@@ -48,7 +48,6 @@ Two ways in:
 from collections.abc import Iterator
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 
@@ -58,6 +57,7 @@ from absl import logging
 from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
 import tensorflow_datasets as tfds
 
+from retrieval_jax import io
 from retrieval_jax.data import beir
 from retrieval_jax.data import long_documents
 from retrieval_jax.data import tfds_beir
@@ -87,7 +87,6 @@ SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
 RELEVANCE = 1
 
 _HASH_CHARS = 16
-_READ_CHUNK_BYTES = 1 << 20
 # Rows per Parquet batch: bounds memory for files of long documents.
 _PARQUET_BATCH = 1024
 
@@ -440,16 +439,11 @@ def fingerprint(queries: str, documents: str, task: str) -> str:
     str, _HASH_CHARS hex digits of a SHA-256; identical copies of the files
     elsewhere give the same value.
   """
-  digest = hashlib.sha256(task.encode("utf-8") + b"\0")
-  for role, source in (("queries", queries), ("documents", documents)):
-    for path in source_files(source):
-      digest.update(f"{role}/{os.path.basename(path)}".encode() + b"\0")
-      # The size delimits this file's bytes from the next file's name.
-      digest.update(str(os.path.getsize(path)).encode() + b"\0")
-      with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK_BYTES):
-          digest.update(chunk)
-  return digest.hexdigest()[:_HASH_CHARS]
+  files = [(f"{role}/{os.path.basename(path)}", io.file_sha256(path))
+           for role, source in (("queries", queries),
+                                ("documents", documents))
+           for path in source_files(source)]
+  return io.fingerprint(task, files)[:_HASH_CHARS]
 
 
 def make_config(

@@ -46,11 +46,12 @@ small array functions below (`ndcg_at_k`, `average_precision`, ...) reduce.
 from collections.abc import Mapping, Sequence
 import bisect
 import dataclasses
-import heapq
 import itertools
 import re
 
 import numpy as np
+
+from retrieval_jax.search import trec_order
 
 DEFAULT_MEASURES = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map",
                     "p@10")
@@ -61,8 +62,10 @@ _OPTIONAL_CUT = ("ndcg", "mrr", "map")
 _MEASURE_RE = re.compile(r"^(ndcg|recall|mrr|map|p)(?:@([0-9]+))?$")
 _ACCEPTED_FORMS = ("'ndcg', 'ndcg@K', 'recall@K', 'mrr', 'mrr@K', 'map', "
                    "'map@K', 'p@K' (K a positive integer)")
-# One query's run: {doc id: score} or (doc id, score) pairs.
-DocScores = Mapping[str, float] | Sequence[tuple[str, float]]
+# trec_eval's document order is shared with search/ (fusion); these names
+# stay here for the callers of the metrics.
+DocScores = trec_order.DocScores
+trec_eval_sorted = trec_order.trec_eval_sorted
 # Upper bound on the elements of one [chunk, K] comparison block when ranking
 # judged documents; keeps each block near 16 MB of float32 scores.
 _COMPARE_BLOCK = 1 << 22
@@ -143,33 +146,6 @@ def to_pytrec_eval_request(name: str) -> str:
   return f"{head}.{tail}" if tail.isdigit() else key
 
 
-def trec_eval_sorted(doc_scores: DocScores,
-                     k: int | None = None) -> list[tuple[str, float]]:
-  """Returns (doc id, score) pairs in trec_eval's order, optionally the top k.
-
-  Args:
-    doc_scores: one query's run, {doc id: score} or (doc id, score) pairs.
-    k: keep only the first k pairs (None keeps all).
-
-  Returns:
-    The pairs sorted by score descending, then doc id descending.
-  """
-  items = list(doc_scores.items() if isinstance(doc_scores, Mapping)
-               else doc_scores)
-  # Keys (float32 score, id, position): reverse order gives score desc, id
-  # desc, as trec_eval compares float32 scores. The position picks the pair
-  # to return, with its original score.
-  scores32 = _as_float32(np.fromiter((s for _, s in items), np.float64,
-                                     len(items))).tolist()
-  keys = zip(scores32, (doc for doc, _ in items), range(len(items)))
-  if k is None:
-    ranked = sorted(keys, reverse=True)
-  else:
-    # heapq.nlargest returns the k largest keys in descending order.
-    ranked = heapq.nlargest(k, keys)
-  return [items[i] for _, _, i in ranked]
-
-
 def truncate_run(run: Mapping[str, Mapping[str, float]],
                  k: int) -> dict[str, dict[str, float]]:
   """Cuts every query of a run to its top k documents in trec_eval's order.
@@ -185,13 +161,6 @@ def truncate_run(run: Mapping[str, Mapping[str, float]],
     {query id: {doc id: score}} with at most k documents per query.
   """
   return {qid: dict(trec_eval_sorted(docs, k)) for qid, docs in run.items()}
-
-
-def _as_float32(scores: np.ndarray) -> np.ndarray:
-  """Rounds float64 scores to float32 as trec_eval's C `float` field does."""
-  # Out-of-range doubles become +-inf, as the x86 conversion does.
-  with np.errstate(over="ignore"):
-    return np.asarray(scores, np.float64).astype(np.float32)
 
 
 # Array layer: pure functions on per-query matrices in rank order. Column j
@@ -481,9 +450,10 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
   # NaN: NaN is neither above nor equal to any score, so padding never counts
   # in a rank.
   scores_qk = np.full((num_queries, depth), np.nan, np.float32)
-  scores_qk[np.arange(depth) < lengths_q[:, None]] = _as_float32(np.fromiter(
-      itertools.chain.from_iterable(run[q].values() for q in qids),
-      np.float64, int(lengths_q.sum())))
+  scores_qk[np.arange(depth) < lengths_q[:, None]] = trec_order.as_float32(
+      np.fromiter(
+          itertools.chain.from_iterable(run[q].values() for q in qids),
+          np.float64, int(lengths_q.sum())))
   if np.isnan(scores_qk).sum() != scores_qk.size - lengths_q.sum():
     raise ValueError("run scores must not be NaN (trec_eval cannot order "
                      "them)")
@@ -499,7 +469,7 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
       len(docs_j))
   # Score of each judged document in its query's run (NaN: not retrieved).
   nan = float("nan")
-  judged_scores_j = _as_float32(np.fromiter(
+  judged_scores_j = trec_order.as_float32(np.fromiter(
       itertools.chain.from_iterable(
           map(r.get, j, itertools.repeat(nan)) for j, r in judged),
       np.float64, len(docs_j)))

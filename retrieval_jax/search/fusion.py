@@ -6,7 +6,7 @@ leaves its inputs untouched.
 
 Ordering. Each returned query maps its documents in trec_eval's order (score
 descending, compared as float32, ties by doc id descending; see
-`ir_metrics.trec_eval_sorted`), so "top k" here is the top k that
+`trec_order`), so "top k" here is the top k that
 trec_eval would evaluate. Queries appear in the order they are first met in
 the inputs (first run's queries, then the new ones of the next run, ...).
 
@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-from retrieval_jax.evaluation import ir_metrics
+from retrieval_jax.search import trec_order
 
 Run = Mapping[str, Mapping[str, float]]
 
@@ -153,7 +153,7 @@ def interpolate(dense_run: Run,
       scores = {doc: w_dense * s for doc, s in dense.items()}
     else:
       scores = {doc: w_sparse * s for doc, s in sparse.items()}
-    fused[qid] = dict(ir_metrics.trec_eval_sorted(scores, k))
+    fused[qid] = dict(trec_order.trec_eval_sorted(scores, k))
   return fused
 
 
@@ -193,9 +193,9 @@ def reciprocal_rank_fusion(runs: Sequence[Run],
   for qid in _query_order(runs):
     terms: dict[str, list[float]] = {}
     for run in runs:
-      ranked = ir_metrics.trec_eval_sorted(run.get(qid, {}), depth)
+      ranked = trec_order.trec_eval_sorted(run.get(qid, {}), depth)
       for rank, (doc, _) in enumerate(ranked, start=1):
         terms.setdefault(doc, []).append(1.0 / (k + rank))
     scores = {doc: math.fsum(t) for doc, t in terms.items()}
-    fused[qid] = dict(ir_metrics.trec_eval_sorted(scores))
+    fused[qid] = dict(trec_order.trec_eval_sorted(scores))
   return fused

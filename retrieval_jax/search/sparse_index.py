@@ -33,10 +33,11 @@ negative indices, so the output can be passed to it unchanged.
 from collections.abc import Iterable, Sequence
 import dataclasses
 import os
-import tempfile
 
 import numpy as np
 import scipy.sparse as sp
+
+from retrieval_jax import io
 
 # Bump when the saved arrays change meaning or layout.
 FORMAT_VERSION = 1
@@ -396,30 +397,17 @@ def stats(index: SparseIndex) -> dict[str, float]:
 
 
 def save(index: SparseIndex, path: str | os.PathLike[str]) -> None:
-  """Writes the index to `path` (an .npz archive, written under that exact
-  name) atomically: a temporary file in the same directory, then
-  os.replace, so readers never see a partial file."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix=os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    # A file object, not a name: np.savez would append ".npz" to a name.
-    with os.fdopen(fd, "wb") as f:
-      m = index.docs_nv
-      np.savez(f, format_name=np.array(_FORMAT_NAME),
-               format_version=np.array(FORMAT_VERSION),
-               num_docs=np.array(index.num_docs),
-               vocab_size=np.array(index.vocab_size),
-               data=m.data, indices=m.indices, indptr=m.indptr)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes the index to `path`, an .npz archive under that exact name.
+
+  The write is atomic (`io.save_npz_atomic`): readers never see a partial
+  file.
+  """
+  m = index.docs_nv
+  io.save_npz_atomic(path, format_name=np.array(_FORMAT_NAME),
+                     format_version=np.array(FORMAT_VERSION),
+                     num_docs=np.array(index.num_docs),
+                     vocab_size=np.array(index.vocab_size),
+                     data=m.data, indices=m.indices, indptr=m.indptr)
 
 
 def load(path: str | os.PathLike[str]) -> SparseIndex:

@@ -17,6 +17,7 @@ import zlib
 from absl.testing import absltest
 import numpy as np
 
+from retrieval_jax import io
 from retrieval_jax.data import beir
 from retrieval_jax.data import negatives
 from retrieval_jax.data import pipeline
@@ -41,7 +42,7 @@ def make_tempdir(test: absltest.TestCase) -> str:
 
 
 class BagOfWordsEncoder:
-  """Hashed bag-of-words vectors with `TextEncoder.encode`'s signature.
+  """Hashed bag-of-words vectors: an `encode_fn` that records its calls.
 
   Scores are small integers, so float32 matmuls in any order agree exactly
   and an exact reference ranking exists.
@@ -51,8 +52,8 @@ class BagOfWordsEncoder:
     self.dim = dim
     self.calls = []
 
-  def encode(self, texts, *, batch_size=64, desc="", progress=True):
-    self.calls.append((len(texts), batch_size, progress))
+  def __call__(self, texts):
+    self.calls.append(list(texts))
     out_nd = np.zeros((len(texts), self.dim), np.float32)
     for i, text in enumerate(texts):
       for word in text.lower().replace("?", " ").split():
@@ -88,13 +89,21 @@ class Bm25ToyTest(absltest.TestCase):
   def test_query_without_corpus_terms_gets_nothing(self):
     self.assertEqual(self.mine(set(), query="quokka"), [])
 
-  def test_deterministic(self):
+  def test_each_query_is_mined_independently_of_the_others(self):
+    # Batch-mates, and their order, must not change a query's list.
     queries = ["apple", "banana split", "cherry apple"]
-    args = (queries, _TOY_IDS, _TOY_TEXTS, [set(), {"d3"}, set()])
-    self.assertEqual(
-        negatives.bm25_negatives(*args, depth=3),
-        negatives.bm25_negatives(*args, depth=3),
-    )
+    exclude = [set(), {"d3"}, set()]
+    together = negatives.bm25_negatives(queries, _TOY_IDS, _TOY_TEXTS,
+                                        exclude, depth=3)
+    alone = [self.mine(e, depth=3, query=q)
+             for q, e in zip(queries, exclude)]
+    self.assertEqual(together, alone)
+    reversed_ = negatives.bm25_negatives(queries[::-1], _TOY_IDS, _TOY_TEXTS,
+                                         exclude[::-1], depth=3)
+    self.assertEqual(reversed_[::-1], together)
+    # "apple": d1 holds it three times in five words, which outscores the
+    # two-word d0 and d4 (tf saturates, k1 = 0.9); d0 before d4 on the tie.
+    self.assertEqual(together[0], ["d1", "d0", "d4"])
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "exclude has 0 sets"):
@@ -196,12 +205,10 @@ class DenseNegativesTest(absltest.TestCase):
     exclude = [{"d0"}, {"d4", "d1"}, set()]
     encoder = BagOfWordsEncoder()
     got = negatives.dense_negatives(
-        encoder, queries, ids, corpus, exclude, depth=4, batch_size=16
+        encoder, queries, ids, corpus, exclude, depth=4
     )
-    self.assertEqual(
-        encoder.calls, [(len(corpus), 16, False), (len(queries), 16, False)]
-    )
-    scores_qn = encoder.encode(queries) @ encoder.encode(corpus).T
+    self.assertEqual(encoder.calls, [corpus, queries])
+    scores_qn = encoder(queries) @ encoder(corpus).T
     for row, excluded, mined in zip(reference_ranking(scores_qn), exclude,
                                     got):
       want = [ids[i] for i in row if ids[i] not in excluded][:4]
@@ -231,8 +238,8 @@ class DenseNegativesTest(absltest.TestCase):
     exclude = [set(collection.qrels[q]) for q in query_ids]
     docs = collection.doc_texts()
     mined = negatives.dense_negatives(
-        encoder, query_texts, collection.doc_ids, docs, exclude, depth=10,
-        mesh=mesh)
+        lambda texts: encoder.encode(texts, progress=False), query_texts,
+        collection.doc_ids, docs, exclude, depth=10, mesh=mesh)
     # Check the lists against the encoder's own scores: in order, and no
     # unlisted, non-excluded doc scores above the last one listed.
     # One call for both sides: every text pads to max_length, so the rows
@@ -264,7 +271,7 @@ class CacheTest(absltest.TestCase):
     return fn
 
   def test_hit_and_miss(self):
-    key = {"method": "bm25", "corpus": negatives.fingerprint(["x"])}
+    key = {"method": "bm25", "corpus": io.fingerprint(["x"])}
     self.assertEqual(
         negatives.cached_negatives(self.path, key, self.compute()),
         [["a", "b"], []],
@@ -277,7 +284,7 @@ class CacheTest(absltest.TestCase):
     )
     self.assertEqual(self.calls, 1)
     # Changed input: recomputed and the file replaced.
-    key2 = {"method": "bm25", "corpus": negatives.fingerprint(["y"])}
+    key2 = {"method": "bm25", "corpus": io.fingerprint(["y"])}
     self.assertEqual(
         negatives.cached_negatives(self.path, key2, self.compute("z")),
         [["z", "b"], []],
@@ -322,13 +329,6 @@ class CacheTest(absltest.TestCase):
       negatives.cached_negatives(self.path, {"k": 1}, lambda: [[1, 2]])
     self.assertFalse(os.path.exists(self.path))
 
-  def test_fingerprint_is_unambiguous(self):
-    fp = negatives.fingerprint
-    self.assertNotEqual(fp(["ab", "c"]), fp(["a", "bc"]))
-    self.assertNotEqual(fp(["a"], ["b"]), fp(["a", "b"]))
-    self.assertEqual(fp([{"b", "a"}]), fp([["a", "b"]]))
-    self.assertEqual(fp(("x", "y")), fp(["x", "y"]))
-
   def test_mining_key_tracks_every_input(self):
     args = dict(
         method="bm25", settings=negatives.BM25_SETTINGS, query_ids=["q"],
@@ -344,20 +344,24 @@ class CacheTest(absltest.TestCase):
                           name)
 
 
-class AttachNegativesTest(absltest.TestCase):
+def _toy_data() -> pipeline.TrainingData:
+  return pipeline.TrainingData(
+      [pipeline.TrainingExample("q1", "apple banana", ("d0",)),
+       pipeline.TrainingExample("q2", "banana split", ("d3", "d1"))],
+      _TOY_IDS, _TOY_TEXTS, source="toy")
+
+
+class MineTest(absltest.TestCase):
 
   def test_bm25_through_cache(self):
-    data = pipeline.TrainingData(
-        [pipeline.TrainingExample("q1", "apple banana", ("d0",)),
-         pipeline.TrainingExample("q2", "banana split", ("d3", "d1"))],
-        _TOY_IDS, _TOY_TEXTS, source="toy")
+    data = _toy_data()
     cache_dir = make_tempdir(self)
     with mock.patch.object(negatives, "bm25_negatives",
                            wraps=negatives.bm25_negatives) as miner:
-      mined = negatives.attach_negatives(data, method="bm25", depth=2,
-                                         cache_dir=cache_dir)
-      again = negatives.attach_negatives(data, method="bm25", depth=2,
-                                         cache_dir=cache_dir)
+      mined = negatives.mine(data, method="bm25", depth=2,
+                             cache_dir=cache_dir)
+      again = negatives.mine(data, method="bm25", depth=2,
+                             cache_dir=cache_dir)
       self.assertEqual(miner.call_count, 1)
     self.assertTrue(os.path.isfile(os.path.join(cache_dir, "bm25.json")))
     self.assertEqual(mined.examples, again.examples)
@@ -366,10 +370,63 @@ class AttachNegativesTest(absltest.TestCase):
         [{"d0"}, {"d3", "d1"}], depth=2)
     self.assertEqual([list(ex.negative_ids) for ex in mined.examples], want)
     self.assertEqual(want[0][0], "d4")
-    with self.assertRaisesRegex(ValueError, "needs encoder_fn"):
-      negatives.attach_negatives(data, method="dense")
+    self.assertEqual(negatives.mine(data, method="bm25", depth=2).examples,
+                     mined.examples)
+
+  def test_dense_through_cache_keyed_by_the_encoder(self):
+    data = _toy_data()
+    cache_dir = make_tempdir(self)
+    encoder = BagOfWordsEncoder()
+    key = {"weights": "a", "pooling": "mean"}
+    mined = negatives.mine(data, method="dense", depth=2, cache_dir=cache_dir,
+                           encode_fn=encoder, encoder_key=key)
+    want = negatives.dense_negatives(
+        BagOfWordsEncoder(), ["apple banana", "banana split"], _TOY_IDS,
+        _TOY_TEXTS, [{"d0"}, {"d3", "d1"}], depth=2)
+    self.assertEqual([list(ex.negative_ids) for ex in mined.examples], want)
+    self.assertLen(encoder.calls, 2)
+    # Same encoder key: read back without encoding.
+    negatives.mine(data, method="dense", depth=2, cache_dir=cache_dir,
+                   encode_fn=encoder, encoder_key=dict(key))
+    self.assertLen(encoder.calls, 2)
+    # Another encoder (e.g. fine-tuned weights): mined again.
+    negatives.mine(data, method="dense", depth=2, cache_dir=cache_dir,
+                   encode_fn=encoder, encoder_key={**key, "weights": "b"})
+    self.assertLen(encoder.calls, 4)
+
+  def test_bad_arguments(self):
+    data = _toy_data()
+    with self.assertRaisesRegex(ValueError, "needs encode_fn"):
+      negatives.mine(data, method="dense")
+    with self.assertRaisesRegex(ValueError, "needs encoder_key"):
+      negatives.mine(data, method="dense", encode_fn=BagOfWordsEncoder(),
+                     cache_dir=make_tempdir(self))
     with self.assertRaisesRegex(ValueError, "method must be one of"):
-      negatives.attach_negatives(data, method="splade")
+      negatives.mine(data, method="splade")
+
+
+class EncoderKeyTest(absltest.TestCase):
+
+  def test_tracks_weights_names_and_options(self):
+    params = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    base = negatives.encoder_key(params, pooling="mean")
+    self.assertEqual(base, negatives.encoder_key(
+        {k: v.copy() for k, v in params.items()}, pooling="mean"))
+    self.assertEqual(base["pooling"], "mean")
+    changed = dict(params, w=params["w"] + 1e-3)
+    renamed = {"w2": params["w"], "b": params["b"]}
+    for other in (negatives.encoder_key(changed, pooling="mean"),
+                  negatives.encoder_key(renamed, pooling="mean"),
+                  negatives.encoder_key(params, pooling="cls")):
+      self.assertNotEqual(base, other)
+    json.dumps(base)  # Goes into the JSON cache file.
+
+  def test_accepts_typed_rng_keys(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    params = {"w": np.ones(2, np.float32)}
+    one = negatives.encoder_key({**params, "key": jax.random.key(0)})
+    self.assertNotEqual(one, negatives.encoder_key(
+        {**params, "key": jax.random.key(1)}))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 
 from retrieval_jax import pretrained
 from retrieval_jax.data import beir
+from retrieval_jax.data import negatives
 from retrieval_jax.data import pipeline
 from retrieval_jax.data import tokenizers
 from test_util import LIMIT_SMALL, SCIFACT, SHARED_DATA
@@ -66,8 +67,9 @@ def limit_train() -> pipeline.TrainingData:
   """LIMIT-small's train split with BM25 negatives (read and mined once)."""
   global _LIMIT_TRAIN
   if _LIMIT_TRAIN is None:
-    _LIMIT_TRAIN = pipeline.TrainingData.from_beir(
-        LIMIT_SMALL, "train").mine_negatives("bm25", depth=20)
+    _LIMIT_TRAIN = negatives.mine(
+        pipeline.TrainingData.from_beir(LIMIT_SMALL, "train"),
+        method="bm25", depth=20)
   return _LIMIT_TRAIN
 
 
@@ -77,14 +79,14 @@ def toy_data(negatives_per_query=None) -> pipeline.TrainingData:
   doc_texts = [f"document number {i} about topic {i % 3}" for i in range(12)]
   positives = [("d0",), ("d1", "d2"), ("d3", "d4", "d5"), ("d6",),
                ("d7", "d8")]
-  negatives = negatives_per_query or [
+  negative_ids = negatives_per_query or [
       ("d9", "d10", "d11", "d1"), ("d0", "d9"), (), ("d11",),
       ("d0", "d1", "d2", "d3", "d4", "d5"),
   ]
   examples = [
       pipeline.TrainingExample(f"q{i}", f"query {i} topic {i % 3}", pos,
                                tuple(neg))
-      for i, (pos, neg) in enumerate(zip(positives, negatives))
+      for i, (pos, neg) in enumerate(zip(positives, negative_ids))
   ]
   return pipeline.TrainingData(examples, doc_ids, doc_texts, source="toy")
 
