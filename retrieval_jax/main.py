@@ -3,22 +3,20 @@ r"""Entry point: set-up, then dispatch on --mode.
   python -m retrieval_jax.main --config configs/evaluate.py[:variant] \
       --workdir DIR [--mode MODE] [--config.a.b=value ...]
 
-MODE (by default chosen from the config's blocks):
+MODE (by default `train` for a config with a `train` block, else
+`evaluate`):
 
   train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
   evaluate  zero-shot retrieval metrics (configs/evaluate.py)
   encode    corpus embeddings to .npy (configs/evaluate.py)
   export    query / passage towers of the latest checkpoint in <workdir>
             (configs/train.py) for serving, to <workdir>/export
-  critical_n  free-embedding critical n against the embedding dimension
-            (configs/limit.py)
-  cur_knn   CUR k-NN search for a trained cross-encoder: recall of the
-            exact top-k against the CE-call budget (configs/cur_knn.py)
-  kv_memory discrete key-value bottleneck experiments (configs/kv_memory.py)
 
 Set-up only: multi-process initialisation, partitionable PRNG, logging of the
 process and device counts; every mode is a library function that Colab and
-tests call the same way.
+tests call the same way. Experiments (critical n, CUR k-NN, key-value
+memory, ...) live in experiments/<name>/ and run from the repository root as
+`python -m experiments.<name>.run --config experiments/<name>/config.py`.
 """
 
 import os
@@ -34,15 +32,44 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for outputs (created if missing).")
+
+# pylint: disable=g-import-not-at-top
+# The imports are inside so that they follow the device set-up in main().
+
+
+def _train(config, workdir):
+  from retrieval_jax import train
+  return train.train_and_evaluate(config, workdir)
+
+
+def _evaluate(config, workdir):
+  from retrieval_jax import evaluate
+  return evaluate.evaluate(config, workdir)
+
+
+def _encode(config, workdir):
+  from retrieval_jax import evaluate
+  return evaluate.encode(config, workdir)
+
+
+def _export(config, workdir):
+  from retrieval_jax import export
+  return export.export_from_workdir(config, workdir)
+
+
+# pylint: enable=g-import-not-at-top
+
+# mode -> (the config block it needs, the config file that has it, its job).
+MODES = {
+    "train": ("train", "configs/train.py", _train),
+    "evaluate": ("search", "configs/evaluate.py", _evaluate),
+    "encode": ("search", "configs/evaluate.py", _encode),
+    "export": ("train", "configs/train.py", _export),
+}
 _MODE = flags.DEFINE_enum(
-    "mode", None,
-    ["train", "evaluate", "encode", "export", "critical_n", "cur_knn",
-     "kv_memory"],
+    "mode", None, list(MODES),
     "What to run; by default `train` for a config with a `train` block "
-    "(configs/train.py), `critical_n` for one with a `protocol` block "
-    "(configs/limit.py), `cur_knn` for one with a `subset` block "
-    "(configs/cur_knn.py), `kv_memory` for one with a `kv` block "
-    "(configs/kv_memory.py), else `evaluate`.")
+    "(configs/train.py), else `evaluate`.")
 
 # Environment variables that mean "one of several cooperating processes".
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
@@ -80,6 +107,13 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  parts = os.path.normpath(path).split(os.sep)
+  if len(parts) >= 3 and parts[-3] == "experiments":
+    # experiments/<name>/config.py: its own runner reads it, not a mode.
+    name = parts[-2]
+    sys.exit(f"error: {path} is an experiment's config; run it with "
+             f"python -m experiments.{name}.run --config {path} ...")
   config = _CONFIG.value
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # pylint: disable=g-import-not-at-top
@@ -99,72 +133,22 @@ def main(argv):
   logging.info("config:\n%s", config)
 
   # pylint: disable=g-import-not-at-top
-  from retrieval_jax import evaluate
+  from retrieval_jax import errors
   from retrieval_jax import metric_logging
-  from retrieval_jax import optimizers
-  from retrieval_jax.data import beir
   # pylint: enable=g-import-not-at-top
-  mode = _MODE.value or ("train" if "train" in config else "critical_n"
-                         if "protocol" in config else "cur_knn"
-                         if "subset" in config else "kv_memory"
-                         if "kv" in config else "evaluate")
-  if mode in ("train", "export") and "train" not in config:
-    sys.exit(f"error: --mode={mode} needs a training config "
-             "(configs/train.py), got one without a `train` block")
-  if mode in ("evaluate", "encode") and "search" not in config:
-    sys.exit(f"error: --mode={mode} needs configs/evaluate.py (a `search` "
-             "block); use --mode=train with configs/train.py")
-  if mode == "critical_n" and "protocol" not in config:
-    sys.exit("error: --mode=critical_n needs configs/limit.py (a `protocol` "
-             "block)")
-  if mode == "kv_memory" and "kv" not in config:
-    sys.exit("error: --mode=kv_memory needs configs/kv_memory.py (a `kv` "
-             "block)")
-  if mode == "cur_knn" and "subset" not in config:
-    sys.exit("error: --mode=cur_knn needs configs/cur_knn.py (a `subset` "
-             "block)")
+  mode = _MODE.value or ("train" if "train" in config else "evaluate")
+  block, config_file, job = MODES[mode]
+  if block not in config:
+    sys.exit(f"error: --mode={mode} needs a config with a `{block}` block "
+             f"({config_file})")
   try:
-    if mode == "train":
-      from retrieval_jax import train  # pylint: disable=g-import-not-at-top
-      train.train_and_evaluate(config, _WORKDIR.value)
-    elif mode == "export":
-      from retrieval_jax import export  # pylint: disable=g-import-not-at-top
-      export.export_from_workdir(config, _WORKDIR.value)
-    elif mode == "evaluate":
-      evaluate.evaluate(config, _WORKDIR.value)
-    elif mode == "encode":
-      evaluate.encode(config, _WORKDIR.value)
-    elif mode == "critical_n":
-      # pylint: disable-next=g-import-not-at-top
-      from retrieval_jax.analysis import embedding_dimension
-      try:
-        embedding_dimension.run(config, _WORKDIR.value)
-      except embedding_dimension.ConfigError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
-    elif mode == "cur_knn":
-      # pylint: disable-next=g-import-not-at-top
-      from retrieval_jax.search import cur_experiment
-      cur_experiment.run(config, _WORKDIR.value)
-    elif mode == "kv_memory":
-      # pylint: disable=g-import-not-at-top
-      from retrieval_jax.analysis import class_incremental
-      from retrieval_jax.analysis import memory_adapter
-      # pylint: enable=g-import-not-at-top
-      if config.experiment == "retrieval":
-        memory_adapter.run(config, _WORKDIR.value)
-      elif config.experiment in ("digits", "toy"):
-        class_incremental.run_experiment(config, _WORKDIR.value)
-      else:
-        sys.exit(f"error: config.experiment={config.experiment!r}: expected "
-                 "'digits', 'toy' or 'retrieval'")
+    job(config, _WORKDIR.value)
   except metric_logging.NonFiniteError as e:
     # The last good checkpoint is untouched; say where it is.
     logging.error("%s", e)
     sys.exit(f"error: {e}; the last good checkpoint is in "
              f"{_WORKDIR.value}/checkpoints")
-  except (evaluate.ConfigError, optimizers.OptimizerConfigError,
-          beir.BeirFormatError, FileNotFoundError) as e:
+  except (errors.ConfigError, errors.DataError, FileNotFoundError) as e:
     # Bad config values and bad input files are the user's to fix: one line
     # naming the key, or the file and line, and no traceback.
     logging.error("%s", e)

@@ -1,4 +1,8 @@
-"""Every config loads, is locked, has a smoke variant and comments its fields."""
+"""Every config loads, is locked, has a smoke variant and comments its fields.
+
+The library's configs/<name>.py and the experiments'
+experiments/<name>/config.py alike; each docstring holds its command.
+"""
 
 import ast
 import importlib
@@ -10,8 +14,15 @@ from absl.testing import parameterized
 from configs import common
 
 _CONFIG_DIR = pathlib.Path(common.__file__).parent
-_CONFIGS = sorted(p.stem for p in _CONFIG_DIR.glob("*.py")
-                  if p.stem not in ("__init__", "common"))
+# module name -> (file, the command its docstring must show).
+_CONFIGS = {
+    f"configs.{p.stem}": (p, "python -m retrieval_jax.main")
+    for p in sorted(_CONFIG_DIR.glob("*.py"))
+    if p.stem not in ("__init__", "common")}
+_CONFIGS.update({
+    f"experiments.{p.parent.name}.config": (
+        p, f"python -m experiments.{p.parent.name}.run")
+    for p in sorted((common.REPO_ROOT / "experiments").glob("*/config.py"))})
 
 
 def _assigned_fields(path: pathlib.Path):
@@ -25,19 +36,25 @@ def _assigned_fields(path: pathlib.Path):
 
 class ConfigsTest(parameterized.TestCase):
 
+  def test_experiment_configs_are_found(self):
+    self.assertContainsSubset(
+        {"experiments.cur_knn.config", "experiments.kv_memory.config",
+         "experiments.limit_critical_n.config", "configs.train"},
+        set(_CONFIGS))
+
   @parameterized.parameters(*[(c,) for c in _CONFIGS])
   def test_default_and_smoke_load_locked(self, name):
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(name)
     for arg in (None, "smoke"):
       config = module.get_config(arg)
       self.assertTrue(config.is_locked)
       with self.assertRaises(AttributeError):
         config.no_such_field = 1  # Typos fail loudly.
-    self.assertIn("python -m retrieval_jax.main", module.__doc__)
+    self.assertIn(_CONFIGS[name][1], module.__doc__)
 
-  @parameterized.parameters(*[(c,) for c in _CONFIGS + ["common"]])
+  @parameterized.parameters(*[(c,) for c in [*_CONFIGS, "configs.common"]])
   def test_every_field_has_a_comment(self, name):
-    path = _CONFIG_DIR / f"{name}.py"
+    path = _CONFIGS.get(name, (_CONFIG_DIR / "common.py",))[0]
     lines = path.read_text().splitlines()
     for lineno, field in _assigned_fields(path):
       line = lines[lineno - 1]

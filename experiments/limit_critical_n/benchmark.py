@@ -1,7 +1,8 @@
 r"""Critical-n search, d = 4 ... 8: this repository against the released script.
 
-Runs our search through the entry point (`configs/limit.py`, all d in one
-process, and each d alone for a per-d time), reads the released script's
+Runs our search through its command (`python -m
+experiments.limit_critical_n.run`, all d in one process, and each d alone
+for a per-d time), reads the released script's
 timings written by run_reference.py (or runs it, if `--script` is given and
 the timing file is missing), and prints both side by side: critical n, the
 solved / failed n, the n each search asked for, wall times and the ratio.
@@ -29,10 +30,10 @@ _REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _ours(dims: list[int], workdir: pathlib.Path) -> tuple[float, dict]:
-  """Wall time of the entry point on `dims`, and its critical_n.json."""
+  """Wall time of the experiment on `dims`, and its critical_n.json."""
   env = dict(os.environ, PYTHONPATH=str(_REPO))
-  cmd = [sys.executable, "-m", "retrieval_jax.main", "--config",
-         "configs/limit.py", "--workdir", str(workdir),
+  cmd = [sys.executable, "-m", "experiments.limit_critical_n.run", "--config",
+         "experiments/limit_critical_n/config.py", "--workdir", str(workdir),
          f"--config.dims={','.join(map(str, dims))}",
          "--config.search.progress_every=0"]
   start = time.perf_counter()

@@ -15,7 +15,7 @@ script itself is not modified.
 
 Each d runs in its own process, as the script is meant to be launched
 (`--d=D --k=2 --enable_critical_n_search=N0 --device=cpu`), with the same
-starting n as `configs/limit.py:critical_n` (the paper's cubic, rounded).
+starting n as `config.py:critical_n` (the paper's cubic, rounded).
 Writes <out>/d=<d>_k=2.json (the script's own results), <out>/d=<d>.log and
 <out>/timing.json ({d: {wall_s, critical_n, solved, failed}}).
 
@@ -68,14 +68,16 @@ def main() -> None:
   if args.child is not None:
     _run_patched(args.script, args.child)
     return
+  # Run as a script: the repository root is not on the path by itself.
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
   # pylint: disable-next=g-import-not-at-top
-  from retrieval_jax.analysis import embedding_dimension
+  from experiments.limit_critical_n import search
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   timing_path = out / "timing.json"
   timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
   for d in (int(x) for x in args.dims.split(",")):
-    initial_n = embedding_dimension.initial_n(d, args.k)
+    initial_n = search.initial_n(d, args.k)
     results = out / f"d={d}_k={args.k}.json"
     cached_s = 0.0
     if args.resume and results.exists():

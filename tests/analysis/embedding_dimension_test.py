@@ -1,22 +1,18 @@
-"""Tests for retrieval_jax.analysis.embedding_dimension.
+"""Tests for retrieval_jax.analysis.embedding_dimension (the optimiser).
 
-Oracles: the released protocol's known outcomes (critical n = 9 at d = 4,
-seed 42: n = 5 ... 9 solved, 10 ... 14 not); the InfoNCE floor ln k; exact
-stopping iterations of the protocol's rules; padding that leaves a run's
-numbers unchanged; the search replay against a line-by-line sequential
-version of the released search on arbitrary outcome tables; the paper's
-cubic against its quoted extrapolations; a fit that recovers a known cubic.
+Oracles: the released protocol's known outcomes (seed 42, d = 4: n = 9
+solved, n = 10 not); the InfoNCE floor ln k; exact stopping iterations of
+the protocol's rules; padding that leaves a run's numbers unchanged. The
+search, fit and plot are tested in tests/experiments/limit_critical_n_test.py.
 """
 
 import math
-import xml.etree.ElementTree as ET
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from retrieval_jax.analysis import embedding_dimension as ed
 from retrieval_jax.analysis import qrel_patterns
@@ -169,130 +165,6 @@ class ProtocolTest(absltest.TestCase):
     self.assertFalse(r10.solved)
     self.assertEqual(r10.stop, "patience")
     self.assertLess(r10.max_accuracy, 1.0)
-
-  @pytest.mark.slow
-  def test_critical_n_at_d4_is_9(self):
-    (search,) = ed.critical_n_search([4], log=lambda _: None).values()
-    self.assertEqual(search.critical_n, 9)
-    self.assertEqual(search.solved_n(), [5, 6, 7, 8, 9])
-    self.assertEqual(search.failed_n(), [10, 11, 12, 13, 14])
-    # The released search starting at 7 asks for these, in this order.
-    self.assertEqual(search.asked, [7, 8, 10, 9, 5, 6, 11, 12, 13, 14])
-
-
-def _sequential_released_search(start, solved, sweep=(-4, 5)):
-  """The released search, transcribed loop for loop (the test's oracle)."""
-  asked = []
-
-  def evaluate(n):
-    if n not in asked:
-      asked.append(n)
-    return solved(n)
-
-  n_low = n_high = None
-  min_n = 1
-  if evaluate(start):
-    n_low, step = start, 1
-    while True:
-      n_test = n_low + step
-      if evaluate(n_test):
-        n_low = n_test
-        step *= 2
-      else:
-        n_high = n_test
-        break
-  else:
-    n_high, step = start, 1
-    while n_high > min_n:
-      n_test = max(n_high - step, min_n)
-      if not evaluate(n_test):
-        n_high = n_test
-        step *= 2
-        if n_test == min_n:
-          break
-      else:
-        n_low = n_test
-        break
-  critical = n_low
-  if n_low is not None and n_high is not None:
-    low, high = n_low, n_high
-    while low <= high:
-      mid = (low + high) // 2
-      if mid < min_n:
-        break
-      if evaluate(mid):
-        critical, low = mid, mid + 1
-      else:
-        high = mid - 1
-  if critical is not None:
-    for offset in range(sweep[0], sweep[1] + 1):
-      evaluate(max(critical + offset, min_n))
-  return critical, asked
-
-
-class SearchTest(parameterized.TestCase):
-
-  @parameterized.parameters(1, 2, 3, 9, 14, 25, 60)
-  def test_replay_matches_sequential_search_on_thresholds(self, threshold):
-    for start in (1, 3, 7, 20, 70):
-      known = {n: n <= threshold for n in range(1, 200)}
-      expected, asked = _sequential_released_search(start, known.get)
-      self.assertEqual(ed._replay(start, (-4, 5), known), (True, expected))
-      self.assertEqual(ed._asked_order(start, (-4, 5), known), asked)
-      self.assertEqual(expected, threshold)
-
-  def test_replay_matches_sequential_search_on_arbitrary_outcomes(self):
-    # Non-monotone outcome tables (a run near the edge can fail where a
-    # larger n succeeds): the replay must still make the same decisions.
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-      edge = int(rng.integers(2, 40))
-      known = {n: bool(n <= edge) ^ bool(rng.random() < 0.2)
-               for n in range(1, 200)}
-      start = int(rng.integers(1, 50))
-      expected, asked = _sequential_released_search(start, known.get)
-      self.assertEqual(ed._replay(start, (-4, 5), known)[1], expected)
-      self.assertEqual(ed._asked_order(start, (-4, 5), known), asked)
-
-  def test_speculation_covers_both_outcomes(self):
-    # From scratch at start 7 the search asks for 7, then 8 (solved) or 6.
-    self.assertEqual(ed._speculate(7, (-4, 5), {}, 0), {7})
-    self.assertEqual(ed._speculate(7, (-4, 5), {}, 1), {6, 7, 8})
-    # Two ahead: 8 -> 10 (or the binary search, whose next step is the
-    # sweep, only run once real); 6 -> 4 (gallop down by 2) or the sweep.
-    self.assertEqual(ed._speculate(7, (-4, 5), {}, 2), {4, 6, 7, 8, 10})
-    # Once the critical n is known, the whole sweep comes in one request.
-    known = {7: True, 8: True, 10: False, 9: True}
-    self.assertEqual(ed._speculate(7, (-4, 5), known, 1),
-                     {5, 6, 11, 12, 13, 14})
-
-
-class FitTest(absltest.TestCase):
-
-  def test_paper_cubic_reproduces_quoted_extrapolations(self):
-    quoted = {512: 0.51e6, 768: 1.71e6, 1024: 4.03e6, 3072: 108e6,
-              4096: 255e6}
-    for d, n in quoted.items():
-      self.assertAlmostEqual(float(ed.paper_critical_n(d)) / n, 1.0, delta=0.01)
-
-  def test_fit_recovers_a_cubic(self):
-    dims = np.arange(4, 13)
-    coefficients = ed.fit_cubic(dims, ed.paper_critical_n(dims))
-    np.testing.assert_allclose(coefficients, ed.PAPER_CUBIC, atol=1e-8)
-    self.assertAlmostEqual(
-        ed.r_squared(coefficients, dims, ed.paper_critical_n(dims)), 1.0)
-    with self.assertRaisesRegex(ValueError, "at least 4"):
-      ed.fit_cubic([4, 5, 6], [9, 14, 19])
-
-  def test_svg_plot_has_every_point(self):
-    path = self.create_tempfile("plot.svg").full_path
-    dims, critical = [4, 5, 6, 7, 8], [9, 14, 19, 26, 29]
-    ed.write_plot_svg(path, dims, critical, ed.fit_cubic(dims, critical))
-    root = ET.parse(path).getroot()
-    ns = "{http://www.w3.org/2000/svg}"
-    # One marker per measured point plus the legend's.
-    self.assertLen(root.findall(f"{ns}circle"), len(dims) + 1)
-    self.assertLen(root.findall(f"{ns}polyline"), 2)
 
 
 if __name__ == "__main__":

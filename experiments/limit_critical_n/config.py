@@ -1,6 +1,6 @@
 r"""LIMIT: the embedding-dimension analysis and LIMIT retrieval evaluation.
 
-Variants:
+Variants (README.md beside this file):
 
 * `critical_n` (the default): the free-embedding critical-n search of "On
   the Theoretical Limitations of Embedding-Based Retrieval" (Weller et al.,
@@ -8,18 +8,20 @@ Variants:
   queries, unit vectors, InfoNCE at T = 0.1, Adam 0.01, seed 42), a cubic
   fit and a plot:
 
-    python -m retrieval_jax.main --config configs/limit.py \
+    python -m experiments.limit_critical_n.run \
+        --config experiments/limit_critical_n/config.py \
         --workdir /tmp/rj_limit --config.dims=4,5,6,7,8
 
-  Writes critical_n.json, summary.json and critical_n.svg to the workdir
-  and prints a table. Expected (seed 42, CPU): critical n 9, 14, 19 at d =
-  4, 5, 6; about a minute for d = 4 ... 8 on 2 cores.
+  Writes critical_n.json, summary.json and critical_n.png/.svg to the
+  workdir and prints a table. Expected (seed 42, CPU): critical n 9, 14, 19
+  at d = 4, 5, 6; about a minute for d = 4 ... 8 on 2 cores.
 
 * `evaluate`: any encoder on LIMIT-small (shipped) or LIMIT (a local copy,
-  `--config.data.path=...`) through the evaluation mode, reporting
+  `--config.data.path=...`) through the library's evaluate mode, reporting
   Recall@2/10/100:
 
-    python -m retrieval_jax.main --config configs/limit.py:evaluate \
+    python -m experiments.limit_critical_n.run \
+        --config experiments/limit_critical_n/config.py:evaluate \
         --workdir /tmp/rj_limit_eval
 
   Expected with all-MiniLM-L6-v2: LIMIT-small Recall@2 = 0.162.

@@ -1,26 +1,13 @@
 """A key-value memory as a continual query adapter over a frozen bi-encoder.
 
-A frozen bi-encoder embeds every query and document once (cached in
-<workdir>/embeddings.npz). An adapter maps a query embedding q to
-
-  q' = normalize(q + r(q)),
-
-documents stay as they are, and the score is cos(q', d). Two residuals r,
-both zero at the start (the adapter starts as the identity):
-
-* "dkvb": `models.key_value_memory.KeyValueMemory` on q, mean decoder,
-  d_v = the embedding width. Its keys are set by EMA k-means on unlabelled
-  embeddings (both corpora and both training query sets, no labels) and
-  frozen; training moves only the value rows the batch's queries fetch.
-* "linear": r(q) = q W + b, the usual fine-tuned linear adapter.
-
-Both are trained the same way, first on collection A's training queries,
-then on collection B's (a fresh optimizer per collection, no replay), with
-a multi-positive softmax over the current collection's whole corpus
-(`losses.contrastive.sum_marg_lh` at temperature `temperature`). After each
-stage both collections' held-out queries are evaluated (nDCG@10, exact
-search over each corpus). What the experiment measures is how much of A's
-nDCG@10 gain survives training on B.
+Query embeddings q (cached in <workdir>/embeddings_<name>.npz) are adapted
+to q' = normalize(q + r(q)); documents stay as they are; the score is
+cos(q', d). The residual r starts at zero: "dkvb" (`KeyValueMemory`, keys
+by EMA k-means on unlabelled embeddings, then frozen) or "linear" (q W + b).
+Both train on collection A's training queries, then on B's (a fresh
+optimizer each, no replay, SumMargLH over the whole corpus); after each
+stage both held-out sets are evaluated (nDCG@10). The question: how much of
+A's gain survives training on B (README.md beside this file).
 """
 
 import dataclasses
@@ -37,6 +24,8 @@ import numpy as np
 import optax
 
 from retrieval_jax import encoding
+from retrieval_jax import io
+from retrieval_jax import sharding
 from retrieval_jax.data import beir
 from retrieval_jax.evaluation import ir_metrics
 from retrieval_jax.evaluation import trec_run
@@ -98,9 +87,7 @@ def embed_collection(name: str, path: str, train_split: str, test_split: str,
     for s, (_, texts) in splits_ids.items():
       arrays[s] = encoder.encode(texts, batch_size=batch_size,
                                  desc=f"{name}: {s} queries")
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, key=key, **arrays)
-    tmp.replace(cache)
+    io.save_npz_atomic(cache, key=key, **arrays)
     logging.info("%s: embedded in %.0f s", name, time.perf_counter() - start)
 
   def split(s):
@@ -213,7 +200,7 @@ def run_sequence(collections: list[Collection], settings) -> dict:
 
   Args:
     collections: [A, B, ...], trained in this order.
-    settings: adapter and optimisation settings (configs/kv_memory.py's
+    settings: adapter and optimisation settings (config.py's
       `retrieval` block: adapters, num_heads, num_keys, key_dim, ema_steps,
       ema_decay, learning_rate, steps, batch_size, temperature, seed).
 
@@ -277,13 +264,11 @@ def format_table(results: dict, names: list[str]) -> str:
 
 
 def run(config, workdir) -> dict:
-  """The retrieval-memory experiment of configs/kv_memory.py:retrieval.
+  """The retrieval-memory experiment of config.py:retrieval.
 
   Writes <workdir>/embeddings_<name>.npz (cache), retrieval.json and
   retrieval.md (the table); returns the results.
   """
-  # pylint: disable-next=g-import-not-at-top
-  from retrieval_jax import sharding
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   cfg = config.retrieval
@@ -299,8 +284,6 @@ def run(config, workdir) -> dict:
   names = [c.name for c in collections]
   table = format_table(results, names)
   print(table, flush=True)
-  (workdir / "retrieval.md").write_text(table)
-  tmp = workdir / "retrieval.json.tmp"
-  tmp.write_text(json.dumps(results, indent=1) + "\n")
-  tmp.replace(workdir / "retrieval.json")
+  io.write_text_atomic(workdir / "retrieval.md", table)
+  io.write_json_atomic(workdir / "retrieval.json", results)
   return results

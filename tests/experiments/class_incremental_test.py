@@ -1,4 +1,4 @@
-"""Tests for retrieval_jax.analysis.class_incremental.
+"""Tests for experiments/kv_memory: class_incremental.py and run.py.
 
 Oracles: K3, the 2-D toy in which a discrete key-value bottleneck keeps
 the earlier classes (all-class accuracy near the upper bounds 1/4 ... 1)
@@ -9,6 +9,10 @@ on digits, DKVB far above the linear probe (slow).
 """
 
 import dataclasses
+import json
+import pathlib
+import sys
+from unittest import mock
 
 from absl.testing import absltest
 import jax.numpy as jnp
@@ -17,7 +21,10 @@ import numpy as np
 import optax
 import pytest
 
-from retrieval_jax.analysis import class_incremental as ci
+from experiments.kv_memory import class_incremental as ci
+from experiments.kv_memory import config as kv_config
+from experiments.kv_memory import run as kv_run
+from retrieval_jax import errors
 
 
 class ToyTest(absltest.TestCase):
@@ -150,21 +157,35 @@ class TrainingTest(absltest.TestCase):
 
 class ExperimentTest(absltest.TestCase):
 
-  def test_config_run_writes_the_table(self):
-    import json  # pylint: disable=g-import-not-at-top
-    from configs import kv_memory  # pylint: disable=g-import-not-at-top
-    config = kv_memory.get_config("toy,smoke")
-    workdir = self.create_tempdir().full_path
-    results = ci.run_experiment(config, workdir)
-    saved = json.loads(open(f"{workdir}/results.json").read())
+  def test_run_dispatches_toy_and_writes_table_plot_and_json(self):
+    config = kv_config.get_config("toy,smoke")
+    workdir = pathlib.Path(self.create_tempdir().full_path)
+    results = kv_run.run(config, workdir)
+    saved = json.loads((workdir / "results.json").read_text())
     self.assertEqual(saved["experiment"], "toy")
     self.assertEqual(saved["settings"]["steps_per_stage"], 100)
+    self.assertEqual(saved["settings"]["key_dim"], 2)  # The toy's DKVB.
     self.assertEqual(saved["final"], results.final)
-    self.assertEqual(open(f"{workdir}/table.md").read(),
+    self.assertEqual((workdir / "table.md").read_text(),
                      ci.format_table(results) + "\n")
-    svg = open(f"{workdir}/accuracy.svg").read()
-    # The upper bound and one curve per learner.
-    self.assertEqual(svg.count("<polyline"), 1 + len(results.all))
+    self.assertEqual((workdir / "accuracy.png").read_bytes()[:4],
+                     b"\x89PNG")
+    svg = (workdir / "accuracy.svg").read_text()
+    # The upper bound and one legend entry per learner.
+    for label in ["upper bound", *results.all]:
+      self.assertIn(f">{label}<", svg)
+
+  def test_unknown_experiment_names_the_key(self):
+    config = kv_config.get_config("smoke")
+    config.experiment = "cifar"
+    with self.assertRaisesRegex(errors.ConfigError,
+                                "config.experiment='cifar'"):
+      kv_run.run(config, self.create_tempdir().full_path)
+
+  def test_digits_without_scikit_learn_says_what_to_install(self):
+    with mock.patch.dict(sys.modules, {"sklearn": None}):
+      with self.assertRaisesRegex(ImportError, r"\.\[experiments\]"):
+        ci.digits_stages(0)
 
 
 if __name__ == "__main__":

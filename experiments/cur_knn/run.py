@@ -1,37 +1,13 @@
-"""The CUR k-NN experiment: recall of the exact cross-encoder top-k per budget.
+r"""The CUR k-NN experiment: recall of the exact cross-encoder top-k per budget.
 
-`run(config, workdir)` (configs/cur_knn.py; `main.py --mode=cur_knn`):
+`run(config, workdir)` (config.py; protocol in README.md): a seeded subset
+of test queries, anchor queries and items; the exact cross-encoder score
+matrices (cached in <workdir>/scores.npz, resumable); then annCUR, adaptive
+CUR and dual-encoder / BM25 retrieve + re-rank at every budget, through a
+counting scorer. Writes results.json, table.md and recall_at_<k>.png/.svg.
 
-1. The cross-encoder: the latest checkpoint of a train-mode run
-   (`configs/train.py:scifact,cross_encoder`); its base model, head and
-   pair length come from the config saved in the checkpoint.
-2. The subset CPU time allows: `num_test_queries` judged queries of the
-   test split (a seeded sample) and `num_items` documents: every document
-   judged relevant to them, then a seeded sample of the rest.
-3. `num_anchor_queries` anchor queries from the training split (disjoint
-   from the test queries), a seeded sample.
-4. The exact score matrices, anchor queries × items (R, the offline index's
-   input) and test queries × items (the reference), scored in chunks of
-   queries and cached in <workdir>/scores.npz: a stopped run resumes after
-   the last finished chunk.
-5. For every budget B (CE calls per test query), on the cached test matrix
-   through a counting scorer:
-   * annCUR: k_i = B · f random anchor items (per anchor fraction f),
-     k_r = B − k_i re-ranked;
-   * adaptive CUR (ADACUR): `rounds` rounds of anchors, all B calls;
-   * dual encoder + re-rank: the bi-encoder's top B over the subset (the
-     pretrained `dual_encoder` checkpoint), scored exactly;
-   * BM25 + re-rank: BM25's top B over the subset, scored exactly (BM25
-     ranks only documents sharing a term with the query, so a query may
-     use fewer calls; the mean is reported).
-   Top-k recall against the exact top-k for each k in `ks`, and the
-   end-task nDCG@10 of each pipeline's top 10 against the qrels (every
-   relevant document is in the subset), with the exact cross-encoder over
-   the whole subset, the dual encoder and BM25 alone as references.
-
-Outputs: results.json (every number, the subset's ids, the settings),
-table.md (the tables as Markdown), recall_at_<k>.svg (recall against
-budget, one curve per method).
+  python -m experiments.cur_knn.run --config experiments/cur_knn/config.py \
+      --config.cross_encoder.workdir=TRAIN_WORKDIR --workdir DIR
 """
 
 import json
@@ -43,14 +19,16 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import entry
+from experiments import plotting
 from retrieval_jax import encoding
-from retrieval_jax import plotting
+from retrieval_jax import errors
+from retrieval_jax import io
+from retrieval_jax import kinds
 from retrieval_jax import sharding
 from retrieval_jax.data import beir
-from retrieval_jax.data import negatives
-from retrieval_jax.evaluate import ConfigError
 from retrieval_jax.evaluation import ir_metrics
-from retrieval_jax.models import cross_encoder
+from retrieval_jax.search import bm25
 from retrieval_jax.search import cur_knn
 from retrieval_jax.search import exact_topk
 
@@ -67,13 +45,12 @@ def load_cross_encoder(train_workdir: str | pathlib.Path, mesh):
 
   Raises:
     FileNotFoundError: no checkpoint in <train_workdir>/checkpoints.
-    ConfigError: the run did not train a cross-encoder.
+    errors.ConfigError: the run did not train a cross-encoder.
   """
-  from retrieval_jax.models import builder  # pylint: disable=g-import-not-at-top
   try:
-    return builder.load_trained(train_workdir, mesh, kinds=("cross_encoder",))
+    return kinds.load_run(train_workdir, mesh, kinds=("cross_encoder",))
   except ValueError as e:
-    raise ConfigError(
+    raise errors.ConfigError(
         f"config.cross_encoder.workdir: {e} (train a cross-encoder with "
         "configs/train.py:scifact,cross_encoder)") from e
 
@@ -81,25 +58,26 @@ def load_cross_encoder(train_workdir: str | pathlib.Path, mesh):
 def select_subset(test: beir.BeirCollection, train: beir.BeirCollection, *,
                   num_test_queries: int, num_anchor_queries: int,
                   num_items: int, seed: int):
-  """The experiment's queries and items (module docstring, steps 2–3).
+  """The experiment's queries and items (README.md, "Setup").
 
   Returns:
     (test query ids, anchor query ids, item corpus rows), the rows sorted.
 
   Raises:
-    ConfigError: too few queries or documents for the sizes asked.
+    errors.ConfigError: too few queries or documents for the sizes asked.
   """
   rng = np.random.default_rng(seed)
   judged = test.judged_query_ids()
   if num_test_queries > len(judged):
-    raise ConfigError(f"config.subset.num_test_queries={num_test_queries}: "
-                      f"the test split judges only {len(judged)} queries")
+    raise errors.ConfigError(
+        f"config.subset.num_test_queries={num_test_queries}: the test split "
+        f"judges only {len(judged)} queries")
   test_ids = [judged[i] for i in sorted(rng.choice(
       len(judged), num_test_queries, replace=False))]
   anchors_from = [q for q in train.judged_query_ids() if q not in
                   set(test_ids)]
   if num_anchor_queries > len(anchors_from):
-    raise ConfigError(
+    raise errors.ConfigError(
         f"config.subset.num_anchor_queries={num_anchor_queries}: the "
         f"training split has only {len(anchors_from)} other judged queries")
   anchor_ids = [anchors_from[i] for i in sorted(rng.choice(
@@ -108,7 +86,7 @@ def select_subset(test: beir.BeirCollection, train: beir.BeirCollection, *,
   relevant = sorted({row_of[d] for q in test_ids
                      for d, label in test.qrels[q].items() if label > 0})
   if num_items < len(relevant) or num_items > len(test.doc_ids):
-    raise ConfigError(
+    raise errors.ConfigError(
         f"config.subset.num_items={num_items}: need at least the "
         f"{len(relevant)} relevant documents and at most the corpus's "
         f"{len(test.doc_ids)}")
@@ -140,9 +118,7 @@ def cached_scores(path: pathlib.Path, key: dict, scorer, num_queries: int,
     start = time.perf_counter()
     scores[rows] = cur_knn.score_all(scorer, rows, num_items)
     done = rows[-1] + 1
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, key=key_json, done=done, scores=scores)
-    tmp.replace(path)
+    io.save_npz_atomic(path, key=key_json, done=done, scores=scores)
     logging.info("scored query rows %d-%d (%d pairs/s); %d of %d done",
                  rows[0], rows[-1], rows.size * num_items /
                  (time.perf_counter() - start), done, num_queries)
@@ -165,14 +141,8 @@ def dual_encoder_ranking(config, mesh, query_texts, item_texts):
 
 def bm25_ranking(query_texts, item_ids, item_texts) -> np.ndarray:
   """[Q, N] item indices by BM25 over the subset, -1 padded (no shared term)."""
-  ranked = negatives.bm25_negatives(
-      query_texts, item_ids, item_texts, [set() for _ in query_texts],
-      depth=len(item_ids))
-  row_of = {d: i for i, d in enumerate(item_ids)}
-  out = np.full((len(query_texts), len(item_ids)), -1, np.int64)
-  for i, docs in enumerate(ranked):
-    out[i, :len(docs)] = [row_of[d] for d in docs]
-  return out
+  return bm25.Bm25Index.build(item_texts).search(query_texts,
+                                                 len(item_ids))[1]
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +169,7 @@ def compare(s_test_qn, r_anc_qn, rankings: dict, *, budgets, ks,
     s_test_qn: [Q, N] exact test scores.
     r_anc_qn: [k_q, N] exact anchor-query scores.
     rankings: {"dual encoder": [Q, N], "BM25": [Q, N]} first-stage orders.
-    budgets, ks, anchor_fractions, rounds, seed: see configs/cur_knn.py.
+    budgets, ks, anchor_fractions, rounds, seed: see config.py.
     test_ids, item_ids, qrels: for nDCG@10.
 
   Returns:
@@ -280,17 +250,18 @@ def format_tables(rows: list[dict], ks, references: dict) -> str:
 
 
 def write_plots(workdir: pathlib.Path, rows: list[dict], ks) -> None:
+  """recall_at_<k>.png and .svg: recall against budget, a curve per method."""
   methods = list(dict.fromkeys(r["method"] for r in rows))
   for k in ks:
     series = []
-    for i, m in enumerate(methods):
+    for m in methods:
       mine = sorted((r for r in rows if r["method"] == m),
                     key=lambda r: r["budget"])
       series.append(plotting.Series(
           m, [r["budget"] for r in mine], [r[f"recall@{k}"] for r in mine],
-          color=plotting.COLORS[i % len(plotting.COLORS)], markers=True))
-    plotting.line_plot_svg(
-        workdir / f"recall_at_{k}.svg", series,
+          markers=True))
+    plotting.line_plot(
+        workdir / f"recall_at_{k}", series,
         title=f"top-{k} recall against the exact cross-encoder",
         xlabel="cross-encoder calls per query", ylabel=f"top-{k} recall",
         y_range=(0.0, 1.0), legend="lower right")
@@ -304,30 +275,36 @@ def _check(config) -> None:
   sub = config.subset
   for key in ("num_test_queries", "num_anchor_queries", "num_items"):
     if sub[key] < 1:
-      raise ConfigError(f"config.subset.{key}={sub[key]}: must be >= 1")
+      raise errors.ConfigError(
+          f"config.subset.{key}={sub[key]}: must be >= 1")
   if not config.cross_encoder.workdir:
-    raise ConfigError("config.cross_encoder.workdir is empty: set it to the "
-                      "workdir of a configs/train.py:scifact,cross_encoder run")
+    raise errors.ConfigError(
+        "config.cross_encoder.workdir is empty: set it to the workdir of a "
+        "configs/train.py:scifact,cross_encoder run")
   budgets = list(config.search.budgets)
   if not budgets or min(budgets) < 2 or max(budgets) > sub.num_items:
-    raise ConfigError(f"config.search.budgets={tuple(budgets)}: each must be "
-                      f"in [2, config.subset.num_items={sub.num_items}]")
+    raise errors.ConfigError(
+        f"config.search.budgets={tuple(budgets)}: each must be in [2, "
+        f"config.subset.num_items={sub.num_items}]")
   if not all(0 < f < 1 for f in config.search.anchor_fractions):
-    raise ConfigError("config.search.anchor_fractions: each must be in (0, 1)")
+    raise errors.ConfigError(
+        "config.search.anchor_fractions: each must be in (0, 1)")
   if max(config.search.ks) > min(budgets):
-    raise ConfigError(f"config.search.ks={tuple(config.search.ks)}: k must "
-                      f"not exceed the smallest budget {min(budgets)}")
+    raise errors.ConfigError(
+        f"config.search.ks={tuple(config.search.ks)}: k must not exceed the "
+        f"smallest budget {min(budgets)}")
   path = pathlib.Path(config.data.path)
   needs = ["corpus.jsonl", "queries.jsonl"] + [
       f"qrels/{config.data[k]}.tsv" for k in ("test_split", "train_split")]
   missing = [f for f in needs if not (path / f).is_file()]
   if missing:
-    raise ConfigError(f"config.data.path={str(path)!r} lacks {missing} (a "
-                      "BEIR directory with test and train qrels)")
+    raise errors.ConfigError(
+        f"config.data.path={str(path)!r} lacks {missing} (a BEIR directory "
+        "with test and train qrels)")
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
-  """The whole experiment (module docstring); returns results.json's dict."""
+  """The whole experiment (README.md); returns results.json's dict."""
   _check(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -350,7 +327,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       config.cross_encoder.workdir, mesh)
   pair_max_length = run_config["data"]["pair_max_length"]
   queries = [text_of[q] for q in anchor_ids + test_ids]
-  scorer = cross_encoder.PairScorer(
+  scorer = encoding.PairScorer(
       model, tokenizer, queries, item_texts, max_length=pair_max_length,
       batch_size=config.cross_encoder.batch_size, mesh=mesh,
       desc="cross-encoder")
@@ -381,7 +358,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
                                test.qrels)}
   table = format_tables(rows, list(s.ks), references)
   print(table, flush=True)
-  (workdir / "table.md").write_text(table)
+  io.write_text_atomic(workdir / "table.md", table)
   write_plots(workdir, rows, list(s.ks))
   results = {"rows": rows, "references": references,
              "cross_encoder": {"workdir": str(config.cross_encoder.workdir),
@@ -390,7 +367,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
              "subset": {"test_queries": test_ids,
                         "anchor_queries": anchor_ids, "items": item_ids},
              "config": json.loads(config.to_json_best_effort())}
-  tmp = workdir / "results.json.tmp"
-  tmp.write_text(json.dumps(results, indent=1) + "\n")
-  tmp.replace(workdir / "results.json")
+  io.write_json_atomic(workdir / "results.json", results)
   return results
+
+
+if __name__ == "__main__":
+  entry.main(run)

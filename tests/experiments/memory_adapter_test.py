@@ -1,4 +1,4 @@
-"""Tests for retrieval_jax.analysis.memory_adapter (synthetic embeddings).
+"""Tests for experiments/kv_memory/memory_adapter.py (synthetic embeddings).
 
 Oracles: both adapters start as the identity (nDCG@10 equals the zero-shot
 value); training on a second collection leaves the DKVB residual of every
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from retrieval_jax.analysis import memory_adapter as ma
+from experiments.kv_memory import memory_adapter as ma
 
 
 def _unit(x):

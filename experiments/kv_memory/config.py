@@ -1,14 +1,18 @@
 r"""Discrete key-value bottleneck experiments (models/key_value_memory.py).
 
-Variants (`configs/kv_memory.py:<variant>`):
+Variants (`experiments/kv_memory/config.py:<variant>`; README.md beside it):
 
 * `digits` (the default): class-incremental learning on scikit-learn's
   bundled 8x8 digits (10 classes as 5 stages of 2, no replay, no task
   boundaries): DKVB vs a linear probe and an MLP trained the same way; a
-  table of per-stage and final accuracy. Under a minute on CPU:
+  table of per-stage and final accuracy. Under a minute on CPU; needs
+  scikit-learn (`pip install -e '.[experiments]'`):
 
-    python -m retrieval_jax.main --config configs/kv_memory.py \
-        --workdir /tmp/rj_kv_digits
+    python -m experiments.kv_memory.run \
+        --config experiments/kv_memory/config.py --workdir /tmp/rj_kv_digits
+
+  Expected: final all-class accuracy 0.948 (DKVB), 0.676 (linear), 0.285
+  (MLP).
 
 * `toy`: the same on 8 Gaussian classes in 2-D (4 stages of 2), seconds.
 
@@ -16,14 +20,17 @@ Variants (`configs/kv_memory.py:<variant>`):
   embeddings, trained on SciFact's training queries, then on LIMIT-small's;
   nDCG@10 of both held-out sets after each stage (needs ../shared/data):
 
-    python -m retrieval_jax.main --config configs/kv_memory.py:retrieval \
+    python -m experiments.kv_memory.run \
+        --config experiments/kv_memory/config.py:retrieval \
         --workdir /tmp/rj_kv_retrieval
+
+  Expected: DKVB keeps 97 % of its SciFact nDCG@10 gain, linear 83 %.
 
 * `smoke`: fewer steps and smaller memories (with `retrieval`: LIMIT-small
   then LIMIT-small's dev queries, max length 32).
 
-Writes results.json and table.md (retrieval: retrieval.json and
-retrieval.md) to the workdir and prints the table.
+Writes results.json, table.md and accuracy.png/.svg (retrieval:
+retrieval.json and retrieval.md) to the workdir and prints the table.
 """
 
 import ml_collections

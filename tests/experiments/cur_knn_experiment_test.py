@@ -1,4 +1,4 @@
-"""Tests for retrieval_jax.search.cur_experiment (the pieces, not the CE).
+"""Tests for experiments/cur_knn/run.py (the pieces, not the cross-encoder).
 
 Oracles: the subset's invariants (sizes, disjoint query sets, every relevant
 document kept, determinism per seed); score caching that resumes after an
@@ -13,8 +13,9 @@ import pathlib
 from absl.testing import absltest
 import numpy as np
 
+from experiments.cur_knn import run as ce
+from retrieval_jax import errors
 from retrieval_jax.data import beir
-from retrieval_jax.search import cur_experiment as ce
 
 
 def _collection(qrels):
@@ -53,13 +54,13 @@ class SubsetTest(absltest.TestCase):
     self.assertNotEqual(other[2].tolist(), rows.tolist())
 
   def test_sizes_out_of_range_name_the_key(self):
-    with self.assertRaisesRegex(ce.ConfigError, "subset.num_items=3"):
+    with self.assertRaisesRegex(errors.ConfigError, "subset.num_items=3"):
       ce.select_subset(_TEST, _TRAIN, num_test_queries=4,
                        num_anchor_queries=2, num_items=3, seed=0)
-    with self.assertRaisesRegex(ce.ConfigError, "subset.num_test_queries"):
+    with self.assertRaisesRegex(errors.ConfigError, "subset.num_test_queries"):
       ce.select_subset(_TEST, _TRAIN, num_test_queries=11,
                        num_anchor_queries=2, num_items=50, seed=0)
-    with self.assertRaisesRegex(ce.ConfigError, "num_anchor_queries"):
+    with self.assertRaisesRegex(errors.ConfigError, "num_anchor_queries"):
       ce.select_subset(_TEST, _TRAIN, num_test_queries=2,
                        num_anchor_queries=13, num_items=50, seed=0)
 

@@ -1,39 +1,21 @@
-r"""Class-incremental learning with a discrete key-value bottleneck.
+"""Class-incremental learning with a discrete key-value bottleneck.
 
-The protocol of "Discrete Key-Value Bottleneck" (Träuble et al., ICML 2023,
-arXiv 2207.11240): the classes arrive in disjoint stages (2 classes each),
-every learner is trained on the current stage's rows only, for a fixed
-number of steps, with no task boundary given to the model and no replay.
-After each stage it is tested on the classes seen so far and on all
-classes. A learner that forgets nothing reaches the upper bound s/S of
-all-class accuracy after stage s of S (the share of test rows whose class
-has been shown); one that forgets everything predicts only the last
-stage's classes.
-
-Learners, trained identically (plain SGD, same steps, batch size, batch
-order and seed; cross-entropy on logits over all classes):
-
-* "dkvb": `KeyValueMemory` on the raw (standardised) inputs, random
-  projections, keys set by EMA k-means on all training inputs without
-  labels before stage 1 and frozen, values zero, mean decoder, d_v =
-  number of classes. Its learning rate is multiplied by C, because the
-  mean over heads scales each value row's gradient by 1/C.
-* "linear": a linear probe, logits = x A + b.
-* "mlp": one hidden ReLU layer.
-
-Plain SGD (no momentum, no weight decay) is deliberate: a value row that
-no batch row fetched gets a zero gradient and, under SGD, a zero update,
-so training on a stage moves only the cells that stage's inputs select.
-Momentum or Adam would keep moving cells from earlier stages.
+The protocol of "Discrete Key-Value Bottleneck" (Träuble et al., ICML
+2023; README.md beside this file): classes arrive in disjoint stages,
+every learner ("dkvb", "linear", "mlp") trains on the current stage's rows
+only, by plain SGD with the same steps, batches and seed, no replay and no
+task boundary; after each stage it is tested on the classes seen so far
+and on all classes. Plain SGD is deliberate: a value row that no batch
+fetched gets a zero gradient and so a zero update.
 
 Data sets: `gaussian_toy` (8 Gaussian classes in 2-D, 4 stages) and
-`digits_stages` (scikit-learn's 8x8 digits, 5 stages). `run` returns
-per-stage accuracies; `format_table` renders them as Markdown.
+`digits_stages` (scikit-learn's 8x8 digits, 5 stages; scikit-learn is
+imported only there). `run` returns per-stage accuracies, `format_table`
+renders them, `run_experiment` is the config-driven job.
 """
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 
@@ -42,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn import datasets
-from sklearn import model_selection
 
-from retrieval_jax import plotting
+from experiments import plotting
+from retrieval_jax import io
 from retrieval_jax.models import key_value_memory as kvm
 
 LEARNERS = ("dkvb", "linear", "mlp")
@@ -126,6 +107,15 @@ def digits_stages(seed: int = 0, *, test_fraction: float = 0.3,
   """
   if not 0 < test_fraction < 1:
     raise ValueError(f"test_fraction={test_fraction}: expected in (0, 1)")
+  try:
+    # pylint: disable=g-import-not-at-top
+    from sklearn import datasets
+    from sklearn import model_selection
+    # pylint: enable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "the digits experiment needs scikit-learn (its bundled 8x8 digits): "
+        "pip install -e '.[experiments]'") from e
   x, y = datasets.load_digits(return_X_y=True)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
       x, y, test_size=test_fraction, stratify=y, random_state=seed)
@@ -366,11 +356,11 @@ def format_table(results: Results) -> str:
 
 
 def run_experiment(config, workdir) -> Results:
-  """configs/kv_memory.py's `digits` / `toy` experiments, end to end.
+  """config.py's `digits` / `toy` experiments, end to end.
 
   Writes <workdir>/results.json (per-stage accuracies, settings, seconds),
-  table.md and accuracy.svg (all-class accuracy after each stage, with the
-  upper bound), and prints the table.
+  table.md and accuracy.png/.svg (all-class accuracy after each stage, with
+  the upper bound), and prints the table.
   """
   kv = config.kv
   settings = Settings(
@@ -386,21 +376,19 @@ def run_experiment(config, workdir) -> Results:
   print(table, flush=True)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "table.md").write_text(table + "\n")
+  io.write_text_atomic(workdir / "table.md", table + "\n")
   stages = list(range(1, len(results.stages) + 1))
-  plotting.line_plot_svg(
-      workdir / "accuracy.svg",
+  plotting.line_plot(
+      workdir / "accuracy",
       [plotting.Series("upper bound", stages, results.upper_bound,
-                       color="black", dash="6,4")] +
+                       color="black", dashed=True)] +
       [plotting.Series(name, stages, acc, markers=True)
        for name, acc in results.all.items()],
       title=f"class-incremental {config.experiment}: accuracy on all "
       "classes", xlabel="stage", ylabel="accuracy", y_range=(0.0, 1.0))
-  tmp = workdir / "results.json.tmp"
-  tmp.write_text(json.dumps({
+  io.write_json_atomic(workdir / "results.json", {
       "experiment": config.experiment,
       "settings": dataclasses.asdict(settings),
       "results": dataclasses.asdict(results),
-      "final": results.final}, indent=1) + "\n")
-  tmp.replace(workdir / "results.json")
+      "final": results.final})
   return results

@@ -1,0 +1,1 @@
+"""CUR k-NN search for a trained cross-encoder (see README.md)."""

@@ -1,0 +1,1 @@
+"""Discrete key-value bottleneck experiments (see README.md)."""

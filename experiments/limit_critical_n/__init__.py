@@ -1,0 +1,1 @@
+"""LIMIT: free-embedding critical n against the dimension (see README.md)."""
