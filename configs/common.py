@@ -79,6 +79,10 @@ def mesh_block() -> ml_collections.ConfigDict:
   # CPU hosts: XLA devices to split the host into (0 = one per core). XLA
   # runs each CPU matmul on one thread; per-core devices use every core.
   mesh.cpu_devices = 0
+  # Logical axis -> mesh axes, e.g. (("batch", ("data", "fsdp")), ("embed",
+  # "fsdp"), ...); () = retrieval_jax.sharding.DEFAULT_RULES. Training,
+  # evaluation, encoding and export all lay arrays out by it.
+  mesh.rules = ()
   return mesh
 
 

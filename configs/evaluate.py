@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = common.model_block()
+  # A train-mode workdir: evaluate its latest checkpoint, whatever its kind
+  # (a bi-encoder through the dense retrievers, SPLADE / ColBERT / a
+  # cross-encoder through theirs). "" = the pretrained `model.pretrained`.
+  config.run = ""
 
   config.data = ml_collections.ConfigDict()
   # BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.
@@ -117,13 +121,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.retriever.inference_free_workdir = ""
   # The ColBERT run's workdir.
   config.retriever.colbert_workdir = ""
+  # rerank: a cross-encoder run's workdir.
+  config.retriever.rerank_workdir = ""
   # splade / inference_free: keep each document's t largest weights (0 =
   # every non-zero one).
   config.retriever.top_terms = 0
-  # colbert: where the candidates come from: "bm25" | "dense" | "splade" |
+  # colbert / rerank: where the candidates come from: "bm25" | "dense" | "splade" |
   # "inference_free" (the last two need their workdir set).
   config.retriever.first_stage = "bm25"
-  # colbert: first-stage candidates re-ranked by MaxSim per query.
+  # colbert / rerank: first-stage candidates re-ranked per query.
   config.retriever.rerank_depth = 100
   # colbert: drop candidates scoring below prune_ratio x the query's top
   # first-stage score before re-ranking (0 = keep all).

@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = common.model_block()
+  # Retriever kind, a key of retrieval_jax.kinds.KINDS: "bi_encoder" |
+  # "cross_encoder" | "splade" | "inference_free" | "colbert".
+  config.model.kind = "bi_encoder"
   # Dropout while training (the checkpoint's rates; off in evaluation).
   config.model.dropout = True
 
@@ -116,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Other queries' hard negatives are negatives too (DPR); False keeps only
   # the query's own hard negatives plus in-batch positives.
   config.loss.share_hard_negatives = True
+  # Bi-encoders: compute the loss shard by shard (losses/sharded_contrastive:
+  # each device holds its [B/W, B*G] rows of the score matrix, not all).
+  config.loss.sharded = False
   # Cross-encoders: "" trains on 1/0 labels; "bm25" distils the BM25 score
   # of every (query, passage) row through a list loss (kl_distillation,
   # listnet, ...): the teacher's scores, times teacher_scale, are its
@@ -216,7 +222,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("ndcg@10", "recall@100", "mrr@10", "recall@10"))
 
   if arg.cross_encoder:
-    # "bi_encoder" | "cross_encoder" (models/cross_encoder.py).
     config.model.kind = "cross_encoder"
     # Score head: "cls" (w . h[CLS] + b) or "emb" (marker dot product).
     config.model.head = arg.head
@@ -242,10 +247,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ev.batch_size = 32
 
   if arg.splade or arg.inference_free or arg.colbert:
-    # "splade" | "inference_free" | "colbert" (models/builder.py); trained
-    # by steps.representation_train_step with raw scores (no temperature)
-    # and evaluated by the evaluate mode (configs/evaluate.py:
-    # retriever=<kind>, retriever.<kind>_workdir=<this workdir>).
+    # Raw scores (no temperature); evaluated by the evaluate mode
+    # (configs/evaluate.py with --config.run=<this workdir>).
     config.model.kind = ("splade" if arg.splade else "inference_free"
                          if arg.inference_free else "colbert")
     config.evals = ml_collections.ConfigDict()

@@ -21,6 +21,9 @@ import ml_collections
 import numpy as np
 
 from retrieval_jax import encoding
+from retrieval_jax import errors
+from retrieval_jax import io
+from retrieval_jax import kinds
 from retrieval_jax import sharding
 from retrieval_jax.data import beir
 from retrieval_jax.evaluation import evaluators
@@ -28,16 +31,12 @@ from retrieval_jax.evaluation import retrievers
 from retrieval_jax.evaluation import trec_run
 
 
-class ConfigError(ValueError):
-  """A config value is missing or wrong; the message names the key."""
-
-
 def check_data_path(config: ml_collections.ConfigDict,
                     corpus_only: bool = False) -> pathlib.Path:
   """Validates `config.data.path` up front, naming the key on failure."""
   path = pathlib.Path(config.data.path).expanduser()
   if not path.is_dir():
-    raise ConfigError(
+    raise errors.ConfigError(
         f"config.data.path={config.data.path!r}: no such directory (expected "
         "a BEIR directory with corpus.jsonl, queries.jsonl, qrels/)")
   needed = ["corpus.jsonl"]
@@ -45,7 +44,7 @@ def check_data_path(config: ml_collections.ConfigDict,
     needed += ["queries.jsonl", f"qrels/{config.data.split}.tsv"]
   missing = [n for n in needed if not (path / n).is_file()]
   if missing:
-    raise ConfigError(
+    raise errors.ConfigError(
         f"config.data.path={str(path)!r} (split "
         f"config.data.split={config.data.split!r}) lacks {missing}")
   return path
@@ -55,15 +54,46 @@ def make_encoder(config: ml_collections.ConfigDict,
                  mesh) -> encoding.TextEncoder:
   """The pretrained text encoder described by `config.model`."""
   if config.model.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected "
-                      "'float32' or 'bfloat16'")
+    raise errors.ConfigError(
+        f"config.model.dtype={config.model.dtype!r}: expected 'float32' or "
+        "'bfloat16'")
   if config.model.pooling not in ("", "cls", "mean"):
-    raise ConfigError(f"config.model.pooling={config.model.pooling!r}: "
-                      "expected 'cls', 'mean' or '' (checkpoint default)")
+    raise errors.ConfigError(
+        f"config.model.pooling={config.model.pooling!r}: expected 'cls', "
+        "'mean' or '' (checkpoint default)")
   return encoding.TextEncoder.from_pretrained(
       config.model.pretrained, mesh, pooling=config.model.pooling,
       normalize=config.model.normalize, max_length=config.model.max_length,
       dtype=config.model.dtype)
+
+
+def use_run(config: ml_collections.ConfigDict, mesh):
+  """Points `config.retriever` at the trained run `config.run`.
+
+  A bi-encoder run serves the dense retrievers (dense, hybrid, dense_prf):
+  returns its encoder's factory. Any other kind sets `config.retriever.kind`
+  to the retriever that serves it (`Kind.retriever`) and its run key, and
+  returns None.
+  """
+  try:
+    model, tokenizer, run_cfg, step = kinds.load_run(config.run, mesh)
+  except (FileNotFoundError, ValueError) as e:
+    raise errors.ConfigError(f"config.run={config.run!r}: {e}") from e
+  kind = kinds.get(ml_collections.ConfigDict(run_cfg["model"]))
+  r = config.retriever
+  logging.info("config.run: a %s run at step %d", kind.name, step)
+  if kind.retriever != "dense":
+    r.kind = kind.retriever
+    r[f"{kind.retriever}_workdir"] = config.run
+    return None
+  if r.kind not in retrievers.DENSE_KINDS:
+    raise errors.ConfigError(
+        f"config.retriever.kind={r.kind!r}: a {kind.name} run is evaluated "
+        f"by one of {retrievers.DENSE_KINDS}")
+  # The dense caches are keyed by the model: this run at this step.
+  config.model.checkpoint = f"{pathlib.Path(config.run).resolve()}@{step}"
+  return lambda: kind.text_encoder(model, tokenizer, run_cfg, mesh,
+                                   max_length=config.model.max_length)
 
 
 def load_collection(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -78,13 +108,6 @@ def load_collection(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       corpus_only=corpus_only)
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-  # Write then rename, so a crash never leaves a half-written file behind.
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-  tmp.replace(path)
-
-
 def format_table(metrics: dict[str, float], title: str) -> str:
   """A two-column text table of measures and values."""
   width = max(len(k) for k in metrics)
@@ -93,17 +116,19 @@ def format_table(metrics: dict[str, float], title: str) -> str:
   return "\n".join(lines)
 
 
+@sharding.uses_config_rules
 def evaluate(config: ml_collections.ConfigDict,
              workdir: str | pathlib.Path) -> dict[str, float]:
   """Runs the evaluate mode; returns the mean metrics (also written)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  try:
-    retrievers.validate(config)
-  except retrievers.RetrieverError as e:
-    raise ConfigError(str(e)) from e
+  config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
   mesh = sharding.make_mesh(config.mesh.shape)
+  encoder_fn = lambda: make_encoder(config, mesh)
+  if config.get("run", ""):
+    encoder_fn = use_run(config, mesh) or encoder_fn
+  retrievers.validate(config)
   collection = load_collection(config, workdir)
   evaluator = evaluators.RetrievalEvaluator(
       collection, measures=config.eval.measures,
@@ -115,21 +140,19 @@ def evaluate(config: ml_collections.ConfigDict,
   logging.info("evaluating %s (%s) on %d docs, %d queries (split %s)", kind,
                config.model.pretrained, len(collection.doc_ids),
                len(evaluator.query_ids), config.data.split)
-  try:
-    result, stats = retrievers.retrieve(
-        config, evaluator, lambda: make_encoder(config, mesh), mesh, workdir)
-  except retrievers.RetrieverError as e:
-    raise ConfigError(str(e)) from e
+  result, stats = retrievers.retrieve(config, evaluator, encoder_fn, mesh,
+                                      workdir)
   trec_run.write_run(workdir / "run.trec", result.run,
                      tag=config.eval.run_tag)
-  _write_json(workdir / "metrics.json", result.metrics)
-  _write_json(workdir / "metrics_per_query.json", result.per_query)
+  io.write_json_atomic(workdir / "metrics.json", result.metrics)
+  io.write_json_atomic(workdir / "metrics_per_query.json", result.per_query)
   timing = dict(result.timing, total_s=time.perf_counter() - start,
                 num_docs=len(collection.doc_ids),
                 num_queries=len(evaluator.query_ids))
-  _write_json(workdir / "timing.json", timing)
-  _write_json(workdir / "stats.json", dict(stats, retriever=kind))
-  _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  io.write_json_atomic(workdir / "timing.json", timing)
+  io.write_json_atomic(workdir / "stats.json", dict(stats, retriever=kind))
+  io.write_json_atomic(workdir / "config.json",
+                       json.loads(config.to_json_best_effort()))
   print(format_table(
       result.metrics,
       f"{pathlib.Path(config.data.path).name} ({config.data.split}, "
@@ -149,6 +172,7 @@ def evaluate(config: ml_collections.ConfigDict,
   return result.metrics
 
 
+@sharding.uses_config_rules
 def encode(config: ml_collections.ConfigDict,
            workdir: str | pathlib.Path) -> np.ndarray:
   """Runs the encode mode; returns the [N, D] corpus embeddings."""
@@ -164,10 +188,9 @@ def encode(config: ml_collections.ConfigDict,
         pad_multiple=config.encode.pad_multiple,
         sort_by_length=config.encode.sort_by_length, desc="encode: corpus")
   elapsed = time.perf_counter() - start
-  tmp = workdir / "corpus_embeddings.tmp.npy"
-  np.save(tmp, docs_nd.astype(np.float32))
-  tmp.replace(workdir / "corpus_embeddings.npy")
-  _write_json(workdir / "corpus_ids.json", list(collection.doc_ids))
+  io.save_npy_atomic(workdir / "corpus_embeddings.npy",
+                     docs_nd.astype(np.float32))
+  io.write_json_atomic(workdir / "corpus_ids.json", list(collection.doc_ids))
   print(f"encoded {len(docs_nd)} docs into {docs_nd.shape[1]}-d float32 in "
         f"{elapsed:.1f} s ({len(docs_nd) / elapsed:.0f} docs/s): "
         f"{workdir}/corpus_embeddings.npy, corpus_ids.json")

@@ -15,9 +15,9 @@ pads to it.
 Weights are an argument, not constants baked into the programs: both towers
 read one `params.safetensors` (a flat list whose order the manifest records),
 or, for untied towers, the query tower its own `query_params.safetensors`.
-The tokenizer's vocabulary and exact settings go to `tokenizer/`. The layout
-and its reader are in `retrieval_jax/serving.py`, which loads an export
-without Flax, Optax, Orbax or TensorFlow.
+The checkpoint's tokenizer files are copied to `tokenizer/`. The layout and
+its reader are in `retrieval_jax/serving.py`, which loads an export without
+Flax, Optax, Orbax or TensorFlow.
 
 Command line (a pretrained checkpoint):
 
@@ -40,9 +40,12 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
+from retrieval_jax import errors
 from retrieval_jax import pretrained
 from retrieval_jax import serving
+from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax.data import tokenizers
 
@@ -54,52 +57,6 @@ _TOKENIZER_PROBES = (
     "ÀÉÎÕÜ ß ΣΑΣ \u200b tab\tnew\nline",
     "supercalifragilisticexpialidocious 12345.678",
 )
-
-# numpy dtypes -> safetensors codes (the inverse of the reader's table).
-_DTYPE_CODES = {dtype: code for code, dtype in
-                serving.SAFETENSORS_DTYPES.items()}
-
-
-def write_safetensors(path: str | os.PathLike, keys: Sequence[str],
-                      arrays: Sequence[np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-  """Writes arrays to a .safetensors file, in the given order.
-
-  Args:
-    path: the file.
-    keys: tensor names, unique.
-    arrays: one array per key; dtypes from `serving.SAFETENSORS_DTYPES`.
-    metadata: optional string -> string header metadata.
-  """
-  assert sys.byteorder == "little", "safetensors data is little-endian"
-  if len(set(keys)) != len(keys):
-    raise ValueError("tensor names must be unique")
-  header, offset, blobs = {}, 0, []
-  # Tensors are stored back to back in key order; the reference reader
-  # rejects gaps or overlaps between data_offsets.
-  for key, array in zip(keys, arrays, strict=True):
-    # tobytes() of a C-contiguous array is the row-major layout the format
-    # specifies, whatever strides the caller's array had.
-    array = np.ascontiguousarray(array)
-    if array.dtype not in _DTYPE_CODES:
-      raise ValueError(f"{key}: dtype {array.dtype} cannot be stored")
-    blob = array.tobytes()
-    header[key] = {"dtype": _DTYPE_CODES[array.dtype],
-                   "shape": list(array.shape),
-                   "data_offsets": [offset, offset + len(blob)]}
-    offset += len(blob)
-    blobs.append(blob)
-  header["__metadata__"] = dict(metadata or {"format": "np"})
-  header_bytes = json.dumps(header, separators=(",", ":")).encode()
-  # The format pads the header with spaces so that the data starts 8-byte
-  # aligned (readers may map tensors straight from the file).
-  header_bytes += b" " * (-len(header_bytes) % 8)
-  with open(path, "wb") as f:
-    f.write(len(header_bytes).to_bytes(8, "little"))
-    f.write(header_bytes)
-    for blob in blobs:
-      f.write(blob)
-
 
 def split_params(graphdef: nnx.GraphDef,
                  params: nnx.State | Sequence[nnx.State]):
@@ -224,89 +181,34 @@ def export_tower(tower_fn, arrays: Sequence[np.ndarray], max_length: int, *,
   return export((batch, max_length)), "fixed"
 
 
-def tokenizer_recipe(tokenizer: tokenizers.WordPieceTokenizer,
+def _write_tokenizer(source_dir: str | os.PathLike,
+                     tokenizer_dir: pathlib.Path,
                      max_lengths: Mapping[str, int]) -> dict[str, Any]:
-  """The exact settings that rebuild `tokenizer` (see serving.build_tokenizer).
-
-  Args:
-    tokenizer: the tokenizer the towers were trained/evaluated with.
-    max_lengths: {"query": int, "passage": int}, [CLS]/[SEP] included.
-
-  Returns:
-    A JSON-serialisable dict.
-  """
-  options = {
-      "do_lower_case": tokenizer.do_lower_case,
-      # Resolved to a bool: None would re-derive it from do_lower_case.
-      "strip_accents": bool(tokenizer.strip_accents),
-      "tokenize_chinese_chars": tokenizer.tokenize_chinese_chars,
-      "clean_text": tokenizer.clean_text,
-      "max_input_chars_per_word": tokenizer.max_input_chars_per_word,
-      "continuing_subword_prefix": tokenizer.continuing_subword_prefix,
-      **tokenizer.special_tokens,
-      # Strings matched verbatim in raw text. The tokenizer keeps them only
-      # in its private id table, whose insertion order is the given order.
-      # pylint: disable-next=protected-access
-      "added_tokens": list(tokenizer._added_ids),
-  }
-  return {
-      "type": "bert_wordpiece",
+  """Copies a checkpoint's tokenizer files; returns the manifest's entry."""
+  source_dir = pathlib.Path(source_dir)
+  tokenizer = tokenizers.from_pretrained_dir(source_dir)
+  files = [n for n in tokenizers.FILES if (source_dir / n).is_file()]
+  tokenizer_dir.mkdir()
+  for name in files:
+    shutil.copyfile(source_dir / name, tokenizer_dir / name)
+  recipe = {
       "dir": serving.TOKENIZER_DIR,
-      "vocab_file": serving.VOCAB_FILE,
+      "files": files,
       "vocab_size": tokenizer.vocab_size,
-      "options": options,
       "special_token_ids": serving.special_token_ids(tokenizer),
       "max_lengths": {name: int(max_lengths[name]) for name in serving.TOWERS},
-      "template": "[CLS] text [SEP]",
-      "truncation": "the text's first max_length - 2 ids are kept",
+      "truncation": "the head of the text is kept",
       "padding": ("right, with the pad id; attention_mask is 1 on tokens and "
                   "0 on padding; token_type_ids are all 0 and not an input"),
   }
-
-
-def _write_tokenizer(source, tokenizer_dir: pathlib.Path,
-                     max_lengths: Mapping[str, int]) -> dict[str, Any]:
-  """Writes vocab.txt and the recipe; returns the recipe.
-
-  The vocabulary file is copied verbatim when there is one (line i is id i,
-  duplicates included); a tokenizer without a file writes its tokens by id.
-  """
-  vocab_file = None
-  # A tokenizer object carries no file; a directory is read the way the
-  # training-time code reads it (`from_pretrained_dir`).
-  if isinstance(source, tokenizers.WordPieceTokenizer):
-    tokenizer = source
-  else:
-    tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(source)
-    if (pathlib.Path(source) / serving.VOCAB_FILE).is_file():
-      vocab_file = pathlib.Path(source) / serving.VOCAB_FILE
-  tokenizer_dir.mkdir()
-  if vocab_file is not None:
-    shutil.copyfile(vocab_file, tokenizer_dir / serving.VOCAB_FILE)
-  else:
-    # vocab.txt encodes ids as line numbers, so ids must be 0..V-1.
-    try:
-      tokens = tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size))
-    except KeyError as e:
-      raise ValueError(f"vocabulary ids are not 0..{tokenizer.vocab_size - 1}"
-                       f" (id {e} is missing); export from its vocab.txt")
-    if any("\n" in t for t in tokens):
-      raise ValueError("a token holds a newline; vocab.txt cannot store it")
-    (tokenizer_dir / serving.VOCAB_FILE).write_text(
-        "".join(t + "\n" for t in tokens), encoding="utf-8")
-  recipe = tokenizer_recipe(tokenizer, max_lengths)
-  (tokenizer_dir / serving.TOKENIZER_RECIPE_FILE).write_text(
-      json.dumps(recipe, indent=2, ensure_ascii=False) + "\n",
-      encoding="utf-8")
-  # The loader's path must give the very same ids; check it on the files,
-  # so a lossy recipe fails the export instead of shifting served vectors.
+  # The loader's path must give the very same ids; check it on the copies,
+  # so a file the loader needs but the copy lacks fails the export instead
+  # of shifting served vectors.
   rebuilt = serving.build_tokenizer(tokenizer_dir, recipe)
-  # pylint: disable-next=protected-access
-  same_vocab = rebuilt._vocab == tokenizer._vocab
-  if not same_vocab or any(rebuilt.encode(t, 512) != tokenizer.encode(t, 512)
-                           for t in _TOKENIZER_PROBES):
-    raise RuntimeError("the tokenizer rebuilt from the export differs from "
-                       "the one given")
+  if any(rebuilt.encode(t, 512) != tokenizer.encode(t, 512)
+         for t in _TOKENIZER_PROBES):
+    raise RuntimeError(f"the tokenizer copied from {source_dir} gives other "
+                       "ids than the original")
   return recipe
 
 
@@ -345,8 +247,7 @@ def _commit(tmp_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
 
 def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
                   params: nnx.State | Sequence[nnx.State],
-                  model_dir_or_tokenizer_files: (
-                      str | os.PathLike | tokenizers.WordPieceTokenizer),
+                  tokenizer_dir: str | os.PathLike,
                   pooling: str, normalize: bool, query_max_length: int,
                   passage_max_length: int,
                   platforms: Sequence[str] = ("cpu",),
@@ -361,8 +262,9 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
     graphdef: the encoder's graph (`nnx.split`).
     params: its state(s); the passage tower's weights, and the query tower's
       too unless `query_params` is given (see `split_params`).
-    model_dir_or_tokenizer_files: a checkpoint directory with the tokenizer
-      files (vocab.txt, tokenizer_config.json, ...), or a tokenizer.
+    tokenizer_dir: a directory with the tokenizer files (tokenizer.json,
+      vocab.txt, ...; see `tokenizers.from_pretrained_dir`), usually the
+      checkpoint's.
     pooling: "cls" or "mean".
     normalize: L2-normalise embeddings.
     query_max_length: query token budget, [CLS]/[SEP] included.
@@ -405,8 +307,7 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
         "towers": {},
         "param_files": {},
         "tokenizer": _write_tokenizer(
-            model_dir_or_tokenizer_files, tmp_dir / serving.TOKENIZER_DIR,
-            max_lengths),
+            tokenizer_dir, tmp_dir / serving.TOKENIZER_DIR, max_lengths),
         "metadata": dict(metadata or {}),
     }
     for name in serving.TOWERS:
@@ -420,7 +321,8 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
       filename = param_files[name]
       # Tied towers reach here twice with the same file: write it once.
       if filename not in manifest["param_files"]:
-        write_safetensors(tmp_dir / filename, keys, arrays)
+        safetensors.numpy.save_file(dict(zip(keys, arrays, strict=True)),
+                                    tmp_dir / filename)
         manifest["param_files"][filename] = keys
       tower_fn = make_tower_fn(param_graphdef, treedef, rest_state,
                                pooling=pooling, normalize=normalize)
@@ -512,7 +414,7 @@ def export_pretrained(name_or_path: (str | os.PathLike |
   graphdef, state = nnx.split(loaded.model)
   return export_towers(
       out_dir, graphdef=graphdef, params=state,
-      model_dir_or_tokenizer_files=loaded.model_dir,
+      tokenizer_dir=loaded.model_dir,
       pooling=pooling or loaded.pooling,
       normalize=loaded.normalize if normalize is None else normalize,
       query_max_length=query_max_length or loaded.max_length,
@@ -523,18 +425,20 @@ def export_pretrained(name_or_path: (str | os.PathLike |
                 "model_dir": str(loaded.model_dir), "compute_dtype": dtype})
 
 
+@sharding.uses_config_rules
 def export_from_workdir(config, workdir: str | os.PathLike, *,
                         step: int | None = None,
                         out_dir: str | os.PathLike | None = None) -> dict:
   """The export mode: towers of a training run's checkpoint.
 
   Restores only the params (no optimizer state) of the latest checkpoint
-  (or `step`) in `<workdir>/checkpoints` onto the model `config.model`
-  describes, and exports both towers with `config.export`'s token budgets
-  to `<workdir>/export` (replaced if present).
+  (or `step`) in `<workdir>/checkpoints`, rebuilt from the run's own saved
+  config (`kinds.load_run`), and exports both towers with `config.export`'s
+  token budgets to `<workdir>/export` (replaced if present). Runs of the
+  dense kinds (those with a text encoder) can be exported.
 
   Args:
-    config: the training config the run used (configs/train.py).
+    config: the training config (its `export` block is read).
     workdir: the run's workdir.
     step: checkpoint step; None for the latest.
     out_dir: export directory; None for `<workdir>/export`.
@@ -544,47 +448,39 @@ def export_from_workdir(config, workdir: str | os.PathLike, *,
 
   Raises:
     FileNotFoundError: the workdir holds no checkpoint.
+    ConfigError: the run's kind has no text encoder to export.
   """
-  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec
-  from retrieval_jax import checkpointing
-  from retrieval_jax import sharding
-  from retrieval_jax import train_state
-  # pylint: enable=g-import-not-at-top
+  from retrieval_jax import kinds  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   ckpt_dir = workdir / "checkpoints"
-  loaded = pretrained.load_model(config.model,
-                                 dtype=jnp.dtype(config.model.dtype))
-  model_def, params = train_state.split_model(loaded.model)
-  # Serving runs on one device: restore the params replicated there.
+  # Serving runs on one device: restore the params there.
   device = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
-  replicated = NamedSharding(device, PartitionSpec())
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      params)
-  with checkpointing.Checkpointer(ckpt_dir, save_interval_steps=1,
-                                  max_to_keep=None,
-                                  async_save=False) as checkpointer:
-    restored_step = checkpointer.latest_step() if step is None else step
-    if restored_step is None:
-      raise FileNotFoundError(
-          f"{ckpt_dir}: no checkpoint to export; train first "
-          "(--mode=train with the same --workdir)")
-    params = checkpointer.restore_params(restored_step, abstract)
-  graphdef, state = nnx.split(model_def.merge(params))
+  try:
+    model, tokenizer, run_cfg, restored_step = kinds.load_run(
+        workdir, device, step=step)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f"{e}: no checkpoint to export; train first (--mode=train with the "
+        "same --workdir)") from e
+  kind = kinds.get(run_cfg["model"])
+  if kind.retriever != "dense":
+    raise errors.ConfigError(
+        f"{workdir}: a {kind.name!r} run has no text encoder to export "
+        "(config.model.kind); export serves dense towers")
+  encoder = kind.text_encoder(model, tokenizer, run_cfg, device,
+                              max_length=config.export.passage_max_length)
   out_dir = pathlib.Path(out_dir or workdir / "export")
   manifest = export_towers(
-      out_dir, graphdef=graphdef, params=state,
-      model_dir_or_tokenizer_files=loaded.model_dir,
-      pooling=config.model.pooling or loaded.pooling,
-      normalize=(loaded.normalize if config.model.normalize is None else
-                 config.model.normalize),
+      out_dir, graphdef=encoder.graphdef, params=encoder.state,
+      tokenizer_dir=pretrained.resolve_model_dir(
+          run_cfg["model"]["pretrained"]),
+      pooling=encoder.pooling, normalize=encoder.normalize,
       query_max_length=config.export.query_max_length,
       passage_max_length=config.export.passage_max_length,
       overwrite=True,
       metadata={"checkpoint": str(ckpt_dir / str(restored_step)),
                 "step": int(restored_step),
-                "pretrained": str(config.model.pretrained)})
+                "pretrained": str(run_cfg["model"]["pretrained"])})
   print(f"exported the towers of {ckpt_dir}/{restored_step} to {out_dir}")
   return manifest
 

@@ -1,10 +1,15 @@
 """Device mesh, logical axis names and the rules that map one to the other.
 
 Parameters and activations name their axes with the *logical* names below;
-a single rules table (from config) maps each logical name to a mesh axis (or
-to None, meaning replicated). Changing the parallelism is then a config edit.
+one rules table, `config.mesh.rules` (default `DEFAULT_RULES`), maps each
+logical name to mesh axes (or None: replicated). The library's entry points
+make it current (`uses_config_rules`), and every sharding derived inside
+(train state, batches, encoders, search) reads it, so changing the
+parallelism is a config edit.
 """
 
+import contextlib
+import functools
 import os
 from collections.abc import Sequence
 
@@ -43,6 +48,42 @@ DEFAULT_RULES = (
     (LENGTH, None),
     (HEAD_DIM, None),
 )
+
+
+_RULES_STACK = [DEFAULT_RULES]
+
+
+def current_rules():
+  """The logical-axis rules in force (`axis_rules`), else `DEFAULT_RULES`."""
+  return _RULES_STACK[-1]
+
+
+@contextlib.contextmanager
+def axis_rules(rules):
+  """Makes `rules` (pairs of logical name, mesh axes) current inside."""
+  _RULES_STACK.append(tuple((name, tuple(axes) if isinstance(
+      axes, (list, tuple)) else axes) for name, axes in rules))
+  try:
+    yield
+  finally:
+    _RULES_STACK.pop()
+
+
+def config_rules(config):
+  """`config.mesh.rules`, or `DEFAULT_RULES` when unset or empty."""
+  mesh = config.get("mesh") or {}
+  return tuple(mesh.get("rules") or ()) or DEFAULT_RULES
+
+
+def uses_config_rules(fn):
+  """Runs `fn(config, ...)` with the config's rules current."""
+
+  @functools.wraps(fn)
+  def wrapped(config, *args, **kwargs):
+    with axis_rules(config_rules(config)):
+      return fn(config, *args, **kwargs)
+
+  return wrapped
 
 
 def use_cpu_cores_as_devices(num_devices: int = 0) -> int:
@@ -95,13 +136,13 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
 
 
 def logical_to_spec(logical_axes: Sequence[str | None],
-                    rules=DEFAULT_RULES) -> PartitionSpec:
+                    rules=None) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec through `rules`.
 
   A mesh axis is used at most once per spec; later logical axes that map to
   an axis already taken stay replicated (the t5x convention).
   """
-  table = dict(rules)
+  table = dict(current_rules() if rules is None else rules)
   used, spec = set(), []
   for name in logical_axes:
     target = table.get(name) if name is not None else None
@@ -113,11 +154,18 @@ def logical_to_spec(logical_axes: Sequence[str | None],
 
 
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
-                   rules=DEFAULT_RULES) -> NamedSharding:
+                   rules=None) -> NamedSharding:
   """NamedSharding on `mesh` for an array with the given logical axes."""
   return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full array on every device of `mesh`."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def data_size(mesh: Mesh) -> int:
-  """Number of shards along the batch (`data` × `fsdp`)."""
-  return int(np.prod([mesh.shape.get(a, 1) for a in (DATA, FSDP)]))
+  """Number of shards along the batch (the mesh axes `batch` maps to)."""
+  spec = logical_to_spec((BATCH,))[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return int(np.prod([mesh.shape.get(a, 1) for a in axes]))

@@ -73,7 +73,7 @@ def _path_key(entry) -> Any:
 
 
 def param_shardings(model_def: ModelDef, params: PyTree, mesh: Mesh,
-                    rules=sharding.DEFAULT_RULES) -> PyTree:
+                    rules=None) -> PyTree:
   """NamedSharding per parameter from its logical axes and `rules`."""
 
   def one(path, leaf):
@@ -121,7 +121,7 @@ class StateLayout:
 
 def state_layout(model_def: ModelDef, params: PyTree,
                  tx: optax.GradientTransformation, mesh: Mesh,
-                 rules=sharding.DEFAULT_RULES) -> StateLayout:
+                 rules=None) -> StateLayout:
   """Derives the train state's abstract value and shardings.
 
   Args:
@@ -129,7 +129,7 @@ def state_layout(model_def: ModelDef, params: PyTree,
     params: real or abstract params (only shapes and dtypes are read).
     tx: the optimizer.
     mesh: the device mesh.
-    rules: logical-axis rules.
+    rules: logical-axis rules (None: `sharding.current_rules()`).
 
   Returns:
     StateLayout; restore targets and the jitted step's in/out shardings.
@@ -169,6 +169,22 @@ def create(params: PyTree, tx: optax.GradientTransformation,
       params)
   step = jax.device_put(jnp.zeros((), jnp.int32), layout.shardings["step"])
   return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def variable_shardings(state: nnx.State, mesh: Mesh) -> PyTree:
+  """Shardings of a whole NNX state (`nnx.split(module)`) on `mesh`.
+
+  Variables with logical axes (`out_sharding` metadata: the params) follow
+  the current rules, as in the train state; the rest are replicated.
+  """
+
+  def one(variable):
+    axes = variable.get_metadata().get("out_sharding")
+    return (sharding.named_sharding(mesh, axes) if axes else
+            sharding.replicated(mesh))
+
+  return jax.tree.map(one, state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def num_params(params: PyTree) -> int:

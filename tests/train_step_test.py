@@ -5,6 +5,7 @@ to a few seconds. With plain SGD at learning rate 1 the parameter update
 *is* the gradient, so comparing updated parameters compares gradients.
 """
 
+import functools
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get(
@@ -24,6 +25,10 @@ from retrieval_jax import losses
 from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax import train_state
+from retrieval_jax.kinds import bi_encoder
+from retrieval_jax.kinds import colbert as colbert_kind
+from retrieval_jax.kinds import cross_encoder as ce_kind
+from retrieval_jax.kinds import splade as splade_kind
 from retrieval_jax.models import transformer_encoder
 
 B, G, LQ, LP, VOCAB = 8, 2, 8, 12, 100
@@ -62,18 +67,27 @@ def _batch(seed=0):
           "passage_doc": passage_doc, "relevant_doc": relevant}
 
 
-def _run_step(mesh, loss_name, grad_cache_chunks=None, batch=None):
+def _run_step(mesh, loss_name, grad_cache_chunks=None, batch=None,
+              sharded_loss=False):
   model_def, params = train_state.split_model(_model())
   tx = optax.sgd(1.0)
   layout = train_state.state_layout(model_def, params, tx, mesh)
   state = train_state.create(params, tx, layout)
   batch = _batch() if batch is None else batch
   spec = {k: v.shape for k, v in batch.items()}
+  kwargs = dict(loss_fn=losses.get_loss(loss_name).fn, temperature=0.1,
+                pooling="mean", normalize=True,
+                sharded_mesh=mesh if sharded_loss else None)
+  value_and_grad = None
+  if grad_cache_chunks:
+    value_and_grad = functools.partial(
+        bi_encoder.grad_cache_value_and_grad,
+        query_chunks=grad_cache_chunks[0],
+        passage_chunks=grad_cache_chunks[1], **kwargs)
   step = steps.make_train_step(
       mesh, layout.shardings, spec, model_def=model_def, tx=tx,
-      loss_fn=losses.get_loss(loss_name).fn, temperature=0.1,
-      pooling="mean", normalize=True, dropout=False,
-      grad_cache_chunks=grad_cache_chunks)
+      loss_fn=functools.partial(bi_encoder.loss, **kwargs),
+      value_and_grad_fn=value_and_grad, dropout=False)
   rng = jax.random.PRNGKey(0)
   new_state, metrics = step(
       state, steps.put_batch(batch, steps.batch_shardings(mesh, spec)), rng)
@@ -100,6 +114,7 @@ class TrainStepShardingTest(parameterized.TestCase):
       ((8, 1, 1), "infonce"),   # data parallel
       ((1, 8, 1), "joint_lh"),  # fully sharded parameters
       ((2, 4, 1), "lse_pair"),  # both
+      ((1, 4, 2), "infonce"),   # FSDP and tensor parallel (heads, MLP)
   )
   def test_sharded_step_equals_single_device(self, mesh_shape, loss_name):
     self.assertGreaterEqual(jax.device_count(), 8)
@@ -119,6 +134,20 @@ class TrainStepShardingTest(parameterized.TestCase):
       self.assertEqual(word.sharding.spec[1], sharding.FSDP)
       self.assertEqual(word.addressable_shards[0].data.shape[1],
                        word.shape[1] // mesh_shape[1])
+
+  def test_model_axis_and_sharded_loss(self):
+    # (data 1, fsdp 4, model 2): the MLP's hidden units really split over
+    # `model`; and config.loss.sharded's shard_map loss (its score matrix
+    # split over the batch axes) gives the dense loss's step.
+    mesh = sharding.make_mesh((1, 4, 2))
+    _, _, placed = _run_step(mesh, "infonce")
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(placed["params"])}
+    self.assertTrue(any("model" in s and "fsdp" in s for s in specs), specs)
+    ref_state, ref_metrics, _ = self.reference["lse_pair"]
+    state, metrics, _ = _run_step(sharding.make_mesh((2, 4, 1)), "lse_pair",
+                                  sharded_loss=True)
+    self.assertAlmostEqual(metrics["loss"], ref_metrics["loss"], delta=1e-5)
+    self.assertLess(_max_diff(state["params"], ref_state["params"]), 1e-5)
 
   def test_duplicate_masking_changes_the_loss(self):
     # Same batch without the duplicate document id: the loss differs, so the
@@ -149,9 +178,6 @@ class GradCacheTest(parameterized.TestCase):
     self.assertGreater(full_metrics["grad_norm"], 1e-3)
 
 
-if __name__ == "__main__":
-  absltest.main()
-
 
 def _pair_batch(seed=0):
   """B groups of G (query, passage) rows; group 2's second row is padding."""
@@ -178,7 +204,7 @@ def _cross_encoder(head="cls"):
 class CrossEncoderStepTest(parameterized.TestCase):
 
   def test_group_labels(self):
-    positive, valid = steps.group_labels(np.array([1, 2]),
+    positive, valid = ce_kind.group_labels(np.array([1, 2]),
                                          np.array([4, 5, 6, 7, -1, 3]))
     np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 1]])
     np.testing.assert_array_equal(positive, [[1, 0, 0], [1, 0, 0]])
@@ -186,14 +212,14 @@ class CrossEncoderStepTest(parameterized.TestCase):
   def test_loss_dispatch_matches_the_registry(self):
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(3, 4)).astype(np.float32)
-    positive, valid = steps.group_labels(
+    positive, valid = ce_kind.group_labels(
         np.array([1, 1, 2]), np.array([0, 1, 2, 3, 4, 5, -1, 7, 8, 9, 10,
                                        11]))
-    got, _ = steps.cross_encoder_loss(scores, positive, valid,
+    got, _ = ce_kind.group_loss(scores, positive, valid,
                                       loss_name="infonce")
     want, _ = losses.get_loss("infonce").fn(scores, positive, valid)
     self.assertAlmostEqual(float(got), float(want), places=6)
-    got, _ = steps.cross_encoder_loss(scores, positive, valid,
+    got, _ = ce_kind.group_loss(scores, positive, valid,
                                       loss_name="bce")
     # Pointwise BCE by hand over the 11 valid pairs.
     y = np.asarray(positive, np.float32)
@@ -214,8 +240,9 @@ class CrossEncoderStepTest(parameterized.TestCase):
       spec = {k: v.shape for k, v in batch.items()}
       step = steps.make_train_step(
           mesh, layout.shardings, spec,
-          step_fn=steps.cross_encoder_train_step, model_def=model_def, tx=tx,
-          loss_name=loss_name, dropout=False)
+          model_def=model_def, tx=tx,
+          loss_fn=functools.partial(ce_kind.loss, loss_name=loss_name),
+          dropout=False)
       placed = steps.put_batch(batch, steps.batch_shardings(mesh, spec))
       curve = []
       for _ in range(10):
@@ -231,10 +258,10 @@ class CrossEncoderStepTest(parameterized.TestCase):
     rng = np.random.default_rng(1)
     scores = rng.normal(size=(3, 4)).astype(np.float32)
     teacher = rng.normal(size=(3, 4)).astype(np.float32) * 3
-    positive, valid = steps.group_labels(
+    positive, valid = ce_kind.group_labels(
         np.array([1, 1, 2]), np.array([0, 1, 2, 3, 4, 5, -1, 7, 8, 9, 10,
                                        11]))
-    got, _ = steps.cross_encoder_loss(scores, positive, valid,
+    got, _ = ce_kind.group_loss(scores, positive, valid,
                                       loss_name="kl_distillation",
                                       teacher_bg=teacher)
     want, _ = losses.LISTWISE_LOSSES["kl_distillation"](scores, teacher,
@@ -250,7 +277,7 @@ class CrossEncoderStepTest(parameterized.TestCase):
       kl.append(np.sum(p_t * (np.log(p_t) - log_p_s)))
     self.assertAlmostEqual(float(got), float(np.mean(kl)), places=5)
     with self.assertRaisesRegex(ValueError, "no teacher"):
-      steps.cross_encoder_loss(scores, positive, valid, loss_name="infonce",
+      ce_kind.group_loss(scores, positive, valid, loss_name="infonce",
                                teacher_bg=teacher)
 
   @pytest.mark.slow
@@ -266,8 +293,8 @@ class CrossEncoderStepTest(parameterized.TestCase):
     state = train_state.create(params, tx, layout)
     spec = {k: v.shape for k, v in batch.items()}
     step = steps.make_train_step(
-        mesh, layout.shardings, spec, step_fn=steps.cross_encoder_train_step,
-        model_def=model_def, tx=tx, loss_name="kl_distillation",
+        mesh, layout.shardings, spec, model_def=model_def, tx=tx,
+        loss_fn=functools.partial(ce_kind.loss, loss_name="kl_distillation"),
         dropout=False)
     placed = steps.put_batch(batch, steps.batch_shardings(mesh, spec))
     curve = []
@@ -308,10 +335,12 @@ def _representation_curve(mesh, kind, batch, num_steps=6, **kwargs):
   layout = train_state.state_layout(model_def, params, tx, mesh)
   state = train_state.create(params, tx, layout)
   spec = {k: v.shape for k, v in batch.items()}
-  step = steps.make_train_step(
-      mesh, layout.shardings, spec, step_fn=steps.representation_train_step,
-      model_def=model_def, tx=tx, loss_fn=losses.get_loss("infonce").fn,
-      kind=kind, dropout=False, **kwargs)
+  loss_fn = functools.partial(
+      colbert_kind.loss if kind == "colbert" else splade_kind.loss,
+      loss_fn=losses.get_loss("infonce").fn, **kwargs)
+  step = steps.make_train_step(mesh, layout.shardings, spec,
+                               model_def=model_def, tx=tx, loss_fn=loss_fn,
+                               dropout=False)
   placed = steps.put_batch(batch, steps.batch_shardings(mesh, spec))
   curve = []
   for _ in range(num_steps):
@@ -327,7 +356,7 @@ class RepresentationStepTest(parameterized.TestCase):
     batch = _batch()
     idf = np.random.default_rng(0).normal(size=VOCAB).astype(np.float32)
     special = (0, 7, 9)
-    got = steps.bag_of_tokens(batch["query_ids"], batch["query_mask"], idf,
+    got = splade_kind.bag_of_tokens(batch["query_ids"], batch["query_mask"], idf,
                               special)
     rows = [ids[mask == 1].tolist() for ids, mask in
             zip(batch["query_ids"], batch["query_mask"])]
@@ -365,8 +394,12 @@ class RepresentationStepTest(parameterized.TestCase):
     self._check_sharded_and_learns(
         "inference_free", flops_d=1e-2,
         idf_v=np.linspace(0.5, 3.0, VOCAB).astype(np.float32),
-        special_ids=(0,))
+        special=(0,))
 
   @pytest.mark.slow
   def test_colbert_sharded_step_equals_one_device_and_learns(self):
     self._check_sharded_and_learns("colbert")
+
+
+if __name__ == "__main__":
+  absltest.main()

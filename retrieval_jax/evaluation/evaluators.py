@@ -8,6 +8,7 @@ use it, so the numbers are computed one way only.
 
 import dataclasses
 from absl import logging
+import pathlib
 import time
 from collections.abc import Sequence
 
@@ -203,7 +204,7 @@ class RerankEvaluator:
   first-stage ranking (dense or BM25, computed once by the caller); the
   scorer is any `score(query_rows, doc_rows) -> scores` black box over
   `query_texts` and the collection's `doc_texts()` (a
-  `models.cross_encoder.PairScorer`). The run holds only the re-ranked
+  `encoding.PairScorer`). The run holds only the re-ranked
   documents, scored by the pair scorer, and is scored with `ir_metrics`
   like `RetrievalEvaluator`'s.
   """
@@ -264,18 +265,9 @@ class RerankEvaluator:
       A `RetrievalResult`; `indices_qk` are corpus rows, best first.
     """
     start = time.perf_counter()
-    real_qk = self.candidates_qk >= 0
-    scores_qk = np.full(real_qk.shape, -np.inf, np.float32)
-    for k in np.unique(real_qk.sum(1)):
-      # Queries grouped by list length, so no padding pair is scored.
-      rows = np.flatnonzero(real_qk.sum(1) == k)
-      if k:
-        scores_qk[rows, :k] = scorer(rows, self.candidates_qk[rows, :k])
+    scores_qk, indices_qk = rerank(scorer, self.candidates_qk)
     timing = {"score_pairs_s": time.perf_counter() - start}
-    # Stable, so equal scores keep the first stage's order.
-    order_qk = np.argsort(-scores_qk, axis=1, kind="stable")
-    scores_qk = np.take_along_axis(scores_qk, order_qk, axis=1)
-    indices_qk = np.take_along_axis(self.candidates_qk, order_qk, axis=1)
+    real_qk = self.candidates_qk >= 0
     timing["pairs_per_s"] = real_qk.sum() / max(timing["score_pairs_s"],
                                                 1e-9)
     run = trec_run.run_from_topk(self.query_ids, self.collection.doc_ids,
@@ -286,6 +278,40 @@ class RerankEvaluator:
     return RetrievalResult(metrics=metrics, per_query=per_query, run=run,
                            timing=timing, query_ids=self.query_ids,
                            scores_qk=scores_qk, indices_qk=indices_qk)
+
+
+def write_result(result: RetrievalResult, out_dir, *, tag: str) -> None:
+  """`run.trec` and `metrics_per_query.json` of a result, into `out_dir`."""
+  from retrieval_jax import io  # pylint: disable=g-import-not-at-top
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  trec_run.write_run(out_dir / "run.trec", result.run, tag=tag)
+  io.write_json_atomic(out_dir / "metrics_per_query.json", result.per_query)
+
+
+def rerank(scorer, candidates_qk: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Re-orders each row's candidates by `scorer`'s pair scores.
+
+  Args:
+    scorer: `scorer(query_rows [Q'], doc_rows [Q', k]) -> [Q', k]`.
+    candidates_qk: int corpus rows per query, -1 past a short list's end.
+
+  Returns:
+    (scores_qk float32, indices_qk): best first; missing candidates score
+    -inf and stay last; ties keep the first stage's order.
+  """
+  real_qk = candidates_qk >= 0
+  scores_qk = np.full(real_qk.shape, -np.inf, np.float32)
+  counts_q = real_qk.sum(1)
+  for k in np.unique(counts_q):
+    # Queries grouped by list length, so no padding pair is scored.
+    rows = np.flatnonzero(counts_q == k)
+    if k:
+      scores_qk[rows, :k] = scorer(rows, candidates_qk[rows, :k])
+  order_qk = np.argsort(-scores_qk, axis=1, kind="stable")
+  return (np.take_along_axis(scores_qk, order_qk, axis=1),
+          np.take_along_axis(candidates_qk, order_qk, axis=1))
 
 
 def first_stage(kind: str, collection: beir.BeirCollection, *, depth: int,

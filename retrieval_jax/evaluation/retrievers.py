@@ -1,39 +1,19 @@
 """The retrievers of the evaluate mode, one per `config.retriever.kind`.
 
-Every retriever ranks the judged queries of a `RetrievalEvaluator` and
-returns its `RetrievalResult` (scored one way, by `score_ranking` or
-`score_run`) together with `stats`: index size and query latency measured
-the same way for each kind, so that a table of retrievers compares like
-with like.
-
-  dense       exact top-k over the encoder's embeddings (`exact_topk`)
-  bm25        Lucene BM25 (`search.bm25`, the shared data's settings)
-  hybrid      dense + BM25 score interpolation (`search.fusion`)
-  dense_prf   dense, then vector PRF (Average or Rocchio, `search.prf`) and
-              a second dense search
-  splade      a trained SPLADE run (`retriever.splade_workdir`): queries and
-              documents encoded, exact search in a scipy inverted index
-              (`search.sparse_index`)
-  inference_free  a trained inference-free run: documents encoded, queries
-              a bag of their tokens weighted by the corpus idf
-  colbert     a trained ColBERT run (`retriever.colbert_workdir`) re-ranks
-              the top `rerank_depth` of `first_stage` (bm25, dense, splade,
-              inference_free) by exact MaxSim: "two-stage" retrieval, with
-              optional pruning of candidates scoring below `prune_ratio`
-              times the query's top first-stage score
-
-Latency. "search_ms_per_query" is the mean wall time of searching one
-query at a time (after a warm-up call) over `config.retriever.
-latency_queries` queries, the query already encoded; "encode_ms_per_query"
-is the batch query-encoding time divided by the number of queries. Both are
-reported so that retrievers with and without a query encoder compare.
-
-Dense embeddings are cached (`dense_<key>.npz` in `config.encode.cache_dir`,
-default the workdir; keyed by the model settings and the texts), so the
-dense, hybrid and PRF runs of one collection encode it once.
+dense (exact top-k), bm25, hybrid (dense + BM25 fusion), dense_prf (vector
+PRF), splade / inference_free (a trained run over a scipy inverted index),
+colbert (MaxSim re-ranking of a first stage's top `rerank_depth`, with
+optional pruning) and rerank (a trained cross-encoder run re-scoring a
+first stage). Each returns a `RetrievalResult` and `stats` measured the same
+way for every kind: index bytes, "search_ms_per_query" (one query at a
+time, encoded, after a warm-up) and "encode_ms_per_query" (batch query
+encoding / queries). Dense embeddings, sparse indexes and ColBERT vectors
+are cached in `config.encode.cache_dir` (default the workdir), keyed by the
+model and the texts.
 """
 
 from collections.abc import Callable
+import functools
 import json
 import pathlib
 import time
@@ -44,16 +24,21 @@ import jax
 import ml_collections
 import numpy as np
 
+from retrieval_jax import errors
+from retrieval_jax import io
 from retrieval_jax.evaluation import evaluators
 
 KINDS = ("dense", "bm25", "hybrid", "dense_prf", "splade", "inference_free",
-         "colbert")
+         "colbert", "rerank")
+# Retrievers that embed with a dense encoder (a pretrained model or a
+# trained bi-encoder run).
+DENSE_KINDS = ("dense", "hybrid", "dense_prf")
 # First stages a ColBERT re-ranking can take its candidates from.
 FIRST_STAGES = ("bm25", "dense", "splade", "inference_free")
 PRF_METHODS = ("average", "rocchio")
 
 
-class RetrieverError(ValueError):
+class RetrieverError(errors.ConfigError):
   """A `config.retriever` value is wrong; the message names the key."""
 
 
@@ -71,9 +56,8 @@ def _latency_ms(search_one: Callable[[int], Any], num_queries: int,
 
 
 def _dense_cache_key(config, evaluator) -> str:
-  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
   model = config.model
-  return negatives.fingerprint(
+  return io.fingerprint(
       [model.pretrained, model.pooling, str(model.normalize), model.dtype,
        str(model.max_length), model.get("checkpoint", "")],
       list(evaluator.collection.doc_ids), evaluator.collection.doc_texts(),
@@ -106,11 +90,9 @@ def dense_embeddings(config, evaluator, encoder_fn, workdir
       encoder_fn(), batch_size=config.encode.batch_size,
       pad_multiple=config.encode.pad_multiple,
       sort_by_length=config.encode.sort_by_length)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, docs_nd=docs_nd.astype(np.float32),
-           queries_qd=queries_qd.astype(np.float32),
-           timing=json.dumps(timing))
-  tmp.replace(path)
+  io.save_npz_atomic(path, docs_nd=docs_nd.astype(np.float32),
+                     queries_qd=queries_qd.astype(np.float32),
+                     timing=json.dumps(timing))
   return docs_nd, queries_qd, timing
 
 
@@ -225,14 +207,14 @@ def _dense_prf(config, evaluator, encoder_fn, mesh, workdir):
 
 def _trained(config, key: str, kind: str, mesh):
   """(model, tokenizer, run config, step) of `config.retriever.<key>`."""
-  from retrieval_jax.models import builder  # pylint: disable=g-import-not-at-top
+  from retrieval_jax import kinds  # pylint: disable=g-import-not-at-top
   path = config.retriever.get(key, "")
   if not path:
     raise RetrieverError(
         f"config.retriever.{key} is empty: set it to the workdir of a "
         f"configs/train.py:scifact,{kind} run")
   try:
-    return builder.load_trained(path, mesh, kinds=(kind,))
+    return kinds.load_run(path, mesh, kinds=(kind,))
   except (FileNotFoundError, ValueError) as e:
     raise RetrieverError(f"config.retriever.{key}: {e}") from e
 
@@ -240,8 +222,7 @@ def _trained(config, key: str, kind: str, mesh):
 def _sparse_cache(config, evaluator, key, workdir, step):
   cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
   cache_dir.mkdir(parents=True, exist_ok=True)
-  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
-  digest = negatives.fingerprint(
+  digest = io.fingerprint(
       [str(pathlib.Path(config.retriever[key]).resolve()), str(step),
        str(config.model.max_length), str(config.retriever.top_terms)],
       list(evaluator.collection.doc_ids), evaluator.collection.doc_texts()
@@ -249,15 +230,14 @@ def _sparse_cache(config, evaluator, key, workdir, step):
   return cache_dir / f"sparse_{digest}.npz"
 
 
-def _sparse(config, evaluator, encoder_fn, mesh, workdir, kind=None):
+def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
   """SPLADE or inference-free retrieval over an inverted index."""
   del encoder_fn
   import scipy.sparse  # pylint: disable=g-import-not-at-top
   from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
-  from retrieval_jax.models import builder  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.kinds import splade as splade_kind  # pylint: disable=g-import-not-at-top
   from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
-  kind = kind or config.retriever.kind
   key = "splade_workdir" if kind == "splade" else "inference_free_workdir"
   model, tokenizer, _, step = _trained(config, key, kind, mesh)
   encoder = encoding.SparseEncoder.from_model(
@@ -293,7 +273,7 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, kind=None):
     queries_qv = scipy.sparse.csr_matrix(splade.inference_free_query(
         [tokenizer.encode(t, config.model.max_length) for t in texts],
         vocab_size=tokenizer.vocab_size, idf_v=idf_v,
-        special_ids=builder.special_ids(tokenizer)))
+        special_ids=splade_kind.special_ids(tokenizer)))
   timing["encode_queries_s"] = time.perf_counter() - start
   # Kept for side-by-side latency benchmarks (experiments/retrievers).
   scipy.sparse.save_npz(pathlib.Path(workdir) / "queries_sparse.npz",
@@ -318,10 +298,9 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, kind=None):
 
 
 def _colbert_embeddings(config, evaluator, encoder, workdir, step):
-  from retrieval_jax.data import negatives  # pylint: disable=g-import-not-at-top
   cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
   cache_dir.mkdir(parents=True, exist_ok=True)
-  digest = negatives.fingerprint(
+  digest = io.fingerprint(
       [str(pathlib.Path(config.retriever.colbert_workdir).resolve()),
        str(step), str(config.model.max_length)],
       list(evaluator.collection.doc_ids), evaluator.collection.doc_texts()
@@ -336,32 +315,26 @@ def _colbert_embeddings(config, evaluator, encoder, workdir, step):
       evaluator.collection.doc_texts(), batch_size=config.encode.batch_size,
       desc="colbert: corpus")
   timing = {"encode_corpus_s": time.perf_counter() - start}
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, docs_nld=docs_nld, masks_nl=masks_nl,
-           timing=json.dumps(timing))
-  tmp.replace(path)
+  io.save_npz_atomic(path, docs_nld=docs_nld, masks_nl=masks_nl,
+                     timing=json.dumps(timing))
   return docs_nld, masks_nl, timing
 
 
 def _colbert(config, evaluator, encoder_fn, mesh, workdir):
   """A first stage's top `rerank_depth`, re-ranked by ColBERT's MaxSim."""
-  from retrieval_jax.models import colbert  # pylint: disable=g-import-not-at-top
+  from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import late_interaction  # pylint: disable=g-import-not-at-top
   r = config.retriever
   model, tokenizer, run_cfg, step = _trained(config, "colbert_workdir",
                                              "colbert", mesh)
-  encoder = colbert.MultiVectorEncoder.from_model(
+  encoder = encoding.MultiVectorEncoder.from_model(
       model, tokenizer, mesh, query_maxlen=run_cfg["data"]["query_max_length"],
       doc_maxlen=config.model.max_length,
       augment=run_cfg["model"]["colbert_augment"])
   docs_nld, masks_nl, timing = _colbert_embeddings(config, evaluator, encoder,
                                                    workdir, step)
-  if r.first_stage in ("splade", "inference_free"):
-    first, first_stats = _sparse(config, evaluator, encoder_fn, mesh, workdir,
-                                 kind=r.first_stage)
-  else:
-    first, first_stats = _RETRIEVERS[r.first_stage](
-        config, evaluator, encoder_fn, mesh, workdir)
+  first, first_stats = _RETRIEVERS[r.first_stage](config, evaluator,
+                                                  encoder_fn, mesh, workdir)
   texts = evaluator.query_texts
   start = time.perf_counter()
   queries_qld, q_masks_ql = encoder.embed_queries(texts, desc="colbert: "
@@ -399,9 +372,48 @@ def _colbert(config, evaluator, encoder_fn, mesh, workdir):
                                  timing), stats
 
 
+def _rerank(config, evaluator, encoder_fn, mesh, workdir):
+  """A first stage's top `rerank_depth`, re-scored by a cross-encoder run."""
+  from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
+  r = config.retriever
+  model, tokenizer, run_cfg, step = _trained(config, "rerank_workdir",
+                                             "cross_encoder", mesh)
+  first, first_stats = _RETRIEVERS[r.first_stage](config, evaluator,
+                                                  encoder_fn, mesh, workdir)
+  scorer = encoding.PairScorer(
+      model, tokenizer, evaluator.query_texts,
+      evaluator.collection.doc_texts(),
+      max_length=run_cfg["data"]["pair_max_length"],
+      batch_size=config.encode.batch_size, mesh=mesh, desc="re-rank")
+  candidates_qk = np.asarray(first.indices_qk)[:, :r.rerank_depth]
+  start = time.perf_counter()
+  scores_qk, indices_qk = evaluators.rerank(scorer, candidates_qk)
+  timing = {"rerank_s": time.perf_counter() - start}
+  timing.update({"first_stage_" + k: v for k, v in first.timing.items()})
+  n = len(evaluator.query_texts)
+  stats = {"index_bytes": first_stats["index_bytes"],
+           "search_ms_per_query": first_stats["search_ms_per_query"] +
+                                  1e3 * timing["rerank_s"] / n,
+           "encode_ms_per_query": first_stats["encode_ms_per_query"],
+           "pairs_per_query": float((candidates_qk >= 0).sum() / n),
+           "checkpoint_step": step,
+           "parts": {r.first_stage: first.metrics}}
+  return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
+
+
 _RETRIEVERS = {"dense": _dense, "bm25": _bm25, "hybrid": _hybrid,
-               "dense_prf": _dense_prf, "splade": _sparse,
-               "inference_free": _sparse, "colbert": _colbert}
+               "dense_prf": _dense_prf,
+               "splade": functools.partial(_sparse, kind="splade"),
+               "inference_free": functools.partial(_sparse,
+                                                   kind="inference_free"),
+               "colbert": _colbert,
+               "rerank": _rerank}
+
+
+# The model kind (configs/train.py variant) each run key takes.
+_RUN_KINDS = {"splade_workdir": "splade",
+              "inference_free_workdir": "inference_free",
+              "colbert_workdir": "colbert", "rerank_workdir": "cross_encoder"}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -419,7 +431,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if r.fusion_depth < 0:
       raise RetrieverError("config.retriever.fusion_depth must be >= 0 "
                            "(0 = the whole top_k)")
-  if r.kind == "colbert":
+  if r.kind in ("colbert", "rerank"):
     if r.first_stage not in FIRST_STAGES:
       raise RetrieverError(f"config.retriever.first_stage={r.first_stage!r}:"
                            f" expected one of {FIRST_STAGES}")
@@ -430,14 +442,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                            "expected 0 (off) <= ratio < 1")
   needed = {"splade": ["splade_workdir"],
             "inference_free": ["inference_free_workdir"],
-            "colbert": ["colbert_workdir"]}.get(r.kind, [])
-  if r.kind == "colbert" and r.first_stage in ("splade", "inference_free"):
+            "colbert": ["colbert_workdir"],
+            "rerank": ["rerank_workdir"]}.get(r.kind, [])
+  if r.kind in ("colbert", "rerank") and r.first_stage in (
+      "splade", "inference_free"):
     needed.append(f"{r.first_stage}_workdir")
   for key in needed:
     if not r.get(key, ""):
       raise RetrieverError(
           f"config.retriever.{key} is empty: set it to the workdir of a "
-          f"configs/train.py:scifact,{key[:-len('_workdir')]} run")
+          f"configs/train.py:scifact,{_RUN_KINDS[key]} run")
   if r.kind == "dense_prf" and r.prf_method not in PRF_METHODS:
     raise RetrieverError(f"config.retriever.prf_method={r.prf_method!r}: "
                          f"expected one of {PRF_METHODS}")

@@ -440,7 +440,7 @@ def initialize_keys(model: KeyValueMemory,
 
 
 def state_shardings(model: nnx.Module, mesh: Mesh,
-                    rules=sharding.DEFAULT_RULES) -> nnx.State:
+                    rules=None) -> nnx.State:
   """NamedSharding per variable of `nnx.state(model)` (Frozen included).
 
   Each variable's logical axes (`out_sharding` metadata) map through

@@ -19,6 +19,7 @@ from absl.testing import absltest
 
 from configs import common
 from configs import evaluate as evaluate_config
+from retrieval_jax import errors
 from retrieval_jax import evaluate
 from retrieval_jax.evaluation import ir_metrics
 from retrieval_jax.evaluation import trec_run
@@ -94,14 +95,14 @@ class EvaluateModeTest(absltest.TestCase):
 
   def test_missing_data_path_names_the_key(self):
     config = _config(**{"data.path": "/nonexistent/beir"})
-    with self.assertRaisesRegex(evaluate.ConfigError,
+    with self.assertRaisesRegex(errors.ConfigError,
                                 r"config\.data\.path='/nonexistent/beir'"):
       evaluate.evaluate(config, self.create_tempdir())
 
   def test_missing_split_names_the_keys(self):
     config = _config(**{"data.split": "validation"})
     with self.assertRaisesRegex(
-        evaluate.ConfigError,
+        errors.ConfigError,
         r"config\.data\.split='validation'.*qrels/validation\.tsv"):
       evaluate.evaluate(config, self.create_tempdir())
 
@@ -149,12 +150,12 @@ class EvaluateModeTest(absltest.TestCase):
     config = _config()
     with config.unlocked():
       config.retriever.kind = "tfidf"
-    with self.assertRaisesRegex(evaluate.ConfigError,
+    with self.assertRaisesRegex(errors.ConfigError,
                                 r"config\.retriever\.kind='tfidf'"):
       evaluate.evaluate(config, self.create_tempdir())
     with config.unlocked():
       config.retriever.kind = "splade"
-    with self.assertRaisesRegex(evaluate.ConfigError,
+    with self.assertRaisesRegex(errors.ConfigError,
                                 r"config\.retriever\.splade_workdir is empty"):
       evaluate.evaluate(config, self.create_tempdir())
 

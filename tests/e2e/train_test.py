@@ -160,25 +160,22 @@ class TrainEndToEndTest(absltest.TestCase):
     model_def, _ = train_state.split_model(loaded.model)
     final, initial = _final_params(self.reference)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    graphdef, state = nnx.split(model_def.merge(final))
     encoder = encoding.TextEncoder(
-        graphdef=graphdef, state=state,
-        tokenizer=tokenizers.WordPieceTokenizer.from_pretrained_dir(
-            loaded.model_dir),
-        pooling="mean", normalize=True,
-        max_length=manifest["towers"]["passage"]["max_length"], mesh=mesh)
+        model_def.merge(final),
+        tokenizers.WordPieceTokenizer.from_pretrained_dir(loaded.model_dir),
+        mesh, pooling="mean", normalize=True,
+        max_length=manifest["towers"]["passage"]["max_length"])
     expected = encoder.encode(texts, progress=False)
     np.testing.assert_allclose(served, expected, atol=1e-5)
     # ... and not the pretrained model's.
-    graphdef, state = nnx.split(model_def.merge(initial))
-    encoder.state = state
+    encoder.set_module(model_def.merge(initial))
     self.assertGreater(
         np.abs(encoder.encode(texts, progress=False) - served).max(), 1e-4)
 
   @pytest.mark.slow
   def test_bad_config_values_name_the_key(self):
     from configs import train as train_config  # pylint: disable=g-import-not-at-top
-    from retrieval_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from retrieval_jax import errors  # pylint: disable=g-import-not-at-top
     from retrieval_jax import train  # pylint: disable=g-import-not-at-top
     cases = {
         ("loss.name", "no_such_loss"): "config.loss.name='no_such_loss'",
@@ -193,7 +190,7 @@ class TrainEndToEndTest(absltest.TestCase):
           section, field = key.split(".")
           config[section][field] = value
         # Fails in validation, before any model or data is loaded.
-        with self.assertRaisesRegex(evaluate.ConfigError, expected):
+        with self.assertRaisesRegex(errors.ConfigError, expected):
           train.train_and_evaluate(config, self.root / "bad")
     # Through the command line: one line naming the key, no traceback.
     proc = _run(self.root / "bad", "--config.loss.name=no_such_loss",

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+from retrieval_jax import encoding
 from retrieval_jax import pretrained
 from retrieval_jax import sharding
+from retrieval_jax.data import features
 from retrieval_jax.data import tokenizers
 from retrieval_jax.models import colbert
 from retrieval_jax.models import transformer_encoder as te
@@ -83,7 +85,7 @@ class TokenisationTest(absltest.TestCase):
     cls.tok, _ = _tokenizer_and_model()
 
   def test_query_layout_with_augmentation(self):
-    ids, attention, score = colbert.encode_queries(self.tok, _QUERIES,
+    ids, attention, score = features.encode_queries(self.tok, _QUERIES,
                                                    query_maxlen=12)
     self.assertEqual(ids.shape, (3, 12))
     self.assertEqual(ids.dtype, np.int32)
@@ -101,9 +103,9 @@ class TokenisationTest(absltest.TestCase):
     self.assertEqual(ids[1, -1], self.tok.sep_id)
 
   def test_query_layout_without_augmentation(self):
-    ids, attention, score = colbert.encode_queries(
+    ids, attention, score = features.encode_queries(
         self.tok, _QUERIES, query_maxlen=12, augment=False)
-    aug_ids, aug_attention, _ = colbert.encode_queries(self.tok, _QUERIES,
+    aug_ids, aug_attention, _ = features.encode_queries(self.tok, _QUERIES,
                                                        query_maxlen=12)
     np.testing.assert_array_equal(attention, aug_attention)
     np.testing.assert_array_equal(score, attention)
@@ -112,7 +114,7 @@ class TokenisationTest(absltest.TestCase):
     np.testing.assert_array_equal(ids[attention == 0], self.tok.pad_id)
 
   def test_doc_layout_and_punctuation_mask(self):
-    ids, attention, score = colbert.encode_docs(self.tok, _DOCS,
+    ids, attention, score = features.encode_docs(self.tok, _DOCS,
                                                 doc_maxlen=40)
     lengths = attention.sum(1)
     self.assertEqual(ids.shape, (4, lengths.max()))
@@ -130,7 +132,7 @@ class TokenisationTest(absltest.TestCase):
         self.assertEqual(score[b, j], int(j < lengths[b] and not is_punct),
                          (b, j, token))
     self.assertGreaterEqual(punct_seen, 8)  # , . ; ! all occur.
-    _, attention2, score2 = colbert.encode_docs(
+    _, attention2, score2 = features.encode_docs(
         self.tok, _DOCS, doc_maxlen=40, mask_punctuation=False,
         pad_multiple=16)
     self.assertEqual(score2.shape, (4, 48))
@@ -140,9 +142,9 @@ class TokenisationTest(absltest.TestCase):
 
   def test_bad_maxlen(self):
     with self.assertRaisesRegex(ValueError, "query_maxlen=2"):
-      colbert.encode_queries(self.tok, _QUERIES, query_maxlen=2)
+      features.encode_queries(self.tok, _QUERIES, query_maxlen=2)
     with self.assertRaisesRegex(ValueError, "doc_maxlen=0"):
-      colbert.encode_docs(self.tok, _DOCS, doc_maxlen=0)
+      features.encode_docs(self.tok, _DOCS, doc_maxlen=0)
 
 
 class ColBERTTest(absltest.TestCase):
@@ -153,7 +155,7 @@ class ColBERTTest(absltest.TestCase):
     cls.tok, cls.model = _tokenizer_and_model()
 
   def test_rows_are_unit_norm_projection(self):
-    ids, attention, _ = colbert.encode_docs(self.tok, _DOCS, doc_maxlen=40,
+    ids, attention, _ = features.encode_docs(self.tok, _DOCS, doc_maxlen=40,
                                             pad_multiple=40)
     h, e_bld = _forward(ids, attention)
     self.assertEqual(e_bld.shape, (4, 40, 16))
@@ -166,8 +168,8 @@ class ColBERTTest(absltest.TestCase):
     np.testing.assert_allclose(e_bld, want, atol=1e-5)
 
   def test_mask_rows_scored_not_attended(self):
-    aug = colbert.encode_queries(self.tok, _QUERIES, query_maxlen=_WIDTH)
-    plain = colbert.encode_queries(self.tok, _QUERIES, query_maxlen=_WIDTH,
+    aug = features.encode_queries(self.tok, _QUERIES, query_maxlen=_WIDTH)
+    plain = features.encode_queries(self.tok, _QUERIES, query_maxlen=_WIDTH,
                                    augment=False)
     _, e_aug = _forward(aug[0], aug[1])
     _, e_plain = _forward(plain[0], plain[1])
@@ -175,7 +177,7 @@ class ColBERTTest(absltest.TestCase):
     # Not attended: the real tokens cannot tell [MASK] fill from [PAD].
     np.testing.assert_allclose(e_aug[real], e_plain[real], atol=1e-5)
     # Scored: the [MASK] rows change MaxSim by exactly their own maxima.
-    docs = colbert.encode_docs(self.tok, _DOCS, doc_maxlen=40,
+    docs = features.encode_docs(self.tok, _DOCS, doc_maxlen=40,
                                pad_multiple=40)
     _, e_doc = _forward(docs[0], docs[1])
     s_aug = np.asarray(li.maxsim_all(e_aug, aug[2], e_doc, docs[2]))
@@ -212,7 +214,7 @@ class MultiVectorEncoderTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tok, cls.model = _tokenizer_and_model()
-    cls.encoder = colbert.MultiVectorEncoder.from_model(
+    cls.encoder = encoding.MultiVectorEncoder.from_model(
         cls.model, cls.tok, sharding.make_mesh(), query_maxlen=_WIDTH,
         doc_maxlen=_WIDTH)
 
@@ -223,7 +225,7 @@ class MultiVectorEncoderTest(absltest.TestCase):
     emb, mask = self.encoder.embed_docs(texts, batch_size=8,
                                         pad_multiple=40, progress=False)
     self.assertEqual(emb.dtype, np.float16)
-    ids, attention, score = colbert.encode_docs(self.tok, texts,
+    ids, attention, score = features.encode_docs(self.tok, texts,
                                                 doc_maxlen=40)
     self.assertEqual(emb.shape, (16, 40, 16))
     np.testing.assert_array_equal(mask, score)
@@ -236,7 +238,7 @@ class MultiVectorEncoderTest(absltest.TestCase):
     # float16 shares the corpus test's compiled step.
     emb, mask = self.encoder.embed_queries(_QUERIES, batch_size=8,
                                            dtype=np.float16)
-    ids, attention, score = colbert.encode_queries(self.tok, _QUERIES,
+    ids, attention, score = features.encode_queries(self.tok, _QUERIES,
                                                    query_maxlen=_WIDTH)
     self.assertEqual(emb.shape, (3, _WIDTH, 16))
     np.testing.assert_array_equal(mask, score)
@@ -257,9 +259,11 @@ class FromPretrainedTest(absltest.TestCase):
   # Loads all-MiniLM-L6-v2 and compiles its forward pass: seconds on CPU.
   @pytest.mark.slow
   def test_minilm_with_new_projection(self):
-    encoder = colbert.MultiVectorEncoder.from_pretrained(
-        pretrained.DEFAULT_MODEL, dim=24, rngs=nnx.Rngs(0), query_maxlen=16,
-        doc_maxlen=16)
+    loaded = pretrained.load_pretrained(pretrained.DEFAULT_MODEL)
+    encoder = encoding.MultiVectorEncoder.from_model(
+        colbert.ColBERT(loaded.model, 24, rngs=nnx.Rngs(0)),
+        tokenizers.WordPieceTokenizer.from_pretrained_dir(loaded.model_dir),
+        query_maxlen=16, doc_maxlen=16)
     self.assertEqual(encoder.dim, 24)
     emb, mask = encoder.embed_docs(_DOCS[:2], batch_size=8, progress=False,
                                    dtype=np.float32)
@@ -268,7 +272,7 @@ class FromPretrainedTest(absltest.TestCase):
                                atol=1e-5)
     # The encoder is the checkpoint's: its states equal a plain load's.
     loaded = pretrained.load_pretrained(pretrained.DEFAULT_MODEL)
-    ids, attention, _ = colbert.encode_docs(encoder.tokenizer, _DOCS[:1],
+    ids, attention, _ = features.encode_docs(encoder.tokenizer, _DOCS[:1],
                                             doc_maxlen=16)
     model = nnx.merge(encoder.graphdef, encoder.state)
     np.testing.assert_allclose(model.encoder(ids, attention),

@@ -11,8 +11,10 @@ from flax import nnx
 import jax
 import numpy as np
 
+from retrieval_jax import encoding
 from retrieval_jax import pretrained
 from retrieval_jax import sharding
+from retrieval_jax.data import features
 from retrieval_jax.data import tokenizers
 from retrieval_jax.models import cross_encoder as ce
 from retrieval_jax.models import transformer_encoder as te
@@ -47,10 +49,10 @@ class CrossEncoderTest(absltest.TestCase):
     cls.tokenizer, cls.encoder = _tokenizer_and_encoder()
 
   def test_emb_layout_is_the_pair_encoding_plus_markers(self):
-    emb = ce.encode_pairs(self.tokenizer, _QUERIES, _ITEMS, 40, "emb")
-    plain = ce.encode_pairs(self.tokenizer, _QUERIES, _ITEMS, 38, "cls")
-    q_id = self.tokenizer.token_to_id(ce.QUERY_MARKER)
-    i_id = self.tokenizer.token_to_id(ce.ITEM_MARKER)
+    emb = features.encode_pairs(self.tokenizer, _QUERIES, _ITEMS, 40, "emb")
+    plain = features.encode_pairs(self.tokenizer, _QUERIES, _ITEMS, 38, "cls")
+    q_id = self.tokenizer.token_to_id(features.PAIR_QUERY_MARKER)
+    i_id = self.tokenizer.token_to_id(features.PAIR_ITEM_MARKER)
     for b in range(len(_QUERIES)):
       n = emb["attention_mask"][b].sum()
       self.assertLessEqual(n, 40)
@@ -66,7 +68,7 @@ class CrossEncoderTest(absltest.TestCase):
   def test_heads_equal_explicit_computation(self):
     for head in ce.HEADS:
       model = ce.CrossEncoder(self.encoder, head, rngs=nnx.Rngs(1))
-      batch = ce.encode_pairs(self.tokenizer, _QUERIES, _ITEMS, 48, head)
+      batch = features.encode_pairs(self.tokenizer, _QUERIES, _ITEMS, 48, head)
       scores = np.asarray(model(batch["input_ids"], batch["attention_mask"],
                                 batch["token_type_ids"],
                                 batch.get("markers")))
@@ -84,9 +86,9 @@ class CrossEncoderTest(absltest.TestCase):
 
   def test_scores_do_not_depend_on_padding(self):
     model = ce.CrossEncoder(self.encoder, "emb", rngs=nnx.Rngs(1))
-    narrow = ce.encode_pairs(self.tokenizer, _QUERIES[:1], _ITEMS[:1], 48,
+    narrow = features.encode_pairs(self.tokenizer, _QUERIES[:1], _ITEMS[:1], 48,
                              "emb", pad_to_multiple_of=None)
-    wide = ce.encode_pairs(self.tokenizer, _QUERIES[:1], _ITEMS[:1], 48,
+    wide = features.encode_pairs(self.tokenizer, _QUERIES[:1], _ITEMS[:1], 48,
                            "emb", pad_to_multiple_of=64)
     self.assertNotEqual(narrow["input_ids"].shape, wide["input_ids"].shape)
     score = jax.jit(lambda *a: model(*a))
@@ -100,9 +102,9 @@ class CrossEncoderTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "head='dot'"):
       ce.CrossEncoder(self.encoder, "dot", rngs=nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "head='dot'"):
-      ce.encode_pairs(self.tokenizer, ["a"], ["b"], 16, "dot")
+      features.encode_pairs(self.tokenizer, ["a"], ["b"], 16, "dot")
     model = ce.CrossEncoder(self.encoder, "emb", rngs=nnx.Rngs(0))
-    batch = ce.encode_pairs(self.tokenizer, ["a"], ["b"], 16, "cls")
+    batch = features.encode_pairs(self.tokenizer, ["a"], ["b"], 16, "cls")
     with self.assertRaisesRegex(ValueError, "marker positions"):
       model(batch["input_ids"], batch["attention_mask"],
             batch["token_type_ids"])
@@ -119,14 +121,14 @@ class PairScorerTest(absltest.TestCase):
     model = ce.CrossEncoder(encoder, "emb", rngs=nnx.Rngs(1))
     query_ids = np.array([2, 0, 1])
     item_ids = np.array([[0, 1], [2, 2], [1, 0]])
-    batch = ce.encode_pairs(
+    batch = features.encode_pairs(
         tokenizer, [_QUERIES[q] for q in np.repeat(query_ids, 2)],
         [_ITEMS[i] for i in item_ids.ravel()], 32, "emb")
     expected = np.asarray(model(batch["input_ids"], batch["attention_mask"],
                                 batch["token_type_ids"], batch["markers"]))
     for mesh in (sharding.make_mesh(devices=jax.devices()[:1]),
                  sharding.make_mesh()):
-      scorer = ce.PairScorer(model, tokenizer, _QUERIES, _ITEMS,
+      scorer = encoding.PairScorer(model, tokenizer, _QUERIES, _ITEMS,
                              max_length=32, batch_size=4, mesh=mesh)
       np.testing.assert_allclose(scorer(query_ids, item_ids),
                                  expected.reshape(3, 2), rtol=1e-5,

@@ -1,0 +1,203 @@
+"""Featurisers: texts -> the token-id layouts the models read.
+
+Pair rows of cross-encoders ([CLS] query [SEP] item [SEP], optionally with
+marker tokens for the "emb" head) and ColBERT's query / document rows
+([CLS] [Q|D] tokens [SEP], [MASK]-augmented queries, punctuation left out
+of scoring). Markers are BERT's reserved "[unused0]" / "[unused1]" entries,
+so bert-base-uncased vocabularies need no new rows.
+"""
+
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+# Cross-encoder heads and their pair layouts (models/cross_encoder.py).
+PAIR_HEADS = ("cls", "emb")
+PAIR_QUERY_MARKER = "[unused0]"
+PAIR_ITEM_MARKER = "[unused1]"
+# ColBERT's query and document markers.
+QUERY_MARKER = "[unused0]"
+DOC_MARKER = "[unused1]"
+
+def encode_pairs(tokenizer, queries, items, max_length: int, head: str,
+                 pad_to_multiple_of: int | None = 16) -> dict[str, np.ndarray]:
+  """Tokenises (query, item) pairs for a head.
+
+  "cls": [CLS] query [SEP] item [SEP] with the tokenizer's longest-first
+  truncation. "emb": the same with a query marker prepended to the query
+  and an item marker to the item (both count against `max_length` and are
+  never truncated), plus "markers" [B, 2], their positions.
+
+  Args:
+    tokenizer: a `data.tokenizers.WordPieceTokenizer`.
+    queries, items: B texts each.
+    max_length: most ids per row, specials and markers included.
+    head: "cls" or "emb".
+    pad_to_multiple_of: round the padded width up to this.
+
+  Returns:
+    int32 arrays [B, L]: input_ids, attention_mask, token_type_ids (and
+    markers [B, 2] for "emb").
+  """
+  if head not in PAIR_HEADS:
+    raise ValueError(f"head={head!r}: expected one of {PAIR_HEADS}")
+  if head == "cls":
+    return tokenizer(list(queries), max_length,
+                     pad_to_multiple_of=pad_to_multiple_of,
+                     text_pairs=list(items))
+  ids = [tokenizer.token_to_id(t) for t in (PAIR_QUERY_MARKER, PAIR_ITEM_MARKER)]
+  if None in ids:
+    raise ValueError(f"the vocabulary lacks {PAIR_QUERY_MARKER} / {PAIR_ITEM_MARKER}")
+  rows, types, markers = [], [], []
+  for query, item in zip(queries, items, strict=True):
+    # Two ids fewer for the content, then the markers go in front of each
+    # segment: [CLS] [Q] a [SEP] [I] b [SEP].
+    row, type_ids = tokenizer.encode_pair(query, item, max_length - 2)
+    sep = row.index(tokenizer.sep_id)
+    rows.append([row[0], ids[0], *row[1:sep + 1], ids[1], *row[sep + 1:]])
+    types.append([0] * (sep + 2) + [1] * (len(row) - sep))
+    markers.append((1, sep + 2))
+  width = max(map(len, rows))
+  if pad_to_multiple_of:
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+  out = {name: np.zeros((len(rows), width), np.int32)
+         for name in ("input_ids", "attention_mask", "token_type_ids")}
+  out["input_ids"][:] = tokenizer.pad_id
+  for b, (row, type_ids) in enumerate(zip(rows, types)):
+    out["input_ids"][b, :len(row)] = row
+    out["attention_mask"][b, :len(row)] = 1
+    out["token_type_ids"][b, :len(row)] = type_ids
+  out["markers"] = np.asarray(markers, np.int32).reshape(-1, 2)
+  return out
+
+
+
+def _marker_id(tokenizer, marker: str) -> int:
+  marker_id = tokenizer.token_to_id(marker)
+  if marker_id is None:
+    raise ValueError(f"the vocabulary lacks the marker token {marker!r}")
+  return marker_id
+
+
+def punctuation_ids(tokenizer) -> np.ndarray:
+  """Ids of the single-character tokens in `string.punctuation`.
+
+  BERT's pre-tokenizer splits every punctuation character into a word of
+  its own, so these are the only ids punctuation ever becomes.
+
+  Returns:
+    int32 [P] sorted ids (characters missing from the vocabulary skipped).
+  """
+  ids = {tokenizer.token_to_id(c) for c in string.punctuation}
+  ids.discard(None)
+  return np.asarray(sorted(ids), np.int32)
+
+
+def _with_marker(tokenizer, text: str, marker_id: int,
+                 max_length: int) -> list[int]:
+  """[CLS] marker content [SEP], at most `max_length` ids."""
+  ids = tokenizer.encode(text, max_length - 1)
+  return [ids[0], marker_id, *ids[1:]]
+
+
+def check_maxlen(name: str, value: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+    raise ValueError(f"{name}={value!r}: need an int >= 3 ([CLS], the "
+                     "marker and [SEP])")
+
+
+def query_rows(tokenizer, texts: Sequence[str], query_maxlen: int
+               ) -> list[list[int]]:
+  """Unpadded query ids, [CLS] [Q] tokens [SEP], <= query_maxlen each."""
+  check_maxlen("query_maxlen", query_maxlen)
+  marker = _marker_id(tokenizer, QUERY_MARKER)
+  return [_with_marker(tokenizer, t, marker, query_maxlen) for t in texts]
+
+
+def doc_rows(tokenizer, texts: Sequence[str], doc_maxlen: int
+             ) -> list[list[int]]:
+  """Unpadded document ids, [CLS] [D] tokens [SEP], <= doc_maxlen each."""
+  check_maxlen("doc_maxlen", doc_maxlen)
+  marker = _marker_id(tokenizer, DOC_MARKER)
+  return [_with_marker(tokenizer, t, marker, doc_maxlen) for t in texts]
+
+
+def pad_queries(tokenizer, rows: Sequence[Sequence[int]], query_maxlen: int,
+                augment: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads query rows to `query_maxlen`; see `encode_queries`."""
+  fill = tokenizer.mask_id if augment else tokenizer.pad_id
+  ids_bl = np.full((len(rows), query_maxlen), fill, np.int32)
+  attention_bl = np.zeros((len(rows), query_maxlen), np.int32)
+  for b, row in enumerate(rows):
+    ids_bl[b, :len(row)] = row
+    attention_bl[b, :len(row)] = 1
+  # With augmentation every position is scored, the [MASK] fill included.
+  score_bl = np.ones_like(attention_bl) if augment else attention_bl.copy()
+  return ids_bl, attention_bl, score_bl
+
+
+def pad_docs(tokenizer, rows: Sequence[Sequence[int]], *,
+             mask_punctuation: bool, width: int | None = None,
+             pad_multiple: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads document rows; see `encode_docs`. `width` fixes L (>= longest)."""
+  longest = max((len(r) for r in rows), default=0)
+  width = longest if width is None else width
+  if width < longest:
+    raise ValueError(f"width={width} < longest document ({longest} ids)")
+  if pad_multiple:
+    width = -(-width // pad_multiple) * pad_multiple
+  ids_bl = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+  attention_bl = np.zeros((len(rows), width), np.int32)
+  for b, row in enumerate(rows):
+    ids_bl[b, :len(row)] = row
+    attention_bl[b, :len(row)] = 1
+  score_bl = attention_bl.copy()
+  if mask_punctuation:
+    # Punctuation is attended to (it shapes its neighbours' states) but its
+    # own vectors are not matched: they would match every query's "?".
+    score_bl[np.isin(ids_bl, punctuation_ids(tokenizer))] = 0
+  return ids_bl, attention_bl, score_bl
+
+
+def encode_queries(tokenizer, texts: Sequence[str], *, query_maxlen: int = 32,
+                   augment: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Tokenises queries as [CLS] [Q] tokens [SEP], width `query_maxlen`.
+
+  Args:
+    tokenizer: a `data.tokenizers.WordPieceTokenizer`.
+    texts: B queries; longer ones keep their first query_maxlen - 3 tokens.
+    query_maxlen: ids per row, specials included (>= 3).
+    augment: fill with [MASK] (attention 0, score 1: query augmentation);
+      False fills with [PAD] and scores only the real tokens.
+
+  Returns:
+    int32 [B, query_maxlen] arrays: ids_bl, attention_mask_bl (1 on the
+    real tokens) and score_mask_bl (rows that enter MaxSim).
+  """
+  return pad_queries(tokenizer, query_rows(tokenizer, texts, query_maxlen),
+                     query_maxlen, augment)
+
+
+def encode_docs(tokenizer, texts: Sequence[str], *, doc_maxlen: int = 220,
+                mask_punctuation: bool = True,
+                pad_multiple: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Tokenises documents as [CLS] [D] tokens [SEP], padded with [PAD].
+
+  Args:
+    tokenizer: a `data.tokenizers.WordPieceTokenizer`.
+    texts: B documents; longer ones keep their first doc_maxlen - 3 tokens.
+    doc_maxlen: most ids per row, specials included (>= 3).
+    mask_punctuation: exclude single-character punctuation tokens (those in
+      `string.punctuation`) from scoring.
+    pad_multiple: round the width (the longest row) up to a multiple of this.
+
+  Returns:
+    int32 [B, L] arrays: ids_bl, attention_mask_bl (1 on real tokens) and
+    score_mask_bl (real tokens, minus punctuation if `mask_punctuation`).
+  """
+  return pad_docs(tokenizer, doc_rows(tokenizer, texts, doc_maxlen),
+                  mask_punctuation=mask_punctuation, pad_multiple=pad_multiple)

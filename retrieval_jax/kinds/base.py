@@ -1,0 +1,163 @@
+"""The interface every retriever kind implements (`Kind`).
+
+A kind turns a pretrained encoder into a trainable model (`build`), a
+loader's host batches into device batches (`TrainSpec.featurize`), and a
+model plus a device batch into a loss (`TrainSpec.loss`, run inside the one
+generic `steps.train_step`). The trainer, evaluation and export look a kind
+up in `kinds.KINDS` and never switch on its name.
+"""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+from flax import nnx
+
+from retrieval_jax import losses
+from retrieval_jax.errors import ConfigError
+
+# Loader keys a step of the in-batch kinds reads; the others stay on host.
+STEP_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask",
+             "positive_counts", "passage_doc", "relevant_doc")
+
+# Losses that read raw cosines (not softmax logits): temperature must be 1.
+COSINE_LOSSES = ("orthogonal_projection",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """What the generic train step needs of a kind.
+
+  Attributes:
+    featurize: `(step, host_batch) -> device batch` (numpy arrays, leading
+      axis split over the data axes).
+    loss: `loss(model, batch, rng, step) -> (loss, aux)`; `rng` is the
+      step's dropout key (None without dropout), `step` the int32 counter.
+    value_and_grad: optional `(model_def, params, batch, rng, step) ->
+      ((loss, aux), grads)` replacing `jax.value_and_grad(loss)` (GradCache).
+  """
+  featurize: Callable[[int, dict], dict]
+  loss: Callable
+  value_and_grad: Callable | None = None
+
+
+def take_keys(keys=STEP_KEYS) -> Callable[[int, dict], dict]:
+  """A featurizer that forwards the loader's arrays `keys` unchanged."""
+
+  def featurize(step, host_batch):
+    del step
+    return {k: host_batch[k] for k in keys}
+
+  return featurize
+
+
+def in_batch_loss(scores_qc, batch, *, loss_fn, share_hard_negatives: bool):
+  """A registry loss on a [B, B*G] query x passage score matrix.
+
+  Args:
+    scores_qc: float32 scores of every query against every passage row of
+      the global batch (query-major groups of G).
+    batch: reads "positive_counts", "passage_doc", "relevant_doc".
+    loss_fn: `fn(scores_qc, positive_qc, valid_qc) -> (loss, aux)`.
+    share_hard_negatives: other queries' hard negatives count as negatives.
+  """
+  group_size = scores_qc.shape[1] // scores_qc.shape[0]
+  positive_qc, valid_qc = losses.contrastive.group_masks(
+      batch["positive_counts"], group_size, batch.get("passage_doc"),
+      batch.get("relevant_doc"), share_hard_negatives=share_hard_negatives)
+  return loss_fn(scores_qc, positive_qc, valid_qc)
+
+
+def split_rng(rng, num: int = 2):
+  """`num` dropout keys from the step key, or Nones without dropout."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return (None,) * num if rng is None else tuple(jax.random.split(rng, num))
+
+
+class Kind:
+  """A retriever kind; subclasses override what differs.
+
+  Attributes:
+    name: the `config.model.kind` value.
+    model_keys: `config.model` keys the kind needs.
+    architectures: encoder architectures (`config.model.architecture`) it
+      wraps.
+    dense_negatives: whether the model being trained can mine negatives.
+    trains_with_evals: whether `config.evals` run during training (others
+      are evaluated by the evaluate mode).
+    retriever: the evaluate-mode retriever (`evaluation/retrievers.py`)
+      that serves a trained run of this kind; "dense" ones give
+      `text_encoder`.
+  """
+  name: str = ""
+  model_keys: tuple[str, ...] = ()
+  architectures: tuple[str, ...] = ("bert",)
+  dense_negatives: bool = False
+  trains_with_evals: bool = False
+  retriever: str = "dense"
+
+  def loss_spec(self, config) -> losses.LossSpec:
+    """The `LossSpec` of `config.loss.name` (batch construction included)."""
+    try:
+      return losses.get_loss(config.loss.name)
+    except ValueError as e:
+      raise ConfigError(f"config.loss.name={config.loss.name!r}: unknown "
+                        f"loss; known: {sorted(losses.LOSSES)}") from e
+
+  def validate(self, config) -> None:
+    """Kind-specific checks of `config`; raises `ConfigError`."""
+    self.loss_spec(config)
+    model = config.model
+    architecture = model.get("architecture", "bert")
+    if architecture not in self.architectures:
+      raise ConfigError(f"config.model.kind={self.name!r} needs "
+                        f"config.model.architecture in {self.architectures}")
+    missing = [k for k in self.model_keys if k not in model]
+    if missing:
+      raise ConfigError(f"config.model.kind={self.name!r} needs config.model."
+                        f"{missing[0]} (see configs/train.py:{self.name})")
+    if config.data.negatives == "dense" and not self.dense_negatives:
+      raise ConfigError(
+          "config.data.negatives='dense' mines with the model being trained,"
+          f" which a {self.name!r} model cannot do; use 'bm25' or 'none'")
+    if config.evals and not self.trains_with_evals:
+      raise ConfigError(
+          f"config.evals: a {self.name!r} run is evaluated by the evaluate "
+          f"mode (configs/evaluate.py:retriever={self.name}), not during "
+          "training; set config.evals to {}")
+    if config.train.grad_cache_chunks[0] and self.name != "bi_encoder":
+      raise ConfigError("config.train.grad_cache_chunks: GradCache is for "
+                        f"bi-encoders; set (0, 0) for a {self.name!r} model")
+    if config.loss.name in COSINE_LOSSES and (
+        config.loss.temperature != 1.0 or config.model.normalize is False):
+      raise ConfigError(
+          f"config.loss.name={config.loss.name!r} reads cosine similarities: "
+          f"set config.loss.temperature=1 (is {config.loss.temperature}) and "
+          "keep config.model.normalize on")
+    if config.loss.get("sharded") and self.name != "bi_encoder":
+      raise ConfigError("config.loss.sharded: the shard_map loss is for "
+                        f"bi-encoders; set False for a {self.name!r} model")
+    if config.loss.get("teacher", ""):
+      raise ConfigError("config.loss.teacher is for a cross-encoder "
+                        "(config.model.kind='cross_encoder')")
+
+  def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0
+            ) -> nnx.Module:
+    """The NNX model on `loaded`'s (pretrained) encoder."""
+    raise NotImplementedError
+
+  def train_spec(self, config, *, loader, tokenizer,
+                 loss_spec: losses.LossSpec, mesh) -> TrainSpec:
+    """The featurizer and loss of a training run on `mesh`."""
+    raise NotImplementedError
+
+  def train_evaluator(self, config, model_def, tokenizer, mesh, workdir
+                      ) -> Any:
+    """Runs `config.evals` on params: `.run(params) -> {name: value}`."""
+    del config, model_def, tokenizer, mesh, workdir
+    return None
+
+  def text_encoder(self, model, tokenizer, run_cfg: dict, mesh, *,
+                   max_length: int):
+    """An `encoding.TextEncoder` over a trained model (dense kinds)."""
+    raise NotImplementedError(f"a {self.name!r} run has no text encoder")
