@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from retrieval_jax import api
 from retrieval_jax import encoding
 from retrieval_jax import errors
 from retrieval_jax import io
@@ -61,10 +62,11 @@ def make_encoder(config: ml_collections.ConfigDict,
     raise errors.ConfigError(
         f"config.model.pooling={config.model.pooling!r}: expected 'cls', "
         "'mean' or '' (checkpoint default)")
-  return encoding.TextEncoder.from_pretrained(
-      config.model.pretrained, mesh, pooling=config.model.pooling,
-      normalize=config.model.normalize, max_length=config.model.max_length,
-      dtype=config.model.dtype)
+  return api.load(config.model.pretrained, mesh=mesh,
+                  pooling=config.model.pooling,
+                  normalize=config.model.normalize,
+                  max_length=config.model.max_length,
+                  dtype=config.model.dtype).text_encoder
 
 
 def use_run(config: ml_collections.ConfigDict, mesh):
