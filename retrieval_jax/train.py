@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 from flax import nnx
+from flax import traverse_util
 
 from retrieval_jax import checkpointing
 from retrieval_jax import io
@@ -128,6 +129,13 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   if config.data.negatives not in ("bm25", "dense", "none"):
     raise ConfigError(f"config.data.negatives={config.data.negatives!r}: "
                       "expected 'bm25', 'dense' or 'none'")
+  positives = (1 if kind.loss_spec(config).positives == "one" else
+               config.data.max_positives)
+  if config.data.negatives == "none" and config.data.group_size > positives:
+    raise ConfigError(
+        f"config.data.group_size={config.data.group_size} leaves room for "
+        "hard negatives but config.data.negatives='none'; lower group_size "
+        f"to {positives} or mine negatives ('bm25')")
   for name, ev in config.evals.items():
     _check_path(f"evals.{name}.path", ev.path, is_dir=True,
                 needs=("corpus.jsonl", "queries.jsonl",
@@ -313,7 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logger = metric_logging.MetricLogger(workdir, is_primary=is_primary)
   config_json = json.loads(config.to_json_best_effort())
   if start_step == 0:
-    logger.write_hparams({k: v for k, v in _flat(config_json).items()
+    logger.write_hparams({k: v for k, v in traverse_util.flatten_dict(
+        config_json, sep=".").items()
                           if isinstance(v, (int, float, str, bool))})
 
   results: dict[str, Any] = {"source": source, "steps": total_steps}
@@ -394,17 +403,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if "before" in results and "after" in results:
     _print_before_after(results["before"], results["after"])
   return results
-
-
-def _flat(obj, prefix=""):
-  out = {}
-  for k, v in obj.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flat(v, key + "."))
-    else:
-      out[key] = v
-  return out
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:

@@ -84,32 +84,16 @@ def param_shardings(model_def: ModelDef, params: PyTree, mesh: Mesh,
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def opt_state_shardings(abstract_opt_state: PyTree, params_shardings: PyTree,
-                        abstract_params: PyTree, mesh: Mesh) -> PyTree:
-  """Shardings for an optax state: param-like leaves follow their param.
-
-  An optimizer leaf is "param-like" when the tail of its tree path is a
-  parameter's path and the shapes agree (Adam's mu / nu, momentum traces);
-  all other leaves (step counters, scalars) are replicated.
-  """
-  by_path = {}
-  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  flat_shardings = jax.tree_util.tree_leaves(params_shardings)
-  for (path, leaf), shard in zip(flat_params, flat_shardings):
-    by_path[tuple(_path_key(p) for p in path)] = (leaf.shape, shard)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def one(path, leaf):
-    keys = tuple(_path_key(p) for p in path)
-    # Optax wraps the parameter tree in its own containers (tuples, named
-    # tuples, MaskedState); the parameter's path is a suffix of the leaf's.
-    for start in range(len(keys)):
-      hit = by_path.get(keys[start:])
-      if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
-        return hit[1]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+def opt_state_shardings(tx: optax.GradientTransformation,
+                        abstract_opt_state: PyTree, params_shardings: PyTree,
+                        mesh: Mesh) -> PyTree:
+  """Shardings for an optax state: parameter-like leaves (Adam's moments,
+  momentum traces; found by `optax.tree_map_params`) follow their
+  parameter, all others (counters, scalars) are replicated."""
+  return optax.tree_map_params(
+      tx, lambda _, shard: shard, abstract_opt_state, params_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +122,7 @@ def state_layout(model_def: ModelDef, params: PyTree,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   p_shardings = param_shardings(model_def, abstract_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  o_shardings = opt_state_shardings(abstract_opt, p_shardings,
-                                    abstract_params, mesh)
+  o_shardings = opt_state_shardings(tx, abstract_opt, p_shardings, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = {"step": replicated, "params": p_shardings,
                "opt_state": o_shardings}

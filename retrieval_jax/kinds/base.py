@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from flax import nnx
+import jax
 
 from retrieval_jax import losses
 from retrieval_jax.errors import ConfigError
@@ -70,7 +71,6 @@ def in_batch_loss(scores_qc, batch, *, loss_fn, share_hard_negatives: bool):
 
 def split_rng(rng, num: int = 2):
   """`num` dropout keys from the step key, or Nones without dropout."""
-  import jax  # pylint: disable=g-import-not-at-top
   return (None,) * num if rng is None else tuple(jax.random.split(rng, num))
 
 
