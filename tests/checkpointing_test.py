@@ -1,15 +1,10 @@
 """Tests for retrieval_jax.checkpointing on 8 fake CPU devices."""
 
+import json
 import os
-
-# Before JAX initialises: 8 fake CPU devices for the sharded paths.
-_FLAG = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             _FLAG).strip()
-
 import shutil
+import subprocess
+import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -23,6 +18,32 @@ import orbax.checkpoint as ocp
 
 from retrieval_jax import checkpointing
 from retrieval_jax import sharding
+import test_util
+
+# A one-process JAX job with the preemption service (started by
+# jax.distributed.initialize) that sends itself SIGTERM, as a preempted
+# machine receives, at step 5 of a polling loop.
+_PREEMPTION_JOB = """
+import json, os, signal, socket, sys, tempfile, time
+import jax
+s = socket.socket(); s.bind(("localhost", 0)); port = s.getsockname()[1]
+s.close()
+jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                           num_processes=1, process_id=0)
+from retrieval_jax import checkpointing
+ckpt = checkpointing.Checkpointer(tempfile.mkdtemp(), save_interval_steps=1,
+                                  max_to_keep=None)
+answers, deadline = [], time.monotonic() + 60
+for step in range(100000):
+  if step == 5:
+    os.kill(os.getpid(), signal.SIGTERM)
+  answers.append(ckpt.reached_preemption(step))
+  if answers[-1] or time.monotonic() > deadline:
+    break
+  time.sleep(0.005)
+ckpt.close()
+print(json.dumps(answers))
+"""
 
 
 class _Tiny(nnx.Module):
@@ -288,8 +309,20 @@ class CheckpointerTest(parameterized.TestCase):
     with self.assertRaisesRegex(FileNotFoundError, "no checkpoint"):
       checkpointing.restore_params_from(empty, abstract_params)
 
-  def test_reached_preemption_is_false_without_a_preemption(self):
+  def test_reached_preemption_follows_a_sigterm(self):
+    # No preemption service in this process: never preempted.
     self.assertFalse(self._checkpointer().reached_preemption(5))
+    # With the service: False until the SIGTERM, then True at a later step
+    # (the sync point is agreed asynchronously), and the job survives the
+    # signal to save.
+    proc = subprocess.run([sys.executable, "-c", _PREEMPTION_JOB],
+                          env=test_util.subprocess_env(), capture_output=True,
+                          text=True, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertTrue(answers[-1], "no preemption reported within 60 s")
+    self.assertNotIn(True, answers[:-1])
+    self.assertGreaterEqual(len(answers) - 1, 5)
 
 
 class ResumeOrInitTest(absltest.TestCase):

@@ -7,16 +7,9 @@ encoder covers untied towers, the fixed-length fallback, overwrite
 refusal and the loader's checks, and a tiny BPE tokenizer the HF fallback.
 """
 
-import os
-
-_FLAG = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             _FLAG).strip()
-
 import functools
 import json
+import os
 import pathlib
 import shutil
 import subprocess

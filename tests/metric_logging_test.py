@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -113,13 +114,25 @@ class MetricLoggerTest(absltest.TestCase):
       logger.write_hparams({"optim": {"lr": 1e-3, "betas": (0.9, 0.99)},
                             "model": "tiny", "init_from": None})
       logger.write(1, {"train/loss": 1.0})
+      logger.write(2, {"train/loss": 0.25})
     events = glob.glob(os.path.join(self.workdir, "events.out.tfevents.*"))
-    self.assertNotEmpty(events)
-    self.assertGreater(os.path.getsize(events[0]), 0)
+    self.assertLen(events, 1)
+    # Round trip: TensorBoard's own reader gets the scalars back.
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+    from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+    acc = event_accumulator.EventAccumulator(
+        events[0], size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    got = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+           for e in acc.Tensors("train/loss")]
+    self.assertEqual(got, [(1, 1.0), (2, 0.25)])
 
-  @absltest.skipIf(ml.tensorboard_available(),
-                   "only without `tensorboard`")
   def test_without_tensorboard_logs_and_writes_jsonl(self):
+    # As if clu's writers could not be imported (no `tensorboard`).
+    self.enter_context(mock.patch.object(ml, "metric_writers", None))
+    self.enter_context(mock.patch.object(
+        ml, "_WRITERS_IMPORT_ERROR", ImportError("No module 'tensorboard'")))
+    self.assertFalse(ml.tensorboard_available())
     with self.assertLogs(level="WARNING") as logs:
       logger = ml.MetricLogger(self.workdir)
     self.assertIn("install tensorboard", "\n".join(logs.output))
@@ -130,6 +143,8 @@ class MetricLoggerTest(absltest.TestCase):
     self.assertIn("[4] train/loss=0.5", "\n".join(logs.output))
     self.assertEqual(ml.read_metrics(self.path),
                      [{"step": 4, "train/loss": 0.5}])
+    self.assertEmpty(
+        glob.glob(os.path.join(self.workdir, "events.out.tfevents.*")))
 
 
 class CheckFiniteTest(absltest.TestCase):

@@ -7,15 +7,8 @@ The fixture tests/fixtures/minilm_parity.npz is written by
 experiments/parity/compare_sentence_transformers.py (see its README).
 """
 
-import os
-
-_FLAG = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             _FLAG).strip()
-
 import json
+import os
 import pathlib
 import shutil
 import subprocess

@@ -2,9 +2,9 @@
 searched with CUR, through the real entry point on the shipped LIMIT-small.
 
 * `configs/train.py:smoke,cross_encoder` trains from all-MiniLM-L6-v2,
-  checkpoints, and re-ranks BM25's top 5 on LIMIT-small dev; the metrics
-  equal ir_metrics on the first stage's candidates re-scored by the
-  checkpoint's model.
+  checkpoints, and re-ranks BM25's top 5 on LIMIT-small dev; its run file
+  holds those candidates with the checkpoint's scores, and the metrics it
+  reports equal pytrec_eval on that run.
 * `python -m experiments.cur_knn.run` with `experiments/cur_knn/config.py:
   smoke` reads that checkpoint (model kind, head and pair length from its
   saved config), scores the exact matrices and reports every method at
@@ -22,8 +22,16 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import jax
+import numpy as np
 import pytest
+import pytrec_eval
 
+from retrieval_jax import kinds
+from retrieval_jax import sharding
+from retrieval_jax.data import beir
+from retrieval_jax.data import features
+from retrieval_jax.evaluation import trec_run
 import test_util
 from test_util import REPO
 
@@ -75,6 +83,42 @@ class CrossEncoderEndToEndTest(absltest.TestCase):
                         .read_text())
     self.assertLen(cached["candidates"], 16)
     self.assertTrue((self.train_dir / "checkpoints" / "4").is_dir())
+
+    # The final evaluation's run: each query's first 5 candidates, scored
+    # by the step-4 checkpoint's model (re-scored here from the pairs).
+    run = trec_run.read_run(self.train_dir / "eval" / "step_4" / "limit_dev" /
+                            "run.trec")
+    self.assertEqual(
+        {q: set(docs) for q, docs in run.items()},
+        {q: set(docs[:5]) for q, docs in cached["candidates"].items()})
+    model, tokenizer, run_config, step = kinds.load_run(
+        self.train_dir, sharding.make_mesh((1, 1, 1),
+                                           devices=jax.devices()[:1]))
+    self.assertEqual(step, 4)
+    collection = beir.load_beir(str(REPO / "data" / "limit-small"),
+                                split="dev")
+    queries = dict(zip(*collection.judged_queries()))
+    docs = dict(zip(collection.doc_ids, collection.doc_texts()))
+    pairs = [(q, d, s) for q, ranked in run.items() for d, s in ranked.items()]
+    encoded = features.encode_pairs(
+        tokenizer, [queries[q] for q, _, _ in pairs],
+        [docs[d] for _, d, _ in pairs], run_config["data"]["pair_max_length"],
+        run_config["model"]["head"])
+    scores = model(encoded["input_ids"], encoded["attention_mask"],
+                   encoded["token_type_ids"], encoded.get("markers"),
+                   deterministic=True)
+    np.testing.assert_allclose(np.asarray(scores), [s for _, _, s in pairs],
+                               atol=1e-5)
+    # The reported metrics are pytrec_eval's on that run.
+    per_query = pytrec_eval.RelevanceEvaluator(
+        {q: collection.qrels[q] for q in run},
+        {"ndcg_cut.10", "recip_rank", "recall.10,20"}).evaluate(run)
+    for ours, theirs in (("ndcg@10", "ndcg_cut_10"), ("mrr@10", "recip_rank"),
+                         ("recall@10", "recall_10"),
+                         ("recall@20", "recall_20")):
+      want = np.mean([v[theirs] for v in per_query.values()])
+      self.assertAlmostEqual(after[f"eval/limit_dev/{ours}"], want, places=6,
+                             msg=ours)
 
   @pytest.mark.slow
   def test_cur_knn_on_the_checkpoint(self):

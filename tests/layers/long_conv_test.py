@@ -407,10 +407,12 @@ class HyenaFilterTest(parameterized.TestCase):
     f = _small_filter(4)
     full_fwd, full_rev, full_d = _filters(f, L_MAX)
     k_fwd, k_rev, d = _filters(f, length)
-    np.testing.assert_allclose(k_fwd, full_fwd[:, :length], rtol=1e-6,
-                               atol=1e-7)
-    np.testing.assert_allclose(k_rev, full_rev[:, :length], rtol=1e-6,
-                               atol=1e-7)
+    # float32 MLP outputs of size ~1 evaluated at another length: XLA may
+    # vectorise differently, so allow a few ulps (7e-7 seen on one CPU).
+    np.testing.assert_allclose(k_fwd, full_fwd[:, :length], rtol=1e-5,
+                               atol=2e-6)
+    np.testing.assert_allclose(k_rev, full_rev[:, :length], rtol=1e-5,
+                               atol=2e-6)
     np.testing.assert_array_equal(d, full_d)
 
   def test_longer_than_l_max_raises(self):

@@ -1,5 +1,7 @@
 """Tests for the loss registries of retrieval_jax.losses."""
 
+import math
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -11,20 +13,29 @@ from retrieval_jax.losses import contrastive as cl
 
 class RegistryTest(parameterized.TestCase):
 
-  def test_required_entries(self):
+  def test_each_name_gives_its_objective(self):
+    # One row, two positives at ln 2 and two negatives at 0: the softmax
+    # denominator is 2 + 2 + 1 + 1 = 6, so by hand
+    #   InfoNCE (= JointLH, undivided): 2 (ln 6 - ln 2) = 2 ln 3
+    #   SumMargLH: -ln(4 / 6) = ln 1.5
+    #   LSEPair: ln(1 + 4 e^(0 - ln 2)) = ln 3
+    #   symmetric: (2 ln 3 + 0) / 2, the one-query reverse term being 0
+    #   orthogonal projection (cosines): (1 - ln 2) + |0|.
+    ln2, ln3 = math.log(2), math.log(3)
     want = {
-        "infonce": (cl.info_nce, "one", "pair"),
-        "symmetric_infonce": (cl.symmetric_info_nce, "one", "pair"),
-        "rand1_lh": (cl.info_nce, "one", "query"),
-        "joint_lh": (cl.joint_lh, "all", "query"),
-        "sum_marg_lh": (cl.sum_marg_lh, "all", "query"),
-        "lse_pair": (cl.lse_pair, "all", "query"),
+        "infonce": 2 * ln3, "rand1_lh": 2 * ln3, "joint_lh": 2 * ln3,
+        "sum_marg_lh": math.log(1.5), "lse_pair": ln3,
+        "symmetric_infonce": ln3, "orthogonal_projection": 1 - ln2,
     }
-    for name, (fn, positives, unit) in want.items():
-      spec = losses.get_loss(name)
-      self.assertIs(spec.fn, fn, name)
-      self.assertEqual((spec.positives, spec.unit), (positives, unit), name)
-      self.assertNotIn("\n", spec.description)
+    self.assertEqual(set(losses.LOSSES), set(want))
+    s = np.array([[ln2, ln2, 0.0, 0.0]], np.float32)
+    pos = np.array([[True, True, False, False]])
+    valid = np.ones((1, 4), bool)
+    for name, value in want.items():
+      loss, _ = losses.get_loss(name).fn(s, pos, valid)
+      self.assertAlmostEqual(float(loss), value, places=5, msg=name)
+      # One line in logs and docs.
+      self.assertNotIn("\n", losses.get_loss(name).description, name)
 
   def test_unknown_name_lists_known(self):
     with self.assertRaisesRegex(ValueError, "infonce.*lse_pair"):

@@ -64,8 +64,9 @@ class IdfFlopsTest(parameterized.TestCase):
     rng = np.random.default_rng(2)
     u = np.abs(rng.normal(size=(6, 9))).astype(np.float32)
     valid = np.array([1, 1, 0, 1, 1, 1], bool)
+    # Values ~6.5 in float32 (ulp 5e-7) from two different programs.
     self.assertAlmostEqual(float(idf_flops(u, np.ones(9, np.float32), valid)),
-                           float(flops(u, valid)), places=6)
+                           float(flops(u, valid)), places=5)
 
   def test_equals_flops_on_raw_weights(self):
     rng = np.random.default_rng(3)

@@ -1,14 +1,5 @@
 """Tests for retrieval_jax.search.exact_topk on 8 fake CPU devices."""
 
-import os
-
-# Before JAX initialises: 8 fake CPU devices for the sharded paths.
-_FLAG = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             _FLAG).strip()
-
 from absl.testing import absltest
 from absl.testing import parameterized
 import faiss

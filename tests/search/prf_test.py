@@ -118,7 +118,8 @@ class RocchioPrfTest(parameterized.TestCase):
     jitted = fn(queries, docs, feedback, alpha=0.7, beta=0.2, gamma=0.1)
     eager = prf.rocchio_prf(queries, docs, feedback, alpha=0.7, beta=0.2,
                             gamma=0.1, k_top=2, k_bottom=1)
-    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-7)
+    # float32; jit may fuse / reorder the sums, and entries can be near 0.
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
 
 
 class CommonTest(parameterized.TestCase):
