@@ -1,42 +1,19 @@
 """Training checkpoints: an Orbax manager with three items and a resume order.
 
-Each checkpoint step directory holds three items:
+Each step directory holds `state` (the train state dict {step, params,
+opt_state}; the dropout key is not saved, `steps.train_step` folds the step
+into the run's seed key), `data` (JSON: the loader position, so the batch
+after a restore is the one an uninterrupted run would have seen) and
+`metadata` (JSON: the run's config). Saves are asynchronous and a step only
+becomes visible when Orbax renames its temporary directory, so an interrupted
+save never hides the last complete checkpoint. Restores go onto an abstract
+target whose leaves carry `NamedSharding`s, so a run can resume on another
+mesh.
 
-  state     the train state, a pytree of jax.Arrays (params, optimizer
-            state, step, rng), written by every process for its own shards;
-  data      JSON: the data loader's position, so the batch after a restore
-            is the batch an uninterrupted run would have seen;
-  metadata  JSON: the run's config and anything else worth keeping beside
-            the weights.
-
-Saves are asynchronous: `Checkpointer.save` returns once the arrays are
-copied to host memory, so the caller may donate or overwrite the state at
-once, and the files are written in the background. A step only becomes
-visible when Orbax renames its temporary directory to the final name, so a
-save that is interrupted (preemption, crash) never hides or corrupts the
-last complete checkpoint; its leftover temporary directory is removed the
-next time a writer opens the directory.
-
-Restores always go onto an abstract target, a pytree of
-`jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding)` built with
-`jax.eval_shape` and the sharding rules. The arrays come back laid out as
-the target says, whatever mesh wrote them, so a run can resume on another
-topology.
-
-Resume order (`resume_or_init`), first match wins:
-
-  1. the latest complete checkpoint in the run's own directory: the full
-     state and the data position are restored (an interrupted run carries
-     on exactly);
-  2. else `init_from`, the checkpoint directory of another run: the state is
-     initialised from scratch and its params are replaced by the params of
-     that run's latest checkpoint (fine-tuning; optimizer, step and data
-     position start fresh);
-  3. else scratch: the state from `init_fn()`.
-
-The order puts the run's own checkpoint first so that a restarted
-fine-tuning job resumes its own progress instead of going back to the
-`init_from` weights.
+Resume order (`resume_or_init`), first match wins: the run's own latest
+checkpoint (full state and data position), else `init_from` (another run's
+params into a fresh state: fine-tuning), else scratch (`init_fn()`). The own
+checkpoint comes first so a restarted fine-tuning job keeps its progress.
 """
 
 from collections.abc import Callable, Mapping
@@ -51,20 +28,16 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 
-# Item names inside each step directory.
-STATE = "state"
+STATE = "state"  # item names inside each step directory
 DATA = "data"
 METADATA = "metadata"
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
-  """One handler per item.
+  """One handler per item, registered up front so a fresh manager can read.
 
-  The state uses the PyTree handler rather than the Standard one because
-  only it supports `partial_restore`, which `restore_params` needs; an item
-  must keep one handler for both saving and restoring. Registering the
-  handlers up front (rather than letting Orbax infer them from the first
-  save's args) also lets a fresh manager read item metadata.
+  The state uses the PyTree handler (not Standard): only it supports the
+  `partial_restore` that `restore_params` needs.
   """
   return {
       STATE: ocp.PyTreeCheckpointHandler(),
@@ -74,18 +47,12 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
 
 
 def check_step(step: Any) -> int:
-  """Returns `step` as a python int; rejects bools, floats and negatives.
-
-  Steps name checkpoint directories and are the x-axis and join key of the
-  metric logs, so 2.5 or True is always a caller's mistake.
-  """
+  """Returns `step` as a python int; rejects bools, floats and negatives."""
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
     raise TypeError(
         f"step must be a python or numpy integer, got {type(step).__name__}"
         f" {step!r}")
-  # Orbax names step directories by the integer; a negative one would not
-  # parse back as a step.
-  if step < 0:
+  if step < 0:  # would not parse back as an Orbax step directory
     raise ValueError(f"step must be >= 0, got {step}")
   return int(step)
 
@@ -93,16 +60,12 @@ def check_step(step: Any) -> int:
 def _json_copy(name: str, value: Any) -> dict:
   """A deep copy of `value` through JSON; fails now, naming the item.
 
-  Orbax writes the JSON items in its background thread: an unserialisable
-  value would raise there, at the next save or `wait_until_finished`, far
-  from the caller's mistake, and later edits to the caller's dict (a data
-  loader updating its position) could leak into the checkpoint.
+  Orbax writes JSON in a background thread, where a bad value would raise far
+  from the mistake, and later edits to the caller's dict could leak in.
   """
   if not isinstance(value, Mapping):
     raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
-  # allow_nan=False: NaN is not JSON, and readers other than Python's could
-  # not parse the item back.
-  try:
+  try:  # allow_nan=False: NaN is not JSON for non-Python readers.
     return json.loads(json.dumps(value, allow_nan=False))
   except (TypeError, ValueError) as e:
     raise TypeError(
@@ -120,17 +83,13 @@ def _restore_args(abstract: PyTree, what: str) -> PyTree:
     what: name of the tree, for error messages.
 
   Returns:
-    A pytree of `ocp.ArrayRestoreArgs` matching `abstract`. Shapes are
-    strict (a shape mismatch with the checkpoint raises); dtypes are cast to
-    the target's.
+    A pytree of `ocp.ArrayRestoreArgs` matching `abstract`: strict shapes,
+    dtypes cast to the target's.
 
   Raises:
-    ValueError: a leaf has no shape/dtype or no sharding (without one the
-      restored layout would not be the target's, and a restore on another
-      mesh could not work).
+    ValueError: a leaf has no shape/dtype or no sharding.
   """
-  # Check every leaf up front: Orbax's own errors for these come from deep
-  # inside the restore and do not name the leaf.
+  # Checked up front: Orbax's errors for these do not name the leaf.
   leaves = jax.tree_util.tree_leaves_with_path(abstract)
   if not leaves:
     raise ValueError(f"{what}: the abstract target has no leaves")
@@ -145,16 +104,14 @@ def _restore_args(abstract: PyTree, what: str) -> PyTree:
           f"{what}{name}: the abstract target has no sharding; build it with"
           " jax.eval_shape and attach NamedShardings so the restore knows"
           " its layout")
-  # ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
-  # strict=True): each process reads only the shards its devices hold.
+  # Each process reads only the shards its devices hold.
   return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
 def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   """`step`, or the latest one when None; raises if it is not on disk."""
-  # all_steps() lists committed step directories (and this manager's own
-  # save in flight, which callers wait for first); a temporary directory
-  # left by an interrupted save is never a candidate.
+  # Committed steps (and this manager's save in flight, which callers wait
+  # for first); an interrupted save's temporary directory is never listed.
   steps = manager.all_steps()
   if step is None:
     if not steps:
@@ -172,8 +129,7 @@ def _restore_params(manager: ocp.CheckpointManager, step: int | None,
                     abstract_params: PyTree, params_key: str) -> PyTree:
   """Reads only `state[params_key]` of one step; see `restore_params`."""
   step = _resolve_step(manager, step)
-  # Check the key against the saved tree first (the metadata is None when
-  # the step has no state item): Orbax's own error is a bare KeyError.
+  # Orbax's own error for a missing key is a bare KeyError.
   saved = manager.item_metadata(step).get(STATE)
   saved_keys = list(saved.tree) if saved is not None else []
   if params_key not in saved_keys:
@@ -187,9 +143,7 @@ def _restore_params(manager: ocp.CheckpointManager, step: int | None,
           STATE: ocp.args.PyTreeRestore(
               item=target,
               restore_args=_restore_args(target, "abstract_params"),
-              # Everything but the params (optimizer moments: 2x the params)
-              # stays on disk.
-              partial_restore=True)
+              partial_restore=True)  # optimizer moments stay on disk
       }))
   return restored[STATE][params_key]
 
@@ -197,9 +151,7 @@ def _restore_params(manager: ocp.CheckpointManager, step: int | None,
 class Checkpointer:
   """Saves and restores train states of one run directory.
 
-  A thin layer over `ocp.CheckpointManager` with the items `state`, `data`
-  and `metadata` (see the module docstring). Usable as a context manager;
-  leaving the block waits for pending saves and closes the manager.
+  Usable as a context manager; leaving it waits for pending saves.
   """
 
   def __init__(self, directory: str | os.PathLike, *,
@@ -227,18 +179,14 @@ class Checkpointer:
       raise ValueError(
           f"max_to_keep must be None or an int >= 1, got {max_to_keep!r}")
     self._interval = save_interval_steps
-    # save_interval_steps is also given to Orbax, which records it in the
-    # directory's metadata, but the decision to save is `should_save`'s.
+    # Orbax only records the interval; `should_save` decides.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps,
         max_to_keep=max_to_keep,
         create=True,
-        # Temporary directories left by an interrupted save are garbage:
-        # drop them (in the background) so they do not fill the disk.
+        # Drop interrupted saves' temporary directories so they do not pile up.
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
-    # Explicit handlers rather than Orbax inferring them from the first
-    # save's args: a fresh manager can then restore and read metadata.
     self._manager = ocp.CheckpointManager(
         os.fspath(directory), options=options, item_handlers=_item_handlers())
 
@@ -256,12 +204,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    """Whether `save(step, ...)` without `force` would write a checkpoint.
-
-    True when `step` is a multiple of `save_interval_steps` and newer than
-    the latest checkpoint (a resumed run does not rewrite the step it
-    restored).
-    """
+    """True when `step` is on the interval and newer than the latest save."""
     step = check_step(step)
     latest = self.latest_step()
     return step % self._interval == 0 and (latest is None or step > latest)
@@ -286,11 +229,9 @@ class Checkpointer:
       TypeError: `data` or `metadata` is not JSON-serialisable.
     """
     step = check_step(step)
-    # latest_step() already counts a save still in flight, so a repeated
-    # call for the same step is caught here and not by Orbax's error.
-    latest = self.latest_step()
-    # An older step would sort before the latest and be deleted first by
-    # the keep policy; it is almost surely a mix-up of two runs.
+    latest = self.latest_step()  # counts a save still in flight
+    # An older step would be deleted first by the keep policy; it is almost
+    # surely a mix-up of two runs.
     if latest is not None and step < latest:
       raise ValueError(
           f"cannot save step {step}: {self.directory} already has step"
@@ -303,9 +244,7 @@ class Checkpointer:
       return False
     data = _json_copy("data", data)
     metadata = _json_copy("metadata", metadata)
-    # `force=True`: the decision is made above. Orbax's default policy
-    # differs: it would also save the first step of every run, whatever the
-    # interval.
+    # force=True: decided above; Orbax's own policy also saves every first step.
     return self._manager.save(
         step,
         args=ocp.args.Composite(**{
@@ -334,11 +273,9 @@ class Checkpointer:
       ValueError: a target leaf lacks a sharding, or the structure or a
         shape differs from the checkpoint.
     """
-    # A step still being written asynchronously cannot be read yet.
-    self._manager.wait_until_finished()
+    self._manager.wait_until_finished()  # an async save cannot be read yet
     step = _resolve_step(self._manager, step)
-    # `item` fixes the output's structure (nnx.State, optax namedtuples);
-    # `restore_args` its shardings and dtypes.
+    # `item` fixes the structure, `restore_args` the shardings and dtypes.
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(**{
@@ -378,12 +315,9 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """True when this job is being preempted and all hosts reached `step`.
 
-    A multi-host sync point from JAX's preemption service: every process
-    gets the same answer for the same step, so they all force the same save.
-    Without the service (single process, CPU) it is always False.
+    A multi-host sync point: every process gets the same answer, so they all
+    force the same save. False without JAX's preemption service.
     """
-    # Orbax wraps jax.experimental.multihost_utils'
-    # reached_preemption_sync_point and maps "service not running" to False.
     return self._manager.reached_preemption(step)
 
   def wait_until_finished(self) -> None:
@@ -432,14 +366,13 @@ def restore_params_from(directory: str | os.PathLike, abstract_params: PyTree,
 def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
   """A manager that reads another run's checkpoints and changes nothing."""
   directory = os.fspath(directory)
-  # A read-only manager does not create the directory, but it would report
-  # a missing one as "no checkpoint"; say which it is.
+  # Orbax would report a missing directory as "no checkpoint".
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   return ocp.CheckpointManager(
       directory,
-      # read_only also turns off the temporary-directory cleanup, which
-      # would delete the other run's save in progress.
+      # read_only also stops the tmp cleanup that would delete the other
+      # run's save in progress.
       options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers=_item_handlers())
 
@@ -449,9 +382,8 @@ def read_run_checkpoint(directory: str | os.PathLike, abstract_params_fn,
                         ) -> tuple[int, dict, PyTree]:
   """Another run's checkpoint, read-only: its step, metadata and params.
 
-  For jobs that use a trained model (experiments, export): the saved
-  metadata (the run's config) decides which model to build, so the params'
-  structure comes from a function of it.
+  The saved metadata (the run's config) decides which model to build, so the
+  params' structure comes from a function of it.
 
   Args:
     directory: that run's checkpoint directory.
@@ -492,8 +424,7 @@ def _replace(tree: PyTree, key: str, value: PyTree) -> PyTree:
   """A copy of `tree` with `key` set to `value` (dict or `.replace`)."""
   if isinstance(tree, Mapping):
     return {**tree, key: value}
-  if hasattr(tree, "replace"):
-    # flax.struct dataclasses and similar immutable train states.
+  if hasattr(tree, "replace"):  # flax.struct dataclasses
     return tree.replace(**{key: value})
   raise TypeError(
       f"cannot replace {key!r} in a {type(tree).__name__}; use a dict or a"
@@ -527,9 +458,7 @@ def resume_or_init(
     source = f"checkpoint:{latest}"
   elif init_from:
     init_from = os.fspath(init_from)
-    # Read the params before init_fn so a bad init_from fails fast, before
-    # a possibly slow initialisation. The fresh params from init_fn are
-    # dropped; the restored ones already carry the target shardings.
+    # Before init_fn, so a bad init_from fails before a slow initialisation.
     params = restore_params_from(
         init_from, _get(abstract_state, params_key), params_key=params_key)
     state, data = _replace(init_fn(), params_key, params), None

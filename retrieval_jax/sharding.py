@@ -89,13 +89,10 @@ def uses_config_rules(fn):
 def use_cpu_cores_as_devices(num_devices: int = 0) -> int:
   """On CPU hosts, exposes one XLA device per core (or `num_devices`).
 
-  XLA's CPU backend runs each matmul of a transformer on a single thread, so
-  one CPU device leaves the other cores idle; data parallelism over per-core
-  devices uses all of them (2 cores: 1.9x the encode throughput). Only the
-  CPU platform is affected; GPU/TPU hosts keep their accelerators.
-
-  Must run before JAX creates its CPU client (the first device query). An
-  explicit `--xla_force_host_platform_device_count` in XLA_FLAGS wins.
+  XLA's CPU backend runs each transformer matmul on one thread; per-core
+  devices with data parallelism use every core (2 cores: 1.9x the encode
+  throughput). Must run before the first device query; an explicit
+  `--xla_force_host_platform_device_count` in XLA_FLAGS wins.
 
   Returns:
     The number of CPU devices requested, or 0 if XLA_FLAGS already set it.

@@ -1,22 +1,12 @@
 """The training state: a plain pytree, its abstract twin and its shardings.
 
-The state is a dict, so Orbax, `jax.jit` shardings and donation all see the
-same structure:
-
-  step       int32 []            optimizer steps taken
-  params     nested dict         the encoder's trainable weights (the NNX
-                                 state as a pure dict: `State.to_pure_dict()`)
-  opt_state  optax state         moments etc., laid out like `params`
-
-The model's static graph and its non-trainable NNX state (RNG stream
-counters, unused because dropout keys are passed explicitly) stay outside:
-they are bound once into the jitted step (`ModelDef`).
-
-Shardings are derived, never written by hand: each parameter carries logical
-axis names (`out_sharding` metadata); `sharding.logical_to_spec` maps them
-to mesh axes through the config's rules; optimizer leaves shaped like a
-parameter inherit that parameter's sharding (Adam's moments), everything else
-(counters) is replicated.
+The state is a dict {step: int32 [], params: the trainable NNX state as a
+pure dict, opt_state: optax state}, one structure for Orbax, jit shardings
+and donation. The static graph and the non-trainable NNX state (RNG counters,
+unused: dropout keys are explicit) are bound once into the step (`ModelDef`).
+Shardings are derived: parameters' logical axes map through the current
+rules (`config.mesh.rules`); optimizer leaves shaped like a parameter follow
+it, the rest is replicated.
 """
 
 import dataclasses

@@ -1,43 +1,14 @@
-"""Long-document retrieval collections packed from real passages.
+"""Long-document retrieval collections packed from real passages (LoCo-style).
 
-Long-context encoders (M2-BERT at 2k-32k tokens) need collections whose
-documents are far longer than the 512 tokens a BERT encoder reads. This
-module builds one from any BEIR collection on disk, in the spirit of LoCo:
-
-1. All passages of the corpus are shuffled with a seeded generator.
-2. Consecutive passages are packed into long documents. Each document draws a
-   target length log-uniformly in [min_tokens, max_tokens] (so short and long
-   documents are equally common on a log scale) and takes passages, joined by
-   blank lines, until its length reaches the target. A passage that would
-   push the document past max_tokens is not added: the document closes if it
-   already has min_tokens, and otherwise the passage is deferred to the next
-   document while up to `_MAX_LOOKAHEAD` later passages are tried instead.
-   A passage longer than max_tokens forms a document of its own; a document
-   stays below min_tokens only when no remaining passage fits into it.
-3. A query's relevant documents are those containing one of its judged
-   passages; the document's score is the highest score of those passages, so
-   graded judgments stay graded.
-
-The retrieval task is then "find the long document that holds the answer
-passage somewhere inside it"; the manifest records each judged passage's
-token offset, which shows how much a 512-token truncated encoder cannot see.
-
-Lengths are counted by `count_tokens(text) -> int` (by default the
-all-MiniLM-L6-v2 WordPiece tokenizer, without [CLS]/[SEP]). A document's
-length is the sum of its passages' lengths: for WordPiece, and for any
-tokenizer that never merges tokens across whitespace, that equals the count
-of the joined text, because the blank-line separator ends every word.
-
-Output (`out_dir`), readable by `beir.load_beir`:
-
-  corpus.jsonl        {"_id": "doc-00000", "title": "", "text": ...}
-  queries.jsonl       every query judged in a requested split
-  qrels/<split>.tsv   query -> long document, per requested split
-  manifest.json       settings, source hashes, per-document passages,
-                      summary statistics
-
-Source data licenses carry over to the output (SciFact is CC BY-NC): build
-collections at run time into a work directory, never into the repository.
+Long-context encoders (M2-BERT at 2k-32k tokens) need documents far longer
+than BERT's 512 tokens. `build_long_documents` shuffles a BEIR corpus's
+passages (seeded) and packs them, blank-line joined, into documents of
+log-uniform target length in [min_tokens, max_tokens]; a query's relevant
+documents are those holding a judged passage (best grade wins). The output
+is a BEIR directory (`beir.load_beir`) plus manifest.json recording each
+judged passage's token offset; `ensure_long_documents` rebuilds only when the
+settings change. Packing rules: experiments/m2_long_docs/README.md. Source
+licenses carry over (SciFact is CC BY-NC): never build into the repository.
 """
 
 import collections
@@ -57,32 +28,21 @@ from retrieval_jax import io
 from retrieval_jax.data import beir
 
 MANIFEST_FILE = "manifest.json"
-# Bump when the packing or the output format changes, so that
-# `ensure_long_documents` does not reuse collections built by older code.
+# Bump when packing or format change: old builds are then not reused.
 FORMAT_VERSION = 1
 DEFAULT_TOKENIZER = "all-MiniLM-L6-v2"
-# Joins passages inside a document. It ends every word, which makes WordPiece
-# lengths additive across passages.
+# Ends every word, so WordPiece lengths add up across passages.
 SEPARATOR = "\n\n"
-# A BERT-style encoder truncated to 512 positions cannot see a passage that
-# starts at or beyond this token offset (it sees even less: [CLS] and [SEP]
-# take two of the 512 positions).
+# A 512-position encoder cannot see a passage starting at this offset or later.
 TRUNCATION_PROBE = 512
-# How many later passages a document below min_tokens tries when the next
-# passage would overflow max_tokens. Bounds the packing at O(N * lookahead)
-# for adversarial length distributions.
+# Later passages an underfull document tries; bounds packing at O(N * 64).
 _MAX_LOOKAHEAD = 64
-# The files `WordPieceTokenizer.from_pretrained_dir` reads.
-_TOKENIZER_FILES = (
+_TOKENIZER_FILES = (  # what `WordPieceTokenizer.from_pretrained_dir` reads
     "vocab.txt",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-
-
-# ---------------------------------------------------------------------------
-# Writing BEIR directories.
 
 
 def write_beir(
@@ -129,24 +89,16 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
   """Writes one compact JSON object per line, UTF-8, "\\n" line ends."""
   with open(path, "w", encoding="utf-8", newline="\n") as f:
     for row in rows:
-      # ensure_ascii=False keeps the text readable; beir.py splits lines on
-      # b"\n" only, so unescaped U+2028 and friends do not break lines.
+      # beir.py splits on b"\n" only, so unescaped U+2028 is safe.
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class atomic_output:  # pylint: disable=invalid-name
   """Context manager: build a directory in a temporary sibling, then swap.
 
-  Usage:
-
-    with atomic_output(out_dir) as tmp_dir:
-      ...write files into tmp_dir...
-
-  On success `out_dir` is replaced by the new directory; on an exception the
-  temporary directory is removed and `out_dir` is untouched. A crash leaves
-  either the old collection or the new one (or, during the swap of an
-  existing directory, none), never a half-written one. Concurrent builders
-  of the same `out_dir` are not coordinated.
+  `with atomic_output(out_dir) as tmp_dir:` writes into tmp_dir; on success
+  it replaces `out_dir`, on an exception it is removed. Never half-written;
+  concurrent builders are not coordinated.
   """
 
   def __init__(self, out_dir: str | os.PathLike):
@@ -156,7 +108,7 @@ class atomic_output:  # pylint: disable=invalid-name
   def __enter__(self) -> str:
     parent = os.path.dirname(self.out_dir)
     os.makedirs(parent, exist_ok=True)
-    # Same parent directory: os.rename is atomic only within a file system.
+    # Same parent: os.rename is atomic only within a file system.
     self.tmp_dir = tempfile.mkdtemp(
         prefix=f".{os.path.basename(self.out_dir)}.tmp-", dir=parent
     )
@@ -169,9 +121,7 @@ class atomic_output:  # pylint: disable=invalid-name
     # mkdtemp creates 0700 directories; give the result the usual mode.
     os.chmod(self.tmp_dir, 0o755)
     old = None
-    if os.path.lexists(self.out_dir):
-      # rename() cannot replace a non-empty directory: move the old one
-      # aside first, then delete it once the new one is in place.
+    if os.path.lexists(self.out_dir):  # moved aside, deleted after the swap
       old = tempfile.mkdtemp(
           prefix=f".{os.path.basename(self.out_dir)}.old-",
           dir=os.path.dirname(self.out_dir),
@@ -182,15 +132,10 @@ class atomic_output:  # pylint: disable=invalid-name
       shutil.rmtree(old, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------
-# Token counting.
-
-
 @functools.cache
 def _default_tokenizer_dir() -> str:
   """The directory holding the all-MiniLM-L6-v2 tokenizer files."""
-  # Imported here: pretrained.py pulls in JAX and the model code, which a
-  # collection that brings its own counter does not need.
+  # Lazy: pretrained.py pulls in JAX and the model code.
   from retrieval_jax import pretrained  # pylint: disable=g-import-not-at-top
 
   return str(pretrained.resolve_model_dir(DEFAULT_TOKENIZER))
@@ -209,14 +154,7 @@ def _default_tokenizer():
 def default_count_tokens(text: str) -> int:
   """WordPiece tokens of `text` under all-MiniLM-L6-v2, without specials.
 
-  The tokenizer caches the ids of repeated words, so the 5,183 SciFact
-  abstracts (1.7M tokens) take about 3 s on one CPU core.
-
-  Args:
-    text: str.
-
-  Returns:
-    int >= 0.
+  Cached word ids: SciFact's 5,183 abstracts (1.7M tokens) take ~3 s/core.
   """
   return len(_default_tokenizer().tokenize_to_ids(text))
 
@@ -224,22 +162,16 @@ def default_count_tokens(text: str) -> int:
 def _tokenizer_name(count_tokens: Callable[[str], int] | None) -> str:
   """Identifies a token counter in the manifest's settings."""
   if count_tokens is None or count_tokens is default_count_tokens:
-    # Hash the tokenizer files: another package version with a different
-    # vocabulary or normaliser options must not reuse old lengths.
+    # Hashed files: another vocabulary must not reuse old lengths.
     model_dir = _default_tokenizer_dir()
     files = [(name, io.file_sha256(os.path.join(model_dir, name)))
              for name in _TOKENIZER_FILES
              if os.path.isfile(os.path.join(model_dir, name))]
     return f"wordpiece:{DEFAULT_TOKENIZER}:{io.fingerprint(files)[:16]}"
-  # A custom counter is known only by its name; changing what a function of
-  # the same name counts requires deleting the output by hand.
+  # Known by name only: changing its behaviour needs a manual delete.
   module = getattr(count_tokens, "__module__", None) or "?"
   name = getattr(count_tokens, "__qualname__", None) or repr(count_tokens)
   return f"callable:{module}.{name}"
-
-
-# ---------------------------------------------------------------------------
-# Packing.
 
 
 def _draw_target(
@@ -267,13 +199,9 @@ def pack_passages(
     seed: int, seeds the shuffle and the target lengths.
 
   Returns:
-    list of documents, each a non-empty list of passage indices in document
-    order; every index in [0, N) occurs exactly once. A document exceeds
-    max_tokens only when it is a single passage longer than that. A document
-    falls below min_tokens only when none of the remaining passages (at most
-    the next `_MAX_LOOKAHEAD`) fits into it: near the end of the shuffled
-    order, or when [min_tokens, max_tokens] is narrow next to the passage
-    lengths (both counted in the build summary's "below_min_tokens").
+    Documents as non-empty lists of passage indices; each index once. Over
+    max_tokens only as a single long passage; below min_tokens only when no
+    remaining passage (of the next `_MAX_LOOKAHEAD`) fits.
   """
   _check_lengths(min_tokens, max_tokens)
   rng = np.random.default_rng(seed)
@@ -289,19 +217,15 @@ def pack_passages(
         if tokens >= min_tokens or len(deferred) >= _MAX_LOOKAHEAD:
           queue.appendleft(index)
           break
-        # Too short to close, too long to take this passage: try a later,
-        # shorter one and keep this one for the next document.
-        deferred.append(index)
+        deferred.append(index)  # for the next document; try a shorter one
         continue
       document.append(index)
       tokens += n
       if tokens >= target:
         break
-    # Deferred passages start the next document, in their shuffled order.
     queue.extendleft(reversed(deferred))
     documents.append(document)
-  # The last document is whatever was left over; fold it into the one
-  # before when that stays within max_tokens.
+  # Fold a short leftover last document into the one before when it fits.
   if len(documents) >= 2:
     last = sum(lengths[i] for i in documents[-1])
     before = sum(lengths[i] for i in documents[-2])
@@ -333,15 +257,10 @@ def _normalize_splits(splits) -> list[str]:
   return splits
 
 
-# ---------------------------------------------------------------------------
-# Building.
-
-
 def _source_files(source_dir: str, splits: Sequence[str]) -> dict[str, str]:
   """Relative name -> path of the files a build reads; raises if missing."""
   beir.check_directory(source_dir)
-  # The qrels first: a wrong split name is the likeliest mistake, and its
-  # message lists the splits that do exist.
+  # Qrels first: a wrong split is the likeliest mistake (lists real ones).
   files = {}
   for split in splits:
     path = beir.qrels_path(source_dir, split)

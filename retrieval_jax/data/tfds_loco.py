@@ -1,48 +1,16 @@
 """LoCoV1 long-document retrieval tasks from local files, via TFDS or BEIR.
 
-LoCoV1 (Saad-Falcon et al. 2024, "Benchmarking and Building Long-Context
-Retrieval Models with LoCo and M2-BERT") is published as two Hugging Face
-datasets with one split, `test`:
-
-  hazyresearch/LoCoV1-Queries    rows {"qid", "query", "answer_pids", "dataset"}
-  hazyresearch/LoCoV1-Documents  rows {"pid", "passage", "dataset"}
-
-`dataset` names the task. Each task is a retrieval collection of its own:
-the corpus is the task's documents, and every pid in a query's `answer_pids`
-is relevant with score 1 (LoCo's binary qrels; nDCG@10 is the headline).
-
-Format details this module relies on:
-* Queries carry `qid`, `query`, `answer_pids` (a list of pids) and
-  `dataset`; documents carry `pid`, `passage` and `dataset`. The corpus is
-  title-less: `{"title": "", "text": passage}`.
-* The 12 `dataset` values are `LOCO_TASKS` below.
-* On the Hub each dataset has one JSONL file per task
-  (`documents/<task>_test.jsonl`) and a Parquet conversion of the whole
-  dataset (`refs/convert/parquet`, `default/test/0000.parquet`).
-* Some QASPER passages are null. A null passage is dropped from the corpus
-  and from every `answer_pids` list (and counted); a query left with no
-  answer pid stays in the queries but has no judgments, so evaluation
-  skips it.
-
-Inputs. `queries` and `documents` are each a JSONL file (one row per line),
-a Parquet file (if pyarrow is installed), or a directory whose `*.jsonl`,
-`*.json` and `*.parquet` files are read in name order (a clone of a Hub
-repository's `documents/` folder). The task is a free string validated
-against the `dataset` values in the files, so a renamed or new task works
-too; an unknown task raises an error listing the values found.
-
-Errors are `beir.BeirFormatError`s naming the file and the 1-based line
-(the row, for Parquet): malformed JSON, missing or mistyped fields,
-duplicate ids, an answer pid that is not a document of the task. Only rows
-of the requested task are validated beyond their `dataset` field.
-
-Two ways in:
-* `loco_to_beir` writes a BEIR directory, for everything that reads BEIR
-  (evaluation, `tfds_beir`).
-* `LocoLocal`, a TFDS builder with the tables, features and caching of
-  `tfds_beir.BeirLocal` (corpus / queries with the split "full", qrels with
-  the split "test"), and `load_loco_tfds`, which returns the same
-  `beir.BeirCollection` as `beir.load_beir` on the `loco_to_beir` output.
+LoCoV1 (Saad-Falcon et al. 2024, LoCo and M2-BERT) is two HF datasets,
+hazyresearch/LoCoV1-Queries {qid, query, answer_pids, dataset} and
+-Documents {pid, passage, dataset}; `dataset` names one of the tasks
+(`LOCO_TASKS`), each its own title-less collection with binary qrels. Null
+QASPER passages are dropped (a query left without answers has no qrels).
+Inputs are JSONL / Parquet files or directories of them (a Hub clone's
+`documents/`); the task string is checked against the files' values. Errors
+are `beir.BeirFormatError`s naming file and row. `loco_to_beir` writes a
+BEIR directory; `LocoLocal` is a TFDS builder shaped like
+`tfds_beir.BeirLocal`, and `load_loco_tfds` returns the same
+`beir.BeirCollection` as `beir.load_beir` on the `loco_to_beir` output.
 """
 
 from collections.abc import Iterator
@@ -62,8 +30,7 @@ from retrieval_jax.data import beir
 from retrieval_jax.data import long_documents
 from retrieval_jax.data import tfds_beir
 
-# The `dataset` values of LoCoV1, in the order of the benchmark's task list.
-LOCO_TASKS = (
+LOCO_TASKS = (  # LoCoV1's `dataset` values, in the benchmark's order
     "summ_screen_fd",
     "gov_report",
     "qmsum",
@@ -77,14 +44,12 @@ LOCO_TASKS = (
     "courtlistener_Plain_Text",
     "stackoverflow",
 )
-# LoCoV1 has only a test split; its qrels table gets that one split.
-QRELS_SPLIT = "test"
+QRELS_SPLIT = "test"  # LoCoV1's only split
 TASK_FIELD = "dataset"
 QUERY_FIELDS = ("qid", "query", "answer_pids", TASK_FIELD)
 DOCUMENT_FIELDS = ("pid", "passage", TASK_FIELD)
 SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
-# Every answer pid is relevant with this score (binary qrels).
-RELEVANCE = 1
+RELEVANCE = 1  # binary qrels
 
 _HASH_CHARS = 16
 # Rows per Parquet batch: bounds memory for files of long documents.
@@ -117,10 +82,6 @@ class LocoTask:
   qrels_source: str
   null_passages: int
   dropped_judgments: int
-
-
-# ---------------------------------------------------------------------------
-# Reading rows.
 
 
 def source_files(source: str | os.PathLike) -> list[str]:
@@ -170,8 +131,7 @@ def _parquet_rows(
     ) from None
   parquet = pq.ParquetFile(path)
   names = set(parquet.schema_arrow.names)
-  # Missing columns surface as missing fields per row, with the row number,
-  # like a JSONL line without the key.
+  # Missing columns surface per row, like a JSONL line without the key.
   columns = [f for f in fields if f in names]
   row = 0
   for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH,
@@ -263,9 +223,7 @@ def read_loco(
 
   found = set()
   doc_ids, texts = [], []
-  # pid -> "path:line" of its row, for duplicate messages; None marks a
-  # null passage.
-  pid_where, null_pids = {}, set()
+  pid_where, null_pids = {}, set()  # pid -> "path:line", for messages
   for path, lineno, obj in iter_rows(documents, DOCUMENT_FIELDS):
     row_task = _task_of(path, lineno, obj)
     found.add(row_task)
@@ -278,8 +236,7 @@ def read_loco(
           f" {pid_where[pid]})"
       )
     pid_where[pid] = f"{path}:{lineno}"
-    if "passage" in obj and obj["passage"] is None:
-      # QASPER has documents without text; they cannot be encoded.
+    if "passage" in obj and obj["passage"] is None:  # QASPER: no text
       null_pids.add(pid)
       continue
     doc_ids.append(pid)
@@ -316,8 +273,7 @@ def read_loco(
             path, lineno, f"answer pid {pid!r} is not a document of task"
             f" {task!r} in {documents}"
         )
-      if pid in seen:
-        # trec_eval rejects duplicate judgments; so does beir.py.
+      if pid in seen:  # trec_eval and beir.py reject duplicates
         raise beir.BeirFormatError(
             path, lineno, f"answer pid {pid!r} is listed twice"
         )
@@ -411,10 +367,6 @@ def loco_to_beir(
   return summary
 
 
-# ---------------------------------------------------------------------------
-# TFDS.
-
-
 @dataclasses.dataclass(eq=False)
 class LocoLocalConfig(tfds_beir.BeirLocalConfig):
   """Which table of which LoCoV1 task a `LocoLocal` builder prepares.
@@ -471,8 +423,7 @@ def make_config(
     raise ValueError(f"table must be one of {tfds_beir.TABLES}, got {table!r}")
   queries = os.path.abspath(os.fspath(queries))
   documents = os.path.abspath(os.fspath(documents))
-  # Config names are lower case; the hash covers the exact task string, so
-  # "courtlistener_HTML" and a hypothetical "courtlistener_html" differ.
+  # Lower-case names; the hash keeps "..._HTML" and "..._html" apart.
   stem = re.sub(r"[^a-z0-9]+", "_", task.lower()).strip("_") or "task"
   return LocoLocalConfig(
       name=f"loco_{stem}_{table}_{fingerprint(queries, documents, task)}",

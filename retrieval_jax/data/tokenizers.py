@@ -26,12 +26,9 @@ import unicodedata
 import numpy as np
 import tokenizers as hf_tokenizers
 
-# Code points the reference's `is_other` accepts (General_Category C* as of
-# Unicode 8.0), less tab, newline and carriage return, which the normaliser
-# treats as whitespace instead. Characters assigned after Unicode 8.0 are
-# "unassigned" to the reference and survive cleaning. Surrogates cannot occur
-# in the reference's UTF-8 strings; Python strings may hold them, and we drop
-# them as the C* class they belong to.
+# The reference's `is_other`: General_Category C* as of Unicode 8.0 (later
+# assignments survive cleaning), less tab / newline / CR (whitespace there);
+# surrogates, impossible in its UTF-8, are dropped as C*.
 _OTHER_RANGES = """
 0-8 B-C E-1F 7F-9F AD 600-605 61C 6DD 70F 180E 200B-200F 202A-202E 2060-2064
 2066-206F D800-F8FF FEFF FFF9-FFFB 110BD 1BCA0-1BCA3 1D173-1D17A E0001
@@ -61,8 +58,7 @@ FF05-FF0A FF0C-FF0F FF1A-FF1B FF1F-FF20 FF3B-FF3D FF3F FF5B FF5D FF5F-FF65
 16B44 1BC9F 1DA87-1DA8B
 """
 
-# General_Category Mn as of Unicode 8.0: what accent stripping removes after
-# NFD.
+# General_Category Mn (Unicode 8.0): what accent stripping removes after NFD.
 _NONSPACING_MARK_RANGES = """
 300-33F 342 345-36F 483-487 591-5BD 5BF 5C1-5C2 5C4-5C5 5C7 610-61A 64B-65F
 670 6D6-6DC 6DF-6E4 6E7-6E8 6EA-6ED 711 730-74A 7A6-7B0 7EB-7F3 816-819
@@ -97,22 +93,18 @@ FE20-FE2F 101FD 102E0 10376-1037A 10A01-10A03 10A05-10A06 10A0C-10A0F
 1DA9B-1DA9F 1DAA1-1DAAF 1E8D0-1E8D6 E0100-E01EF
 """
 
-# Rust's `char::is_whitespace` (the Unicode White_Space property). The
-# normaliser maps these to " " (those that are also "other", like U+0085, are
-# dropped first); the pre-tokeniser splits on them.
+# Rust's `char::is_whitespace`: mapped to " " by the normaliser (after the
+# "other" drop), split on by the pre-tokeniser.
 _WHITESPACE_RANGES = "9-D 20 85 A0 1680 2000-200A 2028-2029 202F 205F 3000"
 
-# The blocks the reference calls "Chinese characters": CJK Unified Ideographs
-# and their extensions A-E plus the compatibility blocks. Extension F
-# (2CEB0-2EBEF) and later, and the gap 2B820-2B91F, are not included.
+# The reference's "Chinese characters": CJK Unified Ideographs, extensions
+# A-E and the compatibility blocks (not F+ nor the gap 2B820-2B91F).
 _CJK_RANGES = "3400-4DBF 4E00-9FFF F900-FAFF 20000-2A6DF 2A700-2B81F " + (
     "2B920-2CEAF 2F800-2FA1F"
 )
 
-# Lowercase mappings that Rust's Unicode 16 tables have and Python 3.11's
-# Unicode 14 tables lack, as (first, last, offset) runs. Where Python already
-# knows a mapping, `str.lower` has applied it before these are looked up, so
-# the table is harmless on newer Pythons.
+# Lowercase mappings Rust's Unicode 16 tables have and Python 3.11's lack, as
+# (first, last, offset) runs; harmless where `str.lower` already knows them.
 _EXTRA_LOWERCASE_RUNS = (
     (0x1C89, 0x1C89, 1),
     (0xA7CB, 0xA7CB, 0x0264 - 0xA7CB),
@@ -126,16 +118,14 @@ _EXTRA_LOWERCASE_RUNS = (
     (0x16EA0, 0x16EB8, 0x1B),
 )
 
-# DIVES AKURU VOWEL SIGN O: it decomposes since Unicode 13.0, but not in the
-# reference's normalisation tables. It is a starter (combining class 0), so
-# NFD of the pieces between its occurrences equals NFD of the whole text.
+# DIVES AKURU VOWEL SIGN O decomposes since Unicode 13, not in the reference;
+# a starter, so NFD of the pieces between its occurrences equals NFD overall.
 _NFD_STABLE = "\U00011938"
 
 _GREEK_CAPITAL_SIGMA = "\u03a3"
 _GREEK_SMALL_SIGMA = "\u03c3"
 
-# The files `from_pretrained_dir` reads.
-FILES = (
+FILES = (  # what `from_pretrained_dir` reads
     "vocab.txt",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -176,10 +166,8 @@ def _split_class(
 ) -> str:
   """A regex matching one character of `ranges` (or of its complement).
 
-  Python's regex engine tests BMP characters against a class with a bitmap,
-  but runs through the astral ranges one by one for every character. Behind a
-  one-comparison lookahead for astral characters, the long astral part is
-  only consulted for the (rare) astral characters themselves.
+  Python's regex tests astral ranges one by one for every character; behind
+  a lookahead they are consulted only for (rare) astral characters.
 
   Args:
     ranges: space-separated hex code points and inclusive ranges "A-B".
@@ -208,9 +196,7 @@ def _split_class(
 
 # U+FFFD is a symbol (So), but the reference drops it with the "other"s.
 _DROP_RE = re.compile(_split_class(_OTHER_RANGES + " FFFD", runs=True))
-# The whitespace that cleaning maps to " ": after the drop, tab, newline and
-# carriage return are the only C* characters left in it; " " itself is left
-# out so that it is not rewritten.
+# Whitespace cleaning maps to " " (" " itself left out: not rewritten).
 _TO_SPACE_RE = re.compile(
     _split_class("9-D 85 A0 1680 2000-200A 2028-2029 202F 205F 3000")
 )
@@ -226,8 +212,7 @@ _WORD_RE = re.compile(
     + _split_class(_PUNCTUATION_RANGES + " " + _WHITESPACE_RANGES, negate=True)
     + "+"
 )
-# Runs of non-whitespace (used instead of `str.split` when text is not
-# cleaned).
+# Non-whitespace runs (instead of `str.split` when text is not cleaned).
 _NON_WHITESPACE_RE = re.compile(
     _split_class(_WHITESPACE_RANGES, negate=True) + "+"
 )
@@ -254,8 +239,7 @@ def _read_json(path: str) -> dict | None:
 def _read_vocab_file(path: str | os.PathLike) -> list[str]:
   """Reads a one-token-per-line vocabulary; line i holds token id i."""
   with open(path, encoding="utf-8") as f:
-    # Only the newline is stripped (as transformers' `load_vocab` does):
-    # tokens themselves may end in other whitespace.
+    # Only the newline (as transformers): tokens may end in whitespace.
     return [line.rstrip("\n") for line in f]
 
 
@@ -270,7 +254,6 @@ def _special_tokens(path: str, defaults: Mapping[str, str | None]) -> dict:
   tokens = {}
   for name, default in defaults.items():
     token = config.get(name) or special_map.get(name) or default
-    # Plain strings or {"content": ...} dicts.
     tokens[name] = token["content"] if isinstance(token, dict) else token
   return tokens
 
@@ -444,9 +427,8 @@ class WordPieceTokenizer(_Batching):
     if missing:
       raise ValueError(f"Added tokens {missing} are not in the vocabulary.")
     self._added_ids = {token: self._vocab[token] for token in added_tokens}
-    # Longest alternatives first: at one start position Python's regex takes
-    # the first alternative that matches, which then is the longest one, as
-    # in the reference's leftmost-longest matcher.
+    # Longest alternatives first: Python's first match is then the
+    # reference's leftmost-longest one.
     self._added_re = (
         re.compile(
             "("
@@ -459,17 +441,14 @@ class WordPieceTokenizer(_Batching):
         if added_tokens
         else None
     )
-    # No vocabulary entry is longer than this many characters, so longer
-    # candidate pieces need not be looked up.
     self._max_piece_chars = max(len(t) for t in self._vocab)
     self._cache_size = cache_size
     self._make_caches()
 
   def _make_caches(self) -> None:
     """(Re)creates the id caches, which are per instance and not pickled."""
-    # Real text repeats whitespace-delimited chunks ("the", "cells.") far more
-    # than it creates new ones, so most chunks cost one cache lookup; the word
-    # cache serves the pieces of new chunks ("(TNF-alpha)").
+    # Text repeats chunks ("the", "cells.") far more than it makes new ones:
+    # most cost one lookup; the word cache serves new chunks' pieces.
     self._word_ids = functools.lru_cache(maxsize=self._cache_size)(
         self._wordpiece
     )
@@ -478,8 +457,7 @@ class WordPieceTokenizer(_Batching):
     )
 
   def __getstate__(self) -> dict:
-    # Data-loader workers receive the tokenizer pickled; the caches hold bound
-    # methods, which do not pickle, and are cheap to refill.
+    # Loader workers get it pickled; the caches (bound methods) do not pickle.
     state = self.__dict__.copy()
     del state["_word_ids"], state["_chunk_ids"]
     return state
@@ -499,11 +477,9 @@ class WordPieceTokenizer(_Batching):
   ) -> "WordPieceTokenizer":
     """Builds the tokenizer from a BERT-style checkpoint directory.
 
-    The vocabulary comes from vocab.txt, else tokenizer.json. Options come
-    from tokenizer_config.json (which transformers uses to rebuild the
-    normaliser), then tokenizer.json, then BERT's defaults; special tokens
-    as `_special_tokens` finds them. The added tokens are tokenizer.json's
-    "added_tokens" if present, else the special tokens.
+    Vocabulary: vocab.txt, else tokenizer.json. Options: tokenizer_config.json
+    (as transformers), then tokenizer.json, then BERT's defaults. Added
+    tokens: tokenizer.json's, else the special tokens.
     """
     config = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
     model = tokenizer_json.get("model") or {}
@@ -583,8 +559,7 @@ class WordPieceTokenizer(_Batching):
 
   def normalize(self, text: str) -> str:
     """Applies the BertNormalizer steps (no added-token handling) to `text`."""
-    # Everything cleaning changes is non-printable to Python (C*, Z* but " ")
-    # except U+FFFD, so most texts can skip the two regexes.
+    # All cleaning touches is non-printable (or U+FFFD): most texts skip it.
     if self.clean_text and (not text.isprintable() or "\ufffd" in text):
       text = _DROP_RE.sub("", text)
       text = _TO_SPACE_RE.sub(" ", text)
@@ -627,9 +602,7 @@ class WordPieceTokenizer(_Batching):
         if piece_id is not None:
           break
         end -= 1
-      else:
-        # Some position has no matching piece: the whole word is unknown,
-        # including the pieces already found.
+      else:  # no piece matches here: the whole word is unknown
         return (self.unk_id,)
       ids.append(piece_id)
       start = end
@@ -652,8 +625,7 @@ class WordPieceTokenizer(_Batching):
     if self._added_re is None:
       segments = [text]
     else:
-      # Odd positions hold the matched added tokens.
-      segments = self._added_re.split(text)
+      segments = self._added_re.split(text)  # added tokens at odd positions
     ids = []
     chunk_ids = self._chunk_ids
     for i, segment in enumerate(segments):
@@ -661,12 +633,10 @@ class WordPieceTokenizer(_Batching):
         ids.append(self._added_ids[segment])
       elif segment:
         normalized = self.normalize(segment)
-        # Every chunk gives at least one id, so chunks past the remaining
-        # budget cannot make it into the result.
+        # Each chunk gives >= 1 id: chunks past the budget cannot count.
         budget = limit - len(ids)
         if self.clean_text:
-          # Cleaning leaves " " as the only whitespace, and no \x1c-\x1f
-          # (which `str.split` would also split on, but the reference not).
+          # Cleaned text has no \x1c-\x1f, on which `str.split` also splits.
           chunks = normalized.split(None, budget)
         else:
           chunks = _NON_WHITESPACE_RE.findall(normalized)
@@ -714,15 +684,12 @@ class WordPieceTokenizer(_Batching):
     if max_length < 3:
       raise ValueError(f"max_length={max_length} leaves no room for specials.")
     budget = max_length - 3
-    # Neither segment keeps more than `budget` ids, so reading one more than
-    # that tells "fits" from "must be cut" without tokenizing long texts to
-    # the end.
+    # budget + 1 ids tell "fits" from "must be cut" without full tokenizing.
     ids_a = self.tokenize_to_ids(text_a, limit=budget + 1)
     ids_b = self.tokenize_to_ids(text_b, limit=budget + 1)
     n_a, n_b = len(ids_a), len(ids_b)
     if n_a > budget and n_b > budget and budget % 2:
-      # Both get cut to about half the budget, and the longer one gets the
-      # odd id, so their full lengths decide.
+      # The longer one gets the odd id: full lengths decide.
       n_a = len(self.tokenize_to_ids(text_a))
       n_b = len(self.tokenize_to_ids(text_b))
     n_a, n_b = _longest_first(n_a, n_b, budget)
@@ -764,8 +731,7 @@ class HFTokenizer(_Batching):
     self._tokenizer = hf_tokenizers.Tokenizer.from_file(
         os.fspath(tokenizer_file)
     )
-    # Files may store padding and truncation (all-MiniLM-L6-v2's pad to 128);
-    # lengths here are per call.
+    # Files may store padding / truncation (MiniLM's: 128); ours is per call.
     padding = self._tokenizer.padding
     self._tokenizer.no_padding()
     self._tokenizer.no_truncation()

@@ -72,8 +72,7 @@ class RetrievalEvaluator:
     self.metric = metric
     self.chunk_size = chunk_size
     self.name = name
-    # Queries with judgments in this split, in query-file order (trec_eval
-    # averages over queries present in both run and qrels).
+    # Judged queries in query-file order (trec_eval averages over these).
     query_ids = [q for q in collection.query_ids if q in collection.qrels]
     if max_queries:
       query_ids = query_ids[:max_queries]
@@ -200,13 +199,10 @@ def _arrays_from_run(run, query_ids, doc_ids):
 class RerankEvaluator:
   """Re-ranking evaluation: a pair scorer re-orders first-stage candidates.
 
-  The candidates are each judged query's first `depth` documents of a
-  first-stage ranking (dense or BM25, computed once by the caller); the
-  scorer is any `score(query_rows, doc_rows) -> scores` black box over
-  `query_texts` and the collection's `doc_texts()` (a
-  `encoding.PairScorer`). The run holds only the re-ranked
-  documents, scored by the pair scorer, and is scored with `ir_metrics`
-  like `RetrievalEvaluator`'s.
+  Candidates: each judged query's first `depth` first-stage documents. The
+  scorer is any `score(query_rows, doc_rows) -> scores` over `query_texts`
+  and `doc_texts()` (e.g. `encoding.PairScorer`); the run holds only the
+  re-ranked documents.
   """
 
   def __init__(self, collection: beir.BeirCollection,
@@ -225,8 +221,7 @@ class RerankEvaluator:
 
     Raises:
       ValueError: bad measures, depth < 1, no candidates or an unknown doc
-        id. A query with fewer than `depth` candidates (BM25 finds nothing
-        for a query sharing no term with the corpus) re-ranks what it has.
+        id (a query with fewer than `depth` candidates re-ranks what it has).
     """
     ir_metrics.evaluate({"q": {"d": 1}}, {"q": {"d": 1.0}}, measures)
     if depth < 1:
@@ -304,8 +299,7 @@ def rerank(scorer, candidates_qk: np.ndarray
   real_qk = candidates_qk >= 0
   scores_qk = np.full(real_qk.shape, -np.inf, np.float32)
   counts_q = real_qk.sum(1)
-  for k in np.unique(counts_q):
-    # Queries grouped by list length, so no padding pair is scored.
+  for k in np.unique(counts_q):  # by list length: no padding pair is scored
     rows = np.flatnonzero(counts_q == k)
     if k:
       scores_qk[rows, :k] = scorer(rows, candidates_qk[rows, :k])

@@ -1,46 +1,18 @@
 """IR metrics with trec_eval's exact conventions, vectorised over queries.
 
-Every value equals what trec_eval (and its Python binding pytrec_eval)
-reports for the same qrels and run, up to floating-point summation order:
+Values equal trec_eval / pytrec_eval's up to summation order. Order: score
+descending as float32 (trec_eval's C float), ties by doc id descending
+(`trec_order`). Unjudged = gain 0; negative labels are judged non-relevant
+and not in R. nDCG: linear gains, 1/log2(rank + 1), ideal DCG from all
+positive qrels (0 when it is 0). `relevance_level` only affects the binary
+measures. p@k divides by k; recall / map divide by R (0 when R = 0); mrr@k
+is `recip_rank` on the run cut to the top k (`truncate_run`). Queries: those
+in the run with non-empty qrels (an empty run scores 0), all in the mean.
+Names: "ndcg[@K]", "recall@K", "mrr[@K]", "map[@K]", "p@K".
 
-* Ordering: the documents of a query are sorted by score descending; ties are
-  broken by document id in *descending* string order (code-point order, which
-  is the byte order of trec_eval's `strcmp` on UTF-8). Any rank the run
-  carries is ignored. Scores are compared as float32: trec_eval stores them
-  in a C `float` (pytrec_eval casts each Python float), so float64 scores
-  that differ only below float32 precision tie.
-* Judgments: a retrieved document absent from the qrels is non-relevant with
-  gain 0. A negative qrels label marks a judged non-relevant document that is
-  not counted in R (the number of relevant documents).
-* nDCG uses linear gains (gain = the integer label, only positive labels add
-  gain) with discount 1/log2(rank + 1). The ideal DCG is built from *all*
-  positive-label documents in the qrels, retrieved or not; `ndcg@k` takes the
-  top k of that ideal ordering. An ideal DCG of 0 gives nDCG 0.
-* `relevance_level` (default 1) defines "relevant" for the binary measures
-  (P, recall, MAP, reciprocal rank). It does not change nDCG gains.
-* `p@k` divides by k even when fewer than k documents are retrieved;
-  `recall@k` and `map`/`map@k` divide by R (0 when R = 0); `map@k` keeps R.
-* `mrr@k` is the reciprocal rank of the first relevant document within the
-  top k, i.e. trec_eval's `recip_rank` on the run cut to each query's top k
-  (pytrec_eval has no cut-off for it). `mrr` is the uncut `recip_rank`.
-* Query set: per-query values exist only for queries in both the run and the
-  qrels (a query with an empty qrels dict is not in the qrels; a query with an
-  empty run dict is, like in pytrec_eval, evaluated with every value 0). The
-  mean is over those queries; queries without any relevant document stay in
-  the mean with value 0. (For a query whose labels are *all* negative,
-  trec_eval's nDCG code reads stale memory and may not return; here every
-  value is 0, as the definitions give.)
-
-Measure names: "ndcg@K", "ndcg", "recall@K", "mrr@K", "mrr", "map", "map@K",
-"p@K". `to_pytrec_eval_name` maps them to pytrec_eval's result keys.
-
-Implementation. All measures depend on the ranks of the *judged* documents
-only, so the run is never fully sorted: for each (query, judged document) in
-the run its rank is 1 + #(scores above it) + #(tied documents with a larger
-id), counted with array comparisons against the query's padded float32 score
-row. Ids are compared only inside tie groups, each sorted once. The ranked
-gains and relevance flags are then scattered into [Q, K] matrices that the
-small array functions below (`ndcg_at_k`, `average_precision`, ...) reduce.
+Only judged documents are ranked (1 + #above + #tied with a larger id), so the
+run is never sorted; the gains are scattered into [Q, K] matrices that the
+array functions below reduce.
 """
 
 from collections.abc import Mapping, Sequence
@@ -56,18 +28,13 @@ from retrieval_jax.search import trec_order
 DEFAULT_MEASURES = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map",
                     "p@10")
 
-# Families whose cut-off is optional ("ndcg" = uncut nDCG); "recall" and "p"
-# need one (trec_eval has no uncut measure of that form).
-_OPTIONAL_CUT = ("ndcg", "mrr", "map")
+_OPTIONAL_CUT = ("ndcg", "mrr", "map")  # recall and p need a cut-off
 _MEASURE_RE = re.compile(r"^(ndcg|recall|mrr|map|p)(?:@([0-9]+))?$")
 _ACCEPTED_FORMS = ("'ndcg', 'ndcg@K', 'recall@K', 'mrr', 'mrr@K', 'map', "
                    "'map@K', 'p@K' (K a positive integer)")
-# trec_eval's document order is shared with search/ (fusion); these names
-# stay here for the callers of the metrics.
 DocScores = trec_order.DocScores
 trec_eval_sorted = trec_order.trec_eval_sorted
-# Upper bound on the elements of one [chunk, K] comparison block when ranking
-# judged documents; keeps each block near 16 MB of float32 scores.
+# Elements of one [chunk, K] comparison block: ~16 MB of float32 scores.
 _COMPARE_BLOCK = 1 << 22
 
 
@@ -86,12 +53,6 @@ class Measure:
 def parse_measure(name: str) -> Measure:
   """Parses a measure name such as "ndcg@10" (case-insensitive).
 
-  Args:
-    name: the measure name.
-
-  Returns:
-    The parsed `Measure`.
-
   Raises:
     ValueError: the name is not one of the accepted forms.
   """
@@ -108,16 +69,9 @@ def parse_measure(name: str) -> Measure:
 def to_pytrec_eval_name(name: str) -> str:
   """Maps a measure name to the key pytrec_eval returns for it.
 
-  "ndcg@10" -> "ndcg_cut_10", "ndcg" -> "ndcg", "recall@100" -> "recall_100",
-  "map" -> "map", "map@10" -> "map_cut_10", "p@10" -> "P_10", and both "mrr"
-  and "mrr@K" -> "recip_rank" (for "mrr@K" pytrec_eval must be given the run
-  cut to each query's top K, see `truncate_run`).
-
-  Args:
-    name: one of our measure names.
-
-  Returns:
-    The pytrec_eval result key.
+  "ndcg@10" -> "ndcg_cut_10", "recall@100" -> "recall_100", "map@10" ->
+  "map_cut_10", "p@10" -> "P_10", "mrr" / "mrr@K" -> "recip_rank" (for
+  "mrr@K" give pytrec_eval the `truncate_run` run).
   """
   measure = parse_measure(name)
   if measure.family == "mrr":
@@ -132,14 +86,7 @@ def to_pytrec_eval_name(name: str) -> str:
 def to_pytrec_eval_request(name: str) -> str:
   """Maps a measure name to the string pytrec_eval's evaluator is built with.
 
-  Like `to_pytrec_eval_name` but with a dot before the cut-off, e.g.
-  "ndcg@10" -> "ndcg_cut.10" (pytrec_eval answers it as "ndcg_cut_10").
-
-  Args:
-    name: one of our measure names.
-
-  Returns:
-    The measure string for `pytrec_eval.RelevanceEvaluator`.
+  E.g. "ndcg@10" -> "ndcg_cut.10" (answered as "ndcg_cut_10").
   """
   key = to_pytrec_eval_name(name)
   head, _, tail = key.rpartition("_")
@@ -148,10 +95,7 @@ def to_pytrec_eval_request(name: str) -> str:
 
 def truncate_run(run: Mapping[str, Mapping[str, float]],
                  k: int) -> dict[str, dict[str, float]]:
-  """Cuts every query of a run to its top k documents in trec_eval's order.
-
-  trec_eval's `recip_rank` on the result equals our `mrr@k` (this is what
-  trec_eval's `-M k` option does).
+  """Cuts every query of a run to its top k in trec_eval's order (`-M k`).
 
   Args:
     run: {query id: {doc id: score}}.
@@ -163,9 +107,8 @@ def truncate_run(run: Mapping[str, Mapping[str, float]],
   return {qid: dict(trec_eval_sorted(docs, k)) for qid, docs in run.items()}
 
 
-# Array layer: pure functions on per-query matrices in rank order. Column j
-# of a [Q, K] matrix is rank j + 1; padding columns hold 0 / False, so a
-# query with fewer documents than k needs no special case.
+# Array layer: [Q, K] matrices in rank order (column j is rank j + 1),
+# padded with 0 / False.
 
 
 def _discounts(num_ranks: int) -> np.ndarray:
@@ -234,7 +177,6 @@ def recall_at_k(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
   """
   hits_q = np.asarray(relevant_qk)[:, :k].sum(axis=-1)
   num_relevant_q = np.asarray(num_relevant_q)
-  # trec_eval reports 0, not NaN, for a query without relevant documents.
   return np.where(num_relevant_q > 0,
                   hits_q / np.maximum(num_relevant_q, 1), 0.0)
 
@@ -253,7 +195,6 @@ def reciprocal_rank(relevant_qk: np.ndarray,
   relevant_qk = np.asarray(relevant_qk, bool)[:, :k]
   if relevant_qk.shape[1] == 0:
     return np.zeros(relevant_qk.shape[0])
-  # argmax finds the first True; rows without one are masked out.
   first_q = relevant_qk.argmax(axis=-1)
   return np.where(relevant_qk.any(axis=-1), 1.0 / (first_q + 1.0), 0.0)
 
@@ -262,8 +203,7 @@ def average_precision(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
                       k: int | None = None) -> np.ndarray:
   """AP@k = (1/R) sum over relevant ranks r <= k of P@r; 0 where R = 0.
 
-  Relevant documents that are not retrieved (or ranked below k) add 0 but
-  still count in R, as in trec_eval's `map` and `map_cut`.
+  Relevant documents not in the top k still count in R (trec_eval's).
 
   Args:
     relevant_qk: bool [Q, K], relevance of the document at each rank.
@@ -276,7 +216,6 @@ def average_precision(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
   relevant_qk = np.asarray(relevant_qk, bool)[:, :k]
   ranks_k = np.arange(1, relevant_qk.shape[1] + 1, dtype=np.float64)
   precision_qk = np.cumsum(relevant_qk, axis=-1) / ranks_k
-  # P@r counts only at the ranks r of relevant documents.
   sum_q = np.where(relevant_qk, precision_qk, 0.0).sum(axis=-1)
   num_relevant_q = np.asarray(num_relevant_q)
   return np.where(num_relevant_q > 0,
@@ -307,7 +246,6 @@ def ranked_judgments(rows_j: np.ndarray, ranks_j: np.ndarray,
       keep_j]
   gains_qk = np.zeros((num_queries, depth), np.float64)
   relevant_qk = np.zeros((num_queries, depth), bool)
-  # Negative labels are judged non-relevant: no gain, never relevant.
   gains_qk[rows_j, cols_j] = np.maximum(labels_j, 0)
   relevant_qk[rows_j, cols_j] = labels_j >= relevance_level
   return gains_qk, relevant_qk
@@ -326,7 +264,6 @@ def ideal_gains(rows_j: np.ndarray, labels_j: np.ndarray,
     float64 [Q, R] with R the largest number of positive labels of a query;
     rows are 0-padded.
   """
-  # Labels <= 0 add no gain, so they are left out of the ideal ranking.
   positive_j = labels_j > 0
   rows_p, labels_p = rows_j[positive_j], labels_j[positive_j]
   counts_q = np.bincount(rows_p, minlength=num_queries)
@@ -373,7 +310,7 @@ def _measure_values(measure: Measure, gains_qk: np.ndarray,
   return precision_at_k(relevant_qk, k)
 
 
-# Dict layer: from {qid: {docid: ...}} mappings to the arrays above.
+# Dict layer: {qid: {docid: ...}} mappings to the arrays above.
 
 
 def _tie_offsets(run: Mapping[str, Mapping[str, float]],
@@ -382,12 +319,9 @@ def _tie_offsets(run: Mapping[str, Mapping[str, float]],
                  scores_t: np.ndarray) -> np.ndarray:
   """Counts, for tied judged documents, the tied documents ranked first.
 
-  trec_eval breaks score ties by doc id descending, so a tied document is
-  preceded by the documents of equal score with a larger id. Each tie group
-  (query, score) is found once with an array comparison, its ids are sorted
-  (code-point order, like `strcmp` on UTF-8), and each judged member is
-  located by binary search. This stays fast when a whole run ties (e.g. a
-  model whose scores collapsed), where comparing pairs would be quadratic.
+  Each tie group (query, score) is found once, its ids sorted and each
+  judged member located by binary search: fast even when a whole run ties
+  (a collapsed model), where comparing pairs would be quadratic.
 
   Args:
     run: {query id: {doc id: score}}.
@@ -446,9 +380,7 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
   num_queries = len(qids)
   lengths_q = np.fromiter((len(run[q]) for q in qids), np.int64, num_queries)
   depth = max(int(lengths_q.max(initial=0)), 1)
-  # Scores as a float32 [Q, K] matrix (trec_eval's precision) padded with
-  # NaN: NaN is neither above nor equal to any score, so padding never counts
-  # in a rank.
+  # NaN padding is neither above nor equal to any score: never ranked.
   scores_qk = np.full((num_queries, depth), np.nan, np.float32)
   scores_qk[np.arange(depth) < lengths_q[:, None]] = trec_order.as_float32(
       np.fromiter(
@@ -458,8 +390,7 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
     raise ValueError("run scores must not be NaN (trec_eval cannot order "
                      "them)")
 
-  # Judgments, flattened query by query in the qrels dicts' order; only J
-  # (not the run's N entries) are looked up by id.
+  # Judgments flattened in qrels order; only J entries are looked up by id.
   judged = [(qrels[q], run[q]) for q in qids]
   counts_q = np.fromiter((len(j) for j, _ in judged), np.int64, num_queries)
   rows_j = np.repeat(np.arange(num_queries), counts_q)
@@ -523,21 +454,16 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]],
   if isinstance(measures, str):
     raise TypeError(f"measures must be a sequence of names, got {measures!r}")
   parsed = {name: parse_measure(name) for name in measures}
-  if relevance_level < 1:
-    # pytrec_eval rejects it too; below 1 trec_eval would count unjudged
-    # documents as relevant.
+  if relevance_level < 1:  # unjudged documents would count as relevant
     raise ValueError(f"relevance_level must be >= 1, got {relevance_level}")
-  # A query with an empty qrels dict has no qrels lines, so trec_eval does
-  # not know it; an empty run dict is kept (pytrec_eval scores it 0).
+  # Empty qrels: trec_eval does not know the query; an empty run scores 0.
   qids = [q for q in run if qrels.get(q)]
   if not qids:
     raise ValueError("no query is in both the run and the qrels")
   num_queries = len(qids)
   rows_j, labels_j, ranks_j = _judged_ranks(qrels, run, qids)
 
-  # Columns beyond the deepest judged document hold only zeros, so the
-  # matrices stop there.
-  depth = max(int(ranks_j.max(initial=0)), 1)
+  depth = max(int(ranks_j.max(initial=0)), 1)  # deeper columns are all 0
   gains_qk, relevant_qk = ranked_judgments(rows_j, ranks_j, labels_j,
                                            num_queries, depth,
                                            relevance_level)
@@ -549,7 +475,6 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]],
   for name, measure in parsed.items():
     values_q = _measure_values(measure, gains_qk, relevant_qk, ideal_qr,
                                num_relevant_q)
-    # Queries without relevant documents count as 0 in the mean (trec_eval).
     means[name] = float(values_q.mean())
     per_query[name] = dict(zip(qids, values_q.tolist()))
   return means, per_query

@@ -1,28 +1,11 @@
 """TREC run files: write, read, and build runs from top-k search output.
 
-Format: one line per retrieved document,
-
-  qid Q0 docid rank score tag
-
-with fields separated by single spaces. `write_run` lists each query's
-documents in trec_eval's order (score descending, ties by doc id descending),
-so the rank column (starting at 1) agrees with the order trec_eval itself
-computes; trec_eval ignores that column anyway. Scores are written as the
-shortest decimal string that reads back as the same float64 (Python's
-`repr`), so float32 scores, converted exactly to float64, round-trip too.
-
-Ids with whitespace. trec_eval splits lines on whitespace, so an id that
-contains whitespace (LIMIT-small's doc ids are names such as "Geneva Durben")
-would break the format. Query and doc ids are therefore percent-encoded on
-write: every whitespace character (as `str.isspace` defines it) and '%' are
-replaced by '%XX' escapes of their UTF-8 bytes ("Geneva Durben" is written
-"Geneva%20Durben", "50%" is written "50%25"). No other character is touched,
-so ordinary ids are written unchanged. `read_run` decodes every '%XX' escape.
-Because '%' is always escaped on write, decoding is exact for files written
-here; a foreign file with a literal '%' followed by two hex digits in an id
-would be decoded too. Tools that read the file without decoding see the
-encoded ids; evaluate such files with qrels whose ids are encoded the same way
-(`encode_id`), or read them back with `read_run`.
+Lines are `qid Q0 docid rank score tag`, each query in trec_eval's order (so
+the rank column agrees with trec_eval's), scores as `repr` floats (float32
+round-trips). trec_eval splits on whitespace, and LIMIT-small's doc ids are
+names like "Geneva Durben", so ids are percent-encoded on write: whitespace
+and '%' become '%XX' UTF-8 escapes, nothing else changes; `read_run` decodes.
+Tools reading the file raw see encoded ids (encode qrels with `encode_id`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -34,8 +17,7 @@ import numpy as np
 
 from retrieval_jax.evaluation import ir_metrics
 
-# `\s` in a str pattern matches exactly the characters `str.isspace` accepts,
-# which are the ones `str.split()` splits on.
+# `\s` matches exactly what `str.isspace` accepts, i.e. what `split()` splits.
 _NEEDS_ESCAPE = re.compile(r"[\s%]")
 _WHITESPACE = re.compile(r"\s")
 _NUM_FIELDS = 6
@@ -65,9 +47,7 @@ def encode_id(identifier: str) -> str:
 
 
 def decode_id(field: str) -> str:
-  """Inverse of `encode_id`: decodes '%XX' escapes (UTF-8)."""
-  # Decoding every escape is exact because '%' itself is always escaped on
-  # write; the fast path skips the parser for ordinary ids.
+  """Inverse of `encode_id` ('%' is always escaped, so this is exact)."""
   return urllib.parse.unquote(field) if "%" in field else field
 
 
@@ -92,14 +72,10 @@ def write_run(path: str | os.PathLike[str],
     raise ValueError(f"run tag must be non-empty without whitespace: {tag!r}")
   lines = []
   for qid, docs in run.items():
-    # Written in trec_eval's own order so the rank column agrees with the
-    # ranks trec_eval computes (it ignores the column).
     ranked = ir_metrics.trec_eval_sorted(docs)
-    if len({doc for doc, _ in ranked}) != len(ranked):
-      # trec_eval refuses runs with duplicate docs for a query.
+    if len({doc for doc, _ in ranked}) != len(ranked):  # trec_eval refuses
       raise ValueError(f"query {qid!r} lists a document more than once")
     encoded_qid = encode_id(qid)
-    # repr() is the shortest string that parses back to the same float64.
     lines.extend(
         f"{encoded_qid} Q0 {encode_id(doc)} {rank} {float(score)!r} {tag}\n"
         for rank, (doc, score) in enumerate(ranked, start=1))
@@ -110,9 +86,8 @@ def write_run(path: str | os.PathLike[str],
 def read_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
   """Reads a TREC run file (ids percent-decoded, see the module docstring).
 
-  Blank lines are skipped. The rank, 'Q0' and tag columns are checked for
-  presence (and the rank for being an integer) but not used: as in trec_eval,
-  the order comes from the scores.
+  Blank lines are skipped; the rank must parse but, as in trec_eval, the
+  order comes from the scores.
 
   Args:
     path: the run file.
@@ -138,17 +113,14 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
             f"score tag', got {len(fields)}: {line.rstrip()!r}")
       qid_field, _, doc_field, rank_field, score_field, _ = fields
       try:
-        # The rank is unused but must parse: a non-integer there means the
-        # columns are shifted, so the score would be read from the wrong one.
-        int(rank_field)
+        int(rank_field)  # else the columns are shifted
         score = float(score_field)
       except ValueError:
         raise ValueError(f"{where}: rank must be an integer and score a "
                          f"number: {line.rstrip()!r}") from None
       docs = run.setdefault(decode_id(qid_field), {})
       doc = decode_id(doc_field)
-      if doc in docs:
-        # trec_eval rejects duplicates; a dict would keep the last silently.
+      if doc in docs:  # trec_eval rejects duplicates
         raise ValueError(f"{where}: document {doc!r} repeats for query "
                          f"{decode_id(qid_field)!r}")
       docs[doc] = score
@@ -187,18 +159,14 @@ def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str],
   if indices_qk.size and indices_qk.max() >= len(doc_ids):
     raise ValueError(f"doc index {indices_qk.max()} out of range for "
                      f"{len(doc_ids)} docs")
-  # Python list indexing is much faster than indexing a NumPy object array
-  # one element at a time.
+  # Lists and one bulk `tolist`: far faster than per-element NumPy indexing.
   doc_ids = doc_ids if isinstance(doc_ids, list) else list(doc_ids)
-  # One bulk conversion to Python objects instead of K calls per row.
   scores = scores_qk.astype(np.float64).tolist()
   run = {}
   for qid, row_scores, row_indices in zip(query_ids, scores,
                                           indices_qk.tolist()):
-    # Negative indices pad rows that found fewer than K documents.
     docs = {doc_ids[i]: s for i, s in zip(row_indices, row_scores) if i >= 0}
-    # A repeated index would silently collapse in the dict.
-    if len(docs) != sum(i >= 0 for i in row_indices):
+    if len(docs) != sum(i >= 0 for i in row_indices):  # a repeated index
       raise ValueError(f"query {qid!r} lists a document more than once")
     run[qid] = docs
   return run

@@ -1,9 +1,8 @@
 """Building blocks shared by the encoders: annotated parameters, LayerNorm.
 
-Every parameter carries its logical axis names (from `retrieval_jax.sharding`)
-as `out_sharding` metadata with eager sharding off: the names are read by
-the sharding rules when the state's shardings are derived from
-`jax.eval_shape(init)`, and nothing is placed on devices at construction.
+Parameters carry logical axis names as `out_sharding` metadata with eager
+sharding off: the rules read them when state shardings are derived from
+`jax.eval_shape(init)`; nothing is placed on devices at construction.
 """
 
 from typing import Any
@@ -88,9 +87,8 @@ def dropout(layer: nnx.Dropout, x: jax.Array, deterministic: bool,
             rng: jax.Array | None) -> jax.Array:
   """Applies `layer`, with an explicit key when one is given.
 
-  With `rng=None` the layer draws from the stream it was built with (the
-  stateful NNX way); an explicit key lets a pure `train_step(state, batch,
-  rng)` drive dropout without threading RNG state.
+  An explicit key lets a pure `train_step` drive dropout without RNG state;
+  `rng=None` draws from the layer's own stream.
   """
   return layer(x, deterministic=deterministic, rngs=rng)
 

@@ -1,36 +1,16 @@
 """Long convolutions for the M2 sequence mixer, and their implicit filters.
 
-Convolutions (plain functions, along the last axis of length L):
+`fft_causal_conv` and `bidirectional_conv` are linear convolutions along the
+last axis, run as FFT products of size 2L (a size-L FFT would be circular,
+its wrapped taps O(1) wrong); `short_causal_conv` is a depthwise K-tap conv.
+`HyenaFilter` (NNX) generates the long filters: a sine MLP over positional
+features, damped by exp(-t_n |delta_c|) with per-channel decay rates; a
+length-L input uses the first L of `l_max` taps (positions are normalised by
+`l_max`, never by L). Shape letters: b batch, c channels, h filter channels
+(model width H), l / t positions, k taps, e feature width, o MLP width.
 
-  fft_causal_conv      y[t] = sum_{s<=t} k[s] u[t-s]
-  bidirectional_conv   y[t] = sum_{s=0}^{t} k_fwd[s] v[t-s]
-                            + sum_{j=t+1}^{L-1} k_rev[j-t-1] v[j] + D v[t]
-  short_causal_conv    depthwise, kernel K, output t sees t-K+1..t
-
-The long ones run as FFT products of size 2L, O(L log L) per channel. A
-size-L FFT would compute a circular convolution, whose wrapped-around taps
-are O(1) wrong; zero padding to 2L leaves room for the whole linear
-convolution of the first L outputs. The bidirectional kernel packs both
-directions into one length-2L kernel, kappa = [k_fwd, 0_L] + [0_L,
-reverse(k_rev)]: in the circular convolution of size 2L, the lag t-j < 0
-wraps to 2L+t-j, which lands on reverse(k_rev)[L+t-j] = k_rev[j-t-1]. So
-the forward filter includes lag 0 and the reverse filter starts at lag 1.
-
-Implicit filters (`HyenaFilter`, a Flax NNX module): a small MLP with sine
-activations maps positional features z_n (a normalised time t_n and a few
-Fourier features of n) to one tap per channel, and the taps are damped by
-exp(-t_n |delta_c|), with decay rates spread over the channels so that some
-filters are short and some long. Filters are generated for `l_max`
-positions; a length-L input uses their first L taps (positions are always
-normalised by `l_max`, never by L).
-
-Shape letters: b batch, c channels, h filter channels (the model width H),
-l / t positions, k short-conv taps, e positional-feature width, o MLP width
-("order").
-
-Numerics: every FFT convolution runs in float32 (float64 for float64
-inputs) and casts back to the input dtype, because bf16 products summed over
-thousands of taps lose most of their digits.
+FFT convolutions run in float32 (float64 for float64 inputs) and cast back:
+bf16 products summed over thousands of taps lose most of their digits.
 """
 
 import math
@@ -69,7 +49,6 @@ def fft_causal_conv(u_hl: jax.Array, k_hl: jax.Array) -> jax.Array:
     raise ValueError(f"kernel has {taps} taps, more than the length {length}")
   dt = _compute_dtype(u_hl, k_hl)
   n = 2 * length
-  # The kernel has no batch dim, so its transform is computed once.
   k_f = jnp.fft.rfft(k_hl.astype(dt), n=n)
   u_f = jnp.fft.rfft(u_hl.astype(dt), n=n)
   y = jnp.fft.irfft(u_f * k_f, n=n)[..., :length]
@@ -79,6 +58,10 @@ def fft_causal_conv(u_hl: jax.Array, k_hl: jax.Array) -> jax.Array:
 def bidirectional_kernel(k_fwd_hl: jax.Array,
                          k_rev_hl: jax.Array) -> jax.Array:
   """Packs both directions into one kernel: [k_fwd, 0_L] + [0_L, rev(k_rev)].
+
+  In the size-2L circular convolution a lag t-j < 0 wraps to 2L+t-j, which
+  lands on rev(k_rev)[L+t-j] = k_rev[j-t-1]: the reverse filter starts at
+  lag 1, the forward one at lag 0.
 
   Args:
     k_fwd_hl: [..., L] forward taps (lag 0, 1, ...).
@@ -99,10 +82,8 @@ def bidirectional_conv(v_bhl: jax.Array, k_fwd_hl: jax.Array,
   """Bidirectional long convolution plus a per-channel skip.
 
   y[t] = sum_{s=0}^{t} k_fwd[s] v[t-s] + sum_{j=t+1}^{L-1} k_rev[j-t-1] v[j]
-         + D v[t],
-  computed as irfft(rfft(v, 2L) * rfft(kappa, 2L))[:L] + D v with kappa =
-  `bidirectional_kernel(k_fwd, k_rev)`; see `toeplitz_operator` for the same
-  map as a dense matrix.
+         + D v[t], via the packed `bidirectional_kernel`; `toeplitz_operator`
+  is the same map as a dense matrix.
 
   Args:
     v_bhl: [B, H, L] signal (any leading dims), any float dtype.
@@ -111,8 +92,7 @@ def bidirectional_conv(v_bhl: jax.Array, k_fwd_hl: jax.Array,
     d_h: [H] skip weights D.
 
   Returns:
-    [B, H, L] in the dtype of `v_bhl`; computed in float32 (float64 when an
-    input is float64), so bf16 activations do not lose the long sums.
+    [B, H, L] in the dtype of `v_bhl` (computed in float32 / float64).
   """
   length = v_bhl.shape[-1]
   if k_fwd_hl.shape[-1] != length or k_rev_hl.shape[-1] != length:
@@ -121,7 +101,6 @@ def bidirectional_conv(v_bhl: jax.Array, k_fwd_hl: jax.Array,
   dt = _compute_dtype(v_bhl, k_fwd_hl, k_rev_hl, d_h)
   n = 2 * length
   kappa_hl = bidirectional_kernel(k_fwd_hl.astype(dt), k_rev_hl.astype(dt))
-  # One kernel transform, broadcast over the batch.
   k_f = jnp.fft.rfft(kappa_hl, n=n)
   v = v_bhl.astype(dt)
   y = jnp.fft.irfft(jnp.fft.rfft(v, n=n) * k_f, n=n)[..., :length]
@@ -160,11 +139,9 @@ def short_causal_conv(x_bcl: jax.Array, w_ck: jax.Array,
                       b_c: jax.Array) -> jax.Array:
   """Depthwise causal convolution with K taps per channel, plus a bias.
 
-  y[b, c, t] = b[c] + sum_{k=0}^{K-1} w[c, k] x[b, c, t-(K-1)+k], with x = 0
-  before the start. Tap K-1 multiplies the current position and tap 0 the
-  oldest one: the layout of a PyTorch `Conv1d(C, C, K, groups=C,
-  padding=K-1)` weight [C, 1, K] with its first L outputs kept, so such a
-  weight loads as `w[:, 0, :]`.
+  y[b, c, t] = b[c] + sum_{k=0}^{K-1} w[c, k] x[b, c, t-(K-1)+k], x = 0 before
+  the start: the layout of a PyTorch `Conv1d(C, C, K, groups=C,
+  padding=K-1)` weight [C, 1, K], which loads as `w[:, 0, :]`.
 
   Args:
     x_bcl: [B, C, L] signal, any float dtype.
@@ -172,9 +149,8 @@ def short_causal_conv(x_bcl: jax.Array, w_ck: jax.Array,
     b_c: [C] bias.
 
   Returns:
-    [B, C, L] in the dtype of `x_bcl`. The K products are summed in float32
-    (float64 for float64 inputs); with K = 3 a shifted multiply-add is as
-    cheap as a convolution call and fuses with its neighbours.
+    [B, C, L] in the dtype of `x_bcl`, summed in float32 (float64 inputs:
+    float64). With K = 3 shifted multiply-adds fuse with their neighbours.
   """
   length, taps = x_bcl.shape[-1], w_ck.shape[-1]
   dt = _compute_dtype(x_bcl, w_ck, b_c)
@@ -194,11 +170,8 @@ def positional_features(l_max: int, emb_dim: int = 5,
   """Fourier positional features of the implicit filters.
 
   With b = (e-1)/2 bands and frequencies f = linspace(1e-4, b-1, b):
-  z[n] = [t_n, cos(2 pi f_1 n / l_max), ..., cos(2 pi f_b n / l_max),
-          -sin(2 pi f_1 n / l_max), ..., -sin(2 pi f_b n / l_max)],
-  t_n = n / (l_max - 1), i.e. [t, Re, Im] of exp(-i 2 pi f n / l_max). The
-  first frequency is ~0, so its cosine is ~1 and its sine ~0: effectively
-  a constant input feature.
+  z[n] = [t_n, cos(2 pi f n / l_max), -sin(2 pi f n / l_max)] over the bands,
+  t_n = n / (l_max - 1). The first frequency is ~0: a near-constant feature.
 
   Args:
     l_max: number of positions.
@@ -226,9 +199,8 @@ def decay_rates(hidden: int, fast_decay_pct: float = 0.3,
   """Per-channel decay rates delta of the exponential filter modulation.
 
   delta = linspace(ln(target) / slow_decay_pct, ln(target) / fast_decay_pct,
-  H): channel c's envelope exp(-t |delta_c|) reaches `target` at t =
-  slow_decay_pct (channel 0, the longest filter) down to t = fast_decay_pct
-  (channel H-1, the shortest), t being the position over l_max - 1.
+  H): channel 0's envelope exp(-t |delta|) reaches `target` at t =
+  slow_decay_pct (longest filter), channel H-1's at fast_decay_pct.
 
   Args:
     hidden: number of channels H.
@@ -252,25 +224,12 @@ def exponential_modulation(t_l1: Any, delta_h: Any) -> jax.Array:
 class HyenaFilter(nnx.Module):
   """Implicit bidirectional long-convolution filters for H channels.
 
-  k_fwd[c, n] = MLP_fwd(z_n)[c] exp(-t_n |delta_c|), and the same with an
-  MLP_rev of its own weights for k_rev, where z is `pos_emb_le` (learnable,
-  initialised with `positional_features`) and
-
-    MLP(z) = Sin(Sin(Sin(z W0 + b0) W1 + b1) W2 + b2) W3,
-    Sin(x) = sin(phi * x),
-
-  with one learnable frequency vector phi (`sin_freq_o`, init `w`) shared by
-  every Sin of both MLPs. Weights are stored [in, out] (the transpose of a
-  PyTorch Linear weight). `bias_h` is the skip weight D of
-  `bidirectional_conv`.
-
-  Parameters (o = order, e = emb_dim, H = hidden):
-    pos_emb_le [l_max, e]; sin_freq_o [o]; bias_h [H];
-    fwd_w0_eo [e, o], fwd_b0_o [o], fwd_w1_oo [o, o], fwd_b1_o [o],
-    fwd_w2_oo [o, o], fwd_b2_o [o], fwd_w3_oh [o, H] (no bias);
-    rev_* the same, only when bidirectional.
-  The time grid t and the rates delta are constants recomputed from the
-  static sizes at every call, so they are not state.
+  k_fwd[c, n] = MLP_fwd(z_n)[c] exp(-t_n |delta_c|) (k_rev likewise with its
+  own MLP), z = `pos_emb_le` (learnable, init `positional_features`),
+  MLP(z) = Sin(Sin(Sin(z W0 + b0) W1 + b1) W2 + b2) W3, Sin(x) = sin(phi x),
+  phi = `sin_freq_o` shared by every Sin. Weights are [in, out] (a PyTorch
+  Linear's transpose); `bias_h` is the skip D of `bidirectional_conv`. The
+  time grid and the rates are recomputed per call, so they are not state.
   """
 
   def __init__(self, hidden: int, l_max: int, *, emb_dim: int = 5,
@@ -288,10 +247,8 @@ class HyenaFilter(nnx.Module):
       w: initial Sin frequency.
       bidirectional: whether to build the reverse MLP (otherwise k_rev = 0).
       fast_decay_pct, slow_decay_pct, target: see `decay_rates`.
-      mlp_init_std: None for PyTorch-Linear default inits of the MLP
-        (U(+-1/sqrt(fan_in)) weights and biases); a float for N(0, std)
-        weights and zero biases, the re-initialisation that BERT-style
-        `post_init` applies to every Linear module of a model.
+      mlp_init_std: None for PyTorch-Linear default inits (U(+-1/sqrt(fan_in)));
+        a float for N(0, std) weights and zero biases (BERT `post_init`).
       param_dtype: storage dtype of the parameters.
       rngs: draws the `params` keys.
     """
@@ -348,10 +305,7 @@ class HyenaFilter(nnx.Module):
     return jnp.dot(h, get("w3_oh"), precision=hi)
 
   def __call__(self, length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Filters for a length-`length` input.
-
-    The MLP is pointwise in the position, so evaluating it on the first
-    `length` positions equals generating all `l_max` taps and slicing.
+    """Filters for a length-`length` input (the MLP is pointwise in n).
 
     Args:
       length: static input length L <= l_max.

@@ -1,55 +1,18 @@
 """Monarch matrices: block-diagonal factors between stride permutations.
 
-A Monarch matrix replaces a dense N x N matrix (N^2 parameters, N^2
-multiply-adds) by a product of block-diagonal matrices and fixed
-permutations, so it costs O(N^{3/2}) (order 2) and is still computed with
-dense GEMMs on the blocks.
+A Monarch matrix replaces a dense N x N one by block-diagonal factors and
+fixed stride permutations (view as a row-major (a, b) grid, transpose,
+flatten): 2 N^{3/2} parameters and multiply-adds at order 2, as dense GEMMs
+on the blocks. Order 2 (`monarch_apply`): w1 (k, q, p), w2 (l, s, r) with
+l*r = k*q, M = P_out B2 P_mid B1. Square case (w1 (n0, n1, n1), w2 (n1, n0,
+n0)): M[(s, l), (k, p)] = w2[l, s, k] w1[k, l, p], so each (l, k) slice is
+rank 1 and the best Frobenius fit is its rank-1 SVD (`dense_to_monarch`).
+Order p (`order_p_apply`) costs p N^{1+1/p}; the DFT is a Monarch product
+(`monarch_dft`, four-step FFT). Derivations: experiments/m2_scaling/README.md.
+Refs: Dao et al., Monarch (ICML 2022); Fu et al., Monarch Mixer (2023).
 
-Order 2, general (rectangular) form. Factors `w1_kqp` (k, q, p) and `w2_lsr`
-(l, s, r) with k*p = n_in and l*r = k*q map n_in -> n_out = l*s:
-
-  x[k*p_dim + p]                    the input as k blocks of p (row-major)
-  h[k, q] = sum_p w1[k, q, p] x[k, p]                       (B1)
-  h flattened (k q), read as (r, l), transposed to (l, r)   (P_mid)
-  y[l, s] = sum_r w2[l, s, r] h[l, r]                       (B2)
-  y read as (l, s), emitted as (s, l): out[s*l_dim + l]     (P_out)
-
-so M = P_out B2 P_mid B1. A "stride permutation" always means: view the
-vector as a row-major (a, b) grid, transpose to (b, a), flatten.
-
-Square case, N = n0*n1: w1 (n0, n1, n1) and w2 (n1, n0, n0), i.e. k = r = n0
-and q = l = n1 (usually n0 = n1 = m = sqrt(N), where both permutations are
-the same self-inverse m x m transpose and M = P B2 P B1). Writing the output
-index s*n1 + l and the input index k*n1 + p,
-
-  M[(s, l), (k, p)] = w2[l, s, k] * w1[k, l, p],
-
-so for fixed (l, k) the (s, p) slice of M is a rank-1 outer product. A dense
-matrix is Monarch iff every such slice has rank <= 1, and the best (Frobenius)
-Monarch approximation is the rank-1 SVD of each slice (`dense_to_monarch`).
-Parameters and multiply-adds: N*(n0 + n1), i.e. 2 N^{3/2} at n0 = n1.
-
-Order p (`order_p_apply`): N = b^p, p factors of shape (N/b, b, b). Each
-stage applies a block-diagonal factor to contiguous b-chunks and then the
-stride permutation of an (N/b, b) grid, which moves the last base-b digit of
-the index to the front:  M = (R F_p) ... (R F_2)(R F_1). After p stages every
-digit has been mixed once and the digits are back in their original order.
-p = 2 is exactly the square order-2 matrix with (F_1, F_2) = (w1, w2);
-p = log2 N gives butterfly-like O(N log N). Cost and parameters: p N^{1+1/p}.
-
-The DFT (Cooley-Tukey four-step, `monarch_dft`): with N = m1*m2, input index
-n = m2*n1 + n2 and output index k1 + m1*k2,
-
-  X[k1 + m1 k2] =
-      sum_n2 w_m2^{n2 k2} w_N^{n2 k1} sum_n1 w_m1^{n1 k1} x[m2 n1 + n2]
-
-(w_M = exp(-2 pi i / M)): F_N = M(w1, w2) P_in, where P_in is the stride
-permutation of the input's (m1, m2) grid, w1 holds the m2 blocks DFT_m1 with
-the twiddles w_N^{n2 k1} folded in, and w2 holds the m1 blocks DFT_m2. So a
-long convolution, F^-1 diag(F k) F, is a product of Monarch matrices.
-
-Shape letters: as above (k, q, p / l, s, r); g blocks of a lone block-diagonal
-matrix, b leading (batch) dimensions, n / o / i flattened vector lengths.
+Shape letters: k, q, p / l, s, r as above; g blocks of a lone block-diagonal
+matrix, b leading dims, n / o / i flattened vector lengths.
 """
 
 import math
@@ -96,11 +59,10 @@ def _check_order2(w1_kqp: jax.Array, w2_lsr: jax.Array) -> None:
 
 def monarch_apply(x_bn: jax.Array, w1_kqp: jax.Array, w2_lsr: jax.Array, *,
                   precision: jax.lax.PrecisionLike = None) -> jax.Array:
-  """Order-2 Monarch product y = P_out B2 P_mid B1 x (module docstring).
+  """Order-2 Monarch product y = P_out B2 P_mid B1 x, in two block GEMMs.
 
-  Two batched block GEMMs and free reshapes: k*q*p + l*s*r multiply-adds
-  per vector (2 N^{3/2} when square with sqrt(N) blocks); no N x N array is
-  formed.
+  B1 maps x (k blocks of p) to h[k, q]; P_mid reads h flat as (r, l) and
+  transposes; B2 gives y[l, s]; P_out emits it as (s, l).
 
   Args:
     x_bn: [..., n_in] with n_in = k*p; float or complex.
@@ -120,18 +82,16 @@ def monarch_apply(x_bn: jax.Array, w1_kqp: jax.Array, w2_lsr: jax.Array, *,
   lead = x_bn.shape[:-1]
   x_bkp = x_bn.reshape(*lead, k, p)
   h_bkq = jnp.einsum("...kp,kqp->...kq", x_bkp, w1_kqp, precision=precision)
-  # The middle permutation is free: reading the flat (k q) vector as (r, l)
-  # is a reshape, and the transpose to (l, r) is folded into the einsum.
+  # P_mid is free: a reshape, with the transpose folded into the einsum.
   h_brl = h_bkq.reshape(*lead, r, l)
   y_bsl = jnp.einsum("...rl,lsr->...sl", h_brl, w2_lsr, precision=precision)
   return y_bsl.reshape(*lead, s * l)
 
 
 def monarch_to_dense(w1_kqp: jax.Array, w2_lsr: jax.Array) -> jax.Array:
-  """The explicit matrix P_out B2 P_mid B1 (for tests and projection).
+  """The explicit matrix P_out B2 P_mid B1, independent of `monarch_apply`.
 
-  Built from the dense block-diagonal matrices and permutation matrices,
-  independently of `monarch_apply`'s reshapes. Costs O(N^3): small N only.
+  For tests and projection; O(N^3), small N only.
 
   Args:
     w1_kqp: [k, q, p]. w2_lsr: [l, s, r] with l*r = k*q.
@@ -146,8 +106,7 @@ def monarch_to_dense(w1_kqp: jax.Array, w2_lsr: jax.Array) -> jax.Array:
   b2 = _block_diag_dense(w2_lsr.astype(dtype))
   p_mid = _perm_matrix(_stride_perm(r, l), dtype)
   p_out = _perm_matrix(_stride_perm(l, s), dtype)
-  # Permutation products are exact at any precision; HIGHEST keeps the
-  # block products in full float32 on accelerators.
+  # HIGHEST keeps the block products in full float32 on accelerators.
   return jnp.linalg.multi_dot([p_out, b2, p_mid, b1], precision=_HIGHEST)
 
 
@@ -155,11 +114,9 @@ def dense_to_monarch(m_nn: jax.Array,
                      nblocks: int) -> tuple[jax.Array, jax.Array]:
   """Best square Monarch approximation (Frobenius) of a dense matrix.
 
-  With n0 = nblocks and n1 = N / n0, the (l, k) slice M[(s, l), (k, p)]
-  over (s, p) is replaced by its leading rank-1 SVD term; the singular
-  value is split evenly (sqrt) between the factors. A Monarch matrix
-  round-trips exactly (up to rounding); the factors themselves are only
-  defined up to a per-slice scale.
+  Each (l, k) slice M[(s, l), (k, p)] over (s, p) becomes its leading rank-1
+  SVD term, the singular value split by sqrt between the factors. Monarch
+  matrices round-trip; the factors are defined up to a per-slice scale.
 
   Args:
     m_nn: [N, N] float or complex matrix.
@@ -204,14 +161,10 @@ def order_p_apply(x_bn: jax.Array, factors: Sequence[jax.Array], *,
                   precision: jax.lax.PrecisionLike = None) -> jax.Array:
   """Order-p Monarch product (R F_p) ... (R F_1) x.
 
-  Convention: F_i is block-diagonal over contiguous b-chunks (block g of
-  (N/b, b, b) acts on x[g*b : (g+1)*b]) and R is the stride permutation of
-  the (N/b, b) grid, moving the last base-b digit of the index to the front.
-  For p = 3 with input digits (a, c, d) and output digits (x, y, z), index
-  a*b^2 + c*b + d:
-
-    M[(x, y, z), (a, c, d)] =
-        F_3[y*b + z, x, a] * F_2[z*b + a, y, c] * F_1[a*b + c, z, d].
+  F_i is block-diagonal over contiguous b-chunks and R the stride permutation
+  of the (N/b, b) grid (last base-b digit to the front). For p = 3, digits
+  (a, c, d) in and (x, y, z) out: M[(x, y, z), (a, c, d)] =
+  F_3[y*b + z, x, a] * F_2[z*b + a, y, c] * F_1[a*b + c, z, d].
 
   Args:
     x_bn: [..., N], N = b^p.
@@ -252,9 +205,8 @@ def blockdiag_apply(x_bi: jax.Array, w_gqp: jax.Array,
                     precision: jax.lax.PrecisionLike = None) -> jax.Array:
   """Block-diagonal linear map (no permutation), with padding/truncation.
 
-  The input is zero-padded from its width up to g*p (the padded features
-  meet weights that never matter), and the g*q outputs are cut to
-  `out_features`; this is how widths not divisible by g are handled.
+  Widths not divisible by g: the input is zero-padded to g*p and the g*q
+  outputs are cut to `out_features`.
 
   Args:
     x_bi: [..., in_features], in_features <= g*p.
@@ -281,11 +233,7 @@ def blockdiag_apply(x_bi: jax.Array, w_gqp: jax.Array,
 
 
 def _root_of_unity(modulus: int, exponent: np.ndarray) -> np.ndarray:
-  """exp(-2 pi i e / M) in complex128, reducing e mod M first.
-
-  The reduction keeps the angle in [0, 2 pi): large products n*k would
-  otherwise lose digits in the float64 angle.
-  """
+  """exp(-2 pi i e / M) in complex128; e mod M keeps float64 angles exact."""
   return np.exp(-2j * np.pi * (exponent % modulus) / modulus)
 
 
@@ -293,9 +241,8 @@ def dft_monarch_factors(m1: int, m2: int, dtype: Any = jnp.complex64
                         ) -> tuple[jax.Array, jax.Array]:
   """Monarch factors of the length-N DFT, N = m1*m2 (four-step FFT).
 
-  fft(x) == monarch_apply(P_in x, w1, w2), where P_in x reads x as an
-  (m1, m2) grid and transposes it (`monarch_dft` does this). The twiddle
-  w_N^{n2 k1} is folded into the first factor as one exact root of unity:
+  fft(x) == monarch_apply(P_in x, w1, w2), P_in the (m1, m2) grid transpose.
+  The twiddle is folded into w1 as one exact root of unity:
   w_m1^{n1 k1} w_N^{n2 k1} = w_N^{k1 (m2 n1 + n2)}.
 
   Args:
@@ -347,11 +294,8 @@ def monarch_dft(x_bn: jax.Array, m1: int, m2: int, *,
 class BlockDiagLinear(nnx.Module):
   """y = blockdiag(W_1..W_g) pad(x) [:out_features] + bias.
 
-  Init follows the PyTorch-Linear rule for each block's own fan-in: every
-  entry U(+-1/sqrt(in_blk)). The bias is U(+-1/sqrt(out_features)), a
-  fan-in taken from the bias length, kept for parity with checkpoints
-  trained that way. Widths not divisible by `nblocks` are padded up to
-  ceil(width / nblocks) per block (`blockdiag_apply`).
+  Weights U(+-1/sqrt(in_blk)) (PyTorch Linear per block); the bias
+  U(+-1/sqrt(out_features)), as the checkpoints we match were trained.
   """
 
   def __init__(self, in_features: int, out_features: int, nblocks: int, *,
@@ -385,17 +329,10 @@ class BlockDiagLinear(nnx.Module):
 class MonarchLinear(nnx.Module):
   """Order-2 Monarch replacement of a dense layer: y = M pad(x) + bias.
 
-  Both factors have `nblocks` blocks: w1 (g, q, in_blk) and w2 (g, out_blk,
-  q), with q = min(in_blk, out_blk) so the middle width g*q is the smaller
-  padded width; widths are padded / truncated as in `blockdiag_apply`.
-
-  Init matches the second moments of a PyTorch-default dense Linear
-  (weights U(+-1/sqrt(in)), so Var y = Var x / 3 for white input, and bias
-  U(+-1/sqrt(in))). w1 is variance preserving, U(+-sqrt(3 g / in)): each
-  middle unit sums in/g real inputs on average, padding included. w2 then
-  takes the dense rule for its own fan-in q, U(+-1/sqrt(q)), giving the
-  dense layer's Var x / 3. (Initialising both factors by their own fan-in
-  would give Var x / 9.)
+  w1 (g, q, in_blk), w2 (g, out_blk, q), q = min(in_blk, out_blk). Init
+  matches a PyTorch dense Linear's Var y = Var x / 3: w1 is variance
+  preserving, U(+-sqrt(3 g / in)), and w2 U(+-1/sqrt(q)) (both by their own
+  fan-in would give Var x / 9).
   """
 
   def __init__(self, in_features: int, out_features: int, nblocks: int, *,

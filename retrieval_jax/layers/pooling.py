@@ -1,9 +1,7 @@
 """Pooling of token states into one vector per sequence, and L2 norming.
 
-Plain functions on arrays (no parameters), so they jit and test on their own.
-The numerics follow sentence-transformers, whose checkpoints this project
-imports: the masked mean divides by max(token count, 1e-9), and
-`l2_normalize` is `torch.nn.functional.normalize(x, p=2, dim=-1)`.
+Numerics follow sentence-transformers, whose checkpoints we import: the masked
+mean divides by max(count, 1e-9); `l2_normalize` is torch's `F.normalize`.
 """
 
 import jax
@@ -28,9 +26,8 @@ def pool(hidden_bld: jax.Array, mask_bl: jax.Array, kind: str) -> jax.Array:
   if kind == "cls":
     return hidden_bld[:, 0, :].astype(jnp.float32)
   if kind == "mean":
-    # Sums of up to L bf16 values lose digits, so accumulate in float32.
-    # A multiply-and-reduce (not an einsum) keeps full float32 precision on
-    # accelerators whose default matmul precision is lower.
+    # float32 sums; multiply-and-reduce, not an einsum, so accelerators with a
+    # lower default matmul precision keep full float32.
     mask_bl = mask_bl.astype(jnp.float32)
     sum_bd = jnp.sum(hidden_bld.astype(jnp.float32) * mask_bl[..., None],
                      axis=1)
@@ -51,7 +48,6 @@ def l2_normalize(x_bd: jax.Array, eps: float = 1e-12) -> jax.Array:
     Array of the shape and dtype of `x_bd`; the norm is taken in float32.
   """
   x32_bd = x_bd.astype(jnp.float32)
-  # Clamping the norm (not the squared norm) is what torch does; it matters
-  # only for rows with norm below eps.
+  # Clamp the norm, not its square, as torch does.
   norm_b1 = jnp.sqrt(jnp.sum(jnp.square(x32_bd), axis=-1, keepdims=True))
   return (x32_bd / jnp.maximum(norm_b1, eps)).astype(x_bd.dtype)

@@ -1,16 +1,11 @@
 """Training objectives, chosen by name through explicit registries.
 
-`LOSSES` maps a config name to a `LossSpec` of an in-batch contrastive loss
-(`contrastive.py`, uniform signature `fn(scores_qc, positive_qc, valid_qc)
--> (loss, aux)`; `sharded_contrastive.sharded_contrastive_loss` runs any of
-them shard by shard). The spec also tells the data side how to build
-examples: which positives go into a query's group (`positives`) and whether
-an example is a (query, positive) pair or a query (`unit`).
-
-`LISTWISE_LOSSES` maps names to the list losses of `listwise.py` that share
-the signature `fn(scores_bn, labels_bn, valid_bn) -> (loss, aux)`
-(and the pointwise BCE of re-rankers, "bce"; `margin_mse` has its own argument layout and is used by module).
-Regularisers live in `regularizers.py`.
+`LOSSES`: name -> `LossSpec` of an in-batch contrastive loss
+`fn(scores_qc, positive_qc, valid_qc) -> (loss, aux)` (`contrastive.py`;
+`sharded_contrastive` runs any of them shard by shard), plus how the data
+side builds examples. `LISTWISE_LOSSES`: name -> `fn(scores_bn, labels_bn,
+valid_bn) -> (loss, aux)` from `listwise.py` (`margin_mse` has its own
+arguments and is called directly). Regularisers: `regularizers.py`.
 """
 
 from collections.abc import Callable
@@ -26,10 +21,8 @@ __all__ = [
     "listwise", "regularizers", "sharded_contrastive"
 ]
 
-# How many of a query's positives go into its group.
 ONE = "one"  # a single positive per example
 ALL = "all"  # every positive of the query, up to the configured maximum
-# What one training example is.
 PAIR = "pair"  # one example per judged (query, positive) pair
 QUERY = "query"  # one example per query
 
@@ -40,10 +33,8 @@ class LossSpec:
 
   Attributes:
     fn: `fn(scores_qc, positive_qc, valid_qc) -> (loss, aux)`.
-    positives: "one" (one positive per example) or "all" (all positives of
-      the query, up to a maximum, in the first slots of its group).
-    unit: "pair" (one example per (query, positive) pair) or "query" (one
-      example per query).
+    positives: ONE or ALL (in the first slots of the query's group).
+    unit: PAIR or QUERY.
     description: one line for logs and docs.
   """
   fn: Callable
@@ -72,8 +63,7 @@ LOSSES: dict[str, LossSpec] = {
         contrastive.symmetric_info_nce, ONE, PAIR,
         "Half query->passage InfoNCE, half passage->query over the B "
         "positives."),
-    # Same math as "infonce"; only the batch construction differs (one
-    # example per query, its positive cycling across epochs).
+    # "infonce" with one example per query, its positive cycling by epoch.
     "rand1_lh": LossSpec(
         contrastive.info_nce, ONE, QUERY,
         "InfoNCE with one positive per query per epoch, cycling through its "

@@ -1,29 +1,16 @@
 """In-batch contrastive losses on a global score matrix (DPR group layout).
 
-Batch layout (DPR / Tevatron groups): B queries, G passages per query and
-C = B·G candidates flattened query-major. The first m_i slots of query i's
-block are its positives, the remaining G - m_i slots its hard negatives.
-Every query scores every candidate of the batch, so the other queries'
-passages are free in-batch negatives.
+B queries, G passages each, C = B·G candidates query-major; the first m_i
+slots of query i's group are its positives, the rest hard negatives, and all
+other queries' passages are in-batch negatives. Every loss is
+`fn(scores_qc [B, C] already / τ, positive_qc [B, C] bool, valid_qc [B, C]
+bool) -> (loss, aux)`: loss is the float32 mean over rows with a valid
+positive (others weigh 0, never NaN); aux holds "num_valid_rows" and means
+over those rows, so `sharded_contrastive.py` can combine shards of any loss.
 
-Every loss has the signature `fn(scores_qc, positive_qc, valid_qc)`:
-
-* `scores_qc`: [B, C] scores already divided by the temperature (any float
-  dtype; upcast to float32 inside).
-* `positive_qc`: [B, C] bool, the positive slots of each row (`group_masks`).
-* `valid_qc`: [B, C] bool, the candidates a row may see; invalid ones are
-  neither positives nor negatives.
-
-and returns `(loss, aux)`: `loss` is a float32 scalar, the mean over *valid
-rows* (rows with at least one valid positive; the others get weight 0, never
-NaN), and `aux` a flat dict of float32 scalars. `aux["num_valid_rows"]` is a
-count; every other aux entry is a mean over the valid rows, which is what
-lets `sharded_contrastive.py` combine shards for any loss of this module.
-
-Numerics follow one rule: logits are never exponentiated directly. Masked
-entries become the finite constant `NEG` before a log-sum-exp, so a fully
-masked set gives a finite, very negative LSE (not -inf, whose gradients are
-NaN) and the row is then dropped by its weight.
+Logits are never exponentiated directly: masked entries become the finite
+`NEG` before a log-sum-exp, so a fully masked set gives a very negative LSE
+(not -inf, whose gradients are NaN) and its row is dropped by weight.
 """
 
 from collections.abc import Mapping
@@ -46,8 +33,7 @@ def masked_logsumexp(x_qc: jax.Array, mask_qc: jax.Array) -> jax.Array:
   Returns:
     [...] array of `x_qc`'s dtype. Masked entries receive zero gradient.
   """
-  # `where` (not adding a -inf bias) routes zero gradient to masked entries,
-  # and an all-NEG row gives softmax weights that `where` then discards.
+  # `where`, not a -inf bias: masked entries get exactly zero gradient.
   return jax.nn.logsumexp(jnp.where(mask_qc, x_qc, NEG), axis=-1)
 
 
@@ -62,10 +48,8 @@ def candidate_masks(
 ) -> tuple[jax.Array, jax.Array]:
   """Positive and valid masks for a block of rows × columns of the batch.
 
-  Rows and columns are *global* indices into the batch (query index and
-  flattened candidate index), so the same code serves the dense loss (all
-  rows, all columns) and one shard of the sharded loss (its own rows, all
-  columns; or all rows, its own positive columns).
+  Rows and columns are *global* batch indices, so one code path serves the
+  dense loss and each shard of the sharded one.
 
   Args:
     rows_r: [R] int32 global query indices.
@@ -86,8 +70,7 @@ def candidate_masks(
   owner_c = cols_c // group_size
   slot_c = cols_c % group_size
   own_rc = owner_c[None, :] == rows_r[:, None]
-  # Whether a column is one of the positive slots of the query owning it.
-  positive_slot_c = slot_c < counts_b[owner_c]
+  positive_slot_c = slot_c < counts_b[owner_c]  # a positive of its owner
   positive_rc = own_rc & positive_slot_c[None, :]
   valid_rc = jnp.ones_like(positive_rc)
   if not share_hard_negatives:
@@ -97,8 +80,8 @@ def candidate_masks(
   if passage_doc_x is not None:
     doc_x = jnp.asarray(passage_doc_x, jnp.int32)
     doc_c = doc_x[cols_c]
-    # The docs of each row's own positive slots are relevant by definition;
-    # matching them catches duplicates even without `relevant_doc`.
+    # A row's own positive docs are relevant: catches duplicates even
+    # without `relevant_doc`.
     g_g = jnp.arange(group_size, dtype=jnp.int32)
     own_doc_rg = doc_x[rows_r[:, None] * group_size + g_g[None, :]]
     own_doc_rg = jnp.where(g_g[None, :] < counts_b[rows_r][:, None],
@@ -107,9 +90,7 @@ def candidate_masks(
     if relevant_doc_rk is not None:
       known_rk = jnp.concatenate(
           [known_rk, jnp.asarray(relevant_doc_rk, jnp.int32)], axis=1)
-    # -1 entries pad `known_rk`; they must not match padding candidates.
-    # Memory is R·K·(G + R') bools: per shard R is the local batch, so this
-    # stays well below the float32 score matrix for G + R' ≲ 32.
+    # R·K·(G + R') bools: below the float32 scores for G + R' ≲ 32.
     is_known_rc = jnp.any(
         (doc_c[None, :, None] == known_rk[:, None, :]) &
         (known_rk[:, None, :] >= 0), axis=-1)
@@ -129,11 +110,9 @@ def group_masks(
   """Positive and valid masks of the [B, C = B·G] group-layout score matrix.
 
   `positive_qc[i, j] = (j // G == i) & (j % G < m_i)`. `valid_qc[i, j]` is
-  False for padding candidates (`passage_doc_c[j] < 0`), for a known-relevant
-  doc of query i that is not one of its positive slots (a duplicate copy of
-  its positive elsewhere in the batch, or another of its positives: never a
-  negative), and, when `share_hard_negatives` is False, for the other
-  queries' hard negatives. Positive slots stay valid unless padding.
+  False for padding (`passage_doc_c[j] < 0`), for a known-relevant doc of
+  query i outside its positive slots (never a negative), and without
+  `share_hard_negatives` for other queries' hard negatives.
 
   Args:
     positive_counts_b: [B] int, m_i = number of positive slots of query i.
@@ -149,11 +128,9 @@ def group_masks(
     (positive_qc, valid_qc), both [B, C] bool.
   """
   b = jnp.shape(positive_counts_b)[0]
-  # The dense case is the block "every row × every column".
   rows_b = jnp.arange(b, dtype=jnp.int32)
   cols_c = jnp.arange(b * group_size, dtype=jnp.int32)
   if passage_doc_c is None:
-    # Relevant ids mean nothing without the candidates' ids.
     relevant_doc_br = None
   return candidate_masks(rows_b, cols_c, positive_counts_b, group_size,
                          passage_doc_c, relevant_doc_br, share_hard_negatives)
@@ -173,8 +150,6 @@ def rows_with_positive(positive_counts_b: jax.Array, group_size: int,
   """
   counts_b = jnp.asarray(positive_counts_b, jnp.int32)
   g_g = jnp.arange(group_size, dtype=jnp.int32)
-  # Positive slots ignore id and hard-negative masking; padding is the only
-  # way to lose one.
   slot_bg = g_g[None, :] < counts_b[:, None]
   if passage_doc_x is not None:
     slot_bg &= jnp.asarray(passage_doc_x).reshape(-1, group_size) >= 0
@@ -215,7 +190,6 @@ def scores_and_masks(
 
 def _row_setup(scores_qc, positive_qc, valid_qc):
   """≥float32 scores, valid positives/negatives and per-row counts."""
-  # bf16 / fp16 scores are upcast; float64 (tests under x64) is kept.
   scores_qc = jnp.asarray(scores_qc)
   scores_qc = scores_qc.astype(jnp.promote_types(scores_qc.dtype,
                                                  jnp.float32))
@@ -228,8 +202,6 @@ def _row_setup(scores_qc, positive_qc, valid_qc):
 
 def _accuracy_rows(scores_qc, pos_qc, valid_qc):
   """1.0 where the top-scoring valid candidate of a row is a positive."""
-  # Exact ties go to the lowest column; rare with float scores, and this is
-  # a monitoring metric, not a loss.
   top_q = jnp.argmax(jnp.where(valid_qc, scores_qc, NEG), axis=-1)
   return jnp.take_along_axis(pos_qc, top_q[:, None], axis=-1)[:, 0]
 
@@ -266,10 +238,8 @@ def info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
              valid_qc: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """InfoNCE / DPR negative log-likelihood: mean of `LSE_C s − s_p`.
 
-  Intended for exactly one positive per row (DPR, Rand1LH; the data side
-  picks it). A row with several valid positive slots gets one term per
-  positive with the other positives in the denominator, i.e. it equals
-  `joint_lh` (with no division by m); jit cannot raise on the mask's content.
+  Meant for one positive per row; with several it equals `joint_lh`
+  (jit cannot raise on the mask's content).
 
   Args:
     scores_qc: [B, C] temperature-scaled scores.
@@ -316,8 +286,7 @@ def sum_marg_lh(scores_qc: jax.Array, positive_qc: jax.Array,
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SumMargLH: `LSE_{C_i} s − LSE_{P_i} s` = −log Σ_{p∈P} π_p per row.
 
-  Marginal likelihood of "some positive": ∂/∂s_p = −π_p(1 − Π_P)/Π_P, so
-  the best-scored positive gets most of the push ("rich get richer").
+  ∂/∂s_p = −π_p(1 − Π_P)/Π_P: the best-scored positive gets most push.
 
   Args:
     scores_qc, positive_qc, valid_qc: see the module docstring.
@@ -327,7 +296,6 @@ def sum_marg_lh(scores_qc: jax.Array, positive_qc: jax.Array,
   """
   scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                valid_qc)
-  # Both LSEs are finite even for dropped rows, so their difference is too.
   loss_q = (masked_logsumexp(scores_qc, valid_qc) -
             masked_logsumexp(scores_qc, pos_qc))
   return _reduce(loss_q, num_pos_q > 0,
@@ -339,10 +307,7 @@ def lse_pair(scores_qc: jax.Array, positive_qc: jax.Array,
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """LSEPair: `log(1 + Σ_{p∈P} Σ_{n∈N} exp(s_n − s_p))` per row.
 
-  Computed in the factorised O(C) form `softplus(LSE_N s + LSE_P(−s))`
-  (Σ_pΣ_n e^{s_n−s_p} = Σ_n e^{s_n} · Σ_p e^{−s_p}). The worst-scored
-  positive and the best-scored negative get the largest gradients, and the
-  other positives never appear in a positive's denominator. A row without
+  Factorised O(C) form `softplus(LSE_N s + LSE_P(−s))`; a row without
   valid negatives has loss 0 (LSE_N = NEG).
 
   Args:
@@ -357,8 +322,7 @@ def lse_pair(scores_qc: jax.Array, positive_qc: jax.Array,
   # Each LSE is ≥ NEG (= finfo.min / 4), so the sum stays finite.
   loss_q = jax.nn.softplus(masked_logsumexp(scores_qc, neg_qc) +
                            masked_logsumexp(-scores_qc, pos_qc))
-  if normalize_by_positives:
-    # max(m, 1) only guards dropped rows (m = 0); valid rows have m ≥ 1.
+  if normalize_by_positives:  # max(m, 1) guards dropped rows only
     loss_q = loss_q / jnp.maximum(num_pos_q, 1.0)
   return _reduce(loss_q, num_pos_q > 0,
                  accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
@@ -369,15 +333,9 @@ def orthogonal_projection(scores_qc: jax.Array, positive_qc: jax.Array,
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Orthogonal projection loss: `(1 − mean_P cos) + γ·|mean_N cos|` per row.
 
-  Pulls a query's positives to cosine 1 and pushes its negatives towards
-  orthogonality (cosine 0) rather than below every positive, so the loss of
-  a row needs no other rows: it trains with single-query batches, the
-  setting of long-document fine-tuning where a batch holds one query, its
-  document and a few negatives. Unlike the softmax losses it is not
-  shift-invariant, so `scores_qc` must be cosines (unit vectors,
-  temperature 1). With a one-query batch the row means are the batch
-  means of the original batch-level form; with larger batches each row is
-  reduced on its own and the rows are averaged.
+  Negatives go to orthogonality rather than below every positive, so a row
+  needs no other rows: it trains with one-query batches (long documents).
+  Not shift-invariant: scores must be cosines (temperature 1).
 
   Args:
     scores_qc, positive_qc, valid_qc: see the module docstring; scores are
@@ -393,7 +351,6 @@ def orthogonal_projection(scores_qc: jax.Array, positive_qc: jax.Array,
   num_neg_q = jnp.sum(neg_qc, axis=-1).astype(scores_qc.dtype)
   pos_mean_q = (jnp.sum(jnp.where(pos_qc, scores_qc, 0.0), axis=-1) /
                 jnp.maximum(num_pos_q, 1.0))
-  # A row without negatives contributes only its positive term.
   neg_mean_q = (jnp.sum(jnp.where(neg_qc, scores_qc, 0.0), axis=-1) /
                 jnp.maximum(num_neg_q, 1.0))
   loss_q = (1.0 - pos_mean_q) + gamma * jnp.abs(neg_mean_q)
@@ -404,8 +361,6 @@ def orthogonal_projection(scores_qc: jax.Array, positive_qc: jax.Array,
 
 def first_positive(positive_qc: jax.Array, valid_qc: jax.Array) -> jax.Array:
   """[B] int32 column of each row's first valid positive (0 if none)."""
-  # argmax of a bool row is its first True; an all-False row gives 0, which
-  # only dropped rows see.
   return jnp.argmax(positive_qc & valid_qc, axis=-1).astype(jnp.int32)
 
 
@@ -431,14 +386,10 @@ def symmetric_info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """½ [query→document InfoNCE + document→query InfoNCE].
 
-  The forward term is `info_nce`. The reverse term uses only the B×B block
-  of positive columns (the first valid positive of each row), transposed:
-  each query's positive picks its query among the B queries, hard negatives
-  take no part (sentence-transformers' MultipleNegativesSymmetricRanking).
-  A query is a reverse candidate only if its row is valid and the document
-  is valid for it (so a duplicate masked in the forward direction is masked
-  here too). Both terms average over the same valid rows, so the loss is
-  still a mean of per-row values, ½(fwd_i + rev_i).
+  The reverse term uses the transposed B×B block of first positives: each
+  positive picks its query among the B queries, without hard negatives
+  (sentence-transformers' MultipleNegativesSymmetricRanking). Forward masks
+  carry over; the loss stays a mean of per-row ½(fwd_i + rev_i).
 
   Args:
     scores_qc, positive_qc, valid_qc: see the module docstring.
@@ -450,7 +401,6 @@ def symmetric_info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
   scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                valid_qc)
   row_valid_q = num_pos_q > 0
-  # Forward rows are info_nce's (JointLH if a row has several positives).
   fwd_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, False)
   first_k = first_positive(pos_qc, valid_qc)
   # Column k of the B×B block holds every query's score for k's positive.

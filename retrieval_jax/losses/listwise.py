@@ -1,13 +1,9 @@
 """Listwise ranking and distillation losses over per-query candidate lists.
 
-Inputs are [B, n] scores and labels (graded relevance or teacher scores)
-with a [B, n] bool `valid_bn` marking real items; padded items never count.
-Like `contrastive.py`, every loss returns `(loss, aux)`: a float32 scalar
-averaged over the valid rows (defined per loss; other rows get weight 0 and
-never produce NaN) and a flat dict of float32 scalars with at least
-"num_valid_rows". Masked softmaxes use the finite `contrastive.NEG`, so
-all-masked rows stay finite. Computation is in float32 (float64 inputs under
-`jax.enable_x64` stay float64).
+Inputs: [B, n] scores and labels (graded or teacher scores) and a [B, n] bool
+`valid_bn`. As in `contrastive.py`, each loss returns `(loss, aux)`: a
+float32 mean over valid rows (others weigh 0, never NaN) and scalars with at
+least "num_valid_rows"; masked softmaxes use the finite `contrastive.NEG`.
 """
 
 import jax
@@ -25,8 +21,7 @@ def _float(x):
 
 def _masked_log_softmax(x_bn, valid_bn):
   """log softmax over the valid items of each row; masked entries ~NEG."""
-  # Finite NEG (not -inf): an all-padding row stays finite, and callers mask
-  # the result again with `where` so NEG never reaches a sum.
+  # Callers mask the result again with `where`: NEG never reaches a sum.
   x_bn = jnp.where(valid_bn, x_bn, NEG)
   return x_bn - jax.nn.logsumexp(x_bn, axis=-1, keepdims=True)
 
@@ -34,8 +29,7 @@ def _masked_log_softmax(x_bn, valid_bn):
 def _row_mean(loss_b, row_valid_b, **rows):
   """Mean over valid rows; returns (loss, aux) with "num_valid_rows"."""
   n = jnp.sum(row_valid_b).astype(loss_b.dtype)
-  # No valid row: loss 0 rather than 0/0.
-  denom = jnp.maximum(n, 1.0)
+  denom = jnp.maximum(n, 1.0)  # no valid row: 0, not 0/0
 
   def mean(x_b):
     # `where`, not a product: dropped rows may hold huge finite values.
@@ -56,9 +50,8 @@ def kl_distillation(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Listwise distillation `KL(softmax(t/τ_t) ‖ softmax(s/τ_s))` per row.
 
-  The teacher is a constant (`stop_gradient`). Gradient w.r.t. the student
-  scores: `(p_s − p_t) / τ_s`. Zero iff `s/τ_s = t/τ_t + c` on the valid
-  items. Rows with at least one valid item count.
+  The teacher is a constant; ∂/∂s = (p_s − p_t) / τ_s. Rows with a valid
+  item count.
 
   Args:
     scores_bn: [B, n] student scores (raw, before τ_s).
@@ -72,12 +65,10 @@ def kl_distillation(
     nats; a sanity check of the teacher temperature).
   """
   scores_bn, teacher_bn = _float(scores_bn), _float(teacher_bn)
-  # Distillation never trains the teacher through this loss.
   teacher_bn = lax.stop_gradient(teacher_bn)
   log_s_bn = _masked_log_softmax(scores_bn / student_temperature, valid_bn)
   log_t_bn = _masked_log_softmax(teacher_bn / teacher_temperature, valid_bn)
   p_t_bn = jnp.where(valid_bn, jnp.exp(log_t_bn), 0.0)
-  # Masked items have p_t = 0 exactly; `where` keeps NEG·0 terms out.
   kl_b = jnp.sum(jnp.where(valid_bn, p_t_bn * (log_t_bn - log_s_bn), 0.0),
                  axis=-1)
   entropy_b = -jnp.sum(jnp.where(valid_bn, p_t_bn * log_t_bn, 0.0), axis=-1)
@@ -89,11 +80,8 @@ def pointwise_bce(scores_bn: jax.Array, labels_bn: jax.Array,
                   valid_bn: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Pointwise binary cross-entropy on logits, the usual re-ranker loss.
 
-  `−y log σ(s) − (1 − y) log(1 − σ(s))` per valid item (labels in [0, 1],
-  e.g. 1 for relevant, 0 for a hard negative), computed stably as
-  `softplus(s) − y·s`; the mean runs over every valid item of the batch
-  (sentence-transformers' CrossEncoder BCEWithLogitsLoss), so each pair
-  weighs the same whatever its list's length.
+  `softplus(s) − y·s` per valid item (labels in [0, 1]), averaged over all
+  valid items (sentence-transformers' CrossEncoder BCEWithLogitsLoss).
 
   Args:
     scores_bn: [B, n] logits.
@@ -120,9 +108,8 @@ def listnet(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ListNet (top-one): `−Σ_j softmax(y)_j · log softmax(s)_j` per row.
 
-  Labels are used as logits (allRank / sentence-transformers convention).
-  The loss minus the entropy of softmax(y) is KL ≥ 0, so `s = y + c` gives
-  exactly that entropy. Rows with at least one valid item count.
+  Labels are used as logits (allRank / sentence-transformers convention);
+  `s = y + c` gives the minimum, the entropy of softmax(y).
 
   Args:
     scores_bn: [B, n] predicted scores.
@@ -134,8 +121,6 @@ def listnet(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
   """
   scores_bn, labels_bn = _float(scores_bn), _float(labels_bn)
   log_s_bn = _masked_log_softmax(scores_bn, valid_bn)
-  # Masking the labels before the softmax (allRank sets them to -inf)
-  # keeps padding out of the target distribution.
   p_y_bn = jnp.where(valid_bn,
                      jnp.exp(_masked_log_softmax(labels_bn, valid_bn)), 0.0)
   ce_b = -jnp.sum(jnp.where(valid_bn, p_y_bn * log_s_bn, 0.0), axis=-1)
@@ -146,13 +131,9 @@ def listmle(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ListMLE: `Σ_k (LSE_{j≥k} s_π(j) − s_π(k))`, π sorting labels down.
 
-  Plackett–Luce negative log-likelihood of the label order. Ties in the
-  labels are broken deterministically by position (the earlier item ranks
-  first; allRank shuffles instead), so shuffle lists upstream if position
-  carries meaning. The suffix LSE is a reverse `cumlogsumexp`, never an
-  exponential of raw scores. Reduction: sum over positions (padded ones add
-  0), mean over rows with at least one valid item (sentence-transformers'
-  ListMLELoss; allRank divides by n as well). A one-item list gives 0.
+  Plackett–Luce NLL of the label order; label ties go to the earlier item
+  (allRank shuffles instead: shuffle upstream if position matters). Sum over
+  positions, mean over rows (sentence-transformers' ListMLELoss).
 
   Args:
     scores_bn: [B, n] predicted scores.
@@ -168,8 +149,7 @@ def listmle(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
   order_bn = jnp.argsort(key_bn, axis=-1, stable=True)
   s_bn = jnp.take_along_axis(scores_bn, order_bn, axis=-1)
   v_bn = jnp.take_along_axis(valid_bn, order_bn, axis=-1)
-  s_bn = jnp.where(v_bn, s_bn, NEG)
-  # Padded items sit at the end with NEG, so they vanish from every suffix.
+  s_bn = jnp.where(v_bn, s_bn, NEG)  # padding last: out of every suffix
   suffix_bn = lax.cumlogsumexp(s_bn, axis=s_bn.ndim - 1, reverse=True)
   nll_b = jnp.sum(jnp.where(v_bn, suffix_bn - s_bn, 0.0), axis=-1)
   return _row_mean(nll_b, jnp.any(valid_bn, axis=-1))
@@ -188,12 +168,9 @@ def approx_ndcg(scores_bn: jax.Array, labels_bn: jax.Array,
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ApproxNDCG (Qin et al. 2010, allRank): loss = −mean approxNDCG.
 
-  Smooth rank `π̂_i = 1 + Σ_{j≠i} σ(α(s_j − s_i))` over valid items;
-  `approxNDCG = Σ_i (2^{y_i} − 1) / log2(1 + π̂_i) / maxDCG` with exponential
-  gains and the ideal DCG of the valid labels. As α → ∞ it becomes the exact
-  NDCG of the predicted order; equal scores give π̂ = 1 + (n − 1)/2. Rows
-  whose valid labels are all 0 (maxDCG = 0) carry no signal and are dropped
-  (allRank keeps them at 0 in its mean). No rank cutoff.
+  Smooth rank `π̂_i = 1 + Σ_{j≠i} σ(α(s_j − s_i))`; approxNDCG =
+  Σ_i (2^{y_i} − 1) / log2(1 + π̂_i) / maxDCG. Rows with maxDCG = 0 are
+  dropped (allRank keeps them at 0). No rank cutoff.
 
   Args:
     scores_bn: [B, n] predicted scores.
@@ -208,10 +185,8 @@ def approx_ndcg(scores_bn: jax.Array, labels_bn: jax.Array,
   gains_bn = jnp.where(valid_bn, jnp.exp2(labels_bn) - 1.0, 0.0)
   diff_bij = scores_bn[:, None, :] - scores_bn[:, :, None]  # s_j − s_i
   pair_bij = valid_bn[:, None, :] & valid_bn[:, :, None]
-  # Self pairs give σ(0) = ½; excluding them (rather than allRank's
-  # "0.5 + Σ_j") is the same value and clearer.
   off_diag_ij = ~jnp.eye(scores_bn.shape[-1], dtype=bool)
-  # O(n²) per list: fine for reranking lists (tens to hundreds of items).
+  # O(n²) per list: fine for reranking lists.
   sig_bij = jnp.where(pair_bij & off_diag_ij,
                       jax.nn.sigmoid(alpha * diff_bij), 0.0)
   rank_bi = 1.0 + jnp.sum(sig_bij, axis=-1)
@@ -230,19 +205,11 @@ def wasserstein_list(scores_qc: jax.Array, labels_qc: jax.Array,
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SyCL "WS2": Fréchet distance between Gaussians fitted to batch rows.
 
-  X = softmax(S/τ) and Y = softmax(labels) row-wise over the valid
-  candidates (SyCL expands each query's graded labels block-diagonally over
-  the in-batch matrix; other queries' passages carry label 0). Each of X, Y
-  is treated as B samples of a C-dim vector:
-
-      L = ‖μ_X − μ_Y‖² + tr Σ_X + tr Σ_Y − 2 tr (Σ_X Σ_Y)^{1/2},
-
-  covariances with 1/(B−1) (1 when B < 2). With `C_X = (X − μ_X)ᵀ/√(B−1)`
-  the trace term is the nuclear norm of the small [B, B] matrix `C_Xᵀ C_Y`,
-  computed from its singular values (no non-symmetric eigvals, which has no
-  TPU kernel and weak autodiff). Not a sum of per-query terms: the loss
-  depends on the batch composition. B = 1 gives ‖x − y‖²; L(X, X) = 0.
-  Rows without valid candidates are left out of both fits.
+  X = softmax(S/τ), Y = softmax(labels) row-wise, each as B samples of a
+  C-dim vector: L = ‖μ_X − μ_Y‖² + tr Σ_X + tr Σ_Y − 2 tr (Σ_X Σ_Y)^{1/2}
+  (covariances 1/(B−1)). The trace term is the nuclear norm of a [B, B]
+  matrix, from singular values (non-symmetric eigvals has no TPU kernel and
+  weak autodiff). Depends on the batch composition, not per-query terms.
 
   Args:
     scores_qc: [B, C] scores (before τ).
@@ -259,27 +226,21 @@ def wasserstein_list(scores_qc: jax.Array, labels_qc: jax.Array,
   n = jnp.sum(w_q)
 
   def probs(logits_qc):
-    # Dropped rows become all-zero vectors; their weight below is 0 too.
     p_qc = jnp.exp(_masked_log_softmax(logits_qc, valid_qc))
     return jnp.where(valid_qc & row_valid_q[:, None], p_qc, 0.0)
 
   x_qc, y_qc = probs(scores_qc / temperature), probs(labels_qc)
   mu_x_c = jnp.sum(x_qc, axis=0) / jnp.maximum(n, 1.0)
   mu_y_c = jnp.sum(y_qc, axis=0) / jnp.maximum(n, 1.0)
-  # Unbiased covariance (1/(B−1)); SyCL's code uses 1 below two rows.
-  scale = 1.0 / jnp.sqrt(jnp.maximum(n - 1.0, 1.0))
-  # Centered, scaled rows (dropped rows are zero): Σ = cxᵀ cx.
-  cx_qc = (x_qc - mu_x_c) * (w_q * scale)[:, None]
+  scale = 1.0 / jnp.sqrt(jnp.maximum(n - 1.0, 1.0))  # SyCL: 1 below 2 rows
+  cx_qc = (x_qc - mu_x_c) * (w_q * scale)[:, None]  # Σ = cxᵀ cx
   cy_qc = (y_qc - mu_y_c) * (w_q * scale)[:, None]
-  # tr (Σ_X Σ_Y)^{1/2} = ‖cx cyᵀ‖_* (nuclear norm): a [B, B] matrix, not
-  # [C, C]. Centring makes the all-ones vector (and each dropped row's unit
-  # vector) a null vector for every input, so those zero singular values
-  # never move and the singular-value gradient Σ u_i v_iᵀ is exact.
+  # tr (Σ_X Σ_Y)^{1/2} = ‖cx cyᵀ‖_*. Centring keeps the zero singular values
+  # fixed for every input, so the gradient Σ u_i v_iᵀ is exact.
   cross_qq = jnp.einsum("qc,rc->qr", cx_qc, cy_qc)
   nuclear = jnp.sum(jnp.linalg.svd(cross_qq, compute_uv=False))
   mean_term = jnp.sum((mu_x_c - mu_y_c) ** 2)
-  # tr Σ = ‖c‖_F². Rounding can leave the loss a few ulps below 0 when
-  # X ≈ Y; clamping would kill the gradient, so it is left as is.
+  # May be a few ulps below 0 at X ≈ Y; clamping would kill the gradient.
   loss = mean_term + jnp.sum(cx_qc**2) + jnp.sum(cy_qc**2) - 2.0 * nuclear
   return loss, {"num_valid_rows": n, "mean_term": mean_term}
 
@@ -290,11 +251,8 @@ def margin_mse(student_pos_b: jax.Array, student_neg_bn: jax.Array,
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Margin-MSE (Hofstätter et al.): `((s+ − s−) − (t+ − t−))²`.
 
-  One margin per (query, negative); the mean runs over all valid pairs
-  (sentence-transformers' MarginMSELoss with several negatives). Teacher
-  scores are constants and are used raw (their scale matters). Adding a
-  per-query constant to the student's or the teacher's scores changes
-  nothing.
+  Mean over valid (query, negative) pairs (sentence-transformers'
+  MarginMSELoss); raw, constant teacher scores.
 
   Args:
     student_pos_b: [B] student score of each query's positive.
@@ -312,7 +270,6 @@ def margin_mse(student_pos_b: jax.Array, student_neg_bn: jax.Array,
   t_neg_bn = lax.stop_gradient(_float(teacher_neg_bn))
   if valid_bn is None:
     valid_bn = jnp.ones(s_neg_bn.shape, bool)
-  # Only margins enter, hence the per-query shift invariance.
   diff_bn = (s_pos_b[:, None] - s_neg_bn) - (t_pos_b[:, None] - t_neg_bn)
   num_pairs = jnp.sum(valid_bn).astype(diff_bn.dtype)
   loss = (jnp.sum(jnp.where(valid_bn, diff_bn**2, 0.0)) /

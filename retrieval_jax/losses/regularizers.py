@@ -1,11 +1,8 @@
 """Sparsity regularisers for learned sparse (SPLADE-style) representations.
 
-Term weights are [N, V] (N texts, V vocabulary terms), normally ≥ 0 after
-log(1 + ReLU); absolute values are taken so the penalties are also valid for
-signed weights. The total objective is
-`L_rank + λ_q(t)·R(queries) + λ_d(t)·R(documents)` with λ(t) ramped up by
-`quadratic_warmup`. Every function returns a float32 scalar and treats rows
-with `valid_n` False (padding) as absent.
+Weights are [N, V] (texts x terms); |w| is taken, so signed weights work too.
+Objective: L_rank + λ_q(t) R(queries) + λ_d(t) R(docs), λ(t) ramped by
+`quadratic_warmup`. Rows with `valid_n` False are absent; returns float32.
 """
 
 import jax
@@ -28,10 +25,9 @@ def flops(weights_nv: jax.Array, valid_n: jax.Array | None = None
           ) -> jax.Array:
   """FLOPS (Paria et al. 2020): `Σ_j ((1/N) Σ_i |w_ij|)²`.
 
-  A smooth proxy for the expected number of posting-list operations: it
-  squares each term's mean activation, so terms shared by many texts cost
-  far more than the same mass spread over distinct terms (N distinct
-  one-hots give 1/N, N copies of one term give 1).
+  A smooth proxy for posting-list operations: terms shared by many texts
+  cost more than the same mass over distinct terms (N one-hots: 1/N; N
+  copies of one term: 1).
 
   Args:
     weights_nv: [N, V] term weights.
@@ -41,8 +37,6 @@ def flops(weights_nv: jax.Array, valid_n: jax.Array | None = None
     float32 scalar (0 when no row is valid).
   """
   w_nv, n = _abs_weights(weights_nv, valid_n)
-  # Per-term mean first, then the square: the coupling across texts is what
-  # makes shared terms expensive (L1 has none).
   mean_v = jnp.sum(w_nv, axis=0) / jnp.maximum(n, 1.0)
   return jnp.sum(mean_v**2)
 
@@ -65,18 +59,10 @@ def idf_flops(weights_nv: jax.Array, idf_v: jax.Array,
               valid_n: jax.Array | None = None) -> jax.Array:
   """IDF-aware FLOPS for inference-free sparse retrieval.
 
-  In inference-free models (SPLADE-doc, OpenSearch's IDF variant) the query
-  is a bag of its terms weighted by idf, so a document's score is
-  `Σ_{j∈q} u_j` with the effective contribution `u_j = idf_j · w_j(d)`. The
-  regulariser is FLOPS on the *raw* document weights w = u / idf:
-
-      Σ_j (mean_i |u_ij| / idf_j)²  =  flops(w),
-
-  i.e. a per-term penalty ∝ 1/idf_j² on the contributions the ranking loss
-  sees: frequent (low-idf) terms are pruned hardest, rare terms keep their
-  weight. With idf ≡ 1 it is plain FLOPS. Terms with idf ≤ 0 never match a
-  query (the query side applies ReLU to idf), so their raw weight cannot be
-  recovered from u and they add 0.
+  With idf-weighted query bags the ranking loss sees u_j = idf_j w_j(d);
+  this is FLOPS on the raw weights, Σ_j (mean_i |u_ij| / idf_j)², a penalty
+  ∝ 1/idf² that prunes frequent terms hardest. Terms with idf ≤ 0 never
+  match (the query side ReLUs idf) and add 0.
 
   Args:
     weights_nv: [N, V] effective (idf-scaled) document contributions u.
@@ -98,8 +84,8 @@ def idf_flops(weights_nv: jax.Array, idf_v: jax.Array,
 def quadratic_warmup(step: jax.Array | int, total_steps: int) -> jax.Array:
   """Regulariser weight factor `min(1, (step / T)²)` (SPLADE, OpenSearch).
 
-  Multiply λ_q / λ_d by it: sparsity pressure grows slowly while the
-  ranking loss shapes the representation. T ≤ 0 means no warm-up (1.0).
+  Sparsity pressure grows slowly while the ranking loss shapes the
+  representation. T ≤ 0 means no warm-up (1.0).
 
   Args:
     step: current step, int or int/float array (traceable).
@@ -108,7 +94,6 @@ def quadratic_warmup(step: jax.Array | int, total_steps: int) -> jax.Array:
   Returns:
     float32 scalar in [0, 1].
   """
-  # Traceable: the train step passes its step counter as an array.
   step = jnp.maximum(jnp.asarray(step, jnp.float32), 0.0)
   if total_steps <= 0:
     return jnp.ones_like(step)

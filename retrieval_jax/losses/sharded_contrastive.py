@@ -1,17 +1,10 @@
 """`shard_map` form of the contrastive losses: the [B, C] matrix stays sharded.
 
-Each shard along the batch axes holds its B/W queries and their groups of
-passages. It all-gathers the passages (`lax.all_gather` is differentiable:
-its transpose is a reduce-scatter, so passage gradients flow back to the
-shard that owns them), scores its own queries against all C candidates and
-builds its rows' masks from *global* indices (row offset
-`axis_index · B/W`, column offset `axis_index · B/W · G`). Per-row losses are
-summed, the sums and the valid-row counts are `psum`-ed and divided: the
-result and its gradients equal the dense loss of `contrastive.py` on the
-whole batch. There is no "× W" factor (PyTorch ports need one only because
-their gather does not carry gradients).
-
-Peak memory per shard: a [B/W, C] score matrix instead of [B, C].
+Each shard all-gathers the passages (differentiable: the transpose is a
+reduce-scatter, so no PyTorch-style "× W" factor), scores its B/W queries
+against all C candidates with masks from *global* indices, and the per-row
+sums and valid counts are `psum`-ed: loss and gradients equal the dense
+`contrastive.py` loss. Peak memory per shard: [B/W, C] scores, not [B, C].
 """
 
 from collections.abc import Callable, Sequence
@@ -38,12 +31,10 @@ def _symmetric_shard(scores_lc, positive_lc, valid_lc, q_bd, p_cd, rows_l,
   """Local rows of `symmetric_info_nce`; needs every query for the reverse.
 
   The reverse row of local query k scores k's first positive against all B
-  queries, so the (small) [B, D] queries are gathered as well; the masks of
-  that [B, B/W] block come from the same global-index mask builder.
+  queries, so the (small) [B, D] queries are gathered as well.
   """
   fwd_loss, aux = contrastive.info_nce(scores_lc, positive_lc, valid_lc)
-  # Global column of each local row's first positive (columns are global).
-  first_l = contrastive.first_positive(positive_lc, valid_lc)
+  first_l = contrastive.first_positive(positive_lc, valid_lc)  # global cols
   scores_lb = jnp.einsum("ld,bd->lb", p_cd[first_l], q_bd,
                          preferred_element_type=jnp.float32) / temperature
   rows_b = jnp.arange(q_bd.shape[0], dtype=jnp.int32)
@@ -55,8 +46,7 @@ def _symmetric_shard(scores_lc, positive_lc, valid_lc, q_bd, p_cd, rows_l,
   row_valid_b = contrastive.rows_with_positive(counts_b, group_size, doc_c)
   valid_lb = valid_bl.T & row_valid_b[None, :]
   rev_l = contrastive.reverse_rows(scores_lb, valid_lb, rows_l)
-  # Same valid rows and count as the forward term: the local mean pairs up
-  # with "num_valid_rows" like every other aux entry.
+  # Same valid rows as the forward term, so it pairs with "num_valid_rows".
   n = aux["num_valid_rows"]
   rev_loss = (jnp.sum(jnp.where(row_valid_b[rows_l], rev_l, 0.0)) /
               jnp.maximum(n, 1.0))
@@ -81,11 +71,8 @@ def sharded_contrastive_loss(
   """A `contrastive.py` loss on the global batch, computed shard by shard.
 
   Args:
-    loss_fn: a loss of `contrastive.py` (`info_nce`, `joint_lh`,
-      `sum_marg_lh`, `lse_pair`, `symmetric_info_nce`, or a
-      `functools.partial` of one). Any function of the same contract works
-      if its loss is a mean over valid rows and its aux entries (other than
-      "num_valid_rows") are means over valid rows too.
+    loss_fn: a loss of `contrastive.py` (or a `functools.partial` of one);
+      any function whose loss and aux are means over valid rows works.
     q_bd: [B, D] query embeddings, float32 or bfloat16.
     p_cd: [C, D] passage embeddings, C = B·G, query-major groups.
     positive_counts_b: [B] int, positives in each group (first slots).
@@ -103,8 +90,6 @@ def sharded_contrastive_loss(
     (loss, aux), equal to `loss_fn(*contrastive.scores_and_masks(...))` on
     the whole batch; "num_valid_rows" is the global count.
   """
-  # Axes missing from the mesh are skipped so one default serves meshes
-  # with or without an fsdp axis.
   axes = tuple(a for a in axis_names if a in mesh.shape)
   num_shards = math.prod(mesh.shape[a] for a in axes)
   b, c = q_bd.shape[0], p_cd.shape[0]
@@ -119,8 +104,7 @@ def sharded_contrastive_loss(
   rows2 = PartitionSpec(axes, None)
 
   def shard_fn(q_ld, p_md, counts_l, *ids):
-    # Optional id arrays are passed only when present (None has no spec).
-    ids = list(ids)
+    ids = list(ids)  # optional id arrays, only when present
     doc_m = ids.pop(0) if has_doc else None
     rel_lr = ids.pop(0) if has_rel else None
     b_local = q_ld.shape[0]
@@ -129,10 +113,7 @@ def sharded_contrastive_loss(
     shard = lax.axis_index(axes) if axes else 0
     rows_l = shard * b_local + jnp.arange(b_local, dtype=jnp.int32)
 
-    def gather(x):
-      # Tiled: concatenated along the batch axis in shard order, so the
-      # result is the global array. Differentiable (transpose: a
-      # reduce-scatter), which is why no "× W" correction is needed.
+    def gather(x):  # tiled in shard order: the global array
       return lax.all_gather(x, axes, tiled=True) if axes else x
 
     p_cd = gather(p_md)

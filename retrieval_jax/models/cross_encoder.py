@@ -1,24 +1,12 @@
 r"""Cross-encoders: one BERT-family pass over a (query, item) pair -> a score.
 
-Two heads on the same encoder:
-
-* "cls": score = w · h[CLS] + b, the usual re-ranker (rows are
-  [CLS] query [SEP] item [SEP]);
-* "emb": the [EMB]-style head of "Efficient Nearest Neighbor Search for
-  Cross-Encoder Models using Matrix Factorization" (Yadav et al., 2022):
-  marker tokens sit in front of the query and of the item,
-
-    [CLS] [Q] query [SEP] [I] item [SEP],
-
-  and the score is the dot product of the two markers' contextualised
-  states. It has no parameters beyond the encoder's, and its score matrix
-  over queries × items has a lower effective rank than the [CLS] head's,
-  which is what CUR approximation (`search/cur_knn.py`) relies on.
-
-The markers are two of BERT's reserved vocabulary entries ("[unused0]",
-"[unused1]" by default), so checkpoints with the bert-base-uncased
-vocabulary (all-MiniLM-L6-v2) need no new embedding rows; fine-tuning
-teaches the model what they mean.
+Heads: "cls", score = w · h[CLS] + b (the usual re-ranker); "emb", the [EMB]
+head of Yadav et al. 2022 ("Efficient Nearest Neighbor Search for
+Cross-Encoder Models using Matrix Factorization"): rows are
+[CLS] [Q] query [SEP] [I] item [SEP] and the score is the dot product of the
+two markers' states. Its score matrix has a lower effective rank than the
+[CLS] head's, which CUR (`search/cur_knn.py`) relies on. The markers are
+reserved vocabulary entries ("[unused0]", "[unused1]"), so no new rows.
 """
 
 from flax import nnx
@@ -34,12 +22,7 @@ HEADS = ("cls", "emb")
 
 
 class CrossEncoder(nnx.Module):
-  """A pair scorer on a `TransformerEncoder`.
-
-  Build with `CrossEncoder(encoder, head, rngs=nnx.Rngs(0))`; the encoder
-  keeps its (pretrained) weights, the "cls" head starts at BERT's init
-  (normal, std initializer_range) with a zero bias.
-  """
+  """A pair scorer on a `TransformerEncoder`; the "cls" head has BERT's init."""
 
   def __init__(self, encoder: transformer_encoder.TransformerEncoder,
                head: str = "cls", *, rngs: nnx.Rngs):

@@ -1,50 +1,17 @@
 r"""Discrete key-value bottleneck: frozen codebook keys, learned values.
 
-"Discrete Key-Value Bottleneck" (Träuble et al., ICML 2023, arXiv
-2207.11240). On top of a frozen encoder's vector z in R^e:
+Träuble et al., "Discrete Key-Value Bottleneck", ICML 2023 (2207.11240). A
+frozen vector z [B, e] is projected to C heads; each head selects its nearest
+key(s) in a frozen codebook [M, d_k] and fetches the matching learned value
+rows [M, d_v]; a "mean" or "linear" decoder combines the heads. The argmin is
+not differentiated, so a step changes only the value rows its batch fetched
+(what limits forgetting). Keys are set beforehand by EMA k-means
+(`initialize_keys`) and kept in `Frozen` variables that optimizers over
+`nnx.Param` never touch; codebooks shard their head axis on
+`sharding.CODEBOOK`. Details: experiments/kv_memory/README.md.
 
-1. C heads through fixed projections, h_c = z W_c in R^{d_k},
-   W_c in R^{e x d_k} (Gaussian N(0, 1/e), frozen); or contiguous slices
-   of z ("split", e = C d_k); or z itself ("none", C = 1, d_k = e).
-2. Per head a key codebook K_c in R^{M x d_k} and a value codebook
-   V_c in R^{M x d_v}; d_k and d_v are independent.
-3. Selection of the nearest key(s),
-     i_c = argmin_j ||h_c - K_c[j]||^2         (top-1), or
-     I_c = the k nearest j                      (top-k).
-4. Fetch, v_c = V_c[i_c] (top-k: the plain mean of V_c[j], j in I_c).
-5. Decoder: "mean" (non-parametric), out = (1/C) sum_c v_c, so d_v is the
-   output width (logits for classification); or "linear" (parametric),
-   out = [v_1, ..., v_C] A + b with A in R^{C d_v x O}.
-
-The selection is a hard argmin and is not differentiated (no
-straight-through estimator): the task loss reaches only the fetched value
-rows. d out / d V_c[j] is nonzero only for j in I_c, and z, the projections
-and the keys get exactly zero gradient (z and both frozen arrays also pass
-through `jax.lax.stop_gradient`). One training step therefore changes only
-the value rows its batch fetched, which is what limits forgetting in
-class-incremental learning.
-
-Keys are learned before the task, as their own phase, by EMA k-means on
-unlabelled data (`initialize_keys`, built from the plain functions
-`ema_init_state`, `ema_update` and `reinit_dead_keys`); per key j,
-
-  N_j <- g N_j + (1 - g) n_j,   S_j <- g S_j + (1 - g) sum_{h -> j} h,
-  K_j = S_j / N_j,
-
-with n_j the number of rows whose nearest key is j and decay g. Afterwards
-keys and projections live in `Frozen` variables (an `nnx.Variable`
-subclass, never an `nnx.Param`), so `nnx.grad`, `nnx.Optimizer` and the
-`train_state` helpers, which all select `nnx.Param`, never touch them.
-
-Memory: C M (d_k + d_v) codebook entries (plus C e d_k for random
-projections and C d_v O + O for the linear decoder). The codebooks carry
-the logical axis `sharding.CODEBOOK` on their head axis, so a large memory
-splits over the mesh's `model` axis, head by head; selection, fetch and the
-mean over heads are then local to each device up to one reduction.
-
-Shape letters: b batch, e encoder width, c heads (C), m keys per codebook
-(M), d key width (d_k), v value width (d_v), k selected keys per head,
-o outputs.
+Shape letters: b batch, e encoder width, c heads (C), m keys (M), d key width,
+v value width, k selected keys per head, o outputs.
 """
 
 from collections.abc import Iterable
@@ -79,9 +46,8 @@ class Frozen(nnx.Variable):
 def _normal(std: float = 1.0):
   """Initializer N(0, std^2), drawn as one flat vector then reshaped.
 
-  Same law as an N-d draw; XLA's CPU compiler takes far longer on an N-d
-  threefry draw than on a flat one (5 s against 0.4 s for [16, 64, 10]),
-  and that compile is paid per shape in every fresh process.
+  XLA's CPU compile of an N-d threefry draw is far slower than a flat one
+  (5 s against 0.4 s for [16, 64, 10]), paid per shape in every process.
   """
 
   def init(key, shape, dtype):
@@ -110,9 +76,8 @@ def nearest_keys(keys_cmd: jax.Array, h_bcd: jax.Array,
                  top_k: int = 1) -> jax.Array:
   """Indices of the `top_k` nearest keys per head, nearest first.
 
-  ||h - K_j||^2 = ||h||^2 - 2 h.K_j + ||K_j||^2; the first term is the same
-  for every j, so the ranking uses ||K_j||^2 - 2 h.K_j (one matmul, no
-  [B, C, M, d] difference tensor). Ties go to the lower index.
+  Ranks by ||K_j||^2 - 2 h.K_j (one matmul, no [B, C, M, d] difference
+  tensor); ties go to the lower index.
 
   Args:
     keys_cmd: [C, M, d] keys.
@@ -136,9 +101,8 @@ def nearest_keys(keys_cmd: jax.Array, h_bcd: jax.Array,
 def gather_values(values_cmv: jax.Array, idx_bck: jax.Array) -> jax.Array:
   """Per-head rows V_c[idx[b, c, k]]: [C, M, v] x [B, C, k] -> [B, C, k, v].
 
-  A gather batched over the head axis (vmap), so with heads sharded each
-  device gathers from its own codebooks; its gradient is a scatter-add
-  into exactly the fetched rows.
+  Batched over heads (vmap), so sharded heads gather locally; the gradient
+  is a scatter-add into exactly the fetched rows.
   """
   return jax.vmap(lambda v_mv, i_bk: v_mv[i_bk], in_axes=(0, 1),
                   out_axes=1)(values_cmv, idx_bck)
@@ -147,9 +111,7 @@ def gather_values(values_cmv: jax.Array, idx_bck: jax.Array) -> jax.Array:
 class KeyValueMemory(nnx.Module):
   """Discrete key-value bottleneck over frozen vectors z [B, e].
 
-  Build with `KeyValueMemory(e, C, M, d_k, d_v, rngs=nnx.Rngs(0))`, set the
-  keys with `initialize_keys`, then train the values (and the linear
-  decoder) with any optimizer over `nnx.Param`.
+  Set the keys with `initialize_keys`, then train the `nnx.Param`s.
 
   Attributes:
     projection_ced: Frozen [C, e, d_k] Gaussian N(0, 1/e) projections
@@ -215,8 +177,7 @@ class KeyValueMemory(nnx.Module):
     if projection != "random":
       self.projection_ced = None
     else:
-      # std 1/sqrt(e): each coordinate of h has the mean square of z's
-      # coordinates, so keys live on the scale of the data.
+      # std 1/sqrt(e) keeps h on the scale of z's coordinates.
       self.projection_ced = Frozen(
           _normal(1 / np.sqrt(input_dim))(
               rngs.params(), (num_heads, input_dim, key_dim), dtype),
@@ -265,9 +226,6 @@ class KeyValueMemory(nnx.Module):
             + self.bias_o[...])
 
 
-# Key initialisation (EMA k-means) runs as its own phase, on the keys array.
-
-
 @jax.jit
 def ema_init_state(keys_cmd: jax.Array, initial_count: Any = 1.0
                    ) -> tuple[jax.Array, jax.Array]:
@@ -298,11 +256,9 @@ def ema_update(keys_cmd: jax.Array, counts_cm: jax.Array,
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One EMA k-means step on a batch of projected rows.
 
-  Each row goes to its nearest key per head; then N_j <- g N_j + (1-g) n_j,
-  S_j <- g S_j + (1-g) sum_{h -> j} h and K_j = S_j / N_j for the keys
-  that got rows. A key without rows keeps its value bit for bit (S_j / N_j
-  is only its old value up to rounding), while its count keeps decaying,
-  which is what `reinit_dead_keys` reads.
+  N_j <- g N_j + (1-g) n_j, S_j <- g S_j + (1-g) sum_{h -> j} h, and
+  K_j = S_j / N_j for keys that got rows. A key without rows keeps its value
+  bit for bit while its count decays (what `reinit_dead_keys` reads).
 
   Args:
     keys_cmd: [C, M, d] keys.
@@ -339,10 +295,8 @@ def reinit_dead_keys(keys_cmd: jax.Array, counts_cm: jax.Array,
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Replaces keys with EMA count below `threshold` by random data rows.
 
-  For head c, each dead key gets row h[n, c] with n uniform over the N rows
-  (independently per key, drawn from `seed` and `stream`); its statistics
-  restart at N = reset_count, S = reset_count * key. Live keys are
-  untouched.
+  Each dead key of head c gets row h[n, c], n uniform per key (from `seed`
+  and `stream`); its statistics restart at N = reset_count, S = N * key.
 
   Args:
     keys_cmd, counts_cm, sums_cmd: [C, M, d], [C, M], [C, M, d] EMA state.
@@ -378,12 +332,9 @@ def initialize_keys(model: KeyValueMemory,
                     dead_threshold: float | None = None) -> jax.Array:
   """Sets `model.keys_cmd` by EMA k-means on unlabelled data, in place.
 
-  Starting keys are random projected data rows of the first batch, drawn
-  per head (without replacement when the batch has >= M rows). Then
-  `steps` EMA updates run, each on the whole array (full-batch) or on the
-  next batch of an iterable; with `dead_threshold`, keys whose count falls
-  below it are re-drawn from the current batch after every update. The
-  result is written into the Frozen keys; training never changes it.
+  Starting keys are random projected rows of the first batch, per head.
+  Then `steps` EMA updates run on the whole array or on successive batches;
+  with `dead_threshold`, dead keys are re-drawn after every update.
 
   Args:
     model: the memory (its projections are already fixed).
@@ -410,8 +361,7 @@ def initialize_keys(model: KeyValueMemory,
   project = jax.jit(lambda s, z: nnx.merge(graphdef, s).project(z))
   h_bcd = project(state, jnp.asarray(first))
   rows, num_keys = h_bcd.shape[0], model.num_keys
-  # Starting rows from numpy's generator (no PRNG kernels to compile);
-  # re-drawn rows after update t come from stream t of `seed`.
+  # numpy draws the starting rows: no PRNG kernels to compile.
   rng = np.random.default_rng(seed)
   if rows >= num_keys:
     rows_cm = np.stack([rng.permutation(rows)[:num_keys]
@@ -423,7 +373,6 @@ def initialize_keys(model: KeyValueMemory,
       model.keys_cmd[...].dtype)
   counts_cm, sums_cmd = ema_init_state(keys_cmd, initial_count)
   for step in range(steps):
-    # A full array is projected once; an iterable's batches one by one.
     if step > 0 and not full_batch:
       batch = next(batches, None)
       if batch is None:
@@ -443,9 +392,7 @@ def state_shardings(model: nnx.Module, mesh: Mesh,
                     rules=None) -> nnx.State:
   """NamedSharding per variable of `nnx.state(model)` (Frozen included).
 
-  Each variable's logical axes (`out_sharding` metadata) map through
-  `rules`; variables without them are replicated. Place a split model with
-  `jax.device_put(state, state_shardings(model, mesh))`.
+  Logical axes map through `rules`; variables without them are replicated.
   """
   return jax.tree.map(
       lambda v: sharding.named_sharding(

@@ -1,39 +1,16 @@
 """M2-BERT: the Monarch Mixer encoder for long-context retrieval.
 
-Attention is replaced by a sequence mixer built from gated long
-convolutions (FFT, O(L log L)) and the feed-forward block by a block-diagonal
-("Monarch") GLU, so the cost grows almost linearly with the length and one
-encoder reads up to 32k tokens:
+Fu et al., "Monarch Mixer" (NeurIPS 2023). Attention becomes gated long
+convolutions (FFT, O(L log L), Hyena filters from `layers/long_conv`) and the
+MLP a block-diagonal GLU, so one encoder reads up to 32k tokens. Per layer:
+  p = ShortCausalConv(u W_in); x1, x2, v = split(p)
+  m = (BiLongConv(v x1) * x2 + BiLongConv(u)) W_out    (no residual, no norm)
+  h = LayerNorm(m + W_o GELU(a) * b),  [a | b] = W_g m
 
-  h = LayerNorm(word[ids] + position[0..L) + token_type[types]); dropout
-  per layer:
-    m = SequenceMixer(h)                       (no residual, no norm)
-    h = LayerNorm(m + W_o dropout(GELU(a) * b) + b_o),  [a | b] = W_g m
-
-SequenceMixer(u), channels c = 3D after the input projection:
-  p = ShortCausalConv_3(u W_in + b_in)          [B, 3D, L]
-  x1, x2, v = split(p)
-  y = (BiLongConv(v * x1; k, k_rev) + D v*x1) * x2
-  y += BiLongConv(u; k', k'_rev) + D' u          (residual long conv)
-  out = y W_out + b_out
-
-The long-convolution filters are implicit (Hyena): a sine MLP over
-positional features, decayed exponentially with the position
-(`layers/long_conv.HyenaFilter`), generated for `max_position_embeddings`
-positions and cut to the input length.
-
-Padding. The reference computation masks nothing: pad tokens flow through
-the convolutions, so an embedding depends on how far its text was padded
-(the reference pads every text to the maximum length to stay consistent).
-`mask_padding=True` (the default here) zeroes padded positions before each
-long convolution. With right padding that makes every real position's
-output independent of the pad length: the short convolution is causal, the
-forward filter only looks back, and the reverse filter and the residual
-convolution then see zeros past the text. This matters because the encode
-path buckets texts by length (a text's pad length depends on its batch
-neighbours) and because an unmasked 2k text padded to 32k is a different
-input. Use `mask_padding=False` with every text padded to the maximum
-length to reproduce the reference's numbers.
+The reference masks nothing, so an embedding depends on its pad length.
+`mask_padding=True` (default) zeroes padding before each long convolution,
+making right-padded outputs independent of pad length, as the length-bucketed
+encode path needs; `False` with max-length padding reproduces the reference.
 
 Shape letters: b batch, l position, d width D, c 3D mixer channels, i GLU
 width, v vocabulary.
@@ -123,8 +100,7 @@ class SequenceMixer(nnx.Module):
     c, k = 3 * d, config.short_conv_size
     normal = nnx.initializers.normal(config.initializer_range)
     zeros = nnx.initializers.zeros
-    # PyTorch's Conv1d default: U(+-1/sqrt(fan_in)), fan_in = k taps.
-    torch_init = core.uniform(1.0 / k ** 0.5)
+    torch_init = core.uniform(1.0 / k ** 0.5)  # PyTorch Conv1d default
     self.dtype = config.dtype
     self.mask_padding = config.mask_padding
     self.residual_long_conv = config.residual_long_conv
@@ -135,10 +111,8 @@ class SequenceMixer(nnx.Module):
                                     (sharding.MLP, None))
     self.short_conv_bias_c = core.param(torch_init, rngs, (c,), pd,
                                         (sharding.MLP,))
-    # The filter MLPs' Linear layers get the BERT init (normal, std
-    # initializer_range, zero bias) like every Linear of the reference model:
-    # the filters start near zero, so a fresh layer is close to a per-token
-    # map (D * v) and long-range mixing is learned, not imposed at random.
+    # BERT init for the filter MLPs, as in the reference: filters start near
+    # zero, so long-range mixing is learned, not imposed at random.
     filter_args = dict(emb_dim=config.filter_emb_dim,
                        order=config.filter_order, w=config.filter_w,
                        bidirectional=config.bidirectional, param_dtype=pd,
@@ -165,7 +139,6 @@ class SequenceMixer(nnx.Module):
         self.short_conv_bias_c[...].astype(dt))
     x1_bdl, x2_bdl, v_bdl = jnp.split(p_bcl, 3, axis=1)
     v_bdl = v_bdl * x1_bdl
-    # 1 at real tokens, 0 at padding (any nonzero mask value is a token).
     keep_b1l = (None if mask_bl is None else
                 (mask_bl[:, None, :] != 0).astype(dt))
     if keep_b1l is not None:
@@ -174,8 +147,7 @@ class SequenceMixer(nnx.Module):
     k_fwd_dl, k_rev_dl, d_d = self.filter(length)
     y_bdl = long_conv.bidirectional_conv(v_bdl, k_fwd_dl, k_rev_dl, d_d)
     y_bdl = y_bdl * x2_bdl
-    if self.residual_long_conv:
-      # The only path around the gates: a long conv of the layer input.
+    if self.residual_long_conv:  # the only path around the gates
       u_bdl = jnp.swapaxes(u_bld, 1, 2)
       if keep_b1l is not None:
         u_bdl = u_bdl * keep_b1l
@@ -224,19 +196,13 @@ class M2Layer(nnx.Module):
 
   def __call__(self, x_bld: jax.Array, mask_bl: jax.Array | None, *,
                deterministic: bool, rng: jax.Array | None) -> jax.Array:
-    """[B, L, D] states -> [B, L, D] states."""
-    # The mixer output feeds the GLU directly; the GLU's post-LN residual
-    # is the only skip connection around it.
+    """[B, L, D] states -> [B, L, D] states (the GLU's residual is the skip)."""
     return self.mlp(self.mixer(x_bld, mask_bl), deterministic=deterministic,
                     rng=rng)
 
 
 class M2Encoder(nnx.Module):
-  """M2-BERT: token ids -> token states, plus its pooler.
-
-  Same call signature as `TransformerEncoder`, so the encode and train
-  steps run either; `pool` adds the pooler kinds (see POOLING_KINDS).
-  """
+  """M2-BERT: token ids -> token states; `TransformerEncoder`'s signature."""
 
   def __init__(self, config: M2Config, *, rngs: nnx.Rngs):
     self.config = config
@@ -332,9 +298,8 @@ def config_from_block(block, *, dtype: Any = jnp.float32) -> M2Config:
 def copy_embeddings(model: M2Encoder, source) -> int:
   """Copies word/type embeddings and their LayerNorm from a BERT encoder.
 
-  The word table is copied row by row up to the smaller vocabulary (M2's
-  is padded to a multiple of 8), so both must share the tokenizer. Position
-  embeddings are left as they are: the source's cover 512 positions only.
+  Word rows up to the smaller vocabulary (both must share the tokenizer);
+  positions are not copied (the source covers only 512).
 
   Args:
     model: the M2 encoder (modified in place).

@@ -1,28 +1,13 @@
 r"""SPLADE: sparse lexical term weights from a BERT masked-language-model head.
 
-For a text of L tokens with attention mask a and MLM logits h ∈ [L, |V|]
-("SPLADE v2", Formal et al. 2021, arXiv 2109.10086; "SPLADE++", arXiv
-2205.04733), the weight of vocabulary term j is
-
-  w_j = max_{i: a_i=1} log(1 + ReLU(h_ij))     ("max", SPLADE v2 / ++)
-  w_j = Σ_{i: a_i=1}   log(1 + ReLU(h_ij))     ("sum", SPLADE v1)
-
-and a query-document score is the sparse dot product Σ_j w_j(q)·w_j(d)
-(`q_bv @ d_nv.T` on dense rows). Sparsity comes from training with the
-FLOPS / L1 regularisers of `retrieval_jax/losses/regularizers.py`.
-
-The MLM head is BERT's: dense D->D, the encoder's activation, LayerNorm,
-then a decoder whose weight is the encoder's word-embedding table (tied)
-plus a per-term bias. `Splade` passes the encoder's one table to the head
-at call time instead of storing a second reference to it, so the state
-holds a single [V, D] parameter and its gradient sums the embedding and
-the decoder paths (and the module stays free of shared references).
-
-Inference-free (document-only) retrieval encodes only documents; a query
-is a bag of its tokens weighted by a (possibly learned) IDF
-(`inference_free_query`, `idf_from_corpus`): "SPLADE-doc" with IDF ≡ 1,
-and "Towards Competitive Search Relevance For Inference-Free Learned Sparse
-Retrievers" (Geng, Ru, Yang 2024; arXiv 2411.04403) with a corpus IDF.
+w_j = max_i log(1 + ReLU(h_ij)) over real tokens ("max", SPLADE v2/++, arXiv
+2109.10086, 2205.04733) or the sum ("sum", v1); score = Σ_j w_j(q) w_j(d).
+Sparsity comes from the FLOPS / L1 regularisers in `losses/regularizers.py`.
+The MLM decoder is tied to the encoder's word table, passed in at call time:
+one [V, D] parameter, no shared module references. Inference-free retrieval
+(`inference_free_query`, `idf_from_corpus`) encodes only documents; a query
+is its token bag weighted by IDF (SPLADE-doc: IDF ≡ 1; Geng et al. 2024,
+arXiv 2411.04403: corpus IDF).
 
 Shape letters: b batch, l token position, d model width, v vocabulary,
 q queries.
@@ -43,9 +28,7 @@ from retrieval_jax.models import transformer_encoder
 AGGREGATIONS = ("max", "sum")
 TRANSFORM_INITS = ("identity", "normal")
 
-# Hugging Face BertForMaskedLM names of the MLM head ("gamma"/"beta" in
-# TF-ported checkpoints are accepted too). The decoder weight, when stored,
-# is a copy of the word embeddings (tied), so it is not read.
+# HF BertForMaskedLM names of the MLM head; the tied decoder weight is unread.
 _HEAD_PREFIX = "cls.predictions."
 _HEAD_DENSE = "cls.predictions.transform.dense."
 _HEAD_NORM = "cls.predictions.transform.LayerNorm."
@@ -67,13 +50,9 @@ def splade_pool(logits_blv: jax.Array, mask_bl: jax.Array,
   if aggregation not in AGGREGATIONS:
     raise ValueError(
         f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
-  # float32 before the nonlinearity: bf16 logits would quantise log1p's
-  # small values, and the sum over L accumulates many of them.
+  # float32 first: bf16 would quantise log1p's small values.
   w_blv = jnp.log1p(jax.nn.relu(logits_blv.astype(jnp.float32)))
-  # Masking by multiplication is exact for both aggregations because
-  # log(1 + ReLU(x)) >= 0: a zeroed padding position can never win the max
-  # over positions whose weights are >= 0, and adds nothing to the sum. (For
-  # signed values the max would need a -inf fill instead.)
+  # Multiplicative masking is exact for max and sum since weights are >= 0.
   w_blv = w_blv * mask_bl.astype(jnp.float32)[:, :, None]
   if aggregation == "max":
     return jnp.max(w_blv, axis=1)
@@ -83,25 +62,14 @@ def splade_pool(logits_blv: jax.Array, mask_bl: jax.Array,
 class MlmHead(nnx.Module):
   """BERT's MLM prediction head with a decoder tied to the word embeddings.
 
-  logits = LayerNorm(act(h W + b)) E^T + bias_v, where E [V, D] is the
-  encoder's word-embedding table, passed to `__call__` (not stored here).
+  logits = LayerNorm(act(h W + b)) E^T + bias_v, E [V, D] the word table.
 
-  all-MiniLM-L6-v2 and most sentence-embedding checkpoints ship without MLM
-  head weights. `transform_init="identity"` (W = I, b = 0, LayerNorm scale
-  1 and offset 0, default bias_v = 0) makes the untrained head a sensible
-  reading of the encoder: at step 0 the logits are LayerNorm(act(h)) · E^T,
-  i.e. each term's score is the similarity of the (renormalised) contextual
-  state to that term's pretrained input embedding, the same geometry a
-  trained tied decoder uses. A random ("normal", BERT's init) transform
-  would instead project the states onto a random basis, giving logits
-  unrelated to the tokens until trained. Use `load_mlm_head` when a
-  checkpoint has the head.
-
-  That untrained head ranks sensibly but is dense: on all-MiniLM-L6-v2 the
-  median term's max logit over a sentence is ~1.5, so ~28-30k of the 30,522
-  weights are non-zero. `bias_init` < 0 shifts every logit down at the
-  start (-5 leaves ~40-80 active terms per sentence there) so training can
-  begin sparse instead of relying on the FLOPS penalty alone.
+  Sentence-embedding checkpoints ship no MLM head: `transform_init=
+  "identity"` then scores each term by the similarity of the state to its
+  input embedding (a random transform gives unrelated logits until trained).
+  That head is dense on all-MiniLM-L6-v2 (~28-30k of 30,522 weights > 0);
+  `bias_init=-5` leaves ~40-80 active terms per sentence, so training can
+  start sparse.
   """
 
   def __init__(self, config: transformer_encoder.EncoderConfig,
@@ -117,8 +85,7 @@ class MlmHead(nnx.Module):
       dense_init = nnx.initializers.normal(config.initializer_range)
     self.dtype = config.dtype
     self.hidden_act = config.hidden_act
-    # Input axis sharded like the other width-by-width matrices; the output
-    # axis replicated (one mesh axis cannot shard both dimensions).
+    # One mesh axis cannot shard both dimensions: the output is replicated.
     self.transform_dd = core.param(dense_init, rngs, (d, d), pd,
                                    (sharding.EMBED, None))
     self.transform_bias_d = core.param(nnx.initializers.zeros, rngs, (d,),
@@ -149,11 +116,8 @@ class MlmHead(nnx.Module):
 def load_mlm_head(head: MlmHead, state_dict: Mapping[str, Any]) -> bool:
   """Copies a Hugging Face BERT MLM head's weights into `head`.
 
-  Reads `cls.predictions.transform.dense.{weight,bias}` (torch Linear
-  layout [out, in], transposed here), `cls.predictions.transform.LayerNorm.
-  {weight,bias}` (or `{gamma,beta}`) and `cls.predictions.bias` (or
-  `cls.predictions.decoder.bias`). The decoder weight, if present, is the
-  tied word-embedding table and is left to the encoder import.
+  Reads `cls.predictions.transform.{dense,LayerNorm}.*` (torch [out, in],
+  transposed) and `cls.predictions.bias`; the tied decoder weight is not read.
 
   Args:
     head: the head to fill in place.
@@ -189,8 +153,7 @@ def load_mlm_head(head: MlmHead, state_dict: Mapping[str, Any]) -> bool:
       "bias_d": head.norm.bias_d,
       "bias_v": head.bias_v,
   }
-  # Check every shape before writing anything: no half-loaded head.
-  for name, value in values.items():
+  for name, value in values.items():  # all shapes first: no half-loaded head
     if value.shape != targets[name].shape:
       raise ValueError(f"MLM head weight {name} has shape {value.shape}, "
                        f"expected {targets[name].shape}")
@@ -203,23 +166,11 @@ def load_mlm_head(head: MlmHead, state_dict: Mapping[str, Any]) -> bool:
 class Splade(nnx.Module):
   """SPLADE encoder: TransformerEncoder + tied MLM head + pooling.
 
-  Build with `Splade(encoder, rngs=nnx.Rngs(0))`; the encoder keeps its
-  (pretrained) weights and the head starts as `MlmHead(config,
-  transform_init, bias_init)` describes. `__call__` returns dense [B, V]
-  rows; they are sparse only in value (exact zeros wherever every logit is
-  <= 0).
-
-  Memory: the MLM logits are [B, L, V] in the compute dtype, B·L·V·4 bytes
-  in float32 (batch 32 × length 256 × 30,522 terms ≈ 1.0 GB), far more than
-  the encoder's activations. The pooling runs inside the module so that, in
-  a jitted inference step, XLA fuses the bias, ReLU, log1p, masking and the
-  max into the reduction over L: at most the decoder matmul's [B, L, V]
-  output is materialised (on CPU XLA fuses even that; a 1-layer model at
-  B=8, L=64 needs <1 MiB of temporaries for a 60 MiB logit tensor). The
-  backward pass needs the logits and the max's argmax selection: the same
-  CPU measurement gives ~4 [B, L, V] float32 buffers of temporaries for a
-  gradient step, so shrink the batch or length (or rematerialise the head)
-  when they do not fit.
+  Returns dense [B, V] rows, sparse only in value. The [B, L, V] logits
+  (32 x 256 x 30,522 float32 ≈ 1.0 GB) dominate memory; pooling inside the
+  module lets XLA fuse it into the reduction over L (on CPU, B=8, L=64 needs
+  <1 MiB of temporaries for 60 MiB of logits), while a gradient step holds
+  ~4 [B, L, V] float32 buffers.
 
   Attributes:
     encoder: the TransformerEncoder.
@@ -254,7 +205,6 @@ class Splade(nnx.Module):
     """[B, L] ids, mask, types -> [B, L, V] MLM logits (compute dtype)."""
     h_bld = self.encoder(input_ids_bl, attention_mask_bl, token_type_ids_bl,
                          deterministic=deterministic, dropout_rng=dropout_rng)
-    # The decoder reads the encoder's own Param: one table, two uses.
     return self.head(h_bld, self.encoder.embeddings.word_vd[...])
 
   def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
@@ -289,11 +239,8 @@ def inference_free_query(ids_list: Iterable[Sequence[int]], *,
                          special_ids: Sequence[int] = ()) -> np.ndarray:
   """Query vectors of inference-free (document-only) sparse retrieval.
 
-  q_j = 1[j ∈ tokens(q)] · ReLU(idf_j): a binary bag of the query's tokens
-  (a repeated token counts once; `special_ids` are zeroed) weighted by the
-  IDF, so score(q, d) = Σ_{j ∈ q} ReLU(idf_j)·w_j(d). With `idf_v=None`
-  (IDF ≡ 1) this is SPLADE-doc's binary bag. ReLU keeps a learned IDF that
-  went negative from turning a match into a penalty.
+  q_j = 1[j ∈ tokens(q)] · ReLU(idf_j) (IDF ≡ 1 when `idf_v` is None); ReLU
+  keeps a learned IDF gone negative from turning a match into a penalty.
 
   Args:
     ids_list: Q token-id sequences (with or without [CLS]/[SEP]).
@@ -334,12 +281,8 @@ def idf_from_corpus(token_id_lists: Iterable[Sequence[int]],
                     vocab_size: int) -> np.ndarray:
   """BM25 (Lucene) IDF of every vocabulary term over a tokenised corpus.
 
-  idf_j = log(1 + (N − df_j + 0.5) / (df_j + 0.5)), with N documents and
-  df_j the number of documents containing term j at least once. It is
-  positive for every df ≤ N (unlike Robertson–Spärck Jones' log((N − df +
-  0.5)/(df + 0.5)), negative for df > N/2). A term no document contains gets
-  the largest value, log(1 + (N + 0.5)/0.5); it cannot match any document,
-  so that value never affects a score.
+  idf_j = log(1 + (N − df_j + 0.5) / (df_j + 0.5)): positive for every
+  df ≤ N, unlike Robertson–Spärck Jones' IDF.
 
   Args:
     token_id_lists: N token-id sequences, one per document.
@@ -360,6 +303,5 @@ def idf_from_corpus(token_id_lists: Iterable[Sequence[int]],
                        f"[0, {vocab_size})")
     df_v[row] += 1
     n += 1
-  # float64 so that large N and df = N - 1 keep their small differences.
-  idf_v = np.log1p((n - df_v + 0.5) / (df_v + 0.5))
+  idf_v = np.log1p((n - df_v + 0.5) / (df_v + 0.5))  # float64 for large N
   return idf_v.astype(np.float32)

@@ -1,34 +1,18 @@
 """BERT-family transformer encoder (post-LayerNorm), as a Flax NNX module.
 
-The architecture is the one of Hugging Face `BertModel` without the pooler:
+Hugging Face `BertModel` without the pooler, so BERT / MiniLM checkpoints
+load unchanged (`pretrained.py` maps the names). `TransformerEncoder` inits
+at random (BERT's init); `build_with_params` wraps given weights without
+running the initialisers.
 
-  h = LayerNorm(word[ids] + position[0..L) + token_type[types]); dropout
-  per layer:
-    h = LayerNorm(h + dropout(SelfAttention(h, mask)))
-    h = LayerNorm(h + dropout(W_o act(W_i h)))
+Parameters live in `param_dtype` and are cast to the compute `dtype` at use;
+LayerNorm statistics, the mask and the softmax are float32 whatever `dtype`
+(where bf16 loses most). For bit parity with float32 references on
+accelerators run under `jax.default_matmul_precision("float32")`.
 
-so checkpoints of that family (BERT, MiniLM, all-MiniLM-L6-v2, ...) load
-into it unchanged (see `retrieval_jax/pretrained.py` for the name mapping).
-
-Shape letters used in names and einsum strings:
-  b batch, l token position, q / k query / key position inside attention,
-  d model width, n attention heads, h per-head width, f feed-forward width,
-  v vocabulary, p position-table rows, t token types.
-
-Numerics: parameters live in `param_dtype` and are cast to the compute
-`dtype` where they are used. LayerNorm statistics, the attention softmax
-and the attention mask are float32 whatever `dtype` is, because those are
-where bf16 loses the most. For bit-level parity with float32 references on
-accelerators, run under `jax.default_matmul_precision("float32")`.
-
-Every parameter carries its logical axis names (from `retrieval_jax.sharding`)
-as `out_sharding` metadata. Eager sharding is off: the names are read by the
-sharding rules when the state's shardings are derived from
-`jax.eval_shape(init)`, and nothing is placed on devices at construction.
-
-`TransformerEncoder(config, rngs=...)` initialises at random (BERT's init);
-`build_with_params(config, params)` builds one around given weights without
-running the initialisers (checkpoint import, tests).
+Shape letters: b batch, l position, q / k attention query / key position,
+d width, n heads, h head width, f feed-forward width, v vocabulary,
+p position rows, t token types.
 """
 
 from collections.abc import Mapping
@@ -44,9 +28,8 @@ import jax.numpy as jnp
 from retrieval_jax import sharding
 from retrieval_jax.layers import core
 
-# Added to the attention logits of padding keys. Finite so that a row whose
-# keys are all padding still gives a (uniform) softmax and no NaN; large
-# enough that exp() of it underflows to exactly 0 in float32.
+# Padding-key logit bias: finite so an all-padding row gives no NaN, large
+# enough that exp() underflows to exactly 0 in float32.
 _MASK_BIAS = -0.5 * float(jnp.finfo(jnp.float32).max)
 
 # Feed-forward activations by their Hugging Face `hidden_act` names. BERT's
@@ -64,11 +47,7 @@ ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-  """Hyperparameters of a BERT-style encoder.
-
-  Field names are the project's; `from_hf_config` maps a Hugging Face
-  `config.json` onto them.
-  """
+  """Hyperparameters of a BERT-style encoder (`from_hf_config` maps HF's)."""
 
   vocab_size: int = 30522  # rows of the word-embedding table
   hidden_size: int = 768  # model width D
@@ -172,8 +151,7 @@ class Embeddings(nnx.Module):
     if length > max_length:
       raise ValueError(f"input length {length} exceeds "
                        f"max_position_embeddings {max_length}")
-    # Sum in the parameter dtype (float32 for imported checkpoints) before
-    # the LayerNorm, as the reference does, then drop to the compute dtype.
+    # Sum in the parameter dtype before the LayerNorm, as the reference does.
     x_bld = (jnp.take(self.word_vd[...], input_ids_bl, axis=0)
              + self.position_pd[:length][None, :, :]
              + jnp.take(self.type_td[...], token_type_ids_bl, axis=0))
@@ -216,8 +194,7 @@ class SelfAttention(nnx.Module):
     # Scale the queries rather than the [B, N, L, L] logits: fewer multiplies.
     q_blnh = q_blnh * jnp.asarray(1.0 / math.sqrt(q_blnh.shape[-1]), dt)
     logits_bnqk = jnp.einsum("bqnh,bknh->bnqk", q_blnh, k_blnh)
-    # Additive mask and softmax in float32: bf16 logits near the mask bias
-    # would otherwise round, and the normaliser needs the extra bits.
+    # Mask and softmax in float32: the normaliser needs the extra bits.
     bias_bk = jnp.where(mask_bl.astype(bool), 0.0, _MASK_BIAS)
     logits_bnqk = (logits_bnqk.astype(jnp.float32)
                    + bias_bk[:, None, None, :].astype(jnp.float32))
@@ -277,12 +254,7 @@ class EncoderLayer(nnx.Module):
 
 
 class TransformerEncoder(nnx.Module):
-  """BERT-style encoder: token ids -> contextual token states.
-
-  Build with `TransformerEncoder(config, rngs=nnx.Rngs(params=0,
-  dropout=1))`; the `dropout` stream is optional (it falls back to
-  `default`) and is only used when `__call__` gets no `dropout_rng`.
-  """
+  """BERT-style encoder: token ids -> contextual token states."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -301,15 +273,11 @@ class TransformerEncoder(nnx.Module):
 
     Args:
       input_ids_bl: [B, L] int token ids, L <= max_position_embeddings.
-      attention_mask_bl: [B, L] bool/int, nonzero for real tokens. Padding
-        positions are never attended to, so their ids do not affect the
-        states of real tokens (their own states are computed but
-        meaningless).
+      attention_mask_bl: [B, L] bool/int, nonzero for real tokens (padding
+        is never attended to; its own states are meaningless).
       token_type_ids_bl: [B, L] int segment ids; all zeros when None.
       deterministic: False turns dropout on (training).
-      dropout_rng: optional PRNG key for dropout. When None and
-        deterministic is False, each dropout layer draws from its own NNX
-        stream (stateful: the caller must carry the updated RNG state).
+      dropout_rng: PRNG key for dropout; None draws from the NNX streams.
 
     Returns:
       [B, L, D] token states in `config.dtype`.
@@ -334,10 +302,9 @@ def build_with_params(
 ) -> TransformerEncoder:
   """Builds an encoder that holds the given weights.
 
-  The structure comes from `nnx.eval_shape`, so the random initialisers
-  never run; on CPU, compiling them costs far more than the forward pass of
-  a small model. Only the dropout RNG state is computed, under jit, where
-  XLA drops the unused weight draws.
+  The structure comes from `nnx.eval_shape`: on CPU, compiling the random
+  initialisers costs far more than a small model's forward pass. Only the
+  dropout RNG state is computed, under jit (XLA drops the weight draws).
 
   Args:
     config: hyperparameters; weights are cast to `config.param_dtype`.

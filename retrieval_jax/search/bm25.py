@@ -1,16 +1,10 @@
 """Lucene BM25 as a retriever: index a corpus, score and rank queries.
 
-BM25 runs through bm25s with the settings of the shared data's baselines
-(`SETTINGS`: method "lucene", k1 0.9, b 0.4, bm25s' regex tokenizer,
-lower-casing, bm25s' English stop list "en", PyStemmer's "porter" stemmer),
-which reproduce DATA.md's BM25 rows (SciFact test nDCG@10 0.671).
-
-`Bm25Index` is the one place BM25 is computed: the evaluation mode's "bm25"
-retriever, the re-ranking first stage, hybrid fusion, hard-negative mining
-and cross-encoder distillation targets all call it. Ranking is done here,
-not by bm25s' own top-k, so ties are broken by the smaller corpus index and
-the result is a pure function of the inputs. Documents that share no term
-with a query score 0 and are never returned: BM25 has no opinion on them.
+bm25s with `SETTINGS` reproduces DATA.md's BM25 rows (SciFact test nDCG@10
+0.671). `Bm25Index` is the one place BM25 is computed (the "bm25" retriever,
+first stages, fusion, negative mining, distillation targets). Ranking is done
+here, not by bm25s, so ties go to the smaller corpus index; documents sharing
+no term with a query score 0 and are never returned.
 """
 
 from collections.abc import Sequence
@@ -47,9 +41,8 @@ def top_indices(scores_n: np.ndarray, k: int) -> np.ndarray:
   """
   n = scores_n.shape[0]
   if k < n:
-    # argpartition finds the k-th best score in O(N); every row tied with
-    # it is kept, so the stable sort below, not argpartition's arbitrary
-    # choice among ties, decides which of them make the cut.
+    # Keep every row tied with the k-th score: the stable sort, not
+    # argpartition's arbitrary choice, decides among ties.
     kth = scores_n[np.argpartition(-scores_n, k - 1)[k - 1]]
     candidates = np.flatnonzero(scores_n >= kth)
   else:
@@ -97,9 +90,7 @@ class Bm25Index:
   def _tokenize(self, texts: Sequence[str], return_ids: bool):
     import bm25s  # pylint: disable=g-import-not-at-top
     import Stemmer  # pylint: disable=g-import-not-at-top
-    s = self.settings
-    # Queries and documents must go through the same analyzer, or their
-    # stems would not match.
+    s = self.settings  # one analyzer for queries and documents
     return bm25s.tokenize(
         list(texts), return_ids=return_ids, lower=s["lower"],
         token_pattern=s["token_pattern"], stopwords=s["stopwords"],
@@ -112,8 +103,7 @@ class Bm25Index:
       list [Q] of float32 [N] arrays; None for a query none of whose terms
       occurs in the corpus (every document would score 0).
     """
-    # As strings: the corpus vocabulary maps them to ids, dropping query
-    # terms that no document contains.
+    # Strings: the corpus vocabulary drops terms no document contains.
     out = []
     for tokens in self._tokenize(query_texts, return_ids=False):
       token_ids = self.retriever.get_tokens_ids(tokens)

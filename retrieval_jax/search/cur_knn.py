@@ -1,39 +1,15 @@
 r"""k-NN search for black-box (cross-encoder) scorers by CUR decomposition.
 
-"Efficient Nearest Neighbor Search for Cross-Encoder Models using Matrix
-Factorization" (Yadav et al., EMNLP 2022; annCUR) and its adaptive
-follow-up "Efficient k-NN Search with Cross-Encoders using Adaptive
-Multi-Round CUR Decomposition" (Yadav et al., Findings of EMNLP 2023;
-ADACUR).
+annCUR (Yadav et al., EMNLP 2022) and ADACUR (Yadav et al., Findings of EMNLP
+2023). A scorer is `score(query_ids [b], item_ids [b, c]) -> [b, c]`; each
+pair it scores is one "CE call". Offline (`build_index`): R = score(anchor
+queries, all items) [k_q, N], E = pinv(R[:, A]) R [k_i, N]. Online
+(`cur_search`): c = score(q, A), ŝ = c E, re-rank the top k_r exactly, so a
+query costs k_i + k_r calls; ŝ = s when rank(R[:, A]) = rank(S).
 
-A scorer is any function `score(query_ids [b], item_ids [b, c]) -> [b, c]`
-(a cross-encoder, a late-interaction MaxSim scorer, a lookup in a known
-matrix); every pair it scores is one "CE call", the unit of test-time cost.
-
-Offline (`build_index`), with k_q anchor queries and k_i anchor items A:
-
-  R = score(anchor queries, all items)    [k_q, N]   k_q · N calls, once
-  U = pinv(R[:, A])                        [k_i, k_q]
-  E = U R                                  [k_i, N]   latent item columns
-
-Online (`cur_search`), per test query q:
-
-  c = score(q, A)                          [k_i]      k_i calls
-  ŝ = c E                                  [N]        approximate scores
-  re-rank the top k_r items of ŝ exactly              k_r calls
-
-so a query costs k_i + k_r calls. When rank(R[:, A]) = rank(S) for the full
-score matrix S, every row of S is reproduced exactly (ŝ = s).
-
-Numerics of the pseudo-inverse: U comes from the SVD of R[:, A], with
-singular values below `rtol` × σ_max treated as zero (`jnp.linalg.pinv`;
-default rtol = max(k_q, k_i) · machine epsilon of the dtype). When R[:, A]
-is square or nearly so the smallest kept singular values are tiny and U
-amplifies noise in the scores (the approximation degrades sharply at k_i ≈
-k_q); a larger rtol truncates those directions, which regularises the
-approximation at the cost of exactness on low-rank matrices. One step of
-iterative refinement (`build_index(refine=1)`) then corrects E's float32
-rounding (exact-recovery error 3e-7 instead of 1.5e-6 on a rank-20 matrix).
+The pseudo-inverse drops singular values below `rtol` × σ_max; near k_i ≈ k_q
+the smallest kept ones amplify score noise, and a larger rtol regularises at
+the cost of exactness on low-rank matrices.
 """
 
 import dataclasses
@@ -147,11 +123,8 @@ def _latent_items(r_anc_qn, anchor_items_k, rtol, refine):
   c_qk = r_anc_qn[:, anchor_items_k]
   u_kq = jnp.linalg.pinv(c_qk, rtol=rtol)
   items_kn = u_kq @ r_anc_qn
-  # Iterative refinement of the least-squares solution of C E = R: the
-  # residual R − C E is small but holds E's rounding error (~cond(C) eps),
-  # and one correction U (R − C E) removes most of it. In exact arithmetic
-  # U C E = E, so the step changes nothing else. In float32 it takes the
-  # exact-recovery error of a rank-20 matrix from 1.5e-6 to 3e-7.
+  # Iterative refinement of C E = R removes E's rounding error: in float32
+  # the exact-recovery error of a rank-20 matrix goes from 1.5e-6 to 3e-7.
   for _ in range(refine):
     items_kn = items_kn + u_kq @ (r_anc_qn - c_qk @ items_kn)
   return items_kn
@@ -189,9 +162,7 @@ def build_index(r_anc_qn, anchor_items_k, *, rtol: float | None = None,
   shard = _corpus_sharding(mesh)
   shards = int(np.prod([mesh.shape[a] for a in np.atleast_1d(
       shard.spec[1]) if a is not None]))
-  pad = -num_items % shards
-  # Zero columns pad N to a multiple of the shards; E's padded columns are
-  # zero and are cut off again.
+  pad = -num_items % shards  # zero columns, cut off again below
   r_pad = jax.device_put(jnp.pad(r_anc_qn, ((0, 0), (0, pad))), shard)
   items_kn = jax.jit(_latent_items, static_argnames=("rtol", "refine"),
                      out_shardings=shard)(r_pad, anchor_items_k, rtol=rtol,
@@ -280,12 +251,9 @@ def adaptive_cur_search(index: CurIndex, query_ids, scorer: Scorer, k: int,
                         seed: int = 0) -> SearchResult:
   """ADACUR: anchors chosen per query over several rounds.
 
-  Round 1 scores (budget − k_r) / rounds random items; every later round
-  approximates all items from the query's anchors so far (pseudo-inverse
-  of R restricted to them) and scores the best-approximated unscored items
-  exactly, adding them to the anchors. Finally the top k_r unscored items
-  of the last approximation are scored too, and the k best of everything
-  scored are returned: every returned score is exact.
+  Round 1 scores random items; each later round approximates all items from
+  the query's anchors so far and scores the best unscored ones, which become
+  anchors. A final k_r are re-ranked; every returned score is exact.
 
   Args:
     index: supplies R (its own anchors are not used).

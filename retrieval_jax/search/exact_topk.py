@@ -1,34 +1,14 @@
 """Exact top-k search over an encoded corpus: chunked, jitted and sharded.
 
-The corpus rows are split over the mesh axes that the `CORPUS` logical rule
-names (`data` × `fsdp` by default); every device scans its slice chunk by
-chunk inside one `lax.scan`, keeping a running top-k, and the per-device
-top-k lists are then merged. Scores are inner products accumulated in
-float32 (cosine = inner product of L2-normalised float32 vectors).
-
-Ordering contract (identical on 1 or many devices):
-  * scores are sorted descending along each row;
-  * equal scores are ordered by the smaller corpus index first.
-This holds because every top-k step uses `lax.top_k`, which puts the
-lower position first on ties, and every candidate list it sees is laid out
-in increasing corpus-index order (running list before the new chunk, shard
-0 before shard 1, selected groups sorted by index).
-
-"Exact" means exact for the float32 scores the matmul produces: two rows
-whose true scores differ by less than float32 rounding (~1e-7 relative)
-may be ordered differently from another float32 GEMM (faiss's BLAS sums in
-another order). Inputs must be finite.
-
-k larger than the corpus size is an error (`ValueError`), so that a result
-row never contains a padding row or a made-up index.
-
-Speed: each chunk's scores go through a two-stage exact selection. The
-chunk is cut into contiguous groups of `group_size` rows; the top-k groups
-by group maximum provably hold the chunk's top-k rows, and only groups
-whose maximum beats the running k-th score can contribute (proofs in
-`_update_topk`). So `lax.top_k` runs over chunk / group_size maxima and
-then over k × group_size candidates, placed behind the running top-k,
-instead of over the whole chunk; the search is then bound by the matmul.
+Corpus rows split over the `CORPUS` rule's mesh axes; each device scans its
+slice in a `lax.scan` keeping a running top-k, then the lists are merged.
+Scores are float32 inner products (cosine: of L2-normalised rows). On 1 or
+many devices, rows are sorted by score descending, ties by the smaller
+corpus index: `lax.top_k` puts the lower position first and every candidate
+list is laid out in index order. "Exact" is for the float32 scores (another
+GEMM may order near-ties differently); inputs must be finite, and k > N is
+an error so no padding row is ever returned. A two-stage group selection
+(`_update_topk`) keeps the search bound by the matmul.
 """
 
 import dataclasses
@@ -77,7 +57,6 @@ def _corpus_axes(mesh: Mesh) -> tuple[str, ...]:
   if axes is None:
     return ()
   axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  # A mesh built without some data-like axis simply does not split over it.
   return tuple(a for a in axes if a in mesh.shape)
 
 
@@ -94,8 +73,7 @@ def _l2_normalize(x_nd: jax.Array) -> jax.Array:
 @functools.partial(
     jax.jit, static_argnames=("num_pad", "normalize", "out_sharding"))
 def _pad_and_place(corpus_nd, *, num_pad, normalize, out_sharding):
-  # The sharding constraint on the jitted output lets each device
-  # materialise only its own rows of the padded corpus.
+  # The constraint lets each device materialise only its own rows.
   if normalize:
     corpus_nd = _l2_normalize(corpus_nd)
   corpus_nd = jnp.pad(corpus_nd, ((0, num_pad), (0, 0)))
@@ -112,10 +90,8 @@ def encode_corpus(corpus_nd,
   Args:
     corpus_nd: [N, D] float32 / bfloat16 (NumPy or JAX) corpus embeddings.
     metric: "dot" (inner product) or "cosine" (rows L2-normalised in float32).
-    chunk_size: most rows scored per scan step and device; bounds the
-      scores buffer at [query batch, chunk_size] float32. The chunk used is
-      the smallest multiple of 128 that covers each shard in as few chunks,
-      which keeps the padding small.
+    chunk_size: most rows scored per scan step and device (bounds the
+      [query batch, chunk] float32 scores buffer).
     mesh: mesh whose corpus axes split the rows; default: every device on the
       `data` axis (`sharding.make_mesh()`).
 
@@ -132,9 +108,8 @@ def encode_corpus(corpus_nd,
   mesh = sharding.make_mesh() if mesh is None else mesh
   shards = _num_shards(mesh)
   rows_per_shard = -(-num_docs // shards)
-  # `chunk_size` is an upper bound: take the fewest chunks it allows, then
-  # the smallest multiple of 128 (aligned groups and matmul tiles) that
-  # covers the shard, so the padding stays small.
+  # Fewest chunks `chunk_size` allows, then the smallest multiple of 128
+  # (aligned groups and tiles) covering the shard: little padding.
   num_chunks = -(-rows_per_shard // max(int(chunk_size), 128))
   chunk_size = -(-rows_per_shard // (num_chunks * 128)) * 128
   rows_per_shard = num_chunks * chunk_size
@@ -151,8 +126,7 @@ def encode_corpus(corpus_nd,
 def _merge(scores_qa, index_qa, scores_qb, index_qb, k):
   """Top-k of two candidate lists; list `a` must hold the smaller indices.
 
-  Putting the running top-k first also makes the CPU TopK cheap: it heapifies
-  the first k entries and then mostly does one comparison per later entry.
+  The running top-k first also makes CPU TopK cheap (it heapifies the first k).
   """
   scores_qc = jnp.concatenate([scores_qa, scores_qb], axis=-1)
   index_qc = jnp.concatenate([index_qa, index_qb], axis=-1)
@@ -163,9 +137,8 @@ def _merge(scores_qa, index_qa, scores_qb, index_qb, k):
 def default_group_size(k: int, chunk_size: int) -> int:
   """Power of two near sqrt(chunk / k), in [1, 128].
 
-  The two selection stages read chunk / g group maxima and k × g
-  candidates; g = sqrt(chunk / k) balances them. Powers of two up to 128
-  divide every chunk size `encode_corpus` picks.
+  Balances the chunk / g group maxima against the k × g candidates; powers
+  of two up to 128 divide every chunk `encode_corpus` picks.
   """
   ideal = np.sqrt(chunk_size / max(k, 1))
   return int(2**np.clip(np.round(np.log2(ideal)), 0, 7))
@@ -204,8 +177,7 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
   """
   q, c = scores_qc.shape
   k = best_scores_qk.shape[1]
-  # Padding is masked by index, never trusted to score low: -inf can only
-  # win if fewer than k real rows exist, and the caller enforces k <= N.
+  # Padding is masked by index, never trusted to score low.
   num_groups = c // group_size if group_size > 1 else 0
   if num_groups <= k or c % group_size:
     valid_c = start + jnp.arange(c, dtype=jnp.int32) < num_docs
@@ -220,9 +192,8 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
   # Groups wholly past the end hold only padding.
   group_start_g = start + jnp.arange(num_groups, dtype=jnp.int32) * group_size
   max_qg = jnp.where(group_start_g[None, :] < num_docs, max_qg, -jnp.inf)
-  # At most one group mixes real and padding rows: the one holding row
-  # num_docs. Recompute its maximum over its real rows (when the chunk has
-  # no such group this recomputes a fully real group, a no-op).
+  # Only the group holding row num_docs mixes real and padding rows:
+  # recompute its maximum over its real rows (else a no-op).
   mixed = jnp.clip((num_docs - start) // group_size, 0, num_groups - 1)
   rows_qr = lax.dynamic_slice_in_dim(scores_qc, mixed * group_size,
                                      group_size, axis=1)
@@ -234,11 +205,9 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
   tau_q1 = best_scores_qk[:, -1:]
   max_qg = jnp.where(max_qg > tau_q1, max_qg, -jnp.inf)
 
-  def merge_groups(m):
-    # Exact whenever every group above tau is among the top-m groups.
+  def merge_groups(m):  # exact when every group above tau is in the top m
     _, group_qm = lax.top_k(max_qg, m)
-    # Sorted groups keep the candidates in index order (tie-break contract).
-    group_qm = jnp.sort(group_qm, axis=-1)
+    group_qm = jnp.sort(group_qm, axis=-1)  # index order: tie-break contract
     cand_qmr = jnp.take_along_axis(scores_qgr, group_qm[:, :, None], axis=1)
     pos_qmr = (group_qm[:, :, None] * group_size +
                jnp.arange(group_size, dtype=group_qm.dtype))
@@ -247,11 +216,9 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
     return _merge(best_scores_qk, best_index_qk, cand_qmr.reshape(q, -1),
                   index_qmr.reshape(q, -1), k)
 
-  # Once the running list is good, few groups per query beat tau (about
-  # k / chunks-seen). When no query in the batch has more than k / 4, the
-  # top k / 4 groups hold them all: a quarter of the selection work. Below
-  # k = 32 the full selection is cheap and the branch costs more than it
-  # saves (measured on CPU).
+  # Few groups beat tau once the running list is good; when no query has
+  # more than k / 4, select only those. Below k = 32 the branch costs more
+  # than it saves (measured on CPU).
   few = k // 4
   if k < 32:
     return merge_groups(k)
@@ -279,8 +246,7 @@ def _search_batch(queries_qd, corpus_nd, num_docs, *, k, chunk_size,
 
     def step(carry, xs):
       chunk_cd, start = xs
-      # HIGHEST: full float32 products on TPU/GPU too (no bf16 or TF32
-      # passes); bf16 inputs still accumulate in float32.
+      # HIGHEST: full float32 products on TPU/GPU (no bf16 / TF32 passes).
       scores_qc = jnp.einsum(
           "qd,cd->qc", queries_qd, chunk_cd,
           precision=lax.Precision.HIGHEST,
@@ -291,8 +257,7 @@ def _search_batch(queries_qd, corpus_nd, num_docs, *, k, chunk_size,
     q = queries_qd.shape[0]
     init = (jnp.full((q, k), -jnp.inf, jnp.float32),
             jnp.full((q, k), _EMPTY_INDEX, jnp.int32))
-    if axes:
-      # The carry becomes per-shard data after one step; say so up front.
+    if axes:  # the carry is per-shard after one step
       init = lax.pcast(init, axes, to="varying")
     (scores_qk, index_qk), _ = lax.scan(step, init, (chunks_tcd, starts_c))
     return scores_qk[None], index_qk[None]
@@ -358,12 +323,10 @@ def search(corpus: EncodedCorpus,
   outputs = []
   for lo in range(0, num_queries, batch):
     queries_bd = queries_qd[lo:lo + batch]
-    # Zero rows fill the last batch: one shape, one compiled function.
-    short = batch - queries_bd.shape[0]
+    short = batch - queries_bd.shape[0]  # zero rows: one compiled shape
     if short:
       queries_bd = jnp.pad(jnp.asarray(queries_bd), ((0, short), (0, 0)))
-    # Dispatch is asynchronous; results are fetched after the loop so the
-    # next batch is queued while this one runs.
+    # Fetched after the loop, so the next batch queues while this one runs.
     outputs.append((run(queries_bd), batch - short))
   scores_qk = np.concatenate([np.asarray(s)[:n] for (s, _), n in outputs])
   indices_qk = np.concatenate([np.asarray(i)[:n] for (_, i), n in outputs])

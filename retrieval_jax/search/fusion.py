@@ -1,33 +1,11 @@
 """Fusion of two or more retrieval runs: score interpolation and RRF.
 
-Runs are {query id: {doc id: score}} dicts, the format of
-`retrieval_jax.evaluation.trec_run`. Every function returns new dicts and
-leaves its inputs untouched.
-
-Ordering. Each returned query maps its documents in trec_eval's order (score
-descending, compared as float32, ties by doc id descending; see
-`trec_order`), so "top k" here is the top k that
-trec_eval would evaluate. Queries appear in the order they are first met in
-the inputs (first run's queries, then the new ones of the next run, ...).
-
-Score interpolation (dense + sparse hybrid), per query:
-
-  1. each system's list is normalised on its own ("none", "minmax_center"
-     or "zscore", see `normalize_scores`);
-  2. the union of the two document sets is scored; a document missing from
-     one list takes that list's minimum (normalised) score for the query;
-  3. score = alpha * sparse + dense, or sparse + alpha * dense with
-     `weight_on_dense`; the top k are kept.
-
-Filling after normalising equals filling with the raw minimum and then
-normalising, since both normalisations are increasing affine maps of each
-list (the minimum maps to the minimum); filling first is the order of the
-original hybrid searcher, which also has no guard for a constant list.
-
-Reciprocal rank fusion (Cormack et al., "Reciprocal Rank Fusion outperforms
-Condorcet and individual Rank Learning Methods", SIGIR 2009):
-score(d) = sum over systems of 1 / (k + rank_sys(d)), ranks starting at 1,
-a system that did not retrieve d (within `depth`) adding nothing.
+Runs are {query id: {doc id: score}} dicts (`evaluation.trec_run`); inputs are
+never modified. Each output query lists its documents in trec_eval's order
+(`trec_order`), so "top k" is the top k trec_eval evaluates; queries appear
+in first-seen order. `interpolate` is the dense + sparse hybrid (per-query
+normalisation, missing documents filled with the list's minimum, weighted
+sum); `reciprocal_rank_fusion` is Cormack et al., SIGIR 2009.
 """
 
 from collections.abc import Mapping, Sequence
@@ -52,16 +30,10 @@ def normalize_scores(scores: Mapping[str, float],
                      method: str) -> dict[str, float]:
   """Normalises one query's scores.
 
-  Methods:
-    * "none": scores unchanged (as floats).
-    * "minmax_center": (x - (min + max) / 2) / (max - min), range [-1/2, 1/2];
-      a list whose max equals its min (one document, or all tied) maps to 0.
-    * "zscore": (x - mean) / std with the population std (ddof 0); a list with
-      std 0 maps to 0.
-
-  Both non-trivial methods are increasing affine maps of the list, so they
-  keep its order and make it invariant to a positive affine rescaling of the
-  input scores. Statistics are computed in float64.
+  "none" keeps the scores; "minmax_center" maps to [-1/2, 1/2] by
+  (x - (min + max) / 2) / (max - min); "zscore" uses the population std.
+  Constant lists map to 0. Both are increasing affine maps, so filling a
+  missing document before or after normalising gives the same ranking.
 
   Args:
     scores: {doc id: score}; may be empty.
@@ -107,16 +79,9 @@ def interpolate(dense_run: Run,
                 k: int = 1000) -> dict[str, dict[str, float]]:
   """Hybrid run: per-query linear interpolation of dense and sparse scores.
 
-  For each query the two lists are normalised separately, their union is
-  scored with missing documents filled by the list's minimum normalised
-  score, and score = alpha * sparse + dense (or sparse + alpha * dense when
-  `weight_on_dense`). With alpha = 0 (and `weight_on_dense` False) the
-  ranking is the dense one, extended to the union: documents only the sparse
-  system found all tie at the dense minimum.
-
-  A query that only one run has (or whose list in the other run is empty)
-  keeps that run's ranking: its scores are that system's weighted,
-  normalised term alone (the absent system adds nothing), cut to k.
+  Each list is normalised, the union scored with missing documents at the
+  list's minimum, and score = alpha * sparse + dense (or sparse + alpha *
+  dense with `weight_on_dense`). A query in only one run keeps its ranking.
 
   Args:
     dense_run: {query id: {doc id: score}} of the dense system.
@@ -163,14 +128,9 @@ def reciprocal_rank_fusion(runs: Sequence[Run],
                            depth: int = 1000) -> dict[str, dict[str, float]]:
   """Reciprocal rank fusion: score(d) = sum_sys 1 / (k + rank_sys(d)).
 
-  Each system's list for a query is ranked in trec_eval's order (score
-  descending, ties by doc id descending), so rank_sys(d), starting at 1, is
-  the rank trec_eval itself gives d in that run; only the first `depth`
-  documents of each list take part. Sums use `math.fsum` (correctly
-  rounded), so documents with the same multiset of ranks get bit-identical
-  scores whatever the system order. The output keeps every document that
-  entered the fusion (at most depth x len(runs) per query); cut it with
-  `ir_metrics.truncate_run`.
+  Ranks start at 1 in trec_eval's order, over each list's first `depth`
+  documents. `math.fsum` makes equal rank multisets bit-identical whatever
+  the system order. Nothing is cut: use `ir_metrics.truncate_run`.
 
   Args:
     runs: one or more {query id: {doc id: score}} runs.

@@ -1,41 +1,14 @@
 r"""Late interaction (MaxSim) scoring, exact re-ranking and a two-stage search.
 
-For query token vectors q_1..q_Lq and document token vectors d_1..d_Ld
-(ColBERT, arXiv:2004.12832):
-
-  s(q, d) = Σ_{i : q-mask(i)} max_{j : d-mask(j)} <q_i, d_j>.
-
-Masking conventions:
-  * Document rows outside the score mask (padding, punctuation) are replaced
-    by `NEG` before the max, i.e. treated as −∞. Multiplying their
-    similarities by 0 instead is wrong whenever every real similarity of a
-    query row is negative (the max would pick the 0). `NEG` (a quarter of
-    the float32 minimum, ~-8.5e37) lies below the similarity of any two
-    vectors with norms under 1e18, so the rule also holds for unnormalised
-    vectors, where ColBERT's −9999 needs |<q, d>| < 9999.
-  * Query rows outside the score mask are dropped from the sum (contribute
-    exactly 0), so a query with no scored row scores 0 against everything.
-  * A document with no scored row has no maximum (max over an empty set is
-    −∞): its score is `NEG` whatever the query, so it ranks below every
-    real document and gets zero weight in a softmax over candidates.
-  * Masked entries receive zero gradient (`where`, not an additive bias).
-
-`maxsim` and `maxsim_all` are jitted (one compile per shape; inside an
-enclosing jit they are inlined). Products are accumulated in float32
-(inputs stored as float16/bfloat16 are cast first). `precision` is passed
-to the einsum; "exact" re-ranking uses HIGHEST, since GPUs may otherwise
-run float32 matmuls in TF32 (10-bit mantissa).
-
-Two-stage retrieval: a cheap first stage (BM25, learned sparse) proposes K
-candidates per query and MaxSim re-scores a prefix of them (`two_stage`):
-  * depth: only the first `depth` candidates in first-stage order are
-    re-scored; the rest follow them in first-stage order;
-  * prune_ratio: before re-scoring, candidates whose first-stage score is
-    below prune_ratio × (the query's top first-stage score) are pruned:
-    removed from the ranking (`drop_pruned=True`) or kept below the
-    re-ranked head in first-stage order.
-`TwoStageResult.num_maxsim` counts the query–document MaxSim evaluations
-done, so the pipeline can report its cost.
+s(q, d) = Σ_{scored i} max_{scored j} <q_i, d_j> (ColBERT, arXiv:2004.12832).
+Unscored document rows become `NEG` before the max (multiplying by 0 would
+pick 0 when every real similarity is negative; NEG ≈ -8.5e37 also holds for
+unnormalised vectors, unlike ColBERT's −9999). Unscored query rows add 0; a
+document with no scored row scores `NEG`. Masks use `where`, so masked entries
+get zero gradient. Products accumulate in float32; exact re-ranking uses
+HIGHEST precision (GPUs may otherwise use TF32). `two_stage` re-scores the
+head of a cheap first stage's candidates (with `depth` and `prune_ratio`)
+and counts the MaxSim evaluations it did.
 """
 
 import dataclasses
@@ -66,8 +39,7 @@ def _reduce(sim_bnql: jax.Array, q_mask_bnq: jax.Array,
   row_max_bnq = jnp.max(jnp.where(d_ok_bnl[:, :, None, :], sim_bnql, NEG),
                         axis=-1)
   has_doc_bn = jnp.any(d_ok_bnl, axis=-1)
-  # Zero the rows of empty documents too, so the sum cannot overflow
-  # (L_q × NEG is -inf) before `where` replaces it.
+  # Empty documents' rows are zeroed too: L_q × NEG would overflow to -inf.
   keep_bnq = q_mask_bnq.astype(bool) & has_doc_bn[:, :, None]
   scores_bn = jnp.sum(jnp.where(keep_bnq, row_max_bnq, 0.0), axis=-1)
   return jnp.where(has_doc_bn, scores_bn, NEG)
@@ -104,10 +76,8 @@ def maxsim_all(q_bqd: jax.Array, q_mask_bq: jax.Array, d_nld: jax.Array,
     q_mask_bq: [B, Lq] query score mask.
     d_nld: [N, Ld, D] document token vectors.
     d_mask_nl: [N, Ld] document score mask.
-    chunk_size: score this many documents at a time (None: all at once).
-      The [B, N, Lq, Ld] similarity tensor is the memory peak; chunking
-      bounds it by [B, chunk, Lq, Ld], and each chunk is rematerialised in
-      the backward pass, so gradients do not store it either.
+    chunk_size: documents scored at a time (None: all). Bounds the
+      [B, N, Lq, Ld] similarity peak; chunks are rematerialised in backward.
     precision: einsum precision.
 
   Returns:
@@ -126,8 +96,7 @@ def maxsim_all(q_bqd: jax.Array, q_mask_bq: jax.Array, d_nld: jax.Array,
   if chunk_size is None or chunk_size >= n:
     return score_chunk(d_nld, d_mask_nl)
   num_chunks = -(-n // chunk_size)
-  pad = num_chunks * chunk_size - n
-  # Padding documents have an all-zero mask (score NEG) and are cut off.
+  pad = num_chunks * chunk_size - n  # all-zero masks, cut off below
   d_nld = jnp.pad(d_nld, ((0, pad), (0, 0), (0, 0)))
   d_mask_nl = jnp.pad(d_mask_nl, ((0, pad), (0, 0)))
   chunks = (d_nld.reshape(num_chunks, chunk_size, *d_nld.shape[1:]),
@@ -143,9 +112,8 @@ def score_candidates(queries_qld, q_masks_ql, docs_nld, d_masks_nl,
                      precision=HIGHEST) -> np.ndarray:
   """MaxSim of each query against its candidates, in candidate order.
 
-  Documents are gathered on the host when `docs_nld` is a NumPy array (a
-  corpus too large for device memory) and on the device when it is a
-  jax.Array. Queries go through in fixed-size batches (one compile per K).
+  Documents are gathered on the host for a NumPy `docs_nld` (a corpus too
+  large for the device), else on the device; fixed-size query batches.
 
   Args:
     queries_qld: [Q, Lq, D] query token vectors (float16/32).
@@ -188,9 +156,7 @@ def score_candidates(queries_qld, q_masks_ql, docs_nld, d_masks_nl,
     # Repeat the last query to fill the batch; its extra scores are cut.
     padded = np.concatenate([rows, np.full(batch - len(rows), rows[-1])])
     cand_bk = candidates_qk[padded]
-    # Empty slots gather document 0 under an all-zero mask (score NEG),
-    # then get -inf below.
-    safe_bk = np.maximum(cand_bk, 0)
+    safe_bk = np.maximum(cand_bk, 0)  # empty slots: doc 0, all-zero mask
     d_mask_bkl = xp.take(d_masks_nl, safe_bk, axis=0)
     d_mask_bkl = d_mask_bkl * xp.asarray(cand_bk >= 0)[:, :, None]
     out_bk = maxsim(queries_qld[padded], q_masks_ql[padded],
@@ -219,8 +185,7 @@ def rerank(queries_qld, q_masks_ql, docs_nld, d_masks_nl, candidates_qk, *,
   scores_qk = score_candidates(queries_qld, q_masks_ql, docs_nld, d_masks_nl,
                                candidates_qk, batch=batch,
                                precision=precision)
-  # Stable: equal scores keep their input order; -inf (empty) sinks last,
-  # below NEG (documents with no scored row).
+  # Stable; -inf (empty) sinks below NEG (documents with no scored row).
   order_qk = np.argsort(-scores_qk, axis=1, kind="stable")
   indices_qk = np.asarray(candidates_qk).astype(np.int64)
   return (np.take_along_axis(scores_qk, order_qk, axis=1),
@@ -250,9 +215,8 @@ class TwoStageResult:
   def run_scores(self) -> np.ndarray:
     """float32 [Q, K] scores that decrease along each row (K - rank).
 
-    MaxSim and first-stage scores are not comparable, so a run file (whose
-    order trec_eval re-derives from the scores) gets the rank instead;
-    -1 slots get -inf.
+    MaxSim and first-stage scores are not comparable, so a run file gets the
+    rank instead; -1 slots get -inf.
     """
     k = self.indices_qk.shape[1]
     ranks_qk = np.broadcast_to(np.arange(k, 0, -1, dtype=np.float32),
@@ -281,18 +245,11 @@ def two_stage(first_stage_scores_qk, first_stage_indices_qk, queries_qld,
               batch: int = 16, precision=HIGHEST) -> TwoStageResult:
   """First-stage candidates, MaxSim re-ranking of their head.
 
-  Each row is first put in first-stage order (score descending, ties by
-  position, -1 slots last). Then:
-    1. prune (optional): with t = the row's top score > 0, candidates with
-       score < prune_ratio × t are pruned (a relative cut needs a positive
-       scale, so rows whose top score is <= 0 keep everything). The top
-       candidate is never pruned.
-    2. the first `depth` surviving candidates are re-scored with MaxSim
-       and sorted by it (ties by first-stage order);
-    3. the other survivors follow in first-stage order; pruned candidates
-       then follow too (`drop_pruned=False`) or are removed (-1).
-  depth=None re-ranks every surviving candidate; depth=0 returns the first
-  stage unchanged (and pruned).
+  Rows go in first-stage order (ties by position, -1 last). Candidates below
+  prune_ratio × the row's top score (when it is > 0) are pruned, never the
+  top one; the first `depth` survivors are re-scored and sorted by MaxSim;
+  the other survivors follow in first-stage order, then the pruned ones
+  (`drop_pruned=False`) or -1. depth=None re-ranks every survivor.
 
   Args:
     first_stage_scores_qk: float [Q, K] first-stage scores.
@@ -350,16 +307,14 @@ def two_stage(first_stage_scores_qk, first_stage_indices_qk, queries_qld,
         queries_qld, q_masks_ql, docs_nld, d_masks_nl, head_qd, batch=batch,
         precision=precision)
     rows.reranked[:, :depth] = head_qd >= 0
-    # Sort the head by MaxSim (stable: ties and unscored slots keep their
-    # first-stage order); the tail stays where it is.
+    # Stable: ties and unscored slots keep their first-stage order.
     head_order_qd = np.argsort(-rows.maxsim[:, :depth], axis=1, kind="stable")
     tail_qt = np.broadcast_to(np.arange(depth, k), (num_q, k - depth))
     rows = rows.permute(np.concatenate([head_order_qd, tail_qt], axis=1))
   indices_qk = rows.indices
   if drop_pruned:
     indices_qk = np.where(rows.kept, indices_qk, -1)
-  # Empty slots and dropped entries go last.
-  rows = dataclasses.replace(rows, indices=indices_qk).permute(
+  rows = dataclasses.replace(rows, indices=indices_qk).permute(  # -1 last
       np.argsort(indices_qk < 0, axis=1, kind="stable"))
   valid_qk = rows.indices >= 0
   return TwoStageResult(

@@ -1,31 +1,13 @@
 """Vector pseudo-relevance feedback (PRF) for dense query embeddings.
 
-After a first-pass search, the query embedding is moved towards the
-embeddings of the documents it retrieved and the search is run again with
-the new vector (Li et al., "Pseudo Relevance Feedback with Deep Language
-Models and Dense Retrievers: Successes and Pitfalls", arXiv:2108.11044):
-
-  Average:  q' = (q + sum_{i<=k} d_i) / (1 + #feedback rows used)
-  Rocchio:  q' = alpha q + beta mean(top k_top) - gamma mean(bottom k_bottom)
-
-Feedback lists. `feedback_qk[q]` holds corpus row indices of the first-pass
-ranking of query q, best first (e.g. the indices `exact_topk.search`
-returns). Entries < 0 (conventionally -1) mark missing results, e.g. a
-first pass that found fewer than K documents; they are skipped wherever
-they sit. "Top k" means the first k valid entries, "bottom k" the last k
-valid entries of the row; both may overlap on a short list. A mean over no
-rows contributes 0 (so an all-missing row leaves alpha q for Rocchio and q
-for Average). An index >= N cannot be caught inside `jit`; traced calls
-gather NaN rows for it (jnp.take's fill mode), eager calls raise.
-
-Cosine models. q' is not unit length even when q and the d_i are. The
-scores of a dot-product search with q' are then those of cosine search times
-|q'|, which leaves each query's ranking unchanged; the original vector PRF
-uses q' as is. `renormalize=True` returns q' / |q'| for code that expects
-unit query vectors.
-
-Everything is computed in float32 and jittable; `k`, `k_top`, `k_bottom`
-and `renormalize` are static (changing them retraces), the weights are not.
+Li et al., arXiv:2108.11044: move q towards the first pass's documents and
+search again. Average: q' = (q + Σ_{i<=k} d_i) / (1 + rows used); Rocchio:
+q' = α q + β mean(top k_top) − γ mean(bottom k_bottom). `feedback_qk` holds
+first-pass corpus rows, best first; entries < 0 are skipped and a mean over
+no rows is 0. An index >= N raises eagerly but gathers NaN under `jit`.
+q' is not unit length; for cosine models that rescales each query's scores
+without changing its ranking (`renormalize=True` returns q' / |q'|).
+Float32 and jittable; the counts and `renormalize` are static.
 """
 
 import functools
@@ -81,9 +63,7 @@ def _masked_sum(docs_nd: jax.Array, feedback_qk: jax.Array,
   Returns:
     sum_qd: [Q, D] float32 sum of the selected rows; count_q: [Q] float32.
   """
-  # Missing entries are pointed at row 0 and masked by `where` (not a
-  # multiply, so a NaN row gathered for a bad index cannot leak through a
-  # zero weight of another entry).
+  # `where`, not a multiply: a NaN row gathered for a bad index cannot leak.
   docs_qkd = jnp.take(docs_nd, jnp.where(use_qk, feedback_qk, 0), axis=0)
   sum_qd = jnp.sum(jnp.where(use_qk[..., None], docs_qkd, 0.0), axis=1)
   return sum_qd, jnp.sum(use_qk, axis=1, dtype=jnp.float32)
@@ -175,10 +155,8 @@ def rocchio_prf(queries_qd: jax.Array,
                 renormalize: bool = False) -> jax.Array:
   """Rocchio PRF: q' = alpha q + beta mean(top) - gamma mean(bottom).
 
-  "top" are the first k_top valid feedback entries, "bottom" the last
-  k_bottom valid entries of the retrieved list (its depth is K, the width of
-  `feedback_qk`). The defaults (0.9, 0.1, 0.1, 3, 0) are the usual ones: no
-  negative feedback.
+  "top" / "bottom": the first k_top / last k_bottom valid entries. The
+  defaults are the usual ones (no negative feedback).
 
   Args:
     queries_qd: [Q, D] query embeddings (cast to float32).

@@ -1,33 +1,13 @@
 """CPU inverted index for learned sparse vectors (SPLADE-style term weights).
 
-A document or query is a non-negative weight per vocabulary term; almost all
-weights are zero. Relevance is the dot product over shared terms,
-
-  score(q, d) = sum_v q_v * d_v,
-
-computed exactly (in float32, as scipy's sparse product accumulates) for every
-document that shares at least one term with the query.
-
-Layout. The document-term matrix [N, V] is stored column-compressed (CSC).
-Its transpose is then, with no copy, a CSR [V, N] matrix whose row v is the
-posting list of term v (doc ids ascending, with weights): the classic
-inverted index. Scoring a block of queries is `Q_csr [q, V] @ D.T` with both
-operands CSR, which scipy multiplies directly; its cost is the total length
-of the posting lists the queries touch. Storing D as CSR [N, V] instead
-makes `D.T` a CSC view that scipy converts to CSR on every product, an
-O(nnz(D)) copy per call. Measured on one CPU core with N = 5,183 docs,
-V = 30,522, ~120 terms per doc and ~20 per query (512 queries): 5.4 ms with
-CSC storage against 23.8 ms with CSR.
-
-Non-negativity. Weights must be >= 0 (learned sparse encoders produce them
-through ReLU / log(1 + ReLU)). Then a score is 0 exactly when the query and
-the document share no term (barring float32 underflow of tiny products), and
-`search` returns only documents with a positive score.
-
-Ranking contract of `search`: scores descending, equal scores by the smaller
-doc index; rows with fewer than k matching documents are padded at the end
-with score -inf and index -1. `evaluation.trec_run.run_from_topk` skips
-negative indices, so the output can be passed to it unchanged.
+score(q, d) = Σ_v q_v d_v, exact in float32, for every document sharing a
+term with the query. Documents are stored CSC [N, V], so `D.T` is a no-copy
+CSR [V, N] of posting lists and `Q_csr @ D.T` costs the posting lengths the
+queries touch; CSR storage would copy O(nnz(D)) per product (SciFact-size,
+512 queries, one core: 5.4 ms CSC against 23.8 ms CSR). Weights must be
+>= 0, so a score is 0 exactly when no term is shared and `search` returns
+only positive scores: descending, ties by the smaller doc index, rows padded
+with (-inf, -1), which `evaluation.trec_run.run_from_topk` skips.
 """
 
 from collections.abc import Iterable, Sequence
@@ -152,12 +132,10 @@ def _keep_top_terms(rows_bv: sp.csr_matrix, top_terms: int) -> sp.csr_matrix:
   if counts_b.max(initial=0) <= top_terms:
     return rows_bv
   row_of_m = np.repeat(np.arange(rows_bv.shape[0]), counts_b)
-  # Order inside each row: weight descending, then term id ascending.
+  # Per row: weight descending, then term id ascending.
   order_m = np.lexsort((rows_bv.indices, -rows_bv.data, row_of_m))
   rank_m = np.arange(order_m.size) - rows_bv.indptr[row_of_m[order_m]]
-  # Entry positions were row-major with sorted columns; sorting the kept
-  # positions restores that layout.
-  kept = np.sort(order_m[rank_m < top_terms])
+  kept = np.sort(order_m[rank_m < top_terms])  # back to row-major layout
   indptr = np.zeros_like(rows_bv.indptr)
   np.cumsum(np.minimum(counts_b, top_terms), out=indptr[1:])
   return sp.csr_matrix(
@@ -176,10 +154,7 @@ def _from_csr(docs_nv: sp.csr_matrix, vocab_size: int) -> SparseIndex:
 def from_dense_batches(batches: Iterable, *, vocab_size: int,
                        threshold: float = 0.0,
                        top_terms: int = 0) -> SparseIndex:
-  """Builds an index from dense encoder outputs, one batch at a time.
-
-  Only each batch is ever dense; the corpus is held as sparse rows, so the
-  dense [N, V] matrix never exists.
+  """Builds an index from dense encoder outputs; [N, V] is never dense.
 
   Args:
     batches: iterable of [b, V] float arrays (NumPy or JAX; e.g. the SPLADE
@@ -212,9 +187,7 @@ def from_dense_batches(batches: Iterable, *, vocab_size: int,
       raise ValueError(f"batch {i} has non-finite weights")
     keep_bv = w_bv > threshold
     if 0 < top_terms < vocab_size and w_bv.shape[0]:
-      # Cheap dense pre-filter: the t-th largest value of each row bounds
-      # the kept weights from below, so only ties at that value are left
-      # for the exact (sorting) pass.
+      # Dense pre-filter at each row's t-th value; the sort settles ties.
       kth_b = -np.partition(-w_bv, top_terms - 1, axis=1)[:, top_terms - 1]
       keep_bv &= w_bv >= kth_b[:, None]
     rows_bv = _csr_from_mask(w_bv, keep_bv)
@@ -285,9 +258,8 @@ def _query_blocks(queries_qv: sp.csr_matrix, index: SparseIndex,
                   max_block_entries: int) -> list[tuple[int, int]]:
   """Contiguous query ranges whose products hold <= max_block_entries.
 
-  A query's result row has at most min(N, sum of its terms' posting-list
-  lengths) entries, so this bound caps the memory of each product (a single
-  query is always allowed, whatever its bound).
+  A query's row has at most min(N, Σ posting lengths) entries; a single
+  query is always allowed.
   """
   num_queries = queries_qv.shape[0]
   postings_v = np.diff(index.docs_nv.indptr)
@@ -309,9 +281,7 @@ def _row_topk(scores_m: np.ndarray, docs_m: np.ndarray,
               k: int) -> np.ndarray:
   """Positions of the k best entries: score descending, doc ascending."""
   if scores_m.size > k:
-    # argpartition finds the k-th best score in O(m); every entry tied
-    # with it stays a candidate so that the lexsort, not argpartition's
-    # arbitrary choice among ties, decides which make the cut.
+    # Keep every tie with the k-th score: the lexsort decides among them.
     kth = scores_m[np.argpartition(-scores_m, k - 1)[k - 1]]
     candidates = np.flatnonzero(scores_m >= kth)
   else:
@@ -325,16 +295,13 @@ def search(index: SparseIndex, queries_csr, k: int, *,
            ) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k documents by sparse dot product.
 
-  Queries are scored in blocks whose products hold at most
-  `max_block_entries` (query, doc) matches, so memory stays bounded on
-  large corpora.
-
   Args:
     index: the SparseIndex.
     queries_csr: scipy sparse [Q, V] query weights (finite, >= 0), e.g. from
       `to_sparse_rows`.
     k: results per query, >= 1 (may exceed the number of docs).
-    max_block_entries: memory bound per block, see above.
+    max_block_entries: most (query, doc) matches per scored block of
+      queries, bounding memory on large corpora.
 
   Returns:
     scores_qk: float32 [Q, k], descending per row; -inf for padding.
@@ -364,9 +331,7 @@ def search(index: SparseIndex, queries_csr, k: int, *,
   indices_qk = np.full((num_queries, k), -1, np.int64)
   postings_vn = index.docs_nv.T  # CSR [V, N], no copy.
   for start, end in _query_blocks(queries_qv, index, max_block_entries):
-    # scipy's CSR product stores no entry whose sum is exactly 0 (that
-    # includes products that underflow), so with non-negative weights each
-    # row lists exactly the documents with a positive score.
+    # scipy stores no exact-0 sums: each row lists the positive scores.
     block_bn = (queries_qv[start:end] @ postings_vn).tocsr()
     for row in range(end - start):
       lo, hi = block_bn.indptr[row], block_bn.indptr[row + 1]
@@ -397,11 +362,7 @@ def stats(index: SparseIndex) -> dict[str, float]:
 
 
 def save(index: SparseIndex, path: str | os.PathLike[str]) -> None:
-  """Writes the index to `path`, an .npz archive under that exact name.
-
-  The write is atomic (`io.save_npz_atomic`): readers never see a partial
-  file.
-  """
+  """Writes the index atomically to `path`, an .npz under that exact name."""
   m = index.docs_nv
   io.save_npz_atomic(path, format_name=np.array(_FORMAT_NAME),
                      format_version=np.array(FORMAT_VERSION),

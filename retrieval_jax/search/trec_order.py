@@ -1,10 +1,8 @@
 """trec_eval's document order for one query's run.
 
-Documents are sorted by score descending, then by doc id descending
-(code-point order, the byte order of trec_eval's `strcmp` on UTF-8).
-Scores are compared as float32: trec_eval stores them in a C `float`, so
-float64 scores that differ only below float32 precision tie. Fusion and the
-IR metrics both rank this way, so "top k" means the k trec_eval evaluates.
+Score descending, then doc id descending (code points, as `strcmp` on UTF-8).
+Scores compare as float32, trec_eval's C `float`, so float64 scores differing
+only below float32 precision tie. Fusion and the IR metrics both rank this way.
 """
 
 from collections.abc import Mapping, Sequence
@@ -37,14 +35,12 @@ def trec_eval_sorted(doc_scores: DocScores,
   """
   items = list(doc_scores.items() if isinstance(doc_scores, Mapping)
                else doc_scores)
-  # Keys (float32 score, id, position): reverse order gives score desc, id
-  # desc. The position picks the pair to return, with its original score.
+  # Keys (float32 score, id, position); the position returns the original.
   scores32 = as_float32(np.fromiter((s for _, s in items), np.float64,
                                     len(items))).tolist()
   keys = zip(scores32, (doc for doc, _ in items), range(len(items)))
   if k is None:
     ranked = sorted(keys, reverse=True)
   else:
-    # heapq.nlargest returns the k largest keys in descending order.
     ranked = heapq.nlargest(k, keys)
   return [items[i] for _, _, i in ranked]
