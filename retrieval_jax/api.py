@@ -152,7 +152,7 @@ def _dense(model, texts, depth, batch_size):
 def _sparse(model, texts, depth, batch_size):
   import scipy.sparse  # pylint: disable=g-import-not-at-top
   from retrieval_jax.kinds import splade as splade_kind  # pylint: disable=g-import-not-at-top
-  from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import features  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
   del depth
   encoder = encoding.SparseEncoder(model.module, model.tokenizer, model.mesh,
@@ -160,12 +160,12 @@ def _sparse(model, texts, depth, batch_size):
   docs_nv = encoder.encode(texts, batch_size=batch_size, progress=False)
   built = sparse_index.SparseIndex(docs_nv.tocsc(), *docs_nv.shape)
   tok = model.tokenizer
-  idf_v = splade.idf_from_corpus([tok.tokenize_to_ids(t) for t in texts],
+  idf_v = features.idf_from_corpus([tok.tokenize_to_ids(t) for t in texts],
                                  tok.vocab_size)
 
   def search(queries, k):
     if model.kind.name == "inference_free":
-      queries_qv = scipy.sparse.csr_matrix(splade.inference_free_query(
+      queries_qv = scipy.sparse.csr_matrix(features.inference_free_query(
           [tok.encode(q, model.max_length) for q in queries],
           vocab_size=tok.vocab_size, idf_v=idf_v,
           special_ids=splade_kind.special_ids(tok)))

@@ -427,3 +427,61 @@ def load_model(model_cfg, dtype: Any = jnp.float32) -> PretrainedModel:
                          else bool(model_cfg.normalize),
                          max_length=model_cfg.max_length,
                          model_dir=model_dir)
+
+
+# A BERT checkpoint's MLM head (SPLADE starts from it when present).
+_HEAD_PREFIX = "cls.predictions."
+_HEAD_DENSE = "cls.predictions.transform.dense."
+_HEAD_NORM = "cls.predictions.transform.LayerNorm."
+_HEAD_BIAS = ("cls.predictions.bias", "cls.predictions.decoder.bias")
+
+
+def load_mlm_head(head, state_dict: Mapping[str, Any]) -> bool:
+  """Copies a Hugging Face BERT MLM head's weights into `head`
+  (a `models.splade.MlmHead`).
+
+  Reads `cls.predictions.transform.{dense,LayerNorm}.*` (torch [out, in],
+  transposed) and `cls.predictions.bias`; the tied decoder weight is not read.
+
+  Args:
+    head: the head to fill in place.
+    state_dict: {checkpoint name: array}, e.g. `pretrained.read_state_dict`.
+
+  Returns:
+    True when the weights were copied; False when the checkpoint has no
+    `cls.predictions.*` key at all (the head keeps its initialisation).
+
+  Raises:
+    ValueError: a head that is present only in part, or misshapen weights.
+  """
+  if not any(k.startswith(_HEAD_PREFIX) for k in state_dict):
+    return False
+
+  def pick(*names):
+    for name in names:
+      if name in state_dict:
+        return np.asarray(state_dict[name])
+    raise ValueError(f"checkpoint has an MLM head but lacks {names[0]!r}")
+
+  values = {
+      "transform_dd": pick(_HEAD_DENSE + "weight").T,
+      "transform_bias_d": pick(_HEAD_DENSE + "bias"),
+      "scale_d": pick(_HEAD_NORM + "weight", _HEAD_NORM + "gamma"),
+      "bias_d": pick(_HEAD_NORM + "bias", _HEAD_NORM + "beta"),
+      "bias_v": pick(*_HEAD_BIAS),
+  }
+  targets = {
+      "transform_dd": head.transform_dd,
+      "transform_bias_d": head.transform_bias_d,
+      "scale_d": head.norm.scale_d,
+      "bias_d": head.norm.bias_d,
+      "bias_v": head.bias_v,
+  }
+  for name, value in values.items():  # all shapes first: no half-loaded head
+    if value.shape != targets[name].shape:
+      raise ValueError(f"MLM head weight {name} has shape {value.shape}, "
+                       f"expected {targets[name].shape}")
+  for name, value in values.items():
+    target = targets[name]
+    target.set_value(jnp.asarray(value, dtype=target.dtype))
+  return True

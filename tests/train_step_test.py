@@ -19,6 +19,7 @@ from retrieval_jax import losses
 from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax import train_state
+from retrieval_jax.data import features
 from retrieval_jax.kinds import bi_encoder
 from retrieval_jax.kinds import colbert as colbert_kind
 from retrieval_jax.kinds import cross_encoder as ce_kind
@@ -346,7 +347,6 @@ def _representation_curve(mesh, kind, batch, num_steps=6, **kwargs):
 class RepresentationStepTest(parameterized.TestCase):
 
   def test_bag_of_tokens_is_the_inference_free_query(self):
-    from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
     batch = _batch()
     idf = np.random.default_rng(0).normal(size=VOCAB).astype(np.float32)
     special = (0, 7, 9)
@@ -354,7 +354,7 @@ class RepresentationStepTest(parameterized.TestCase):
                               special)
     rows = [ids[mask == 1].tolist() for ids, mask in
             zip(batch["query_ids"], batch["query_mask"])]
-    want = splade.inference_free_query(rows, vocab_size=VOCAB, idf_v=idf,
+    want = features.inference_free_query(rows, vocab_size=VOCAB, idf_v=idf,
                                        special_ids=special)
     np.testing.assert_allclose(got, want, rtol=1e-6)
 

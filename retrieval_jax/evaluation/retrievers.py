@@ -236,7 +236,7 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
   import scipy.sparse  # pylint: disable=g-import-not-at-top
   from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
   from retrieval_jax.kinds import splade as splade_kind  # pylint: disable=g-import-not-at-top
-  from retrieval_jax.models import splade  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import features  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
   key = "splade_workdir" if kind == "splade" else "inference_free_workdir"
   model, tokenizer, _, step = _trained(config, key, kind, mesh)
@@ -265,12 +265,12 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
   else:
     # idf of the collection being searched (document frequencies of the
     # WordPiece tokens over its corpus).
-    idf_v = splade.idf_from_corpus(
+    idf_v = features.idf_from_corpus(
         [tokenizer.tokenize_to_ids(t) for t in
          evaluator.collection.doc_texts()], tokenizer.vocab_size)
     timing["idf_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    queries_qv = scipy.sparse.csr_matrix(splade.inference_free_query(
+    queries_qv = scipy.sparse.csr_matrix(features.inference_free_query(
         [tokenizer.encode(t, config.model.max_length) for t in texts],
         vocab_size=tokenizer.vocab_size, idf_v=idf_v,
         special_ids=splade_kind.special_ids(tokenizer)))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from retrieval_jax import pretrained
+from retrieval_jax.data import features
 from retrieval_jax.kinds import base
 from retrieval_jax.losses import regularizers
 from retrieval_jax.models import splade as splade_model
@@ -94,7 +95,7 @@ class Splade(base.Kind):
     # A checkpoint with BERT's MLM head gives the head its trained
     # transform and bias; all-MiniLM-L6-v2 has none, and the head keeps its
     # identity init (the decoder is the tied embedding table either way).
-    if splade_model.load_mlm_head(
+    if pretrained.load_mlm_head(
         model.head, pretrained.read_state_dict(loaded.model_dir)):
       logging.info("SPLADE: MLM head weights from %s", loaded.model_dir)
     return model
@@ -107,7 +108,7 @@ class Splade(base.Kind):
                   flops_warmup_steps=config.loss.flops_warmup_steps)
     if self.name == "inference_free":
       # The query side's idf comes from the training corpus.
-      kwargs.update(idf_v=splade_model.idf_from_corpus(
+      kwargs.update(idf_v=features.idf_from_corpus(
           [tokenizer.tokenize_to_ids(t) for t in loader.data.doc_texts],
           tokenizer.vocab_size), special=special_ids(tokenizer))
     return base.TrainSpec(featurize=base.take_keys(),

@@ -20,7 +20,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 import numpy as np
 
 from retrieval_jax import sharding
@@ -386,16 +385,3 @@ def initialize_keys(model: KeyValueMemory,
           step + 1)
   model.keys_cmd[...] = keys_cmd
   return counts_cm
-
-
-def state_shardings(model: nnx.Module, mesh: Mesh,
-                    rules=None) -> nnx.State:
-  """NamedSharding per variable of `nnx.state(model)` (Frozen included).
-
-  Logical axes map through `rules`; variables without them are replicated.
-  """
-  return jax.tree.map(
-      lambda v: sharding.named_sharding(
-          mesh, v.get_metadata().get("out_sharding") or (None,) * v.ndim,
-          rules),
-      nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -5,16 +5,16 @@ w_j = max_i log(1 + ReLU(h_ij)) over real tokens ("max", SPLADE v2/++, arXiv
 Sparsity comes from the FLOPS / L1 regularisers in `losses/regularizers.py`.
 The MLM decoder is tied to the encoder's word table, passed in at call time:
 one [V, D] parameter, no shared module references. Inference-free retrieval
-(`inference_free_query`, `idf_from_corpus`) encodes only documents; a query
-is its token bag weighted by IDF (SPLADE-doc: IDF ≡ 1; Geng et al. 2024,
-arXiv 2411.04403: corpus IDF).
+encodes only documents; a query is its token bag weighted by IDF
+(`data.features.inference_free_query`; SPLADE-doc: IDF ≡ 1; Geng et al.
+2024, arXiv 2411.04403: corpus IDF). `pretrained.load_mlm_head` fills the
+head from a BERT checkpoint.
 
 Shape letters: b batch, l token position, d model width, v vocabulary,
 q queries.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from flax import nnx
 import jax
@@ -27,12 +27,6 @@ from retrieval_jax.models import transformer_encoder
 
 AGGREGATIONS = ("max", "sum")
 TRANSFORM_INITS = ("identity", "normal")
-
-# HF BertForMaskedLM names of the MLM head; the tied decoder weight is unread.
-_HEAD_PREFIX = "cls.predictions."
-_HEAD_DENSE = "cls.predictions.transform.dense."
-_HEAD_NORM = "cls.predictions.transform.LayerNorm."
-_HEAD_BIAS = ("cls.predictions.bias", "cls.predictions.decoder.bias")
 
 
 def splade_pool(logits_blv: jax.Array, mask_bl: jax.Array,
@@ -113,56 +107,6 @@ class MlmHead(nnx.Module):
             + self.bias_v[...].astype(dt))
 
 
-def load_mlm_head(head: MlmHead, state_dict: Mapping[str, Any]) -> bool:
-  """Copies a Hugging Face BERT MLM head's weights into `head`.
-
-  Reads `cls.predictions.transform.{dense,LayerNorm}.*` (torch [out, in],
-  transposed) and `cls.predictions.bias`; the tied decoder weight is not read.
-
-  Args:
-    head: the head to fill in place.
-    state_dict: {checkpoint name: array}, e.g. `pretrained.read_state_dict`.
-
-  Returns:
-    True when the weights were copied; False when the checkpoint has no
-    `cls.predictions.*` key at all (the head keeps its initialisation).
-
-  Raises:
-    ValueError: a head that is present only in part, or misshapen weights.
-  """
-  if not any(k.startswith(_HEAD_PREFIX) for k in state_dict):
-    return False
-
-  def pick(*names):
-    for name in names:
-      if name in state_dict:
-        return np.asarray(state_dict[name])
-    raise ValueError(f"checkpoint has an MLM head but lacks {names[0]!r}")
-
-  values = {
-      "transform_dd": pick(_HEAD_DENSE + "weight").T,
-      "transform_bias_d": pick(_HEAD_DENSE + "bias"),
-      "scale_d": pick(_HEAD_NORM + "weight", _HEAD_NORM + "gamma"),
-      "bias_d": pick(_HEAD_NORM + "bias", _HEAD_NORM + "beta"),
-      "bias_v": pick(*_HEAD_BIAS),
-  }
-  targets = {
-      "transform_dd": head.transform_dd,
-      "transform_bias_d": head.transform_bias_d,
-      "scale_d": head.norm.scale_d,
-      "bias_d": head.norm.bias_d,
-      "bias_v": head.bias_v,
-  }
-  for name, value in values.items():  # all shapes first: no half-loaded head
-    if value.shape != targets[name].shape:
-      raise ValueError(f"MLM head weight {name} has shape {value.shape}, "
-                       f"expected {targets[name].shape}")
-  for name, value in values.items():
-    target = targets[name]
-    target.set_value(jnp.asarray(value, dtype=target.dtype))
-  return True
-
-
 class Splade(nnx.Module):
   """SPLADE encoder: TransformerEncoder + tied MLM head + pooling.
 
@@ -231,77 +175,3 @@ class Splade(nnx.Module):
     if self.special_ids:
       w_bv = w_bv.at[:, jnp.asarray(self.special_ids)].set(0.0)
     return w_bv
-
-
-def inference_free_query(ids_list: Iterable[Sequence[int]], *,
-                         vocab_size: int,
-                         idf_v: np.ndarray | None = None,
-                         special_ids: Sequence[int] = ()) -> np.ndarray:
-  """Query vectors of inference-free (document-only) sparse retrieval.
-
-  q_j = 1[j ∈ tokens(q)] · ReLU(idf_j) (IDF ≡ 1 when `idf_v` is None); ReLU
-  keeps a learned IDF gone negative from turning a match into a penalty.
-
-  Args:
-    ids_list: Q token-id sequences (with or without [CLS]/[SEP]).
-    vocab_size: V.
-    idf_v: optional [V] float IDF per term (e.g. `idf_from_corpus`).
-    special_ids: ids whose column is always 0 (e.g. cls/sep/pad).
-
-  Returns:
-    [Q, V] float32 dense NumPy array (Q is small: 122 KB per query at
-    V = 30,522; score with `q_qv @ w_nv.T`).
-
-  Raises:
-    ValueError: ids outside [0, V) or an IDF of the wrong shape.
-  """
-  rows = [np.unique(np.asarray(list(ids), np.int64)) for ids in ids_list]
-  for q, row in enumerate(rows):
-    if row.size and (row[0] < 0 or row[-1] >= vocab_size):
-      raise ValueError(f"ids_list[{q}] has ids outside [0, {vocab_size}): "
-                       f"{row[(row < 0) | (row >= vocab_size)].tolist()}")
-  if idf_v is None:
-    weight_v = np.ones(vocab_size, np.float32)
-  else:
-    idf_v = np.asarray(idf_v, np.float32)
-    if idf_v.shape != (vocab_size,):
-      raise ValueError(f"idf_v has shape {idf_v.shape}, expected "
-                       f"({vocab_size},)")
-    weight_v = np.maximum(idf_v, 0.0)
-  q_qv = np.zeros((len(rows), vocab_size), np.float32)
-  for q, row in enumerate(rows):
-    q_qv[q, row] = weight_v[row]
-  special = np.asarray(list(special_ids), np.int64)
-  if special.size:
-    q_qv[:, special] = 0.0
-  return q_qv
-
-
-def idf_from_corpus(token_id_lists: Iterable[Sequence[int]],
-                    vocab_size: int) -> np.ndarray:
-  """BM25 (Lucene) IDF of every vocabulary term over a tokenised corpus.
-
-  idf_j = log(1 + (N − df_j + 0.5) / (df_j + 0.5)): positive for every
-  df ≤ N, unlike Robertson–Spärck Jones' IDF.
-
-  Args:
-    token_id_lists: N token-id sequences, one per document.
-    vocab_size: V.
-
-  Returns:
-    [V] float32 IDF.
-
-  Raises:
-    ValueError: ids outside [0, V).
-  """
-  df_v = np.zeros(vocab_size, np.int64)
-  n = 0
-  for d, ids in enumerate(token_id_lists):
-    row = np.unique(np.asarray(list(ids), np.int64))
-    if row.size and (row[0] < 0 or row[-1] >= vocab_size):
-      raise ValueError(f"token_id_lists[{d}] has ids outside "
-                       f"[0, {vocab_size})")
-    df_v[row] += 1
-    n += 1
-  idf_v = np.log1p((n - df_v + 0.5) / (df_v + 0.5))  # float64 for large N
-  return idf_v.astype(np.float32)

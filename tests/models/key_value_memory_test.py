@@ -19,6 +19,7 @@ from sklearn import datasets
 from sklearn import neighbors
 
 from retrieval_jax import sharding
+from retrieval_jax import train_state
 from retrieval_jax.models import key_value_memory as kvm
 
 
@@ -347,7 +348,8 @@ class ShardingTest(parameterized.TestCase):
     expected_idx = np.asarray(model.select(z))
     mesh = sharding.make_mesh(mesh_shape)
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, kvm.state_shardings(model, mesh))
+    state = jax.device_put(
+        state, train_state.variable_shardings(nnx.state(model), mesh))
     # The codebooks really are split along the heads over the model axis.
     for name in ("keys_cmd", "values_cmv", "projection_ced"):
       array = state[name][...]

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from retrieval_jax import pretrained
+from retrieval_jax.data import features
 from retrieval_jax.models import splade
 from retrieval_jax.models import transformer_encoder as te
 
@@ -249,7 +251,7 @@ class LoadMlmHeadTest(absltest.TestCase):
     for names in (("weight", "bias"), ("gamma", "beta")):
       sd = self._state_dict(names)
       head = splade.MlmHead(_CONFIG, rngs=_rbg(0))
-      self.assertTrue(splade.load_mlm_head(head, sd))
+      self.assertTrue(pretrained.load_mlm_head(head, sd))
       norm = "cls.predictions.transform.LayerNorm."
       w = sd["cls.predictions.transform.dense.weight"]
       np.testing.assert_allclose(np.asarray(head.transform_dd[...]), w.T,
@@ -269,17 +271,17 @@ class LoadMlmHeadTest(absltest.TestCase):
   def test_absent_partial_and_misshapen_heads(self):
     head = splade.MlmHead(_CONFIG, rngs=_rbg(0))
     sd = self._state_dict()
-    self.assertFalse(splade.load_mlm_head(
+    self.assertFalse(pretrained.load_mlm_head(
         head, {k: v for k, v in sd.items() if not k.startswith("cls.")}))
     np.testing.assert_array_equal(np.asarray(head.transform_dd[...]),
                                   np.eye(_D))  # untouched
     partial = dict(sd)
     del partial["cls.predictions.bias"]
     with self.assertRaisesRegex(ValueError, "cls.predictions.bias"):
-      splade.load_mlm_head(head, partial)
+      pretrained.load_mlm_head(head, partial)
     bad = dict(sd, **{"cls.predictions.bias": np.zeros(_V + 1)})
     with self.assertRaisesRegex(ValueError, "bias_v"):
-      splade.load_mlm_head(head, bad)
+      pretrained.load_mlm_head(head, bad)
     np.testing.assert_array_equal(np.asarray(head.transform_dd[...]),
                                   np.eye(_D))  # nothing half-written
 
@@ -288,31 +290,31 @@ class InferenceFreeTest(absltest.TestCase):
 
   def test_query_known_answer(self):
     idf = np.array([5.0, 1.0, -2.0, 0.5, 3.0, 4.0], np.float32)
-    q = splade.inference_free_query([[0, 1, 1, 2, 3, 5], [], [4, 4]],
+    q = features.inference_free_query([[0, 1, 1, 2, 3, 5], [], [4, 4]],
                                     vocab_size=6, idf_v=idf,
                                     special_ids=(0, 5))
     self.assertEqual((q.dtype, q.shape), (np.float32, (3, 6)))
     # Duplicates count once, specials 0, negative idf clipped to 0.
     np.testing.assert_array_equal(q, [[0, 1, 0, 0.5, 0, 0], [0] * 6,
                                       [0, 0, 0, 0, 3, 0]])
-    binary = splade.inference_free_query([[1, 1, 3]], vocab_size=6)
+    binary = features.inference_free_query([[1, 1, 3]], vocab_size=6)
     np.testing.assert_array_equal(binary, [[0, 1, 0, 1, 0, 0]])
 
   def test_query_bad_input(self):
     with self.assertRaisesRegex(ValueError, "ids_list"):
-      splade.inference_free_query([[1, 6]], vocab_size=6)
+      features.inference_free_query([[1, 6]], vocab_size=6)
     with self.assertRaisesRegex(ValueError, "idf_v"):
-      splade.inference_free_query([[1]], vocab_size=6, idf_v=np.ones(5))
+      features.inference_free_query([[1]], vocab_size=6, idf_v=np.ones(5))
 
   def test_idf_known_answer(self):
-    idf = splade.idf_from_corpus([[1, 2, 2], [2, 3], [], [2]], vocab_size=5)
+    idf = features.idf_from_corpus([[1, 2, 2], [2, 3], [], [2]], vocab_size=5)
     n, df = 4, np.array([0, 1, 3, 1, 0])
     np.testing.assert_allclose(
         idf, np.log(1.0 + (n - df + 0.5) / (df + 0.5)), rtol=1e-6)
     self.assertAlmostEqual(float(idf[2]), np.log(1 + 1.5 / 3.5), places=6)
     self.assertEqual(idf.dtype, np.float32)
     with self.assertRaisesRegex(ValueError, "token_id_lists"):
-      splade.idf_from_corpus([[5]], vocab_size=5)
+      features.idf_from_corpus([[5]], vocab_size=5)
 
 
 if __name__ == "__main__":
