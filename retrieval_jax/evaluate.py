@@ -100,14 +100,12 @@ def use_run(config: ml_collections.ConfigDict, mesh):
 
 def load_collection(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                     corpus_only: bool = False) -> beir.BeirCollection:
-  """Reads the BEIR directory through the TFDS builder (prepared once)."""
-  from retrieval_jax.data import tfds_beir  # Imports TensorFlow (CPU only).
+  """Reads the BEIR directory with `beir.load_beir` (no TensorFlow)."""
+  del workdir  # Nothing is prepared: the files are parsed directly.
   path = check_data_path(config, corpus_only)
-  tfds_dir = pathlib.Path(config.data.tfds_dir or workdir / "tfds")
-  return tfds_beir.load_beir_tfds(
+  return beir.load_beir(
       path, split=None if corpus_only else config.data.split,
-      data_dir=tfds_dir, on_unknown=config.data.on_unknown,
-      corpus_only=corpus_only)
+      on_unknown=config.data.on_unknown, corpus_only=corpus_only)
 
 
 def format_table(metrics: dict[str, float], title: str) -> str:

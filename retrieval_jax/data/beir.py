@@ -7,33 +7,12 @@ A collection is a directory holding
   qrels/<split>.tsv  "query-id<TAB>corpus-id<TAB>score" header, then one
                      judgment per line with an integer score
 
-This module is pure Python (no TensorFlow), so evaluation code and tests can
-use it without paying for a TF import. The TFDS builder in `tfds_beir.py`
-parses through the same functions, so both paths accept and reject the same
-files with the same messages.
-
-Every format problem raises `BeirFormatError`, whose message starts with
-"path:line: " (or "path: " for a problem with the file as a whole), so a bad
-line in a multi-gigabyte file can be found with an editor. Decisions about
-inputs the BEIR layout leaves open:
-
-* Ids are strings. JSON integers are accepted and converted with `str()`
-  (some exports write numeric ids unquoted); null, booleans, floats, empty
-  ids and ids holding a tab or a line break (which the qrels TSV could not
-  hold) are rejected.
-* `title` is optional and defaults to ""; `text` is required but may be empty
-  (Cranfield documents 471 and 995 have neither title nor text). Other keys,
-  such as BEIR's `metadata`, are ignored.
-* Blank lines are skipped; a UTF-8 byte-order mark on the first line is
-  dropped; CRLF line ends are accepted.
-* The qrels header is recognised by content, not by its names: the first
-  non-blank line is a header when its third column is not an integer, and a
-  judgment otherwise, so headerless files are accepted too.
-* Judgments naming a query or document that the collection lacks follow an
-  `on_unknown` policy. The default "warn" drops those rows and emits one
-  `UnknownIdsWarning` with counts, example ids and line numbers; this matches
-  trec_eval, which ignores judgments for queries absent from the run.
-  Duplicate (query, doc) judgments are an error, as in trec_eval.
+This is the one way the library reads a collection (training data,
+evaluation, experiments): pure Python, no TensorFlow, so the run path needs
+none; `tfds_beir` only prepares TFDS tables from these same parsers. Every
+format problem raises `BeirFormatError`, starting "path:line: " (or "path: "
+for the file as a whole); the rules for what BEIR leaves open are given
+where they are applied (`json_id`, `read_corpus`, `read_qrels_rows`, ...).
 """
 
 import collections
@@ -176,7 +155,11 @@ def require_file(path: str, what: str) -> None:
 
 
 def _read_lines(path: str) -> Iterator[tuple[int, str]]:
-  """Yields (1-based line number, decoded line without its line end)."""
+  """Yields (1-based line number, decoded line without its line end).
+
+  A UTF-8 byte-order mark on the first line is dropped; CRLF line ends are
+  accepted.
+  """
   # Binary mode splits on b"\n" only; text mode would also split on U+2028
   # and friends, which JSON strings may hold unescaped, and shift the line
   # numbers away from what an editor shows.
@@ -195,6 +178,8 @@ def _read_lines(path: str) -> Iterator[tuple[int, str]]:
 
 def read_json_objects(path: str) -> Iterator[tuple[int, dict]]:
   """Reads a JSONL file whose every non-blank line must be a JSON object.
+
+  Blank lines are skipped.
 
   Args:
     path: str, an existing file.
@@ -222,7 +207,12 @@ def read_json_objects(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def json_id(path: str, lineno: int, obj: dict, key: str) -> str:
-  """Returns obj[key] as an id string (see the module docstring's rules).
+  """Returns obj[key] as an id string.
+
+  Ids are strings. JSON integers are accepted and converted with `str()`
+  (some exports write numeric ids unquoted); null, booleans, floats, empty
+  ids and ids holding a tab or a line break (which the qrels TSV could not
+  hold) are rejected.
 
   Args:
     path: str and lineno: int, where `obj` came from, for messages.
@@ -295,6 +285,10 @@ def _check_unique(
 def read_corpus(path: str) -> tuple[list[str], list[str], list[str]]:
   """Reads a BEIR corpus.jsonl.
 
+  `title` is optional and defaults to ""; `text` is required but may be
+  empty (Cranfield documents 471 and 995 have neither). Other keys, such as
+  BEIR's `metadata`, are ignored.
+
   Args:
     path: str, the corpus file.
 
@@ -359,6 +353,11 @@ def _parse_score(field: str) -> int | None:
 
 def read_qrels_rows(path: str) -> list[QrelsRow]:
   """Reads and validates a BEIR qrels TSV, without any id filtering.
+
+  The header is recognised by content, not by its names: the first
+  non-blank line is a header when its third column is not an integer, and a
+  judgment otherwise, so headerless files are accepted too. Duplicate
+  (query, doc) judgments are an error, as in trec_eval.
 
   Args:
     path: str, the qrels file.
@@ -435,6 +434,9 @@ def qrels_from_rows(
     on_unknown: str = "warn",
 ) -> dict[str, dict[str, int]]:
   """Builds the qrels dict, applying the unknown-id policy.
+
+  The default "warn" matches trec_eval, which ignores judgments for queries
+  absent from the run.
 
   Args:
     path: str, the qrels file the rows came from (for messages).

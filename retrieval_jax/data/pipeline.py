@@ -1,58 +1,21 @@
-"""Training data for the dual-encoder trainer, and its step-indexed loader.
+"""Training data for the trainers, and its step-indexed loader.
 
-Two layers:
+* `TrainingData`: one `TrainingExample` per training query (id, text,
+  positive doc ids in file order, mined negatives in rank order) and the
+  corpus the ids index, read from a BEIR qrels split or a pairs file with
+  `beir.py`'s strict parsers; `negatives.mine` adds the negatives.
+* `TrainLoader`: fixed-shape numpy batches; batch t is a pure function of
+  (data, settings, seed, t), so a restored run sees the batches an
+  uninterrupted one would, and the step is the only iterator state.
 
-* `TrainingData`: one `TrainingExample` per training query (its id and
-  text, its positive doc ids in file order, its mined hard negatives in rank
-  order) plus the corpus the doc ids index. Built from a BEIR qrels split or
-  a pairs file through the seqio Tasks of `tasks.py`; negatives are added
-  with `mine_negatives` (BM25 or an encoder, cached on disk).
-* `TrainLoader`: turns the data into fixed-shape numpy batches. Batch t is
-  a pure function of (data, settings, seed, t), so a run restored at step t
-  sees exactly the batches an uninterrupted run would have seen; the only
-  iterator state to checkpoint is the step.
-
-The example stream. An example is one query (unit "query") or one
-(query, positive) pair (unit "pair"). Epoch e visits every example once, in
-the order `np.random.default_rng([seed, e]).permutation(E)`; the stream is
-epoch 0's order, then epoch 1's, and so on, and batch t holds stream items
-[t*B, (t+1)*B), so a batch may straddle two epochs.
-
-The positives of an example ("one" or "all", from the loss):
-* "one", unit "pair": the pair's own positive;
-* "one", unit "query": Rand1LH, positive (crc32(query_id + str(seed)) + e)
-  mod m of the query's m positives, so over m epochs each is used once;
-* "all", unit "query": the first min(m, max_positives) in file order;
-* "all", unit "pair": the pair's own positive, then the query's others in
-  file order, min(m, max_positives) in all.
-
-Hard negatives fill the rest of each group of `group_size` passages: draws
-without replacement from the query's top-`negative_depth` mined list, with
-an rng seeded by (seed, epoch, example index). A shorter list is used whole
-and topped up with draws with replacement; an empty one leaves padding
-(doc -1, all-zero mask).
-
-Batch layout (B = batch_size, G = group_size, R = max_relevant):
-
-  query_ids       int32 [B, Lq]    token ids, padded to query_max_length
-  query_mask      int32 [B, Lq]    1 on tokens, 0 on padding
-  passage_ids     int32 [B*G, Lp]  query-major: rows i*G .. i*G+G-1 are
-                                   query i's group, its positives first
-  passage_mask    int32 [B*G, Lp]
-  positive_counts int32 [B]        positives in each group, 1..G
-  passage_doc     int32 [B*G]      corpus index of each row, -1 = padding
-  relevant_doc    int32 [B, R]     corpus indices of every known relevant
-                                   doc of the query, -1 padded
-  example_index   int64 [B]        position in the example stream
-
-Shapes are fixed, so the train step compiles once. Token type ids are all
-zero for single-segment inputs and are left out.
+No seqio: a Task over the parsed lists only round-tripped them through TF
+constants (nothing to preprocess, tokenize or cache; tokenizing stays with
+the loader, per model). The library uses seqio nowhere.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 import dataclasses
 import functools
-import hashlib
 import itertools
 import math
 import operator
@@ -60,21 +23,30 @@ import os
 import queue
 import threading
 import time
+from typing import NamedTuple
 import zlib
 
 from absl import logging
 import numpy as np
 
 from retrieval_jax.data import beir
-from retrieval_jax.data import negatives as negatives_lib
 
 UNITS = ("pair", "query")
 POSITIVE_CHOICES = ("one", "all")
-MINING_METHODS = ("bm25", "dense")
 # Corpus index of a padding passage row.
 PAD_DOC = -1
-# The task features, in the order `_task_rows` returns them.
-_ROW_KEYS = ("query_id", "query", "doc_id", "positive")
+_PAIRS_WHAT = ('training pairs, one {"query_id", "query", "doc_id", "title",'
+               ' "text"} object per line')
+
+
+class PairRow(NamedTuple):
+  """One (query, positive) pair of a training source, with its line."""
+
+  line: int
+  query_id: str
+  query: str
+  doc_id: str
+  positive: str  # beir.doc_text(title, text) of the positive.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +145,7 @@ class TrainingData:
   def from_beir(cls, directory: str | os.PathLike, split: str = "train", *,
                 corpus_dir: str | os.PathLike | None = None
                ) -> "TrainingData":
-    """Reads a BEIR qrels split's positives through its seqio Task.
+    """Reads the positives of a BEIR qrels split.
 
     Args:
       directory: a BEIR collection directory.
@@ -183,39 +155,29 @@ class TrainingData:
 
     Returns:
       TrainingData with one example per judged query (positives: judgments
-      with score > 0, in qrels order) and no negatives yet.
+      with score > 0, in qrels order; rows naming unknown ids are dropped
+      with a `beir.UnknownIdsWarning`) and no negatives yet.
 
     Raises:
-      BeirFormatError: a missing or malformed file.
-      ValueError: a positive doc id absent from `corpus_dir`'s corpus.
+      BeirFormatError: a missing or malformed file, a split without any
+        positive judgment, or a positive absent from `corpus_dir`'s corpus.
     """
-    # Imported here: TensorFlow and seqio cost seconds to import, and the
-    # loader itself does not need them.
-    from retrieval_jax.data import tasks  # pylint: disable=g-import-not-at-top
-
     directory = os.fspath(directory)
     # Resolve the files first, so a wrong split fails before any reading.
     qrels_file = beir.qrels_path(directory, split)
     corpus_dir = directory if corpus_dir is None else os.fspath(corpus_dir)
     beir.check_directory(corpus_dir)
     corpus_file = beir.corpus_path(corpus_dir)
-    name = _task_name("beir", os.path.abspath(directory), split)
-    task = tasks.register_beir_train_task(name, directory, split)
-    rows = _task_rows(task, split)
-
-    def line_of(query_id: str, doc_id: str) -> int | None:
-      # Only on the error path: the Task carries no line numbers.
-      for row in beir.read_qrels_rows(qrels_file):
-        if (row.query_id, row.doc_id) == (query_id, doc_id):
-          return row.line
-      return None
-
-    return _from_rows(rows, corpus_file, qrels_file, line_of)
+    corpus = beir.read_corpus(beir.corpus_path(directory))
+    rows = _qrels_pairs(directory, qrels_file, corpus)
+    if os.path.abspath(corpus_dir) != os.path.abspath(directory):
+      corpus = beir.read_corpus(corpus_file)
+    return _from_rows(rows, corpus, corpus_file, qrels_file)
 
   @classmethod
   def from_pairs(cls, pairs_path: str | os.PathLike,
                  corpus_dir: str | os.PathLike) -> "TrainingData":
-    """Reads a pairs file through its seqio Task.
+    """Reads a pairs file (see `read_pairs`).
 
     The pairs file gives each positive's text; `corpus_dir`'s corpus.jsonl
     supplies the negatives and must hold every positive's doc id, so that a
@@ -223,7 +185,7 @@ class TrainingData:
 
     Args:
       pairs_path: one {"query_id", "query", "doc_id", "title", "text"}
-        object per line (see `tasks.read_pairs`).
+        object per line.
       corpus_dir: a BEIR collection directory (only corpus.jsonl is read).
 
     Returns:
@@ -231,31 +193,17 @@ class TrainingData:
       its positives in file order, and no negatives yet.
 
     Raises:
-      BeirFormatError: a missing or malformed file.
-      ValueError: a pair's doc id absent from the corpus, or one query id
-        (or doc id) with two different texts; the message names the line.
+      BeirFormatError: a missing or malformed file, a pair's doc id absent
+        from the corpus, or one query id (or doc id) with two different
+        texts; the message names the line.
     """
-    from retrieval_jax.data import tasks  # pylint: disable=g-import-not-at-top
-
     pairs_path = os.fspath(pairs_path)
     corpus_dir = os.fspath(corpus_dir)
-    # The corpus path is checked before the (slower) Task registration.
     beir.check_directory(corpus_dir)
     corpus_file = beir.corpus_path(corpus_dir)
-    name = _task_name("pairs", os.path.abspath(pairs_path))
-    task = tasks.register_pairs_task(name, pairs_path)
-    rows = _task_rows(task, tasks.PAIRS_SPLIT)
-
-    def line_of(query_id: str, doc_id: str) -> int | None:
-      # Only on the error path: re-read the file for the line number.
-      for lineno, obj in beir.read_json_objects(pairs_path):
-        # str(): ids written as JSON integers are strings in the Task.
-        ids = (str(obj.get("query_id")), str(obj.get("doc_id")))
-        if ids == (query_id, doc_id):
-          return lineno
-      return None
-
-    return _from_rows(rows, corpus_file, pairs_path, line_of)
+    rows = read_pairs(pairs_path)
+    return _from_rows(rows, beir.read_corpus(corpus_file), corpus_file,
+                      pairs_path)
 
   def with_negatives(self,
                      negatives: Sequence[Sequence[str]]) -> "TrainingData":
@@ -279,95 +227,86 @@ class TrainingData:
     # `replace` re-runs the constructor's checks on the new negatives.
     return dataclasses.replace(self, examples=examples)
 
-  def mine_negatives(self, method: str = "bm25", *, depth: int = 100,
-                     encoder=None, batch_size: int = 64,
-                     cache_path: str | os.PathLike | None = None
-                    ) -> "TrainingData":
-    """Mines hard negatives for every query, excluding its positives.
 
-    Args:
-      method: "bm25" (`negatives.bm25_negatives`) or "dense"
-        (`negatives.dense_negatives` with `encoder`).
-      depth: negatives kept per query.
-      encoder: a `TextEncoder`, for method "dense".
-      batch_size: texts per encoder step, for method "dense".
-      cache_path: a JSON file that keeps the result across runs (see
-        `negatives.cached_negatives`); None mines every time.
-
-    Returns:
-      TrainingData with `negative_ids` set.
-    """
-    if method not in MINING_METHODS:
-      raise ValueError(
-          f"method must be one of {MINING_METHODS}, got {method!r}")
-    if method == "dense" and encoder is None:
-      raise ValueError('method "dense" needs an encoder')
-    query_ids = [ex.query_id for ex in self.examples]
-    query_texts = [ex.query for ex in self.examples]
-    # Every positive is excluded, not only the ones a batch will feed: a
-    # positive is relevant whichever the loader picks.
-    exclude = [set(ex.positive_ids) for ex in self.examples]
-    if method == "bm25":
-      settings = negatives_lib.BM25_SETTINGS
-
-      def compute():
-        return negatives_lib.bm25_negatives(
-            query_texts, self.doc_ids, self.doc_texts, exclude, depth=depth)
-
-    else:
-      settings = negatives_lib.encoder_fingerprint(encoder)
-
-      def compute():
-        return negatives_lib.dense_negatives(
-            encoder, query_texts, self.doc_ids, self.doc_texts, exclude,
-            depth=depth, batch_size=batch_size)
-
-    if cache_path is None:
-      mined = compute()
-    else:
-      key = negatives_lib.mining_key(method, settings, query_ids, query_texts,
-                                     self.doc_ids, self.doc_texts, exclude,
-                                     depth)
-      mined = negatives_lib.cached_negatives(cache_path, key, compute)
-    return self.with_negatives(mined)
-
-
-def _task_name(*source: str) -> str:
-  """A seqio task name unique to a source (registration is idempotent)."""
-  # Derived from the source, not chosen by the caller: the registry is
-  # global, and one name registered from two sources is an error.
-  digest = hashlib.sha1("\0".join(source).encode("utf-8")).hexdigest()
-  return f"retrieval_jax_{source[0]}_{digest[:16]}"
-
-
-def _task_rows(task, split: str) -> list[tuple[str, str, str, str]]:
-  """A Task's examples as (query_id, query, doc_id, positive), file order."""
-  # File order: the loader does its own seeded, resumable shuffling.
-  dataset = task.get_dataset(sequence_length=None, split=split,
-                             shuffle=False)
-  return [tuple(example[key].decode("utf-8") for key in _ROW_KEYS)
-          for example in dataset.as_numpy_iterator()]
-
-
-def _from_rows(rows: Sequence[tuple[str, str, str, str]], corpus_file: str,
-               source: str, line_of: Callable[[str, str], int | None]
-              ) -> TrainingData:
-  """Groups (query_id, query, doc_id, positive) rows by query.
+def read_pairs(path: str) -> list[PairRow]:
+  """Reads and validates a pairs JSONL file.
 
   Args:
-    rows: the task's examples in file order.
-    corpus_file: the corpus.jsonl the doc ids must be in.
-    source: the file the rows came from, for messages.
-    line_of: (query_id, doc_id) -> the row's line in `source`.
+    path: one {"query_id", "query", "doc_id", "title", "text", "score"}
+      object per line; `title` optional, `score` optional and, when given,
+      a positive integer (every line is meant to be a positive).
 
   Returns:
-    TrainingData over `corpus_file`'s corpus, positive texts from `rows`.
+    list[PairRow] in file order.
+
+  Raises:
+    BeirFormatError: missing file, malformed JSON, a line that is not an
+      object, a missing or mistyped key, a score that is not a positive
+      integer, a repeated (query_id, doc_id) pair, or no pairs at all.
   """
+  beir.require_file(path, _PAIRS_WHAT)
+  rows = []
+  seen = {}
+  for lineno, obj in beir.read_json_objects(path):
+    query_id = beir.json_id(path, lineno, obj, "query_id")
+    doc_id = beir.json_id(path, lineno, obj, "doc_id")
+    query, text = (beir.json_text(path, lineno, obj, key, required=True)
+                   for key in ("query", "text"))
+    title = beir.json_text(path, lineno, obj, "title", required=False)
+    score = obj.get("score", 1)
+    if isinstance(score, bool) or not isinstance(score, int) or score <= 0:
+      # A non-positive score would silently train on a non-relevant pair.
+      raise beir.BeirFormatError(
+          path, lineno, f'"score" must be a positive integer, got {score!r}')
+    first = seen.setdefault((query_id, doc_id), lineno)
+    if first != lineno:
+      raise beir.BeirFormatError(
+          path, lineno, f"duplicate pair for query {query_id!r} and doc"
+          f" {doc_id!r} (first at line {first})")
+    rows.append(PairRow(lineno, query_id, query, doc_id,
+                        beir.doc_text(title, text)))
+  if not rows:
+    raise beir.BeirFormatError(path, None, "the file holds no pairs")
+  return rows
 
-  def fail(query_id, doc_id, message):
-    raise beir.BeirFormatError(source, line_of(query_id, doc_id), message)
 
-  doc_ids, titles, bodies = beir.read_corpus(corpus_file)
+def _qrels_pairs(directory: str, qrels_file: str,
+                 corpus: tuple[list[str], list[str], list[str]]
+                ) -> list[PairRow]:
+  """The judgments with score > 0 and known ids, in qrels file order."""
+  doc_ids, titles, texts = corpus
+  query_ids, queries = beir.read_queries(beir.queries_path(directory))
+  rows = beir.read_qrels_rows(qrels_file)
+  # Validation and the unknown-id policy; `qrels` holds the rows we keep.
+  qrels = beir.qrels_from_rows(qrels_file, rows, query_ids, doc_ids, "warn")
+  query_text = dict(zip(query_ids, queries))
+  doc_index = {doc_id: i for i, doc_id in enumerate(doc_ids)}
+  # The rows, not the qrels dict: the dict groups by query, which reorders
+  # files whose judgments for one query are not contiguous.
+  pairs = [
+      PairRow(row.line, row.query_id, query_text[row.query_id], row.doc_id,
+              beir.doc_text(titles[doc_index[row.doc_id]],
+                            texts[doc_index[row.doc_id]]))
+      for row in rows
+      if row.score > 0 and row.doc_id in qrels.get(row.query_id, {})]
+  if not pairs:
+    raise beir.BeirFormatError(qrels_file, None,
+                               "no judgment has a positive score")
+  if len(rows) > len(pairs):
+    logging.info("%s: %d judgments skipped (score <= 0 or unknown id)",
+                 qrels_file, len(rows) - len(pairs))
+  return pairs
+
+
+def _from_rows(rows: Sequence[PairRow],
+               corpus: tuple[list[str], list[str], list[str]],
+               corpus_file: str, source: str) -> TrainingData:
+  """Groups pairs by query, over `corpus` (read from `corpus_file`).
+
+  Positive texts come from `rows`; `source` is the file the rows came from,
+  for messages.
+  """
+  doc_ids, titles, bodies = corpus
   doc_index = {doc_id: i for i, doc_id in enumerate(doc_ids)}
   doc_texts = [beir.doc_text(t, b) for t, b in zip(titles, bodies)]
   # doc id -> (text, query id) of the first row naming it.
@@ -375,16 +314,18 @@ def _from_rows(rows: Sequence[tuple[str, str, str, str]], corpus_file: str,
   # query id -> (text, [positive doc ids]); dicts keep first appearance.
   groups = {}
   num_changed = 0
-  for query_id, query, doc_id, positive in rows:
+  for line, query_id, query, doc_id, positive in rows:
     i = doc_index.get(doc_id)
     if i is None:
-      fail(query_id, doc_id, f"doc {doc_id!r} is not in {corpus_file}")
+      raise beir.BeirFormatError(source, line,
+                                 f"doc {doc_id!r} is not in {corpus_file}")
     if doc_id in given:
       # One doc id is one passage: two texts would make the corpus index
       # stand for two different passages.
       if given[doc_id][0] != positive:
-        fail(query_id, doc_id, f"doc {doc_id!r} has a different text than"
-             f" for query {given[doc_id][1]!r}")
+        raise beir.BeirFormatError(
+            source, line, f"doc {doc_id!r} has a different text than for"
+            f" query {given[doc_id][1]!r}")
     else:
       given[doc_id] = (positive, query_id)
       # The source's text is the positive the data set means; the corpus
@@ -393,7 +334,8 @@ def _from_rows(rows: Sequence[tuple[str, str, str, str]], corpus_file: str,
       doc_texts[i] = positive
     group = groups.setdefault(query_id, (query, []))
     if group[0] != query:
-      fail(query_id, doc_id, f"query {query_id!r} has two different texts")
+      raise beir.BeirFormatError(
+          source, line, f"query {query_id!r} has two different texts")
     group[1].append(doc_id)
   if num_changed:
     logging.warning("%s: %d positive texts differ from %s; using the former",
@@ -449,11 +391,47 @@ def _mask(lengths_n: np.ndarray, width: int) -> np.ndarray:
 
 
 class TrainLoader:
-  """Deterministic, step-indexed batches of query groups (module docstring).
+  """Deterministic, step-indexed batches of query groups.
 
   All texts the batches can hold (every query, every positive, the top
   `negative_depth` negatives) are tokenized once in the constructor, so
   `batch_at` only samples and gathers.
+
+  The example stream. An example is one query (unit "query") or one
+  (query, positive) pair (unit "pair"). Epoch e visits every example once, in
+  the order `np.random.default_rng([seed, e]).permutation(E)`; the stream is
+  epoch 0's order, then epoch 1's, and so on, and batch t holds stream items
+  [t*B, (t+1)*B), so a batch may straddle two epochs.
+
+  The positives of an example ("one" or "all", from the loss):
+  * "one", unit "pair": the pair's own positive;
+  * "one", unit "query": Rand1LH, positive (crc32(query_id + str(seed)) + e)
+    mod m of the query's m positives, so over m epochs each is used once;
+  * "all", unit "query": the first min(m, max_positives) in file order;
+  * "all", unit "pair": the pair's own positive, then the query's others in
+    file order, min(m, max_positives) in all.
+
+  Hard negatives fill the rest of each group of `group_size` passages: draws
+  without replacement from the query's top-`negative_depth` mined list, with
+  an rng seeded by (seed, epoch, example index). A shorter list is used whole
+  and topped up with draws with replacement; an empty one leaves padding
+  (doc -1, all-zero mask).
+
+  Batch layout (B = batch_size, G = group_size, R = max_relevant):
+
+    query_ids       int32 [B, Lq]    token ids, padded to query_max_length
+    query_mask      int32 [B, Lq]    1 on tokens, 0 on padding
+    passage_ids     int32 [B*G, Lp]  query-major: rows i*G .. i*G+G-1 are
+                                     query i's group, its positives first
+    passage_mask    int32 [B*G, Lp]
+    positive_counts int32 [B]        positives in each group, 1..G
+    passage_doc     int32 [B*G]      corpus index of each row, -1 = padding
+    relevant_doc    int32 [B, R]     corpus indices of every known relevant
+                                     doc of the query, -1 padded
+    example_index   int64 [B]        position in the example stream
+
+  Shapes are fixed, so the train step compiles once. Token type ids are all
+  zero for single-segment inputs and are left out.
   """
 
   def __init__(self, data: TrainingData, tokenizer, *, batch_size: int,
@@ -471,7 +449,7 @@ class TrainLoader:
       batch_size: B, queries per batch.
       group_size: G, passages per query (positives, then hard negatives).
       unit: "pair" (one example per (query, positive)) or "query".
-      positives: "one" or "all" (see the module docstring).
+      positives: "one" or "all" (see the class docstring).
       max_positives: most positives per group for positives "all".
       query_max_length: Lq, tokens per query ([CLS] and [SEP] included).
       passage_max_length: Lp, tokens per passage.
@@ -531,7 +509,7 @@ class TrainLoader:
       raise ValueError(
           f"group_size={self.group_size} asks for hard negatives but no query"
           " of the data has any; mine them first"
-          " (TrainingData.mine_negatives) or lower group_size")
+          " (negatives.mine) or lower group_size")
 
     doc_index = data.doc_index
     # Per query: corpus indices of its positives (file order) and of its
@@ -656,7 +634,7 @@ class TrainLoader:
         self.num_examples)
 
   def _positive_slots(self, q: int, j: int, epoch: int) -> np.ndarray:
-    """Indices into query q's positives for one example (module docstring)."""
+    """Indices into query q's positives for one example (class docstring)."""
     m = len(self._positive_docs[q])
     if self.positives == "one":
       if j >= 0:
@@ -688,7 +666,7 @@ class TrainLoader:
         [pool[rng.permutation(n)], pool[rng.integers(0, n, count - n)]])
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """The batch of training step `step` (layout in the module docstring).
+    """The batch of training step `step` (layout in the class docstring).
 
     A pure function of the data, the settings, the seed and `step`; safe to
     call from several threads.

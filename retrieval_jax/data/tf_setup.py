@@ -1,14 +1,14 @@
 """Imports TensorFlow with every GPU and TPU hidden from it.
 
-TensorFlow is only an input-pipeline library here (TFDS, seqio); JAX owns
-the accelerators. Left alone, TF reserves most of each GPU's memory the
+TensorFlow is only a side library here (preparing TFDS tables, clu's
+writers); JAX owns the accelerators. Left alone, TF reserves most of each GPU's memory the
 moment it initialises its devices, and JAX then runs out. Every project
 module imports TF through this one:
 
   from retrieval_jax.data.tf_setup import tf
 
 so the devices are hidden before anything else can initialise them. Import it
-before `tensorflow_datasets` or `seqio`, which import TF themselves.
+before `tensorflow_datasets` or `clu`, which import TF themselves.
 """
 
 from absl import logging

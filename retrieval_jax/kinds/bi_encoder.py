@@ -167,15 +167,13 @@ class DenseEvaluator:
   """
 
   def __init__(self, config, model_def, tokenizer, mesh, workdir):
-    from retrieval_jax.data import tfds_beir  # pylint: disable=g-import-not-at-top
+    from retrieval_jax.data import beir  # pylint: disable=g-import-not-at-top
+    del workdir  # Collections are parsed directly; nothing is prepared.
     self.config, self.model_def, self.mesh = config, model_def, mesh
     self.tokenizer, self._encoder = tokenizer, None
     self.evals = {}
     for name, ev in config.evals.items():
-      collection = tfds_beir.load_beir_tfds(
-          pathlib.Path(ev.path), split=ev.split,
-          data_dir=pathlib.Path(config.data.tfds_dir or workdir / "tfds"),
-          on_unknown="warn")
+      collection = beir.load_beir(ev.path, split=ev.split, on_unknown="warn")
       self.evals[name] = evaluators.RetrievalEvaluator(
           collection, measures=ev.measures, relevance_level=1,
           top_k=ev.top_k, metric="cosine" if config.model.normalize else

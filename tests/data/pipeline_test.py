@@ -1,7 +1,7 @@
 """Tests for the training data and its step-indexed loader.
 
 Covers the LIMIT-small train/dev split files, the builders (BEIR qrels and
-pairs files through seqio, grouping, error lines), and the loader's
+pairs files: row order, grouping, validation and error lines), and the loader's
 contract: determinism and resume, shapes and dtypes, positives first,
 epoch coverage, Rand1LH cycling, pair units, negatives never relevant, and
 argument validation.
@@ -193,6 +193,80 @@ class TrainingDataTest(absltest.TestCase):
         beir.BeirFormatError,
         f"^{pairs}:3: doc 'Nobody Atall' is not in .*corpus.jsonl"):
       pipeline.TrainingData.from_pairs(pairs, LIMIT_SMALL)
+
+  def test_from_beir_skips_non_positive_and_groups_by_first_positive(self):
+    root = make_tempdir(self)
+    shutil.copy(LIMIT_SMALL / beir.CORPUS_FILE, root)
+    shutil.copy(LIMIT_SMALL / beir.QUERIES_FILE, root)
+    os.makedirs(os.path.join(root, "qrels"))
+    # query_1's only positive comes before query_0's second one, and
+    # query_2 is judged non-relevant only.
+    qrels = os.path.join(root, "qrels", "train.tsv")
+    with open(qrels, "w") as f:
+      f.write("query-id\tcorpus-id\tscore\n"
+              "query_2\tGeneva Durben\t0\n"
+              "query_0\tGeneva Durben\t1\n"
+              "query_1\tArmand Schweda\t2\n"
+              "query_0\tDorathea Bastress\t0\n"
+              "query_0\tArmand Schweda\t1\n")
+    data = pipeline.TrainingData.from_beir(root, "train")
+    self.assertEqual(data.source, qrels)
+    self.assertEqual(
+        [(ex.query_id, ex.positive_ids) for ex in data.examples],
+        [("query_0", ("Geneva Durben", "Armand Schweda")),
+         ("query_1", ("Armand Schweda",))])
+    self.assertEqual(data.examples[0].query, "Who likes Joshua Trees?")
+    # LIMIT titles are empty: the text, without a leading space.
+    self.assertTrue(data.doc_texts[0].startswith("Geneva Durben likes"))
+
+  def test_from_beir_missing_split_lists_available(self):
+    with self.assertRaisesRegex(
+        beir.BeirFormatError,
+        "no qrels for split 'validation'; splits found: dev, test, train"):
+      pipeline.TrainingData.from_beir(LIMIT_SMALL, "validation")
+
+  def write_pairs(self, lines: list[str]) -> str:
+    path = os.path.join(make_tempdir(self), "pairs.jsonl")
+    with open(path, "w") as f:
+      f.write("".join(line + "\n" for line in lines))
+    return path
+
+  def test_read_pairs_title_and_score_optional(self):
+    pair = {"query_id": 7, "query": "first", "doc_id": "d1", "text": "body"}
+    self.assertEqual(pipeline.read_pairs(self.write_pairs([json.dumps(pair)])),
+                     [pipeline.PairRow(1, "7", "first", "d1", "body")])
+
+  def test_read_pairs_validation_names_file_and_line(self):
+    pair = {"query_id": "q1", "query": "first", "doc_id": "d1", "title": "T",
+            "text": "body", "score": 1}
+    good = json.dumps(pair)
+    cases = [
+        ('{"query_id": "q2",', "malformed JSON"),
+        ('["q2"]', "expected a JSON object, got an array"),
+        (json.dumps({k: v for k, v in pair.items() if k != "query"}),
+         'missing "query"'),
+        (json.dumps({k: v for k, v in pair.items() if k != "doc_id"}),
+         'missing "doc_id"'),
+        (json.dumps(dict(pair, query_id="q2", text=None)),
+         '"text" must be a string, got null'),
+        (json.dumps(dict(pair, query_id="q2", score=0)),
+         '"score" must be a positive integer, got 0'),
+        (good, "duplicate pair for query 'q1' and doc 'd1' (first at line 1)"),
+    ]
+    for bad, says in cases:
+      with self.subTest(says=says):
+        path = self.write_pairs([good, bad])
+        with self.assertRaises(beir.BeirFormatError) as cm:
+          pipeline.read_pairs(path)
+        self.assertTrue(str(cm.exception).startswith(f"{path}:2: "))
+        self.assertIn(says, str(cm.exception))
+
+  def test_missing_or_empty_pairs_file(self):
+    path = os.path.join(make_tempdir(self), "nope.jsonl")
+    with self.assertRaisesRegex(beir.BeirFormatError, "does not exist"):
+      pipeline.TrainingData.from_pairs(path, LIMIT_SMALL)
+    with self.assertRaisesRegex(beir.BeirFormatError, "holds no pairs"):
+      pipeline.read_pairs(self.write_pairs([]))
 
   def test_scifact_builders_agree(self):
     if not PAIRS.is_file() or not (SCIFACT / "qrels" / "train.tsv").is_file():

@@ -1,12 +1,11 @@
-"""Tests for the TFDS builder over local BEIR directories: it must return
-exactly what the pure-Python reader returns, in file order, and never reuse
-a preparation whose sources have changed."""
+"""Tests for the TFDS builder over local BEIR directories: its tables must
+hold exactly what the pure-Python parser reads, in file order, and it must
+never reuse a preparation whose sources have changed."""
 
 import os
 import pathlib
 import shutil
 import tempfile
-import warnings
 
 from absl.testing import absltest
 
@@ -47,28 +46,35 @@ class TfdsBeirTest(absltest.TestCase):
     shutil.rmtree(cls.data_dir, ignore_errors=True)
     super().tearDownClass()
 
-  def assert_same_as_beir(self, directory, **kwargs):
-    expected = beir.load_beir(directory, **kwargs)
-    actual = tfds_beir.load_beir_tfds(
-        directory, data_dir=self.data_dir, **kwargs
-    )
-    self.assertEqual(actual, expected)
-    # Dict equality ignores order; the qrels must keep file order too.
+  def assert_tables_equal_parser(self, directory):
+    """Every prepared table equals beir.py's parse; returns the tables."""
+    corpus = tfds_beir.read_split(
+        tfds_beir.prepare(directory, "corpus", self.data_dir),
+        tfds_beir.FULL_SPLIT, ("_id", "title", "text"))
     self.assertEqual(
-        [(q, list(d.items())) for q, d in actual.qrels.items()],
-        [(q, list(d.items())) for q, d in expected.qrels.items()],
-    )
-    return actual
+        corpus, list(beir.read_corpus(beir.corpus_path(directory))))
+    queries = tfds_beir.read_split(
+        tfds_beir.prepare(directory, "queries", self.data_dir),
+        tfds_beir.FULL_SPLIT, ("_id", "text"))
+    self.assertEqual(
+        queries, list(beir.read_queries(beir.queries_path(directory))))
+    qrels_builder = tfds_beir.prepare(directory, "qrels", self.data_dir)
+    qrels = {}
+    for split in beir.available_splits(directory):
+      columns = tfds_beir.read_split(
+          qrels_builder, split, ("query_id", "doc_id", "score", "line"))
+      qrels[split] = [beir.QrelsRow(*row) for row in zip(*columns)]
+      self.assertEqual(
+          qrels[split],
+          beir.read_qrels_rows(beir.qrels_path(directory, split)))
+    return corpus, queries, qrels
 
-  def test_limit_small_equals_beir_reader(self):
-    collection = self.assert_same_as_beir(str(LIMIT_SMALL))
-    self.assertLen(collection.doc_ids, 46)
-    self.assertEqual(collection.doc_ids[0], "Geneva Durben")
-    # Prepared data is reused: a second load reads the same directories.
-    self.assertEqual(
-        tfds_beir.load_beir_tfds(str(LIMIT_SMALL), data_dir=self.data_dir),
-        collection,
-    )
+  def test_limit_small_equals_parser(self):
+    (doc_ids, _, _), _, qrels = self.assert_tables_equal_parser(
+        str(LIMIT_SMALL))
+    self.assertLen(doc_ids, 46)
+    self.assertEqual(doc_ids[0], "Geneva Durben")
+    self.assertLen(qrels["test"], 2000)
 
   def test_array_record_random_access_in_file_order(self):
     builder = tfds_beir.prepare(str(LIMIT_SMALL), "corpus", self.data_dir)
@@ -91,24 +97,23 @@ class TfdsBeirTest(absltest.TestCase):
     self.assertEqual(splits["test"].num_examples, 339)
     self.assertEqual(splits["train"].num_examples, 919)
 
-  def test_scifact_equals_beir_reader(self):
+  def test_scifact_equals_parser(self):
     scifact = SHARED_DATA / "scifact"
     if not scifact.is_dir():
       self.skipTest(f"{scifact} not present")
-    collection = self.assert_same_as_beir(str(scifact))
-    self.assertLen(collection.judged_query_ids(), 300)
-    self.assert_same_as_beir(str(scifact), split="train")
+    self.assert_tables_equal_parser(str(scifact))
 
-  def test_cranfield_with_empty_docs_equals_beir_reader(self):
+  def test_cranfield_with_empty_docs_equals_parser(self):
     cranfield = SHARED_DATA / "cranfield"
     if not cranfield.is_dir():
       self.skipTest(f"{cranfield} not present")
-    collection = self.assert_same_as_beir(str(cranfield))
-    self.assertEqual(collection.texts[collection.doc_ids.index("471")], "")
+    (doc_ids, _, texts), _, _ = self.assert_tables_equal_parser(
+        str(cranfield))
+    self.assertEqual(texts[doc_ids.index("471")], "")
 
   def test_changed_source_is_prepared_again(self):
     directory = copy_collection(self, LIMIT_SMALL)
-    first = tfds_beir.load_beir_tfds(directory, data_dir=self.data_dir)
+    (_, _, first), _, _ = self.assert_tables_equal_parser(directory)
     name = tfds_beir.make_config(directory, "corpus").name
     # Same bytes in another directory: same config, the cache is shared.
     self.assertEqual(
@@ -123,29 +128,9 @@ class TfdsBeirTest(absltest.TestCase):
         text.replace("Geneva Durben likes", "Geneva Durben liked")
     )
     self.assertNotEqual(tfds_beir.make_config(directory, "corpus").name, name)
-    second = tfds_beir.load_beir_tfds(directory, data_dir=self.data_dir)
-    self.assertEqual(second, beir.load_beir(directory))
-    self.assertNotEqual(second.texts[0], first.texts[0])
-    self.assertTrue(second.texts[0].startswith("Geneva Durben liked"))
-
-  def test_unknown_ids_follow_policy_with_original_line_numbers(self):
-    directory = copy_collection(self, LIMIT_SMALL)
-    qrels = pathlib.Path(directory, "qrels", "test.tsv")
-    qrels.write_text(qrels.read_text() + "query_0\tNobody Known\t1\n")
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      collection = tfds_beir.load_beir_tfds(directory, data_dir=self.data_dir)
-    unknown = [w for w in caught if w.category is beir.UnknownIdsWarning]
-    self.assertLen(unknown, 1)
-    self.assertIn(
-        f"{qrels}: 1 of 2001 judgments name ids", str(unknown[0].message)
-    )
-    self.assertIn("first at lines 2002", str(unknown[0].message))
-    self.assertEqual(sum(map(len, collection.qrels.values())), 2000)
-    with self.assertRaisesRegex(beir.BeirFormatError, f"^{qrels}:2002: "):
-      tfds_beir.load_beir_tfds(
-          directory, data_dir=self.data_dir, on_unknown="error"
-      )
+    (_, _, second), _, _ = self.assert_tables_equal_parser(directory)
+    self.assertNotEqual(second[0], first[0])
+    self.assertTrue(second[0].startswith("Geneva Durben liked"))
 
   def test_format_errors_surface_unchanged(self):
     directory = copy_collection(self, LIMIT_SMALL)
@@ -156,24 +141,7 @@ class TfdsBeirTest(absltest.TestCase):
         beir.BeirFormatError,
         f"^{corpus}:47: duplicate _id 'Geneva Durben' \\(first at line 1\\)",
     ):
-      tfds_beir.load_beir_tfds(directory, data_dir=self.data_dir)
-
-  def test_missing_split_lists_available(self):
-    with self.assertRaisesRegex(
-        beir.BeirFormatError, "no qrels for split 'validation'; splits found: dev, test, train",
-    ):
-      tfds_beir.load_beir_tfds(
-          str(LIMIT_SMALL), split="validation", data_dir=self.data_dir
-      )
-
-  def test_corpus_only_directory(self):
-    directory = make_tempdir(self)
-    shutil.copy(LIMIT_SMALL / beir.CORPUS_FILE, directory)
-    collection = tfds_beir.load_beir_tfds(
-        directory, data_dir=self.data_dir, corpus_only=True
-    )
-    self.assertEqual(collection, beir.load_beir(directory, corpus_only=True))
-    self.assertLen(collection.doc_ids, 46)
+      tfds_beir.prepare(directory, "corpus", self.data_dir)
 
   def test_tensorflow_sees_no_accelerator(self):
     # On a host with GPUs this is the check that TF left them to JAX.
