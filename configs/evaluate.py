@@ -55,8 +55,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.on_unknown = "warn"
   # Evaluate only the first N judged queries (0 = all of them).
   config.data.max_queries = 0
-  # Where the TFDS builder prepares the collection ("" = <workdir>/tfds).
-  config.data.tfds_dir = ""
 
   config.encode = ml_collections.ConfigDict()
   # Texts per encoder call (rounded up to a multiple of the data axes).

@@ -108,8 +108,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.passage_max_length = 176
   # Seed of the data order, positive cycling and negative sampling.
   config.data.seed = arg.seed
-  # Where TFDS prepares the evaluation collections ("" = <workdir>/tfds).
-  config.data.tfds_dir = ""
 
   config.loss = ml_collections.ConfigDict()
   # A key of retrieval_jax.losses.LOSSES.

@@ -98,10 +98,9 @@ def use_run(config: ml_collections.ConfigDict, mesh):
                                    max_length=config.model.max_length)
 
 
-def load_collection(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def load_collection(config: ml_collections.ConfigDict,
                     corpus_only: bool = False) -> beir.BeirCollection:
   """Reads the BEIR directory with `beir.load_beir` (no TensorFlow)."""
-  del workdir  # Nothing is prepared: the files are parsed directly.
   path = check_data_path(config, corpus_only)
   return beir.load_beir(
       path, split=None if corpus_only else config.data.split,
@@ -129,7 +128,7 @@ def evaluate(config: ml_collections.ConfigDict,
   if config.get("run", ""):
     encoder_fn = use_run(config, mesh) or encoder_fn
   retrievers.validate(config)
-  collection = load_collection(config, workdir)
+  collection = load_collection(config)
   evaluator = evaluators.RetrievalEvaluator(
       collection, measures=config.eval.measures,
       relevance_level=config.eval.relevance_level,
@@ -179,7 +178,7 @@ def encode(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
-  collection = load_collection(config, workdir, corpus_only=True)
+  collection = load_collection(config, corpus_only=True)
   encoder = make_encoder(config, mesh)
   start = time.perf_counter()
   with jax.default_matmul_precision(config.model.matmul_precision):

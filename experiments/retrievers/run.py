@@ -60,12 +60,11 @@ def main():
   args = parser.parse_args()
   w = args.workdirs
   main_cmd = [sys.executable, "-m", "retrieval_jax.main"]
-  tfds = f"--config.data.tfds_dir={w / 'tfds'}"
   if not args.collect_only:
     for kind in TRAINED:
       if not (w / f"train_{kind}" / "results.json").is_file():
         _run(main_cmd + ["--config", f"configs/train.py:scifact,{kind}",
-                         "--workdir", str(w / f"train_{kind}"), tfds])
+                         "--workdir", str(w / f"train_{kind}")])
   results = {}
   for dataset in args.datasets.split(","):
     results[dataset] = {}
@@ -77,7 +76,7 @@ def main():
             "--config", f"configs/evaluate.py:retriever={kind}",
             "--workdir", str(workdir),
             f"--config.data.path={SHARED / dataset}",
-            f"--config.encode.cache_dir={w / ('cache_' + dataset)}", tfds,
+            f"--config.encode.cache_dir={w / ('cache_' + dataset)}",
             *[f"--config.retriever.{k}_workdir={w / ('train_' + k)}"
               for k in TRAINED], *extra])
       if not (workdir / "stats.json").is_file():

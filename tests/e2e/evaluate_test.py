@@ -111,7 +111,6 @@ class EvaluateModeTest(absltest.TestCase):
     # side to seconds. One dense cache serves the dense, hybrid and PRF runs.
     base = pathlib.Path(self.create_tempdir())
     common_overrides = {"data.max_queries": 100, "model.max_length": 32,
-                        "data.tfds_dir": str(base / "tfds"),
                         "encode.cache_dir": str(base / "cache")}
 
     def run(kind, **overrides):
@@ -253,7 +252,6 @@ class TrainedRetrieversTest(absltest.TestCase):
     for kind, first_stage in (("splade", "bm25"), ("inference_free", "bm25"),
                               ("colbert", "bm25"), ("colbert", "splade")):
       config = _config(**{"data.max_queries": 64, "model.max_length": 32,
-                          "data.tfds_dir": str(base / "tfds"),
                           "encode.cache_dir": str(base / "cache")})
       with config.unlocked():
         config.retriever.kind = kind
@@ -277,8 +275,7 @@ class TrainedRetrieversTest(absltest.TestCase):
       self.assertGreater(metrics["recall@10"], 0.0)
       self.assertGreaterEqual(metrics["recall@100"], metrics["recall@10"])
     # A re-ranking re-orders the first stage's top 20 and nothing else.
-    config = _config(**{"data.max_queries": 64,
-                        "data.tfds_dir": str(base / "tfds")})
+    config = _config(**{"data.max_queries": 64})
     with config.unlocked():
       config.retriever.kind = "bm25"
     evaluate.evaluate(config, base / "eval_bm25")
