@@ -29,8 +29,7 @@ class Model:
 
   Attributes:
     kind: the `kinds.KINDS` entry ("bi_encoder" for a pretrained model).
-    module: the NNX model.
-    tokenizer: its tokenizer.
+    module, tokenizer: the NNX model and its tokenizer.
     run_config: the run's saved config ({} for a pretrained model).
     mesh: devices encoding runs on.
     max_length: tokens per text.

@@ -1,19 +1,12 @@
 """Training checkpoints: an Orbax manager with three items and a resume order.
 
-Each step directory holds `state` (the train state dict {step, params,
-opt_state}; the dropout key is not saved, `steps.train_step` folds the step
-into the run's seed key), `data` (JSON: the loader position, so the batch
-after a restore is the one an uninterrupted run would have seen) and
-`metadata` (JSON: the run's config). Saves are asynchronous and a step only
-becomes visible when Orbax renames its temporary directory, so an interrupted
-save never hides the last complete checkpoint. Restores go onto an abstract
-target whose leaves carry `NamedSharding`s, so a run can resume on another
-mesh.
-
-Resume order (`resume_or_init`), first match wins: the run's own latest
-checkpoint (full state and data position), else `init_from` (another run's
-params into a fresh state: fine-tuning), else scratch (`init_fn()`). The own
-checkpoint comes first so a restarted fine-tuning job keeps its progress.
+A step directory holds `state` ({step, params, opt_state}; the dropout key is
+re-derived), `data` (JSON loader position: a resumed run sees the same batches)
+and `metadata` (JSON config). An interrupted async save never hides the last
+complete one (Orbax renames on commit); restores target sharded abstract trees,
+so a run can resume on another mesh. Resume order (`resume_or_init`), first
+match wins: the run's own checkpoint (a restarted fine-tune keeps its
+progress), else `init_from` (another run's params), else scratch.
 """
 
 from collections.abc import Callable, Mapping
@@ -34,11 +27,7 @@ METADATA = "metadata"
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
-  """One handler per item, registered up front so a fresh manager can read.
-
-  The state uses the PyTree handler (not Standard): only it supports the
-  `partial_restore` that `restore_params` needs.
-  """
+  """Handlers up front; PyTree (not Standard) for `partial_restore`."""
   return {
       STATE: ocp.PyTreeCheckpointHandler(),
       DATA: ocp.JsonCheckpointHandler(),
@@ -58,11 +47,7 @@ def check_step(step: Any) -> int:
 
 
 def _json_copy(name: str, value: Any) -> dict:
-  """A deep copy of `value` through JSON; fails now, naming the item.
-
-  Orbax writes JSON in a background thread, where a bad value would raise far
-  from the mistake, and later edits to the caller's dict could leak in.
-  """
+  """A JSON deep copy: fails here, not in Orbax's background writer."""
   if not isinstance(value, Mapping):
     raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
   try:  # allow_nan=False: NaN is not JSON for non-Python readers.
@@ -75,20 +60,7 @@ def _json_copy(name: str, value: Any) -> dict:
 
 
 def _restore_args(abstract: PyTree, what: str) -> PyTree:
-  """Orbax restore args that put every leaf on its target sharding.
-
-  Args:
-    abstract: pytree whose leaves are `jax.ShapeDtypeStruct`s (or arrays)
-      carrying a sharding.
-    what: name of the tree, for error messages.
-
-  Returns:
-    A pytree of `ocp.ArrayRestoreArgs` matching `abstract`: strict shapes,
-    dtypes cast to the target's.
-
-  Raises:
-    ValueError: a leaf has no shape/dtype or no sharding.
-  """
+  """Restore args: each leaf onto its sharding, strict shapes, dtypes cast."""
   # Checked up front: Orbax's errors for these do not name the leaf.
   leaves = jax.tree_util.tree_leaves_with_path(abstract)
   if not leaves:
@@ -104,14 +76,12 @@ def _restore_args(abstract: PyTree, what: str) -> PyTree:
           f"{what}{name}: the abstract target has no sharding; build it with"
           " jax.eval_shape and attach NamedShardings so the restore knows"
           " its layout")
-  # Each process reads only the shards its devices hold.
   return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
 def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   """`step`, or the latest one when None; raises if it is not on disk."""
-  # Committed steps (and this manager's save in flight, which callers wait
-  # for first); an interrupted save's temporary directory is never listed.
+  # Committed steps (and our in-flight save); never an interrupted one.
   steps = manager.all_steps()
   if step is None:
     if not steps:
@@ -149,24 +119,14 @@ def _restore_params(manager: ocp.CheckpointManager, step: int | None,
 
 
 class Checkpointer:
-  """Saves and restores train states of one run directory.
-
-  Usable as a context manager; leaving it waits for pending saves.
-  """
+  """Saves and restores one run's train states; a context manager."""
 
   def __init__(self, directory: str | os.PathLike, *,
                save_interval_steps: int, max_to_keep: int | None,
                async_save: bool = True):
-    """Opens (creating if missing) a run's checkpoint directory.
+    """Opens (creating) `directory`; `max_to_keep=None` keeps every step.
 
-    Args:
-      directory: where the step directories go.
-      save_interval_steps: `should_save(step)` is true when step is a
-        multiple of this (>= 1).
-      max_to_keep: how many of the most recent checkpoints to keep (>= 1);
-        None keeps all.
-      async_save: write files in a background thread (training goes on
-        while they are written).
+    `async_save` writes in a background thread while training goes on.
     """
     if (isinstance(save_interval_steps, bool) or
         not isinstance(save_interval_steps, int) or save_interval_steps < 1):
@@ -184,7 +144,6 @@ class Checkpointer:
         save_interval_steps=save_interval_steps,
         max_to_keep=max_to_keep,
         create=True,
-        # Drop interrupted saves' temporary directories so they do not pile up.
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
@@ -211,33 +170,19 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, *, data: Mapping[str, Any],
            metadata: Mapping[str, Any], force: bool = False) -> bool:
-    """Saves `state`, `data` and `metadata` as checkpoint `step` if due.
+    """Saves checkpoint `step` if due or `force`d; returns whether it did.
 
-    Args:
-      step: the train step the state belongs to (>= 0).
-      state: pytree of jax.Arrays, any sharding.
-      data: JSON-serialisable dict, the data loader's position.
-      metadata: JSON-serialisable dict (config and the like).
-      force: save even off the interval (preemption, end of training).
-
-    Returns:
-      Whether a checkpoint was written. False when the step is off the
-      interval (without `force`) or already saved.
-
-    Raises:
-      ValueError: `step` is older than the latest checkpoint.
-      TypeError: `data` or `metadata` is not JSON-serialisable.
+    `state`: jax.Arrays, any sharding; `data` (the loader position) and
+    `metadata`: JSON dicts. A step older than the latest is a ValueError.
     """
     step = check_step(step)
     latest = self.latest_step()  # counts a save still in flight
-    # An older step would be deleted first by the keep policy; it is almost
-    # surely a mix-up of two runs.
+    # An older step would be dropped first by max_to_keep: two runs mixed up.
     if latest is not None and step < latest:
       raise ValueError(
           f"cannot save step {step}: {self.directory} already has step"
           f" {latest}; steps must increase")
     if latest == step:
-      # E.g. a preemption save right after the interval save of this step.
       logging.info("checkpoint %d already saved in %s", step, self.directory)
       return False
     if not force and not self.should_save(step):
@@ -256,26 +201,12 @@ class Checkpointer:
 
   def restore(self, step: int | None,
               abstract_state: PyTree) -> tuple[PyTree, dict, dict]:
-    """Restores checkpoint `step` (None: the latest) onto `abstract_state`.
+    """Restores `step` (None: latest) onto sharded `abstract_state`.
 
-    Args:
-      step: the step to restore, or None for the latest.
-      abstract_state: the state's tree of `jax.ShapeDtypeStruct`s with
-        shardings. Its structure must match the saved state's; shapes must
-        match exactly; dtypes are cast to the target's.
-
-    Returns:
-      `(state, data, metadata)`: state with the target's structure and
-      shardings, and the two JSON dicts as saved.
-
-    Raises:
-      FileNotFoundError: no such checkpoint.
-      ValueError: a target leaf lacks a sharding, or the structure or a
-        shape differs from the checkpoint.
+    Returns `(state, data, metadata)`; shapes must match, dtypes are cast.
     """
     self._manager.wait_until_finished()  # an async save cannot be read yet
     step = _resolve_step(self._manager, step)
-    # `item` fixes the structure, `restore_args` the shardings and dtypes.
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(**{
@@ -290,34 +221,16 @@ class Checkpointer:
 
   def restore_params(self, step: int | None, abstract_params: PyTree, *,
                      params_key: str = "params") -> PyTree:
-    """Reads only `state[params_key]` of checkpoint `step` (None: latest).
+    """Reads only `state[params_key]` of `step` (None: latest), no optimizer.
 
-    Used by export and `init_from`: the optimizer state is never read.
-
-    Args:
-      step: the step to read, or None for the latest.
-      abstract_params: tree of `jax.ShapeDtypeStruct`s with shardings, the
-        structure of the saved params (params saved as an `nnx.State` need
-        an `nnx.State` target: its Variables nest each array under
-        "value", so a plain dict of arrays does not match).
-      params_key: the key of the params in the saved state.
-
-    Returns:
-      The params, with the target's structure, dtypes and shardings.
-
-    Raises:
-      FileNotFoundError: no such checkpoint.
-      KeyError: the saved state has no `params_key`.
+    Params saved as an `nnx.State` need an `nnx.State` target (its Variables
+    nest each array under "value"; a plain dict does not match).
     """
     self._manager.wait_until_finished()
     return _restore_params(self._manager, step, abstract_params, params_key)
 
   def reached_preemption(self, step: int) -> bool:
-    """True when this job is being preempted and all hosts reached `step`.
-
-    A multi-host sync point: every process gets the same answer, so they all
-    force the same save. False without JAX's preemption service.
-    """
+    """Preempted and all hosts reached `step`; the same answer on every host."""
     return self._manager.reached_preemption(step)
 
   def wait_until_finished(self) -> None:
@@ -338,24 +251,7 @@ class Checkpointer:
 
 def restore_params_from(directory: str | os.PathLike, abstract_params: PyTree,
                         *, params_key: str = "params") -> PyTree:
-  """Reads the params of another run's latest checkpoint, read-only.
-
-  The `init_from` path: nothing in `directory` is created, cleaned or
-  deleted, so it is safe on a run that is still training.
-
-  Args:
-    directory: that run's checkpoint directory.
-    abstract_params: tree of `jax.ShapeDtypeStruct`s with shardings, the
-      structure of the saved params (see `Checkpointer.restore_params`).
-    params_key: the key of the params in the saved state.
-
-  Returns:
-    The params, with the target's structure, dtypes and shardings.
-
-  Raises:
-    FileNotFoundError: `directory` is missing or holds no checkpoint.
-    KeyError: the saved state has no `params_key`.
-  """
+  """Another run's latest params, read-only (safe while it still trains)."""
   manager = _read_only_manager(directory)
   try:
     return _restore_params(manager, None, abstract_params, params_key)
@@ -371,8 +267,7 @@ def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   return ocp.CheckpointManager(
       directory,
-      # read_only also stops the tmp cleanup that would delete the other
-      # run's save in progress.
+      # read_only: no tmp cleanup deleting the other run's save in progress.
       options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers=_item_handlers())
 
@@ -380,22 +275,9 @@ def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
 def read_run_checkpoint(directory: str | os.PathLike, abstract_params_fn,
                         step: int | None = None
                         ) -> tuple[int, dict, PyTree]:
-  """Another run's checkpoint, read-only: its step, metadata and params.
+  """Another run's `(step, metadata, params)`, read-only; step None: latest.
 
-  The saved metadata (the run's config) decides which model to build, so the
-  params' structure comes from a function of it.
-
-  Args:
-    directory: that run's checkpoint directory.
-    abstract_params_fn: metadata dict -> tree of `jax.ShapeDtypeStruct`s
-      with shardings (see `Checkpointer.restore_params`).
-    step: the step; None for the latest.
-
-  Returns:
-    (step, metadata, params).
-
-  Raises:
-    FileNotFoundError: `directory` is missing or holds no such checkpoint.
+  `abstract_params_fn`: the saved config -> the params' sharded abstract tree.
   """
   manager = _read_only_manager(directory)
   try:
@@ -435,22 +317,11 @@ def resume_or_init(
     checkpointer: Checkpointer, abstract_state: PyTree, *,
     init_fn: Callable[[], PyTree], init_from: str | os.PathLike = "",
     params_key: str = "params") -> tuple[PyTree, dict | None, str]:
-  """Returns the state a run starts from, in the module's resume order.
+  """Returns `(state, data, source)` in the module's resume order.
 
-  Args:
-    checkpointer: the run's own checkpointer.
-    abstract_state: the state's tree of `jax.ShapeDtypeStruct`s with
-      shardings (what `init_fn` returns, abstractly).
-    init_fn: builds a fresh, sharded state (e.g. a jitted init with
-      `out_shardings`). Not called when the run resumes its own checkpoint.
-    init_from: another run's checkpoint directory whose latest params seed
-      this run; "" for none.
-    params_key: the key of the params in the state.
-
-  Returns:
-    `(state, data, source)`. `data` is the saved data-loader position when
-    resuming, else None (start the data from the beginning). `source` is
-    "checkpoint:<step>", "init_from:<dir>" or "scratch".
+  `init_fn` builds a fresh sharded state; `init_from`: a run directory or "".
+  `data`: the saved loader position or None; `source`: "checkpoint:<step>",
+  "init_from:<dir>" or "scratch".
   """
   latest = checkpointer.latest_step()
   if latest is not None:

@@ -1,11 +1,7 @@
-"""The library's two error types; every error it raises on purpose is one.
+"""The library's two error types (ValueError subclasses) for deliberate errors.
 
-`ConfigError`: a config value is missing or wrong; the message names the key
-(e.g. "config.optim.decay='step': expected one of ...").
-`DataError`: an input file is missing or malformed; the message starts with
-"path:line: " (or "path: " when the file as a whole is at fault).
-
-Both subclass ValueError, so callers that catch ValueError keep working.
+`ConfigError` messages name the key ("config.optim.decay='step': ...");
+`DataError` messages start with "path:line: " (or "path: ").
 """
 
 
@@ -16,9 +12,7 @@ class ConfigError(ValueError):
 class DataError(ValueError):
   """An input file is missing or malformed.
 
-  Attributes:
-    path: str, the file or directory at fault.
-    line: int or None, the 1-based line number.
+  Attributes: `path` (str), `line` (1-based int; None: the whole file).
   """
 
   def __init__(self, path: str, line: int | None, message: str):

@@ -1,12 +1,10 @@
 r"""Export of the query and passage towers for serving (STYLE.md, 15).
 
-Each tower is a serialized `jax.export.Exported` program
+Each tower is a serialized `jax.export.Exported`
 `fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd` running
-`steps.encode_step` deterministically: int32 [B, L] in, float32 [B, D] out,
-B symbolic and L symbolic with `L <= max_length` (encoders that cannot trace
-a symbolic length are exported at max_length, `length_mode: "fixed"`).
-Weights are arguments read from safetensors files, not baked constants. The
-directory layout and its reader are in `serving.py`.
+`steps.encode_step`: int32 [B, L] in, float32 [B, D] out, B symbolic and L
+symbolic up to max_length (else fixed at it, `length_mode: "fixed"`).
+Weights are safetensors arguments, not constants; `serving.py` reads them.
 
   python -m retrieval_jax.export --model=all-MiniLM-L6-v2 \
       --out_dir=/tmp/minilm_export --query_max_length=64
@@ -36,9 +34,8 @@ from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax.data import tokenizers
 
-# Short strings that tokenize through every branch of the pipeline (case,
-# accents, punctuation, CJK, unknown words, special tokens in raw text); the
-# tokenizer rebuilt from the export must give the same ids on them.
+# Strings through every tokenizer branch (case, accents, punctuation, CJK,
+# unknown words, raw special tokens); the rebuilt tokenizer must match on them.
 _TOKENIZER_PROBES = (
     "Hello, World! Naïve café — 東京 [SEP] x[MASK]y",
     "ÀÉÎÕÜ ß ΣΑΣ \u200b tab\tnew\nline",
@@ -47,34 +44,19 @@ _TOKENIZER_PROBES = (
 
 def split_params(graphdef: nnx.GraphDef,
                  params: nnx.State | Sequence[nnx.State]):
-  """Separates an encoder's weights from the rest of its state.
+  """(graphdef, param_state, rest_state) as `nnx.split(model, nnx.Param, ...)`.
 
-  Args:
-    graphdef: the encoder's graph.
-    params: the state(s) that `nnx.merge(graphdef, ...)` takes: the one
-      state of `nnx.split(model)`, or the states of a filtered split such as
-      `nnx.split(model, nnx.Param, ...)`.
-
-  Returns:
-    (graphdef, param_state, rest_state) of `nnx.split(model, nnx.Param,
-    ...)`: the weights, and the rest (dropout RNG streams, unused in
-    deterministic mode).
+  params: the state(s) `nnx.merge(graphdef, ...)` takes. The rest holds the
+  dropout RNG streams, unused in deterministic mode.
   """
   states = (params,) if isinstance(params, nnx.State) else tuple(params)
   return nnx.split(nnx.merge(graphdef, *states), nnx.Param, ...)
 
 
 def flatten_params(param_state: nnx.State):
-  """Flat weight list, names and treedef of a Param state.
+  """(keys, arrays, treedef) of a Param state; NumPy arrays, jax.tree order.
 
-  Args:
-    param_state: `nnx.Param` variables.
-
-  Returns:
-    (keys, arrays, treedef): path strings such as
-    "layers.0.attention.query_dnh", the arrays as NumPy in `jax.tree`
-    order, and the treedef that `jax.tree.unflatten` rebuilds the state
-    with.
+  Keys are path strings such as "layers.0.attention.query_dnh".
   """
   leaves, treedef = jax.tree.flatten(param_state)
   flat = list(nnx.to_flat_state(param_state))
@@ -90,20 +72,11 @@ def flatten_params(param_state: nnx.State):
 
 def make_tower_fn(graphdef: nnx.GraphDef, treedef, rest_state: nnx.State, *,
                   pooling: str, normalize: bool):
-  """The function a tower exports.
+  """fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd of a tower.
 
-  Args:
-    graphdef: graph of the `nnx.split(model, nnx.Param, ...)` split.
-    treedef: of the Param state (from `flatten_params`).
-    rest_state: the non-Param state; closed over. In deterministic mode
-      nothing reads it, so it adds no constants to the program.
-    pooling: "cls" or "mean".
-    normalize: L2-normalise the pooled vectors.
-
-  Returns:
-    `fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd`: a list of
-    weight arrays in `treedef` order, int32 [B, L] ids and mask, float32
-    [B, D] embeddings.
+  flat_params in `treedef` order; int32 [B, L] ids and mask; float32 [B, D]
+  out. rest_state is closed over but unread in deterministic mode, so it
+  adds no constants to the program.
   """
 
   def tower_fn(flat_params, input_ids_bl, attention_mask_bl):
@@ -120,18 +93,10 @@ def make_tower_fn(graphdef: nnx.GraphDef, treedef, rest_state: nnx.State, *,
 
 def export_tower(tower_fn, arrays: Sequence[np.ndarray], max_length: int, *,
                  platforms: Sequence[str], symbolic_length: bool = True):
-  """Exports one tower with a symbolic batch (and, if possible, length).
+  """Exports one tower: (exported, length_mode "symbolic" or "fixed").
 
-  Args:
-    tower_fn: from `make_tower_fn`.
-    arrays: the flat weights (only shapes and dtypes are used).
-    max_length: longest input, [CLS]/[SEP] included.
-    platforms: lowering platforms, e.g. ("cpu", "cuda").
-    symbolic_length: try a symbolic length `l <= max_length` first; on
-      failure, or when False, export at length max_length.
-
-  Returns:
-    (exported, length_mode) with length_mode "symbolic" or "fixed".
+  The batch is symbolic; so is the length (l <= max_length) unless that
+  fails or symbolic_length is False. Only the arrays' shapes/dtypes are used.
   """
   weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
   jitted = jax.jit(tower_fn)
@@ -225,35 +190,13 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
                   query_params: nnx.State | Sequence[nnx.State] | None = None,
                   symbolic_length: bool = True, overwrite: bool = False,
                   metadata: Mapping[str, Any] | None = None) -> dict:
-  """Writes the query and passage towers, weights and tokenizer to `out_dir`.
+  """Writes both towers, weights and tokenizer atomically to `out_dir`.
 
-  Args:
-    out_dir: target directory; written atomically (a sibling tmp dir that is
-      renamed into place when complete).
-    graphdef: the encoder's graph (`nnx.split`).
-    params: its state(s); the passage tower's weights, and the query tower's
-      too unless `query_params` is given (see `split_params`).
-    tokenizer_dir: a directory with the tokenizer files (tokenizer.json,
-      vocab.txt, ...; see `tokenizers.from_pretrained_dir`), usually the
-      checkpoint's.
-    pooling: "cls" or "mean".
-    normalize: L2-normalise embeddings.
-    query_max_length: query token budget, [CLS]/[SEP] included.
-    passage_max_length: passage token budget.
-    platforms: platforms to lower for ("cpu", "cuda", "tpu", ...).
-    query_params: state(s) of an untied query tower (same graphdef), written
-      to its own weight file; None ties the towers.
-    symbolic_length: export with a symbolic length when the encoder allows.
-    overwrite: replace a non-empty `out_dir`.
-    metadata: JSON-serialisable facts to keep in the manifest (source
-      checkpoint, training step, ...).
-
-  Returns:
-    The manifest (also written to out_dir/manifest.json).
-
-  Raises:
-    FileExistsError: `out_dir` is a file, or non-empty without `overwrite`.
-    ValueError: a max length outside 2..max_position_embeddings.
+  params are the passage tower's state(s) (see `split_params`), and the query
+  tower's unless `query_params` unties it; tokenizer_dir holds the files
+  `tokenizers.from_pretrained_dir` reads. Max lengths count [CLS]/[SEP] and
+  must lie in 2..max_position_embeddings; a non-empty `out_dir` needs
+  `overwrite`. metadata: JSON facts for the manifest, which is returned.
   """
   out_dir = pathlib.Path(out_dir).absolute()
   max_lengths = {"query": int(query_max_length),
@@ -330,10 +273,7 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
 
 
 def _position_rows(param_state: nnx.State) -> int:
-  """Rows of the position-embedding table: the longest input the model takes.
-
-  Encoders without one (relative or no positions) report no limit.
-  """
+  """Position-table rows (the longest input); sys.maxsize without a table."""
   for path, variable in nnx.to_flat_state(param_state):
     if path[-1] == "position_pd":
       return int(variable.shape[0])
@@ -352,22 +292,9 @@ def export_pretrained(name_or_path: (str | os.PathLike |
                       overwrite: bool = False) -> dict:
   """Exports a pretrained checkpoint as tied query/passage towers.
 
-  Args:
-    name_or_path: a packaged model name or a checkpoint directory (see
-      `pretrained.resolve_model_dir`), or a checkpoint already loaded with
-      `pretrained.load_pretrained` (then `dtype` is its own).
-    out_dir: target directory.
-    query_max_length: query token budget; None for the checkpoint's.
-    passage_max_length: passage token budget; None for the checkpoint's.
-    pooling: "cls" / "mean", or "" for the checkpoint's.
-    normalize: None for the checkpoint's setting.
-    dtype: compute dtype, "float32" or "bfloat16" (weights stay float32).
-    platforms: lowering platforms.
-    symbolic_length: see `export_towers`.
-    overwrite: replace a non-empty `out_dir`.
-
-  Returns:
-    The manifest.
+  name_or_path: see `pretrained.resolve_model_dir`, or a loaded
+  PretrainedModel (then `dtype` is its own). None / "" settings take the
+  checkpoint's; dtype is the compute dtype (weights stay float32).
   """
   if isinstance(name_or_path, pretrained.PretrainedModel):
     loaded, source = name_or_path, str(name_or_path.model_dir)
@@ -393,24 +320,11 @@ def export_pretrained(name_or_path: (str | os.PathLike |
 def export_from_workdir(config, workdir: str | os.PathLike, *,
                         step: int | None = None,
                         out_dir: str | os.PathLike | None = None) -> dict:
-  """The export mode: towers of a training run's checkpoint.
+  """The export mode: towers of a training run's checkpoint; the manifest.
 
-  Restores only the params of the run's checkpoint, rebuilt from its saved
-  config (`kinds.load_run`), and exports both towers with `config.export`'s
-  token budgets. Only dense kinds (with a text encoder) can be exported.
-
-  Args:
-    config: the training config (its `export` block is read).
-    workdir: the run's workdir.
-    step: checkpoint step; None for the latest.
-    out_dir: export directory; None for `<workdir>/export`.
-
-  Returns:
-    The manifest.
-
-  Raises:
-    FileNotFoundError: the workdir holds no checkpoint.
-    ConfigError: the run's kind has no text encoder to export.
+  Restores only params, rebuilt from the run's saved config, and uses
+  `config.export`'s token budgets; out_dir defaults to <workdir>/export.
+  Only dense kinds (with a text encoder) can be exported.
   """
   from retrieval_jax import kinds  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)

@@ -1,12 +1,7 @@
-"""Atomic file writes and one content hash, for results and caches.
+"""Atomic file writes and `fingerprint`, the content hash keying the caches.
 
-Every writer goes to a temporary file in the target's directory and renames
-it with `os.replace` (atomic within one file system), so a reader, or a run
-restarted after a crash, sees the old file or the new one, never half of
-one. The temporary file is removed when the write fails.
-
-`fingerprint` is the content hash that keys the on-disk caches; a file
-enters it as its `file_sha256`, read in chunks however large the file.
+Writers fill a temp file beside the target and `os.replace` it, so a reader or
+a restarted run sees the old file or the new one, never half of one.
 """
 
 from collections.abc import Callable, Sequence
@@ -29,7 +24,6 @@ def _atomic(path: PathLike):
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  # A unique name, so two writers of one target never share a temp file.
   fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp",
                              prefix="." + os.path.basename(path) + ".")
   try:
@@ -38,8 +32,7 @@ def _atomic(path: PathLike):
       f.flush()
       # On disk before the rename makes it visible under the real name.
       os.fsync(f.fileno())
-    # mkstemp makes the file 0600; results are for others to read too.
-    # (Reading the umask would set it, racing other threads.)
+    # mkstemp's 0600 -> readable by others (reading the umask races threads).
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
@@ -66,16 +59,7 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 
 def write_json_atomic(path: PathLike, obj: Any, *, indent: int | None = 1
                       ) -> None:
-  """Atomically writes `obj` as JSON (UTF-8, non-ASCII kept, final newline).
-
-  Args:
-    path: the target file; its directory is created if needed.
-    obj: JSON-serialisable value.
-    indent: as `json.dumps`; None writes one line.
-
-  Raises:
-    TypeError, ValueError: `obj` is not JSON-serialisable (nothing written).
-  """
+  """Atomically writes `obj` as JSON (UTF-8, non-ASCII kept, final newline)."""
   # Serialised before the file is opened: a bad value leaves no trace.
   text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
   write_text_atomic(path, text)
@@ -87,22 +71,12 @@ def save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
 
 
 def save_npz_atomic(path: PathLike, **arrays: Any) -> None:
-  """Atomically writes named arrays in uncompressed .npz format.
-
-  `np.savez` given a file name appends ".npz" when it is missing; given an
-  open file it does not, so `path` is used exactly as passed.
-  """
+  """Atomically writes uncompressed .npz to exactly `path` (no ".npz" added)."""
   write_with(path, lambda f: np.savez(f, **arrays))
 
 
 def _hash_into(digest, value: Any) -> None:
-  """Feeds a nested value into `digest`, unambiguously.
-
-  Each item is tagged with its type and length-prefixed, so ("ab", "c") and
-  ("a", "bc") differ, as do "1" and b"1". Sets are sorted first, their order
-  being arbitrary; lists and tuples hash alike, since JSON round trips turn
-  one into the other.
-  """
+  """Type-tagged, length-prefixed: ("ab", "c") != ("a", "bc"), "1" != b"1"."""
   if isinstance(value, str):
     # Before Sequence: a str is a sequence of one-character strings.
     data = value.encode("utf-8")
@@ -113,8 +87,6 @@ def _hash_into(digest, value: Any) -> None:
     digest.update(b"b%d:" % len(data))
     digest.update(data)
   elif isinstance(value, np.ndarray):
-    # dtype and shape too: the same bytes in another layout are another
-    # array.
     header = f"{value.dtype.str}{value.shape}".encode("ascii")
     data = np.ascontiguousarray(value).tobytes()
     digest.update(b"a%d:%d:" % (len(header), len(data)))
@@ -133,20 +105,9 @@ def _hash_into(digest, value: Any) -> None:
 
 
 def fingerprint(*parts: Any) -> str:
-  """A SHA-256 content hash of strings, bytes, arrays and nested lists.
+  """Hex SHA-256 of str / bytes / np.ndarray parts, nested in sequences or sets.
 
-  Cheap enough for a whole corpus: `fingerprint(doc_ids, doc_texts)`.
-  Order matters (the parts and the items in a list); set order does not.
-
-  Args:
-    *parts: str, bytes, np.ndarray, or sequences / sets of them, nested to
-      any depth.
-
-  Returns:
-    str, 64 hex digits.
-
-  Raises:
-    TypeError: a part of another type (convert numbers with `str`).
+  Order matters except in sets; lists and tuples hash alike (JSON round trips).
   """
   digest = hashlib.sha256()
   _hash_into(digest, list(parts))

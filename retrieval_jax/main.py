@@ -3,19 +3,13 @@ r"""Entry point: set-up, then dispatch on --mode.
   python -m retrieval_jax.main --config configs/evaluate.py[:variant] \
       --workdir DIR [--mode MODE] [--config.a.b=value ...]
 
-MODE (by default `train` for a config with a `train` block, else
-`evaluate`):
-
+MODE (default: `train` for a config with a `train` block, else `evaluate`):
   train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
   evaluate  zero-shot retrieval metrics (configs/evaluate.py)
   encode    corpus embeddings to .npy (configs/evaluate.py)
-  export    query / passage towers of the latest checkpoint in <workdir>
-            (configs/train.py) for serving, to <workdir>/export
+  export    serving towers of the latest checkpoint, to <workdir>/export
 
-Set-up only: multi-process initialisation, partitionable PRNG, logging of the
-process and device counts; every mode is a library function that Colab and
-tests call the same way. Experiments (critical n, CUR k-NN, key-value
-memory, ...) live in experiments/<name>/ and run from the repository root as
+Each mode is a library function. Experiments run as
 `python -m experiments.<name>.run --config experiments/<name>/config.py`.
 """
 
@@ -71,17 +65,13 @@ _MODE = flags.DEFINE_enum(
     "What to run; by default `train` for a config with a `train` block "
     "(configs/train.py), else `evaluate`.")
 
-# Environment variables that mean "one of several cooperating processes".
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
 def initialize_distributed() -> bool:
-  """Joins a multi-process run when the environment describes one.
+  """Joins a multi-process run if `JAX_COORDINATOR_ADDRESS` is set; returns so.
 
-  `JAX_COORDINATOR_ADDRESS` (host:port of process 0) turns it on;
-  `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` give the layout explicitly (as
-  on a CPU cluster or in tests); on TPU pods and SLURM they may be left out
-  and JAX detects them. Returns whether initialisation happened.
+  `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` may be left out on TPU pods and SLURM.
   """
   import jax  # pylint: disable=g-import-not-at-top
   if not any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
@@ -110,7 +100,6 @@ def main(argv):
   path = config_flags.get_config_filename(flags.FLAGS["config"])
   parts = os.path.normpath(path).split(os.sep)
   if len(parts) >= 3 and parts[-3] == "experiments":
-    # experiments/<name>/config.py: its own runner reads it, not a mode.
     name = parts[-2]
     sys.exit(f"error: {path} is an experiment's config; run it with "
              f"python -m experiments.{name}.run --config {path} ...")
@@ -144,13 +133,11 @@ def main(argv):
   try:
     job(config, _WORKDIR.value)
   except metric_logging.NonFiniteError as e:
-    # The last good checkpoint is untouched; say where it is.
     logging.error("%s", e)
     sys.exit(f"error: {e}; the last good checkpoint is in "
              f"{_WORKDIR.value}/checkpoints")
   except (errors.ConfigError, errors.DataError, FileNotFoundError) as e:
-    # Bad config values and bad input files are the user's to fix: one line
-    # naming the key, or the file and line, and no traceback.
+    # The user's to fix: one line naming the key or file:line, no traceback.
     logging.error("%s", e)
     sys.exit(f"error: {e}")
 

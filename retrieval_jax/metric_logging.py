@@ -1,11 +1,9 @@
 """Metric logging: clu writers, an append-only metrics.jsonl, a NaN guard.
 
-Scalars go to clu's default writer (TensorBoard events + INFO log; without
-`tensorboard` the log only) and to `<workdir>/metrics.jsonl`, one record
-`{"step": 120, "train/loss": 0.71, ...}` per `write` (`read_metrics`). Only
-process 0 writes files. Each record is one flushed line; a record cut short
-by a crash is dropped on reopen and skipped by `read_metrics`. After a resume
-the steps between checkpoint and crash appear twice; the later is the rerun.
+Scalars go to clu's default writer (TensorBoard events + INFO log; the log only
+without `tensorboard`) and, from process 0, to `<workdir>/metrics.jsonl`: one
+flushed line `{"step": 120, "train/loss": 0.71, ...}` per `write`. A record cut
+by a crash is dropped on reopen; after a resume, rerun steps appear twice.
 """
 
 from collections.abc import Iterable, Mapping
@@ -67,7 +65,6 @@ def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
       raise ValueError(
           f"{STEP_KEY!r} is the step of each record, not a metric name; use"
           " e.g. 'train/step'")
-    # Size-1 arrays count as scalars.
     if value.size != 1 or not (np.issubdtype(value.dtype, np.number) or
                                value.dtype == np.bool_):
       raise ValueError(
@@ -87,11 +84,7 @@ def _parse_record(line: str) -> dict | None:
 
 
 def _drop_partial_last_line(path: str) -> None:
-  """Ends `path` on a complete record, so appends start on a fresh line.
-
-  A complete record lacking only its newline gets one; a cut-short record
-  is removed (appending would merge it with the next).
-  """
+  """Adds a missing final newline, or cuts a partial last record."""
   with open(path, "rb+") as f:
     size = f.seek(0, os.SEEK_END)
     if size == 0:
@@ -99,7 +92,6 @@ def _drop_partial_last_line(path: str) -> None:
     f.seek(size - 1)
     if f.read(1) == b"\n":
       return
-    # Scan back in blocks for the newline before the last line.
     start, pos = 0, size
     while pos > 0:
       block_start = max(0, pos - 65536)
@@ -137,19 +129,10 @@ class _LogOnlyWriter:
 
 
 class MetricLogger:
-  """Writes scalar metrics to clu's writers and to metrics.jsonl.
-
-  Usable as a context manager; leaving the block closes it.
-  """
+  """Writes scalars to clu's writers and metrics.jsonl; a context manager."""
 
   def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True):
-    """Opens the writers for a run.
-
-    Args:
-      workdir: the run's directory (created if missing, on the primary).
-      is_primary: whether this process writes files (process 0); the
-        others only log.
-    """
+    """Opens the writers; only the `is_primary` process (0) writes files."""
     self._workdir = os.fspath(workdir)
     self._file = None
     self._closed = False
@@ -178,17 +161,10 @@ class MetricLogger:
     return self._file.name if self._file is not None else None
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Writes one step's scalars to the writers and as one JSONL record.
+    """Writes one step's scalars (python, numpy or jax; size 1) everywhere.
 
-    Args:
-      step: the train step the values belong to (>= 0).
-      metrics: name -> scalar (python, numpy or jax; size-1 arrays are
-        fine). NaN and inf are written as they are (JSON `NaN`/`Infinity`,
-        which Python's json reads back); `check_finite` is the guard.
-
-    Raises:
-      ValueError: a value is not a numeric scalar, a name is empty or is
-        "step", or the logger is closed.
+    NaN and inf are written as they are (JSON `NaN`/`Infinity`, which Python's
+    json reads back); `check_finite` is the guard.
     """
     if self._closed:
       raise ValueError("MetricLogger is closed")
@@ -203,12 +179,7 @@ class MetricLogger:
       self._file.flush()
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    """Records the run's hyperparameters (nested dicts are flattened).
-
-    Args:
-      hparams: name -> value; values are bools, numbers, strings, None, or
-        nested dicts/lists of those (e.g. `config.to_dict()`).
-    """
+    """Records hyperparameters (nested dicts flattened): `config.to_dict()`."""
     if self._closed:
       raise ValueError("MetricLogger is closed")
     self._writer.write_hparams(dict(hparams))
@@ -238,19 +209,9 @@ class MetricLogger:
 
 def check_finite(metrics: Mapping[str, Any], step: int,
                  keys: Iterable[str] | None = None) -> None:
-  """Raises if any checked metric is NaN or infinite.
+  """Raises `NonFiniteError` naming NaN/inf metrics among `keys` (None: all).
 
   Write the metrics first, so diverged values are on record.
-
-  Args:
-    metrics: name -> numeric value (scalar or array; python, numpy or jax).
-    step: the step the values belong to, for the message.
-    keys: the names to check; None checks every metric.
-
-  Raises:
-    NonFiniteError: naming every non-finite metric and the step.
-    KeyError: a name in `keys` is not in `metrics`.
-    TypeError: a checked value is not numeric.
   """
   names = list(metrics) if keys is None else list(keys)
   missing = [k for k in names if k not in metrics]
@@ -272,19 +233,10 @@ def check_finite(metrics: Mapping[str, Any], step: int,
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a metrics.jsonl back, one dict per record, in file order.
+  """The `{"step": int, name: float}` records of a metrics.jsonl (or workdir).
 
-  Args:
-    path: the metrics.jsonl, or the workdir that holds it.
-
-  Returns:
-    Records `{"step": int, "<name>": float, ...}`. A partial last line
-    (a crash mid-write) is skipped.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: a line other than the last is not a JSON object (the file
-      is corrupt, not merely cut short).
+  A partial last line (a crash mid-write) is skipped; another bad line is a
+  ValueError (the file is corrupt, not merely cut short).
   """
   path = os.fspath(path)
   if os.path.isdir(path):

@@ -32,12 +32,7 @@ def make_schedule(optim: ml_collections.ConfigDict,
                   total_steps: int) -> optax.Schedule:
   """Linear warm-up to `learning_rate`, then the configured decay.
 
-  Args:
-    optim: the optim config block.
-    total_steps: the run's length; decay ends there.
-
-  Returns:
-    step -> learning rate.
+  Returns step -> learning rate; the decay ends at `total_steps`.
   """
   if optim.decay not in SCHEDULES:
     raise OptimizerConfigError(
@@ -71,17 +66,9 @@ def decay_mask(params: Any, decay_all: bool = False) -> Any:
 def make_optimizer(
     optim: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax chain described by `optim`.
+  """The optax chain described by `optim` (fields: `configs/train.py`).
 
-  Args:
-    optim: the optim config block (see the module docstring).
-    total_steps: the run's length in optimizer steps.
-
-  Returns:
-    (transformation, learning-rate schedule).
-
-  Raises:
-    OptimizerConfigError: unknown names or invalid values (names the key).
+  Returns (transformation, learning-rate schedule) over `total_steps`.
   """
   if optim.name not in OPTIMIZERS:
     raise OptimizerConfigError(

@@ -1,12 +1,9 @@
 """Import of pretrained BERT-family checkpoints from local files.
 
-A Hugging Face directory holds `config.json` and `model.safetensors` (maybe
-sharded); sentence-transformers adds `modules.json` and the pooling / length
-configs that say how token states become one embedding. Weights are read
-with `safetensors.numpy`; PyTorch pickles are refused (loading them safely
-needs torch, and every checkpoint used ships safetensors). The caller loads
-the tokenizer from `PretrainedModel.model_dir`; `encoding.TextEncoder` wraps
-`load_pretrained("all-MiniLM-L6-v2")` with it and a mesh.
+Reads a Hugging Face directory (config.json, model.safetensors, maybe
+sharded) and sentence-transformers' pooling / length configs. PyTorch
+pickles are refused: loading them safely needs torch, and every checkpoint
+used ships safetensors. Entry points: `load_pretrained`, `load_model`.
 """
 
 from collections.abc import Mapping
@@ -46,14 +43,8 @@ _SUPPORTED_MODEL_TYPES = ("bert",)
 class PretrainedModel:
   """An imported encoder and the pipeline that turns it into embeddings.
 
-  Attributes:
-    model: the encoder with the checkpoint's weights.
-    config: its hyperparameters.
-    pooling: "cls" or "mean" (a key of `pooling_lib.pool`).
-    normalize: whether embeddings are L2-normalised after pooling.
-    max_length: longest tokenised input (with [CLS]/[SEP]) the pipeline
-      feeds the model; longer inputs are truncated by the tokenizer.
-    model_dir: directory the files came from (holds the tokenizer files).
+  pooling: "cls" or "mean"; max_length counts [CLS]/[SEP]; model_dir holds
+  the tokenizer files.
   """
 
   model: Any  # TransformerEncoder or m2_encoder.M2Encoder
@@ -65,20 +56,10 @@ class PretrainedModel:
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
-  """Finds the directory holding a model's files.
+  """The absolute directory holding a model's config.json.
 
-  A `PACKAGED_MODELS` name resolves to its PyPI package's files (found with
-  `find_spec`, without importing it); anything else is a local directory.
-
-  Args:
-    name_or_path: a packaged model name (e.g. "all-MiniLM-L6-v2") or a path.
-
-  Returns:
-    Absolute path of a directory that contains `config.json`.
-
-  Raises:
-    FileNotFoundError: naming every place that was tried and, for a
-      packaged name, the pip command that installs it.
+  A PACKAGED_MODELS name resolves via its package's `find_spec` (no import),
+  else a local path; FileNotFoundError lists what was tried and the pip line.
   """
   name = os.fspath(name_or_path)
   tried = []
@@ -112,18 +93,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
 
 
 def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads the safetensors weights of a Hugging Face model directory.
+  """{tensor name: array} from a HF directory's (sharded) safetensors.
 
-  Args:
-    model_dir: the directory.
-
-  Returns:
-    {checkpoint tensor name: array}, names as in the file; bfloat16 tensors
-    come back as `ml_dtypes.bfloat16`.
-
-  Raises:
-    FileNotFoundError: no weights at all.
-    DataError: only PyTorch pickles (`pytorch_model.bin`).
+  bfloat16 comes back as ml_dtypes.bfloat16; PyTorch pickles raise DataError.
   """
   model_dir = pathlib.Path(model_dir)
   if (model_dir / "model.safetensors").is_file():
@@ -212,21 +184,11 @@ def convert_bert_state_dict(
     state_dict: Mapping[str, np.ndarray],
     config: transformer_encoder.EncoderConfig,
 ) -> dict[tuple[str | int, ...], np.ndarray]:
-  """Maps a Hugging Face BERT state dict onto the encoder's parameters.
+  """Maps a HF BERT state dict onto the encoder's {param path: array}.
 
-  Any key prefix ("bert.", none, ...) is found from the word embeddings'
-  key; legacy `LayerNorm.gamma/beta` names are accepted.
-
-  Args:
-    state_dict: {checkpoint name: array}.
-    config: the encoder's hyperparameters (layer and head counts).
-
-  Returns:
-    {parameter path (as in `nnx.state(model, nnx.Param)`): array in the
-    encoder's layout, dtype as stored}.
-
-  Raises:
-    ValueError: naming every encoder weight the checkpoint lacks.
+  Paths as in `nnx.state(model, nnx.Param)`, dtypes as stored. Any key
+  prefix ("bert.", none) is found from the word embeddings' key; legacy
+  LayerNorm gamma/beta are accepted. ValueError names missing weights.
   """
   candidates = [k for k in state_dict if k.endswith(_WORD_EMBEDDINGS)]
   if len(candidates) != 1:
@@ -294,22 +256,11 @@ def _pooling_mode(pooling_config: Mapping[str, Any], path) -> str:
 def read_pipeline_config(
     model_dir: str | os.PathLike,
     config: transformer_encoder.EncoderConfig) -> tuple[str, bool, int]:
-  """Reads how a sentence-transformers model pools, normalises, truncates.
+  """(pooling kind, normalize, max_length) of a sentence-transformers model.
 
-  Without `modules.json`: what sentence-transformers builds for a plain HF
-  model (mean pooling, no normalisation, the position table's length).
-
-  Args:
-    model_dir: the model directory.
-    config: the encoder's hyperparameters.
-
-  Returns:
-    (pooling kind, normalize, max_length).
-
-  Raises:
-    ValueError: for pipeline modules this project does not implement
-      (Dense projections, max pooling, ...), which would silently change
-      the embeddings if skipped.
+  Without modules.json: mean pooling, no normalisation, the position table's
+  length. Unimplemented modules (Dense, max pooling, ...) raise ValueError:
+  skipping them would silently change the embeddings.
   """
   model_dir = pathlib.Path(model_dir)
   modules_path = model_dir / "modules.json"
@@ -350,19 +301,8 @@ def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL,
                     param_dtype: Any = jnp.float32) -> PretrainedModel:
   """Loads a BERT-family checkpoint and its embedding pipeline.
 
-  Args:
-    name_or_path: a packaged model name or a local model directory (see
-      `resolve_model_dir`).
-    dtype: compute dtype of the encoder's activations.
-    param_dtype: dtype the weights are stored in (float32 keeps the
-      checkpoint's values exactly).
-
-  Returns:
-    A PretrainedModel; load its tokenizer from `.model_dir`.
-
-  Raises:
-    FileNotFoundError: model or weights not found.
-    ValueError: unsupported architecture, missing or misshapen weights.
+  dtype is the activations'; param_dtype float32 keeps the weights exact.
+  Load the tokenizer from the result's `.model_dir`.
   """
   model_dir = resolve_model_dir(name_or_path)
   hf_config = json.loads((model_dir / "config.json").read_text())
@@ -391,15 +331,8 @@ def load_model(model_cfg, dtype: Any = jnp.float32) -> PretrainedModel:
   """The encoder a `config.model` block describes.
 
   "bert": the checkpoint `model_cfg.pretrained`. "m2": a random M2-BERT from
-  `model_cfg.m2`, tokenized with `model_cfg.pretrained`'s bert-base-uncased
-  vocabulary, whose embeddings `m2.init_embeddings` copies too.
-
-  Args:
-    model_cfg: the `config.model` ConfigDict.
-    dtype: compute dtype.
-
-  Raises:
-    ValueError: unknown architecture or M2 settings, naming the key.
+  `model_cfg.m2`, using `pretrained`'s bert-base-uncased vocabulary (whose
+  embeddings `m2.init_embeddings` copies).
   """
   from retrieval_jax.models import m2_encoder  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -437,22 +370,11 @@ _HEAD_BIAS = ("cls.predictions.bias", "cls.predictions.decoder.bias")
 
 
 def load_mlm_head(head, state_dict: Mapping[str, Any]) -> bool:
-  """Copies a Hugging Face BERT MLM head's weights into `head`
-  (a `models.splade.MlmHead`).
+  """Copies a HF BERT MLM head into `head` (a `models.splade.MlmHead`).
 
-  Reads `cls.predictions.transform.{dense,LayerNorm}.*` (torch [out, in],
-  transposed) and `cls.predictions.bias`; the tied decoder weight is not read.
-
-  Args:
-    head: the head to fill in place.
-    state_dict: {checkpoint name: array}, e.g. `pretrained.read_state_dict`.
-
-  Returns:
-    True when the weights were copied; False when the checkpoint has no
-    `cls.predictions.*` key at all (the head keeps its initialisation).
-
-  Raises:
-    ValueError: a head that is present only in part, or misshapen weights.
+  Reads cls.predictions.transform.{dense,LayerNorm}.* (dense transposed from
+  torch [out, in]) and the bias, not the tied decoder. Returns False (head
+  untouched) without cls.predictions.* keys; a partial head is a ValueError.
   """
   if not any(k.startswith(_HEAD_PREFIX) for k in state_dict):
     return False

@@ -1,11 +1,8 @@
 """Loads exported query/passage towers and embeds text, without training code.
 
-An export directory (`export.export_towers`) holds manifest.json (versions,
-towers, weight key order, tokenizer recipe, checksums), one serialized
-`jax.export.Exported` per tower (`fn(flat_params, ids_bl, mask_bl) ->
-emb_bd`), params.safetensors (query_params.safetensors when untied) and
-tokenizer/. This reader imports only NumPy, JAX, safetensors and the
-tokenizer module: no Flax, Optax, Orbax or TensorFlow.
+An `export.export_towers` directory holds manifest.json, one serialized
+`jax.export.Exported` per tower (fn(flat_params, ids_bl, mask_bl) -> emb_bd),
+safetensors weights and tokenizer/. Imports no Flax, Optax, Orbax or TF.
 
   model = ServingModel.load("/path/to/export")
   scores_nm = model.encode_queries(queries) @ model.encode_passages(docs).T
@@ -50,20 +47,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def build_tokenizer(tokenizer_dir: str | os.PathLike,
                     recipe: Mapping[str, Any]) -> tokenizers.Tokenizer:
-  """Loads an export's tokenizer and checks it against the manifest.
-
-  Args:
-    tokenizer_dir: the export's tokenizer files.
-    recipe: the manifest's "tokenizer" entry (`special_token_ids` and
-      `vocab_size` of the exporting tokenizer).
-
-  Returns:
-    The tokenizer.
-
-  Raises:
-    ValueError: when the special-token ids or vocabulary size differ from
-      the recorded ones (files that were edited or swapped).
-  """
+  """Loads an export's tokenizer; ValueError if it differs from `recipe`."""
   tokenizer = tokenizers.from_pretrained_dir(tokenizer_dir)
   # A swapped same-family vocabulary would otherwise load silently.
   found = special_token_ids(tokenizer)
@@ -84,10 +68,7 @@ def special_token_ids(tokenizer: tokenizers.Tokenizer) -> dict:
 
 
 def pick_device(platforms: Sequence[str]) -> jax.Device:
-  """The device to run towers exported for `platforms` on.
-
-  The default backend when the towers were exported for it, else the CPU.
-  """
+  """The default backend if the towers were exported for it, else the CPU."""
   default = jax.export.default_export_platform()  # "cuda", not "gpu"
   if default in platforms:
     return jax.devices()[0]
@@ -111,16 +92,13 @@ class _Tower:
 
 
 def _next_power_of_two(n: int) -> int:
-  """Smallest power of two >= n (1 for n <= 1)."""
   return 1 << max(n - 1, 0).bit_length()
 
 
 class ServingModel:
   """Exported towers plus their tokenizer, ready to embed text.
 
-  Texts are sorted by length and padded per batch (to a multiple of
-  `pad_multiple`, or max_length for fixed towers; a partial batch's rows to
-  a power of two), bounding the number of compiled shapes.
+  Length-sorted batches padded to few shapes bound the number of compiles.
   """
 
   def __init__(self, export_dir: pathlib.Path, manifest: dict,
@@ -151,22 +129,10 @@ class ServingModel:
   def load(cls, export_dir: str | os.PathLike, *,
            device: jax.Device | None = None,
            verify_checksums: bool = True) -> "ServingModel":
-    """Loads an export directory.
+    """Loads an export directory; ValueError on any mismatch with its manifest.
 
-    Args:
-      export_dir: the directory `export.export_towers` wrote.
-      device: where weights live and towers run; by default the default
-        backend if the towers were exported for it, else the CPU.
-      verify_checksums: compare every file with its SHA-256 in the manifest
-        (catches truncated or partial copies before they give wrong vectors).
-
-    Returns:
-      The model.
-
-    Raises:
-      FileNotFoundError: no manifest.
-      ValueError: unknown format or version, checksum mismatch, weights that
-        do not fit a tower's signature, or a tokenizer unlike its recipe.
+    device: the default backend if exported for it, else the CPU.
+    verify_checksums catches truncated or partial copies via SHA-256.
     """
     export_dir = pathlib.Path(export_dir)
     manifest_path = export_dir / MANIFEST_FILE
@@ -228,15 +194,7 @@ class ServingModel:
     return self._towers[tower]
 
   def tokenize(self, tower: str, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids per text with the stored recipe: [CLS] head [SEP].
-
-    Args:
-      tower: "query" or "passage" (they may truncate at different lengths).
-      texts: N strings.
-
-    Returns:
-      N lists of ids, each at most `max_length(tower)` long.
-    """
+    """Ids per text, [CLS] head [SEP], at most `max_length(tower)` each."""
     if isinstance(texts, str):  # would embed its characters
       raise TypeError("texts must be a sequence of strings, not one string")
     max_length = self._tower(tower).max_length
@@ -262,20 +220,10 @@ class ServingModel:
 
   def encode_ids(self, tower: str, ids: Sequence[Sequence[int]], *,
                  batch_size: int = 64, pad_multiple: int = 16) -> np.ndarray:
-    """Embeds tokenized texts.
+    """Embeds N id lists ([CLS] ... [SEP], 1..max_length): float32 [N, D].
 
-    Args:
-      tower: "query" or "passage".
-      ids: N id lists, [CLS] ... [SEP], each 1 to max_length long.
-      batch_size: most texts per call.
-      pad_multiple: padded lengths of symbolic-length towers are multiples
-        of this, capped at max_length.
-
-    Returns:
-      float32 [N, D] embeddings in the order of `ids` ([0, D] for N = 0).
-
-    Raises:
-      ValueError: for an empty or over-long id list.
+    Rows keep the order of ids. Symbolic-length towers pad to multiples of
+    pad_multiple, capped at max_length.
     """
     spec = self._tower(tower)
     n = len(ids)

@@ -1,11 +1,9 @@
 """Device mesh, logical axis names and the rules that map one to the other.
 
-Parameters and activations name their axes with the *logical* names below;
-one rules table, `config.mesh.rules` (default `DEFAULT_RULES`), maps each
-logical name to mesh axes (or None: replicated). The library's entry points
-make it current (`uses_config_rules`), and every sharding derived inside
-(train state, batches, encoders, search) reads it, so changing the
-parallelism is a config edit.
+Arrays name their axes with the *logical* names below; one rules table,
+`config.mesh.rules` (default `DEFAULT_RULES`), made current by the entry points
+(`uses_config_rules`), maps them to mesh axes for every sharding derived
+inside, so changing the parallelism is a config edit.
 """
 
 import contextlib
@@ -24,7 +22,6 @@ FSDP = "fsdp"
 MODEL = "model"
 MESH_AXES = (DATA, FSDP, MODEL)
 
-# Logical axis names carried by parameters and activations.
 BATCH = "batch"  # examples in a batch
 LENGTH = "length"  # token positions
 VOCAB = "vocab"  # rows of the word-embedding table
@@ -87,15 +84,10 @@ def uses_config_rules(fn):
 
 
 def use_cpu_cores_as_devices(num_devices: int = 0) -> int:
-  """On CPU hosts, exposes one XLA device per core (or `num_devices`).
+  """One XLA CPU device per core (or `num_devices`); before any device query.
 
-  XLA's CPU backend runs each transformer matmul on one thread; per-core
-  devices with data parallelism use every core (2 cores: 1.9x the encode
-  throughput). Must run before the first device query; an explicit
-  `--xla_force_host_platform_device_count` in XLA_FLAGS wins.
-
-  Returns:
-    The number of CPU devices requested, or 0 if XLA_FLAGS already set it.
+  A CPU matmul runs on one thread; data parallelism over per-core devices uses
+  every core (2 cores: 1.9x encode). Returns 0 if XLA_FLAGS already sets it.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags:
@@ -109,10 +101,7 @@ def use_cpu_cores_as_devices(num_devices: int = 0) -> int:
 def make_mesh(shape: Sequence[int] = (-1, 1, 1),
               axis_names: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a mesh; one entry of `shape` may be -1 ("all remaining devices").
-
-  Axis types are Auto so `jax.lax.with_sharding_constraint` works under jit.
-  """
+  """A mesh of Auto axes (sharding constraints work in jit); -1: the rest."""
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if shape.count(-1) > 1:

@@ -19,8 +19,7 @@ from retrieval_jax.layers import pooling as pooling_lib
 
 def pool_states(model: nnx.Module, hidden_bld: jax.Array, mask_bl: jax.Array,
                 pooling: str) -> jax.Array:
-  """[B, L, D] -> float32 [B, D]: the model's own `pool` (trained poolers)
-  when it has one, else `layers.pooling.pool`."""
+  """[B, L, D] -> float32 [B, D]: `model.pool` if any, else `layers.pooling`."""
   if hasattr(model, "pool"):
     return model.pool(hidden_bld, mask_bl, pooling)
   return pooling_lib.pool(hidden_bld, mask_bl, pooling)
@@ -29,18 +28,10 @@ def pool_states(model: nnx.Module, hidden_bld: jax.Array, mask_bl: jax.Array,
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State,
                 batch: dict[str, jax.Array], *, pooling: str,
                 normalize: bool) -> jax.Array:
-  """Embeds one batch of token ids.
+  """float32 [B, D] embeddings of a batch of int32 [B, L] ids.
 
-  Args:
-    graphdef: the encoder's static graph (from `nnx.split`).
-    state: the encoder's parameters.
-    batch: int32 `input_ids` [B, L], `attention_mask` [B, L] and optionally
-      `token_type_ids` [B, L].
-    pooling: "cls" or "mean" (masked).
-    normalize: L2-normalise the pooled vectors.
-
-  Returns:
-    float32 embeddings [B, D]; all-padding rows give zero vectors.
+  `batch`: `input_ids`, `attention_mask` and optionally `token_type_ids`;
+  all-padding rows give zero vectors.
   """
   model = nnx.merge(graphdef, state)
   hidden_bld = model(batch["input_ids"], batch["attention_mask"],
@@ -55,12 +46,10 @@ def encode_step(graphdef: nnx.GraphDef, state: nnx.State,
 
 def make_encode_step(graphdef: nnx.GraphDef, mesh: Mesh, *, pooling: str,
                      normalize: bool, state_shardings=None):
-  """Jits `encode_step` for `mesh`: the batch split on the data axes, the
-  state laid out by `state_shardings` (default replicated).
+  """`fn(state, batch) -> emb_bd`: `encode_step` jitted for `mesh`.
 
-  Returns:
-    `fn(state, batch) -> emb_bd`; the batch size must be a multiple of
-    `sharding.data_size(mesh)`.
+  The batch (a multiple of `sharding.data_size(mesh)`) splits on the data
+  axes; the state is replicated unless `state_shardings` says otherwise.
   """
   batch_sharding = sharding.named_sharding(mesh, (sharding.BATCH, None))
   step = functools.partial(encode_step, graphdef, pooling=pooling,
@@ -72,30 +61,13 @@ def make_encode_step(graphdef: nnx.GraphDef, mesh: Mesh, *, pooling: str,
       out_shardings=batch_sharding)
 
 
-# ---------------------------------------------------------------------------
-# Training.
-
-
 def train_step(state, batch, rng, *, model_def, tx, loss_fn, dropout: bool,
                value_and_grad_fn=None, learning_rate_fn=None):
-  """One optimizer step of any retriever kind.
+  """One optimizer step of any kind (`TrainSpec` fns) -> (state, metrics).
 
-  Args:
-    state: {"step", "params", "opt_state"} (see `train_state`).
-    batch: the kind's device batch (`kinds.base.TrainSpec.featurize`).
-    rng: the run's base PRNG key; the step's dropout key is
-      fold_in(rng, step), so a resumed run draws the same masks.
-    model_def: `train_state.ModelDef` of the kind's model.
-    tx: the optax optimizer.
-    loss_fn: `loss_fn(model, batch, dropout_rng, step) -> (loss, aux)`.
-    dropout: train with dropout (else the kind's loss gets rng None).
-    value_and_grad_fn: optional `(model_def, params, batch, dropout_rng,
-      step) -> ((loss, aux), grads)` in place of `jax.value_and_grad`.
-    learning_rate_fn: schedule, only to report the rate in the metrics.
-
-  Returns:
-    (new state, metrics): float32 scalars "loss", "grad_norm", "param_norm",
-    "update_norm", "learning_rate" and the loss's own aux values.
+  The dropout key is fold_in(rng, step): a resumed run draws the same masks.
+  Metrics: float32 "loss", "grad_norm", "param_norm", "update_norm", the
+  loss's aux and, with `learning_rate_fn`, "learning_rate".
   """
   step = state["step"]
   dropout_rng = jax.random.fold_in(rng, step) if dropout else None
@@ -125,12 +97,7 @@ def train_step(state, batch, rng, *, model_def, tx, loss_fn, dropout: bool,
 
 
 def batch_shardings(mesh: Mesh, batch_spec: dict[str, tuple]) -> dict:
-  """NamedSharding per batch key: the leading (example) axis on the data axes.
-
-  Args:
-    mesh: the device mesh.
-    batch_spec: {key: shape} of the loader's batch.
-  """
+  """{key: NamedSharding} of a {key: shape} batch: axis 0 on the data axes."""
   return {k: sharding.named_sharding(mesh, (sharding.BATCH,) +
                                      (None,) * (len(shape) - 1))
           for k, shape in batch_spec.items()}
@@ -138,17 +105,9 @@ def batch_shardings(mesh: Mesh, batch_spec: dict[str, tuple]) -> dict:
 
 def make_train_step(mesh: Mesh, state_shardings, batch_spec: dict[str, tuple],
                     **step_kwargs):
-  """Jits `train_step` once for `mesh`, donating the state.
+  """`fn(state, batch, rng) -> (state, metrics)`: `train_step` jitted, donating.
 
-  Args:
-    mesh: the device mesh.
-    state_shardings: from `train_state.state_layout(...).shardings`.
-    batch_spec: {key: shape} of every batch the loader yields.
-    **step_kwargs: the static arguments of `train_step`.
-
-  Returns:
-    `fn(state, batch, rng) -> (state, metrics)`; the batch must already be
-    placed with `batch_shardings` (see `put_batch`).
+  Batches must already be placed with `batch_shardings` (`put_batch`).
   """
   replicated = sharding.replicated(mesh)
   step = functools.partial(train_step, **step_kwargs)
@@ -161,11 +120,9 @@ def make_train_step(mesh: Mesh, state_shardings, batch_spec: dict[str, tuple],
 
 
 def put_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict:
-  """Places a host batch (the *global* batch) on the mesh.
+  """Places the *global* host batch, the same on every process, on the mesh.
 
-  Every process holds the same global batch (the loader is a pure function
-  of the step); each device receives just its rows, so this works unchanged
-  when the mesh spans several processes.
+  Each device takes just its rows, so multi-process meshes work unchanged.
   """
   return {k: jax.make_array_from_callback(a.shape, shardings[k],
                                           lambda index, a=a: a[index])

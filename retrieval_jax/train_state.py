@@ -1,12 +1,10 @@
 """The training state: a plain pytree, its abstract twin and its shardings.
 
-The state is a dict {step: int32 [], params: the trainable NNX state as a
-pure dict, opt_state: optax state}, one structure for Orbax, jit shardings
-and donation. The static graph and the non-trainable NNX state (RNG counters,
-unused: dropout keys are explicit) are bound once into the step (`ModelDef`).
-Shardings are derived: parameters' logical axes map through the current
-rules (`config.mesh.rules`); optimizer leaves shaped like a parameter follow
-it, the rest is replicated.
+The state is {step: int32 [], params: NNX Params as a pure dict, opt_state},
+one structure for Orbax, jit shardings and donation; the static rest is bound
+once into the step (`ModelDef`). Params shard by their logical axes under the
+current rules; optimizer leaves shaped like a parameter follow it, the rest is
+replicated.
 """
 
 import dataclasses
@@ -26,13 +24,10 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-  """The static half of a split encoder.
+  """The static half of a split encoder (`nnx.split(model, nnx.Param, ...)`).
 
-  Attributes:
-    graphdef: from `nnx.split(model, nnx.Param, ...)`.
-    rest: the non-parameter NNX state (RNG streams); small, replicated.
-    logical_axes: {param path: logical axis names}, from the Params'
-      `out_sharding` metadata.
+  `rest`: the non-Param NNX state (RNG streams; small, replicated);
+  `logical_axes`: {param path: logical axis names} from `out_sharding`.
   """
   graphdef: nnx.GraphDef
   rest: nnx.State
@@ -77,9 +72,7 @@ def param_shardings(model_def: ModelDef, params: PyTree, mesh: Mesh,
 def opt_state_shardings(tx: optax.GradientTransformation,
                         abstract_opt_state: PyTree, params_shardings: PyTree,
                         mesh: Mesh) -> PyTree:
-  """Shardings for an optax state: parameter-like leaves (Adam's moments,
-  momentum traces; found by `optax.tree_map_params`) follow their
-  parameter, all others (counters, scalars) are replicated."""
+  """Optax state shardings: param-shaped leaves (moments) follow the param."""
   return optax.tree_map_params(
       tx, lambda _, shard: shard, abstract_opt_state, params_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh),
@@ -96,17 +89,9 @@ class StateLayout:
 def state_layout(model_def: ModelDef, params: PyTree,
                  tx: optax.GradientTransformation, mesh: Mesh,
                  rules=None) -> StateLayout:
-  """Derives the train state's abstract value and shardings.
+  """The state's abstract value and shardings: restore target, jit in/out.
 
-  Args:
-    model_def: the model's static half.
-    params: real or abstract params (only shapes and dtypes are read).
-    tx: the optimizer.
-    mesh: the device mesh.
-    rules: logical-axis rules (None: `sharding.current_rules()`).
-
-  Returns:
-    StateLayout; restore targets and the jitted step's in/out shardings.
+  `params` may be abstract; `rules` None: `sharding.current_rules()`.
   """
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -126,16 +111,7 @@ def state_layout(model_def: ModelDef, params: PyTree,
 
 def create(params: PyTree, tx: optax.GradientTransformation,
            layout: StateLayout) -> PyTree:
-  """The step-0 state: params placed by their shardings, fresh optimizer.
-
-  Args:
-    params: host or device arrays (e.g. pretrained weights).
-    tx: the optimizer.
-    layout: from `state_layout`.
-
-  Returns:
-    The state dict, every leaf on the mesh with its layout's sharding.
-  """
+  """The step-0 state: `params` (host or device) placed, a fresh optimizer."""
   params = jax.device_put(params, layout.shardings["params"])
   # Jit the init so the moments are created directly in their shards.
   opt_state = jax.jit(tx.init, out_shardings=layout.shardings["opt_state"])(
@@ -145,11 +121,7 @@ def create(params: PyTree, tx: optax.GradientTransformation,
 
 
 def variable_shardings(state: nnx.State, mesh: Mesh) -> PyTree:
-  """Shardings of a whole NNX state (`nnx.split(module)`) on `mesh`.
-
-  Variables with logical axes (`out_sharding` metadata: the params) follow
-  the current rules, as in the train state; the rest are replicated.
-  """
+  """A whole NNX state's shardings: by logical axes, else replicated."""
 
   def one(variable):
     axes = variable.get_metadata().get("out_sharding")

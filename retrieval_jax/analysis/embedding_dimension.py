@@ -1,18 +1,11 @@
 """Free-embedding optimisation against qrels (the LIMIT protocol), batched.
 
-"On the Theoretical Limitations of Embedding-Based Retrieval" (Weller et al.,
-arXiv 2508.21038) gives every query and document its own free d-dimensional
-unit vector and optimises them directly against the qrels: full-batch
-InfoNCE (all positives in one softmax), Adam, rows re-normalised after each
-update, loss patience and a periodic top-k accuracy check (`Protocol`; the
-exact rules are in experiments/limit_critical_n/README.md).
-
-`optimize_free_embeddings` runs many such problems (any qrel pattern, n, d,
-seed) as one jitted `lax.while_loop`, zero-padded to common shapes and
-stepped in lockstep, each frozen once it stops. Padding is exact (padded
-documents score -inf, padded queries have no positives, padded rows and
-dimensions get no gradient): a run's numbers are a lone run's up to float32
-summation order. The critical-n search is in experiments/limit_critical_n/.
+Weller et al. (arXiv 2508.21038) give every query and document a free unit
+vector optimised against the qrels: full-batch InfoNCE, Adam, rows
+re-normalised per update, loss patience, periodic top-k checks (`Protocol`;
+rules in experiments/limit_critical_n/README.md). `optimize_free_embeddings`
+runs many problems as one jitted lockstep `lax.while_loop`, zero-padded
+exactly: each run matches a lone run up to float32 summation order.
 """
 
 import dataclasses
@@ -39,14 +32,7 @@ class Protocol:
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """One free-embedding run: a qrel pattern, a dimension and a seed.
-
-  Attributes:
-    relevant_mk: int [m, k], the documents relevant to each query.
-    num_docs: n; documents that no query names still get embeddings.
-    dim: d, the embedding dimension.
-    seed: PRNG seed of the initial embeddings.
-  """
+  """One run: relevant_mk int [m, k], num_docs (all embedded), dim, seed."""
   relevant_mk: np.ndarray
   num_docs: int
   dim: int
@@ -65,17 +51,8 @@ class Problem:
 class RunResult:
   """The outcome of one free-embedding run.
 
-  Attributes:
-    n, d, k, seed, num_queries: the problem.
-    solved: the top-k accuracy reached 1.0.
-    max_accuracy: best top-k accuracy seen at the checks.
-    final_accuracy: accuracy at the last check.
-    best_loss: lowest loss seen (the loss before each update).
-    final_loss: loss of the last update.
-    iterations: updates made.
-    stop: "accuracy", "patience" or "max_iterations".
-    batch_seconds: wall time of the batched call the run was part of.
-    batch_size: how many runs shared that call.
+  `stop` is "accuracy", "patience" or "max_iterations"; best_loss is over
+  pre-update losses; batch_* describe the batched call the run shared.
   """
   n: int
   d: int
@@ -98,12 +75,7 @@ class RunResult:
 
 def initial_embeddings(num_queries: int, num_docs: int, dim: int,
                        seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """The protocol's start: unit-norm N(0, 1) rows, float32.
-
-  Returns:
-    (queries [m, d], docs [n, d]) float32, drawn exactly as the released
-    experiment draws them (one key per matrix, split from PRNGKey(seed)).
-  """
+  """Unit-norm N(0, 1) float32 queries [m, d] and docs [n, d], as released."""
   q_md = _raw_normals(seed, 0, num_queries, dim)
   d_nd = _raw_normals(seed, 1, num_docs, dim)
   return (np.asarray(_normalize_rows(jnp.asarray(q_md))),
@@ -125,10 +97,8 @@ def _normal_1d(key, size):
 def _raw_normals(seed: int, which: int, rows: int, dim: int) -> np.ndarray:
   """float32 [rows, dim], equal to `jax.random.normal(key, (rows, dim))`.
 
-  With partitionable threefry (JAX's default) element i of a draw depends
-  only on the key and i, so a [rows, dim] draw is the first rows * dim
-  values of any longer 1-D draw. Drawing power-of-two lengths once per seed
-  and slicing avoids one compile per shape (most of a search's set-up).
+  Partitionable threefry makes a draw a prefix of any longer one, so slicing
+  one power-of-two draw per seed saves a compile per shape (most of set-up).
   """
   size = rows * dim
   if not jax.config.jax_threefry_partitionable:
@@ -140,21 +110,11 @@ def _raw_normals(seed: int, which: int, rows: int, dim: int) -> np.ndarray:
 
 def infonce_loss(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
                  doc_valid_n: jax.Array, temperature: float) -> jax.Array:
-  """InfoNCE over all documents, every positive in one softmax.
+  """InfoNCE, every positive in one softmax over valid docs: scalar float.
 
-  −Σ_{(i,j) positive} log softmax_j(q_i·d_j / T) / (number of positives).
-  Each query's part is at least ln k (its k positives share the mass), so
-  with k = 2 the loss never drops below ln 2 even when every top-2 is right.
-
-  Args:
-    q_md: float [m, d] query embeddings.
-    d_nd: float [n, d] document embeddings.
-    positive_mn: float [m, n], 1 where doc j is relevant to query i.
-    doc_valid_n: bool [n]; False columns (padding) leave the softmax.
-    temperature: softmax temperature.
-
-  Returns:
-    Scalar float loss.
+  Each query's part is >= ln k (its k positives share the mass), so at k = 2
+  the loss stays >= ln 2 even when every top-2 is right. positive_mn float
+  [m, n] is 1 where relevant; doc_valid_n bool [n] masks padding.
   """
   logits_mn = jnp.einsum("md,nd->mn", q_md, d_nd) / temperature
   logits_mn = jnp.where(doc_valid_n, logits_mn, -jnp.inf)
@@ -166,11 +126,7 @@ def infonce_loss(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
 
 def top_k_hits(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
                doc_valid_n: jax.Array, k: int) -> jax.Array:
-  """Relevant documents among each query's top k by dot product, summed.
-
-  Ties go to the lower document index. Returns an int32 scalar; dividing by
-  the number of positives gives the protocol's top-k accuracy.
-  """
+  """Relevant docs in each top k (ties to lower index), summed: int32 scalar."""
   scores_mn = jnp.einsum("md,nd->mn", q_md, d_nd)
   scores_mn = jnp.where(doc_valid_n, scores_mn, -jnp.inf)
   _, top_mk = jax.lax.top_k(scores_mn, k)
@@ -178,7 +134,6 @@ def top_k_hits(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
   return (hits_mk > 0).sum(dtype=jnp.int32)
 
 
-# Stop codes carried through the loop.
 _RUNNING, _ACCURACY, _PATIENCE, _MAX_ITERATIONS = 0, 1, 2, 3
 _STOP_NAMES = {_ACCURACY: "accuracy", _PATIENCE: "patience",
                _MAX_ITERATIONS: "max_iterations"}
@@ -194,10 +149,9 @@ def _optimize_batch(q_bmd, d_bnd, positive_bmn, doc_valid_bn, *, k: int,
   optimizer = optax.adam(protocol.learning_rate)
   num_problems = q_bmd.shape[0]
   total_b = (positive_bmn > 0).sum(axis=(1, 2), dtype=jnp.int32)
-  # `best − loss > δ` rather than the released `loss < best − δ` in float64:
-  # both losses are float32 and close, so their float32 difference is exact
-  # (Sterbenz), and no float32 lies strictly between float32(δ) and δ, so
-  # the two tests agree bit for bit.
+  # `best − loss > δ` in float32 agrees bit for bit with the release's float64
+  # `loss < best − δ`: close float32s subtract exactly (Sterbenz), and no
+  # float32 lies strictly between float32(δ) and δ.
   min_delta = jnp.float32(protocol.min_delta)
   loss_grad = jax.vmap(jax.value_and_grad(
       lambda q, d, p, v: infonce_loss(q, d, p, v, protocol.temperature),
@@ -316,28 +270,20 @@ def _work(p: Problem) -> int:
   return p.num_queries * p.num_docs * p.dim
 
 
-# Work that costs about as much as the fixed cost of one loop iteration
-# (measured on CPU: ~20 µs per update, ~1.3 µs per 1,000 work units); a
-# batch may pad up to this much for free.
+# About one loop iteration's fixed cost (CPU: ~20 µs per update, ~1.3 µs per
+# 1,000 work units); a batch may pad up to this much for free.
 _FREE_WORK = 20_000
 
 
 def group_by_size(problems: Sequence[Problem], max_batch: int = 64,
                   max_waste: float = 1.5) -> list[list[int]]:
-  """Splits problems into batches whose padding wastes little work.
+  """Splits problems into batches of indices whose padding wastes little work.
 
-  A batch costs its size times the work of its padded shape per update, and
-  runs until its slowest member stops, so one large problem makes every
-  small one beside it as expensive as itself. On CPU an update's time is
-  close to linear in that work above a small fixed cost, so batching saves
-  little there beyond the fixed cost; on accelerators a batch of small
-  problems costs about as much as one. Problems are taken in order of
-  size and a batch is closed when adding the next would make its padded
-  work exceed `max_waste` times the sum of its members' own work, or when it
-  holds `max_batch` problems.
-
-  Returns:
-    Lists of indices into `problems`, smallest problems first.
+  A batch runs until its slowest member stops, at its padded work per update.
+  Taking problems by size, a batch closes at `max_batch` members or when its
+  padded work would exceed `max_waste` times its members' own + _FREE_WORK.
+  On CPU batching saves little beyond the fixed cost; on accelerators a batch
+  of small problems costs about one. Returns index lists, smallest first.
   """
   if max_batch < 1 or max_waste < 1:
     raise ValueError(f"need max_batch >= 1 and max_waste >= 1, got "
@@ -376,16 +322,10 @@ def _check_problem(p: Problem) -> None:
 def optimize_free_embeddings(problems: Sequence[Problem],
                              protocol: Protocol = Protocol(),
                              progress_every: int = 0) -> list[RunResult]:
-  """Runs the free-embedding protocol on every problem in one jitted call.
+  """Runs the protocol on every problem (all sharing k) in one jitted call.
 
-  Args:
-    problems: runs to make; all must share k (the top-k being checked).
-    protocol: hyper-parameters (the paper's by default).
-    progress_every: print the number of unfinished runs every this many
-      iterations (0: silent).
-
-  Returns:
-    One RunResult per problem, in order.
+  progress_every: print the unfinished-run count every this many iterations
+  (0: silent). Returns one RunResult per problem, in order.
   """
   if not problems:
     return []

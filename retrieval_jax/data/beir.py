@@ -1,18 +1,9 @@
 """Strict readers for retrieval collections in the BEIR layout.
 
-A collection is a directory holding
-
-  corpus.jsonl       one {"_id", "title", "text"} object per line
-  queries.jsonl      one {"_id", "text"} object per line
-  qrels/<split>.tsv  "query-id<TAB>corpus-id<TAB>score" header, then one
-                     judgment per line with an integer score
-
-This is the one way the library reads a collection (training data,
-evaluation, experiments): pure Python, no TensorFlow, so the run path needs
-none; `tfds_beir` only prepares TFDS tables from these same parsers. Every
-format problem raises `BeirFormatError`, starting "path:line: " (or "path: "
-for the file as a whole); the rules for what BEIR leaves open are given
-where they are applied (`json_id`, `read_corpus`, `read_qrels_rows`, ...).
+corpus.jsonl ({"_id", "title", "text"} per line), queries.jsonl ({"_id",
+"text"}), qrels/<split>.tsv (optional header, then query-id, corpus-id,
+integer score). The library's one reader (`load_beir`): pure Python, so the
+run path needs no TF. Every problem raises `BeirFormatError` "path:line: ".
 """
 
 import collections
@@ -31,10 +22,8 @@ QRELS_DIR = "qrels"
 QRELS_SUFFIX = ".tsv"
 ON_UNKNOWN_POLICIES = ("warn", "error", "ignore")
 
-# How many example ids and line numbers an unknown-id message lists.
 _NUM_EXAMPLES = 3
-# Optional sign, then digits; `int()` alone would also take "1_000" and
-# full-width digits, which no qrels writer produces on purpose.
+# Sign and ASCII digits: int() would also take "1_000" and full-width digits.
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
@@ -48,14 +37,7 @@ class UnknownIdsWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class QrelsRow:
-  """One judgment as read from a qrels file.
-
-  Attributes:
-    query_id: str.
-    doc_id: str.
-    score: int, graded relevance; <= 0 means not relevant.
-    line: int, 1-based line number in the qrels file.
-  """
+  """One qrels judgment; score <= 0 is not relevant; line is 1-based."""
 
   query_id: str
   doc_id: str
@@ -64,32 +46,16 @@ class QrelsRow:
 
 
 def doc_text(title: str, text: str) -> str:
-  """Joins a title and a body the way BEIR and MTEB do for dense encoders.
-
-  Args:
-    title: str, possibly empty.
-    text: str, possibly empty.
-
-  Returns:
-    str, `(title + " " + text).strip()`; "" for a document with neither.
-  """
+  """`(title + " " + text).strip()`, as BEIR and MTEB join for dense models."""
   return (title + " " + text).strip()
 
 
 @dataclasses.dataclass(frozen=True)
 class BeirCollection:
-  """A parsed BEIR collection, every list in file order.
+  """A parsed BEIR collection, lists in file order, ids unique.
 
-  Attributes:
-    doc_ids: list[str] [N], unique.
-    titles: list[str] [N], "" where the corpus has no title.
-    texts: list[str] [N], may contain "".
-    query_ids: list[str] [Q], unique; all queries of queries.jsonl, judged
-      in the split or not.
-    queries: list[str] [Q].
-    qrels: dict[str, dict[str, int]], query id -> doc id -> score, keys in
-      qrels file order; only ids present in the collection. Empty when no
-      split was read.
+  query_ids: all queries, judged or not; qrels: query -> doc -> score ({}
+  without a split).
   """
 
   doc_ids: list[str]
@@ -100,19 +66,15 @@ class BeirCollection:
   qrels: dict[str, dict[str, int]]
 
   def doc_texts(self) -> list[str]:
-    """Returns list[str] [N], `doc_text(title, text)` per document."""
+    """`doc_text(title, text)` per document: list[str] [N]."""
     return [doc_text(t, x) for t, x in zip(self.titles, self.texts)]
 
   def judged_query_ids(self) -> list[str]:
-    """Returns list[str], the query ids with judgments, in queries order.
-
-    Evaluation encodes only these: SciFact has 1,109 queries, of which the
-    test qrels judge 300.
-    """
+    """Judged query ids in queries order (SciFact test: 300 of 1,109)."""
     return [q for q in self.query_ids if q in self.qrels]
 
   def judged_queries(self) -> tuple[list[str], list[str]]:
-    """Returns (ids, texts), both list[str], of the judged queries."""
+    """(ids, texts) of the judged queries."""
     ids, texts = [], []
     for qid, query in zip(self.query_ids, self.queries):
       if qid in self.qrels:
@@ -122,7 +84,6 @@ class BeirCollection:
 
 
 def _json_type(value) -> str:
-  """Names a parsed JSON value's type as JSON spells it, with an article."""
   if value is None:
     return "null"
   if isinstance(value, bool):  # Before int: bool is a subclass of int.
@@ -136,33 +97,21 @@ def _json_type(value) -> str:
   return "an object"
 
 
-# What each file should hold, for "missing file" messages.
 _CORPUS_WHAT = 'a BEIR corpus, one {"_id", "title", "text"} object per line'
 _QUERIES_WHAT = 'BEIR queries, one {"_id", "text"} object per line'
 _QRELS_WHAT = "BEIR qrels, query-id<TAB>corpus-id<TAB>score rows"
 
 
 def require_file(path: str, what: str) -> None:
-  """Raises BeirFormatError unless `path` is a regular file.
-
-  Args:
-    path: str, the file.
-    what: str, what it should hold, for the message.
-  """
+  """Raises BeirFormatError unless `path` is a file; `what` it should hold."""
   if not os.path.isfile(path):
     state = "is not a file" if os.path.exists(path) else "does not exist"
     raise BeirFormatError(path, None, f"{state}; expected {what}")
 
 
 def _read_lines(path: str) -> Iterator[tuple[int, str]]:
-  """Yields (1-based line number, decoded line without its line end).
-
-  A UTF-8 byte-order mark on the first line is dropped; CRLF line ends are
-  accepted.
-  """
-  # Binary mode splits on b"\n" only; text mode would also split on U+2028
-  # and friends, which JSON strings may hold unescaped, and shift the line
-  # numbers away from what an editor shows.
+  """Yields (1-based lineno, line sans line end); drops a BOM, accepts CRLF."""
+  # Binary: text mode would also split at U+2028, legal inside JSON strings.
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
       try:
@@ -177,19 +126,7 @@ def _read_lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def read_json_objects(path: str) -> Iterator[tuple[int, dict]]:
-  """Reads a JSONL file whose every non-blank line must be a JSON object.
-
-  Blank lines are skipped.
-
-  Args:
-    path: str, an existing file.
-
-  Yields:
-    (int, dict), the 1-based line number and the parsed object.
-
-  Raises:
-    BeirFormatError: invalid UTF-8, malformed JSON, or a non-object line.
-  """
+  """Yields (lineno, dict) per non-blank line of a JSONL file of objects."""
   for lineno, line in _read_lines(path):
     if not line.strip():
       continue
@@ -207,20 +144,10 @@ def read_json_objects(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def json_id(path: str, lineno: int, obj: dict, key: str) -> str:
-  """Returns obj[key] as an id string.
+  """obj[key] as an id string; JSON integers are converted with str().
 
-  Ids are strings. JSON integers are accepted and converted with `str()`
-  (some exports write numeric ids unquoted); null, booleans, floats, empty
-  ids and ids holding a tab or a line break (which the qrels TSV could not
-  hold) are rejected.
-
-  Args:
-    path: str and lineno: int, where `obj` came from, for messages.
-    obj: dict, a parsed JSONL line.
-    key: str, the id's key.
-
-  Raises:
-    BeirFormatError: the id is missing, empty, or not a string or integer.
+  Null, booleans, floats (no one spelling), empty ids and ids with a tab or
+  line break (no qrels TSV could hold them) raise BeirFormatError.
   """
   if key not in obj:
     raise BeirFormatError(path, lineno, f'missing "{key}"')
@@ -231,14 +158,11 @@ def json_id(path: str, lineno: int, obj: dict, key: str) -> str:
         lineno,
         f'"{key}" must be a string (or an integer), got {_json_type(value)}',
     )
-  # JSON integers are the only non-string ids with one obvious spelling;
-  # floats (1.0 vs 1) and booleans do not have one.
   value = str(value)
   if not value.strip():
     # A blank id cannot be written to a TREC run file or matched reliably.
     raise BeirFormatError(path, lineno, f'"{key}" is empty')
   if any(c in value for c in "\t\r\n"):
-    # Such an id could never be matched by a qrels TSV row.
     raise BeirFormatError(
         path, lineno, f'"{key}" {value!r} contains a tab or line break'
     )
@@ -248,17 +172,7 @@ def json_id(path: str, lineno: int, obj: dict, key: str) -> str:
 def json_text(
     path: str, lineno: int, obj: dict, key: str, required: bool
 ) -> str:
-  """Returns obj[key] as a string.
-
-  Args:
-    path: str and lineno: int, where `obj` came from, for messages.
-    obj: dict, a parsed JSONL line.
-    key: str, the text's key.
-    required: bool; when False, an absent or null value reads as "".
-
-  Raises:
-    BeirFormatError: a required key is missing, or the value is not a string.
-  """
+  """obj[key] as a string; if not required, absent or null reads as ""."""
   if key not in obj or (not required and obj[key] is None):
     if required:
       raise BeirFormatError(path, lineno, f'missing "{key}"')
@@ -274,7 +188,6 @@ def json_text(
 def _check_unique(
     path: str, lineno: int, key: str, value: str, seen: dict[str, int]
 ) -> None:
-  """Records `value` at `lineno`; raises if an earlier line had it."""
   first = seen.setdefault(value, lineno)
   if first != lineno:
     raise BeirFormatError(
@@ -283,26 +196,14 @@ def _check_unique(
 
 
 def read_corpus(path: str) -> tuple[list[str], list[str], list[str]]:
-  """Reads a BEIR corpus.jsonl.
+  """(doc_ids, titles, texts) of a corpus.jsonl: list[str] [N], file order.
 
-  `title` is optional and defaults to ""; `text` is required but may be
-  empty (Cranfield documents 471 and 995 have neither). Other keys, such as
-  BEIR's `metadata`, are ignored.
-
-  Args:
-    path: str, the corpus file.
-
-  Returns:
-    (doc_ids, titles, texts), each list[str] [N] in file order.
-
-  Raises:
-    BeirFormatError: missing file, a malformed line, a duplicate id, or no
-      documents at all.
+  title is optional (""); text is required but may be empty (Cranfield docs
+  471 and 995); other keys are ignored.
   """
   require_file(path, _CORPUS_WHAT)
   ids, titles, texts = [], [], []
-  # id -> first line; a repeated id would make qrels ambiguous and leave one
-  # of the two documents unreachable by id, skewing every metric.
+  # A repeated id would make qrels ambiguous and a document unreachable.
   seen = {}
   for lineno, obj in read_json_objects(path):
     doc_id = json_id(path, lineno, obj, "_id")
@@ -312,25 +213,13 @@ def read_corpus(path: str) -> tuple[list[str], list[str], list[str]]:
     titles.append(json_text(path, lineno, obj, "title", required=False))
     texts.append(json_text(path, lineno, obj, "text", required=True))
   if not ids:
-    # Checked here, not by callers: an empty corpus makes every later step
-    # (encoding, top-k) fail far from the cause.
+    # Here, not in callers: an empty corpus would fail far from the cause.
     raise BeirFormatError(path, None, "the corpus holds no documents")
   return ids, titles, texts
 
 
 def read_queries(path: str) -> tuple[list[str], list[str]]:
-  """Reads a BEIR queries.jsonl.
-
-  Args:
-    path: str, the queries file.
-
-  Returns:
-    (query_ids, texts), each list[str] [Q] in file order.
-
-  Raises:
-    BeirFormatError: missing file, a malformed line, a duplicate id, or no
-      queries at all.
-  """
+  """(query_ids, texts) of a queries.jsonl: list[str] [Q], file order."""
   require_file(path, _QUERIES_WHAT)
   ids, texts = [], []
   seen = {}
@@ -346,29 +235,15 @@ def read_queries(path: str) -> tuple[list[str], list[str]]:
 
 
 def _parse_score(field: str) -> int | None:
-  """Returns the integer in `field`, or None when it is not one."""
   field = field.strip()
   return int(field) if _INT_RE.fullmatch(field) else None
 
 
 def read_qrels_rows(path: str) -> list[QrelsRow]:
-  """Reads and validates a BEIR qrels TSV, without any id filtering.
+  """Validated QrelsRows of a qrels TSV in file order, ids unfiltered.
 
-  The header is recognised by content, not by its names: the first
-  non-blank line is a header when its third column is not an integer, and a
-  judgment otherwise, so headerless files are accepted too. Duplicate
-  (query, doc) judgments are an error, as in trec_eval.
-
-  Args:
-    path: str, the qrels file.
-
-  Returns:
-    list[QrelsRow] in file order, no two with the same (query_id, doc_id).
-
-  Raises:
-    BeirFormatError: missing file, a row without exactly three tab-separated
-      columns, an empty id, a non-integer score, a duplicate (query, doc)
-      pair, or no judgments at all.
+  The first line is a header iff its score is not an integer, so headerless
+  files work; duplicate (query, doc) pairs raise, as in trec_eval.
   """
   require_file(path, _QRELS_WHAT)
   rows = []
@@ -406,8 +281,7 @@ def read_qrels_rows(path: str) -> list[QrelsRow]:
           f"duplicate judgment for query {query_id!r} and doc {doc_id!r}"
           f" (first at line {first})",
       )
-    # Scores <= 0 are kept: they mark judged non-relevant documents, which
-    # trec_eval distinguishes from unjudged ones (e.g. for bpref).
+    # Scores <= 0 stay: trec_eval tells judged non-relevant from unjudged.
     rows.append(QrelsRow(query_id, doc_id, score, lineno))
   if not rows:
     raise BeirFormatError(path, None, "the file holds no judgments")
@@ -415,7 +289,6 @@ def read_qrels_rows(path: str) -> list[QrelsRow]:
 
 
 def _describe_unknown(rows: list[QrelsRow], attr: str, noun: str) -> str:
-  """Summarises rows with unknown ids: counts, example ids, first lines."""
   # Distinct ids in first-seen order, so the examples match the lines.
   ids = list(dict.fromkeys(getattr(r, attr) for r in rows))
   examples = ", ".join(repr(i) for i in ids[:_NUM_EXAMPLES])
@@ -433,26 +306,11 @@ def qrels_from_rows(
     doc_ids: Sequence[str] | None = None,
     on_unknown: str = "warn",
 ) -> dict[str, dict[str, int]]:
-  """Builds the qrels dict, applying the unknown-id policy.
+  """query -> doc -> score of `rows`, under the unknown-id policy.
 
-  The default "warn" matches trec_eval, which ignores judgments for queries
-  absent from the run.
-
-  Args:
-    path: str, the qrels file the rows came from (for messages).
-    rows: Sequence[QrelsRow], as `read_qrels_rows` returns them.
-    query_ids: the collection's query ids, or None to accept any.
-    doc_ids: the collection's doc ids, or None to accept any.
-    on_unknown: "warn" drops rows with unknown ids and emits one
-      UnknownIdsWarning; "error" raises BeirFormatError at the first such
-      row; "ignore" drops them silently.
-
-  Returns:
-    dict[str, dict[str, int]], query id -> doc id -> score, in row order.
-
-  Raises:
-    BeirFormatError: per the policy, or when no row is left.
-    ValueError: an unknown policy.
+  "warn" (trec_eval's behaviour) drops rows with unknown ids with one
+  UnknownIdsWarning; "error" raises at the first; "ignore" drops silently.
+  None id lists accept any id; no row left raises BeirFormatError.
   """
   # Checked before any row is looked at, so a typo fails even on clean data.
   if on_unknown not in ON_UNKNOWN_POLICIES:
@@ -479,8 +337,7 @@ def qrels_from_rows(
     )
     if on_unknown == "error":
       raise BeirFormatError(path, min(bad_lines), summary)
-    # One warning per file, whatever the number of rows: a mismatched id
-    # scheme can make every row unknown.
+    # One warning per file: a mismatched id scheme can make every row unknown.
     warnings.warn(
         f"{path}: {summary}; dropped those rows",
         UnknownIdsWarning,
@@ -491,8 +348,7 @@ def qrels_from_rows(
     if r.line not in bad_lines:
       qrels[r.query_id][r.doc_id] = r.score
   if not qrels:
-    # Usually the query or doc ids follow a different numbering than the
-    # corpus (Cranfield's positional vs ".I" query ids are the classic case).
+    # Usually another id numbering (Cranfield: positional vs ".I" query ids).
     raise BeirFormatError(
         path, None, "no judgment names a query and a doc of the collection"
     )
@@ -505,25 +361,13 @@ def read_qrels(
     doc_ids: Sequence[str] | None = None,
     on_unknown: str = "warn",
 ) -> dict[str, dict[str, int]]:
-  """Reads a BEIR qrels TSV; see `read_qrels_rows` and `qrels_from_rows`.
-
-  Args:
-    path: str, the qrels file.
-    query_ids: the collection's query ids, or None to accept any.
-    doc_ids: the collection's doc ids, or None to accept any.
-    on_unknown: "warn" | "error" | "ignore", for rows naming ids that are
-      not in `query_ids` / `doc_ids`.
-
-  Returns:
-    dict[str, dict[str, int]], query id -> doc id -> integer score, in file
-    order.
-  """
+  """`qrels_from_rows` of `read_qrels_rows(path)`: query -> doc -> score."""
   rows = read_qrels_rows(path)
   return qrels_from_rows(path, rows, query_ids, doc_ids, on_unknown)
 
 
 def available_splits(directory: str) -> list[str]:
-  """Returns list[str], sorted names of the qrels/<split>.tsv files."""
+  """Sorted names of the qrels/<split>.tsv files."""
   qrels_dir = os.path.join(directory, QRELS_DIR)
   if not os.path.isdir(qrels_dir):
     return []
@@ -536,12 +380,7 @@ def available_splits(directory: str) -> list[str]:
 
 
 def qrels_path(directory: str, split: str) -> str:
-  """Returns the path of qrels/<split>.tsv, raising if there is none.
-
-  Raises:
-    BeirFormatError: the split file is missing; the message lists the splits
-      the directory does have.
-  """
+  """qrels/<split>.tsv; if missing, the error lists the splits present."""
   path = os.path.join(directory, QRELS_DIR, split + QRELS_SUFFIX)
   if not os.path.isfile(path):
     found = available_splits(directory)
@@ -553,14 +392,14 @@ def qrels_path(directory: str, split: str) -> str:
 
 
 def corpus_path(directory: str) -> str:
-  """Returns directory/corpus.jsonl, raising BeirFormatError if missing."""
+  """directory/corpus.jsonl; BeirFormatError if missing."""
   path = os.path.join(directory, CORPUS_FILE)
   require_file(path, _CORPUS_WHAT)
   return path
 
 
 def queries_path(directory: str) -> str:
-  """Returns directory/queries.jsonl, raising BeirFormatError if missing."""
+  """directory/queries.jsonl; BeirFormatError if missing."""
   path = os.path.join(directory, QUERIES_FILE)
   require_file(path, _QUERIES_WHAT)
   return path
@@ -588,30 +427,16 @@ def load_beir(
     on_unknown: str = "warn",
     corpus_only: bool = False,
 ) -> BeirCollection:
-  """Reads a BEIR collection directory.
+  """Reads a BEIR collection directory into a BeirCollection.
 
-  Args:
-    directory: str, holding corpus.jsonl, queries.jsonl, qrels/<split>.tsv.
-    split: str, which qrels file to read; None reads no qrels.
-    on_unknown: "warn" | "error" | "ignore", for qrels rows naming ids the
-      corpus or queries lack (see `qrels_from_rows`).
-    corpus_only: read only corpus.jsonl (for directories that hold just a
-      corpus, e.g. to encode it); queries and qrels are left empty.
-
-  Returns:
-    BeirCollection with all queries (see `judged_query_ids` for the ones
-    with judgments in `split`).
-
-  Raises:
-    BeirFormatError: a missing or malformed file.
+  split None reads no qrels; corpus_only reads only corpus.jsonl (queries and
+  qrels empty). All queries are kept: see `judged_query_ids`.
   """
   check_directory(directory)
   if corpus_only:
-    # Encode-only directories may hold nothing but the corpus.
     doc_ids, titles, texts = read_corpus(corpus_path(directory))
     return BeirCollection(doc_ids, titles, texts, [], [], {})
-  # Resolve every path first: a wrong split name or a missing file should
-  # fail before the corpus, possibly gigabytes, is parsed.
+  # Resolve paths first: fail before parsing a possibly huge corpus.
   qrels_file = None if split is None else qrels_path(directory, split)
   queries_file = queries_path(directory)
   doc_ids, titles, texts = read_corpus(corpus_path(directory))

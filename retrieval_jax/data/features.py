@@ -1,10 +1,7 @@
 """Featurisers: texts -> the token-id layouts the models read.
 
-Pair rows of cross-encoders ([CLS] query [SEP] item [SEP], optionally with
-marker tokens for the "emb" head) and ColBERT's query / document rows
-([CLS] [Q|D] tokens [SEP], [MASK]-augmented queries, punctuation left out
-of scoring). Markers are BERT's reserved "[unused0]" / "[unused1]" entries,
-so bert-base-uncased vocabularies need no new rows.
+Cross-encoder pair rows and ColBERT query / document rows. Markers are BERT's
+reserved "[unused0]" / "[unused1]", so bert-base-uncased needs no new rows.
 """
 
 import string
@@ -16,29 +13,17 @@ import numpy as np
 PAIR_HEADS = ("cls", "emb")
 PAIR_QUERY_MARKER = "[unused0]"
 PAIR_ITEM_MARKER = "[unused1]"
-# ColBERT's query and document markers.
 QUERY_MARKER = "[unused0]"
 DOC_MARKER = "[unused1]"
 
 def encode_pairs(tokenizer, queries, items, max_length: int, head: str,
                  pad_to_multiple_of: int | None = 16) -> dict[str, np.ndarray]:
-  """Tokenises (query, item) pairs for a head.
+  """Tokenises (query, item) pairs for head "cls" or "emb": int32 [B, L] dict.
 
-  "cls": [CLS] query [SEP] item [SEP] with the tokenizer's longest-first
-  truncation. "emb": the same with a query marker prepended to the query
-  and an item marker to the item (both count against `max_length` and are
-  never truncated), plus "markers" [B, 2], their positions.
-
-  Args:
-    tokenizer: a `data.tokenizers.WordPieceTokenizer`.
-    queries, items: B texts each.
-    max_length: most ids per row, specials and markers included.
-    head: "cls" or "emb".
-    pad_to_multiple_of: round the padded width up to this.
-
-  Returns:
-    int32 arrays [B, L]: input_ids, attention_mask, token_type_ids (and
-    markers [B, 2] for "emb").
+  input_ids, attention_mask, token_type_ids of [CLS] query [SEP] item [SEP],
+  longest-first truncated to max_length. "emb" also puts a marker before
+  each segment (never truncated, counted in max_length) and adds "markers"
+  [B, 2], their positions.
   """
   if head not in PAIR_HEADS:
     raise ValueError(f"head={head!r}: expected one of {PAIR_HEADS}")
@@ -51,8 +36,7 @@ def encode_pairs(tokenizer, queries, items, max_length: int, head: str,
     raise ValueError(f"the vocabulary lacks {PAIR_QUERY_MARKER} / {PAIR_ITEM_MARKER}")
   rows, types, markers = [], [], []
   for query, item in zip(queries, items, strict=True):
-    # Two ids fewer for the content, then the markers go in front of each
-    # segment: [CLS] [Q] a [SEP] [I] b [SEP].
+    # Two ids fewer for the markers: [CLS] [Q] a [SEP] [I] b [SEP].
     row, type_ids = tokenizer.encode_pair(query, item, max_length - 2)
     sep = row.index(tokenizer.sep_id)
     rows.append([row[0], ids[0], *row[1:sep + 1], ids[1], *row[sep + 1:]])
@@ -81,14 +65,7 @@ def _marker_id(tokenizer, marker: str) -> int:
 
 
 def punctuation_ids(tokenizer) -> np.ndarray:
-  """Ids of the single-character tokens in `string.punctuation`.
-
-  BERT's pre-tokenizer splits every punctuation character into a word of
-  its own, so these are the only ids punctuation ever becomes.
-
-  Returns:
-    int32 [P] sorted ids (characters missing from the vocabulary skipped).
-  """
+  """Sorted int32 ids of punctuation tokens (BERT splits each char off)."""
   ids = {tokenizer.token_to_id(c) for c in string.punctuation}
   ids.discard(None)
   return np.asarray(sorted(ids), np.int32)
@@ -155,8 +132,7 @@ def pad_docs(tokenizer, rows: Sequence[Sequence[int]], *,
     attention_bl[b, :len(row)] = 1
   score_bl = attention_bl.copy()
   if mask_punctuation:
-    # Punctuation is attended to (it shapes its neighbours' states) but its
-    # own vectors are not matched: they would match every query's "?".
+    # Attended (shapes neighbours) but unscored: it would match every "?".
     score_bl[np.isin(ids_bl, punctuation_ids(tokenizer))] = 0
   return ids_bl, attention_bl, score_bl
 
@@ -164,18 +140,11 @@ def pad_docs(tokenizer, rows: Sequence[Sequence[int]], *,
 def encode_queries(tokenizer, texts: Sequence[str], *, query_maxlen: int = 32,
                    augment: bool = True
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Tokenises queries as [CLS] [Q] tokens [SEP], width `query_maxlen`.
+  """Tokenises queries as [CLS] [Q] tokens [SEP], width query_maxlen >= 3.
 
-  Args:
-    tokenizer: a `data.tokenizers.WordPieceTokenizer`.
-    texts: B queries; longer ones keep their first query_maxlen - 3 tokens.
-    query_maxlen: ids per row, specials included (>= 3).
-    augment: fill with [MASK] (attention 0, score 1: query augmentation);
-      False fills with [PAD] and scores only the real tokens.
-
-  Returns:
-    int32 [B, query_maxlen] arrays: ids_bl, attention_mask_bl (1 on the
-    real tokens) and score_mask_bl (rows that enter MaxSim).
+  Returns int32 [B, query_maxlen] ids_bl, attention_mask_bl, score_mask_bl.
+  augment fills with [MASK] (attention 0, score 1); False pads with [PAD]
+  and scores only the real tokens.
   """
   return pad_queries(tokenizer, query_rows(tokenizer, texts, query_maxlen),
                      query_maxlen, augment)
@@ -185,19 +154,11 @@ def encode_docs(tokenizer, texts: Sequence[str], *, doc_maxlen: int = 220,
                 mask_punctuation: bool = True,
                 pad_multiple: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Tokenises documents as [CLS] [D] tokens [SEP], padded with [PAD].
+  """Tokenises docs as [CLS] [D] tokens [SEP] (<= doc_maxlen), [PAD]ded.
 
-  Args:
-    tokenizer: a `data.tokenizers.WordPieceTokenizer`.
-    texts: B documents; longer ones keep their first doc_maxlen - 3 tokens.
-    doc_maxlen: most ids per row, specials included (>= 3).
-    mask_punctuation: exclude single-character punctuation tokens (those in
-      `string.punctuation`) from scoring.
-    pad_multiple: round the width (the longest row) up to a multiple of this.
-
-  Returns:
-    int32 [B, L] arrays: ids_bl, attention_mask_bl (1 on real tokens) and
-    score_mask_bl (real tokens, minus punctuation if `mask_punctuation`).
+  Returns int32 [B, L] ids_bl, attention_mask_bl, score_mask_bl (minus
+  punctuation if mask_punctuation); L is the longest row, rounded up to
+  pad_multiple.
   """
   return pad_docs(tokenizer, doc_rows(tokenizer, texts, doc_maxlen),
                   mask_punctuation=mask_punctuation, pad_multiple=pad_multiple)
@@ -207,23 +168,11 @@ def inference_free_query(ids_list: Iterable[Sequence[int]], *,
                          vocab_size: int,
                          idf_v: np.ndarray | None = None,
                          special_ids: Sequence[int] = ()) -> np.ndarray:
-  """Query vectors of inference-free (document-only) sparse retrieval.
+  """Inference-free sparse query vectors: dense float32 [Q, V].
 
-  q_j = 1[j ∈ tokens(q)] · ReLU(idf_j) (IDF ≡ 1 when `idf_v` is None); ReLU
-  keeps a learned IDF gone negative from turning a match into a penalty.
-
-  Args:
-    ids_list: Q token-id sequences (with or without [CLS]/[SEP]).
-    vocab_size: V.
-    idf_v: optional [V] float IDF per term (e.g. `idf_from_corpus`).
-    special_ids: ids whose column is always 0 (e.g. cls/sep/pad).
-
-  Returns:
-    [Q, V] float32 dense NumPy array (Q is small: 122 KB per query at
-    V = 30,522; score with `q_qv @ w_nv.T`).
-
-  Raises:
-    ValueError: ids outside [0, V) or an IDF of the wrong shape.
+  q_j = 1[j in tokens(q)] * ReLU(idf_j) (IDF 1 if idf_v is None): the ReLU
+  keeps a learned IDF gone negative from penalising a match. special_ids
+  columns are 0. Dense is cheap: 122 KB per query at V = 30,522.
   """
   rows = [np.unique(np.asarray(list(ids), np.int64)) for ids in ids_list]
   for q, row in enumerate(rows):
@@ -249,20 +198,10 @@ def inference_free_query(ids_list: Iterable[Sequence[int]], *,
 
 def idf_from_corpus(token_id_lists: Iterable[Sequence[int]],
                     vocab_size: int) -> np.ndarray:
-  """BM25 (Lucene) IDF of every vocabulary term over a tokenised corpus.
+  """BM25 (Lucene) IDF float32 [V] over N tokenised documents.
 
-  idf_j = log(1 + (N − df_j + 0.5) / (df_j + 0.5)): positive for every
-  df ≤ N, unlike Robertson–Spärck Jones' IDF.
-
-  Args:
-    token_id_lists: N token-id sequences, one per document.
-    vocab_size: V.
-
-  Returns:
-    [V] float32 IDF.
-
-  Raises:
-    ValueError: ids outside [0, V).
+  log(1 + (N − df + 0.5) / (df + 0.5)) is positive for every df <= N,
+  unlike Robertson–Spärck Jones' IDF.
   """
   df_v = np.zeros(vocab_size, np.int64)
   n = 0

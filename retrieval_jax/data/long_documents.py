@@ -54,14 +54,9 @@ def write_beir(
     queries: Sequence[str],
     qrels: Mapping[str, Mapping[str, Mapping[str, int]]],
 ) -> None:
-  """Writes a BEIR collection directory (no atomicity; see `atomic_output`).
+  """Writes a BEIR collection directory (not atomic; see `atomic_output`).
 
-  Args:
-    out_dir: str, an existing directory.
-    doc_ids, titles, texts: list[str] [N] each, the corpus in output order.
-    query_ids, queries: list[str] [Q] each.
-    qrels: split -> query id -> doc id -> integer score; each split becomes
-      qrels/<split>.tsv, rows in mapping order.
+  qrels: split -> query id -> doc id -> int score; rows in mapping order.
   """
   _write_jsonl(
       os.path.join(out_dir, beir.CORPUS_FILE),
@@ -94,11 +89,9 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
 
 
 class atomic_output:  # pylint: disable=invalid-name
-  """Context manager: build a directory in a temporary sibling, then swap.
+  """`with atomic_output(out_dir) as tmp_dir:` builds a sibling, then swaps.
 
-  `with atomic_output(out_dir) as tmp_dir:` writes into tmp_dir; on success
-  it replaces `out_dir`, on an exception it is removed. Never half-written;
-  concurrent builders are not coordinated.
+  On an exception tmp_dir is removed; concurrent builders are not coordinated.
   """
 
   def __init__(self, out_dir: str | os.PathLike):
@@ -192,16 +185,9 @@ def pack_passages(
 ) -> list[list[int]]:
   """Packs shuffled passages into documents of log-uniform target lengths.
 
-  Args:
-    lengths: int [N], each passage's token count (>= 0).
-    min_tokens: int >= 1, the shortest target length.
-    max_tokens: int >= min_tokens, the longest document (but see Returns).
-    seed: int, seeds the shuffle and the target lengths.
-
-  Returns:
-    Documents as non-empty lists of passage indices; each index once. Over
-    max_tokens only as a single long passage; below min_tokens only when no
-    remaining passage (of the next `_MAX_LOOKAHEAD`) fits.
+  lengths: int [N] token counts. Returns lists of passage indices, each index
+  once; over max_tokens only as one long passage, under min_tokens only when
+  none of the next `_MAX_LOOKAHEAD` passages fits.
   """
   _check_lengths(min_tokens, max_tokens)
   rng = np.random.default_rng(seed)
@@ -308,29 +294,12 @@ def build_long_documents(
     seed: int = 0,
     count_tokens: Callable[[str], int] | None = None,
 ) -> dict:
-  """Builds a long-document collection from a BEIR collection (see module).
+  """Builds a long-document collection from a BEIR one (see module doc).
 
-  The output replaces `out_dir` atomically (see `atomic_output`).
-
-  Args:
-    source_dir: a BEIR collection directory.
-    out_dir: where the collection goes; created or replaced.
-    splits: qrels splits to carry over; each must exist in `source_dir`.
-    min_tokens: int >= 1, the shortest target document length.
-    max_tokens: int >= min_tokens, the longest document (a single longer
-      passage is the only exception).
-    seed: int, seeds the passage shuffle and the target lengths.
-    count_tokens: text -> token count; None uses `default_count_tokens`.
-
-  Returns:
-    dict, the manifest's "summary": documents, passages, token length
-    statistics, and per split the queries, judgments and judged passages'
-    token offsets (median and the fraction starting at or beyond 512).
-
-  Raises:
-    ValueError: invalid settings, or `out_dir` is `source_dir`.
-    beir.BeirFormatError: a missing split (the message lists those found) or
-      a malformed source file.
+  out_dir is replaced atomically and must differ from source_dir; splits
+  must exist there. count_tokens None: `default_count_tokens`. Returns the
+  manifest's "summary": counts, token length stats, and per split the
+  judged passages' token offsets (median, fraction at or beyond 512).
   """
   source_dir = os.path.abspath(os.fspath(source_dir))
   out_dir = os.path.abspath(os.fspath(out_dir))
@@ -486,18 +455,10 @@ def ensure_long_documents(
     seed: int = 0,
     count_tokens: Callable[[str], int] | None = None,
 ) -> tuple[str, dict]:
-  """Returns a long-document collection, building it only when needed.
+  """(abs path, summary) of a long-document collection, built only if needed.
 
-  An existing `out_dir` is reused when its manifest has the same settings
-  and the same SHA-256 for every source file, and its collection files are
-  present; otherwise it is rebuilt (atomically) with `build_long_documents`.
-
-  Args:
-    source_dir, out_dir, splits, min_tokens, max_tokens, seed, count_tokens:
-      as for `build_long_documents`.
-
-  Returns:
-    (str, dict): the absolute path of the collection and its summary.
+  Reused when the manifest has the same settings and source SHA-256s and the
+  files are present; else rebuilt with `build_long_documents` (same args).
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   settings = _settings(splits, min_tokens, max_tokens, seed, count_tokens)

@@ -1,27 +1,11 @@
 """Hard-negative mining for training queries, with an on-disk cache.
 
-A hard negative is a document that a retriever ranks high for a query but
-that is not known to be relevant to it. Two miners:
-
-* `bm25_negatives`: Lucene BM25 (`search.bm25`, the shared data's
-  baseline settings);
-* `dense_negatives`: an encoder's embeddings and the project's exact top-k.
-
-Both return, per query, the first `depth` documents of the ranking that are
-not excluded, in rank order, with ties broken by the smaller corpus index,
-so the result is a pure function of the inputs.
-
-Mining SciFact's 809 training queries with BM25 takes about a second, but
-dense mining or a large corpus does not, so `cached_negatives` keeps the
-result in a JSON file keyed by a content hash of everything that decides it
-(`mining_key`): a restarted run reads the file, and a changed corpus, query
-set, positive set, model or setting mines again.
-
-`mine` is the trainer's entry point: it mines (or reads from the cache)
-and returns the `pipeline.TrainingData` with its negatives set.
-
-Dense mining takes a plain `encode_fn(texts) -> float32 [N, D]`, so this
-module imports no model or encoder code.
+`bm25_negatives` (Lucene BM25) and `dense_negatives` (any `encode_fn(texts)
+-> float32 [N, D]`, exact top-k) return per query the first `depth`
+unexcluded docs in rank order, ties to the smaller corpus index. BM25 mines
+SciFact's 809 queries in ~1 s, dense mining far slower, so `cached_negatives`
+keeps results under a content hash of the inputs (`mining_key`). `mine` is
+the trainer's entry point.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,7 +26,6 @@ from retrieval_jax.search import exact_topk
 MINING_METHODS = ("bm25", "dense")
 # texts: list[str] [N] -> float32 [N, D] embeddings.
 EncodeFn = Callable[[list[str]], np.ndarray]
-# Part of every BM25 cache key.
 BM25_SETTINGS = bm25.SETTINGS
 # Bumped when the cache file layout changes, so old files re-mine.
 CACHE_FORMAT = 1
@@ -51,7 +34,6 @@ CACHE_FORMAT = 1
 def _check_inputs(query_texts: Sequence[str], corpus_ids: Sequence[str],
                   corpus_texts: Sequence[str], exclude: Sequence[set[str]],
                   depth: int) -> None:
-  """Raises ValueError on mismatched lengths, an empty corpus or depth < 1."""
   if len(corpus_ids) != len(corpus_texts):
     raise ValueError(
         f"corpus_ids has {len(corpus_ids)} entries but corpus_texts has"
@@ -93,25 +75,10 @@ def bm25_negatives(
     *,
     depth: int = 100,
 ) -> list[list[str]]:
-  """Mines negatives with Lucene BM25 (`BM25_SETTINGS`).
+  """BM25 (`BM25_SETTINGS`) negatives: list[list[str]] [Q][<= depth].
 
-  Documents that share no term with the query score 0; BM25 gives them no
-  rank, so they are never returned (a query may get fewer than `depth`).
-
-  Args:
-    query_texts: list[str] [Q].
-    corpus_ids: list[str] [N], unique.
-    corpus_texts: list[str] [N]; the shared data's baselines index
-      `title + " " + text` (`beir.doc_text`).
-    exclude: list[set[str]] [Q], each query's known relevant doc ids.
-    depth: int >= 1, most negatives per query.
-
-  Returns:
-    list[list[str]] [Q][<= depth]: per query, the best-ranked doc ids that
-    are not excluded, in rank order (ties by the smaller corpus index).
-
-  Raises:
-    ValueError: mismatched lengths, an empty corpus, depth < 1.
+  Docs sharing no term score 0 and are never returned. corpus_texts: what the
+  baselines index (`beir.doc_text`); exclude: each query's relevant ids.
   """
   _check_inputs(query_texts, corpus_ids, corpus_texts, exclude, depth)
   start = time.perf_counter()
@@ -119,7 +86,6 @@ def bm25_negatives(
   negatives = []
   for scores_n, excluded in zip(index.scores(query_texts), exclude):
     if scores_n is None:
-      # Every document scores 0: BM25 has no opinion on this query.
       negatives.append([])
       continue
     # Over-fetch by the excluded count so `depth` remain after exclusion.
@@ -143,38 +109,19 @@ def dense_negatives(
     metric: str = "dot",
     mesh=None,
 ) -> list[list[str]]:
-  """Mines negatives with an encoder and exact top-k search.
+  """Negatives by an encoder and exact top-k: list[list[str]] [Q][<= depth].
 
-  Args:
-    encode_fn: texts list[str] [N] -> float32 [N, D] embeddings, e.g. a
-      `TextEncoder.encode` with its batch size bound.
-    query_texts: list[str] [Q].
-    corpus_ids: list[str] [N], unique.
-    corpus_texts: list[str] [N], the passages as the encoder should see them.
-    exclude: list[set[str]] [Q], each query's known relevant doc ids.
-    depth: int >= 1, negatives per query (fewer only when the corpus minus
-      the excluded docs is smaller).
-    metric: "dot" or "cosine"; "dot" scores as the encoder's own embeddings
-      do (normalised or not per its checkpoint).
-    mesh: devices the corpus is sharded over for search (None = all).
-
-  Returns:
-    list[list[str]] [Q][<= depth]: per query, the best-scoring doc ids that
-    are not excluded, in rank order (ties by the smaller corpus index).
-
-  Raises:
-    ValueError: mismatched lengths, an empty corpus, depth < 1.
+  metric "dot" scores as the encoder's own embeddings do; mesh shards the
+  corpus (None: all devices).
   """
   _check_inputs(query_texts, corpus_ids, corpus_texts, exclude, depth)
   start = time.perf_counter()
   docs_nd = np.asarray(encode_fn(list(corpus_texts)), np.float32)
   queries_qd = np.asarray(encode_fn(list(query_texts)), np.float32)
-  # One k for all queries (one compiled search): enough results that
-  # `depth` survive even the largest excluded set.
+  # One k (one compile), large enough that `depth` survive any exclusion.
   max_excluded = max((len(s) for s in exclude), default=0)
   k = min(len(corpus_ids), depth + max_excluded)
-  # exact_topk orders ties by the smaller index, so the lists are
-  # deterministic for a given set of embeddings.
+  # exact_topk breaks ties by the smaller index: the lists are deterministic.
   _, indices_qk = exact_topk.exact_topk(queries_qd, docs_nd, k,
                                         metric=metric, mesh=mesh)
   negatives = [_unexcluded(indices_k, corpus_ids, excluded, depth)
@@ -189,23 +136,9 @@ def mining_key(method: str, settings: Mapping[str, Any],
                query_ids: Sequence[str], query_texts: Sequence[str],
                corpus_ids: Sequence[str], corpus_texts: Sequence[str],
                exclude: Sequence[set[str]], depth: int) -> dict[str, Any]:
-  """The cache key of one mining run: everything its result depends on.
-
-  Args:
-    method: str, e.g. "bm25" or "dense".
-    settings: JSON-serialisable settings of the miner (`BM25_SETTINGS`, or
-      the encoder's `encoder_key`).
-    query_ids, query_texts: list[str] [Q].
-    corpus_ids, corpus_texts: list[str] [N].
-    exclude: list[set[str]] [Q], the excluded (known relevant) doc ids.
-    depth: int, negatives per query.
-
-  Returns:
-    dict, JSON-serialisable, for `cached_negatives`.
-  """
-  # Hashes rather than the texts themselves: the key is stored in the cache
-  # file, and a corpus can be gigabytes. The counts make a mismatch easy to
-  # read in the file.
+  """The JSON cache key of one mining run: everything its result depends on."""
+  # Hashes, not texts: the key is stored and a corpus can be gigabytes. The
+  # counts make a mismatch easy to read in the file.
   return {
       "method": method,
       "settings": dict(settings),
@@ -220,21 +153,11 @@ def mining_key(method: str, settings: Mapping[str, Any],
 
 
 def encoder_key(params: Any, **options: Any) -> dict[str, Any]:
-  """Identifies an encoder for `mining_key`: its weights and options.
+  """Identifies an encoder for `mining_key`: its weights' SHA-256 + options.
 
-  The weights are hashed, so re-mining with a fine-tuned model does not hit
-  the cache of the model it started from. Costs one pass over the
-  parameters (about 0.2 s for MiniLM's 22M), one leaf at a time.
-
-  Args:
-    params: the encoder's weights, any pytree of arrays (pass only the
-      parameters: RNG counters that change between runs would change the
-      key, and the cache would miss).
-    **options: JSON-serialisable settings that change its embeddings
-      (pooling, normalize, max_length).
-
-  Returns:
-    dict with the weights' SHA-256 and the options.
+  Hashing weights keeps a fine-tuned model off its start's cache (~0.2 s for
+  MiniLM's 22M). Pass only parameters (changing RNG counters would change
+  the key); options are what changes embeddings (pooling, max_length, ...).
   """
   leaves = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -250,7 +173,6 @@ def encoder_key(params: Any, **options: Any) -> dict[str, Any]:
 def _key_digest(key: Mapping[str, Any]) -> str:
   """`io.fingerprint` of the key's canonical JSON (sorted, no spaces)."""
   try:
-    # Sorted keys: two dicts equal as values give one digest.
     text = json.dumps(key, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False)
   except (TypeError, ValueError) as e:
@@ -259,7 +181,6 @@ def _key_digest(key: Mapping[str, Any]) -> str:
 
 
 def _is_negatives(value: Any) -> bool:
-  """Whether `value` has the list[list[str]] shape of mined negatives."""
   return isinstance(value, list) and all(
       isinstance(row, list) and all(isinstance(d, str) for d in row)
       for row in value
@@ -274,13 +195,11 @@ def _read_cache(path: str, digest: str) -> list[list[str]] | None:
     with open(path, encoding="utf-8") as f:
       cached = json.load(f)
   except (OSError, ValueError) as e:
-    # Writes are atomic, so this is a file someone else wrote or edited;
-    # mining again is always safe.
+    # Writes are atomic, so someone else wrote this file; re-mining is safe.
     logging.warning("%s: unreadable negatives cache (%s); mining again",
                     path, e)
     return None
-  # Anything but this module's own layout is treated as absent, never
-  # trusted: a wrong list would silently train on wrong negatives.
+  # Never trust another layout: a wrong list would silently train wrongly.
   if not (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT
           and _is_negatives(cached.get("negatives"))):
     logging.warning("%s: not a negatives cache of format %d; mining again",
@@ -297,25 +216,11 @@ def cached_negatives(
     key: Mapping[str, Any],
     compute_fn: Callable[[], list[list[str]]],
 ) -> list[list[str]]:
-  """Returns `compute_fn()`, computed once per key and kept in a JSON file.
+  """`compute_fn()`, computed once per key and kept in a JSON file.
 
-  The file holds one result and the SHA-256 of `key`'s canonical JSON. A
-  call with the same key reads it back; a call with another key (changed
-  inputs or settings) computes again and replaces the file. The file is
-  written to a temporary name in the same directory and renamed, so a run
-  killed mid-write leaves either the old file or the new one, never half.
-
-  Args:
-    cache_path: the JSON file; its directory is created if needed.
-    key: JSON-serialisable description of the inputs (`mining_key`).
-    compute_fn: mines the negatives, list[list[str]] [Q][*].
-
-  Returns:
-    list[list[str]], the cached or freshly computed negatives.
-
-  Raises:
-    ValueError: `key` is not JSON-serialisable, or `compute_fn` returned
-      something other than a list of lists of doc-id strings.
+  The file holds one result and the SHA-256 of `key`'s canonical JSON;
+  another key recomputes and replaces it. Written to a temp name and
+  renamed, so a killed run leaves the old or the new file, never half.
   """
   path = os.fspath(cache_path)
   digest = _key_digest(key)
@@ -324,8 +229,7 @@ def cached_negatives(
     logging.info("%s: reusing mined negatives (%d queries)", path, len(cached))
     return cached
   negatives = compute_fn()
-  # JSON turns tuples into lists; normalise first so a hit and a miss return
-  # the same type.
+  # JSON turns tuples into lists: a hit and a miss return the same type.
   negatives = [list(row) for row in negatives]
   if not _is_negatives(negatives):
     raise ValueError("compute_fn must return a list of lists of doc-id strings")
@@ -346,32 +250,17 @@ def mine(
     encode_fn: EncodeFn | None = None,
     encoder_key: Mapping[str, Any] | None = None,
 ) -> pipeline.TrainingData:
-  """Mines hard negatives for every query, excluding all its positives.
+  """`data` with hard negatives for every query, all its positives excluded.
 
-  Args:
-    data: a `pipeline.TrainingData`.
-    method: "bm25" (`bm25_negatives`) or "dense" (`dense_negatives`).
-    depth: negatives kept per query.
-    cache_dir: holds `<method>.json` (see `cached_negatives`); None mines
-      without a cache.
-    encode_fn: texts -> float32 [N, D] embeddings, for method "dense".
-    encoder_key: what identifies `encode_fn` in the cache key (see
-      `encoder_key()`), for method "dense" with a `cache_dir`.
-
-  Returns:
-    `data` with `negative_ids` set.
-
-  Raises:
-    ValueError: an unknown method, or "dense" without `encode_fn` (or,
-      with a cache, without `encoder_key`).
+  cache_dir holds `<method>.json` (None: no cache). "dense" needs encode_fn
+  (texts -> float32 [N, D]) and, with a cache, `encoder_key()`'s result.
   """
   if method not in MINING_METHODS:
     raise ValueError(
         f"method must be one of {MINING_METHODS}, got {method!r}")
   query_ids = [ex.query_id for ex in data.examples]
   query_texts = [ex.query for ex in data.examples]
-  # Every positive is excluded, not only the ones a batch will feed: a
-  # positive is relevant whichever the loader picks.
+  # All positives: each is relevant, whichever one a batch feeds.
   exclude = [set(ex.positive_ids) for ex in data.examples]
   if method == "bm25":
     settings = BM25_SETTINGS
@@ -394,8 +283,7 @@ def mine(
 
   if cache_dir is None:
     return data.with_negatives(compute())
-  # One file per method, so switching methods back and forth does not
-  # evict the other's result.
+  # One file per method: switching methods back and forth evicts nothing.
   key = mining_key(method, settings, query_ids, query_texts, data.doc_ids,
                    data.doc_texts, exclude, depth)
   path = os.path.join(cache_dir, f"{method}.json")

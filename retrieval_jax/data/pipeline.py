@@ -1,16 +1,10 @@
 """Training data for the trainers, and its step-indexed loader.
 
-* `TrainingData`: one `TrainingExample` per training query (id, text,
-  positive doc ids in file order, mined negatives in rank order) and the
-  corpus the ids index, read from a BEIR qrels split or a pairs file with
-  `beir.py`'s strict parsers; `negatives.mine` adds the negatives.
-* `TrainLoader`: fixed-shape numpy batches; batch t is a pure function of
-  (data, settings, seed, t), so a restored run sees the batches an
-  uninterrupted one would, and the step is the only iterator state.
-
-No seqio: a Task over the parsed lists only round-tripped them through TF
-constants (nothing to preprocess, tokenize or cache; tokenizing stays with
-the loader, per model). The library uses seqio nowhere.
+`TrainingData`: training queries over a corpus, from a BEIR qrels split or a
+pairs file; `negatives.mine` adds hard negatives. `TrainLoader`: fixed-shape
+numpy batches, batch t a pure function of (data, settings, seed, t), so the
+step is the only iterator state. No seqio: there is nothing to preprocess or
+cache, and tokenizing stays with the loader, per model.
 """
 
 from collections.abc import Iterator, Sequence
@@ -33,7 +27,6 @@ from retrieval_jax.data import beir
 
 UNITS = ("pair", "query")
 POSITIVE_CHOICES = ("one", "all")
-# Corpus index of a padding passage row.
 PAD_DOC = -1
 _PAIRS_WHAT = ('training pairs, one {"query_id", "query", "doc_id", "title",'
                ' "text"} object per line')
@@ -51,16 +44,7 @@ class PairRow(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TrainingExample:
-  """One training query.
-
-  Attributes:
-    query_id: str.
-    query: str, the query text.
-    positive_ids: tuple[str, ...], its relevant doc ids in file order; all
-      of them count as known relevant, whichever the loader feeds.
-    negative_ids: tuple[str, ...], mined hard negatives in rank order; never
-      a positive.
-  """
+  """One query: positives (file order, all known relevant), mined negatives."""
 
   query_id: str
   query: str
@@ -70,15 +54,7 @@ class TrainingExample:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainingData:
-  """Training queries and the corpus their doc ids index.
-
-  Attributes:
-    examples: tuple[TrainingExample, ...], queries in first-appearance order.
-    doc_ids: tuple[str, ...] [N], unique.
-    doc_texts: tuple[str, ...] [N], passage texts (`beir.doc_text`; for a
-      positive, the text its source file gives).
-    source: str, where the queries came from (for messages and logs).
-  """
+  """Training queries (first-appearance order) over the corpus they index."""
 
   examples: tuple[TrainingExample, ...]
   doc_ids: tuple[str, ...]
@@ -86,11 +62,9 @@ class TrainingData:
   source: str = "<memory>"
 
   def __post_init__(self):
-    # Lists are accepted; tuples keep the frozen data immutable.
     for name in ("examples", "doc_ids", "doc_texts"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
-    # Checked once here, so the loader can index without checks: every
-    # way to build or change the data goes through this constructor.
+    # Every way to build or change the data passes here: the loader trusts it.
     if not self.examples:
       raise ValueError(f"{self.source}: no training queries")
     if len(self.doc_ids) != len(self.doc_texts):
@@ -103,7 +77,6 @@ class TrainingData:
       self._check_example(ex, seen)
 
   def _check_example(self, ex: TrainingExample, seen: set[str]) -> None:
-    """Raises ValueError naming the query when `ex` is inconsistent."""
     where = f"{self.source}: query {ex.query_id!r}"
     if ex.query_id in seen:
       # Two records for one query would split its known relevant set.
@@ -126,8 +99,7 @@ class TrainingData:
                          f" corpus ({len(missing)} missing)")
     relevant = positives.intersection(ex.negative_ids)
     if relevant:
-      # A known relevant doc scored as a negative trains the model against
-      # the labels.
+      # A known relevant doc scored as a negative trains against the labels.
       raise ValueError(f"{where}: doc {sorted(relevant)[0]!r} is both a"
                        " positive and a negative")
 
@@ -145,22 +117,10 @@ class TrainingData:
   def from_beir(cls, directory: str | os.PathLike, split: str = "train", *,
                 corpus_dir: str | os.PathLike | None = None
                ) -> "TrainingData":
-    """Reads the positives of a BEIR qrels split.
+    """Reads the positives (score > 0, qrels order) of a BEIR qrels split.
 
-    Args:
-      directory: a BEIR collection directory.
-      split: the qrels split (qrels/<split>.tsv).
-      corpus_dir: the collection whose corpus.jsonl supplies the negatives;
-        None for `directory`'s. Every positive must be in it.
-
-    Returns:
-      TrainingData with one example per judged query (positives: judgments
-      with score > 0, in qrels order; rows naming unknown ids are dropped
-      with a `beir.UnknownIdsWarning`) and no negatives yet.
-
-    Raises:
-      BeirFormatError: a missing or malformed file, a split without any
-        positive judgment, or a positive absent from `corpus_dir`'s corpus.
+    corpus_dir (default `directory`) supplies the corpus and must hold every
+    positive; rows naming unknown ids are dropped with a warning.
     """
     directory = os.fspath(directory)
     # Resolve the files first, so a wrong split fails before any reading.
@@ -177,25 +137,10 @@ class TrainingData:
   @classmethod
   def from_pairs(cls, pairs_path: str | os.PathLike,
                  corpus_dir: str | os.PathLike) -> "TrainingData":
-    """Reads a pairs file (see `read_pairs`).
+    """Reads a pairs file (see `read_pairs`) over `corpus_dir`'s corpus.jsonl.
 
-    The pairs file gives each positive's text; `corpus_dir`'s corpus.jsonl
-    supplies the negatives and must hold every positive's doc id, so that a
-    positive mined or sampled for another query is known by its index.
-
-    Args:
-      pairs_path: one {"query_id", "query", "doc_id", "title", "text"}
-        object per line.
-      corpus_dir: a BEIR collection directory (only corpus.jsonl is read).
-
-    Returns:
-      TrainingData with one example per query, in first-appearance order,
-      its positives in file order, and no negatives yet.
-
-    Raises:
-      BeirFormatError: a missing or malformed file, a pair's doc id absent
-        from the corpus, or one query id (or doc id) with two different
-        texts; the message names the line.
+    The corpus must hold every positive id, so a positive mined or sampled
+    for another query is known by its index; the pairs give its text.
     """
     pairs_path = os.fspath(pairs_path)
     corpus_dir = os.fspath(corpus_dir)
@@ -207,15 +152,7 @@ class TrainingData:
 
   def with_negatives(self,
                      negatives: Sequence[Sequence[str]]) -> "TrainingData":
-    """Returns a copy whose queries carry the given negatives.
-
-    Args:
-      negatives: list[list[str]] [Q], per query (in `examples` order) its
-        negatives in rank order.
-
-    Raises:
-      ValueError: wrong length, or a doc id that is unknown or a positive.
-    """
+    """A copy whose queries carry `negatives` [Q][*], doc ids in rank order."""
     if len(negatives) != len(self.examples):
       # Usually a cache or a miner run over other queries.
       raise ValueError(
@@ -229,20 +166,10 @@ class TrainingData:
 
 
 def read_pairs(path: str) -> list[PairRow]:
-  """Reads and validates a pairs JSONL file.
+  """Validated PairRows of a pairs JSONL file, in file order.
 
-  Args:
-    path: one {"query_id", "query", "doc_id", "title", "text", "score"}
-      object per line; `title` optional, `score` optional and, when given,
-      a positive integer (every line is meant to be a positive).
-
-  Returns:
-    list[PairRow] in file order.
-
-  Raises:
-    BeirFormatError: missing file, malformed JSON, a line that is not an
-      object, a missing or mistyped key, a score that is not a positive
-      integer, a repeated (query_id, doc_id) pair, or no pairs at all.
+  title is optional; score too, but if given a positive int (every line is a
+  positive). A repeated (query_id, doc_id) pair raises BeirFormatError.
   """
   beir.require_file(path, _PAIRS_WHAT)
   rows = []
@@ -281,8 +208,7 @@ def _qrels_pairs(directory: str, qrels_file: str,
   qrels = beir.qrels_from_rows(qrels_file, rows, query_ids, doc_ids, "warn")
   query_text = dict(zip(query_ids, queries))
   doc_index = {doc_id: i for i, doc_id in enumerate(doc_ids)}
-  # The rows, not the qrels dict: the dict groups by query, which reorders
-  # files whose judgments for one query are not contiguous.
+  # Rows, not the dict: grouping by query would reorder non-contiguous files.
   pairs = [
       PairRow(row.line, row.query_id, query_text[row.query_id], row.doc_id,
               beir.doc_text(titles[doc_index[row.doc_id]],
@@ -301,17 +227,12 @@ def _qrels_pairs(directory: str, qrels_file: str,
 def _from_rows(rows: Sequence[PairRow],
                corpus: tuple[list[str], list[str], list[str]],
                corpus_file: str, source: str) -> TrainingData:
-  """Groups pairs by query, over `corpus` (read from `corpus_file`).
-
-  Positive texts come from `rows`; `source` is the file the rows came from,
-  for messages.
-  """
+  """Groups pairs by query over `corpus`; positive texts come from `rows`."""
   doc_ids, titles, bodies = corpus
   doc_index = {doc_id: i for i, doc_id in enumerate(doc_ids)}
   doc_texts = [beir.doc_text(t, b) for t, b in zip(titles, bodies)]
-  # doc id -> (text, query id) of the first row naming it.
+  # given: doc id -> (text, first query); groups: query id -> (text, docs).
   given = {}
-  # query id -> (text, [positive doc ids]); dicts keep first appearance.
   groups = {}
   num_changed = 0
   for line, query_id, query, doc_id, positive in rows:
@@ -320,16 +241,14 @@ def _from_rows(rows: Sequence[PairRow],
       raise beir.BeirFormatError(source, line,
                                  f"doc {doc_id!r} is not in {corpus_file}")
     if doc_id in given:
-      # One doc id is one passage: two texts would make the corpus index
-      # stand for two different passages.
+      # One doc id is one passage: two texts would make its index ambiguous.
       if given[doc_id][0] != positive:
         raise beir.BeirFormatError(
             source, line, f"doc {doc_id!r} has a different text than for"
             f" query {given[doc_id][1]!r}")
     else:
       given[doc_id] = (positive, query_id)
-      # The source's text is the positive the data set means; the corpus
-      # copy may differ in whitespace or version.
+      # The source's text is the positive meant; the corpus copy may differ.
       num_changed += doc_texts[i] != positive
       doc_texts[i] = positive
     group = groups.setdefault(query_id, (query, []))
@@ -350,7 +269,6 @@ def _from_rows(rows: Sequence[PairRow],
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-  """Returns `value` as an int, raising ValueError below `minimum`."""
   # bool is an int subclass, but batch_size=True is a bug, not a 1.
   if isinstance(value, bool):
     raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -372,11 +290,7 @@ def _check_choice(name: str, value, allowed: Sequence[str]) -> str:
 
 def _pad_tokens(id_lists: Sequence[Sequence[int]], width: int,
                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads token id lists into a matrix.
-
-  Returns:
-    ids_nl int32 [N, width], lengths_n int32 [N].
-  """
+  """Right-pads id lists: ids_nl int32 [N, width], lengths_n int32 [N]."""
   ids_nl = np.full((len(id_lists), width), pad_id, np.int32)
   lengths_n = np.zeros(len(id_lists), np.int32)
   for i, ids in enumerate(id_lists):
@@ -393,45 +307,25 @@ def _mask(lengths_n: np.ndarray, width: int) -> np.ndarray:
 class TrainLoader:
   """Deterministic, step-indexed batches of query groups.
 
-  All texts the batches can hold (every query, every positive, the top
-  `negative_depth` negatives) are tokenized once in the constructor, so
-  `batch_at` only samples and gathers.
+  An example is a query (unit "query") or a (query, positive) pair ("pair").
+  Epoch e visits all E examples in `default_rng([seed, e]).permutation(E)`
+  order; batch t holds stream items [t*B, (t+1)*B), maybe of two epochs.
 
-  The example stream. An example is one query (unit "query") or one
-  (query, positive) pair (unit "pair"). Epoch e visits every example once, in
-  the order `np.random.default_rng([seed, e]).permutation(E)`; the stream is
-  epoch 0's order, then epoch 1's, and so on, and batch t holds stream items
-  [t*B, (t+1)*B), so a batch may straddle two epochs.
+  Positives: "one"/"pair": the pair's own; "one"/"query": Rand1LH,
+  (crc32(query_id + str(seed)) + e) mod m, each used once per m epochs;
+  "all": min(m, max_positives) in file order, a pair's own first. Hard
+  negatives fill each group of G: drawn without replacement from the top
+  `negative_depth` (rng seeded by seed, epoch, example); a shorter list is
+  used whole, then topped up; none mined leaves padding (doc -1, zero mask).
 
-  The positives of an example ("one" or "all", from the loss):
-  * "one", unit "pair": the pair's own positive;
-  * "one", unit "query": Rand1LH, positive (crc32(query_id + str(seed)) + e)
-    mod m of the query's m positives, so over m epochs each is used once;
-  * "all", unit "query": the first min(m, max_positives) in file order;
-  * "all", unit "pair": the pair's own positive, then the query's others in
-    file order, min(m, max_positives) in all.
-
-  Hard negatives fill the rest of each group of `group_size` passages: draws
-  without replacement from the query's top-`negative_depth` mined list, with
-  an rng seeded by (seed, epoch, example index). A shorter list is used whole
-  and topped up with draws with replacement; an empty one leaves padding
-  (doc -1, all-zero mask).
-
-  Batch layout (B = batch_size, G = group_size, R = max_relevant):
-
-    query_ids       int32 [B, Lq]    token ids, padded to query_max_length
-    query_mask      int32 [B, Lq]    1 on tokens, 0 on padding
-    passage_ids     int32 [B*G, Lp]  query-major: rows i*G .. i*G+G-1 are
-                                     query i's group, its positives first
-    passage_mask    int32 [B*G, Lp]
-    positive_counts int32 [B]        positives in each group, 1..G
-    passage_doc     int32 [B*G]      corpus index of each row, -1 = padding
-    relevant_doc    int32 [B, R]     corpus indices of every known relevant
-                                     doc of the query, -1 padded
-    example_index   int64 [B]        position in the example stream
-
-  Shapes are fixed, so the train step compiles once. Token type ids are all
-  zero for single-segment inputs and are left out.
+  Batch (B = batch_size, G = group_size, R = max_relevant), fixed shapes so
+  the step compiles once; no token type ids (single segments):
+    query_ids, query_mask      int32 [B, Lq]
+    passage_ids, passage_mask  int32 [B*G, Lp], query i's group in rows
+                               i*G .. i*G+G-1, positives first
+    positive_counts int32 [B], 1..G; example_index int64 [B], stream position
+    passage_doc     int32 [B*G], corpus index, -1 = padding
+    relevant_doc    int32 [B, R], every known relevant doc, -1 padded
   """
 
   def __init__(self, data: TrainingData, tokenizer, *, batch_size: int,
@@ -441,30 +335,9 @@ class TrainLoader:
                max_relevant: int | None = None, prefetch: int = 2):
     """Validates the settings and tokenizes the data.
 
-    Args:
-      data: the training queries, with negatives mined (unless every group
-        holds only positives).
-      tokenizer: a `WordPieceTokenizer` (`encode(text, max_length)`,
-        `pad_id`).
-      batch_size: B, queries per batch.
-      group_size: G, passages per query (positives, then hard negatives).
-      unit: "pair" (one example per (query, positive)) or "query".
-      positives: "one" or "all" (see the class docstring).
-      max_positives: most positives per group for positives "all".
-      query_max_length: Lq, tokens per query ([CLS] and [SEP] included).
-      passage_max_length: Lp, tokens per passage.
-      seed: int >= 0; with the step, decides every batch.
-      negative_depth: negatives are drawn from the top this many mined.
-      max_relevant: R, width of "relevant_doc"; None for the largest
-        positive count of any query.
-      prefetch: batches `iterate` prepares ahead on a background thread;
-        0 computes them on the caller's thread.
-
-    Raises:
-      ValueError: a setting out of range or not an allowed string; group
-        too small for max_positives with positives "all"; max_relevant below
-        some query's positive count; groups that need hard negatives when
-        no query has any.
+    Lq / Lp (query_max_length / passage_max_length) count [CLS] and [SEP];
+    max_relevant R defaults to the most positives of any query; prefetch:
+    batches `iterate` prepares on a thread (0: none).
     """
     if not isinstance(data, TrainingData):
       raise ValueError(f"data must be a TrainingData, got {type(data)}")
@@ -496,13 +369,11 @@ class TrainLoader:
       max_relevant = num_most
     self.max_relevant = _check_int("max_relevant", max_relevant, 1)
     if self.max_relevant < num_most:
-      # Dropping a relevant doc from "relevant_doc" would let the loss score
-      # it as a negative.
+      # A relevant doc missing from "relevant_doc" would be scored negative.
       raise ValueError(
           f"max_relevant={self.max_relevant} but query {most.query_id!r} has"
           f" {num_most} positives")
-    # A few queries without negatives get padding; all of them without is
-    # a forgotten mining step, and every batch would be mostly padding.
+    # Some queries may lack negatives; all of them means mining was forgotten.
     needs_negatives = self.group_size > (
         1 if self.positives == "one" else min(num_most, self.max_positives))
     if needs_negatives and not any(ex.negative_ids for ex in examples):
@@ -512,8 +383,6 @@ class TrainLoader:
           " (negatives.mine) or lower group_size")
 
     doc_index = data.doc_index
-    # Per query: corpus indices of its positives (file order) and of its
-    # top negatives (rank order).
     self._positive_docs = [
         np.array([doc_index[d] for d in ex.positive_ids], np.int32)
         for ex in examples]
@@ -521,8 +390,7 @@ class TrainLoader:
         np.array([doc_index[d] for d in ex.negative_ids[:self.negative_depth]],
                  np.int32)
         for ex in examples]
-    # Rand1LH offsets: a stable hash, unlike Python's hash(), which is
-    # salted per process and would change the positives on every restart.
+    # crc32, not the per-process salted hash(): restarts keep the positives.
     self._offsets = np.array(
         [zlib.crc32((ex.query_id + str(self.seed)).encode("utf-8"))
          for ex in examples], np.int64)
@@ -530,17 +398,14 @@ class TrainLoader:
                                 np.int32)
     for q, docs in enumerate(self._positive_docs):
       self._relevant_qr[q, :len(docs)] = docs
-    # Example -> (query index, positive slot); the slot is -1 for unit
-    # "query", whose positive is chosen per epoch.
+    # Example -> (query index, positive slot; -1 for unit "query").
     if self.unit == "query":
       units = [(q, -1) for q in range(len(examples))]
     else:
       units = [(q, j) for q, ex in enumerate(examples)
                for j in range(len(ex.positive_ids))]
     self._units_e2 = np.array(units, np.int64)
-    # A few epochs' orders are kept: consecutive steps reuse one, and a
-    # batch straddling two epochs needs both. lru_cache is thread-safe, so
-    # the prefetch thread and direct callers can share it.
+    # Straddling batches need two epochs' orders; lru_cache is thread-safe.
     self._order = functools.lru_cache(maxsize=8)(self._epoch_order)
     self._tokenize()
 
@@ -552,12 +417,10 @@ class TrainLoader:
     self._query_ids_ql, self._query_lengths_q = _pad_tokens(
         [encode(ex.query, self.query_max_length) for ex in self.data.examples],
         self.query_max_length, pad_id)
-    # Only docs a batch can hold: on a large corpus most docs are neither a
-    # positive nor in any query's top negatives.
+    # Only docs a batch can hold: most of a large corpus is never used.
     used_docs = np.unique(
         np.concatenate(self._positive_docs + self._negative_docs))
-    # Corpus index -> row of the token table; the extra last row is the
-    # all-padding passage that PAD_DOC maps to.
+    # Corpus index -> token row; the extra last row is PAD_DOC's padding.
     self._doc_row_n = np.full(len(self.data.doc_ids) + 1, -1, np.int32)
     self._doc_row_n[used_docs] = np.arange(len(used_docs), dtype=np.int32)
     self._doc_row_n[PAD_DOC] = len(used_docs)
@@ -598,28 +461,15 @@ class TrainLoader:
 
   @property
   def units(self) -> np.ndarray:
-    """int64 [E, 2], per example: query index and positive slot.
-
-    Column 0 indexes `data.examples`; column 1 is the pair's positive among
-    the query's positives, or -1 for unit "query" (chosen per epoch).
-    """
+    """int64 [E, 2]: query index, positive slot (-1 for unit "query")."""
     return self._units_e2.copy()
 
   def examples_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which examples batch `step` holds.
-
-    Args:
-      step: int >= 0.
-
-    Returns:
-      epochs_b int64 [B], the epoch of each row; examples_b int64 [B], its
-      example (a row of `units`).
-    """
+    """(epochs_b, examples_b) int64 [B]: each row's epoch and `units` row."""
     step = _check_int("step", step, 0)
     b, e = self.batch_size, self.num_examples
     positions_b = step * b + np.arange(b, dtype=np.int64)
     epochs_b = positions_b // e
-    # A batch spans at most a few epochs (more only when B > E).
     examples_b = np.empty(b, np.int64)
     for epoch in np.unique(epochs_b):
       in_epoch = epochs_b == epoch
@@ -628,8 +478,7 @@ class TrainLoader:
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
     """int64 [E], the examples in epoch `epoch`'s order."""
-    # Seeded by (seed, epoch) alone, so any epoch's order can be rebuilt
-    # without replaying the ones before it.
+    # Seeded by (seed, epoch) alone: any epoch rebuilds without replay.
     return np.random.default_rng([self.seed, epoch]).permutation(
         self.num_examples)
 
@@ -639,13 +488,10 @@ class TrainLoader:
     if self.positives == "one":
       if j >= 0:
         return np.array([j])
-      # Rand1LH: each query starts at its own positive and moves one on per
-      # epoch, so every positive is used once per m epochs.
       return np.array([(int(self._offsets[q]) + epoch) % m])
     count = min(m, self.max_positives)
     if j < 0:
       return np.arange(count)
-    # The pair's own positive leads, the others follow in file order.
     return np.array([j] + [i for i in range(m) if i != j][: count - 1])
 
   def _sample_negatives(self, q: int, epoch: int, example: int,
@@ -655,28 +501,16 @@ class TrainLoader:
     n = len(pool)
     if count == 0 or n == 0:
       return pool[:0]
-    # Seeded per (seed, epoch, example): independent of which batch or
-    # thread asks, so resuming reproduces the draws.
+    # Seeded per (seed, epoch, example): resuming reproduces the draws.
     rng = np.random.default_rng([self.seed, epoch, example])
     if n >= count:
       return pool[rng.choice(n, count, replace=False)]
-    # Too few mined: use each once, then repeat some. Repeats keep the
-    # group full, so the loss sees as many hard candidates per query.
+    # Too few mined: each once, then repeats, keeping the group full.
     return np.concatenate(
         [pool[rng.permutation(n)], pool[rng.integers(0, n, count - n)]])
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """The batch of training step `step` (layout in the class docstring).
-
-    A pure function of the data, the settings, the seed and `step`; safe to
-    call from several threads.
-
-    Args:
-      step: int >= 0.
-
-    Returns:
-      dict of numpy arrays, keys and shapes as in `batch_spec`.
-    """
+    """The batch of step `step` (see the class docstring); thread-safe."""
     step = _check_int("step", step, 0)
     b, g = self.batch_size, self.group_size
     positions_b = step * b + np.arange(b, dtype=np.int64)
@@ -695,7 +529,6 @@ class TrainLoader:
       group = np.concatenate([positives, negatives])
       passage_doc_bg[i, :len(group)] = group
       counts_b[i] = len(positives)
-    # Query-major flattening: query i's group is rows i*G .. i*G+G-1.
     passage_doc_p = passage_doc_bg.reshape(b * g)
     # PAD_DOC (-1) indexes the last entry of _doc_row_n: the padding row.
     rows_p = self._doc_row_n[passage_doc_p]
@@ -714,14 +547,9 @@ class TrainLoader:
 
   def texts_at(self, step: int, batch: dict[str, np.ndarray]
                ) -> tuple[list[str], list[str]]:
-    """The texts of batch `step`'s passage rows and of their queries.
+    """(query_texts, passage_texts) [B*G] of `batch`, = batch_at(step).
 
-    For pair models (cross-encoders), which tokenise (query, passage)
-    together: row p of both lists is passage row p of `batch` (which must be
-    `batch_at(step)`) and its group's query; padding rows get "" as passage.
-
-    Returns:
-      (query_texts, passage_texts), both list[str] [B*G].
+    For pair models (cross-encoders); padding rows get "" as passage.
     """
     _, examples_b = self.examples_at(step)
     queries_b = self._units_e2[examples_b, 0]
@@ -735,12 +563,8 @@ class TrainLoader:
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Yields batch_at(start_step), batch_at(start_step + 1), ... forever.
 
-    With `prefetch` > 0 a background thread prepares the next batches
-    (bounded queue) while the caller runs the device step. Closing the
-    generator (or dropping it) stops the thread.
-
-    Args:
-      start_step: int >= 0, the first step, e.g. a restored checkpoint's.
+    With `prefetch` > 0 a thread prepares the next batches; closing the
+    generator stops it.
     """
     # Checked now, not at the first next(): generators run lazily.
     step = _check_int("start_step", start_step, 0)
@@ -750,8 +574,7 @@ class TrainLoader:
 
   def _prefetched(self, step: int) -> Iterator[dict[str, np.ndarray]]:
     """`iterate` with a producer thread `prefetch` batches ahead."""
-    # Bounded, so the producer stays at most `prefetch` batches ahead and
-    # memory stays flat however slow the device step is.
+    # Bounded: the producer stays `prefetch` ahead, memory stays flat.
     ready = queue.Queue(maxsize=self.prefetch)
     stop = threading.Event()
 
@@ -762,8 +585,7 @@ class TrainLoader:
         except Exception as e:  # pylint: disable=broad-except
           # Handed to the consumer, which re-raises it in its own thread.
           item = (None, e)
-        # A timed put, so a consumer that stops reading (closed generator)
-        # cannot leave this thread blocked forever on a full queue.
+        # Timed put: a consumer that stopped reading cannot block it forever.
         while not stop.is_set():
           try:
             ready.put(item, timeout=0.1)

@@ -1,16 +1,10 @@
-"""TFDS builder for a BEIR collection in a local directory (optional).
+"""TFDS builder preparing one table of a local BEIR directory as ArrayRecord.
 
-`BeirLocal` prepares one table of a BEIR directory as ArrayRecord, for
-`tfds.data_source` / Grain random access: corpus and queries (split "full";
-index, _id, title/text) and qrels (one split per qrels/<split>.tsv; index,
-query_id, doc_id, score, line). Parsing is `beir.py`'s, in file order.
-
-The library itself reads collections with `beir.load_beir` (pure Python, no
-TensorFlow): every consumer reads whole collections, where this path adds a
-TF import (~4 s) and reads SciFact in 0.3 s against 0.05 s, and the run path
-must work without TF (issue 17). Preparing needs TF; `tfds_loco` builds on it.
-The config name `<collection>_<table>_<hash>` hashes the table's source
-files, so a changed file is prepared again, never read stale.
+Tables corpus and queries (split "full") and qrels (a split per qrels file),
+parsed by beir.py in file order, for tfds.data_source / Grain. The library
+reads with `beir.load_beir`: no TF import (~4 s; SciFact 0.05 s vs 0.3 s
+here), and the run path must work without TF (issue 17). Config names
+`<collection>_<table>_<hash>` hash the sources, so caches never go stale.
 """
 
 import dataclasses
@@ -28,30 +22,20 @@ from retrieval_jax import io
 from retrieval_jax.data import beir
 
 TABLES = ("corpus", "queries", "qrels")
-# The single split of the corpus and queries tables.
 FULL_SPLIT = "full"
 DEFAULT_DATA_DIR = os.path.join(
     os.path.expanduser("~"), ".cache", "retrieval_jax", "tfds"
 )
 # Split names TFDS can put into file names and split specs.
 _SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
-# 64 bits of SHA-256: a collision between two versions of one collection is
-# negligible, and the config names stay short.
+# 64 bits of SHA-256: collisions are negligible and config names stay short.
 _HASH_CHARS = 16
-# Examples per batched read when loading a whole split.
 _READ_BATCH = 8192
 
 
 @dataclasses.dataclass(eq=False)
 class BeirLocalConfig(tfds.core.BuilderConfig):
-  """Which table of which directory a `BeirLocal` builder prepares.
-
-  Create it with `make_config`, which derives the name from the sources.
-
-  Attributes:
-    table: str, one of TABLES.
-    source_dir: str, the BEIR collection directory.
-  """
+  """A BeirLocal's table (one of TABLES) and source_dir; see `make_config`."""
 
   table: str = "corpus"
   source_dir: str = ""
@@ -76,37 +60,21 @@ def _source_files(directory: str, table: str) -> list[str]:
 
 
 def fingerprint(directory: str, table: str) -> str:
-  """Hashes the names and bytes of a table's source files.
+  """_HASH_CHARS hex digits of SHA-256 over a table's source names and bytes.
 
-  Args:
-    directory: str, a BEIR collection directory.
-    table: str, one of TABLES.
-
-  Returns:
-    str, _HASH_CHARS hex digits of a SHA-256; equal contents in another
-    directory give the same value, so a copied collection reuses the cache.
+  Names are relative, so a copied collection reuses the cache.
   """
-  # The relative name matters for qrels: renaming test.tsv to dev.tsv
-  # renames a split.
+  # Relative names matter for qrels: renaming test.tsv renames a split.
   files = [(os.path.relpath(path, directory), io.file_sha256(path))
            for path in _source_files(directory, table)]
   return io.fingerprint(files)[:_HASH_CHARS]
 
 
 def make_config(directory: str, table: str) -> BeirLocalConfig:
-  """Returns the BeirLocalConfig for one table of a BEIR directory.
-
-  Args:
-    directory: str, a BEIR collection directory.
-    table: str, one of TABLES.
-
-  Raises:
-    BeirFormatError: the directory or a source file is missing.
-  """
+  """The BeirLocalConfig of one table of a BEIR directory."""
   beir.check_directory(directory)
   directory = os.path.abspath(directory)
-  # The collection's directory name keeps the data_dir readable; the hash
-  # alone decides whether a preparation is current.
+  # The directory name keeps data_dir readable; the hash decides freshness.
   stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(directory).lower())
   stem = stem.strip("_") or "beir"
   return BeirLocalConfig(
@@ -121,25 +89,21 @@ class BeirLocal(tfds.core.GeneratorBasedBuilder):
   """One table of a local BEIR directory (see the module docstring)."""
 
   # The source hash covers the data, not this code: bump the version when
-  # the features or beir.py's parsing rules change, so that preparations
-  # made by older code are not read.
+  # the features or beir.py's parsing change, so older preparations go unread.
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Corpus, queries and qrels tables."}
 
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> None:
-    # TFDS looks for a checksums file next to the builder's code, and on
-    # Python >= 3.9 that lookup imports `importlib_resources`, which TFDS
-    # does not declare (tensorflow/datasets#11212). Nothing here is
-    # downloaded, so there are no checksums to find.
+    # TFDS's checksums lookup imports the undeclared `importlib_resources`
+    # (tensorflow/datasets#11212); nothing is downloaded, so skip it.
     return None
 
   def _info(self) -> tfds.core.DatasetInfo:
     table = self.builder_config.table
     text = tfds.features.Text
-    # `index` is the example's position in its file; readers check it
-    # against the position they read, so a reordered cache cannot pass.
+    # The file position; readers check it, so a reordered cache cannot pass.
     features = {"index": tfds.features.Scalar(dtype=np.int64)}
     if table == "corpus":
       features.update(_id=text(), title=text(), text=text())
@@ -204,47 +168,21 @@ def qrels_example(index: int, row) -> dict:
 def prepare(
     directory: str, table: str, data_dir: str | os.PathLike | None = None
 ) -> BeirLocal:
-  """Prepares one table (if not already prepared) and returns its builder.
+  """Prepares one table (if not already) and returns its ArrayRecord builder.
 
-  Read it with `builder.as_data_source(split)` (random access) or
-  `builder.as_dataset(split)`. Preparing the same config from several
-  processes at once is not coordinated: on multi-host jobs prepare on one
-  process first.
-
-  Args:
-    directory: str, a BEIR collection directory.
-    table: str, one of TABLES.
-    data_dir: str, where prepared datasets live; DEFAULT_DATA_DIR if None.
-
-  Returns:
-    BeirLocal, prepared, in ArrayRecord format.
-
-  Raises:
-    BeirFormatError: a missing or malformed source file.
+  Not coordinated across processes: on multi-host jobs prepare on one first.
   """
   return prepare_builder(BeirLocal, make_config(directory, table), data_dir)
 
 
 def prepare_builder(builder_cls, config, data_dir=None):
-  """Builds `builder_cls(config)` in ArrayRecord format, preparing it once.
-
-  Args:
-    builder_cls: a local-files builder class (BeirLocal or a subclass).
-    config: its builder config (created at run time).
-    data_dir: where prepared datasets live; DEFAULT_DATA_DIR if None.
-
-  Returns:
-    The prepared builder.
-  """
+  """Builds builder_cls(config) as ArrayRecord in data_dir, preparing once."""
   data_dir = os.fspath(data_dir) if data_dir else DEFAULT_DATA_DIR
-  # A config created at run time: TFDS logs "Using custom data
-  # configuration" for it, which is expected.
   builder = builder_cls(config=config, data_dir=data_dir,
                         file_format="array_record")
   if not builder.is_prepared():
     logging.info("Preparing %s in %s", builder.builder_config.name, data_dir)
-    # Local collections prepare in seconds; TFDS's nested progress bars
-    # would only clutter the output.
+    # Local collections prepare in seconds; nested progress bars only clutter.
     tfds.display_progress_bar(False)
     builder.download_and_prepare()
   return builder

@@ -1,16 +1,12 @@
 """LoCoV1 long-document retrieval tasks from local files, via TFDS or BEIR.
 
-LoCoV1 (Saad-Falcon et al. 2024, LoCo and M2-BERT) is two HF datasets,
-hazyresearch/LoCoV1-Queries {qid, query, answer_pids, dataset} and
--Documents {pid, passage, dataset}; `dataset` names one of the tasks
-(`LOCO_TASKS`), each its own title-less collection with binary qrels. Null
-QASPER passages are dropped (a query left without answers has no qrels).
-Inputs are JSONL / Parquet files or directories of them (a Hub clone's
-`documents/`); the task string is checked against the files' values. Errors
-are `beir.BeirFormatError`s naming file and row. `loco_to_beir` writes a
-BEIR directory; `LocoLocal` is a TFDS builder shaped like
-`tfds_beir.BeirLocal`, and `load_loco_tfds` returns the same
-`beir.BeirCollection` as `beir.load_beir` on the `loco_to_beir` output.
+LoCoV1 (Saad-Falcon et al. 2024, LoCo and M2-BERT) is hazyresearch/
+LoCoV1-Queries {qid, query, answer_pids, dataset} and -Documents {pid,
+passage, dataset}; each `dataset` value (`LOCO_TASKS`) is a title-less
+collection with binary qrels. Null QASPER passages are dropped. Sources are
+JSONL / Parquet files or directories; errors are `beir.BeirFormatError`s
+naming file and row. `loco_to_beir` writes a BEIR directory;
+`load_loco_tfds` (TFDS builder `LocoLocal`) returns the same collection.
 """
 
 from collections.abc import Iterator
@@ -58,19 +54,11 @@ _PARQUET_BATCH = 1024
 
 @dataclasses.dataclass(frozen=True)
 class LocoTask:
-  """One LoCoV1 task, parsed and validated.
+  """One LoCoV1 task, parsed and validated; lists in source order.
 
-  Attributes:
-    task: str, the `dataset` value.
-    doc_ids: list[str] [N], pids in source order, null passages left out.
-    texts: list[str] [N].
-    query_ids: list[str] [Q], qids in source order.
-    queries: list[str] [Q].
-    qrels_rows: list[beir.QrelsRow], one per (qid, answer pid) with score 1,
-      `line` being the query's line (or Parquet row) in its file.
-    qrels_source: str, the queries file or directory, for messages.
-    null_passages: int, documents of the task whose passage is null.
-    dropped_judgments: int, answer pids that named such documents.
+  Null passages are left out of doc_ids / texts (counted in null_passages,
+  their judgments in dropped_judgments); a qrels row's `line` is its query's
+  line (or Parquet row).
   """
 
   task: str
@@ -85,18 +73,7 @@ class LocoTask:
 
 
 def source_files(source: str | os.PathLike) -> list[str]:
-  """The files behind a source: the file itself, or a directory's files.
-
-  Args:
-    source: a JSONL or Parquet file, or a directory of them.
-
-  Returns:
-    list[str], absolute paths in name order.
-
-  Raises:
-    BeirFormatError: the source does not exist, or a directory holds no file
-      with a suffix in SOURCE_SUFFIXES.
-  """
+  """Absolute paths of a source file, or of a directory's files by name."""
   source = os.path.abspath(os.fspath(source))
   if os.path.isfile(source):
     return [source]
@@ -144,18 +121,7 @@ def _parquet_rows(
 def iter_rows(
     source: str | os.PathLike, fields: tuple[str, ...]
 ) -> Iterator[tuple[str, int, dict]]:
-  """Yields every row of a LoCoV1 source.
-
-  Args:
-    source: a JSONL or Parquet file, or a directory of them.
-    fields: the keys a Parquet reader needs (JSONL rows keep all keys).
-
-  Yields:
-    (path, 1-based line or Parquet row, dict).
-
-  Raises:
-    BeirFormatError: invalid UTF-8, malformed JSON or a non-object line.
-  """
+  """Yields (path, 1-based line or row, dict); `fields` are Parquet's."""
   for path in source_files(source):
     if path.endswith(".parquet"):
       rows = _parquet_rows(path, fields)
@@ -205,17 +171,9 @@ def read_loco(
 ) -> LocoTask:
   """Reads and validates one LoCoV1 task (see the module docstring).
 
-  Args:
-    queries: LoCoV1-Queries rows: a JSONL or Parquet file, or a directory.
-    documents: LoCoV1-Documents rows, likewise.
-    task: str, the `dataset` value to select.
-
-  Returns:
-    LocoTask.
-
-  Raises:
-    BeirFormatError: a malformed row, a duplicate id, an answer pid that is
-      not a document of the task, or a task that one of the sources lacks.
+  queries / documents: JSONL or Parquet files, or directories. Raises
+  BeirFormatError for bad rows, duplicate ids, unknown answer pids or a task
+  missing from either source.
   """
   queries, documents = os.fspath(queries), os.fspath(documents)
   if not isinstance(task, str) or not task:
@@ -326,21 +284,8 @@ def loco_to_beir(
 ) -> dict:
   """Writes one LoCoV1 task as a BEIR directory (atomically replaced).
 
-  The corpus has empty titles and the passages as text; qrels/test.tsv has
-  score 1 per answer pid.
-
-  Args:
-    queries_file: LoCoV1-Queries rows (JSONL, Parquet, or a directory).
-    documents_file: LoCoV1-Documents rows, likewise.
-    task: str, the `dataset` value.
-    out_dir: the BEIR directory to create or replace.
-
-  Returns:
-    dict with "task", "documents", "queries", "judged_queries",
-    "judgments", "null_passages" and "dropped_judgments".
-
-  Raises:
-    BeirFormatError: as `read_loco`.
+  Empty titles; qrels/test.tsv scores each answer pid 1. Returns a summary
+  of counts (documents, queries, judgments, null_passages, ...).
   """
   loco = read_loco(queries_file, documents_file, task)
   qrels = _qrels_dict(loco)
@@ -369,15 +314,7 @@ def loco_to_beir(
 
 @dataclasses.dataclass(eq=False)
 class LocoLocalConfig(tfds_beir.BeirLocalConfig):
-  """Which table of which LoCoV1 task a `LocoLocal` builder prepares.
-
-  Create it with `make_config`. `source_dir` (inherited) is unused.
-
-  Attributes:
-    task: str, the `dataset` value.
-    queries_source: str, LoCoV1-Queries file or directory.
-    documents_source: str, LoCoV1-Documents file or directory.
-  """
+  """A `LocoLocal` table of one task (`make_config`); source_dir is unused."""
 
   task: str = ""
   queries_source: str = ""
@@ -385,12 +322,7 @@ class LocoLocalConfig(tfds_beir.BeirLocalConfig):
 
 
 def fingerprint(queries: str, documents: str, task: str) -> str:
-  """Hashes the task name and the names and bytes of both sources' files.
-
-  Returns:
-    str, _HASH_CHARS hex digits of a SHA-256; identical copies of the files
-    elsewhere give the same value.
-  """
+  """_HASH_CHARS hex of a SHA-256 of the task and both sources' files."""
   files = [(f"{role}/{os.path.basename(path)}", io.file_sha256(path))
            for role, source in (("queries", queries),
                                 ("documents", documents))
@@ -404,20 +336,9 @@ def make_config(
     task: str,
     table: str,
 ) -> LocoLocalConfig:
-  """Returns the LocoLocalConfig for one table of one LoCoV1 task.
+  """The LocoLocalConfig of one table (of tfds_beir.TABLES) of a task.
 
-  All three tables hash both sources: a qrels row is only valid together
-  with the documents it names.
-
-  Args:
-    queries: LoCoV1-Queries file or directory.
-    documents: LoCoV1-Documents file or directory.
-    task: str, the `dataset` value.
-    table: str, one of tfds_beir.TABLES.
-
-  Raises:
-    BeirFormatError: a source does not exist.
-    ValueError: an unknown table.
+  All tables hash both sources: a qrels row is valid only with its documents.
   """
   if table not in tfds_beir.TABLES:
     raise ValueError(f"table must be one of {tfds_beir.TABLES}, got {table!r}")
@@ -448,8 +369,7 @@ def _read_loco_cached(
 class LocoLocal(tfds_beir.BeirLocal):
   """One table of one LoCoV1 task from local files (see module docstring).
 
-  The features are `tfds_beir.BeirLocal`'s, so both builders' tables read
-  back the same way; the qrels `line` is the query's line in its file.
+  The features are `BeirLocal`'s, so both builders' tables read alike.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -491,20 +411,7 @@ def prepare(
 ) -> LocoLocal:
   """Prepares one table of a LoCoV1 task (if needed); returns its builder.
 
-  Args:
-    queries: LoCoV1-Queries file or directory.
-    documents: LoCoV1-Documents file or directory.
-    task: str, the `dataset` value.
-    table: str, one of tfds_beir.TABLES.
-    data_dir: where prepared datasets live; tfds_beir.DEFAULT_DATA_DIR if
-      None.
-
-  Returns:
-    LocoLocal, prepared, in ArrayRecord format; read it with
-    `as_data_source(split)` ("full", or "test" for qrels).
-
-  Raises:
-    BeirFormatError: as `read_loco`.
+  Read it with `as_data_source(split)`: "full", or "test" for qrels.
   """
   return tfds_beir.prepare_builder(
       LocoLocal, make_config(queries, documents, task, table), data_dir)
@@ -516,24 +423,9 @@ def load_loco_tfds(
     task: str,
     data_dir: str | os.PathLike | None = None,
 ) -> beir.BeirCollection:
-  """Reads one LoCoV1 task through its prepared TFDS tables.
+  """Reads one LoCoV1 task through its TFDS tables, preparing them if needed.
 
-  Returns what `beir.load_beir(out_dir)` returns after
-  `loco_to_beir(queries, documents, task, out_dir)`, preparing the tables
-  first if needed.
-
-  Args:
-    queries: LoCoV1-Queries file or directory.
-    documents: LoCoV1-Documents file or directory.
-    task: str, the `dataset` value.
-    data_dir: where prepared datasets live; tfds_beir.DEFAULT_DATA_DIR if
-      None.
-
-  Returns:
-    beir.BeirCollection with the test qrels.
-
-  Raises:
-    BeirFormatError: as `read_loco`.
+  Equals `beir.load_beir` on `loco_to_beir(queries, documents, task, ...)`.
   """
   try:
     corpus = prepare(queries, documents, task, "corpus", data_dir)

@@ -1,17 +1,11 @@
 """Tokenizers of checkpoint directories: a fast WordPiece, else HF's own.
 
-`from_pretrained_dir(path)` returns a `WordPieceTokenizer` (pure Python) for
-BERT-style WordPiece checkpoints (all-MiniLM-L6-v2, distilbert, ...) and an
-`HFTokenizer` that runs the checkpoint's tokenizer.json through the Hugging
-Face `tokenizers` library for every other vocabulary (BPE, Unigram: roberta,
-mpnet, xlm-roberta, ...). Both give the reference's ids and share one
-interface: encode, encode_pair, tokenize_to_ids, padded batches, special ids.
-
-Why the hand-written path stays (2026-12-05, SciFact's 5,183 documents cut
-at 512 tokens, 2-core CPU, tokenizers 0.23.3, `python -m pytest -m slow -s
-tests/data/tokenizers_test.py -k Speed`): ids equal HF's on every document;
-0.7-0.9 CPU-s (cold caches) against 2.3-2.5 for HF `encode_batch` and for
-its serial `encode`: about 3x less CPU.
+`from_pretrained_dir(path)` gives a pure-Python `WordPieceTokenizer` for
+BERT-style WordPiece checkpoints and an `HFTokenizer` (HF `tokenizers` on
+tokenizer.json) for the rest (BPE, Unigram); both give the reference's ids
+behind one interface. The hand-written path stays for speed (2026-12-05,
+SciFact's 5,183 docs at 512 tokens, 2-core CPU, tokenizers 0.23.3, slow test
+`tokenizers_test.py -k Speed`): 0.7-0.9 CPU-s against 2.3-2.5 for HF, ~3x.
 """
 
 from collections.abc import Mapping, Sequence
@@ -26,17 +20,15 @@ import unicodedata
 import numpy as np
 import tokenizers as hf_tokenizers
 
-# The reference's `is_other`: General_Category C* as of Unicode 8.0 (later
-# assignments survive cleaning), less tab / newline / CR (whitespace there);
-# surrogates, impossible in its UTF-8, are dropped as C*.
+# The reference's `is_other`: C* of Unicode 8.0 (later assignments survive),
+# less \t \n \r (whitespace there); surrogates (impossible in UTF-8) as C*.
 _OTHER_RANGES = """
 0-8 B-C E-1F 7F-9F AD 600-605 61C 6DD 70F 180E 200B-200F 202A-202E 2060-2064
 2066-206F D800-F8FF FEFF FFF9-FFFB 110BD 1BCA0-1BCA3 1D173-1D17A E0001
 E0020-E007F F0000-FFFFD 100000-10FFFD
 """
 
-# Characters the pre-tokeniser isolates: ASCII punctuation (which includes the
-# ASCII symbols $+<=>^`|~) plus General_Category P* as of Unicode 8.0.
+# Isolated by the pre-tokeniser: ASCII punctuation/symbols, P* of Unicode 8.0.
 _PUNCTUATION_RANGES = """
 21-2F 3A-40 5B-60 7B-7E A1 A7 AB B6-B7 BB BF 37E 387 55A-55F 589-58A 5BE 5C0
 5C3 5C6 5F3-5F4 609-60A 60C-60D 61B 61E-61F 66A-66D 6D4 700-70D 7F7-7F9
@@ -93,18 +85,15 @@ FE20-FE2F 101FD 102E0 10376-1037A 10A01-10A03 10A05-10A06 10A0C-10A0F
 1DA9B-1DA9F 1DAA1-1DAAF 1E8D0-1E8D6 E0100-E01EF
 """
 
-# Rust's `char::is_whitespace`: mapped to " " by the normaliser (after the
-# "other" drop), split on by the pre-tokeniser.
+# Rust's `char::is_whitespace`: normalised to " ", split on by pre-tokenising.
 _WHITESPACE_RANGES = "9-D 20 85 A0 1680 2000-200A 2028-2029 202F 205F 3000"
 
-# The reference's "Chinese characters": CJK Unified Ideographs, extensions
-# A-E and the compatibility blocks (not F+ nor the gap 2B820-2B91F).
+# The reference's CJK: URO, extensions A-E and compatibility blocks (not F+).
 _CJK_RANGES = "3400-4DBF 4E00-9FFF F900-FAFF 20000-2A6DF 2A700-2B81F " + (
     "2B920-2CEAF 2F800-2FA1F"
 )
 
-# Lowercase mappings Rust's Unicode 16 tables have and Python 3.11's lack, as
-# (first, last, offset) runs; harmless where `str.lower` already knows them.
+# Lowercase runs (first, last, offset) in Rust's Unicode 16, not Python 3.11's.
 _EXTRA_LOWERCASE_RUNS = (
     (0x1C89, 0x1C89, 1),
     (0xA7CB, 0xA7CB, 0x0264 - 0xA7CB),
@@ -132,7 +121,6 @@ FILES = (  # what `from_pretrained_dir` reads
     "special_tokens_map.json",
 )
 
-# Default special tokens of BERT checkpoints.
 _DEFAULT_SPECIAL_TOKENS = {
     "unk_token": "[UNK]",
     "cls_token": "[CLS]",
@@ -164,19 +152,11 @@ _ASTRAL = "\\U00010000-\\U0010ffff"
 def _split_class(
     ranges: str, negate: bool = False, runs: bool = False
 ) -> str:
-  """A regex matching one character of `ranges` (or of its complement).
+  """A regex matching one character of hex `ranges` (or, negated, not).
 
-  Python's regex tests astral ranges one by one for every character; behind
-  a lookahead they are consulted only for (rare) astral characters.
-
-  Args:
-    ranges: space-separated hex code points and inclusive ranges "A-B".
-    negate: match the complement instead.
-    runs: match a run of BMP characters or a run of astral ones (a mixed run
-      gives several matches), which keeps the engine's fast path for `[...]+`.
-
-  Returns:
-    The regex source.
+  Python's regex tests astral ranges one by one per character; behind a
+  lookahead only astral characters consult them. `runs` matches a BMP or an
+  astral run, keeping the engine's fast path for `[...]+`.
   """
   pairs = _parse_ranges(ranges)
   bmp = [(a, min(b, 0xFFFF)) for a, b in pairs if a <= 0xFFFF]
@@ -204,8 +184,7 @@ _CJK_RE = re.compile(_split_class(_CJK_RANGES))
 _NONSPACING_MARK_RE = re.compile(
     _split_class(_NONSPACING_MARK_RANGES, runs=True)
 )
-# One match per word: a lone punctuation character, or a maximal run of
-# characters that are neither punctuation nor whitespace.
+# One match per word: a punctuation character or a maximal run of others.
 _WORD_RE = re.compile(
     _split_class(_PUNCTUATION_RANGES)
     + "|"
@@ -244,11 +223,7 @@ def _read_vocab_file(path: str | os.PathLike) -> list[str]:
 
 
 def _special_tokens(path: str, defaults: Mapping[str, str | None]) -> dict:
-  """{"pad_token": "[PAD]", ...} for the names in `defaults`.
-
-  As transformers looks them up: tokenizer_config.json, then
-  special_tokens_map.json, then `defaults`.
-  """
+  """Special tokens as transformers finds them: config, map, then defaults."""
   config = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
   special_map = _read_json(os.path.join(path, "special_tokens_map.json")) or {}
   tokens = {}
@@ -261,9 +236,8 @@ def _special_tokens(path: str, defaults: Mapping[str, str | None]) -> dict:
 def _longest_first(n_a: int, n_b: int, budget: int) -> tuple[int, int]:
   """Lengths HF's "longest_first" truncation keeps of a pair of segments.
 
-  If both fit, nothing is cut; if the shorter fits in half the budget, the
-  longer gets the rest; otherwise the first keeps floor(budget / 2) and the
-  second ceil(budget / 2). On a tie the first counts as the shorter one.
+  The shorter keeps all if it fits in half the budget, else the first gets
+  floor(budget / 2), the second the rest; a tie counts the first as shorter.
   """
   if n_a + n_b <= budget:
     return n_a, n_b
@@ -286,23 +260,11 @@ class _Batching:
       pad_to: int | None = None,
       text_pairs: Sequence[str] | None = None,
   ) -> dict[str, np.ndarray]:
-    """Encodes and right-pads a batch.
+    """Encodes and right-pads a batch: dict of int32 [B, L].
 
-    The width L is the longest encoding in the batch, or `pad_to` if given
-    (it must not be shorter), then rounded up to `pad_to_multiple_of`.
-
-    Args:
-      texts: B raw texts.
-      max_length: most ids per row before padding, special tokens included.
-      pad_to_multiple_of: round L up to a multiple of this.
-      pad_to: fixed L (for static shapes under jit).
-      text_pairs: optional B second segments (see `encode_pair`).
-
-    Returns:
-      Dict of int32 arrays of shape [B, L]: "input_ids" (padded with
-      `pad_id`), "attention_mask" (1 on real tokens, 0 on padding) and
-      "token_type_ids" (0 for the first segment and padding, 1 for the
-      second).
+    input_ids (pad_id padded), attention_mask, token_type_ids (1 on a second
+    segment from text_pairs). L is the longest row, or pad_to (not shorter),
+    rounded up to pad_to_multiple_of; max_length includes specials.
     """
     if text_pairs is None:
       rows = [self.encode(text, max_length) for text in texts]
@@ -341,17 +303,11 @@ class _Batching:
 class WordPieceTokenizer(_Batching):
   """BERT's tokenizer, with the ids of HF `tokenizers`' BERT pipeline.
 
-  The reference's steps, in order: added (special) tokens are matched in the
-  raw text, case-sensitively and leftmost-longest; the rest is normalised
-  (drop controls, whitespace to " ", spaces around CJK ideographs, NFD and
-  drop non-spacing marks, lowercase per character), split on whitespace with
-  each punctuation character a word of its own, and cut into WordPiece ids
-  greedily, longest match first (an over-long or unsegmentable word is one
-  unknown token); [CLS] a [SEP] (b [SEP]) goes around the truncated ids.
-  Character classes follow the Rust crates the reference is built with
-  (Unicode 8.0 categories, Rust's whitespace, Unicode 16 lowercasing), not
-  Python's `unicodedata`; the tests check them on every code point.
-  Instances cache the ids of recent whitespace-delimited chunks and words.
+  Added tokens match in raw text (leftmost-longest); the rest is normalised,
+  split on whitespace and punctuation, and cut greedily into WordPiece ids.
+  Character classes follow the reference's Rust crates (Unicode 8.0
+  categories, Rust whitespace, Unicode 16 lowercase), not `unicodedata`; the
+  tests check every code point. Recent chunks' and words' ids are cached.
   """
 
   def __init__(
@@ -372,28 +328,11 @@ class WordPieceTokenizer(_Batching):
       continuing_subword_prefix: str = "##",
       cache_size: int = 1 << 18,
   ):
-    """Creates a tokenizer.
+    """Creates a tokenizer from `vocab` (mapping, token list or vocab.txt path).
 
-    Args:
-      vocab: token -> id mapping, list of tokens (index = id), or the path of
-        a vocab.txt with one token per line.
-      do_lower_case: lowercase after normalisation.
-      strip_accents: NFD and drop non-spacing marks; None follows
-        `do_lower_case`, as in BERT.
-      tokenize_chinese_chars: put spaces around CJK ideographs.
-      clean_text: drop control characters and map whitespace to " ".
-      unk_token: token for words that cannot be segmented.
-      cls_token: token that starts every sequence.
-      sep_token: token that ends every segment.
-      pad_token: token used for padding.
-      mask_token: mask token (for `mask_id`).
-      added_tokens: strings matched verbatim in the raw text (before
-        normalisation) and mapped straight to their ids; None means the five
-        special tokens above.
-      max_input_chars_per_word: longer words become `unk_token`.
-      continuing_subword_prefix: marks word pieces that do not start a word.
-      cache_size: how many distinct words, and separately how many distinct
-        whitespace-delimited chunks, keep their WordPiece ids cached.
+    Options mirror BertNormalizer / WordPiece; strip_accents None follows
+    do_lower_case. added_tokens (default: the five specials) match verbatim
+    in raw text. cache_size bounds the word and the chunk caches each.
     """
     if isinstance(vocab, (str, os.PathLike)):
       vocab = _read_vocab_file(vocab)
@@ -427,8 +366,7 @@ class WordPieceTokenizer(_Batching):
     if missing:
       raise ValueError(f"Added tokens {missing} are not in the vocabulary.")
     self._added_ids = {token: self._vocab[token] for token in added_tokens}
-    # Longest alternatives first: Python's first match is then the
-    # reference's leftmost-longest one.
+    # Longest first: Python's first match is then the leftmost-longest one.
     self._added_re = (
         re.compile(
             "("
@@ -447,8 +385,7 @@ class WordPieceTokenizer(_Batching):
 
   def _make_caches(self) -> None:
     """(Re)creates the id caches, which are per instance and not pickled."""
-    # Text repeats chunks ("the", "cells.") far more than it makes new ones:
-    # most cost one lookup; the word cache serves new chunks' pieces.
+    # Chunks repeat far more than they are new: most cost one lookup.
     self._word_ids = functools.lru_cache(maxsize=self._cache_size)(
         self._wordpiece
     )
@@ -477,9 +414,8 @@ class WordPieceTokenizer(_Batching):
   ) -> "WordPieceTokenizer":
     """Builds the tokenizer from a BERT-style checkpoint directory.
 
-    Vocabulary: vocab.txt, else tokenizer.json. Options: tokenizer_config.json
-    (as transformers), then tokenizer.json, then BERT's defaults. Added
-    tokens: tokenizer.json's, else the special tokens.
+    Vocab: vocab.txt, else tokenizer.json; options: tokenizer_config.json,
+    then tokenizer.json, then BERT's defaults.
     """
     config = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
     model = tokenizer_json.get("model") or {}
@@ -609,15 +545,9 @@ class WordPieceTokenizer(_Batching):
     return tuple(ids)
 
   def tokenize_to_ids(self, text: str, limit: int | None = None) -> list[int]:
-    """Content ids of `text`, without [CLS]/[SEP] around them.
+    """Content ids of `text`, no [CLS]/[SEP]; added tokens map to their ids.
 
-    Args:
-      text: raw text; added tokens in it map straight to their ids.
-      limit: if set, stop after this many ids (the result is the prefix of the
-        untruncated ids), which saves work on long documents.
-
-    Returns:
-      The ids, at most `limit` of them.
+    `limit` stops early: the result is the prefix of the untruncated ids.
     """
     limit = sys.maxsize if limit is None else limit
     if limit <= 0:
@@ -652,15 +582,7 @@ class WordPieceTokenizer(_Batching):
     return tuple(i for word in _WORD_RE.findall(chunk) for i in word_ids(word))
 
   def encode(self, text: str, max_length: int) -> list[int]:
-    """[CLS] + content ids + [SEP], keeping the head of the content.
-
-    Args:
-      text: raw text.
-      max_length: most ids in the result, special tokens included (>= 2).
-
-    Returns:
-      The ids, between 2 and `max_length` of them.
-    """
+    """[CLS] + the head of the content ids + [SEP]: 2..max_length ids."""
     if max_length < 2:
       raise ValueError(
           f"max_length={max_length} leaves no room for [CLS]/[SEP]."
@@ -671,16 +593,7 @@ class WordPieceTokenizer(_Batching):
   def encode_pair(
       self, text_a: str, text_b: str, max_length: int
   ) -> tuple[list[int], list[int]]:
-    """[CLS] a [SEP] b [SEP], truncated as `_longest_first` says.
-
-    Args:
-      text_a: first segment (token type 0).
-      text_b: second segment (token type 1).
-      max_length: most ids in the result, special tokens included (>= 3).
-
-    Returns:
-      (input_ids, token_type_ids), two lists of equal length.
-    """
+    """([CLS] a [SEP] b [SEP], token types), cut as `_longest_first` says."""
     if max_length < 3:
       raise ValueError(f"max_length={max_length} leaves no room for specials.")
     budget = max_length - 3
@@ -702,11 +615,8 @@ class WordPieceTokenizer(_Batching):
 class HFTokenizer(_Batching):
   """A checkpoint's tokenizer.json, run by the HF `tokenizers` library.
 
-  The fallback for what `WordPieceTokenizer` does not implement (BPE,
-  Unigram, other normalisers, templates or added-token rules). Special
-  tokens come from the file's post-processor, as in transformers, which
-  also gives `cls_id` (first id before a text) and `sep_id` (last id after
-  it), or None where the template has none.
+  For BPE, Unigram and other pipelines. cls_id / sep_id are the template's
+  first / last id around a text (as in transformers), or None.
   """
 
   def __init__(
@@ -717,17 +627,7 @@ class HFTokenizer(_Batching):
       unk_token: str | None = None,
       mask_token: str | None = None,
   ):
-    """Loads a tokenizer.json.
-
-    Args:
-      tokenizer_file: the file.
-      pad_token: padding token; None for the file's padding id.
-      unk_token: unknown token (for `unk_id`), if any.
-      mask_token: mask token (for `mask_id`), if any.
-
-    Raises:
-      ValueError: no pad token given and the file sets no padding id.
-    """
+    """Loads a tokenizer.json; pad_token None uses the file's padding id."""
     self._tokenizer = hf_tokenizers.Tokenizer.from_file(
         os.fspath(tokenizer_file)
     )
@@ -781,11 +681,7 @@ class HFTokenizer(_Batching):
   def encode_pair(
       self, text_a: str, text_b: str, max_length: int
   ) -> tuple[list[int], list[int]]:
-    """The pair template around segments cut by `_longest_first`.
-
-    Returns:
-      (input_ids, token_type_ids), two lists of equal length.
-    """
+    """(ids, token types) of the pair template, cut by `_longest_first`."""
     budget = max_length - self._tokenizer.num_special_tokens_to_add(True)
     if budget < 0:
       raise ValueError(f"max_length={max_length} leaves no room for specials.")
@@ -837,23 +733,10 @@ def _bert_pipeline(tokenizer_json: Mapping) -> bool:
 
 
 def from_pretrained_dir(path: str | os.PathLike, **overrides) -> Tokenizer:
-  """The tokenizer of a Hugging Face checkpoint directory.
+  """The tokenizer of a Hugging Face checkpoint directory (see `FILES`).
 
-  A `WordPieceTokenizer` when the directory holds a BERT pipeline (a
-  tokenizer.json that `_bert_pipeline` accepts, or only vocab.txt), else an
-  `HFTokenizer` over its tokenizer.json.
-
-  Args:
-    path: the checkpoint directory (see `FILES`).
-    **overrides: `WordPieceTokenizer` constructor arguments that win over
-      the files (BERT pipelines only).
-
-  Returns:
-    The tokenizer.
-
-  Raises:
-    FileNotFoundError: neither tokenizer.json nor vocab.txt.
-    ValueError: overrides for a non-BERT tokenizer.
+  A `WordPieceTokenizer` for a BERT pipeline (`_bert_pipeline`, or only
+  vocab.txt), `overrides` its constructor arguments; else an `HFTokenizer`.
   """
   path = os.fspath(path)
   tokenizer_json = _read_json(os.path.join(path, "tokenizer.json"))

@@ -2,11 +2,9 @@ r"""Paired significance tests between two runs' per-query values.
 
   python -m retrieval_jax.evaluation.compare A B [--measure ndcg@10]
 
-A and B are `metrics_per_query.json` files (or directories holding one:
-an evaluate workdir, or a train run's eval/step_<n>/<name>/). Queries are
-paired by id; only queries both runs judged count. Two tests: the paired
-t-test (scipy) and the two-sided paired randomization (sign-flip) test,
-exact when 2^n is small, else over `samples` seeded permutations.
+A and B are `metrics_per_query.json` files or dirs holding one (an evaluate
+workdir, a train run's eval/step_<n>/<name>/), paired by query id. Tests:
+paired t-test and paired randomization (sign-flip) test.
 """
 
 import itertools

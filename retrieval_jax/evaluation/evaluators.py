@@ -1,9 +1,7 @@
 """Evaluator plug-ins: each runs a model on held-out data and scores it.
 
-`RetrievalEvaluator` encodes a collection's corpus and judged queries, runs
-exact top-k search and scores the run with `ir_metrics` (trec_eval's
-conventions). The evaluate mode and periodic evaluation during training both
-use it, so the numbers are computed one way only.
+`RetrievalEvaluator` (encode, exact top-k, `ir_metrics`) serves the evaluate
+mode and evaluation during training alike, so numbers are computed one way.
 """
 
 import dataclasses
@@ -22,17 +20,10 @@ from retrieval_jax.search import exact_topk
 
 @dataclasses.dataclass
 class RetrievalResult:
-  """What one retrieval evaluation produced.
+  """One evaluation: mean `metrics`, `per_query` {measure: {qid: value}}, `run`.
 
-  Attributes:
-    metrics: mean value per measure, e.g. {"ndcg@10": 0.645}.
-    per_query: {measure: {query_id: value}}.
-    run: {query_id: {doc_id: score}} (top-k per query).
-    timing: seconds spent per phase ("encode_corpus", "encode_queries",
-      "search", "metrics") and throughput.
-    query_ids: the evaluated queries, in query-file order.
-    scores_qk: float32 [Q, k] search scores, best first.
-    indices_qk: [Q, k] corpus rows of those scores.
+  timing: seconds per phase and throughput; scores_qk float32 and indices_qk
+  [Q, k] corpus rows, best first, for `query_ids` in query-file order.
   """
   metrics: dict[str, float]
   per_query: dict[str, dict[str, float]]
@@ -51,17 +42,9 @@ class RetrievalEvaluator:
                relevance_level: int = 1, top_k: int = 1000,
                metric: str = "cosine", chunk_size: int = 16384,
                max_queries: int = 0, name: str = "retrieval"):
-    """Selects the judged queries and checks the measure names.
+    """Selects the judged queries (the first `max_queries`, 0 = all).
 
-    Args:
-      collection: corpus, queries and the split's qrels.
-      measures: measure names understood by `ir_metrics.evaluate`.
-      relevance_level: binary-relevance threshold (trec_eval's `-l`).
-      top_k: documents retrieved per query (clipped to the corpus size).
-      metric: "cosine" or "dot".
-      chunk_size: corpus rows scored per search step.
-      max_queries: evaluate only the first N judged queries (0 = all).
-      name: prefix for logs.
+    relevance_level is trec_eval's `-l`; top_k is clipped to the corpus size.
     """
     self.collection = collection
     self.measures = tuple(measures)
@@ -86,16 +69,7 @@ class RetrievalEvaluator:
   def run(self, encoder, *, batch_size: int = 64, pad_multiple: int = 16,
           sort_by_length: bool = True, progress: bool = True,
           mesh=None) -> RetrievalResult:
-    """Encodes, searches and scores.
-
-    Args:
-      encoder: a `TextEncoder` (anything with its `encode` signature).
-      batch_size, pad_multiple, sort_by_length, progress: passed to `encode`.
-      mesh: devices the corpus is sharded over during search (None = all).
-
-    Returns:
-      The metrics, per-query values, run and timings.
-    """
+    """Encodes with a `TextEncoder`, searches over `mesh` and scores."""
     docs_nd, queries_qd, timing = self.encode(
         encoder, batch_size=batch_size, pad_multiple=pad_multiple,
         sort_by_length=sort_by_length, progress=progress)
@@ -108,16 +82,7 @@ class RetrievalEvaluator:
 
   def encode(self, encoder, **kwargs
              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Embeds the corpus and the judged queries.
-
-    Args:
-      encoder: a `TextEncoder` (anything with its `encode` signature).
-      **kwargs: passed to `encode` (batch_size, pad_multiple, ...).
-
-    Returns:
-      (docs_nd, queries_qd, timing): float32 embeddings in corpus and
-      `self.query_ids` order, and the seconds each side took.
-    """
+    """(docs_nd, queries_qd float32 in corpus / query_ids order, timing)."""
     timing = {}
     start = time.perf_counter()
     docs_nd = encoder.encode(self.collection.doc_texts(),
@@ -134,17 +99,7 @@ class RetrievalEvaluator:
   def score_ranking(self, scores_qk: np.ndarray, indices_qk: np.ndarray,
                     timing: dict[str, float] | None = None
                     ) -> RetrievalResult:
-    """Scores a ranking of `self.query_ids` produced by any retriever.
-
-    Args:
-      scores_qk: float [Q, k] scores, best first (-inf padding).
-      indices_qk: int [Q, k] corpus rows (-1 padding), rows in
-        `self.query_ids` order.
-      timing: the retriever's timings; "metrics_s" is added.
-
-    Returns:
-      The metrics, per-query values, run and timings.
-    """
+    """Scores any retriever's [Q, k] ranking of `query_ids` (-inf / -1 pad)."""
     if len(indices_qk) != len(self.query_ids):
       raise ValueError(f"{self.name}: {len(indices_qk)} ranked rows for "
                        f"{len(self.query_ids)} queries")
@@ -157,16 +112,9 @@ class RetrievalEvaluator:
                 timing: dict[str, float] | None = None, *,
                 scores_qk: np.ndarray | None = None,
                 indices_qk: np.ndarray | None = None) -> RetrievalResult:
-    """Scores a run dict ({query id: {doc id: score}}, e.g. a fusion's).
+    """Scores a run {qid: {doc id: score}}; absent queries score 0.
 
-    Args:
-      run: the judged queries' rankings (missing queries score 0).
-      timing: the retriever's timings; "metrics_s" is added.
-      scores_qk, indices_qk: the same ranking as arrays, if the caller has
-        them; otherwise they are built from `run` in trec_eval's order.
-
-    Returns:
-      The metrics, per-query values, run and timings.
+    scores_qk / indices_qk default to the run in trec_eval's order.
     """
     timing = dict(timing or {})
     start = time.perf_counter()
@@ -199,30 +147,14 @@ def _arrays_from_run(run, query_ids, doc_ids):
 class RerankEvaluator:
   """Re-ranking evaluation: a pair scorer re-orders first-stage candidates.
 
-  Candidates: each judged query's first `depth` first-stage documents. The
-  scorer is any `score(query_rows, doc_rows) -> scores` over `query_texts`
-  and `doc_texts()` (e.g. `encoding.PairScorer`); the run holds only the
-  re-ranked documents.
+  The run holds only each judged query's first `depth` candidates, re-ranked.
   """
 
   def __init__(self, collection: beir.BeirCollection,
                candidates: dict[str, Sequence[str]], *, depth: int,
                measures: Sequence[str] = ir_metrics.DEFAULT_MEASURES,
                relevance_level: int = 1, name: str = "rerank"):
-    """Checks the candidates and the measure names.
-
-    Args:
-      collection: corpus, queries and the split's qrels.
-      candidates: {query id: doc ids in first-stage rank order}; its
-        queries (in query-file order) are the ones evaluated.
-      depth: candidates re-ranked per query (the first `depth`).
-      measures, relevance_level: as `RetrievalEvaluator`.
-      name: prefix for logs and progress bars.
-
-    Raises:
-      ValueError: bad measures, depth < 1, no candidates or an unknown doc
-        id (a query with fewer than `depth` candidates re-ranks what it has).
-    """
+    """candidates: {qid: doc ids in first-stage order}, the queries evaluated."""
     ir_metrics.evaluate({"q": {"d": 1}}, {"q": {"d": 1.0}}, measures)
     if depth < 1:
       raise ValueError(f"{name}: depth must be >= 1, got {depth}")
@@ -252,12 +184,8 @@ class RerankEvaluator:
   def run(self, scorer) -> RetrievalResult:
     """Scores every candidate pair, re-ranks and evaluates.
 
-    Args:
-      scorer: `scorer(query_rows [Q], doc_rows [Q, depth]) -> [Q, depth]`,
-        rows indexing `self.query_texts` and `collection.doc_texts()`.
-
-    Returns:
-      A `RetrievalResult`; `indices_qk` are corpus rows, best first.
+    scorer: (query_rows [Q], doc_rows [Q, depth]) -> [Q, depth] scores, rows of
+    `self.query_texts` and `collection.doc_texts()` (e.g. `PairScorer`).
     """
     start = time.perf_counter()
     scores_qk, indices_qk = rerank(scorer, self.candidates_qk)
@@ -286,15 +214,10 @@ def write_result(result: RetrievalResult, out_dir, *, tag: str) -> None:
 
 def rerank(scorer, candidates_qk: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:
-  """Re-orders each row's candidates by `scorer`'s pair scores.
+  """Re-orders int candidates_qk (-1 past a list's end) by `scorer` scores.
 
-  Args:
-    scorer: `scorer(query_rows [Q'], doc_rows [Q', k]) -> [Q', k]`.
-    candidates_qk: int corpus rows per query, -1 past a short list's end.
-
-  Returns:
-    (scores_qk float32, indices_qk): best first; missing candidates score
-    -inf and stay last; ties keep the first stage's order.
+  Returns (scores_qk float32, indices_qk), best first; -1 slots score -inf
+  and stay last; ties keep the first stage's order.
   """
   real_qk = candidates_qk >= 0
   scores_qk = np.full(real_qk.shape, -np.inf, np.float32)
@@ -312,19 +235,10 @@ def first_stage(kind: str, collection: beir.BeirCollection, *, depth: int,
                 measures: Sequence[str], max_queries: int = 0, encoder=None,
                 batch_size: int = 64, mesh=None
                 ) -> tuple[dict[str, list[str]], dict[str, float]]:
-  """A first-stage ranking of the judged queries, for re-ranking.
+  """({qid: doc ids in rank order}, metrics): a first stage for re-ranking.
 
-  Args:
-    kind: "dense" (exact search with `encoder`, a `TextEncoder`) or "bm25"
-      (Lucene BM25, `search.bm25`).
-    collection: the collection with its split's qrels.
-    depth: documents ranked per query (BM25 may find fewer).
-    measures: scored on the first-stage run itself.
-    max_queries: the first N judged queries (0 = all).
-    encoder, batch_size, mesh: for "dense".
-
-  Returns:
-    ({query id: doc ids in rank order}, the first stage's metrics).
+  kind: "dense" (exact search with `encoder`, `batch_size`, `mesh`) or "bm25"
+  (`search.bm25`, may find fewer than `depth`).
   """
   if kind == "dense":
     if encoder is None:

@@ -1,18 +1,12 @@
 """IR metrics with trec_eval's exact conventions, vectorised over queries.
 
-Values equal trec_eval / pytrec_eval's up to summation order. Order: score
-descending as float32 (trec_eval's C float), ties by doc id descending
-(`trec_order`). Unjudged = gain 0; negative labels are judged non-relevant
+Values equal trec_eval / pytrec_eval's up to summation order; documents rank
+in `trec_order`. Unjudged = gain 0; negative labels are judged non-relevant
 and not in R. nDCG: linear gains, 1/log2(rank + 1), ideal DCG from all
-positive qrels (0 when it is 0). `relevance_level` only affects the binary
-measures. p@k divides by k; recall / map divide by R (0 when R = 0); mrr@k
-is `recip_rank` on the run cut to the top k (`truncate_run`). Queries: those
-in the run with non-empty qrels (an empty run scores 0), all in the mean.
-Names: "ndcg[@K]", "recall@K", "mrr[@K]", "map[@K]", "p@K".
-
-Only judged documents are ranked (1 + #above + #tied with a larger id), so the
-run is never sorted; the gains are scattered into [Q, K] matrices that the
-array functions below reduce.
+positive qrels. p@k divides by k; recall / map by R (0 when R = 0); mrr@k is
+`recip_rank` on `truncate_run`'s run. Queries: those in the run with
+non-empty qrels. Only judged documents are ranked (1 + #above + #tied with a
+larger id), so the run is never sorted.
 """
 
 from collections.abc import Mapping, Sequence
@@ -40,22 +34,13 @@ _COMPARE_BLOCK = 1 << 22
 
 @dataclasses.dataclass(frozen=True)
 class Measure:
-  """A parsed measure name.
-
-  Attributes:
-    family: one of "ndcg", "recall", "mrr", "map", "p".
-    k: the cut-off, or None for an uncut measure.
-  """
+  """A parsed measure: family ("ndcg", "recall", ...) and k (None: uncut)."""
   family: str
   k: int | None
 
 
 def parse_measure(name: str) -> Measure:
-  """Parses a measure name such as "ndcg@10" (case-insensitive).
-
-  Raises:
-    ValueError: the name is not one of the accepted forms.
-  """
+  """The Measure of a name such as "ndcg@10" (case-insensitive)."""
   match = _MEASURE_RE.match(name.strip().lower())
   if match is not None:
     family, k = match.group(1), match.group(2)
@@ -67,11 +52,9 @@ def parse_measure(name: str) -> Measure:
 
 
 def to_pytrec_eval_name(name: str) -> str:
-  """Maps a measure name to the key pytrec_eval returns for it.
+  """pytrec_eval's key of a name: "ndcg@10" -> "ndcg_cut_10", "p@10" -> "P_10".
 
-  "ndcg@10" -> "ndcg_cut_10", "recall@100" -> "recall_100", "map@10" ->
-  "map_cut_10", "p@10" -> "P_10", "mrr" / "mrr@K" -> "recip_rank" (for
-  "mrr@K" give pytrec_eval the `truncate_run` run).
+  "mrr" / "mrr@K" -> "recip_rank" (for "mrr@K" give it `truncate_run`'s run).
   """
   measure = parse_measure(name)
   if measure.family == "mrr":
@@ -84,10 +67,7 @@ def to_pytrec_eval_name(name: str) -> str:
 
 
 def to_pytrec_eval_request(name: str) -> str:
-  """Maps a measure name to the string pytrec_eval's evaluator is built with.
-
-  E.g. "ndcg@10" -> "ndcg_cut.10" (answered as "ndcg_cut_10").
-  """
+  """pytrec_eval's request string, e.g. "ndcg@10" -> "ndcg_cut.10"."""
   key = to_pytrec_eval_name(name)
   head, _, tail = key.rpartition("_")
   return f"{head}.{tail}" if tail.isdigit() else key
@@ -95,37 +75,19 @@ def to_pytrec_eval_request(name: str) -> str:
 
 def truncate_run(run: Mapping[str, Mapping[str, float]],
                  k: int) -> dict[str, dict[str, float]]:
-  """Cuts every query of a run to its top k in trec_eval's order (`-M k`).
-
-  Args:
-    run: {query id: {doc id: score}}.
-    k: documents kept per query.
-
-  Returns:
-    {query id: {doc id: score}} with at most k documents per query.
-  """
+  """Cuts every query of a {qid: {doc: score}} run to its top k (`-M k`)."""
   return {qid: dict(trec_eval_sorted(docs, k)) for qid, docs in run.items()}
 
 
-# Array layer: [Q, K] matrices in rank order (column j is rank j + 1),
-# padded with 0 / False.
+# Array layer: [Q, K] matrices, column j is rank j + 1, padded with 0 / False.
 
 
 def _discounts(num_ranks: int) -> np.ndarray:
-  """Returns log2(rank + 1) for ranks 1..num_ranks, float64 [num_ranks]."""
   return np.log2(np.arange(2, num_ranks + 2, dtype=np.float64))
 
 
 def dcg_at_k(gains_qk: np.ndarray, k: int | None = None) -> np.ndarray:
-  """Discounted cumulative gain with linear gains.
-
-  Args:
-    gains_qk: float [Q, K], the gain of the document at each rank.
-    k: cut-off (None = all K ranks).
-
-  Returns:
-    float64 [Q], sum over ranks r <= k of gain_r / log2(r + 1).
-  """
+  """float64 [Q] DCG, Σ_{r <= k} gain_r / log2(r + 1), of gains_qk [Q, K]."""
   gains_qk = np.asarray(gains_qk, np.float64)[:, :k]
   # Dividing (not multiplying by a reciprocal) mirrors trec_eval's arithmetic.
   return (gains_qk / _discounts(gains_qk.shape[1])).sum(axis=-1)
@@ -133,16 +95,9 @@ def dcg_at_k(gains_qk: np.ndarray, k: int | None = None) -> np.ndarray:
 
 def ndcg_at_k(gains_qk: np.ndarray, ideal_gains_qr: np.ndarray,
               k: int | None = None) -> np.ndarray:
-  """nDCG@k = DCG@k / ideal DCG@k, and 0 where the ideal DCG is 0.
+  """float64 [Q] nDCG@k = DCG@k / ideal DCG@k, 0 where the ideal is 0.
 
-  Args:
-    gains_qk: float [Q, K], gains of the retrieved documents in rank order.
-    ideal_gains_qr: float [Q, R], the positive qrels labels of each query
-      sorted descending (all judged documents, retrieved or not), 0-padded.
-    k: cut-off (None = uncut nDCG over the whole list and the whole ideal).
-
-  Returns:
-    float64 [Q].
+  ideal_gains_qr [Q, R]: all positive qrels labels, descending, 0-padded.
   """
   dcg_q = dcg_at_k(gains_qk, k)
   ideal_q = dcg_at_k(ideal_gains_qr, k)
@@ -151,30 +106,13 @@ def ndcg_at_k(gains_qk: np.ndarray, ideal_gains_qr: np.ndarray,
 
 
 def precision_at_k(relevant_qk: np.ndarray, k: int) -> np.ndarray:
-  """P@k = |relevant in the top k| / k (k even if fewer were retrieved).
-
-  Args:
-    relevant_qk: bool [Q, K], relevance of the document at each rank.
-    k: cut-off.
-
-  Returns:
-    float64 [Q].
-  """
+  """float64 [Q] P@k = |relevant in the top k| / k (k even if fewer)."""
   return np.asarray(relevant_qk)[:, :k].sum(axis=-1) / float(k)
 
 
 def recall_at_k(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
                 k: int | None = None) -> np.ndarray:
-  """Recall@k = |relevant in the top k| / R, and 0 where R = 0.
-
-  Args:
-    relevant_qk: bool [Q, K], relevance of the document at each rank.
-    num_relevant_q: int [Q], R = number of relevant documents in the qrels.
-    k: cut-off (None = all K ranks).
-
-  Returns:
-    float64 [Q].
-  """
+  """float64 [Q] recall@k = |relevant in the top k| / R, 0 where R = 0."""
   hits_q = np.asarray(relevant_qk)[:, :k].sum(axis=-1)
   num_relevant_q = np.asarray(num_relevant_q)
   return np.where(num_relevant_q > 0,
@@ -183,15 +121,7 @@ def recall_at_k(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
 
 def reciprocal_rank(relevant_qk: np.ndarray,
                     k: int | None = None) -> np.ndarray:
-  """1 / rank of the first relevant document within the top k, else 0.
-
-  Args:
-    relevant_qk: bool [Q, K], relevance of the document at each rank.
-    k: cut-off (None = whole list, trec_eval's `recip_rank`).
-
-  Returns:
-    float64 [Q].
-  """
+  """float64 [Q] 1 / rank of the first relevant doc in the top k, else 0."""
   relevant_qk = np.asarray(relevant_qk, bool)[:, :k]
   if relevant_qk.shape[1] == 0:
     return np.zeros(relevant_qk.shape[0])
@@ -201,17 +131,9 @@ def reciprocal_rank(relevant_qk: np.ndarray,
 
 def average_precision(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
                       k: int | None = None) -> np.ndarray:
-  """AP@k = (1/R) sum over relevant ranks r <= k of P@r; 0 where R = 0.
+  """float64 [Q] AP@k = (1/R) Σ_{relevant r <= k} P@r, 0 where R = 0.
 
   Relevant documents not in the top k still count in R (trec_eval's).
-
-  Args:
-    relevant_qk: bool [Q, K], relevance of the document at each rank.
-    num_relevant_q: int [Q], R = number of relevant documents in the qrels.
-    k: cut-off (None = whole list).
-
-  Returns:
-    float64 [Q].
   """
   relevant_qk = np.asarray(relevant_qk, bool)[:, :k]
   ranks_k = np.arange(1, relevant_qk.shape[1] + 1, dtype=np.float64)
@@ -226,20 +148,9 @@ def ranked_judgments(rows_j: np.ndarray, ranks_j: np.ndarray,
                      labels_j: np.ndarray, num_queries: int, depth: int,
                      relevance_level: int = 1
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """Scatters judged documents into rank-ordered gain / relevance matrices.
+  """(gains_qk float64, relevant_qk bool) [Q, K = depth] from judgments [J].
 
-  Args:
-    rows_j: int [J], query row of each judgment.
-    ranks_j: int [J], 1-based rank of the judged document in its query's run,
-      0 if it was not retrieved.
-    labels_j: int [J], the qrels label.
-    num_queries: Q.
-    depth: K, number of rank columns (ranks above K are dropped).
-    relevance_level: labels >= this are relevant for binary measures.
-
-  Returns:
-    gains_qk: float64 [Q, K], max(label, 0) at each judged document's rank.
-    relevant_qk: bool [Q, K], label >= relevance_level at that rank.
+  ranks_j: 1-based rank in the run, 0 if not retrieved; gains max(label, 0).
   """
   keep_j = (ranks_j > 0) & (ranks_j <= depth)
   rows_j, cols_j, labels_j = rows_j[keep_j], ranks_j[keep_j] - 1, labels_j[
@@ -253,17 +164,7 @@ def ranked_judgments(rows_j: np.ndarray, ranks_j: np.ndarray,
 
 def ideal_gains(rows_j: np.ndarray, labels_j: np.ndarray,
                 num_queries: int) -> np.ndarray:
-  """The ideal ranking's gains: each query's positive labels, descending.
-
-  Args:
-    rows_j: int [J], query row of each judgment.
-    labels_j: int [J], the qrels label.
-    num_queries: Q.
-
-  Returns:
-    float64 [Q, R] with R the largest number of positive labels of a query;
-    rows are 0-padded.
-  """
+  """float64 [Q, R]: each query's positive labels, descending, 0-padded."""
   positive_j = labels_j > 0
   rows_p, labels_p = rows_j[positive_j], labels_j[positive_j]
   counts_q = np.bincount(rows_p, minlength=num_queries)
@@ -279,17 +180,7 @@ def ideal_gains(rows_j: np.ndarray, labels_j: np.ndarray,
 
 def num_relevant(rows_j: np.ndarray, labels_j: np.ndarray, num_queries: int,
                  relevance_level: int = 1) -> np.ndarray:
-  """R per query: judgments with label >= relevance_level.
-
-  Args:
-    rows_j: int [J], query row of each judgment.
-    labels_j: int [J], the qrels label.
-    num_queries: Q.
-    relevance_level: labels >= this are relevant.
-
-  Returns:
-    int64 [Q].
-  """
+  """int64 [Q] R: judgments with label >= relevance_level."""
   return np.bincount(rows_j[labels_j >= relevance_level],
                      minlength=num_queries).astype(np.int64)
 
@@ -297,7 +188,6 @@ def num_relevant(rows_j: np.ndarray, labels_j: np.ndarray, num_queries: int,
 def _measure_values(measure: Measure, gains_qk: np.ndarray,
                     relevant_qk: np.ndarray, ideal_qr: np.ndarray,
                     num_relevant_q: np.ndarray) -> np.ndarray:
-  """Per-query values of one measure, float64 [Q]."""
   k = measure.k
   if measure.family == "ndcg":
     return ndcg_at_k(gains_qk, ideal_qr, k)
@@ -317,22 +207,11 @@ def _tie_offsets(run: Mapping[str, Mapping[str, float]],
                  qids: Sequence[str], scores_qk: np.ndarray,
                  rows_t: np.ndarray, docs_t: Sequence[str],
                  scores_t: np.ndarray) -> np.ndarray:
-  """Counts, for tied judged documents, the tied documents ranked first.
+  """int64 [T]: per tied judged doc, the equal-score docs with a larger id.
 
-  Each tie group (query, score) is found once, its ids sorted and each
-  judged member located by binary search: fast even when a whole run ties
-  (a collapsed model), where comparing pairs would be quadratic.
-
-  Args:
-    run: {query id: {doc id: score}}.
-    qids: the evaluated queries; row r of `scores_qk` is `run[qids[r]]`.
-    scores_qk: float32 [Q, K] padded scores of all rows (NaN padding).
-    rows_t: int [T], row of each tied judged document.
-    docs_t: T doc ids.
-    scores_t: float32 [T], their scores.
-
-  Returns:
-    int64 [T], the number of equal-score documents with a larger id.
+  Each tie group (row, score) is found once, its ids sorted and members
+  located by binary search: fast even when a whole run ties (a collapsed
+  model), where comparing pairs would be quadratic.
   """
   # Tie groups: distinct (row, float32 bits) keys. Adding +0 turns -0.0 into
   # 0.0, which trec_eval's float comparison treats as equal.
@@ -365,17 +244,9 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
                   run: Mapping[str, Mapping[str, float]],
                   qids: Sequence[str]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Ranks (trec_eval order) of every judged document in the run.
+  """int64 [J] (rows_j, labels_j, ranks_j) of the judgments of `qids`.
 
-  Args:
-    qrels: {query id: {doc id: label}}.
-    run: {query id: {doc id: score}}.
-    qids: the evaluated queries, in output order (all in run and qrels).
-
-  Returns:
-    rows_j: int64 [J], row in `qids` of each judgment of those queries.
-    labels_j: int64 [J], the label.
-    ranks_j: int64 [J], 1-based rank in the run, 0 if not retrieved.
+  ranks_j is the 1-based trec_eval rank in the run, 0 if not retrieved.
   """
   num_queries = len(qids)
   lengths_q = np.fromiter((len(run[q]) for q in qids), np.int64, num_queries)
@@ -430,26 +301,11 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]],
              measures: Sequence[str] = DEFAULT_MEASURES,
              relevance_level: int = 1
              ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-  """Evaluates a run against qrels with trec_eval's conventions.
+  """Evaluates a run {qid: {doc: score}} against qrels {qid: {doc: int label}}.
 
-  Args:
-    qrels: {query id: {doc id: integer label}}; labels > 0 carry nDCG gain,
-      labels >= relevance_level are relevant, negative labels are judged
-      non-relevant and not counted in R.
-    run: {query id: {doc id: score}}; scores are compared as float32, like
-      trec_eval does.
-    measures: names such as "ndcg@10", "recall@100", "mrr@10", "map", "p@10"
-      (see the module docstring).
-    relevance_level: positive integer threshold for the binary measures.
-
-  Returns:
-    (means, per_query): means[name] is the mean over the evaluated queries
-    (run ∩ qrels), per_query[name] is {query id: value}.
-
-  Raises:
-    TypeError: `measures` is a single string.
-    ValueError: an unknown measure, a relevance level below 1, NaN scores,
-      or no query in both the run and the qrels.
+  Returns (means, per_query): means[name] over the queries in run ∩ qrels,
+  per_query[name] = {qid: value}. Scores compare as float32, like trec_eval;
+  relevance_level >= 1 is the threshold of the binary measures.
   """
   if isinstance(measures, str):
     raise TypeError(f"measures must be a sequence of names, got {measures!r}")

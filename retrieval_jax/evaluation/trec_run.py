@@ -1,11 +1,8 @@
 """TREC run files: write, read, and build runs from top-k search output.
 
-Lines are `qid Q0 docid rank score tag`, each query in trec_eval's order (so
-the rank column agrees with trec_eval's), scores as `repr` floats (float32
-round-trips). trec_eval splits on whitespace, and LIMIT-small's doc ids are
-names like "Geneva Durben", so ids are percent-encoded on write: whitespace
-and '%' become '%XX' UTF-8 escapes, nothing else changes; `read_run` decodes.
-Tools reading the file raw see encoded ids (encode qrels with `encode_id`).
+Lines are `qid Q0 docid rank score tag` in trec_eval's order, scores as `repr`
+floats. trec_eval splits on whitespace and LIMIT-small's doc ids are names
+("Geneva Durben"), so whitespace and '%' in ids are '%XX'-encoded on write.
 """
 
 from collections.abc import Mapping, Sequence
@@ -17,30 +14,17 @@ import numpy as np
 
 from retrieval_jax.evaluation import ir_metrics
 
-# `\s` matches exactly what `str.isspace` accepts, i.e. what `split()` splits.
 _NEEDS_ESCAPE = re.compile(r"[\s%]")
 _WHITESPACE = re.compile(r"\s")
 _NUM_FIELDS = 6
 
 
 def _escape(match: re.Match[str]) -> str:
-  """'%XX' escapes of the UTF-8 bytes of one matched character."""
   return "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8"))
 
 
 def encode_id(identifier: str) -> str:
-  """Percent-encodes whitespace and '%' in a query or doc id.
-
-  Args:
-    identifier: the id; must not be empty.
-
-  Returns:
-    The id with every whitespace character and '%' replaced by '%XX' escapes
-    of its UTF-8 bytes; ids without them are returned unchanged.
-
-  Raises:
-    ValueError: the id is empty (it would leave an empty field).
-  """
+  """Non-empty id -> id with whitespace and '%' as '%XX' UTF-8 escapes."""
   if not identifier:
     raise ValueError("run ids must not be empty")
   return _NEEDS_ESCAPE.sub(_escape, identifier)
@@ -54,26 +38,17 @@ def decode_id(field: str) -> str:
 def write_run(path: str | os.PathLike[str],
               run: Mapping[str, ir_metrics.DocScores],
               tag: str = "retrieval_jax") -> None:
-  """Writes a run as a TREC run file.
+  """Writes `run` {qid: {doc: score} or [(doc, score)]} as a TREC run file.
 
-  Args:
-    path: output file (overwritten).
-    run: {query id: {doc id: score}} or {query id: [(doc id, score), ...]};
-      queries are written in the mapping's order, documents in trec_eval's
-      order (score descending, doc id descending). A query without documents
-      writes no line (a run file cannot hold it).
-    tag: the run tag (last column); must not contain whitespace.
-
-  Raises:
-    ValueError: the tag is empty or has whitespace, an id is empty, or a
-      query lists the same doc twice.
+  Queries keep the mapping's order, docs trec_eval's (score, then doc id,
+  descending); a query without docs writes no line.
   """
   if not tag or _WHITESPACE.search(tag):
     raise ValueError(f"run tag must be non-empty without whitespace: {tag!r}")
   lines = []
   for qid, docs in run.items():
     ranked = ir_metrics.trec_eval_sorted(docs)
-    if len({doc for doc, _ in ranked}) != len(ranked):  # trec_eval refuses
+    if len({doc for doc, _ in ranked}) != len(ranked):
       raise ValueError(f"query {qid!r} lists a document more than once")
     encoded_qid = encode_id(qid)
     lines.extend(
@@ -84,21 +59,9 @@ def write_run(path: str | os.PathLike[str],
 
 
 def read_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
-  """Reads a TREC run file (ids percent-decoded, see the module docstring).
+  """Reads a TREC run file into {qid: {doc: score}} in file order, ids decoded.
 
-  Blank lines are skipped; the rank must parse but, as in trec_eval, the
-  order comes from the scores.
-
-  Args:
-    path: the run file.
-
-  Returns:
-    {query id: {doc id: score}}, queries and docs in file order.
-
-  Raises:
-    ValueError: a line does not have 6 fields, its rank is not an integer,
-      its score is not a number, or a (query, doc) pair repeats; the message
-      names the file and the 1-based line number.
+  As in trec_eval, the rank must parse but the order comes from the scores.
   """
   run: dict[str, dict[str, float]] = {}
   with open(path, encoding="utf-8") as f:
@@ -113,14 +76,14 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
             f"score tag', got {len(fields)}: {line.rstrip()!r}")
       qid_field, _, doc_field, rank_field, score_field, _ = fields
       try:
-        int(rank_field)  # else the columns are shifted
+        int(rank_field)  # Else the columns are shifted.
         score = float(score_field)
       except ValueError:
         raise ValueError(f"{where}: rank must be an integer and score a "
                          f"number: {line.rstrip()!r}") from None
       docs = run.setdefault(decode_id(qid_field), {})
       doc = decode_id(doc_field)
-      if doc in docs:  # trec_eval rejects duplicates
+      if doc in docs:
         raise ValueError(f"{where}: document {doc!r} repeats for query "
                          f"{decode_id(qid_field)!r}")
       docs[doc] = score
@@ -130,23 +93,12 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
 def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str],
                   scores_qk: np.ndarray,
                   indices_qk: np.ndarray) -> dict[str, dict[str, float]]:
-  """Turns top-k search output into a run dict.
+  """Top-k output -> {qid: {doc id: score}}, every query present.
 
   Args:
-    query_ids: Q query ids, one per row.
-    doc_ids: the collection's doc ids; `indices_qk` indexes into them.
-    scores_qk: float [Q, K] scores (any float dtype; converted exactly to
-      float64 Python floats).
-    indices_qk: int [Q, K] doc indices; negative entries are padding (fewer
-      than K results) and are skipped.
-
-  Returns:
-    {query id: {doc id: score}}; every query is present, possibly with an
-    empty dict.
-
-  Raises:
-    ValueError: shapes disagree, an index is out of range, or a row lists the
-      same document twice.
+    query_ids: Q ids, one per row; doc_ids: what `indices_qk` indexes.
+    scores_qk: float [Q, K], converted exactly to float64.
+    indices_qk: int [Q, K]; negative entries are padding and skipped.
   """
   scores_qk = np.asarray(scores_qk)
   indices_qk = np.asarray(indices_qk)

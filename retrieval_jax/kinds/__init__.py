@@ -1,9 +1,8 @@
 """Retriever kinds, chosen by `config.model.kind` through `KINDS`.
 
-Each kind is one module implementing `base.Kind` (validate, build, the
-train step's featurizer and loss, its evaluations). The trainer,
-evaluation and export look the kind up here; adding a kind is one module
-and one line below (README: "Adding a retriever kind").
+Each kind is one module implementing `base.Kind`; the trainer, evaluation and
+export look it up here. Adding a kind is one module and one line below
+(README: "Adding a retriever kind").
 """
 
 import pathlib
@@ -43,23 +42,14 @@ def get(model_cfg) -> base.Kind:
 
 def load_run(train_workdir: str | pathlib.Path, mesh, *,
              kinds: tuple[str, ...] | None = None, step: int | None = None):
-  """The trained model of a train-mode workdir, read-only.
-
-  The run's saved config rebuilds the same model the trainer built, so the
-  two can never disagree.
+  """A train-mode workdir's model, rebuilt from its saved config, read-only.
 
   Args:
-    train_workdir: the run's workdir (its checkpoints/ is read).
-    mesh: the params are replicated on it.
-    kinds: the kinds the caller can use (None: any registered one).
+    kinds: the kinds the caller accepts (None: any); others: ValueError.
     step: the checkpoint step; None for the latest.
 
   Returns:
     (model, tokenizer, run config dict, checkpoint step).
-
-  Raises:
-    FileNotFoundError: no checkpoint in <train_workdir>/checkpoints.
-    ValueError: the run trained a kind not in `kinds`.
   """
   built = {}
 

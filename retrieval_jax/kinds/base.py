@@ -1,10 +1,6 @@
-"""The interface every retriever kind implements (`Kind`).
+"""The interface every retriever kind implements (`Kind`, `TrainSpec`).
 
-A kind turns a pretrained encoder into a trainable model (`build`), a
-loader's host batches into device batches (`TrainSpec.featurize`), and a
-model plus a device batch into a loss (`TrainSpec.loss`, run inside the one
-generic `steps.train_step`). The trainer, evaluation and export look a kind
-up in `kinds.KINDS` and never switch on its name.
+Callers look a kind up in `kinds.KINDS` and never switch on its name.
 """
 
 from collections.abc import Callable
@@ -27,15 +23,12 @@ COSINE_LOSSES = ("orthogonal_projection",)
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-  """What the generic train step needs of a kind.
+  """What the generic `steps.train_step` needs of a kind.
 
-  Attributes:
-    featurize: `(step, host_batch) -> device batch` (numpy arrays, leading
-      axis split over the data axes).
-    loss: `loss(model, batch, rng, step) -> (loss, aux)`; `rng` is the
-      step's dropout key (None without dropout), `step` the int32 counter.
-    value_and_grad: optional `(model_def, params, batch, rng, step) ->
-      ((loss, aux), grads)` replacing `jax.value_and_grad(loss)` (GradCache).
+  featurize: `(step, host_batch) -> device batch` (numpy, split on data axes).
+  loss: `(model, batch, rng, step) -> (loss, aux)`; rng: dropout key or None.
+  value_and_grad: optional `(model_def, params, batch, rng, step) -> ((loss,
+    aux), grads)` replacing `jax.value_and_grad(loss)` (GradCache).
   """
   featurize: Callable[[int, dict], dict]
   loss: Callable
@@ -53,15 +46,7 @@ def take_keys(keys=STEP_KEYS) -> Callable[[int, dict], dict]:
 
 
 def in_batch_loss(scores_qc, batch, *, loss_fn, share_hard_negatives: bool):
-  """A registry loss on a [B, B*G] query x passage score matrix.
-
-  Args:
-    scores_qc: float32 scores of every query against every passage row of
-      the global batch (query-major groups of G).
-    batch: reads "positive_counts", "passage_doc", "relevant_doc".
-    loss_fn: `fn(scores_qc, positive_qc, valid_qc) -> (loss, aux)`.
-    share_hard_negatives: other queries' hard negatives count as negatives.
-  """
+  """`loss_fn(scores_qc, positive_qc, valid_qc)` on float32 [B, B*G] scores."""
   group_size = scores_qc.shape[1] // scores_qc.shape[0]
   positive_qc, valid_qc = losses.contrastive.group_masks(
       batch["positive_counts"], group_size, batch.get("passage_doc"),
@@ -77,17 +62,10 @@ def split_rng(rng, num: int = 2):
 class Kind:
   """A retriever kind; subclasses override what differs.
 
-  Attributes:
-    name: the `config.model.kind` value.
-    model_keys: `config.model` keys the kind needs.
-    architectures: encoder architectures (`config.model.architecture`) it
-      wraps.
-    dense_negatives: whether the model being trained can mine negatives.
-    trains_with_evals: whether `config.evals` run during training (others
-      are evaluated by the evaluate mode).
-    retriever: the evaluate-mode retriever (`evaluation/retrievers.py`)
-      that serves a trained run of this kind; "dense" ones give
-      `text_encoder`.
+  name: `config.model.kind`; model_keys: the `config.model` keys it needs;
+  architectures: encoders it wraps; dense_negatives: can mine negatives;
+  trains_with_evals: `config.evals` run in training (else the evaluate mode);
+  retriever: evaluate-mode retriever ("dense" kinds give `text_encoder`).
   """
   name: str = ""
   model_keys: tuple[str, ...] = ()

@@ -1,8 +1,7 @@
-"""Building blocks shared by the encoders: annotated parameters, LayerNorm.
+"""Encoder building blocks: annotated parameters, LayerNorm, dropout keys.
 
-Parameters carry logical axis names as `out_sharding` metadata with eager
-sharding off: the rules read them when state shardings are derived from
-`jax.eval_shape(init)`; nothing is placed on devices at construction.
+Parameters carry logical axis names as `out_sharding` metadata, eager sharding
+off: shardings are derived from `jax.eval_shape(init)`, nothing is placed here.
 """
 
 from typing import Any
@@ -16,15 +15,7 @@ from retrieval_jax import sharding
 
 def param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
           axes: tuple[str | None, ...]) -> nnx.Param:
-  """A parameter annotated with logical axis names (metadata only).
-
-  Args:
-    init_fn: `fn(key, shape, dtype) -> array`.
-    rngs: draws the `params` key.
-    shape: parameter shape.
-    dtype: storage dtype.
-    axes: one logical axis name (or None) per dimension.
-  """
+  """Param from `init_fn(key, shape, dtype)`; `axes`: a logical name per dim."""
   assert len(axes) == len(shape), (axes, shape)
   return nnx.Param(
       init_fn(rngs.params(), shape, dtype),
@@ -33,8 +24,7 @@ def param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
 
 
 def uniform(bound: float):
-  """Initializer U(-bound, +bound); `uniform(1 / sqrt(fan_in))` is PyTorch's
-  default for Linear and Conv weights and biases."""
+  """U(-bound, bound); bound 1/sqrt(fan_in) is PyTorch's Linear/Conv default."""
 
   def init(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -44,18 +34,9 @@ def uniform(bound: float):
 
 def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
                eps: float) -> jax.Array:
-  """LayerNorm over the last axis with (at least) float32 statistics.
+  """LayerNorm of [..., D] over D with >= float32 statistics; same dtype out.
 
-  Two-pass variance (mean of squared deviations), as torch.nn.LayerNorm
-  computes it; E[x^2] - E[x]^2 cancels badly when |mean| >> std.
-
-  Args:
-    x_bld: [..., D] activations, any float dtype.
-    scale_d: [D] gain. bias_d: [D] offset.
-    eps: added to the variance.
-
-  Returns:
-    Normalised array of the shape and dtype of `x_bld`.
+  Two-pass variance as torch's; E[x^2] - E[x]^2 cancels badly if |mean| >> std.
   """
   # float32 for bf16/fp16 inputs; float64 stays float64 (x64 references).
   x32 = x_bld.astype(jnp.promote_types(x_bld.dtype, jnp.float32))
@@ -85,11 +66,7 @@ class LayerNorm(nnx.Module):
 
 def dropout(layer: nnx.Dropout, x: jax.Array, deterministic: bool,
             rng: jax.Array | None) -> jax.Array:
-  """Applies `layer`, with an explicit key when one is given.
-
-  An explicit key lets a pure `train_step` drive dropout without RNG state;
-  `rng=None` draws from the layer's own stream.
-  """
+  """Applies `layer`; an explicit `rng` spares a pure train_step RNG state."""
   return layer(x, deterministic=deterministic, rngs=rng)
 
 

@@ -1,16 +1,10 @@
 """Long convolutions for the M2 sequence mixer, and their implicit filters.
 
-`fft_causal_conv` and `bidirectional_conv` are linear convolutions along the
-last axis, run as FFT products of size 2L (a size-L FFT would be circular,
-its wrapped taps O(1) wrong); `short_causal_conv` is a depthwise K-tap conv.
-`HyenaFilter` (NNX) generates the long filters: a sine MLP over positional
-features, damped by exp(-t_n |delta_c|) with per-channel decay rates; a
-length-L input uses the first L of `l_max` taps (positions are normalised by
-`l_max`, never by L). Shape letters: b batch, c channels, h filter channels
-(model width H), l / t positions, k taps, e feature width, o MLP width.
-
-FFT convolutions run in float32 (float64 for float64 inputs) and cast back:
-bf16 products summed over thousands of taps lose most of their digits.
+FFT convolutions are linear (size 2L; size L would be circular, its wrapped
+taps O(1) wrong) and run in float32 (float64 for float64 inputs): bf16 products
+summed over thousands of taps lose most of their digits. `HyenaFilter` makes
+the filters: a sine MLP over positional features damped by exp(-t_n |delta_c|);
+a length-L input uses the first L of `l_max` taps (positions / `l_max`).
 """
 
 import math
@@ -26,23 +20,13 @@ from retrieval_jax.layers import core
 
 
 def _compute_dtype(*arrays) -> jnp.dtype:
-  """float32, or float64 when any input is float64."""
   return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
 def fft_causal_conv(u_hl: jax.Array, k_hl: jax.Array) -> jax.Array:
-  """Linear causal convolution along the last axis, via FFTs of size 2L.
+  """Causal linear conv on the last axis: [..., L], [..., K <= L] -> [..., L].
 
-  y[..., t] = sum_{s=0}^{t} k[..., s] u[..., t-s] for t < L.
-
-  Args:
-    u_hl: [..., L] signal, any float dtype (e.g. [B, H, L]).
-    k_hl: [..., K] kernel with K <= L, broadcastable against `u_hl` in its
-      leading dims (e.g. [H, L], shared over the batch).
-
-  Returns:
-    [..., L] (the broadcast leading shape) in the dtype of `u_hl`; computed
-    in float32, or float64 when an input is float64.
+  y[..., t] = sum_{s=0}^{t} k[..., s] u[..., t-s]; u's dtype, k broadcasts.
   """
   length, taps = u_hl.shape[-1], k_hl.shape[-1]
   if taps > length:
@@ -57,19 +41,10 @@ def fft_causal_conv(u_hl: jax.Array, k_hl: jax.Array) -> jax.Array:
 
 def bidirectional_kernel(k_fwd_hl: jax.Array,
                          k_rev_hl: jax.Array) -> jax.Array:
-  """Packs both directions into one kernel: [k_fwd, 0_L] + [0_L, rev(k_rev)].
+  """[..., 2L] kernel [k_fwd, 0_L] + [0_L, rev(k_rev)] of both [..., L] taps.
 
-  In the size-2L circular convolution a lag t-j < 0 wraps to 2L+t-j, which
-  lands on rev(k_rev)[L+t-j] = k_rev[j-t-1]: the reverse filter starts at
-  lag 1, the forward one at lag 0.
-
-  Args:
-    k_fwd_hl: [..., L] forward taps (lag 0, 1, ...).
-    k_rev_hl: [..., L] reverse taps (k_rev[m] multiplies v[t+1+m]).
-
-  Returns:
-    [..., 2L] kernel for a circular convolution of size 2L, dtype of the
-    inputs (promoted).
+  In the size-2L circular conv a lag t-j < 0 wraps to 2L+t-j, landing on
+  rev(k_rev)[L+t-j] = k_rev[j-t-1]: reverse taps start at lag 1.
   """
   zeros = jnp.zeros_like(k_fwd_hl)
   return (jnp.concatenate([k_fwd_hl, zeros], axis=-1)
@@ -79,20 +54,9 @@ def bidirectional_kernel(k_fwd_hl: jax.Array,
 
 def bidirectional_conv(v_bhl: jax.Array, k_fwd_hl: jax.Array,
                        k_rev_hl: jax.Array, d_h: jax.Array) -> jax.Array:
-  """Bidirectional long convolution plus a per-channel skip.
+  """[B, H, L] -> [B, H, L] (v's dtype) with filters [H, L] and skip d_h [H].
 
-  y[t] = sum_{s=0}^{t} k_fwd[s] v[t-s] + sum_{j=t+1}^{L-1} k_rev[j-t-1] v[j]
-         + D v[t], via the packed `bidirectional_kernel`; `toeplitz_operator`
-  is the same map as a dense matrix.
-
-  Args:
-    v_bhl: [B, H, L] signal (any leading dims), any float dtype.
-    k_fwd_hl: [H, L] forward filters.
-    k_rev_hl: [H, L] reverse filters.
-    d_h: [H] skip weights D.
-
-  Returns:
-    [B, H, L] in the dtype of `v_bhl` (computed in float32 / float64).
+  y[t] = sum_{s<=t} k_fwd[s] v[t-s] + sum_{j>t} k_rev[j-t-1] v[j] + D v[t].
   """
   length = v_bhl.shape[-1]
   if k_fwd_hl.shape[-1] != length or k_rev_hl.shape[-1] != length:
@@ -110,20 +74,7 @@ def bidirectional_conv(v_bhl: jax.Array, k_fwd_hl: jax.Array,
 
 def toeplitz_operator(k_fwd_l: jax.Array, k_rev_l: jax.Array, d: Any,
                       length: int) -> jax.Array:
-  """The dense [L, L] matrix of `bidirectional_conv` for one channel.
-
-  T[t, j] = k_fwd[t-j] for j <= t, k_rev[j-t-1] for j > t, plus D on the
-  diagonal, so y = T v. Meant for tests and documentation (O(L^2)).
-
-  Args:
-    k_fwd_l: [>= length] forward taps; the first `length` are used.
-    k_rev_l: [>= length] reverse taps; the first `length` are used.
-    d: scalar skip weight D.
-    length: L.
-
-  Returns:
-    [L, L] array in the promoted dtype of the inputs.
-  """
+  """Dense [L, L] matrix of `bidirectional_conv` for one channel, for tests."""
   k_fwd_l = jnp.asarray(k_fwd_l)[:length]
   k_rev_l = jnp.asarray(k_rev_l)[:length]
   idx = np.arange(length)
@@ -137,20 +88,10 @@ def toeplitz_operator(k_fwd_l: jax.Array, k_rev_l: jax.Array, d: Any,
 
 def short_causal_conv(x_bcl: jax.Array, w_ck: jax.Array,
                       b_c: jax.Array) -> jax.Array:
-  """Depthwise causal convolution with K taps per channel, plus a bias.
+  """Depthwise causal K-tap conv plus bias, [B, C, L] -> [B, C, L], x's dtype.
 
-  y[b, c, t] = b[c] + sum_{k=0}^{K-1} w[c, k] x[b, c, t-(K-1)+k], x = 0 before
-  the start: the layout of a PyTorch `Conv1d(C, C, K, groups=C,
-  padding=K-1)` weight [C, 1, K], which loads as `w[:, 0, :]`.
-
-  Args:
-    x_bcl: [B, C, L] signal, any float dtype.
-    w_ck: [C, K] taps.
-    b_c: [C] bias.
-
-  Returns:
-    [B, C, L] in the dtype of `x_bcl`, summed in float32 (float64 inputs:
-    float64). With K = 3 shifted multiply-adds fuse with their neighbours.
+  y[b, c, t] = b[c] + sum_k w[c, k] x[b, c, t-(K-1)+k], x = 0 before the start:
+  a PyTorch `Conv1d(C, C, K, groups=C, padding=K-1)` weight loads as w[:, 0].
   """
   length, taps = x_bcl.shape[-1], w_ck.shape[-1]
   dt = _compute_dtype(x_bcl, w_ck, b_c)
@@ -167,19 +108,10 @@ def short_causal_conv(x_bcl: jax.Array, w_ck: jax.Array,
 def positional_features(l_max: int, emb_dim: int = 5,
                         dtype: Any = np.float32) -> tuple[np.ndarray,
                                                           np.ndarray]:
-  """Fourier positional features of the implicit filters.
+  """Fourier features (z_le [l_max, e], t_l1 [l_max, 1]), numpy, odd e >= 3.
 
-  With b = (e-1)/2 bands and frequencies f = linspace(1e-4, b-1, b):
-  z[n] = [t_n, cos(2 pi f n / l_max), -sin(2 pi f n / l_max)] over the bands,
-  t_n = n / (l_max - 1). The first frequency is ~0: a near-constant feature.
-
-  Args:
-    l_max: number of positions.
-    emb_dim: e, odd and >= 3.
-    dtype: numpy dtype of the results (computed in float64).
-
-  Returns:
-    (z_le [l_max, e], t_l1 [l_max, 1]) numpy arrays.
+  b = (e-1)/2 bands, f = linspace(1e-4, b-1, b), t_n = n / (l_max - 1):
+  z[n] = [t_n, cos(2 pi f n / l_max), -sin(2 pi f n / l_max)].
   """
   if emb_dim < 3 or emb_dim % 2 == 0:
     raise ValueError(f"emb_dim must be odd and >= 3 (time, cosines, sines), "
@@ -196,21 +128,9 @@ def positional_features(l_max: int, emb_dim: int = 5,
 def decay_rates(hidden: int, fast_decay_pct: float = 0.3,
                 slow_decay_pct: float = 1.5, target: float = 1e-2,
                 dtype: Any = np.float32) -> np.ndarray:
-  """Per-channel decay rates delta of the exponential filter modulation.
+  """[H] numpy decay rates, linspace(ln(target) / slow, ln(target) / fast).
 
-  delta = linspace(ln(target) / slow_decay_pct, ln(target) / fast_decay_pct,
-  H): channel 0's envelope exp(-t |delta|) reaches `target` at t =
-  slow_decay_pct (longest filter), channel H-1's at fast_decay_pct.
-
-  Args:
-    hidden: number of channels H.
-    fast_decay_pct, slow_decay_pct: normalised times at which the fastest
-      and slowest envelopes reach `target`.
-    target: envelope value at those times.
-    dtype: numpy dtype of the result (computed in float64).
-
-  Returns:
-    [H] numpy array of (negative) rates.
+  Channel 0's envelope exp(-t |delta|) reaches `target` at t = slow_decay_pct.
   """
   return np.linspace(math.log(target) / slow_decay_pct,
                      math.log(target) / fast_decay_pct, hidden).astype(dtype)
@@ -224,12 +144,9 @@ def exponential_modulation(t_l1: Any, delta_h: Any) -> jax.Array:
 class HyenaFilter(nnx.Module):
   """Implicit bidirectional long-convolution filters for H channels.
 
-  k_fwd[c, n] = MLP_fwd(z_n)[c] exp(-t_n |delta_c|) (k_rev likewise with its
-  own MLP), z = `pos_emb_le` (learnable, init `positional_features`),
-  MLP(z) = Sin(Sin(Sin(z W0 + b0) W1 + b1) W2 + b2) W3, Sin(x) = sin(phi x),
-  phi = `sin_freq_o` shared by every Sin. Weights are [in, out] (a PyTorch
-  Linear's transpose); `bias_h` is the skip D of `bidirectional_conv`. The
-  time grid and the rates are recomputed per call, so they are not state.
+  k_fwd[c, n] = MLP_fwd(z_n)[c] exp(-t_n |delta_c|) (k_rev likewise), z =
+  `pos_emb_le`, MLP(z) = Sin(Sin(Sin(z W0 + b0) W1 + b1) W2 + b2) W3 with
+  Sin(x) = sin(phi x); weights are [in, out]; `bias_h` is the skip D.
   """
 
   def __init__(self, hidden: int, l_max: int, *, emb_dim: int = 5,
@@ -237,21 +154,7 @@ class HyenaFilter(nnx.Module):
                fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
                target: float = 1e-2, mlp_init_std: float | None = None,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    """Builds the filter parameters.
-
-    Args:
-      hidden: channels H (the model width).
-      l_max: longest input; filters are generated for these positions.
-      emb_dim: positional-feature width e (odd, >= 3).
-      order: MLP width o.
-      w: initial Sin frequency.
-      bidirectional: whether to build the reverse MLP (otherwise k_rev = 0).
-      fast_decay_pct, slow_decay_pct, target: see `decay_rates`.
-      mlp_init_std: None for PyTorch-Linear default inits (U(+-1/sqrt(fan_in)));
-        a float for N(0, std) weights and zero biases (BERT `post_init`).
-      param_dtype: storage dtype of the parameters.
-      rngs: draws the `params` keys.
-    """
+    """`mlp_init_std`: None for PyTorch Linear inits, else N(0, std), 0 bias."""
     z_le, _ = positional_features(l_max, emb_dim, np.float64)
     self.hidden, self.l_max, self.order = hidden, l_max, order
     self.bidirectional = bidirectional
@@ -274,7 +177,6 @@ class HyenaFilter(nnx.Module):
         return nnx.initializers.zeros
       return nnx.initializers.normal(mlp_init_std)
 
-    # (name, shape, axes, fan_in) of one MLP, in layer order.
     layout = (
         ("w0_eo", (emb_dim, order), (None, None), emb_dim),
         ("b0_o", (order,), (None,), emb_dim),
@@ -293,8 +195,7 @@ class HyenaFilter(nnx.Module):
            dt: Any) -> jax.Array:
     """[L, e] features -> [L, H] raw taps of the `prefix` MLP."""
     get = lambda name: getattr(self, f"{prefix}_{name}")[...].astype(dt)
-    # The filter MLP is tiny next to the convolutions; full precision keeps
-    # accelerators from rounding its matmuls to bf16 passes.
+    # Tiny next to the convolutions: HIGHEST avoids bf16 passes on accelerators.
     hi = jax.lax.Precision.HIGHEST
     h = jnp.sin(phi_o * (jnp.dot(z_le, get("w0_eo"), precision=hi)
                          + get("b0_o")))
@@ -305,20 +206,11 @@ class HyenaFilter(nnx.Module):
     return jnp.dot(h, get("w3_oh"), precision=hi)
 
   def __call__(self, length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Filters for a length-`length` input (the MLP is pointwise in n).
-
-    Args:
-      length: static input length L <= l_max.
-
-    Returns:
-      (k_fwd_hl [H, L], k_rev_hl [H, L] (zeros when not bidirectional),
-      d_h [H]), in float32 (float64 for float64 parameters).
-    """
+    """(k_fwd_hl, k_rev_hl [H, L], d_h [H]) for a static length L <= l_max."""
     if length > self.l_max:
       raise ValueError(f"input length {length} exceeds the filter length "
                        f"l_max={self.l_max}")
     dt = _compute_dtype(self.pos_emb_le[...])
-    # t_n = n / (l_max - 1), the first column of the initial features.
     t_l1 = jnp.asarray(
         np.arange(length)[:, None] / max(self.l_max - 1, 1), dt)
     delta_h = jnp.asarray(

@@ -1,18 +1,12 @@
 """Monarch matrices: block-diagonal factors between stride permutations.
 
-A Monarch matrix replaces a dense N x N one by block-diagonal factors and
-fixed stride permutations (view as a row-major (a, b) grid, transpose,
-flatten): 2 N^{3/2} parameters and multiply-adds at order 2, as dense GEMMs
-on the blocks. Order 2 (`monarch_apply`): w1 (k, q, p), w2 (l, s, r) with
-l*r = k*q, M = P_out B2 P_mid B1. Square case (w1 (n0, n1, n1), w2 (n1, n0,
-n0)): M[(s, l), (k, p)] = w2[l, s, k] w1[k, l, p], so each (l, k) slice is
-rank 1 and the best Frobenius fit is its rank-1 SVD (`dense_to_monarch`).
-Order p (`order_p_apply`) costs p N^{1+1/p}; the DFT is a Monarch product
-(`monarch_dft`, four-step FFT). Derivations: experiments/m2_scaling/README.md.
-Refs: Dao et al., Monarch (ICML 2022); Fu et al., Monarch Mixer (2023).
-
-Shape letters: k, q, p / l, s, r as above; g blocks of a lone block-diagonal
-matrix, b leading dims, n / o / i flattened vector lengths.
+A dense N x N matrix becomes block-diagonal factors between stride
+permutations: 2 N^{3/2} parameters and multiply-adds at order 2, as dense
+GEMMs on the blocks. Order 2 (`monarch_apply`): M = P_out B2 P_mid B1 with w1
+(k, q, p), w2 (l, s, r), l*r = k*q; order p (`order_p_apply`) costs
+p N^{1+1/p}; the DFT is a Monarch product (`monarch_dft`, four-step FFT).
+Derivations: experiments/m2_scaling/README.md. Refs: Dao et al., Monarch
+(ICML 2022); Fu et al., Monarch Mixer (2023).
 """
 
 import math
@@ -59,20 +53,10 @@ def _check_order2(w1_kqp: jax.Array, w2_lsr: jax.Array) -> None:
 
 def monarch_apply(x_bn: jax.Array, w1_kqp: jax.Array, w2_lsr: jax.Array, *,
                   precision: jax.lax.PrecisionLike = None) -> jax.Array:
-  """Order-2 Monarch product y = P_out B2 P_mid B1 x, in two block GEMMs.
+  """y = P_out B2 P_mid B1 x in two block GEMMs, [..., k*p] -> [..., l*s].
 
   B1 maps x (k blocks of p) to h[k, q]; P_mid reads h flat as (r, l) and
-  transposes; B2 gives y[l, s]; P_out emits it as (s, l).
-
-  Args:
-    x_bn: [..., n_in] with n_in = k*p; float or complex.
-    w1_kqp: [k, q, p] first block-diagonal factor (k blocks of q x p).
-    w2_lsr: [l, s, r] second factor, l*r = k*q.
-    precision: passed to the einsums.
-
-  Returns:
-    [..., l*s], the dtype promoted from the inputs (the input dtype when
-    the weights share it).
+  transposes; B2 gives y[l, s]; P_out emits it as (s, l). Float or complex.
   """
   _check_order2(w1_kqp, w2_lsr)
   k, _, p = w1_kqp.shape
@@ -89,16 +73,7 @@ def monarch_apply(x_bn: jax.Array, w1_kqp: jax.Array, w2_lsr: jax.Array, *,
 
 
 def monarch_to_dense(w1_kqp: jax.Array, w2_lsr: jax.Array) -> jax.Array:
-  """The explicit matrix P_out B2 P_mid B1, independent of `monarch_apply`.
-
-  For tests and projection; O(N^3), small N only.
-
-  Args:
-    w1_kqp: [k, q, p]. w2_lsr: [l, s, r] with l*r = k*q.
-
-  Returns:
-    [l*s, k*p] matrix M with monarch_apply(x) == M @ x, weight dtype.
-  """
+  """[l*s, k*p] M = P_out B2 P_mid B1, built without `monarch_apply` (tests)."""
   _check_order2(w1_kqp, w2_lsr)
   l, s, r = w2_lsr.shape
   dtype = jnp.result_type(w1_kqp.dtype, w2_lsr.dtype)
@@ -112,19 +87,11 @@ def monarch_to_dense(w1_kqp: jax.Array, w2_lsr: jax.Array) -> jax.Array:
 
 def dense_to_monarch(m_nn: jax.Array,
                      nblocks: int) -> tuple[jax.Array, jax.Array]:
-  """Best square Monarch approximation (Frobenius) of a dense matrix.
+  """Best square Monarch fit (Frobenius) of [N, N] m_nn; nblocks n0 divides N.
 
-  Each (l, k) slice M[(s, l), (k, p)] over (s, p) becomes its leading rank-1
-  SVD term, the singular value split by sqrt between the factors. Monarch
-  matrices round-trip; the factors are defined up to a per-slice scale.
-
-  Args:
-    m_nn: [N, N] float or complex matrix.
-    nblocks: blocks n0 of the first factor; must divide N (sqrt(N) gives
-      the symmetric (m, m, m) factors).
-
-  Returns:
-    (w1_kqp [n0, n1, n1], w2_lsr [n1, n0, n0]) for `monarch_apply`.
+  M[(s, l), (k, p)] = w2[l, s, k] w1[k, l, p]: each (l, k) slice is rank 1,
+  so it becomes its leading SVD term, sqrt(σ) to each factor. Returns
+  (w1_kqp [n0, n1, n1], w2_lsr [n1, n0, n0]); Monarch matrices round-trip.
   """
   n = m_nn.shape[0]
   if m_nn.shape != (n, n) or n % nblocks:
@@ -159,20 +126,11 @@ def _check_order_p(factors: Sequence[jax.Array]) -> tuple[int, int]:
 
 def order_p_apply(x_bn: jax.Array, factors: Sequence[jax.Array], *,
                   precision: jax.lax.PrecisionLike = None) -> jax.Array:
-  """Order-p Monarch product (R F_p) ... (R F_1) x.
+  """(R F_p) ... (R F_1) x, [..., N = b^p] -> [..., N], p N^{1+1/p} mult-adds.
 
-  F_i is block-diagonal over contiguous b-chunks and R the stride permutation
-  of the (N/b, b) grid (last base-b digit to the front). For p = 3, digits
-  (a, c, d) in and (x, y, z) out: M[(x, y, z), (a, c, d)] =
-  F_3[y*b + z, x, a] * F_2[z*b + a, y, c] * F_1[a*b + c, z, d].
-
-  Args:
-    x_bn: [..., N], N = b^p.
-    factors: p arrays [N/b, b, b] (block, out, in), applied first to last.
-    precision: passed to the einsums.
-
-  Returns:
-    [..., N]; p*N*b = p N^{1+1/p} multiply-adds per vector.
+  factors: p [N/b, b, b] (block, out, in), F_i block-diagonal over b-chunks, R
+  the (N/b, b) stride permutation. For p = 3, digits (a, c, d) in, (x, y, z)
+  out: M = F_3[y*b + z, x, a] F_2[z*b + a, y, c] F_1[a*b + c, z, d].
   """
   n, b = _check_order_p(factors)
   if x_bn.shape[-1] != n:
@@ -203,19 +161,9 @@ def order_p_to_dense(factors: Sequence[jax.Array]) -> jax.Array:
 def blockdiag_apply(x_bi: jax.Array, w_gqp: jax.Array,
                     out_features: int | None = None, *,
                     precision: jax.lax.PrecisionLike = None) -> jax.Array:
-  """Block-diagonal linear map (no permutation), with padding/truncation.
+  """Block-diagonal map [..., in <= g*p] -> [..., out_features <= g*q].
 
-  Widths not divisible by g: the input is zero-padded to g*p and the g*q
-  outputs are cut to `out_features`.
-
-  Args:
-    x_bi: [..., in_features], in_features <= g*p.
-    w_gqp: [g, q, p], block g maps x[g*p:(g+1)*p] to y[g*q:(g+1)*q].
-    out_features: output width <= g*q (default g*q).
-    precision: passed to the einsum.
-
-  Returns:
-    [..., out_features].
+  Block g maps x[g*p:(g+1)*p] to y[g*q:(g+1)*q]; x is zero-padded, y cut.
   """
   g, q, p = w_gqp.shape
   in_features = x_bi.shape[-1]
@@ -241,17 +189,9 @@ def dft_monarch_factors(m1: int, m2: int, dtype: Any = jnp.complex64
                         ) -> tuple[jax.Array, jax.Array]:
   """Monarch factors of the length-N DFT, N = m1*m2 (four-step FFT).
 
-  fft(x) == monarch_apply(P_in x, w1, w2), P_in the (m1, m2) grid transpose.
-  The twiddle is folded into w1 as one exact root of unity:
-  w_m1^{n1 k1} w_N^{n2 k1} = w_N^{k1 (m2 n1 + n2)}.
-
-  Args:
-    m1, m2: the two factor lengths.
-    dtype: complex dtype of the factors.
-
-  Returns:
-    w1_kqp [m2, m1, m1] with w1[n2, k1, n1] = w_N^{k1 (m2 n1 + n2)}, and
-    w2_lsr [m1, m2, m2] with w2[k1, k2, n2] = w_m2^{k2 n2}.
+  fft(x) == monarch_apply(P_in x, w1, w2), P_in the (m1, m2) grid transpose;
+  w1[n2, k1, n1] = w_N^{k1 (m2 n1 + n2)} ([m2, m1, m1]) folds in the twiddle
+  as one exact root of unity; w2[k1, k2, n2] = w_m2^{k2 n2} ([m1, m2, m2]).
   """
   n = m1 * m2
   n2 = np.arange(m2)[:, None, None]
@@ -266,19 +206,10 @@ def dft_monarch_factors(m1: int, m2: int, dtype: Any = jnp.complex64
 
 def monarch_dft(x_bn: jax.Array, m1: int, m2: int, *,
                 precision: jax.lax.PrecisionLike = _HIGHEST) -> jax.Array:
-  """DFT along the last axis as a Monarch product; equals `jnp.fft.fft`.
+  """DFT of [..., N = m1*m2] as a Monarch product; equals `jnp.fft.fft`.
 
-  O(N (m1 + m2)) multiply-adds in two dense block GEMMs (N^{3/2} for
-  m1 = m2), instead of the FFT's O(N log N) scalar butterflies.
-
-  Args:
-    x_bn: [..., N], N = m1*m2; real input is promoted to complex (float32
-      -> complex64, float64 -> complex128).
-    m1, m2: the factorisation of N.
-    precision: passed to the einsums (full float32 by default).
-
-  Returns:
-    [..., N] complex: X[k] = sum_n x[n] exp(-2 pi i n k / N).
+  O(N (m1 + m2)) multiply-adds in two dense block GEMMs, instead of the FFT's
+  O(N log N) scalar butterflies; real input is promoted to complex.
   """
   n = m1 * m2
   if x_bn.shape[-1] != n:
@@ -294,8 +225,7 @@ def monarch_dft(x_bn: jax.Array, m1: int, m2: int, *,
 class BlockDiagLinear(nnx.Module):
   """y = blockdiag(W_1..W_g) pad(x) [:out_features] + bias.
 
-  Weights U(+-1/sqrt(in_blk)) (PyTorch Linear per block); the bias
-  U(+-1/sqrt(out_features)), as the checkpoints we match were trained.
+  Init as the checkpoints we match: W U(±1/sqrt(in_blk)), bias U(±1/sqrt(out)).
   """
 
   def __init__(self, in_features: int, out_features: int, nblocks: int, *,
@@ -329,10 +259,8 @@ class BlockDiagLinear(nnx.Module):
 class MonarchLinear(nnx.Module):
   """Order-2 Monarch replacement of a dense layer: y = M pad(x) + bias.
 
-  w1 (g, q, in_blk), w2 (g, out_blk, q), q = min(in_blk, out_blk). Init
-  matches a PyTorch dense Linear's Var y = Var x / 3: w1 is variance
-  preserving, U(+-sqrt(3 g / in)), and w2 U(+-1/sqrt(q)) (both by their own
-  fan-in would give Var x / 9).
+  Init matches a PyTorch Linear's Var y = Var x / 3: w1 U(±sqrt(3 g / in)) is
+  variance preserving, w2 U(±1/sqrt(q)) (both by fan-in would give Var x / 9).
   """
 
   def __init__(self, in_features: int, out_features: int, nblocks: int, *,

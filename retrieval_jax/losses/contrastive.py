@@ -1,16 +1,10 @@
 """In-batch contrastive losses on a global score matrix (DPR group layout).
 
 B queries, G passages each, C = B·G candidates query-major; the first m_i
-slots of query i's group are its positives, the rest hard negatives, and all
-other queries' passages are in-batch negatives. Every loss is
-`fn(scores_qc [B, C] already / τ, positive_qc [B, C] bool, valid_qc [B, C]
-bool) -> (loss, aux)`: loss is the float32 mean over rows with a valid
-positive (others weigh 0, never NaN); aux holds "num_valid_rows" and means
-over those rows, so `sharded_contrastive.py` can combine shards of any loss.
-
-Logits are never exponentiated directly: masked entries become the finite
-`NEG` before a log-sum-exp, so a fully masked set gives a very negative LSE
-(not -inf, whose gradients are NaN) and its row is dropped by weight.
+slots of query i's group are its positives, the rest hard negatives. A loss is
+`fn(scores_qc [B, C] already / τ, positive_qc, valid_qc [B, C] bool) -> (loss,
+aux)`: float32 means over rows with a valid positive, aux "num_valid_rows" and
+"accuracy", so `sharded_contrastive.py` can combine shards of any loss.
 """
 
 from collections.abc import Mapping
@@ -18,21 +12,13 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-# A quarter of the float32 minimum: finite, and still finite when two masked
-# LSEs are added (LSEPair) or subtracted from each other.
+# Masked logits become NEG, not -inf (NaN gradients); a quarter of the float32
+# min stays finite when two masked LSEs are added (LSEPair) or subtracted.
 NEG = 0.25 * float(jnp.finfo(jnp.float32).min)
 
 
 def masked_logsumexp(x_qc: jax.Array, mask_qc: jax.Array) -> jax.Array:
-  """log Σ_{mask} exp(x) along the last axis; all-masked rows give ~NEG.
-
-  Args:
-    x_qc: [..., C] float array.
-    mask_qc: [..., C] bool, broadcastable to `x_qc`.
-
-  Returns:
-    [...] array of `x_qc`'s dtype. Masked entries receive zero gradient.
-  """
+  """[..., C] -> [...] log Σ_{mask} exp(x); all-masked rows give ~NEG."""
   # `where`, not a -inf bias: masked entries get exactly zero gradient.
   return jax.nn.logsumexp(jnp.where(mask_qc, x_qc, NEG), axis=-1)
 
@@ -46,25 +32,7 @@ def candidate_masks(
     relevant_doc_rk: jax.Array | None,
     share_hard_negatives: bool,
 ) -> tuple[jax.Array, jax.Array]:
-  """Positive and valid masks for a block of rows × columns of the batch.
-
-  Rows and columns are *global* batch indices, so one code path serves the
-  dense loss and each shard of the sharded one.
-
-  Args:
-    rows_r: [R] int32 global query indices.
-    cols_c: [K] int32 global candidate indices.
-    positive_counts_b: [B] int, m_i for every query of the global batch.
-    group_size: G.
-    passage_doc_x: [C] int32 corpus ids of every global candidate (-1 =
-      padding), or None for no id masking.
-    relevant_doc_rk: [R, K'] int32 known-relevant corpus ids of the rows
-      (-1 padded), or None.
-    share_hard_negatives: keep the other queries' hard negatives.
-
-  Returns:
-    (positive_rc, valid_rc), both [R, K] bool.
-  """
+  """[R, K] bool positive, valid masks of global rows × cols (`group_masks`)."""
   # jnp.asarray: numpy inputs must not be indexed by traced indices.
   counts_b = jnp.asarray(positive_counts_b, jnp.int32)
   owner_c = cols_c // group_size
@@ -74,14 +42,12 @@ def candidate_masks(
   positive_rc = own_rc & positive_slot_c[None, :]
   valid_rc = jnp.ones_like(positive_rc)
   if not share_hard_negatives:
-    # Another query's positive stays an in-batch negative (DPR); only its
-    # hard negatives are dropped (SPLADE / ColBERT in-batch term).
+    # Others' positives stay in-batch negatives (DPR), hard ones go (SPLADE).
     valid_rc &= own_rc | positive_slot_c[None, :]
   if passage_doc_x is not None:
     doc_x = jnp.asarray(passage_doc_x, jnp.int32)
     doc_c = doc_x[cols_c]
-    # A row's own positive docs are relevant: catches duplicates even
-    # without `relevant_doc`.
+    # A row's own positive docs are relevant: catches duplicates anyway.
     g_g = jnp.arange(group_size, dtype=jnp.int32)
     own_doc_rg = doc_x[rows_r[:, None] * group_size + g_g[None, :]]
     own_doc_rg = jnp.where(g_g[None, :] < counts_b[rows_r][:, None],
@@ -107,25 +73,12 @@ def group_masks(
     relevant_doc_br: jax.Array | None = None,
     share_hard_negatives: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-  """Positive and valid masks of the [B, C = B·G] group-layout score matrix.
+  """(positive_qc, valid_qc), [B, C = B·G] bool, of the group layout.
 
-  `positive_qc[i, j] = (j // G == i) & (j % G < m_i)`. `valid_qc[i, j]` is
-  False for padding (`passage_doc_c[j] < 0`), for a known-relevant doc of
-  query i outside its positive slots (never a negative), and without
-  `share_hard_negatives` for other queries' hard negatives.
-
-  Args:
-    positive_counts_b: [B] int, m_i = number of positive slots of query i.
-    group_size: G, passages per query.
-    passage_doc_c: [C] int32 corpus ids of the candidates, -1 = padding slot;
-      None: no id masking at all.
-    relevant_doc_br: [B, R] int32 all known-relevant corpus ids of each
-      query, -1 padded; None: only the docs in a query's own positive slots
-      count as relevant. Ignored when `passage_doc_c` is None.
-    share_hard_negatives: keep other queries' hard negatives as negatives.
-
-  Returns:
-    (positive_qc, valid_qc), both [B, C] bool.
+  positive_qc[i, j] = (j // G == i) & (j % G < m_i). valid_qc drops padding
+  (passage_doc_c [C] int32 < 0), query i's known-relevant docs (own positives,
+  relevant_doc_br [B, R] int32) outside its positive slots, and, without
+  `share_hard_negatives`, other queries' hard negatives.
   """
   b = jnp.shape(positive_counts_b)[0]
   rows_b = jnp.arange(b, dtype=jnp.int32)
@@ -138,16 +91,7 @@ def group_masks(
 
 def rows_with_positive(positive_counts_b: jax.Array, group_size: int,
                        passage_doc_x: jax.Array | None) -> jax.Array:
-  """[B] bool: rows that have at least one valid positive slot.
-
-  Equals `jnp.any(positive_qc & valid_qc, -1)` of `group_masks` without
-  building the [B, C] masks: a positive slot is invalid only as padding.
-
-  Args:
-    positive_counts_b: [B] int, m_i.
-    group_size: G.
-    passage_doc_x: [B·G] int32 corpus ids (-1 = padding) or None.
-  """
+  """[B] bool rows with a valid positive slot (only padding invalidates one)."""
   counts_b = jnp.asarray(positive_counts_b, jnp.int32)
   g_g = jnp.arange(group_size, dtype=jnp.int32)
   slot_bg = g_g[None, :] < counts_b[:, None]
@@ -163,18 +107,10 @@ def scores_and_masks(
     temperature: float,
     share_hard_negatives: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Temperature-scaled scores and masks for one group-layout batch.
+  """(scores_qc = q·p / τ float32, positive_qc, valid_qc), all [B, C].
 
-  Args:
-    q_bd: [B, D] query embeddings (float32 or bfloat16).
-    p_cd: [C, D] passage embeddings, C = B·G, query-major groups.
-    batch: "positive_counts" [B] int; optional "passage_doc" [C] int32 and
-      "relevant_doc" [B, R] int32 (see `group_masks`).
-    temperature: τ; scores are `q·p / τ`.
-    share_hard_negatives: see `group_masks`.
-
-  Returns:
-    (scores_qc float32 [B, C], positive_qc bool [B, C], valid_qc bool [B, C]).
+  q_bd: [B, D], p_cd: [C = B·G, D], float32 or bfloat16; `batch`:
+  "positive_counts", optionally "passage_doc", "relevant_doc" (`group_masks`).
   """
   b, c = q_bd.shape[0], p_cd.shape[0]
   if c % b:
@@ -189,7 +125,6 @@ def scores_and_masks(
 
 
 def _row_setup(scores_qc, positive_qc, valid_qc):
-  """≥float32 scores, valid positives/negatives and per-row counts."""
   scores_qc = jnp.asarray(scores_qc)
   scores_qc = scores_qc.astype(jnp.promote_types(scores_qc.dtype,
                                                  jnp.float32))
@@ -201,13 +136,11 @@ def _row_setup(scores_qc, positive_qc, valid_qc):
 
 
 def _accuracy_rows(scores_qc, pos_qc, valid_qc):
-  """1.0 where the top-scoring valid candidate of a row is a positive."""
   top_q = jnp.argmax(jnp.where(valid_qc, scores_qc, NEG), axis=-1)
   return jnp.take_along_axis(pos_qc, top_q[:, None], axis=-1)[:, 0]
 
 
 def _reduce(loss_q, row_valid_q, **rows):
-  """Mean of per-row values over valid rows; returns (loss, aux)."""
   weight_q = row_valid_q.astype(loss_q.dtype)
   n = jnp.sum(weight_q)
   # max(n, 1): a batch without a valid row gives 0, and `loss * n` is the
@@ -215,7 +148,6 @@ def _reduce(loss_q, row_valid_q, **rows):
   denom = jnp.maximum(n, 1.0)
 
   def mean(x_q):
-    # `where`, not a product: dropped rows may hold huge finite values.
     return jnp.sum(jnp.where(row_valid_q, x_q, 0.0)) / denom
 
   aux = {"num_valid_rows": n}
@@ -224,7 +156,6 @@ def _reduce(loss_q, row_valid_q, **rows):
 
 
 def _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, normalize):
-  """Per-row JointLH: Σ_{p∈P} (LSE_C s − s_p), optionally ÷ m."""
   lse_q = masked_logsumexp(scores_qc, valid_qc)
   pos_sum_q = jnp.sum(jnp.where(pos_qc, scores_qc, 0.0), axis=-1)
   # Σ_p (LSE − s_p) = m·LSE − Σ_p s_p: one LSE per row, not one per positive.
@@ -236,20 +167,7 @@ def _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, normalize):
 
 def info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
              valid_qc: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """InfoNCE / DPR negative log-likelihood: mean of `LSE_C s − s_p`.
-
-  Meant for one positive per row; with several it equals `joint_lh`
-  (jit cannot raise on the mask's content).
-
-  Args:
-    scores_qc: [B, C] temperature-scaled scores.
-    positive_qc: [B, C] bool positive slots.
-    valid_qc: [B, C] bool candidates each row may see.
-
-  Returns:
-    (loss float32 scalar, aux) with aux "num_valid_rows" and "accuracy"
-    (fraction of valid rows whose best valid candidate is a positive).
-  """
+  """InfoNCE / DPR NLL `LSE_C s − s_p` (`joint_lh` for several positives)."""
   scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                valid_qc)
   loss_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, False)
@@ -262,16 +180,7 @@ def joint_lh(scores_qc: jax.Array, positive_qc: jax.Array,
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """JointLH: `Σ_{p∈P_i} (LSE_{C_i} s − s_p)` = −Σ_p log π_p per row.
 
-  The other positives stay in each positive's denominator, so the optimum
-  spreads the softmax mass evenly over the positives; the minimum is
-  m·log m, not 0. Gradient: ∂/∂s_p = m·π_p − 1, ∂/∂s_n = m·π_n.
-
-  Args:
-    scores_qc, positive_qc, valid_qc: see the module docstring.
-    normalize_by_positives: divide each row's loss by its m_i.
-
-  Returns:
-    (loss float32 scalar, aux): "num_valid_rows", "accuracy".
+  The optimum spreads mass evenly over the positives: minimum m·log m, not 0.
   """
   scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                valid_qc)
@@ -284,16 +193,7 @@ def joint_lh(scores_qc: jax.Array, positive_qc: jax.Array,
 def sum_marg_lh(scores_qc: jax.Array, positive_qc: jax.Array,
                 valid_qc: jax.Array
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """SumMargLH: `LSE_{C_i} s − LSE_{P_i} s` = −log Σ_{p∈P} π_p per row.
-
-  ∂/∂s_p = −π_p(1 − Π_P)/Π_P: the best-scored positive gets most push.
-
-  Args:
-    scores_qc, positive_qc, valid_qc: see the module docstring.
-
-  Returns:
-    (loss float32 scalar, aux): "num_valid_rows", "accuracy".
-  """
+  """SumMargLH: `LSE_{C_i} s − LSE_{P_i} s` = −log Σ_{p∈P} π_p per row."""
   scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                valid_qc)
   loss_q = (masked_logsumexp(scores_qc, valid_qc) -
@@ -305,21 +205,9 @@ def sum_marg_lh(scores_qc: jax.Array, positive_qc: jax.Array,
 def lse_pair(scores_qc: jax.Array, positive_qc: jax.Array,
              valid_qc: jax.Array, *, normalize_by_positives: bool = False
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """LSEPair: `log(1 + Σ_{p∈P} Σ_{n∈N} exp(s_n − s_p))` per row.
-
-  Factorised O(C) form `softplus(LSE_N s + LSE_P(−s))`; a row without
-  valid negatives has loss 0 (LSE_N = NEG).
-
-  Args:
-    scores_qc, positive_qc, valid_qc: see the module docstring.
-    normalize_by_positives: divide each row's loss by its m_i.
-
-  Returns:
-    (loss float32 scalar, aux): "num_valid_rows", "accuracy".
-  """
+  """LSEPair: log(1 + Σ_P Σ_N exp(s_n − s_p)) = softplus(LSE_N s + LSE_P −s)."""
   scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                     valid_qc)
-  # Each LSE is ≥ NEG (= finfo.min / 4), so the sum stays finite.
   loss_q = jax.nn.softplus(masked_logsumexp(scores_qc, neg_qc) +
                            masked_logsumexp(-scores_qc, pos_qc))
   if normalize_by_positives:  # max(m, 1) guards dropped rows only
@@ -331,20 +219,9 @@ def lse_pair(scores_qc: jax.Array, positive_qc: jax.Array,
 def orthogonal_projection(scores_qc: jax.Array, positive_qc: jax.Array,
                           valid_qc: jax.Array, *, gamma: float = 1.0
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Orthogonal projection loss: `(1 − mean_P cos) + γ·|mean_N cos|` per row.
+  """`(1 − mean_P cos) + γ·|mean_N cos|` per row; scores are cosines (τ = 1).
 
-  Negatives go to orthogonality rather than below every positive, so a row
-  needs no other rows: it trains with one-query batches (long documents).
-  Not shift-invariant: scores must be cosines (temperature 1).
-
-  Args:
-    scores_qc, positive_qc, valid_qc: see the module docstring; scores are
-      cosine similarities in [-1, 1].
-    gamma: weight of the negative term.
-
-  Returns:
-    (loss float32 scalar, aux): "num_valid_rows", "accuracy",
-    "positive_cosine", "negative_cosine" (row means).
+  Needs no other rows, so it trains with one-query batches (long documents).
   """
   scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                     valid_qc)
@@ -366,17 +243,7 @@ def first_positive(positive_qc: jax.Array, valid_qc: jax.Array) -> jax.Array:
 
 def reverse_rows(scores_kb: jax.Array, valid_kb: jax.Array,
                  target_k: jax.Array) -> jax.Array:
-  """Document→query cross-entropy rows of the symmetric loss.
-
-  Args:
-    scores_kb: [K, B] float32, score of query b for the first positive of
-      query k (the transposed B×B block of positives).
-    valid_kb: [K, B] bool, whether that query may pick that document.
-    target_k: [K] int32, the column of query k itself.
-
-  Returns:
-    [K] float32 `LSE_b s_kb − s_k,target_k`.
-  """
+  """[K] doc→query rows `LSE_b s_kb − s_k,target_k` of scores_kb [K, B]."""
   target_s_k = jnp.take_along_axis(scores_kb, target_k[:, None], axis=-1)
   return masked_logsumexp(scores_kb, valid_kb) - target_s_k[:, 0]
 
@@ -384,19 +251,10 @@ def reverse_rows(scores_kb: jax.Array, valid_kb: jax.Array,
 def symmetric_info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
                        valid_qc: jax.Array
                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """½ [query→document InfoNCE + document→query InfoNCE].
+  """½ [query→document + document→query InfoNCE], a mean of per-row terms.
 
-  The reverse term uses the transposed B×B block of first positives: each
-  positive picks its query among the B queries, without hard negatives
-  (sentence-transformers' MultipleNegativesSymmetricRanking). Forward masks
-  carry over; the loss stays a mean of per-row ½(fwd_i + rev_i).
-
-  Args:
-    scores_qc, positive_qc, valid_qc: see the module docstring.
-
-  Returns:
-    (loss float32 scalar, aux): "num_valid_rows", "accuracy" (forward
-    direction), "forward_loss", "reverse_loss".
+  Each first positive picks its query among the B, without hard negatives
+  (sentence-transformers' MultipleNegativesSymmetricRanking).
   """
   scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
                                                valid_qc)
@@ -406,7 +264,6 @@ def symmetric_info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
   # Column k of the B×B block holds every query's score for k's positive.
   scores_kb = jnp.take(scores_qc, first_k, axis=1).T
   valid_kb = (jnp.take(valid_qc, first_k, axis=1).T & row_valid_q[None, :])
-  # Query k's own score for its positive sits on the block's diagonal.
   rev_k = reverse_rows(scores_kb, valid_kb,
                        jnp.arange(scores_qc.shape[0], dtype=jnp.int32))
   return _reduce(0.5 * (fwd_q + rev_k), row_valid_q,

@@ -1,9 +1,8 @@
 """Listwise ranking and distillation losses over per-query candidate lists.
 
-Inputs: [B, n] scores and labels (graded or teacher scores) and a [B, n] bool
-`valid_bn`. As in `contrastive.py`, each loss returns `(loss, aux)`: a
-float32 mean over valid rows (others weigh 0, never NaN) and scalars with at
-least "num_valid_rows"; masked softmaxes use the finite `contrastive.NEG`.
+Inputs: [B, n] scores, labels (graded or teacher scores) and bool `valid_bn`.
+As in `contrastive.py`, each returns `(loss, aux)`: a float32 mean over valid
+rows and scalars with at least "num_valid_rows".
 """
 
 import jax
@@ -14,20 +13,17 @@ from retrieval_jax.losses.contrastive import NEG
 
 
 def _float(x):
-  """Upcast to at least float32 (float64 stays float64)."""
   return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype,
                                                  jnp.float32))
 
 
 def _masked_log_softmax(x_bn, valid_bn):
-  """log softmax over the valid items of each row; masked entries ~NEG."""
   # Callers mask the result again with `where`: NEG never reaches a sum.
   x_bn = jnp.where(valid_bn, x_bn, NEG)
   return x_bn - jax.nn.logsumexp(x_bn, axis=-1, keepdims=True)
 
 
 def _row_mean(loss_b, row_valid_b, **rows):
-  """Mean over valid rows; returns (loss, aux) with "num_valid_rows"."""
   n = jnp.sum(row_valid_b).astype(loss_b.dtype)
   denom = jnp.maximum(n, 1.0)  # no valid row: 0, not 0/0
 
@@ -48,21 +44,9 @@ def kl_distillation(
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Listwise distillation `KL(softmax(t/τ_t) ‖ softmax(s/τ_s))` per row.
+  """`KL(softmax(t/τ_t) ‖ softmax(s/τ_s))` per row; the teacher is constant.
 
-  The teacher is a constant; ∂/∂s = (p_s − p_t) / τ_s. Rows with a valid
-  item count.
-
-  Args:
-    scores_bn: [B, n] student scores (raw, before τ_s).
-    teacher_bn: [B, n] teacher scores (raw, before τ_t).
-    valid_bn: [B, n] bool real items.
-    student_temperature: τ_s.
-    teacher_temperature: τ_t.
-
-  Returns:
-    (loss scalar, aux): "num_valid_rows", "teacher_entropy" (mean over rows,
-    nats; a sanity check of the teacher temperature).
+  aux "teacher_entropy" (nats, mean over rows) checks the teacher temperature.
   """
   scores_bn, teacher_bn = _float(scores_bn), _float(teacher_bn)
   teacher_bn = lax.stop_gradient(teacher_bn)
@@ -78,19 +62,9 @@ def kl_distillation(
 
 def pointwise_bce(scores_bn: jax.Array, labels_bn: jax.Array,
                   valid_bn: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Pointwise binary cross-entropy on logits, the usual re-ranker loss.
+  """BCE on logits, `softplus(s) − y·s` (y in [0, 1]), mean over valid items.
 
-  `softplus(s) − y·s` per valid item (labels in [0, 1]), averaged over all
-  valid items (sentence-transformers' CrossEncoder BCEWithLogitsLoss).
-
-  Args:
-    scores_bn: [B, n] logits.
-    labels_bn: [B, n] targets in [0, 1].
-    valid_bn: [B, n] bool real items.
-
-  Returns:
-    (loss scalar, aux): "num_valid_rows", "num_pairs", "accuracy" (share of
-    valid items on the label's side of 0, counting y ≥ 0.5 as positive).
+  aux: "num_pairs", "accuracy" (sign of s agrees with y ≥ 0.5).
   """
   scores_bn, labels_bn = _float(scores_bn), _float(labels_bn)
   loss_bn = jax.nn.softplus(scores_bn) - labels_bn * scores_bn
@@ -106,19 +80,7 @@ def pointwise_bce(scores_bn: jax.Array, labels_bn: jax.Array,
 
 def listnet(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """ListNet (top-one): `−Σ_j softmax(y)_j · log softmax(s)_j` per row.
-
-  Labels are used as logits (allRank / sentence-transformers convention);
-  `s = y + c` gives the minimum, the entropy of softmax(y).
-
-  Args:
-    scores_bn: [B, n] predicted scores.
-    labels_bn: [B, n] graded labels (float or int).
-    valid_bn: [B, n] bool real items.
-
-  Returns:
-    (loss scalar, aux): "num_valid_rows".
-  """
+  """ListNet: −Σ_j softmax(y)_j log softmax(s)_j per row, labels as logits."""
   scores_bn, labels_bn = _float(scores_bn), _float(labels_bn)
   log_s_bn = _masked_log_softmax(scores_bn, valid_bn)
   p_y_bn = jnp.where(valid_bn,
@@ -131,17 +93,7 @@ def listmle(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ListMLE: `Σ_k (LSE_{j≥k} s_π(j) − s_π(k))`, π sorting labels down.
 
-  Plackett–Luce NLL of the label order; label ties go to the earlier item
-  (allRank shuffles instead: shuffle upstream if position matters). Sum over
-  positions, mean over rows (sentence-transformers' ListMLELoss).
-
-  Args:
-    scores_bn: [B, n] predicted scores.
-    labels_bn: [B, n] graded labels.
-    valid_bn: [B, n] bool real items.
-
-  Returns:
-    (loss scalar, aux): "num_valid_rows".
+  Plackett–Luce NLL; label ties keep position (allRank shuffles instead).
   """
   scores_bn, labels_bn = _float(scores_bn), _float(labels_bn)
   # Valid items first, by label descending; stable sort = position on ties.
@@ -156,7 +108,6 @@ def listmle(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
 
 
 def _ideal_dcg(gains_bn, valid_bn):
-  """DCG of the gain-sorted list, discount 1/log2(1 + rank)."""
   gains_bn = jnp.where(valid_bn, gains_bn, 0.0)
   sorted_bn = -jnp.sort(-gains_bn, axis=-1)
   ranks_n = jnp.arange(1, gains_bn.shape[-1] + 1, dtype=gains_bn.dtype)
@@ -166,27 +117,16 @@ def _ideal_dcg(gains_bn, valid_bn):
 def approx_ndcg(scores_bn: jax.Array, labels_bn: jax.Array,
                 valid_bn: jax.Array, *, alpha: float = 1.0
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """ApproxNDCG (Qin et al. 2010, allRank): loss = −mean approxNDCG.
+  """ApproxNDCG (Qin et al. 2010): loss = −mean approxNDCG, no rank cutoff.
 
-  Smooth rank `π̂_i = 1 + Σ_{j≠i} σ(α(s_j − s_i))`; approxNDCG =
-  Σ_i (2^{y_i} − 1) / log2(1 + π̂_i) / maxDCG. Rows with maxDCG = 0 are
-  dropped (allRank keeps them at 0). No rank cutoff.
-
-  Args:
-    scores_bn: [B, n] predicted scores.
-    labels_bn: [B, n] graded labels ≥ 0.
-    valid_bn: [B, n] bool real items.
-    alpha: sigmoid sharpness.
-
-  Returns:
-    (loss scalar, aux): "num_valid_rows", "approx_ndcg" (the positive mean).
+  `π̂_i = 1 + Σ_{j≠i} σ(α(s_j − s_i))`; approxNDCG = Σ_i (2^{y_i} − 1) /
+  log2(1 + π̂_i) / maxDCG. Rows with maxDCG = 0 are dropped (allRank: 0).
   """
   scores_bn, labels_bn = _float(scores_bn), _float(labels_bn)
   gains_bn = jnp.where(valid_bn, jnp.exp2(labels_bn) - 1.0, 0.0)
   diff_bij = scores_bn[:, None, :] - scores_bn[:, :, None]  # s_j − s_i
   pair_bij = valid_bn[:, None, :] & valid_bn[:, :, None]
   off_diag_ij = ~jnp.eye(scores_bn.shape[-1], dtype=bool)
-  # O(n²) per list: fine for reranking lists.
   sig_bij = jnp.where(pair_bij & off_diag_ij,
                       jax.nn.sigmoid(alpha * diff_bij), 0.0)
   rank_bi = 1.0 + jnp.sum(sig_bij, axis=-1)
@@ -205,20 +145,9 @@ def wasserstein_list(scores_qc: jax.Array, labels_qc: jax.Array,
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SyCL "WS2": Fréchet distance between Gaussians fitted to batch rows.
 
-  X = softmax(S/τ), Y = softmax(labels) row-wise, each as B samples of a
-  C-dim vector: L = ‖μ_X − μ_Y‖² + tr Σ_X + tr Σ_Y − 2 tr (Σ_X Σ_Y)^{1/2}
-  (covariances 1/(B−1)). The trace term is the nuclear norm of a [B, B]
-  matrix, from singular values (non-symmetric eigvals has no TPU kernel and
-  weak autodiff). Depends on the batch composition, not per-query terms.
-
-  Args:
-    scores_qc: [B, C] scores (before τ).
-    labels_qc: [B, C] graded labels used as logits (no temperature).
-    valid_qc: [B, C] bool valid candidates.
-    temperature: τ applied to the scores.
-
-  Returns:
-    (loss scalar, aux): "num_valid_rows", "mean_term" (‖μ_X − μ_Y‖²).
+  X = softmax(S/τ), Y = softmax(labels), B samples of C-dim vectors:
+  L = ‖μ_X − μ_Y‖² + tr Σ_X + tr Σ_Y − 2 tr (Σ_X Σ_Y)^{1/2}; the trace is a
+  nuclear norm by SVD (non-symmetric eigvals: no TPU kernel, weak autodiff).
   """
   scores_qc, labels_qc = _float(scores_qc), _float(labels_qc)
   row_valid_q = jnp.any(valid_qc, axis=-1)
@@ -249,22 +178,7 @@ def margin_mse(student_pos_b: jax.Array, student_neg_bn: jax.Array,
                teacher_pos_b: jax.Array, teacher_neg_bn: jax.Array,
                valid_bn: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Margin-MSE (Hofstätter et al.): `((s+ − s−) − (t+ − t−))²`.
-
-  Mean over valid (query, negative) pairs (sentence-transformers'
-  MarginMSELoss); raw, constant teacher scores.
-
-  Args:
-    student_pos_b: [B] student score of each query's positive.
-    student_neg_bn: [B, n] student scores of its negatives.
-    teacher_pos_b: [B] teacher score of the positive.
-    teacher_neg_bn: [B, n] teacher scores of the negatives.
-    valid_bn: optional [B, n] bool real negatives.
-
-  Returns:
-    (loss scalar, aux): "num_valid_rows" (queries with a valid negative),
-    "num_pairs".
-  """
+  """Margin-MSE (Hofstätter et al.): `((s+ − s−) − (t+ − t−))²` pair mean."""
   s_pos_b, s_neg_bn = _float(student_pos_b), _float(student_neg_bn)
   t_pos_b = lax.stop_gradient(_float(teacher_pos_b))
   t_neg_bn = lax.stop_gradient(_float(teacher_neg_bn))

@@ -1,10 +1,9 @@
 """`shard_map` form of the contrastive losses: the [B, C] matrix stays sharded.
 
-Each shard all-gathers the passages (differentiable: the transpose is a
-reduce-scatter, so no PyTorch-style "× W" factor), scores its B/W queries
-against all C candidates with masks from *global* indices, and the per-row
-sums and valid counts are `psum`-ed: loss and gradients equal the dense
-`contrastive.py` loss. Peak memory per shard: [B/W, C] scores, not [B, C].
+Each shard all-gathers the passages (the transpose is a reduce-scatter, so no
+PyTorch-style "× W" factor), scores its B/W queries against all C with masks
+from *global* indices, and psums per-row sums and valid counts: loss and
+gradients equal the dense loss at [B/W, C] peak memory per shard.
 """
 
 from collections.abc import Callable, Sequence
@@ -22,17 +21,12 @@ LossFn = Callable[[jax.Array, jax.Array, jax.Array],
 
 
 def _is_symmetric(loss_fn) -> bool:
-  # functools.partial objects expose the wrapped function as `.func`.
   return getattr(loss_fn, "func", loss_fn) is contrastive.symmetric_info_nce
 
 
 def _symmetric_shard(scores_lc, positive_lc, valid_lc, q_bd, p_cd, rows_l,
                      counts_b, doc_c, rel_br, temperature, group_size, share):
-  """Local rows of `symmetric_info_nce`; needs every query for the reverse.
-
-  The reverse row of local query k scores k's first positive against all B
-  queries, so the (small) [B, D] queries are gathered as well.
-  """
+  """Local rows of `symmetric_info_nce`; reverse terms need all B queries."""
   fwd_loss, aux = contrastive.info_nce(scores_lc, positive_lc, valid_lc)
   first_l = contrastive.first_positive(positive_lc, valid_lc)  # global cols
   scores_lb = jnp.einsum("ld,bd->lb", p_cd[first_l], q_bd,
@@ -71,24 +65,16 @@ def sharded_contrastive_loss(
   """A `contrastive.py` loss on the global batch, computed shard by shard.
 
   Args:
-    loss_fn: a loss of `contrastive.py` (or a `functools.partial` of one);
-      any function whose loss and aux are means over valid rows works.
-    q_bd: [B, D] query embeddings, float32 or bfloat16.
-    p_cd: [C, D] passage embeddings, C = B·G, query-major groups.
-    positive_counts_b: [B] int, positives in each group (first slots).
-    passage_doc_c: [C] int32 corpus ids (-1 = padding) or None.
-    relevant_doc_br: [B, R] int32 known-relevant ids (-1 padded) or None.
-    temperature: τ; scores are `q·p / τ` in float32.
-    group_size: G.
-    mesh: the device mesh; the batch axis of every input is split over
-      `axis_names` (B must be divisible by their total size).
-    axis_names: mesh axes that split the batch; names absent from the mesh
-      are ignored. Other mesh axes see replicated inputs.
-    share_hard_negatives: see `contrastive.group_masks`.
+    loss_fn: a `contrastive.py` loss (or partial); any loss whose loss and aux
+      are means over valid rows works.
+    q_bd: [B, D] float32 or bfloat16; p_cd: [C = B·G, D], query-major groups.
+    positive_counts_b, passage_doc_c, relevant_doc_br, group_size,
+      share_hard_negatives: as in `contrastive.group_masks`; τ = temperature.
+    mesh, axis_names: the batch is split over the named mesh axes present (B
+      divisible by their size); other axes see replicated inputs.
 
   Returns:
-    (loss, aux), equal to `loss_fn(*contrastive.scores_and_masks(...))` on
-    the whole batch; "num_valid_rows" is the global count.
+    (loss, aux) equal to the dense loss; "num_valid_rows" is the global count.
   """
   axes = tuple(a for a in axis_names if a in mesh.shape)
   num_shards = math.prod(mesh.shape[a] for a in axes)
@@ -108,8 +94,7 @@ def sharded_contrastive_loss(
     doc_m = ids.pop(0) if has_doc else None
     rel_lr = ids.pop(0) if has_rel else None
     b_local = q_ld.shape[0]
-    # Linear index over `axes` (major to minor), the order in which a
-    # PartitionSpec over the same tuple lays out the batch.
+    # Linear index over `axes`, major to minor, as a PartitionSpec lays it out.
     shard = lax.axis_index(axes) if axes else 0
     rows_l = shard * b_local + jnp.arange(b_local, dtype=jnp.int32)
 
@@ -117,8 +102,7 @@ def sharded_contrastive_loss(
       return lax.all_gather(x, axes, tiled=True) if axes else x
 
     p_cd = gather(p_md)
-    # Counts and ids of every query: the column owners' positive slots and
-    # the duplicates of a local positive may live on any shard.
+    # All counts and ids: column owners and duplicate positives can be anywhere.
     counts_b = gather(counts_l)
     doc_c = gather(doc_m) if has_doc else None
     # The only score block a shard ever holds: [B/W, C], float32.

@@ -17,9 +17,8 @@ from retrieval_jax.layers import core
 from retrieval_jax.layers import pooling
 from retrieval_jax.models import transformer_encoder
 
-# Inits of W [hidden, dim]: "bert" normal(0, initializer_range) (ColBERT's,
-# built inside a BERT model); "torch" U(±1/sqrt(hidden)). After the L2 norm
-# they differ only in scale, i.e. in the effective learning rate.
+# W inits: "bert" normal(0, initializer_range) (ColBERT's); "torch"
+# U(±1/sqrt(hidden)). After the L2 norm they differ only in effective LR.
 PROJECTION_INITS = ("bert", "torch")
 
 
@@ -50,19 +49,10 @@ class ColBERT(nnx.Module):
                type_ids_bl: jax.Array | None = None, *,
                deterministic: bool = True,
                dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Embeds every token.
+    """Embeds every token of [B, L] int rows: float32 [B, L, dim], L2-normed.
 
-    Args:
-      ids_bl: [B, L] int token ids (from `encode_queries` / `encode_docs`).
-      mask_bl: [B, L] int attention mask (keys that may be attended to; NOT
-        the score mask).
-      type_ids_bl: [B, L] int segment ids; zeros when None.
-      deterministic: False turns dropout on.
-      dropout_rng: PRNG key for dropout.
-
-    Returns:
-      float32 [B, L, dim], every row L2-normalised (padding rows too; the
-      score mask travels separately).
+    `mask_bl` is the attention mask, NOT the score mask, which travels
+    separately (padding rows are normalised too).
     """
     h_blh = self.encoder(ids_bl, mask_bl, type_ids_bl,
                          deterministic=deterministic, dropout_rng=dropout_rng)

@@ -1,12 +1,10 @@
 r"""Cross-encoders: one BERT-family pass over a (query, item) pair -> a score.
 
-Heads: "cls", score = w · h[CLS] + b (the usual re-ranker); "emb", the [EMB]
-head of Yadav et al. 2022 ("Efficient Nearest Neighbor Search for
-Cross-Encoder Models using Matrix Factorization"): rows are
-[CLS] [Q] query [SEP] [I] item [SEP] and the score is the dot product of the
-two markers' states. Its score matrix has a lower effective rank than the
-[CLS] head's, which CUR (`search/cur_knn.py`) relies on. The markers are
-reserved vocabulary entries ("[unused0]", "[unused1]"), so no new rows.
+Heads: "cls", w · h[CLS] + b (the usual re-ranker); "emb", Yadav et al. 2022
+("Efficient Nearest Neighbor Search for Cross-Encoder Models using Matrix
+Factorization"): rows [CLS] [Q] query [SEP] [I] item [SEP], score = dot of the
+two markers' states (reserved "[unused0]", "[unused1]"). Its score matrix has
+a lower effective rank, which CUR (`search/cur_knn.py`) relies on.
 """
 
 from flax import nnx
@@ -43,18 +41,9 @@ class CrossEncoder(nnx.Module):
                markers_b2: jax.Array | None = None, *,
                deterministic: bool = True,
                dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Scores a batch of encoded pairs.
+    """[B] float32 scores of [B, L] int pairs from `features.encode_pairs`.
 
-    Args:
-      input_ids_bl, attention_mask_bl, token_type_ids_bl: [B, L] int, from
-        `data.features.encode_pairs`.
-      markers_b2: [B, 2] int positions of the query and item markers (the
-        "emb" head only).
-      deterministic: False turns dropout on.
-      dropout_rng: PRNG key for dropout.
-
-    Returns:
-      [B] float32 scores.
+    `markers_b2`: [B, 2] int query and item marker positions ("emb" only).
     """
     h_bld = self.encoder(input_ids_bl, attention_mask_bl, token_type_ids_bl,
                          deterministic=deterministic, dropout_rng=dropout_rng)

@@ -1,17 +1,13 @@
 r"""Discrete key-value bottleneck: frozen codebook keys, learned values.
 
 Träuble et al., "Discrete Key-Value Bottleneck", ICML 2023 (2207.11240). A
-frozen vector z [B, e] is projected to C heads; each head selects its nearest
-key(s) in a frozen codebook [M, d_k] and fetches the matching learned value
-rows [M, d_v]; a "mean" or "linear" decoder combines the heads. The argmin is
-not differentiated, so a step changes only the value rows its batch fetched
-(what limits forgetting). Keys are set beforehand by EMA k-means
-(`initialize_keys`) and kept in `Frozen` variables that optimizers over
-`nnx.Param` never touch; codebooks shard their head axis on
-`sharding.CODEBOOK`. Details: experiments/kv_memory/README.md.
+frozen z [B, e] is projected to C heads; each picks its nearest key(s) in a
+frozen codebook [M, d_k] and fetches the matching learned values [M, d_v]; a
+"mean" or "linear" decoder combines the heads. The argmin has no gradient, so a
+step changes only the fetched value rows (what limits forgetting). Keys come
+from EMA k-means (`initialize_keys`); codebooks shard heads on `CODEBOOK`.
 
-Shape letters: b batch, e encoder width, c heads (C), m keys (M), d key width,
-v value width, k selected keys per head, o outputs.
+Letters: b batch, e z width, c heads, m keys, d key / v value width, k top-k.
 """
 
 from collections.abc import Iterable
@@ -35,18 +31,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Frozen(nnx.Variable):
-  """A non-trainable array of the module state (projections, keys).
-
-  Not an `nnx.Param`: optimizers and `nnx.grad` built on `nnx.Param`
-  ignore it, and `nnx.state(model, Frozen)` selects it.
-  """
+  """Non-trainable state (projections, keys): `nnx.Param` optimizers skip it."""
 
 
 def _normal(std: float = 1.0):
-  """Initializer N(0, std^2), drawn as one flat vector then reshaped.
+  """Initializer N(0, std^2), drawn flat then reshaped.
 
-  XLA's CPU compile of an N-d threefry draw is far slower than a flat one
-  (5 s against 0.4 s for [16, 64, 10]), paid per shape in every process.
+  An N-d threefry draw compiles slower on CPU (5 s vs 0.4 s for [16, 64, 10]).
   """
 
   def init(key, shape, dtype):
@@ -73,18 +64,10 @@ def _positive(name: str, value: int) -> None:
 
 def nearest_keys(keys_cmd: jax.Array, h_bcd: jax.Array,
                  top_k: int = 1) -> jax.Array:
-  """Indices of the `top_k` nearest keys per head, nearest first.
+  """[B, C, top_k] int32 indices of each head's nearest keys, nearest first.
 
   Ranks by ||K_j||^2 - 2 h.K_j (one matmul, no [B, C, M, d] difference
   tensor); ties go to the lower index.
-
-  Args:
-    keys_cmd: [C, M, d] keys.
-    h_bcd: [B, C, d] projected rows.
-    top_k: keys per head, 1 <= top_k <= M.
-
-  Returns:
-    [B, C, top_k] int32 key indices.
   """
   dtype = jnp.promote_types(jnp.promote_types(keys_cmd.dtype, h_bcd.dtype),
                             jnp.float32)
@@ -98,27 +81,17 @@ def nearest_keys(keys_cmd: jax.Array, h_bcd: jax.Array,
 
 
 def gather_values(values_cmv: jax.Array, idx_bck: jax.Array) -> jax.Array:
-  """Per-head rows V_c[idx[b, c, k]]: [C, M, v] x [B, C, k] -> [B, C, k, v].
-
-  Batched over heads (vmap), so sharded heads gather locally; the gradient
-  is a scatter-add into exactly the fetched rows.
-  """
+  """Rows V_c[idx]: [C, M, v] x [B, C, k] -> [B, C, k, v]; vmap over heads."""
   return jax.vmap(lambda v_mv, i_bk: v_mv[i_bk], in_axes=(0, 1),
                   out_axes=1)(values_cmv, idx_bck)
 
 
 class KeyValueMemory(nnx.Module):
-  """Discrete key-value bottleneck over frozen vectors z [B, e].
+  """Bottleneck over frozen z [B, e]; `initialize_keys`, then train the Params.
 
-  Set the keys with `initialize_keys`, then train the `nnx.Param`s.
-
-  Attributes:
-    projection_ced: Frozen [C, e, d_k] Gaussian N(0, 1/e) projections
-      ("random" only; None otherwise).
-    keys_cmd: Frozen [C, M, d_k] keys (N(0, 1) until initialised).
-    values_cmv: Param [C, M, d_v] values (zeros or N(0, 1)).
-    kernel_cvo, bias_o: Param [C, d_v, O] and [O], the linear decoder's
-      weights ("linear" only); [v_1..v_C] A = sum_c v_c A_c.
+  projection_ced: Frozen [C, e, d_k] N(0, 1/e) ("random" only, else None);
+  keys_cmd: Frozen [C, M, d_k]; values_cmv: Param [C, M, d_v];
+  kernel_cvo, bias_o: the "linear" decoder's Params [C, d_v, O] and [O].
   """
 
   def __init__(self, input_dim: int, num_heads: int, num_keys: int,
@@ -126,20 +99,11 @@ class KeyValueMemory(nnx.Module):
                decoder: str = "mean", num_outputs: int | None = None,
                top_k: int = 1, value_init: str = "zeros",
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    """Args:
-      input_dim: e, width of z.
-      num_heads: C, number of codebooks.
-      num_keys: M, keys (and values) per codebook.
-      key_dim: d_k.
-      value_dim: d_v; the output width of the "mean" decoder.
-      projection: "random" (Gaussian, frozen), "split" (z reshaped to
-        [C, d_k], needs e = C d_k) or "none" (C = 1, d_k = e).
-      decoder: "mean" (non-parametric) or "linear" (parametric).
-      num_outputs: O; required by "linear"; "mean" accepts None or d_v.
-      top_k: keys averaged per head (1 = the paper's top-1).
-      value_init: "zeros" (untrained cells give zero logits) or "normal".
-      dtype: storage dtype of every array.
-      rngs: draws the `params` keys.
+    """Widths e, C, M, d_k, d_v; O = `num_outputs` ("linear"; "mean": d_v).
+
+    `projection`: "random" (Gaussian, frozen), "split" (z as [C, d_k]: e = C
+    d_k) or "none" (C = 1, d_k = e); `top_k`: keys averaged per head (1 = the
+    paper's); `value_init` "zeros" gives untrained cells zero logits.
     """
     for name, value in (("input_dim", input_dim), ("num_heads", num_heads),
                         ("num_keys", num_keys), ("key_dim", key_dim),
@@ -228,21 +192,11 @@ class KeyValueMemory(nnx.Module):
 @jax.jit
 def ema_init_state(keys_cmd: jax.Array, initial_count: Any = 1.0
                    ) -> tuple[jax.Array, jax.Array]:
-  """EMA statistics that reproduce `keys_cmd`: N_0 = c, S_0 = c K_0.
+  """EMA stats reproducing `keys_cmd`: N_0 = c (scalar or [C, M]), S_0 = c K_0.
 
-  With assignments that never change (n_j rows of mean mu_j per step),
-
-    K_t - mu_j = g^t N_0 / N_t (K_0 - mu_j),  N_t = g^t N_0 + (1 - g^t) n_j,
-
-  so K_t -> mu_j, and K_t - mu_j = g^t (K_0 - mu_j) exactly when N_0 = n_j.
-  A small count lets the first batches move the keys far.
-
-  Args:
-    keys_cmd: [C, M, d] starting keys.
-    initial_count: N_0, a scalar or [C, M].
-
-  Returns:
-    counts_cm [C, M] and sums_cmd [C, M, d], in the keys' dtype.
+  With fixed assignments (n_j rows of mean mu_j per step), K_t - mu_j =
+  g^t N_0 / N_t (K_0 - mu_j), N_t = g^t N_0 + (1 - g^t) n_j: exactly g^t decay
+  when N_0 = n_j; a small count lets the first batches move the keys far.
   """
   counts_cm = jnp.broadcast_to(
       jnp.asarray(initial_count, keys_cmd.dtype), keys_cmd.shape[:2])
@@ -253,21 +207,10 @@ def ema_init_state(keys_cmd: jax.Array, initial_count: Any = 1.0
 def ema_update(keys_cmd: jax.Array, counts_cm: jax.Array,
                sums_cmd: jax.Array, h_bcd: jax.Array, decay: Any
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One EMA k-means step on a batch of projected rows.
+  """One EMA k-means step (decay g) on projected rows; returns the new state.
 
-  N_j <- g N_j + (1-g) n_j, S_j <- g S_j + (1-g) sum_{h -> j} h, and
-  K_j = S_j / N_j for keys that got rows. A key without rows keeps its value
-  bit for bit while its count decays (what `reinit_dead_keys` reads).
-
-  Args:
-    keys_cmd: [C, M, d] keys.
-    counts_cm: [C, M] EMA counts N.
-    sums_cmd: [C, M, d] EMA sums S.
-    h_bcd: [B, C, d] projected rows (`KeyValueMemory.project`).
-    decay: g in [0, 1).
-
-  Returns:
-    (keys_cmd, counts_cm, sums_cmd), updated.
+  N_j <- g N_j + (1-g) n_j, S_j <- g S_j + (1-g) sum_{h -> j} h, K_j = S_j / N_j
+  for keys that got rows; others keep their value bit for bit, counts decay.
   """
   num_heads = keys_cmd.shape[0]
   idx_bc = nearest_keys(keys_cmd, h_bcd)[..., 0]
@@ -278,8 +221,7 @@ def ema_update(keys_cmd: jax.Array, counts_cm: jax.Array,
       h_bcd.astype(sums_cmd.dtype))
   counts_cm = decay * counts_cm + (1 - decay) * n_cm
   sums_cmd = decay * sums_cmd + (1 - decay) * s_cmd
-  # N_j >= (1 - g) n_j > 0 where a row landed; the floor only guards the
-  # branch that `where` discards.
+  # N_j > 0 where a row landed: the floor only guards the discarded branch.
   safe_cm = jnp.maximum(counts_cm, jnp.finfo(counts_cm.dtype).tiny)
   keys_cmd = jnp.where((n_cm > 0)[..., None],
                        (sums_cmd / safe_cm[..., None]).astype(keys_cmd.dtype),
@@ -292,21 +234,10 @@ def reinit_dead_keys(keys_cmd: jax.Array, counts_cm: jax.Array,
                      sums_cmd: jax.Array, h_ncd: jax.Array, threshold: Any,
                      seed: Any, stream: Any = 0, reset_count: Any = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Replaces keys with EMA count below `threshold` by random data rows.
+  """Replaces keys with EMA count < `threshold` by random rows of `h_ncd`.
 
-  Each dead key of head c gets row h[n, c], n uniform per key (from `seed`
-  and `stream`); its statistics restart at N = reset_count, S = N * key.
-
-  Args:
-    keys_cmd, counts_cm, sums_cmd: [C, M, d], [C, M], [C, M, d] EMA state.
-    h_ncd: [N, C, d] projected data rows.
-    threshold: keys with count < threshold are dead.
-    seed: int seed of the row draws.
-    stream: int, folded into the seed (e.g. the EMA step).
-    reset_count: restart count (default: `threshold`).
-
-  Returns:
-    (keys_cmd, counts_cm, sums_cmd).
+  A dead key of head c gets h[n, c], n uniform (int `seed`, `stream`); its
+  stats restart at N = reset_count (default `threshold`), S = N * key.
   """
   num_heads, num_keys = counts_cm.shape
   reset_count = threshold if reset_count is None else reset_count
@@ -329,23 +260,11 @@ def initialize_keys(model: KeyValueMemory,
                     steps: int, decay: float = 0.9, seed: int = 0, *,
                     initial_count: float = 1.0,
                     dead_threshold: float | None = None) -> jax.Array:
-  """Sets `model.keys_cmd` by EMA k-means on unlabelled data, in place.
+  """Sets `model.keys_cmd` in place by EMA k-means; returns [C, M] counts.
 
-  Starting keys are random projected rows of the first batch, per head.
-  Then `steps` EMA updates run on the whole array or on successive batches;
-  with `dead_threshold`, dead keys are re-drawn after every update.
-
-  Args:
-    model: the memory (its projections are already fixed).
-    data: [N, e] array, or an iterable of [B, e] arrays (at least one).
-    steps: EMA updates (>= 0); an iterable may end earlier.
-    decay: EMA decay g.
-    seed: draws the starting rows and the re-drawn rows.
-    initial_count: N_0 of every key (see `ema_init_state`).
-    dead_threshold: None (no re-initialisation) or a count.
-
-  Returns:
-    [C, M] final EMA counts (key usage; small = rarely selected).
+  Keys start as random projected rows of the first batch; then `steps` updates
+  on `data` ([N, e], or an iterable of [B, e] that may end earlier), re-drawing
+  keys below `dead_threshold` (None: never) after each.
   """
   if steps < 0:
     raise ValueError(f"steps={steps}: expected >= 0")

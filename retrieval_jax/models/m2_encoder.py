@@ -225,18 +225,11 @@ class M2Encoder(nnx.Module):
                *,
                deterministic: bool = True,
                dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Encodes a batch of right-padded token sequences.
+    """[B, L, D] states in `config.dtype` of right-padded [B, L] int ids.
 
-    Args:
-      input_ids_bl: [B, L] int ids, L <= max_position_embeddings.
-      attention_mask_bl: [B, L], nonzero for real tokens, which must come
-        first in each row (right padding). Used only with mask_padding.
-      token_type_ids_bl: [B, L] segment ids; zeros when None.
-      deterministic: False turns dropout on.
-      dropout_rng: PRNG key for dropout (None: the modules' NNX streams).
-
-    Returns:
-      [B, L, D] token states in `config.dtype`.
+    `attention_mask_bl` (nonzero for real tokens, first in each row) is used
+    only with `mask_padding`; L <= max_position_embeddings; `dropout_rng`
+    None: the modules' NNX streams.
     """
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
@@ -273,14 +266,9 @@ class M2Encoder(nnx.Module):
 def config_from_block(block, *, dtype: Any = jnp.float32) -> M2Config:
   """An M2Config from a `config.model.m2` block: a preset plus overrides.
 
-  Args:
-    block: ConfigDict/dict with `preset` (a key of M2_CONFIGS) and optional
-      nonzero overrides `num_layers`, `hidden_size`, `intermediate_size`,
-      `max_position_embeddings`, `filter_order`, and `mask_padding`.
-    dtype: compute dtype.
-
-  Raises:
-    ValueError: unknown preset or inconsistent sizes.
+  `block`: `preset` (a key of M2_CONFIGS) and optional nonzero overrides
+  `num_layers`, `hidden_size`, `intermediate_size`, `max_position_embeddings`,
+  `filter_order`, and `mask_padding`.
   """
   if block["preset"] not in M2_CONFIGS:
     raise ValueError(f"unknown M2 preset {block['preset']!r}; known: "
@@ -298,18 +286,9 @@ def config_from_block(block, *, dtype: Any = jnp.float32) -> M2Config:
 def copy_embeddings(model: M2Encoder, source) -> int:
   """Copies word/type embeddings and their LayerNorm from a BERT encoder.
 
-  Word rows up to the smaller vocabulary (both must share the tokenizer);
-  positions are not copied (the source covers only 512).
-
-  Args:
-    model: the M2 encoder (modified in place).
-    source: a `TransformerEncoder` of the same width.
-
-  Returns:
-    The number of word rows copied.
-
-  Raises:
-    ValueError: the widths differ.
+  `source`: a same-width `TransformerEncoder` with the same tokenizer. Copies
+  word rows up to the smaller vocabulary (returns how many), no positions (the
+  source covers only 512).
   """
   ours, theirs = model.embeddings, source.embeddings
   if ours.word_vd.shape[1] != theirs.word_vd.shape[1]:

@@ -2,16 +2,12 @@ r"""SPLADE: sparse lexical term weights from a BERT masked-language-model head.
 
 w_j = max_i log(1 + ReLU(h_ij)) over real tokens ("max", SPLADE v2/++, arXiv
 2109.10086, 2205.04733) or the sum ("sum", v1); score = Σ_j w_j(q) w_j(d).
-Sparsity comes from the FLOPS / L1 regularisers in `losses/regularizers.py`.
-The MLM decoder is tied to the encoder's word table, passed in at call time:
-one [V, D] parameter, no shared module references. Inference-free retrieval
-encodes only documents; a query is its token bag weighted by IDF
-(`data.features.inference_free_query`; SPLADE-doc: IDF ≡ 1; Geng et al.
-2024, arXiv 2411.04403: corpus IDF). `pretrained.load_mlm_head` fills the
-head from a BERT checkpoint.
+Sparsity comes from the FLOPS / L1 regularisers (`losses/regularizers.py`).
+The MLM decoder is the encoder's word table, passed in at call time (one [V, D]
+parameter). Inference-free queries are IDF-weighted token bags
+(`data.features`; Geng et al. 2024, arXiv 2411.04403).
 
-Shape letters: b batch, l token position, d model width, v vocabulary,
-q queries.
+Shape letters: b batch, l token position, d model width, v vocabulary.
 """
 
 from collections.abc import Sequence
@@ -31,16 +27,7 @@ TRANSFORM_INITS = ("identity", "normal")
 
 def splade_pool(logits_blv: jax.Array, mask_bl: jax.Array,
                 aggregation: str = "max") -> jax.Array:
-  """Pools MLM logits into SPLADE term weights.
-
-  Args:
-    logits_blv: [B, L, V] MLM logits, any float dtype.
-    mask_bl: [B, L] bool/int, nonzero for real tokens.
-    aggregation: "max" (max over real positions, SPLADE v2/++) or "sum".
-
-  Returns:
-    [B, V] float32 weights, all >= 0; 0 for a row with no real token.
-  """
+  """Pools [B, L, V] MLM logits over real tokens into float32 [B, V] >= 0."""
   if aggregation not in AGGREGATIONS:
     raise ValueError(
         f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
@@ -54,16 +41,12 @@ def splade_pool(logits_blv: jax.Array, mask_bl: jax.Array,
 
 
 class MlmHead(nnx.Module):
-  """BERT's MLM prediction head with a decoder tied to the word embeddings.
+  """BERT's MLM head, decoder tied: LayerNorm(act(h W + b)) E^T + bias_v.
 
-  logits = LayerNorm(act(h W + b)) E^T + bias_v, E [V, D] the word table.
-
-  Sentence-embedding checkpoints ship no MLM head: `transform_init=
-  "identity"` then scores each term by the similarity of the state to its
-  input embedding (a random transform gives unrelated logits until trained).
-  That head is dense on all-MiniLM-L6-v2 (~28-30k of 30,522 weights > 0);
-  `bias_init=-5` leaves ~40-80 active terms per sentence, so training can
-  start sparse.
+  Without a shipped MLM head, `transform_init="identity"` scores each term by
+  state-embedding similarity; dense on all-MiniLM-L6-v2 (~28-30k of 30,522
+  weights > 0), `bias_init=-5` leaves ~40-80 active terms: training starts
+  sparse.
   """
 
   def __init__(self, config: transformer_encoder.EncoderConfig,
@@ -89,15 +72,7 @@ class MlmHead(nnx.Module):
                              (config.vocab_size,), pd, (sharding.VOCAB,))
 
   def __call__(self, h_bld: jax.Array, word_vd: jax.Array) -> jax.Array:
-    """Token states -> MLM logits.
-
-    Args:
-      h_bld: [B, L, D] encoder states.
-      word_vd: [V, D] word-embedding table (the decoder weight).
-
-    Returns:
-      [B, L, V] logits in the compute dtype.
-    """
+    """[B, L, D] states, [V, D] word table -> [B, L, V] logits in `dtype`."""
     dt = self.dtype
     t_bld = (jnp.einsum("bld,de->ble", h_bld.astype(dt),
                         self.transform_dd[...].astype(dt))
@@ -110,18 +85,10 @@ class MlmHead(nnx.Module):
 class Splade(nnx.Module):
   """SPLADE encoder: TransformerEncoder + tied MLM head + pooling.
 
-  Returns dense [B, V] rows, sparse only in value. The [B, L, V] logits
-  (32 x 256 x 30,522 float32 ≈ 1.0 GB) dominate memory; pooling inside the
-  module lets XLA fuse it into the reduction over L (on CPU, B=8, L=64 needs
-  <1 MiB of temporaries for 60 MiB of logits), while a gradient step holds
-  ~4 [B, L, V] float32 buffers.
-
-  Attributes:
-    encoder: the TransformerEncoder.
-    head: the MlmHead (its decoder is `encoder.embeddings.word_vd`).
-    aggregation: "max" or "sum".
-    special_ids: vocabulary columns forced to 0 in the output (e.g. the
-      tokenizer's cls/sep/pad ids); empty by default, as in SPLADE itself.
+  The [B, L, V] logits (32 x 256 x 30,522 float32 ≈ 1.0 GB) dominate memory;
+  pooling in the module lets XLA fuse it into the reduction over L (CPU, B=8,
+  L=64: <1 MiB of temporaries for 60 MiB of logits); a gradient step holds ~4
+  such buffers. `special_ids` columns (e.g. cls/sep/pad) are forced to 0.
   """
 
   def __init__(self, encoder: transformer_encoder.TransformerEncoder, *,
@@ -155,18 +122,7 @@ class Splade(nnx.Module):
                token_type_ids_bl: jax.Array | None = None, *,
                deterministic: bool = True,
                dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Encodes a batch of texts into SPLADE term weights.
-
-    Args:
-      input_ids_bl: [B, L] int token ids.
-      attention_mask_bl: [B, L] bool/int, nonzero for real tokens.
-      token_type_ids_bl: [B, L] int segment ids; zeros when None.
-      deterministic: False turns dropout on (training).
-      dropout_rng: PRNG key for dropout.
-
-    Returns:
-      [B, V] float32 term weights, >= 0.
-    """
+    """[B, L] int ids and mask -> dense float32 [B, V] term weights >= 0."""
     logits_blv = self.mlm_logits(input_ids_bl, attention_mask_bl,
                                  token_type_ids_bl,
                                  deterministic=deterministic,

@@ -79,18 +79,9 @@ class EncoderConfig:
 
   @classmethod
   def from_hf_config(cls, hf_config: dict[str, Any], **overrides):
-    """Builds a config from a Hugging Face BERT `config.json` dict.
+    """A config from a parsed HF BERT `config.json`, `overrides` (dtype) on top.
 
-    Args:
-      hf_config: the parsed `config.json` of a BERT-family checkpoint.
-      **overrides: fields to set regardless of the file (e.g. dtype).
-
-    Returns:
-      An EncoderConfig.
-
-    Raises:
-      ValueError: for an architecture this encoder does not implement
-        (relative position embeddings, decoder mode).
+    Relative position embeddings and decoder mode are a ValueError.
     """
     position_type = hf_config.get("position_embedding_type", "absolute")
     if position_type != "absolute":
@@ -269,18 +260,10 @@ class TransformerEncoder(nnx.Module):
                *,
                deterministic: bool = True,
                dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Encodes a batch of token sequences.
+    """[B, L] int ids (L <= max positions) -> [B, L, D] states in `dtype`.
 
-    Args:
-      input_ids_bl: [B, L] int token ids, L <= max_position_embeddings.
-      attention_mask_bl: [B, L] bool/int, nonzero for real tokens (padding
-        is never attended to; its own states are meaningless).
-      token_type_ids_bl: [B, L] int segment ids; all zeros when None.
-      deterministic: False turns dropout on (training).
-      dropout_rng: PRNG key for dropout; None draws from the NNX streams.
-
-    Returns:
-      [B, L, D] token states in `config.dtype`.
+    `attention_mask_bl` is nonzero for real tokens; padding is never attended
+    to and its own states are meaningless. `dropout_rng` None: NNX streams.
     """
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
@@ -300,25 +283,17 @@ def build_with_params(
     *,
     seed: int | jax.Array = 0,
 ) -> TransformerEncoder:
-  """Builds an encoder that holds the given weights.
+  """An encoder holding `params`, cast to `config.param_dtype`.
 
-  The structure comes from `nnx.eval_shape`: on CPU, compiling the random
-  initialisers costs far more than a small model's forward pass. Only the
-  dropout RNG state is computed, under jit (XLA drops the weight draws).
+  Structure from `nnx.eval_shape`: on CPU, compiling the random initialisers
+  costs far more than a small model's forward pass. Only the dropout RNG state
+  is computed, under jit (XLA drops the weight draws).
 
   Args:
-    config: hyperparameters; weights are cast to `config.param_dtype`.
-    params: {parameter path: array}, paths as in
+    params: {path: array} naming every parameter once, paths as in
       `nnx.to_flat_state(nnx.state(model, nnx.Param))`, e.g.
-      ("layers", 0, "mlp", "wi_df"). Must name every parameter once.
-    seed: seeds the dropout streams; an int or a PRNG key (whose
-      implementation, e.g. "rbg", the streams then use).
-
-  Returns:
-    A TransformerEncoder.
-
-  Raises:
-    ValueError: for missing, unknown or misshapen parameters.
+      ("layers", 0, "mlp", "wi_df").
+    seed: the dropout streams' int or PRNG key (its impl, e.g. "rbg", kept).
   """
 
   def make_model():

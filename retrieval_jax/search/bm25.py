@@ -1,10 +1,8 @@
 """Lucene BM25 as a retriever: index a corpus, score and rank queries.
 
 bm25s with `SETTINGS` reproduces DATA.md's BM25 rows (SciFact test nDCG@10
-0.671). `Bm25Index` is the one place BM25 is computed (the "bm25" retriever,
-first stages, fusion, negative mining, distillation targets). Ranking is done
-here, not by bm25s, so ties go to the smaller corpus index; documents sharing
-no term with a query score 0 and are never returned.
+0.671); `Bm25Index` is the one place BM25 is computed. Ranking is done here,
+so ties go to the smaller corpus index; docs sharing no query term never come.
 """
 
 from collections.abc import Sequence
@@ -15,8 +13,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-# The BM25 settings of /work/shared/data/DATA.md's baselines (Pyserini's
-# defaults). Part of every cache key that depends on BM25.
+# DATA.md's baseline settings (Pyserini's defaults); part of BM25 cache keys.
 SETTINGS = {
     "library": "bm25s",
     "method": "lucene",
@@ -30,15 +27,7 @@ SETTINGS = {
 
 
 def top_indices(scores_n: np.ndarray, k: int) -> np.ndarray:
-  """The k best rows by (score descending, index ascending).
-
-  Args:
-    scores_n: [N] float scores.
-    k: 1 <= k; more than N returns all N.
-
-  Returns:
-    int64 [min(k, N)] row indices in rank order.
-  """
+  """int64 [min(k, N)] best rows of [N] scores (score desc, index asc)."""
   n = scores_n.shape[0]
   if k < n:
     # Keep every row tied with the k-th score: the stable sort, not
@@ -53,13 +42,9 @@ def top_indices(scores_n: np.ndarray, k: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class Bm25Index:
-  """A BM25 index of one corpus.
+  """A BM25 index of one corpus; build with `Bm25Index.build(texts)`.
 
-  Build with `Bm25Index.build(texts)`. Attributes:
-    retriever: the bm25s index (its sparse score matrix).
-    num_docs: N, the corpus size.
-    settings: the analyzer and scoring settings (`SETTINGS`).
-    build_s: seconds spent indexing.
+  `retriever` is the bm25s index, `build_s` the seconds spent indexing.
   """
   retriever: Any
   num_docs: int
@@ -69,11 +54,7 @@ class Bm25Index:
   @classmethod
   def build(cls, corpus_texts: Sequence[str],
             settings: dict[str, Any] | None = None) -> "Bm25Index":
-    """Tokenizes and indexes `corpus_texts` (e.g. `beir.doc_text` rows).
-
-    Raises:
-      ValueError: an empty corpus.
-    """
+    """Tokenizes and indexes non-empty `corpus_texts` (`beir.doc_text` rows)."""
     if not corpus_texts:
       raise ValueError("the corpus is empty: there is nothing to index")
     import bm25s  # pylint: disable=g-import-not-at-top
@@ -97,12 +78,7 @@ class Bm25Index:
         stemmer=Stemmer.Stemmer(s["stemmer"]), show_progress=False)
 
   def scores(self, query_texts: Sequence[str]) -> list[np.ndarray | None]:
-    """Every document's BM25 score, per query.
-
-    Returns:
-      list [Q] of float32 [N] arrays; None for a query none of whose terms
-      occurs in the corpus (every document would score 0).
-    """
+    """Per query, float32 [N] scores, or None if no term is in the corpus."""
     # Strings: the corpus vocabulary drops terms no document contains.
     out = []
     for tokens in self._tokenize(query_texts, return_ids=False):
@@ -113,15 +89,7 @@ class Bm25Index:
 
   def pair_scores(self, query_texts: Sequence[str],
                   doc_rows: Sequence[int]) -> np.ndarray:
-    """BM25 scores of (query, document) pairs; row p pairs query p, doc p.
-
-    Args:
-      query_texts: list[str] [P].
-      doc_rows: int [P] corpus rows; negative rows (padding) score 0.
-
-    Returns:
-      float32 [P].
-    """
+    """float32 [P] scores of (query_texts[p], doc_rows[p]); rows < 0 score 0."""
     if len(query_texts) != len(doc_rows):
       raise ValueError(f"{len(query_texts)} queries for {len(doc_rows)} "
                        "doc rows: expected one query per pair")
@@ -135,16 +103,10 @@ class Bm25Index:
 
   def search(self, query_texts: Sequence[str], k: int
              ) -> tuple[np.ndarray, np.ndarray]:
-    """The top k documents per query, ties by the smaller corpus index.
+    """Top k (<= N) docs per query, ties to the smaller corpus index.
 
-    Args:
-      query_texts: list[str] [Q].
-      k: int >= 1 (clipped to the corpus size).
-
-    Returns:
-      (scores_qk float32, indices_qk int64), best first; a query with fewer
-      than k matching documents is padded with score -inf and index -1
-      (the padding `trec_run.run_from_topk` skips).
+    Returns (scores_qk float32, indices_qk int64), best first, padded with
+    -inf and -1 (skipped by `trec_run.run_from_topk`) past the matches.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
       raise ValueError(f"k must be a positive integer, got {k!r}")

@@ -5,11 +5,9 @@ annCUR (Yadav et al., EMNLP 2022) and ADACUR (Yadav et al., Findings of EMNLP
 pair it scores is one "CE call". Offline (`build_index`): R = score(anchor
 queries, all items) [k_q, N], E = pinv(R[:, A]) R [k_i, N]. Online
 (`cur_search`): c = score(q, A), ŝ = c E, re-rank the top k_r exactly, so a
-query costs k_i + k_r calls; ŝ = s when rank(R[:, A]) = rank(S).
-
-The pseudo-inverse drops singular values below `rtol` × σ_max; near k_i ≈ k_q
-the smallest kept ones amplify score noise, and a larger rtol regularises at
-the cost of exactness on low-rank matrices.
+query costs k_i + k_r calls; ŝ = s when rank(R[:, A]) = rank(S). The pinv
+drops singular values below `rtol` × σ_max; near k_i ≈ k_q the smallest kept
+ones amplify score noise (a larger rtol regularises, losing exactness).
 """
 
 import dataclasses
@@ -23,17 +21,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from retrieval_jax import sharding
 from retrieval_jax.search import exact_topk
 
-# score(query_ids [b], item_ids [b, c]) -> scores [b, c].
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class CountingScorer:
-  """Wraps a scorer and counts the pairs it scores (the CE calls).
-
-  Attributes:
-    total: pairs scored since creation (or `reset`).
-    per_query: {query id: pairs scored for it}.
-  """
+  """Wraps a scorer; `total` and `per_query` {qid: n} count the pairs scored."""
 
   def __init__(self, scorer: Scorer):
     self._scorer = scorer
@@ -68,10 +60,7 @@ def matrix_scorer(scores_qn) -> Scorer:
 
 def score_all(scorer: Scorer, query_ids, num_items: int,
               block: int = 4096) -> np.ndarray:
-  """[len(query_ids), num_items]: every item scored for each query.
-
-  Items go to the scorer in blocks of `block` columns (bounds its batch).
-  """
+  """[len(query_ids), num_items] scores, `block` items per scorer call."""
   query_ids = np.asarray(query_ids)
   out = []
   for lo in range(0, num_items, block):
@@ -95,13 +84,8 @@ def random_anchor_items(num_items: int, num_anchors: int,
 class CurIndex:
   """The offline part of annCUR.
 
-  Attributes:
-    anchor_items_k: int32 [k_i], the anchor items A.
-    items_kn: [k_i, N] latent item columns E = pinv(R[:, A]) R, columns
-      sharded over the mesh's corpus axes.
-    r_anc_qn: [k_q, N] the anchor queries' exact scores R (kept for the
-      adaptive search, which picks anchors per query).
-    rtol: relative singular-value cut-off used by the pseudo-inverse.
+  anchor_items_k: int32 [k_i] A; items_kn: [k_i, N] E, columns sharded over
+  the corpus axes; r_anc_qn: [k_q, N] R, kept for the adaptive search.
   """
   anchor_items_k: np.ndarray
   items_kn: jax.Array
@@ -132,21 +116,11 @@ def _latent_items(r_anc_qn, anchor_items_k, rtol, refine):
 
 def build_index(r_anc_qn, anchor_items_k, *, rtol: float | None = None,
                 refine: int = 1, mesh: Mesh | None = None) -> CurIndex:
-  """Latent item columns E = pinv(R[:, A]) R, sharded over the items.
+  """E = pinv(R[:, A]) R from float r_anc_qn [k_q, N], distinct int anchors.
 
-  The k_q × k_i pseudo-inverse is small and replicated; the product with R,
-  the O(k_i k_q N) part, runs where R's column shards live.
-
-  Args:
-    r_anc_qn: [k_q, N] float32/float64 exact scores of the anchor queries.
-    anchor_items_k: int [k_i] anchor item indices (distinct).
-    rtol: singular values below rtol × σ_max are dropped (None: JAX's
-      default, max(k_q, k_i) · eps).
-    refine: iterative-refinement steps for E (see `_latent_items`).
-    mesh: devices to shard the items over (default: all, on `data`).
-
-  Returns:
-    The CurIndex.
+  The k_q × k_i pinv is small and replicated; the O(k_i k_q N) product with R
+  runs where R's column shards live. rtol None: JAX's max(k_q, k_i) · eps;
+  `refine` iterative-refinement steps for E.
   """
   r_anc_qn = jnp.asarray(r_anc_qn)
   anchor_items_k = np.asarray(anchor_items_k, np.int32)
@@ -172,14 +146,9 @@ def build_index(r_anc_qn, anchor_items_k, *, rtol: float | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-  """Items returned per query, best first.
+  """Per query, best first: int32 items_bk, scores_bk [b, k], calls_b [b].
 
-  Attributes:
-    items_bk: int32 [b, k] item indices.
-    scores_bk: [b, k] exact scores for re-ranked items, approximate scores
-      for items filled in from the approximation (when k_r < k).
-    exact_bk: bool [b, k], whether each score is exact.
-    calls_b: int [b], scorer calls made for each query.
+  exact_bk [b, k] bool marks exact scores (others are ŝ, filled when k_r < k).
   """
   items_bk: np.ndarray
   scores_bk: np.ndarray
@@ -206,17 +175,7 @@ def cur_search(index: CurIndex, query_ids, scorer: Scorer, k: int, k_r: int,
                *, mesh: Mesh | None = None) -> SearchResult:
   """annCUR: anchor scores, approximate all items, re-rank the top k_r.
 
-  Args:
-    index: from `build_index`.
-    query_ids: int [b] test queries (passed to the scorer).
-    scorer: the exact scorer.
-    k: items returned per query.
-    k_r: items re-ranked exactly (0: return the approximate top k).
-    mesh: devices for the approximate top-k search.
-
-  Returns:
-    SearchResult; each query costs k_i + k_r scorer calls. When k_r < k the
-    tail of the list is filled from the approximation.
+  query_ids: int [b]; k_r = 0 returns the approximate top k; k_i + k_r calls.
   """
   query_ids = np.asarray(query_ids)
   num_items = index.num_items
@@ -249,24 +208,11 @@ def _adaptive_approx(r_anc_qn, anchors_ba, c_ba, scored_bn, rtol=None):
 def adaptive_cur_search(index: CurIndex, query_ids, scorer: Scorer, k: int,
                         budget: int, rounds: int, *, k_r: int = 0,
                         seed: int = 0) -> SearchResult:
-  """ADACUR: anchors chosen per query over several rounds.
+  """ADACUR: anchors chosen per query over `rounds`, `budget` calls per query.
 
   Round 1 scores random items; each later round approximates all items from
-  the query's anchors so far and scores the best unscored ones, which become
-  anchors. A final k_r are re-ranked; every returned score is exact.
-
-  Args:
-    index: supplies R (its own anchors are not used).
-    query_ids: int [b].
-    scorer: the exact scorer.
-    k: items returned (k <= budget).
-    budget: scorer calls per query, exactly.
-    rounds: anchor rounds (>= 1).
-    k_r: calls kept for the final re-ranking.
-    seed: seed of the first round's random anchors.
-
-  Returns:
-    SearchResult with calls_b = budget.
+  the query's anchors so far (R from `index`) and scores the best unscored
+  ones, which become anchors. A final k_r are re-ranked; all scores are exact.
   """
   query_ids = np.asarray(query_ids)
   b, n = len(query_ids), index.num_items
@@ -303,20 +249,11 @@ def adaptive_cur_search(index: CurIndex, query_ids, scorer: Scorer, k: int,
 
 def retrieve_and_rerank(query_ids, ranking_bn, scorer: Scorer, k: int,
                         budget: int) -> SearchResult:
-  """The baseline pipelines: a first stage's top `budget` scored exactly.
+  """Baseline: a first stage's top `budget` items re-scored exactly.
 
-  Args:
-    query_ids: int [b].
-    ranking_bn: int [b, n] item indices in first-stage order (dual encoder,
-      BM25, ...), -1 padded where a first stage ranks fewer items; a
-      query's calls are its first min(budget, ranked) items.
-    scorer: the exact scorer.
-    k: items returned (the tail, past the re-ranked ones, keeps the first
-      stage's order and gets -inf as its score; -1 where nothing is left).
-    budget: scorer calls per query, at most.
-
-  Returns:
-    SearchResult; calls_b counts each query's real calls.
+  ranking_bn: int [b, n] first-stage order, -1 padded; a query's calls are its
+  first min(budget, ranked) items (calls_b). The tail past them keeps the
+  first-stage order with score -inf (-1 where nothing is left).
   """
   query_ids = np.asarray(query_ids)
   ranking_bn = np.asarray(ranking_bn)

@@ -2,13 +2,9 @@
 
 Corpus rows split over the `CORPUS` rule's mesh axes; each device scans its
 slice in a `lax.scan` keeping a running top-k, then the lists are merged.
-Scores are float32 inner products (cosine: of L2-normalised rows). On 1 or
-many devices, rows are sorted by score descending, ties by the smaller
-corpus index: `lax.top_k` puts the lower position first and every candidate
-list is laid out in index order. "Exact" is for the float32 scores (another
-GEMM may order near-ties differently); inputs must be finite, and k > N is
-an error so no padding row is ever returned. A two-stage group selection
-(`_update_topk`) keeps the search bound by the matmul.
+Scores are float32 inner products ("exact" for them; inputs must be finite);
+ties go to the smaller corpus index: `lax.top_k` puts the lower position
+first and every candidate list is laid out in index order.
 """
 
 import dataclasses
@@ -23,8 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from retrieval_jax import sharding
 
 METRICS = ("dot", "cosine")
-# Index given to the empty slots of the running top-k before any row fills
-# them; larger than every real or padding index.
+# Index of the running top-k's empty slots; above every real or padding index.
 _EMPTY_INDEX = np.iinfo(np.int32).max
 # Cosine of a zero vector is defined as 0 (normalised by max(norm, eps)).
 _NORM_EPS = 1e-12
@@ -32,16 +27,9 @@ _NORM_EPS = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class EncodedCorpus:
-  """A corpus padded, normalised and laid out for `search`.
+  """A corpus padded, normalised and sharded for `search`.
 
-  Attributes:
-    embeddings_nd: [N_pad, D] rows sharded over the corpus mesh axes; rows at
-      index >= num_docs are zero padding, masked out of every result.
-    num_docs: N, the number of real rows.
-    metric: "dot" or "cosine" (for cosine the rows are already unit-norm,
-      float32).
-    chunk_size: rows scored per scan step on each device.
-    mesh: the mesh the rows are sharded over.
+  embeddings_nd: [N_pad, D]; rows >= num_docs are padding, never returned.
   """
   embeddings_nd: jax.Array
   num_docs: int
@@ -51,7 +39,6 @@ class EncodedCorpus:
 
 
 def _corpus_axes(mesh: Mesh) -> tuple[str, ...]:
-  """Mesh axes that split corpus rows, per the `CORPUS` logical rule."""
   spec = sharding.logical_to_spec((sharding.CORPUS, None))
   axes = spec[0]
   if axes is None:
@@ -85,18 +72,10 @@ def encode_corpus(corpus_nd,
                   metric: str = "dot",
                   chunk_size: int = 16384,
                   mesh: Mesh | None = None) -> EncodedCorpus:
-  """Pads, normalises (cosine) and shards a corpus once for many searches.
+  """Pads, normalises (cosine, in float32) and shards [N, D] rows once.
 
-  Args:
-    corpus_nd: [N, D] float32 / bfloat16 (NumPy or JAX) corpus embeddings.
-    metric: "dot" (inner product) or "cosine" (rows L2-normalised in float32).
-    chunk_size: most rows scored per scan step and device (bounds the
-      [query batch, chunk] float32 scores buffer).
-    mesh: mesh whose corpus axes split the rows; default: every device on the
-      `data` axis (`sharding.make_mesh()`).
-
-  Returns:
-    An `EncodedCorpus` with N_pad = chunks × chunk × shards rows.
+  chunk_size bounds the rows scored per scan step and device (the [Q, chunk]
+  float32 scores); mesh defaults to `sharding.make_mesh()`.
   """
   if metric not in METRICS:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -135,10 +114,9 @@ def _merge(scores_qa, index_qa, scores_qb, index_qb, k):
 
 
 def default_group_size(k: int, chunk_size: int) -> int:
-  """Power of two near sqrt(chunk / k), in [1, 128].
+  """Power of two near sqrt(chunk / k) in [1, 128] (divides every chunk).
 
-  Balances the chunk / g group maxima against the k × g candidates; powers
-  of two up to 128 divide every chunk `encode_corpus` picks.
+  Balances the chunk / g group maxima against the k × g candidates.
   """
   ideal = np.sqrt(chunk_size / max(k, 1))
   return int(2**np.clip(np.round(np.log2(ideal)), 0, 7))
@@ -146,34 +124,13 @@ def default_group_size(k: int, chunk_size: int) -> int:
 
 def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
                  group_size):
-  """Merges one chunk's scores into the running top-k, exactly.
+  """Merges one chunk's [Q, C] scores into the running [Q, k] top-k, exactly.
 
-  Two-stage selection. Cut the chunk into contiguous groups of `group_size`
-  rows and take the top-k groups by their maximum (lower group first on
-  ties). Every row r of the chunk's top-k lies in a selected group: if r's
-  group G were not selected, each of the k selected groups H has
-  max(H) > max(G) >= s_r, or max(H) = max(G) >= s_r with H before G, so
-  H's maximum row has a smaller index than r; either way k distinct rows
-  rank before r, a contradiction. Also, a chunk row can only enter the
-  running top-k with a score strictly above the running k-th score tau
-  (on a tie the running row has the smaller index), so groups with
-  max <= tau are first set to -inf: this keeps the groups above tau in the
-  same order and turns the rest into cheap filler. When every query has at
-  most m groups above tau, the top-m groups already hold every row that
-  can enter, so a smaller m is exact too.
-
-  Args:
-    best_scores_qk: [Q, k] float32 running top-k, descending.
-    best_index_qk: [Q, k] int32; its real rows all precede the chunk (the
-      initial -inf slots hold _EMPTY_INDEX).
-    scores_qc: [Q, C] float32 scores of the chunk.
-    start: int32 scalar, global corpus index of the chunk's first row.
-    num_docs: int32 scalar; rows at index >= num_docs are padding.
-    group_size: rows per group; 1 (or too few groups to prune) means one
-      plain top-k over the whole chunk.
-
-  Returns:
-    The new running top-k: scores_qk float32, index_qk int32.
+  Two stages: the top-k groups of `group_size` rows by maximum (lower group
+  first on ties) hold the chunk's top-k rows, since a row r outside them is
+  outranked by the k selected groups' maximum rows. A row enters only with a
+  score > tau, the running k-th (running rows precede the chunk), so groups
+  with max <= tau become -inf; with <= m groups left, top-m is exact too.
   """
   q, c = scores_qc.shape
   k = best_scores_qk.shape[1]
@@ -189,11 +146,9 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
   # Maxima of the raw scores: masking all of [Q, C] first would cost one
   # more full pass over the scores (the CPU reduction does not fuse it).
   max_qg = jnp.max(scores_qgr, axis=-1)
-  # Groups wholly past the end hold only padding.
   group_start_g = start + jnp.arange(num_groups, dtype=jnp.int32) * group_size
   max_qg = jnp.where(group_start_g[None, :] < num_docs, max_qg, -jnp.inf)
-  # Only the group holding row num_docs mixes real and padding rows:
-  # recompute its maximum over its real rows (else a no-op).
+  # Only the group holding row num_docs mixes real and padding rows.
   mixed = jnp.clip((num_docs - start) // group_size, 0, num_groups - 1)
   rows_qr = lax.dynamic_slice_in_dim(scores_qc, mixed * group_size,
                                      group_size, axis=1)
@@ -216,9 +171,8 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
     return _merge(best_scores_qk, best_index_qk, cand_qmr.reshape(q, -1),
                   index_qmr.reshape(q, -1), k)
 
-  # Few groups beat tau once the running list is good; when no query has
-  # more than k / 4, select only those. Below k = 32 the branch costs more
-  # than it saves (measured on CPU).
+  # Once few groups beat tau (<= k / 4 for all queries) select only those;
+  # below k = 32 the branch costs more than it saves (measured on CPU).
   few = k // 4
   if k < 32:
     return merge_groups(k)
@@ -282,22 +236,11 @@ def search(corpus: EncodedCorpus,
            *,
            query_batch_size: int | None = None,
            group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k rows of an `EncodedCorpus` for each query.
+  """Exact top-k rows of an `EncodedCorpus` for [Q, D] queries, 1 <= k <= N.
 
-  Args:
-    corpus: from `encode_corpus`.
-    queries_qd: [Q, D] float32 / bfloat16 queries (cosine: normalised here).
-    k: results per query, 1 <= k <= N (k > N raises ValueError).
-    query_batch_size: queries per jitted call; the last batch is zero-padded
-      to the same size so every batch reuses one compiled function. None: all
-      queries in one call.
-    group_size: rows per group of the two-stage selection (1 disables it);
-      None: `default_group_size(k, chunk)`.
-
-  Returns:
-    scores_qk: [Q, k] float32, descending per row.
-    indices_qk: [Q, k] int32 corpus row indices; equal scores are ordered by
-      the smaller index.
+  query_batch_size: queries per jitted call (the last zero-padded: one compiled
+  shape); group_size 1 disables the two-stage selection. Returns scores_qk
+  [Q, k] float32 descending and indices_qk [Q, k] int32.
   """
   dim = corpus.embeddings_nd.shape[1]
   if queries_qd.ndim != 2 or queries_qd.shape[1] != dim:
@@ -345,24 +288,7 @@ def exact_topk(queries_qd,
                mesh: Mesh | None = None,
                query_batch_size: int | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k corpus rows per query by inner product or cosine.
-
-  One-shot form of `encode_corpus` + `search`; encode once and call `search`
-  to reuse the padded, sharded corpus across query sets.
-
-  Args:
-    queries_qd: [Q, D] float32 / bfloat16.
-    corpus_nd: [N, D] float32 / bfloat16.
-    k: results per query, 1 <= k <= N (k > N raises ValueError).
-    metric: "dot" or "cosine" (both sides L2-normalised in float32).
-    chunk_size: corpus rows per scan step and device.
-    mesh: mesh whose corpus axes split the rows; default all devices.
-    query_batch_size: queries per jitted call (None: all at once).
-
-  Returns:
-    scores_qk [Q, k] float32 descending, indices_qk [Q, k] int32; ties by
-    the smaller corpus index.
-  """
+  """One-shot `encode_corpus` + `search`: [Q, k] float32 scores, int32 rows."""
   corpus = encode_corpus(
       corpus_nd, metric=metric, chunk_size=chunk_size, mesh=mesh)
   return search(corpus, queries_qd, k, query_batch_size=query_batch_size)

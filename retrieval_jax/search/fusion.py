@@ -1,11 +1,8 @@
 """Fusion of two or more retrieval runs: score interpolation and RRF.
 
-Runs are {query id: {doc id: score}} dicts (`evaluation.trec_run`); inputs are
-never modified. Each output query lists its documents in trec_eval's order
-(`trec_order`), so "top k" is the top k trec_eval evaluates; queries appear
-in first-seen order. `interpolate` is the dense + sparse hybrid (per-query
-normalisation, missing documents filled with the list's minimum, weighted
-sum); `reciprocal_rank_fusion` is Cormack et al., SIGIR 2009.
+Runs are {qid: {doc id: score}} (`evaluation.trec_run`), never modified. Output
+queries come in first-seen order, docs in trec_eval's order (`trec_order`).
+RRF: Cormack et al., SIGIR 2009.
 """
 
 from collections.abc import Mapping, Sequence
@@ -28,22 +25,11 @@ def _check_normalization(method: str) -> None:
 
 def normalize_scores(scores: Mapping[str, float],
                      method: str) -> dict[str, float]:
-  """Normalises one query's scores.
+  """Normalises one query's {doc id: score} by `method`, keeping the order.
 
-  "none" keeps the scores; "minmax_center" maps to [-1/2, 1/2] by
-  (x - (min + max) / 2) / (max - min); "zscore" uses the population std.
-  Constant lists map to 0. Both are increasing affine maps, so filling a
-  missing document before or after normalising gives the same ranking.
-
-  Args:
-    scores: {doc id: score}; may be empty.
-    method: one of `NORMALIZATIONS`.
-
-  Returns:
-    {doc id: normalised score}, in the input's iteration order.
-
-  Raises:
-    ValueError: unknown method.
+  "minmax_center": (x - (min + max) / 2) / (max - min), in [-1/2, 1/2];
+  "zscore": population std; constant lists map to 0. Increasing affine maps,
+  so filling missing docs before or after normalising ranks the same.
   """
   _check_normalization(method)
   ids = list(scores)
@@ -66,7 +52,6 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def _query_order(runs: Sequence[Run]) -> list[str]:
-  """Query ids in first-seen order over the runs."""
   return list(dict.fromkeys(qid for run in runs for qid in run))
 
 
@@ -77,28 +62,10 @@ def interpolate(dense_run: Run,
                 normalization: str = "none",
                 weight_on_dense: bool = False,
                 k: int = 1000) -> dict[str, dict[str, float]]:
-  """Hybrid run: per-query linear interpolation of dense and sparse scores.
+  """Per-query alpha * sparse + dense (alpha on dense with `weight_on_dense`).
 
-  Each list is normalised, the union scored with missing documents at the
-  list's minimum, and score = alpha * sparse + dense (or sparse + alpha *
-  dense with `weight_on_dense`). A query in only one run keeps its ranking.
-
-  Args:
-    dense_run: {query id: {doc id: score}} of the dense system.
-    sparse_run: {query id: {doc id: score}} of the sparse system.
-    alpha: weight of the sparse scores (of the dense ones with
-      `weight_on_dense`).
-    normalization: "none", "minmax_center" or "zscore" (`normalize_scores`),
-      applied to each system's list per query before filling and mixing.
-    weight_on_dense: put alpha on the dense instead of the sparse scores.
-    k: documents kept per query, >= 1.
-
-  Returns:
-    {query id: {doc id: fused score}}, each query's top k in trec_eval's
-    order.
-
-  Raises:
-    ValueError: unknown normalization, or k < 1.
+  Each list is normalised, missing docs take the list's minimum; a query in one
+  run keeps its ranking. Returns each query's top k in trec_eval's order.
   """
   _check_normalization(normalization)
   _check_positive("k", k)
@@ -126,23 +93,11 @@ def reciprocal_rank_fusion(runs: Sequence[Run],
                            *,
                            k: int = 60,
                            depth: int = 1000) -> dict[str, dict[str, float]]:
-  """Reciprocal rank fusion: score(d) = sum_sys 1 / (k + rank_sys(d)).
+  """RRF: score(d) = sum_sys 1 / (k + rank_sys(d)), k = 60 in the paper.
 
-  Ranks start at 1 in trec_eval's order, over each list's first `depth`
-  documents. `math.fsum` makes equal rank multisets bit-identical whatever
-  the system order. Nothing is cut: use `ir_metrics.truncate_run`.
-
-  Args:
-    runs: one or more {query id: {doc id: score}} runs.
-    k: the RRF constant, an int >= 0 (60 in the original paper).
-    depth: documents of each system's list used per query, >= 1.
-
-  Returns:
-    {query id: {doc id: RRF score}} in trec_eval's order; a query present in
-    any run appears.
-
-  Raises:
-    ValueError: no runs, k < 0 or depth < 1.
+  Ranks start at 1 in trec_eval's order over each list's first `depth` docs.
+  `math.fsum` makes equal rank multisets bit-identical in any system order.
+  Nothing is cut: use `ir_metrics.truncate_run`.
   """
   if not runs:
     raise ValueError("runs must hold at least one run, got none")

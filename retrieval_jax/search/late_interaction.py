@@ -4,11 +4,8 @@ s(q, d) = Σ_{scored i} max_{scored j} <q_i, d_j> (ColBERT, arXiv:2004.12832).
 Unscored document rows become `NEG` before the max (multiplying by 0 would
 pick 0 when every real similarity is negative; NEG ≈ -8.5e37 also holds for
 unnormalised vectors, unlike ColBERT's −9999). Unscored query rows add 0; a
-document with no scored row scores `NEG`. Masks use `where`, so masked entries
-get zero gradient. Products accumulate in float32; exact re-ranking uses
-HIGHEST precision (GPUs may otherwise use TF32). `two_stage` re-scores the
-head of a cheap first stage's candidates (with `depth` and `prune_ratio`)
-and counts the MaxSim evaluations it did.
+document with no scored row scores `NEG`. Masks use `where` (zero gradient
+for masked entries); products accumulate in float32.
 """
 
 import dataclasses
@@ -25,16 +22,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def _reduce(sim_bnql: jax.Array, q_mask_bnq: jax.Array,
             d_mask_bnl: jax.Array) -> jax.Array:
-  """Masked max over document rows, masked sum over query rows.
-
-  Args:
-    sim_bnql: [B, N, Lq, Ld] float32 similarities.
-    q_mask_bnq: [B or 1, N or 1, Lq] query score mask.
-    d_mask_bnl: [B or 1, N or 1, Ld] document score mask.
-
-  Returns:
-    float32 [B, N] scores (conventions in the module docstring).
-  """
+  """[B, N, Lq, Ld] sims, masks [B|1, N|1, L] -> float32 [B, N] scores."""
   d_ok_bnl = d_mask_bnl.astype(bool)
   row_max_bnq = jnp.max(jnp.where(d_ok_bnl[:, :, None, :], sim_bnql, NEG),
                         axis=-1)
@@ -48,17 +36,9 @@ def _reduce(sim_bnql: jax.Array, q_mask_bnq: jax.Array,
 @functools.partial(jax.jit, static_argnames=("precision",))
 def maxsim(q_bqd: jax.Array, q_mask_bq: jax.Array, d_bnld: jax.Array,
            d_mask_bnl: jax.Array, *, precision=None) -> jax.Array:
-  """MaxSim of each query against its own N candidate documents.
+  """float32 [B, N] MaxSim of each query against its own N candidates.
 
-  Args:
-    q_bqd: [B, Lq, D] query token vectors, any float dtype.
-    q_mask_bq: [B, Lq] bool/int, rows that enter the sum.
-    d_bnld: [B, N, Ld, D] candidate document token vectors.
-    d_mask_bnl: [B, N, Ld] bool/int, rows that may be the max.
-    precision: einsum precision (None: the backend default).
-
-  Returns:
-    float32 [B, N] scores; `NEG` for documents with no scored row.
+  q_bqd [B, Lq, D], d_bnld [B, N, Ld, D] of any float dtype; masks bool/int.
   """
   sim_bnql = jnp.einsum("bqd,bnld->bnql", q_bqd.astype(jnp.float32),
                         d_bnld.astype(jnp.float32), precision=precision)
@@ -69,19 +49,10 @@ def maxsim(q_bqd: jax.Array, q_mask_bq: jax.Array, d_bnld: jax.Array,
 def maxsim_all(q_bqd: jax.Array, q_mask_bq: jax.Array, d_nld: jax.Array,
                d_mask_nl: jax.Array, *, chunk_size: int | None = None,
                precision=None) -> jax.Array:
-  """MaxSim of every query against every document (in-batch training).
+  """float32 [B, N] MaxSim of every query against every document (in-batch).
 
-  Args:
-    q_bqd: [B, Lq, D] query token vectors.
-    q_mask_bq: [B, Lq] query score mask.
-    d_nld: [N, Ld, D] document token vectors.
-    d_mask_nl: [N, Ld] document score mask.
-    chunk_size: documents scored at a time (None: all). Bounds the
-      [B, N, Lq, Ld] similarity peak; chunks are rematerialised in backward.
-    precision: einsum precision.
-
-  Returns:
-    float32 [B, N] scores.
+  d_nld: [N, Ld, D]. `chunk_size` documents at a time bound the [B, N, Lq, Ld]
+  peak; chunks are rematerialised in the backward pass.
   """
   q_bqd = q_bqd.astype(jnp.float32)
 
@@ -110,23 +81,11 @@ def maxsim_all(q_bqd: jax.Array, q_mask_bq: jax.Array, d_nld: jax.Array,
 def score_candidates(queries_qld, q_masks_ql, docs_nld, d_masks_nl,
                      candidates_qk, *, batch: int = 16,
                      precision=HIGHEST) -> np.ndarray:
-  """MaxSim of each query against its candidates, in candidate order.
+  """float32 [Q, K] MaxSim against int candidates_qk [Q, K] (-1 empty: -inf).
 
-  Documents are gathered on the host for a NumPy `docs_nld` (a corpus too
-  large for the device), else on the device; fixed-size query batches.
-
-  Args:
-    queries_qld: [Q, Lq, D] query token vectors (float16/32).
-    q_masks_ql: [Q, Lq] query score masks.
-    docs_nld: [N, Ld, D] corpus token vectors.
-    d_masks_nl: [N, Ld] corpus score masks.
-    candidates_qk: int [Q, K] corpus indices; -1 marks an empty slot.
-    batch: queries per device call.
-    precision: einsum precision (HIGHEST: float32 products on every
-      backend).
-
-  Returns:
-    float32 [Q, K] scores; -inf at empty slots.
+  Docs are gathered on the host for a NumPy `docs_nld` (a corpus too large for
+  the device), else on the device; `batch` queries per fixed-shape call.
+  HIGHEST: float32 products on every backend (GPUs may otherwise use TF32).
   """
   candidates_qk = np.asarray(candidates_qk)
   if candidates_qk.ndim != 2:
@@ -170,17 +129,9 @@ def score_candidates(queries_qld, q_masks_ql, docs_nld, d_masks_nl,
 def rerank(queries_qld, q_masks_ql, docs_nld, d_masks_nl, candidates_qk, *,
            batch: int = 16, precision=HIGHEST
            ) -> tuple[np.ndarray, np.ndarray]:
-  """Re-scores candidate lists with exact MaxSim and sorts them.
+  """`score_candidates`, sorted: (scores_qk float32, indices_qk int64) [Q, K].
 
-  Args:
-    queries_qld, q_masks_ql, docs_nld, d_masks_nl, candidates_qk, batch,
-      precision: as in `score_candidates`.
-
-  Returns:
-    scores_qk: float32 [Q, K] MaxSim scores, sorted descending per row;
-      -inf at empty slots.
-    indices_qk: int64 [Q, K] the candidates in that order; ties keep their
-      input order and empty slots (-1) come last.
+  Ties keep input order; empty slots (-1, -inf) come last.
   """
   scores_qk = score_candidates(queries_qld, q_masks_ql, docs_nld, d_masks_nl,
                                candidates_qk, batch=batch,
@@ -194,17 +145,10 @@ def rerank(queries_qld, q_masks_ql, docs_nld, d_masks_nl, candidates_qk, *,
 
 @dataclasses.dataclass(frozen=True)
 class TwoStageResult:
-  """A re-ranked candidate list.
+  """A re-ranked candidate list, arrays [Q, K] with -1 slots last.
 
-  Attributes:
-    indices_qk: int64 [Q, K] final ranking; -1 slots last.
-    maxsim_qk: float32 [Q, K] MaxSim score of each entry, -inf for entries
-      that were not re-scored.
-    first_stage_qk: float32 [Q, K] first-stage score of each entry (-inf at
-      -1 slots).
-    reranked_qk: bool [Q, K] entries that were re-scored (a prefix of each
-      row).
-    num_maxsim: query–document MaxSim evaluations performed.
+  maxsim_qk / first_stage_qk: float32, -inf where not re-scored / at -1;
+  reranked_qk: re-scored entries (a row prefix); num_maxsim: their count.
   """
   indices_qk: np.ndarray
   maxsim_qk: np.ndarray
@@ -213,11 +157,7 @@ class TwoStageResult:
   num_maxsim: int
 
   def run_scores(self) -> np.ndarray:
-    """float32 [Q, K] scores that decrease along each row (K - rank).
-
-    MaxSim and first-stage scores are not comparable, so a run file gets the
-    rank instead; -1 slots get -inf.
-    """
+    """float32 [Q, K] K - rank (-inf at -1): the two stages' scores differ."""
     k = self.indices_qk.shape[1]
     ranks_qk = np.broadcast_to(np.arange(k, 0, -1, dtype=np.float32),
                                self.indices_qk.shape).copy()
@@ -243,27 +183,13 @@ def two_stage(first_stage_scores_qk, first_stage_indices_qk, queries_qld,
               q_masks_ql, docs_nld, d_masks_nl, *, depth: int | None = None,
               prune_ratio: float | None = None, drop_pruned: bool = True,
               batch: int = 16, precision=HIGHEST) -> TwoStageResult:
-  """First-stage candidates, MaxSim re-ranking of their head.
+  """MaxSim re-ranking of the head of [Q, K] first-stage candidates (-1 empty).
 
   Rows go in first-stage order (ties by position, -1 last). Candidates below
   prune_ratio × the row's top score (when it is > 0) are pruned, never the
-  top one; the first `depth` survivors are re-scored and sorted by MaxSim;
-  the other survivors follow in first-stage order, then the pruned ones
-  (`drop_pruned=False`) or -1. depth=None re-ranks every survivor.
-
-  Args:
-    first_stage_scores_qk: float [Q, K] first-stage scores.
-    first_stage_indices_qk: int [Q, K] corpus indices, -1 for empty slots.
-    queries_qld, q_masks_ql, docs_nld, d_masks_nl: as in `rerank`.
-    depth: candidates re-scored per query (>= 0), None for all.
-    prune_ratio: in [0, 1], or None for no pruning.
-    drop_pruned: remove pruned candidates (True) or keep them at the end.
-    batch: queries per device call.
-    precision: einsum precision.
-
-  Returns:
-    A TwoStageResult; `num_maxsim` = number of re-scored (query, document)
-    pairs (fixed-shape padding slots computed on the device not counted).
+  top one; the first `depth` (None: all) survivors are re-scored and sorted by
+  MaxSim; the other survivors follow, then the pruned ones (unless
+  `drop_pruned`) or -1. Other arguments as in `score_candidates`.
   """
   scores_qk = np.asarray(first_stage_scores_qk, np.float32)
   indices_qk = np.asarray(first_stage_indices_qk).astype(np.int64)

@@ -1,13 +1,10 @@
 """Vector pseudo-relevance feedback (PRF) for dense query embeddings.
 
 Li et al., arXiv:2108.11044: move q towards the first pass's documents and
-search again. Average: q' = (q + Σ_{i<=k} d_i) / (1 + rows used); Rocchio:
-q' = α q + β mean(top k_top) − γ mean(bottom k_bottom). `feedback_qk` holds
-first-pass corpus rows, best first; entries < 0 are skipped and a mean over
-no rows is 0. An index >= N raises eagerly but gathers NaN under `jit`.
-q' is not unit length; for cosine models that rescales each query's scores
-without changing its ranking (`renormalize=True` returns q' / |q'|).
-Float32 and jittable; the counts and `renormalize` are static.
+search again. `feedback_qk` [Q, K] holds first-pass corpus rows, best first;
+entries < 0 are skipped, a mean over no rows is 0, and an index >= N raises
+eagerly but gathers NaN under `jit`. q' is not unit length; for cosine models
+that rescales each query's scores without changing its ranking.
 """
 
 import functools
@@ -21,7 +18,6 @@ _NORM_EPS = 1e-12
 
 
 def _check_inputs(queries_qd, docs_nd, feedback_qk) -> None:
-  """Shape, dtype and (for concrete arrays) index-range checks."""
   if jnp.ndim(queries_qd) != 2:
     raise ValueError(f"queries_qd must be [Q, D], got shape "
                      f"{jnp.shape(queries_qd)}")
@@ -53,16 +49,7 @@ def _check_count(name: str, value: int) -> None:
 
 def _masked_sum(docs_nd: jax.Array, feedback_qk: jax.Array,
                  use_qk: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sum and number of the selected feedback rows.
-
-  Args:
-    docs_nd: [N, D] float32.
-    feedback_qk: [Q, K] int row indices.
-    use_qk: [Q, K] bool, True for rows to include (valid ones only).
-
-  Returns:
-    sum_qd: [Q, D] float32 sum of the selected rows; count_q: [Q] float32.
-  """
+  """[Q, D] sum and [Q] float32 count of the rows `use_qk` selects."""
   # `where`, not a multiply: a NaN row gathered for a bad index cannot leak.
   docs_qkd = jnp.take(docs_nd, jnp.where(use_qk, feedback_qk, 0), axis=0)
   sum_qd = jnp.sum(jnp.where(use_qk[..., None], docs_qkd, 0.0), axis=1)
@@ -102,24 +89,10 @@ def average_prf(queries_qd: jax.Array,
                 *,
                 k: int,
                 renormalize: bool = False) -> jax.Array:
-  """Average PRF: q' = (q + sum of the first k feedback rows) / (1 + count).
+  """Average PRF: q' = (q + Σ first k valid feedback rows) / (1 + rows used).
 
-  Args:
-    queries_qd: [Q, D] query embeddings (cast to float32).
-    docs_nd: [N, D] corpus embeddings (cast to float32).
-    feedback_qk: [Q, K] int corpus row indices of the first-pass ranking,
-      best first; entries < 0 are missing and skipped.
-    k: feedback depth, an int >= 0; the first k valid entries are used (all
-      of them when a row has fewer). k = 0 returns q.
-    renormalize: L2-normalise q' (see the module docstring).
-
-  Returns:
-    [Q, D] float32 new query embeddings; count = number of valid entries
-    used, so missing results do not shrink q'.
-
-  Raises:
-    ValueError: bad shapes or dtypes, k < 0, or (eager calls only) an index
-      >= N.
+  queries_qd [Q, D] and docs_nd [N, D] are cast to float32; k >= 0 (0 returns
+  q); `renormalize` returns q' / |q'|. Returns [Q, D] float32.
   """
   _check_inputs(queries_qd, docs_nd, feedback_qk)
   _check_count("k", k)
@@ -155,27 +128,8 @@ def rocchio_prf(queries_qd: jax.Array,
                 renormalize: bool = False) -> jax.Array:
   """Rocchio PRF: q' = alpha q + beta mean(top) - gamma mean(bottom).
 
-  "top" / "bottom": the first k_top / last k_bottom valid entries. The
-  defaults are the usual ones (no negative feedback).
-
-  Args:
-    queries_qd: [Q, D] query embeddings (cast to float32).
-    docs_nd: [N, D] corpus embeddings (cast to float32).
-    feedback_qk: [Q, K] int corpus row indices of the first-pass ranking,
-      best first; entries < 0 are missing and skipped.
-    alpha: weight of the query.
-    beta: weight of the mean of the top rows (positive feedback).
-    gamma: weight of the mean of the bottom rows (negative feedback).
-    k_top: number of top rows, an int >= 0.
-    k_bottom: number of bottom rows, an int >= 0 (0: no negative term).
-    renormalize: L2-normalise q' (see the module docstring).
-
-  Returns:
-    [Q, D] float32 new query embeddings. A mean over no valid rows is 0.
-
-  Raises:
-    ValueError: bad shapes or dtypes, k_top or k_bottom < 0, or (eager calls
-      only) an index >= N.
+  top / bottom: the first k_top / last k_bottom valid feedback rows (k_bottom
+  = 0: no negative term); shapes, dtypes, `renormalize` as in `average_prf`.
   """
   _check_inputs(queries_qd, docs_nd, feedback_qk)
   _check_count("k_top", k_top)

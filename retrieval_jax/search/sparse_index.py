@@ -1,13 +1,10 @@
 """CPU inverted index for learned sparse vectors (SPLADE-style term weights).
 
-score(q, d) = Σ_v q_v d_v, exact in float32, for every document sharing a
-term with the query. Documents are stored CSC [N, V], so `D.T` is a no-copy
-CSR [V, N] of posting lists and `Q_csr @ D.T` costs the posting lengths the
-queries touch; CSR storage would copy O(nnz(D)) per product (SciFact-size,
-512 queries, one core: 5.4 ms CSC against 23.8 ms CSR). Weights must be
->= 0, so a score is 0 exactly when no term is shared and `search` returns
-only positive scores: descending, ties by the smaller doc index, rows padded
-with (-inf, -1), which `evaluation.trec_run.run_from_topk` skips.
+score(q, d) = Σ_v q_v d_v, exact in float32. Documents are stored CSC [N, V],
+so `D.T` is a no-copy CSR [V, N] of posting lists and `Q_csr @ D.T` costs the
+posting lengths the queries touch; CSR storage would copy O(nnz(D)) per
+product (SciFact-size, 512 queries, one core: 5.4 ms CSC against 23.8 ms
+CSR). Weights must be >= 0, so a score is 0 exactly when no term is shared.
 """
 
 from collections.abc import Iterable, Sequence
@@ -33,12 +30,7 @@ _DEFAULT_BLOCK_ENTRIES = 1 << 22
 class SparseIndex:
   """An exact inverted index over non-negative sparse document vectors.
 
-  Attributes:
-    docs_nv: float32 scipy.sparse.csc_matrix [N, V], the document-term
-      weights; sorted indices, no explicit zeros. `docs_nv.T` is the CSR
-      [V, N] posting-list view used for scoring (see the module docstring).
-    num_docs: N.
-    vocab_size: V.
+  docs_nv: float32 csc_matrix [N, V], sorted indices, no explicit zeros.
   """
   docs_nv: sp.csc_matrix
   num_docs: int
@@ -70,7 +62,6 @@ def _check_threshold(threshold: float) -> float:
 
 
 def _check_weights(data: np.ndarray, what: str) -> None:
-  """Raises unless every weight is finite and non-negative."""
   if not np.isfinite(data).all():
     raise ValueError(f"{what} has non-finite weights")
   if (data < 0).any():
@@ -96,21 +87,7 @@ def _csr_from_mask(w_bv: np.ndarray, keep_bv: np.ndarray) -> sp.csr_matrix:
 
 
 def to_sparse_rows(w_bv, threshold: float = 0.0) -> sp.csr_matrix:
-  """Dense term weights -> sparse rows, keeping entries > threshold.
-
-  Used for document batches and for queries alike.
-
-  Args:
-    w_bv: [b, V] float array (NumPy or JAX, any float dtype); finite.
-    threshold: entries <= threshold are dropped; must be >= 0, so the kept
-      weights are positive.
-
-  Returns:
-    float32 scipy.sparse.csr_matrix [b, V] with sorted column indices.
-
-  Raises:
-    ValueError: w_bv is not 2-D or has non-finite values, or threshold < 0.
-  """
+  """float32 CSR [b, V] of the entries > threshold (>= 0) of finite w_bv."""
   threshold = _check_threshold(threshold)
   w_bv = _as_float32_2d(w_bv, "w_bv")
   if not np.isfinite(w_bv).all():
@@ -119,15 +96,7 @@ def to_sparse_rows(w_bv, threshold: float = 0.0) -> sp.csr_matrix:
 
 
 def _keep_top_terms(rows_bv: sp.csr_matrix, top_terms: int) -> sp.csr_matrix:
-  """Keeps each row's top_terms largest entries, ties by smaller term id.
-
-  Args:
-    rows_bv: float32 CSR [b, V] with sorted indices.
-    top_terms: t >= 1.
-
-  Returns:
-    CSR [b, V] with min(t, row nnz) entries per row, sorted indices.
-  """
+  """CSR [b, V]: each row's top_terms largest entries, ties to smaller ids."""
   counts_b = np.diff(rows_bv.indptr)
   if counts_b.max(initial=0) <= top_terms:
     return rows_bv
@@ -154,23 +123,10 @@ def _from_csr(docs_nv: sp.csr_matrix, vocab_size: int) -> SparseIndex:
 def from_dense_batches(batches: Iterable, *, vocab_size: int,
                        threshold: float = 0.0,
                        top_terms: int = 0) -> SparseIndex:
-  """Builds an index from dense encoder outputs; [N, V] is never dense.
+  """Index from dense [b, V] encoder batches in doc order; [N, V] never dense.
 
-  Args:
-    batches: iterable of [b, V] float arrays (NumPy or JAX; e.g. the SPLADE
-      encoder's output per batch), in document order; b may vary.
-    vocab_size: V; every batch must have exactly V columns.
-    threshold: keep entries > threshold (>= 0).
-    top_terms: if > 0, keep only each document's top_terms largest weights
-      (among those above the threshold); equal weights keep the smaller
-      term id. 0 keeps all.
-
-  Returns:
-    The SparseIndex over all rows, in order.
-
-  Raises:
-    ValueError: bad vocab_size, threshold or top_terms; a batch that is not
-      [b, vocab_size] or has non-finite values.
+  Keeps entries > threshold (>= 0) and, if top_terms > 0, each document's
+  top_terms largest (equal weights keep the smaller term id).
   """
   vocab_size = _check_vocab_size(vocab_size)
   threshold = _check_threshold(threshold)
@@ -202,22 +158,9 @@ def from_dense_batches(batches: Iterable, *, vocab_size: int,
 
 def from_rows(indices_list: Sequence, values_list: Sequence,
               vocab_size: int) -> SparseIndex:
-  """Builds an index from per-document (term ids, weights) lists.
+  """Index from per-document term ids (in [0, V), unrepeated) and weights.
 
-  Args:
-    indices_list: N int arrays, the term ids of each document (any order,
-      no repeats within a document).
-    values_list: N float arrays, the matching weights (finite, >= 0; zeros
-      are dropped).
-    vocab_size: V; every term id must be in [0, V).
-
-  Returns:
-    The SparseIndex with one row per document, in order.
-
-  Raises:
-    ValueError: list lengths differ, a document's ids and weights differ in
-      length, an id is out of range or repeated, or a weight is negative or
-      non-finite.
+  Weights must be finite and >= 0; zeros are dropped.
   """
   vocab_size = _check_vocab_size(vocab_size)
   if len(indices_list) != len(values_list):
@@ -256,11 +199,7 @@ def from_rows(indices_list: Sequence, values_list: Sequence,
 
 def _query_blocks(queries_qv: sp.csr_matrix, index: SparseIndex,
                   max_block_entries: int) -> list[tuple[int, int]]:
-  """Contiguous query ranges whose products hold <= max_block_entries.
-
-  A query's row has at most min(N, Σ posting lengths) entries; a single
-  query is always allowed.
-  """
+  """Query ranges with <= max_block_entries product entries (or one query)."""
   num_queries = queries_qv.shape[0]
   postings_v = np.diff(index.docs_nv.indptr)
   row_of_m = np.repeat(np.arange(num_queries), np.diff(queries_qv.indptr))
@@ -293,25 +232,11 @@ def _row_topk(scores_m: np.ndarray, docs_m: np.ndarray,
 def search(index: SparseIndex, queries_csr, k: int, *,
            max_block_entries: int = _DEFAULT_BLOCK_ENTRIES
            ) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k documents by sparse dot product.
+  """Exact top-k docs by sparse dot product for scipy queries_csr [Q, V] >= 0.
 
-  Args:
-    index: the SparseIndex.
-    queries_csr: scipy sparse [Q, V] query weights (finite, >= 0), e.g. from
-      `to_sparse_rows`.
-    k: results per query, >= 1 (may exceed the number of docs).
-    max_block_entries: most (query, doc) matches per scored block of
-      queries, bounding memory on large corpora.
-
-  Returns:
-    scores_qk: float32 [Q, k], descending per row; -inf for padding.
-    indices_qk: int64 [Q, k] doc indices; equal scores list the smaller
-      index first; -1 for padding. Only documents sharing a term with the
-      query (positive score) are returned.
-
-  Raises:
-    ValueError: queries are not scipy sparse, are not [Q, vocab_size], or
-      have negative / non-finite weights; k or max_block_entries < 1.
+  Returns scores_qk float32 [Q, k] descending, indices_qk int64 [Q, k] (ties
+  to the smaller index); only docs sharing a term come, then (-inf, -1)
+  padding. max_block_entries bounds the (query, doc) matches held at once.
   """
   if not sp.issparse(queries_csr):
     raise ValueError("queries_csr must be a scipy sparse matrix (see "
@@ -372,13 +297,7 @@ def save(index: SparseIndex, path: str | os.PathLike[str]) -> None:
 
 
 def load(path: str | os.PathLike[str]) -> SparseIndex:
-  """Reads an index written by `save`.
-
-  Raises:
-    FileNotFoundError: no file at path.
-    ValueError: the file is not a saved SparseIndex, has another format
-      version, or its arrays are inconsistent; the message names the path.
-  """
+  """Reads an index written by `save` (ValueError naming the path if not)."""
   path = os.fspath(path)
   try:
     loaded = np.load(path, allow_pickle=False)

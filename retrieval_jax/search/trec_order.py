@@ -1,8 +1,7 @@
-"""trec_eval's document order for one query's run.
+"""trec_eval's document order for one query's run (fusion and metrics use it).
 
 Score descending, then doc id descending (code points, as `strcmp` on UTF-8).
-Scores compare as float32, trec_eval's C `float`, so float64 scores differing
-only below float32 precision tie. Fusion and the IR metrics both rank this way.
+Scores compare as float32, trec_eval's C `float`, so finer differences tie.
 """
 
 from collections.abc import Mapping, Sequence
@@ -10,7 +9,6 @@ import heapq
 
 import numpy as np
 
-# One query's run: {doc id: score} or (doc id, score) pairs.
 DocScores = Mapping[str, float] | Sequence[tuple[str, float]]
 
 
@@ -23,19 +21,10 @@ def as_float32(scores: np.ndarray) -> np.ndarray:
 
 def trec_eval_sorted(doc_scores: DocScores,
                      k: int | None = None) -> list[tuple[str, float]]:
-  """Returns (doc id, score) pairs in trec_eval's order, optionally the top k.
-
-  Args:
-    doc_scores: one query's run, {doc id: score} or (doc id, score) pairs.
-    k: keep only the first k pairs (None keeps all).
-
-  Returns:
-    The pairs sorted by score descending, then doc id descending, each with
-    its original score.
-  """
+  """(doc id, original score) pairs in trec_eval's order; the top k if given."""
   items = list(doc_scores.items() if isinstance(doc_scores, Mapping)
                else doc_scores)
-  # Keys (float32 score, id, position); the position returns the original.
+  # Keys (float32 score, id, position); the position recovers the original.
   scores32 = as_float32(np.fromiter((s for _, s in items), np.float64,
                                     len(items))).tolist()
   keys = zip(scores32, (doc for doc, _ in items), range(len(items)))
