@@ -32,7 +32,8 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec):
     if key not in spec:
       if not lazy:
         raise ValueError(
-            f"unknown config argument {key!r}; accepted: {sorted(spec)}")
+            f"unknown config argument {key!r}; accepted: {sorted(spec)}"
+        )
       parsed[key] = value
       continue
     default = spec[key]

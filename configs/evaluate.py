@@ -135,8 +135,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   # Measures to report: ndcg@K, recall@K, mrr@K, map, map@K, p@K, ndcg, mrr.
-  config.eval.measures = ("ndcg@10", "recall@2", "recall@10", "recall@100",
-                          "mrr@10", "map", "p@10")
+  config.eval.measures = (
+      "ndcg@10",
+      "recall@2",
+      "recall@10",
+      "recall@100",
+      "mrr@10",
+      "map",
+      "p@10",
+  )
   # Label at or above which a judged document counts as relevant (binary
   # measures only; nDCG always uses the raw labels, as trec_eval does).
   config.eval.relevance_level = 1

@@ -37,9 +37,14 @@ from configs import train as train_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the long-document config; `arg` selects variants."""
-  arg = common.parse_arg(arg, smoke=False, model="small", loss="infonce",
-                         seed=0, shared=str(common.REPO_ROOT.parent /
-                                            "shared" / "data"))
+  arg = common.parse_arg(
+      arg,
+      smoke=False,
+      model="small",
+      loss="infonce",
+      seed=0,
+      shared=str(common.REPO_ROOT.parent / "shared" / "data"),
+  )
   config = train_config.get_config(f"seed={arg.seed},loss={arg.loss}")
   config.unlock()
 
@@ -86,8 +91,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.m2.preset = arg.model
     model.pooling = "pooler"
     model.max_length = int(
-        {"m2-bert-80m-128": 128, "m2-bert-80m-2k": 2048,
-         "m2-bert-80m-8k": 8192, "m2-bert-80m-32k": 32768}.get(arg.model, 0))
+        {
+            "m2-bert-80m-128": 128,
+            "m2-bert-80m-2k": 2048,
+            "m2-bert-80m-8k": 8192,
+            "m2-bert-80m-32k": 32768,
+        }.get(arg.model, 0)
+    )
   # Initialisation seed follows the run's seed.
   model.m2.seed = arg.seed
 
@@ -145,8 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evals = ml_collections.ConfigDict()
   # The test queries against the long documents (path set at start-up).
   config.evals.long_docs = train_config._eval_block(  # pylint: disable=protected-access
-      "", "test", ("ndcg@10", "recall@1", "recall@10", "mrr@10"),
-      top_k=100)
+      "", "test", ("ndcg@10", "recall@1", "recall@10", "mrr@10"), top_k=100
+  )
   # Long documents: few per encoder call.
   config.evals.long_docs.batch_size = 4
 

@@ -47,8 +47,9 @@ import ml_collections
 from configs import common
 
 
-def _eval_block(path: str, split: str, measures, *, max_queries: int = 0,
-                top_k: int = 1000) -> ml_collections.ConfigDict:
+def _eval_block(
+    path: str, split: str, measures, *, max_queries: int = 0, top_k: int = 1000
+) -> ml_collections.ConfigDict:
   ev = ml_collections.ConfigDict()
   # BEIR directory with corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
   ev.path = path
@@ -67,11 +68,20 @@ def _eval_block(path: str, split: str, measures, *, max_queries: int = 0,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the training config; `arg` selects variants (see docstring)."""
-  arg = common.parse_arg(arg, smoke=False, scifact=False, loss="infonce",
-                         cross_encoder=False, head="cls", teacher="",
-                         splade=False, inference_free=False, colbert=False,
-                         seed=0, shared=str(common.REPO_ROOT.parent /
-                                            "shared" / "data"))
+  arg = common.parse_arg(
+      arg,
+      smoke=False,
+      scifact=False,
+      loss="infonce",
+      cross_encoder=False,
+      head="cls",
+      teacher="",
+      splade=False,
+      inference_free=False,
+      colbert=False,
+      seed=0,
+      shared=str(common.REPO_ROOT.parent / "shared" / "data"),
+  )
   limit = str(common.REPO_ROOT / "data" / "limit-small")
   config = ml_collections.ConfigDict()
 
@@ -187,7 +197,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evals = ml_collections.ConfigDict()
   # Held-out LIMIT-small queries (disjoint from the train split).
   config.evals.limit_dev = _eval_block(
-      limit, "dev", ("recall@2", "recall@10", "ndcg@10", "mrr@10"))
+      limit, "dev", ("recall@2", "recall@10", "ndcg@10", "mrr@10")
+  )
 
   config.export = ml_collections.ConfigDict()
   # Token budget of the exported query tower.
@@ -216,8 +227,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 10
     config.evals = ml_collections.ConfigDict()
     config.evals.scifact = _eval_block(
-        f"{arg.shared}/scifact", "test",
-        ("ndcg@10", "recall@100", "mrr@10", "recall@10"))
+        f"{arg.shared}/scifact",
+        "test",
+        ("ndcg@10", "recall@100", "mrr@10", "recall@10"),
+    )
 
   if arg.cross_encoder:
     config.model.kind = "cross_encoder"
@@ -247,8 +260,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.splade or arg.inference_free or arg.colbert:
     # Raw scores (no temperature); evaluated by the evaluate mode
     # (configs/evaluate.py with --config.run=<this workdir>).
-    config.model.kind = ("splade" if arg.splade else "inference_free"
-                         if arg.inference_free else "colbert")
+    config.model.kind = (
+        "splade"
+        if arg.splade
+        else "inference_free"
+        if arg.inference_free
+        else "colbert"
+    )
     config.evals = ml_collections.ConfigDict()
     config.train.eval_before = False
     # The positive and one BM25 negative per query, 16 queries per step.

@@ -23,10 +23,14 @@ from ml_collections import config_flags
 def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
   """Defines the flags, parses them and runs `run(config, workdir)`."""
   config_flag = config_flags.DEFINE_config_file(
-      "config", None, "Experiment config (experiments/<name>/config.py"
-      "[:variant]).", lock_config=True)
+      "config",
+      None,
+      "Experiment config (experiments/<name>/config.py[:variant]).",
+      lock_config=True,
+  )
   workdir_flag = flags.DEFINE_string(
-      "workdir", None, "Directory for outputs (created if missing).")
+      "workdir", None, "Directory for outputs (created if missing)."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
@@ -41,8 +45,12 @@ def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
     # Before the first device query: on CPU, one XLA device per core.
     sharding.use_cpu_cores_as_devices(config.mesh.cpu_devices)
     jax.config.update("jax_threefry_partitionable", True)
-    logging.info("%d devices (%s); config:\n%s", jax.device_count(),
-                 jax.devices()[0].platform, config)
+    logging.info(
+        "%d devices (%s); config:\n%s",
+        jax.device_count(),
+        jax.devices()[0].platform,
+        config,
+    )
     try:
       run(config, workdir_flag.value)
     except (errors.ConfigError, errors.DataError, FileNotFoundError) as e:

@@ -16,8 +16,8 @@ try:
   from matplotlib.backends import backend_agg
 except ImportError as e:
   raise ImportError(
-      "the experiments' plots need matplotlib: pip install -e "
-      "'.[experiments]'") from e
+      "the experiments' plots need matplotlib: pip install -e '.[experiments]'"
+  ) from e
 
 from retrieval_jax import io as rj_io
 
@@ -37,6 +37,7 @@ class Series:
     line: join the points.
     markers: draw a dot at each point.
   """
+
   label: str
   xs: Sequence[float]
   ys: Sequence[float]
@@ -46,11 +47,17 @@ class Series:
   markers: bool = False
 
 
-def line_plot(path: str | os.PathLike, series: Sequence[Series], *,
-              title: str = "", xlabel: str = "", ylabel: str = "",
-              x_range: tuple[float, float] | None = None,
-              y_range: tuple[float, float] | None = None,
-              legend: str = "best") -> tuple[pathlib.Path, pathlib.Path]:
+def line_plot(
+    path: str | os.PathLike,
+    series: Sequence[Series],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    legend: str = "best",
+) -> tuple[pathlib.Path, pathlib.Path]:
   """Writes the series to <path>.png and <path>.svg (any suffix replaced).
 
   Args:
@@ -70,16 +77,21 @@ def line_plot(path: str | os.PathLike, series: Sequence[Series], *,
     raise ValueError("nothing to plot: no series")
   for s in series:
     if len(s.xs) != len(s.ys):
-      raise ValueError(f"series {s.label!r}: {len(s.xs)} xs but "
-                       f"{len(s.ys)} ys")
+      raise ValueError(f"series {s.label!r}: {len(s.xs)} xs but {len(s.ys)} ys")
   # A Figure with its own Agg canvas: no pyplot state, no display needed.
   fig = figure.Figure(figsize=(6.4, 4.2), dpi=100)
   backend_agg.FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   for s in series:
-    ax.plot(s.xs, s.ys, color=s.color, label=s.label,
-            linestyle=("--" if s.dashed else "-") if s.line else "none",
-            marker="o" if s.markers else None, markersize=4)
+    ax.plot(
+        s.xs,
+        s.ys,
+        color=s.color,
+        label=s.label,
+        linestyle=("--" if s.dashed else "-") if s.line else "none",
+        marker="o" if s.markers else None,
+        markersize=4,
+    )
   ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
   if x_range is not None:
     ax.set_xlim(*x_range)

@@ -6,5 +6,6 @@ def __getattr__(name):
   # Lazy: importing the package does not import JAX.
   if name in ("load", "index"):
     from retrieval_jax import api  # pylint: disable=g-import-not-at-top
+
     return getattr(api, name)
   raise AttributeError(f"module retrieval_jax has no attribute {name!r}")

@@ -34,6 +34,7 @@ class Model:
     mesh: devices encoding runs on.
     max_length: tokens per text.
   """
+
   kind: Any
   module: Any
   tokenizer: Any
@@ -47,20 +48,37 @@ class Model:
     """The dense encoder (kinds with `retriever == "dense"`)."""
     if self._encoder is None:
       self._encoder = self.kind.text_encoder(
-          self.module, self.tokenizer, self.run_config, self.mesh,
-          max_length=self.max_length)
+          self.module,
+          self.tokenizer,
+          self.run_config,
+          self.mesh,
+          max_length=self.max_length,
+      )
     return self._encoder
 
-  def encode(self, texts: Sequence[str], *, batch_size: int = 64,
-             progress: bool = False) -> np.ndarray:
+  def encode(
+      self,
+      texts: Sequence[str],
+      *,
+      batch_size: int = 64,
+      progress: bool = False,
+  ) -> np.ndarray:
     """float32 [N, D] embeddings (dense kinds) of `texts`, in order."""
-    return self.text_encoder.encode(list(texts), batch_size=batch_size,
-                                    progress=progress)
+    return self.text_encoder.encode(
+        list(texts), batch_size=batch_size, progress=progress
+    )
 
 
-def load(name_or_path: str = "all-MiniLM-L6-v2", *, run: str | None = None,
-         max_length: int | None = 256, mesh=None, pooling: str = "",
-         normalize: bool | None = None, dtype: str = "float32") -> Model:
+def load(
+    name_or_path: str = "all-MiniLM-L6-v2",
+    *,
+    run: str | None = None,
+    max_length: int | None = 256,
+    mesh=None,
+    pooling: str = "",
+    normalize: bool | None = None,
+    dtype: str = "float32",
+) -> Model:
   """A packaged / local pretrained model, or a trained run (`run=WORKDIR`).
 
   Args:
@@ -74,25 +92,43 @@ def load(name_or_path: str = "all-MiniLM-L6-v2", *, run: str | None = None,
   mesh = sharding.make_mesh() if mesh is None else mesh
   if run is not None:
     module, tokenizer, run_cfg, _ = kinds.load_run(run, mesh)
-    return Model(kinds.get(run_cfg["model"]), module, tokenizer, run_cfg,
-                 mesh, max_length or run_cfg["model"]["max_length"])
+    return Model(
+        kinds.get(run_cfg["model"]),
+        module,
+        tokenizer,
+        run_cfg,
+        mesh,
+        max_length or run_cfg["model"]["max_length"],
+    )
   encoder = encoding.TextEncoder.from_pretrained(
-      name_or_path, mesh, pooling=pooling, normalize=normalize,
-      max_length=max_length, dtype=dtype)
-  return Model(kinds.KINDS["bi_encoder"], None, encoder.tokenizer,
-               {"model": {"pooling": encoder.pooling,
-                          "normalize": encoder.normalize}},
-               mesh, encoder.max_length, _encoder=encoder)
+      name_or_path,
+      mesh,
+      pooling=pooling,
+      normalize=normalize,
+      max_length=max_length,
+      dtype=dtype,
+  )
+  return Model(
+      kinds.KINDS["bi_encoder"],
+      None,
+      encoder.tokenizer,
+      {"model": {"pooling": encoder.pooling, "normalize": encoder.normalize}},
+      mesh,
+      encoder.max_length,
+      _encoder=encoder,
+  )
 
 
 @dataclasses.dataclass
 class Index:
   """A searchable corpus; `search(queries, k) -> (ids, scores)`."""
+
   doc_ids: list[str]
   search_rows: Any  # (queries, k) -> (scores_qk, rows_qk), rows -1 = none
 
-  def search(self, queries: Sequence[str] | str, k: int = 10
-             ) -> tuple[list[list[str]], np.ndarray]:
+  def search(
+      self, queries: Sequence[str] | str, k: int = 10
+  ) -> tuple[list[list[str]], np.ndarray]:
     """Top-k documents per query.
 
     Returns:
@@ -102,15 +138,21 @@ class Index:
     queries = [queries] if isinstance(queries, str) else list(queries)
     scores_qk, rows_qk = self.search_rows(queries, min(k, len(self.doc_ids)))
     rows_qk = np.asarray(rows_qk)
-    scores_qk = np.where(rows_qk >= 0, np.asarray(scores_qk, np.float32),
-                         -np.inf)
+    scores_qk = np.where(
+        rows_qk >= 0, np.asarray(scores_qk, np.float32), -np.inf
+    )
     ids = [[self.doc_ids[r] for r in row if r >= 0] for row in rows_qk]
     return ids, scores_qk
 
 
-def index(corpus: Mapping[str, str] | Sequence[str], model: Model | None = None,
-          *, kind: str | None = None, depth: int = 100,
-          batch_size: int = 32) -> Index:
+def index(
+    corpus: Mapping[str, str] | Sequence[str],
+    model: Model | None = None,
+    *,
+    kind: str | None = None,
+    depth: int = 100,
+    batch_size: int = 32,
+) -> Index:
   """Indexes `corpus` ({id: text} or texts, ids "0", "1", ...) for search.
 
   Args:
@@ -122,6 +164,7 @@ def index(corpus: Mapping[str, str] | Sequence[str], model: Model | None = None,
     batch_size: texts per encoder step.
   """
   from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
+
   if isinstance(corpus, Mapping):
     doc_ids, texts = list(corpus), list(corpus.values())
   else:
@@ -134,18 +177,23 @@ def index(corpus: Mapping[str, str] | Sequence[str], model: Model | None = None,
   if model is None:
     raise ValueError(f"kind={retriever!r} needs a model (retrieval_jax.load)")
   with jax.default_matmul_precision("float32"):
-    return Index(doc_ids, _SEARCHERS[retriever](model, texts, depth,
-                                                batch_size))
+    return Index(
+        doc_ids, _SEARCHERS[retriever](model, texts, depth, batch_size)
+    )
 
 
 def _dense(model, texts, depth, batch_size):
   from retrieval_jax.search import exact_topk  # pylint: disable=g-import-not-at-top
+
   del depth
   corpus = exact_topk.encode_corpus(
-      model.encode(texts, batch_size=batch_size), mesh=model.mesh,
-      metric="cosine" if model.text_encoder.normalize else "dot")
+      model.encode(texts, batch_size=batch_size),
+      mesh=model.mesh,
+      metric="cosine" if model.text_encoder.normalize else "dot",
+  )
   return lambda queries, k: exact_topk.search(
-      corpus, model.encode(queries, batch_size=batch_size), k)
+      corpus, model.encode(queries, batch_size=batch_size), k
+  )
 
 
 def _sparse(model, texts, depth, batch_size):
@@ -153,24 +201,32 @@ def _sparse(model, texts, depth, batch_size):
   from retrieval_jax.kinds import splade as splade_kind  # pylint: disable=g-import-not-at-top
   from retrieval_jax.data import features  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
+
   del depth
-  encoder = encoding.SparseEncoder(model.module, model.tokenizer, model.mesh,
-                                   max_length=model.max_length)
+  encoder = encoding.SparseEncoder(
+      model.module, model.tokenizer, model.mesh, max_length=model.max_length
+  )
   docs_nv = encoder.encode(texts, batch_size=batch_size, progress=False)
   built = sparse_index.SparseIndex(docs_nv.tocsc(), *docs_nv.shape)
   tok = model.tokenizer
-  idf_v = features.idf_from_corpus([tok.tokenize_to_ids(t) for t in texts],
-                                 tok.vocab_size)
+  idf_v = features.idf_from_corpus(
+      [tok.tokenize_to_ids(t) for t in texts], tok.vocab_size
+  )
 
   def search(queries, k):
     if model.kind.name == "inference_free":
-      queries_qv = scipy.sparse.csr_matrix(features.inference_free_query(
-          [tok.encode(q, model.max_length) for q in queries],
-          vocab_size=tok.vocab_size, idf_v=idf_v,
-          special_ids=splade_kind.special_ids(tok)))
+      queries_qv = scipy.sparse.csr_matrix(
+          features.inference_free_query(
+              [tok.encode(q, model.max_length) for q in queries],
+              vocab_size=tok.vocab_size,
+              idf_v=idf_v,
+              special_ids=splade_kind.special_ids(tok),
+          )
+      )
     else:
-      queries_qv = encoder.encode(queries, batch_size=batch_size,
-                                  progress=False)
+      queries_qv = encoder.encode(
+          queries, batch_size=batch_size, progress=False
+      )
     return sparse_index.search(built, queries_qv, k)
 
   return search
@@ -179,21 +235,28 @@ def _sparse(model, texts, depth, batch_size):
 def _colbert(model, texts, depth, batch_size):
   from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import late_interaction  # pylint: disable=g-import-not-at-top
+
   run = model.run_config
   encoder = encoding.MultiVectorEncoder(
-      model.module, model.tokenizer, model.mesh,
+      model.module,
+      model.tokenizer,
+      model.mesh,
       query_maxlen=run["data"]["query_max_length"],
-      doc_maxlen=model.max_length, augment=run["model"]["colbert_augment"])
-  docs_nld, masks_nl = encoder.embed_docs(texts, batch_size=batch_size,
-                                          progress=False)
+      doc_maxlen=model.max_length,
+      augment=run["model"]["colbert_augment"],
+  )
+  docs_nld, masks_nl = encoder.embed_docs(
+      texts, batch_size=batch_size, progress=False
+  )
   first = bm25.Bm25Index.build(texts)
 
   def search(queries, k):
     scores_qk, rows_qk = first.search(queries, max(depth, k))
     q_qld, q_mask_ql = encoder.embed_queries(queries)
-    out = late_interaction.two_stage(scores_qk, rows_qk, q_qld, q_mask_ql,
-                                     docs_nld, masks_nl)
-    return out.run_scores()[:, :k], out.indices_qk[:, :k]
+    out = late_interaction.two_stage(
+        scores_qk, rows_qk, q_qld, q_mask_ql, docs_nld, masks_nl
+    )
+    return out.maxsim_qk[:, :k], out.indices_qk[:, :k]
 
   return search
 
@@ -201,19 +264,30 @@ def _colbert(model, texts, depth, batch_size):
 def _rerank(model, texts, depth, batch_size):
   from retrieval_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
+
   first = bm25.Bm25Index.build(texts)
 
   def search(queries, k):
     _, rows_qk = first.search(queries, max(depth, k))
     scorer = encoding.PairScorer(
-        model.module, model.tokenizer, queries, texts,
+        model.module,
+        model.tokenizer,
+        queries,
+        texts,
         max_length=model.run_config["data"]["pair_max_length"],
-        batch_size=batch_size, mesh=model.mesh)
+        batch_size=batch_size,
+        mesh=model.mesh,
+    )
     scores_qk, rows_qk = evaluators.rerank(scorer, np.asarray(rows_qk))
     return scores_qk[:, :k], rows_qk[:, :k]
 
   return search
 
 
-_SEARCHERS = {"dense": _dense, "splade": _sparse, "inference_free": _sparse,
-              "colbert": _colbert, "rerank": _rerank}
+_SEARCHERS = {
+    "dense": _dense,
+    "splade": _sparse,
+    "inference_free": _sparse,
+    "colbert": _colbert,
+    "rerank": _rerank,
+}

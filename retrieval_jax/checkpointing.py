@@ -40,7 +40,8 @@ def check_step(step: Any) -> int:
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
     raise TypeError(
         f"step must be a python or numpy integer, got {type(step).__name__}"
-        f" {step!r}")
+        f" {step!r}"
+    )
   if step < 0:  # would not parse back as an Orbax step directory
     raise ValueError(f"step must be >= 0, got {step}")
   return int(step)
@@ -70,12 +71,14 @@ def _restore_args(abstract: PyTree, what: str) -> PyTree:
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
       raise ValueError(
           f"{what}{name}: expected a jax.ShapeDtypeStruct with a sharding,"
-          f" got {type(leaf).__name__}")
+          f" got {type(leaf).__name__}"
+      )
     if getattr(leaf, "sharding", None) is None:
       raise ValueError(
           f"{what}{name}: the abstract target has no sharding; build it with"
           " jax.eval_shape and attach NamedShardings so the restore knows"
-          " its layout")
+          " its layout"
+      )
   return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
@@ -91,12 +94,17 @@ def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   if step not in steps:
     raise FileNotFoundError(
         f"no checkpoint for step {step} in {manager.directory};"
-        f" available steps: {sorted(steps)}")
+        f" available steps: {sorted(steps)}"
+    )
   return step
 
 
-def _restore_params(manager: ocp.CheckpointManager, step: int | None,
-                    abstract_params: PyTree, params_key: str) -> PyTree:
+def _restore_params(
+    manager: ocp.CheckpointManager,
+    step: int | None,
+    abstract_params: PyTree,
+    params_key: str,
+) -> PyTree:
   """Reads only `state[params_key]` of one step; see `restore_params`."""
   step = _resolve_step(manager, step)
   # Orbax's own error for a missing key is a bare KeyError.
@@ -105,7 +113,8 @@ def _restore_params(manager: ocp.CheckpointManager, step: int | None,
   if params_key not in saved_keys:
     raise KeyError(
         f"checkpoint {manager.directory}/{step} has no {params_key!r} in its"
-        f" state; top-level keys: {saved_keys}")
+        f" state; top-level keys: {saved_keys}"
+    )
   target = {params_key: abstract_params}
   restored = manager.restore(
       step,
@@ -113,31 +122,45 @@ def _restore_params(manager: ocp.CheckpointManager, step: int | None,
           STATE: ocp.args.PyTreeRestore(
               item=target,
               restore_args=_restore_args(target, "abstract_params"),
-              partial_restore=True)  # optimizer moments stay on disk
-      }))
+              partial_restore=True,
+          )  # optimizer moments stay on disk
+      }),
+  )
   return restored[STATE][params_key]
 
 
 class Checkpointer:
   """Saves and restores one run's train states; a context manager."""
 
-  def __init__(self, directory: str | os.PathLike, *,
-               save_interval_steps: int, max_to_keep: int | None,
-               async_save: bool = True):
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      *,
+      save_interval_steps: int,
+      max_to_keep: int | None,
+      async_save: bool = True,
+  ):
     """Opens (creating) `directory`; `max_to_keep=None` keeps every step.
 
     `async_save` writes in a background thread while training goes on.
     """
-    if (isinstance(save_interval_steps, bool) or
-        not isinstance(save_interval_steps, int) or save_interval_steps < 1):
+    if (
+        isinstance(save_interval_steps, bool)
+        or not isinstance(save_interval_steps, int)
+        or save_interval_steps < 1
+    ):
       raise ValueError(
-          f"save_interval_steps must be an int >= 1, got"
-          f" {save_interval_steps!r}")
+          "save_interval_steps must be an int >= 1, got"
+          f" {save_interval_steps!r}"
+      )
     if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or
-        max_to_keep < 1):
+        isinstance(max_to_keep, bool)
+        or not isinstance(max_to_keep, int)
+        or max_to_keep < 1
+    ):
       raise ValueError(
-          f"max_to_keep must be None or an int >= 1, got {max_to_keep!r}")
+          f"max_to_keep must be None or an int >= 1, got {max_to_keep!r}"
+      )
     self._interval = save_interval_steps
     # Orbax only records the interval; `should_save` decides.
     options = ocp.CheckpointManagerOptions(
@@ -145,9 +168,11 @@ class Checkpointer:
         max_to_keep=max_to_keep,
         create=True,
         cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save,
+    )
     self._manager = ocp.CheckpointManager(
-        os.fspath(directory), options=options, item_handlers=_item_handlers())
+        os.fspath(directory), options=options, item_handlers=_item_handlers()
+    )
 
   @property
   def directory(self) -> str:
@@ -168,8 +193,15 @@ class Checkpointer:
     latest = self.latest_step()
     return step % self._interval == 0 and (latest is None or step > latest)
 
-  def save(self, step: int, state: PyTree, *, data: Mapping[str, Any],
-           metadata: Mapping[str, Any], force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      state: PyTree,
+      *,
+      data: Mapping[str, Any],
+      metadata: Mapping[str, Any],
+      force: bool = False,
+  ) -> bool:
     """Saves checkpoint `step` if due or `force`d; returns whether it did.
 
     `state`: jax.Arrays, any sharding; `data` (the loader position) and
@@ -181,7 +213,8 @@ class Checkpointer:
     if latest is not None and step < latest:
       raise ValueError(
           f"cannot save step {step}: {self.directory} already has step"
-          f" {latest}; steps must increase")
+          f" {latest}; steps must increase"
+      )
     if latest == step:
       logging.info("checkpoint %d already saved in %s", step, self.directory)
       return False
@@ -197,10 +230,12 @@ class Checkpointer:
             DATA: ocp.args.JsonSave(data),
             METADATA: ocp.args.JsonSave(metadata),
         }),
-        force=True)
+        force=True,
+    )
 
-  def restore(self, step: int | None,
-              abstract_state: PyTree) -> tuple[PyTree, dict, dict]:
+  def restore(
+      self, step: int | None, abstract_state: PyTree
+  ) -> tuple[PyTree, dict, dict]:
     """Restores `step` (None: latest) onto sharded `abstract_state`.
 
     Returns `(state, data, metadata)`; shapes must match, dtypes are cast.
@@ -212,15 +247,22 @@ class Checkpointer:
         args=ocp.args.Composite(**{
             STATE: ocp.args.PyTreeRestore(
                 item=abstract_state,
-                restore_args=_restore_args(abstract_state, "abstract_state")),
+                restore_args=_restore_args(abstract_state, "abstract_state"),
+            ),
             DATA: ocp.args.JsonRestore(),
             METADATA: ocp.args.JsonRestore(),
-        }))
+        }),
+    )
     logging.info("restored checkpoint %d from %s", step, self.directory)
     return restored[STATE], restored[DATA], restored[METADATA]
 
-  def restore_params(self, step: int | None, abstract_params: PyTree, *,
-                     params_key: str = "params") -> PyTree:
+  def restore_params(
+      self,
+      step: int | None,
+      abstract_params: PyTree,
+      *,
+      params_key: str = "params",
+  ) -> PyTree:
     """Reads only `state[params_key]` of `step` (None: latest), no optimizer.
 
     Params saved as an `nnx.State` need an `nnx.State` target (its Variables
@@ -249,8 +291,12 @@ class Checkpointer:
     self.close()
 
 
-def restore_params_from(directory: str | os.PathLike, abstract_params: PyTree,
-                        *, params_key: str = "params") -> PyTree:
+def restore_params_from(
+    directory: str | os.PathLike,
+    abstract_params: PyTree,
+    *,
+    params_key: str = "params",
+) -> PyTree:
   """Another run's latest params, read-only (safe while it still trains)."""
   manager = _read_only_manager(directory)
   try:
@@ -269,12 +315,13 @@ def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
       directory,
       # read_only: no tmp cleanup deleting the other run's save in progress.
       options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers=_item_handlers())
+      item_handlers=_item_handlers(),
+  )
 
 
-def read_run_checkpoint(directory: str | os.PathLike, abstract_params_fn,
-                        step: int | None = None
-                        ) -> tuple[int, dict, PyTree]:
+def read_run_checkpoint(
+    directory: str | os.PathLike, abstract_params_fn, step: int | None = None
+) -> tuple[int, dict, PyTree]:
   """Another run's `(step, metadata, params)`, read-only; step None: latest.
 
   `abstract_params_fn`: the saved config -> the params' sharded abstract tree.
@@ -282,10 +329,12 @@ def read_run_checkpoint(directory: str | os.PathLike, abstract_params_fn,
   manager = _read_only_manager(directory)
   try:
     step = _resolve_step(manager, step)
-    metadata = manager.restore(step, args=ocp.args.Composite(**{
-        METADATA: ocp.args.JsonRestore()}))[METADATA]
-    params = _restore_params(manager, step, abstract_params_fn(metadata),
-                             "params")
+    metadata = manager.restore(
+        step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
+    )[METADATA]
+    params = _restore_params(
+        manager, step, abstract_params_fn(metadata), "params"
+    )
     return step, metadata, params
   finally:
     manager.close()
@@ -310,13 +359,18 @@ def _replace(tree: PyTree, key: str, value: PyTree) -> PyTree:
     return tree.replace(**{key: value})
   raise TypeError(
       f"cannot replace {key!r} in a {type(tree).__name__}; use a dict or a"
-      " dataclass with .replace()")
+      " dataclass with .replace()"
+  )
 
 
 def resume_or_init(
-    checkpointer: Checkpointer, abstract_state: PyTree, *,
-    init_fn: Callable[[], PyTree], init_from: str | os.PathLike = "",
-    params_key: str = "params") -> tuple[PyTree, dict | None, str]:
+    checkpointer: Checkpointer,
+    abstract_state: PyTree,
+    *,
+    init_fn: Callable[[], PyTree],
+    init_from: str | os.PathLike = "",
+    params_key: str = "params",
+) -> tuple[PyTree, dict | None, str]:
   """Returns `(state, data, source)` in the module's resume order.
 
   `init_fn` builds a fresh sharded state; `init_from`: a run directory or "".
@@ -331,7 +385,8 @@ def resume_or_init(
     init_from = os.fspath(init_from)
     # Before init_fn, so a bad init_from fails before a slow initialisation.
     params = restore_params_from(
-        init_from, _get(abstract_state, params_key), params_key=params_key)
+        init_from, _get(abstract_state, params_key), params_key=params_key
+    )
     state, data = _replace(init_fn(), params_key, params), None
     source = f"init_from:{init_from}"
   else:

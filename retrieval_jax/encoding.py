@@ -33,10 +33,18 @@ from retrieval_jax.data import features
 from retrieval_jax.data import tokenizers
 
 
-def padded_batches(ids: Sequence[Sequence[int]], *, batch_size: int,
-                   pad_multiple: int, max_length: int, pad_id: int,
-                   shards: int = 1, sort_by_length: bool = True,
-                   desc: str = "encode", pad_fn=None):
+def padded_batches(
+    ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_multiple: int,
+    max_length: int,
+    pad_id: int,
+    shards: int = 1,
+    sort_by_length: bool = True,
+    desc: str = "encode",
+    pad_fn=None,
+):
   """Length-bucketed, padded batches of token ids.
 
   Args:
@@ -64,13 +72,15 @@ def padded_batches(ids: Sequence[Sequence[int]], *, batch_size: int,
   lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
   # Longest first, so the largest shapes (and any memory error) come first;
   # a stable sort keeps equal-length texts in input order.
-  order = (np.argsort(-lengths, kind="stable") if sort_by_length
-           else np.arange(n))
+  order = (
+      np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(n)
+  )
   for start in range(0, n, batch_size):
-    rows = order[start:start + batch_size]
+    rows = order[start : start + batch_size]
     width = int(lengths[rows].max())
-    width = min(-(-width // pad_multiple) * pad_multiple,
-                max(max_length, width))
+    width = min(
+        -(-width // pad_multiple) * pad_multiple, max(max_length, width)
+    )
     batch_rows = [ids[r] for r in rows] + [[]] * (batch_size - len(rows))
     if pad_fn is not None:
       yield rows, pad_fn(batch_rows, width)
@@ -78,10 +88,13 @@ def padded_batches(ids: Sequence[Sequence[int]], *, batch_size: int,
     input_ids = np.full((batch_size, width), pad_id, np.int32)
     mask = np.zeros((batch_size, width), np.int32)
     for i, row in enumerate(batch_rows):
-      input_ids[i, :len(row)] = row
-      mask[i, :len(row)] = 1
-    yield rows, {"input_ids": input_ids, "attention_mask": mask,
-                 "token_type_ids": np.zeros_like(input_ids)}
+      input_ids[i, : len(row)] = row
+      mask[i, : len(row)] = 1
+    yield rows, {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "token_type_ids": np.zeros_like(input_ids),
+    }
 
 
 class _MeshEncoder:
@@ -109,16 +122,24 @@ class _MeshEncoder:
       return fn(nnx.merge(graphdef, state), batch)
 
     rows = sharding.named_sharding(self.mesh, (sharding.BATCH, None))
-    out = sharding.named_sharding(self.mesh,
-                                  (sharding.BATCH,) + (None,) * out_axes)
-    return jax.jit(step, in_shardings=(self.state_shardings, rows),
-                   out_shardings=out)
+    out = sharding.named_sharding(
+        self.mesh, (sharding.BATCH,) + (None,) * out_axes
+    )
+    return jax.jit(
+        step, in_shardings=(self.state_shardings, rows), out_shardings=out
+    )
 
-  def _run(self, step, batches, finish, *, total: int, desc: str,
-           progress: bool) -> None:
+  def _run(
+      self, step, batches, finish, *, total: int, desc: str, progress: bool
+  ) -> None:
     """Runs `step` over `batches`, calling `finish(rows, batch, out)`."""
-    bar = tqdm.tqdm(total=total, desc=desc, unit="text",
-                    disable=not progress, mininterval=1.0)
+    bar = tqdm.tqdm(
+        total=total,
+        desc=desc,
+        unit="text",
+        disable=not progress,
+        mininterval=1.0,
+    )
     start, pending = time.perf_counter(), None
     for rows, batch in batches:
       out = step(self.state, batch)
@@ -131,16 +152,36 @@ class _MeshEncoder:
       bar.update(len(pending[0]))
     bar.close()
     elapsed = time.perf_counter() - start
-    logging.info("%s: %d texts in %.1f s (%.1f texts/s)", desc, total,
-                 elapsed, total / max(elapsed, 1e-9))
+    logging.info(
+        "%s: %d texts in %.1f s (%.1f texts/s)",
+        desc,
+        total,
+        elapsed,
+        total / max(elapsed, 1e-9),
+    )
 
-  def _batches(self, ids, *, batch_size, pad_multiple, max_length,
-               sort_by_length=True, desc="encode", pad_fn=None):
+  def _batches(
+      self,
+      ids,
+      *,
+      batch_size,
+      pad_multiple,
+      max_length,
+      sort_by_length=True,
+      desc="encode",
+      pad_fn=None,
+  ):
     return padded_batches(
-        ids, batch_size=batch_size, pad_multiple=pad_multiple,
-        max_length=max_length, pad_id=self.tokenizer.pad_id,
-        shards=sharding.data_size(self.mesh), sort_by_length=sort_by_length,
-        desc=desc, pad_fn=pad_fn)
+        ids,
+        batch_size=batch_size,
+        pad_multiple=pad_multiple,
+        max_length=max_length,
+        pad_id=self.tokenizer.pad_id,
+        shards=sharding.data_size(self.mesh),
+        sort_by_length=sort_by_length,
+        desc=desc,
+        pad_fn=pad_fn,
+    )
 
 
 class TextEncoder(_MeshEncoder):
@@ -152,65 +193,125 @@ class TextEncoder(_MeshEncoder):
     max_length: tokens per text, [CLS] and [SEP] included.
   """
 
-  def __init__(self, module, tokenizer, mesh, *, pooling: str,
-               normalize: bool, max_length: int):
+  def __init__(
+      self,
+      module,
+      tokenizer,
+      mesh,
+      *,
+      pooling: str,
+      normalize: bool,
+      max_length: int,
+  ):
     super().__init__(module, tokenizer, mesh)
     self.pooling, self.normalize = pooling, normalize
     self.max_length = max_length
     self._step = steps.make_encode_step(
-        self.graphdef, self.mesh, pooling=pooling, normalize=normalize,
-        state_shardings=self.state_shardings)
+        self.graphdef,
+        self.mesh,
+        pooling=pooling,
+        normalize=normalize,
+        state_shardings=self.state_shardings,
+    )
 
   @classmethod
-  def from_pretrained(cls, name_or_path: str, mesh: Mesh, *,
-                      pooling: str = "", normalize: bool | None = None,
-                      max_length: int | None = None,
-                      dtype: str = "float32") -> "TextEncoder":
+  def from_pretrained(
+      cls,
+      name_or_path: str,
+      mesh: Mesh,
+      *,
+      pooling: str = "",
+      normalize: bool | None = None,
+      max_length: int | None = None,
+      dtype: str = "float32",
+  ) -> "TextEncoder":
     """Weights and tokenizer from local files; empty arguments keep the
     checkpoint's own pipeline settings."""
     loaded = pretrained.load_pretrained(name_or_path, dtype=jnp.dtype(dtype))
-    return cls.from_model(loaded, mesh, pooling=pooling, normalize=normalize,
-                          max_length=max_length)
+    return cls.from_model(
+        loaded,
+        mesh,
+        pooling=pooling,
+        normalize=normalize,
+        max_length=max_length,
+    )
 
   @classmethod
-  def from_model(cls, loaded: pretrained.PretrainedModel, mesh: Mesh, *,
-                 pooling: str = "", normalize: bool | None = None,
-                 max_length: int | None = None) -> "TextEncoder":
+  def from_model(
+      cls,
+      loaded: pretrained.PretrainedModel,
+      mesh: Mesh,
+      *,
+      pooling: str = "",
+      normalize: bool | None = None,
+      max_length: int | None = None,
+  ) -> "TextEncoder":
     """Wraps an imported model; empty/None arguments keep its pipeline's."""
-    return cls(loaded.model,
-               tokenizers.WordPieceTokenizer.from_pretrained_dir(
-                   loaded.model_dir), mesh,
-               pooling=pooling or loaded.pooling,
-               normalize=loaded.normalize if normalize is None else normalize,
-               max_length=max_length or loaded.max_length)
+    return cls(
+        loaded.model,
+        tokenizers.WordPieceTokenizer.from_pretrained_dir(loaded.model_dir),
+        mesh,
+        pooling=pooling or loaded.pooling,
+        normalize=loaded.normalize if normalize is None else normalize,
+        max_length=max_length or loaded.max_length,
+    )
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids per text, [CLS] ... [SEP], truncated to `max_length`."""
     return [self.tokenizer.encode(t, self.max_length) for t in texts]
 
-  def encode(self, texts: Sequence[str], *, batch_size: int = 64,
-             pad_multiple: int = 16, sort_by_length: bool = True,
-             desc: str = "encode", progress: bool = True) -> np.ndarray:
+  def encode(
+      self,
+      texts: Sequence[str],
+      *,
+      batch_size: int = 64,
+      pad_multiple: int = 16,
+      sort_by_length: bool = True,
+      desc: str = "encode",
+      progress: bool = True,
+  ) -> np.ndarray:
     """float32 [N, D] embeddings of `texts`, in input order."""
-    return self.encode_ids(self.tokenize(texts), batch_size=batch_size,
-                           pad_multiple=pad_multiple,
-                           sort_by_length=sort_by_length, desc=desc,
-                           progress=progress)
+    return self.encode_ids(
+        self.tokenize(texts),
+        batch_size=batch_size,
+        pad_multiple=pad_multiple,
+        sort_by_length=sort_by_length,
+        desc=desc,
+        progress=progress,
+    )
 
-  def encode_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 64,
-                 pad_multiple: int = 16, sort_by_length: bool = True,
-                 desc: str = "encode", progress: bool = True) -> np.ndarray:
+  def encode_ids(
+      self,
+      ids: Sequence[Sequence[int]],
+      *,
+      batch_size: int = 64,
+      pad_multiple: int = 16,
+      sort_by_length: bool = True,
+      desc: str = "encode",
+      progress: bool = True,
+  ) -> np.ndarray:
     """Embeds already tokenized texts; see `encode`."""
     out = []
 
     def finish(rows, batch, emb_bd):
       del batch
-      out.append((rows, np.asarray(emb_bd)[:len(rows)]))
+      out.append((rows, np.asarray(emb_bd)[: len(rows)]))
 
-    self._run(self._step, self._batches(
-        ids, batch_size=batch_size, pad_multiple=pad_multiple,
-        max_length=self.max_length, sort_by_length=sort_by_length,
-        desc=desc), finish, total=len(ids), desc=desc, progress=progress)
+    self._run(
+        self._step,
+        self._batches(
+            ids,
+            batch_size=batch_size,
+            pad_multiple=pad_multiple,
+            max_length=self.max_length,
+            sort_by_length=sort_by_length,
+            desc=desc,
+        ),
+        finish,
+        total=len(ids),
+        desc=desc,
+        progress=progress,
+    )
     emb_nd = np.zeros((len(ids), out[0][1].shape[-1]), np.float32)
     for rows, emb_bd in out:
       emb_nd[rows] = emb_bd
@@ -225,43 +326,69 @@ class SparseEncoder(_MeshEncoder):
   (0 = all non-zero).
   """
 
-  def __init__(self, module, tokenizer, mesh, *, max_length: int,
-               top_terms: int = 0):
+  def __init__(
+      self, module, tokenizer, mesh, *, max_length: int, top_terms: int = 0
+  ):
     super().__init__(module, tokenizer, mesh)
     self.max_length, self.top_terms = max_length, top_terms
-    self._step = self._jit(lambda model, b: model(
-        b["input_ids"], b["attention_mask"], b["token_type_ids"]), 1)
+    self._step = self._jit(
+        lambda model, b: model(
+            b["input_ids"], b["attention_mask"], b["token_type_ids"]
+        ),
+        1,
+    )
 
   @classmethod
-  def from_model(cls, model, tokenizer, mesh: Mesh, *, max_length: int,
-                 top_terms: int = 0) -> "SparseEncoder":
-    return cls(model, tokenizer, mesh, max_length=max_length,
-               top_terms=top_terms)
+  def from_model(
+      cls, model, tokenizer, mesh: Mesh, *, max_length: int, top_terms: int = 0
+  ) -> "SparseEncoder":
+    return cls(
+        model, tokenizer, mesh, max_length=max_length, top_terms=top_terms
+    )
 
-  def encode(self, texts: Sequence[str], *, batch_size: int = 32,
-             pad_multiple: int = 16, desc: str = "encode",
-             progress: bool = True):
+  def encode(
+      self,
+      texts: Sequence[str],
+      *,
+      batch_size: int = 32,
+      pad_multiple: int = 16,
+      desc: str = "encode",
+      progress: bool = True,
+  ):
     """Term weights of `texts`: a scipy CSR [N, V] float32 matrix."""
     import scipy.sparse  # pylint: disable=g-import-not-at-top
     from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
+
     ids = [self.tokenizer.encode(t, self.max_length) for t in texts]
     parts, order = [], []
 
     def finish(rows, batch, w_bv):
       del batch
-      w_bv = np.asarray(w_bv)[:len(rows)]
+      w_bv = np.asarray(w_bv)[: len(rows)]
       if self.top_terms:
-        parts.append(sparse_index.from_dense_batches(
-            [w_bv], vocab_size=w_bv.shape[1],
-            top_terms=self.top_terms).docs_nv.tocsr())
+        parts.append(
+            sparse_index.from_dense_batches(
+                [w_bv], vocab_size=w_bv.shape[1], top_terms=self.top_terms
+            ).docs_nv.tocsr()
+        )
       else:
         parts.append(sparse_index.to_sparse_rows(w_bv))
       order.append(rows)
 
-    self._run(self._step, self._batches(
-        ids, batch_size=batch_size, pad_multiple=pad_multiple,
-        max_length=self.max_length, desc=desc), finish, total=len(ids),
-              desc=desc, progress=progress)
+    self._run(
+        self._step,
+        self._batches(
+            ids,
+            batch_size=batch_size,
+            pad_multiple=pad_multiple,
+            max_length=self.max_length,
+            desc=desc,
+        ),
+        finish,
+        total=len(ids),
+        desc=desc,
+        progress=progress,
+    )
     # Rows come back longest first; put them in input order.
     stacked = scipy.sparse.vstack(parts, format="csr")
     inverse = np.empty(len(ids), np.int64)
@@ -286,9 +413,17 @@ class MultiVectorEncoder(_MeshEncoder):
     mask_punctuation: leave punctuation out of document scoring.
   """
 
-  def __init__(self, module, tokenizer, mesh=None, *, query_maxlen: int = 32,
-               doc_maxlen: int = 220, augment: bool = True,
-               mask_punctuation: bool = True):
+  def __init__(
+      self,
+      module,
+      tokenizer,
+      mesh=None,
+      *,
+      query_maxlen: int = 32,
+      doc_maxlen: int = 220,
+      augment: bool = True,
+      mask_punctuation: bool = True,
+  ):
     features.check_maxlen("query_maxlen", query_maxlen)
     features.check_maxlen("doc_maxlen", doc_maxlen)
     super().__init__(module, tokenizer, mesh)
@@ -298,14 +433,17 @@ class MultiVectorEncoder(_MeshEncoder):
     def embed(model, b, dtype):
       # Rows outside the score mask are zeroed: stored arrays do not depend
       # on the batch's padded width.
-      e_bld = model(b["input_ids"], b["attention_mask"],
-                    jnp.zeros_like(b["input_ids"]))
-      return (e_bld * b["score_mask"][:, :, None].astype(e_bld.dtype)
-              ).astype(dtype)
+      e_bld = model(
+          b["input_ids"], b["attention_mask"], jnp.zeros_like(b["input_ids"])
+      )
+      return (e_bld * b["score_mask"][:, :, None].astype(e_bld.dtype)).astype(
+          dtype
+      )
 
-    self._steps = {np.dtype(d): self._jit(
-        functools.partial(embed, dtype=d), 2) for d in (np.float16,
-                                                         np.float32)}
+    self._steps = {
+        np.dtype(d): self._jit(functools.partial(embed, dtype=d), 2)
+        for d in (np.float16, np.float32)
+    }
 
   @property
   def dim(self) -> int:
@@ -313,13 +451,24 @@ class MultiVectorEncoder(_MeshEncoder):
     return int(self.state["linear_hd"].shape[-1])
 
   @classmethod
-  def from_model(cls, model, tokenizer, mesh: Mesh | None = None,
-                 **options) -> "MultiVectorEncoder":
+  def from_model(
+      cls, model, tokenizer, mesh: Mesh | None = None, **options
+  ) -> "MultiVectorEncoder":
     """Wraps a model; `options` are the keyword arguments of `__init__`."""
     return cls(model, tokenizer, mesh, **options)
 
-  def _embed(self, rows, pad_fn, *, width_cap, batch_size, pad_multiple,
-             dtype, desc, progress) -> tuple[np.ndarray, np.ndarray]:
+  def _embed(
+      self,
+      rows,
+      pad_fn,
+      *,
+      width_cap,
+      batch_size,
+      pad_multiple,
+      dtype,
+      desc,
+      progress,
+  ) -> tuple[np.ndarray, np.ndarray]:
     dtype = np.dtype(dtype)
     if dtype not in self._steps:
       raise ValueError(f"dtype={dtype}: expected float16 or float32")
@@ -332,53 +481,96 @@ class MultiVectorEncoder(_MeshEncoder):
     def finish(idx, batch, out_bld):
       out_bld = np.asarray(out_bld)
       w = min(out_bld.shape[1], width_n)
-      emb_nld[idx, :w] = out_bld[:len(idx), :w]
-      mask_nl[idx, :w] = batch["score_mask"][:len(idx), :w]
+      emb_nld[idx, :w] = out_bld[: len(idx), :w]
+      mask_nl[idx, :w] = batch["score_mask"][: len(idx), :w]
 
-    self._run(self._steps[dtype], self._batches(
-        rows, batch_size=batch_size, pad_multiple=pad_multiple,
-        max_length=width_cap or self.doc_maxlen, desc=desc, pad_fn=pad_fn),
-              finish, total=len(rows), desc=desc, progress=progress)
+    self._run(
+        self._steps[dtype],
+        self._batches(
+            rows,
+            batch_size=batch_size,
+            pad_multiple=pad_multiple,
+            max_length=width_cap or self.doc_maxlen,
+            desc=desc,
+            pad_fn=pad_fn,
+        ),
+        finish,
+        total=len(rows),
+        desc=desc,
+        progress=progress,
+    )
     return emb_nld, mask_nl
 
-  def embed_docs(self, texts: Sequence[str], *, batch_size: int = 32,
-                 pad_multiple: int = 16, dtype=np.float16,
-                 desc: str = "colbert docs", progress: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray]:
+  def embed_docs(
+      self,
+      texts: Sequence[str],
+      *,
+      batch_size: int = 32,
+      pad_multiple: int = 16,
+      dtype=np.float16,
+      desc: str = "colbert docs",
+      progress: bool = True,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """[N, Lmax, dim] token vectors (Lmax: the longest document) and int32
     [N, Lmax] score masks, in input order; unscored rows are 0."""
 
     def pad(batch_rows, width):
       ids, attention, score = features.pad_docs(
-          self.tokenizer, batch_rows, width=width,
-          mask_punctuation=self.mask_punctuation)
-      return {"input_ids": ids, "attention_mask": attention,
-              "score_mask": score}
+          self.tokenizer,
+          batch_rows,
+          width=width,
+          mask_punctuation=self.mask_punctuation,
+      )
+      return {
+          "input_ids": ids,
+          "attention_mask": attention,
+          "score_mask": score,
+      }
 
-    return self._embed(features.doc_rows(self.tokenizer, texts,
-                                         self.doc_maxlen), pad,
-                       width_cap=None, batch_size=batch_size,
-                       pad_multiple=pad_multiple, dtype=dtype, desc=desc,
-                       progress=progress)
+    return self._embed(
+        features.doc_rows(self.tokenizer, texts, self.doc_maxlen),
+        pad,
+        width_cap=None,
+        batch_size=batch_size,
+        pad_multiple=pad_multiple,
+        dtype=dtype,
+        desc=desc,
+        progress=progress,
+    )
 
-  def embed_queries(self, texts: Sequence[str], *, batch_size: int = 64,
-                    dtype=np.float32, desc: str = "colbert queries",
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  def embed_queries(
+      self,
+      texts: Sequence[str],
+      *,
+      batch_size: int = 64,
+      dtype=np.float32,
+      desc: str = "colbert queries",
+      progress: bool = False,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """[Q, query_maxlen, dim] token vectors ([MASK] rows included when
     `augment`) and int32 [Q, query_maxlen] score masks."""
 
     def pad(batch_rows, width):
       del width  # Queries always have the width query_maxlen.
       ids, attention, score = features.pad_queries(
-          self.tokenizer, batch_rows, self.query_maxlen, self.augment)
-      return {"input_ids": ids, "attention_mask": attention,
-              "score_mask": score}
+          self.tokenizer, batch_rows, self.query_maxlen, self.augment
+      )
+      return {
+          "input_ids": ids,
+          "attention_mask": attention,
+          "score_mask": score,
+      }
 
-    return self._embed(features.query_rows(self.tokenizer, texts,
-                                           self.query_maxlen), pad,
-                       width_cap=self.query_maxlen, batch_size=batch_size,
-                       pad_multiple=1, dtype=dtype, desc=desc,
-                       progress=progress)
+    return self._embed(
+        features.query_rows(self.tokenizer, texts, self.query_maxlen),
+        pad,
+        width_cap=self.query_maxlen,
+        batch_size=batch_size,
+        pad_multiple=1,
+        dtype=dtype,
+        desc=desc,
+        progress=progress,
+    )
 
 
 class PairScorer(_MeshEncoder):
@@ -390,17 +582,32 @@ class PairScorer(_MeshEncoder):
   to `pad_to_multiple_of`); `desc` turns on a progress bar.
   """
 
-  def __init__(self, model, tokenizer, queries, items, *,
-               max_length: int = 256, batch_size: int = 64,
-               pad_to_multiple_of: int = 32, mesh=None,
-               desc: str | None = None):
+  def __init__(
+      self,
+      model,
+      tokenizer,
+      queries,
+      items,
+      *,
+      max_length: int = 256,
+      batch_size: int = 64,
+      pad_to_multiple_of: int = 32,
+      mesh=None,
+      desc: str | None = None,
+  ):
     super().__init__(model, tokenizer, mesh)
     self._queries, self._items, self._desc = list(queries), list(items), desc
     self._head, self._max_length = model.head, max_length
     self._batch_size, self._multiple = batch_size, pad_to_multiple_of
-    self._score = self._jit(lambda m, b: m(
-        b["input_ids"], b["attention_mask"], b["token_type_ids"],
-        b.get("markers")), 0)
+    self._score = self._jit(
+        lambda m, b: m(
+            b["input_ids"],
+            b["attention_mask"],
+            b["token_type_ids"],
+            b.get("markers"),
+        ),
+        0,
+    )
 
   def __call__(self, query_ids_b, item_ids_bc) -> np.ndarray:
     item_ids_bc = np.asarray(item_ids_bc)
@@ -415,18 +622,33 @@ class PairScorer(_MeshEncoder):
       idx = [r[0] for r in batch_rows if r] or [0]
       idx += [idx[-1]] * (len(batch_rows) - len(idx))
       pairs = features.encode_pairs(
-          self.tokenizer, [self._queries[pairs_q[i]] for i in idx],
-          [self._items[pairs_i[i]] for i in idx], self._max_length,
-          self._head, pad_to_multiple_of=self._multiple)
+          self.tokenizer,
+          [self._queries[pairs_q[i]] for i in idx],
+          [self._items[pairs_i[i]] for i in idx],
+          self._max_length,
+          self._head,
+          pad_to_multiple_of=self._multiple,
+      )
       return {k: v for k, v in pairs.items()}
 
     def finish(rows, batch, scores_b):
       del batch
-      out[rows] = np.asarray(scores_b)[:len(rows)]
+      out[rows] = np.asarray(scores_b)[: len(rows)]
 
-    self._run(self._score, self._batches(
-        [[i] for i in range(b * c)], batch_size=self._batch_size,
-        pad_multiple=1, max_length=1, sort_by_length=False, desc="pairs",
-        pad_fn=pad), finish, total=b * c, desc=self._desc or "pairs",
-              progress=self._desc is not None)
+    self._run(
+        self._score,
+        self._batches(
+            [[i] for i in range(b * c)],
+            batch_size=self._batch_size,
+            pad_multiple=1,
+            max_length=1,
+            sort_by_length=False,
+            desc="pairs",
+            pad_fn=pad,
+        ),
+        finish,
+        total=b * c,
+        desc=self._desc or "pairs",
+        progress=self._desc is not None,
+    )
     return out.reshape(b, c)

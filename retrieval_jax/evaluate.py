@@ -32,14 +32,16 @@ from retrieval_jax.evaluation import retrievers
 from retrieval_jax.evaluation import trec_run
 
 
-def check_data_path(config: ml_collections.ConfigDict,
-                    corpus_only: bool = False) -> pathlib.Path:
+def check_data_path(
+    config: ml_collections.ConfigDict, corpus_only: bool = False
+) -> pathlib.Path:
   """Validates `config.data.path` up front, naming the key on failure."""
   path = pathlib.Path(config.data.path).expanduser()
   if not path.is_dir():
     raise errors.ConfigError(
         f"config.data.path={config.data.path!r}: no such directory (expected "
-        "a BEIR directory with corpus.jsonl, queries.jsonl, qrels/)")
+        "a BEIR directory with corpus.jsonl, queries.jsonl, qrels/)"
+    )
   needed = ["corpus.jsonl"]
   if not corpus_only:
     needed += ["queries.jsonl", f"qrels/{config.data.split}.tsv"]
@@ -47,26 +49,33 @@ def check_data_path(config: ml_collections.ConfigDict,
   if missing:
     raise errors.ConfigError(
         f"config.data.path={str(path)!r} (split "
-        f"config.data.split={config.data.split!r}) lacks {missing}")
+        f"config.data.split={config.data.split!r}) lacks {missing}"
+    )
   return path
 
 
-def make_encoder(config: ml_collections.ConfigDict,
-                 mesh) -> encoding.TextEncoder:
+def make_encoder(
+    config: ml_collections.ConfigDict, mesh
+) -> encoding.TextEncoder:
   """The pretrained text encoder described by `config.model`."""
   if config.model.dtype not in ("float32", "bfloat16"):
     raise errors.ConfigError(
         f"config.model.dtype={config.model.dtype!r}: expected 'float32' or "
-        "'bfloat16'")
+        "'bfloat16'"
+    )
   if config.model.pooling not in ("", "cls", "mean"):
     raise errors.ConfigError(
         f"config.model.pooling={config.model.pooling!r}: expected 'cls', "
-        "'mean' or '' (checkpoint default)")
-  return api.load(config.model.pretrained, mesh=mesh,
-                  pooling=config.model.pooling,
-                  normalize=config.model.normalize,
-                  max_length=config.model.max_length,
-                  dtype=config.model.dtype).text_encoder
+        "'mean' or '' (checkpoint default)"
+    )
+  return api.load(
+      config.model.pretrained,
+      mesh=mesh,
+      pooling=config.model.pooling,
+      normalize=config.model.normalize,
+      max_length=config.model.max_length,
+      dtype=config.model.dtype,
+  ).text_encoder
 
 
 def use_run(config: ml_collections.ConfigDict, mesh):
@@ -91,20 +100,26 @@ def use_run(config: ml_collections.ConfigDict, mesh):
   if r.kind not in retrievers.DENSE_KINDS:
     raise errors.ConfigError(
         f"config.retriever.kind={r.kind!r}: a {kind.name} run is evaluated "
-        f"by one of {retrievers.DENSE_KINDS}")
+        f"by one of {retrievers.DENSE_KINDS}"
+    )
   # The dense caches are keyed by the model: this run at this step.
   config.model.checkpoint = f"{pathlib.Path(config.run).resolve()}@{step}"
-  return lambda: kind.text_encoder(model, tokenizer, run_cfg, mesh,
-                                   max_length=config.model.max_length)
+  return lambda: kind.text_encoder(
+      model, tokenizer, run_cfg, mesh, max_length=config.model.max_length
+  )
 
 
-def load_collection(config: ml_collections.ConfigDict,
-                    corpus_only: bool = False) -> beir.BeirCollection:
+def load_collection(
+    config: ml_collections.ConfigDict, corpus_only: bool = False
+) -> beir.BeirCollection:
   """Reads the BEIR directory with `beir.load_beir` (no TensorFlow)."""
   path = check_data_path(config, corpus_only)
   return beir.load_beir(
-      path, split=None if corpus_only else config.data.split,
-      on_unknown=config.data.on_unknown, corpus_only=corpus_only)
+      path,
+      split=None if corpus_only else config.data.split,
+      on_unknown=config.data.on_unknown,
+      corpus_only=corpus_only,
+  )
 
 
 def format_table(metrics: dict[str, float], title: str) -> str:
@@ -116,8 +131,9 @@ def format_table(metrics: dict[str, float], title: str) -> str:
 
 
 @sharding.uses_config_rules
-def evaluate(config: ml_collections.ConfigDict,
-             workdir: str | pathlib.Path) -> dict[str, float]:
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> dict[str, float]:
   """Runs the evaluate mode; returns the mean metrics (also written)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -130,50 +146,73 @@ def evaluate(config: ml_collections.ConfigDict,
   retrievers.validate(config)
   collection = load_collection(config)
   evaluator = evaluators.RetrievalEvaluator(
-      collection, measures=config.eval.measures,
+      collection,
+      measures=config.eval.measures,
       relevance_level=config.eval.relevance_level,
-      top_k=config.search.top_k, metric=config.search.metric,
+      top_k=config.search.top_k,
+      metric=config.search.metric,
       chunk_size=config.search.chunk_size,
-      max_queries=config.data.max_queries, name="evaluate")
+      max_queries=config.data.max_queries,
+      name="evaluate",
+  )
   kind = config.retriever.kind
-  logging.info("evaluating %s (%s) on %d docs, %d queries (split %s)", kind,
-               config.model.pretrained, len(collection.doc_ids),
-               len(evaluator.query_ids), config.data.split)
-  result, stats = retrievers.retrieve(config, evaluator, encoder_fn, mesh,
-                                      workdir)
-  trec_run.write_run(workdir / "run.trec", result.run,
-                     tag=config.eval.run_tag)
+  logging.info(
+      "evaluating %s (%s) on %d docs, %d queries (split %s)",
+      kind,
+      config.model.pretrained,
+      len(collection.doc_ids),
+      len(evaluator.query_ids),
+      config.data.split,
+  )
+  result, stats = retrievers.retrieve(
+      config, evaluator, encoder_fn, mesh, workdir
+  )
+  trec_run.write_run(workdir / "run.trec", result.run, tag=config.eval.run_tag)
   io.write_json_atomic(workdir / "metrics.json", result.metrics)
   io.write_json_atomic(workdir / "metrics_per_query.json", result.per_query)
-  timing = dict(result.timing, total_s=time.perf_counter() - start,
-                num_docs=len(collection.doc_ids),
-                num_queries=len(evaluator.query_ids))
+  timing = dict(
+      result.timing,
+      total_s=time.perf_counter() - start,
+      num_docs=len(collection.doc_ids),
+      num_queries=len(evaluator.query_ids),
+  )
   io.write_json_atomic(workdir / "timing.json", timing)
   io.write_json_atomic(workdir / "stats.json", dict(stats, retriever=kind))
-  io.write_json_atomic(workdir / "config.json",
-                       json.loads(config.to_json_best_effort()))
-  print(format_table(
-      result.metrics,
-      f"{pathlib.Path(config.data.path).name} ({config.data.split}, "
-      f"{len(evaluator.query_ids)} queries, {len(collection.doc_ids)} docs, "
-      f"retriever {kind})"))
+  io.write_json_atomic(
+      workdir / "config.json", json.loads(config.to_json_best_effort())
+  )
+  print(
+      format_table(
+          result.metrics,
+          f"{pathlib.Path(config.data.path).name} ({config.data.split},"
+          f" {len(evaluator.query_ids)} queries, {len(collection.doc_ids)}"
+          f" docs, retriever {kind})",
+      )
+  )
   for part, metrics in stats.get("parts", {}).items():
-    print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in
-                                    metrics.items()))
-  phases = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timing.items()
-                     if k.endswith("_s") and not k.endswith("_per_s"))
+    print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  phases = ", ".join(
+      f"{k[:-2]} {v:.1f} s"
+      for k, v in timing.items()
+      if k.endswith("_s") and not k.endswith("_per_s")
+  )
   print(f"time: {phases}")
-  print(f"index {stats['index_bytes'] / 2**20:.1f} MiB, search "
-        f"{stats['search_ms_per_query']:.2f} ms/query (one at a time), "
-        f"query encoding {stats['encode_ms_per_query']:.2f} ms/query")
-  print(f"wrote {workdir}/metrics.json, metrics_per_query.json, run.trec, "
-        "stats.json")
+  print(
+      f"index {stats['index_bytes'] / 2**20:.1f} MiB, search "
+      f"{stats['search_ms_per_query']:.2f} ms/query (one at a time), "
+      f"query encoding {stats['encode_ms_per_query']:.2f} ms/query"
+  )
+  print(
+      f"wrote {workdir}/metrics.json, metrics_per_query.json, run.trec, "
+      "stats.json"
+  )
   return result.metrics
 
 
 @sharding.uses_config_rules
-def encode(config: ml_collections.ConfigDict,
-           workdir: str | pathlib.Path) -> np.ndarray:
+def encode(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> np.ndarray:
   """Runs the encode mode; returns the [N, D] corpus embeddings."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -183,14 +222,20 @@ def encode(config: ml_collections.ConfigDict,
   start = time.perf_counter()
   with jax.default_matmul_precision(config.model.matmul_precision):
     docs_nd = encoder.encode(
-        collection.doc_texts(), batch_size=config.encode.batch_size,
+        collection.doc_texts(),
+        batch_size=config.encode.batch_size,
         pad_multiple=config.encode.pad_multiple,
-        sort_by_length=config.encode.sort_by_length, desc="encode: corpus")
+        sort_by_length=config.encode.sort_by_length,
+        desc="encode: corpus",
+    )
   elapsed = time.perf_counter() - start
-  io.save_npy_atomic(workdir / "corpus_embeddings.npy",
-                     docs_nd.astype(np.float32))
+  io.save_npy_atomic(
+      workdir / "corpus_embeddings.npy", docs_nd.astype(np.float32)
+  )
   io.write_json_atomic(workdir / "corpus_ids.json", list(collection.doc_ids))
-  print(f"encoded {len(docs_nd)} docs into {docs_nd.shape[1]}-d float32 in "
-        f"{elapsed:.1f} s ({len(docs_nd) / elapsed:.0f} docs/s): "
-        f"{workdir}/corpus_embeddings.npy, corpus_ids.json")
+  print(
+      f"encoded {len(docs_nd)} docs into {docs_nd.shape[1]}-d float32 in "
+      f"{elapsed:.1f} s ({len(docs_nd) / elapsed:.0f} docs/s): "
+      f"{workdir}/corpus_embeddings.npy, corpus_ids.json"
+  )
   return docs_nd

@@ -42,8 +42,10 @@ _TOKENIZER_PROBES = (
     "supercalifragilisticexpialidocious 12345.678",
 )
 
-def split_params(graphdef: nnx.GraphDef,
-                 params: nnx.State | Sequence[nnx.State]):
+
+def split_params(
+    graphdef: nnx.GraphDef, params: nnx.State | Sequence[nnx.State]
+):
   """(graphdef, param_state, rest_state) as `nnx.split(model, nnx.Param, ...)`.
 
   params: the state(s) `nnx.merge(graphdef, ...)` takes. The rest holds the
@@ -63,15 +65,23 @@ def flatten_params(param_state: nnx.State):
   # Names from NNX's flat view, order from jax.tree: they must agree.
   if len(flat) != len(leaves) or any(
       leaf is not variable.get_value()
-      for leaf, (_, variable) in zip(leaves, flat)):
-    raise RuntimeError("jax.tree and nnx.to_flat_state order the parameters "
-                       "differently")
+      for leaf, (_, variable) in zip(leaves, flat)
+  ):
+    raise RuntimeError(
+        "jax.tree and nnx.to_flat_state order the parameters differently"
+    )
   keys = [".".join(map(str, path)) for path, _ in flat]
   return keys, [np.asarray(leaf) for leaf in leaves], treedef
 
 
-def make_tower_fn(graphdef: nnx.GraphDef, treedef, rest_state: nnx.State, *,
-                  pooling: str, normalize: bool):
+def make_tower_fn(
+    graphdef: nnx.GraphDef,
+    treedef,
+    rest_state: nnx.State,
+    *,
+    pooling: str,
+    normalize: bool,
+):
   """fn(flat_params, input_ids_bl, attention_mask_bl) -> emb_bd of a tower.
 
   flat_params in `treedef` order; int32 [B, L] ids and mask; float32 [B, D]
@@ -85,14 +95,21 @@ def make_tower_fn(graphdef: nnx.GraphDef, treedef, rest_state: nnx.State, *,
     # The evaluator's step: exported embeddings match by construction.
     model_graphdef, state = nnx.split(model)
     batch = {"input_ids": input_ids_bl, "attention_mask": attention_mask_bl}
-    return steps.encode_step(model_graphdef, state, batch, pooling=pooling,
-                             normalize=normalize)
+    return steps.encode_step(
+        model_graphdef, state, batch, pooling=pooling, normalize=normalize
+    )
 
   return tower_fn
 
 
-def export_tower(tower_fn, arrays: Sequence[np.ndarray], max_length: int, *,
-                 platforms: Sequence[str], symbolic_length: bool = True):
+def export_tower(
+    tower_fn,
+    arrays: Sequence[np.ndarray],
+    max_length: int,
+    *,
+    platforms: Sequence[str],
+    symbolic_length: bool = True,
+):
   """Exports one tower: (exported, length_mode "symbolic" or "fixed").
 
   The batch is symbolic; so is the length (l <= max_length) unless that
@@ -105,25 +122,34 @@ def export_tower(tower_fn, arrays: Sequence[np.ndarray], max_length: int, *,
     # ids and mask share one spec, so the program knows their shapes agree.
     ids_spec = jax.ShapeDtypeStruct(shape, jnp.int32)
     return jax.export.export(jitted, platforms=tuple(platforms))(
-        weight_specs, ids_spec, ids_spec)
+        weight_specs, ids_spec, ids_spec
+    )
 
   if symbolic_length:
     # The bound resolves length checks at export time.
     shape = jax.export.symbolic_shape(
-        "b, l", constraints=(f"l <= {max_length}",))
+        "b, l", constraints=(f"l <= {max_length}",)
+    )
     try:
       return export(shape), "symbolic"
     except Exception as e:  # pylint: disable=broad-except
       # E.g. FFT mixers; a genuine bug fails again below.
-      logging.warning("symbolic-length export failed (%s: %s); exporting at "
-                      "the fixed length %d", type(e).__name__, e, max_length)
+      logging.warning(
+          "symbolic-length export failed (%s: %s); exporting at "
+          "the fixed length %d",
+          type(e).__name__,
+          e,
+          max_length,
+      )
   (batch,) = jax.export.symbolic_shape("b")
   return export((batch, max_length)), "fixed"
 
 
-def _write_tokenizer(source_dir: str | os.PathLike,
-                     tokenizer_dir: pathlib.Path,
-                     max_lengths: Mapping[str, int]) -> dict[str, Any]:
+def _write_tokenizer(
+    source_dir: str | os.PathLike,
+    tokenizer_dir: pathlib.Path,
+    max_lengths: Mapping[str, int],
+) -> dict[str, Any]:
   """Copies a checkpoint's tokenizer files; returns the manifest's entry."""
   source_dir = pathlib.Path(source_dir)
   tokenizer = tokenizers.from_pretrained_dir(source_dir)
@@ -138,15 +164,21 @@ def _write_tokenizer(source_dir: str | os.PathLike,
       "special_token_ids": serving.special_token_ids(tokenizer),
       "max_lengths": {name: int(max_lengths[name]) for name in serving.TOWERS},
       "truncation": "the head of the text is kept",
-      "padding": ("right, with the pad id; attention_mask is 1 on tokens and "
-                  "0 on padding; token_type_ids are all 0 and not an input"),
+      "padding": (
+          "right, with the pad id; attention_mask is 1 on tokens and "
+          "0 on padding; token_type_ids are all 0 and not an input"
+      ),
   }
   # The loader must give the same ids from the copies, or the export fails.
   rebuilt = serving.build_tokenizer(tokenizer_dir, recipe)
-  if any(rebuilt.encode(t, 512) != tokenizer.encode(t, 512)
-         for t in _TOKENIZER_PROBES):
-    raise RuntimeError(f"the tokenizer copied from {source_dir} gives other "
-                       "ids than the original")
+  if any(
+      rebuilt.encode(t, 512) != tokenizer.encode(t, 512)
+      for t in _TOKENIZER_PROBES
+  ):
+    raise RuntimeError(
+        f"the tokenizer copied from {source_dir} gives other "
+        "ids than the original"
+    )
   return recipe
 
 
@@ -155,8 +187,9 @@ def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> pathlib.Path:
   if out_dir.exists() and not out_dir.is_dir():
     raise FileExistsError(f"{out_dir} exists and is not a directory")
   if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to "
-                          "replace it")
+    raise FileExistsError(
+        f"{out_dir} is not empty; pass overwrite=True to replace it"
+    )
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   # A sibling, so the final rename stays on one file system (atomic).
   tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -181,15 +214,22 @@ def _commit(tmp_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     shutil.rmtree(old_dir)
 
 
-def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
-                  params: nnx.State | Sequence[nnx.State],
-                  tokenizer_dir: str | os.PathLike,
-                  pooling: str, normalize: bool, query_max_length: int,
-                  passage_max_length: int,
-                  platforms: Sequence[str] = ("cpu",),
-                  query_params: nnx.State | Sequence[nnx.State] | None = None,
-                  symbolic_length: bool = True, overwrite: bool = False,
-                  metadata: Mapping[str, Any] | None = None) -> dict:
+def export_towers(
+    out_dir: str | os.PathLike,
+    *,
+    graphdef: nnx.GraphDef,
+    params: nnx.State | Sequence[nnx.State],
+    tokenizer_dir: str | os.PathLike,
+    pooling: str,
+    normalize: bool,
+    query_max_length: int,
+    passage_max_length: int,
+    platforms: Sequence[str] = ("cpu",),
+    query_params: nnx.State | Sequence[nnx.State] | None = None,
+    symbolic_length: bool = True,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict:
   """Writes both towers, weights and tokenizer atomically to `out_dir`.
 
   params are the passage tower's state(s) (see `split_params`), and the query
@@ -199,47 +239,73 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
   `overwrite`. metadata: JSON facts for the manifest, which is returned.
   """
   out_dir = pathlib.Path(out_dir).absolute()
-  max_lengths = {"query": int(query_max_length),
-                 "passage": int(passage_max_length)}
-  tower_params = {"passage": params,
-                  "query": params if query_params is None else query_params}
-  param_files = {"passage": serving.PARAMS_FILE,
-                 "query": (serving.PARAMS_FILE if query_params is None
-                           else serving.QUERY_PARAMS_FILE)}
+  max_lengths = {
+      "query": int(query_max_length),
+      "passage": int(passage_max_length),
+  }
+  tower_params = {
+      "passage": params,
+      "query": params if query_params is None else query_params,
+  }
+  param_files = {
+      "passage": serving.PARAMS_FILE,
+      "query": (
+          serving.PARAMS_FILE
+          if query_params is None
+          else serving.QUERY_PARAMS_FILE
+      ),
+  }
   tmp_dir = _prepare_out_dir(out_dir, overwrite)
   try:
     manifest = {
         "format": serving.FORMAT,
         "format_version": serving.FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+        "created": (
+            datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            )
+        ),
         "jax_version": jax.__version__,
         "platforms": list(platforms),
         "towers": {},
         "param_files": {},
         "tokenizer": _write_tokenizer(
-            tokenizer_dir, tmp_dir / serving.TOKENIZER_DIR, max_lengths),
+            tokenizer_dir, tmp_dir / serving.TOKENIZER_DIR, max_lengths
+        ),
         "metadata": dict(metadata or {}),
     }
     for name in serving.TOWERS:
       param_graphdef, param_state, rest_state = split_params(
-          graphdef, tower_params[name])
+          graphdef, tower_params[name]
+      )
       keys, arrays, treedef = flatten_params(param_state)
       position_rows = _position_rows(param_state)
       if not 2 <= max_lengths[name] <= position_rows:
-        raise ValueError(f"{name}_max_length {max_lengths[name]} is outside "
-                         f"2..{position_rows} (the position table)")
+        raise ValueError(
+            f"{name}_max_length {max_lengths[name]} is outside "
+            f"2..{position_rows} (the position table)"
+        )
       filename = param_files[name]
       # Tied towers reach here twice with the same file: write it once.
       if filename not in manifest["param_files"]:
-        safetensors.numpy.save_file(dict(zip(keys, arrays, strict=True)),
-                                    tmp_dir / filename)
+        safetensors.numpy.save_file(
+            dict(zip(keys, arrays, strict=True)), tmp_dir / filename
+        )
         manifest["param_files"][filename] = keys
-      tower_fn = make_tower_fn(param_graphdef, treedef, rest_state,
-                               pooling=pooling, normalize=normalize)
+      tower_fn = make_tower_fn(
+          param_graphdef,
+          treedef,
+          rest_state,
+          pooling=pooling,
+          normalize=normalize,
+      )
       exported, length_mode = export_tower(
-          tower_fn, arrays, max_lengths[name], platforms=platforms,
-          symbolic_length=symbolic_length)
+          tower_fn,
+          arrays,
+          max_lengths[name],
+          platforms=platforms,
+          symbolic_length=symbolic_length,
+      )
       (out_aval,) = exported.out_avals
       (tmp_dir / serving.TOWER_FILES[name]).write_bytes(exported.serialize())
       manifest["towers"][name] = {
@@ -248,8 +314,10 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
           "max_length": max_lengths[name],
           "length_mode": length_mode,
           # ["b", "l"] for symbolic lengths, ["b", max_length] for fixed.
-          "input_shape": [d if isinstance(d, int) else str(d)
-                          for d in exported.in_avals[-1].shape],
+          "input_shape": [
+              d if isinstance(d, int) else str(d)
+              for d in exported.in_avals[-1].shape
+          ],
           "input_dtype": "int32",
           "pooling": pooling,
           "normalize": bool(normalize),
@@ -258,17 +326,25 @@ def export_towers(out_dir: str | os.PathLike, *, graphdef: nnx.GraphDef,
       }
     manifest["sha256"] = {  # lets a loader spot truncated copies
         str(p.relative_to(tmp_dir)): serving.sha256_file(p)
-        for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+        for p in sorted(tmp_dir.rglob("*"))
+        if p.is_file()
+    }
     (tmp_dir / serving.MANIFEST_FILE).write_text(
         json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     _commit(tmp_dir, out_dir)
   except BaseException:  # KeyboardInterrupt too: no half-written export
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
-  logging.info("Exported query/passage towers (%s) to %s",
-               ", ".join(f"{n}: {m['length_mode']} length <= {m['max_length']}"
-                         for n, m in manifest["towers"].items()), out_dir)
+  logging.info(
+      "Exported query/passage towers (%s) to %s",
+      ", ".join(
+          f"{n}: {m['length_mode']} length <= {m['max_length']}"
+          for n, m in manifest["towers"].items()
+      ),
+      out_dir,
+  )
   return manifest
 
 
@@ -280,16 +356,19 @@ def _position_rows(param_state: nnx.State) -> int:
   return sys.maxsize
 
 
-def export_pretrained(name_or_path: (str | os.PathLike |
-                                    pretrained.PretrainedModel),
-                      out_dir: str | os.PathLike, *,
-                      query_max_length: int | None = None,
-                      passage_max_length: int | None = None,
-                      pooling: str = "", normalize: bool | None = None,
-                      dtype: str = "float32",
-                      platforms: Sequence[str] = ("cpu",),
-                      symbolic_length: bool = True,
-                      overwrite: bool = False) -> dict:
+def export_pretrained(
+    name_or_path: str | os.PathLike | pretrained.PretrainedModel,
+    out_dir: str | os.PathLike,
+    *,
+    query_max_length: int | None = None,
+    passage_max_length: int | None = None,
+    pooling: str = "",
+    normalize: bool | None = None,
+    dtype: str = "float32",
+    platforms: Sequence[str] = ("cpu",),
+    symbolic_length: bool = True,
+    overwrite: bool = False,
+) -> dict:
   """Exports a pretrained checkpoint as tied query/passage towers.
 
   name_or_path: see `pretrained.resolve_model_dir`, or a loaded
@@ -304,22 +383,33 @@ def export_pretrained(name_or_path: (str | os.PathLike |
     source = os.fspath(name_or_path)
   graphdef, state = nnx.split(loaded.model)
   return export_towers(
-      out_dir, graphdef=graphdef, params=state,
+      out_dir,
+      graphdef=graphdef,
+      params=state,
       tokenizer_dir=loaded.model_dir,
       pooling=pooling or loaded.pooling,
       normalize=loaded.normalize if normalize is None else normalize,
       query_max_length=query_max_length or loaded.max_length,
       passage_max_length=passage_max_length or loaded.max_length,
-      platforms=platforms, symbolic_length=symbolic_length,
+      platforms=platforms,
+      symbolic_length=symbolic_length,
       overwrite=overwrite,
-      metadata={"source": source,
-                "model_dir": str(loaded.model_dir), "compute_dtype": dtype})
+      metadata={
+          "source": source,
+          "model_dir": str(loaded.model_dir),
+          "compute_dtype": dtype,
+      },
+  )
 
 
 @sharding.uses_config_rules
-def export_from_workdir(config, workdir: str | os.PathLike, *,
-                        step: int | None = None,
-                        out_dir: str | os.PathLike | None = None) -> dict:
+def export_from_workdir(
+    config,
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict:
   """The export mode: towers of a training run's checkpoint; the manifest.
 
   Restores only params, rebuilt from the run's saved config, and uses
@@ -327,36 +417,52 @@ def export_from_workdir(config, workdir: str | os.PathLike, *,
   Only dense kinds (with a text encoder) can be exported.
   """
   from retrieval_jax import kinds  # pylint: disable=g-import-not-at-top
+
   workdir = pathlib.Path(workdir)
   ckpt_dir = workdir / "checkpoints"
   # Serving runs on one device: restore the params there.
   device = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
   try:
     model, tokenizer, run_cfg, restored_step = kinds.load_run(
-        workdir, device, step=step)
+        workdir, device, step=step
+    )
   except FileNotFoundError as e:
     raise FileNotFoundError(
         f"{e}: no checkpoint to export; train first (--mode=train with the "
-        "same --workdir)") from e
+        "same --workdir)"
+    ) from e
   kind = kinds.get(run_cfg["model"])
   if kind.retriever != "dense":
     raise errors.ConfigError(
         f"{workdir}: a {kind.name!r} run has no text encoder to export "
-        "(config.model.kind); export serves dense towers")
-  encoder = kind.text_encoder(model, tokenizer, run_cfg, device,
-                              max_length=config.export.passage_max_length)
+        "(config.model.kind); export serves dense towers"
+    )
+  encoder = kind.text_encoder(
+      model,
+      tokenizer,
+      run_cfg,
+      device,
+      max_length=config.export.passage_max_length,
+  )
   out_dir = pathlib.Path(out_dir or workdir / "export")
   manifest = export_towers(
-      out_dir, graphdef=encoder.graphdef, params=encoder.state,
+      out_dir,
+      graphdef=encoder.graphdef,
+      params=encoder.state,
       tokenizer_dir=pretrained.resolve_model_dir(
-          run_cfg["model"]["pretrained"]),
-      pooling=encoder.pooling, normalize=encoder.normalize,
+          run_cfg["model"]["pretrained"]
+      ),
+      pooling=encoder.pooling,
+      normalize=encoder.normalize,
       query_max_length=config.export.query_max_length,
       passage_max_length=config.export.passage_max_length,
       overwrite=True,
-      metadata={"checkpoint": str(ckpt_dir / str(restored_step)),
-                "step": int(restored_step),
-                "pretrained": str(run_cfg["model"]["pretrained"])})
+      metadata={
+          "checkpoint": str(ckpt_dir / str(restored_step)),
+          "step": int(restored_step),
+          "pretrained": str(run_cfg["model"]["pretrained"]),
+      },
+  )
   print(f"exported the towers of {ckpt_dir}/{restored_step} to {out_dir}")
   return manifest
 
@@ -364,13 +470,21 @@ def export_from_workdir(config, workdir: str | os.PathLike, *,
 def _define_flags():
   """Command-line flags; defined only when run as a script."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("model", pretrained.DEFAULT_MODEL,
-                      "Packaged model name or checkpoint directory.")
+
+  flags.DEFINE_string(
+      "model",
+      pretrained.DEFAULT_MODEL,
+      "Packaged model name or checkpoint directory.",
+  )
   flags.DEFINE_string("out_dir", None, "Export directory.", required=True)
-  flags.DEFINE_integer("query_max_length", None,
-                       "Query token budget; default: the checkpoint's.")
-  flags.DEFINE_integer("passage_max_length", None,
-                       "Passage token budget; default: the checkpoint's.")
+  flags.DEFINE_integer(
+      "query_max_length", None, "Query token budget; default: the checkpoint's."
+  )
+  flags.DEFINE_integer(
+      "passage_max_length",
+      None,
+      "Passage token budget; default: the checkpoint's.",
+  )
   flags.DEFINE_string("dtype", "float32", "Compute dtype.")
   flags.DEFINE_list("platforms", ["cpu"], "Lowering platforms.")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty out_dir.")
@@ -380,13 +494,19 @@ def _define_flags():
 def _main(argv):
   del argv
   manifest = export_pretrained(
-      FLAGS.model, FLAGS.out_dir, query_max_length=FLAGS.query_max_length,
-      passage_max_length=FLAGS.passage_max_length, dtype=FLAGS.dtype,
-      platforms=FLAGS.platforms, overwrite=FLAGS.overwrite)
+      FLAGS.model,
+      FLAGS.out_dir,
+      query_max_length=FLAGS.query_max_length,
+      passage_max_length=FLAGS.passage_max_length,
+      dtype=FLAGS.dtype,
+      platforms=FLAGS.platforms,
+      overwrite=FLAGS.overwrite,
+  )
   print(json.dumps(manifest["towers"], indent=2))
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
+
   FLAGS = _define_flags()
   app.run(_main)

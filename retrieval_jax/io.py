@@ -24,8 +24,9 @@ def _atomic(path: PathLike):
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp",
-                             prefix="." + os.path.basename(path) + ".")
+  fd, tmp = tempfile.mkstemp(
+      dir=directory, suffix=".tmp", prefix="." + os.path.basename(path) + "."
+  )
   try:
     with os.fdopen(fd, "wb") as f:
       yield f
@@ -57,8 +58,9 @@ def write_text_atomic(path: PathLike, text: str) -> None:
   write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: PathLike, obj: Any, *, indent: int | None = 1
-                      ) -> None:
+def write_json_atomic(
+    path: PathLike, obj: Any, *, indent: int | None = 1
+) -> None:
   """Atomically writes `obj` as JSON (UTF-8, non-ASCII kept, final newline)."""
   # Serialised before the file is opened: a bad value leaves no trace.
   text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
@@ -101,7 +103,8 @@ def _hash_into(digest, value: Any) -> None:
   else:
     raise TypeError(
         "fingerprint takes strings, bytes, numpy arrays and (nested) "
-        f"sequences or sets of them, got {type(value).__name__}")
+        f"sequences or sets of them, got {type(value).__name__}"
+    )
 
 
 def fingerprint(*parts: Any) -> str:

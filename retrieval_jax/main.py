@@ -22,10 +22,14 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/<x>.py[:variant]).",
-    lock_config=True)
+    "config",
+    None,
+    "Experiment config file (configs/<x>.py[:variant]).",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for outputs (created if missing).")
+    "workdir", None, "Directory for outputs (created if missing)."
+)
 
 # pylint: disable=g-import-not-at-top
 # The imports are inside so that they follow the device set-up in main().
@@ -33,21 +37,25 @@ _WORKDIR = flags.DEFINE_string(
 
 def _train(config, workdir):
   from retrieval_jax import train
+
   return train.train_and_evaluate(config, workdir)
 
 
 def _evaluate(config, workdir):
   from retrieval_jax import evaluate
+
   return evaluate.evaluate(config, workdir)
 
 
 def _encode(config, workdir):
   from retrieval_jax import evaluate
+
   return evaluate.encode(config, workdir)
 
 
 def _export(config, workdir):
   from retrieval_jax import export
+
   return export.export_from_workdir(config, workdir)
 
 
@@ -61,9 +69,12 @@ MODES = {
     "export": ("train", "configs/train.py", _export),
 }
 _MODE = flags.DEFINE_enum(
-    "mode", None, list(MODES),
+    "mode",
+    None,
+    list(MODES),
     "What to run; by default `train` for a config with a `train` block "
-    "(configs/train.py), else `evaluate`.")
+    "(configs/train.py), else `evaluate`.",
+)
 
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
@@ -74,15 +85,19 @@ def initialize_distributed() -> bool:
   `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` may be left out on TPU pods and SLURM.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   if not any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
     return False
   num = os.environ.get("JAX_NUM_PROCESSES")
   pid = os.environ.get("JAX_PROCESS_ID")
   jax.distributed.initialize(
-      coordinator_address=(os.environ.get("JAX_COORDINATOR_ADDRESS") or
-                           os.environ.get("COORDINATOR_ADDRESS")),
+      coordinator_address=(
+          os.environ.get("JAX_COORDINATOR_ADDRESS")
+          or os.environ.get("COORDINATOR_ADDRESS")
+      ),
       num_processes=int(num) if num else None,
-      process_id=int(pid) if pid else None)
+      process_id=int(pid) if pid else None,
+  )
   return True
 
 
@@ -90,8 +105,9 @@ class _QuietLibraries(logging.logging.Filter):
   """Drops INFO records of Orbax's internals (several per save)."""
 
   def filter(self, record) -> bool:
-    return not (record.levelno <= logging.logging.INFO and
-                "/orbax/" in record.pathname)
+    return not (
+        record.levelno <= logging.logging.INFO and "/orbax/" in record.pathname
+    )
 
 
 def main(argv):
@@ -101,8 +117,10 @@ def main(argv):
   parts = os.path.normpath(path).split(os.sep)
   if len(parts) >= 3 and parts[-3] == "experiments":
     name = parts[-2]
-    sys.exit(f"error: {path} is an experiment's config; run it with "
-             f"python -m experiments.{name}.run --config {path} ...")
+    sys.exit(
+        f"error: {path} is an experiment's config; run it with "
+        f"python -m experiments.{name}.run --config {path} ..."
+    )
   config = _CONFIG.value
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # pylint: disable=g-import-not-at-top
@@ -115,10 +133,14 @@ def main(argv):
   initialize_distributed()
   # Random bits that do not depend on how arrays are sharded.
   jax.config.update("jax_threefry_partitionable", True)
-  logging.info("process %d of %d; %d local / %d global devices (%s)",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+      "process %d of %d; %d local / %d global devices (%s)",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+  )
   logging.info("config:\n%s", config)
 
   # pylint: disable=g-import-not-at-top
@@ -128,14 +150,18 @@ def main(argv):
   mode = _MODE.value or ("train" if "train" in config else "evaluate")
   block, config_file, job = MODES[mode]
   if block not in config:
-    sys.exit(f"error: --mode={mode} needs a config with a `{block}` block "
-             f"({config_file})")
+    sys.exit(
+        f"error: --mode={mode} needs a config with a `{block}` block "
+        f"({config_file})"
+    )
   try:
     job(config, _WORKDIR.value)
   except metric_logging.NonFiniteError as e:
     logging.error("%s", e)
-    sys.exit(f"error: {e}; the last good checkpoint is in "
-             f"{_WORKDIR.value}/checkpoints")
+    sys.exit(
+        f"error: {e}; the last good checkpoint is in "
+        f"{_WORKDIR.value}/checkpoints"
+    )
   except (errors.ConfigError, errors.DataError, FileNotFoundError) as e:
     # The user's to fix: one line naming the key or file:line, no traceback.
     logging.error("%s", e)

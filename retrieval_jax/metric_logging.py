@@ -16,11 +16,13 @@ import jax
 import numpy as np
 
 from retrieval_jax import checkpointing
+
 # clu imports TensorFlow: hide the accelerators from it first.
 from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
 
 try:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
   _WRITERS_IMPORT_ERROR = None
 except ImportError as e:  # clu's TensorBoard writer needs `tensorboard`.
   metric_writers = None
@@ -48,8 +50,9 @@ def _to_host(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """numpy copies, in one explicit transfer (allowed under transfer_guard)."""
   if not isinstance(metrics, Mapping):
     raise TypeError(
-        f"metrics must be a dict of name -> scalar, got"
-        f" {type(metrics).__name__}")
+        "metrics must be a dict of name -> scalar, got"
+        f" {type(metrics).__name__}"
+    )
   host = jax.device_get(dict(metrics))
   # device_get sorts dict keys; keep the caller's order for the records.
   return {k: np.asarray(host[k]) for k in metrics}
@@ -64,12 +67,15 @@ def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     if name == STEP_KEY:
       raise ValueError(
           f"{STEP_KEY!r} is the step of each record, not a metric name; use"
-          " e.g. 'train/step'")
-    if value.size != 1 or not (np.issubdtype(value.dtype, np.number) or
-                               value.dtype == np.bool_):
+          " e.g. 'train/step'"
+      )
+    if value.size != 1 or not (
+        np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_
+    ):
       raise ValueError(
           f"metric {name!r} must be a numeric scalar, got"
-          f" {value.dtype}{list(value.shape)}")
+          f" {value.dtype}{list(value.shape)}"
+      )
     scalars[name] = float(value.reshape(()))  # json cannot encode numpy
   return scalars
 
@@ -106,8 +112,9 @@ def _drop_partial_last_line(path: str) -> None:
     if _parse_record(tail.decode("utf-8", errors="replace")) is not None:
       f.write(b"\n")
     else:
-      logging.warning("%s: dropping a partial last record (%d bytes)", path,
-                      len(tail))
+      logging.warning(
+          "%s: dropping a partial last record (%d bytes)", path, len(tail)
+      )
       f.truncate(start)
 
 
@@ -140,13 +147,16 @@ class MetricLogger:
       os.makedirs(self._workdir, exist_ok=True)
     if metric_writers is not None:
       self._writer = metric_writers.create_default_writer(
-          self._workdir, just_logging=not is_primary)
+          self._workdir, just_logging=not is_primary
+      )
     else:
       if is_primary:
         logging.warning(
             "TensorBoard summaries are off: clu's writers cannot be imported"
             " (%s); install tensorboard. Writing the log and %s only.",
-            _WRITERS_IMPORT_ERROR, METRICS_FILE)
+            _WRITERS_IMPORT_ERROR,
+            METRICS_FILE,
+        )
       self._writer = _LogOnlyWriter()
     if is_primary:
       path = os.path.join(self._workdir, METRICS_FILE)
@@ -207,8 +217,9 @@ class MetricLogger:
     self.close()
 
 
-def check_finite(metrics: Mapping[str, Any], step: int,
-                 keys: Iterable[str] | None = None) -> None:
+def check_finite(
+    metrics: Mapping[str, Any], step: int, keys: Iterable[str] | None = None
+) -> None:
   """Raises `NonFiniteError` naming NaN/inf metrics among `keys` (None: all).
 
   Write the metrics first, so diverged values are on record.
@@ -216,8 +227,9 @@ def check_finite(metrics: Mapping[str, Any], step: int,
   names = list(metrics) if keys is None else list(keys)
   missing = [k for k in names if k not in metrics]
   if missing:
-    raise KeyError(f"check_finite: no metrics named {missing}; have"
-                   f" {sorted(metrics)}")
+    raise KeyError(
+        f"check_finite: no metrics named {missing}; have {sorted(metrics)}"
+    )
   values = _to_host({k: metrics[k] for k in names})  # one transfer per step
   bad = []
   for name, value in values.items():
@@ -227,9 +239,11 @@ def check_finite(metrics: Mapping[str, Any], step: int,
       bad.append(name)
   if bad:
     shown = ", ".join(
-        f"{k}={values[k] if values[k].size == 1 else '<array>'}" for k in bad)
-    raise NonFiniteError(f"non-finite metrics at step {step}: {shown}",
-                         step=step, names=bad)
+        f"{k}={values[k] if values[k].size == 1 else '<array>'}" for k in bad
+    )
+    raise NonFiniteError(
+        f"non-finite metrics at step {step}: {shown}", step=step, names=bad
+    )
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -28,18 +28,21 @@ def warmup_steps(optim: ml_collections.ConfigDict, total_steps: int) -> int:
   return int(round(optim.get("warmup_fraction", 0.0) * total_steps))
 
 
-def make_schedule(optim: ml_collections.ConfigDict,
-                  total_steps: int) -> optax.Schedule:
+def make_schedule(
+    optim: ml_collections.ConfigDict, total_steps: int
+) -> optax.Schedule:
   """Linear warm-up to `learning_rate`, then the configured decay.
 
   Returns step -> learning rate; the decay ends at `total_steps`.
   """
   if optim.decay not in SCHEDULES:
     raise OptimizerConfigError(
-        f"config.optim.decay={optim.decay!r}: expected one of {SCHEDULES}")
+        f"config.optim.decay={optim.decay!r}: expected one of {SCHEDULES}"
+    )
   if optim.learning_rate <= 0:
     raise OptimizerConfigError(
-        f"config.optim.learning_rate={optim.learning_rate}: must be > 0")
+        f"config.optim.learning_rate={optim.learning_rate}: must be > 0"
+    )
   peak = float(optim.learning_rate)
   end = peak * float(optim.end_factor)
   warmup = min(warmup_steps(optim, total_steps), total_steps)
@@ -48,14 +51,16 @@ def make_schedule(optim: ml_collections.ConfigDict,
     after = optax.linear_schedule(peak, end, decay_steps)
   elif optim.decay == "cosine":
     after = optax.cosine_decay_schedule(
-        peak, decay_steps, alpha=float(optim.end_factor))
+        peak, decay_steps, alpha=float(optim.end_factor)
+    )
   else:
     after = optax.constant_schedule(peak)
   if not warmup:
     return after
   # From 0, as sentence-transformers / HF do: the first update is a no-op.
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+      [optax.linear_schedule(0.0, peak, warmup), after], [warmup]
+  )
 
 
 def decay_mask(params: Any, decay_all: bool = False) -> Any:
@@ -72,23 +77,30 @@ def make_optimizer(
   """
   if optim.name not in OPTIMIZERS:
     raise OptimizerConfigError(
-        f"config.optim.name={optim.name!r}: expected one of {OPTIMIZERS}")
+        f"config.optim.name={optim.name!r}: expected one of {OPTIMIZERS}"
+    )
   if optim.clip_norm < 0:
     raise OptimizerConfigError(
-        f"config.optim.clip_norm={optim.clip_norm}: must be >= 0")
+        f"config.optim.clip_norm={optim.clip_norm}: must be >= 0"
+    )
   schedule = make_schedule(optim, total_steps)
   parts = []
   if optim.clip_norm:
     parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
   if optim.name == "adamw":
     decay_all = bool(optim.get("decay_norms_and_biases", False))
-    parts.append(optax.adamw(
-        schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-        weight_decay=float(optim.weight_decay),
-        mask=lambda p: decay_mask(p, decay_all)))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=float(optim.weight_decay),
+            mask=lambda p: decay_mask(p, decay_all),
+        )
+    )
   elif optim.name == "adam":
-    parts.append(optax.adam(schedule, b1=optim.b1, b2=optim.b2,
-                            eps=optim.eps))
+    parts.append(optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps))
   else:
     parts.append(optax.sgd(schedule))
   return optax.chain(*parts), schedule

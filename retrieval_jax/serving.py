@@ -27,14 +27,17 @@ FORMAT = "retrieval_jax.serving_towers"
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TOWERS = ("query", "passage")
-TOWER_FILES = {"query": "query_tower.jax_exported",
-               "passage": "passage_tower.jax_exported"}
+TOWER_FILES = {
+    "query": "query_tower.jax_exported",
+    "passage": "passage_tower.jax_exported",
+}
 PARAMS_FILE = "params.safetensors"
 QUERY_PARAMS_FILE = "query_params.safetensors"
 TOKENIZER_DIR = "tokenizer"
 # Length of a tower's inputs: "symbolic" towers take any length up to their
 # max_length; "fixed" towers take exactly max_length (the loader pads to it).
 LENGTH_MODES = ("symbolic", "fixed")
+
 
 def sha256_file(path: str | os.PathLike) -> str:
   """Hex SHA-256 of a file, read in 1 MiB blocks."""
@@ -45,26 +48,34 @@ def sha256_file(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def build_tokenizer(tokenizer_dir: str | os.PathLike,
-                    recipe: Mapping[str, Any]) -> tokenizers.Tokenizer:
+def build_tokenizer(
+    tokenizer_dir: str | os.PathLike, recipe: Mapping[str, Any]
+) -> tokenizers.Tokenizer:
   """Loads an export's tokenizer; ValueError if it differs from `recipe`."""
   tokenizer = tokenizers.from_pretrained_dir(tokenizer_dir)
   # A swapped same-family vocabulary would otherwise load silently.
   found = special_token_ids(tokenizer)
-  if (found != dict(recipe["special_token_ids"])
-      or tokenizer.vocab_size != recipe["vocab_size"]):
+  if (
+      found != dict(recipe["special_token_ids"])
+      or tokenizer.vocab_size != recipe["vocab_size"]
+  ):
     raise ValueError(
         f"tokenizer in {tokenizer_dir} does not match its recipe: special "
         f"ids {found} vs {recipe['special_token_ids']}, vocabulary size "
-        f"{tokenizer.vocab_size} vs {recipe['vocab_size']}")
+        f"{tokenizer.vocab_size} vs {recipe['vocab_size']}"
+    )
   return tokenizer
 
 
 def special_token_ids(tokenizer: tokenizers.Tokenizer) -> dict:
   """{"cls": id, "sep": id, "pad": id, "unk": id, "mask": id} (None: none)."""
-  return {"cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
-          "pad": tokenizer.pad_id, "unk": tokenizer.unk_id,
-          "mask": tokenizer.mask_id}
+  return {
+      "cls": tokenizer.cls_id,
+      "sep": tokenizer.sep_id,
+      "pad": tokenizer.pad_id,
+      "unk": tokenizer.unk_id,
+      "mask": tokenizer.mask_id,
+  }
 
 
 def pick_device(platforms: Sequence[str]) -> jax.Device:
@@ -74,8 +85,10 @@ def pick_device(platforms: Sequence[str]) -> jax.Device:
     return jax.devices()[0]
   if "cpu" in platforms:
     return jax.devices("cpu")[0]
-  raise ValueError(f"towers were exported for {list(platforms)}, but this "
-                   f"host runs {default!r} and the export has no 'cpu'")
+  raise ValueError(
+      f"towers were exported for {list(platforms)}, but this "
+      f"host runs {default!r} and the export has no 'cpu'"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +114,14 @@ class ServingModel:
   Length-sorted batches padded to few shapes bound the number of compiles.
   """
 
-  def __init__(self, export_dir: pathlib.Path, manifest: dict,
-               tokenizer: tokenizers.Tokenizer,
-               towers: Mapping[str, _Tower], device: jax.Device):
+  def __init__(
+      self,
+      export_dir: pathlib.Path,
+      manifest: dict,
+      tokenizer: tokenizers.Tokenizer,
+      towers: Mapping[str, _Tower],
+      device: jax.Device,
+  ):
     """Use `ServingModel.load`; this only stores what it builds."""
     self.export_dir = export_dir
     self._manifest = manifest
@@ -126,9 +144,13 @@ class ServingModel:
     return self._tower(tower).max_length
 
   @classmethod
-  def load(cls, export_dir: str | os.PathLike, *,
-           device: jax.Device | None = None,
-           verify_checksums: bool = True) -> "ServingModel":
+  def load(
+      cls,
+      export_dir: str | os.PathLike,
+      *,
+      device: jax.Device | None = None,
+      verify_checksums: bool = True,
+  ) -> "ServingModel":
     """Loads an export directory; ValueError on any mismatch with its manifest.
 
     device: the default backend if exported for it, else the CPU.
@@ -140,18 +162,24 @@ class ServingModel:
       raise FileNotFoundError(f"{export_dir} holds no {MANIFEST_FILE}")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
-      raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} "
-                       f"is not {FORMAT!r}")
+      raise ValueError(
+          f"{manifest_path}: format {manifest.get('format')!r} "
+          f"is not {FORMAT!r}"
+      )
     if manifest.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{manifest_path}: format version "
-                       f"{manifest.get('format_version')} is not supported "
-                       f"(this reader knows version {FORMAT_VERSION})")
+      raise ValueError(
+          f"{manifest_path}: format version "
+          f"{manifest.get('format_version')} is not supported "
+          f"(this reader knows version {FORMAT_VERSION})"
+      )
     if verify_checksums:
       for name, expected in manifest["sha256"].items():
         found = sha256_file(export_dir / name)
         if found != expected:
-          raise ValueError(f"{export_dir / name}: SHA-256 {found} differs "
-                           f"from the manifest's {expected}")
+          raise ValueError(
+              f"{export_dir / name}: SHA-256 {found} differs "
+              f"from the manifest's {expected}"
+          )
     device = device or pick_device(manifest["platforms"])
     recipe = manifest["tokenizer"]
     tokenizer = build_tokenizer(export_dir / recipe["dir"], recipe)
@@ -161,31 +189,41 @@ class ServingModel:
     for filename, keys in manifest["param_files"].items():
       arrays = safetensors.numpy.load_file(export_dir / filename)
       if sorted(arrays) != sorted(keys):
-        raise ValueError(f"{export_dir / filename} holds other tensors than "
-                         "the manifest lists")
+        raise ValueError(
+            f"{export_dir / filename} holds other tensors than "
+            "the manifest lists"
+        )
       weights[filename] = [jax.device_put(arrays[k], device) for k in keys]
 
     towers = {}
     for name in TOWERS:
       spec = manifest["towers"][name]
       if spec["max_length"] != recipe["max_lengths"][name]:
-        raise ValueError(f"{manifest_path}: tower {name} has max_length "
-                         f"{spec['max_length']}, the tokenizer recipe "
-                         f"{recipe['max_lengths'][name]}")
+        raise ValueError(
+            f"{manifest_path}: tower {name} has max_length "
+            f"{spec['max_length']}, the tokenizer recipe "
+            f"{recipe['max_lengths'][name]}"
+        )
       if spec["length_mode"] not in LENGTH_MODES:
-        raise ValueError(f"{manifest_path}: unknown length_mode "
-                         f"{spec['length_mode']!r}")
+        raise ValueError(
+            f"{manifest_path}: unknown length_mode {spec['length_mode']!r}"
+        )
       # Checks the serialization versions: a much newer JAX fails clearly.
       exported = jax.export.deserialize(
-          bytearray((export_dir / spec["file"]).read_bytes()))
+          bytearray((export_dir / spec["file"]).read_bytes())
+      )
       params = weights[spec["params_file"]]
       _check_signature(name, exported, params)
       towers[name] = _Tower(
           # Jitted: skips `Exported.call`'s per-call tracing (~10x overhead).
-          name=name, exported=exported, call=jax.jit(exported.call),
-          params=params, max_length=int(spec["max_length"]),
+          name=name,
+          exported=exported,
+          call=jax.jit(exported.call),
+          params=params,
+          max_length=int(spec["max_length"]),
           length_mode=spec["length_mode"],
-          embedding_dim=int(spec["embedding_dim"]))
+          embedding_dim=int(spec["embedding_dim"]),
+      )
     return cls(export_dir, manifest, tokenizer, towers, device)
 
   def _tower(self, tower: str) -> _Tower:
@@ -200,26 +238,46 @@ class ServingModel:
     max_length = self._tower(tower).max_length
     return [self.tokenizer.encode(t, max_length) for t in texts]
 
-  def encode_queries(self, texts: Sequence[str], batch_size: int = 64,
-                     pad_multiple: int = 16) -> np.ndarray:
+  def encode_queries(
+      self, texts: Sequence[str], batch_size: int = 64, pad_multiple: int = 16
+  ) -> np.ndarray:
     """Embeds queries with the query tower: float32 [N, D], input order."""
-    return self.encode("query", texts, batch_size=batch_size,
-                       pad_multiple=pad_multiple)
+    return self.encode(
+        "query", texts, batch_size=batch_size, pad_multiple=pad_multiple
+    )
 
-  def encode_passages(self, texts: Sequence[str], batch_size: int = 64,
-                      pad_multiple: int = 16) -> np.ndarray:
+  def encode_passages(
+      self, texts: Sequence[str], batch_size: int = 64, pad_multiple: int = 16
+  ) -> np.ndarray:
     """Embeds passages with the passage tower: float32 [N, D], input order."""
-    return self.encode("passage", texts, batch_size=batch_size,
-                       pad_multiple=pad_multiple)
+    return self.encode(
+        "passage", texts, batch_size=batch_size, pad_multiple=pad_multiple
+    )
 
-  def encode(self, tower: str, texts: Sequence[str], *, batch_size: int = 64,
-             pad_multiple: int = 16) -> np.ndarray:
+  def encode(
+      self,
+      tower: str,
+      texts: Sequence[str],
+      *,
+      batch_size: int = 64,
+      pad_multiple: int = 16,
+  ) -> np.ndarray:
     """Tokenizes and embeds `texts` with `tower`; see `encode_ids`."""
-    return self.encode_ids(tower, self.tokenize(tower, texts),
-                           batch_size=batch_size, pad_multiple=pad_multiple)
+    return self.encode_ids(
+        tower,
+        self.tokenize(tower, texts),
+        batch_size=batch_size,
+        pad_multiple=pad_multiple,
+    )
 
-  def encode_ids(self, tower: str, ids: Sequence[Sequence[int]], *,
-                 batch_size: int = 64, pad_multiple: int = 16) -> np.ndarray:
+  def encode_ids(
+      self,
+      tower: str,
+      ids: Sequence[Sequence[int]],
+      *,
+      batch_size: int = 64,
+      pad_multiple: int = 16,
+  ) -> np.ndarray:
     """Embeds N id lists ([CLS] ... [SEP], 1..max_length): float32 [N, D].
 
     Rows keep the order of ids. Symbolic-length towers pad to multiples of
@@ -233,47 +291,58 @@ class ServingModel:
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
     # The program's own error would name neither tower nor limit.
     if lengths.min() < 1 or lengths.max() > spec.max_length:
-      raise ValueError(f"{tower} tower takes 1 to {spec.max_length} ids per "
-                       f"text; got lengths {lengths.min()}..{lengths.max()}")
+      raise ValueError(
+          f"{tower} tower takes 1 to {spec.max_length} ids per "
+          f"text; got lengths {lengths.min()}..{lengths.max()}"
+      )
     # Longest first (largest shapes first); stable, so ties keep input order.
     order = np.argsort(-lengths, kind="stable")
     pending = None
     for start in range(0, n, batch_size):
-      rows = order[start:start + batch_size]
+      rows = order[start : start + batch_size]
       if spec.length_mode == "fixed":
         width = spec.max_length
       else:
         width = int(lengths[rows].max())
         width = min(-(-width // pad_multiple) * pad_multiple, spec.max_length)
       # Partial batches: a power of two, so one query pays for few rows.
-      num_rows = (batch_size if len(rows) == batch_size
-                  else min(batch_size, _next_power_of_two(len(rows))))
-      input_ids_bl = np.full((num_rows, width), self.tokenizer.pad_id,
-                             np.int32)
+      num_rows = (
+          batch_size
+          if len(rows) == batch_size
+          else min(batch_size, _next_power_of_two(len(rows)))
+      )
+      input_ids_bl = np.full((num_rows, width), self.tokenizer.pad_id, np.int32)
       mask_bl = np.zeros((num_rows, width), np.int32)
       for i, row in enumerate(rows):
-        input_ids_bl[i, :lengths[row]] = ids[row]
-        mask_bl[i, :lengths[row]] = 1
+        input_ids_bl[i, : lengths[row]] = ids[row]
+        mask_bl[i, : lengths[row]] = 1
       # Asynchronous: results are collected one batch behind.
-      emb_bd = spec.call(spec.params,
-                         jax.device_put(input_ids_bl, self.device),
-                         jax.device_put(mask_bl, self.device))
+      emb_bd = spec.call(
+          spec.params,
+          jax.device_put(input_ids_bl, self.device),
+          jax.device_put(mask_bl, self.device),
+      )
       if pending is not None:
-        emb_nd[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+        emb_nd[pending[0]] = np.asarray(pending[1])[: len(pending[0])]
       pending = (rows, emb_bd)
-    emb_nd[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+    emb_nd[pending[0]] = np.asarray(pending[1])[: len(pending[0])]
     return emb_nd
 
 
-def _check_signature(name: str, exported: jax.export.Exported,
-                     params: Sequence[jax.Array]) -> None:
+def _check_signature(
+    name: str, exported: jax.export.Exported, params: Sequence[jax.Array]
+) -> None:
   """Checks that weights fit a tower's (flat params, ids, mask) signature."""
   # in_avals is flat: the weights in file order, then ids and mask.
   avals = exported.in_avals
   if len(avals) != len(params) + 2:
-    raise ValueError(f"{name} tower takes {len(avals) - 2} weight arrays, "
-                     f"its weight file holds {len(params)}")
+    raise ValueError(
+        f"{name} tower takes {len(avals) - 2} weight arrays, "
+        f"its weight file holds {len(params)}"
+    )
   for i, (aval, array) in enumerate(zip(avals, params)):
     if tuple(aval.shape) != array.shape or aval.dtype != array.dtype:
-      raise ValueError(f"{name} tower argument {i} is {aval}, the weight "
-                       f"file holds {array.dtype}{list(array.shape)}")
+      raise ValueError(
+          f"{name} tower argument {i} is {aval}, the weight "
+          f"file holds {array.dtype}{list(array.shape)}"
+      )

@@ -58,8 +58,12 @@ def current_rules():
 @contextlib.contextmanager
 def axis_rules(rules):
   """Makes `rules` (pairs of logical name, mesh axes) current inside."""
-  _RULES_STACK.append(tuple((name, tuple(axes) if isinstance(
-      axes, (list, tuple)) else axes) for name, axes in rules))
+  _RULES_STACK.append(
+      tuple(
+          (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+          for name, axes in rules
+      )
+  )
   try:
     yield
   finally:
@@ -94,13 +98,16 @@ def use_cpu_cores_as_devices(num_devices: int = 0) -> int:
     return 0
   count = num_devices or len(os.sched_getaffinity(0))
   os.environ["XLA_FLAGS"] = (
-      f"{flags} --xla_force_host_platform_device_count={count}".strip())
+      f"{flags} --xla_force_host_platform_device_count={count}".strip()
+  )
   return count
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1),
-              axis_names: Sequence[str] = MESH_AXES,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] = (-1, 1, 1),
+    axis_names: Sequence[str] = MESH_AXES,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
   """A mesh of Auto axes (sharding constraints work in jit); -1: the rest."""
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
@@ -110,19 +117,25 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
   if -1 in shape:
     if len(devices) % known:
       raise ValueError(
-          f"mesh shape {shape} does not divide {len(devices)} devices")
+          f"mesh shape {shape} does not divide {len(devices)} devices"
+      )
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
     raise ValueError(
         f"mesh shape {shape} needs {int(np.prod(shape))} devices, "
-        f"{len(devices)} available")
+        f"{len(devices)} available"
+    )
   return jax.make_mesh(
-      tuple(shape), tuple(axis_names),
-      axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+      tuple(shape),
+      tuple(axis_names),
+      axis_types=(AxisType.Auto,) * len(shape),
+      devices=devices,
+  )
 
 
-def logical_to_spec(logical_axes: Sequence[str | None],
-                    rules=None) -> PartitionSpec:
+def logical_to_spec(
+    logical_axes: Sequence[str | None], rules=None
+) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec through `rules`.
 
   A mesh axis is used at most once per spec; later logical axes that map to
@@ -139,8 +152,9 @@ def logical_to_spec(logical_axes: Sequence[str | None],
   return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
-                   rules=None) -> NamedSharding:
+def named_sharding(
+    mesh: Mesh, logical_axes: Sequence[str | None], rules=None
+) -> NamedSharding:
   """NamedSharding on `mesh` for an array with the given logical axes."""
   return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 

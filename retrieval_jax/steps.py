@@ -17,52 +17,83 @@ from retrieval_jax import sharding
 from retrieval_jax.layers import pooling as pooling_lib
 
 
-def pool_states(model: nnx.Module, hidden_bld: jax.Array, mask_bl: jax.Array,
-                pooling: str) -> jax.Array:
+def pool_states(
+    model: nnx.Module, hidden_bld: jax.Array, mask_bl: jax.Array, pooling: str
+) -> jax.Array:
   """[B, L, D] -> float32 [B, D]: `model.pool` if any, else `layers.pooling`."""
   if hasattr(model, "pool"):
     return model.pool(hidden_bld, mask_bl, pooling)
   return pooling_lib.pool(hidden_bld, mask_bl, pooling)
 
 
-def encode_step(graphdef: nnx.GraphDef, state: nnx.State,
-                batch: dict[str, jax.Array], *, pooling: str,
-                normalize: bool) -> jax.Array:
+def encode_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: dict[str, jax.Array],
+    *,
+    pooling: str,
+    normalize: bool
+) -> jax.Array:
   """float32 [B, D] embeddings of a batch of int32 [B, L] ids.
 
   `batch`: `input_ids`, `attention_mask` and optionally `token_type_ids`;
   all-padding rows give zero vectors.
   """
   model = nnx.merge(graphdef, state)
-  hidden_bld = model(batch["input_ids"], batch["attention_mask"],
-                     batch.get("token_type_ids"), deterministic=True)
+  hidden_bld = model(
+      batch["input_ids"],
+      batch["attention_mask"],
+      batch.get("token_type_ids"),
+      deterministic=True,
+  )
   # Pool in float32 even when the encoder computes in bfloat16.
-  emb_bd = pool_states(model, hidden_bld.astype(jnp.float32),
-                       batch["attention_mask"], pooling)
+  emb_bd = pool_states(
+      model, hidden_bld.astype(jnp.float32), batch["attention_mask"], pooling
+  )
   if normalize:
     emb_bd = pooling_lib.l2_normalize(emb_bd)
   return emb_bd
 
 
-def make_encode_step(graphdef: nnx.GraphDef, mesh: Mesh, *, pooling: str,
-                     normalize: bool, state_shardings=None):
+def make_encode_step(
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    *,
+    pooling: str,
+    normalize: bool,
+    state_shardings=None
+):
   """`fn(state, batch) -> emb_bd`: `encode_step` jitted for `mesh`.
 
   The batch (a multiple of `sharding.data_size(mesh)`) splits on the data
   axes; the state is replicated unless `state_shardings` says otherwise.
   """
   batch_sharding = sharding.named_sharding(mesh, (sharding.BATCH, None))
-  step = functools.partial(encode_step, graphdef, pooling=pooling,
-                           normalize=normalize)
+  step = functools.partial(
+      encode_step, graphdef, pooling=pooling, normalize=normalize
+  )
   return jax.jit(
       step,
-      in_shardings=(state_shardings or sharding.replicated(mesh),
-                    batch_sharding),
-      out_shardings=batch_sharding)
+      in_shardings=(
+          state_shardings or sharding.replicated(mesh),
+          batch_sharding,
+      ),
+      out_shardings=batch_sharding,
+  )
 
 
-def train_step(state, batch, rng, *, model_def, tx, loss_fn, dropout: bool,
-               value_and_grad_fn=None, learning_rate_fn=None):
+def train_step(
+    state,
+    batch,
+    rng,
+    *,
+    model_def,
+    tx,
+    loss_fn,
+    dropout: bool,
+    value_and_grad_fn=None,
+    learning_rate_fn=None
+):
   """One optimizer step of any kind (`TrainSpec` fns) -> (state, metrics).
 
   The dropout key is fold_in(rng, step): a resumed run draws the same masks.
@@ -77,10 +108,12 @@ def train_step(state, batch, rng, *, model_def, tx, loss_fn, dropout: bool,
       return loss_fn(model_def.merge(params), batch, dropout_rng, step)
 
     (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
-        state["params"])
+        state["params"]
+    )
   else:
-    (loss, aux), grads = value_and_grad_fn(model_def, state["params"], batch,
-                                           dropout_rng, step)
+    (loss, aux), grads = value_and_grad_fn(
+        model_def, state["params"], batch, dropout_rng, step
+    )
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {
@@ -90,21 +123,24 @@ def train_step(state, batch, rng, *, model_def, tx, loss_fn, dropout: bool,
       "update_norm": optax.tree.norm(updates),
   }
   if learning_rate_fn is not None:
-    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(step),
-                                           jnp.float32)
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(step), jnp.float32)
   metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
   return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
 
 
 def batch_shardings(mesh: Mesh, batch_spec: dict[str, tuple]) -> dict:
   """{key: NamedSharding} of a {key: shape} batch: axis 0 on the data axes."""
-  return {k: sharding.named_sharding(mesh, (sharding.BATCH,) +
-                                     (None,) * (len(shape) - 1))
-          for k, shape in batch_spec.items()}
+  return {
+      k: sharding.named_sharding(
+          mesh, (sharding.BATCH,) + (None,) * (len(shape) - 1)
+      )
+      for k, shape in batch_spec.items()
+  }
 
 
-def make_train_step(mesh: Mesh, state_shardings, batch_spec: dict[str, tuple],
-                    **step_kwargs):
+def make_train_step(
+    mesh: Mesh, state_shardings, batch_spec: dict[str, tuple], **step_kwargs
+):
   """`fn(state, batch, rng) -> (state, metrics)`: `train_step` jitted, donating.
 
   Batches must already be placed with `batch_shardings` (`put_batch`).
@@ -113,10 +149,14 @@ def make_train_step(mesh: Mesh, state_shardings, batch_spec: dict[str, tuple],
   step = functools.partial(train_step, **step_kwargs)
   return jax.jit(
       step,
-      in_shardings=(state_shardings, batch_shardings(mesh, batch_spec),
-                    replicated),
+      in_shardings=(
+          state_shardings,
+          batch_shardings(mesh, batch_spec),
+          replicated,
+      ),
       out_shardings=(state_shardings, replicated),
-      donate_argnums=0)
+      donate_argnums=0,
+  )
 
 
 def put_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict:
@@ -124,6 +164,9 @@ def put_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict:
 
   Each device takes just its rows, so multi-process meshes work unchanged.
   """
-  return {k: jax.make_array_from_callback(a.shape, shardings[k],
-                                          lambda index, a=a: a[index])
-          for k, a in batch.items()}
+  return {
+      k: jax.make_array_from_callback(
+          a.shape, shardings[k], lambda index, a=a: a[index]
+      )
+      for k, a in batch.items()
+  }

@@ -29,6 +29,7 @@ class ModelDef:
   `rest`: the non-Param NNX state (RNG streams; small, replicated);
   `logical_axes`: {param path: logical axis names} from `out_sharding`.
   """
+
   graphdef: nnx.GraphDef
   rest: nnx.State
   logical_axes: dict[tuple, tuple[str | None, ...]]
@@ -44,8 +45,9 @@ def split_model(model: nnx.Module) -> tuple[ModelDef, PyTree]:
   logical_axes = {}
   for path, variable in nnx.to_flat_state(params):
     axes = variable.get_metadata().get("out_sharding")
-    logical_axes[tuple(path)] = tuple(axes) if axes else (None,) * len(
-        variable.shape)
+    logical_axes[tuple(path)] = (
+        tuple(axes) if axes else (None,) * len(variable.shape)
+    )
   return ModelDef(graphdef, rest, logical_axes), nnx.to_pure_dict(params)
 
 
@@ -57,8 +59,9 @@ def _path_key(entry) -> Any:
   return entry
 
 
-def param_shardings(model_def: ModelDef, params: PyTree, mesh: Mesh,
-                    rules=None) -> PyTree:
+def param_shardings(
+    model_def: ModelDef, params: PyTree, mesh: Mesh, rules=None
+) -> PyTree:
   """NamedSharding per parameter from its logical axes and `rules`."""
 
   def one(path, leaf):
@@ -69,53 +72,76 @@ def param_shardings(model_def: ModelDef, params: PyTree, mesh: Mesh,
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def opt_state_shardings(tx: optax.GradientTransformation,
-                        abstract_opt_state: PyTree, params_shardings: PyTree,
-                        mesh: Mesh) -> PyTree:
+def opt_state_shardings(
+    tx: optax.GradientTransformation,
+    abstract_opt_state: PyTree,
+    params_shardings: PyTree,
+    mesh: Mesh,
+) -> PyTree:
   """Optax state shardings: param-shaped leaves (moments) follow the param."""
   return optax.tree_map_params(
-      tx, lambda _, shard: shard, abstract_opt_state, params_shardings,
+      tx,
+      lambda _, shard: shard,
+      abstract_opt_state,
+      params_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh),
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+      is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
   """Abstract state (shapes, dtypes, shardings) and its shardings."""
+
   abstract: PyTree  # jax.ShapeDtypeStruct leaves with .sharding set
   shardings: PyTree  # NamedSharding leaves, same structure
 
 
-def state_layout(model_def: ModelDef, params: PyTree,
-                 tx: optax.GradientTransformation, mesh: Mesh,
-                 rules=None) -> StateLayout:
+def state_layout(
+    model_def: ModelDef,
+    params: PyTree,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules=None,
+) -> StateLayout:
   """The state's abstract value and shardings: restore target, jit in/out.
 
   `params` may be abstract; `rules` None: `sharding.current_rules()`.
   """
   abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params
+  )
   p_shardings = param_shardings(model_def, abstract_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   o_shardings = opt_state_shardings(tx, abstract_opt, p_shardings, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  shardings = {"step": replicated, "params": p_shardings,
-               "opt_state": o_shardings}
-  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
-              "params": abstract_params, "opt_state": abstract_opt}
+  shardings = {
+      "step": replicated,
+      "params": p_shardings,
+      "opt_state": o_shardings,
+  }
+  abstract = {
+      "step": jax.ShapeDtypeStruct((), jnp.int32),
+      "params": abstract_params,
+      "opt_state": abstract_opt,
+  }
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, shardings)
+      abstract,
+      shardings,
+  )
   return StateLayout(abstract=abstract, shardings=shardings)
 
 
-def create(params: PyTree, tx: optax.GradientTransformation,
-           layout: StateLayout) -> PyTree:
+def create(
+    params: PyTree, tx: optax.GradientTransformation, layout: StateLayout
+) -> PyTree:
   """The step-0 state: `params` (host or device) placed, a fresh optimizer."""
   params = jax.device_put(params, layout.shardings["params"])
   # Jit the init so the moments are created directly in their shards.
   opt_state = jax.jit(tx.init, out_shardings=layout.shardings["opt_state"])(
-      params)
+      params
+  )
   step = jax.device_put(jnp.zeros((), jnp.int32), layout.shardings["step"])
   return {"step": step, "params": params, "opt_state": opt_state}
 
@@ -125,11 +151,13 @@ def variable_shardings(state: nnx.State, mesh: Mesh) -> PyTree:
 
   def one(variable):
     axes = variable.get_metadata().get("out_sharding")
-    return (sharding.named_sharding(mesh, axes) if axes else
-            sharding.replicated(mesh))
+    return (
+        sharding.named_sharding(mesh, axes)
+        if axes
+        else sharding.replicated(mesh)
+    )
 
-  return jax.tree.map(one, state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def num_params(params: PyTree) -> int:
@@ -140,4 +168,5 @@ def num_params(params: PyTree) -> int:
 def map_params(fn: Callable[[Sequence, Any], Any], params: PyTree) -> PyTree:
   """`fn(path_keys, leaf)` over params, with plain keys (str / int)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: fn(tuple(_path_key(p) for p in path), x), params)
+      lambda path, x: fn(tuple(_path_key(p) for p in path), x), params
+  )

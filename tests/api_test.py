@@ -34,8 +34,9 @@ class ApiTest(absltest.TestCase):
     order = np.argsort(-cos, axis=1, kind="stable")[:, :5]
     doc_ids = list(self.corpus)
     self.assertEqual(ids, [[doc_ids[i] for i in row] for row in order])
-    np.testing.assert_allclose(scores, np.take_along_axis(cos, order, 1),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        scores, np.take_along_axis(cos, order, 1), atol=1e-5
+    )
     # A document's own text retrieves it first.
     first_id, first_text = next(iter(self.corpus.items()))
     self.assertEqual(index.search(first_text, k=1)[0], [[first_id]])
@@ -43,11 +44,12 @@ class ApiTest(absltest.TestCase):
   def test_bm25_index_and_plain_list_corpus(self):
     texts = list(self.corpus.values())
     ids, scores = retrieval_jax.index(texts, kind="bm25").search(
-        self.queries, k=3)
-    want_scores, want_rows = bm25.Bm25Index.build(texts).search(
-        self.queries, 3)
-    self.assertEqual(ids, [[str(r) for r in row if r >= 0]
-                           for row in want_rows])
+        self.queries, k=3
+    )
+    want_scores, want_rows = bm25.Bm25Index.build(texts).search(self.queries, 3)
+    self.assertEqual(
+        ids, [[str(r) for r in row if r >= 0] for row in want_rows]
+    )
     np.testing.assert_array_equal(scores, want_scores)
     with self.assertRaisesRegex(ValueError, "needs a model"):
       retrieval_jax.index(texts, kind="dense")

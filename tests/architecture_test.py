@@ -26,9 +26,17 @@ LAYERS = (
     ("kinds", "encoding", "steps", "evaluation", "metric_logging"),
 )
 # (importer prefix, imported prefix): edges that must not exist at all.
-FORBIDDEN = [(low, high) for low in ("layers", "models")
-             for high in ("data", "pretrained", "checkpointing",
-                          "train_state", "evaluation")]
+FORBIDDEN = [
+    (low, high)
+    for low in ("layers", "models")
+    for high in (
+        "data",
+        "pretrained",
+        "checkpointing",
+        "train_state",
+        "evaluation",
+    )
+]
 
 
 def _top(module: str) -> str:
@@ -50,8 +58,7 @@ def _module_name(path: pathlib.Path) -> str:
   return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph(package: pathlib.Path = PACKAGE
-                 ) -> dict[str, dict[str, int]]:
+def import_graph(package: pathlib.Path = PACKAGE) -> dict[str, dict[str, int]]:
   """{module: {imported project module: line}} for every .py file.
 
   `from retrieval_jax.x import y` counts as importing retrieval_jax.x.y when
@@ -70,7 +77,7 @@ def import_graph(package: pathlib.Path = PACKAGE
         if node.level:
           pkg = module.split(".")
           pkg = pkg if path.name == "__init__.py" else pkg[:-1]
-          base = ".".join(pkg[:len(pkg) - node.level + 1] + [base])
+          base = ".".join(pkg[: len(pkg) - node.level + 1] + [base])
         names = []
         for a in node.names:
           sub = package.parent / base.replace(".", "/") / a.name
@@ -131,12 +138,15 @@ def violations(graph) -> list[str]:
         continue
       if _top(module) == "losses" and _top(target) != "losses":
         bad.append(f"{where} (losses/ imports only itself)")
-      elif any(_top(module) == low and _top(target) == high
-               for low, high in FORBIDDEN):
+      elif any(
+          _top(module) == low and _top(target) == high
+          for low, high in FORBIDDEN
+      ):
         bad.append(f"{where} (models and layers stay below the data side)")
       elif _layer(target) > _layer(module):
-        bad.append(f"{where} (layer {_layer(module)} imports layer "
-                   f"{_layer(target)})")
+        bad.append(
+            f"{where} (layer {_layer(module)} imports layer {_layer(target)})"
+        )
   return sorted(bad)
 
 
@@ -154,17 +164,19 @@ class ArchitectureTest(absltest.TestCase):
         "retrieval_jax.models.colbert": {"retrieval_jax.data.features": 3},
         "retrieval_jax.losses.listwise": {"retrieval_jax.layers.core": 4},
         "retrieval_jax.search.x": {"experiments.cur_knn.run": 5},
-        "retrieval_jax.data.a": {"retrieval_jax.encoding": 6,
-                                 "retrieval_jax.models.colbert": 7},
+        "retrieval_jax.data.a": {
+            "retrieval_jax.encoding": 6,
+            "retrieval_jax.models.colbert": 7,
+        },
     }
     self.assertLen(violations(graph), 4)
     self.assertEqual(
         _circles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {}}),
-        [["a", "b", "c"]])
+        [["a", "b", "c"]],
+    )
     graph = import_graph()
     self.assertIn("retrieval_jax.kinds.base", graph["retrieval_jax.kinds"])
-    self.assertIn("retrieval_jax.losses",
-                  graph["retrieval_jax.kinds.base"])
+    self.assertIn("retrieval_jax.losses", graph["retrieval_jax.kinds.base"])
 
 
 if __name__ == "__main__":

@@ -57,9 +57,11 @@ class _Tiny(nnx.Module):
 
 def _shard(tree, mesh, axis):
   """Matrices split by rows over `axis`, everything else replicated."""
+
   def one(x):
     spec = PartitionSpec(axis, None) if x.ndim == 2 else PartitionSpec()
     return NamedSharding(mesh, spec)
+
   return jax.tree.map(one, tree)
 
 
@@ -67,7 +69,9 @@ def _abstract(tree, mesh, axis):
   """The target a trainer builds: shapes, dtypes and shardings, no data."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, _shard(tree, mesh, axis))
+      tree,
+      _shard(tree, mesh, axis),
+  )
 
 
 def _make_state(mesh, axis, seed=0, step=7):
@@ -105,8 +109,9 @@ def _assert_trees_equal(test, actual, expected):
 def _assert_shardings(test, actual, abstract):
   """Every leaf is a jax.Array laid out as its target says."""
   test.assertEqual(jax.tree.structure(actual), jax.tree.structure(abstract))
-  for (path, a), t in zip(jax.tree_util.tree_leaves_with_path(actual),
-                          jax.tree.leaves(abstract)):
+  for (path, a), t in zip(
+      jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(abstract)
+  ):
     test.assertIsInstance(a, jax.Array, jax.tree_util.keystr(path))
     test.assertEqual(a.sharding, t.sharding, jax.tree_util.keystr(path))
 
@@ -144,8 +149,10 @@ class CheckpointerTest(parameterized.TestCase):
     _assert_shardings(self, restored, abstract)
     # The kernels really changed layout (8 row shards -> 1 or 4).
     kernel = restored["params"]["up"]["kernel"][...]
-    self.assertEqual(kernel.sharding.shard_shape(kernel.shape),
-                     (16, 8) if axis is None else (4, 8))
+    self.assertEqual(
+        kernel.sharding.shard_shape(kernel.shape),
+        (16, 8) if axis is None else (4, 8),
+    )
     self.assertIsInstance(restored["params"], nnx.State)
     self.assertIsInstance(restored["opt_state"][0], optax.ScaleByAdamState)
     self.assertEqual(restored["step"].dtype, jnp.int32)
@@ -154,8 +161,10 @@ class CheckpointerTest(parameterized.TestCase):
   def test_data_and_metadata_round_trip(self):
     state = _make_state(self.mesh8, sharding.DATA)
     data = {"step": 120, "seed": 0, "epoch": 1, "order": [3, 1, 2]}
-    metadata = {"config": {"optim": {"lr": 3e-4}, "model": "tiny"},
-                "note": "résumé"}
+    metadata = {
+        "config": {"optim": {"lr": 3e-4}, "model": "tiny"},
+        "note": "résumé",
+    }
     expected_data = {"step": 120, "seed": 0, "epoch": 1, "order": [3, 1, 2]}
     ckpt = self._checkpointer()
     ckpt.save(120, state, data=data, metadata=metadata)
@@ -163,7 +172,8 @@ class CheckpointerTest(parameterized.TestCase):
     data["step"] = 121
     data["order"].append(9)
     _, data_out, metadata_out = ckpt.restore(
-        120, _abstract(state, self.mesh8, sharding.DATA))
+        120, _abstract(state, self.mesh8, sharding.DATA)
+    )
     self.assertEqual(data_out, expected_data)
     self.assertEqual(metadata_out, metadata)
 
@@ -185,7 +195,8 @@ class CheckpointerTest(parameterized.TestCase):
     self.assertEqual(ckpt.all_steps(), [3, 4])
     self.assertEqual(ckpt.latest_step(), 4)
     self.assertCountEqual(
-        [n for n in os.listdir(self.dir) if n.isdigit()], ["3", "4"])
+        [n for n in os.listdir(self.dir) if n.isdigit()], ["3", "4"]
+    )
 
   def test_interval_and_force(self):
     state = _make_state(self.mesh8, sharding.DATA)
@@ -210,11 +221,11 @@ class CheckpointerTest(parameterized.TestCase):
 
   def test_bad_options(self):
     with self.assertRaisesRegex(ValueError, "save_interval_steps"):
-      checkpointing.Checkpointer(self.dir, save_interval_steps=0,
-                                 max_to_keep=None)
+      checkpointing.Checkpointer(
+          self.dir, save_interval_steps=0, max_to_keep=None
+      )
     with self.assertRaisesRegex(ValueError, "max_to_keep"):
-      checkpointing.Checkpointer(self.dir, save_interval_steps=1,
-                                 max_to_keep=0)
+      checkpointing.Checkpointer(self.dir, save_interval_steps=1, max_to_keep=0)
 
   def test_async_save_survives_donation(self):
     """`save` returns after the host copy: the caller may free the arrays."""
@@ -268,8 +279,12 @@ class CheckpointerTest(parameterized.TestCase):
     unsharded = dict(abstract, step=jax.ShapeDtypeStruct((), jnp.int32))
     with self.assertRaisesRegex(ValueError, r"\['step'\].*no sharding"):
       ckpt.restore(3, unsharded)
-    wrong_shape = dict(abstract, step=jax.ShapeDtypeStruct(
-        (2,), jnp.int32, sharding=abstract["step"].sharding))
+    wrong_shape = dict(
+        abstract,
+        step=jax.ShapeDtypeStruct(
+            (2,), jnp.int32, sharding=abstract["step"].sharding
+        ),
+    )
     with self.assertRaisesRegex(ValueError, "shape"):
       ckpt.restore(3, wrong_shape)
 
@@ -294,8 +309,10 @@ class CheckpointerTest(parameterized.TestCase):
       ckpt.save(2, state, data={}, metadata={})
     before = sorted(os.listdir(self.dir))
     abstract_params = _abstract(
-        state["params"], sharding.make_mesh((1, 1, 1),
-                                            devices=jax.devices()[:1]), None)
+        state["params"],
+        sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+        None,
+    )
     params = checkpointing.restore_params_from(self.dir, abstract_params)
     _assert_trees_equal(self, params, _host(state["params"]))
     _assert_shardings(self, params, abstract_params)
@@ -315,9 +332,14 @@ class CheckpointerTest(parameterized.TestCase):
     # With the service: False until the SIGTERM, then True at a later step
     # (the sync point is agreed asynchronously), and the job survives the
     # signal to save.
-    proc = subprocess.run([sys.executable, "-c", _PREEMPTION_JOB],
-                          env=test_util.subprocess_env(), capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PREEMPTION_JOB],
+        env=test_util.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     answers = json.loads(proc.stdout.strip().splitlines()[-1])
     self.assertTrue(answers[-1], "no preemption reported within 60 s")
@@ -332,23 +354,26 @@ class ResumeOrInitTest(absltest.TestCase):
     super().setUp()
     self.mesh = sharding.make_mesh((2, 4, 1))
     self.calls = 0
-    self.abstract = _abstract(_make_state(self.mesh, sharding.FSDP),
-                              self.mesh, sharding.FSDP)
+    self.abstract = _abstract(
+        _make_state(self.mesh, sharding.FSDP), self.mesh, sharding.FSDP
+    )
 
   def _init_fn(self):
     self.calls += 1
     return _make_state(self.mesh, sharding.FSDP, seed=0, step=0)
 
   def _checkpointer(self, directory):
-    ckpt = checkpointing.Checkpointer(directory, save_interval_steps=1,
-                                      max_to_keep=None)
+    ckpt = checkpointing.Checkpointer(
+        directory, save_interval_steps=1, max_to_keep=None
+    )
     self.addCleanup(ckpt.close)
     return ckpt
 
   def test_scratch(self):
     ckpt = self._checkpointer(self.create_tempdir().full_path)
     state, data, source = checkpointing.resume_or_init(
-        ckpt, self.abstract, init_fn=self._init_fn)
+        ckpt, self.abstract, init_fn=self._init_fn
+    )
     self.assertEqual(source, "scratch")
     self.assertIsNone(data)
     self.assertEqual(self.calls, 1)
@@ -357,14 +382,16 @@ class ResumeOrInitTest(absltest.TestCase):
   def test_init_from_replaces_only_the_params(self):
     other = self.create_tempdir().full_path
     # The other run trained on 8 data shards; this one shards over fsdp.
-    other_state = _make_state(sharding.make_mesh((8, 1, 1)), sharding.DATA,
-                              seed=5, step=900)
+    other_state = _make_state(
+        sharding.make_mesh((8, 1, 1)), sharding.DATA, seed=5, step=900
+    )
     with self._checkpointer(other) as other_ckpt:
       other_ckpt.save(900, other_state, data={"step": 900}, metadata={})
 
     ckpt = self._checkpointer(self.create_tempdir().full_path)
     state, data, source = checkpointing.resume_or_init(
-        ckpt, self.abstract, init_fn=self._init_fn, init_from=other)
+        ckpt, self.abstract, init_fn=self._init_fn, init_from=other
+    )
     self.assertEqual(source, f"init_from:{other}")
     self.assertIsNone(data)
     fresh = _host(self._init_fn())
@@ -376,8 +403,12 @@ class ResumeOrInitTest(absltest.TestCase):
   def test_own_checkpoint_wins_over_init_from(self):
     other = self.create_tempdir().full_path
     with self._checkpointer(other) as other_ckpt:
-      other_ckpt.save(900, _make_state(self.mesh, sharding.FSDP, seed=5),
-                      data={}, metadata={})
+      other_ckpt.save(
+          900,
+          _make_state(self.mesh, sharding.FSDP, seed=5),
+          data={},
+          metadata={},
+      )
     workdir = self.create_tempdir().full_path
     own = _make_state(self.mesh, sharding.FSDP, seed=6, step=40)
     expected = _host(own)
@@ -385,8 +416,11 @@ class ResumeOrInitTest(absltest.TestCase):
       ckpt.save(40, own, data={"step": 40, "seed": 0}, metadata={})
 
     state, data, source = checkpointing.resume_or_init(
-        self._checkpointer(workdir), self.abstract, init_fn=self._init_fn,
-        init_from=other)
+        self._checkpointer(workdir),
+        self.abstract,
+        init_fn=self._init_fn,
+        init_from=other,
+    )
     self.assertEqual(source, "checkpoint:40")
     self.assertEqual(data, {"step": 40, "seed": 0})
     self.assertEqual(self.calls, 0)

@@ -18,11 +18,15 @@ _CONFIG_DIR = pathlib.Path(common.__file__).parent
 _CONFIGS = {
     f"configs.{p.stem}": (p, "python -m retrieval_jax.main")
     for p in sorted(_CONFIG_DIR.glob("*.py"))
-    if p.stem not in ("__init__", "common")}
+    if p.stem not in ("__init__", "common")
+}
 _CONFIGS.update({
     f"experiments.{p.parent.name}.config": (
-        p, f"python -m experiments.{p.parent.name}.run")
-    for p in sorted((common.REPO_ROOT / "experiments").glob("*/config.py"))})
+        p,
+        f"python -m experiments.{p.parent.name}.run",
+    )
+    for p in sorted((common.REPO_ROOT / "experiments").glob("*/config.py"))
+})
 
 
 def _assigned_fields(path: pathlib.Path):
@@ -38,9 +42,14 @@ class ConfigsTest(parameterized.TestCase):
 
   def test_experiment_configs_are_found(self):
     self.assertContainsSubset(
-        {"experiments.cur_knn.config", "experiments.kv_memory.config",
-         "experiments.limit_critical_n.config", "configs.train"},
-        set(_CONFIGS))
+        {
+            "experiments.cur_knn.config",
+            "experiments.kv_memory.config",
+            "experiments.limit_critical_n.config",
+            "configs.train",
+        },
+        set(_CONFIGS),
+    )
 
   @parameterized.parameters(*[(c,) for c in _CONFIGS])
   def test_default_and_smoke_load_locked(self, name):
@@ -66,7 +75,8 @@ class ConfigsTest(parameterized.TestCase):
         continue
       self.assertTrue(
           lines[lineno - 2].strip().startswith("#"),
-          f"{path.name}:{lineno}: field {field} has no comment above it")
+          f"{path.name}:{lineno}: field {field} has no comment above it",
+      )
 
   def test_parse_arg(self):
     arg = common.parse_arg("smoke,n=3,name=x", smoke=False, n=1, name="")

@@ -8,9 +8,11 @@ import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             _FLAG).strip()
+    "XLA_FLAGS", ""
+):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " " + _FLAG
+  ).strip()
 # TensorFlow (used by the data builders) must never take an accelerator, and
 # its C++ logging would drown the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -11,8 +11,9 @@ from retrieval_jax.evaluation import retrievers
 class ErrorsTest(absltest.TestCase):
 
   def test_project_errors_share_the_two_bases(self):
-    self.assertTrue(issubclass(optimizers.OptimizerConfigError,
-                               errors.ConfigError))
+    self.assertTrue(
+        issubclass(optimizers.OptimizerConfigError, errors.ConfigError)
+    )
     self.assertTrue(issubclass(retrievers.RetrieverError, errors.ConfigError))
     self.assertTrue(issubclass(beir.BeirFormatError, errors.DataError))
 

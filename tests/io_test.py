@@ -118,14 +118,18 @@ class FingerprintTest(parameterized.TestCase):
   def test_order_matters_for_parts_and_items(self):
     self.assertNotEqual(io.fingerprint("a", "b"), io.fingerprint("b", "a"))
     self.assertNotEqual(io.fingerprint(["a", "b"]), io.fingerprint(["b", "a"]))
-    self.assertNotEqual(io.fingerprint(np.array([1, 2])),
-                        io.fingerprint(np.array([2, 1])))
+    self.assertNotEqual(
+        io.fingerprint(np.array([1, 2])), io.fingerprint(np.array([2, 1]))
+    )
 
   def test_sets_ignore_order_and_tuples_equal_lists(self):
-    self.assertEqual(io.fingerprint({"a", "b", "c"}),
-                     io.fingerprint(frozenset(["c", "a", "b"])))
-    self.assertEqual(io.fingerprint(("a", ("b",))),
-                     io.fingerprint(["a", ["b"]]))
+    self.assertEqual(
+        io.fingerprint({"a", "b", "c"}),
+        io.fingerprint(frozenset(["c", "a", "b"])),
+    )
+    self.assertEqual(
+        io.fingerprint(("a", ("b",))), io.fingerprint(["a", ["b"]])
+    )
 
   def test_non_contiguous_array_equals_its_copy(self):
     array = np.arange(12).reshape(3, 4)

@@ -28,8 +28,9 @@ import test_util
 
 def _readme_kind():
   text = (test_util.REPO / "README.md").read_text()
-  block = re.search(r"<!-- kind-example -->\n```python\n(.*?)```", text,
-                    re.S).group(1)
+  block = re.search(
+      r"<!-- kind-example -->\n```python\n(.*?)```", text, re.S
+  ).group(1)
   module = types.ModuleType("word_bag")
   exec(compile(block, "README.md:kind-example", "exec"), module.__dict__)  # pylint: disable=exec-used
   return block, module
@@ -69,30 +70,40 @@ class KindExampleTest(absltest.TestCase):
     got = main.MODES["evaluate"][2](config, eval_dir)
 
     # The oracle: the run's trained table, pooled in NumPy.
-    model, tokenizer, run_cfg, step = kinds.load_run(train_dir,
-                                                     sharding.make_mesh())
+    model, tokenizer, run_cfg, step = kinds.load_run(
+        train_dir, sharding.make_mesh()
+    )
     self.assertEqual((run_cfg["model"]["kind"], step), ("word_bag", 2))
     table = np.asarray(model.word_vd[...], np.float64)
-    initial = np.asarray(pretrained.load_pretrained(
-        "all-MiniLM-L6-v2").model.embeddings.word_vd[...])
+    initial = np.asarray(
+        pretrained.load_pretrained("all-MiniLM-L6-v2").model.embeddings.word_vd[
+            ...
+        ]
+    )
     self.assertGreater(np.abs(table - initial).max(), 1e-6)  # It trained.
 
     def embed(texts):
-      rows = [table[tokenizer.encode(t, config.model.max_length)].mean(0)
-              for t in texts]
+      rows = [
+          table[tokenizer.encode(t, config.model.max_length)].mean(0)
+          for t in texts
+      ]
       emb = np.stack(rows)
       return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
     collection = beir.load_beir(config.data.path, split=config.data.split)
     query_ids, query_texts = collection.judged_queries()
-    query_ids, query_texts = (query_ids[:config.data.max_queries],
-                              query_texts[:config.data.max_queries])
+    query_ids, query_texts = (
+        query_ids[: config.data.max_queries],
+        query_texts[: config.data.max_queries],
+    )
     scores = embed(query_texts) @ embed(collection.doc_texts()).T
     top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-    run = trec_run.run_from_topk(query_ids, collection.doc_ids,
-                                 np.take_along_axis(scores, top, 1), top)
+    run = trec_run.run_from_topk(
+        query_ids, collection.doc_ids, np.take_along_axis(scores, top, 1), top
+    )
     want, _ = ir_metrics.evaluate(
-        {q: collection.qrels[q] for q in query_ids}, run, ("ndcg@10",))
+        {q: collection.qrels[q] for q in query_ids}, run, ("ndcg@10",)
+    )
     self.assertAlmostEqual(got["ndcg@10"], want["ndcg@10"], places=5)
     with open(f"{eval_dir}/stats.json") as f:
       stats = json.load(f)

@@ -23,19 +23,36 @@ class MetricLoggerTest(absltest.TestCase):
   def test_jsonl_round_trip(self):
     with ml.MetricLogger(self.workdir) as logger:
       self.assertEqual(logger.path, self.path)
-      logger.write(1, {"train/loss": jnp.float32(0.5),
-                       "perf/examples_per_s": np.float64(1234.5),
-                       "train/lr": 3e-4})
+      logger.write(
+          1,
+          {
+              "train/loss": jnp.float32(0.5),
+              "perf/examples_per_s": np.float64(1234.5),
+              "train/lr": 3e-4,
+          },
+      )
       # Flushed per record: readable while the run is still going.
       self.assertLen(ml.read_metrics(self.path), 1)
-      logger.write(np.int64(2), {"eval/scifact/ndcg@10": jnp.array([0.25]),
-                                 "train/finite": jnp.bool_(True)})
+      logger.write(
+          np.int64(2),
+          {
+              "eval/scifact/ndcg@10": jnp.array([0.25]),
+              "train/finite": jnp.bool_(True),
+          },
+      )
     records = ml.read_metrics(self.workdir)
-    self.assertEqual(records, [
-        {"step": 1, "train/loss": 0.5, "perf/examples_per_s": 1234.5,
-         "train/lr": 3e-4},
-        {"step": 2, "eval/scifact/ndcg@10": 0.25, "train/finite": 1.0},
-    ])
+    self.assertEqual(
+        records,
+        [
+            {
+                "step": 1,
+                "train/loss": 0.5,
+                "perf/examples_per_s": 1234.5,
+                "train/lr": 3e-4,
+            },
+            {"step": 2, "eval/scifact/ndcg@10": 0.25, "train/finite": 1.0},
+        ],
+    )
     for record in records:
       for value in record.values():
         self.assertIn(type(value), (int, float))
@@ -53,8 +70,9 @@ class MetricLoggerTest(absltest.TestCase):
     with ml.MetricLogger(self.workdir) as logger:
       with jax.transfer_guard("disallow"):
         logger.write(3, {"train/loss": loss})
-    self.assertEqual(ml.read_metrics(self.path),
-                     [{"step": 3, "train/loss": 0.125}])
+    self.assertEqual(
+        ml.read_metrics(self.path), [{"step": 3, "train/loss": 0.125}]
+    )
 
   def test_non_primary_writes_nothing(self):
     workdir = os.path.join(self.workdir, "worker1")
@@ -68,18 +86,22 @@ class MetricLoggerTest(absltest.TestCase):
     good = json.dumps({"step": 1, "train/loss": 1.0}) + "\n"
     with open(self.path, "w", encoding="utf-8") as f:
       f.write(good + '{"step": 2, "train/lo')
-    self.assertEqual(ml.read_metrics(self.path),
-                     [{"step": 1, "train/loss": 1.0}])
+    self.assertEqual(
+        ml.read_metrics(self.path), [{"step": 1, "train/loss": 1.0}]
+    )
 
   def test_resumed_logger_drops_the_partial_record(self):
     with open(self.path, "w", encoding="utf-8") as f:
       f.write('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/lo')
     with ml.MetricLogger(self.workdir) as logger:
       logger.write(2, {"train/loss": 0.5})
-    self.assertEqual(ml.read_metrics(self.path), [
-        {"step": 1, "train/loss": 1.0},
-        {"step": 2, "train/loss": 0.5},
-    ])
+    self.assertEqual(
+        ml.read_metrics(self.path),
+        [
+            {"step": 1, "train/loss": 1.0},
+            {"step": 2, "train/loss": 0.5},
+        ],
+    )
 
   def test_resumed_logger_keeps_a_record_missing_its_newline(self):
     with open(self.path, "w", encoding="utf-8") as f:
@@ -107,12 +129,16 @@ class MetricLoggerTest(absltest.TestCase):
       logger.write(2, {"train/loss": 1.0})
     self.assertEqual(ml.read_metrics(self.path), [])
 
-  @absltest.skipUnless(ml.tensorboard_available(),
-                       "clu's TensorBoard writer needs `tensorboard`")
+  @absltest.skipUnless(
+      ml.tensorboard_available(), "clu's TensorBoard writer needs `tensorboard`"
+  )
   def test_tensorboard_event_file(self):
     with ml.MetricLogger(self.workdir) as logger:
-      logger.write_hparams({"optim": {"lr": 1e-3, "betas": (0.9, 0.99)},
-                            "model": "tiny", "init_from": None})
+      logger.write_hparams({
+          "optim": {"lr": 1e-3, "betas": (0.9, 0.99)},
+          "model": "tiny",
+          "init_from": None,
+      })
       logger.write(1, {"train/loss": 1.0})
       logger.write(2, {"train/loss": 0.25})
     events = glob.glob(os.path.join(self.workdir, "events.out.tfevents.*"))
@@ -120,18 +146,25 @@ class MetricLoggerTest(absltest.TestCase):
     # Round trip: TensorBoard's own reader gets the scalars back.
     from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
     from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+
     acc = event_accumulator.EventAccumulator(
-        events[0], size_guidance={event_accumulator.TENSORS: 0})
+        events[0], size_guidance={event_accumulator.TENSORS: 0}
+    )
     acc.Reload()
-    got = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-           for e in acc.Tensors("train/loss")]
+    got = [
+        (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+        for e in acc.Tensors("train/loss")
+    ]
     self.assertEqual(got, [(1, 1.0), (2, 0.25)])
 
   def test_without_tensorboard_logs_and_writes_jsonl(self):
     # As if clu's writers could not be imported (no `tensorboard`).
     self.enter_context(mock.patch.object(ml, "metric_writers", None))
-    self.enter_context(mock.patch.object(
-        ml, "_WRITERS_IMPORT_ERROR", ImportError("No module 'tensorboard'")))
+    self.enter_context(
+        mock.patch.object(
+            ml, "_WRITERS_IMPORT_ERROR", ImportError("No module 'tensorboard'")
+        )
+    )
     self.assertFalse(ml.tensorboard_available())
     with self.assertLogs(level="WARNING") as logs:
       logger = ml.MetricLogger(self.workdir)
@@ -141,10 +174,12 @@ class MetricLoggerTest(absltest.TestCase):
       logger.write_hparams({"lr": 1e-3})
     logger.close()
     self.assertIn("[4] train/loss=0.5", "\n".join(logs.output))
-    self.assertEqual(ml.read_metrics(self.path),
-                     [{"step": 4, "train/loss": 0.5}])
+    self.assertEqual(
+        ml.read_metrics(self.path), [{"step": 4, "train/loss": 0.5}]
+    )
     self.assertEmpty(
-        glob.glob(os.path.join(self.workdir, "events.out.tfevents.*")))
+        glob.glob(os.path.join(self.workdir, "events.out.tfevents.*"))
+    )
 
 
 class CheckFiniteTest(absltest.TestCase):
@@ -153,11 +188,14 @@ class CheckFiniteTest(absltest.TestCase):
     ml.check_finite({"train/loss": jnp.float32(1.0), "g": np.ones(3)}, 5)
 
   def test_nan_names_the_metric_and_step(self):
-    metrics = {"train/loss": jnp.float32(np.nan), "train/acc": 0.5,
-               "train/grad_norm": np.float64(np.inf)}
+    metrics = {
+        "train/loss": jnp.float32(np.nan),
+        "train/acc": 0.5,
+        "train/grad_norm": np.float64(np.inf),
+    }
     with self.assertRaisesRegex(
-        ml.NonFiniteError,
-        r"step 12: train/loss=nan, train/grad_norm=inf") as cm:
+        ml.NonFiniteError, r"step 12: train/loss=nan, train/grad_norm=inf"
+    ) as cm:
       ml.check_finite(metrics, 12)
     self.assertEqual(cm.exception.step, 12)
     self.assertEqual(cm.exception.names, ["train/loss", "train/grad_norm"])

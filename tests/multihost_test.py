@@ -31,8 +31,12 @@ _WORKER = pathlib.Path(__file__).resolve().parent / "multihost_worker.py"
 _TIMEOUT_S = 300
 _LAYOUTS = ("data", "fsdp")
 # Variables that would make a worker join some other distributed run.
-_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
-                    "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+_DISTRIBUTED_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+)
 
 
 def _free_port() -> int:
@@ -52,9 +56,12 @@ def _env(num_devices: int, **extra: str) -> dict[str, str]:
       TF_CPP_MIN_LOG_LEVEL="2",
       # LLVM at -O0 compiles the step about three times faster; both sides
       # use it, and the sharding and collectives under test are HLO-level.
-      XLA_FLAGS=(f"--xla_force_host_platform_device_count={num_devices} "
-                 "--xla_backend_optimization_level=0"),
-      **extra)
+      XLA_FLAGS=(
+          f"--xla_force_host_platform_device_count={num_devices} "
+          "--xla_backend_optimization_level=0"
+      ),
+      **extra,
+  )
   return env
 
 
@@ -83,10 +90,18 @@ class MultiProcessTrainStepTest(parameterized.TestCase):
     tmp_dir = pathlib.Path(tmp.name)
     address = f"localhost:{_free_port()}"
     runs = {
-        "process0": _env(2, JAX_COORDINATOR_ADDRESS=address,
-                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"),
-        "process1": _env(2, JAX_COORDINATOR_ADDRESS=address,
-                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1"),
+        "process0": _env(
+            2,
+            JAX_COORDINATOR_ADDRESS=address,
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID="0",
+        ),
+        "process1": _env(
+            2,
+            JAX_COORDINATOR_ADDRESS=address,
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID="1",
+        ),
         "single": _env(4),
     }
     procs = {}
@@ -97,7 +112,11 @@ class MultiProcessTrainStepTest(parameterized.TestCase):
         with open(tmp_dir / f"{name}.log", "w") as log:
           procs[name] = subprocess.Popen(  # pylint: disable=consider-using-with
               [sys.executable, str(_WORKER), str(tmp_dir / f"{name}.npz")],
-              env=env, cwd=_REPO, stdout=log, stderr=subprocess.STDOUT)
+              env=env,
+              cwd=_REPO,
+              stdout=log,
+              stderr=subprocess.STDOUT,
+          )
       deadline = time.monotonic() + _TIMEOUT_S
       for proc in procs.values():
         try:
@@ -110,9 +129,12 @@ class MultiProcessTrainStepTest(parameterized.TestCase):
           proc.kill()
           proc.wait()
     failures = [
-        f"{name} exited with {proc.returncode} (negative: killed by a signal, "
-        f"as after {_TIMEOUT_S}s):\n{(tmp_dir / f'{name}.log').read_text()[-3000:]}"
-        for name, proc in procs.items() if proc.returncode != 0]
+        f"{name} exited with {proc.returncode} (negative: killed by a signal,"
+        " as after"
+        f" {_TIMEOUT_S}s):\n{(tmp_dir / f'{name}.log').read_text()[-3000:]}"
+        for name, proc in procs.items()
+        if proc.returncode != 0
+    ]
     if failures:
       raise AssertionError("\n\n".join(failures))
     # Process 0 writes the distributed run's result; process 1 writes none.
@@ -132,24 +154,30 @@ class MultiProcessTrainStepTest(parameterized.TestCase):
   @parameterized.parameters(*_LAYOUTS)
   def test_params_equal_single_process(self, layout):
     prefix = f"{layout}/"
-    extras = tuple(prefix + k for k in ("loss", "word_shard_shape",
-                                         "word_held_locally"))
-    all_names = sorted(k for k in self.single
-                       if k.startswith(prefix) and k not in extras)
+    extras = tuple(
+        prefix + k for k in ("loss", "word_shard_shape", "word_held_locally")
+    )
+    all_names = sorted(
+        k for k in self.single if k.startswith(prefix) and k not in extras
+    )
     self.assertEqual(
-        all_names, sorted(k for k in self.multi
-                          if k.startswith(prefix) and k not in extras))
+        all_names,
+        sorted(
+            k for k in self.multi if k.startswith(prefix) and k not in extras
+        ),
+    )
     names = [k for k in all_names if not k.endswith(_NOISE_ONLY_PARAMS)]
     self.assertLen(names, len(all_names) - 1)
     multi = {k: self.multi[k] for k in names}
     single = {k: self.single[k] for k in names}
-    init = {k: self.single["init/" + k[len(prefix):]] for k in names}
+    init = {k: self.single["init/" + k[len(prefix) :]] for k in names}
     self.assertIn(prefix + "embeddings/word_vd", names)
     self.assertLess(_max_abs_diff(multi, single), 1e-5)
     # Training moved the parameters, so equality is not trivially true.
     self.assertGreater(_max_abs_diff(single, init), 1e-3)
-    np.testing.assert_allclose(self.multi[prefix + "loss"],
-                               self.single[prefix + "loss"], atol=1e-5)
+    np.testing.assert_allclose(
+        self.multi[prefix + "loss"], self.single[prefix + "loss"], atol=1e-5
+    )
 
   def test_fsdp_layout_shards_the_parameters_over_processes(self):
     # fsdp 4: each device holds a quarter of the word table's width, and in

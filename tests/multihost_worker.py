@@ -45,6 +45,7 @@ from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax import train_state
 from retrieval_jax.models import transformer_encoder
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 B, G, LQ, LP, VOCAB = 8, 2, 8, 12, 100
@@ -58,8 +59,13 @@ LAYOUTS = {"data": (-1, 1, 1), "fsdp": (1, -1, 1)}
 def _model() -> nnx.Module:
   """A 1-layer, width-16 encoder; the fixed seed makes every process agree."""
   config = transformer_encoder.EncoderConfig(
-      vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2,
-      intermediate_size=32, max_position_embeddings=32)
+      vocab_size=VOCAB,
+      hidden_size=16,
+      num_layers=1,
+      num_heads=2,
+      intermediate_size=32,
+      max_position_embeddings=32,
+  )
   return transformer_encoder.TransformerEncoder(config, rngs=nnx.Rngs(0))
 
 
@@ -78,9 +84,15 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
   passage_doc = np.arange(B * G, dtype=np.int32)
   # The first passage of each group is the query's positive.
   relevant = passage_doc[::G, None].copy()
-  return {"query_ids": q_ids, "query_mask": q_mask, "passage_ids": p_ids,
-          "passage_mask": p_mask, "positive_counts": np.ones(B, np.int32),
-          "passage_doc": passage_doc, "relevant_doc": relevant}
+  return {
+      "query_ids": q_ids,
+      "query_mask": q_mask,
+      "passage_ids": p_ids,
+      "passage_mask": p_mask,
+      "positive_counts": np.ones(B, np.int32),
+      "passage_doc": passage_doc,
+      "relevant_doc": relevant,
+  }
 
 
 def _flatten(params, prefix: str) -> dict[str, np.ndarray]:
@@ -103,8 +115,9 @@ def _held_locally(x: jax.Array) -> bool:
     return tuple((s.start, s.stop) for s in index)
 
   local = {key(shard.index) for shard in x.addressable_shards}
-  every = {key(index) for index in
-           x.sharding.devices_indices_map(x.shape).values()}
+  every = {
+      key(index) for index in x.sharding.devices_indices_map(x.shape).values()
+  }
   return local == every
 
 
@@ -126,25 +139,37 @@ def train(mesh_shape) -> tuple[dict, np.ndarray, tuple[int, ...], bool]:
   # Dropout on: the masks are drawn inside the sharded step, so this also
   # checks that the random bits do not depend on the process layout.
   step_fn = steps.make_train_step(
-      mesh, layout.shardings, spec, model_def=model_def, tx=tx,
-      loss_fn=losses.get_loss("infonce").fn, temperature=0.1,
-      pooling="mean", normalize=True, dropout=True)
-  rng = jax.device_put(jax.random.PRNGKey(0),
-                       NamedSharding(mesh, PartitionSpec()))
+      mesh,
+      layout.shardings,
+      spec,
+      model_def=model_def,
+      tx=tx,
+      loss_fn=losses.get_loss("infonce").fn,
+      temperature=0.1,
+      pooling="mean",
+      normalize=True,
+      dropout=True,
+  )
+  rng = jax.device_put(
+      jax.random.PRNGKey(0), NamedSharding(mesh, PartitionSpec())
+  )
   shardings = steps.batch_shardings(mesh, spec)
   step_losses = []
   for batch in batches:
     state, metrics = step_fn(state, steps.put_batch(batch, shardings), rng)
     # The loss is replicated, so every process holds a full copy.
-    step_losses.append(float(np.asarray(
-        metrics["loss"].addressable_data(0))))
+    step_losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
   word = state["params"]["embeddings"]["word_vd"]
   shard_shape = tuple(word.addressable_shards[0].data.shape)
   # Parameters sharded over fsdp live partly on other processes: gather
   # them into full host copies on every process.
   host_params = multihost_utils.process_allgather(state["params"], tiled=True)
-  return (host_params, np.asarray(step_losses, np.float32), shard_shape,
-          _held_locally(word))
+  return (
+      host_params,
+      np.asarray(step_losses, np.float32),
+      shard_shape,
+      _held_locally(word),
+  )
 
 
 def main(argv) -> None:
@@ -158,8 +183,9 @@ def main(argv) -> None:
       "process_count": np.int64(jax.process_count()),
       "device_count": np.int64(jax.device_count()),
       "local_device_count": np.int64(jax.local_device_count()),
-      "process_indices": np.asarray(multihost_utils.process_allgather(
-          np.int32(jax.process_index()))),
+      "process_indices": np.asarray(
+          multihost_utils.process_allgather(np.int32(jax.process_index()))
+      ),
   }
   out.update(_flatten(train_state.split_model(_model())[1], "init"))
   for name, mesh_shape in LAYOUTS.items():

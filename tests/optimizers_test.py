@@ -21,16 +21,26 @@ class ScheduleTest(parameterized.TestCase):
 
   def test_linear_warmup_then_linear_decay(self):
     schedule = optimizers.make_schedule(
-        _optim(learning_rate=1.0, warmup_steps=10, decay="linear",
-               end_factor=0.0), total_steps=110)
+        _optim(
+            learning_rate=1.0, warmup_steps=10, decay="linear", end_factor=0.0
+        ),
+        total_steps=110,
+    )
     # 0 at step 0, the peak at the end of warm-up, half-way down at 60.
     np.testing.assert_allclose(
         [schedule(s) for s in (0, 5, 10, 60, 110)],
-        [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+        [0.0, 0.5, 1.0, 0.5, 0.0],
+        atol=1e-6,
+    )
 
   def test_warmup_fraction_and_cosine_end_factor(self):
-    optim = _optim(learning_rate=2.0, warmup_steps=0, warmup_fraction=0.25,
-                   decay="cosine", end_factor=0.1)
+    optim = _optim(
+        learning_rate=2.0,
+        warmup_steps=0,
+        warmup_fraction=0.25,
+        decay="cosine",
+        end_factor=0.1,
+    )
     self.assertEqual(optimizers.warmup_steps(optim, 40), 10)
     schedule = optimizers.make_schedule(optim, total_steps=40)
     np.testing.assert_allclose(schedule(10), 2.0, rtol=1e-6)
@@ -54,22 +64,35 @@ class AdamWTest(absltest.TestCase):
   def test_weight_decay_skips_biases_and_norms(self):
     # With zero gradients, Adam's update is 0 and only the decay moves the
     # weights: matrices shrink by lr * wd * w, vectors stay put.
-    optim = _optim(learning_rate=0.1, warmup_steps=0, warmup_fraction=0.0,
-                   decay="constant", weight_decay=0.5, clip_norm=0.0)
+    optim = _optim(
+        learning_rate=0.1,
+        warmup_steps=0,
+        warmup_fraction=0.0,
+        decay="constant",
+        weight_decay=0.5,
+        clip_norm=0.0,
+    )
     tx, _ = optimizers.make_optimizer(optim, 10)
-    params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
-              "norm": {"scale": jnp.ones(3)}}
+    params = {
+        "dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+        "norm": {"scale": jnp.ones(3)},
+    }
     updates, _ = tx.update(jax_zeros(params), tx.init(params), params)
     new = optax.apply_updates(params, updates)
     # float32 decay step (fused or not): a few ulps, not numpy's 1e-7.
-    np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5,
-                               rtol=1e-6)
+    np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
     np.testing.assert_allclose(new["dense"]["bias"], 1.0)
     np.testing.assert_allclose(new["norm"]["scale"], 1.0)
 
   def test_clipping_bounds_the_gradient_norm(self):
-    optim = _optim(name="sgd", learning_rate=1.0, warmup_steps=0,
-                   warmup_fraction=0.0, decay="constant", clip_norm=1.0)
+    optim = _optim(
+        name="sgd",
+        learning_rate=1.0,
+        warmup_steps=0,
+        warmup_fraction=0.0,
+        decay="constant",
+        clip_norm=1.0,
+    )
     tx, _ = optimizers.make_optimizer(optim, 10)
     params = {"w": jnp.zeros(4)}
     grads = {"w": jnp.full(4, 10.0)}  # norm 20
@@ -78,8 +101,10 @@ class AdamWTest(absltest.TestCase):
 
 
 def jax_zeros(tree):
-  return {k: jax_zeros(v) if isinstance(v, dict) else jnp.zeros_like(v)
-          for k, v in tree.items()}
+  return {
+      k: jax_zeros(v) if isinstance(v, dict) else jnp.zeros_like(v)
+      for k, v in tree.items()
+  }
 
 
 if __name__ == "__main__":

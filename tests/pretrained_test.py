@@ -37,8 +37,10 @@ MAX_ABS_DIFF = 1e-4
 
 
 def _flat_params(model) -> dict:
-  return {path: np.asarray(v[...]) for path, v in
-          nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+      path: np.asarray(v[...])
+      for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 class MiniLMParityTest(absltest.TestCase):
@@ -62,20 +64,28 @@ class MiniLMParityTest(absltest.TestCase):
     cls.model = pretrained.load_pretrained(pretrained.DEFAULT_MODEL)
     # The production path: the same encoder the evaluate mode uses.
     cls.encoder = encoding.TextEncoder.from_model(
-        cls.model, sharding.make_mesh(devices=jax.devices()[:1]))
+        cls.model, sharding.make_mesh(devices=jax.devices()[:1])
+    )
     lengths = cls.attention_mask.sum(1)
     cls.ours = cls.encoder.encode_ids(
         [row[:n].tolist() for row, n in zip(cls.input_ids, lengths)],
-        progress=False)
+        progress=False,
+    )
 
   def assert_parity(self, ours):
     cos = (ours * self.reference).sum(1) / (
-        np.linalg.norm(ours, axis=1) * np.linalg.norm(self.reference, axis=1))
+        np.linalg.norm(ours, axis=1) * np.linalg.norm(self.reference, axis=1)
+    )
     diff = np.abs(ours - self.reference).max(axis=1)
     bad = np.flatnonzero((cos < MIN_COSINE) | (diff > MAX_ABS_DIFF))
-    self.assertEmpty(bad, msg="texts outside tolerance: " + "; ".join(
-        f"#{i} {self.texts[i][:40]!r} cos={cos[i]:.7f} diff={diff[i]:.2e}"
-        for i in bad[:10]))
+    self.assertEmpty(
+        bad,
+        msg="texts outside tolerance: "
+        + "; ".join(
+            f"#{i} {self.texts[i][:40]!r} cos={cos[i]:.7f} diff={diff[i]:.2e}"
+            for i in bad[:10]
+        ),
+    )
 
   def test_fixture_covers_the_cases(self):
     self.assertGreaterEqual(len(self.texts), 220)
@@ -92,14 +102,22 @@ class MiniLMParityTest(absltest.TestCase):
     self.assertTrue(self.model.normalize)
     self.assertEqual(self.model.max_length, 256)
     config = self.model.config
-    self.assertEqual((config.num_layers, config.hidden_size, config.num_heads,
-                      config.intermediate_size, config.vocab_size),
-                     (6, 384, 12, 1536, 30522))
+    self.assertEqual(
+        (
+            config.num_layers,
+            config.hidden_size,
+            config.num_heads,
+            config.intermediate_size,
+            config.vocab_size,
+        ),
+        (6, 384, 12, 1536, 30522),
+    )
 
   def test_encoder_on_reference_ids(self):
     self.assert_parity(self.ours)
-    np.testing.assert_allclose(np.linalg.norm(self.ours, axis=1), 1.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(self.ours, axis=1), 1.0, rtol=1e-5
+    )
 
   def test_tokenizer_ids_and_full_pipeline(self):
     try:
@@ -107,18 +125,33 @@ class MiniLMParityTest(absltest.TestCase):
     except ImportError as e:
       self.skipTest(f"retrieval_jax.data.tokenizers not importable: {e}")
     tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
-        self.model.model_dir)
-    ours = tokenizer(self.texts, max_length=self.model.max_length,
-                     pad_to=self.input_ids.shape[1])
+        self.model.model_dir
+    )
+    ours = tokenizer(
+        self.texts,
+        max_length=self.model.max_length,
+        pad_to=self.input_ids.shape[1],
+    )
     mismatched = [
-        i for i in range(len(self.texts))
-        if not (np.array_equal(ours["input_ids"][i], self.input_ids[i])
-                and np.array_equal(ours["attention_mask"][i],
-                                   self.attention_mask[i])
-                and np.array_equal(ours["token_type_ids"][i],
-                                   self.token_type_ids[i]))]
-    self.assertEmpty(mismatched, msg=f"token ids differ on texts "
-                     f"{[self.texts[i][:30] for i in mismatched[:10]]}")
+        i
+        for i in range(len(self.texts))
+        if not (
+            np.array_equal(ours["input_ids"][i], self.input_ids[i])
+            and np.array_equal(
+                ours["attention_mask"][i], self.attention_mask[i]
+            )
+            and np.array_equal(
+                ours["token_type_ids"][i], self.token_type_ids[i]
+            )
+        )
+    ]
+    self.assertEmpty(
+        mismatched,
+        msg=(
+            "token ids differ on texts "
+            f"{[self.texts[i][:30] for i in mismatched[:10]]}"
+        ),
+    )
     # Texts in, embeddings out: tokenizer, buckets, jitted step.
     self.assert_parity(self.encoder.encode(self.texts, progress=False))
 
@@ -128,10 +161,16 @@ def _tiny_bert_config():
 
   # intermediate_size 37 is odd on purpose: a swapped transpose cannot fit.
   return transformers.BertConfig(
-      vocab_size=99, hidden_size=32, num_hidden_layers=2,
-      num_attention_heads=4, intermediate_size=37,
-      max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu",
-      layer_norm_eps=1e-12)
+      vocab_size=99,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=37,
+      max_position_embeddings=40,
+      type_vocab_size=2,
+      hidden_act="gelu",
+      layer_norm_eps=1e-12,
+  )
 
 
 class TinyBertImportTest(absltest.TestCase):
@@ -177,7 +216,8 @@ class TinyBertImportTest(absltest.TestCase):
     shutil.copy(self.st_dir / "config.json", path / "config.json")
     safetensors.numpy.save_file(
         {k: np.ascontiguousarray(v) for k, v in state_dict.items()},
-        path / "model.safetensors")
+        path / "model.safetensors",
+    )
     return path
 
   def test_bin_only_directory_is_refused(self):
@@ -197,17 +237,22 @@ class TinyBertImportTest(absltest.TestCase):
       expected = self.bert(
           input_ids=torch.from_numpy(ids).long(),
           attention_mask=torch.from_numpy(mask).long(),
-          token_type_ids=torch.from_numpy(types).long()).last_hidden_state
+          token_type_ids=torch.from_numpy(types).long(),
+      ).last_hidden_state
     loaded = pretrained.load_pretrained(self.st_dir)
     graphdef, state = nnx.split(loaded.model)
-    ours = np.asarray(jax.jit(
-        lambda s: nnx.merge(graphdef, s)(ids, mask, types))(state))
+    ours = np.asarray(
+        jax.jit(lambda s: nnx.merge(graphdef, s)(ids, mask, types))(state)
+    )
     real = mask.astype(bool)
-    np.testing.assert_allclose(ours[real], expected.numpy()[real], atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(
+        ours[real], expected.numpy()[real], atol=1e-5, rtol=0
+    )
     # A plain Hugging Face directory: sentence-transformers' defaults.
-    self.assertEqual((loaded.pooling, loaded.normalize, loaded.max_length),
-                     ("mean", False, 40))
+    self.assertEqual(
+        (loaded.pooling, loaded.normalize, loaded.max_length),
+        ("mean", False, 40),
+    )
 
   def test_prefixed_legacy_names_and_extra_keys(self):
     base = pretrained.read_state_dict(self.st_dir)
@@ -221,8 +266,10 @@ class TinyBertImportTest(absltest.TestCase):
     with self.assertLogs("absl", level="WARNING") as logs:
       loaded = pretrained.load_pretrained(path)
     self.assertIn("mystery.weight", "\n".join(logs.output))
-    self.assertNotIn("cls.predictions.bias",
-                     "\n".join(r for r in logs.output if "WARNING" in r))
+    self.assertNotIn(
+        "cls.predictions.bias",
+        "\n".join(r for r in logs.output if "WARNING" in r),
+    )
     expected = _flat_params(pretrained.load_pretrained(self.st_dir).model)
     for p, value in _flat_params(loaded.model).items():
       np.testing.assert_array_equal(value, expected[p], err_msg=str(p))
@@ -239,8 +286,9 @@ class TinyBertImportTest(absltest.TestCase):
 
   def test_misshapen_weight_is_an_error(self):
     state = pretrained.read_state_dict(self.st_dir)
-    state["embeddings.position_embeddings.weight"] = np.zeros((8, 32),
-                                                              np.float32)
+    state["embeddings.position_embeddings.weight"] = np.zeros(
+        (8, 32), np.float32
+    )
     path = self._write_model_dir("misshapen", state)
     with self.assertRaisesRegex(ValueError, "position_pd"):
       pretrained.load_pretrained(path)
@@ -248,9 +296,11 @@ class TinyBertImportTest(absltest.TestCase):
   def test_bfloat16_safetensors(self):
     import safetensors.torch
 
-    state = {k: v.to(self.torch.bfloat16)
-             for k, v in self.bert.state_dict().items()
-             if v.is_floating_point()}
+    state = {
+        k: v.to(self.torch.bfloat16)
+        for k, v in self.bert.state_dict().items()
+        if v.is_floating_point()
+    }
     path = self.tmp / "bf16"
     path.mkdir()
     shutil.copy(self.st_dir / "config.json", path / "config.json")
@@ -258,14 +308,16 @@ class TinyBertImportTest(absltest.TestCase):
     read = pretrained.read_state_dict(path)
     for key, value in state.items():
       self.assertEqual(read[key].dtype, ml_dtypes.bfloat16)
-      np.testing.assert_array_equal(read[key].astype(np.float32),
-                                    value.float().numpy(), err_msg=key)
+      np.testing.assert_array_equal(
+          read[key].astype(np.float32), value.float().numpy(), err_msg=key
+      )
     loaded = pretrained.load_pretrained(path)  # stored as float32 params
     word = loaded.model.embeddings.word_vd[...]
     self.assertEqual(word.dtype, jnp.float32)
     np.testing.assert_array_equal(
         np.asarray(word),
-        state["embeddings.word_embeddings.weight"].float().numpy())
+        state["embeddings.word_embeddings.weight"].float().numpy(),
+    )
 
   def test_import_needs_neither_torch_nor_sentence_transformers(self):
     script = textwrap.dedent("""
@@ -284,14 +336,24 @@ class TinyBertImportTest(absltest.TestCase):
     env = dict(os.environ, PYTHONPATH=str(_REPO), JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", script, str(self.st_dir)],
-        env=env, capture_output=True, text=True, timeout=300, check=False)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     self.assertEqual(result.returncode, 0, msg=result.stderr[-2000:])
     self.assertIn("no torch", result.stdout)
 
 
-_TINY = te.EncoderConfig(vocab_size=99, hidden_size=32, num_layers=2,
-                         num_heads=4, intermediate_size=37,
-                         max_position_embeddings=40)
+_TINY = te.EncoderConfig(
+    vocab_size=99,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=40,
+)
 
 
 class PipelineConfigTest(absltest.TestCase):
@@ -307,33 +369,54 @@ class PipelineConfigTest(absltest.TestCase):
     path.write_text(json.dumps(content))
 
   def _modules(self, *kinds):
-    paths = {"Transformer": "", "Pooling": "1_Pooling",
-             "Normalize": "2_Normalize", "Dense": "2_Dense"}
-    self._write("modules.json", [
-        {"idx": i, "name": str(i), "path": paths[k],
-         "type": f"sentence_transformers.models.{k}"}
-        for i, k in enumerate(kinds)])
+    paths = {
+        "Transformer": "",
+        "Pooling": "1_Pooling",
+        "Normalize": "2_Normalize",
+        "Dense": "2_Dense",
+    }
+    self._write(
+        "modules.json",
+        [
+            {
+                "idx": i,
+                "name": str(i),
+                "path": paths[k],
+                "type": f"sentence_transformers.models.{k}",
+            }
+            for i, k in enumerate(kinds)
+        ],
+    )
 
   def test_minilm_style_legacy_flags(self):
     self._modules("Transformer", "Pooling", "Normalize")
-    self._write("1_Pooling/config.json", {
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False})
+    self._write(
+        "1_Pooling/config.json",
+        {
+            "word_embedding_dimension": 32,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+        },
+    )
     self._write("sentence_bert_config.json", {"max_seq_length": 16})
-    self.assertEqual(pretrained.read_pipeline_config(self.dir, _TINY),
-                     ("mean", True, 16))
+    self.assertEqual(
+        pretrained.read_pipeline_config(self.dir, _TINY), ("mean", True, 16)
+    )
 
   def test_new_style_cls_without_normalize(self):
     self._modules("Transformer", "Pooling")
     self._write("1_Pooling/config.json", {"pooling_mode": "cls"})
     # max_seq_length above the position table is capped by it.
     self._write("sentence_bert_config.json", {"max_seq_length": 512})
-    self.assertEqual(pretrained.read_pipeline_config(self.dir, _TINY),
-                     ("cls", False, 40))
+    self.assertEqual(
+        pretrained.read_pipeline_config(self.dir, _TINY), ("cls", False, 40)
+    )
 
   def test_no_modules_json(self):
-    self.assertEqual(pretrained.read_pipeline_config(self.dir, _TINY),
-                     ("mean", False, 40))
+    self.assertEqual(
+        pretrained.read_pipeline_config(self.dir, _TINY), ("mean", False, 40)
+    )
 
   def test_unsupported_pipelines(self):
     self._modules("Transformer", "Pooling", "Dense")
@@ -361,17 +444,25 @@ class ResolveModelDirTest(absltest.TestCase):
 
   def test_directory_without_weights(self):
     model_dir = pathlib.Path(self.create_tempdir().full_path)
-    (model_dir / "config.json").write_text(json.dumps({
-        "model_type": "bert", "vocab_size": 10, "hidden_size": 8,
-        "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 16, "max_position_embeddings": 8}))
+    (model_dir / "config.json").write_text(
+        json.dumps({
+            "model_type": "bert",
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "max_position_embeddings": 8,
+        })
+    )
     with self.assertRaisesRegex(FileNotFoundError, "model.safetensors"):
       pretrained.load_pretrained(model_dir)
 
   def test_unsupported_model_type(self):
     model_dir = pathlib.Path(self.create_tempdir().full_path)
-    (model_dir / "config.json").write_text(json.dumps(
-        {"model_type": "roberta"}))
+    (model_dir / "config.json").write_text(
+        json.dumps({"model_type": "roberta"})
+    )
     with self.assertRaisesRegex(ValueError, "roberta"):
       pretrained.load_pretrained(model_dir)
 
@@ -379,8 +470,9 @@ class ResolveModelDirTest(absltest.TestCase):
     cwd = os.getcwd()
     os.chdir(self.create_tempdir().full_path)  # no local dir of that name
     try:
-      with mock.patch.object(pretrained.importlib.util, "find_spec",
-                             return_value=None):
+      with mock.patch.object(
+          pretrained.importlib.util, "find_spec", return_value=None
+      ):
         with self.assertRaises(FileNotFoundError) as ctx:
           pretrained.resolve_model_dir("all-MiniLM-L6-v2")
     finally:

@@ -11,8 +11,8 @@ import pathlib
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LIMIT_SMALL = REPO / "data" / "limit-small"
 SHARED_DATA = pathlib.Path(
-    os.environ.get("RETRIEVAL_JAX_SHARED_DATA",
-                   REPO.parent / "shared" / "data"))
+    os.environ.get("RETRIEVAL_JAX_SHARED_DATA", REPO.parent / "shared" / "data")
+)
 SCIFACT = SHARED_DATA / "scifact"
 CRANFIELD = SHARED_DATA / "cranfield"
 

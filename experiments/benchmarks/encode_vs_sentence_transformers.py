@@ -30,8 +30,9 @@ def load_texts(data_dir: pathlib.Path, kind: str, n: int) -> list[str]:
       if kind == "passages":
         texts.append((doc.get("title", "") + " " + doc["text"]).strip())
       else:
-        texts += [s for s in re.split(r"(?<=[.!?])\s+", doc["text"])
-                  if len(s) > 20]
+        texts += [
+            s for s in re.split(r"(?<=[.!?])\s+", doc["text"]) if len(s) > 20
+        ]
       if len(texts) >= n:
         break
   return texts[:n]
@@ -40,8 +41,9 @@ def load_texts(data_dir: pathlib.Path, kind: str, n: int) -> list[str]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data", default="../shared/data/scifact")
-  parser.add_argument("--kind", choices=["sentences", "passages"],
-                      default="sentences")
+  parser.add_argument(
+      "--kind", choices=["sentences", "passages"], default="sentences"
+  )
   parser.add_argument("--num_texts", type=int, default=2048)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--max_length", type=int, default=256)
@@ -53,7 +55,7 @@ def main():
   # Same cores on both sides: pin the process to `threads` cores; torch gets
   # `threads` intra-op threads, JAX one CPU device per core (the evaluate
   # mode's default, see `sharding.use_cpu_cores_as_devices`).
-  cores = sorted(os.sched_getaffinity(0))[:args.threads]
+  cores = sorted(os.sched_getaffinity(0))[: args.threads]
   os.sched_setaffinity(0, cores)
 
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -73,12 +75,19 @@ def main():
   st.max_seq_length = args.max_length
 
   def run_st():
-    return st.encode(texts, batch_size=args.batch_size,
-                     normalize_embeddings=True, convert_to_numpy=True)
+    return st.encode(
+        texts,
+        batch_size=args.batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+    )
 
   jx = encoding.TextEncoder.from_pretrained(
-      str(model_dir), sharding.make_mesh(), max_length=args.max_length,
-      dtype=args.dtype)
+      str(model_dir),
+      sharding.make_mesh(),
+      max_length=args.max_length,
+      dtype=args.dtype,
+  )
 
   def run_jax():
     return jx.encode(texts, batch_size=args.batch_size, progress=False)
@@ -95,19 +104,28 @@ def main():
       times[name].append(time.perf_counter() - start)
   best = {k: min(v) for k, v in times.items()}
   cos = np.sum(emb_jax * emb_st, -1) / (
-      np.linalg.norm(emb_jax, axis=-1) * np.linalg.norm(emb_st, axis=-1))
+      np.linalg.norm(emb_jax, axis=-1) * np.linalg.norm(emb_st, axis=-1)
+  )
   n = len(texts)
   tokens = sum(len(x) for x in jx.tokenize(texts))
-  print(f"{n} {args.kind}, {tokens / n:.1f} tokens/text on average, "
-        f"{args.threads} threads, batch {args.batch_size}, {args.dtype}")
+  print(
+      f"{n} {args.kind}, {tokens / n:.1f} tokens/text on average, "
+      f"{args.threads} threads, batch {args.batch_size}, {args.dtype}"
+  )
   print(f"jax warm-up (compile + first pass): {warmup_jax:.1f} s")
-  print(f"min cosine {cos.min():.7f}, max abs diff "
-        f"{np.abs(emb_jax - emb_st).max():.2e}")
-  print("| texts | sentence-transformers texts/s | retrieval_jax texts/s "
-        "| ratio |")
+  print(
+      f"min cosine {cos.min():.7f}, max abs diff "
+      f"{np.abs(emb_jax - emb_st).max():.2e}"
+  )
+  print(
+      "| texts | sentence-transformers texts/s | retrieval_jax texts/s "
+      "| ratio |"
+  )
   print("|---|---:|---:|---:|")
-  print(f"| {n} {args.kind} ({args.dtype}) | {n / best['st']:.1f} | "
-        f"{n / best['jax']:.1f} | {best['st'] / best['jax']:.2f}x |")
+  print(
+      f"| {n} {args.kind} ({args.dtype}) | {n / best['st']:.1f} | "
+      f"{n / best['jax']:.1f} | {best['st'] / best['jax']:.2f}x |"
+  )
 
 
 if __name__ == "__main__":

@@ -45,12 +45,25 @@ import pytrec_eval
 
 from retrieval_jax.evaluation import ir_metrics
 
-NATIVE_MEASURES = ("ndcg@10", "ndcg", "recall@10", "recall@100", "mrr",
-                   "map", "map@100", "p@10")
+NATIVE_MEASURES = (
+    "ndcg@10",
+    "ndcg",
+    "recall@10",
+    "recall@100",
+    "mrr",
+    "map",
+    "map@100",
+    "p@10",
+)
 
 
-def make_data(num_queries: int, docs_per_query: int, judged_per_query: int,
-              num_docs: int, seed: int):
+def make_data(
+    num_queries: int,
+    docs_per_query: int,
+    judged_per_query: int,
+    num_docs: int,
+    seed: int,
+):
   """Synthetic qrels and run.
 
   Scores are rounded to 3 decimals so ties occur (trec_eval breaks them by
@@ -67,25 +80,34 @@ def make_data(num_queries: int, docs_per_query: int, judged_per_query: int,
   retrieved_qk = rng.integers(0, num_docs, (num_queries, docs_per_query))
   scores_qk = np.round(rng.normal(size=(num_queries, docs_per_query)), 3)
   judged_in_run = judged_per_query // 2 + 1
-  judged_qj = np.concatenate([
-      np.take_along_axis(
-          retrieved_qk,
-          rng.integers(0, docs_per_query, (num_queries, judged_in_run)),
-          axis=1),
-      rng.integers(0, num_docs,
-                   (num_queries, judged_per_query - judged_in_run))], axis=1)
-  labels_qj = rng.choice([-1, 0, 1, 2, 3], size=judged_qj.shape,
-                         p=[0.05, 0.35, 0.3, 0.2, 0.1])
+  judged_qj = np.concatenate(
+      [
+          np.take_along_axis(
+              retrieved_qk,
+              rng.integers(0, docs_per_query, (num_queries, judged_in_run)),
+              axis=1,
+          ),
+          rng.integers(
+              0, num_docs, (num_queries, judged_per_query - judged_in_run)
+          ),
+      ],
+      axis=1,
+  )
+  labels_qj = rng.choice(
+      [-1, 0, 1, 2, 3], size=judged_qj.shape, p=[0.05, 0.35, 0.3, 0.2, 0.1]
+  )
   # At least one label >= 0 per query: trec_eval's nDCG reads stale memory
   # (and may never return) for a query whose labels are all negative.
   labels_qj[:, 0] = np.maximum(labels_qj[:, 0], 0)
   run, qrels = {}, {}
   for q in range(num_queries):
     qid = f"q{q}"
-    run[qid] = dict(zip(doc_ids[retrieved_qk[q]].tolist(),
-                        scores_qk[q].tolist()))
-    qrels[qid] = dict(zip(doc_ids[judged_qj[q]].tolist(),
-                          labels_qj[q].tolist()))
+    run[qid] = dict(
+        zip(doc_ids[retrieved_qk[q]].tolist(), scores_qk[q].tolist())
+    )
+    qrels[qid] = dict(
+        zip(doc_ids[judged_qj[q]].tolist(), labels_qj[q].tolist())
+    )
   return qrels, run
 
 
@@ -110,8 +132,10 @@ def run_pytrec_eval(qrels, run, measures, cut_k=None):
 
 def by_our_names(result, measures):
   """Re-keys pytrec_eval's answer as {our measure name: {qid: value}}."""
-  return {m: {q: v[ir_metrics.to_pytrec_eval_name(m)]
-              for q, v in result.items()} for m in measures}
+  return {
+      m: {q: v[ir_metrics.to_pytrec_eval_name(m)] for q, v in result.items()}
+      for m in measures
+  }
 
 
 def max_abs_diff(ours, theirs) -> float:
@@ -129,36 +153,52 @@ def main():
   parser.add_argument("--num_queries", type=int, default=10_000)
   parser.add_argument("--docs_per_query", type=int, default=100)
   parser.add_argument("--judged_per_query", type=int, default=5)
-  parser.add_argument("--num_docs", type=int, default=1_000_000,
-                      help="collection size the doc ids are drawn from")
+  parser.add_argument(
+      "--num_docs",
+      type=int,
+      default=1_000_000,
+      help="collection size the doc ids are drawn from",
+  )
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  qrels, run = make_data(args.num_queries, args.docs_per_query,
-                         args.judged_per_query, args.num_docs, args.seed)
+  qrels, run = make_data(
+      args.num_queries,
+      args.docs_per_query,
+      args.judged_per_query,
+      args.num_docs,
+      args.seed,
+  )
   collapsed = {qid: dict.fromkeys(docs, 0.5) for qid, docs in run.items()}
   rows = []
   for label, scored, measures, cut_k in (
       ("native", run, NATIVE_MEASURES, None),
       ("mrr@10", run, ("mrr@10",), 10),
-      ("native, all tied", collapsed, NATIVE_MEASURES, None)):
+      ("native, all tied", collapsed, NATIVE_MEASURES, None),
+  ):
     ours_s, (_, ours) = best_of(
         args.repeats,
-        functools.partial(ir_metrics.evaluate, qrels, scored, measures))
+        functools.partial(ir_metrics.evaluate, qrels, scored, measures),
+    )
     theirs_s, theirs = best_of(
         args.repeats,
-        functools.partial(run_pytrec_eval, qrels, scored, measures, cut_k))
+        functools.partial(run_pytrec_eval, qrels, scored, measures, cut_k),
+    )
     theirs = by_our_names(theirs, measures)
     rows.append((label, ours_s, theirs_s, max_abs_diff(ours, theirs)))
 
-  print("| measures | queries | docs/query | ours (s) | pytrec_eval (s) | "
-        "ratio (pytrec_eval / ours) | max abs diff |")
+  print(
+      "| measures | queries | docs/query | ours (s) | pytrec_eval (s) | "
+      "ratio (pytrec_eval / ours) | max abs diff |"
+  )
   print("|---|---:|---:|---:|---:|---:|---:|")
   for label, ours_s, theirs_s, diff in rows:
-    print(f"| {label} | {args.num_queries} | {args.docs_per_query} | "
-          f"{ours_s:.3f} | {theirs_s:.3f} | {theirs_s / ours_s:.2f} | "
-          f"{diff:.1e} |")
+    print(
+        f"| {label} | {args.num_queries} | {args.docs_per_query} | "
+        f"{ours_s:.3f} | {theirs_s:.3f} | {theirs_s / ours_s:.2f} | "
+        f"{diff:.1e} |"
+    )
 
 
 if __name__ == "__main__":

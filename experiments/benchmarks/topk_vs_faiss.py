@@ -44,17 +44,33 @@ def _parse_args():
   parser.add_argument("--dim", type=int, default=384)
   parser.add_argument("--num_queries", type=int, default=1000)
   parser.add_argument("--k", type=int, nargs="+", default=[10])
-  parser.add_argument("--threads", type=int, default=2,
-                      help="CPU threads for both faiss and XLA.")
-  parser.add_argument("--chunk_size", type=int, default=None,
-                      help="exact_topk chunk size (default: the library's).")
-  parser.add_argument("--group_size", type=int, default=None,
-                      help="two-stage group size (default: the library's).")
+  parser.add_argument(
+      "--threads",
+      type=int,
+      default=2,
+      help="CPU threads for both faiss and XLA.",
+  )
+  parser.add_argument(
+      "--chunk_size",
+      type=int,
+      default=None,
+      help="exact_topk chunk size (default: the library's).",
+  )
+  parser.add_argument(
+      "--group_size",
+      type=int,
+      default=None,
+      help="two-stage group size (default: the library's).",
+  )
   parser.add_argument("--query_batch_size", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--explain_rows", type=int, default=50,
-                      help="differing rows re-ranked in float64 at most.")
+  parser.add_argument(
+      "--explain_rows",
+      type=int,
+      default=50,
+      help="differing rows re-ranked in float64 at most.",
+  )
   return parser.parse_args()
 
 
@@ -63,7 +79,7 @@ ARGS = _parse_args()
 # must happen before JAX starts; faiss is pinned by the same mask.
 _cpus = sorted(os.sched_getaffinity(0))
 if len(_cpus) > ARGS.threads:
-  os.sched_setaffinity(0, _cpus[:ARGS.threads])
+  os.sched_setaffinity(0, _cpus[: ARGS.threads])
 elif len(_cpus) < ARGS.threads:
   print(f"warning: only {len(_cpus)} CPUs available, asked {ARGS.threads}")
 
@@ -74,11 +90,14 @@ from jax import monitoring
 import numpy as np
 
 from retrieval_jax.search import exact_topk as et
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 _compile_secs = [0.0]
 
 
@@ -104,9 +123,14 @@ def _compare(corpus_nd, queries_qd, ours_qk, faiss_qk, k, explain_rows):
   """
   same_q = (ours_qk == faiss_qk).all(axis=1)
   rows = np.flatnonzero(~same_q)
-  report = {"identical_rows": float(same_q.mean()), "differing": len(rows),
-            "explained": 0, "ours_exact": 0, "faiss_exact": 0,
-            "checked": min(len(rows), explain_rows)}
+  report = {
+      "identical_rows": float(same_q.mean()),
+      "differing": len(rows),
+      "explained": 0,
+      "ours_exact": 0,
+      "faiss_exact": 0,
+      "checked": min(len(rows), explain_rows),
+  }
   for q in rows[:explain_rows]:
     exact_n = corpus_nd.astype(np.float64) @ queries_qd[q].astype(np.float64)
     order = np.argsort(-exact_n, kind="stable")[:k]
@@ -121,10 +145,12 @@ def _compare(corpus_nd, queries_qd, ours_qk, faiss_qk, k, explain_rows):
 
 def main():
   args = ARGS
-  print(f"jax {jax.__version__} devices={jax.devices()} "
-        f"faiss {faiss.__version__} threads={args.threads} "
-        f"cpus={sorted(os.sched_getaffinity(0))} "
-        f"loadavg={os.getloadavg()}")
+  print(
+      f"jax {jax.__version__} devices={jax.devices()} "
+      f"faiss {faiss.__version__} threads={args.threads} "
+      f"cpus={sorted(os.sched_getaffinity(0))} "
+      f"loadavg={os.getloadavg()}"
+  )
   faiss.omp_set_num_threads(args.threads)
   rng = np.random.default_rng(args.seed)
   corpus_nd = rng.standard_normal((args.num_docs, args.dim), np.float32)
@@ -135,11 +161,16 @@ def main():
   encode_kwargs = {}
   if args.chunk_size:
     encode_kwargs["chunk_size"] = args.chunk_size
-  encode_s, corpus = _timed(lambda: jax.block_until_ready(
-      et.encode_corpus(corpus_nd, **encode_kwargs)))
-  print(f"build: faiss add {faiss_add_s:.2f}s, encode_corpus {encode_s:.2f}s "
-        f"(chunk_size={corpus.chunk_size}, "
-        f"padded rows={corpus.embeddings_nd.shape[0]})")
+  encode_s, corpus = _timed(
+      lambda: jax.block_until_ready(
+          et.encode_corpus(corpus_nd, **encode_kwargs)
+      )
+  )
+  print(
+      f"build: faiss add {faiss_add_s:.2f}s, encode_corpus {encode_s:.2f}s "
+      f"(chunk_size={corpus.chunk_size}, "
+      f"padded rows={corpus.embeddings_nd.shape[0]})"
+  )
   search_kwargs = {"query_batch_size": args.query_batch_size}
   if args.group_size:
     search_kwargs["group_size"] = args.group_size
@@ -157,23 +188,35 @@ def main():
       faiss_s.append(seconds)
       seconds, (_, ours_qk) = _timed(search)
       ours_s.append(seconds)
-    cmp = _compare(corpus_nd, queries_qd, ours_qk, faiss_qk.astype(np.int64),
-                   k, args.explain_rows)
-    print(f"k={k}: faiss {['%.3f' % s for s in faiss_s]} "
-          f"ours {['%.3f' % s for s in ours_s]} first call {first_s:.2f}s "
-          f"(compile {compile_s:.2f}s) loadavg={os.getloadavg()}")
+    cmp = _compare(
+        corpus_nd,
+        queries_qd,
+        ours_qk,
+        faiss_qk.astype(np.int64),
+        k,
+        args.explain_rows,
+    )
+    print(
+        f"k={k}: faiss {['%.3f' % s for s in faiss_s]} "
+        f"ours {['%.3f' % s for s in ours_s]} first call {first_s:.2f}s "
+        f"(compile {compile_s:.2f}s) loadavg={os.getloadavg()}"
+    )
     print(f"k={k}: {cmp}")
     rows.append((k, min(faiss_s), min(ours_s), compile_s, cmp))
 
   print()
-  print("| corpus | queries | k | faiss s | ours s | ratio (faiss/ours) "
-        "| ours compile s | identical rows |")
+  print(
+      "| corpus | queries | k | faiss s | ours s | ratio (faiss/ours) "
+      "| ours compile s | identical rows |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   for k, faiss_best, ours_best, compile_s, cmp in rows:
-    print(f"| {args.num_docs:,} × {args.dim} | {args.num_queries:,} | {k} "
-          f"| {faiss_best:.3f} | {ours_best:.3f} "
-          f"| {faiss_best / ours_best:.2f} | {compile_s:.2f} "
-          f"| {cmp['identical_rows']:.4f} |")
+    print(
+        f"| {args.num_docs:,} × {args.dim} | {args.num_queries:,} | {k} "
+        f"| {faiss_best:.3f} | {ours_best:.3f} "
+        f"| {faiss_best / ours_best:.2f} | {compile_s:.2f} "
+        f"| {cmp['identical_rows']:.4f} |"
+    )
 
 
 if __name__ == "__main__":

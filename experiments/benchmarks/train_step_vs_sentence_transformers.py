@@ -55,26 +55,45 @@ import time
 
 def _parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", default="../shared/data/scifact",
-                      help="BEIR directory (corpus.jsonl, queries.jsonl, "
-                      "qrels/<split>.tsv).")
+  parser.add_argument(
+      "--data",
+      default="../shared/data/scifact",
+      help="BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).",
+  )
   parser.add_argument("--split", default="test")
-  parser.add_argument("--batch_size", type=int, default=32,
-                      help="queries per step.")
-  parser.add_argument("--group_size", type=int, default=8,
-                      help="passages per query: 1 positive + G-1 negatives.")
-  parser.add_argument("--max_length", type=int, default=128,
-                      help="tokens per query and per passage (both padded "
-                      "or truncated to it).")
-  parser.add_argument("--steps", type=int, default=3,
-                      help="timed steps per round.")
-  parser.add_argument("--repeats", type=int, default=3,
-                      help="rounds per side, interleaved.")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed steps per side before the rounds.")
-  parser.add_argument("--threads", type=int,
-                      default=len(os.sched_getaffinity(0)),
-                      help="CPU cores for both (default: all available).")
+  parser.add_argument(
+      "--batch_size", type=int, default=32, help="queries per step."
+  )
+  parser.add_argument(
+      "--group_size",
+      type=int,
+      default=8,
+      help="passages per query: 1 positive + G-1 negatives.",
+  )
+  parser.add_argument(
+      "--max_length",
+      type=int,
+      default=128,
+      help="tokens per query and per passage (both padded or truncated to it).",
+  )
+  parser.add_argument(
+      "--steps", type=int, default=3, help="timed steps per round."
+  )
+  parser.add_argument(
+      "--repeats", type=int, default=3, help="rounds per side, interleaved."
+  )
+  parser.add_argument(
+      "--warmup",
+      type=int,
+      default=2,
+      help="untimed steps per side before the rounds.",
+  )
+  parser.add_argument(
+      "--threads",
+      type=int,
+      default=len(os.sched_getaffinity(0)),
+      help="CPU cores for both (default: all available).",
+  )
   parser.add_argument("--lr", type=float, default=2e-5)
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args()
@@ -85,7 +104,7 @@ ARGS = _parse_args()
 # must happen before JAX starts; torch then gets the same cores.
 _cpus = sorted(os.sched_getaffinity(0))
 if len(_cpus) > ARGS.threads:
-  os.sched_setaffinity(0, _cpus[:ARGS.threads])
+  os.sched_setaffinity(0, _cpus[: ARGS.threads])
 elif len(_cpus) < ARGS.threads:
   print(f"warning: only {len(_cpus)} CPUs available, asked {ARGS.threads}")
 
@@ -109,15 +128,22 @@ from retrieval_jax import pretrained
 from retrieval_jax import steps
 from retrieval_jax import train_state
 from retrieval_jax.data import tokenizers
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 TEMPERATURE = 0.05  # = sentence-transformers' scale 20.
 WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default.
 
 
-def load_batch_texts(data_dir: pathlib.Path, split: str, tokenizer,
-                     batch_size: int, group_size: int, max_length: int,
-                     seed: int) -> tuple[list[str], list[list[str]]]:
+def load_batch_texts(
+    data_dir: pathlib.Path,
+    split: str,
+    tokenizer,
+    batch_size: int,
+    group_size: int,
+    max_length: int,
+    seed: int,
+) -> tuple[list[str], list[list[str]]]:
   """B queries and, per query, its positive then G - 1 negative passages.
 
   Only documents that fill `max_length` tokens are used, so truncation gives
@@ -166,19 +192,26 @@ def load_batch_texts(data_dir: pathlib.Path, split: str, tokenizer,
     if len(chosen_q) == batch_size:
       break
   if len(chosen_q) < batch_size:
-    raise SystemExit(f"{data_dir}: only {len(chosen_q)} {split} queries have "
-                     f"a relevant document of >= {max_length} tokens; "
-                     f"--batch_size {batch_size} needs that many")
+    raise SystemExit(
+        f"{data_dir}: only {len(chosen_q)} {split} queries have "
+        f"a relevant document of >= {max_length} tokens; "
+        f"--batch_size {batch_size} needs that many"
+    )
   relevant = {d for q in chosen_q for d in qrels[q]}
   rng = np.random.default_rng(seed)
-  pool = (did for did in (list(docs)[i] for i in rng.permutation(len(docs)))
-          if did not in relevant and is_long(did))
+  pool = (
+      did
+      for did in (list(docs)[i] for i in rng.permutation(len(docs)))
+      if did not in relevant and is_long(did)
+  )
   groups = []
   for pos in positives:
     negatives = [next(pool, None) for _ in range(group_size - 1)]
     if None in negatives:
-      raise SystemExit(f"{data_dir}: too few documents of >= {max_length} "
-                       "tokens for the negatives")
+      raise SystemExit(
+          f"{data_dir}: too few documents of >= {max_length} "
+          "tokens for the negatives"
+      )
     groups.append([docs[pos]] + [docs[d] for d in negatives])
   return [queries[q] for q in chosen_q], groups
 
@@ -187,8 +220,12 @@ def _summary(times: list[float], steps_per_round: int, batch_size: int):
   """Best and median steps/s over rounds, and the same in queries/s."""
   rates = [steps_per_round / t for t in times]
   best, median = max(rates), statistics.median(rates)
-  return {"best": best, "median": median, "best_q": best * batch_size,
-          "median_q": median * batch_size}
+  return {
+      "best": best,
+      "median": median,
+      "best_q": best * batch_size,
+      "median_q": median * batch_size,
+  }
 
 
 def main():
@@ -198,24 +235,29 @@ def main():
   # Random bits that do not depend on how arrays are sharded (as main.py).
   jax.config.update("jax_threefry_partitionable", True)
   b, g, length = args.batch_size, args.group_size, args.max_length
-  print(f"jax {jax.__version__} ({len(jax.devices())} CPU devices), "
-        f"torch {torch.__version__}, sentence-transformers "
-        f"{sentence_transformers.__version__}; threads={args.threads} "
-        f"cpus={sorted(os.sched_getaffinity(0))} loadavg={os.getloadavg()}")
+  print(
+      f"jax {jax.__version__} ({len(jax.devices())} CPU devices), "
+      f"torch {torch.__version__}, sentence-transformers "
+      f"{sentence_transformers.__version__}; threads={args.threads} "
+      f"cpus={sorted(os.sched_getaffinity(0))} loadavg={os.getloadavg()}"
+  )
   if os.getloadavg()[0] > args.threads:
     # torch's OpenMP workers spin at barriers and slow down several-fold
     # when other processes share their cores; XLA suffers less, so a busy
     # machine inflates the ratio.
-    print(f"warning: load average {os.getloadavg()[0]:.1f} exceeds "
-          f"{args.threads} threads; timings are not representative")
+    print(
+        f"warning: load average {os.getloadavg()[0]:.1f} exceeds "
+        f"{args.threads} threads; timings are not representative"
+    )
 
   # --- Data, tokenized by each side's own tokenizer, outside any timing.
   loaded = pretrained.load_pretrained(pretrained.DEFAULT_MODEL)
   tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
-      loaded.model_dir)
+      loaded.model_dir
+  )
   query_texts, groups = load_batch_texts(
-      pathlib.Path(args.data), args.split, tokenizer, b, g, length,
-      args.seed)
+      pathlib.Path(args.data), args.split, tokenizer, b, g, length, args.seed
+  )
   passage_texts = [p for group in groups for p in group]  # Query-major.
   q_tok = tokenizer(query_texts, max_length=length, pad_to=length)
   p_tok = tokenizer(passage_texts, max_length=length, pad_to=length)
@@ -239,16 +281,20 @@ def main():
   columns = [query_texts] + [[grp[k] for grp in groups] for k in range(g)]
   features = [st.preprocess(col, **pad_full) for col in columns]
   st_passage_ids = torch.stack(
-      [f["input_ids"] for f in features[1:]], dim=1).reshape(b * g, -1)
-  if not (np.array_equal(features[0]["input_ids"].numpy(),
-                         host_batch["query_ids"]) and
-          np.array_equal(st_passage_ids.numpy(), host_batch["passage_ids"])):
+      [f["input_ids"] for f in features[1:]], dim=1
+  ).reshape(b * g, -1)
+  if not (
+      np.array_equal(features[0]["input_ids"].numpy(), host_batch["query_ids"])
+      and np.array_equal(st_passage_ids.numpy(), host_batch["passage_ids"])
+  ):
     raise SystemExit("token ids differ between the two tokenizers")
   query_tokens = host_batch["query_mask"].sum(1).mean()
   passage_tokens = host_batch["passage_mask"].sum(1).mean()
-  print(f"batch: {b} queries ({query_tokens:.1f} real tokens on average, "
-        f"padded to {length}) x {g} passages ({passage_tokens:.1f} real "
-        f"tokens on average, truncated to {length}); token ids identical")
+  print(
+      f"batch: {b} queries ({query_tokens:.1f} real tokens on average, "
+      f"padded to {length}) x {g} passages ({passage_tokens:.1f} real "
+      f"tokens on average, truncated to {length}); token ids identical"
+  )
 
   # --- Ours: what train.py builds.
   mesh = sharding.make_mesh((-1, 1, 1))
@@ -259,12 +305,21 @@ def main():
   del params, loaded
   batch_spec = {k: v.shape for k, v in host_batch.items()}
   step_fn = steps.make_train_step(
-      mesh, layout.shardings, batch_spec, model_def=model_def, tx=tx,
-      loss_fn=losses.get_loss("infonce").fn, temperature=TEMPERATURE,
-      pooling="mean", normalize=True, dropout=True)
+      mesh,
+      layout.shardings,
+      batch_spec,
+      model_def=model_def,
+      tx=tx,
+      loss_fn=losses.get_loss("infonce").fn,
+      temperature=TEMPERATURE,
+      pooling="mean",
+      normalize=True,
+      dropout=True,
+  )
   batch = steps.put_batch(host_batch, steps.batch_shardings(mesh, batch_spec))
-  rng = jax.device_put(jax.random.PRNGKey(args.seed),
-                       NamedSharding(mesh, PartitionSpec()))
+  rng = jax.device_put(
+      jax.random.PRNGKey(args.seed), NamedSharding(mesh, PartitionSpec())
+  )
 
   def run_ours(n):
     nonlocal state
@@ -278,10 +333,12 @@ def main():
     return float(loss)
 
   # --- Peer: sentence-transformers, hand-written loop.
-  loss_module = st_losses.MultipleNegativesRankingLoss(st, scale=1 /
-                                                       TEMPERATURE)
-  optimizer = torch.optim.AdamW(st.parameters(), lr=args.lr,
-                                weight_decay=WEIGHT_DECAY)
+  loss_module = st_losses.MultipleNegativesRankingLoss(
+      st, scale=1 / TEMPERATURE
+  )
+  optimizer = torch.optim.AdamW(
+      st.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY
+  )
   st.train()  # Dropout on.
 
   def run_peer(n):
@@ -304,8 +361,10 @@ def main():
     run_peer(args.warmup - 1)
   # Both first losses are on the pretrained weights: they differ only by
   # the dropout masks.
-  print(f"jax first step (compile + run): {compile_s:.1f} s; first-step "
-        f"loss ours {first_loss_ours:.4f}, peer {first_loss_peer:.4f}")
+  print(
+      f"jax first step (compile + run): {compile_s:.1f} s; first-step "
+      f"loss ours {first_loss_ours:.4f}, peer {first_loss_peer:.4f}"
+  )
   times = {"ours": [], "peer": []}
   sides = [("ours", run_ours), ("peer", run_peer)]
   for r in range(args.repeats):
@@ -314,31 +373,45 @@ def main():
       loss = fn(args.steps)
       elapsed = time.perf_counter() - start
       times[name].append(elapsed)
-      print(f"round {r + 1} {name}: {args.steps} steps in {elapsed:.2f} s "
-            f"({args.steps / elapsed:.3f} steps/s), loss {loss:.4f}")
+      print(
+          f"round {r + 1} {name}: {args.steps} steps in {elapsed:.2f} s "
+          f"({args.steps / elapsed:.3f} steps/s), loss {loss:.4f}"
+      )
 
   ours = _summary(times["ours"], args.steps, b)
   peer = _summary(times["peer"], args.steps, b)
   ratio = ours["best"] / peer["best"]
   ratio_median = ours["median"] / peer["median"]
-  print(f"ours: best {ours['best']:.3f} steps/s ({ours['best_q']:.1f} "
-        f"queries/s), median {ours['median']:.3f} steps/s "
-        f"({ours['median_q']:.1f} queries/s)")
-  print(f"peer: best {peer['best']:.3f} steps/s ({peer['best_q']:.1f} "
-        f"queries/s), median {peer['median']:.3f} steps/s "
-        f"({peer['median_q']:.1f} queries/s)")
+  print(
+      f"ours: best {ours['best']:.3f} steps/s ({ours['best_q']:.1f} "
+      f"queries/s), median {ours['median']:.3f} steps/s "
+      f"({ours['median_q']:.1f} queries/s)"
+  )
+  print(
+      f"peer: best {peer['best']:.3f} steps/s ({peer['best_q']:.1f} "
+      f"queries/s), median {peer['median']:.3f} steps/s "
+      f"({peer['median_q']:.1f} queries/s)"
+  )
   print(f"ratio ours/peer: {ratio:.2f} (best), {ratio_median:.2f} (median)")
-  workload = (f"MiniLM-L6, {b} q x {g} p, len {length}, "
-              f"{args.steps} steps x {args.repeats}")
-  print("| workload | threads | ours steps/s (best / median) | ours queries/s "
-        "| sentence-transformers steps/s (best / median) "
-        "| sentence-transformers queries/s | ratio (ours/peer) |")
+  workload = (
+      f"MiniLM-L6, {b} q x {g} p, len {length}, "
+      f"{args.steps} steps x {args.repeats}"
+  )
+  print(
+      "| workload | threads | ours steps/s (best / median) | ours queries/s "
+      "| sentence-transformers steps/s (best / median) "
+      "| sentence-transformers queries/s | ratio (ours/peer) |"
+  )
   print("|---|---:|---:|---:|---:|---:|---:|")
-  print(f"| {workload} | {args.threads} | {ours['best']:.3f} / "
-        f"{ours['median']:.3f} | {ours['best_q']:.1f} | {peer['best']:.3f} / "
-        f"{peer['median']:.3f} | {peer['best_q']:.1f} | {ratio:.2f} |")
-  print("command: PYTHONPATH=. python " +
-        " ".join(shlex.quote(a) for a in sys.argv))
+  print(
+      f"| {workload} | {args.threads} | {ours['best']:.3f} / "
+      f"{ours['median']:.3f} | {ours['best_q']:.1f} | {peer['best']:.3f} / "
+      f"{peer['median']:.3f} | {peer['best_q']:.1f} | {ratio:.2f} |"
+  )
+  print(
+      "command: PYTHONPATH=. python "
+      + " ".join(shlex.quote(a) for a in sys.argv)
+  )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the experiment config; `arg` selects variants (see docstring)."""
-  arg = common.parse_arg(arg, smoke=False, shared=str(
-      common.REPO_ROOT.parent / "shared" / "data"))
+  arg = common.parse_arg(
+      arg, smoke=False, shared=str(common.REPO_ROOT.parent / "shared" / "data")
+  )
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()

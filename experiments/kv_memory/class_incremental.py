@@ -44,6 +44,7 @@ class Stages:
     stages: the classes of each stage, disjoint, in presentation order.
     num_classes: total number of classes.
   """
+
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
@@ -53,14 +54,22 @@ class Stages:
 
 
 def _pairs(num_classes: int, per_stage: int) -> tuple[tuple[int, ...], ...]:
-  return tuple(tuple(range(s, min(s + per_stage, num_classes)))
-               for s in range(0, num_classes, per_stage))
+  return tuple(
+      tuple(range(s, min(s + per_stage, num_classes)))
+      for s in range(0, num_classes, per_stage)
+  )
 
 
-def gaussian_toy(seed: int = 0, *, num_classes: int = 8,
-                 radius: float = 4.0, sigma: float = 0.6,
-                 train_per_class: int = 100, test_per_class: int = 100,
-                 classes_per_stage: int = 2) -> Stages:
+def gaussian_toy(
+    seed: int = 0,
+    *,
+    num_classes: int = 8,
+    radius: float = 4.0,
+    sigma: float = 0.6,
+    train_per_class: int = 100,
+    test_per_class: int = 100,
+    classes_per_stage: int = 2,
+) -> Stages:
   """Isotropic Gaussian classes centred on a circle in 2-D.
 
   Class j has mean radius (cos 2 pi j / K, sin 2 pi j / K) and standard
@@ -89,12 +98,19 @@ def gaussian_toy(seed: int = 0, *, num_classes: int = 8,
 
   x_train, y_train = draw(train_per_class)
   x_test, y_test = draw(test_per_class)
-  return Stages(x_train, y_train, x_test, y_test,
-                _pairs(num_classes, classes_per_stage), num_classes)
+  return Stages(
+      x_train,
+      y_train,
+      x_test,
+      y_test,
+      _pairs(num_classes, classes_per_stage),
+      num_classes,
+  )
 
 
-def digits_stages(seed: int = 0, *, test_fraction: float = 0.3,
-                  classes_per_stage: int = 2) -> Stages:
+def digits_stages(
+    seed: int = 0, *, test_fraction: float = 0.3, classes_per_stage: int = 2
+) -> Stages:
   """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes).
 
   A stratified split (`train_test_split(stratify=y)` seeded by `seed`);
@@ -115,16 +131,22 @@ def digits_stages(seed: int = 0, *, test_fraction: float = 0.3,
   except ImportError as e:
     raise ImportError(
         "the digits experiment needs scikit-learn (its bundled 8x8 digits): "
-        "pip install -e '.[experiments]'") from e
+        "pip install -e '.[experiments]'"
+    ) from e
   x, y = datasets.load_digits(return_X_y=True)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      x, y, test_size=test_fraction, stratify=y, random_state=seed)
+      x, y, test_size=test_fraction, stratify=y, random_state=seed
+  )
   mean, std = x_train.mean(0), x_train.std(0)
   std = np.where(std > 0, std, 1.0)
-  return Stages(((x_train - mean) / std).astype(np.float32),
-                y_train.astype(np.int32),
-                ((x_test - mean) / std).astype(np.float32),
-                y_test.astype(np.int32), _pairs(10, classes_per_stage), 10)
+  return Stages(
+      ((x_train - mean) / std).astype(np.float32),
+      y_train.astype(np.int32),
+      ((x_test - mean) / std).astype(np.float32),
+      y_test.astype(np.int32),
+      _pairs(10, classes_per_stage),
+      10,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +166,7 @@ class Settings:
       keys, on all training inputs without labels.
     hidden: MLP hidden width.
   """
+
   steps_per_stage: int = 1000
   batch_size: int = 32
   learning_rate: float = 0.1
@@ -177,8 +200,7 @@ class _LinearProbe(nnx.Module):
 
 class _Mlp(nnx.Module):
 
-  def __init__(self, inputs: int, hidden: int, outputs: int, *,
-               rngs: nnx.Rngs):
+  def __init__(self, inputs: int, hidden: int, outputs: int, *, rngs: nnx.Rngs):
     self.hidden = nnx.Linear(inputs, hidden, rngs=rngs)
     self.out = nnx.Linear(hidden, outputs, rngs=rngs)
 
@@ -186,8 +208,9 @@ class _Mlp(nnx.Module):
     return self.out(jax.nn.relu(self.hidden(x_be)))
 
 
-def make_learner(name: str, data: Stages, settings: Settings
-                 ) -> tuple[nnx.Module, float]:
+def make_learner(
+    name: str, data: Stages, settings: Settings
+) -> tuple[nnx.Module, float]:
   """A fresh learner and its SGD learning rate.
 
   "dkvb" gets its keys here: EMA k-means on `data.x_train` (no labels).
@@ -195,25 +218,46 @@ def make_learner(name: str, data: Stages, settings: Settings
   rngs = nnx.Rngs(settings.seed)
   inputs = data.x_train.shape[1]
   if name == "linear":
-    return _LinearProbe(inputs, data.num_classes, rngs=rngs), \
-        settings.learning_rate
+    return (
+        _LinearProbe(inputs, data.num_classes, rngs=rngs),
+        settings.learning_rate,
+    )
   if name == "mlp":
-    return _Mlp(inputs, settings.hidden, data.num_classes, rngs=rngs), \
-        settings.learning_rate
+    return (
+        _Mlp(inputs, settings.hidden, data.num_classes, rngs=rngs),
+        settings.learning_rate,
+    )
   if name == "dkvb":
-    model = kvm.KeyValueMemory(inputs, settings.num_heads, settings.num_keys,
-                               settings.key_dim, data.num_classes,
-                               rngs=rngs)
-    kvm.initialize_keys(model, data.x_train, settings.ema_steps,
-                        settings.ema_decay, settings.seed)
+    model = kvm.KeyValueMemory(
+        inputs,
+        settings.num_heads,
+        settings.num_keys,
+        settings.key_dim,
+        data.num_classes,
+        rngs=rngs,
+    )
+    kvm.initialize_keys(
+        model,
+        data.x_train,
+        settings.ema_steps,
+        settings.ema_decay,
+        settings.seed,
+    )
     return model, settings.learning_rate * settings.num_heads
   raise ValueError(f"learner={name!r}: expected one of {LEARNERS}")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def train_stage(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                params, rest, opt_state, x_ne: jax.Array, y_n: jax.Array,
-                batches_tb: jax.Array):
+def train_stage(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    params,
+    rest,
+    opt_state,
+    x_ne: jax.Array,
+    y_n: jax.Array,
+    batches_tb: jax.Array,
+):
   """One SGD step per row of `batches_tb`, in one compiled loop.
 
   The batches are row ids drawn on the host, so every stage (and every
@@ -238,20 +282,19 @@ def train_stage(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def body(t, carry):
     params, opt_state, total = carry
     pick_b = batches_tb[t]
-    loss, grads = jax.value_and_grad(loss_fn)(params, x_ne[pick_b],
-                                              y_n[pick_b])
+    loss, grads = jax.value_and_grad(loss_fn)(params, x_ne[pick_b], y_n[pick_b])
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, total + loss
 
   steps = batches_tb.shape[0]
   params, opt_state, total = jax.lax.fori_loop(
-      0, steps, body, (params, opt_state, jnp.zeros((), jnp.float32)))
+      0, steps, body, (params, opt_state, jnp.zeros((), jnp.float32))
+  )
   return params, opt_state, total / steps
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def predict(graphdef: nnx.GraphDef, params, rest, x_ne: jax.Array
-            ) -> jax.Array:
+def predict(graphdef: nnx.GraphDef, params, rest, x_ne: jax.Array) -> jax.Array:
   """[N] int32 argmax of the learner's logits."""
   return jnp.argmax(nnx.merge(graphdef, params, rest)(x_ne), -1)
 
@@ -269,6 +312,7 @@ class Results:
     seconds: {learner: wall seconds, key initialisation and compilation
       included}.
   """
+
   stages: tuple[tuple[int, ...], ...]
   upper_bound: tuple[float, ...]
   seen: dict[str, tuple[float, ...]]
@@ -304,9 +348,18 @@ def run(data: Stages, settings: Settings = TOY_SETTINGS) -> Results:
     # every learner.
     rows = np.flatnonzero(np.isin(data.y_train, classes))
     rng = np.random.default_rng([settings.seed, stage])
-    schedule.append(jnp.asarray(rows[rng.integers(
-        0, len(rows), (settings.steps_per_stage, settings.batch_size))],
-                                 jnp.int32))
+    schedule.append(
+        jnp.asarray(
+            rows[
+                rng.integers(
+                    0,
+                    len(rows),
+                    (settings.steps_per_stage, settings.batch_size),
+                )
+            ],
+            jnp.int32,
+        )
+    )
   seen, every, seconds = {}, {}, {}
   for name in settings.learners:
     start = time.perf_counter()
@@ -317,19 +370,24 @@ def run(data: Stages, settings: Settings = TOY_SETTINGS) -> Results:
     seen[name], every[name] = [], []
     classes_so_far = []
     for stage, batches_tb in enumerate(schedule):
-      params, opt_state, _ = train_stage(graphdef, tx, params, rest,
-                                         opt_state, x_ne, y_n, batches_tb)
-      correct = np.asarray(predict(graphdef, params, rest, x_test)) == \
-          data.y_test
+      params, opt_state, _ = train_stage(
+          graphdef, tx, params, rest, opt_state, x_ne, y_n, batches_tb
+      )
+      correct = (
+          np.asarray(predict(graphdef, params, rest, x_test)) == data.y_test
+      )
       classes_so_far.extend(data.stages[stage])
       mask = np.isin(data.y_test, classes_so_far)
       seen[name].append(float(correct[mask].mean()))
       every[name].append(float(correct.mean()))
     seconds[name] = time.perf_counter() - start
-  return Results(stages=data.stages, upper_bound=tuple(upper),
-                 seen={k: tuple(v) for k, v in seen.items()},
-                 all={k: tuple(v) for k, v in every.items()},
-                 seconds=seconds)
+  return Results(
+      stages=data.stages,
+      upper_bound=tuple(upper),
+      seen={k: tuple(v) for k, v in seen.items()},
+      all={k: tuple(v) for k, v in every.items()},
+      seconds=seconds,
+  )
 
 
 def format_table(results: Results) -> str:
@@ -339,19 +397,32 @@ def format_table(results: Results) -> str:
   classes; the upper-bound row has 1 and the seen share. The last column
   is the final all-class accuracy.
   """
-  head = ["learner"] + [
-      f"stage {s + 1} ({'-'.join(map(str, classes))})"
-      for s, classes in enumerate(results.stages)] + ["final (all)"]
-  lines = ["| " + " | ".join(head) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+  head = (
+      ["learner"]
+      + [
+          f"stage {s + 1} ({'-'.join(map(str, classes))})"
+          for s, classes in enumerate(results.stages)
+      ]
+      + ["final (all)"]
+  )
+  lines = [
+      "| " + " | ".join(head) + " |",
+      "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+  ]
   bound = ["1.000 / %.3f" % u for u in results.upper_bound]
-  lines.append("| " + " | ".join(["upper bound", *bound,
-                                  "%.3f" % results.upper_bound[-1]]) + " |")
+  lines.append(
+      "| "
+      + " | ".join(["upper bound", *bound, "%.3f" % results.upper_bound[-1]])
+      + " |"
+  )
   for name in results.all:
-    cells = ["%.3f / %.3f" % pair for pair in zip(results.seen[name],
-                                                  results.all[name])]
-    lines.append("| " + " | ".join([name, *cells,
-                                    "%.3f" % results.final[name]]) + " |")
+    cells = [
+        "%.3f / %.3f" % pair
+        for pair in zip(results.seen[name], results.all[name])
+    ]
+    lines.append(
+        "| " + " | ".join([name, *cells, "%.3f" % results.final[name]]) + " |"
+    )
   return "\n".join(lines)
 
 
@@ -364,13 +435,23 @@ def run_experiment(config, workdir) -> Results:
   """
   kv = config.kv
   settings = Settings(
-      steps_per_stage=kv.steps_per_stage, batch_size=kv.batch_size,
-      learning_rate=kv.learning_rate, seed=kv.seed,
-      learners=tuple(kv.learners), num_heads=kv.num_heads,
-      num_keys=kv.num_keys, key_dim=kv.key_dim, ema_steps=kv.ema_steps,
-      ema_decay=kv.ema_decay, hidden=kv.hidden)
-  data = (gaussian_toy(kv.seed) if config.experiment == "toy" else
-          digits_stages(kv.seed))
+      steps_per_stage=kv.steps_per_stage,
+      batch_size=kv.batch_size,
+      learning_rate=kv.learning_rate,
+      seed=kv.seed,
+      learners=tuple(kv.learners),
+      num_heads=kv.num_heads,
+      num_keys=kv.num_keys,
+      key_dim=kv.key_dim,
+      ema_steps=kv.ema_steps,
+      ema_decay=kv.ema_decay,
+      hidden=kv.hidden,
+  )
+  data = (
+      gaussian_toy(kv.seed)
+      if config.experiment == "toy"
+      else digits_stages(kv.seed)
+  )
   results = run(data, settings)
   table = format_table(results)
   print(table, flush=True)
@@ -380,15 +461,31 @@ def run_experiment(config, workdir) -> Results:
   stages = list(range(1, len(results.stages) + 1))
   plotting.line_plot(
       workdir / "accuracy",
-      [plotting.Series("upper bound", stages, results.upper_bound,
-                       color="black", dashed=True)] +
-      [plotting.Series(name, stages, acc, markers=True)
-       for name, acc in results.all.items()],
-      title=f"class-incremental {config.experiment}: accuracy on all "
-      "classes", xlabel="stage", ylabel="accuracy", y_range=(0.0, 1.0))
-  io.write_json_atomic(workdir / "results.json", {
-      "experiment": config.experiment,
-      "settings": dataclasses.asdict(settings),
-      "results": dataclasses.asdict(results),
-      "final": results.final})
+      [
+          plotting.Series(
+              "upper bound",
+              stages,
+              results.upper_bound,
+              color="black",
+              dashed=True,
+          )
+      ]
+      + [
+          plotting.Series(name, stages, acc, markers=True)
+          for name, acc in results.all.items()
+      ],
+      title=f"class-incremental {config.experiment}: accuracy on all classes",
+      xlabel="stage",
+      ylabel="accuracy",
+      y_range=(0.0, 1.0),
+  )
+  io.write_json_atomic(
+      workdir / "results.json",
+      {
+          "experiment": config.experiment,
+          "settings": dataclasses.asdict(settings),
+          "results": dataclasses.asdict(results),
+          "final": results.final,
+      },
+  )
   return results

@@ -38,8 +38,9 @@ import ml_collections
 from configs import common
 
 
-def _collection(name: str, path: str, train_split: str, test_split: str
-                ) -> ml_collections.ConfigDict:
+def _collection(
+    name: str, path: str, train_split: str, test_split: str
+) -> ml_collections.ConfigDict:
   block = ml_collections.ConfigDict()
   # Short name for tables and cache files.
   block.name = name
@@ -54,13 +55,19 @@ def _collection(name: str, path: str, train_split: str, test_split: str
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` picks `digits` / `toy` / `retrieval`, `smoke`."""
-  arg = common.parse_arg(arg, digits=False, toy=False, retrieval=False,
-                         smoke=False, shared=str(
-                             common.REPO_ROOT.parent / "shared" / "data"))
+  arg = common.parse_arg(
+      arg,
+      digits=False,
+      toy=False,
+      retrieval=False,
+      smoke=False,
+      shared=str(common.REPO_ROOT.parent / "shared" / "data"),
+  )
   config = ml_collections.ConfigDict()
   # "digits", "toy" (class-incremental) or "retrieval" (query adapter).
-  config.experiment = ("retrieval" if arg.retrieval else
-                       "toy" if arg.toy else "digits")
+  config.experiment = (
+      "retrieval" if arg.retrieval else "toy" if arg.toy else "digits"
+  )
 
   config.kv = ml_collections.ConfigDict()
   # Codebooks (heads) C, each a random projection of the input.
@@ -97,8 +104,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Collections in training order; the first one's retention is measured.
   config.retrieval.collections = (
       _collection("scifact", f"{arg.shared}/scifact", "train", "test"),
-      _collection("limit-small", str(common.REPO_ROOT / "data" /
-                                     "limit-small"), "train", "dev"))
+      _collection(
+          "limit-small",
+          str(common.REPO_ROOT / "data" / "limit-small"),
+          "train",
+          "dev",
+      ),
+  )
   # Adapters to compare: "dkvb" (key-value memory) and "linear".
   config.retrieval.adapters = ("dkvb", "linear")
   # DKVB codebooks over the 384-d query embedding.
@@ -132,7 +144,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     limit = str(common.REPO_ROOT / "data" / "limit-small")
     config.retrieval.collections = (
         _collection("limit-a", limit, "train", "dev"),
-        _collection("limit-b", limit, "dev", "test"))
+        _collection("limit-b", limit, "dev", "test"),
+    )
     config.retrieval.max_length = 32
     config.retrieval.steps = 20
     config.retrieval.num_heads = 8

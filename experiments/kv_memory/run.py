@@ -21,8 +21,10 @@ def run(config, workdir):
     return memory_adapter.run(config, workdir)
   if config.experiment in ("digits", "toy"):
     return class_incremental.run_experiment(config, workdir)
-  raise errors.ConfigError(f"config.experiment={config.experiment!r}: "
-                           "expected 'digits', 'toy' or 'retrieval'")
+  raise errors.ConfigError(
+      f"config.experiment={config.experiment!r}: "
+      "expected 'digits', 'toy' or 'retrieval'"
+  )
 
 
 if __name__ == "__main__":

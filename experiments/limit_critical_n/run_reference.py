@@ -40,6 +40,7 @@ import time
 def _run_patched(script: str, argv: list[str]) -> None:
   """Imports the released script, fixes the kwargs bug, runs its main."""
   from absl import app  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("free_embedding", script)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -55,15 +56,22 @@ def _run_patched(script: str, argv: list[str]) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--script", required=True,
-                      help="path of the released free_embedding_experiment.py")
+  parser.add_argument(
+      "--script",
+      required=True,
+      help="path of the released free_embedding_experiment.py",
+  )
   parser.add_argument("--dims", default="4,5,6,7,8")
   parser.add_argument("--k", type=int, default=2)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--resume", action="store_true",
-                      help="keep the cached rows of an interrupted run")
-  parser.add_argument("--child", nargs=argparse.REMAINDER,
-                      help=argparse.SUPPRESS)
+  parser.add_argument(
+      "--resume",
+      action="store_true",
+      help="keep the cached rows of an interrupted run",
+  )
+  parser.add_argument(
+      "--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS
+  )
   args = parser.parse_args()
   if args.child is not None:
     _run_patched(args.script, args.child)
@@ -72,6 +80,7 @@ def main() -> None:
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
   # pylint: disable-next=g-import-not-at-top
   from experiments.limit_critical_n import search
+
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   timing_path = out / "timing.json"
@@ -81,15 +90,27 @@ def main() -> None:
     results = out / f"d={d}_k={args.k}.json"
     cached_s = 0.0
     if args.resume and results.exists():
-      cached_s = sum(r["metrics"]["optimization_duration_seconds"]
-                     for r in json.loads(results.read_text()))
+      cached_s = sum(
+          r["metrics"]["optimization_duration_seconds"]
+          for r in json.loads(results.read_text())
+      )
     else:
       results.unlink(missing_ok=True)  # A rerun must not reuse cached rows.
     log = out / f"d={d}.log"
-    cmd = [sys.executable, __file__, "--script", args.script, "--out",
-           args.out, "--child", f"--d={d}", f"--k={args.k}",
-           f"--enable_critical_n_search={initial_n}", "--device=cpu",
-           f"--results_output_path={results}"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--script",
+        args.script,
+        "--out",
+        args.out,
+        "--child",
+        f"--d={d}",
+        f"--k={args.k}",
+        f"--enable_critical_n_search={initial_n}",
+        "--device=cpu",
+        f"--results_output_path={results}",
+    ]
     print(f"d={d}: initial n {initial_n} ...", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -100,21 +121,39 @@ def main() -> None:
     rows = json.loads(results.read_text())
     errors = [r for r in rows if "error" in r.get("metrics", {})]
     if errors:
-      sys.exit(f"d={d}: {len(errors)} runs failed: "
-               f"{errors[0]['metrics']['error']}")
-    solved = sorted(r["parameters"]["n"] for r in rows
-                    if r["metrics"]["max_accuracy_observed"] >= 1.0)
-    failed = sorted(r["parameters"]["n"] for r in rows
-                    if r["metrics"]["max_accuracy_observed"] < 1.0)
+      sys.exit(
+          f"d={d}: {len(errors)} runs failed: {errors[0]['metrics']['error']}"
+      )
+    solved = sorted(
+        r["parameters"]["n"]
+        for r in rows
+        if r["metrics"]["max_accuracy_observed"] >= 1.0
+    )
+    failed = sorted(
+        r["parameters"]["n"]
+        for r in rows
+        if r["metrics"]["max_accuracy_observed"] < 1.0
+    )
     timing[str(d)] = dict(
-        wall_s=wall, cached_s=cached_s, initial_n=initial_n,
-        critical_n=None if not found or found[-1] == "None" else
-        int(found[-1]), solved=solved, failed=failed,
-        run_s={str(r["parameters"]["n"]):
-               r["metrics"]["optimization_duration_seconds"] for r in rows})
+        wall_s=wall,
+        cached_s=cached_s,
+        initial_n=initial_n,
+        critical_n=None if not found or found[-1] == "None" else int(found[-1]),
+        solved=solved,
+        failed=failed,
+        run_s={
+            str(r["parameters"]["n"]): r["metrics"][
+                "optimization_duration_seconds"
+            ]
+            for r in rows
+        },
+    )
     timing_path.write_text(json.dumps(timing, indent=1) + "\n")
-    print(f"d={d}: critical n {timing[str(d)]['critical_n']}, solved "
-          f"{solved}, failed {failed}, {wall:.0f} s", flush=True)
+    print(
+        f"d={d}: critical n {timing[str(d)]['critical_n']}, solved "
+        f"{solved}, failed {failed}, {wall:.0f} s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

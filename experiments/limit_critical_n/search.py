@@ -33,8 +33,9 @@ def initial_n(d: int, k: int = 2) -> int:
   return max(k + 1, int(round(float(paper_critical_n(d)))))
 
 
-def _released_search(start_n: int, sweep: tuple[int, int]
-                     ) -> Iterator[list[int]]:
+def _released_search(
+    start_n: int, sweep: tuple[int, int]
+) -> Iterator[list[int]]:
   """The released critical-n search as a generator of requests.
 
   Yields lists of n to run; is sent back {n: solved}; returns the critical
@@ -82,13 +83,15 @@ def _released_search(start_n: int, sweep: tuple[int, int]
       else:
         high = mid - 1
   if critical is not None and sweep[1] >= sweep[0]:
-    yield sorted({max(critical + o, min_n)
-                  for o in range(sweep[0], sweep[1] + 1)})
+    yield sorted(
+        {max(critical + o, min_n) for o in range(sweep[0], sweep[1] + 1)}
+    )
   return critical
 
 
-def _replay(start_n: int, sweep: tuple[int, int],
-            known: Mapping[int, bool]) -> tuple[bool, object]:
+def _replay(
+    start_n: int, sweep: tuple[int, int], known: Mapping[int, bool]
+) -> tuple[bool, object]:
   """Runs the search against known outcomes.
 
   Returns (True, critical_n) when it finishes, else (False, [n, ...]): the
@@ -106,8 +109,9 @@ def _replay(start_n: int, sweep: tuple[int, int],
     return True, stop.value
 
 
-def _speculate(start_n, sweep, known, depth: int,
-               hypothetical: bool = False) -> set[int]:
+def _speculate(
+    start_n, sweep, known, depth: int, hypothetical: bool = False
+) -> set[int]:
   """The n the search asks for now, and for `depth` more outcomes ahead.
 
   A sweep (a request for several n) is run only once it is real, not on a
@@ -119,8 +123,13 @@ def _speculate(start_n, sweep, known, depth: int,
   wanted = set(request)
   if depth > 0 and len(request) == 1:
     for outcome in (True, False):
-      wanted |= _speculate(start_n, sweep, {**known, request[0]: outcome},
-                           depth - 1, hypothetical=True)
+      wanted |= _speculate(
+          start_n,
+          sweep,
+          {**known, request[0]: outcome},
+          depth - 1,
+          hypothetical=True,
+      )
   return wanted
 
 
@@ -135,6 +144,7 @@ class SearchResult:
     runs: every run made for this (d, seed), by n (speculative runs too).
     asked: the n the released search itself asked for, in order.
   """
+
   d: int
   k: int
   seed: int
@@ -150,11 +160,17 @@ class SearchResult:
     return sorted(n for n, r in self.runs.items() if not r.solved)
 
   def to_json(self) -> dict:
-    return dict(d=self.d, k=self.k, seed=self.seed, start_n=self.start_n,
-                critical_n=self.critical_n, solved=self.solved_n(),
-                failed=self.failed_n(), asked=self.asked,
-                runs={str(n): r.to_json()
-                      for n, r in sorted(self.runs.items())})
+    return dict(
+        d=self.d,
+        k=self.k,
+        seed=self.seed,
+        start_n=self.start_n,
+        critical_n=self.critical_n,
+        solved=self.solved_n(),
+        failed=self.failed_n(),
+        asked=self.asked,
+        runs={str(n): r.to_json() for n, r in sorted(self.runs.items())},
+    )
 
 
 def _asked_order(start_n, sweep, known) -> list[int]:
@@ -170,12 +186,18 @@ def _asked_order(start_n, sweep, known) -> list[int]:
 
 
 def critical_n_search(
-    dims: Sequence[int], k: int = 2, seeds: Sequence[int] = (42,),
+    dims: Sequence[int],
+    k: int = 2,
+    seeds: Sequence[int] = (42,),
     protocol: ed.Protocol = ed.Protocol(),
     start_n: Mapping[int, int] | None = None,
-    sweep: tuple[int, int] = (-4, 5), speculate: int = 1,
-    max_batch: int = 64, max_waste: float = 1.5, progress_every: int = 0,
-    log: Callable[[str], None] = print) -> dict[tuple[int, int], SearchResult]:
+    sweep: tuple[int, int] = (-4, 5),
+    speculate: int = 1,
+    max_batch: int = 64,
+    max_waste: float = 1.5,
+    progress_every: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[tuple[int, int], SearchResult]:
   """Critical n for every (d, seed), all searches advancing together.
 
   Each round collects, for every unfinished search, the n the released
@@ -213,8 +235,7 @@ def critical_n_search(
   while True:
     wanted = []
     for key, search in searches.items():
-      for n in sorted(_speculate(search.start_n, sweep, known[key],
-                                 speculate)):
+      for n in sorted(_speculate(search.start_n, sweep, known[key], speculate)):
         if n <= k:
           # n = k: one query, every document relevant, solved at the first
           # check. n < k: no k-subsets; the released script records an
@@ -223,24 +244,33 @@ def critical_n_search(
         else:
           wanted.append((key, n))
     if not wanted:
-      if any(not _replay(s.start_n, sweep, known[key])[0]
-             for key, s in searches.items()):
+      if any(
+          not _replay(s.start_n, sweep, known[key])[0]
+          for key, s in searches.items()
+      ):
         continue  # Trivial n were filled in; ask again.
       break
     round_index += 1
-    problems = [ed.Problem(qrel_patterns.dense(n, k), n, key[0], key[1])
-                for key, n in wanted]
+    problems = [
+        ed.Problem(qrel_patterns.dense(n, k), n, key[0], key[1])
+        for key, n in wanted
+    ]
     for group in ed.group_by_size(problems, max_batch, max_waste):
-      results = ed.optimize_free_embeddings([problems[i] for i in group],
-                                         protocol, progress_every)
+      results = ed.optimize_free_embeddings(
+          [problems[i] for i in group], protocol, progress_every
+      )
       for i, result in zip(group, results):
         key, n = wanted[i]
         known[key][n] = result.solved
         searches[key].runs[n] = result
-      log(f"round {round_index}: {len(group)} runs in "
-          f"{results[0].batch_seconds:.1f} s: " + ", ".join(
+      log(
+          f"round {round_index}: {len(group)} runs in "
+          f"{results[0].batch_seconds:.1f} s: "
+          + ", ".join(
               f"d={r.d} n={r.n} {'ok' if r.solved else 'x'}({r.iterations})"
-              for r in results))
+              for r in results
+          )
+      )
   for key, search in searches.items():
     search.critical_n = _replay(search.start_n, sweep, known[key])[1]
     search.asked = _asked_order(search.start_n, sweep, known[key])
@@ -249,15 +279,20 @@ def critical_n_search(
 
 def format_table(searches: Mapping[tuple[int, int], SearchResult]) -> str:
   """A text table: d, seed, critical n, the paper's fit, solved/failed n."""
-  lines = [f"{'d':>3} {'seed':>5} {'critical n':>10} {'paper fit':>9} "
-           f"{'runs':>4}  solved n / failed n",
-           "-" * 72]
+  lines = [
+      (
+          f"{'d':>3} {'seed':>5} {'critical n':>10} {'paper fit':>9} "
+          f"{'runs':>4}  solved n / failed n"
+      ),
+      "-" * 72,
+  ]
   for (d, seed), s in sorted(searches.items()):
     solved, failed = s.solved_n(), s.failed_n()
     lines.append(
         f"{d:>3} {seed:>5} {str(s.critical_n):>10} "
         f"{float(paper_critical_n(d)):>9.1f} {len(s.runs):>4}  "
-        f"{_ranges(solved)} / {_ranges(failed)}")
+        f"{_ranges(solved)} / {_ranges(failed)}"
+    )
   return "\n".join(lines)
 
 

@@ -39,33 +39,50 @@ def bm25_row(collection_dir: pathlib.Path, split: str) -> dict[str, float]:
   text_of = dict(zip(collection.query_ids, collection.queries))
   start = time.perf_counter()
   ranked = negatives.bm25_negatives(
-      [text_of[q] for q in judged], collection.doc_ids,
-      collection.doc_texts(), [set() for _ in judged], depth=100)
+      [text_of[q] for q in judged],
+      collection.doc_ids,
+      collection.doc_texts(),
+      [set() for _ in judged],
+      depth=100,
+  )
   elapsed = time.perf_counter() - start
   # Scores only need to order the list: 1/rank keeps BM25's order.
-  run = {q: {d: 1.0 / (r + 1) for r, d in enumerate(docs)}
-         for q, docs in zip(judged, ranked)}
+  run = {
+      q: {d: 1.0 / (r + 1) for r, d in enumerate(docs)}
+      for q, docs in zip(judged, ranked)
+  }
   # A query BM25 cannot score (no term shared with any document) keeps a
   # single unjudged placeholder, so it counts with 0 on every measure.
   run = {q: docs or {"<no match>": 0.0} for q, docs in run.items()}
-  means, _ = ir_metrics.evaluate({q: collection.qrels[q] for q in judged},
-                                 run, MEASURES)
+  means, _ = ir_metrics.evaluate(
+      {q: collection.qrels[q] for q in judged}, run, MEASURES
+  )
   means["seconds"] = elapsed
   return means
 
 
-def minilm_row(collection_dir: pathlib.Path, split: str, out: pathlib.Path,
-               max_length: int) -> dict[str, float]:
+def minilm_row(
+    collection_dir: pathlib.Path, split: str, out: pathlib.Path, max_length: int
+) -> dict[str, float]:
   """all-MiniLM-L6-v2 at `max_length` tokens through the evaluate mode."""
   workdir = out / f"minilm_{max_length}"
-  cmd = [sys.executable, "-m", "retrieval_jax.main",
-         "--config", str(REPO / "configs" / "evaluate.py"),
-         "--workdir", str(workdir), "--mode", "evaluate",
-         f"--config.data.path={collection_dir}",
-         f"--config.data.split={split}",
-         f"--config.model.max_length={max_length}",
-         "--config.search.top_k=100", "--config.encode.batch_size=16",
-         f"--config.eval.measures={MEASURES!r}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "retrieval_jax.main",
+      "--config",
+      str(REPO / "configs" / "evaluate.py"),
+      "--workdir",
+      str(workdir),
+      "--mode",
+      "evaluate",
+      f"--config.data.path={collection_dir}",
+      f"--config.data.split={split}",
+      f"--config.model.max_length={max_length}",
+      "--config.search.top_k=100",
+      "--config.encode.batch_size=16",
+      f"--config.eval.measures={MEASURES!r}",
+  ]
   start = time.perf_counter()
   subprocess.run(cmd, check=True, cwd=REPO)
   metrics = json.loads((workdir / "metrics.json").read_text())
@@ -77,8 +94,11 @@ def minilm_row(collection_dir: pathlib.Path, split: str, out: pathlib.Path,
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True,
-                      help="workdir of a configs/m2_long_docs.py run")
+  parser.add_argument(
+      "--workdir",
+      required=True,
+      help="workdir of a configs/m2_long_docs.py run",
+  )
   parser.add_argument("--split", default="test")
   parser.add_argument("--minilm_max_length", type=int, default=512)
   args = parser.parse_args()
@@ -89,19 +109,21 @@ def main():
   results_file = workdir / "results.json"
   if results_file.is_file():
     after = json.loads(results_file.read_text()).get("after", {})
-    rows["M2 (this run)"] = {k: after.get(f"eval/long_docs/{k}")
-                             for k in MEASURES}
+    rows["M2 (this run)"] = {
+        k: after.get(f"eval/long_docs/{k}") for k in MEASURES
+    }
   rows["BM25"] = bm25_row(collection_dir, args.split)
   rows[f"all-MiniLM-L6-v2 @ {args.minilm_max_length}"] = minilm_row(
-      collection_dir, args.split, workdir / "baselines",
-      args.minilm_max_length)
+      collection_dir, args.split, workdir / "baselines", args.minilm_max_length
+  )
   out = {"collection": manifest.get("summary", {}), "rows": rows}
   (workdir / "baselines.json").write_text(json.dumps(out, indent=1) + "\n")
   print("| model | " + " | ".join(MEASURES) + " |")
   print("|---|" + "---:|" * len(MEASURES))
   for name, row in rows.items():
-    cells = [f"{row[k]:.4f}" if row.get(k) is not None else "-"
-             for k in MEASURES]
+    cells = [
+        f"{row[k]:.4f}" if row.get(k) is not None else "-" for k in MEASURES
+    ]
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 

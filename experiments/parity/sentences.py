@@ -18,11 +18,13 @@ import os
 import pathlib
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-_SHARED_DATA = pathlib.Path(os.environ.get(
-    "RETRIEVAL_JAX_SHARED_DATA", _REPO_ROOT.parent / "shared" / "data"))
+_SHARED_DATA = pathlib.Path(
+    os.environ.get(
+        "RETRIEVAL_JAX_SHARED_DATA", _REPO_ROOT.parent / "shared" / "data"
+    )
+)
 # The repository's shipped copy first, then the shared data directory.
-LIMIT_DIRS = (_REPO_ROOT / "data" / "limit-small",
-              _SHARED_DATA / "limit-small")
+LIMIT_DIRS = (_REPO_ROOT / "data" / "limit-small", _SHARED_DATA / "limit-small")
 
 # Every 12th LIMIT query: 84 of 1,000, spread over the file.
 _QUERY_STRIDE = 12
@@ -122,8 +124,8 @@ _HANDMADE = [
     "def f(x): return x ** 2 + 1",
     "for (int i = 0; i < n; ++i) { a[i] = b[i] * 2; }",
     "SELECT * FROM users WHERE id = 42;",
-    "<div class=\"note\">Hello <b>world</b></div>",
-    "{\"key\": [1, 2, 3], \"nested\": {\"a\": null}}",
+    '<div class="note">Hello <b>world</b></div>',
+    '{"key": [1, 2, 3], "nested": {"a": null}}',
     "git commit -m 'fix: handle empty input'",
     "λx. x + 1 ↦ ∀ε>0 ∃δ>0",
     "∑_{i=1}^n i = n(n+1)/2 and α β γ ∞ ≤ ≥ ≠ √",
@@ -143,34 +145,45 @@ _HANDMADE = [
 
 # Original prose used to build long texts.
 _PARAGRAPHS = [
-    "Dense retrieval encodes every document of a collection once, ahead of "
-    "time, and answers a query with a nearest-neighbour search over those "
-    "vectors. The quality of the system therefore rests on two things: how "
-    "well the encoder places related texts near each other, and how exactly "
-    "the search finds the nearest vectors. Exact search over a few million "
-    "vectors is cheap on an accelerator, so the encoder usually dominates.",
-    "When a model is ported from one framework to another, the numbers must "
-    "agree before any experiment means anything. Small differences hide in "
-    "the layer normalisation epsilon, in the approximation used for the "
-    "activation function, in the handling of padding, and in the order in "
-    "which floating-point sums are taken. Each of these can move an "
-    "embedding by more than the tolerance one would like to claim.",
-    "Tokenisers split text into pieces the model knows. A WordPiece "
-    "vocabulary keeps frequent words whole and breaks rare ones into "
-    "fragments marked with two hashes; accents may be stripped, Chinese "
-    "characters are separated, and punctuation becomes its own token. "
-    "Inputs longer than the model's limit are cut, which is why long "
-    "documents are sometimes split into passages before they are encoded.",
-    "Evaluation on a held-out set of queries, with relevance judgments made "
-    "by people, tells whether a change helped. Metrics such as nDCG at ten "
-    "reward putting the relevant documents near the top, while recall at a "
-    "hundred asks whether they were found at all. Both depend on the "
-    "judgments, which are never complete, so unjudged documents are a "
-    "constant source of doubt.",
-    "Über die Brücke gingen wir langsam, während die Möwen über dem Fluss "
-    "kreisten. Après la pluie, le café était plein de gens qui parlaient "
-    "de tout et de rien. El tren llegó tarde, pero nadie se quejó, porque "
-    "la tarde era tranquila y el cielo estaba despejado.",
+    (
+        "Dense retrieval encodes every document of a collection once, ahead of"
+        " time, and answers a query with a nearest-neighbour search over those"
+        " vectors. The quality of the system therefore rests on two things: how"
+        " well the encoder places related texts near each other, and how"
+        " exactly the search finds the nearest vectors. Exact search over a few"
+        " million vectors is cheap on an accelerator, so the encoder usually"
+        " dominates."
+    ),
+    (
+        "When a model is ported from one framework to another, the numbers must"
+        " agree before any experiment means anything. Small differences hide in"
+        " the layer normalisation epsilon, in the approximation used for the"
+        " activation function, in the handling of padding, and in the order in"
+        " which floating-point sums are taken. Each of these can move an"
+        " embedding by more than the tolerance one would like to claim."
+    ),
+    (
+        "Tokenisers split text into pieces the model knows. A WordPiece "
+        "vocabulary keeps frequent words whole and breaks rare ones into "
+        "fragments marked with two hashes; accents may be stripped, Chinese "
+        "characters are separated, and punctuation becomes its own token. "
+        "Inputs longer than the model's limit are cut, which is why long "
+        "documents are sometimes split into passages before they are encoded."
+    ),
+    (
+        "Evaluation on a held-out set of queries, with relevance judgments made"
+        " by people, tells whether a change helped. Metrics such as nDCG at ten"
+        " reward putting the relevant documents near the top, while recall at a"
+        " hundred asks whether they were found at all. Both depend on the"
+        " judgments, which are never complete, so unjudged documents are a"
+        " constant source of doubt."
+    ),
+    (
+        "Über die Brücke gingen wir langsam, während die Möwen über dem Fluss "
+        "kreisten. Après la pluie, le café était plein de gens qui parlaient "
+        "de tout et de rien. El tren llegó tarde, pero nadie se quejó, porque "
+        "la tarde era tranquila y el cielo estaba despejado."
+    ),
 ]
 
 
@@ -185,15 +198,18 @@ def limit_dir() -> pathlib.Path:
     if (path / "corpus.jsonl").is_file() and (path / "queries.jsonl").is_file():
       return path
   raise FileNotFoundError(
-      f"LIMIT-small not found in {[str(p) for p in LIMIT_DIRS]}")
+      f"LIMIT-small not found in {[str(p) for p in LIMIT_DIRS]}"
+  )
 
 
 def build_sentences() -> list[tuple[str, str]]:
   """Returns [(group, text)] in a fixed order; see the module docstring."""
   data_dir = limit_dir()
   queries = [q["text"] for q in _read_jsonl(data_dir / "queries.jsonl")]
-  docs = [(d.get("title", "") + " " + d["text"]).strip()
-          for d in _read_jsonl(data_dir / "corpus.jsonl")]
+  docs = [
+      (d.get("title", "") + " " + d["text"]).strip()
+      for d in _read_jsonl(data_dir / "corpus.jsonl")
+  ]
   items = [("handmade", text) for text in _HANDMADE]
   items += [("limit", q) for q in queries[::_QUERY_STRIDE]]
   items += [("limit", d) for d in docs]
@@ -201,16 +217,22 @@ def build_sentences() -> list[tuple[str, str]]:
   long_texts = []
   # Four consecutive LIMIT documents (about 400 word pieces), 16 windows.
   for i in range(16):
-    long_texts.append(" ".join(docs[(3 * i + j) % len(docs)]
-                               for j in range(4)))
+    long_texts.append(" ".join(docs[(3 * i + j) % len(docs)] for j in range(4)))
   # Handmade paragraphs, all of them and in rotated orders.
   for i in range(len(_PARAGRAPHS)):
     rotated = _PARAGRAPHS[i:] + _PARAGRAPHS[:i]
     long_texts.append("\n\n".join(rotated))
   # Mixed prose, LIMIT text, scripts and emoji in one long input.
-  long_texts.append(" ".join(
-      [_PARAGRAPHS[0], docs[0], "日本語のテキストです。", "🍕" * 20,
-       _PARAGRAPHS[2], docs[1]]))
+  long_texts.append(
+      " ".join([
+          _PARAGRAPHS[0],
+          docs[0],
+          "日本語のテキストです。",
+          "🍕" * 20,
+          _PARAGRAPHS[2],
+          docs[1],
+      ])
+  )
   # "the" is one word piece, so these are exactly 255, 256, 257 and 300
   # tokens with [CLS] and [SEP]: just below, at and above the 256 limit.
   long_texts += ["the " * n for n in (253, 254, 255, 298)]

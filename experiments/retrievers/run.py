@@ -29,10 +29,16 @@ ROWS = (
     ("dense MiniLM", "dense", ()),
     ("SPLADE (trained here)", "splade", ()),
     ("inference-free SPLADE (trained here)", "inference_free", ()),
-    ("ColBERT re-rank of BM25 top 100", "colbert",
-     ("--config.retriever.first_stage=bm25",)),
-    ("two-stage: SPLADE top 100 -> ColBERT", "colbert",
-     ("--config.retriever.first_stage=splade",)),
+    (
+        "ColBERT re-rank of BM25 top 100",
+        "colbert",
+        ("--config.retriever.first_stage=bm25",),
+    ),
+    (
+        "two-stage: SPLADE top 100 -> ColBERT",
+        "colbert",
+        ("--config.retriever.first_stage=splade",),
+    ),
     ("dense + Rocchio PRF", "dense_prf", ()),
     ("hybrid dense + BM25", "hybrid", ()),
 )
@@ -55,16 +61,24 @@ def main():
   parser.add_argument("--workdirs", type=pathlib.Path, required=True)
   parser.add_argument("--datasets", default="scifact,cranfield")
   parser.add_argument("--out", type=pathlib.Path, required=True)
-  parser.add_argument("--collect_only", action="store_true",
-                      help="only read existing workdirs")
+  parser.add_argument(
+      "--collect_only", action="store_true", help="only read existing workdirs"
+  )
   args = parser.parse_args()
   w = args.workdirs
   main_cmd = [sys.executable, "-m", "retrieval_jax.main"]
   if not args.collect_only:
     for kind in TRAINED:
       if not (w / f"train_{kind}" / "results.json").is_file():
-        _run(main_cmd + ["--config", f"configs/train.py:scifact,{kind}",
-                         "--workdir", str(w / f"train_{kind}")])
+        _run(
+            main_cmd
+            + [
+                "--config",
+                f"configs/train.py:scifact,{kind}",
+                "--workdir",
+                str(w / f"train_{kind}"),
+            ]
+        )
   results = {}
   for dataset in args.datasets.split(","):
     results[dataset] = {}
@@ -72,33 +86,51 @@ def main():
       name, kind, extra = row
       workdir = w / _workdir_name(dataset, row)
       if not args.collect_only and not (workdir / "stats.json").is_file():
-        _run(main_cmd + [
-            "--config", f"configs/evaluate.py:retriever={kind}",
-            "--workdir", str(workdir),
-            f"--config.data.path={SHARED / dataset}",
-            f"--config.encode.cache_dir={w / ('cache_' + dataset)}",
-            *[f"--config.retriever.{k}_workdir={w / ('train_' + k)}"
-              for k in TRAINED], *extra])
+        _run(
+            main_cmd
+            + [
+                "--config",
+                f"configs/evaluate.py:retriever={kind}",
+                "--workdir",
+                str(workdir),
+                f"--config.data.path={SHARED / dataset}",
+                f"--config.encode.cache_dir={w / ('cache_' + dataset)}",
+                *[
+                    f"--config.retriever.{k}_workdir={w / ('train_' + k)}"
+                    for k in TRAINED
+                ],
+                *extra,
+            ]
+        )
       if not (workdir / "stats.json").is_file():
         print(f"missing: {workdir}")
         continue
       metrics = json.loads((workdir / "metrics.json").read_text())
       stats = json.loads((workdir / "stats.json").read_text())
-      results[dataset][name] = {"metrics": metrics, "stats": stats,
-                                "workdir": str(workdir)}
+      results[dataset][name] = {
+          "metrics": metrics,
+          "stats": stats,
+          "workdir": str(workdir),
+      }
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
   lines = []
   for dataset, rows in results.items():
-    lines += [f"\n{dataset} (test)\n",
-              "| retriever | nDCG@10 | Recall@100 | index MiB | search ms/q |"
-              " query encoding ms/q |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"\n{dataset} (test)\n",
+        (
+            "| retriever | nDCG@10 | Recall@100 | index MiB | search ms/q |"
+            " query encoding ms/q |"
+        ),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, r in rows.items():
       m, s = r["metrics"], r["stats"]
       lines.append(
           f"| {name} | {m['ndcg@10']:.4f} | {m['recall@100']:.4f} | "
           f"{s['index_bytes'] / 2**20:.1f} | {s['search_ms_per_query']:.2f} |"
-          f" {s['encode_ms_per_query']:.1f} |")
+          f" {s['encode_ms_per_query']:.1f} |"
+      )
   table = "\n".join(lines) + "\n"
   (args.out / "table.md").write_text(table)
   print(table)

@@ -22,6 +22,7 @@ import optax
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """Hyper-parameters of the free-embedding runs (the paper's defaults)."""
+
   learning_rate: float = 0.01  # Adam step size.
   temperature: float = 0.1  # InfoNCE temperature.
   max_iterations: int = 100_000  # Hard cap on updates per run.
@@ -33,6 +34,7 @@ class Protocol:
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """One run: relevant_mk int [m, k], num_docs (all embedded), dim, seed."""
+
   relevant_mk: np.ndarray
   num_docs: int
   dim: int
@@ -54,6 +56,7 @@ class RunResult:
   `stop` is "accuracy", "patience" or "max_iterations"; best_loss is over
   pre-update losses; batch_* describe the batched call the run shared.
   """
+
   n: int
   d: int
   k: int
@@ -73,13 +76,16 @@ class RunResult:
     return dataclasses.asdict(self)
 
 
-def initial_embeddings(num_queries: int, num_docs: int, dim: int,
-                       seed: int) -> tuple[np.ndarray, np.ndarray]:
+def initial_embeddings(
+    num_queries: int, num_docs: int, dim: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Unit-norm N(0, 1) float32 queries [m, d] and docs [n, d], as released."""
   q_md = _raw_normals(seed, 0, num_queries, dim)
   d_nd = _raw_normals(seed, 1, num_docs, dim)
-  return (np.asarray(_normalize_rows(jnp.asarray(q_md))),
-          np.asarray(_normalize_rows(jnp.asarray(d_nd))))
+  return (
+      np.asarray(_normalize_rows(jnp.asarray(q_md))),
+      np.asarray(_normalize_rows(jnp.asarray(d_nd))),
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,8 +114,13 @@ def _raw_normals(seed: int, which: int, rows: int, dim: int) -> np.ndarray:
   return _draw_prefix(seed, which, bucket)[:size].reshape(rows, dim)
 
 
-def infonce_loss(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
-                 doc_valid_n: jax.Array, temperature: float) -> jax.Array:
+def infonce_loss(
+    q_md: jax.Array,
+    d_nd: jax.Array,
+    positive_mn: jax.Array,
+    doc_valid_n: jax.Array,
+    temperature: float,
+) -> jax.Array:
   """InfoNCE, every positive in one softmax over valid docs: scalar float.
 
   Each query's part is >= ln k (its k positives share the mass), so at k = 2
@@ -124,8 +135,13 @@ def infonce_loss(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
   return -picked_mn.sum() / jnp.maximum(positive_mn.sum(), 1.0)
 
 
-def top_k_hits(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
-               doc_valid_n: jax.Array, k: int) -> jax.Array:
+def top_k_hits(
+    q_md: jax.Array,
+    d_nd: jax.Array,
+    positive_mn: jax.Array,
+    doc_valid_n: jax.Array,
+    k: int,
+) -> jax.Array:
   """Relevant docs in each top k (ties to lower index), summed: int32 scalar."""
   scores_mn = jnp.einsum("md,nd->mn", q_md, d_nd)
   scores_mn = jnp.where(doc_valid_n, scores_mn, -jnp.inf)
@@ -135,16 +151,27 @@ def top_k_hits(q_md: jax.Array, d_nd: jax.Array, positive_mn: jax.Array,
 
 
 _RUNNING, _ACCURACY, _PATIENCE, _MAX_ITERATIONS = 0, 1, 2, 3
-_STOP_NAMES = {_ACCURACY: "accuracy", _PATIENCE: "patience",
-               _MAX_ITERATIONS: "max_iterations"}
+_STOP_NAMES = {
+    _ACCURACY: "accuracy",
+    _PATIENCE: "patience",
+    _MAX_ITERATIONS: "max_iterations",
+}
 
 
 def _normalize_rows(x):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _optimize_batch(q_bmd, d_bnd, positive_bmn, doc_valid_bn, *, k: int,
-                    protocol: Protocol, progress_every: int):
+def _optimize_batch(
+    q_bmd,
+    d_bnd,
+    positive_bmn,
+    doc_valid_bn,
+    *,
+    k: int,
+    protocol: Protocol,
+    progress_every: int,
+):
   """The jitted lockstep loop over a batch of padded problems."""
   optimizer = optax.adam(protocol.learning_rate)
   num_problems = q_bmd.shape[0]
@@ -153,35 +180,46 @@ def _optimize_batch(q_bmd, d_bnd, positive_bmn, doc_valid_bn, *, k: int,
   # `loss < best − δ`: close float32s subtract exactly (Sterbenz), and no
   # float32 lies strictly between float32(δ) and δ.
   min_delta = jnp.float32(protocol.min_delta)
-  loss_grad = jax.vmap(jax.value_and_grad(
-      lambda q, d, p, v: infonce_loss(q, d, p, v, protocol.temperature),
-      argnums=(0, 1)))
+  loss_grad = jax.vmap(
+      jax.value_and_grad(
+          lambda q, d, p, v: infonce_loss(q, d, p, v, protocol.temperature),
+          argnums=(0, 1),
+      )
+  )
   hits_fn = jax.vmap(lambda q, d, p, v: top_k_hits(q, d, p, v, k))
   last = protocol.max_iterations - 1
 
   def freeze(active_b, new, old):
     return jax.tree.map(
         lambda a, b: jnp.where(
-            active_b.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-        if a.ndim and a.shape[0] == num_problems else a, new, old)
+            active_b.reshape((-1,) + (1,) * (a.ndim - 1)), a, b
+        )
+        if a.ndim and a.shape[0] == num_problems
+        else a,
+        new,
+        old,
+    )
 
   def body(carry):
     i, params, opt_state, s = carry
     active = s["stop"] == _RUNNING
     loss_b, grads = loss_grad(*params, positive_bmn, doc_valid_bn)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = jax.tree.map(_normalize_rows,
-                              optax.apply_updates(params, updates))
+    new_params = jax.tree.map(
+        _normalize_rows, optax.apply_updates(params, updates)
+    )
     params = freeze(active, new_params, params)
     opt_state = freeze(active, new_opt_state, opt_state)
     improved = (s["best_loss"] - loss_b) > min_delta
     s = dict(
         s,
         best_loss=jnp.where(active & improved, loss_b, s["best_loss"]),
-        patience=jnp.where(active, jnp.where(improved, 0, s["patience"] + 1),
-                           s["patience"]),
+        patience=jnp.where(
+            active, jnp.where(improved, 0, s["patience"] + 1), s["patience"]
+        ),
         final_loss=jnp.where(active, loss_b, s["final_loss"]),
-        iterations=jnp.where(active, i + 1, s["iterations"]))
+        iterations=jnp.where(active, i + 1, s["iterations"]),
+    )
     # The patience stop comes before this iteration's accuracy check.
     out_of_patience = active & (s["patience"] >= protocol.patience)
     s["stop"] = jnp.where(out_of_patience, _PATIENCE, s["stop"])
@@ -193,22 +231,30 @@ def _optimize_batch(q_bmd, d_bnd, positive_bmn, doc_valid_bn, *, k: int,
       return dict(
           s,
           last_hits=jnp.where(active, hits_b, s["last_hits"]),
-          max_hits=jnp.where(active, jnp.maximum(s["max_hits"], hits_b),
-                             s["max_hits"]),
-          stop=jnp.where(solved, _ACCURACY, s["stop"]))
+          max_hits=jnp.where(
+              active, jnp.maximum(s["max_hits"], hits_b), s["max_hits"]
+          ),
+          stop=jnp.where(solved, _ACCURACY, s["stop"]),
+      )
 
     # The predicate is shared by the batch, so this is a real branch.
-    s = jax.lax.cond((i % protocol.log_interval == 0) | (i == last), check,
-                     lambda s: s, s)
-    s["stop"] = jnp.where((i == last) & (s["stop"] == _RUNNING),
-                          _MAX_ITERATIONS, s["stop"])
+    s = jax.lax.cond(
+        (i % protocol.log_interval == 0) | (i == last), check, lambda s: s, s
+    )
+    s["stop"] = jnp.where(
+        (i == last) & (s["stop"] == _RUNNING), _MAX_ITERATIONS, s["stop"]
+    )
     if progress_every:
       jax.lax.cond(
           (i + 1) % progress_every == 0,
           lambda: jax.debug.callback(
-              _print_progress, i + 1, (s["stop"] == _RUNNING).sum(),
-              num_problems),
-          lambda: None)
+              _print_progress,
+              i + 1,
+              (s["stop"] == _RUNNING).sum(),
+              num_problems,
+          ),
+          lambda: None,
+      )
     return i + 1, params, opt_state, s
 
   def cond(carry):
@@ -221,20 +267,28 @@ def _optimize_batch(q_bmd, d_bnd, positive_bmn, doc_valid_bn, *, k: int,
   state = dict(
       best_loss=jnp.full((num_problems,), jnp.inf, jnp.float32),
       final_loss=jnp.full((num_problems,), jnp.nan, jnp.float32),
-      patience=zeros, iterations=zeros, stop=zeros, last_hits=zeros,
-      max_hits=zeros)
+      patience=zeros,
+      iterations=zeros,
+      stop=zeros,
+      last_hits=zeros,
+      max_hits=zeros,
+  )
   carry = (jnp.int32(0), params, optimizer.init(params), state)
   _, _, _, state = jax.lax.while_loop(cond, body, carry)
   return dict(state, total=total_b)
 
 
 def _print_progress(iteration, active, total) -> None:
-  print(f"  iteration {int(iteration):,}: {int(active)} of {int(total)} runs "
-        "still going", flush=True)
+  print(
+      f"  iteration {int(iteration):,}: {int(active)} of {int(total)} runs "
+      "still going",
+      flush=True,
+  )
 
 
 _optimize_batch_jit = jax.jit(
-    _optimize_batch, static_argnames=("k", "protocol", "progress_every"))
+    _optimize_batch, static_argnames=("k", "protocol", "progress_every")
+)
 
 
 def _pad_problems(problems: Sequence[Problem]):
@@ -255,13 +309,13 @@ def _pad_problems(problems: Sequence[Problem]):
     # Raw draws; the loop normalises them first, as the protocol does.
     q_md = _raw_normals(p.seed, 0, p.num_queries, p.dim)
     d_nd = _raw_normals(p.seed, 1, p.num_docs, p.dim)
-    q_bmd[i, :p.num_queries] = 0.0
-    q_bmd[i, :p.num_queries, :p.dim] = q_md
-    d_bnd[i, :p.num_docs] = 0.0
-    d_bnd[i, :p.num_docs, :p.dim] = d_nd
+    q_bmd[i, : p.num_queries] = 0.0
+    q_bmd[i, : p.num_queries, : p.dim] = q_md
+    d_bnd[i, : p.num_docs] = 0.0
+    d_bnd[i, : p.num_docs, : p.dim] = d_nd
     rows = np.repeat(np.arange(p.num_queries), p.k)
     positive_bmn[i, rows, p.relevant_mk.reshape(-1)] = 1.0
-    doc_valid_bn[i, :p.num_docs] = True
+    doc_valid_bn[i, : p.num_docs] = True
   return q_bmd, d_bnd, positive_bmn, doc_valid_bn
 
 
@@ -275,8 +329,9 @@ def _work(p: Problem) -> int:
 _FREE_WORK = 20_000
 
 
-def group_by_size(problems: Sequence[Problem], max_batch: int = 64,
-                  max_waste: float = 1.5) -> list[list[int]]:
+def group_by_size(
+    problems: Sequence[Problem], max_batch: int = 64, max_waste: float = 1.5
+) -> list[list[int]]:
   """Splits problems into batches of indices whose padding wastes little work.
 
   A batch runs until its slowest member stops, at its padded work per update.
@@ -286,17 +341,22 @@ def group_by_size(problems: Sequence[Problem], max_batch: int = 64,
   of small problems costs about one. Returns index lists, smallest first.
   """
   if max_batch < 1 or max_waste < 1:
-    raise ValueError(f"need max_batch >= 1 and max_waste >= 1, got "
-                     f"{max_batch}, {max_waste}")
+    raise ValueError(
+        f"need max_batch >= 1 and max_waste >= 1, got {max_batch}, {max_waste}"
+    )
   order = sorted(range(len(problems)), key=lambda i: _work(problems[i]))
   groups, current = [], []
   for i in order:
     trial = [problems[j] for j in current + [i]]
-    padded = len(trial) * (max(p.num_queries for p in trial) *
-                           max(p.num_docs for p in trial) *
-                           max(p.dim for p in trial))
-    if current and (len(current) >= max_batch or padded > max_waste * sum(
-        map(_work, trial)) + _FREE_WORK):
+    padded = len(trial) * (
+        max(p.num_queries for p in trial)
+        * max(p.num_docs for p in trial)
+        * max(p.dim for p in trial)
+    )
+    if current and (
+        len(current) >= max_batch
+        or padded > max_waste * sum(map(_work, trial)) + _FREE_WORK
+    ):
       groups.append(current)
       current = []
     current.append(i)
@@ -319,9 +379,11 @@ def _check_problem(p: Problem) -> None:
     raise ValueError(f"dim={p.dim} must be >= 1")
 
 
-def optimize_free_embeddings(problems: Sequence[Problem],
-                             protocol: Protocol = Protocol(),
-                             progress_every: int = 0) -> list[RunResult]:
+def optimize_free_embeddings(
+    problems: Sequence[Problem],
+    protocol: Protocol = Protocol(),
+    progress_every: int = 0,
+) -> list[RunResult]:
   """Runs the protocol on every problem (all sharing k) in one jitted call.
 
   progress_every: print the unfinished-run count every this many iterations
@@ -333,26 +395,37 @@ def optimize_free_embeddings(problems: Sequence[Problem],
     _check_problem(p)
   k = problems[0].k
   if any(p.k != k for p in problems):
-    raise ValueError(f"problems mix k values {sorted({p.k for p in problems})}"
-                     "; run each k in its own call")
+    raise ValueError(
+        f"problems mix k values {sorted({p.k for p in problems})}"
+        "; run each k in its own call"
+    )
   arrays = _pad_problems(problems)
   start = time.perf_counter()
-  out = jax.device_get(_optimize_batch_jit(
-      *arrays, k=k, protocol=protocol, progress_every=progress_every))
+  out = jax.device_get(
+      _optimize_batch_jit(
+          *arrays, k=k, protocol=protocol, progress_every=progress_every
+      )
+  )
   seconds = time.perf_counter() - start
   results = []
   for i, p in enumerate(problems):
     total = int(out["total"][i])
-    results.append(RunResult(
-        n=p.num_docs, d=p.dim, k=k, seed=p.seed, num_queries=p.num_queries,
-        solved=bool(out["max_hits"][i] >= total),
-        max_accuracy=float(out["max_hits"][i]) / total,
-        final_accuracy=float(out["last_hits"][i]) / total,
-        best_loss=float(out["best_loss"][i]),
-        final_loss=float(out["final_loss"][i]),
-        iterations=int(out["iterations"][i]),
-        stop=_STOP_NAMES[int(out["stop"][i])],
-        batch_seconds=seconds, batch_size=len(problems)))
+    results.append(
+        RunResult(
+            n=p.num_docs,
+            d=p.dim,
+            k=k,
+            seed=p.seed,
+            num_queries=p.num_queries,
+            solved=bool(out["max_hits"][i] >= total),
+            max_accuracy=float(out["max_hits"][i]) / total,
+            final_accuracy=float(out["last_hits"][i]) / total,
+            best_loss=float(out["best_loss"][i]),
+            final_loss=float(out["final_loss"][i]),
+            iterations=int(out["iterations"][i]),
+            stop=_STOP_NAMES[int(out["stop"][i])],
+            batch_seconds=seconds,
+            batch_size=len(problems),
+        )
+    )
   return results
-
-

@@ -33,8 +33,9 @@ def _min_dense_docs(num_queries: int, k: int) -> int:
   return n
 
 
-def dense(num_docs: int | None = None, k: int = 2,
-          num_queries: int | None = None) -> np.ndarray:
+def dense(
+    num_docs: int | None = None, k: int = 2, num_queries: int | None = None
+) -> np.ndarray:
   """First num_queries k-subsets (all if None) of range(n0): int32 [m, k].
 
   n0 is num_docs, or if None the least n with C(n, k) >= num_queries (LIMIT:
@@ -55,7 +56,8 @@ def dense(num_docs: int | None = None, k: int = 2,
     if num_docs is not None and num_docs < n:
       raise ValueError(
           f"num_docs={num_docs} is too small for num_queries={num_queries} "
-          f"dense {k}-subsets: C(n, {k}) >= {num_queries} needs n >= {n}")
+          f"dense {k}-subsets: C(n, {k}) >= {num_queries} needs n >= {n}"
+      )
   combos = itertools.combinations(range(n), k)
   if num_queries is not None:
     combos = itertools.islice(combos, num_queries)
@@ -73,8 +75,9 @@ def _check_sizes(num_docs, num_queries, k) -> tuple[int, int, int]:
   return num_docs, num_queries, k
 
 
-def random(num_docs: int, num_queries: int, k: int,
-           seed: int = 0) -> np.ndarray:
+def random(
+    num_docs: int, num_queries: int, k: int, seed: int = 0
+) -> np.ndarray:
   """Sorted rng.choice(num_docs, k, replace=False) per row: int32 [m, k].
 
   numpy's PCG64 stream, not Python `random`'s; two rows may share a set.
@@ -101,8 +104,9 @@ def disjoint(num_docs: int, num_queries: int, k: int) -> np.ndarray:
   num_docs, num_queries, k = _check_sizes(num_docs, num_queries, k)
   if num_queries * k > num_docs:
     raise ValueError(
-        f"disjoint needs num_queries * k <= num_docs, got num_queries="
-        f"{num_queries} * k={k} = {num_queries * k} > num_docs={num_docs}")
+        "disjoint needs num_queries * k <= num_docs, got num_queries="
+        f"{num_queries} * k={k} = {num_queries * k} > num_docs={num_docs}"
+    )
   return np.arange(num_queries * k, dtype=np.int32).reshape(num_queries, k)
 
 
@@ -152,16 +156,18 @@ def from_matrix(a_mn: np.ndarray) -> np.ndarray:
   if counts_m.size and (counts_m != counts_m[0]).any():
     bad = int(np.flatnonzero(counts_m != counts_m[0])[0])
     raise ValueError(
-        f"a_mn rows must have equal numbers of relevant docs; row 0 has "
-        f"{counts_m[0]}, row {bad} has {counts_m[bad]}")
+        "a_mn rows must have equal numbers of relevant docs; row 0 has "
+        f"{counts_m[0]}, row {bad} has {counts_m[bad]}"
+    )
   k = int(counts_m[0]) if counts_m.size else 0
   # np.nonzero walks row-major, so each row's columns come out ascending.
   _, cols = np.nonzero(mask_mn)
   return cols.astype(np.int32).reshape(a_mn.shape[0], k)
 
 
-def limit_qrels(path: str, split: str = "test"
-                ) -> tuple[np.ndarray, list[str], list[str]]:
+def limit_qrels(
+    path: str, split: str = "test"
+) -> tuple[np.ndarray, list[str], list[str]]:
   """BEIR qrels (score > 0) as (relevant_mk, doc_ids, query_ids).
 
   relevant_mk int32 [m, k] holds corpus indices; on LIMIT-small it equals
@@ -179,23 +185,26 @@ def limit_qrels(path: str, split: str = "test"
   if len(counts) != 1 or counts[0] == 0:
     raise ValueError(
         f"{path} split {split!r}: every judged query needs the same, "
-        f"nonzero number of relevant docs; found counts {counts}")
+        f"nonzero number of relevant docs; found counts {counts}"
+    )
   relevant_mk = np.array(rows, np.int32).reshape(len(rows), counts[0])
   return relevant_mk, list(collection.doc_ids), query_ids
 
 
 def _check_relevant(relevant_mk, num_docs: int) -> np.ndarray:
   relevant_mk = np.asarray(relevant_mk)
-  if relevant_mk.ndim != 2 or not np.issubdtype(relevant_mk.dtype,
-                                                 np.integer):
+  if relevant_mk.ndim != 2 or not np.issubdtype(relevant_mk.dtype, np.integer):
     raise ValueError(
-        f"relevant_mk must be a 2-D int array [m, k], got shape "
-        f"{relevant_mk.shape} dtype {relevant_mk.dtype}")
-  if relevant_mk.size and (relevant_mk.min() < 0 or
-                           relevant_mk.max() >= num_docs):
+        "relevant_mk must be a 2-D int array [m, k], got shape "
+        f"{relevant_mk.shape} dtype {relevant_mk.dtype}"
+    )
+  if relevant_mk.size and (
+      relevant_mk.min() < 0 or relevant_mk.max() >= num_docs
+  ):
     raise ValueError(
         f"relevant_mk must lie in [0, {num_docs}), got range "
-        f"[{relevant_mk.min()}, {relevant_mk.max()}]")
+        f"[{relevant_mk.min()}, {relevant_mk.max()}]"
+    )
   sorted_mk = np.sort(relevant_mk, axis=1)
   if (sorted_mk[:, 1:] == sorted_mk[:, :-1]).any():
     raise ValueError("relevant_mk rows must hold distinct doc indices")
@@ -215,8 +224,9 @@ def moment_curve_docs(n: int, k: int = 2, dtype=np.float64) -> np.ndarray:
   return docs_nkc.reshape(n, 2 * k).astype(dtype)
 
 
-def moment_curve_queries(relevant_mk: np.ndarray, n: int,
-                         dtype=np.float64) -> np.ndarray:
+def moment_curve_queries(
+    relevant_mk: np.ndarray, n: int, dtype=np.float64
+) -> np.ndarray:
   """Queries q_md [m, 2k] whose exact top-k on moment_curve_docs is the row.
 
   Expanded in complex128, cast at the end: float32 is rounded float64.
@@ -228,14 +238,19 @@ def moment_curve_queries(relevant_mk: np.ndarray, n: int,
   # Ascending coefficients; times (z - w) = shift up one power minus w * p.
   poly_mt = np.ones((m, 1), np.complex128)
   for a in range(k):
-    w_m1 = roots_mk[:, a:a + 1]
+    w_m1 = roots_mk[:, a : a + 1]
     zero_m1 = np.zeros((m, 1), np.complex128)
-    poly_mt = (np.concatenate([zero_m1, poly_mt], axis=1)
-               - w_m1 * np.concatenate([poly_mt, zero_m1], axis=1))
+    poly_mt = np.concatenate(
+        [zero_m1, poly_mt], axis=1
+    ) - w_m1 * np.concatenate([poly_mt, zero_m1], axis=1)
   # c_j = sum_t p_{t+j} conj(p_t), j = 1..k.
   c_mk = np.stack(
-      [np.sum(poly_mt[:, j:] * np.conj(poly_mt[:, :k + 1 - j]), axis=1)
-       for j in range(1, k + 1)], axis=1)
+      [
+          np.sum(poly_mt[:, j:] * np.conj(poly_mt[:, : k + 1 - j]), axis=1)
+          for j in range(1, k + 1)
+      ],
+      axis=1,
+  )
   q_mkc = np.stack([-2 * c_mk.real, 2 * c_mk.imag], axis=-1)
   return q_mkc.reshape(m, 2 * k).astype(dtype)
 
@@ -244,12 +259,14 @@ def _check_scores(scores_mn, relevant_mk) -> tuple[np.ndarray, np.ndarray]:
   scores_mn = np.asarray(scores_mn)
   if scores_mn.ndim != 2:
     raise ValueError(
-        f"scores_mn must be 2-D [m, n], got shape {scores_mn.shape}")
+        f"scores_mn must be 2-D [m, n], got shape {scores_mn.shape}"
+    )
   relevant_mk = _check_relevant(relevant_mk, scores_mn.shape[1])
   if relevant_mk.shape[0] != scores_mn.shape[0]:
     raise ValueError(
         f"scores_mn has {scores_mn.shape[0]} rows but relevant_mk has "
-        f"{relevant_mk.shape[0]}")
+        f"{relevant_mk.shape[0]}"
+    )
   return scores_mn, relevant_mk
 
 
@@ -265,14 +282,14 @@ def top_k_recall(scores_mn: np.ndarray, relevant_mk: np.ndarray) -> float:
   return float(hit_mk.sum() / (m * k))
 
 
-def min_top_k_margin(scores_mn: np.ndarray,
-                     relevant_mk: np.ndarray) -> float:
+def min_top_k_margin(scores_mn: np.ndarray, relevant_mk: np.ndarray) -> float:
   """min_i (min relevant - max irrelevant score); > 0 iff all top-k exact."""
   scores_mn, relevant_mk = _check_scores(scores_mn, relevant_mk)
   if relevant_mk.shape[1] >= scores_mn.shape[1]:
     raise ValueError(
-        f"min_top_k_margin needs an irrelevant doc: k="
-        f"{relevant_mk.shape[1]} >= n={scores_mn.shape[1]}")
+        "min_top_k_margin needs an irrelevant doc: k="
+        f"{relevant_mk.shape[1]} >= n={scores_mn.shape[1]}"
+    )
   # float64 so the subtraction adds no rounding of its own.
   scores_mn = scores_mn.astype(np.float64)
   relevant_min_m = np.take_along_axis(scores_mn, relevant_mk, axis=1).min(1)

@@ -157,9 +157,11 @@ def _tokenizer_name(count_tokens: Callable[[str], int] | None) -> str:
   if count_tokens is None or count_tokens is default_count_tokens:
     # Hashed files: another vocabulary must not reuse old lengths.
     model_dir = _default_tokenizer_dir()
-    files = [(name, io.file_sha256(os.path.join(model_dir, name)))
-             for name in _TOKENIZER_FILES
-             if os.path.isfile(os.path.join(model_dir, name))]
+    files = [
+        (name, io.file_sha256(os.path.join(model_dir, name)))
+        for name in _TOKENIZER_FILES
+        if os.path.isfile(os.path.join(model_dir, name))
+    ]
     return f"wordpiece:{DEFAULT_TOKENIZER}:{io.fingerprint(files)[:16]}"
   # Known by name only: changing its behaviour needs a manual delete.
   module = getattr(count_tokens, "__module__", None) or "?"
@@ -332,7 +334,10 @@ def build_long_documents(
     lengths.append(int(n))
   logging.info(
       "Long documents: %d tokens in %.1f s; packing into %d-%d token documents",
-      sum(lengths), time.perf_counter() - start, min_tokens, max_tokens,
+      sum(lengths),
+      time.perf_counter() - start,
+      min_tokens,
+      max_tokens,
   )
   packed = pack_passages(
       lengths, min_tokens=min_tokens, max_tokens=max_tokens, seed=seed
@@ -410,8 +415,9 @@ def build_long_documents(
       "documents": records,
   }
 
-  logging.info("Long documents: writing %d documents to %s", len(records),
-               out_dir)
+  logging.info(
+      "Long documents: writing %d documents to %s", len(records), out_dir
+  )
   with atomic_output(out_dir) as tmp_dir:
     write_beir(
         tmp_dir,
@@ -423,12 +429,17 @@ def build_long_documents(
         long_qrels,
     )
     # Written last: a directory with a manifest is a complete collection.
-    with open(os.path.join(tmp_dir, MANIFEST_FILE), "w", encoding="utf-8",
-              newline="\n") as f:
+    with open(
+        os.path.join(tmp_dir, MANIFEST_FILE),
+        "w",
+        encoding="utf-8",
+        newline="\n",
+    ) as f:
       json.dump(manifest, f, ensure_ascii=False, indent=1)
       f.write("\n")
   logging.info(
-      "Long documents: built in %.1f s: %s", time.perf_counter() - start,
+      "Long documents: built in %.1f s: %s",
+      time.perf_counter() - start,
       json.dumps(summary),
   )
   return summary

@@ -31,9 +31,13 @@ BM25_SETTINGS = bm25.SETTINGS
 CACHE_FORMAT = 1
 
 
-def _check_inputs(query_texts: Sequence[str], corpus_ids: Sequence[str],
-                  corpus_texts: Sequence[str], exclude: Sequence[set[str]],
-                  depth: int) -> None:
+def _check_inputs(
+    query_texts: Sequence[str],
+    corpus_ids: Sequence[str],
+    corpus_texts: Sequence[str],
+    exclude: Sequence[set[str]],
+    depth: int,
+) -> None:
   if len(corpus_ids) != len(corpus_texts):
     raise ValueError(
         f"corpus_ids has {len(corpus_ids)} entries but corpus_texts has"
@@ -53,8 +57,12 @@ def _check_inputs(query_texts: Sequence[str], corpus_ids: Sequence[str],
     raise ValueError(f"depth must be a positive integer, got {depth!r}")
 
 
-def _unexcluded(ranked: Iterable[int], corpus_ids: Sequence[str],
-                excluded: set[str], depth: int) -> list[str]:
+def _unexcluded(
+    ranked: Iterable[int],
+    corpus_ids: Sequence[str],
+    excluded: set[str],
+    depth: int,
+) -> list[str]:
   """The first `depth` ids of a ranking that are not in `excluded`."""
   out = []
   for i in ranked:
@@ -92,9 +100,13 @@ def bm25_negatives(
     ranked = bm25.top_indices(scores_n, depth + len(excluded))
     ranked = ranked[scores_n[ranked] > 0]
     negatives.append(_unexcluded(ranked, corpus_ids, excluded, depth))
-  logging.info("BM25 negatives: %d queries x %d docs, depth %d, in %.1f s",
-               len(query_texts), len(corpus_ids), depth,
-               time.perf_counter() - start)
+  logging.info(
+      "BM25 negatives: %d queries x %d docs, depth %d, in %.1f s",
+      len(query_texts),
+      len(corpus_ids),
+      depth,
+      time.perf_counter() - start,
+  )
   return negatives
 
 
@@ -122,20 +134,33 @@ def dense_negatives(
   max_excluded = max((len(s) for s in exclude), default=0)
   k = min(len(corpus_ids), depth + max_excluded)
   # exact_topk breaks ties by the smaller index: the lists are deterministic.
-  _, indices_qk = exact_topk.exact_topk(queries_qd, docs_nd, k,
-                                        metric=metric, mesh=mesh)
-  negatives = [_unexcluded(indices_k, corpus_ids, excluded, depth)
-               for indices_k, excluded in zip(indices_qk, exclude)]
-  logging.info("Dense negatives: %d queries x %d docs, depth %d, in %.1f s",
-               len(query_texts), len(corpus_ids), depth,
-               time.perf_counter() - start)
+  _, indices_qk = exact_topk.exact_topk(
+      queries_qd, docs_nd, k, metric=metric, mesh=mesh
+  )
+  negatives = [
+      _unexcluded(indices_k, corpus_ids, excluded, depth)
+      for indices_k, excluded in zip(indices_qk, exclude)
+  ]
+  logging.info(
+      "Dense negatives: %d queries x %d docs, depth %d, in %.1f s",
+      len(query_texts),
+      len(corpus_ids),
+      depth,
+      time.perf_counter() - start,
+  )
   return negatives
 
 
-def mining_key(method: str, settings: Mapping[str, Any],
-               query_ids: Sequence[str], query_texts: Sequence[str],
-               corpus_ids: Sequence[str], corpus_texts: Sequence[str],
-               exclude: Sequence[set[str]], depth: int) -> dict[str, Any]:
+def mining_key(
+    method: str,
+    settings: Mapping[str, Any],
+    query_ids: Sequence[str],
+    query_texts: Sequence[str],
+    corpus_ids: Sequence[str],
+    corpus_texts: Sequence[str],
+    exclude: Sequence[set[str]],
+    depth: int,
+) -> dict[str, Any]:
   """The JSON cache key of one mining run: everything its result depends on."""
   # Hashes, not texts: the key is stored and a corpus can be gigabytes. The
   # counts make a mismatch easy to read in the file.
@@ -165,16 +190,20 @@ def encoder_key(params: Any, **options: Any) -> dict[str, Any]:
       # Typed keys (dropout RNG state) have no numpy form; their bits do.
       leaf = jax.random.key_data(leaf)
     # Names too: the same arrays under another layout are another model.
-    leaves.append(io.fingerprint(jax.tree_util.keystr(path),
-                                 np.asarray(jax.device_get(leaf))))
+    leaves.append(
+        io.fingerprint(
+            jax.tree_util.keystr(path), np.asarray(jax.device_get(leaf))
+        )
+    )
   return {"weights": io.fingerprint(leaves), **options}
 
 
 def _key_digest(key: Mapping[str, Any]) -> str:
   """`io.fingerprint` of the key's canonical JSON (sorted, no spaces)."""
   try:
-    text = json.dumps(key, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False)
+    text = json.dumps(
+        key, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
   except (TypeError, ValueError) as e:
     raise ValueError(f"the cache key must be JSON-serialisable: {e}") from None
   return io.fingerprint(text)
@@ -196,14 +225,21 @@ def _read_cache(path: str, digest: str) -> list[list[str]] | None:
       cached = json.load(f)
   except (OSError, ValueError) as e:
     # Writes are atomic, so someone else wrote this file; re-mining is safe.
-    logging.warning("%s: unreadable negatives cache (%s); mining again",
-                    path, e)
+    logging.warning(
+        "%s: unreadable negatives cache (%s); mining again", path, e
+    )
     return None
   # Never trust another layout: a wrong list would silently train wrongly.
-  if not (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT
-          and _is_negatives(cached.get("negatives"))):
-    logging.warning("%s: not a negatives cache of format %d; mining again",
-                    path, CACHE_FORMAT)
+  if not (
+      isinstance(cached, dict)
+      and cached.get("format") == CACHE_FORMAT
+      and _is_negatives(cached.get("negatives"))
+  ):
+    logging.warning(
+        "%s: not a negatives cache of format %d; mining again",
+        path,
+        CACHE_FORMAT,
+    )
     return None
   if cached.get("key_digest") != digest:
     logging.info("%s: inputs or settings changed; mining again", path)
@@ -234,9 +270,16 @@ def cached_negatives(
   if not _is_negatives(negatives):
     raise ValueError("compute_fn must return a list of lists of doc-id strings")
   # The key is stored in full so a stale file can be diagnosed by eye.
-  io.write_json_atomic(path, {"format": CACHE_FORMAT, "key_digest": digest,
-                              "key": key, "negatives": negatives},
-                       indent=None)
+  io.write_json_atomic(
+      path,
+      {
+          "format": CACHE_FORMAT,
+          "key_digest": digest,
+          "key": key,
+          "negatives": negatives,
+      },
+      indent=None,
+  )
   logging.info("%s: cached mined negatives (%d queries)", path, len(negatives))
   return negatives
 
@@ -256,8 +299,7 @@ def mine(
   (texts -> float32 [N, D]) and, with a cache, `encoder_key()`'s result.
   """
   if method not in MINING_METHODS:
-    raise ValueError(
-        f"method must be one of {MINING_METHODS}, got {method!r}")
+    raise ValueError(f"method must be one of {MINING_METHODS}, got {method!r}")
   query_ids = [ex.query_id for ex in data.examples]
   query_texts = [ex.query for ex in data.examples]
   # All positives: each is relevant, whichever one a batch feeds.
@@ -266,8 +308,9 @@ def mine(
     settings = BM25_SETTINGS
 
     def compute():
-      return bm25_negatives(query_texts, data.doc_ids, data.doc_texts,
-                            exclude, depth=depth)
+      return bm25_negatives(
+          query_texts, data.doc_ids, data.doc_texts, exclude, depth=depth
+      )
 
   else:
     if encode_fn is None:
@@ -278,13 +321,27 @@ def mine(
     settings = dict(encoder_key or {})
 
     def compute():
-      return dense_negatives(encode_fn, query_texts, data.doc_ids,
-                             data.doc_texts, exclude, depth=depth)
+      return dense_negatives(
+          encode_fn,
+          query_texts,
+          data.doc_ids,
+          data.doc_texts,
+          exclude,
+          depth=depth,
+      )
 
   if cache_dir is None:
     return data.with_negatives(compute())
   # One file per method: switching methods back and forth evicts nothing.
-  key = mining_key(method, settings, query_ids, query_texts, data.doc_ids,
-                   data.doc_texts, exclude, depth)
+  key = mining_key(
+      method,
+      settings,
+      query_ids,
+      query_texts,
+      data.doc_ids,
+      data.doc_texts,
+      exclude,
+      depth,
+  )
   path = os.path.join(cache_dir, f"{method}.json")
   return data.with_negatives(cached_negatives(path, key, compute))

@@ -28,8 +28,10 @@ from retrieval_jax.data import beir
 UNITS = ("pair", "query")
 POSITIVE_CHOICES = ("one", "all")
 PAD_DOC = -1
-_PAIRS_WHAT = ('training pairs, one {"query_id", "query", "doc_id", "title",'
-               ' "text"} object per line')
+_PAIRS_WHAT = (
+    'training pairs, one {"query_id", "query", "doc_id", "title",'
+    ' "text"} object per line'
+)
 
 
 class PairRow(NamedTuple):
@@ -68,8 +70,10 @@ class TrainingData:
     if not self.examples:
       raise ValueError(f"{self.source}: no training queries")
     if len(self.doc_ids) != len(self.doc_texts):
-      raise ValueError(f"{self.source}: {len(self.doc_ids)} doc ids but"
-                       f" {len(self.doc_texts)} doc texts")
+      raise ValueError(
+          f"{self.source}: {len(self.doc_ids)} doc ids but"
+          f" {len(self.doc_texts)} doc texts"
+      )
     if len(self.doc_index) != len(self.doc_ids):
       raise ValueError(f"{self.source}: the corpus has duplicate doc ids")
     seen = set()
@@ -91,17 +95,23 @@ class TrainingData:
     if len(set(ex.negative_ids)) != len(ex.negative_ids):
       # Sampling without replacement assumes distinct candidates.
       raise ValueError(f"{where} lists a negative twice")
-    for kind, ids in (("positive", ex.positive_ids),
-                      ("negative", ex.negative_ids)):
+    for kind, ids in (
+        ("positive", ex.positive_ids),
+        ("negative", ex.negative_ids),
+    ):
       missing = [d for d in ids if d not in self.doc_index]
       if missing:
-        raise ValueError(f"{where}: {kind} doc {missing[0]!r} is not in the"
-                         f" corpus ({len(missing)} missing)")
+        raise ValueError(
+            f"{where}: {kind} doc {missing[0]!r} is not in the"
+            f" corpus ({len(missing)} missing)"
+        )
     relevant = positives.intersection(ex.negative_ids)
     if relevant:
       # A known relevant doc scored as a negative trains against the labels.
-      raise ValueError(f"{where}: doc {sorted(relevant)[0]!r} is both a"
-                       " positive and a negative")
+      raise ValueError(
+          f"{where}: doc {sorted(relevant)[0]!r} is both a"
+          " positive and a negative"
+      )
 
   @functools.cached_property
   def doc_index(self) -> dict[str, int]:
@@ -114,9 +124,13 @@ class TrainingData:
     return sum(len(ex.positive_ids) for ex in self.examples)
 
   @classmethod
-  def from_beir(cls, directory: str | os.PathLike, split: str = "train", *,
-                corpus_dir: str | os.PathLike | None = None
-               ) -> "TrainingData":
+  def from_beir(
+      cls,
+      directory: str | os.PathLike,
+      split: str = "train",
+      *,
+      corpus_dir: str | os.PathLike | None = None,
+  ) -> "TrainingData":
     """Reads the positives (score > 0, qrels order) of a BEIR qrels split.
 
     corpus_dir (default `directory`) supplies the corpus and must hold every
@@ -135,8 +149,9 @@ class TrainingData:
     return _from_rows(rows, corpus, corpus_file, qrels_file)
 
   @classmethod
-  def from_pairs(cls, pairs_path: str | os.PathLike,
-                 corpus_dir: str | os.PathLike) -> "TrainingData":
+  def from_pairs(
+      cls, pairs_path: str | os.PathLike, corpus_dir: str | os.PathLike
+  ) -> "TrainingData":
     """Reads a pairs file (see `read_pairs`) over `corpus_dir`'s corpus.jsonl.
 
     The corpus must hold every positive id, so a positive mined or sampled
@@ -147,20 +162,24 @@ class TrainingData:
     beir.check_directory(corpus_dir)
     corpus_file = beir.corpus_path(corpus_dir)
     rows = read_pairs(pairs_path)
-    return _from_rows(rows, beir.read_corpus(corpus_file), corpus_file,
-                      pairs_path)
+    return _from_rows(
+        rows, beir.read_corpus(corpus_file), corpus_file, pairs_path
+    )
 
-  def with_negatives(self,
-                     negatives: Sequence[Sequence[str]]) -> "TrainingData":
+  def with_negatives(
+      self, negatives: Sequence[Sequence[str]]
+  ) -> "TrainingData":
     """A copy whose queries carry `negatives` [Q][*], doc ids in rank order."""
     if len(negatives) != len(self.examples):
       # Usually a cache or a miner run over other queries.
       raise ValueError(
           f"{self.source}: got negatives for {len(negatives)} queries, the"
-          f" data has {len(self.examples)}")
+          f" data has {len(self.examples)}"
+      )
     examples = tuple(
         dataclasses.replace(ex, negative_ids=tuple(negs))
-        for ex, negs in zip(self.examples, negatives))
+        for ex, negs in zip(self.examples, negatives)
+    )
     # `replace` re-runs the constructor's checks on the new negatives.
     return dataclasses.replace(self, examples=examples)
 
@@ -177,29 +196,38 @@ def read_pairs(path: str) -> list[PairRow]:
   for lineno, obj in beir.read_json_objects(path):
     query_id = beir.json_id(path, lineno, obj, "query_id")
     doc_id = beir.json_id(path, lineno, obj, "doc_id")
-    query, text = (beir.json_text(path, lineno, obj, key, required=True)
-                   for key in ("query", "text"))
+    query, text = (
+        beir.json_text(path, lineno, obj, key, required=True)
+        for key in ("query", "text")
+    )
     title = beir.json_text(path, lineno, obj, "title", required=False)
     score = obj.get("score", 1)
     if isinstance(score, bool) or not isinstance(score, int) or score <= 0:
       # A non-positive score would silently train on a non-relevant pair.
       raise beir.BeirFormatError(
-          path, lineno, f'"score" must be a positive integer, got {score!r}')
+          path, lineno, f'"score" must be a positive integer, got {score!r}'
+      )
     first = seen.setdefault((query_id, doc_id), lineno)
     if first != lineno:
       raise beir.BeirFormatError(
-          path, lineno, f"duplicate pair for query {query_id!r} and doc"
-          f" {doc_id!r} (first at line {first})")
-    rows.append(PairRow(lineno, query_id, query, doc_id,
-                        beir.doc_text(title, text)))
+          path,
+          lineno,
+          f"duplicate pair for query {query_id!r} and doc"
+          f" {doc_id!r} (first at line {first})",
+      )
+    rows.append(
+        PairRow(lineno, query_id, query, doc_id, beir.doc_text(title, text))
+    )
   if not rows:
     raise beir.BeirFormatError(path, None, "the file holds no pairs")
   return rows
 
 
-def _qrels_pairs(directory: str, qrels_file: str,
-                 corpus: tuple[list[str], list[str], list[str]]
-                ) -> list[PairRow]:
+def _qrels_pairs(
+    directory: str,
+    qrels_file: str,
+    corpus: tuple[list[str], list[str], list[str]],
+) -> list[PairRow]:
   """The judgments with score > 0 and known ids, in qrels file order."""
   doc_ids, titles, texts = corpus
   query_ids, queries = beir.read_queries(beir.queries_path(directory))
@@ -210,23 +238,37 @@ def _qrels_pairs(directory: str, qrels_file: str,
   doc_index = {doc_id: i for i, doc_id in enumerate(doc_ids)}
   # Rows, not the dict: grouping by query would reorder non-contiguous files.
   pairs = [
-      PairRow(row.line, row.query_id, query_text[row.query_id], row.doc_id,
-              beir.doc_text(titles[doc_index[row.doc_id]],
-                            texts[doc_index[row.doc_id]]))
+      PairRow(
+          row.line,
+          row.query_id,
+          query_text[row.query_id],
+          row.doc_id,
+          beir.doc_text(
+              titles[doc_index[row.doc_id]], texts[doc_index[row.doc_id]]
+          ),
+      )
       for row in rows
-      if row.score > 0 and row.doc_id in qrels.get(row.query_id, {})]
+      if row.score > 0 and row.doc_id in qrels.get(row.query_id, {})
+  ]
   if not pairs:
-    raise beir.BeirFormatError(qrels_file, None,
-                               "no judgment has a positive score")
+    raise beir.BeirFormatError(
+        qrels_file, None, "no judgment has a positive score"
+    )
   if len(rows) > len(pairs):
-    logging.info("%s: %d judgments skipped (score <= 0 or unknown id)",
-                 qrels_file, len(rows) - len(pairs))
+    logging.info(
+        "%s: %d judgments skipped (score <= 0 or unknown id)",
+        qrels_file,
+        len(rows) - len(pairs),
+    )
   return pairs
 
 
-def _from_rows(rows: Sequence[PairRow],
-               corpus: tuple[list[str], list[str], list[str]],
-               corpus_file: str, source: str) -> TrainingData:
+def _from_rows(
+    rows: Sequence[PairRow],
+    corpus: tuple[list[str], list[str], list[str]],
+    corpus_file: str,
+    source: str,
+) -> TrainingData:
   """Groups pairs by query over `corpus`; positive texts come from `rows`."""
   doc_ids, titles, bodies = corpus
   doc_index = {doc_id: i for i, doc_id in enumerate(doc_ids)}
@@ -238,14 +280,18 @@ def _from_rows(rows: Sequence[PairRow],
   for line, query_id, query, doc_id, positive in rows:
     i = doc_index.get(doc_id)
     if i is None:
-      raise beir.BeirFormatError(source, line,
-                                 f"doc {doc_id!r} is not in {corpus_file}")
+      raise beir.BeirFormatError(
+          source, line, f"doc {doc_id!r} is not in {corpus_file}"
+      )
     if doc_id in given:
       # One doc id is one passage: two texts would make its index ambiguous.
       if given[doc_id][0] != positive:
         raise beir.BeirFormatError(
-            source, line, f"doc {doc_id!r} has a different text than for"
-            f" query {given[doc_id][1]!r}")
+            source,
+            line,
+            f"doc {doc_id!r} has a different text than for"
+            f" query {given[doc_id][1]!r}",
+        )
     else:
       given[doc_id] = (positive, query_id)
       # The source's text is the positive meant; the corpus copy may differ.
@@ -254,17 +300,29 @@ def _from_rows(rows: Sequence[PairRow],
     group = groups.setdefault(query_id, (query, []))
     if group[0] != query:
       raise beir.BeirFormatError(
-          source, line, f"query {query_id!r} has two different texts")
+          source, line, f"query {query_id!r} has two different texts"
+      )
     group[1].append(doc_id)
   if num_changed:
-    logging.warning("%s: %d positive texts differ from %s; using the former",
-                    source, num_changed, corpus_file)
-  examples = [TrainingExample(query_id, query, tuple(positives))
-              for query_id, (query, positives) in groups.items()]
+    logging.warning(
+        "%s: %d positive texts differ from %s; using the former",
+        source,
+        num_changed,
+        corpus_file,
+    )
+  examples = [
+      TrainingExample(query_id, query, tuple(positives))
+      for query_id, (query, positives) in groups.items()
+  ]
   data = TrainingData(examples, doc_ids, doc_texts, source=source)
-  logging.info("%s: %d training queries, %d pairs, corpus of %d docs from %s",
-               source, len(examples), data.num_pairs, len(doc_ids),
-               corpus_file)
+  logging.info(
+      "%s: %d training queries, %d pairs, corpus of %d docs from %s",
+      source,
+      len(examples),
+      data.num_pairs,
+      len(doc_ids),
+      corpus_file,
+  )
   return data
 
 
@@ -288,8 +346,9 @@ def _check_choice(name: str, value, allowed: Sequence[str]) -> str:
   return value
 
 
-def _pad_tokens(id_lists: Sequence[Sequence[int]], width: int,
-                pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad_tokens(
+    id_lists: Sequence[Sequence[int]], width: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads id lists: ids_nl int32 [N, width], lengths_n int32 [N]."""
   ids_nl = np.full((len(id_lists), width), pad_id, np.int32)
   lengths_n = np.zeros(len(id_lists), np.int32)
@@ -328,11 +387,23 @@ class TrainLoader:
     relevant_doc    int32 [B, R], every known relevant doc, -1 padded
   """
 
-  def __init__(self, data: TrainingData, tokenizer, *, batch_size: int,
-               group_size: int, unit: str, positives: str,
-               max_positives: int = 4, query_max_length: int,
-               passage_max_length: int, seed: int, negative_depth: int = 100,
-               max_relevant: int | None = None, prefetch: int = 2):
+  def __init__(
+      self,
+      data: TrainingData,
+      tokenizer,
+      *,
+      batch_size: int,
+      group_size: int,
+      unit: str,
+      positives: str,
+      max_positives: int = 4,
+      query_max_length: int,
+      passage_max_length: int,
+      seed: int,
+      negative_depth: int = 100,
+      max_relevant: int | None = None,
+      prefetch: int = 2,
+  ):
     """Validates the settings and tokenizes the data.
 
     Lq / Lp (query_max_length / passage_max_length) count [CLS] and [SEP];
@@ -350,8 +421,9 @@ class TrainLoader:
     self.max_positives = _check_int("max_positives", max_positives, 1)
     # [CLS] and [SEP] need two positions.
     self.query_max_length = _check_int("query_max_length", query_max_length, 2)
-    self.passage_max_length = _check_int("passage_max_length",
-                                         passage_max_length, 2)
+    self.passage_max_length = _check_int(
+        "passage_max_length", passage_max_length, 2
+    )
     # numpy's SeedSequence takes only non-negative entropy.
     self.seed = _check_int("seed", seed, 0)
     self.negative_depth = _check_int("negative_depth", negative_depth, 1)
@@ -361,7 +433,8 @@ class TrainLoader:
       raise ValueError(
           f"group_size={self.group_size} < max_positives="
           f"{self.max_positives}: with positives='all' a group must have"
-          " room for max_positives positives")
+          " room for max_positives positives"
+      )
     examples = data.examples
     most = max(examples, key=lambda ex: len(ex.positive_ids))
     num_most = len(most.positive_ids)
@@ -372,38 +445,53 @@ class TrainLoader:
       # A relevant doc missing from "relevant_doc" would be scored negative.
       raise ValueError(
           f"max_relevant={self.max_relevant} but query {most.query_id!r} has"
-          f" {num_most} positives")
+          f" {num_most} positives"
+      )
     # Some queries may lack negatives; all of them means mining was forgotten.
     needs_negatives = self.group_size > (
-        1 if self.positives == "one" else min(num_most, self.max_positives))
+        1 if self.positives == "one" else min(num_most, self.max_positives)
+    )
     if needs_negatives and not any(ex.negative_ids for ex in examples):
       raise ValueError(
           f"group_size={self.group_size} asks for hard negatives but no query"
           " of the data has any; mine them first"
-          " (negatives.mine) or lower group_size")
+          " (negatives.mine) or lower group_size"
+      )
 
     doc_index = data.doc_index
     self._positive_docs = [
         np.array([doc_index[d] for d in ex.positive_ids], np.int32)
-        for ex in examples]
+        for ex in examples
+    ]
     self._negative_docs = [
-        np.array([doc_index[d] for d in ex.negative_ids[:self.negative_depth]],
-                 np.int32)
-        for ex in examples]
+        np.array(
+            [doc_index[d] for d in ex.negative_ids[: self.negative_depth]],
+            np.int32,
+        )
+        for ex in examples
+    ]
     # crc32, not the per-process salted hash(): restarts keep the positives.
     self._offsets = np.array(
-        [zlib.crc32((ex.query_id + str(self.seed)).encode("utf-8"))
-         for ex in examples], np.int64)
-    self._relevant_qr = np.full((len(examples), self.max_relevant), PAD_DOC,
-                                np.int32)
+        [
+            zlib.crc32((ex.query_id + str(self.seed)).encode("utf-8"))
+            for ex in examples
+        ],
+        np.int64,
+    )
+    self._relevant_qr = np.full(
+        (len(examples), self.max_relevant), PAD_DOC, np.int32
+    )
     for q, docs in enumerate(self._positive_docs):
-      self._relevant_qr[q, :len(docs)] = docs
+      self._relevant_qr[q, : len(docs)] = docs
     # Example -> (query index, positive slot; -1 for unit "query").
     if self.unit == "query":
       units = [(q, -1) for q in range(len(examples))]
     else:
-      units = [(q, j) for q, ex in enumerate(examples)
-               for j in range(len(ex.positive_ids))]
+      units = [
+          (q, j)
+          for q, ex in enumerate(examples)
+          for j in range(len(ex.positive_ids))
+      ]
     self._units_e2 = np.array(units, np.int64)
     # Straddling batches need two epochs' orders; lru_cache is thread-safe.
     self._order = functools.lru_cache(maxsize=8)(self._epoch_order)
@@ -416,10 +504,13 @@ class TrainLoader:
     pad_id = self.tokenizer.pad_id
     self._query_ids_ql, self._query_lengths_q = _pad_tokens(
         [encode(ex.query, self.query_max_length) for ex in self.data.examples],
-        self.query_max_length, pad_id)
+        self.query_max_length,
+        pad_id,
+    )
     # Only docs a batch can hold: most of a large corpus is never used.
     used_docs = np.unique(
-        np.concatenate(self._positive_docs + self._negative_docs))
+        np.concatenate(self._positive_docs + self._negative_docs)
+    )
     # Corpus index -> token row; the extra last row is PAD_DOC's padding.
     self._doc_row_n = np.full(len(self.data.doc_ids) + 1, -1, np.int32)
     self._doc_row_n[used_docs] = np.arange(len(used_docs), dtype=np.int32)
@@ -427,10 +518,15 @@ class TrainLoader:
     texts = self.data.doc_texts
     self._doc_ids_rl, self._doc_lengths_r = _pad_tokens(
         [encode(texts[i], self.passage_max_length) for i in used_docs] + [[]],
-        self.passage_max_length, pad_id)
-    logging.info("TrainLoader: tokenized %d queries and %d docs in %.1f s",
-                 len(self.data.examples), len(used_docs),
-                 time.perf_counter() - start)
+        self.passage_max_length,
+        pad_id,
+    )
+    logging.info(
+        "TrainLoader: tokenized %d queries and %d docs in %.1f s",
+        len(self.data.examples),
+        len(used_docs),
+        time.perf_counter() - start,
+    )
 
   @property
   def num_examples(self) -> int:
@@ -480,7 +576,8 @@ class TrainLoader:
     """int64 [E], the examples in epoch `epoch`'s order."""
     # Seeded by (seed, epoch) alone: any epoch rebuilds without replay.
     return np.random.default_rng([self.seed, epoch]).permutation(
-        self.num_examples)
+        self.num_examples
+    )
 
   def _positive_slots(self, q: int, j: int, epoch: int) -> np.ndarray:
     """Indices into query q's positives for one example (class docstring)."""
@@ -494,8 +591,9 @@ class TrainLoader:
       return np.arange(count)
     return np.array([j] + [i for i in range(m) if i != j][: count - 1])
 
-  def _sample_negatives(self, q: int, epoch: int, example: int,
-                        count: int) -> np.ndarray:
+  def _sample_negatives(
+      self, q: int, epoch: int, example: int, count: int
+  ) -> np.ndarray:
     """`count` (or fewer, if none are mined) negatives' corpus indices."""
     pool = self._negative_docs[q]
     n = len(pool)
@@ -507,7 +605,8 @@ class TrainLoader:
       return pool[rng.choice(n, count, replace=False)]
     # Too few mined: each once, then repeats, keeping the group full.
     return np.concatenate(
-        [pool[rng.permutation(n)], pool[rng.integers(0, n, count - n)]])
+        [pool[rng.permutation(n)], pool[rng.integers(0, n, count - n)]]
+    )
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """The batch of step `step` (see the class docstring); thread-safe."""
@@ -522,31 +621,35 @@ class TrainLoader:
       q, j = (int(x) for x in self._units_e2[examples_b[i]])
       epoch = int(epochs_b[i])
       positives = self._positive_docs[q][self._positive_slots(q, j, epoch)]
-      negatives = self._sample_negatives(q, epoch, int(examples_b[i]),
-                                         g - len(positives))
+      negatives = self._sample_negatives(
+          q, epoch, int(examples_b[i]), g - len(positives)
+      )
       # Positives first: the losses read the first positive_counts rows of
       # each group as its positives.
       group = np.concatenate([positives, negatives])
-      passage_doc_bg[i, :len(group)] = group
+      passage_doc_bg[i, : len(group)] = group
       counts_b[i] = len(positives)
     passage_doc_p = passage_doc_bg.reshape(b * g)
     # PAD_DOC (-1) indexes the last entry of _doc_row_n: the padding row.
     rows_p = self._doc_row_n[passage_doc_p]
     return {
         "query_ids": self._query_ids_ql[queries_b],
-        "query_mask": _mask(self._query_lengths_q[queries_b],
-                            self.query_max_length),
+        "query_mask": _mask(
+            self._query_lengths_q[queries_b], self.query_max_length
+        ),
         "passage_ids": self._doc_ids_rl[rows_p],
-        "passage_mask": _mask(self._doc_lengths_r[rows_p],
-                              self.passage_max_length),
+        "passage_mask": _mask(
+            self._doc_lengths_r[rows_p], self.passage_max_length
+        ),
         "positive_counts": counts_b,
         "passage_doc": passage_doc_p,
         "relevant_doc": self._relevant_qr[queries_b],
         "example_index": positions_b,
     }
 
-  def texts_at(self, step: int, batch: dict[str, np.ndarray]
-               ) -> tuple[list[str], list[str]]:
+  def texts_at(
+      self, step: int, batch: dict[str, np.ndarray]
+  ) -> tuple[list[str], list[str]]:
     """(query_texts, passage_texts) [B*G] of `batch`, = batch_at(step).
 
     For pair models (cross-encoders); padding rows get "" as passage.
@@ -554,10 +657,13 @@ class TrainLoader:
     _, examples_b = self.examples_at(step)
     queries_b = self._units_e2[examples_b, 0]
     g = self.group_size
-    query_texts = [self.data.examples[q].query for q in queries_b
-                   for _ in range(g)]
-    passage_texts = [self.data.doc_texts[d] if d != PAD_DOC else ""
-                     for d in batch["passage_doc"]]
+    query_texts = [
+        self.data.examples[q].query for q in queries_b for _ in range(g)
+    ]
+    passage_texts = [
+        self.data.doc_texts[d] if d != PAD_DOC else ""
+        for d in batch["passage_doc"]
+    ]
     return query_texts, passage_texts
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -596,8 +702,9 @@ class TrainLoader:
           return
         step += 1
 
-    thread = threading.Thread(target=produce, args=(step,),
-                              name="TrainLoader", daemon=True)
+    thread = threading.Thread(
+        target=produce, args=(step,), name="TrainLoader", daemon=True
+    )
     thread.start()
     try:
       while True:

@@ -65,8 +65,10 @@ def fingerprint(directory: str, table: str) -> str:
   Names are relative, so a copied collection reuses the cache.
   """
   # Relative names matter for qrels: renaming test.tsv renames a split.
-  files = [(os.path.relpath(path, directory), io.file_sha256(path))
-           for path in _source_files(directory, table)]
+  files = [
+      (os.path.relpath(path, directory), io.file_sha256(path))
+      for path in _source_files(directory, table)
+  ]
   return io.fingerprint(files)[:_HASH_CHARS]
 
 
@@ -161,8 +163,13 @@ class BeirLocal(tfds.core.GeneratorBasedBuilder):
 
 def qrels_example(index: int, row) -> dict:
   """The qrels table's example for one `beir.QrelsRow`."""
-  return {"index": index, "query_id": row.query_id, "doc_id": row.doc_id,
-          "score": row.score, "line": row.line}
+  return {
+      "index": index,
+      "query_id": row.query_id,
+      "doc_id": row.doc_id,
+      "score": row.score,
+      "line": row.line,
+  }
 
 
 def prepare(
@@ -178,8 +185,9 @@ def prepare(
 def prepare_builder(builder_cls, config, data_dir=None):
   """Builds builder_cls(config) as ArrayRecord in data_dir, preparing once."""
   data_dir = os.fspath(data_dir) if data_dir else DEFAULT_DATA_DIR
-  builder = builder_cls(config=config, data_dir=data_dir,
-                        file_format="array_record")
+  builder = builder_cls(
+      config=config, data_dir=data_dir, file_format="array_record"
+  )
   if not builder.is_prepared():
     logging.info("Preparing %s in %s", builder.builder_config.name, data_dir)
     # Local collections prepare in seconds; nested progress bars only clutter.

@@ -79,8 +79,10 @@ def source_files(source: str | os.PathLike) -> list[str]:
     return [source]
   if not os.path.isdir(source):
     raise beir.BeirFormatError(
-        source, None, "does not exist; expected a LoCoV1 JSONL or Parquet"
-        " file, or a directory of them"
+        source,
+        None,
+        "does not exist; expected a LoCoV1 JSONL or Parquet"
+        " file, or a directory of them",
     )
   files = sorted(
       os.path.join(source, name)
@@ -103,16 +105,17 @@ def _parquet_rows(
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise beir.BeirFormatError(
-        path, None, "reading Parquet needs pyarrow (`pip install pyarrow`);"
-        " or convert the file to JSONL"
+        path,
+        None,
+        "reading Parquet needs pyarrow (`pip install pyarrow`);"
+        " or convert the file to JSONL",
     ) from None
   parquet = pq.ParquetFile(path)
   names = set(parquet.schema_arrow.names)
   # Missing columns surface per row, like a JSONL line without the key.
   columns = [f for f in fields if f in names]
   row = 0
-  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH,
-                                    columns=columns):
+  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
     for obj in batch.to_pylist():
       row += 1
       yield row, obj
@@ -143,8 +146,9 @@ def _answer_pids(path: str, lineno: int, obj: dict) -> list[str]:
   values = obj["answer_pids"]
   if not isinstance(values, (list, tuple)):
     raise beir.BeirFormatError(
-        path, lineno, '"answer_pids" must be a list of pids, got'
-        f" {type(values).__name__}"
+        path,
+        lineno,
+        f'"answer_pids" must be a list of pids, got {type(values).__name__}',
     )
   # beir.json_id validates one key of one object; wrap each element.
   return [
@@ -160,7 +164,8 @@ def _unknown_task(source: str, kind: str, task: str, found: set) -> Exception:
   if task not in LOCO_TASKS:
     extra = f"; the LoCoV1 tasks are {', '.join(LOCO_TASKS)}"
   return beir.BeirFormatError(
-      source, None,
+      source,
+      None,
       f"no {kind} of task {task!r}; the {TASK_FIELD!r} values found are:"
       f" {found_list}{extra}",
   )
@@ -190,8 +195,9 @@ def read_loco(
     pid = beir.json_id(path, lineno, obj, "pid")
     if pid in pid_where:
       raise beir.BeirFormatError(
-          path, lineno, f"duplicate pid {pid!r} in task {task!r} (first at"
-          f" {pid_where[pid]})"
+          path,
+          lineno,
+          f"duplicate pid {pid!r} in task {task!r} (first at {pid_where[pid]})",
       )
     pid_where[pid] = f"{path}:{lineno}"
     if "passage" in obj and obj["passage"] is None:  # QASPER: no text
@@ -218,8 +224,9 @@ def read_loco(
     qid = beir.json_id(path, lineno, obj, "qid")
     if qid in qid_where:
       raise beir.BeirFormatError(
-          path, lineno, f"duplicate qid {qid!r} in task {task!r} (first at"
-          f" {qid_where[qid]})"
+          path,
+          lineno,
+          f"duplicate qid {qid!r} in task {task!r} (first at {qid_where[qid]})",
       )
     qid_where[qid] = f"{path}:{lineno}"
     query_ids.append(qid)
@@ -228,8 +235,10 @@ def read_loco(
     for pid in _answer_pids(path, lineno, obj):
       if pid not in pid_where:
         raise beir.BeirFormatError(
-            path, lineno, f"answer pid {pid!r} is not a document of task"
-            f" {task!r} in {documents}"
+            path,
+            lineno,
+            f"answer pid {pid!r} is not a document of task"
+            f" {task!r} in {documents}",
         )
       if pid in seen:  # trec_eval and beir.py reject duplicates
         raise beir.BeirFormatError(
@@ -244,16 +253,18 @@ def read_loco(
     raise _unknown_task(queries, "queries", task, found)
   if not rows:
     raise beir.BeirFormatError(
-        queries, None, f"no query of task {task!r} has an answer pid with a"
-        " non-null passage"
+        queries,
+        None,
+        f"no query of task {task!r} has an answer pid with a non-null passage",
     )
   if task not in LOCO_TASKS:
-    logging.warning("%r is not one of the 12 LoCoV1 tasks %s", task,
-                    LOCO_TASKS)
+    logging.warning("%r is not one of the 12 LoCoV1 tasks %s", task, LOCO_TASKS)
   if null_pids:
     logging.info(
         "LoCoV1 %s: dropped %d null passages and %d judgments naming them",
-        task, len(null_pids), dropped,
+        task,
+        len(null_pids),
+        dropped,
     )
   return LocoTask(
       task=task,
@@ -271,7 +282,10 @@ def read_loco(
 def _qrels_dict(loco: LocoTask) -> dict[str, dict[str, int]]:
   """query id -> doc id -> score, validated like a BEIR qrels file."""
   return beir.qrels_from_rows(
-      loco.qrels_source, loco.qrels_rows, loco.query_ids, loco.doc_ids,
+      loco.qrels_source,
+      loco.qrels_rows,
+      loco.query_ids,
+      loco.doc_ids,
       on_unknown="error",
   )
 
@@ -323,10 +337,11 @@ class LocoLocalConfig(tfds_beir.BeirLocalConfig):
 
 def fingerprint(queries: str, documents: str, task: str) -> str:
   """_HASH_CHARS hex of a SHA-256 of the task and both sources' files."""
-  files = [(f"{role}/{os.path.basename(path)}", io.file_sha256(path))
-           for role, source in (("queries", queries),
-                                ("documents", documents))
-           for path in source_files(source)]
+  files = [
+      (f"{role}/{os.path.basename(path)}", io.file_sha256(path))
+      for role, source in (("queries", queries), ("documents", documents))
+      for path in source_files(source)
+  ]
   return io.fingerprint(task, files)[:_HASH_CHARS]
 
 
@@ -348,8 +363,9 @@ def make_config(
   stem = re.sub(r"[^a-z0-9]+", "_", task.lower()).strip("_") or "task"
   return LocoLocalConfig(
       name=f"loco_{stem}_{table}_{fingerprint(queries, documents, task)}",
-      description=f"{table} of LoCoV1 task {task!r} from {queries} and"
-      f" {documents}",
+      description=(
+          f"{table} of LoCoV1 task {task!r} from {queries} and {documents}"
+      ),
       table=table,
       task=task,
       queries_source=queries,
@@ -414,7 +430,8 @@ def prepare(
   Read it with `as_data_source(split)`: "full", or "test" for qrels.
   """
   return tfds_beir.prepare_builder(
-      LocoLocal, make_config(queries, documents, task, table), data_dir)
+      LocoLocal, make_config(queries, documents, task, table), data_dir
+  )
 
 
 def load_loco_tfds(
@@ -445,7 +462,10 @@ def load_loco_tfds(
     _read_loco_cached.cache_clear()
   rows = [beir.QrelsRow(*row) for row in zip(*columns)]
   qrels = beir.qrels_from_rows(
-      os.path.abspath(os.fspath(queries)), rows, query_ids, doc_ids,
+      os.path.abspath(os.fspath(queries)),
+      rows,
+      query_ids,
+      doc_ids,
       on_unknown="error",
   )
   return beir.BeirCollection(

@@ -149,9 +149,7 @@ def _class_body(pairs: list[tuple[int, int]]) -> str:
 _ASTRAL = "\\U00010000-\\U0010ffff"
 
 
-def _split_class(
-    ranges: str, negate: bool = False, runs: bool = False
-) -> str:
+def _split_class(ranges: str, negate: bool = False, runs: bool = False) -> str:
   """A regex matching one character of hex `ranges` (or, negated, not).
 
   Python's regex tests astral ranges one by one per character; behind a
@@ -201,9 +199,7 @@ _EXTRA_LOWERCASE = {
     for cp in range(first, last + 1)
 }
 _EXTRA_LOWERCASE_RE = re.compile(
-    _split_class(
-        " ".join(f"{a:X}-{b:X}" for a, b, _ in _EXTRA_LOWERCASE_RUNS)
-    )
+    _split_class(" ".join(f"{a:X}-{b:X}" for a, b, _ in _EXTRA_LOWERCASE_RUNS))
 )
 
 

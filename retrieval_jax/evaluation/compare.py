@@ -23,8 +23,9 @@ def load_per_query(path) -> dict[str, dict[str, float]]:
   return json.loads(path.read_text())
 
 
-def randomization_p(diff_n: np.ndarray, *, samples: int = 100_000,
-                    seed: int = 0) -> float:
+def randomization_p(
+    diff_n: np.ndarray, *, samples: int = 100_000, seed: int = 0
+) -> float:
   """Two-sided p of the paired sign-flip test on differences `diff_n`.
 
   p = P(|mean(s * diff)| >= |mean(diff)|) over random signs s; exact for
@@ -45,8 +46,9 @@ def randomization_p(diff_n: np.ndarray, *, samples: int = 100_000,
   return (hits + 1) / (samples + 1)
 
 
-def compare(a: dict[str, float], b: dict[str, float], *,
-            samples: int = 100_000) -> dict[str, float]:
+def compare(
+    a: dict[str, float], b: dict[str, float], *, samples: int = 100_000
+) -> dict[str, float]:
   """Paired comparison of per-query values {query id: value} of A and B.
 
   Returns:
@@ -55,6 +57,7 @@ def compare(a: dict[str, float], b: dict[str, float], *,
     and the t-test's is nan for a single query.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   common = sorted(set(a) & set(b))
   if not common:
     raise ValueError("the two runs share no query")
@@ -62,12 +65,22 @@ def compare(a: dict[str, float], b: dict[str, float], *,
   b_n = np.array([b[q] for q in common], np.float64)
   diff_n = b_n - a_n
   same = not np.any(diff_n)
-  return {"queries": len(common), "mean_a": float(a_n.mean()),
-          "mean_b": float(b_n.mean()), "delta": float(diff_n.mean()),
-          "p_ttest": 1.0 if same else float("nan") if len(common) < 2 else
-                     float(stats.ttest_rel(b_n, a_n).pvalue),
-          "p_randomization": 1.0 if same else randomization_p(
-              diff_n, samples=samples)}
+  return {
+      "queries": len(common),
+      "mean_a": float(a_n.mean()),
+      "mean_b": float(b_n.mean()),
+      "delta": float(diff_n.mean()),
+      "p_ttest": (
+          1.0
+          if same
+          else float("nan")
+          if len(common) < 2
+          else float(stats.ttest_rel(b_n, a_n).pvalue)
+      ),
+      "p_randomization": (
+          1.0 if same else randomization_p(diff_n, samples=samples)
+      ),
+  }
 
 
 def main(argv: list[str]) -> int:
@@ -82,9 +95,11 @@ def main(argv: list[str]) -> int:
       print(f"error: measure {measure!r} is not in both runs", file=sys.stderr)
       return 2
     r = compare(a[measure], b[measure])
-    print(f"{measure:<12} A {r['mean_a']:.4f}  B {r['mean_b']:.4f}  "
-          f"B-A {r['delta']:+.4f}  p(t) {r['p_ttest']:.4g}  "
-          f"p(rand) {r['p_randomization']:.4g}  ({r['queries']} queries)")
+    print(
+        f"{measure:<12} A {r['mean_a']:.4f}  B {r['mean_b']:.4f}  "
+        f"B-A {r['delta']:+.4f}  p(t) {r['p_ttest']:.4g}  "
+        f"p(rand) {r['p_randomization']:.4g}  ({r['queries']} queries)"
+    )
   return 0
 
 

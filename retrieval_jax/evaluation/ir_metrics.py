@@ -19,13 +19,21 @@ import numpy as np
 
 from retrieval_jax.search import trec_order
 
-DEFAULT_MEASURES = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map",
-                    "p@10")
+DEFAULT_MEASURES = (
+    "ndcg@10",
+    "recall@10",
+    "recall@100",
+    "mrr@10",
+    "map",
+    "p@10",
+)
 
 _OPTIONAL_CUT = ("ndcg", "mrr", "map")  # recall and p need a cut-off
 _MEASURE_RE = re.compile(r"^(ndcg|recall|mrr|map|p)(?:@([0-9]+))?$")
-_ACCEPTED_FORMS = ("'ndcg', 'ndcg@K', 'recall@K', 'mrr', 'mrr@K', 'map', "
-                   "'map@K', 'p@K' (K a positive integer)")
+_ACCEPTED_FORMS = (
+    "'ndcg', 'ndcg@K', 'recall@K', 'mrr', 'mrr@K', 'map', "
+    "'map@K', 'p@K' (K a positive integer)"
+)
 DocScores = trec_order.DocScores
 trec_eval_sorted = trec_order.trec_eval_sorted
 # Elements of one [chunk, K] comparison block: ~16 MB of float32 scores.
@@ -35,6 +43,7 @@ _COMPARE_BLOCK = 1 << 22
 @dataclasses.dataclass(frozen=True)
 class Measure:
   """A parsed measure: family ("ndcg", "recall", ...) and k (None: uncut)."""
+
   family: str
   k: int | None
 
@@ -48,7 +57,8 @@ def parse_measure(name: str) -> Measure:
     if (k is None and family in _OPTIONAL_CUT) or (k is not None and k >= 1):
       return Measure(family, k)
   raise ValueError(
-      f"Unknown measure {name!r}; accepted forms: {_ACCEPTED_FORMS}.")
+      f"Unknown measure {name!r}; accepted forms: {_ACCEPTED_FORMS}."
+  )
 
 
 def to_pytrec_eval_name(name: str) -> str:
@@ -59,8 +69,9 @@ def to_pytrec_eval_name(name: str) -> str:
   measure = parse_measure(name)
   if measure.family == "mrr":
     return "recip_rank"
-  base = {"ndcg": "ndcg_cut", "recall": "recall", "map": "map_cut",
-          "p": "P"}[measure.family]
+  base = {"ndcg": "ndcg_cut", "recall": "recall", "map": "map_cut", "p": "P"}[
+      measure.family
+  ]
   if measure.k is None:
     return measure.family  # "ndcg" or "map"
   return f"{base}_{measure.k}"
@@ -73,8 +84,9 @@ def to_pytrec_eval_request(name: str) -> str:
   return f"{head}.{tail}" if tail.isdigit() else key
 
 
-def truncate_run(run: Mapping[str, Mapping[str, float]],
-                 k: int) -> dict[str, dict[str, float]]:
+def truncate_run(
+    run: Mapping[str, Mapping[str, float]], k: int
+) -> dict[str, dict[str, float]]:
   """Cuts every query of a {qid: {doc: score}} run to its top k (`-M k`)."""
   return {qid: dict(trec_eval_sorted(docs, k)) for qid, docs in run.items()}
 
@@ -93,8 +105,9 @@ def dcg_at_k(gains_qk: np.ndarray, k: int | None = None) -> np.ndarray:
   return (gains_qk / _discounts(gains_qk.shape[1])).sum(axis=-1)
 
 
-def ndcg_at_k(gains_qk: np.ndarray, ideal_gains_qr: np.ndarray,
-              k: int | None = None) -> np.ndarray:
+def ndcg_at_k(
+    gains_qk: np.ndarray, ideal_gains_qr: np.ndarray, k: int | None = None
+) -> np.ndarray:
   """float64 [Q] nDCG@k = DCG@k / ideal DCG@k, 0 where the ideal is 0.
 
   ideal_gains_qr [Q, R]: all positive qrels labels, descending, 0-padded.
@@ -110,17 +123,20 @@ def precision_at_k(relevant_qk: np.ndarray, k: int) -> np.ndarray:
   return np.asarray(relevant_qk)[:, :k].sum(axis=-1) / float(k)
 
 
-def recall_at_k(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
-                k: int | None = None) -> np.ndarray:
+def recall_at_k(
+    relevant_qk: np.ndarray, num_relevant_q: np.ndarray, k: int | None = None
+) -> np.ndarray:
   """float64 [Q] recall@k = |relevant in the top k| / R, 0 where R = 0."""
   hits_q = np.asarray(relevant_qk)[:, :k].sum(axis=-1)
   num_relevant_q = np.asarray(num_relevant_q)
-  return np.where(num_relevant_q > 0,
-                  hits_q / np.maximum(num_relevant_q, 1), 0.0)
+  return np.where(
+      num_relevant_q > 0, hits_q / np.maximum(num_relevant_q, 1), 0.0
+  )
 
 
-def reciprocal_rank(relevant_qk: np.ndarray,
-                    k: int | None = None) -> np.ndarray:
+def reciprocal_rank(
+    relevant_qk: np.ndarray, k: int | None = None
+) -> np.ndarray:
   """float64 [Q] 1 / rank of the first relevant doc in the top k, else 0."""
   relevant_qk = np.asarray(relevant_qk, bool)[:, :k]
   if relevant_qk.shape[1] == 0:
@@ -129,8 +145,9 @@ def reciprocal_rank(relevant_qk: np.ndarray,
   return np.where(relevant_qk.any(axis=-1), 1.0 / (first_q + 1.0), 0.0)
 
 
-def average_precision(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
-                      k: int | None = None) -> np.ndarray:
+def average_precision(
+    relevant_qk: np.ndarray, num_relevant_q: np.ndarray, k: int | None = None
+) -> np.ndarray:
   """float64 [Q] AP@k = (1/R) Σ_{relevant r <= k} P@r, 0 where R = 0.
 
   Relevant documents not in the top k still count in R (trec_eval's).
@@ -140,21 +157,29 @@ def average_precision(relevant_qk: np.ndarray, num_relevant_q: np.ndarray,
   precision_qk = np.cumsum(relevant_qk, axis=-1) / ranks_k
   sum_q = np.where(relevant_qk, precision_qk, 0.0).sum(axis=-1)
   num_relevant_q = np.asarray(num_relevant_q)
-  return np.where(num_relevant_q > 0,
-                  sum_q / np.maximum(num_relevant_q, 1), 0.0)
+  return np.where(
+      num_relevant_q > 0, sum_q / np.maximum(num_relevant_q, 1), 0.0
+  )
 
 
-def ranked_judgments(rows_j: np.ndarray, ranks_j: np.ndarray,
-                     labels_j: np.ndarray, num_queries: int, depth: int,
-                     relevance_level: int = 1
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def ranked_judgments(
+    rows_j: np.ndarray,
+    ranks_j: np.ndarray,
+    labels_j: np.ndarray,
+    num_queries: int,
+    depth: int,
+    relevance_level: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
   """(gains_qk float64, relevant_qk bool) [Q, K = depth] from judgments [J].
 
   ranks_j: 1-based rank in the run, 0 if not retrieved; gains max(label, 0).
   """
   keep_j = (ranks_j > 0) & (ranks_j <= depth)
-  rows_j, cols_j, labels_j = rows_j[keep_j], ranks_j[keep_j] - 1, labels_j[
-      keep_j]
+  rows_j, cols_j, labels_j = (
+      rows_j[keep_j],
+      ranks_j[keep_j] - 1,
+      labels_j[keep_j],
+  )
   gains_qk = np.zeros((num_queries, depth), np.float64)
   relevant_qk = np.zeros((num_queries, depth), bool)
   gains_qk[rows_j, cols_j] = np.maximum(labels_j, 0)
@@ -162,8 +187,9 @@ def ranked_judgments(rows_j: np.ndarray, ranks_j: np.ndarray,
   return gains_qk, relevant_qk
 
 
-def ideal_gains(rows_j: np.ndarray, labels_j: np.ndarray,
-                num_queries: int) -> np.ndarray:
+def ideal_gains(
+    rows_j: np.ndarray, labels_j: np.ndarray, num_queries: int
+) -> np.ndarray:
   """float64 [Q, R]: each query's positive labels, descending, 0-padded."""
   positive_j = labels_j > 0
   rows_p, labels_p = rows_j[positive_j], labels_j[positive_j]
@@ -178,16 +204,25 @@ def ideal_gains(rows_j: np.ndarray, labels_j: np.ndarray,
   return ideal_qr
 
 
-def num_relevant(rows_j: np.ndarray, labels_j: np.ndarray, num_queries: int,
-                 relevance_level: int = 1) -> np.ndarray:
+def num_relevant(
+    rows_j: np.ndarray,
+    labels_j: np.ndarray,
+    num_queries: int,
+    relevance_level: int = 1,
+) -> np.ndarray:
   """int64 [Q] R: judgments with label >= relevance_level."""
-  return np.bincount(rows_j[labels_j >= relevance_level],
-                     minlength=num_queries).astype(np.int64)
+  return np.bincount(
+      rows_j[labels_j >= relevance_level], minlength=num_queries
+  ).astype(np.int64)
 
 
-def _measure_values(measure: Measure, gains_qk: np.ndarray,
-                    relevant_qk: np.ndarray, ideal_qr: np.ndarray,
-                    num_relevant_q: np.ndarray) -> np.ndarray:
+def _measure_values(
+    measure: Measure,
+    gains_qk: np.ndarray,
+    relevant_qk: np.ndarray,
+    ideal_qr: np.ndarray,
+    num_relevant_q: np.ndarray,
+) -> np.ndarray:
   k = measure.k
   if measure.family == "ndcg":
     return ndcg_at_k(gains_qk, ideal_qr, k)
@@ -203,10 +238,14 @@ def _measure_values(measure: Measure, gains_qk: np.ndarray,
 # Dict layer: {qid: {docid: ...}} mappings to the arrays above.
 
 
-def _tie_offsets(run: Mapping[str, Mapping[str, float]],
-                 qids: Sequence[str], scores_qk: np.ndarray,
-                 rows_t: np.ndarray, docs_t: Sequence[str],
-                 scores_t: np.ndarray) -> np.ndarray:
+def _tie_offsets(
+    run: Mapping[str, Mapping[str, float]],
+    qids: Sequence[str],
+    scores_qk: np.ndarray,
+    rows_t: np.ndarray,
+    docs_t: Sequence[str],
+    scores_t: np.ndarray,
+) -> np.ndarray:
   """int64 [T]: per tied judged doc, the equal-score docs with a larger id.
 
   Each tie group (row, score) is found once, its ids sorted and members
@@ -216,8 +255,11 @@ def _tie_offsets(run: Mapping[str, Mapping[str, float]],
   # Tie groups: distinct (row, float32 bits) keys. Adding +0 turns -0.0 into
   # 0.0, which trec_eval's float comparison treats as equal.
   bits_t = (scores_t + np.float32(0)).view(np.uint32).astype(np.int64)
-  _, first_g, group_t = np.unique(rows_t.astype(np.int64) << 32 | bits_t,
-                                  return_index=True, return_inverse=True)
+  _, first_g, group_t = np.unique(
+      rows_t.astype(np.int64) << 32 | bits_t,
+      return_index=True,
+      return_inverse=True,
+  )
   rows_g, scores_g = rows_t[first_g], scores_t[first_g]
   sorted_ids_g = []
   row_ids = {}  # row -> its doc ids in column order
@@ -233,17 +275,25 @@ def _tie_offsets(run: Mapping[str, Mapping[str, float]],
       ids = row_ids.get(row)
       if ids is None:
         ids = row_ids[row] = list(run[qids[row]])
-      sorted_ids_g.append(sorted([ids[k] for k in cols[offset:offset + size]]))
+      sorted_ids_g.append(
+          sorted([ids[k] for k in cols[offset : offset + size]])
+      )
       offset += size
   return np.fromiter(
-      (len(sorted_ids_g[g]) - bisect.bisect_right(sorted_ids_g[g], doc)
-       for g, doc in zip(group_t.tolist(), docs_t)), np.int64, len(docs_t))
+      (
+          len(sorted_ids_g[g]) - bisect.bisect_right(sorted_ids_g[g], doc)
+          for g, doc in zip(group_t.tolist(), docs_t)
+      ),
+      np.int64,
+      len(docs_t),
+  )
 
 
-def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
-                  run: Mapping[str, Mapping[str, float]],
-                  qids: Sequence[str]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _judged_ranks(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, Mapping[str, float]],
+    qids: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """int64 [J] (rows_j, labels_j, ranks_j) of the judgments of `qids`.
 
   ranks_j is the 1-based trec_eval rank in the run, 0 if not retrieved.
@@ -256,10 +306,12 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
   scores_qk[np.arange(depth) < lengths_q[:, None]] = trec_order.as_float32(
       np.fromiter(
           itertools.chain.from_iterable(run[q].values() for q in qids),
-          np.float64, int(lengths_q.sum())))
+          np.float64,
+          int(lengths_q.sum()),
+      )
+  )
   if np.isnan(scores_qk).sum() != scores_qk.size - lengths_q.sum():
-    raise ValueError("run scores must not be NaN (trec_eval cannot order "
-                     "them)")
+    raise ValueError("run scores must not be NaN (trec_eval cannot order them)")
 
   # Judgments flattened in qrels order; only J entries are looked up by id.
   judged = [(qrels[q], run[q]) for q in qids]
@@ -267,21 +319,28 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
   rows_j = np.repeat(np.arange(num_queries), counts_q)
   docs_j = list(itertools.chain.from_iterable(j for j, _ in judged))
   labels_j = np.fromiter(
-      itertools.chain.from_iterable(j.values() for j, _ in judged), np.int64,
-      len(docs_j))
+      itertools.chain.from_iterable(j.values() for j, _ in judged),
+      np.int64,
+      len(docs_j),
+  )
   # Score of each judged document in its query's run (NaN: not retrieved).
   nan = float("nan")
-  judged_scores_j = trec_order.as_float32(np.fromiter(
-      itertools.chain.from_iterable(
-          map(r.get, j, itertools.repeat(nan)) for j, r in judged),
-      np.float64, len(docs_j)))
+  judged_scores_j = trec_order.as_float32(
+      np.fromiter(
+          itertools.chain.from_iterable(
+              map(r.get, j, itertools.repeat(nan)) for j, r in judged
+          ),
+          np.float64,
+          len(docs_j),
+      )
+  )
 
   ranks_j = np.zeros(len(docs_j), np.int64)
   retrieved = np.flatnonzero(~np.isnan(judged_scores_j))
   tied = []
   chunk = max(_COMPARE_BLOCK // depth, 1)
   for start in range(0, len(retrieved), chunk):
-    idx = retrieved[start:start + chunk]
+    idx = retrieved[start : start + chunk]
     row_scores_ck = scores_qk[rows_j[idx]]
     score_c = judged_scores_j[idx, None]
     ranks_j[idx] = 1 + (row_scores_ck > score_c).sum(axis=-1)
@@ -290,17 +349,23 @@ def _judged_ranks(qrels: Mapping[str, Mapping[str, int]],
     tied.append(idx[num_equal_c > 1])
   tied = np.concatenate(tied) if tied else np.zeros(0, np.int64)
   if len(tied):
-    ranks_j[tied] += _tie_offsets(run, qids, scores_qk, rows_j[tied],
-                                  [docs_j[j] for j in tied],
-                                  judged_scores_j[tied])
+    ranks_j[tied] += _tie_offsets(
+        run,
+        qids,
+        scores_qk,
+        rows_j[tied],
+        [docs_j[j] for j in tied],
+        judged_scores_j[tied],
+    )
   return rows_j, labels_j, ranks_j
 
 
-def evaluate(qrels: Mapping[str, Mapping[str, int]],
-             run: Mapping[str, Mapping[str, float]],
-             measures: Sequence[str] = DEFAULT_MEASURES,
-             relevance_level: int = 1
-             ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def evaluate(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, Mapping[str, float]],
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    relevance_level: int = 1,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
   """Evaluates a run {qid: {doc: score}} against qrels {qid: {doc: int label}}.
 
   Returns (means, per_query): means[name] over the queries in run ∩ qrels,
@@ -320,17 +385,20 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]],
   rows_j, labels_j, ranks_j = _judged_ranks(qrels, run, qids)
 
   depth = max(int(ranks_j.max(initial=0)), 1)  # deeper columns are all 0
-  gains_qk, relevant_qk = ranked_judgments(rows_j, ranks_j, labels_j,
-                                           num_queries, depth,
-                                           relevance_level)
-  num_relevant_q = num_relevant(rows_j, labels_j, num_queries,
-                                relevance_level)
-  ideal_qr = (ideal_gains(rows_j, labels_j, num_queries)
-              if any(m.family == "ndcg" for m in parsed.values()) else None)
+  gains_qk, relevant_qk = ranked_judgments(
+      rows_j, ranks_j, labels_j, num_queries, depth, relevance_level
+  )
+  num_relevant_q = num_relevant(rows_j, labels_j, num_queries, relevance_level)
+  ideal_qr = (
+      ideal_gains(rows_j, labels_j, num_queries)
+      if any(m.family == "ndcg" for m in parsed.values())
+      else None
+  )
   means, per_query = {}, {}
   for name, measure in parsed.items():
-    values_q = _measure_values(measure, gains_qk, relevant_qk, ideal_qr,
-                               num_relevant_q)
+    values_q = _measure_values(
+        measure, gains_qk, relevant_qk, ideal_qr, num_relevant_q
+    )
     means[name] = float(values_q.mean())
     per_query[name] = dict(zip(qids, values_q.tolist()))
   return means, per_query

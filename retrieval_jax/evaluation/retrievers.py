@@ -28,8 +28,16 @@ from retrieval_jax import errors
 from retrieval_jax import io
 from retrieval_jax.evaluation import evaluators
 
-KINDS = ("dense", "bm25", "hybrid", "dense_prf", "splade", "inference_free",
-         "colbert", "rerank")
+KINDS = (
+    "dense",
+    "bm25",
+    "hybrid",
+    "dense_prf",
+    "splade",
+    "inference_free",
+    "colbert",
+    "rerank",
+)
 # Retrievers that embed with a dense encoder (a pretrained model or a
 # trained bi-encoder run).
 DENSE_KINDS = ("dense", "hybrid", "dense_prf")
@@ -42,8 +50,9 @@ class RetrieverError(errors.ConfigError):
   """A `config.retriever` value is wrong; the message names the key."""
 
 
-def _latency_ms(search_one: Callable[[int], Any], num_queries: int,
-                limit: int) -> float:
+def _latency_ms(
+    search_one: Callable[[int], Any], num_queries: int, limit: int
+) -> float:
   """Mean ms of `search_one(i)` over the first `limit` queries, warmed up."""
   n = min(limit, num_queries)
   if n < 1:
@@ -58,14 +67,23 @@ def _latency_ms(search_one: Callable[[int], Any], num_queries: int,
 def _dense_cache_key(config, evaluator) -> str:
   model = config.model
   return io.fingerprint(
-      [model.pretrained, model.pooling, str(model.normalize), model.dtype,
-       str(model.max_length), model.get("checkpoint", "")],
-      list(evaluator.collection.doc_ids), evaluator.collection.doc_texts(),
-      evaluator.query_texts)[:16]
+      [
+          model.pretrained,
+          model.pooling,
+          str(model.normalize),
+          model.dtype,
+          str(model.max_length),
+          model.get("checkpoint", ""),
+      ],
+      list(evaluator.collection.doc_ids),
+      evaluator.collection.doc_texts(),
+      evaluator.query_texts,
+  )[:16]
 
 
-def dense_embeddings(config, evaluator, encoder_fn, workdir
-                     ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def dense_embeddings(
+    config, evaluator, encoder_fn, workdir
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
   """The corpus and query embeddings, from the workdir cache if present.
 
   Args:
@@ -84,135 +102,176 @@ def dense_embeddings(config, evaluator, encoder_fn, workdir
   if path.is_file():
     with np.load(path) as f:
       logging.info("dense embeddings from %s", path)
-      return (f["docs_nd"], f["queries_qd"],
-              json.loads(str(f["timing"])))
+      return (f["docs_nd"], f["queries_qd"], json.loads(str(f["timing"])))
   docs_nd, queries_qd, timing = evaluator.encode(
-      encoder_fn(), batch_size=config.encode.batch_size,
+      encoder_fn(),
+      batch_size=config.encode.batch_size,
       pad_multiple=config.encode.pad_multiple,
-      sort_by_length=config.encode.sort_by_length)
-  io.save_npz_atomic(path, docs_nd=docs_nd.astype(np.float32),
-                     queries_qd=queries_qd.astype(np.float32),
-                     timing=json.dumps(timing))
+      sort_by_length=config.encode.sort_by_length,
+  )
+  io.save_npz_atomic(
+      path,
+      docs_nd=docs_nd.astype(np.float32),
+      queries_qd=queries_qd.astype(np.float32),
+      timing=json.dumps(timing),
+  )
   return docs_nd, queries_qd, timing
 
 
 def _dense_search(config, docs_nd, queries_qd, k, mesh):
   from retrieval_jax.search import exact_topk  # pylint: disable=g-import-not-at-top
+
   corpus = exact_topk.encode_corpus(
-      docs_nd, metric=config.search.metric,
-      chunk_size=config.search.chunk_size, mesh=mesh)
+      docs_nd,
+      metric=config.search.metric,
+      chunk_size=config.search.chunk_size,
+      mesh=mesh,
+  )
   start = time.perf_counter()
   scores_qk, indices_qk = exact_topk.search(corpus, queries_qd, k)
   search_s = time.perf_counter() - start
   latency = _latency_ms(
-      lambda i: exact_topk.search(corpus, queries_qd[i:i + 1], k),
-      len(queries_qd), config.retriever.latency_queries)
+      lambda i: exact_topk.search(corpus, queries_qd[i : i + 1], k),
+      len(queries_qd),
+      config.retriever.latency_queries,
+  )
   return scores_qk, indices_qk, search_s, latency
 
 
 def _dense(config, evaluator, encoder_fn, mesh, workdir):
-  docs_nd, queries_qd, timing = dense_embeddings(config, evaluator,
-                                                 encoder_fn, workdir)
+  docs_nd, queries_qd, timing = dense_embeddings(
+      config, evaluator, encoder_fn, workdir
+  )
   scores_qk, indices_qk, timing["search_s"], latency = _dense_search(
-      config, docs_nd, queries_qd, evaluator.top_k, mesh)
-  stats = {"index_bytes": int(docs_nd.astype(np.float32).nbytes),
-           "search_ms_per_query": latency,
-           "encode_ms_per_query": 1e3 * timing["encode_queries_s"] /
-                                  len(queries_qd)}
+      config, docs_nd, queries_qd, evaluator.top_k, mesh
+  )
+  stats = {
+      "index_bytes": int(docs_nd.astype(np.float32).nbytes),
+      "search_ms_per_query": latency,
+      "encode_ms_per_query": 1e3 * timing["encode_queries_s"] / len(queries_qd),
+  }
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
 
 def _bm25(config, evaluator, encoder_fn, mesh, workdir):
   del encoder_fn, mesh, workdir
   from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
+
   index = bm25.Bm25Index.build(evaluator.collection.doc_texts())
   texts = evaluator.query_texts
   start = time.perf_counter()
   scores_qk, indices_qk = index.search(texts, evaluator.top_k)
-  timing = {"index_s": index.build_s,
-            "search_s": time.perf_counter() - start}
+  timing = {"index_s": index.build_s, "search_s": time.perf_counter() - start}
   # Tokenising the query is BM25's "query encoding"; it is inside search.
-  stats = {"index_bytes": index.size_bytes(),
-           "search_ms_per_query": _latency_ms(
-               lambda i: index.search(texts[i:i + 1], evaluator.top_k),
-               len(texts), config.retriever.latency_queries),
-           "encode_ms_per_query": 0.0}
+  stats = {
+      "index_bytes": index.size_bytes(),
+      "search_ms_per_query": _latency_ms(
+          lambda i: index.search(texts[i : i + 1], evaluator.top_k),
+          len(texts),
+          config.retriever.latency_queries,
+      ),
+      "encode_ms_per_query": 0.0,
+  }
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
 
 def _hybrid(config, evaluator, encoder_fn, mesh, workdir):
   from retrieval_jax.search import fusion  # pylint: disable=g-import-not-at-top
+
   r = config.retriever
   dense, dense_stats = _dense(config, evaluator, encoder_fn, mesh, workdir)
   sparse, sparse_stats = _bm25(config, evaluator, encoder_fn, mesh, workdir)
   start = time.perf_counter()
   run = fusion.interpolate(
-      _cut(dense.run, r.fusion_depth), _cut(sparse.run, r.fusion_depth),
-      alpha=r.alpha, normalization=r.normalization,
-      weight_on_dense=r.weight_on_dense, k=evaluator.top_k)
+      _cut(dense.run, r.fusion_depth),
+      _cut(sparse.run, r.fusion_depth),
+      alpha=r.alpha,
+      normalization=r.normalization,
+      weight_on_dense=r.weight_on_dense,
+      k=evaluator.top_k,
+  )
   fuse_s = time.perf_counter() - start
   timing = {"dense_" + k: v for k, v in dense.timing.items()}
   timing.update({"bm25_" + k: v for k, v in sparse.timing.items()})
   timing["fuse_s"] = fuse_s
   n = len(evaluator.query_ids)
-  stats = {"index_bytes": dense_stats["index_bytes"] +
-                          sparse_stats["index_bytes"],
-           # The two searches run one after the other, then the fusion.
-           "search_ms_per_query": dense_stats["search_ms_per_query"] +
-                                  sparse_stats["search_ms_per_query"] +
-                                  1e3 * fuse_s / n,
-           "encode_ms_per_query": dense_stats["encode_ms_per_query"],
-           "parts": {"dense": dense.metrics, "bm25": sparse.metrics}}
+  stats = {
+      "index_bytes": dense_stats["index_bytes"] + sparse_stats["index_bytes"],
+      # The two searches run one after the other, then the fusion.
+      "search_ms_per_query": (
+          dense_stats["search_ms_per_query"]
+          + sparse_stats["search_ms_per_query"]
+          + 1e3 * fuse_s / n
+      ),
+      "encode_ms_per_query": dense_stats["encode_ms_per_query"],
+      "parts": {"dense": dense.metrics, "bm25": sparse.metrics},
+  }
   return evaluator.score_run(run, timing), stats
 
 
 def _cut(run, depth):
   from retrieval_jax.evaluation import ir_metrics  # pylint: disable=g-import-not-at-top
+
   return ir_metrics.truncate_run(run, depth) if depth else run
 
 
 def _dense_prf(config, evaluator, encoder_fn, mesh, workdir):
   from retrieval_jax.search import prf  # pylint: disable=g-import-not-at-top
+
   r = config.retriever
-  docs_nd, queries_qd, timing = dense_embeddings(config, evaluator,
-                                                 encoder_fn, workdir)
+  docs_nd, queries_qd, timing = dense_embeddings(
+      config, evaluator, encoder_fn, workdir
+  )
   k = evaluator.top_k
   first_scores, first_qk, first_s, first_ms = _dense_search(
-      config, docs_nd, queries_qd, k, mesh)
+      config, docs_nd, queries_qd, k, mesh
+  )
   del first_scores
-  depth = max(r.prf_k, r.prf_k_bottom) if r.prf_method == "rocchio" else (
-      r.prf_k)
+  depth = (
+      max(r.prf_k, r.prf_k_bottom) if r.prf_method == "rocchio" else (r.prf_k)
+  )
   # Rocchio's bottom k are the last of the first pass's top `prf_depth`.
-  feedback_qk = np.asarray(first_qk)[:, :max(depth, r.prf_depth)]
+  feedback_qk = np.asarray(first_qk)[:, : max(depth, r.prf_depth)]
   start = time.perf_counter()
   if r.prf_method == "average":
     new_qd = prf.average_prf(queries_qd, docs_nd, feedback_qk, k=r.prf_k)
   else:
     new_qd = prf.rocchio_prf(
-        queries_qd, docs_nd, feedback_qk, alpha=r.prf_alpha,
-        beta=r.prf_beta, gamma=r.prf_gamma, k_top=r.prf_k,
-        k_bottom=r.prf_k_bottom)
+        queries_qd,
+        docs_nd,
+        feedback_qk,
+        alpha=r.prf_alpha,
+        beta=r.prf_beta,
+        gamma=r.prf_gamma,
+        k_top=r.prf_k,
+        k_bottom=r.prf_k_bottom,
+    )
   new_qd = np.asarray(new_qd)
   prf_s = time.perf_counter() - start
   scores_qk, indices_qk, second_s, second_ms = _dense_search(
-      config, docs_nd, new_qd, k, mesh)
+      config, docs_nd, new_qd, k, mesh
+  )
   timing.update(first_search_s=first_s, prf_s=prf_s, search_s=second_s)
-  stats = {"index_bytes": int(docs_nd.astype(np.float32).nbytes),
-           "search_ms_per_query": first_ms + second_ms +
-                                  1e3 * prf_s / len(queries_qd),
-           "encode_ms_per_query": 1e3 * timing["encode_queries_s"] /
-                                  len(queries_qd)}
+  stats = {
+      "index_bytes": int(docs_nd.astype(np.float32).nbytes),
+      "search_ms_per_query": (
+          first_ms + second_ms + 1e3 * prf_s / len(queries_qd)
+      ),
+      "encode_ms_per_query": 1e3 * timing["encode_queries_s"] / len(queries_qd),
+  }
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
 
 def _trained(config, key: str, kind: str, mesh):
   """(model, tokenizer, run config, step) of `config.retriever.<key>`."""
   from retrieval_jax import kinds  # pylint: disable=g-import-not-at-top
+
   path = config.retriever.get(key, "")
   if not path:
     raise RetrieverError(
         f"config.retriever.{key} is empty: set it to the workdir of a "
-        f"configs/train.py:scifact,{kind} run")
+        f"configs/train.py:scifact,{kind} run"
+    )
   try:
     return kinds.load_run(path, mesh, kinds=(kind,))
   except (FileNotFoundError, ValueError) as e:
@@ -223,9 +282,14 @@ def _sparse_cache(config, evaluator, key, workdir, step):
   cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
   cache_dir.mkdir(parents=True, exist_ok=True)
   digest = io.fingerprint(
-      [str(pathlib.Path(config.retriever[key]).resolve()), str(step),
-       str(config.model.max_length), str(config.retriever.top_terms)],
-      list(evaluator.collection.doc_ids), evaluator.collection.doc_texts()
+      [
+          str(pathlib.Path(config.retriever[key]).resolve()),
+          str(step),
+          str(config.model.max_length),
+          str(config.retriever.top_terms),
+      ],
+      list(evaluator.collection.doc_ids),
+      evaluator.collection.doc_texts(),
   )[:16]
   return cache_dir / f"sparse_{digest}.npz"
 
@@ -238,11 +302,16 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
   from retrieval_jax.kinds import splade as splade_kind  # pylint: disable=g-import-not-at-top
   from retrieval_jax.data import features  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
+
   key = "splade_workdir" if kind == "splade" else "inference_free_workdir"
   model, tokenizer, _, step = _trained(config, key, kind, mesh)
   encoder = encoding.SparseEncoder.from_model(
-      model, tokenizer, mesh, max_length=config.model.max_length,
-      top_terms=config.retriever.top_terms)
+      model,
+      tokenizer,
+      mesh,
+      max_length=config.model.max_length,
+      top_terms=config.retriever.top_terms,
+  )
   timing = {}
   cache = _sparse_cache(config, evaluator, key, workdir, step)
   if cache.is_file():
@@ -250,34 +319,47 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
     logging.info("sparse index from %s", cache)
   else:
     start = time.perf_counter()
-    docs_nv = encoder.encode(evaluator.collection.doc_texts(),
-                             batch_size=config.encode.batch_size,
-                             desc=f"{kind}: corpus")
+    docs_nv = encoder.encode(
+        evaluator.collection.doc_texts(),
+        batch_size=config.encode.batch_size,
+        desc=f"{kind}: corpus",
+    )
     timing["encode_corpus_s"] = time.perf_counter() - start
-    index = sparse_index.SparseIndex(docs_nv.tocsc(), docs_nv.shape[0],
-                                     docs_nv.shape[1])
+    index = sparse_index.SparseIndex(
+        docs_nv.tocsc(), docs_nv.shape[0], docs_nv.shape[1]
+    )
     sparse_index.save(index, cache)
   texts = evaluator.query_texts
   start = time.perf_counter()
   if kind == "splade":
-    queries_qv = encoder.encode(texts, batch_size=config.encode.batch_size,
-                                desc=f"{kind}: queries")
+    queries_qv = encoder.encode(
+        texts, batch_size=config.encode.batch_size, desc=f"{kind}: queries"
+    )
   else:
     # idf of the collection being searched (document frequencies of the
     # WordPiece tokens over its corpus).
     idf_v = features.idf_from_corpus(
-        [tokenizer.tokenize_to_ids(t) for t in
-         evaluator.collection.doc_texts()], tokenizer.vocab_size)
+        [
+            tokenizer.tokenize_to_ids(t)
+            for t in evaluator.collection.doc_texts()
+        ],
+        tokenizer.vocab_size,
+    )
     timing["idf_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    queries_qv = scipy.sparse.csr_matrix(features.inference_free_query(
-        [tokenizer.encode(t, config.model.max_length) for t in texts],
-        vocab_size=tokenizer.vocab_size, idf_v=idf_v,
-        special_ids=splade_kind.special_ids(tokenizer)))
+    queries_qv = scipy.sparse.csr_matrix(
+        features.inference_free_query(
+            [tokenizer.encode(t, config.model.max_length) for t in texts],
+            vocab_size=tokenizer.vocab_size,
+            idf_v=idf_v,
+            special_ids=splade_kind.special_ids(tokenizer),
+        )
+    )
   timing["encode_queries_s"] = time.perf_counter() - start
   # Kept for side-by-side latency benchmarks (experiments/retrievers).
-  scipy.sparse.save_npz(pathlib.Path(workdir) / "queries_sparse.npz",
-                        queries_qv.tocsr())
+  scipy.sparse.save_npz(
+      pathlib.Path(workdir) / "queries_sparse.npz", queries_qv.tocsr()
+  )
   (pathlib.Path(workdir) / "sparse_index_path.txt").write_text(str(cache))
   start = time.perf_counter()
   k = evaluator.top_k
@@ -285,15 +367,18 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
   timing["search_s"] = time.perf_counter() - start
   index_stats = sparse_index.stats(index)
   q_terms = np.diff(queries_qv.indptr)
-  stats = {"index_bytes": sparse_index.index_size_bytes(index),
-           "search_ms_per_query": _latency_ms(
-               lambda i: sparse_index.search(index, queries_qv[i:i + 1], k),
-               len(texts), config.retriever.latency_queries),
-           "encode_ms_per_query": 1e3 * timing["encode_queries_s"] /
-                                  len(texts),
-           "terms_per_doc": index_stats["avg_terms_per_doc"],
-           "terms_per_query": float(q_terms.mean()),
-           "checkpoint_step": step}
+  stats = {
+      "index_bytes": sparse_index.index_size_bytes(index),
+      "search_ms_per_query": _latency_ms(
+          lambda i: sparse_index.search(index, queries_qv[i : i + 1], k),
+          len(texts),
+          config.retriever.latency_queries,
+      ),
+      "encode_ms_per_query": 1e3 * timing["encode_queries_s"] / len(texts),
+      "terms_per_doc": index_stats["avg_terms_per_doc"],
+      "terms_per_query": float(q_terms.mean()),
+      "checkpoint_step": step,
+  }
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
 
@@ -301,9 +386,13 @@ def _colbert_embeddings(config, evaluator, encoder, workdir, step):
   cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
   cache_dir.mkdir(parents=True, exist_ok=True)
   digest = io.fingerprint(
-      [str(pathlib.Path(config.retriever.colbert_workdir).resolve()),
-       str(step), str(config.model.max_length)],
-      list(evaluator.collection.doc_ids), evaluator.collection.doc_texts()
+      [
+          str(pathlib.Path(config.retriever.colbert_workdir).resolve()),
+          str(step),
+          str(config.model.max_length),
+      ],
+      list(evaluator.collection.doc_ids),
+      evaluator.collection.doc_texts(),
   )[:16]
   path = cache_dir / f"colbert_{digest}.npz"
   if path.is_file():
@@ -312,11 +401,14 @@ def _colbert_embeddings(config, evaluator, encoder, workdir, step):
       return f["docs_nld"], f["masks_nl"], json.loads(str(f["timing"]))
   start = time.perf_counter()
   docs_nld, masks_nl = encoder.embed_docs(
-      evaluator.collection.doc_texts(), batch_size=config.encode.batch_size,
-      desc="colbert: corpus")
+      evaluator.collection.doc_texts(),
+      batch_size=config.encode.batch_size,
+      desc="colbert: corpus",
+  )
   timing = {"encode_corpus_s": time.perf_counter() - start}
-  io.save_npz_atomic(path, docs_nld=docs_nld, masks_nl=masks_nl,
-                     timing=json.dumps(timing))
+  io.save_npz_atomic(
+      path, docs_nld=docs_nld, masks_nl=masks_nl, timing=json.dumps(timing)
+  )
   return docs_nld, masks_nl, timing
 
 
@@ -324,143 +416,208 @@ def _colbert(config, evaluator, encoder_fn, mesh, workdir):
   """A first stage's top `rerank_depth`, re-ranked by ColBERT's MaxSim."""
   from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import late_interaction  # pylint: disable=g-import-not-at-top
+
   r = config.retriever
-  model, tokenizer, run_cfg, step = _trained(config, "colbert_workdir",
-                                             "colbert", mesh)
+  model, tokenizer, run_cfg, step = _trained(
+      config, "colbert_workdir", "colbert", mesh
+  )
   encoder = encoding.MultiVectorEncoder.from_model(
-      model, tokenizer, mesh, query_maxlen=run_cfg["data"]["query_max_length"],
+      model,
+      tokenizer,
+      mesh,
+      query_maxlen=run_cfg["data"]["query_max_length"],
       doc_maxlen=config.model.max_length,
-      augment=run_cfg["model"]["colbert_augment"])
-  docs_nld, masks_nl, timing = _colbert_embeddings(config, evaluator, encoder,
-                                                   workdir, step)
-  first, first_stats = _RETRIEVERS[r.first_stage](config, evaluator,
-                                                  encoder_fn, mesh, workdir)
+      augment=run_cfg["model"]["colbert_augment"],
+  )
+  docs_nld, masks_nl, timing = _colbert_embeddings(
+      config, evaluator, encoder, workdir, step
+  )
+  first, first_stats = _RETRIEVERS[r.first_stage](
+      config, evaluator, encoder_fn, mesh, workdir
+  )
   texts = evaluator.query_texts
   start = time.perf_counter()
-  queries_qld, q_masks_ql = encoder.embed_queries(texts, desc="colbert: "
-                                                  "queries")
+  queries_qld, q_masks_ql = encoder.embed_queries(
+      texts, desc="colbert: queries"
+  )
   timing["encode_queries_s"] = time.perf_counter() - start
   depth = r.rerank_depth
   scores_qk = first.scores_qk[:, :depth]
   indices_qk = first.indices_qk[:, :depth]
   prune = r.prune_ratio or None
   start = time.perf_counter()
-  out = late_interaction.two_stage(scores_qk, indices_qk, queries_qld,
-                                   q_masks_ql, docs_nld, masks_nl,
-                                   prune_ratio=prune)
+  out = late_interaction.two_stage(
+      scores_qk,
+      indices_qk,
+      queries_qld,
+      q_masks_ql,
+      docs_nld,
+      masks_nl,
+      prune_ratio=prune,
+  )
   timing["rerank_s"] = time.perf_counter() - start
   timing.update({"first_stage_" + k: v for k, v in first.timing.items()})
 
   def one(i):
     # batch=1: a lone query is not padded to a batch of copies.
-    late_interaction.two_stage(scores_qk[i:i + 1], indices_qk[i:i + 1],
-                               queries_qld[i:i + 1], q_masks_ql[i:i + 1],
-                               docs_nld, masks_nl, prune_ratio=prune,
-                               batch=1)
+    late_interaction.two_stage(
+        scores_qk[i : i + 1],
+        indices_qk[i : i + 1],
+        queries_qld[i : i + 1],
+        q_masks_ql[i : i + 1],
+        docs_nld,
+        masks_nl,
+        prune_ratio=prune,
+        batch=1,
+    )
 
   n = len(texts)
-  stats = {"index_bytes": int(docs_nld.nbytes + masks_nl.nbytes) +
-                          first_stats["index_bytes"],
-           "search_ms_per_query": first_stats["search_ms_per_query"] +
-                                  _latency_ms(one, n, r.latency_queries),
-           "encode_ms_per_query": first_stats["encode_ms_per_query"] +
-                                  1e3 * timing["encode_queries_s"] / n,
-           "maxsim_per_query": out.num_maxsim / n,
-           "checkpoint_step": step,
-           "parts": {r.first_stage: first.metrics}}
-  return evaluator.score_ranking(out.run_scores(), out.indices_qk,
-                                 timing), stats
+  stats = {
+      "index_bytes": (
+          int(docs_nld.nbytes + masks_nl.nbytes) + first_stats["index_bytes"]
+      ),
+      "search_ms_per_query": (
+          first_stats["search_ms_per_query"]
+          + _latency_ms(one, n, r.latency_queries)
+      ),
+      "encode_ms_per_query": (
+          first_stats["encode_ms_per_query"]
+          + 1e3 * timing["encode_queries_s"] / n
+      ),
+      "maxsim_per_query": out.num_maxsim / n,
+      "checkpoint_step": step,
+      "parts": {r.first_stage: first.metrics},
+  }
+  return (
+      evaluator.score_ranking(out.run_scores(), out.indices_qk, timing),
+      stats,
+  )
 
 
 def _rerank(config, evaluator, encoder_fn, mesh, workdir):
   """A first stage's top `rerank_depth`, re-scored by a cross-encoder run."""
   from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
+
   r = config.retriever
-  model, tokenizer, run_cfg, step = _trained(config, "rerank_workdir",
-                                             "cross_encoder", mesh)
-  first, first_stats = _RETRIEVERS[r.first_stage](config, evaluator,
-                                                  encoder_fn, mesh, workdir)
+  model, tokenizer, run_cfg, step = _trained(
+      config, "rerank_workdir", "cross_encoder", mesh
+  )
+  first, first_stats = _RETRIEVERS[r.first_stage](
+      config, evaluator, encoder_fn, mesh, workdir
+  )
   scorer = encoding.PairScorer(
-      model, tokenizer, evaluator.query_texts,
+      model,
+      tokenizer,
+      evaluator.query_texts,
       evaluator.collection.doc_texts(),
       max_length=run_cfg["data"]["pair_max_length"],
-      batch_size=config.encode.batch_size, mesh=mesh, desc="re-rank")
-  candidates_qk = np.asarray(first.indices_qk)[:, :r.rerank_depth]
+      batch_size=config.encode.batch_size,
+      mesh=mesh,
+      desc="re-rank",
+  )
+  candidates_qk = np.asarray(first.indices_qk)[:, : r.rerank_depth]
   start = time.perf_counter()
   scores_qk, indices_qk = evaluators.rerank(scorer, candidates_qk)
   timing = {"rerank_s": time.perf_counter() - start}
   timing.update({"first_stage_" + k: v for k, v in first.timing.items()})
   n = len(evaluator.query_texts)
-  stats = {"index_bytes": first_stats["index_bytes"],
-           "search_ms_per_query": first_stats["search_ms_per_query"] +
-                                  1e3 * timing["rerank_s"] / n,
-           "encode_ms_per_query": first_stats["encode_ms_per_query"],
-           "pairs_per_query": float((candidates_qk >= 0).sum() / n),
-           "checkpoint_step": step,
-           "parts": {r.first_stage: first.metrics}}
+  stats = {
+      "index_bytes": first_stats["index_bytes"],
+      "search_ms_per_query": (
+          first_stats["search_ms_per_query"] + 1e3 * timing["rerank_s"] / n
+      ),
+      "encode_ms_per_query": first_stats["encode_ms_per_query"],
+      "pairs_per_query": float((candidates_qk >= 0).sum() / n),
+      "checkpoint_step": step,
+      "parts": {r.first_stage: first.metrics},
+  }
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
 
-_RETRIEVERS = {"dense": _dense, "bm25": _bm25, "hybrid": _hybrid,
-               "dense_prf": _dense_prf,
-               "splade": functools.partial(_sparse, kind="splade"),
-               "inference_free": functools.partial(_sparse,
-                                                   kind="inference_free"),
-               "colbert": _colbert,
-               "rerank": _rerank}
+_RETRIEVERS = {
+    "dense": _dense,
+    "bm25": _bm25,
+    "hybrid": _hybrid,
+    "dense_prf": _dense_prf,
+    "splade": functools.partial(_sparse, kind="splade"),
+    "inference_free": functools.partial(_sparse, kind="inference_free"),
+    "colbert": _colbert,
+    "rerank": _rerank,
+}
 
 
 # The model kind (configs/train.py variant) each run key takes.
-_RUN_KINDS = {"splade_workdir": "splade",
-              "inference_free_workdir": "inference_free",
-              "colbert_workdir": "colbert", "rerank_workdir": "cross_encoder"}
+_RUN_KINDS = {
+    "splade_workdir": "splade",
+    "inference_free_workdir": "inference_free",
+    "colbert_workdir": "colbert",
+    "rerank_workdir": "cross_encoder",
+}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks `config.retriever` up front, naming the offending key."""
   r = config.retriever
   if r.kind not in KINDS:
-    raise RetrieverError(f"config.retriever.kind={r.kind!r}: expected one "
-                         f"of {KINDS}")
+    raise RetrieverError(
+        f"config.retriever.kind={r.kind!r}: expected one of {KINDS}"
+    )
   if r.kind == "hybrid":
     from retrieval_jax.search import fusion  # pylint: disable=g-import-not-at-top
+
     if r.normalization not in fusion.NORMALIZATIONS:
       raise RetrieverError(
           f"config.retriever.normalization={r.normalization!r}: expected "
-          f"one of {fusion.NORMALIZATIONS}")
+          f"one of {fusion.NORMALIZATIONS}"
+      )
     if r.fusion_depth < 0:
-      raise RetrieverError("config.retriever.fusion_depth must be >= 0 "
-                           "(0 = the whole top_k)")
+      raise RetrieverError(
+          "config.retriever.fusion_depth must be >= 0 (0 = the whole top_k)"
+      )
   if r.kind in ("colbert", "rerank"):
     if r.first_stage not in FIRST_STAGES:
-      raise RetrieverError(f"config.retriever.first_stage={r.first_stage!r}:"
-                           f" expected one of {FIRST_STAGES}")
+      raise RetrieverError(
+          f"config.retriever.first_stage={r.first_stage!r}:"
+          f" expected one of {FIRST_STAGES}"
+      )
     if r.rerank_depth < 1:
       raise RetrieverError("config.retriever.rerank_depth must be >= 1")
     if not 0 <= r.prune_ratio < 1:
-      raise RetrieverError(f"config.retriever.prune_ratio={r.prune_ratio}: "
-                           "expected 0 (off) <= ratio < 1")
-  needed = {"splade": ["splade_workdir"],
-            "inference_free": ["inference_free_workdir"],
-            "colbert": ["colbert_workdir"],
-            "rerank": ["rerank_workdir"]}.get(r.kind, [])
+      raise RetrieverError(
+          f"config.retriever.prune_ratio={r.prune_ratio}: "
+          "expected 0 (off) <= ratio < 1"
+      )
+  needed = {
+      "splade": ["splade_workdir"],
+      "inference_free": ["inference_free_workdir"],
+      "colbert": ["colbert_workdir"],
+      "rerank": ["rerank_workdir"],
+  }.get(r.kind, [])
   if r.kind in ("colbert", "rerank") and r.first_stage in (
-      "splade", "inference_free"):
+      "splade",
+      "inference_free",
+  ):
     needed.append(f"{r.first_stage}_workdir")
   for key in needed:
     if not r.get(key, ""):
       raise RetrieverError(
           f"config.retriever.{key} is empty: set it to the workdir of a "
-          f"configs/train.py:scifact,{_RUN_KINDS[key]} run")
+          f"configs/train.py:scifact,{_RUN_KINDS[key]} run"
+      )
   if r.kind == "dense_prf" and r.prf_method not in PRF_METHODS:
-    raise RetrieverError(f"config.retriever.prf_method={r.prf_method!r}: "
-                         f"expected one of {PRF_METHODS}")
+    raise RetrieverError(
+        f"config.retriever.prf_method={r.prf_method!r}: "
+        f"expected one of {PRF_METHODS}"
+    )
 
 
-def retrieve(config: ml_collections.ConfigDict,
-             evaluator: "evaluators.RetrievalEvaluator",
-             encoder_fn: Callable[[], Any], mesh, workdir
-             ) -> tuple["evaluators.RetrievalResult", dict[str, Any]]:
+def retrieve(
+    config: ml_collections.ConfigDict,
+    evaluator: "evaluators.RetrievalEvaluator",
+    encoder_fn: Callable[[], Any],
+    mesh,
+    workdir,
+) -> tuple["evaluators.RetrievalResult", dict[str, Any]]:
   """Runs `config.retriever.kind` and scores it with `evaluator`.
 
   Args:
@@ -476,5 +633,6 @@ def retrieve(config: ml_collections.ConfigDict,
   """
   validate(config)
   with jax.default_matmul_precision(config.model.matmul_precision):
-    return _RETRIEVERS[config.retriever.kind](config, evaluator, encoder_fn,
-                                              mesh, workdir)
+    return _RETRIEVERS[config.retriever.kind](
+        config, evaluator, encoder_fn, mesh, workdir
+    )

@@ -35,9 +35,11 @@ def decode_id(field: str) -> str:
   return urllib.parse.unquote(field) if "%" in field else field
 
 
-def write_run(path: str | os.PathLike[str],
-              run: Mapping[str, ir_metrics.DocScores],
-              tag: str = "retrieval_jax") -> None:
+def write_run(
+    path: str | os.PathLike[str],
+    run: Mapping[str, ir_metrics.DocScores],
+    tag: str = "retrieval_jax",
+) -> None:
   """Writes `run` {qid: {doc: score} or [(doc, score)]} as a TREC run file.
 
   Queries keep the mapping's order, docs trec_eval's (score, then doc id,
@@ -53,7 +55,8 @@ def write_run(path: str | os.PathLike[str],
     encoded_qid = encode_id(qid)
     lines.extend(
         f"{encoded_qid} Q0 {encode_id(doc)} {rank} {float(score)!r} {tag}\n"
-        for rank, (doc, score) in enumerate(ranked, start=1))
+        for rank, (doc, score) in enumerate(ranked, start=1)
+    )
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(lines)
 
@@ -73,26 +76,34 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
       if len(fields) != _NUM_FIELDS:
         raise ValueError(
             f"{where}: expected {_NUM_FIELDS} fields 'qid Q0 docid rank "
-            f"score tag', got {len(fields)}: {line.rstrip()!r}")
+            f"score tag', got {len(fields)}: {line.rstrip()!r}"
+        )
       qid_field, _, doc_field, rank_field, score_field, _ = fields
       try:
         int(rank_field)  # Else the columns are shifted.
         score = float(score_field)
       except ValueError:
-        raise ValueError(f"{where}: rank must be an integer and score a "
-                         f"number: {line.rstrip()!r}") from None
+        raise ValueError(
+            f"{where}: rank must be an integer and score a "
+            f"number: {line.rstrip()!r}"
+        ) from None
       docs = run.setdefault(decode_id(qid_field), {})
       doc = decode_id(doc_field)
       if doc in docs:
-        raise ValueError(f"{where}: document {doc!r} repeats for query "
-                         f"{decode_id(qid_field)!r}")
+        raise ValueError(
+            f"{where}: document {doc!r} repeats for query "
+            f"{decode_id(qid_field)!r}"
+        )
       docs[doc] = score
   return run
 
 
-def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str],
-                  scores_qk: np.ndarray,
-                  indices_qk: np.ndarray) -> dict[str, dict[str, float]]:
+def run_from_topk(
+    query_ids: Sequence[str],
+    doc_ids: Sequence[str],
+    scores_qk: np.ndarray,
+    indices_qk: np.ndarray,
+) -> dict[str, dict[str, float]]:
   """Top-k output -> {qid: {doc id: score}}, every query present.
 
   Args:
@@ -103,20 +114,25 @@ def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str],
   scores_qk = np.asarray(scores_qk)
   indices_qk = np.asarray(indices_qk)
   if scores_qk.shape != indices_qk.shape or scores_qk.ndim != 2:
-    raise ValueError(f"scores {scores_qk.shape} and indices "
-                     f"{indices_qk.shape} must both be [Q, K]")
+    raise ValueError(
+        f"scores {scores_qk.shape} and indices "
+        f"{indices_qk.shape} must both be [Q, K]"
+    )
   if len(query_ids) != scores_qk.shape[0]:
-    raise ValueError(f"{len(query_ids)} query ids for {scores_qk.shape[0]} "
-                     "rows")
+    raise ValueError(
+        f"{len(query_ids)} query ids for {scores_qk.shape[0]} rows"
+    )
   if indices_qk.size and indices_qk.max() >= len(doc_ids):
-    raise ValueError(f"doc index {indices_qk.max()} out of range for "
-                     f"{len(doc_ids)} docs")
+    raise ValueError(
+        f"doc index {indices_qk.max()} out of range for {len(doc_ids)} docs"
+    )
   # Lists and one bulk `tolist`: far faster than per-element NumPy indexing.
   doc_ids = doc_ids if isinstance(doc_ids, list) else list(doc_ids)
   scores = scores_qk.astype(np.float64).tolist()
   run = {}
-  for qid, row_scores, row_indices in zip(query_ids, scores,
-                                          indices_qk.tolist()):
+  for qid, row_scores, row_indices in zip(
+      query_ids, scores, indices_qk.tolist()
+  ):
     docs = {doc_ids[i]: s for i, s in zip(row_indices, row_scores) if i >= 0}
     if len(docs) != sum(i >= 0 for i in row_indices):  # a repeated index
       raise ValueError(f"query {qid!r} lists a document more than once")

@@ -35,13 +35,19 @@ def get(model_cfg) -> base.Kind:
   """The kind `config.model.kind` names (default "bi_encoder")."""
   name = model_cfg.get("kind", "bi_encoder")
   if name not in KINDS:
-    raise ConfigError(f"config.model.kind={name!r}: expected one of "
-                      f"{tuple(KINDS)}")
+    raise ConfigError(
+        f"config.model.kind={name!r}: expected one of {tuple(KINDS)}"
+    )
   return KINDS[name]
 
 
-def load_run(train_workdir: str | pathlib.Path, mesh, *,
-             kinds: tuple[str, ...] | None = None, step: int | None = None):
+def load_run(
+    train_workdir: str | pathlib.Path,
+    mesh,
+    *,
+    kinds: tuple[str, ...] | None = None,
+    step: int | None = None,
+):
   """A train-mode workdir's model, rebuilt from its saved config, read-only.
 
   Args:
@@ -54,25 +60,36 @@ def load_run(train_workdir: str | pathlib.Path, mesh, *,
   built = {}
 
   def abstract(metadata):
-    model_cfg = ml_collections.ConfigDict(metadata.get("config", {}).get(
-        "model", {}))
+    model_cfg = ml_collections.ConfigDict(
+        metadata.get("config", {}).get("model", {})
+    )
     name = model_cfg.get("kind", "bi_encoder")
     allowed = tuple(KINDS) if kinds is None else kinds
     if name not in allowed:
-      raise ValueError(f"{str(train_workdir)!r}: that run trained a {name!r}"
-                       f" model; expected one of {allowed}")
+      raise ValueError(
+          f"{str(train_workdir)!r}: that run trained a {name!r}"
+          f" model; expected one of {allowed}"
+      )
     loaded = pretrained.load_model(model_cfg, dtype=jnp.dtype(model_cfg.dtype))
     tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
-        loaded.model_dir)
+        loaded.model_dir
+    )
     model = KINDS[name].build(model_cfg, loaded, tokenizer)
     built["model_def"], params = train_state.split_model(model)
     built["tokenizer"] = tokenizer
     # Laid out as the trainer lays them out (the current rules).
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        params, train_state.param_shardings(built["model_def"], params, mesh))
+        params,
+        train_state.param_shardings(built["model_def"], params, mesh),
+    )
 
   step, metadata, params = checkpointing.read_run_checkpoint(
-      pathlib.Path(train_workdir) / "checkpoints", abstract, step)
-  return (built["model_def"].merge(params), built["tokenizer"],
-          metadata["config"], step)
+      pathlib.Path(train_workdir) / "checkpoints", abstract, step
+  )
+  return (
+      built["model_def"].merge(params),
+      built["tokenizer"],
+      metadata["config"],
+      step,
+  )

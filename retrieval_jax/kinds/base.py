@@ -14,8 +14,15 @@ from retrieval_jax import losses
 from retrieval_jax.errors import ConfigError
 
 # Loader keys a step of the in-batch kinds reads; the others stay on host.
-STEP_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask",
-             "positive_counts", "passage_doc", "relevant_doc")
+STEP_KEYS = (
+    "query_ids",
+    "query_mask",
+    "passage_ids",
+    "passage_mask",
+    "positive_counts",
+    "passage_doc",
+    "relevant_doc",
+)
 
 # Losses that read raw cosines (not softmax logits): temperature must be 1.
 COSINE_LOSSES = ("orthogonal_projection",)
@@ -30,6 +37,7 @@ class TrainSpec:
   value_and_grad: optional `(model_def, params, batch, rng, step) -> ((loss,
     aux), grads)` replacing `jax.value_and_grad(loss)` (GradCache).
   """
+
   featurize: Callable[[int, dict], dict]
   loss: Callable
   value_and_grad: Callable | None = None
@@ -49,8 +57,12 @@ def in_batch_loss(scores_qc, batch, *, loss_fn, share_hard_negatives: bool):
   """`loss_fn(scores_qc, positive_qc, valid_qc)` on float32 [B, B*G] scores."""
   group_size = scores_qc.shape[1] // scores_qc.shape[0]
   positive_qc, valid_qc = losses.contrastive.group_masks(
-      batch["positive_counts"], group_size, batch.get("passage_doc"),
-      batch.get("relevant_doc"), share_hard_negatives=share_hard_negatives)
+      batch["positive_counts"],
+      group_size,
+      batch.get("passage_doc"),
+      batch.get("relevant_doc"),
+      share_hard_negatives=share_hard_negatives,
+  )
   return loss_fn(scores_qc, positive_qc, valid_qc)
 
 
@@ -67,6 +79,7 @@ class Kind:
   trains_with_evals: `config.evals` run in training (else the evaluate mode);
   retriever: evaluate-mode retriever ("dense" kinds give `text_encoder`).
   """
+
   name: str = ""
   model_keys: tuple[str, ...] = ()
   architectures: tuple[str, ...] = ("bert",)
@@ -79,8 +92,10 @@ class Kind:
     try:
       return losses.get_loss(config.loss.name)
     except ValueError as e:
-      raise ConfigError(f"config.loss.name={config.loss.name!r}: unknown "
-                        f"loss; known: {sorted(losses.LOSSES)}") from e
+      raise ConfigError(
+          f"config.loss.name={config.loss.name!r}: unknown "
+          f"loss; known: {sorted(losses.LOSSES)}"
+      ) from e
 
   def validate(self, config) -> None:
     """Kind-specific checks of `config`; raises `ConfigError`."""
@@ -88,54 +103,68 @@ class Kind:
     model = config.model
     architecture = model.get("architecture", "bert")
     if architecture not in self.architectures:
-      raise ConfigError(f"config.model.kind={self.name!r} needs "
-                        f"config.model.architecture in {self.architectures}")
+      raise ConfigError(
+          f"config.model.kind={self.name!r} needs "
+          f"config.model.architecture in {self.architectures}"
+      )
     missing = [k for k in self.model_keys if k not in model]
     if missing:
-      raise ConfigError(f"config.model.kind={self.name!r} needs config.model."
-                        f"{missing[0]} (see configs/train.py:{self.name})")
+      raise ConfigError(
+          f"config.model.kind={self.name!r} needs config.model."
+          f"{missing[0]} (see configs/train.py:{self.name})"
+      )
     if config.data.negatives == "dense" and not self.dense_negatives:
       raise ConfigError(
           "config.data.negatives='dense' mines with the model being trained,"
-          f" which a {self.name!r} model cannot do; use 'bm25' or 'none'")
+          f" which a {self.name!r} model cannot do; use 'bm25' or 'none'"
+      )
     if config.evals and not self.trains_with_evals:
       raise ConfigError(
           f"config.evals: a {self.name!r} run is evaluated by the evaluate "
           f"mode (configs/evaluate.py:retriever={self.name}), not during "
-          "training; set config.evals to {}")
+          "training; set config.evals to {}"
+      )
     if config.train.grad_cache_chunks[0] and self.name != "bi_encoder":
-      raise ConfigError("config.train.grad_cache_chunks: GradCache is for "
-                        f"bi-encoders; set (0, 0) for a {self.name!r} model")
+      raise ConfigError(
+          "config.train.grad_cache_chunks: GradCache is for "
+          f"bi-encoders; set (0, 0) for a {self.name!r} model"
+      )
     if config.loss.name in COSINE_LOSSES and (
-        config.loss.temperature != 1.0 or config.model.normalize is False):
+        config.loss.temperature != 1.0 or config.model.normalize is False
+    ):
       raise ConfigError(
           f"config.loss.name={config.loss.name!r} reads cosine similarities: "
           f"set config.loss.temperature=1 (is {config.loss.temperature}) and "
-          "keep config.model.normalize on")
+          "keep config.model.normalize on"
+      )
     if config.loss.get("sharded") and self.name != "bi_encoder":
-      raise ConfigError("config.loss.sharded: the shard_map loss is for "
-                        f"bi-encoders; set False for a {self.name!r} model")
+      raise ConfigError(
+          "config.loss.sharded: the shard_map loss is for "
+          f"bi-encoders; set False for a {self.name!r} model"
+      )
     if config.loss.get("teacher", ""):
-      raise ConfigError("config.loss.teacher is for a cross-encoder "
-                        "(config.model.kind='cross_encoder')")
+      raise ConfigError(
+          "config.loss.teacher is for a cross-encoder "
+          "(config.model.kind='cross_encoder')"
+      )
 
-  def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0
-            ) -> nnx.Module:
+  def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0) -> nnx.Module:
     """The NNX model on `loaded`'s (pretrained) encoder."""
     raise NotImplementedError
 
-  def train_spec(self, config, *, loader, tokenizer,
-                 loss_spec: losses.LossSpec, mesh) -> TrainSpec:
+  def train_spec(
+      self, config, *, loader, tokenizer, loss_spec: losses.LossSpec, mesh
+  ) -> TrainSpec:
     """The featurizer and loss of a training run on `mesh`."""
     raise NotImplementedError
 
-  def train_evaluator(self, config, model_def, tokenizer, mesh, workdir
-                      ) -> Any:
+  def train_evaluator(self, config, model_def, tokenizer, mesh, workdir) -> Any:
     """Runs `config.evals` on params: `.run(params) -> {name: value}`."""
     del config, model_def, tokenizer, mesh, workdir
     return None
 
-  def text_encoder(self, model, tokenizer, run_cfg: dict, mesh, *,
-                   max_length: int):
+  def text_encoder(
+      self, model, tokenizer, run_cfg: dict, mesh, *, max_length: int
+  ):
     """An `encoding.TextEncoder` over a trained model (dense kinds)."""
     raise NotImplementedError(f"a {self.name!r} run has no text encoder")

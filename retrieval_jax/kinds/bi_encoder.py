@@ -24,15 +24,25 @@ from retrieval_jax.layers import pooling as pooling_lib
 
 def encode(model, ids_bl, mask_bl, rng, *, pooling: str, normalize: bool):
   """[B, L] ids and mask -> float32 [B, D] (dropout on iff `rng`)."""
-  hidden_bld = model(ids_bl, mask_bl, None, deterministic=rng is None,
-                     dropout_rng=rng)
-  emb_bd = steps.pool_states(model, hidden_bld.astype(jnp.float32), mask_bl,
-                             pooling)
+  hidden_bld = model(
+      ids_bl, mask_bl, None, deterministic=rng is None, dropout_rng=rng
+  )
+  emb_bd = steps.pool_states(
+      model, hidden_bld.astype(jnp.float32), mask_bl, pooling
+  )
   return pooling_lib.l2_normalize(emb_bd) if normalize else emb_bd
 
 
-def contrastive_loss(q_bd, p_cd, batch, *, loss_fn, temperature: float,
-                     share_hard_negatives: bool = True, sharded_mesh=None):
+def contrastive_loss(
+    q_bd,
+    p_cd,
+    batch,
+    *,
+    loss_fn,
+    temperature: float,
+    share_hard_negatives: bool = True,
+    sharded_mesh=None,
+):
   """A registry loss on the in-batch scores q . p / temperature.
 
   Args:
@@ -49,23 +59,48 @@ def contrastive_loss(q_bd, p_cd, batch, *, loss_fn, temperature: float,
   if sharded_mesh is not None:
     batch_axes = sharding.logical_to_spec((sharding.BATCH,))[0]
     return losses.sharded_contrastive.sharded_contrastive_loss(
-        loss_fn, q_bd, p_cd, batch["positive_counts"],
-        batch.get("passage_doc"), batch.get("relevant_doc"),
+        loss_fn,
+        q_bd,
+        p_cd,
+        batch["positive_counts"],
+        batch.get("passage_doc"),
+        batch.get("relevant_doc"),
         temperature=temperature,
-        group_size=p_cd.shape[0] // q_bd.shape[0], mesh=sharded_mesh,
-        axis_names=((batch_axes,) if isinstance(batch_axes, str) else
-                    tuple(batch_axes or ())),
-        share_hard_negatives=share_hard_negatives)
+        group_size=p_cd.shape[0] // q_bd.shape[0],
+        mesh=sharded_mesh,
+        axis_names=(
+            (batch_axes,)
+            if isinstance(batch_axes, str)
+            else tuple(batch_axes or ())
+        ),
+        share_hard_negatives=share_hard_negatives,
+    )
   # float32 scores whatever the encoder's dtype (softmax over many columns).
-  scores_qc = jnp.einsum("bd,cd->bc", q_bd, p_cd,
-                         preferred_element_type=jnp.float32) / temperature
-  return base.in_batch_loss(scores_qc, batch, loss_fn=loss_fn,
-                            share_hard_negatives=share_hard_negatives)
+  scores_qc = (
+      jnp.einsum("bd,cd->bc", q_bd, p_cd, preferred_element_type=jnp.float32)
+      / temperature
+  )
+  return base.in_batch_loss(
+      scores_qc,
+      batch,
+      loss_fn=loss_fn,
+      share_hard_negatives=share_hard_negatives,
+  )
 
 
-def loss(model, batch, rng, step, *, loss_fn, temperature: float,
-         pooling: str, normalize: bool, share_hard_negatives: bool = True,
-         sharded_mesh=None):
+def loss(
+    model,
+    batch,
+    rng,
+    step,
+    *,
+    loss_fn,
+    temperature: float,
+    pooling: str,
+    normalize: bool,
+    share_hard_negatives: bool = True,
+    sharded_mesh=None,
+):
   """The bi-encoder's training loss on one batch (see `base.TrainSpec`).
 
   Batch: query_ids / query_mask [B, Lq], passage_ids / passage_mask
@@ -76,10 +111,15 @@ def loss(model, batch, rng, step, *, loss_fn, temperature: float,
   enc = functools.partial(encode, pooling=pooling, normalize=normalize)
   q_bd = enc(model, batch["query_ids"], batch["query_mask"], q_rng)
   p_cd = enc(model, batch["passage_ids"], batch["passage_mask"], p_rng)
-  return contrastive_loss(q_bd, p_cd, batch, loss_fn=loss_fn,
-                          temperature=temperature,
-                          share_hard_negatives=share_hard_negatives,
-                          sharded_mesh=sharded_mesh)
+  return contrastive_loss(
+      q_bd,
+      p_cd,
+      batch,
+      loss_fn=loss_fn,
+      temperature=temperature,
+      share_hard_negatives=share_hard_negatives,
+      sharded_mesh=sharded_mesh,
+  )
 
 
 def _chunk_rows(x, num_chunks: int):
@@ -97,9 +137,17 @@ def _unchunk_rows(x):
   return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
-def grad_cache_value_and_grad(model_def, params, batch, rng, step, *,
-                              query_chunks: int, passage_chunks: int,
-                              **loss_kwargs):
+def grad_cache_value_and_grad(
+    model_def,
+    params,
+    batch,
+    rng,
+    step,
+    *,
+    query_chunks: int,
+    passage_chunks: int,
+    **loss_kwargs,
+):
   """`loss`'s value and param gradients through GradCache.
 
   GradCache (Gao et al. 2021): embed every chunk without keeping
@@ -111,34 +159,47 @@ def grad_cache_value_and_grad(model_def, params, batch, rng, step, *,
   """
   del step
   q_rng, p_rng = base.split_rng(rng)
-  pooling, normalize = loss_kwargs.pop("pooling"), loss_kwargs.pop(
-      "normalize")
+  pooling, normalize = loss_kwargs.pop("pooling"), loss_kwargs.pop("normalize")
 
   def enc(prm, ids, mask, key):
-    return encode(model_def.merge(prm), ids, mask, key, pooling=pooling,
-                  normalize=normalize)
+    return encode(
+        model_def.merge(prm),
+        ids,
+        mask,
+        key,
+        pooling=pooling,
+        normalize=normalize,
+    )
 
   def chunked(ids, mask, key, num_chunks):
     keys = None if key is None else jax.random.split(key, num_chunks)
     return _chunk_rows(ids, num_chunks), _chunk_rows(mask, num_chunks), keys
 
-  towers = [chunked(batch["query_ids"], batch["query_mask"], q_rng,
-                    query_chunks),
-            chunked(batch["passage_ids"], batch["passage_mask"], p_rng,
-                    passage_chunks)]
+  towers = [
+      chunked(batch["query_ids"], batch["query_mask"], q_rng, query_chunks),
+      chunked(
+          batch["passage_ids"], batch["passage_mask"], p_rng, passage_chunks
+      ),
+  ]
 
   def embed_all(ids_kbl, mask_kbl, keys):
     # lax.map: one chunk's activations alive at a time, none kept.
     if keys is None:
-      return _unchunk_rows(jax.lax.map(
-          lambda xs: enc(params, xs[0], xs[1], None), (ids_kbl, mask_kbl)))
-    return _unchunk_rows(jax.lax.map(lambda xs: enc(params, *xs),
-                                     (ids_kbl, mask_kbl, keys)))
+      return _unchunk_rows(
+          jax.lax.map(
+              lambda xs: enc(params, xs[0], xs[1], None), (ids_kbl, mask_kbl)
+          )
+      )
+    return _unchunk_rows(
+        jax.lax.map(lambda xs: enc(params, *xs), (ids_kbl, mask_kbl, keys))
+    )
 
   q_bd, p_cd = (embed_all(*t) for t in towers)
   (value, aux), (dq_bd, dp_cd) = jax.value_and_grad(
       functools.partial(contrastive_loss, batch=batch, **loss_kwargs),
-      argnums=(0, 1), has_aux=True)(q_bd, p_cd)
+      argnums=(0, 1),
+      has_aux=True,
+  )(q_bd, p_cd)
 
   def pull_back(grads, ids_kbl, mask_kbl, keys, demb):
     demb_kbd = _chunk_rows(demb, ids_kbl.shape[0])
@@ -149,8 +210,11 @@ def grad_cache_value_and_grad(model_def, params, batch, rng, step, *,
       return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
     if keys is None:
-      return jax.lax.scan(lambda acc, x: body(acc, (x[0], x[1], None, x[2])),
-                          grads, (ids_kbl, mask_kbl, demb_kbd))[0]
+      return jax.lax.scan(
+          lambda acc, x: body(acc, (x[0], x[1], None, x[2])),
+          grads,
+          (ids_kbl, mask_kbl, demb_kbd),
+      )[0]
     return jax.lax.scan(body, grads, (ids_kbl, mask_kbl, keys, demb_kbd))[0]
 
   grads = jax.tree.map(jnp.zeros_like, params)
@@ -168,6 +232,7 @@ class DenseEvaluator:
 
   def __init__(self, config, model_def, tokenizer, mesh, workdir):
     from retrieval_jax.data import beir  # pylint: disable=g-import-not-at-top
+
     del workdir  # Collections are parsed directly; nothing is prepared.
     self.config, self.model_def, self.mesh = config, model_def, mesh
     self.tokenizer, self._encoder = tokenizer, None
@@ -175,18 +240,27 @@ class DenseEvaluator:
     for name, ev in config.evals.items():
       collection = beir.load_beir(ev.path, split=ev.split, on_unknown="warn")
       self.evals[name] = evaluators.RetrievalEvaluator(
-          collection, measures=ev.measures, relevance_level=1,
-          top_k=ev.top_k, metric="cosine" if config.model.normalize else
-          "dot", max_queries=ev.max_queries, name=name)
+          collection,
+          measures=ev.measures,
+          relevance_level=1,
+          top_k=ev.top_k,
+          metric="cosine" if config.model.normalize else "dot",
+          max_queries=ev.max_queries,
+          name=name,
+      )
 
   def encoder(self, params) -> encoding.TextEncoder:
     """The text encoder holding `params` (built once, then updated)."""
     model = self.model_def.merge(params)
     if self._encoder is None:
       self._encoder = encoding.TextEncoder(
-          model, self.tokenizer, self.mesh, pooling=self.config.model.pooling,
+          model,
+          self.tokenizer,
+          self.mesh,
+          pooling=self.config.model.pooling,
           normalize=self.config.model.normalize,
-          max_length=self.config.model.max_length)
+          max_length=self.config.model.max_length,
+      )
     else:
       self._encoder.set_module(model)
     return self._encoder
@@ -201,20 +275,26 @@ class DenseEvaluator:
     out = {}
     with jax.default_matmul_precision(self.config.model.matmul_precision):
       for name, evaluator in self.evals.items():
-        result = evaluator.run(encoder,
-                               batch_size=self.config.evals[name].batch_size,
-                               pad_multiple=16, sort_by_length=True,
-                               mesh=self.mesh)
-        out.update({f"eval/{name}/{k}": float(v)
-                    for k, v in result.metrics.items()})
+        result = evaluator.run(
+            encoder,
+            batch_size=self.config.evals[name].batch_size,
+            pad_multiple=16,
+            sort_by_length=True,
+            mesh=self.mesh,
+        )
+        out.update(
+            {f"eval/{name}/{k}": float(v) for k, v in result.metrics.items()}
+        )
         if out_dir is not None and jax.process_index() == 0:
-          evaluators.write_result(result, pathlib.Path(out_dir) / name,
-                                  tag=name)
+          evaluators.write_result(
+              result, pathlib.Path(out_dir) / name, tag=name
+          )
     return out
 
 
 class BiEncoder(base.Kind):
   """See the module docstring."""
+
   name = "bi_encoder"
   architectures = ("bert", "m2")
   dense_negatives = True
@@ -225,15 +305,20 @@ class BiEncoder(base.Kind):
     q_chunks, p_chunks = config.train.grad_cache_chunks
     batch_size = config.train.batch_size
     if (q_chunks or p_chunks) and not (q_chunks and p_chunks):
-      raise ConfigError("config.train.grad_cache_chunks: set both (query, "
-                        "passage) chunk counts, or (0, 0) for no GradCache")
-    if q_chunks and (batch_size % q_chunks or
-                     (batch_size * config.data.group_size) % p_chunks):
+      raise ConfigError(
+          "config.train.grad_cache_chunks: set both (query, "
+          "passage) chunk counts, or (0, 0) for no GradCache"
+      )
+    if q_chunks and (
+        batch_size % q_chunks
+        or (batch_size * config.data.group_size) % p_chunks
+    ):
       raise ConfigError(
           "config.train.grad_cache_chunks="
           f"{tuple(config.train.grad_cache_chunks)} must divide the "
           f"{batch_size} queries and {batch_size * config.data.group_size} "
-          "passages of a batch")
+          "passages of a batch"
+      )
 
   def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0):
     del model_cfg, tokenizer, seed
@@ -241,28 +326,41 @@ class BiEncoder(base.Kind):
 
   def train_spec(self, config, *, loader, tokenizer, loss_spec, mesh):
     del loader, tokenizer
-    kwargs = dict(loss_fn=loss_spec.fn, temperature=config.loss.temperature,
-                  pooling=config.model.pooling,
-                  normalize=config.model.normalize,
-                  share_hard_negatives=config.loss.share_hard_negatives,
-                  sharded_mesh=mesh if config.loss.get("sharded") else None)
+    kwargs = dict(
+        loss_fn=loss_spec.fn,
+        temperature=config.loss.temperature,
+        pooling=config.model.pooling,
+        normalize=config.model.normalize,
+        share_hard_negatives=config.loss.share_hard_negatives,
+        sharded_mesh=mesh if config.loss.get("sharded") else None,
+    )
     q_chunks, p_chunks = config.train.grad_cache_chunks
     value_and_grad = None
     if q_chunks:
       value_and_grad = functools.partial(
-          grad_cache_value_and_grad, query_chunks=q_chunks,
-          passage_chunks=p_chunks, **kwargs)
-    return base.TrainSpec(featurize=base.take_keys(),
-                          loss=functools.partial(loss, **kwargs),
-                          value_and_grad=value_and_grad)
+          grad_cache_value_and_grad,
+          query_chunks=q_chunks,
+          passage_chunks=p_chunks,
+          **kwargs,
+      )
+    return base.TrainSpec(
+        featurize=base.take_keys(),
+        loss=functools.partial(loss, **kwargs),
+        value_and_grad=value_and_grad,
+    )
 
   def train_evaluator(self, config, model_def, tokenizer, mesh, workdir):
     return DenseEvaluator(config, model_def, tokenizer, mesh, workdir)
 
   def text_encoder(self, model, tokenizer, run_cfg, mesh, *, max_length):
     return encoding.TextEncoder(
-        model, tokenizer, mesh, pooling=run_cfg["model"]["pooling"],
-        normalize=run_cfg["model"]["normalize"], max_length=max_length)
+        model,
+        tokenizer,
+        mesh,
+        pooling=run_cfg["model"]["pooling"],
+        normalize=run_cfg["model"]["normalize"],
+        max_length=max_length,
+    )
 
 
 KIND = BiEncoder()

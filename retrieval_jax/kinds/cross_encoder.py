@@ -45,8 +45,9 @@ def group_labels(positive_counts_b, passage_doc_p):
   return positive_bg, valid_bg
 
 
-def group_loss(scores_bg, positive_bg, valid_bg, *, loss_name: str,
-               teacher_bg=None):
+def group_loss(
+    scores_bg, positive_bg, valid_bg, *, loss_name: str, teacher_bg=None
+):
   """A registry loss on the [B, G] pair scores of each query's group.
 
   Names of `losses.LOSSES` take the scores as logits over the group,
@@ -54,8 +55,11 @@ def group_loss(scores_bg, positive_bg, valid_bg, *, loss_name: str,
   the teacher's scores `teacher_bg` when given (distillation).
   """
   if loss_name in losses.LISTWISE_LOSSES:
-    labels_bg = (positive_bg.astype(jnp.float32) if teacher_bg is None
-                 else teacher_bg.astype(jnp.float32))
+    labels_bg = (
+        positive_bg.astype(jnp.float32)
+        if teacher_bg is None
+        else teacher_bg.astype(jnp.float32)
+    )
     return losses.LISTWISE_LOSSES[loss_name](scores_bg, labels_bg, valid_bg)
   if teacher_bg is not None:
     raise ValueError(f"loss {loss_name!r} takes no teacher scores")
@@ -70,16 +74,27 @@ def loss(model, batch, rng, step, *, loss_name: str):
   [B*G]; optionally teacher_scores [B*G] float32 (distillation targets).
   """
   del step
-  positive_bg, valid_bg = group_labels(batch["positive_counts"],
-                                       batch["passage_doc"])
-  scores_p = model(batch["pair_ids"], batch["pair_mask"], batch["pair_types"],
-                   batch["pair_markers"], deterministic=rng is None,
-                   dropout_rng=rng)
+  positive_bg, valid_bg = group_labels(
+      batch["positive_counts"], batch["passage_doc"]
+  )
+  scores_p = model(
+      batch["pair_ids"],
+      batch["pair_mask"],
+      batch["pair_types"],
+      batch["pair_markers"],
+      deterministic=rng is None,
+      dropout_rng=rng,
+  )
   teacher_p = batch.get("teacher_scores")
-  return group_loss(scores_p.reshape(valid_bg.shape), positive_bg, valid_bg,
-                    loss_name=loss_name,
-                    teacher_bg=(None if teacher_p is None else
-                                teacher_p.reshape(valid_bg.shape)))
+  return group_loss(
+      scores_p.reshape(valid_bg.shape),
+      positive_bg,
+      valid_bg,
+      loss_name=loss_name,
+      teacher_bg=(
+          None if teacher_p is None else teacher_p.reshape(valid_bg.shape)
+      ),
+  )
 
 
 class RerankEvaluator:
@@ -98,20 +113,33 @@ class RerankEvaluator:
     for name, ev in config.evals.items():
       collection = beir.load_beir(ev.path, split=ev.split, on_unknown="warn")
       candidates, metrics = self._first_stage(
-          name, ev, collection, pathlib.Path(workdir) /
-          f"first_stage_{name}.json")
+          name,
+          ev,
+          collection,
+          pathlib.Path(workdir) / f"first_stage_{name}.json",
+      )
       self.evals[name] = evaluators.RerankEvaluator(
-          collection, candidates, depth=ev.rerank_depth,
-          measures=ev.measures, name=name)
+          collection,
+          candidates,
+          depth=ev.rerank_depth,
+          measures=ev.measures,
+          name=name,
+      )
       self.first_stage_metrics.update(
-          {f"first_stage/{name}/{k}": v for k, v in metrics.items()})
+          {f"first_stage/{name}/{k}": v for k, v in metrics.items()}
+      )
 
   def _first_stage(self, name, ev, collection, path):
-    key = {"kind": ev.first_stage, "path": str(ev.path), "split": ev.split,
-           "depth": max(ev.rerank_depth, ev.top_k),
-           "max_queries": ev.max_queries, "measures": list(ev.measures),
-           "model": self.config.model.pretrained,
-           "max_length": self.config.model.max_length}
+    key = {
+        "kind": ev.first_stage,
+        "path": str(ev.path),
+        "split": ev.split,
+        "depth": max(ev.rerank_depth, ev.top_k),
+        "max_queries": ev.max_queries,
+        "measures": list(ev.measures),
+        "model": self.config.model.pretrained,
+        "max_length": self.config.model.max_length,
+    }
     if path.exists():
       cached = json.loads(path.read_text())
       if cached.get("key") == key:
@@ -120,15 +148,24 @@ class RerankEvaluator:
     encoder = None
     if ev.first_stage == "dense":
       encoder = encoding.TextEncoder.from_pretrained(
-          self.config.model.pretrained, self.mesh,
-          max_length=self.config.model.max_length)
+          self.config.model.pretrained,
+          self.mesh,
+          max_length=self.config.model.max_length,
+      )
     candidates, metrics = evaluators.first_stage(
-        ev.first_stage, collection, depth=key["depth"], measures=ev.measures,
-        max_queries=ev.max_queries, encoder=encoder,
-        batch_size=ev.batch_size, mesh=self.mesh)
+        ev.first_stage,
+        collection,
+        depth=key["depth"],
+        measures=ev.measures,
+        max_queries=ev.max_queries,
+        encoder=encoder,
+        batch_size=ev.batch_size,
+        mesh=self.mesh,
+    )
     if jax.process_index() == 0:
-      io.write_json_atomic(path, {"key": key, "candidates": candidates,
-                                  "metrics": metrics})
+      io.write_json_atomic(
+          path, {"key": key, "candidates": candidates, "metrics": metrics}
+      )
     return candidates, metrics
 
   def run(self, params, out_dir=None) -> dict[str, float]:
@@ -140,22 +177,29 @@ class RerankEvaluator:
     with jax.default_matmul_precision(self.config.model.matmul_precision):
       for name, evaluator in self.evals.items():
         scorer = encoding.PairScorer(
-            model, self.tokenizer, evaluator.query_texts,
+            model,
+            self.tokenizer,
+            evaluator.query_texts,
             evaluator.collection.doc_texts(),
             max_length=self.config.data.pair_max_length,
-            batch_size=self.config.evals[name].batch_size, mesh=self.mesh,
-            desc=f"{name}: re-rank")
+            batch_size=self.config.evals[name].batch_size,
+            mesh=self.mesh,
+            desc=f"{name}: re-rank",
+        )
         result = evaluator.run(scorer)
-        out.update({f"eval/{name}/{k}": float(v)
-                    for k, v in result.metrics.items()})
+        out.update(
+            {f"eval/{name}/{k}": float(v) for k, v in result.metrics.items()}
+        )
         if out_dir is not None and jax.process_index() == 0:
-          evaluators.write_result(result, pathlib.Path(out_dir) / name,
-                                  tag=name)
+          evaluators.write_result(
+              result, pathlib.Path(out_dir) / name, tag=name
+          )
     return out
 
 
 class CrossEncoder(base.Kind):
   """See the module docstring."""
+
   name = "cross_encoder"
   model_keys = ("head",)
   trains_with_evals = True
@@ -166,12 +210,17 @@ class CrossEncoder(base.Kind):
     if name in losses.LISTWISE_LOSSES:
       # One (query, positive) pair per example, its group filled with hard
       # negatives labelled 0.
-      return losses.LossSpec(losses.LISTWISE_LOSSES[name], losses.ONE,
-                             losses.PAIR, f"{name} on 1/0 pair labels")
+      return losses.LossSpec(
+          losses.LISTWISE_LOSSES[name],
+          losses.ONE,
+          losses.PAIR,
+          f"{name} on 1/0 pair labels",
+      )
     if name not in losses.LOSSES:
       raise ConfigError(
           f"config.loss.name={name!r}: unknown loss; known: "
-          f"{sorted(losses.LOSSES) + sorted(losses.LISTWISE_LOSSES)}")
+          f"{sorted(losses.LOSSES) + sorted(losses.LISTWISE_LOSSES)}"
+      )
     return losses.LOSSES[name]
 
   def validate(self, config) -> None:
@@ -183,31 +232,39 @@ class CrossEncoder(base.Kind):
       finally:
         config.loss.teacher = teacher
     if config.model.head not in cross_encoder_model.HEADS:
-      raise ConfigError(f"config.model.head={config.model.head!r}: expected "
-                        f"one of {cross_encoder_model.HEADS}")
+      raise ConfigError(
+          f"config.model.head={config.model.head!r}: expected "
+          f"one of {cross_encoder_model.HEADS}"
+      )
     for name, ev in config.evals.items():
       if ev.get("first_stage") not in FIRST_STAGES:
-        raise ConfigError(f"config.evals.{name}.first_stage="
-                          f"{ev.get('first_stage')!r}: a cross-encoder "
-                          f"re-ranks one of {FIRST_STAGES}")
+        raise ConfigError(
+            f"config.evals.{name}.first_stage="
+            f"{ev.get('first_stage')!r}: a cross-encoder "
+            f"re-ranks one of {FIRST_STAGES}"
+        )
       if ev.get("rerank_depth", 0) < 1:
         raise ConfigError(f"config.evals.{name}.rerank_depth must be >= 1")
     if teacher not in TEACHERS:
-      raise ConfigError(f"config.loss.teacher={teacher!r}: expected one of "
-                        f"{TEACHERS}")
+      raise ConfigError(
+          f"config.loss.teacher={teacher!r}: expected one of {TEACHERS}"
+      )
     graded = sorted(set(losses.LISTWISE_LOSSES) - {"bce"})
     if teacher and config.loss.name not in graded:
       raise ConfigError(
           f"config.loss.teacher={teacher!r} gives graded scores, which "
           f"config.loss.name={config.loss.name!r} does not take; use one of "
-          f"{graded}")
+          f"{graded}"
+      )
 
   def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0):
     from flax import nnx  # pylint: disable=g-import-not-at-top
+
     del tokenizer
     # The head (if any) starts from BERT's init, seeded by the run's seed.
-    return cross_encoder_model.CrossEncoder(loaded.model, model_cfg.head,
-                                            rngs=nnx.Rngs(seed))
+    return cross_encoder_model.CrossEncoder(
+        loaded.model, model_cfg.head, rngs=nnx.Rngs(seed)
+    )
 
   def train_spec(self, config, *, loader, tokenizer, loss_spec, mesh):
     del loss_spec, mesh
@@ -216,33 +273,46 @@ class CrossEncoder(base.Kind):
       from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
       # BM25 over the training corpus: a passage row indexes its documents.
       teacher = bm25.Bm25Index.build(loader.data.doc_texts)
-      logging.info("distillation teacher: BM25 over %d docs (%.1f s), "
-                   "scores x %g", teacher.num_docs, teacher.build_s,
-                   config.loss.teacher_scale)
+      logging.info(
+          "distillation teacher: BM25 over %d docs (%.1f s), scores x %g",
+          teacher.num_docs,
+          teacher.build_s,
+          config.loss.teacher_scale,
+      )
     width = config.data.pair_max_length
 
     def featurize(step, host_batch):
       # (query, passage) rows tokenised together, at one fixed width.
       queries, passages = loader.texts_at(step, host_batch)
-      pairs = features.encode_pairs(tokenizer, queries, passages, width,
-                                    config.model.head,
-                                    pad_to_multiple_of=width)
-      batch = {"pair_ids": pairs["input_ids"],
-               "pair_mask": pairs["attention_mask"],
-               "pair_types": pairs["token_type_ids"],
-               "pair_markers": pairs.get(
-                   "markers", np.zeros((len(queries), 2), np.int32)),
-               "positive_counts": host_batch["positive_counts"],
-               "passage_doc": host_batch["passage_doc"]}
+      pairs = features.encode_pairs(
+          tokenizer,
+          queries,
+          passages,
+          width,
+          config.model.head,
+          pad_to_multiple_of=width,
+      )
+      batch = {
+          "pair_ids": pairs["input_ids"],
+          "pair_mask": pairs["attention_mask"],
+          "pair_types": pairs["token_type_ids"],
+          "pair_markers": pairs.get(
+              "markers", np.zeros((len(queries), 2), np.int32)
+          ),
+          "positive_counts": host_batch["positive_counts"],
+          "passage_doc": host_batch["passage_doc"],
+      }
       if teacher is not None:
         # The teacher's score of every row, as the list loss's targets.
         batch["teacher_scores"] = config.loss.teacher_scale * (
-            teacher.pair_scores(queries, host_batch["passage_doc"]))
+            teacher.pair_scores(queries, host_batch["passage_doc"])
+        )
       return batch
 
     return base.TrainSpec(
         featurize=featurize,
-        loss=functools.partial(loss, loss_name=config.loss.name))
+        loss=functools.partial(loss, loss_name=config.loss.name),
+    )
 
   def train_evaluator(self, config, model_def, tokenizer, mesh, workdir):
     return RerankEvaluator(config, model_def, tokenizer, mesh, workdir)

@@ -42,46 +42,85 @@ def bag_of_tokens(ids_bl, mask_bl, weight_v, special: tuple[int, ...]):
     keep_bl &= ids_bl != i
   b, v = ids_bl.shape[0], weight_v.shape[0]
   rows_bl = jnp.broadcast_to(jnp.arange(b)[:, None], ids_bl.shape)
-  bag_bv = jnp.zeros((b, v), jnp.float32).at[rows_bl, ids_bl].max(
-      keep_bl.astype(jnp.float32))
+  bag_bv = (
+      jnp.zeros((b, v), jnp.float32)
+      .at[rows_bl, ids_bl]
+      .max(keep_bl.astype(jnp.float32))
+  )
   return bag_bv * jax.nn.relu(weight_v.astype(jnp.float32))[None, :]
 
 
-def loss(model, batch, rng, step, *, loss_fn, share_hard_negatives=True,
-         flops_q=0.0, flops_d=0.0, flops_warmup_steps=0, idf_v=None,
-         special=()):
+def loss(
+    model,
+    batch,
+    rng,
+    step,
+    *,
+    loss_fn,
+    share_hard_negatives=True,
+    flops_q=0.0,
+    flops_d=0.0,
+    flops_warmup_steps=0,
+    idf_v=None,
+    special=()
+):
   """A sparse kind's training loss (see `base.TrainSpec`); `idf_v` [V] set
   means inference-free queries. Aux adds flops_q / flops_d and the mean
   non-zero terms per query / passage (l0_q, l0_d)."""
   q_rng, p_rng = base.split_rng(rng)
-  warmup = (regularizers.quadratic_warmup(step, flops_warmup_steps)
-            if flops_warmup_steps else 1.0)
+  warmup = (
+      regularizers.quadratic_warmup(step, flops_warmup_steps)
+      if flops_warmup_steps
+      else 1.0
+  )
   valid_c = batch["passage_doc"] >= 0
-  p_cv = model(batch["passage_ids"], batch["passage_mask"], None,
-               deterministic=p_rng is None, dropout_rng=p_rng)
+  p_cv = model(
+      batch["passage_ids"],
+      batch["passage_mask"],
+      None,
+      deterministic=p_rng is None,
+      dropout_rng=p_rng,
+  )
   if idf_v is None:
-    q_bv = model(batch["query_ids"], batch["query_mask"], None,
-                 deterministic=q_rng is None, dropout_rng=q_rng)
+    q_bv = model(
+        batch["query_ids"],
+        batch["query_mask"],
+        None,
+        deterministic=q_rng is None,
+        dropout_rng=q_rng,
+    )
     reg_q = regularizers.flops(q_bv)
   else:
-    q_bv = bag_of_tokens(batch["query_ids"], batch["query_mask"],
-                         jnp.asarray(idf_v), special)
+    q_bv = bag_of_tokens(
+        batch["query_ids"], batch["query_mask"], jnp.asarray(idf_v), special
+    )
     reg_q = jnp.zeros((), jnp.float32)
   reg_d = regularizers.flops(p_cv, valid_c)
-  scores_qc = jnp.einsum("bv,cv->bc", q_bv, p_cv,
-                         preferred_element_type=jnp.float32)
+  scores_qc = jnp.einsum(
+      "bv,cv->bc", q_bv, p_cv, preferred_element_type=jnp.float32
+  )
   ranking, aux = base.in_batch_loss(
-      scores_qc, batch, loss_fn=loss_fn,
-      share_hard_negatives=share_hard_negatives)
-  l0_d = (jnp.sum(jnp.where(valid_c, jnp.sum(p_cv > 0, -1), 0)) /
-          jnp.maximum(jnp.sum(valid_c), 1))
+      scores_qc,
+      batch,
+      loss_fn=loss_fn,
+      share_hard_negatives=share_hard_negatives,
+  )
+  l0_d = jnp.sum(jnp.where(valid_c, jnp.sum(p_cv > 0, -1), 0)) / jnp.maximum(
+      jnp.sum(valid_c), 1
+  )
   return ranking + warmup * (flops_q * reg_q + flops_d * reg_d), dict(
-      aux, ranking_loss=ranking, flops_q=reg_q, flops_d=reg_d,
-      l0_q=jnp.mean(jnp.sum(q_bv > 0, axis=-1)), l0_d=l0_d)
+      aux,
+      ranking_loss=ranking,
+      flops_q=reg_q,
+      flops_d=reg_d,
+      l0_q=jnp.mean(jnp.sum(q_bv > 0, axis=-1)),
+      l0_d=l0_d,
+  )
 
 
 class Splade(base.Kind):
   """See the module docstring."""
+
   model_keys = ("splade_aggregation", "splade_bias_init")
 
   def __init__(self, name: str):
@@ -89,30 +128,42 @@ class Splade(base.Kind):
 
   def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0):
     model = splade_model.Splade(
-        loaded.model, aggregation=model_cfg.splade_aggregation,
+        loaded.model,
+        aggregation=model_cfg.splade_aggregation,
         bias_init=model_cfg.splade_bias_init,
-        special_ids=special_ids(tokenizer), rngs=nnx.Rngs(seed))
+        special_ids=special_ids(tokenizer),
+        rngs=nnx.Rngs(seed),
+    )
     # A checkpoint with BERT's MLM head gives the head its trained
     # transform and bias; all-MiniLM-L6-v2 has none, and the head keeps its
     # identity init (the decoder is the tied embedding table either way).
     if pretrained.load_mlm_head(
-        model.head, pretrained.read_state_dict(loaded.model_dir)):
+        model.head, pretrained.read_state_dict(loaded.model_dir)
+    ):
       logging.info("SPLADE: MLM head weights from %s", loaded.model_dir)
     return model
 
   def train_spec(self, config, *, loader, tokenizer, loss_spec, mesh):
     del mesh
-    kwargs = dict(loss_fn=loss_spec.fn,
-                  share_hard_negatives=config.loss.share_hard_negatives,
-                  flops_q=config.loss.flops_q, flops_d=config.loss.flops_d,
-                  flops_warmup_steps=config.loss.flops_warmup_steps)
+    kwargs = dict(
+        loss_fn=loss_spec.fn,
+        share_hard_negatives=config.loss.share_hard_negatives,
+        flops_q=config.loss.flops_q,
+        flops_d=config.loss.flops_d,
+        flops_warmup_steps=config.loss.flops_warmup_steps,
+    )
     if self.name == "inference_free":
       # The query side's idf comes from the training corpus.
-      kwargs.update(idf_v=features.idf_from_corpus(
-          [tokenizer.tokenize_to_ids(t) for t in loader.data.doc_texts],
-          tokenizer.vocab_size), special=special_ids(tokenizer))
-    return base.TrainSpec(featurize=base.take_keys(),
-                          loss=functools.partial(loss, **kwargs))
+      kwargs.update(
+          idf_v=features.idf_from_corpus(
+              [tokenizer.tokenize_to_ids(t) for t in loader.data.doc_texts],
+              tokenizer.vocab_size,
+          ),
+          special=special_ids(tokenizer),
+      )
+    return base.TrainSpec(
+        featurize=base.take_keys(), loss=functools.partial(loss, **kwargs)
+    )
 
 
 SPLADE = Splade("splade")

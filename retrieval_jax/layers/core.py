@@ -13,14 +13,20 @@ import jax.numpy as jnp
 from retrieval_jax import sharding
 
 
-def param(init_fn, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
-          axes: tuple[str | None, ...]) -> nnx.Param:
+def param(
+    init_fn,
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    dtype: Any,
+    axes: tuple[str | None, ...],
+) -> nnx.Param:
   """Param from `init_fn(key, shape, dtype)`; `axes`: a logical name per dim."""
   assert len(axes) == len(shape), (axes, shape)
   return nnx.Param(
       init_fn(rngs.params(), shape, dtype),
       out_sharding=axes,
-      eager_sharding=False)
+      eager_sharding=False,
+  )
 
 
 def uniform(bound: float):
@@ -32,8 +38,9 @@ def uniform(bound: float):
   return init
 
 
-def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
-               eps: float) -> jax.Array:
+def layer_norm(
+    x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array, eps: float
+) -> jax.Array:
   """LayerNorm of [..., D] over D with >= float32 statistics; same dtype out.
 
   Two-pass variance as torch's; E[x^2] - E[x]^2 cancels badly if |mean| >> std.
@@ -51,27 +58,32 @@ def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array,
 class LayerNorm(nnx.Module):
   """LayerNorm with scale (`scale_d`) and bias (`bias_d`) over the width."""
 
-  def __init__(self, size: int, eps: float, param_dtype: Any, *,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, size: int, eps: float, param_dtype: Any, *, rngs: nnx.Rngs
+  ):
     self.eps = eps
-    self.scale_d = param(nnx.initializers.ones, rngs, (size,), param_dtype,
-                         (sharding.EMBED,))
-    self.bias_d = param(nnx.initializers.zeros, rngs, (size,), param_dtype,
-                        (sharding.EMBED,))
+    self.scale_d = param(
+        nnx.initializers.ones, rngs, (size,), param_dtype, (sharding.EMBED,)
+    )
+    self.bias_d = param(
+        nnx.initializers.zeros, rngs, (size,), param_dtype, (sharding.EMBED,)
+    )
 
   def __call__(self, x_bld: jax.Array) -> jax.Array:
     """[..., D] -> [..., D], same dtype."""
     return layer_norm(x_bld, self.scale_d[...], self.bias_d[...], self.eps)
 
 
-def dropout(layer: nnx.Dropout, x: jax.Array, deterministic: bool,
-            rng: jax.Array | None) -> jax.Array:
+def dropout(
+    layer: nnx.Dropout, x: jax.Array, deterministic: bool, rng: jax.Array | None
+) -> jax.Array:
   """Applies `layer`; an explicit `rng` spares a pure train_step RNG state."""
   return layer(x, deterministic=deterministic, rngs=rng)
 
 
-def dropout_keys(rng: jax.Array | None, count: int,
-                 deterministic: bool) -> list[jax.Array | None]:
+def dropout_keys(
+    rng: jax.Array | None, count: int, deterministic: bool
+) -> list[jax.Array | None]:
   """`count` independent dropout keys, or Nones (no key / deterministic)."""
   if rng is None or deterministic:
     return [None] * count

@@ -42,17 +42,23 @@ def _block_diag_dense(w_gqp: jax.Array) -> jax.Array:
 
 def _check_order2(w1_kqp: jax.Array, w2_lsr: jax.Array) -> None:
   if w1_kqp.ndim != 3 or w2_lsr.ndim != 3:
-    raise ValueError(f"factors must be 3-D, got {w1_kqp.shape}, "
-                     f"{w2_lsr.shape}")
+    raise ValueError(f"factors must be 3-D, got {w1_kqp.shape}, {w2_lsr.shape}")
   k, q, _ = w1_kqp.shape
   l, _, r = w2_lsr.shape
   if l * r != k * q:
-    raise ValueError(f"w2 (l, s, r) = {w2_lsr.shape} needs l*r = k*q for "
-                     f"w1 (k, q, p) = {w1_kqp.shape}")
+    raise ValueError(
+        f"w2 (l, s, r) = {w2_lsr.shape} needs l*r = k*q for "
+        f"w1 (k, q, p) = {w1_kqp.shape}"
+    )
 
 
-def monarch_apply(x_bn: jax.Array, w1_kqp: jax.Array, w2_lsr: jax.Array, *,
-                  precision: jax.lax.PrecisionLike = None) -> jax.Array:
+def monarch_apply(
+    x_bn: jax.Array,
+    w1_kqp: jax.Array,
+    w2_lsr: jax.Array,
+    *,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
   """y = P_out B2 P_mid B1 x in two block GEMMs, [..., k*p] -> [..., l*s].
 
   B1 maps x (k blocks of p) to h[k, q]; P_mid reads h flat as (r, l) and
@@ -85,8 +91,9 @@ def monarch_to_dense(w1_kqp: jax.Array, w2_lsr: jax.Array) -> jax.Array:
   return jnp.linalg.multi_dot([p_out, b2, p_mid, b1], precision=_HIGHEST)
 
 
-def dense_to_monarch(m_nn: jax.Array,
-                     nblocks: int) -> tuple[jax.Array, jax.Array]:
+def dense_to_monarch(
+    m_nn: jax.Array, nblocks: int
+) -> tuple[jax.Array, jax.Array]:
   """Best square Monarch fit (Frobenius) of [N, N] m_nn; nblocks n0 divides N.
 
   M[(s, l), (k, p)] = w2[l, s, k] w1[k, l, p]: each (l, k) slice is rank 1,
@@ -95,8 +102,10 @@ def dense_to_monarch(m_nn: jax.Array,
   """
   n = m_nn.shape[0]
   if m_nn.shape != (n, n) or n % nblocks:
-    raise ValueError(f"need a square matrix with nblocks | N, got "
-                     f"{m_nn.shape} and nblocks={nblocks}")
+    raise ValueError(
+        "need a square matrix with nblocks | N, got "
+        f"{m_nn.shape} and nblocks={nblocks}"
+    )
   n0, n1 = nblocks, n // nblocks
   # [s, l, k, p] -> one (s, p) slice per (l, k).
   m_lksp = m_nn.reshape(n0, n1, n0, n1).transpose(1, 2, 0, 3)
@@ -116,16 +125,23 @@ def _check_order_p(factors: Sequence[jax.Array]) -> tuple[int, int]:
   n = g * b
   for f in factors:
     if f.shape != (g, b, b):
-      raise ValueError(f"all factors must be (N/b, b, b) = {(g, b, b)}, got "
-                       f"{f.shape}")
+      raise ValueError(
+          f"all factors must be (N/b, b, b) = {(g, b, b)}, got {f.shape}"
+      )
   if b ** len(factors) != n:
-    raise ValueError(f"order {len(factors)} with block {b} needs N = "
-                     f"{b ** len(factors)}, got N = {n}")
+    raise ValueError(
+        f"order {len(factors)} with block {b} needs N = "
+        f"{b ** len(factors)}, got N = {n}"
+    )
   return n, b
 
 
-def order_p_apply(x_bn: jax.Array, factors: Sequence[jax.Array], *,
-                  precision: jax.lax.PrecisionLike = None) -> jax.Array:
+def order_p_apply(
+    x_bn: jax.Array,
+    factors: Sequence[jax.Array],
+    *,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
   """(R F_p) ... (R F_1) x, [..., N = b^p] -> [..., N], p N^{1+1/p} mult-adds.
 
   factors: p [N/b, b, b] (block, out, in), F_i block-diagonal over b-chunks, R
@@ -139,8 +155,12 @@ def order_p_apply(x_bn: jax.Array, factors: Sequence[jax.Array], *,
   y_bn = x_bn
   for f_gqp in factors:
     # Writing the output as (q, g) is the stride permutation R.
-    y_bqg = jnp.einsum("...gp,gqp->...qg", y_bn.reshape(*lead, n // b, b),
-                       f_gqp, precision=precision)
+    y_bqg = jnp.einsum(
+        "...gp,gqp->...qg",
+        y_bn.reshape(*lead, n // b, b),
+        f_gqp,
+        precision=precision,
+    )
     y_bn = y_bqg.reshape(*lead, n)
   return y_bn
 
@@ -153,14 +173,18 @@ def order_p_to_dense(factors: Sequence[jax.Array]) -> jax.Array:
   m_nn = jnp.eye(n, dtype=dtype)
   for f_gqp in factors:
     m_nn = jnp.linalg.multi_dot(
-        [r_nn, _block_diag_dense(f_gqp.astype(dtype)), m_nn],
-        precision=_HIGHEST)
+        [r_nn, _block_diag_dense(f_gqp.astype(dtype)), m_nn], precision=_HIGHEST
+    )
   return m_nn
 
 
-def blockdiag_apply(x_bi: jax.Array, w_gqp: jax.Array,
-                    out_features: int | None = None, *,
-                    precision: jax.lax.PrecisionLike = None) -> jax.Array:
+def blockdiag_apply(
+    x_bi: jax.Array,
+    w_gqp: jax.Array,
+    out_features: int | None = None,
+    *,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
   """Block-diagonal map [..., in <= g*p] -> [..., out_features <= g*q].
 
   Block g maps x[g*p:(g+1)*p] to y[g*q:(g+1)*q]; x is zero-padded, y cut.
@@ -169,14 +193,17 @@ def blockdiag_apply(x_bi: jax.Array, w_gqp: jax.Array,
   in_features = x_bi.shape[-1]
   out_features = g * q if out_features is None else out_features
   if in_features > g * p or out_features > g * q:
-    raise ValueError(f"widths {in_features} -> {out_features} exceed the "
-                     f"blocks {w_gqp.shape}")
+    raise ValueError(
+        f"widths {in_features} -> {out_features} exceed the "
+        f"blocks {w_gqp.shape}"
+    )
   if in_features < g * p:
     pad = [(0, 0)] * (x_bi.ndim - 1) + [(0, g * p - in_features)]
     x_bi = jnp.pad(x_bi, pad)
   lead = x_bi.shape[:-1]
-  y_bgq = jnp.einsum("...gp,gqp->...gq", x_bi.reshape(*lead, g, p), w_gqp,
-                     precision=precision)
+  y_bgq = jnp.einsum(
+      "...gp,gqp->...gq", x_bi.reshape(*lead, g, p), w_gqp, precision=precision
+  )
   return y_bgq.reshape(*lead, g * q)[..., :out_features]
 
 
@@ -185,8 +212,9 @@ def _root_of_unity(modulus: int, exponent: np.ndarray) -> np.ndarray:
   return np.exp(-2j * np.pi * (exponent % modulus) / modulus)
 
 
-def dft_monarch_factors(m1: int, m2: int, dtype: Any = jnp.complex64
-                        ) -> tuple[jax.Array, jax.Array]:
+def dft_monarch_factors(
+    m1: int, m2: int, dtype: Any = jnp.complex64
+) -> tuple[jax.Array, jax.Array]:
   """Monarch factors of the length-N DFT, N = m1*m2 (four-step FFT).
 
   fft(x) == monarch_apply(P_in x, w1, w2), P_in the (m1, m2) grid transpose;
@@ -204,8 +232,13 @@ def dft_monarch_factors(m1: int, m2: int, dtype: Any = jnp.complex64
   return jnp.asarray(w1_kqp, dtype), jnp.asarray(w2_lsr, dtype)
 
 
-def monarch_dft(x_bn: jax.Array, m1: int, m2: int, *,
-                precision: jax.lax.PrecisionLike = _HIGHEST) -> jax.Array:
+def monarch_dft(
+    x_bn: jax.Array,
+    m1: int,
+    m2: int,
+    *,
+    precision: jax.lax.PrecisionLike = _HIGHEST,
+) -> jax.Array:
   """DFT of [..., N = m1*m2] as a Monarch product; equals `jnp.fft.fft`.
 
   O(N (m1 + m2)) multiply-adds in two dense block GEMMs, instead of the FFT's
@@ -218,8 +251,9 @@ def monarch_dft(x_bn: jax.Array, m1: int, m2: int, *,
   lead = x_bn.shape[:-1]
   x_bn = jnp.swapaxes(x_bn.astype(dtype).reshape(*lead, m1, m2), -1, -2)
   w1_kqp, w2_lsr = dft_monarch_factors(m1, m2, dtype)
-  return monarch_apply(x_bn.reshape(*lead, n), w1_kqp, w2_lsr,
-                       precision=precision)
+  return monarch_apply(
+      x_bn.reshape(*lead, n), w1_kqp, w2_lsr, precision=precision
+  )
 
 
 class BlockDiagLinear(nnx.Module):
@@ -228,29 +262,50 @@ class BlockDiagLinear(nnx.Module):
   Init as the checkpoints we match: W U(±1/sqrt(in_blk)), bias U(±1/sqrt(out)).
   """
 
-  def __init__(self, in_features: int, out_features: int, nblocks: int, *,
-               use_bias: bool = True, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
-               in_axis: str | None = sharding.EMBED,
-               out_axis: str | None = sharding.MLP):
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      nblocks: int,
+      *,
+      use_bias: bool = True,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+      in_axis: str | None = sharding.EMBED,
+      out_axis: str | None = sharding.MLP,
+  ):
     self.in_features = in_features
     self.out_features = out_features
     self.dtype = dtype
     in_blk = -(-in_features // nblocks)
     out_blk = -(-out_features // nblocks)
     self.weight_gqp = core.param(
-        core.uniform(1 / math.sqrt(in_blk)), rngs, (nblocks, out_blk, in_blk),
-        param_dtype, (None, out_axis, in_axis))
+        core.uniform(1 / math.sqrt(in_blk)),
+        rngs,
+        (nblocks, out_blk, in_blk),
+        param_dtype,
+        (None, out_axis, in_axis),
+    )
     self.bias_o = (
-        core.param(core.uniform(1 / math.sqrt(out_features)), rngs,
-                   (out_features,), param_dtype, (out_axis,))
-        if use_bias else None)
+        core.param(
+            core.uniform(1 / math.sqrt(out_features)),
+            rngs,
+            (out_features,),
+            param_dtype,
+            (out_axis,),
+        )
+        if use_bias
+        else None
+    )
 
   def __call__(self, x_bi: jax.Array) -> jax.Array:
     """[..., in_features] -> [..., out_features] in `dtype`."""
-    y_bo = blockdiag_apply(x_bi.astype(self.dtype),
-                           self.weight_gqp[...].astype(self.dtype),
-                           self.out_features)
+    y_bo = blockdiag_apply(
+        x_bi.astype(self.dtype),
+        self.weight_gqp[...].astype(self.dtype),
+        self.out_features,
+    )
     if self.bias_o is not None:
       y_bo = y_bo + self.bias_o[...].astype(self.dtype)
     return y_bo
@@ -263,11 +318,19 @@ class MonarchLinear(nnx.Module):
   variance preserving, w2 U(±1/sqrt(q)) (both by fan-in would give Var x / 9).
   """
 
-  def __init__(self, in_features: int, out_features: int, nblocks: int, *,
-               use_bias: bool = True, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
-               in_axis: str | None = sharding.EMBED,
-               out_axis: str | None = sharding.MLP):
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      nblocks: int,
+      *,
+      use_bias: bool = True,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+      in_axis: str | None = sharding.EMBED,
+      out_axis: str | None = sharding.MLP,
+  ):
     self.in_features = in_features
     self.out_features = out_features
     self.dtype = dtype
@@ -275,15 +338,30 @@ class MonarchLinear(nnx.Module):
     out_blk = -(-out_features // nblocks)
     q = min(in_blk, out_blk)
     self.w1_kqp = core.param(
-        core.uniform(math.sqrt(3 * nblocks / in_features)), rngs,
-        (nblocks, q, in_blk), param_dtype, (None, None, in_axis))
+        core.uniform(math.sqrt(3 * nblocks / in_features)),
+        rngs,
+        (nblocks, q, in_blk),
+        param_dtype,
+        (None, None, in_axis),
+    )
     self.w2_lsr = core.param(
-        core.uniform(1 / math.sqrt(q)), rngs, (nblocks, out_blk, q),
-        param_dtype, (None, out_axis, None))
+        core.uniform(1 / math.sqrt(q)),
+        rngs,
+        (nblocks, out_blk, q),
+        param_dtype,
+        (None, out_axis, None),
+    )
     self.bias_o = (
-        core.param(core.uniform(1 / math.sqrt(in_features)), rngs,
-                   (out_features,), param_dtype, (out_axis,))
-        if use_bias else None)
+        core.param(
+            core.uniform(1 / math.sqrt(in_features)),
+            rngs,
+            (out_features,),
+            param_dtype,
+            (out_axis,),
+        )
+        if use_bias
+        else None
+    )
 
   def __call__(self, x_bi: jax.Array) -> jax.Array:
     """[..., in_features] -> [..., out_features] in `dtype`."""
@@ -294,7 +372,7 @@ class MonarchLinear(nnx.Module):
     if self.in_features < g * in_blk:
       pad = [(0, 0)] * (x_bi.ndim - 1) + [(0, g * in_blk - self.in_features)]
       x_bi = jnp.pad(x_bi, pad)
-    y_bo = monarch_apply(x_bi, w1_kqp, w2_lsr)[..., :self.out_features]
+    y_bo = monarch_apply(x_bi, w1_kqp, w2_lsr)[..., : self.out_features]
     if self.bias_o is not None:
       y_bo = y_bo + self.bias_o[...].astype(self.dtype)
     return y_bo

@@ -16,12 +16,14 @@ def pool(hidden_bld: jax.Array, mask_bl: jax.Array, kind: str) -> jax.Array:
   if kind == "mean":
     # Not an einsum: stays float32 under a lower default matmul precision.
     mask_bl = mask_bl.astype(jnp.float32)
-    sum_bd = jnp.sum(hidden_bld.astype(jnp.float32) * mask_bl[..., None],
-                     axis=1)
+    sum_bd = jnp.sum(
+        hidden_bld.astype(jnp.float32) * mask_bl[..., None], axis=1
+    )
     count_b1 = jnp.sum(mask_bl, axis=1, keepdims=True)
     return sum_bd / jnp.maximum(count_b1, 1e-9)
-  raise ValueError(f"unknown pooling kind {kind!r}; expected one of "
-                   f"{POOLING_KINDS}")
+  raise ValueError(
+      f"unknown pooling kind {kind!r}; expected one of {POOLING_KINDS}"
+  )
 
 
 def l2_normalize(x_bd: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -17,8 +17,14 @@ from retrieval_jax.losses import regularizers
 from retrieval_jax.losses import sharded_contrastive
 
 __all__ = [
-    "LISTWISE_LOSSES", "LOSSES", "LossSpec", "contrastive", "get_loss",
-    "listwise", "regularizers", "sharded_contrastive"
+    "LISTWISE_LOSSES",
+    "LOSSES",
+    "LossSpec",
+    "contrastive",
+    "get_loss",
+    "listwise",
+    "regularizers",
+    "sharded_contrastive",
 ]
 
 ONE = "one"  # a single positive per example
@@ -37,6 +43,7 @@ class LossSpec:
     unit: PAIR or QUERY.
     description: one line for logs and docs.
   """
+
   fn: Callable
   positives: str
   unit: str
@@ -52,33 +59,54 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {
     # Needs cosine scores: config.loss.temperature = 1, normalised towers.
     "orthogonal_projection": LossSpec(
-        contrastive.orthogonal_projection, ALL, QUERY,
+        contrastive.orthogonal_projection,
+        ALL,
+        QUERY,
         "(1 - mean positive cosine) + |mean negative cosine| per query; "
-        "works with one-query batches (long-document fine-tuning)."),
+        "works with one-query batches (long-document fine-tuning).",
+    ),
     "infonce": LossSpec(
-        contrastive.info_nce, ONE, PAIR,
+        contrastive.info_nce,
+        ONE,
+        PAIR,
         "InfoNCE over in-batch + hard negatives; every judged pair is an "
-        "example (DPR)."),
+        "example (DPR).",
+    ),
     "symmetric_infonce": LossSpec(
-        contrastive.symmetric_info_nce, ONE, PAIR,
+        contrastive.symmetric_info_nce,
+        ONE,
+        PAIR,
         "Half query->passage InfoNCE, half passage->query over the B "
-        "positives."),
+        "positives.",
+    ),
     # "infonce" with one example per query, its positive cycling by epoch.
     "rand1_lh": LossSpec(
-        contrastive.info_nce, ONE, QUERY,
+        contrastive.info_nce,
+        ONE,
+        QUERY,
         "InfoNCE with one positive per query per epoch, cycling through its "
-        "positives (Rand1LH)."),
+        "positives (Rand1LH).",
+    ),
     "joint_lh": LossSpec(
-        contrastive.joint_lh, ALL, QUERY,
+        contrastive.joint_lh,
+        ALL,
+        QUERY,
         "Sum over positives of -log softmax, other positives in the "
-        "denominator (JointLH)."),
+        "denominator (JointLH).",
+    ),
     "sum_marg_lh": LossSpec(
-        contrastive.sum_marg_lh, ALL, QUERY,
-        "-log of the softmax mass on all positives (SumMargLH)."),
+        contrastive.sum_marg_lh,
+        ALL,
+        QUERY,
+        "-log of the softmax mass on all positives (SumMargLH).",
+    ),
     "lse_pair": LossSpec(
-        contrastive.lse_pair, ALL, QUERY,
+        contrastive.lse_pair,
+        ALL,
+        QUERY,
         "log(1 + sum over positive-negative pairs of exp(s_n - s_p)) "
-        "(LSEPair)."),
+        "(LSEPair).",
+    ),
 }
 
 LISTWISE_LOSSES: dict[str, Callable] = {
@@ -100,5 +128,6 @@ def get_loss(name: str) -> LossSpec:
   try:
     return LOSSES[name]
   except KeyError:
-    raise ValueError(f"unknown loss {name!r}; known: "
-                     f"{', '.join(sorted(LOSSES))}") from None
+    raise ValueError(
+        f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}"
+    ) from None

@@ -50,16 +50,20 @@ def candidate_masks(
     # A row's own positive docs are relevant: catches duplicates anyway.
     g_g = jnp.arange(group_size, dtype=jnp.int32)
     own_doc_rg = doc_x[rows_r[:, None] * group_size + g_g[None, :]]
-    own_doc_rg = jnp.where(g_g[None, :] < counts_b[rows_r][:, None],
-                           own_doc_rg, -1)
+    own_doc_rg = jnp.where(
+        g_g[None, :] < counts_b[rows_r][:, None], own_doc_rg, -1
+    )
     known_rk = own_doc_rg
     if relevant_doc_rk is not None:
       known_rk = jnp.concatenate(
-          [known_rk, jnp.asarray(relevant_doc_rk, jnp.int32)], axis=1)
+          [known_rk, jnp.asarray(relevant_doc_rk, jnp.int32)], axis=1
+      )
     # R·K·(G + R') bools: below the float32 scores for G + R' ≲ 32.
     is_known_rc = jnp.any(
-        (doc_c[None, :, None] == known_rk[:, None, :]) &
-        (known_rk[:, None, :] >= 0), axis=-1)
+        (doc_c[None, :, None] == known_rk[:, None, :])
+        & (known_rk[:, None, :] >= 0),
+        axis=-1,
+    )
     # A relevant doc outside the row's positive slots is a false negative.
     valid_rc &= positive_rc | ~is_known_rc
     valid_rc &= (doc_c >= 0)[None, :]
@@ -85,12 +89,22 @@ def group_masks(
   cols_c = jnp.arange(b * group_size, dtype=jnp.int32)
   if passage_doc_c is None:
     relevant_doc_br = None
-  return candidate_masks(rows_b, cols_c, positive_counts_b, group_size,
-                         passage_doc_c, relevant_doc_br, share_hard_negatives)
+  return candidate_masks(
+      rows_b,
+      cols_c,
+      positive_counts_b,
+      group_size,
+      passage_doc_c,
+      relevant_doc_br,
+      share_hard_negatives,
+  )
 
 
-def rows_with_positive(positive_counts_b: jax.Array, group_size: int,
-                       passage_doc_x: jax.Array | None) -> jax.Array:
+def rows_with_positive(
+    positive_counts_b: jax.Array,
+    group_size: int,
+    passage_doc_x: jax.Array | None,
+) -> jax.Array:
   """[B] bool rows with a valid positive slot (only padding invalidates one)."""
   counts_b = jnp.asarray(positive_counts_b, jnp.int32)
   g_g = jnp.arange(group_size, dtype=jnp.int32)
@@ -116,18 +130,23 @@ def scores_and_masks(
   if c % b:
     raise ValueError(f"{c} passages do not form groups for {b} queries")
   # float32 accumulation even for bf16 embeddings: the LSE needs it.
-  scores_qc = jnp.einsum("bd,cd->bc", q_bd, p_cd,
-                         preferred_element_type=jnp.float32) / temperature
+  scores_qc = (
+      jnp.einsum("bd,cd->bc", q_bd, p_cd, preferred_element_type=jnp.float32)
+      / temperature
+  )
   positive_qc, valid_qc = group_masks(
-      batch["positive_counts"], c // b, batch.get("passage_doc"),
-      batch.get("relevant_doc"), share_hard_negatives)
+      batch["positive_counts"],
+      c // b,
+      batch.get("passage_doc"),
+      batch.get("relevant_doc"),
+      share_hard_negatives,
+  )
   return scores_qc, positive_qc, valid_qc
 
 
 def _row_setup(scores_qc, positive_qc, valid_qc):
   scores_qc = jnp.asarray(scores_qc)
-  scores_qc = scores_qc.astype(jnp.promote_types(scores_qc.dtype,
-                                                 jnp.float32))
+  scores_qc = scores_qc.astype(jnp.promote_types(scores_qc.dtype, jnp.float32))
   pos_qc = positive_qc & valid_qc
   neg_qc = valid_qc & ~positive_qc
   # m_i counts *valid* positives: a padded positive slot is not one.
@@ -165,75 +184,108 @@ def _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, normalize):
   return loss_q
 
 
-def info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
-             valid_qc: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def info_nce(
+    scores_qc: jax.Array, positive_qc: jax.Array, valid_qc: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """InfoNCE / DPR NLL `LSE_C s − s_p` (`joint_lh` for several positives)."""
-  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
-                                               valid_qc)
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc, valid_qc)
   loss_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, False)
-  return _reduce(loss_q, num_pos_q > 0,
-                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+  return _reduce(
+      loss_q,
+      num_pos_q > 0,
+      accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+  )
 
 
-def joint_lh(scores_qc: jax.Array, positive_qc: jax.Array,
-             valid_qc: jax.Array, *, normalize_by_positives: bool = False
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def joint_lh(
+    scores_qc: jax.Array,
+    positive_qc: jax.Array,
+    valid_qc: jax.Array,
+    *,
+    normalize_by_positives: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """JointLH: `Σ_{p∈P_i} (LSE_{C_i} s − s_p)` = −Σ_p log π_p per row.
 
   The optimum spreads mass evenly over the positives: minimum m·log m, not 0.
   """
-  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
-                                               valid_qc)
-  loss_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q,
-                       normalize_by_positives)
-  return _reduce(loss_q, num_pos_q > 0,
-                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc, valid_qc)
+  loss_q = _joint_rows(
+      scores_qc, pos_qc, valid_qc, num_pos_q, normalize_by_positives
+  )
+  return _reduce(
+      loss_q,
+      num_pos_q > 0,
+      accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+  )
 
 
-def sum_marg_lh(scores_qc: jax.Array, positive_qc: jax.Array,
-                valid_qc: jax.Array
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sum_marg_lh(
+    scores_qc: jax.Array, positive_qc: jax.Array, valid_qc: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SumMargLH: `LSE_{C_i} s − LSE_{P_i} s` = −log Σ_{p∈P} π_p per row."""
-  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
-                                               valid_qc)
-  loss_q = (masked_logsumexp(scores_qc, valid_qc) -
-            masked_logsumexp(scores_qc, pos_qc))
-  return _reduce(loss_q, num_pos_q > 0,
-                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc, valid_qc)
+  loss_q = masked_logsumexp(scores_qc, valid_qc) - masked_logsumexp(
+      scores_qc, pos_qc
+  )
+  return _reduce(
+      loss_q,
+      num_pos_q > 0,
+      accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+  )
 
 
-def lse_pair(scores_qc: jax.Array, positive_qc: jax.Array,
-             valid_qc: jax.Array, *, normalize_by_positives: bool = False
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def lse_pair(
+    scores_qc: jax.Array,
+    positive_qc: jax.Array,
+    valid_qc: jax.Array,
+    *,
+    normalize_by_positives: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """LSEPair: log(1 + Σ_P Σ_N exp(s_n − s_p)) = softplus(LSE_N s + LSE_P −s)."""
-  scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(scores_qc, positive_qc,
-                                                    valid_qc)
-  loss_q = jax.nn.softplus(masked_logsumexp(scores_qc, neg_qc) +
-                           masked_logsumexp(-scores_qc, pos_qc))
+  scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(
+      scores_qc, positive_qc, valid_qc
+  )
+  loss_q = jax.nn.softplus(
+      masked_logsumexp(scores_qc, neg_qc) + masked_logsumexp(-scores_qc, pos_qc)
+  )
   if normalize_by_positives:  # max(m, 1) guards dropped rows only
     loss_q = loss_q / jnp.maximum(num_pos_q, 1.0)
-  return _reduce(loss_q, num_pos_q > 0,
-                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc))
+  return _reduce(
+      loss_q,
+      num_pos_q > 0,
+      accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+  )
 
 
-def orthogonal_projection(scores_qc: jax.Array, positive_qc: jax.Array,
-                          valid_qc: jax.Array, *, gamma: float = 1.0
-                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def orthogonal_projection(
+    scores_qc: jax.Array,
+    positive_qc: jax.Array,
+    valid_qc: jax.Array,
+    *,
+    gamma: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`(1 − mean_P cos) + γ·|mean_N cos|` per row; scores are cosines (τ = 1).
 
   Needs no other rows, so it trains with one-query batches (long documents).
   """
-  scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(scores_qc, positive_qc,
-                                                    valid_qc)
+  scores_qc, pos_qc, neg_qc, num_pos_q = _row_setup(
+      scores_qc, positive_qc, valid_qc
+  )
   num_neg_q = jnp.sum(neg_qc, axis=-1).astype(scores_qc.dtype)
-  pos_mean_q = (jnp.sum(jnp.where(pos_qc, scores_qc, 0.0), axis=-1) /
-                jnp.maximum(num_pos_q, 1.0))
-  neg_mean_q = (jnp.sum(jnp.where(neg_qc, scores_qc, 0.0), axis=-1) /
-                jnp.maximum(num_neg_q, 1.0))
+  pos_mean_q = jnp.sum(
+      jnp.where(pos_qc, scores_qc, 0.0), axis=-1
+  ) / jnp.maximum(num_pos_q, 1.0)
+  neg_mean_q = jnp.sum(
+      jnp.where(neg_qc, scores_qc, 0.0), axis=-1
+  ) / jnp.maximum(num_neg_q, 1.0)
   loss_q = (1.0 - pos_mean_q) + gamma * jnp.abs(neg_mean_q)
-  return _reduce(loss_q, num_pos_q > 0,
-                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
-                 positive_cosine=pos_mean_q, negative_cosine=neg_mean_q)
+  return _reduce(
+      loss_q,
+      num_pos_q > 0,
+      accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+      positive_cosine=pos_mean_q,
+      negative_cosine=neg_mean_q,
+  )
 
 
 def first_positive(positive_qc: jax.Array, valid_qc: jax.Array) -> jax.Array:
@@ -241,31 +293,36 @@ def first_positive(positive_qc: jax.Array, valid_qc: jax.Array) -> jax.Array:
   return jnp.argmax(positive_qc & valid_qc, axis=-1).astype(jnp.int32)
 
 
-def reverse_rows(scores_kb: jax.Array, valid_kb: jax.Array,
-                 target_k: jax.Array) -> jax.Array:
+def reverse_rows(
+    scores_kb: jax.Array, valid_kb: jax.Array, target_k: jax.Array
+) -> jax.Array:
   """[K] doc→query rows `LSE_b s_kb − s_k,target_k` of scores_kb [K, B]."""
   target_s_k = jnp.take_along_axis(scores_kb, target_k[:, None], axis=-1)
   return masked_logsumexp(scores_kb, valid_kb) - target_s_k[:, 0]
 
 
-def symmetric_info_nce(scores_qc: jax.Array, positive_qc: jax.Array,
-                       valid_qc: jax.Array
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def symmetric_info_nce(
+    scores_qc: jax.Array, positive_qc: jax.Array, valid_qc: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """½ [query→document + document→query InfoNCE], a mean of per-row terms.
 
   Each first positive picks its query among the B, without hard negatives
   (sentence-transformers' MultipleNegativesSymmetricRanking).
   """
-  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc,
-                                               valid_qc)
+  scores_qc, pos_qc, _, num_pos_q = _row_setup(scores_qc, positive_qc, valid_qc)
   row_valid_q = num_pos_q > 0
   fwd_q = _joint_rows(scores_qc, pos_qc, valid_qc, num_pos_q, False)
   first_k = first_positive(pos_qc, valid_qc)
   # Column k of the B×B block holds every query's score for k's positive.
   scores_kb = jnp.take(scores_qc, first_k, axis=1).T
-  valid_kb = (jnp.take(valid_qc, first_k, axis=1).T & row_valid_q[None, :])
-  rev_k = reverse_rows(scores_kb, valid_kb,
-                       jnp.arange(scores_qc.shape[0], dtype=jnp.int32))
-  return _reduce(0.5 * (fwd_q + rev_k), row_valid_q,
-                 accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
-                 forward_loss=fwd_q, reverse_loss=rev_k)
+  valid_kb = jnp.take(valid_qc, first_k, axis=1).T & row_valid_q[None, :]
+  rev_k = reverse_rows(
+      scores_kb, valid_kb, jnp.arange(scores_qc.shape[0], dtype=jnp.int32)
+  )
+  return _reduce(
+      0.5 * (fwd_q + rev_k),
+      row_valid_q,
+      accuracy=_accuracy_rows(scores_qc, pos_qc, valid_qc),
+      forward_loss=fwd_q,
+      reverse_loss=rev_k,
+  )

@@ -13,8 +13,9 @@ from retrieval_jax.losses.contrastive import NEG
 
 
 def _float(x):
-  return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype,
-                                                 jnp.float32))
+  return jnp.asarray(x).astype(
+      jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+  )
 
 
 def _masked_log_softmax(x_bn, valid_bn):
@@ -53,15 +54,16 @@ def kl_distillation(
   log_s_bn = _masked_log_softmax(scores_bn / student_temperature, valid_bn)
   log_t_bn = _masked_log_softmax(teacher_bn / teacher_temperature, valid_bn)
   p_t_bn = jnp.where(valid_bn, jnp.exp(log_t_bn), 0.0)
-  kl_b = jnp.sum(jnp.where(valid_bn, p_t_bn * (log_t_bn - log_s_bn), 0.0),
-                 axis=-1)
+  kl_b = jnp.sum(
+      jnp.where(valid_bn, p_t_bn * (log_t_bn - log_s_bn), 0.0), axis=-1
+  )
   entropy_b = -jnp.sum(jnp.where(valid_bn, p_t_bn * log_t_bn, 0.0), axis=-1)
-  return _row_mean(kl_b, jnp.any(valid_bn, axis=-1),
-                   teacher_entropy=entropy_b)
+  return _row_mean(kl_b, jnp.any(valid_bn, axis=-1), teacher_entropy=entropy_b)
 
 
-def pointwise_bce(scores_bn: jax.Array, labels_bn: jax.Array,
-                  valid_bn: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def pointwise_bce(
+    scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """BCE on logits, `softplus(s) − y·s` (y in [0, 1]), mean over valid items.
 
   aux: "num_pairs", "accuracy" (sign of s agrees with y ≥ 0.5).
@@ -74,23 +76,29 @@ def pointwise_bce(scores_bn: jax.Array, labels_bn: jax.Array,
   correct_bn = (scores_bn > 0) == (labels_bn >= 0.5)
   accuracy = jnp.sum(jnp.where(valid_bn, correct_bn, False)) / denom
   num_rows = jnp.sum(jnp.any(valid_bn, axis=-1)).astype(scores_bn.dtype)
-  return loss, {"num_valid_rows": num_rows, "num_pairs": num_pairs,
-                "accuracy": accuracy.astype(scores_bn.dtype)}
+  return loss, {
+      "num_valid_rows": num_rows,
+      "num_pairs": num_pairs,
+      "accuracy": accuracy.astype(scores_bn.dtype),
+  }
 
 
-def listnet(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def listnet(
+    scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ListNet: −Σ_j softmax(y)_j log softmax(s)_j per row, labels as logits."""
   scores_bn, labels_bn = _float(scores_bn), _float(labels_bn)
   log_s_bn = _masked_log_softmax(scores_bn, valid_bn)
-  p_y_bn = jnp.where(valid_bn,
-                     jnp.exp(_masked_log_softmax(labels_bn, valid_bn)), 0.0)
+  p_y_bn = jnp.where(
+      valid_bn, jnp.exp(_masked_log_softmax(labels_bn, valid_bn)), 0.0
+  )
   ce_b = -jnp.sum(jnp.where(valid_bn, p_y_bn * log_s_bn, 0.0), axis=-1)
   return _row_mean(ce_b, jnp.any(valid_bn, axis=-1))
 
 
-def listmle(scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def listmle(
+    scores_bn: jax.Array, labels_bn: jax.Array, valid_bn: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ListMLE: `Σ_k (LSE_{j≥k} s_π(j) − s_π(k))`, π sorting labels down.
 
   Plackett–Luce NLL; label ties keep position (allRank shuffles instead).
@@ -114,9 +122,13 @@ def _ideal_dcg(gains_bn, valid_bn):
   return jnp.sum(sorted_bn / jnp.log2(1.0 + ranks_n), axis=-1)
 
 
-def approx_ndcg(scores_bn: jax.Array, labels_bn: jax.Array,
-                valid_bn: jax.Array, *, alpha: float = 1.0
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def approx_ndcg(
+    scores_bn: jax.Array,
+    labels_bn: jax.Array,
+    valid_bn: jax.Array,
+    *,
+    alpha: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ApproxNDCG (Qin et al. 2010): loss = −mean approxNDCG, no rank cutoff.
 
   `π̂_i = 1 + Σ_{j≠i} σ(α(s_j − s_i))`; approxNDCG = Σ_i (2^{y_i} − 1) /
@@ -127,8 +139,9 @@ def approx_ndcg(scores_bn: jax.Array, labels_bn: jax.Array,
   diff_bij = scores_bn[:, None, :] - scores_bn[:, :, None]  # s_j − s_i
   pair_bij = valid_bn[:, None, :] & valid_bn[:, :, None]
   off_diag_ij = ~jnp.eye(scores_bn.shape[-1], dtype=bool)
-  sig_bij = jnp.where(pair_bij & off_diag_ij,
-                      jax.nn.sigmoid(alpha * diff_bij), 0.0)
+  sig_bij = jnp.where(
+      pair_bij & off_diag_ij, jax.nn.sigmoid(alpha * diff_bij), 0.0
+  )
   rank_bi = 1.0 + jnp.sum(sig_bij, axis=-1)
   dcg_b = jnp.sum(gains_bn / jnp.log2(1.0 + rank_bi), axis=-1)
   max_dcg_b = _ideal_dcg(gains_bn, valid_bn)
@@ -140,9 +153,13 @@ def approx_ndcg(scores_bn: jax.Array, labels_bn: jax.Array,
   return loss, aux
 
 
-def wasserstein_list(scores_qc: jax.Array, labels_qc: jax.Array,
-                     valid_qc: jax.Array, *, temperature: float = 1.0
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def wasserstein_list(
+    scores_qc: jax.Array,
+    labels_qc: jax.Array,
+    valid_qc: jax.Array,
+    *,
+    temperature: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SyCL "WS2": Fréchet distance between Gaussians fitted to batch rows.
 
   X = softmax(S/τ), Y = softmax(labels), B samples of C-dim vectors:
@@ -174,10 +191,13 @@ def wasserstein_list(scores_qc: jax.Array, labels_qc: jax.Array,
   return loss, {"num_valid_rows": n, "mean_term": mean_term}
 
 
-def margin_mse(student_pos_b: jax.Array, student_neg_bn: jax.Array,
-               teacher_pos_b: jax.Array, teacher_neg_bn: jax.Array,
-               valid_bn: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def margin_mse(
+    student_pos_b: jax.Array,
+    student_neg_bn: jax.Array,
+    teacher_pos_b: jax.Array,
+    teacher_neg_bn: jax.Array,
+    valid_bn: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Margin-MSE (Hofstätter et al.): `((s+ − s−) − (t+ − t−))²` pair mean."""
   s_pos_b, s_neg_bn = _float(student_pos_b), _float(student_neg_bn)
   t_pos_b = lax.stop_gradient(_float(teacher_pos_b))
@@ -186,7 +206,8 @@ def margin_mse(student_pos_b: jax.Array, student_neg_bn: jax.Array,
     valid_bn = jnp.ones(s_neg_bn.shape, bool)
   diff_bn = (s_pos_b[:, None] - s_neg_bn) - (t_pos_b[:, None] - t_neg_bn)
   num_pairs = jnp.sum(valid_bn).astype(diff_bn.dtype)
-  loss = (jnp.sum(jnp.where(valid_bn, diff_bn**2, 0.0)) /
-          jnp.maximum(num_pairs, 1.0))
+  loss = jnp.sum(jnp.where(valid_bn, diff_bn**2, 0.0)) / jnp.maximum(
+      num_pairs, 1.0
+  )
   num_rows = jnp.sum(jnp.any(valid_bn, axis=-1)).astype(diff_bn.dtype)
   return loss, {"num_valid_rows": num_rows, "num_pairs": num_pairs}

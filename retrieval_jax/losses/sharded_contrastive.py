@@ -16,25 +16,43 @@ from jax.sharding import Mesh, PartitionSpec
 
 from retrieval_jax.losses import contrastive
 
-LossFn = Callable[[jax.Array, jax.Array, jax.Array],
-                  tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[
+    [jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]
+]
 
 
 def _is_symmetric(loss_fn) -> bool:
   return getattr(loss_fn, "func", loss_fn) is contrastive.symmetric_info_nce
 
 
-def _symmetric_shard(scores_lc, positive_lc, valid_lc, q_bd, p_cd, rows_l,
-                     counts_b, doc_c, rel_br, temperature, group_size, share):
+def _symmetric_shard(
+    scores_lc,
+    positive_lc,
+    valid_lc,
+    q_bd,
+    p_cd,
+    rows_l,
+    counts_b,
+    doc_c,
+    rel_br,
+    temperature,
+    group_size,
+    share,
+):
   """Local rows of `symmetric_info_nce`; reverse terms need all B queries."""
   fwd_loss, aux = contrastive.info_nce(scores_lc, positive_lc, valid_lc)
   first_l = contrastive.first_positive(positive_lc, valid_lc)  # global cols
-  scores_lb = jnp.einsum("ld,bd->lb", p_cd[first_l], q_bd,
-                         preferred_element_type=jnp.float32) / temperature
+  scores_lb = (
+      jnp.einsum(
+          "ld,bd->lb", p_cd[first_l], q_bd, preferred_element_type=jnp.float32
+      )
+      / temperature
+  )
   rows_b = jnp.arange(q_bd.shape[0], dtype=jnp.int32)
   # valid[i, first(k)] for every query i: the dense loss's column k.
   _, valid_bl = contrastive.candidate_masks(
-      rows_b, first_l, counts_b, group_size, doc_c, rel_br, share)
+      rows_b, first_l, counts_b, group_size, doc_c, rel_br, share
+  )
   # Dropped queries are no reverse candidates; their validity depends only
   # on counts and ids, both gathered, so no [B, C] mask is needed.
   row_valid_b = contrastive.rows_with_positive(counts_b, group_size, doc_c)
@@ -42,8 +60,9 @@ def _symmetric_shard(scores_lc, positive_lc, valid_lc, q_bd, p_cd, rows_l,
   rev_l = contrastive.reverse_rows(scores_lb, valid_lb, rows_l)
   # Same valid rows as the forward term, so it pairs with "num_valid_rows".
   n = aux["num_valid_rows"]
-  rev_loss = (jnp.sum(jnp.where(row_valid_b[rows_l], rev_l, 0.0)) /
-              jnp.maximum(n, 1.0))
+  rev_loss = jnp.sum(jnp.where(row_valid_b[rows_l], rev_l, 0.0)) / jnp.maximum(
+      n, 1.0
+  )
   aux = dict(aux, forward_loss=fwd_loss, reverse_loss=rev_loss)
   return 0.5 * (fwd_loss + rev_loss), aux
 
@@ -106,17 +125,35 @@ def sharded_contrastive_loss(
     counts_b = gather(counts_l)
     doc_c = gather(doc_m) if has_doc else None
     # The only score block a shard ever holds: [B/W, C], float32.
-    scores_lc = jnp.einsum("ld,cd->lc", q_ld, p_cd,
-                           preferred_element_type=jnp.float32) / temperature
+    scores_lc = (
+        jnp.einsum("ld,cd->lc", q_ld, p_cd, preferred_element_type=jnp.float32)
+        / temperature
+    )
     cols_c = jnp.arange(p_cd.shape[0], dtype=jnp.int32)
     positive_lc, valid_lc = contrastive.candidate_masks(
-        rows_l, cols_c, counts_b, group_size, doc_c, rel_lr,
-        share_hard_negatives)
+        rows_l,
+        cols_c,
+        counts_b,
+        group_size,
+        doc_c,
+        rel_lr,
+        share_hard_negatives,
+    )
     if symmetric:
       loss, aux = _symmetric_shard(
-          scores_lc, positive_lc, valid_lc, gather(q_ld), p_cd, rows_l,
-          counts_b, doc_c, gather(rel_lr) if has_rel else None, temperature,
-          group_size, share_hard_negatives)
+          scores_lc,
+          positive_lc,
+          valid_lc,
+          gather(q_ld),
+          p_cd,
+          rows_l,
+          counts_b,
+          doc_c,
+          gather(rel_lr) if has_rel else None,
+          temperature,
+          group_size,
+          share_hard_negatives,
+      )
     else:
       loss, aux = loss_fn(scores_lc, positive_lc, valid_lc)
     # Local means × local counts are the local sums (0 for a shard without
@@ -125,8 +162,9 @@ def sharded_contrastive_loss(
     psum = (lambda x: lax.psum(x, axes)) if axes else (lambda x: x)
     total = psum(n)
     denom = jnp.maximum(total, 1.0)
-    out = {k: psum(v * n) / denom for k, v in aux.items()
-           if k != "num_valid_rows"}
+    out = {
+        k: psum(v * n) / denom for k, v in aux.items() if k != "num_valid_rows"
+    }
     out["num_valid_rows"] = total
     return psum(loss * n) / denom, out
 
@@ -141,5 +179,5 @@ def sharded_contrastive_loss(
   # Mesh axes outside `axes` (e.g. model) see replicated inputs and compute
   # the same value, so the scalar outputs are replicated everywhere.
   return jax.shard_map(
-      shard_fn, mesh=mesh, in_specs=tuple(specs),
-      out_specs=PartitionSpec())(*args)
+      shard_fn, mesh=mesh, in_specs=tuple(specs), out_specs=PartitionSpec()
+  )(*args)

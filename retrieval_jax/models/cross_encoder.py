@@ -22,8 +22,13 @@ HEADS = ("cls", "emb")
 class CrossEncoder(nnx.Module):
   """A pair scorer on a `TransformerEncoder`; the "cls" head has BERT's init."""
 
-  def __init__(self, encoder: transformer_encoder.TransformerEncoder,
-               head: str = "cls", *, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      encoder: transformer_encoder.TransformerEncoder,
+      head: str = "cls",
+      *,
+      rngs: nnx.Rngs,
+  ):
     if head not in HEADS:
       raise ValueError(f"head={head!r}: expected one of {HEADS}")
     config = encoder.config
@@ -31,26 +36,42 @@ class CrossEncoder(nnx.Module):
     self.head = head
     if head == "cls":
       self.score_d = core.param(
-          nnx.initializers.normal(config.initializer_range), rngs,
-          (config.hidden_size,), config.param_dtype, (sharding.EMBED,))
-      self.bias = core.param(nnx.initializers.zeros, rngs, (),
-                             config.param_dtype, ())
+          nnx.initializers.normal(config.initializer_range),
+          rngs,
+          (config.hidden_size,),
+          config.param_dtype,
+          (sharding.EMBED,),
+      )
+      self.bias = core.param(
+          nnx.initializers.zeros, rngs, (), config.param_dtype, ()
+      )
 
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
-               token_type_ids_bl: jax.Array,
-               markers_b2: jax.Array | None = None, *,
-               deterministic: bool = True,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      input_ids_bl: jax.Array,
+      attention_mask_bl: jax.Array,
+      token_type_ids_bl: jax.Array,
+      markers_b2: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+      dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """[B] float32 scores of [B, L] int pairs from `features.encode_pairs`.
 
     `markers_b2`: [B, 2] int query and item marker positions ("emb" only).
     """
-    h_bld = self.encoder(input_ids_bl, attention_mask_bl, token_type_ids_bl,
-                         deterministic=deterministic, dropout_rng=dropout_rng)
+    h_bld = self.encoder(
+        input_ids_bl,
+        attention_mask_bl,
+        token_type_ids_bl,
+        deterministic=deterministic,
+        dropout_rng=dropout_rng,
+    )
     h_bld = h_bld.astype(jnp.float32)
     if self.head == "cls":
-      return h_bld[:, 0] @ self.score_d[...].astype(jnp.float32) + \
-          self.bias[...].astype(jnp.float32)
+      return h_bld[:, 0] @ self.score_d[...].astype(jnp.float32) + self.bias[
+          ...
+      ].astype(jnp.float32)
     if markers_b2 is None:
       raise ValueError("the emb head needs the marker positions markers_b2")
     picked_b2d = jnp.take_along_axis(h_bld, markers_b2[:, :, None], axis=1)

@@ -62,25 +62,33 @@ class M2Config:
 
   def __post_init__(self):
     if self.filter_emb_dim % 2 != 1 or self.filter_emb_dim < 3:
-      raise ValueError(f"filter_emb_dim {self.filter_emb_dim} must be odd and"
-                       " >= 3 (time plus cosine/sine pairs)")
+      raise ValueError(
+          f"filter_emb_dim {self.filter_emb_dim} must be odd and"
+          " >= 3 (time plus cosine/sine pairs)"
+      )
     for name in ("hidden_size", "intermediate_size"):
       if getattr(self, name) % self.monarch_blocks:
-        raise ValueError(f"{name} {getattr(self, name)} is not divisible by "
-                         f"monarch_blocks {self.monarch_blocks}")
+        raise ValueError(
+            f"{name} {getattr(self, name)} is not divisible by "
+            f"monarch_blocks {self.monarch_blocks}"
+        )
 
   def embedding_config(self) -> transformer_encoder.EncoderConfig:
     """The shared embedding block's config (word + position + type, LN)."""
     return transformer_encoder.EncoderConfig(
-        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-        num_layers=self.num_layers, num_heads=1,
+        vocab_size=self.vocab_size,
+        hidden_size=self.hidden_size,
+        num_layers=self.num_layers,
+        num_heads=1,
         intermediate_size=self.intermediate_size,
         max_position_embeddings=self.max_position_embeddings,
         type_vocab_size=self.type_vocab_size,
         layer_norm_eps=self.layer_norm_eps,
         hidden_dropout=self.hidden_dropout,
         initializer_range=self.initializer_range,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
 
 
 # The released M2-BERT-80M retrieval models differ only in l_max.
@@ -100,47 +108,60 @@ class SequenceMixer(nnx.Module):
     c, k = 3 * d, config.short_conv_size
     normal = nnx.initializers.normal(config.initializer_range)
     zeros = nnx.initializers.zeros
-    torch_init = core.uniform(1.0 / k ** 0.5)  # PyTorch Conv1d default
+    torch_init = core.uniform(1.0 / k**0.5)  # PyTorch Conv1d default
     self.dtype = config.dtype
     self.mask_padding = config.mask_padding
     self.residual_long_conv = config.residual_long_conv
-    self.in_proj_dc = core.param(normal, rngs, (d, c), pd,
-                                 (sharding.EMBED, sharding.MLP))
+    self.in_proj_dc = core.param(
+        normal, rngs, (d, c), pd, (sharding.EMBED, sharding.MLP)
+    )
     self.in_bias_c = core.param(zeros, rngs, (c,), pd, (sharding.MLP,))
-    self.short_conv_ck = core.param(torch_init, rngs, (c, k), pd,
-                                    (sharding.MLP, None))
-    self.short_conv_bias_c = core.param(torch_init, rngs, (c,), pd,
-                                        (sharding.MLP,))
+    self.short_conv_ck = core.param(
+        torch_init, rngs, (c, k), pd, (sharding.MLP, None)
+    )
+    self.short_conv_bias_c = core.param(
+        torch_init, rngs, (c,), pd, (sharding.MLP,)
+    )
     # BERT init for the filter MLPs, as in the reference: filters start near
     # zero, so long-range mixing is learned, not imposed at random.
-    filter_args = dict(emb_dim=config.filter_emb_dim,
-                       order=config.filter_order, w=config.filter_w,
-                       bidirectional=config.bidirectional, param_dtype=pd,
-                       mlp_init_std=config.initializer_range)
+    filter_args = dict(
+        emb_dim=config.filter_emb_dim,
+        order=config.filter_order,
+        w=config.filter_w,
+        bidirectional=config.bidirectional,
+        param_dtype=pd,
+        mlp_init_std=config.initializer_range,
+    )
     self.filter = long_conv.HyenaFilter(
-        d, config.max_position_embeddings, rngs=rngs, **filter_args)
+        d, config.max_position_embeddings, rngs=rngs, **filter_args
+    )
     if config.residual_long_conv:
       self.residual_filter = long_conv.HyenaFilter(
-          d, config.max_position_embeddings, rngs=rngs, **filter_args)
-    self.out_proj_dd = core.param(normal, rngs, (d, d), pd,
-                                  (sharding.MLP, sharding.EMBED))
+          d, config.max_position_embeddings, rngs=rngs, **filter_args
+      )
+    self.out_proj_dd = core.param(
+        normal, rngs, (d, d), pd, (sharding.MLP, sharding.EMBED)
+    )
     self.out_bias_d = core.param(zeros, rngs, (d,), pd, (sharding.EMBED,))
 
-  def __call__(self, u_bld: jax.Array,
-               mask_bl: jax.Array | None) -> jax.Array:
+  def __call__(self, u_bld: jax.Array, mask_bl: jax.Array | None) -> jax.Array:
     """[B, L, D] inputs (and [B, L] mask or None) -> [B, L, D]."""
     dt = self.dtype
     length = u_bld.shape[1]
-    p_blc = (jnp.einsum("bld,dc->blc", u_bld, self.in_proj_dc[...].astype(dt))
-             + self.in_bias_c[...].astype(dt))
+    p_blc = jnp.einsum(
+        "bld,dc->blc", u_bld, self.in_proj_dc[...].astype(dt)
+    ) + self.in_bias_c[...].astype(dt)
     # Convolutions run along the last axis (the FFT's), channels first.
     p_bcl = long_conv.short_causal_conv(
-        jnp.swapaxes(p_blc, 1, 2), self.short_conv_ck[...].astype(dt),
-        self.short_conv_bias_c[...].astype(dt))
+        jnp.swapaxes(p_blc, 1, 2),
+        self.short_conv_ck[...].astype(dt),
+        self.short_conv_bias_c[...].astype(dt),
+    )
     x1_bdl, x2_bdl, v_bdl = jnp.split(p_bcl, 3, axis=1)
     v_bdl = v_bdl * x1_bdl
-    keep_b1l = (None if mask_bl is None else
-                (mask_bl[:, None, :] != 0).astype(dt))
+    keep_b1l = (
+        None if mask_bl is None else (mask_bl[:, None, :] != 0).astype(dt)
+    )
     if keep_b1l is not None:
       # Zero the padded positions the reverse filter would otherwise read.
       v_bdl = v_bdl * keep_b1l
@@ -152,33 +173,54 @@ class SequenceMixer(nnx.Module):
       if keep_b1l is not None:
         u_bdl = u_bdl * keep_b1l
       k_fwd_dl, k_rev_dl, d_d = self.residual_filter(length)
-      y_bdl = y_bdl + long_conv.bidirectional_conv(u_bdl, k_fwd_dl, k_rev_dl,
-                                                   d_d)
+      y_bdl = y_bdl + long_conv.bidirectional_conv(
+          u_bdl, k_fwd_dl, k_rev_dl, d_d
+      )
     y_bld = jnp.swapaxes(y_bdl, 1, 2).astype(dt)
-    return (jnp.einsum("bld,de->ble", y_bld, self.out_proj_dd[...].astype(dt))
-            + self.out_bias_d[...].astype(dt))
+    return jnp.einsum(
+        "bld,de->ble", y_bld, self.out_proj_dd[...].astype(dt)
+    ) + self.out_bias_d[...].astype(dt)
 
 
 class MonarchGLU(nnx.Module):
   """GLU with block-diagonal matrices and a post-LayerNorm residual."""
 
   def __init__(self, config: M2Config, *, rngs: nnx.Rngs):
-    d, i, g = config.hidden_size, config.intermediate_size, config.monarch_blocks
+    d, i, g = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.monarch_blocks,
+    )
     pd, dt = config.param_dtype, config.dtype
     self.intermediate_size = i
-    self.gate = monarch.BlockDiagLinear(d, 2 * i, g, use_bias=False, dtype=dt,
-                                        param_dtype=pd, rngs=rngs,
-                                        in_axis=sharding.EMBED,
-                                        out_axis=sharding.MLP)
-    self.out = monarch.BlockDiagLinear(i, d, g, use_bias=True, dtype=dt,
-                                       param_dtype=pd, rngs=rngs,
-                                       in_axis=sharding.MLP,
-                                       out_axis=sharding.EMBED)
+    self.gate = monarch.BlockDiagLinear(
+        d,
+        2 * i,
+        g,
+        use_bias=False,
+        dtype=dt,
+        param_dtype=pd,
+        rngs=rngs,
+        in_axis=sharding.EMBED,
+        out_axis=sharding.MLP,
+    )
+    self.out = monarch.BlockDiagLinear(
+        i,
+        d,
+        g,
+        use_bias=True,
+        dtype=dt,
+        param_dtype=pd,
+        rngs=rngs,
+        in_axis=sharding.MLP,
+        out_axis=sharding.EMBED,
+    )
     self.dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
     self.norm = core.LayerNorm(d, config.layer_norm_eps, pd, rngs=rngs)
 
-  def __call__(self, x_bld: jax.Array, *, deterministic: bool,
-               rng: jax.Array | None) -> jax.Array:
+  def __call__(
+      self, x_bld: jax.Array, *, deterministic: bool, rng: jax.Array | None
+  ) -> jax.Array:
     """[B, L, D] -> [B, L, D]."""
     z_bli = self.gate(x_bld)
     a_bli, b_bli = jnp.split(z_bli, 2, axis=-1)
@@ -194,11 +236,18 @@ class M2Layer(nnx.Module):
     self.mixer = SequenceMixer(config, rngs=rngs)
     self.mlp = MonarchGLU(config, rngs=rngs)
 
-  def __call__(self, x_bld: jax.Array, mask_bl: jax.Array | None, *,
-               deterministic: bool, rng: jax.Array | None) -> jax.Array:
+  def __call__(
+      self,
+      x_bld: jax.Array,
+      mask_bl: jax.Array | None,
+      *,
+      deterministic: bool,
+      rng: jax.Array | None,
+  ) -> jax.Array:
     """[B, L, D] states -> [B, L, D] states (the GLU's residual is the skip)."""
-    return self.mlp(self.mixer(x_bld, mask_bl), deterministic=deterministic,
-                    rng=rng)
+    return self.mlp(
+        self.mixer(x_bld, mask_bl), deterministic=deterministic, rng=rng
+    )
 
 
 class M2Encoder(nnx.Module):
@@ -207,24 +256,33 @@ class M2Encoder(nnx.Module):
   def __init__(self, config: M2Config, *, rngs: nnx.Rngs):
     self.config = config
     self.embeddings = transformer_encoder.Embeddings(
-        config.embedding_config(), rngs=rngs)
+        config.embedding_config(), rngs=rngs
+    )
     self.layers = nnx.List(
-        [M2Layer(config, rngs=rngs) for _ in range(config.num_layers)])
+        [M2Layer(config, rngs=rngs) for _ in range(config.num_layers)]
+    )
     if config.pooler:
       d = config.hidden_size
       self.pooler_dd = core.param(
-          nnx.initializers.normal(config.initializer_range), rngs, (d, d),
-          config.param_dtype, (sharding.EMBED, None))
-      self.pooler_bias_d = core.param(nnx.initializers.zeros, rngs, (d,),
-                                      config.param_dtype, (None,))
+          nnx.initializers.normal(config.initializer_range),
+          rngs,
+          (d, d),
+          config.param_dtype,
+          (sharding.EMBED, None),
+      )
+      self.pooler_bias_d = core.param(
+          nnx.initializers.zeros, rngs, (d,), config.param_dtype, (None,)
+      )
 
-  def __call__(self,
-               input_ids_bl: jax.Array,
-               attention_mask_bl: jax.Array,
-               token_type_ids_bl: jax.Array | None = None,
-               *,
-               deterministic: bool = True,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      input_ids_bl: jax.Array,
+      attention_mask_bl: jax.Array,
+      token_type_ids_bl: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+      dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """[B, L, D] states in `config.dtype` of right-padded [B, L] int ids.
 
     `attention_mask_bl` (nonzero for real tokens, first in each row) is used
@@ -234,16 +292,20 @@ class M2Encoder(nnx.Module):
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
     mask_bl = attention_mask_bl if self.config.mask_padding else None
-    keys = core.dropout_keys(dropout_rng, len(self.layers) + 1,
-                             deterministic)
-    x_bld = self.embeddings(input_ids_bl, token_type_ids_bl,
-                            deterministic=deterministic, rng=keys[0])
+    keys = core.dropout_keys(dropout_rng, len(self.layers) + 1, deterministic)
+    x_bld = self.embeddings(
+        input_ids_bl,
+        token_type_ids_bl,
+        deterministic=deterministic,
+        rng=keys[0],
+    )
     for layer, key in zip(self.layers, keys[1:]):
       x_bld = layer(x_bld, mask_bl, deterministic=deterministic, rng=key)
     return x_bld
 
-  def pool(self, hidden_bld: jax.Array, mask_bl: jax.Array,
-           kind: str) -> jax.Array:
+  def pool(
+      self, hidden_bld: jax.Array, mask_bl: jax.Array, kind: str
+  ) -> jax.Array:
     """[B, L, D] states -> float32 [B, D] by `kind` (see POOLING_KINDS).
 
     "pooler" is the reference embedding: tanh(W h[:, 0] + b).
@@ -251,15 +313,21 @@ class M2Encoder(nnx.Module):
     """
     if kind in ("pooler", "mean_pooler"):
       if not self.config.pooler:
-        raise ValueError(f"pooling {kind!r} needs a model built with "
-                         "pooler=True")
-      base = pooling_lib.pool(hidden_bld, mask_bl,
-                              "cls" if kind == "pooler" else "mean")
+        raise ValueError(
+            f"pooling {kind!r} needs a model built with pooler=True"
+        )
+      base = pooling_lib.pool(
+          hidden_bld, mask_bl, "cls" if kind == "pooler" else "mean"
+      )
       return jnp.tanh(
-          jnp.einsum("bd,de->be", base,
-                     self.pooler_dd[...].astype(jnp.float32),
-                     preferred_element_type=jnp.float32)
-          + self.pooler_bias_d[...].astype(jnp.float32))
+          jnp.einsum(
+              "bd,de->be",
+              base,
+              self.pooler_dd[...].astype(jnp.float32),
+              preferred_element_type=jnp.float32,
+          )
+          + self.pooler_bias_d[...].astype(jnp.float32)
+      )
     return pooling_lib.pool(hidden_bld, mask_bl, kind)
 
 
@@ -271,14 +339,21 @@ def config_from_block(block, *, dtype: Any = jnp.float32) -> M2Config:
   `filter_order`, and `mask_padding`.
   """
   if block["preset"] not in M2_CONFIGS:
-    raise ValueError(f"unknown M2 preset {block['preset']!r}; known: "
-                     f"{sorted(M2_CONFIGS)}")
+    raise ValueError(
+        f"unknown M2 preset {block['preset']!r}; known: {sorted(M2_CONFIGS)}"
+    )
   base = M2_CONFIGS[block["preset"]]
-  overrides = {k: block[k] for k in ("num_layers", "hidden_size",
-                                     "intermediate_size",
-                                     "max_position_embeddings",
-                                     "filter_order")
-               if block.get(k)}
+  overrides = {
+      k: block[k]
+      for k in (
+          "num_layers",
+          "hidden_size",
+          "intermediate_size",
+          "max_position_embeddings",
+          "filter_order",
+      )
+      if block.get(k)
+  }
   overrides["mask_padding"] = bool(block.get("mask_padding", True))
   return dataclasses.replace(base, dtype=dtype, **overrides)
 
@@ -292,13 +367,16 @@ def copy_embeddings(model: M2Encoder, source) -> int:
   """
   ours, theirs = model.embeddings, source.embeddings
   if ours.word_vd.shape[1] != theirs.word_vd.shape[1]:
-    raise ValueError(f"cannot copy embeddings of width "
-                     f"{theirs.word_vd.shape[1]} into an M2 encoder of width "
-                     f"{ours.word_vd.shape[1]}")
+    raise ValueError(
+        "cannot copy embeddings of width "
+        f"{theirs.word_vd.shape[1]} into an M2 encoder of width "
+        f"{ours.word_vd.shape[1]}"
+    )
   rows = min(ours.word_vd.shape[0], theirs.word_vd.shape[0])
   dtype = ours.word_vd[...].dtype
-  ours.word_vd[...] = ours.word_vd[...].at[:rows].set(
-      theirs.word_vd[:rows].astype(dtype))
+  ours.word_vd[...] = (
+      ours.word_vd[...].at[:rows].set(theirs.word_vd[:rows].astype(dtype))
+  )
   ours.type_td[...] = theirs.type_td[...].astype(dtype)
   ours.norm.scale_d[...] = theirs.norm.scale_d[...].astype(dtype)
   ours.norm.bias_d[...] = theirs.norm.bias_d[...].astype(dtype)

@@ -68,10 +68,12 @@ class EncoderConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads "
-          f"{self.num_heads}")
+          f"{self.num_heads}"
+      )
     if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
-                       f"{sorted(ACTIVATIONS)}")
+      raise ValueError(
+          f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}"
+      )
 
   @property
   def head_dim(self) -> int:
@@ -87,10 +89,13 @@ class EncoderConfig:
     if position_type != "absolute":
       raise ValueError(
           f"position_embedding_type {position_type!r} is not supported; "
-          "only 'absolute' position embeddings are implemented")
+          "only 'absolute' position embeddings are implemented"
+      )
     if hf_config.get("is_decoder", False):
-      raise ValueError("decoder checkpoints (is_decoder=true) are not "
-                       "supported; this is a bidirectional encoder")
+      raise ValueError(
+          "decoder checkpoints (is_decoder=true) are not "
+          "supported; this is a bidirectional encoder"
+      )
     fields = dict(
         vocab_size=hf_config["vocab_size"],
         hidden_size=hf_config["hidden_size"],
@@ -113,8 +118,9 @@ class LayerNorm(core.LayerNorm):
   """LayerNorm with scale and bias over the model width."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
-    super().__init__(config.hidden_size, config.layer_norm_eps,
-                     config.param_dtype, rngs=rngs)
+    super().__init__(
+        config.hidden_size, config.layer_norm_eps, config.param_dtype, rngs=rngs
+    )
 
 
 class Embeddings(nnx.Module):
@@ -124,28 +130,52 @@ class Embeddings(nnx.Module):
     init = nnx.initializers.normal(config.initializer_range)
     d = config.hidden_size
     self.dtype = config.dtype
-    self.word_vd = core.param(init, rngs, (config.vocab_size, d),
-                          config.param_dtype, (sharding.VOCAB, sharding.EMBED))
+    self.word_vd = core.param(
+        init,
+        rngs,
+        (config.vocab_size, d),
+        config.param_dtype,
+        (sharding.VOCAB, sharding.EMBED),
+    )
     # Position and type tables are small (<= 512 rows): rows replicated.
-    self.position_pd = core.param(init, rngs, (config.max_position_embeddings, d),
-                              config.param_dtype, (None, sharding.EMBED))
-    self.type_td = core.param(init, rngs, (config.type_vocab_size, d),
-                          config.param_dtype, (None, sharding.EMBED))
+    self.position_pd = core.param(
+        init,
+        rngs,
+        (config.max_position_embeddings, d),
+        config.param_dtype,
+        (None, sharding.EMBED),
+    )
+    self.type_td = core.param(
+        init,
+        rngs,
+        (config.type_vocab_size, d),
+        config.param_dtype,
+        (None, sharding.EMBED),
+    )
     self.norm = LayerNorm(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
 
-  def __call__(self, input_ids_bl: jax.Array, token_type_ids_bl: jax.Array,
-               *, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+  def __call__(
+      self,
+      input_ids_bl: jax.Array,
+      token_type_ids_bl: jax.Array,
+      *,
+      deterministic: bool,
+      rng: jax.Array | None,
+  ) -> jax.Array:
     """int [B, L] ids and types -> [B, L, D] in the compute dtype."""
     length = input_ids_bl.shape[1]
     max_length = self.position_pd.shape[0]
     if length > max_length:
-      raise ValueError(f"input length {length} exceeds "
-                       f"max_position_embeddings {max_length}")
+      raise ValueError(
+          f"input length {length} exceeds max_position_embeddings {max_length}"
+      )
     # Sum in the parameter dtype before the LayerNorm, as the reference does.
-    x_bld = (jnp.take(self.word_vd[...], input_ids_bl, axis=0)
-             + self.position_pd[:length][None, :, :]
-             + jnp.take(self.type_td[...], token_type_ids_bl, axis=0))
+    x_bld = (
+        jnp.take(self.word_vd[...], input_ids_bl, axis=0)
+        + self.position_pd[:length][None, :, :]
+        + jnp.take(self.type_td[...], token_type_ids_bl, axis=0)
+    )
     x_bld = self.norm(x_bld).astype(self.dtype)
     return core.dropout(self.dropout, x_bld, deterministic, rng)
 
@@ -167,34 +197,49 @@ class SelfAttention(nnx.Module):
     self.key_bias_nh = core.param(zeros, rngs, (n, h), pd, bias_axes)
     self.value_dnh = core.param(init, rngs, (d, n, h), pd, in_axes)
     self.value_bias_nh = core.param(zeros, rngs, (n, h), pd, bias_axes)
-    self.out_nhd = core.param(init, rngs, (n, h, d), pd,
-                          (sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED))
+    self.out_nhd = core.param(
+        init,
+        rngs,
+        (n, h, d),
+        pd,
+        (sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED),
+    )
     self.out_bias_d = core.param(zeros, rngs, (d,), pd, (sharding.EMBED,))
     self.dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
 
-  def __call__(self, x_bld: jax.Array, mask_bl: jax.Array, *,
-               deterministic: bool, rng: jax.Array | None) -> jax.Array:
+  def __call__(
+      self,
+      x_bld: jax.Array,
+      mask_bl: jax.Array,
+      *,
+      deterministic: bool,
+      rng: jax.Array | None,
+  ) -> jax.Array:
     """[B, L, D] states and [B, L] mask -> [B, L, D] attention output."""
     dt = self.dtype
-    q_blnh = (jnp.einsum("bld,dnh->blnh", x_bld, self.query_dnh[...].astype(dt))
-              + self.query_bias_nh[...].astype(dt))
-    k_blnh = (jnp.einsum("bld,dnh->blnh", x_bld, self.key_dnh[...].astype(dt))
-              + self.key_bias_nh[...].astype(dt))
-    v_blnh = (jnp.einsum("bld,dnh->blnh", x_bld, self.value_dnh[...].astype(dt))
-              + self.value_bias_nh[...].astype(dt))
+    q_blnh = jnp.einsum(
+        "bld,dnh->blnh", x_bld, self.query_dnh[...].astype(dt)
+    ) + self.query_bias_nh[...].astype(dt)
+    k_blnh = jnp.einsum(
+        "bld,dnh->blnh", x_bld, self.key_dnh[...].astype(dt)
+    ) + self.key_bias_nh[...].astype(dt)
+    v_blnh = jnp.einsum(
+        "bld,dnh->blnh", x_bld, self.value_dnh[...].astype(dt)
+    ) + self.value_bias_nh[...].astype(dt)
     # Scale the queries rather than the [B, N, L, L] logits: fewer multiplies.
     q_blnh = q_blnh * jnp.asarray(1.0 / math.sqrt(q_blnh.shape[-1]), dt)
     logits_bnqk = jnp.einsum("bqnh,bknh->bnqk", q_blnh, k_blnh)
     # Mask and softmax in float32: the normaliser needs the extra bits.
     bias_bk = jnp.where(mask_bl.astype(bool), 0.0, _MASK_BIAS)
-    logits_bnqk = (logits_bnqk.astype(jnp.float32)
-                   + bias_bk[:, None, None, :].astype(jnp.float32))
+    logits_bnqk = logits_bnqk.astype(jnp.float32) + bias_bk[
+        :, None, None, :
+    ].astype(jnp.float32)
     probs_bnqk = jax.nn.softmax(logits_bnqk, axis=-1).astype(dt)
     probs_bnqk = core.dropout(self.dropout, probs_bnqk, deterministic, rng)
     context_bqnh = jnp.einsum("bnqk,bknh->bqnh", probs_bnqk, v_blnh)
-    return (jnp.einsum("bqnh,nhd->bqd", context_bqnh,
-                       self.out_nhd[...].astype(dt))
-            + self.out_bias_d[...].astype(dt))
+    return jnp.einsum(
+        "bqnh,nhd->bqd", context_bqnh, self.out_nhd[...].astype(dt)
+    ) + self.out_bias_d[...].astype(dt)
 
 
 class FeedForward(nnx.Module):
@@ -206,19 +251,25 @@ class FeedForward(nnx.Module):
     d, f, pd = config.hidden_size, config.intermediate_size, config.param_dtype
     self.dtype = config.dtype
     self.hidden_act = config.hidden_act
-    self.wi_df = core.param(init, rngs, (d, f), pd, (sharding.EMBED, sharding.MLP))
+    self.wi_df = core.param(
+        init, rngs, (d, f), pd, (sharding.EMBED, sharding.MLP)
+    )
     self.bi_f = core.param(zeros, rngs, (f,), pd, (sharding.MLP,))
-    self.wo_fd = core.param(init, rngs, (f, d), pd, (sharding.MLP, sharding.EMBED))
+    self.wo_fd = core.param(
+        init, rngs, (f, d), pd, (sharding.MLP, sharding.EMBED)
+    )
     self.bo_d = core.param(zeros, rngs, (d,), pd, (sharding.EMBED,))
 
   def __call__(self, x_bld: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, L, D] in the compute dtype."""
     dt = self.dtype
-    h_blf = (jnp.einsum("bld,df->blf", x_bld, self.wi_df[...].astype(dt))
-             + self.bi_f[...].astype(dt))
+    h_blf = jnp.einsum(
+        "bld,df->blf", x_bld, self.wi_df[...].astype(dt)
+    ) + self.bi_f[...].astype(dt)
     h_blf = ACTIVATIONS[self.hidden_act](h_blf)
-    return (jnp.einsum("blf,fd->bld", h_blf, self.wo_fd[...].astype(dt))
-            + self.bo_d[...].astype(dt))
+    return jnp.einsum(
+        "blf,fd->bld", h_blf, self.wo_fd[...].astype(dt)
+    ) + self.bo_d[...].astype(dt)
 
 
 class EncoderLayer(nnx.Module):
@@ -232,15 +283,24 @@ class EncoderLayer(nnx.Module):
     self.mlp_dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
     self.mlp_norm = LayerNorm(config, rngs=rngs)
 
-  def __call__(self, x_bld: jax.Array, mask_bl: jax.Array, *,
-               deterministic: bool, rng: jax.Array | None) -> jax.Array:
+  def __call__(
+      self,
+      x_bld: jax.Array,
+      mask_bl: jax.Array,
+      *,
+      deterministic: bool,
+      rng: jax.Array | None,
+  ) -> jax.Array:
     """[B, L, D] states and [B, L] mask -> [B, L, D] states."""
     rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
-    y_bld = self.attention(x_bld, mask_bl, deterministic=deterministic,
-                           rng=rngs[0])
+    y_bld = self.attention(
+        x_bld, mask_bl, deterministic=deterministic, rng=rngs[0]
+    )
     y_bld = core.dropout(self.attention_dropout, y_bld, deterministic, rngs[1])
     x_bld = self.attention_norm(x_bld + y_bld)
-    y_bld = core.dropout(self.mlp_dropout, self.mlp(x_bld), deterministic, rngs[2])
+    y_bld = core.dropout(
+        self.mlp_dropout, self.mlp(x_bld), deterministic, rngs[2]
+    )
     return self.mlp_norm(x_bld + y_bld)
 
 
@@ -251,15 +311,18 @@ class TransformerEncoder(nnx.Module):
     self.config = config
     self.embeddings = Embeddings(config, rngs=rngs)
     self.layers = nnx.List(
-        [EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        [EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)]
+    )
 
-  def __call__(self,
-               input_ids_bl: jax.Array,
-               attention_mask_bl: jax.Array,
-               token_type_ids_bl: jax.Array | None = None,
-               *,
-               deterministic: bool = True,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      input_ids_bl: jax.Array,
+      attention_mask_bl: jax.Array,
+      token_type_ids_bl: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+      dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """[B, L] int ids (L <= max positions) -> [B, L, D] states in `dtype`.
 
     `attention_mask_bl` is nonzero for real tokens; padding is never attended
@@ -267,13 +330,17 @@ class TransformerEncoder(nnx.Module):
     """
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
-    keys = core.dropout_keys(dropout_rng, len(self.layers) + 1,
-                             deterministic)
-    x_bld = self.embeddings(input_ids_bl, token_type_ids_bl,
-                            deterministic=deterministic, rng=keys[0])
+    keys = core.dropout_keys(dropout_rng, len(self.layers) + 1, deterministic)
+    x_bld = self.embeddings(
+        input_ids_bl,
+        token_type_ids_bl,
+        deterministic=deterministic,
+        rng=keys[0],
+    )
     for layer, key in zip(self.layers, keys[1:]):
-      x_bld = layer(x_bld, attention_mask_bl, deterministic=deterministic,
-                    rng=key)
+      x_bld = layer(
+          x_bld, attention_mask_bl, deterministic=deterministic, rng=key
+      )
     return x_bld
 
 
@@ -299,8 +366,9 @@ def build_with_params(
   def make_model():
     return TransformerEncoder(config, rngs=nnx.Rngs(seed))
 
-  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make_model),
-                                           nnx.Param, ...)
+  graphdef, abstract_params, _ = nnx.split(
+      nnx.eval_shape(make_model), nnx.Param, ...
+  )
   rng_state = jax.jit(lambda: nnx.split(make_model(), nnx.Param, ...)[2])()
   flat = dict(nnx.to_flat_state(abstract_params))
   name = lambda path: ".".join(map(str, path))
@@ -311,7 +379,9 @@ def build_with_params(
   for path, variable in flat.items():
     value = params[path]
     if tuple(value.shape) != tuple(variable.shape):
-      raise ValueError(f"parameter {name(path)} has shape "
-                       f"{tuple(value.shape)}, expected {variable.shape}")
+      raise ValueError(
+          f"parameter {name(path)} has shape "
+          f"{tuple(value.shape)}, expected {variable.shape}"
+      )
     variable.set_value(jnp.asarray(value, dtype=config.param_dtype))
   return nnx.merge(graphdef, abstract_params, rng_state)

@@ -46,36 +46,47 @@ class Bm25Index:
 
   `retriever` is the bm25s index, `build_s` the seconds spent indexing.
   """
+
   retriever: Any
   num_docs: int
   settings: dict[str, Any]
   build_s: float
 
   @classmethod
-  def build(cls, corpus_texts: Sequence[str],
-            settings: dict[str, Any] | None = None) -> "Bm25Index":
+  def build(
+      cls, corpus_texts: Sequence[str], settings: dict[str, Any] | None = None
+  ) -> "Bm25Index":
     """Tokenizes and indexes non-empty `corpus_texts` (`beir.doc_text` rows)."""
     if not corpus_texts:
       raise ValueError("the corpus is empty: there is nothing to index")
     import bm25s  # pylint: disable=g-import-not-at-top
+
     settings = dict(SETTINGS if settings is None else settings)
     start = time.perf_counter()
-    retriever = bm25s.BM25(method=settings["method"], k1=settings["k1"],
-                           b=settings["b"])
+    retriever = bm25s.BM25(
+        method=settings["method"], k1=settings["k1"], b=settings["b"]
+    )
     index = cls(retriever, len(corpus_texts), settings, 0.0)
-    retriever.index(index._tokenize(corpus_texts, return_ids=True),
-                    show_progress=False)
+    retriever.index(
+        index._tokenize(corpus_texts, return_ids=True), show_progress=False
+    )
     index.build_s = time.perf_counter() - start
     return index
 
   def _tokenize(self, texts: Sequence[str], return_ids: bool):
     import bm25s  # pylint: disable=g-import-not-at-top
     import Stemmer  # pylint: disable=g-import-not-at-top
+
     s = self.settings  # one analyzer for queries and documents
     return bm25s.tokenize(
-        list(texts), return_ids=return_ids, lower=s["lower"],
-        token_pattern=s["token_pattern"], stopwords=s["stopwords"],
-        stemmer=Stemmer.Stemmer(s["stemmer"]), show_progress=False)
+        list(texts),
+        return_ids=return_ids,
+        lower=s["lower"],
+        token_pattern=s["token_pattern"],
+        stopwords=s["stopwords"],
+        stemmer=Stemmer.Stemmer(s["stemmer"]),
+        show_progress=False,
+    )
 
   def scores(self, query_texts: Sequence[str]) -> list[np.ndarray | None]:
     """Per query, float32 [N] scores, or None if no term is in the corpus."""
@@ -83,16 +94,22 @@ class Bm25Index:
     out = []
     for tokens in self._tokenize(query_texts, return_ids=False):
       token_ids = self.retriever.get_tokens_ids(tokens)
-      out.append(np.asarray(self.retriever.get_scores_from_ids(token_ids),
-                            np.float32) if token_ids else None)
+      out.append(
+          np.asarray(self.retriever.get_scores_from_ids(token_ids), np.float32)
+          if token_ids
+          else None
+      )
     return out
 
-  def pair_scores(self, query_texts: Sequence[str],
-                  doc_rows: Sequence[int]) -> np.ndarray:
+  def pair_scores(
+      self, query_texts: Sequence[str], doc_rows: Sequence[int]
+  ) -> np.ndarray:
     """float32 [P] scores of (query_texts[p], doc_rows[p]); rows < 0 score 0."""
     if len(query_texts) != len(doc_rows):
-      raise ValueError(f"{len(query_texts)} queries for {len(doc_rows)} "
-                       "doc rows: expected one query per pair")
+      raise ValueError(
+          f"{len(query_texts)} queries for {len(doc_rows)} "
+          "doc rows: expected one query per pair"
+      )
     unique = sorted(set(query_texts))
     by_text = dict(zip(unique, self.scores(unique)))
     out = np.zeros(len(doc_rows), np.float32)
@@ -101,8 +118,9 @@ class Bm25Index:
         out[p] = by_text[text][row]
     return out
 
-  def search(self, query_texts: Sequence[str], k: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def search(
+      self, query_texts: Sequence[str], k: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Top k (<= N) docs per query, ties to the smaller corpus index.
 
     Returns (scores_qk float32, indices_qk int64), best first, padded with
@@ -118,23 +136,34 @@ class Bm25Index:
         continue
       ranked = top_indices(scores_n, k)
       ranked = ranked[scores_n[ranked] > 0]
-      scores_qk[i, :len(ranked)] = scores_n[ranked]
-      indices_qk[i, :len(ranked)] = ranked
+      scores_qk[i, : len(ranked)] = scores_n[ranked]
+      indices_qk[i, : len(ranked)] = ranked
     return scores_qk, indices_qk
 
   def size_bytes(self) -> int:
     """Bytes of the stored score matrix (data, indices, pointers)."""
-    return int(sum(np.asarray(a).nbytes for a in self.retriever.scores.values()
-                   if hasattr(a, "nbytes")))
+    return int(
+        sum(
+            np.asarray(a).nbytes
+            for a in self.retriever.scores.values()
+            if hasattr(a, "nbytes")
+        )
+    )
 
 
-def retrieve(query_texts: Sequence[str], corpus_texts: Sequence[str], k: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+def retrieve(
+    query_texts: Sequence[str], corpus_texts: Sequence[str], k: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Indexes `corpus_texts` and returns `Bm25Index.search(query_texts, k)`."""
   index = Bm25Index.build(corpus_texts)
   start = time.perf_counter()
   out = index.search(query_texts, k)
-  logging.info("BM25: %d queries x %d docs, top %d, index %.1f s, search "
-               "%.1f s", len(query_texts), len(corpus_texts), k,
-               index.build_s, time.perf_counter() - start)
+  logging.info(
+      "BM25: %d queries x %d docs, top %d, index %.1f s, search %.1f s",
+      len(query_texts),
+      len(corpus_texts),
+      k,
+      index.build_s,
+      time.perf_counter() - start,
+  )
   return out

@@ -31,6 +31,7 @@ class EncodedCorpus:
 
   embeddings_nd: [N_pad, D]; rows >= num_docs are padding, never returned.
   """
+
   embeddings_nd: jax.Array
   num_docs: int
   metric: str
@@ -58,7 +59,8 @@ def _l2_normalize(x_nd: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("num_pad", "normalize", "out_sharding"))
+    jax.jit, static_argnames=("num_pad", "normalize", "out_sharding")
+)
 def _pad_and_place(corpus_nd, *, num_pad, normalize, out_sharding):
   # The constraint lets each device materialise only its own rows.
   if normalize:
@@ -67,11 +69,13 @@ def _pad_and_place(corpus_nd, *, num_pad, normalize, out_sharding):
   return jax.lax.with_sharding_constraint(corpus_nd, out_sharding)
 
 
-def encode_corpus(corpus_nd,
-                  *,
-                  metric: str = "dot",
-                  chunk_size: int = 16384,
-                  mesh: Mesh | None = None) -> EncodedCorpus:
+def encode_corpus(
+    corpus_nd,
+    *,
+    metric: str = "dot",
+    chunk_size: int = 16384,
+    mesh: Mesh | None = None,
+) -> EncodedCorpus:
   """Pads, normalises (cosine, in float32) and shards [N, D] rows once.
 
   chunk_size bounds the rows scored per scan step and device (the [Q, chunk]
@@ -98,7 +102,8 @@ def encode_corpus(corpus_nd,
       corpus_nd,
       num_pad=num_pad,
       normalize=metric == "cosine",
-      out_sharding=out_sharding)
+      out_sharding=out_sharding,
+  )
   return EncodedCorpus(embeddings_nd, num_docs, metric, chunk_size, mesh)
 
 
@@ -119,11 +124,12 @@ def default_group_size(k: int, chunk_size: int) -> int:
   Balances the chunk / g group maxima against the k × g candidates.
   """
   ideal = np.sqrt(chunk_size / max(k, 1))
-  return int(2**np.clip(np.round(np.log2(ideal)), 0, 7))
+  return int(2 ** np.clip(np.round(np.log2(ideal)), 0, 7))
 
 
-def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
-                 group_size):
+def _update_topk(
+    best_scores_qk, best_index_qk, scores_qc, start, num_docs, group_size
+):
   """Merges one chunk's [Q, C] scores into the running [Q, k] top-k, exactly.
 
   Two stages: the top-k groups of `group_size` rows by maximum (lower group
@@ -150,12 +156,15 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
   max_qg = jnp.where(group_start_g[None, :] < num_docs, max_qg, -jnp.inf)
   # Only the group holding row num_docs mixes real and padding rows.
   mixed = jnp.clip((num_docs - start) // group_size, 0, num_groups - 1)
-  rows_qr = lax.dynamic_slice_in_dim(scores_qc, mixed * group_size,
-                                     group_size, axis=1)
-  valid_r = (start + mixed * group_size +
-             jnp.arange(group_size, dtype=jnp.int32)) < num_docs
+  rows_qr = lax.dynamic_slice_in_dim(
+      scores_qc, mixed * group_size, group_size, axis=1
+  )
+  valid_r = (
+      start + mixed * group_size + jnp.arange(group_size, dtype=jnp.int32)
+  ) < num_docs
   mixed_max_q1 = jnp.max(
-      jnp.where(valid_r[None, :], rows_qr, -jnp.inf), axis=1, keepdims=True)
+      jnp.where(valid_r[None, :], rows_qr, -jnp.inf), axis=1, keepdims=True
+  )
   max_qg = lax.dynamic_update_slice_in_dim(max_qg, mixed_max_q1, mixed, axis=1)
   tau_q1 = best_scores_qk[:, -1:]
   max_qg = jnp.where(max_qg > tau_q1, max_qg, -jnp.inf)
@@ -164,12 +173,18 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
     _, group_qm = lax.top_k(max_qg, m)
     group_qm = jnp.sort(group_qm, axis=-1)  # index order: tie-break contract
     cand_qmr = jnp.take_along_axis(scores_qgr, group_qm[:, :, None], axis=1)
-    pos_qmr = (group_qm[:, :, None] * group_size +
-               jnp.arange(group_size, dtype=group_qm.dtype))
+    pos_qmr = group_qm[:, :, None] * group_size + jnp.arange(
+        group_size, dtype=group_qm.dtype
+    )
     index_qmr = start + pos_qmr.astype(jnp.int32)
     cand_qmr = jnp.where(index_qmr < num_docs, cand_qmr, -jnp.inf)
-    return _merge(best_scores_qk, best_index_qk, cand_qmr.reshape(q, -1),
-                  index_qmr.reshape(q, -1), k)
+    return _merge(
+        best_scores_qk,
+        best_index_qk,
+        cand_qmr.reshape(q, -1),
+        index_qmr.reshape(q, -1),
+        k,
+    )
 
   # Once few groups beat tau (<= k / 4 for all queries) select only those;
   # below k = 32 the branch costs more than it saves (measured on CPU).
@@ -178,14 +193,18 @@ def _update_topk(best_scores_qk, best_index_qk, scores_qc, start, num_docs,
     return merge_groups(k)
   num_above_q = jnp.sum(max_qg > -jnp.inf, axis=1)
   return lax.cond(
-      jnp.max(num_above_q) <= few, lambda: merge_groups(few),
-      lambda: merge_groups(k))
+      jnp.max(num_above_q) <= few,
+      lambda: merge_groups(few),
+      lambda: merge_groups(k),
+  )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("k", "chunk_size", "group_size", "mesh"))
-def _search_batch(queries_qd, corpus_nd, num_docs, *, k, chunk_size,
-                  group_size, mesh):
+    jax.jit, static_argnames=("k", "chunk_size", "group_size", "mesh")
+)
+def _search_batch(
+    queries_qd, corpus_nd, num_docs, *, k, chunk_size, group_size, mesh
+):
   """Top-k of one query batch against the sharded corpus (see `search`)."""
   axes = _corpus_axes(mesh)
   row_spec = PartitionSpec(axes, None)
@@ -194,23 +213,28 @@ def _search_batch(queries_qd, corpus_nd, num_docs, *, k, chunk_size,
     rows, dim = corpus_md.shape
     num_chunks = rows // chunk_size
     shard = lax.axis_index(axes) if axes else 0
-    starts_c = (shard * rows +
-                jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size)
+    starts_c = (
+        shard * rows + jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+    )
     chunks_tcd = corpus_md.reshape(num_chunks, chunk_size, dim)
 
     def step(carry, xs):
       chunk_cd, start = xs
       # HIGHEST: full float32 products on TPU/GPU (no bf16 / TF32 passes).
       scores_qc = jnp.einsum(
-          "qd,cd->qc", queries_qd, chunk_cd,
+          "qd,cd->qc",
+          queries_qd,
+          chunk_cd,
           precision=lax.Precision.HIGHEST,
-          preferred_element_type=jnp.float32)
-      return _update_topk(*carry, scores_qc, start, num_docs,
-                          group_size), None
+          preferred_element_type=jnp.float32,
+      )
+      return _update_topk(*carry, scores_qc, start, num_docs, group_size), None
 
     q = queries_qd.shape[0]
-    init = (jnp.full((q, k), -jnp.inf, jnp.float32),
-            jnp.full((q, k), _EMPTY_INDEX, jnp.int32))
+    init = (
+        jnp.full((q, k), -jnp.inf, jnp.float32),
+        jnp.full((q, k), _EMPTY_INDEX, jnp.int32),
+    )
     if axes:  # the carry is per-shard after one step
       init = lax.pcast(init, axes, to="varying")
     (scores_qk, index_qk), _ = lax.scan(step, init, (chunks_tcd, starts_c))
@@ -230,12 +254,14 @@ def _search_batch(queries_qd, corpus_nd, num_docs, *, k, chunk_size,
   return scores_qk, jnp.take_along_axis(index_qx, pos_qk, axis=-1)
 
 
-def search(corpus: EncodedCorpus,
-           queries_qd,
-           k: int,
-           *,
-           query_batch_size: int | None = None,
-           group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    corpus: EncodedCorpus,
+    queries_qd,
+    k: int,
+    *,
+    query_batch_size: int | None = None,
+    group_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k rows of an `EncodedCorpus` for [Q, D] queries, 1 <= k <= N.
 
   query_batch_size: queries per jitted call (the last zero-padded: one compiled
@@ -245,7 +271,8 @@ def search(corpus: EncodedCorpus,
   dim = corpus.embeddings_nd.shape[1]
   if queries_qd.ndim != 2 or queries_qd.shape[1] != dim:
     raise ValueError(
-        f"queries must be [Q, {dim}], got shape {queries_qd.shape}")
+        f"queries must be [Q, {dim}], got shape {queries_qd.shape}"
+    )
   if not 1 <= k <= corpus.num_docs:
     raise ValueError(f"k={k} must be in [1, N={corpus.num_docs}]")
   num_queries = queries_qd.shape[0]
@@ -262,10 +289,11 @@ def search(corpus: EncodedCorpus,
       k=k,
       chunk_size=corpus.chunk_size,
       group_size=group_size,
-      mesh=corpus.mesh)
+      mesh=corpus.mesh,
+  )
   outputs = []
   for lo in range(0, num_queries, batch):
-    queries_bd = queries_qd[lo:lo + batch]
+    queries_bd = queries_qd[lo : lo + batch]
     short = batch - queries_bd.shape[0]  # zero rows: one compiled shape
     if short:
       queries_bd = jnp.pad(jnp.asarray(queries_bd), ((0, short), (0, 0)))
@@ -279,16 +307,18 @@ def search(corpus: EncodedCorpus,
   return scores_qk, indices_qk
 
 
-def exact_topk(queries_qd,
-               corpus_nd,
-               k: int,
-               *,
-               metric: str = "dot",
-               chunk_size: int = 16384,
-               mesh: Mesh | None = None,
-               query_batch_size: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    queries_qd,
+    corpus_nd,
+    k: int,
+    *,
+    metric: str = "dot",
+    chunk_size: int = 16384,
+    mesh: Mesh | None = None,
+    query_batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """One-shot `encode_corpus` + `search`: [Q, k] float32 scores, int32 rows."""
   corpus = encode_corpus(
-      corpus_nd, metric=metric, chunk_size=chunk_size, mesh=mesh)
+      corpus_nd, metric=metric, chunk_size=chunk_size, mesh=mesh
+  )
   return search(corpus, queries_qd, k, query_batch_size=query_batch_size)

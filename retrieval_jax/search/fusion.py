@@ -19,12 +19,14 @@ NORMALIZATIONS = ("none", "minmax_center", "zscore")
 
 def _check_normalization(method: str) -> None:
   if method not in NORMALIZATIONS:
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got "
-                     f"{method!r}")
+    raise ValueError(
+        f"normalization must be one of {NORMALIZATIONS}, got {method!r}"
+    )
 
 
-def normalize_scores(scores: Mapping[str, float],
-                     method: str) -> dict[str, float]:
+def normalize_scores(
+    scores: Mapping[str, float], method: str
+) -> dict[str, float]:
   """Normalises one query's {doc id: score} by `method`, keeping the order.
 
   "minmax_center": (x - (min + max) / 2) / (max - min), in [-1/2, 1/2];
@@ -46,8 +48,11 @@ def normalize_scores(scores: Mapping[str, float],
 
 
 def _check_positive(name: str, value: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < 1):
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, np.integer))
+      or (value < 1)
+  ):
     raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -55,13 +60,15 @@ def _query_order(runs: Sequence[Run]) -> list[str]:
   return list(dict.fromkeys(qid for run in runs for qid in run))
 
 
-def interpolate(dense_run: Run,
-                sparse_run: Run,
-                *,
-                alpha: float = 0.1,
-                normalization: str = "none",
-                weight_on_dense: bool = False,
-                k: int = 1000) -> dict[str, dict[str, float]]:
+def interpolate(
+    dense_run: Run,
+    sparse_run: Run,
+    *,
+    alpha: float = 0.1,
+    normalization: str = "none",
+    weight_on_dense: bool = False,
+    k: int = 1000,
+) -> dict[str, dict[str, float]]:
   """Per-query alpha * sparse + dense (alpha on dense with `weight_on_dense`).
 
   Each list is normalised, missing docs take the list's minimum; a query in one
@@ -77,8 +84,10 @@ def interpolate(dense_run: Run,
     if dense and sparse:
       dense_min, sparse_min = min(dense.values()), min(sparse.values())
       scores = {
-          doc: (w_sparse * sparse.get(doc, sparse_min) +
-                w_dense * dense.get(doc, dense_min))
+          doc: (
+              w_sparse * sparse.get(doc, sparse_min)
+              + w_dense * dense.get(doc, dense_min)
+          )
           for doc in dict.fromkeys([*dense, *sparse])
       }
     elif dense:
@@ -89,10 +98,9 @@ def interpolate(dense_run: Run,
   return fused
 
 
-def reciprocal_rank_fusion(runs: Sequence[Run],
-                           *,
-                           k: int = 60,
-                           depth: int = 1000) -> dict[str, dict[str, float]]:
+def reciprocal_rank_fusion(
+    runs: Sequence[Run], *, k: int = 60, depth: int = 1000
+) -> dict[str, dict[str, float]]:
   """RRF: score(d) = sum_sys 1 / (k + rank_sys(d)), k = 60 in the paper.
 
   Ranks start at 1 in trec_eval's order over each list's first `depth` docs.

@@ -19,8 +19,15 @@ from retrieval_jax import io
 # Bump when the saved arrays change meaning or layout.
 FORMAT_VERSION = 1
 _FORMAT_NAME = "retrieval_jax.sparse_index"
-_SAVED_KEYS = ("format_name", "format_version", "num_docs", "vocab_size",
-               "data", "indices", "indptr")
+_SAVED_KEYS = (
+    "format_name",
+    "format_version",
+    "num_docs",
+    "vocab_size",
+    "data",
+    "indices",
+    "indptr",
+)
 # Default bound on the result entries (doc matches) of one query block:
 # ~12 bytes each in the product, so ~50 MB.
 _DEFAULT_BLOCK_ENTRIES = 1 << 22
@@ -32,6 +39,7 @@ class SparseIndex:
 
   docs_nv: float32 csc_matrix [N, V], sorted indices, no explicit zeros.
   """
+
   docs_nv: sp.csc_matrix
   num_docs: int
   vocab_size: int
@@ -39,17 +47,23 @@ class SparseIndex:
   def __post_init__(self):
     if not isinstance(self.docs_nv, sp.csc_matrix):
       raise ValueError(
-          f"docs_nv must be a scipy csc_matrix, got {type(self.docs_nv)}")
+          f"docs_nv must be a scipy csc_matrix, got {type(self.docs_nv)}"
+      )
     if self.docs_nv.dtype != np.float32:
       raise ValueError(f"docs_nv must be float32, got {self.docs_nv.dtype}")
     if self.docs_nv.shape != (self.num_docs, self.vocab_size):
-      raise ValueError(f"docs_nv shape {self.docs_nv.shape} != (num_docs, "
-                       f"vocab_size) = ({self.num_docs}, {self.vocab_size})")
+      raise ValueError(
+          f"docs_nv shape {self.docs_nv.shape} != (num_docs, "
+          f"vocab_size) = ({self.num_docs}, {self.vocab_size})"
+      )
 
 
 def _check_vocab_size(vocab_size: int) -> int:
-  if (isinstance(vocab_size, bool) or
-      not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1):
+  if (
+      isinstance(vocab_size, bool)
+      or not isinstance(vocab_size, (int, np.integer))
+      or vocab_size < 1
+  ):
     raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
   return int(vocab_size)
 
@@ -65,8 +79,10 @@ def _check_weights(data: np.ndarray, what: str) -> None:
   if not np.isfinite(data).all():
     raise ValueError(f"{what} has non-finite weights")
   if (data < 0).any():
-    raise ValueError(f"{what} has negative weights (min {data.min()}); "
-                     "sparse term weights must be >= 0")
+    raise ValueError(
+        f"{what} has negative weights (min {data.min()}); "
+        "sparse term weights must be >= 0"
+    )
 
 
 def _as_float32_2d(w_bv, name: str) -> np.ndarray:
@@ -108,21 +124,26 @@ def _keep_top_terms(rows_bv: sp.csr_matrix, top_terms: int) -> sp.csr_matrix:
   indptr = np.zeros_like(rows_bv.indptr)
   np.cumsum(np.minimum(counts_b, top_terms), out=indptr[1:])
   return sp.csr_matrix(
-      (rows_bv.data[kept], rows_bv.indices[kept], indptr),
-      shape=rows_bv.shape)
+      (rows_bv.data[kept], rows_bv.indices[kept], indptr), shape=rows_bv.shape
+  )
 
 
 def _from_csr(docs_nv: sp.csr_matrix, vocab_size: int) -> SparseIndex:
   docs_nv = docs_nv.tocsc()
   docs_nv.eliminate_zeros()
   docs_nv.sort_indices()
-  return SparseIndex(docs_nv=docs_nv, num_docs=docs_nv.shape[0],
-                     vocab_size=vocab_size)
+  return SparseIndex(
+      docs_nv=docs_nv, num_docs=docs_nv.shape[0], vocab_size=vocab_size
+  )
 
 
-def from_dense_batches(batches: Iterable, *, vocab_size: int,
-                       threshold: float = 0.0,
-                       top_terms: int = 0) -> SparseIndex:
+def from_dense_batches(
+    batches: Iterable,
+    *,
+    vocab_size: int,
+    threshold: float = 0.0,
+    top_terms: int = 0,
+) -> SparseIndex:
   """Index from dense [b, V] encoder batches in doc order; [N, V] never dense.
 
   Keeps entries > threshold (>= 0) and, if top_terms > 0, each document's
@@ -130,15 +151,20 @@ def from_dense_batches(batches: Iterable, *, vocab_size: int,
   """
   vocab_size = _check_vocab_size(vocab_size)
   threshold = _check_threshold(threshold)
-  if (isinstance(top_terms, bool) or
-      not isinstance(top_terms, (int, np.integer)) or top_terms < 0):
+  if (
+      isinstance(top_terms, bool)
+      or not isinstance(top_terms, (int, np.integer))
+      or top_terms < 0
+  ):
     raise ValueError(f"top_terms must be an int >= 0, got {top_terms!r}")
   pieces = []
   for i, w_bv in enumerate(batches):
     w_bv = _as_float32_2d(w_bv, f"batch {i}")
     if w_bv.shape[1] != vocab_size:
-      raise ValueError(f"batch {i} has {w_bv.shape[1]} columns, expected "
-                       f"vocab_size={vocab_size}")
+      raise ValueError(
+          f"batch {i} has {w_bv.shape[1]} columns, expected "
+          f"vocab_size={vocab_size}"
+      )
     if not np.isfinite(w_bv).all():
       raise ValueError(f"batch {i} has non-finite weights")
     keep_bv = w_bv > threshold
@@ -151,41 +177,50 @@ def from_dense_batches(batches: Iterable, *, vocab_size: int,
       rows_bv = _keep_top_terms(rows_bv, top_terms)
     pieces.append(rows_bv)
   if not pieces:
-    return _from_csr(sp.csr_matrix((0, vocab_size), dtype=np.float32),
-                     vocab_size)
+    return _from_csr(
+        sp.csr_matrix((0, vocab_size), dtype=np.float32), vocab_size
+    )
   return _from_csr(sp.vstack(pieces, format="csr"), vocab_size)
 
 
-def from_rows(indices_list: Sequence, values_list: Sequence,
-              vocab_size: int) -> SparseIndex:
+def from_rows(
+    indices_list: Sequence, values_list: Sequence, vocab_size: int
+) -> SparseIndex:
   """Index from per-document term ids (in [0, V), unrepeated) and weights.
 
   Weights must be finite and >= 0; zeros are dropped.
   """
   vocab_size = _check_vocab_size(vocab_size)
   if len(indices_list) != len(values_list):
-    raise ValueError(f"{len(indices_list)} index arrays but "
-                     f"{len(values_list)} value arrays")
+    raise ValueError(
+        f"{len(indices_list)} index arrays but {len(values_list)} value arrays"
+    )
   indices = [np.asarray(a).reshape(-1) for a in indices_list]
   values = [np.asarray(a, np.float32).reshape(-1) for a in values_list]
   for i, (idx, val) in enumerate(zip(indices, values)):
     if idx.shape != val.shape:
-      raise ValueError(f"document {i}: {idx.size} term ids but {val.size} "
-                       "weights")
+      raise ValueError(
+          f"document {i}: {idx.size} term ids but {val.size} weights"
+      )
     if idx.size and not np.issubdtype(idx.dtype, np.integer):
-      raise ValueError(f"document {i}: term ids must be integers, got "
-                       f"{idx.dtype}")
+      raise ValueError(
+          f"document {i}: term ids must be integers, got {idx.dtype}"
+      )
   num_docs = len(indices)
   counts_n = np.array([a.size for a in indices], np.int64)
   indptr = np.zeros(num_docs + 1, np.int64)
   np.cumsum(counts_n, out=indptr[1:])
-  cols = (np.concatenate(indices).astype(np.int64) if num_docs
-          else np.zeros(0, np.int64))
-  data = (np.concatenate(values) if num_docs
-          else np.zeros(0, np.float32))
+  cols = (
+      np.concatenate(indices).astype(np.int64)
+      if num_docs
+      else np.zeros(0, np.int64)
+  )
+  data = np.concatenate(values) if num_docs else np.zeros(0, np.float32)
   if cols.size and (cols.min() < 0 or cols.max() >= vocab_size):
-    raise ValueError(f"term ids must be in [0, {vocab_size}), got range "
-                     f"[{cols.min()}, {cols.max()}]")
+    raise ValueError(
+        f"term ids must be in [0, {vocab_size}), got range "
+        f"[{cols.min()}, {cols.max()}]"
+    )
   _check_weights(data, "values_list")
   docs_nv = sp.csr_matrix((data, cols, indptr), shape=(num_docs, vocab_size))
   docs_nv.sort_indices()
@@ -197,14 +232,16 @@ def from_rows(indices_list: Sequence, values_list: Sequence,
   return _from_csr(docs_nv, vocab_size)
 
 
-def _query_blocks(queries_qv: sp.csr_matrix, index: SparseIndex,
-                  max_block_entries: int) -> list[tuple[int, int]]:
+def _query_blocks(
+    queries_qv: sp.csr_matrix, index: SparseIndex, max_block_entries: int
+) -> list[tuple[int, int]]:
   """Query ranges with <= max_block_entries product entries (or one query)."""
   num_queries = queries_qv.shape[0]
   postings_v = np.diff(index.docs_nv.indptr)
   row_of_m = np.repeat(np.arange(num_queries), np.diff(queries_qv.indptr))
-  bound_q = np.bincount(row_of_m, weights=postings_v[queries_qv.indices],
-                        minlength=num_queries)
+  bound_q = np.bincount(
+      row_of_m, weights=postings_v[queries_qv.indices], minlength=num_queries
+  )
   cum_q = np.cumsum(np.minimum(bound_q, index.num_docs))
   blocks, start = [], 0
   while start < num_queries:
@@ -216,8 +253,7 @@ def _query_blocks(queries_qv: sp.csr_matrix, index: SparseIndex,
   return blocks
 
 
-def _row_topk(scores_m: np.ndarray, docs_m: np.ndarray,
-              k: int) -> np.ndarray:
+def _row_topk(scores_m: np.ndarray, docs_m: np.ndarray, k: int) -> np.ndarray:
   """Positions of the k best entries: score descending, doc ascending."""
   if scores_m.size > k:
     # Keep every tie with the k-th score: the lexsort decides among them.
@@ -229,9 +265,13 @@ def _row_topk(scores_m: np.ndarray, docs_m: np.ndarray,
   return candidates[order[:k]]
 
 
-def search(index: SparseIndex, queries_csr, k: int, *,
-           max_block_entries: int = _DEFAULT_BLOCK_ENTRIES
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: SparseIndex,
+    queries_csr,
+    k: int,
+    *,
+    max_block_entries: int = _DEFAULT_BLOCK_ENTRIES,
+) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k docs by sparse dot product for scipy queries_csr [Q, V] >= 0.
 
   Returns scores_qk float32 [Q, k] descending, indices_qk int64 [Q, k] (ties
@@ -239,16 +279,19 @@ def search(index: SparseIndex, queries_csr, k: int, *,
   padding. max_block_entries bounds the (query, doc) matches held at once.
   """
   if not sp.issparse(queries_csr):
-    raise ValueError("queries_csr must be a scipy sparse matrix (see "
-                     f"to_sparse_rows), got {type(queries_csr)}")
+    raise ValueError(
+        "queries_csr must be a scipy sparse matrix (see "
+        f"to_sparse_rows), got {type(queries_csr)}"
+    )
   if queries_csr.ndim != 2 or queries_csr.shape[1] != index.vocab_size:
-    raise ValueError(f"queries_csr shape {queries_csr.shape} must be "
-                     f"[Q, vocab_size={index.vocab_size}]")
+    raise ValueError(
+        f"queries_csr shape {queries_csr.shape} must be "
+        f"[Q, vocab_size={index.vocab_size}]"
+    )
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be a positive int, got {k!r}")
   if max_block_entries < 1:
-    raise ValueError(
-        f"max_block_entries must be >= 1, got {max_block_entries}")
+    raise ValueError(f"max_block_entries must be >= 1, got {max_block_entries}")
   queries_qv = sp.csr_matrix(queries_csr, dtype=np.float32)
   _check_weights(queries_qv.data, "queries_csr")
   num_queries = queries_qv.shape[0]
@@ -263,8 +306,8 @@ def search(index: SparseIndex, queries_csr, k: int, *,
       scores_m = block_bn.data[lo:hi]
       docs_m = block_bn.indices[lo:hi]
       top = _row_topk(scores_m, docs_m, k)
-      scores_qk[start + row, :top.size] = scores_m[top]
-      indices_qk[start + row, :top.size] = docs_m[top]
+      scores_qk[start + row, : top.size] = scores_m[top]
+      indices_qk[start + row, : top.size] = docs_m[top]
   return scores_qk, indices_qk
 
 
@@ -289,11 +332,16 @@ def stats(index: SparseIndex) -> dict[str, float]:
 def save(index: SparseIndex, path: str | os.PathLike[str]) -> None:
   """Writes the index atomically to `path`, an .npz under that exact name."""
   m = index.docs_nv
-  io.save_npz_atomic(path, format_name=np.array(_FORMAT_NAME),
-                     format_version=np.array(FORMAT_VERSION),
-                     num_docs=np.array(index.num_docs),
-                     vocab_size=np.array(index.vocab_size),
-                     data=m.data, indices=m.indices, indptr=m.indptr)
+  io.save_npz_atomic(
+      path,
+      format_name=np.array(_FORMAT_NAME),
+      format_version=np.array(FORMAT_VERSION),
+      num_docs=np.array(index.num_docs),
+      vocab_size=np.array(index.vocab_size),
+      data=m.data,
+      indices=m.indices,
+      indptr=m.indptr,
+  )
 
 
 def load(path: str | os.PathLike[str]) -> SparseIndex:
@@ -306,32 +354,38 @@ def load(path: str | os.PathLike[str]) -> SparseIndex:
   except Exception as e:  # np.load raises many types for foreign files.
     raise ValueError(f"{path} is not a saved SparseIndex: {e}") from e
   if not isinstance(loaded, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path} is not a saved SparseIndex: not an .npz "
-                     "archive")
+    raise ValueError(f"{path} is not a saved SparseIndex: not an .npz archive")
   with loaded:
     missing = [key for key in _SAVED_KEYS if key not in loaded.files]
     if missing:
-      raise ValueError(f"{path} is not a saved SparseIndex: missing arrays "
-                       f"{missing}")
+      raise ValueError(
+          f"{path} is not a saved SparseIndex: missing arrays {missing}"
+      )
     try:
       arrays = {key: loaded[key] for key in _SAVED_KEYS}
     except Exception as e:  # Corrupt members, pickled object arrays.
       raise ValueError(f"{path} is not a saved SparseIndex: {e}") from e
   if str(arrays["format_name"]) != _FORMAT_NAME:
-    raise ValueError(f"{path} is not a saved SparseIndex (format "
-                     f"{str(arrays['format_name'])!r})")
+    raise ValueError(
+        f"{path} is not a saved SparseIndex (format "
+        f"{str(arrays['format_name'])!r})"
+    )
   version = int(arrays["format_version"])
   if version != FORMAT_VERSION:
-    raise ValueError(f"{path} has SparseIndex format version {version}; "
-                     f"this code reads version {FORMAT_VERSION}")
+    raise ValueError(
+        f"{path} has SparseIndex format version {version}; "
+        f"this code reads version {FORMAT_VERSION}"
+    )
   num_docs = int(arrays["num_docs"])
   vocab_size = int(arrays["vocab_size"])
   try:
     docs_nv = sp.csc_matrix(
         (arrays["data"], arrays["indices"], arrays["indptr"]),
-        shape=(num_docs, vocab_size))
+        shape=(num_docs, vocab_size),
+    )
     docs_nv.check_format(full_check=True)
-    return SparseIndex(docs_nv=docs_nv, num_docs=num_docs,
-                       vocab_size=vocab_size)
+    return SparseIndex(
+        docs_nv=docs_nv, num_docs=num_docs, vocab_size=vocab_size
+    )
   except ValueError as e:
     raise ValueError(f"{path} holds an inconsistent SparseIndex: {e}") from e

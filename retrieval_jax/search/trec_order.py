@@ -19,14 +19,17 @@ def as_float32(scores: np.ndarray) -> np.ndarray:
     return np.asarray(scores, np.float64).astype(np.float32)
 
 
-def trec_eval_sorted(doc_scores: DocScores,
-                     k: int | None = None) -> list[tuple[str, float]]:
+def trec_eval_sorted(
+    doc_scores: DocScores, k: int | None = None
+) -> list[tuple[str, float]]:
   """(doc id, original score) pairs in trec_eval's order; the top k if given."""
-  items = list(doc_scores.items() if isinstance(doc_scores, Mapping)
-               else doc_scores)
+  items = list(
+      doc_scores.items() if isinstance(doc_scores, Mapping) else doc_scores
+  )
   # Keys (float32 score, id, position); the position recovers the original.
-  scores32 = as_float32(np.fromiter((s for _, s in items), np.float64,
-                                    len(items))).tolist()
+  scores32 = as_float32(
+      np.fromiter((s for _, s in items), np.float64, len(items))
+  ).tolist()
   keys = zip(scores32, (doc for doc, _ in items), range(len(items)))
   if k is None:
     ranked = sorted(keys, reverse=True)

@@ -32,7 +32,8 @@ class InitTest(parameterized.TestCase):
       key = jax.random.split(jax.random.PRNGKey(seed))[which]
       expected = jax.random.normal(key, (rows, dim), jnp.float32)
       np.testing.assert_array_equal(
-          ed._raw_normals(seed, which, rows, dim), np.asarray(expected))
+          ed._raw_normals(seed, which, rows, dim), np.asarray(expected)
+      )
 
   def test_initial_embeddings_are_unit_rows(self):
     q_md, d_nd = ed.initial_embeddings(6, 4, 3, seed=1)
@@ -63,11 +64,17 @@ class LossTest(absltest.TestCase):
     positive_mn[np.repeat(np.arange(len(rel)), 3), rel.ravel()] = 1
     q_md = rng.normal(size=(len(rel), 5)).astype(np.float32)
     d_nd = rng.normal(size=(7, 5)).astype(np.float32)
-    loss = float(ed.infonce_loss(q_md, d_nd, positive_mn, np.ones(7, bool),
-                                 0.1))
+    loss = float(
+        ed.infonce_loss(q_md, d_nd, positive_mn, np.ones(7, bool), 0.1)
+    )
     logits = q_md.astype(np.float64) @ d_nd.T.astype(np.float64) / 0.1
-    log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(
-        1, keepdims=True)) - logits.max(1, keepdims=True)
+    log_p = (
+        logits
+        - np.log(
+            np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)
+        )
+        - logits.max(1, keepdims=True)
+    )
     expected = -(log_p * positive_mn).sum() / positive_mn.sum()
     self.assertAlmostEqual(loss, expected, delta=1e-4 * abs(expected))
     self.assertGreater(loss, math.log(3))
@@ -93,18 +100,24 @@ class LossTest(absltest.TestCase):
     self.assertAlmostEqual(
         float(ed.infonce_loss(pad_q, pad_d, pad_pos, valid, 0.1)),
         float(ed.infonce_loss(q_md, d_nd, positive_mn, np.ones(5, bool), 0.1)),
-        places=5)
+        places=5,
+    )
     self.assertEqual(
         int(ed.top_k_hits(pad_q, pad_d, pad_pos, valid, 2)),
-        int(ed.top_k_hits(q_md, d_nd, positive_mn, np.ones(5, bool), 2)))
+        int(ed.top_k_hits(q_md, d_nd, positive_mn, np.ones(5, bool), 2)),
+    )
 
   def test_top_k_hits_known_answer(self):
     scores_mn = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 5.0, 4.0]])
     positive_mn = np.array([[1, 0, 1, 0], [0, 0, 1, 1]], np.float32)
     # Identity query vectors read the score rows directly.
-    hits = ed.top_k_hits(np.eye(2, dtype=np.float32),
-                         scores_mn.T.astype(np.float32), positive_mn,
-                         np.ones(4, bool), 2)
+    hits = ed.top_k_hits(
+        np.eye(2, dtype=np.float32),
+        scores_mn.T.astype(np.float32),
+        positive_mn,
+        np.ones(4, bool),
+        2,
+    )
     self.assertEqual(int(hits), 3)  # Query 0 finds 1 of 2, query 1 both.
 
 
@@ -141,7 +154,8 @@ class ProtocolTest(absltest.TestCase):
     alone = ed.optimize_free_embeddings([_problem(7, 3)], protocol)[0]
     batch = ed.optimize_free_embeddings(
         [_problem(11, 6, seed=3), _problem(7, 3), _problem(9, 2, seed=0)],
-        protocol)
+        protocol,
+    )
     self.assertEqual(batch[1].n, 7)
     self.assertEqual(batch[1].iterations, alone.iterations)
     self.assertEqual(batch[1].stop, alone.stop)

@@ -27,14 +27,16 @@ class DenseTest(absltest.TestCase):
 
   def test_all_pairs_of_four(self):
     np.testing.assert_array_equal(
-        qp.dense(4, 2), [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+        qp.dense(4, 2), [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+    )
     self.assertEqual(qp.dense(4, 2).dtype, np.int32)
 
   def test_all_subsets_in_combinations_order(self):
     for n, k in ((5, 3), (6, 1), (7, 7), (9, 4)):
       np.testing.assert_array_equal(
           qp.dense(n, k),
-          np.array(list(itertools.combinations(range(n), k))).reshape(-1, k))
+          np.array(list(itertools.combinations(range(n), k))).reshape(-1, k),
+      )
 
   def test_limit_query_count_uses_46_docs(self):
     relevant_mk = qp.dense(num_queries=1000, k=2)
@@ -49,13 +51,15 @@ class DenseTest(absltest.TestCase):
     np.testing.assert_array_equal(qp.dense(num_queries=1035), qp.dense(46))
     self.assertEqual(qp.dense(num_queries=1036).max(), 46)
     # k = 3: C(5, 3) = 10 < 11 <= C(6, 3) = 20.
-    np.testing.assert_array_equal(qp.dense(num_queries=11, k=3),
-                                  qp.dense(6, 3)[:11])
+    np.testing.assert_array_equal(
+        qp.dense(num_queries=11, k=3), qp.dense(6, 3)[:11]
+    )
 
   def test_extra_docs_are_unjudged_distractors(self):
     # LIMIT (full) has 50,000 docs but the same 46-doc dense queries.
-    np.testing.assert_array_equal(qp.dense(50_000, 2, 1000),
-                                  qp.dense(num_queries=1000))
+    np.testing.assert_array_equal(
+        qp.dense(50_000, 2, 1000), qp.dense(num_queries=1000)
+    )
 
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, "num_docs or num_queries"):
@@ -77,16 +81,24 @@ class OtherPatternsTest(absltest.TestCase):
     np.testing.assert_array_equal(qp.cycle(3, 3, 2), [[0, 1], [1, 2], [0, 2]])
     np.testing.assert_array_equal(
         qp.cycle(5, 7, 3),
-        [[0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 3, 4], [0, 1, 4], [0, 1, 2],
-         [1, 2, 3]])
+        [
+            [0, 1, 2],
+            [1, 2, 3],
+            [2, 3, 4],
+            [0, 3, 4],
+            [0, 1, 4],
+            [0, 1, 2],
+            [1, 2, 3],
+        ],
+    )
     with self.assertRaisesRegex(ValueError, "k must be <= num_docs=2"):
       qp.cycle(2, 3, 3)
 
   def test_disjoint(self):
-    np.testing.assert_array_equal(qp.disjoint(6, 3, 2),
-                                  [[0, 1], [2, 3], [4, 5]])
-    np.testing.assert_array_equal(qp.disjoint(10, 2, 3),
-                                  [[0, 1, 2], [3, 4, 5]])
+    np.testing.assert_array_equal(
+        qp.disjoint(6, 3, 2), [[0, 1], [2, 3], [4, 5]]
+    )
+    np.testing.assert_array_equal(qp.disjoint(10, 2, 3), [[0, 1, 2], [3, 4, 5]])
     with self.assertRaisesRegex(ValueError, r"3 \* k=2 = 6 > num_docs=5"):
       qp.disjoint(5, 3, 2)
 
@@ -97,8 +109,7 @@ class OtherPatternsTest(absltest.TestCase):
     self.assertTrue((np.diff(relevant_mk, axis=1) > 0).all())
     self.assertTrue(((relevant_mk >= 0) & (relevant_mk < 20)).all())
     np.testing.assert_array_equal(relevant_mk, qp.random(20, 500, 4, seed=7))
-    self.assertFalse(np.array_equal(relevant_mk,
-                                    qp.random(20, 500, 4, seed=8)))
+    self.assertFalse(np.array_equal(relevant_mk, qp.random(20, 500, 4, seed=8)))
 
   def test_random_covers_all_sets_evenly(self):
     # 2000 uniform pairs of 5 docs: every one of the 10 pairs shows up and
@@ -109,22 +120,27 @@ class OtherPatternsTest(absltest.TestCase):
     self.assertTrue((np.abs(counts - 800) < 100).all(), counts)
 
   def test_k_equal_to_num_docs(self):
-    np.testing.assert_array_equal(qp.random(3, 2, 3, seed=1),
-                                  [[0, 1, 2], [0, 1, 2]])
+    np.testing.assert_array_equal(
+        qp.random(3, 2, 3, seed=1), [[0, 1, 2], [0, 1, 2]]
+    )
 
   def test_registry_has_one_signature(self):
-    self.assertEqual(set(qp.PATTERNS),
-                     {"dense", "random", "cycle", "disjoint"})
-    np.testing.assert_array_equal(qp.PATTERNS["dense"](None, 1000, 2, 0),
-                                  qp.dense(num_queries=1000))
-    np.testing.assert_array_equal(qp.PATTERNS["dense"](6, None, 3, 0),
-                                  qp.dense(6, 3))
-    np.testing.assert_array_equal(qp.PATTERNS["random"](9, 30, 3, 5),
-                                  qp.random(9, 30, 3, 5))
-    np.testing.assert_array_equal(qp.PATTERNS["cycle"](9, 30, 3, 5),
-                                  qp.cycle(9, 30, 3))
-    np.testing.assert_array_equal(qp.PATTERNS["disjoint"](9, 3, 3, 5),
-                                  qp.disjoint(9, 3, 3))
+    self.assertEqual(set(qp.PATTERNS), {"dense", "random", "cycle", "disjoint"})
+    np.testing.assert_array_equal(
+        qp.PATTERNS["dense"](None, 1000, 2, 0), qp.dense(num_queries=1000)
+    )
+    np.testing.assert_array_equal(
+        qp.PATTERNS["dense"](6, None, 3, 0), qp.dense(6, 3)
+    )
+    np.testing.assert_array_equal(
+        qp.PATTERNS["random"](9, 30, 3, 5), qp.random(9, 30, 3, 5)
+    )
+    np.testing.assert_array_equal(
+        qp.PATTERNS["cycle"](9, 30, 3, 5), qp.cycle(9, 30, 3)
+    )
+    np.testing.assert_array_equal(
+        qp.PATTERNS["disjoint"](9, 3, 3, 5), qp.disjoint(9, 3, 3)
+    )
 
 
 class MatrixTest(absltest.TestCase):
@@ -136,8 +152,9 @@ class MatrixTest(absltest.TestCase):
       self.assertEqual(a_mn.dtype, bool, name)
       self.assertEqual(a_mn.shape, (4, 12), name)
       np.testing.assert_array_equal(a_mn.sum(axis=1), 3, err_msg=name)
-      np.testing.assert_array_equal(qp.from_matrix(a_mn), relevant_mk,
-                                    err_msg=name)
+      np.testing.assert_array_equal(
+          qp.from_matrix(a_mn), relevant_mk, err_msg=name
+      )
 
   def test_known_matrix(self):
     a_mn = qp.to_matrix(np.array([[0, 2], [1, 3]]), 4)
@@ -145,7 +162,8 @@ class MatrixTest(absltest.TestCase):
     # Integer 0/1 matrices work too; unsorted input comes back sorted.
     np.testing.assert_array_equal(
         qp.from_matrix(qp.to_matrix(np.array([[3, 1]]), 5).astype(int)),
-        [[1, 3]])
+        [[1, 3]],
+    )
 
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, "row 0 has 2, row 1 has 1"):
@@ -164,11 +182,15 @@ def _exact_top_k(n, k, dtype, relevant_mk=None):
   """(recall, margin) of the moment-curve embedding for a pattern."""
   if relevant_mk is None:
     relevant_mk = qp.dense(n, k)
-  scores_mn = (qp.moment_curve_queries(relevant_mk, n, dtype)
-               @ qp.moment_curve_docs(n, k, dtype).T)
+  scores_mn = (
+      qp.moment_curve_queries(relevant_mk, n, dtype)
+      @ qp.moment_curve_docs(n, k, dtype).T
+  )
   assert scores_mn.dtype == dtype
-  return (qp.top_k_recall(scores_mn, relevant_mk),
-          qp.min_top_k_margin(scores_mn, relevant_mk))
+  return (
+      qp.top_k_recall(scores_mn, relevant_mk),
+      qp.min_top_k_margin(scores_mn, relevant_mk),
+  )
 
 
 def _unit_query_margin(n):
@@ -176,8 +198,7 @@ def _unit_query_margin(n):
   relevant_mk = qp.dense(n, 2)
   q_md = qp.moment_curve_queries(relevant_mk, n)
   q_md /= np.linalg.norm(q_md, axis=1, keepdims=True)
-  return qp.min_top_k_margin(q_md @ qp.moment_curve_docs(n, 2).T,
-                             relevant_mk)
+  return qp.min_top_k_margin(q_md @ qp.moment_curve_docs(n, 2).T, relevant_mk)
 
 
 class MomentCurveTest(parameterized.TestCase):
@@ -189,8 +210,7 @@ class MomentCurveTest(parameterized.TestCase):
     np.testing.assert_array_equal(docs_nd[0], [1, 0, 1, 0, 1, 0])
     # Doc 2 of 8 sits at 90 degrees: (cos, sin) of 90, 180, 270.
     np.testing.assert_allclose(docs_nd[2], [0, 1, -1, 0, 0, -1], atol=1e-15)
-    self.assertEqual(qp.moment_curve_docs(8, 3, np.float32).dtype,
-                     np.float32)
+    self.assertEqual(qp.moment_curve_docs(8, 3, np.float32).dtype, np.float32)
 
   def test_k2_matches_closed_form(self):
     n = 46
@@ -201,8 +221,9 @@ class MomentCurveTest(parameterized.TestCase):
     c1 = -(np.conj(s) + s * np.conj(p))
     c2 = np.conj(p)
     expected_md = -2 * np.stack([c1.real, -c1.imag, c2.real, -c2.imag], 1)
-    np.testing.assert_allclose(qp.moment_curve_queries(relevant_mk, n),
-                               expected_md, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(
+        qp.moment_curve_queries(relevant_mk, n), expected_md, rtol=0, atol=1e-13
+    )
 
   @parameterized.parameters(1, 2, 3, 5)
   def test_score_is_const_minus_polynomial_modulus(self, k):
@@ -213,12 +234,14 @@ class MomentCurveTest(parameterized.TestCase):
     q_md = qp.moment_curve_queries(relevant_mk, n)
     theta_t = np.random.default_rng(0).uniform(0, 2 * np.pi, 50)
     j_k = np.arange(1, k + 1)
-    v_td = np.stack([np.cos(theta_t[:, None] * j_k),
-                     np.sin(theta_t[:, None] * j_k)], -1).reshape(50, 2 * k)
+    v_td = np.stack(
+        [np.cos(theta_t[:, None] * j_k), np.sin(theta_t[:, None] * j_k)], -1
+    ).reshape(50, 2 * k)
     roots_mk = np.exp(2j * np.pi * relevant_mk / n)
     modulus_mt = np.prod(
-        np.abs(np.exp(1j * theta_t)[None, None, :]
-               - roots_mk[:, :, None]) ** 2, axis=1)
+        np.abs(np.exp(1j * theta_t)[None, None, :] - roots_mk[:, :, None]) ** 2,
+        axis=1,
+    )
     total_mt = q_md @ v_td.T + modulus_mt
     np.testing.assert_allclose(total_mt - total_mt[:, :1], 0, atol=1e-12)
     # The constant is the sum of the squared coefficient moduli, at least
@@ -247,10 +270,14 @@ class MomentCurveTest(parameterized.TestCase):
     # The worst set is {a, a + 2}: doc a + 1 scores |p|^2 = (2 sin(pi/n))^4
     # below the maximum, before the queries' scaling.
     relevant_mk = qp.dense(46, 2)
-    scores_mn = (qp.moment_curve_queries(relevant_mk, 46)
-                 @ qp.moment_curve_docs(46, 2).T)
-    self.assertAlmostEqual(qp.min_top_k_margin(scores_mn, relevant_mk),
-                           (2 * math.sin(math.pi / 46)) ** 4, delta=1e-12)
+    scores_mn = (
+        qp.moment_curve_queries(relevant_mk, 46) @ qp.moment_curve_docs(46, 2).T
+    )
+    self.assertAlmostEqual(
+        qp.min_top_k_margin(scores_mn, relevant_mk),
+        (2 * math.sin(math.pi / 46)) ** 4,
+        delta=1e-12,
+    )
 
   def test_n300_float64_exact(self):
     recall, margin = _exact_top_k(300, 2, np.float64)
@@ -283,7 +310,8 @@ class MetricsTest(absltest.TestCase):
     # Margins: 0.8 - 0.1, 0.1 - 0.9, 0.0 - 0.9.
     self.assertAlmostEqual(qp.min_top_k_margin(scores_mn, relevant_mk), -0.9)
     self.assertAlmostEqual(
-        qp.min_top_k_margin(scores_mn[:1], relevant_mk[:1]), 0.7)
+        qp.min_top_k_margin(scores_mn[:1], relevant_mk[:1]), 0.7
+    )
 
   def test_ties_go_to_the_lowest_index(self):
     scores_mn = np.array([[1.0, 1.0, 1.0, 0.0]])
@@ -310,7 +338,8 @@ class LimitSmallTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.relevant_mk, cls.doc_ids, cls.query_ids = qp.limit_qrels(
-        str(test_util.LIMIT_SMALL))
+        str(test_util.LIMIT_SMALL)
+    )
 
   def test_qrels_are_the_dense_pairs_in_corpus_order(self):
     self.assertEqual(self.relevant_mk.shape, (1000, 2))
@@ -318,17 +347,19 @@ class LimitSmallTest(absltest.TestCase):
     self.assertEqual(self.query_ids, [f"query_{i}" for i in range(1000)])
     # The corpus lists the people in the generator's order, so query i is
     # exactly the i-th lexicographic pair, no relabelling needed.
-    np.testing.assert_array_equal(self.relevant_mk,
-                                  qp.dense(num_queries=1000, k=2))
+    np.testing.assert_array_equal(
+        self.relevant_mk, qp.dense(num_queries=1000, k=2)
+    )
     # Hence the doc degrees: 45 for docs 0..36, 38 for 37, 38 and 37 for
     # 39..45 (the 35 dropped pairs lie inside docs 37..45).
     np.testing.assert_array_equal(
-        np.bincount(self.relevant_mk.ravel()),
-        [45] * 37 + [38] * 2 + [37] * 7)
+        np.bincount(self.relevant_mk.ravel()), [45] * 37 + [38] * 2 + [37] * 7
+    )
 
   def test_split_subsets_keep_corpus_indices(self):
     dev_mk, dev_docs, dev_queries = qp.limit_qrels(
-        str(test_util.LIMIT_SMALL), split="dev")
+        str(test_util.LIMIT_SMALL), split="dev"
+    )
     self.assertEqual(dev_docs, self.doc_ids)
     self.assertEqual(dev_mk.shape, (200, 2))
     rows = dict(zip(self.query_ids, self.relevant_mk.tolist()))

@@ -18,7 +18,6 @@ from retrieval_jax.data import beir
 import test_util
 from test_util import CRANFIELD, LIMIT_SMALL, SCIFACT, SHARED_DATA
 
-
 _QRELS_HEADER = "query-id\tcorpus-id\tscore\n"
 _DOCS = [
     {"_id": "d1", "title": "T1", "text": "one"},

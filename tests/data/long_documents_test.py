@@ -33,8 +33,16 @@ def read_manifest(path) -> dict:
     return json.load(f)
 
 
-def check_collection(tc, source_dir, out_dir, splits, min_tokens, max_tokens,
-                     count_tokens=ld.default_count_tokens, recount_every=1):
+def check_collection(
+    tc,
+    source_dir,
+    out_dir,
+    splits,
+    min_tokens,
+    max_tokens,
+    count_tokens=ld.default_count_tokens,
+    recount_every=1,
+):
   """Checks (with TestCase `tc`) a built collection; returns the manifest.
 
   Token counts are recomputed for every `recount_every`-th document (the
@@ -43,9 +51,11 @@ def check_collection(tc, source_dir, out_dir, splits, min_tokens, max_tokens,
   manifest = read_manifest(out_dir)
   docs = manifest["documents"]
   passage_ids, titles, texts = beir.read_corpus(
-      os.path.join(source_dir, beir.CORPUS_FILE))
-  passages = dict(zip(passage_ids, (beir.doc_text(t, x)
-                                    for t, x in zip(titles, texts))))
+      os.path.join(source_dir, beir.CORPUS_FILE)
+  )
+  passages = dict(
+      zip(passage_ids, (beir.doc_text(t, x) for t, x in zip(titles, texts)))
+  )
 
   # Partition: every source passage in exactly one document.
   placed = collections.Counter(p for d in docs for p in d["passages"])
@@ -70,8 +80,9 @@ def check_collection(tc, source_dir, out_dir, splits, min_tokens, max_tokens,
     lengths = [count_tokens(m) for m in members]
     tc.assertEqual(d["tokens"], sum(lengths))
     tc.assertEqual(d["tokens"], count_tokens(text))
-    tc.assertEqual(d["offsets"],
-                   [int(x) for x in np.cumsum([0] + lengths[:-1])])
+    tc.assertEqual(
+        d["offsets"], [int(x) for x in np.cumsum([0] + lengths[:-1])]
+    )
 
   # Bounds: above max only for a lone passage; below min only for the last
   # document (the leftover passages).
@@ -101,18 +112,24 @@ def check_collection(tc, source_dir, out_dir, splits, min_tokens, max_tokens,
   summary = manifest["summary"]
   tc.assertEqual(summary["documents"], len(docs))
   tc.assertEqual(summary["tokens"]["max"], max(d["tokens"] for d in docs))
-  tc.assertEqual(summary["tokens"]["median"],
-                 float(np.median([d["tokens"] for d in docs])))
+  tc.assertEqual(
+      summary["tokens"]["median"], float(np.median([d["tokens"] for d in docs]))
+  )
   offset_of = {p: o for d in docs for p, o in zip(d["passages"], d["offsets"])}
   for split in splits:
     source = beir.read_qrels(beir.qrels_path(source_dir, split))
-    offsets = [offset_of[p] for judged in source.values()
-               for p, s in judged.items() if s > 0]
+    offsets = [
+        offset_of[p]
+        for judged in source.values()
+        for p, s in judged.items()
+        if s > 0
+    ]
     stats = summary["splits"][split]
     tc.assertEqual(stats["judged_passages"], len(offsets))
     tc.assertEqual(stats["offset_median"], float(np.median(offsets)))
-    tc.assertAlmostEqual(stats["beyond_512"],
-                         np.mean(np.asarray(offsets) >= 512), delta=1e-6)
+    tc.assertAlmostEqual(
+        stats["beyond_512"], np.mean(np.asarray(offsets) >= 512), delta=1e-6
+    )
   return manifest
 
 
@@ -130,19 +147,31 @@ class LimitSmallBuildTest(absltest.TestCase):
     cls.addClassCleanup(shutil.rmtree, root, ignore_errors=True)
     cls.out = pathlib.Path(root) / "long"
     cls.summary = ld.build_long_documents(
-        LIMIT_SMALL, cls.out, splits=("test", "train", "dev"), min_tokens=100,
-        max_tokens=300, seed=3)
+        LIMIT_SMALL,
+        cls.out,
+        splits=("test", "train", "dev"),
+        min_tokens=100,
+        max_tokens=300,
+        seed=3,
+    )
 
   def test_limit_small_collection_is_consistent(self):
     summary = self.summary
-    manifest = check_collection(self, str(LIMIT_SMALL), str(self.out),
-                                ["dev", "test", "train"], 100, 300)
+    manifest = check_collection(
+        self,
+        str(LIMIT_SMALL),
+        str(self.out),
+        ["dev", "test", "train"],
+        100,
+        300,
+    )
     self.assertEqual(manifest["summary"], summary)
     self.assertEqual(summary["passages"], 46)
     # 46 passages of 141-171 tokens, documents of at most 300 tokens: one or
     # two passages each.
     self.assertContainsSubset(
-        {len(d["passages"]) for d in manifest["documents"]}, {1, 2})
+        {len(d["passages"]) for d in manifest["documents"]}, {1, 2}
+    )
     self.assertEqual(summary["splits"]["test"]["queries"], 1000)
     # Every query has two relevant passages; they may share a document.
     self.assertBetween(summary["splits"]["test"]["judgments"], 1000, 2000)
@@ -150,8 +179,10 @@ class LimitSmallBuildTest(absltest.TestCase):
     self.assertEqual(manifest["settings"]["splits"], ["dev", "test", "train"])
     self.assertLen(manifest["sources"], 5)
     with open(LIMIT_SMALL / beir.CORPUS_FILE, "rb") as f:
-      self.assertEqual(manifest["sources"]["corpus.jsonl"],
-                       hashlib.sha256(f.read()).hexdigest())
+      self.assertEqual(
+          manifest["sources"]["corpus.jsonl"],
+          hashlib.sha256(f.read()).hexdigest(),
+      )
 
   def test_offsets_locate_the_passage_tokens(self):
     tokenizer = ld._default_tokenizer()  # pylint: disable=protected-access
@@ -163,7 +194,7 @@ class LimitSmallBuildTest(absltest.TestCase):
       ids = tokenizer.tokenize_to_ids(text)
       for passage_id, offset in zip(d["passages"], d["offsets"]):
         own = tokenizer.tokenize_to_ids(passages[passage_id])
-        self.assertEqual(ids[offset:offset + len(own)], own)
+        self.assertEqual(ids[offset : offset + len(own)], own)
 
 
 class PackPassagesTest(absltest.TestCase):
@@ -174,10 +205,10 @@ class PackPassagesTest(absltest.TestCase):
     # 100) and must not close yet (below 50), so it skips ahead to short ones.
     lengths = [10] * 2000 + [95] * 300
     for seed in range(3):
-      docs = ld.pack_passages(lengths, min_tokens=50, max_tokens=100,
-                              seed=seed)
-      self.assertEqual(sorted(i for d in docs for i in d),
-                       list(range(len(lengths))))
+      docs = ld.pack_passages(lengths, min_tokens=50, max_tokens=100, seed=seed)
+      self.assertEqual(
+          sorted(i for d in docs for i in d), list(range(len(lengths)))
+      )
       totals = [sum(lengths[i] for i in d) for d in docs]
       self.assertLessEqual(max(totals), 100)
       # A document stays short only when the short passages ran out: every
@@ -185,28 +216,30 @@ class PackPassagesTest(absltest.TestCase):
       short = [k for k, total in enumerate(totals) if total < 50]
       self.assertLessEqual(len(short), 1)
       for k in short:
-        self.assertTrue(all(lengths[i] == 95 for d in docs[k + 1:] for i in d))
+        self.assertTrue(all(lengths[i] == 95 for d in docs[k + 1 :] for i in d))
 
   def test_partition_and_bounds(self):
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(1, 60, size=3000)] + [500]
     for seed in range(3):
-      docs = ld.pack_passages(lengths, min_tokens=50, max_tokens=100,
-                              seed=seed)
-      self.assertEqual(sorted(i for d in docs for i in d),
-                       list(range(len(lengths))))
+      docs = ld.pack_passages(lengths, min_tokens=50, max_tokens=100, seed=seed)
+      self.assertEqual(
+          sorted(i for d in docs for i in d), list(range(len(lengths)))
+      )
       totals = [sum(lengths[i] for i in d) for d in docs]
       for d, total in zip(docs, totals):
-        self.assertTrue(total <= 100 or (len(d) == 1 and lengths[d[0]] > 100),
-                        (d, total))
+        self.assertTrue(
+            total <= 100 or (len(d) == 1 and lengths[d[0]] > 100), (d, total)
+        )
       self.assertTrue(all(t >= 50 for t in totals[:-1]))
       # The 500-token passage is a document of its own.
       self.assertIn([len(lengths) - 1], docs)
 
   def test_targets_are_log_uniform(self):
     # Unit-length passages make every document exactly its target length.
-    docs = ld.pack_passages([1] * 200_000, min_tokens=10, max_tokens=1000,
-                            seed=1)
+    docs = ld.pack_passages(
+        [1] * 200_000, min_tokens=10, max_tokens=1000, seed=1
+    )
     sizes = np.array([len(d) for d in docs[:-1]])
     self.assertGreaterEqual(sizes.min(), 10)
     self.assertLessEqual(sizes.max(), 1000)
@@ -227,10 +260,16 @@ class BuildTest(parameterized.TestCase):
     # maximum; the ones left short are counted in the summary.
     tmp_path = _tmp(self)
     summary = ld.build_long_documents(
-        LIMIT_SMALL, tmp_path / "long", splits="test", min_tokens=250,
-        max_tokens=300, seed=0)
-    tokens = [d["tokens"]
-              for d in read_manifest(tmp_path / "long")["documents"]]
+        LIMIT_SMALL,
+        tmp_path / "long",
+        splits="test",
+        min_tokens=250,
+        max_tokens=300,
+        seed=0,
+    )
+    tokens = [
+        d["tokens"] for d in read_manifest(tmp_path / "long")["documents"]
+    ]
     self.assertLessEqual(max(tokens), 300)
     self.assertEqual(summary["below_min_tokens"], sum(n < 250 for n in tokens))
     self.assertGreater(summary["below_min_tokens"], 0)
@@ -242,10 +281,10 @@ class BuildTest(parameterized.TestCase):
     ld.build_long_documents(LIMIT_SMALL, tmp_path / "a", seed=7, **kwargs)
     ld.build_long_documents(LIMIT_SMALL, tmp_path / "b", seed=7, **kwargs)
     ld.build_long_documents(LIMIT_SMALL, tmp_path / "c", seed=8, **kwargs)
-    files = ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv",
-             "manifest.json"]
+    files = ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "manifest.json"]
     match, mismatch, errors = filecmp.cmpfiles(
-        tmp_path / "a", tmp_path / "b", files, shallow=False)
+        tmp_path / "a", tmp_path / "b", files, shallow=False
+    )
     self.assertEqual((match, mismatch, errors), (files, [], []))
     packing = lambda p: [d["passages"] for d in read_manifest(p)["documents"]]
     self.assertNotEqual(packing(tmp_path / "a"), packing(tmp_path / "c"))
@@ -262,12 +301,17 @@ class BuildTest(parameterized.TestCase):
 
     builds = []
     real_build = ld.build_long_documents
-    self.enter_context(mock.patch.object(
-        ld, "build_long_documents",
-        lambda *a, **k: builds.append(k) or real_build(*a, **k)))
+    self.enter_context(
+        mock.patch.object(
+            ld,
+            "build_long_documents",
+            lambda *a, **k: builds.append(k) or real_build(*a, **k),
+        )
+    )
     # Unchanged: reused, same summary, no build.
-    self.assertEqual(ld.ensure_long_documents(source, out, **settings),
-                     (path, summary))
+    self.assertEqual(
+        ld.ensure_long_documents(source, out, **settings), (path, summary)
+    )
     self.assertEmpty(builds)
     # A setting changes: rebuilt.
     ld.ensure_long_documents(source, out, **{**settings, "seed": 1})
@@ -294,6 +338,7 @@ class BuildTest(parameterized.TestCase):
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
     calls = []
+
     def failing_count(text):
       calls.append(text)
       if len(calls) == 20:
@@ -301,16 +346,19 @@ class BuildTest(parameterized.TestCase):
       return len(text.split())
 
     with self.assertRaisesRegex(RuntimeError, "crash"):
-      ld.build_long_documents(LIMIT_SMALL, out, seed=1,
-                              count_tokens=failing_count, **settings)
+      ld.build_long_documents(
+          LIMIT_SMALL, out, seed=1, count_tokens=failing_count, **settings
+      )
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     self.assertEqual(after, before)
 
     # A crash halfway through writing the files.
     real_write = ld.write_beir
+
     def write_then_crash(directory, *args):
       real_write(directory, *args)
       raise OSError("disk full")
+
     self.enter_context(mock.patch.object(ld, "write_beir", write_then_crash))
     with self.assertRaisesRegex(OSError, "disk full"):
       ld.build_long_documents(LIMIT_SMALL, out, seed=1, **settings)
@@ -323,10 +371,22 @@ class BuildTest(parameterized.TestCase):
     tmp_path = _tmp(self)
     words = lambda text: len(text.split())
     summary = ld.build_long_documents(
-        LIMIT_SMALL, tmp_path / "long", splits=("test",), min_tokens=50,
-        max_tokens=120, count_tokens=words)
-    manifest = check_collection(self, str(LIMIT_SMALL), str(tmp_path / "long"),
-                                ["test"], 50, 120, count_tokens=words)
+        LIMIT_SMALL,
+        tmp_path / "long",
+        splits=("test",),
+        min_tokens=50,
+        max_tokens=120,
+        count_tokens=words,
+    )
+    manifest = check_collection(
+        self,
+        str(LIMIT_SMALL),
+        str(tmp_path / "long"),
+        ["test"],
+        50,
+        120,
+        count_tokens=words,
+    )
     self.assertStartsWith(manifest["settings"]["tokenizer"], "callable:")
     self.assertLessEqual(summary["tokens"]["max"], 120)
 
@@ -340,16 +400,18 @@ class BuildTest(parameterized.TestCase):
   def test_invalid_settings(self, kwargs, match):
     tmp_path = _tmp(self)
     with self.assertRaisesRegex(ValueError, match):
-      ld.build_long_documents(LIMIT_SMALL, tmp_path / "long",
-                              **{"splits": ("test",), **kwargs})
+      ld.build_long_documents(
+          LIMIT_SMALL, tmp_path / "long", **{"splits": ("test",), **kwargs}
+      )
     self.assertFalse((tmp_path / "long").exists())
 
   def test_missing_split_lists_existing_ones(self):
     with self.assertRaisesRegex(
-        beir.BeirFormatError,
-        r"'validation'; splits found: dev, test, train"):
-      ld.ensure_long_documents(LIMIT_SMALL, _tmp(self) / "long",
-                               splits=("test", "validation"))
+        beir.BeirFormatError, r"'validation'; splits found: dev, test, train"
+    ):
+      ld.ensure_long_documents(
+          LIMIT_SMALL, _tmp(self) / "long", splits=("test", "validation")
+      )
 
   def test_out_dir_must_not_be_the_source(self):
     source = _tmp(self) / "source"
@@ -360,15 +422,24 @@ class BuildTest(parameterized.TestCase):
   @absltest.skipUnless(SCIFACT.is_dir(), f"{SCIFACT} not present")
   def test_scifact_long_documents(self):
     tmp_path = _tmp(self)
-    summary = ld.build_long_documents(SCIFACT, tmp_path / "long",
-                                      min_tokens=2048, max_tokens=8192)
-    check_collection(self, str(SCIFACT), str(tmp_path / "long"),
-                     ["test", "train"], 2048, 8192, recount_every=10)
+    summary = ld.build_long_documents(
+        SCIFACT, tmp_path / "long", min_tokens=2048, max_tokens=8192
+    )
+    check_collection(
+        self,
+        str(SCIFACT),
+        str(tmp_path / "long"),
+        ["test", "train"],
+        2048,
+        8192,
+        recount_every=10,
+    )
     self.assertEqual(summary["passages"], 5183)
     # 1.74M tokens in documents averaging (8192 - 2048) / ln 4 = 4432 tokens.
     self.assertBetween(summary["documents"], 330, 430)
-    self.assertTrue(summary["tokens"]["min"] >= 2048 or
-                    summary["below_min_tokens"] <= 1)
+    self.assertTrue(
+        summary["tokens"]["min"] >= 2048 or summary["below_min_tokens"] <= 1
+    )
     test = summary["splits"]["test"]
     self.assertEqual((test["queries"], test["judged_passages"]), (300, 339))
     # Most answers start past what a 512-token encoder reads.

@@ -93,13 +93,14 @@ class Bm25ToyTest(absltest.TestCase):
     # Batch-mates, and their order, must not change a query's list.
     queries = ["apple", "banana split", "cherry apple"]
     exclude = [set(), {"d3"}, set()]
-    together = negatives.bm25_negatives(queries, _TOY_IDS, _TOY_TEXTS,
-                                        exclude, depth=3)
-    alone = [self.mine(e, depth=3, query=q)
-             for q, e in zip(queries, exclude)]
+    together = negatives.bm25_negatives(
+        queries, _TOY_IDS, _TOY_TEXTS, exclude, depth=3
+    )
+    alone = [self.mine(e, depth=3, query=q) for q, e in zip(queries, exclude)]
     self.assertEqual(together, alone)
-    reversed_ = negatives.bm25_negatives(queries[::-1], _TOY_IDS, _TOY_TEXTS,
-                                         exclude[::-1], depth=3)
+    reversed_ = negatives.bm25_negatives(
+        queries[::-1], _TOY_IDS, _TOY_TEXTS, exclude[::-1], depth=3
+    )
     self.assertEqual(reversed_[::-1], together)
     # "apple": d1 holds it three times in five words, which outscores the
     # two-word d0 and d4 (tf saturates, k1 = 0.9); d0 before d4 on the tie.
@@ -147,10 +148,10 @@ class Bm25SciFactTest(absltest.TestCase):
     # 93.1% (SciFact test R@10 is 0.795). The bounds leave a few points for
     # tokenizer-level drift but catch a broken index or a shuffled ranking.
     def hit_rate(k):
-      return np.mean(
-          [bool(pos.intersection(r[:k])) for pos, r in zip(self.positives,
-                                                            self.ranked)]
-      )
+      return np.mean([
+          bool(pos.intersection(r[:k]))
+          for pos, r in zip(self.positives, self.ranked)
+      ])
 
     self.assertGreater(hit_rate(1), 0.55)
     self.assertGreater(hit_rate(10), 0.80)
@@ -170,19 +171,23 @@ class Bm25SciFactTest(absltest.TestCase):
     stemmer = Stemmer.Stemmer("porter")
     retriever = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
     retriever.index(
-        bm25s.tokenize(self.doc_texts, stopwords="en", stemmer=stemmer,
-                       show_progress=False),
+        bm25s.tokenize(
+            self.doc_texts, stopwords="en", stemmer=stemmer, show_progress=False
+        ),
         show_progress=False,
     )
     indices_qk, scores_qk = retriever.retrieve(
-        bm25s.tokenize(self.query_texts, stopwords="en", stemmer=stemmer,
-                       show_progress=False),
+        bm25s.tokenize(
+            self.query_texts,
+            stopwords="en",
+            stemmer=stemmer,
+            show_progress=False,
+        ),
         k=150,
         show_progress=False,
         n_threads=1,
     )
-    for ranked, indices_k, scores_k in zip(self.ranked, indices_qk,
-                                           scores_qk):
+    for ranked, indices_k, scores_k in zip(self.ranked, indices_qk, scores_qk):
       order = np.lexsort((indices_k, -scores_k))
       want = [self.doc_ids[indices_k[j]] for j in order if scores_k[j] > 0]
       self.assertEqual(ranked, want[:100])
@@ -197,8 +202,14 @@ class DenseNegativesTest(absltest.TestCase):
 
   def test_matches_exact_reference(self):
     corpus = [
-        "apple banana", "banana", "cherry", "apple cherry", "banana split",
-        "apple", "split pea soup", "banana apple cherry",
+        "apple banana",
+        "banana",
+        "cherry",
+        "apple cherry",
+        "banana split",
+        "apple",
+        "split pea soup",
+        "banana apple cherry",
     ]
     ids = [f"d{i}" for i in range(len(corpus))]
     queries = ["apple banana", "split banana", "cherry"]
@@ -209,15 +220,19 @@ class DenseNegativesTest(absltest.TestCase):
     )
     self.assertEqual(encoder.calls, [corpus, queries])
     scores_qn = encoder(queries) @ encoder(corpus).T
-    for row, excluded, mined in zip(reference_ranking(scores_qn), exclude,
-                                    got):
+    for row, excluded, mined in zip(reference_ranking(scores_qn), exclude, got):
       want = [ids[i] for i in row if ids[i] not in excluded][:4]
       self.assertEqual(mined, want)
 
   def test_depth_beyond_corpus(self):
     got = negatives.dense_negatives(
-        BagOfWordsEncoder(), ["a"], ["x", "y", "z"], ["a", "b", "a b"],
-        [{"y"}], depth=10)
+        BagOfWordsEncoder(),
+        ["a"],
+        ["x", "y", "z"],
+        ["a", "b", "a b"],
+        [{"y"}],
+        depth=10,
+    )
     self.assertCountEqual(got[0], ["x", "z"])
 
   def test_real_encoder_on_limit_small(self):
@@ -238,22 +253,31 @@ class DenseNegativesTest(absltest.TestCase):
     exclude = [set(collection.qrels[q]) for q in query_ids]
     docs = collection.doc_texts()
     mined = negatives.dense_negatives(
-        lambda texts: encoder.encode(texts, progress=False), query_texts,
-        collection.doc_ids, docs, exclude, depth=10, mesh=mesh)
+        lambda texts: encoder.encode(texts, progress=False),
+        query_texts,
+        collection.doc_ids,
+        docs,
+        exclude,
+        depth=10,
+        mesh=mesh,
+    )
     # Check the lists against the encoder's own scores: in order, and no
     # unlisted, non-excluded doc scores above the last one listed.
     # One call for both sides: every text pads to max_length, so the rows
     # do not depend on their batch-mates.
     emb_xd = encoder.encode(query_texts + docs, progress=False)
-    scores_qn = emb_xd[:len(query_texts)] @ emb_xd[len(query_texts):].T
+    scores_qn = emb_xd[: len(query_texts)] @ emb_xd[len(query_texts) :].T
     index = {d: i for i, d in enumerate(collection.doc_ids)}
     for scores_n, excluded, got in zip(scores_qn, exclude, mined):
       self.assertLen(got, 10)
       self.assertEmpty(excluded.intersection(got))
       listed = scores_n[[index[d] for d in got]]
       self.assertTrue(np.all(np.diff(listed) <= 1e-5), listed)
-      rest = [scores_n[i] for d, i in index.items()
-              if d not in excluded and d not in got]
+      rest = [
+          scores_n[i]
+          for d, i in index.items()
+          if d not in excluded and d not in got
+      ]
       self.assertLessEqual(max(rest), listed[-1] + 1e-5)
 
 
@@ -268,6 +292,7 @@ class CacheTest(absltest.TestCase):
     def fn():
       self.calls += 1
       return [[value, "b"], []]
+
     return fn
 
   def test_hit_and_miss(self):
@@ -331,24 +356,40 @@ class CacheTest(absltest.TestCase):
 
   def test_mining_key_tracks_every_input(self):
     args = dict(
-        method="bm25", settings=negatives.BM25_SETTINGS, query_ids=["q"],
-        query_texts=["t"], corpus_ids=["d", "e"], corpus_texts=["x", "y"],
-        exclude=[{"d"}], depth=5)
+        method="bm25",
+        settings=negatives.BM25_SETTINGS,
+        query_ids=["q"],
+        query_texts=["t"],
+        corpus_ids=["d", "e"],
+        corpus_texts=["x", "y"],
+        exclude=[{"d"}],
+        depth=5,
+    )
     base = negatives.mining_key(**args)
     self.assertEqual(base, negatives.mining_key(**args))
-    for name, value in [("query_texts", ["u"]), ("corpus_texts", ["x", "z"]),
-                        ("exclude", [{"e"}]), ("depth", 6),
-                        ("settings", {**negatives.BM25_SETTINGS, "k1": 1.2}),
-                        ("method", "dense")]:
-      self.assertNotEqual(base, negatives.mining_key(**{**args, name: value}),
-                          name)
+    for name, value in [
+        ("query_texts", ["u"]),
+        ("corpus_texts", ["x", "z"]),
+        ("exclude", [{"e"}]),
+        ("depth", 6),
+        ("settings", {**negatives.BM25_SETTINGS, "k1": 1.2}),
+        ("method", "dense"),
+    ]:
+      self.assertNotEqual(
+          base, negatives.mining_key(**{**args, name: value}), name
+      )
 
 
 def _toy_data() -> pipeline.TrainingData:
   return pipeline.TrainingData(
-      [pipeline.TrainingExample("q1", "apple banana", ("d0",)),
-       pipeline.TrainingExample("q2", "banana split", ("d3", "d1"))],
-      _TOY_IDS, _TOY_TEXTS, source="toy")
+      [
+          pipeline.TrainingExample("q1", "apple banana", ("d0",)),
+          pipeline.TrainingExample("q2", "banana split", ("d3", "d1")),
+      ],
+      _TOY_IDS,
+      _TOY_TEXTS,
+      source="toy",
+  )
 
 
 class MineTest(absltest.TestCase):
@@ -356,42 +397,69 @@ class MineTest(absltest.TestCase):
   def test_bm25_through_cache(self):
     data = _toy_data()
     cache_dir = make_tempdir(self)
-    with mock.patch.object(negatives, "bm25_negatives",
-                           wraps=negatives.bm25_negatives) as miner:
-      mined = negatives.mine(data, method="bm25", depth=2,
-                             cache_dir=cache_dir)
-      again = negatives.mine(data, method="bm25", depth=2,
-                             cache_dir=cache_dir)
+    with mock.patch.object(
+        negatives, "bm25_negatives", wraps=negatives.bm25_negatives
+    ) as miner:
+      mined = negatives.mine(data, method="bm25", depth=2, cache_dir=cache_dir)
+      again = negatives.mine(data, method="bm25", depth=2, cache_dir=cache_dir)
       self.assertEqual(miner.call_count, 1)
     self.assertTrue(os.path.isfile(os.path.join(cache_dir, "bm25.json")))
     self.assertEqual(mined.examples, again.examples)
     want = negatives.bm25_negatives(
-        ["apple banana", "banana split"], _TOY_IDS, _TOY_TEXTS,
-        [{"d0"}, {"d3", "d1"}], depth=2)
+        ["apple banana", "banana split"],
+        _TOY_IDS,
+        _TOY_TEXTS,
+        [{"d0"}, {"d3", "d1"}],
+        depth=2,
+    )
     self.assertEqual([list(ex.negative_ids) for ex in mined.examples], want)
     self.assertEqual(want[0][0], "d4")
-    self.assertEqual(negatives.mine(data, method="bm25", depth=2).examples,
-                     mined.examples)
+    self.assertEqual(
+        negatives.mine(data, method="bm25", depth=2).examples, mined.examples
+    )
 
   def test_dense_through_cache_keyed_by_the_encoder(self):
     data = _toy_data()
     cache_dir = make_tempdir(self)
     encoder = BagOfWordsEncoder()
     key = {"weights": "a", "pooling": "mean"}
-    mined = negatives.mine(data, method="dense", depth=2, cache_dir=cache_dir,
-                           encode_fn=encoder, encoder_key=key)
+    mined = negatives.mine(
+        data,
+        method="dense",
+        depth=2,
+        cache_dir=cache_dir,
+        encode_fn=encoder,
+        encoder_key=key,
+    )
     want = negatives.dense_negatives(
-        BagOfWordsEncoder(), ["apple banana", "banana split"], _TOY_IDS,
-        _TOY_TEXTS, [{"d0"}, {"d3", "d1"}], depth=2)
+        BagOfWordsEncoder(),
+        ["apple banana", "banana split"],
+        _TOY_IDS,
+        _TOY_TEXTS,
+        [{"d0"}, {"d3", "d1"}],
+        depth=2,
+    )
     self.assertEqual([list(ex.negative_ids) for ex in mined.examples], want)
     self.assertLen(encoder.calls, 2)
     # Same encoder key: read back without encoding.
-    negatives.mine(data, method="dense", depth=2, cache_dir=cache_dir,
-                   encode_fn=encoder, encoder_key=dict(key))
+    negatives.mine(
+        data,
+        method="dense",
+        depth=2,
+        cache_dir=cache_dir,
+        encode_fn=encoder,
+        encoder_key=dict(key),
+    )
     self.assertLen(encoder.calls, 2)
     # Another encoder (e.g. fine-tuned weights): mined again.
-    negatives.mine(data, method="dense", depth=2, cache_dir=cache_dir,
-                   encode_fn=encoder, encoder_key={**key, "weights": "b"})
+    negatives.mine(
+        data,
+        method="dense",
+        depth=2,
+        cache_dir=cache_dir,
+        encode_fn=encoder,
+        encoder_key={**key, "weights": "b"},
+    )
     self.assertLen(encoder.calls, 4)
 
   def test_bad_arguments(self):
@@ -399,8 +467,12 @@ class MineTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "needs encode_fn"):
       negatives.mine(data, method="dense")
     with self.assertRaisesRegex(ValueError, "needs encoder_key"):
-      negatives.mine(data, method="dense", encode_fn=BagOfWordsEncoder(),
-                     cache_dir=make_tempdir(self))
+      negatives.mine(
+          data,
+          method="dense",
+          encode_fn=BagOfWordsEncoder(),
+          cache_dir=make_tempdir(self),
+      )
     with self.assertRaisesRegex(ValueError, "method must be one of"):
       negatives.mine(data, method="splade")
 
@@ -410,23 +482,31 @@ class EncoderKeyTest(absltest.TestCase):
   def test_tracks_weights_names_and_options(self):
     params = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
     base = negatives.encoder_key(params, pooling="mean")
-    self.assertEqual(base, negatives.encoder_key(
-        {k: v.copy() for k, v in params.items()}, pooling="mean"))
+    self.assertEqual(
+        base,
+        negatives.encoder_key(
+            {k: v.copy() for k, v in params.items()}, pooling="mean"
+        ),
+    )
     self.assertEqual(base["pooling"], "mean")
     changed = dict(params, w=params["w"] + 1e-3)
     renamed = {"w2": params["w"], "b": params["b"]}
-    for other in (negatives.encoder_key(changed, pooling="mean"),
-                  negatives.encoder_key(renamed, pooling="mean"),
-                  negatives.encoder_key(params, pooling="cls")):
+    for other in (
+        negatives.encoder_key(changed, pooling="mean"),
+        negatives.encoder_key(renamed, pooling="mean"),
+        negatives.encoder_key(params, pooling="cls"),
+    ):
       self.assertNotEqual(base, other)
     json.dumps(base)  # Goes into the JSON cache file.
 
   def test_accepts_typed_rng_keys(self):
     import jax  # pylint: disable=g-import-not-at-top
+
     params = {"w": np.ones(2, np.float32)}
     one = negatives.encoder_key({**params, "key": jax.random.key(0)})
-    self.assertNotEqual(one, negatives.encoder_key(
-        {**params, "key": jax.random.key(1)}))
+    self.assertNotEqual(
+        one, negatives.encoder_key({**params, "key": jax.random.key(1)})
+    )
 
 
 if __name__ == "__main__":

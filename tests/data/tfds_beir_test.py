@@ -15,7 +15,6 @@ from retrieval_jax.data.tf_setup import tf
 from test_util import LIMIT_SMALL, SHARED_DATA
 
 
-
 def make_tempdir(test: absltest.TestCase) -> str:
   """A fresh directory removed after the test (works under pytest too)."""
   path = tempfile.mkdtemp()
@@ -50,28 +49,36 @@ class TfdsBeirTest(absltest.TestCase):
     """Every prepared table equals beir.py's parse; returns the tables."""
     corpus = tfds_beir.read_split(
         tfds_beir.prepare(directory, "corpus", self.data_dir),
-        tfds_beir.FULL_SPLIT, ("_id", "title", "text"))
+        tfds_beir.FULL_SPLIT,
+        ("_id", "title", "text"),
+    )
     self.assertEqual(
-        corpus, list(beir.read_corpus(beir.corpus_path(directory))))
+        corpus, list(beir.read_corpus(beir.corpus_path(directory)))
+    )
     queries = tfds_beir.read_split(
         tfds_beir.prepare(directory, "queries", self.data_dir),
-        tfds_beir.FULL_SPLIT, ("_id", "text"))
+        tfds_beir.FULL_SPLIT,
+        ("_id", "text"),
+    )
     self.assertEqual(
-        queries, list(beir.read_queries(beir.queries_path(directory))))
+        queries, list(beir.read_queries(beir.queries_path(directory)))
+    )
     qrels_builder = tfds_beir.prepare(directory, "qrels", self.data_dir)
     qrels = {}
     for split in beir.available_splits(directory):
       columns = tfds_beir.read_split(
-          qrels_builder, split, ("query_id", "doc_id", "score", "line"))
+          qrels_builder, split, ("query_id", "doc_id", "score", "line")
+      )
       qrels[split] = [beir.QrelsRow(*row) for row in zip(*columns)]
       self.assertEqual(
-          qrels[split],
-          beir.read_qrels_rows(beir.qrels_path(directory, split)))
+          qrels[split], beir.read_qrels_rows(beir.qrels_path(directory, split))
+      )
     return corpus, queries, qrels
 
   def test_limit_small_equals_parser(self):
     (doc_ids, _, _), _, qrels = self.assert_tables_equal_parser(
-        str(LIMIT_SMALL))
+        str(LIMIT_SMALL)
+    )
     self.assertLen(doc_ids, 46)
     self.assertEqual(doc_ids[0], "Geneva Durben")
     self.assertLen(qrels["test"], 2000)
@@ -107,8 +114,7 @@ class TfdsBeirTest(absltest.TestCase):
     cranfield = SHARED_DATA / "cranfield"
     if not cranfield.is_dir():
       self.skipTest(f"{cranfield} not present")
-    (doc_ids, _, texts), _, _ = self.assert_tables_equal_parser(
-        str(cranfield))
+    (doc_ids, _, texts), _, _ = self.assert_tables_equal_parser(str(cranfield))
     self.assertEqual(texts[doc_ids.index("471")], "")
 
   def test_changed_source_is_prepared_again(self):

@@ -293,9 +293,7 @@ class CodePointTest(parameterized.TestCase):
     # Between letters, whitespace disappears, punctuation stands alone, and
     # everything else joins the letters into one long word.
     text = "a".join(map(chr, _CODE_POINTS))
-    splits = _reference().backend_tokenizer.pre_tokenizer.pre_tokenize_str(
-        text
-    )
+    splits = _reference().backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
     _assert_same_sequence(
         self, _ours().pre_tokenize(text), [w for w, _ in splits]
     )
@@ -511,8 +509,10 @@ class ConstructionTest(absltest.TestCase):
     ours = [tok.encode(t, MAX_LENGTH) for t in texts]
     ref = [e.ids for e in reference.encode_batch(texts)]
     self.assertIsNone(_first_mismatch(ours, ref, texts))
-    self.assertEqual((tok.cls_id, tok.sep_id, tok.pad_id, tok.unk_id,
-                      tok.mask_id), (101, 102, 0, 100, 103))
+    self.assertEqual(
+        (tok.cls_id, tok.sep_id, tok.pad_id, tok.unk_id, tok.mask_id),
+        (101, 102, 0, 100, 103),
+    )
 
   def test_pickle_round_trip(self):
     tok = _ours()
@@ -545,12 +545,18 @@ def _train_bpe():
   tok = rust_tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(
-      vocab_size=320, special_tokens=_SPECIALS,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+      _CORPUS,
+      trainers.BpeTrainer(
+          vocab_size=320,
+          special_tokens=_SPECIALS,
+          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      ),
+  )
   ids = {t: tok.token_to_id(t) for t in _SPECIALS}
   tok.post_processor = processors.RobertaProcessing(
-      ("</s>", ids["</s>"]), ("<s>", ids["<s>"]))
+      ("</s>", ids["</s>"]), ("<s>", ids["<s>"])
+  )
   return tok
 
 
@@ -558,14 +564,21 @@ def _train_unigram():
   """A SentencePiece-style Unigram with a template (xlm-roberta-style)."""
   tok = rust_tokenizers.Tokenizer(models.Unigram())
   tok.normalizer = normalizers.Sequence(
-      [normalizers.NFKC(), normalizers.Lowercase()])
+      [normalizers.NFKC(), normalizers.Lowercase()]
+  )
   tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.train_from_iterator(_CORPUS, trainers.UnigramTrainer(
-      vocab_size=120, special_tokens=_SPECIALS, unk_token="<unk>"))
+  tok.train_from_iterator(
+      _CORPUS,
+      trainers.UnigramTrainer(
+          vocab_size=120, special_tokens=_SPECIALS, unk_token="<unk>"
+      ),
+  )
   ids = {t: tok.token_to_id(t) for t in _SPECIALS}
   tok.post_processor = processors.TemplateProcessing(
-      single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-      special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])])
+      single="<s> $A </s>",
+      pair="<s> $A </s> </s> $B </s>",
+      special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])],
+  )
   return tok
 
 
@@ -578,33 +591,50 @@ class HFFallbackTest(parameterized.TestCase):
     reference = train()
     reference.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
-      json.dump({"pad_token": "<pad>", "unk_token": "<unk>",
-                 "mask_token": {"content": "<mask>"}}, f)
+      json.dump(
+          {
+              "pad_token": "<pad>",
+              "unk_token": "<unk>",
+              "mask_token": {"content": "<mask>"},
+          },
+          f,
+      )
     tok = tokenizers.from_pretrained_dir(directory)
     self.assertIsInstance(tok, tokenizers.HFTokenizer)
     ids = {t: reference.token_to_id(t) for t in _SPECIALS}
     self.assertEqual(
         (tok.cls_id, tok.sep_id, tok.pad_id, tok.unk_id, tok.mask_id),
-        (ids["<s>"], ids["</s>"], ids["<pad>"], ids["<unk>"], ids["<mask>"]))
+        (ids["<s>"], ids["</s>"], ids["<pad>"], ids["<unk>"], ids["<mask>"]),
+    )
     self.assertEqual(tok.vocab_size, reference.get_vocab_size())
     texts = _CORPUS[:5] + HANDMADE_TEXTS
     for max_length in (2, 5, 16, 512):
       reference.enable_truncation(max_length)
-      self.assertIsNone(_first_mismatch(
-          [tok.encode(t, max_length) for t in texts],
-          [e.ids for e in reference.encode_batch(texts)], texts))
+      self.assertIsNone(
+          _first_mismatch(
+              [tok.encode(t, max_length) for t in texts],
+              [e.ids for e in reference.encode_batch(texts)],
+              texts,
+          )
+      )
     for max_length in (4, 9, 10, 64):
       reference.enable_truncation(max_length, strategy="longest_first")
       for a, b in zip(texts, reversed(texts)):
         expected = reference.encode(a, b)
-        self.assertEqual(tok.encode_pair(a, b, max_length),
-                         (expected.ids, expected.type_ids), (a, b))
+        self.assertEqual(
+            tok.encode_pair(a, b, max_length),
+            (expected.ids, expected.type_ids),
+            (a, b),
+        )
     reference.no_truncation()
-    self.assertEqual(tok.tokenize_to_ids(texts[1]),
-                     reference.encode(texts[1], add_special_tokens=False).ids)
+    self.assertEqual(
+        tok.tokenize_to_ids(texts[1]),
+        reference.encode(texts[1], add_special_tokens=False).ids,
+    )
     batch = tok(texts[:3], 16, pad_to=16)
-    np.testing.assert_array_equal(batch["input_ids"][batch["attention_mask"]
-                                                     == 0], ids["<pad>"])
+    np.testing.assert_array_equal(
+        batch["input_ids"][batch["attention_mask"] == 0], ids["<pad>"]
+    )
     copy = pickle.loads(pickle.dumps(tok))
     self.assertEqual(copy.encode(texts[2], 16), tok.encode(texts[2], 16))
     with self.assertRaisesRegex(ValueError, "apply only to BERT"):
@@ -618,14 +648,16 @@ class SpeedTest(absltest.TestCase):
   def test_scifact_cpu_seconds(self):
     texts = _scifact_texts()
     reference = rust_tokenizers.Tokenizer.from_file(
-        os.path.join(MODEL_DIR, "tokenizer.json"))
+        os.path.join(MODEL_DIR, "tokenizer.json")
+    )
     reference.no_padding()
     reference.enable_truncation(512)
     ours = tokenizers.from_pretrained_dir(MODEL_DIR)  # cold caches
     runs = {
         "ours": lambda: [ours.encode(t, 512) for t in texts],
-        "hf encode_batch": lambda: [e.ids for e in
-                                    reference.encode_batch(texts)],
+        "hf encode_batch": lambda: [
+            e.ids for e in reference.encode_batch(texts)
+        ],
         "hf serial encode": lambda: [reference.encode(t).ids for t in texts],
     }
     outputs = {}
@@ -634,10 +666,11 @@ class SpeedTest(absltest.TestCase):
       wall = time.perf_counter()
       outputs[name] = run()
       after = resource.getrusage(resource.RUSAGE_SELF)
-      cpu = (after.ru_utime + after.ru_stime - usage.ru_utime
-             - usage.ru_stime)
-      print(f"{name}: {cpu:.2f} CPU-s, {time.perf_counter() - wall:.2f} s "
-            f"wall, {len(texts)} documents")
+      cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+      print(
+          f"{name}: {cpu:.2f} CPU-s, {time.perf_counter() - wall:.2f} s "
+          f"wall, {len(texts)} documents"
+      )
     self.assertEqual(outputs["ours"], outputs["hf encode_batch"])
     self.assertEqual(outputs["ours"], outputs["hf serial encode"])
 

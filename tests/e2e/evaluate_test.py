@@ -51,21 +51,31 @@ class EvaluateModeTest(absltest.TestCase):
     self.assertLen(run, 1000)
     self.assertIn("Geneva Durben", set().union(*map(set, run.values())))
     qrels = {}
-    for line in (common.REPO_ROOT / "data/limit-small/qrels/test.tsv"
-                 ).read_text().splitlines()[1:]:
+    for line in (
+        (common.REPO_ROOT / "data/limit-small/qrels/test.tsv")
+        .read_text()
+        .splitlines()[1:]
+    ):
       q, d, s = line.split("\t")
       qrels.setdefault(q, {})[d] = int(s)
     per_query = json.loads((workdir / "metrics_per_query.json").read_text())
-    names = {m: ir_metrics.to_pytrec_eval_name(m)
-             for m in ("ndcg@10", "recall@2", "recall@100", "map")}
+    names = {
+        m: ir_metrics.to_pytrec_eval_name(m)
+        for m in ("ndcg@10", "recall@2", "recall@100", "map")
+    }
     # pytrec_eval is asked for "ndcg_cut.10" and answers "ndcg_cut_10".
-    requests = {n.rsplit("_", 1)[0] + "." + n.rsplit("_", 1)[1]
-                if n[-1].isdigit() else n for n in names.values()}
+    requests = {
+        n.rsplit("_", 1)[0] + "." + n.rsplit("_", 1)[1]
+        if n[-1].isdigit()
+        else n
+        for n in names.values()
+    }
     reference = pytrec_eval.RelevanceEvaluator(qrels, requests).evaluate(run)
     for ours, theirs in names.items():
       for qid, value in reference.items():
-        self.assertAlmostEqual(per_query[ours][qid], value[theirs], places=6,
-                               msg=f"{ours} {qid}")
+        self.assertAlmostEqual(
+            per_query[ours][qid], value[theirs], places=6, msg=f"{ours} {qid}"
+        )
     for name in ("metrics.json", "timing.json", "config.json"):
       self.assertTrue((workdir / name).exists(), name)
 
@@ -86,32 +96,45 @@ class EvaluateModeTest(absltest.TestCase):
     # Unit norm (cosine model) and row i is document i: re-encoding one
     # document alone gives the same row.
     np.testing.assert_allclose(np.linalg.norm(saved, axis=1), 1.0, atol=1e-5)
-    encoder = evaluate.make_encoder(config, evaluate.sharding.make_mesh(
-        devices=jax.devices()[:1]))
-    one = encoder.encode([(json.loads(lines[3]).get("title", "") + " " +
-                           json.loads(lines[3])["text"]).strip()],
-                         progress=False)
+    encoder = evaluate.make_encoder(
+        config, evaluate.sharding.make_mesh(devices=jax.devices()[:1])
+    )
+    one = encoder.encode(
+        [
+            (
+                json.loads(lines[3]).get("title", "")
+                + " "
+                + json.loads(lines[3])["text"]
+            ).strip()
+        ],
+        progress=False,
+    )
     np.testing.assert_allclose(one[0], saved[3], atol=1e-5)
 
   def test_missing_data_path_names_the_key(self):
     config = _config(**{"data.path": "/nonexistent/beir"})
-    with self.assertRaisesRegex(errors.ConfigError,
-                                r"config\.data\.path='/nonexistent/beir'"):
+    with self.assertRaisesRegex(
+        errors.ConfigError, r"config\.data\.path='/nonexistent/beir'"
+    ):
       evaluate.evaluate(config, self.create_tempdir())
 
   def test_missing_split_names_the_keys(self):
     config = _config(**{"data.split": "validation"})
     with self.assertRaisesRegex(
         errors.ConfigError,
-        r"config\.data\.split='validation'.*qrels/validation\.tsv"):
+        r"config\.data\.split='validation'.*qrels/validation\.tsv",
+    ):
       evaluate.evaluate(config, self.create_tempdir())
 
   def test_bm25_hybrid_and_prf_retrievers(self):
     # LIMIT-small's first 100 judged queries; max length 32 keeps the dense
     # side to seconds. One dense cache serves the dense, hybrid and PRF runs.
     base = pathlib.Path(self.create_tempdir())
-    common_overrides = {"data.max_queries": 100, "model.max_length": 32,
-                        "encode.cache_dir": str(base / "cache")}
+    common_overrides = {
+        "data.max_queries": 100,
+        "model.max_length": 32,
+        "encode.cache_dir": str(base / "cache"),
+    }
 
     def run(kind, **overrides):
       workdir = base / kind
@@ -130,8 +153,9 @@ class EvaluateModeTest(absltest.TestCase):
     dense, _ = run("dense")
     # alpha = 0 without normalisation ranks by the dense scores alone (the
     # dense list covers all 46 documents, so the union adds nothing).
-    hybrid, workdir = run("hybrid", **{"retriever.alpha": 0.0,
-                                       "retriever.normalization": "none"})
+    hybrid, workdir = run(
+        "hybrid", **{"retriever.alpha": 0.0, "retriever.normalization": "none"}
+    )
     for name, value in dense.items():
       self.assertAlmostEqual(hybrid[name], value, places=6, msg=name)
     parts = json.loads((workdir / "stats.json").read_text())["parts"]
@@ -140,8 +164,9 @@ class EvaluateModeTest(absltest.TestCase):
     mixed, _ = run("hybrid")
     self.assertNotEqual(mixed["recall@2"], dense["recall@2"])
     # Average PRF with no feedback document is the identity.
-    prf, _ = run("dense_prf", **{"retriever.prf_method": "average",
-                                 "retriever.prf_k": 0})
+    prf, _ = run(
+        "dense_prf", **{"retriever.prf_method": "average", "retriever.prf_k": 0}
+    )
     for name, value in dense.items():
       self.assertAlmostEqual(prf[name], value, places=6, msg=name)
 
@@ -149,30 +174,49 @@ class EvaluateModeTest(absltest.TestCase):
     config = _config()
     with config.unlocked():
       config.retriever.kind = "tfidf"
-    with self.assertRaisesRegex(errors.ConfigError,
-                                r"config\.retriever\.kind='tfidf'"):
+    with self.assertRaisesRegex(
+        errors.ConfigError, r"config\.retriever\.kind='tfidf'"
+    ):
       evaluate.evaluate(config, self.create_tempdir())
     with config.unlocked():
       config.retriever.kind = "splade"
-    with self.assertRaisesRegex(errors.ConfigError,
-                                r"config\.retriever\.splade_workdir is empty"):
+    with self.assertRaisesRegex(
+        errors.ConfigError, r"config\.retriever\.splade_workdir is empty"
+    ):
       evaluate.evaluate(config, self.create_tempdir())
 
   def test_command_line_smoke(self):
     workdir = self.create_tempdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "retrieval_jax.main",
-         "--config", str(common.REPO_ROOT / "configs/evaluate.py:smoke"),
-         "--workdir", workdir.full_path, "--config.eval.run_tag=smoke"],
-        cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "retrieval_jax.main",
+            "--config",
+            str(common.REPO_ROOT / "configs/evaluate.py:smoke"),
+            "--workdir",
+            workdir.full_path,
+            "--config.eval.run_tag=smoke",
+        ],
+        cwd=common.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("recall@2", proc.stdout)
     metrics = json.loads(
-        (pathlib.Path(workdir.full_path) / "metrics.json").read_text())
-    self.assertEqual(set(metrics), set(evaluate_config.get_config(
-        "smoke").eval.measures))
-    first = (pathlib.Path(workdir.full_path) / "run.trec").read_text(
-    ).splitlines()[0].split()
+        (pathlib.Path(workdir.full_path) / "metrics.json").read_text()
+    )
+    self.assertEqual(
+        set(metrics), set(evaluate_config.get_config("smoke").eval.measures)
+    )
+    first = (
+        (pathlib.Path(workdir.full_path) / "run.trec")
+        .read_text()
+        .splitlines()[0]
+        .split()
+    )
     self.assertLen(first, 6)
     self.assertEqual(first[-1], "smoke")
 
@@ -184,17 +228,30 @@ class EvaluateModeTest(absltest.TestCase):
     src = common.REPO_ROOT / "data/limit-small"
     lines = (src / "corpus.jsonl").read_text().splitlines()[:2]
     (bad / "corpus.jsonl").write_text(
-        "\n".join(lines + ['{"_id": "x", "text": "cut'])+ "\n")
+        "\n".join(lines + ['{"_id": "x", "text": "cut']) + "\n"
+    )
     (bad / "queries.jsonl").write_text((src / "queries.jsonl").read_text())
     (bad / "qrels/test.tsv").write_text((src / "qrels/test.tsv").read_text())
     for flag, expected in (
         ("--config.data.path=/nonexistent", "config.data.path='/nonexistent'"),
-        (f"--config.data.path={bad}", f"{bad}/corpus.jsonl:3: malformed JSON")):
+        (f"--config.data.path={bad}", f"{bad}/corpus.jsonl:3: malformed JSON"),
+    ):
       proc = subprocess.run(
-          [sys.executable, "-m", "retrieval_jax.main",
-           "--config", str(common.REPO_ROOT / "configs/evaluate.py:smoke"),
-           "--workdir", self.create_tempdir().full_path, flag],
-          cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=600)
+          [
+              sys.executable,
+              "-m",
+              "retrieval_jax.main",
+              "--config",
+              str(common.REPO_ROOT / "configs/evaluate.py:smoke"),
+              "--workdir",
+              self.create_tempdir().full_path,
+              flag,
+          ],
+          cwd=common.REPO_ROOT,
+          capture_output=True,
+          text=True,
+          timeout=600,
+      )
       self.assertNotEqual(proc.returncode, 0)
       self.assertIn(expected, proc.stderr)
       self.assertNotIn("Traceback", proc.stderr)
@@ -243,16 +300,33 @@ class TrainedRetrieversTest(absltest.TestCase):
     base = pathlib.Path(self.create_tempdir())
     for kind in ("splade", "inference_free", "colbert"):
       proc = subprocess.run(
-          [sys.executable, "-m", "retrieval_jax.main", "--config",
-           str(common.REPO_ROOT / f"configs/train.py:smoke,{kind}"),
-           "--workdir", str(base / f"train_{kind}")],
-          cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=900)
+          [
+              sys.executable,
+              "-m",
+              "retrieval_jax.main",
+              "--config",
+              str(common.REPO_ROOT / f"configs/train.py:smoke,{kind}"),
+              "--workdir",
+              str(base / f"train_{kind}"),
+          ],
+          cwd=common.REPO_ROOT,
+          capture_output=True,
+          text=True,
+          timeout=900,
+      )
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     results = {}
-    for kind, first_stage in (("splade", "bm25"), ("inference_free", "bm25"),
-                              ("colbert", "bm25"), ("colbert", "splade")):
-      config = _config(**{"data.max_queries": 64, "model.max_length": 32,
-                          "encode.cache_dir": str(base / "cache")})
+    for kind, first_stage in (
+        ("splade", "bm25"),
+        ("inference_free", "bm25"),
+        ("colbert", "bm25"),
+        ("colbert", "splade"),
+    ):
+      config = _config(**{
+          "data.max_queries": 64,
+          "model.max_length": 32,
+          "encode.cache_dir": str(base / "cache"),
+      })
       with config.unlocked():
         config.retriever.kind = kind
         config.retriever.first_stage = first_stage
@@ -289,9 +363,12 @@ class TrainedRetrieversTest(absltest.TestCase):
       # Ties at the cut may be broken either way.
       cut = ranked[19][1]
       self.assertLen(reranked[query], 20)
-      self.assertTrue({d for d, s in ranked if s > cut} <=
-                      set(reranked[query]) <=
-                      {d for d, s in ranked if s >= cut}, query)
+      self.assertTrue(
+          {d for d, s in ranked if s > cut}
+          <= set(reranked[query])
+          <= {d for d, s in ranked if s >= cut},
+          query,
+      )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from retrieval_jax import train
 def _train_then_evaluate(root, mesh_shape):
   from configs import evaluate as evaluate_config  # pylint: disable=g-import-not-at-top
   from configs import train as train_config  # pylint: disable=g-import-not-at-top
+
   config = train_config.get_config("smoke")
   with config.unlocked():
     config.train.num_steps = 2
@@ -45,8 +46,9 @@ class FsdpTest(absltest.TestCase):
     fsdp_dir, fsdp, fsdp_eval = _train_then_evaluate(root, (1, 8, 1))
     for key, value in dp["after"].items():
       self.assertAlmostEqual(fsdp["after"][key], value, delta=1e-5, msg=key)
-    self.assertAlmostEqual(fsdp["train"]["train/loss"],
-                           dp["train"]["train/loss"], delta=1e-5)
+    self.assertAlmostEqual(
+        fsdp["train"]["train/loss"], dp["train"]["train/loss"], delta=1e-5
+    )
     for key, value in dp_eval.items():
       self.assertAlmostEqual(fsdp_eval[key], value, delta=1e-5, msg=key)
     # The metrics are real: not all zero, not all one.
@@ -56,8 +58,9 @@ class FsdpTest(absltest.TestCase):
     model, *_ = kinds.load_run(fsdp_dir, sharding.make_mesh((1, 8, 1)))
     word = model.embeddings.word_vd[...]
     self.assertEqual(word.sharding.spec[1], sharding.FSDP)
-    self.assertEqual(word.addressable_shards[0].data.shape[1],
-                     word.shape[1] // 8)
+    self.assertEqual(
+        word.addressable_shards[0].data.shape[1], word.shape[1] // 8
+    )
     self.assertEqual(jax.device_count(), 8)
     self.assertGreater(np.abs(np.asarray(word)).max(), 0)
 

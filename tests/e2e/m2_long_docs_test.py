@@ -26,12 +26,23 @@ from test_util import REPO
 
 
 def _run(workdir, *extra):
-  cmd = [sys.executable, "-m", "retrieval_jax.main",
-         "--config=configs/m2_long_docs.py:smoke", f"--workdir={workdir}",
-         *extra]
-  return subprocess.run(cmd, cwd=REPO, env=test_util.subprocess_env(),
-                        capture_output=True, text=True, timeout=900,
-                        check=False)
+  cmd = [
+      sys.executable,
+      "-m",
+      "retrieval_jax.main",
+      "--config=configs/m2_long_docs.py:smoke",
+      f"--workdir={workdir}",
+      *extra,
+  ]
+  return subprocess.run(
+      cmd,
+      cwd=REPO,
+      env=test_util.subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=900,
+      check=False,
+  )
 
 
 class M2LongDocsTest(absltest.TestCase):
@@ -43,8 +54,9 @@ class M2LongDocsTest(absltest.TestCase):
     cls.first = _run(cls.workdir)
     # Read now: the slow test's rerun rewrites results.json.
     path = f"{cls.workdir}/results.json"
-    cls.results = (json.loads(open(path).read()) if os.path.exists(path)
-                   else None)
+    cls.results = (
+        json.loads(open(path).read()) if os.path.exists(path) else None
+    )
 
   def test_trains_and_evaluates(self):
     self.assertEqual(self.first.returncode, 0, self.first.stderr[-3000:])
@@ -59,14 +71,20 @@ class M2LongDocsTest(absltest.TestCase):
         {q: qrels[q] for q in run}, {"ndcg_cut.10", "recall.1,10"}
     ).evaluate(run)
     after = results["after"]
-    for ours, theirs in (("ndcg@10", "ndcg_cut_10"), ("recall@1", "recall_1"),
-                         ("recall@10", "recall_10")):
+    for ours, theirs in (
+        ("ndcg@10", "ndcg_cut_10"),
+        ("recall@1", "recall_1"),
+        ("recall@10", "recall_10"),
+    ):
       want = np.mean([v[theirs] for v in per_query.values()])
-      self.assertAlmostEqual(after[f"eval/long_docs/{ours}"], want, places=6,
-                             msg=ours)
+      self.assertAlmostEqual(
+          after[f"eval/long_docs/{ours}"], want, places=6, msg=ours
+      )
     # Real training happened: a finite loss was logged at every step.
-    lines = [json.loads(x) for x in
-             open(f"{self.workdir}/metrics.jsonl").read().splitlines()]
+    lines = [
+        json.loads(x)
+        for x in open(f"{self.workdir}/metrics.jsonl").read().splitlines()
+    ]
     losses = [x["train/loss"] for x in lines if "train/loss" in x]
     self.assertLen(losses, 4)
     self.assertTrue(np.all(np.isfinite(losses)))
@@ -95,7 +113,8 @@ class M2LongDocsTest(absltest.TestCase):
     self.assertEqual(again.returncode, 0, again.stderr[-3000:])
     # Same settings: the collection was reused, not rebuilt.
     self.assertEqual(
-        os.stat(f"{self.workdir}/long_docs/manifest.json").st_mtime, manifest)
+        os.stat(f"{self.workdir}/long_docs/manifest.json").st_mtime, manifest
+    )
     self.assertIn("step 4 of 4", again.stderr)
     export = _run(self.workdir, "--mode=export")
     self.assertEqual(export.returncode, 0, export.stderr[-3000:])
@@ -105,13 +124,18 @@ class M2LongDocsTest(absltest.TestCase):
     run = trec_run.read_run(self._run_file())
     collection = beir.load_beir(f"{self.workdir}/long_docs", split="dev")
     queries = dict(zip(*collection.judged_queries()))
-    scores = (np.asarray(model.encode_queries([queries[q] for q in run])) @
-              np.asarray(model.encode_passages(collection.doc_texts())).T)
+    scores = (
+        np.asarray(model.encode_queries([queries[q] for q in run]))
+        @ np.asarray(model.encode_passages(collection.doc_texts())).T
+    )
     column = {d: j for j, d in enumerate(collection.doc_ids)}
     for i, ranked in enumerate(run.values()):
       docs = list(ranked)
-      np.testing.assert_allclose(scores[i, [column[d] for d in docs]],
-                                 [ranked[d] for d in docs], atol=1e-5)
+      np.testing.assert_allclose(
+          scores[i, [column[d] for d in docs]],
+          [ranked[d] for d in docs],
+          atol=1e-5,
+      )
     texts = ["a short query", "a longer passage " * 40]
     emb = np.asarray(model.encode_passages(texts))
     self.assertEqual(emb.shape, (2, 384))

@@ -39,12 +39,18 @@ EVERY = 2
 
 
 def _command(workdir, *extra):
-  return [sys.executable, "-m", "retrieval_jax.main",
-          "--config=configs/train.py:smoke", f"--workdir={workdir}",
-          f"--config.train.num_steps={NUM_STEPS}",
-          f"--config.checkpoint.every_steps={EVERY}",
-          "--config.train.eval_before=False",
-          "--config.train.eval_after=False", *extra]
+  return [
+      sys.executable,
+      "-m",
+      "retrieval_jax.main",
+      "--config=configs/train.py:smoke",
+      f"--workdir={workdir}",
+      f"--config.train.num_steps={NUM_STEPS}",
+      f"--config.checkpoint.every_steps={EVERY}",
+      "--config.train.eval_before=False",
+      "--config.train.eval_after=False",
+      *extra,
+  ]
 
 
 def _env():
@@ -52,9 +58,15 @@ def _env():
 
 
 def _run(workdir, *extra, check=True):
-  return subprocess.run(_command(workdir, *extra), cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=900,
-                        check=check)
+  return subprocess.run(
+      _command(workdir, *extra),
+      cwd=REPO,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=900,
+      check=check,
+  )
 
 
 def _final_params(workdir: pathlib.Path):
@@ -63,10 +75,11 @@ def _final_params(workdir: pathlib.Path):
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(
-          x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec())),
-      params)
-  restored = checkpointing.restore_params_from(workdir / "checkpoints",
-                                               target)
+          x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec())
+      ),
+      params,
+  )
+  restored = checkpointing.restore_params_from(workdir / "checkpoints", target)
   return jax.device_get(restored), jax.device_get(params)
 
 
@@ -88,9 +101,13 @@ class TrainEndToEndTest(absltest.TestCase):
   def test_sigkill_then_resume_equals_uninterrupted_run(self):
     workdir = self.root / "killed"
     ckpts = workdir / "checkpoints"
-    proc = subprocess.Popen(_command(workdir), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(workdir),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # Kill as soon as a checkpoint is committed (Orbax renames the finished
     # tmp directory to "<step>"), well before step NUM_STEPS.
     deadline = time.monotonic() + 600
@@ -110,25 +127,32 @@ class TrainEndToEndTest(absltest.TestCase):
 
     resumed = _run(workdir)
     results = json.loads((workdir / "results.json").read_text())
-    self.assertTrue(results["source"].startswith("checkpoint:"),
-                    results["source"])
+    self.assertTrue(
+        results["source"].startswith("checkpoint:"), results["source"]
+    )
     self.assertLess(int(results["source"].split(":")[1]), NUM_STEPS)
     self.assertNotIn("before", results)
     del resumed
 
     final, initial = _final_params(workdir)
     reference, _ = _final_params(self.reference)
-    diffs = jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.max(np.abs(a - b))), final, reference))
+    diffs = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: float(np.max(np.abs(a - b))), final, reference
+        )
+    )
     self.assertLess(max(diffs), 1e-6)
     # Training moved the weights, so equality is not the trivial kind.
-    moved = jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.max(np.abs(a - b))), final, initial))
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), final, initial)
+    )
     self.assertGreater(max(moved), 1e-5)
 
     # The logged metrics of the resumed run continue the killed run's steps.
-    steps = [json.loads(l)["step"] for l in
-             (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(l)["step"]
+        for l in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
     self.assertIn(NUM_STEPS, steps)
 
   @pytest.mark.slow
@@ -146,16 +170,23 @@ class TrainEndToEndTest(absltest.TestCase):
         f"np.save(sys.argv[2], m.encode_passages({texts!r}))\n"
         "bad = [k for k in ('optax', 'orbax', 'tensorflow') "
         "if k in sys.modules]\n"
-        "assert not bad, bad\n")
+        "assert not bad, bad\n"
+    )
     emb_path = self.root / "served.npy"
-    subprocess.run([sys.executable, "-c", script, str(out), str(emb_path)],
-                   cwd=REPO, env=_env(), check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", script, str(out), str(emb_path)],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        timeout=300,
+    )
     served = np.load(emb_path)
 
     # The trained params through the training-time encode step.
     from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from retrieval_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+
     loaded = pretrained.load_pretrained("all-MiniLM-L6-v2")
     model_def, _ = train_state.split_model(loaded.model)
     final, initial = _final_params(self.reference)
@@ -163,20 +194,25 @@ class TrainEndToEndTest(absltest.TestCase):
     encoder = encoding.TextEncoder(
         model_def.merge(final),
         tokenizers.WordPieceTokenizer.from_pretrained_dir(loaded.model_dir),
-        mesh, pooling="mean", normalize=True,
-        max_length=manifest["towers"]["passage"]["max_length"])
+        mesh,
+        pooling="mean",
+        normalize=True,
+        max_length=manifest["towers"]["passage"]["max_length"],
+    )
     expected = encoder.encode(texts, progress=False)
     np.testing.assert_allclose(served, expected, atol=1e-5)
     # ... and not the pretrained model's.
     encoder.set_module(model_def.merge(initial))
     self.assertGreater(
-        np.abs(encoder.encode(texts, progress=False) - served).max(), 1e-4)
+        np.abs(encoder.encode(texts, progress=False) - served).max(), 1e-4
+    )
 
   @pytest.mark.slow
   def test_bad_config_values_name_the_key(self):
     from configs import train as train_config  # pylint: disable=g-import-not-at-top
     from retrieval_jax import errors  # pylint: disable=g-import-not-at-top
     from retrieval_jax import train  # pylint: disable=g-import-not-at-top
+
     cases = {
         ("loss.name", "no_such_loss"): "config.loss.name='no_such_loss'",
         # 8 test devices: an odd batch cannot split over the data axis.
@@ -193,8 +229,9 @@ class TrainEndToEndTest(absltest.TestCase):
         with self.assertRaisesRegex(errors.ConfigError, expected):
           train.train_and_evaluate(config, self.root / "bad")
     # Through the command line: one line naming the key, no traceback.
-    proc = _run(self.root / "bad", "--config.loss.name=no_such_loss",
-                check=False)
+    proc = _run(
+        self.root / "bad", "--config.loss.name=no_such_loss", check=False
+    )
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("config.loss.name='no_such_loss'", proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)

@@ -26,8 +26,17 @@ class IdEncodingTest(absltest.TestCase):
       self.assertEqual(trec_run.encode_id(plain), plain)
 
   def test_decode_inverts_encode(self):
-    for identifier in ("Geneva Durben", "50%", "%20", "a%2", "x\u3000y",
-                       " lead", "trail\t", "é ß", "\x1cfs"):
+    for identifier in (
+        "Geneva Durben",
+        "50%",
+        "%20",
+        "a%2",
+        "x\u3000y",
+        " lead",
+        "trail\t",
+        "é ß",
+        "\x1cfs",
+    ):
       encoded = trec_run.encode_id(identifier)
       self.assertEmpty([c for c in encoded if c.isspace()], identifier)
       self.assertEqual(trec_run.decode_id(encoded), identifier)
@@ -45,10 +54,17 @@ class WriteReadTest(absltest.TestCase):
   def test_round_trip_with_awkward_ids_and_exact_scores(self):
     float32_scores = np.array([0.1, 1 / 3, -2.5e-8], np.float32)
     run = {
-        "q 1": {"Geneva Durben": float(float32_scores[0]), "50% off": 0.1,
-                "%20": float(float32_scores[1]), "tab\there": -0.0},
-        "q%2": {"plain": float(float32_scores[2]), "é ß": 1e-300,
-                "x\u3000y": 123456789.123456789},
+        "q 1": {
+            "Geneva Durben": float(float32_scores[0]),
+            "50% off": 0.1,
+            "%20": float(float32_scores[1]),
+            "tab\there": -0.0,
+        },
+        "q%2": {
+            "plain": float(float32_scores[2]),
+            "é ß": 1e-300,
+            "x\u3000y": 123456789.123456789,
+        },
         "q3": {"d": float("inf")},
     }
     path = self._path()
@@ -58,8 +74,11 @@ class WriteReadTest(absltest.TestCase):
     for qid, docs in run.items():
       for doc, score in docs.items():
         # Bit-exact, including the sign of zero.
-        self.assertEqual(np.float64(read[qid][doc]).tobytes(),
-                         np.float64(score).tobytes(), (qid, doc))
+        self.assertEqual(
+            np.float64(read[qid][doc]).tobytes(),
+            np.float64(score).tobytes(),
+            (qid, doc),
+        )
     text = path.read_text(encoding="utf-8")
     self.assertIn("q%201 Q0 Geneva%20Durben ", text)
     self.assertIn("q%252 Q0 plain ", text)
@@ -73,8 +92,10 @@ class WriteReadTest(absltest.TestCase):
     trec_run.write_run(path, run)
     rows = [line.split() for line in path.read_text().splitlines()]
     # Ties (a, c) go by doc id descending; ranks start at 1.
-    self.assertEqual([(r[2], r[3]) for r in rows],
-                     [("b", "1"), ("c", "2"), ("a", "3"), ("d", "4")])
+    self.assertEqual(
+        [(r[2], r[3]) for r in rows],
+        [("b", "1"), ("c", "2"), ("a", "3"), ("d", "4")],
+    )
     self.assertEqual([r[1] for r in rows], ["Q0"] * 4)
 
   def test_accepts_sequences_of_pairs(self):
@@ -94,15 +115,18 @@ class WriteReadTest(absltest.TestCase):
     path = self._path()
     path.write_text("q Q0 a 1 0.5 t\n\nq Q0 b 2 0.25\n", encoding="utf-8")
     with self.assertRaisesRegex(
-        ValueError, re.escape(f"{path}:3: expected 6 fields") + ".*got 5"):
+        ValueError, re.escape(f"{path}:3: expected 6 fields") + ".*got 5"
+    ):
       trec_run.read_run(path)
     path.write_text("q Q0 a 1 high t\n", encoding="utf-8")
-    with self.assertRaisesRegex(ValueError,
-                                re.escape(f"{path}:1: ") + ".*score"):
+    with self.assertRaisesRegex(
+        ValueError, re.escape(f"{path}:1: ") + ".*score"
+    ):
       trec_run.read_run(path)
     path.write_text("q Q0 a 1 0.5 t\nq Q0 a 2 0.4 t\n", encoding="utf-8")
-    with self.assertRaisesRegex(ValueError,
-                                re.escape(f"{path}:2: ") + ".*repeats"):
+    with self.assertRaisesRegex(
+        ValueError, re.escape(f"{path}:2: ") + ".*repeats"
+    ):
       trec_run.read_run(path)
 
   def test_limit_small_ids_round_trip_and_metrics_survive(self):
@@ -118,8 +142,9 @@ class WriteReadTest(absltest.TestCase):
     rng = np.random.default_rng(0)
     query_ids = list(qrels)[:200]
     # Random float32 scores over all 46 docs, with some exact ties.
-    scores_qk = np.round(rng.normal(size=(len(query_ids), len(doc_ids))),
-                         1).astype(np.float32)
+    scores_qk = np.round(
+        rng.normal(size=(len(query_ids), len(doc_ids))), 1
+    ).astype(np.float32)
     indices_qk = np.argsort(-scores_qk, axis=1)
     scores_qk = np.take_along_axis(scores_qk, indices_qk, axis=1)
     run = trec_run.run_from_topk(query_ids, doc_ids, scores_qk, indices_qk)
@@ -128,8 +153,10 @@ class WriteReadTest(absltest.TestCase):
     read = trec_run.read_run(path)
     self.assertEqual(read, run)
     measures = ("ndcg@10", "recall@2", "mrr@10", "map")
-    self.assertEqual(ir_metrics.evaluate(qrels, read, measures),
-                     ir_metrics.evaluate(qrels, run, measures))
+    self.assertEqual(
+        ir_metrics.evaluate(qrels, read, measures),
+        ir_metrics.evaluate(qrels, run, measures),
+    )
 
 
 class RunFromTopkTest(absltest.TestCase):
@@ -137,26 +164,36 @@ class RunFromTopkTest(absltest.TestCase):
   def test_padding_is_skipped_and_scores_are_exact(self):
     scores_qk = np.array([[0.7, 0.1], [0.3, -np.inf]], np.float32)
     indices_qk = np.array([[2, 0], [1, -1]])
-    run = trec_run.run_from_topk(["q1", "q2"], ["d0", "d 1", "d2"],
-                                 scores_qk, indices_qk)
-    self.assertEqual(run, {"q1": {"d2": float(np.float32(0.7)),
-                                  "d0": float(np.float32(0.1))},
-                           "q2": {"d 1": float(np.float32(0.3))}})
+    run = trec_run.run_from_topk(
+        ["q1", "q2"], ["d0", "d 1", "d2"], scores_qk, indices_qk
+    )
     self.assertEqual(
-        trec_run.run_from_topk(["q"], ["d"], np.zeros((1, 1)),
-                               np.full((1, 1), -1)), {"q": {}})
+        run,
+        {
+            "q1": {"d2": float(np.float32(0.7)), "d0": float(np.float32(0.1))},
+            "q2": {"d 1": float(np.float32(0.3))},
+        },
+    )
+    self.assertEqual(
+        trec_run.run_from_topk(
+            ["q"], ["d"], np.zeros((1, 1)), np.full((1, 1), -1)
+        ),
+        {"q": {}},
+    )
 
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, "more than once"):
-      trec_run.run_from_topk(["q"], ["a", "b"], np.ones((1, 2)),
-                             np.array([[1, 1]]))
+      trec_run.run_from_topk(
+          ["q"], ["a", "b"], np.ones((1, 2)), np.array([[1, 1]])
+      )
     with self.assertRaisesRegex(ValueError, "out of range"):
       trec_run.run_from_topk(["q"], ["a"], np.ones((1, 1)), np.array([[1]]))
     with self.assertRaisesRegex(ValueError, "must both be"):
       trec_run.run_from_topk(["q"], ["a"], np.ones((1, 2)), np.array([[0]]))
     with self.assertRaisesRegex(ValueError, "query ids"):
-      trec_run.run_from_topk(["q", "r"], ["a"], np.ones((1, 1)),
-                             np.array([[0]]))
+      trec_run.run_from_topk(
+          ["q", "r"], ["a"], np.ones((1, 1)), np.array([[0]])
+      )
 
 
 if __name__ == "__main__":

@@ -40,18 +40,21 @@ class ToyTest(absltest.TestCase):
     for k in range(8):
       rows = data.x_train[data.y_train == k]
       np.testing.assert_allclose(
-          rows.mean(0), 4 * np.array([np.cos(angle[k]), np.sin(angle[k])]),
-          atol=0.2)
+          rows.mean(0),
+          4 * np.array([np.cos(angle[k]), np.sin(angle[k])]),
+          atol=0.2,
+      )
       np.testing.assert_allclose(rows.std(0), 0.6, atol=0.15)
     np.testing.assert_array_equal(ci.gaussian_toy(0).x_test, data.x_test)
-    self.assertFalse(np.array_equal(ci.gaussian_toy(1).x_train,
-                                    data.x_train))
+    self.assertFalse(np.array_equal(ci.gaussian_toy(1).x_train, data.x_train))
 
   def test_dkvb_keeps_earlier_classes_linear_probe_forgets(self):
     # K3 (seed 0): C = 16, M = 64, d_k = 2, 50 EMA steps, SGD 0.1 (x C),
     # 1000 steps per 2-class stage.
-    results = ci.run(ci.gaussian_toy(0), dataclasses.replace(
-        ci.TOY_SETTINGS, learners=("dkvb", "linear")))
+    results = ci.run(
+        ci.gaussian_toy(0),
+        dataclasses.replace(ci.TOY_SETTINGS, learners=("dkvb", "linear")),
+    )
     np.testing.assert_allclose(results.upper_bound, [0.25, 0.5, 0.75, 1.0])
     dkvb, linear = results.final["dkvb"], results.final["linear"]
     self.assertGreaterEqual(dkvb, 0.9)
@@ -71,8 +74,7 @@ class DigitsTest(absltest.TestCase):
 
   def test_stages_split_and_standardisation(self):
     data = ci.digits_stages(0)
-    self.assertEqual(data.stages,
-                     ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)))
+    self.assertEqual(data.stages, ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)))
     flat = [c for stage in data.stages for c in stage]
     self.assertEqual(sorted(flat), list(range(10)))
     self.assertLen(set(flat), 10)
@@ -102,12 +104,18 @@ class DigitsTest(absltest.TestCase):
   def test_dkvb_far_above_linear_probe(self):
     # A lighter DKVB than DIGITS_SETTINGS: C = M = 64, 300 steps per stage.
     settings = dataclasses.replace(
-        ci.DIGITS_SETTINGS, steps_per_stage=300, num_heads=64, num_keys=64,
-        ema_steps=20, learners=("dkvb", "linear"))
+        ci.DIGITS_SETTINGS,
+        steps_per_stage=300,
+        num_heads=64,
+        num_keys=64,
+        ema_steps=20,
+        learners=("dkvb", "linear"),
+    )
     results = ci.run(ci.digits_stages(0), settings)
     self.assertGreaterEqual(results.final["dkvb"], 0.88)
-    self.assertGreaterEqual(results.final["dkvb"] - results.final["linear"],
-                            0.1)
+    self.assertGreaterEqual(
+        results.final["dkvb"] - results.final["linear"], 0.1
+    )
 
 
 class TrainingTest(absltest.TestCase):
@@ -124,9 +132,16 @@ class TrainingTest(absltest.TestCase):
     b = np.asarray(model.linear.bias[...], np.float64)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.sgd(lr)
-    params, _, loss = ci.train_stage(graphdef, tx, params, rest,
-                                     tx.init(params), jnp.asarray(x),
-                                     jnp.asarray(y), jnp.asarray(batches))
+    params, _, loss = ci.train_stage(
+        graphdef,
+        tx,
+        params,
+        rest,
+        tx.init(params),
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jnp.asarray(batches),
+    )
     losses = []
     for rows in batches:
       logits = x[rows] @ w + b
@@ -135,24 +150,36 @@ class TrainingTest(absltest.TestCase):
       losses.append(-np.log(p[np.arange(5), y[rows]]).mean())
       g = (p - np.eye(4)[y[rows]]) / 5
       w, b = w - lr * x[rows].T @ g, b - lr * g.sum(0)
-    np.testing.assert_allclose(np.asarray(params["linear"]["kernel"][...]),
-                               w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(params["linear"]["bias"][...]), b,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(params["linear"]["kernel"][...]), w, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(params["linear"]["bias"][...]), b, rtol=1e-5, atol=1e-6
+    )
     self.assertAlmostEqual(float(loss), np.mean(losses), places=5)
 
   def test_format_table_and_errors(self):
-    results = ci.Results(stages=((0, 1), (2, 3)), upper_bound=(0.5, 1.0),
-                         seen={"dkvb": (1.0, 0.9)}, all={"dkvb": (0.5, 0.9)},
-                         seconds={"dkvb": 1.0})
-    self.assertEqual(ci.format_table(results), "\n".join([
-        "| learner | stage 1 (0-1) | stage 2 (2-3) | final (all) |",
-        "|---|---:|---:|---:|",
-        "| upper bound | 1.000 / 0.500 | 1.000 / 1.000 | 1.000 |",
-        "| dkvb | 1.000 / 0.500 | 0.900 / 0.900 | 0.900 |"]))
+    results = ci.Results(
+        stages=((0, 1), (2, 3)),
+        upper_bound=(0.5, 1.0),
+        seen={"dkvb": (1.0, 0.9)},
+        all={"dkvb": (0.5, 0.9)},
+        seconds={"dkvb": 1.0},
+    )
+    self.assertEqual(
+        ci.format_table(results),
+        "\n".join([
+            "| learner | stage 1 (0-1) | stage 2 (2-3) | final (all) |",
+            "|---|---:|---:|---:|",
+            "| upper bound | 1.000 / 0.500 | 1.000 / 1.000 | 1.000 |",
+            "| dkvb | 1.000 / 0.500 | 0.900 / 0.900 | 0.900 |",
+        ]),
+    )
     with self.assertRaisesRegex(ValueError, "learner='knn'"):
-      ci.run(ci.gaussian_toy(0), dataclasses.replace(ci.TOY_SETTINGS,
-                                                     learners=("knn",)))
+      ci.run(
+          ci.gaussian_toy(0),
+          dataclasses.replace(ci.TOY_SETTINGS, learners=("knn",)),
+      )
 
 
 class ExperimentTest(absltest.TestCase):
@@ -166,10 +193,10 @@ class ExperimentTest(absltest.TestCase):
     self.assertEqual(saved["settings"]["steps_per_stage"], 100)
     self.assertEqual(saved["settings"]["key_dim"], 2)  # The toy's DKVB.
     self.assertEqual(saved["final"], results.final)
-    self.assertEqual((workdir / "table.md").read_text(),
-                     ci.format_table(results) + "\n")
-    self.assertEqual((workdir / "accuracy.png").read_bytes()[:4],
-                     b"\x89PNG")
+    self.assertEqual(
+        (workdir / "table.md").read_text(), ci.format_table(results) + "\n"
+    )
+    self.assertEqual((workdir / "accuracy.png").read_bytes()[:4], b"\x89PNG")
     svg = (workdir / "accuracy.svg").read_text()
     # The upper bound and one legend entry per learner.
     for label in ["upper bound", *results.all]:
@@ -178,8 +205,9 @@ class ExperimentTest(absltest.TestCase):
   def test_unknown_experiment_names_the_key(self):
     config = kv_config.get_config("smoke")
     config.experiment = "cifar"
-    with self.assertRaisesRegex(errors.ConfigError,
-                                "config.experiment='cifar'"):
+    with self.assertRaisesRegex(
+        errors.ConfigError, "config.experiment='cifar'"
+    ):
       kv_run.run(config, self.create_tempdir().full_path)
 
   def test_digits_without_scikit_learn_says_what_to_install(self):

@@ -21,14 +21,19 @@ from retrieval_jax.data import beir
 def _collection(qrels):
   n = 100
   return beir.BeirCollection(
-      doc_ids=[f"d{i}" for i in range(n)], titles=[""] * n,
+      doc_ids=[f"d{i}" for i in range(n)],
+      titles=[""] * n,
       texts=[f"text {i}" for i in range(n)],
       query_ids=[f"q{i}" for i in range(20)],
-      queries=[f"query {i}" for i in range(20)], qrels=qrels)
+      queries=[f"query {i}" for i in range(20)],
+      qrels=qrels,
+  )
 
 
-_TEST = _collection({f"q{i}": {f"d{3 * i}": 1, f"d{3 * i + 1}": 2,
-                               f"d{3 * i + 2}": 0} for i in range(10)})
+_TEST = _collection({
+    f"q{i}": {f"d{3 * i}": 1, f"d{3 * i + 1}": 2, f"d{3 * i + 2}": 0}
+    for i in range(10)
+})
 _TRAIN = _collection({f"q{i}": {f"d{i}": 1} for i in range(8, 20)})
 
 
@@ -36,8 +41,9 @@ class SubsetTest(absltest.TestCase):
 
   def test_invariants_and_determinism(self):
     kwargs = dict(num_test_queries=4, num_anchor_queries=6, num_items=30)
-    test_ids, anchor_ids, rows = ce.select_subset(_TEST, _TRAIN, seed=1,
-                                                  **kwargs)
+    test_ids, anchor_ids, rows = ce.select_subset(
+        _TEST, _TRAIN, seed=1, **kwargs
+    )
     self.assertLen(test_ids, 4)
     self.assertLen(anchor_ids, 6)
     self.assertEmpty(set(test_ids) & set(anchor_ids))
@@ -48,21 +54,41 @@ class SubsetTest(absltest.TestCase):
       # Label > 0 documents are kept; the label-0 one only by chance.
       self.assertContainsSubset({3 * i, 3 * i + 1}, set(rows.tolist()))
     again = ce.select_subset(_TEST, _TRAIN, seed=1, **kwargs)
-    self.assertEqual((again[0], again[1], again[2].tolist()),
-                     (test_ids, anchor_ids, rows.tolist()))
+    self.assertEqual(
+        (again[0], again[1], again[2].tolist()),
+        (test_ids, anchor_ids, rows.tolist()),
+    )
     other = ce.select_subset(_TEST, _TRAIN, seed=2, **kwargs)
     self.assertNotEqual(other[2].tolist(), rows.tolist())
 
   def test_sizes_out_of_range_name_the_key(self):
     with self.assertRaisesRegex(errors.ConfigError, "subset.num_items=3"):
-      ce.select_subset(_TEST, _TRAIN, num_test_queries=4,
-                       num_anchor_queries=2, num_items=3, seed=0)
+      ce.select_subset(
+          _TEST,
+          _TRAIN,
+          num_test_queries=4,
+          num_anchor_queries=2,
+          num_items=3,
+          seed=0,
+      )
     with self.assertRaisesRegex(errors.ConfigError, "subset.num_test_queries"):
-      ce.select_subset(_TEST, _TRAIN, num_test_queries=11,
-                       num_anchor_queries=2, num_items=50, seed=0)
+      ce.select_subset(
+          _TEST,
+          _TRAIN,
+          num_test_queries=11,
+          num_anchor_queries=2,
+          num_items=50,
+          seed=0,
+      )
     with self.assertRaisesRegex(errors.ConfigError, "num_anchor_queries"):
-      ce.select_subset(_TEST, _TRAIN, num_test_queries=2,
-                       num_anchor_queries=13, num_items=50, seed=0)
+      ce.select_subset(
+          _TEST,
+          _TRAIN,
+          num_test_queries=2,
+          num_anchor_queries=13,
+          num_items=50,
+          seed=0,
+      )
 
 
 class _Interrupt(Exception):
@@ -83,8 +109,9 @@ class CachedScoresTest(absltest.TestCase):
 
     path = pathlib.Path(self.create_tempdir().full_path) / "scores.npz"
     with self.assertRaises(_Interrupt):
-      ce.cached_scores(path, {"k": 1},
-                       lambda q, i: scorer(q, i, fail_at=3), 10, 7, 4)
+      ce.cached_scores(
+          path, {"k": 1}, lambda q, i: scorer(q, i, fail_at=3), 10, 7, 4
+      )
     # Chunks [0-3] and [4-7] were saved; the third (8-9) failed.
     calls.clear()
     got = ce.cached_scores(path, {"k": 1}, scorer, 10, 7, 4)
@@ -113,10 +140,19 @@ class CompareTest(absltest.TestCase):
     qrels = {q: {item_ids[exact[i, 0]]: 1} for i, q in enumerate(test_ids)}
     short = exact.copy()
     short[:, 15:] = -1  # A first stage that ranks only 15 items.
-    rows = ce.compare(s_test, r_anc, {"exact": exact, "short": short},
-                      budgets=[20, 40], ks=[1, 10], anchor_fractions=[0.5],
-                      rounds=2, seed=0, test_ids=test_ids, item_ids=item_ids,
-                      qrels=qrels)
+    rows = ce.compare(
+        s_test,
+        r_anc,
+        {"exact": exact, "short": short},
+        budgets=[20, 40],
+        ks=[1, 10],
+        anchor_fractions=[0.5],
+        rounds=2,
+        seed=0,
+        test_ids=test_ids,
+        item_ids=item_ids,
+        qrels=qrels,
+    )
     self.assertLen(rows, 2 * 4)
     for row in rows:
       if row["method"] == "short + re-rank":
@@ -134,8 +170,9 @@ class CompareTest(absltest.TestCase):
   def test_ndcg_known_answer(self):
     qrels = {"q": {"a": 1, "b": 1}}
     # Relevant at ranks 2 and 3 of three: DCG 1/log2(3) + 1/log2(4).
-    got = ce.ndcg_at_10(np.array([[2, 0, 1, -1]]), ["q"], ["a", "b", "c"],
-                        qrels)
+    got = ce.ndcg_at_10(
+        np.array([[2, 0, 1, -1]]), ["q"], ["a", "b", "c"], qrels
+    )
     want = (1 / np.log2(3) + 1 / np.log2(4)) / (1 + 1 / np.log2(3))
     self.assertAlmostEqual(got, want, places=6)
 

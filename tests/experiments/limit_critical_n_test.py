@@ -101,8 +101,9 @@ class SearchTest(parameterized.TestCase):
     rng = np.random.default_rng(0)
     for _ in range(200):
       edge = int(rng.integers(2, 40))
-      known = {n: bool(n <= edge) ^ bool(rng.random() < 0.2)
-               for n in range(1, 200)}
+      known = {
+          n: bool(n <= edge) ^ bool(rng.random() < 0.2) for n in range(1, 200)
+      }
       start = int(rng.integers(1, 50))
       expected, asked = _sequential_released_search(start, known.get)
       self.assertEqual(cn._replay(start, (-4, 5), known)[1], expected)
@@ -117,48 +118,60 @@ class SearchTest(parameterized.TestCase):
     self.assertEqual(cn._speculate(7, (-4, 5), {}, 2), {4, 6, 7, 8, 10})
     # Once the critical n is known, the whole sweep comes in one request.
     known = {7: True, 8: True, 10: False, 9: True}
-    self.assertEqual(cn._speculate(7, (-4, 5), known, 1),
-                     {5, 6, 11, 12, 13, 14})
+    self.assertEqual(
+        cn._speculate(7, (-4, 5), known, 1), {5, 6, 11, 12, 13, 14}
+    )
 
 
 class FitTest(absltest.TestCase):
 
   def test_paper_cubic_reproduces_quoted_extrapolations(self):
-    quoted = {512: 0.51e6, 768: 1.71e6, 1024: 4.03e6, 3072: 108e6,
-              4096: 255e6}
+    quoted = {512: 0.51e6, 768: 1.71e6, 1024: 4.03e6, 3072: 108e6, 4096: 255e6}
     for d, n in quoted.items():
-      self.assertAlmostEqual(float(cn.paper_critical_n(d)) / n, 1.0,
-                             delta=0.01)
-    self.assertEqual([cn.initial_n(d) for d in (4, 5, 6, 16)],
-                     [7, 11, 16, 82])
+      self.assertAlmostEqual(float(cn.paper_critical_n(d)) / n, 1.0, delta=0.01)
+    self.assertEqual([cn.initial_n(d) for d in (4, 5, 6, 16)], [7, 11, 16, 82])
 
   def test_fit_recovers_a_cubic(self):
     dims = np.arange(4, 13)
     coefficients = limit_run.fit_cubic(dims, cn.paper_critical_n(dims))
     np.testing.assert_allclose(coefficients, cn.PAPER_CUBIC, atol=1e-8)
-    self.assertAlmostEqual(limit_run.r_squared(
-        coefficients, dims, cn.paper_critical_n(dims)), 1.0)
+    self.assertAlmostEqual(
+        limit_run.r_squared(coefficients, dims, cn.paper_critical_n(dims)), 1.0
+    )
     with self.assertRaisesRegex(ValueError, "at least 4"):
       limit_run.fit_cubic([4, 5, 6], [9, 14, 19])
 
   def test_plot_has_both_fits_and_the_points(self):
     out = pathlib.Path(self.create_tempdir().full_path)
     dims, critical = [4, 5, 6, 7, 8], [9, 14, 19, 26, 29]
-    png, svg = limit_run.write_plot(out / "plot", dims, critical,
-                                    limit_run.fit_cubic(dims, critical))
+    png, svg = limit_run.write_plot(
+        out / "plot", dims, critical, limit_run.fit_cubic(dims, critical)
+    )
     self.assertEqual(png.read_bytes()[:4], b"\x89PNG")
     root = ET.parse(svg).getroot()
-    texts = {"".join(t.itertext()) for t in root.iter()
-             if t.tag.endswith("text")}
-    self.assertContainsSubset({"this run, cubic fit", "paper's cubic fit",
-                               "measured (largest solved n)"}, texts)
+    texts = {
+        "".join(t.itertext()) for t in root.iter() if t.tag.endswith("text")
+    }
+    self.assertContainsSubset(
+        {
+            "this run, cubic fit",
+            "paper's cubic fit",
+            "measured (largest solved n)",
+        },
+        texts,
+    )
 
 
 def _run(*args):
   return subprocess.run(
       [sys.executable, "-m", "experiments.limit_critical_n.run", *args],
-      cwd=test_util.REPO, env=test_util.subprocess_env(), capture_output=True,
-      text=True, check=False, timeout=600)
+      cwd=test_util.REPO,
+      env=test_util.subprocess_env(),
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=600,
+  )
 
 
 class JobTest(absltest.TestCase):
@@ -166,8 +179,12 @@ class JobTest(absltest.TestCase):
   @pytest.mark.slow
   def test_critical_n_smoke_writes_results_fit_and_plot(self):
     workdir = pathlib.Path(self.create_tempdir())
-    result = _run("--config", "experiments/limit_critical_n/config.py:smoke",
-                  "--workdir", str(workdir))
+    result = _run(
+        "--config",
+        "experiments/limit_critical_n/config.py:smoke",
+        "--workdir",
+        str(workdir),
+    )
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])
     table = json.loads((workdir / "critical_n.json").read_text())
     self.assertEqual(sorted(table), ["2", "3", "4", "5"])
@@ -177,21 +194,25 @@ class JobTest(absltest.TestCase):
       # The critical n is solved and the next n failed; every run listed.
       self.assertIn(entry["critical_n"], found["solved"])
       self.assertIn(entry["critical_n"] + 1, found["failed"])
-      self.assertEqual(sorted(found["solved"] + found["failed"]),
-                       sorted(int(n) for n in found["runs"]))
+      self.assertEqual(
+          sorted(found["solved"] + found["failed"]),
+          sorted(int(n) for n in found["runs"]),
+      )
     summary = json.loads((workdir / "summary.json").read_text())
     self.assertLen(summary["cubic"], 4)
     self.assertEqual(summary["protocol"]["max_iterations"], 1000)
-    self.assertEqual((workdir / "critical_n.png").read_bytes()[:4],
-                     b"\x89PNG")
-    self.assertIn("paper's cubic fit",
-                  (workdir / "critical_n.svg").read_text())
+    self.assertEqual((workdir / "critical_n.png").read_bytes()[:4], b"\x89PNG")
+    self.assertIn("paper's cubic fit", (workdir / "critical_n.svg").read_text())
     self.assertIn("critical n", result.stdout)
 
   def test_bad_dims_name_the_key(self):
-    result = _run("--config", "experiments/limit_critical_n/config.py:smoke",
-                  "--workdir", self.create_tempdir().full_path,
-                  "--config.dims=0,3")
+    result = _run(
+        "--config",
+        "experiments/limit_critical_n/config.py:smoke",
+        "--workdir",
+        self.create_tempdir().full_path,
+        "--config.dims=0,3",
+    )
     self.assertNotEqual(result.returncode, 0)
     self.assertIn("config.dims", result.stderr)
     self.assertNotIn("Traceback", result.stderr)
@@ -203,8 +224,7 @@ class JobTest(absltest.TestCase):
     config = limit_config.get_config("evaluate,smoke")
     self.assertEqual(config.data.path, str(test_util.LIMIT_SMALL))
     metrics = limit_run.run(config, self.create_tempdir().full_path)
-    self.assertEqual(list(metrics)[:3],
-                     ["recall@2", "recall@10", "recall@100"])
+    self.assertEqual(list(metrics)[:3], ["recall@2", "recall@10", "recall@100"])
     # 46 documents: the top 100 holds every relevant one.
     self.assertEqual(metrics["recall@100"], 1.0)
     self.assertLessEqual(metrics["recall@2"], metrics["recall@10"])

@@ -34,18 +34,32 @@ def _collection(name, center, seed):
   def split(rows, tag):
     q = _unit(docs[rows] + shift + 0.15 * rng.normal(size=(len(rows), 16)))
     ids = [f"{name}-{tag}{i}" for i in rows]
-    return ma.Split(ids, q, {qid: {f"{name}-d{i}": 1}
-                             for qid, i in zip(ids, rows)})
+    return ma.Split(
+        ids, q, {qid: {f"{name}-d{i}": 1} for qid, i in zip(ids, rows)}
+    )
 
-  return ma.Collection(name, [f"{name}-d{i}" for i in range(60)], docs,
-                       split(np.arange(60), "q"),
-                       split(np.arange(0, 60, 3), "t"))
+  return ma.Collection(
+      name,
+      [f"{name}-d{i}" for i in range(60)],
+      docs,
+      split(np.arange(60), "q"),
+      split(np.arange(0, 60, 3), "t"),
+  )
 
 
 _SETTINGS = types.SimpleNamespace(
-    adapters=("dkvb", "linear"), num_heads=8, num_keys=16, key_dim=4,
-    ema_steps=10, ema_decay=0.9, learning_rate=1e-2, steps=150,
-    batch_size=16, temperature=0.05, seed=0)
+    adapters=("dkvb", "linear"),
+    num_heads=8,
+    num_keys=16,
+    key_dim=4,
+    ema_steps=10,
+    ema_decay=0.9,
+    learning_rate=1e-2,
+    steps=150,
+    batch_size=16,
+    temperature=0.05,
+    seed=0,
+)
 
 
 class MemoryAdapterTest(absltest.TestCase):
@@ -63,11 +77,16 @@ class MemoryAdapterTest(absltest.TestCase):
     unlabelled = np.concatenate([self.a.docs_ne, self.b.docs_ne])
     for kind in ma.ADAPTERS:
       residual = ma.make_adapter(kind, 16, _SETTINGS, unlabelled, 0)
-      self.assertEqual(ma.ndcg_at_10(residual, self.a),
-                       ma.ndcg_at_10(None, self.a))
-    results = {"zero_shot": {"a": 0.5, "b": 0.4},
-               "dkvb": [{"after": "a", "ndcg@10": {"a": 0.7, "b": 0.4}},
-                        {"after": "b", "ndcg@10": {"a": 0.65, "b": 0.6}}]}
+      self.assertEqual(
+          ma.ndcg_at_10(residual, self.a), ma.ndcg_at_10(None, self.a)
+      )
+    results = {
+        "zero_shot": {"a": 0.5, "b": 0.4},
+        "dkvb": [
+            {"after": "a", "ndcg@10": {"a": 0.7, "b": 0.4}},
+            {"after": "b", "ndcg@10": {"a": 0.65, "b": 0.6}},
+        ],
+    }
     table = ma.format_table(results, ["a", "b"])
     self.assertIn("| dkvb | after b | 0.6500 | 0.6000 | 75% |", table)
 
@@ -89,8 +108,9 @@ class MemoryAdapterTest(absltest.TestCase):
     # Rerun DKVB stage by stage: the value rows B's batches never fetch
     # keep exactly their values after A (Adam starts fresh on B, so a row
     # without gradient gets no update), and the rows they fetch move.
-    unlabelled = np.concatenate([x for c in (self.a, self.b) for x in
-                                 (c.docs_ne, c.train.queries_qe)])
+    unlabelled = np.concatenate(
+        [x for c in (self.a, self.b) for x in (c.docs_ne, c.train.queries_qe)]
+    )
     residual = ma.make_adapter("dkvb", 16, _SETTINGS, unlabelled, 0)
     graphdef, params, rest = nnx.split(residual, nnx.Param, ...)
     tx = optax.adam(_SETTINGS.learning_rate)
@@ -99,24 +119,35 @@ class MemoryAdapterTest(absltest.TestCase):
     for c in (self.a, self.b):
       batches.append(rng.integers(0, 60, (50, 16)).astype(np.int32))
       params, _, _ = ma.train_on(
-          graphdef, tx, params, rest, tx.init(params),
-          jnp.asarray(c.train.queries_qe), jnp.asarray(c.docs_ne),
+          graphdef,
+          tx,
+          params,
+          rest,
+          tx.init(params),
+          jnp.asarray(c.train.queries_qe),
+          jnp.asarray(c.docs_ne),
           jnp.asarray(ma.positives(c.train, c.doc_ids)),
-          jnp.asarray(batches[-1]), _SETTINGS.temperature)
-      values.append(np.asarray(nnx.merge(graphdef, params, rest)
-                               .values_cmv[...]))
+          jnp.asarray(batches[-1]),
+          _SETTINGS.temperature,
+      )
+      values.append(
+          np.asarray(nnx.merge(graphdef, params, rest).values_cmv[...])
+      )
     model = nnx.merge(graphdef, params, rest)
     used = np.unique(batches[1])
     fetched_cm = np.zeros(values[0].shape[:2], bool)
-    idx_bc = np.asarray(model.select(jnp.asarray(
-        self.b.train.queries_qe[used])))[..., 0]
+    idx_bc = np.asarray(
+        model.select(jnp.asarray(self.b.train.queries_qe[used]))
+    )[..., 0]
     for c in range(idx_bc.shape[1]):
       fetched_cm[c, idx_bc[:, c]] = True
     self.assertTrue(fetched_cm.any() and not fetched_cm.all())
-    np.testing.assert_array_equal(values[1][~fetched_cm],
-                                  values[0][~fetched_cm])
-    self.assertTrue(np.all(np.any(values[1][fetched_cm] !=
-                                  values[0][fetched_cm], axis=-1)))
+    np.testing.assert_array_equal(
+        values[1][~fetched_cm], values[0][~fetched_cm]
+    )
+    self.assertTrue(
+        np.all(np.any(values[1][fetched_cm] != values[0][fetched_cm], axis=-1))
+    )
 
 
 if __name__ == "__main__":

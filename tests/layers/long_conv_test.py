@@ -52,8 +52,9 @@ class FftCausalConvTest(parameterized.TestCase):
     with jax.enable_x64(True):
       y = np.asarray(_causal(jnp.asarray(u), jnp.asarray(k)))
     self.assertEqual(y.dtype, np.float64)
-    np.testing.assert_allclose(y, np.convolve(u, k)[:length], rtol=0,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        y, np.convolve(u, k)[:length], rtol=0, atol=1e-12
+    )
 
   def test_size_l_fft_is_circular_not_linear(self):
     # Negative test: without the padding to 2L the long taps wrap around.
@@ -69,12 +70,12 @@ class FftCausalConvTest(parameterized.TestCase):
     u_bhl = rng.normal(size=(3, 4, 20))
     k_hl = rng.normal(size=(4, 20))
     with jax.enable_x64(True):
-      y = np.asarray(_causal(jnp.asarray(u_bhl),
-                                               jnp.asarray(k_hl)))
+      y = np.asarray(_causal(jnp.asarray(u_bhl), jnp.asarray(k_hl)))
     for b in range(3):
       for h in range(4):
         np.testing.assert_allclose(
-            y[b, h], np.convolve(u_bhl[b, h], k_hl[h])[:20], atol=1e-12)
+            y[b, h], np.convolve(u_bhl[b, h], k_hl[h])[:20], atol=1e-12
+        )
 
   def test_short_kernel_and_too_long_kernel(self):
     rng = np.random.default_rng(2)
@@ -88,23 +89,24 @@ class FftCausalConvTest(parameterized.TestCase):
   def test_bfloat16_in_bfloat16_out(self):
     rng = np.random.default_rng(3)
     u, k = rng.normal(size=(2, 4, 64)).astype(np.float32)
-    y = _causal(jnp.asarray(u, jnp.bfloat16),
-                                  jnp.asarray(k))
+    y = _causal(jnp.asarray(u, jnp.bfloat16), jnp.asarray(k))
     self.assertEqual(y.dtype, jnp.bfloat16)
     ref = np.stack([np.convolve(u[i], k[i])[:64] for i in range(4)])
     # Only the bf16 rounding of u and of y: relative to the output scale.
-    np.testing.assert_allclose(np.asarray(y, np.float32), ref,
-                               atol=0.02 * np.abs(ref).max())
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), ref, atol=0.02 * np.abs(ref).max()
+    )
 
 
 class BidirectionalConvTest(parameterized.TestCase):
 
   def test_kernel_layout(self):
-    k_fwd = jnp.array([1., 2., 3.])
-    k_rev = jnp.array([4., 5., 6.])
+    k_fwd = jnp.array([1.0, 2.0, 3.0])
+    k_rev = jnp.array([4.0, 5.0, 6.0])
     np.testing.assert_array_equal(
         long_conv.bidirectional_kernel(k_fwd, k_rev),
-        [1., 2., 3., 6., 5., 4.])
+        [1.0, 2.0, 3.0, 6.0, 5.0, 4.0],
+    )
 
   @parameterized.parameters(1, 2, 7, 32, 50)
   def test_matches_toeplitz_operator_and_sum(self, length):
@@ -114,28 +116,41 @@ class BidirectionalConvTest(parameterized.TestCase):
     k_fwd_hl, k_rev_hl = rng.normal(size=(2, hidden, length))
     d_h = rng.normal(size=hidden)
     with jax.enable_x64(True):
-      y = np.asarray(_bidirectional(
-          jnp.asarray(v_bhl), jnp.asarray(k_fwd_hl), jnp.asarray(k_rev_hl),
-          jnp.asarray(d_h)))
-      ops = [np.asarray(_toeplitz(
-          k_fwd_hl[h], k_rev_hl[h], d_h[h], length)) for h in range(hidden)]
+      y = np.asarray(
+          _bidirectional(
+              jnp.asarray(v_bhl),
+              jnp.asarray(k_fwd_hl),
+              jnp.asarray(k_rev_hl),
+              jnp.asarray(d_h),
+          )
+      )
+      ops = [
+          np.asarray(_toeplitz(k_fwd_hl[h], k_rev_hl[h], d_h[h], length))
+          for h in range(hidden)
+      ]
     self.assertEqual(y.dtype, np.float64)
     for b in range(2):
       for h in range(hidden):
-        np.testing.assert_allclose(y[b, h], ops[h] @ v_bhl[b, h], rtol=0,
-                                   atol=1e-12)
         np.testing.assert_allclose(
-            y[b, h], _bidirectional_sum(v_bhl[b, h], k_fwd_hl[h],
-                                        k_rev_hl[h], d_h[h]),
-            rtol=0, atol=1e-12)
+            y[b, h], ops[h] @ v_bhl[b, h], rtol=0, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            y[b, h],
+            _bidirectional_sum(v_bhl[b, h], k_fwd_hl[h], k_rev_hl[h], d_h[h]),
+            rtol=0,
+            atol=1e-12,
+        )
 
   def test_toeplitz_entries(self):
-    op = np.asarray(_toeplitz(
-        jnp.array([1., 2., 3.]), jnp.array([4., 5., 6.]), 10., 3))
+    op = np.asarray(
+        _toeplitz(
+            jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 5.0, 6.0]), 10.0, 3
+        )
+    )
     # Lower triangle k_fwd[t-j] (+ D on the diagonal), upper k_rev[j-t-1].
-    np.testing.assert_array_equal(op, [[11., 4., 5.],
-                                       [2., 11., 4.],
-                                       [3., 2., 11.]])
+    np.testing.assert_array_equal(
+        op, [[11.0, 4.0, 5.0], [2.0, 11.0, 4.0], [3.0, 2.0, 11.0]]
+    )
 
   def _probe(self, k_fwd, k_rev, d, t0, length=40):
     """|y(v + e_t0) - y(v)| for one channel, float64."""
@@ -144,9 +159,14 @@ class BidirectionalConvTest(parameterized.TestCase):
     bump = np.zeros_like(v)
     bump[..., t0] = 1.0
     with jax.enable_x64(True):
-      run = lambda x: np.asarray(_bidirectional(
-          jnp.asarray(x), jnp.asarray(k_fwd)[None], jnp.asarray(k_rev)[None],
-          jnp.asarray([d])))[0, 0]
+      run = lambda x: np.asarray(
+          _bidirectional(
+              jnp.asarray(x),
+              jnp.asarray(k_fwd)[None],
+              jnp.asarray(k_rev)[None],
+              jnp.asarray([d]),
+          )
+      )[0, 0]
       return np.abs(run(v + bump) - run(v))
 
   def test_forward_filter_is_causal(self):
@@ -170,13 +190,17 @@ class BidirectionalConvTest(parameterized.TestCase):
   def test_bfloat16_close_to_float32(self):
     rng = np.random.default_rng(7)
     v = rng.normal(size=(2, 8, 256)).astype(np.float32)
-    k_fwd, k_rev = (rng.normal(size=(2, 8, 256)) *
-                    np.exp(-np.arange(256) / 30)).astype(np.float32)
+    k_fwd, k_rev = (
+        rng.normal(size=(2, 8, 256)) * np.exp(-np.arange(256) / 30)
+    ).astype(np.float32)
     d = rng.normal(size=8).astype(np.float32)
     ref = np.asarray(_bidirectional(v, k_fwd, k_rev, d))
     y = _bidirectional(
-        jnp.asarray(v, jnp.bfloat16), jnp.asarray(k_fwd, jnp.bfloat16),
-        jnp.asarray(k_rev, jnp.bfloat16), jnp.asarray(d, jnp.bfloat16))
+        jnp.asarray(v, jnp.bfloat16),
+        jnp.asarray(k_fwd, jnp.bfloat16),
+        jnp.asarray(k_rev, jnp.bfloat16),
+        jnp.asarray(d, jnp.bfloat16),
+    )
     self.assertEqual(y.dtype, jnp.bfloat16)
     err = np.abs(np.asarray(y, np.float32) - ref).max()
     # bf16 has 8 bits of mantissa: ~1% of the output scale.
@@ -193,8 +217,11 @@ class ShortCausalConvTest(absltest.TestCase):
 
   def _inputs(self, seed=0, b=2, c=5, length=11, taps=3):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(b, c, length)), rng.normal(size=(c, taps)),
-            rng.normal(size=c))
+    return (
+        rng.normal(size=(b, c, length)),
+        rng.normal(size=(c, taps)),
+        rng.normal(size=c),
+    )
 
   def test_matches_explicit_loop(self):
     x, w, bias = self._inputs()
@@ -207,8 +234,7 @@ class ShortCausalConvTest(absltest.TestCase):
         if src >= 0:
           ref[:, :, t] += w[None, :, k] * x[:, :, src]
     with jax.enable_x64(True):
-      y = np.asarray(_short(
-          jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias)))
+      y = np.asarray(_short(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias)))
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-12)
 
   def test_depends_only_on_last_three_positions(self):
@@ -217,8 +243,9 @@ class ShortCausalConvTest(absltest.TestCase):
     bumped = x.copy()
     bumped[..., t0] += 1.0
     with jax.enable_x64(True):
-      run = lambda a: np.asarray(_short(
-          jnp.asarray(a), jnp.asarray(w), jnp.asarray(bias)))
+      run = lambda a: np.asarray(
+          _short(jnp.asarray(a), jnp.asarray(w), jnp.asarray(bias))
+      )
       delta = np.abs(run(bumped) - run(x))[0]
     changed = np.flatnonzero(delta.max(axis=0) > 1e-12)
     np.testing.assert_array_equal(changed, [t0, t0 + 1, t0 + 2])
@@ -230,15 +257,15 @@ class ShortCausalConvTest(absltest.TestCase):
       self.skipTest("torch not installed")
     x, w, bias = self._inputs(seed=2)
     c, taps = w.shape
-    conv = torch.nn.Conv1d(c, c, taps, groups=c, padding=taps - 1,
-                           dtype=torch.float64)
+    conv = torch.nn.Conv1d(
+        c, c, taps, groups=c, padding=taps - 1, dtype=torch.float64
+    )
     with torch.no_grad():
       conv.weight.copy_(torch.from_numpy(w[:, None, :]))
       conv.bias.copy_(torch.from_numpy(bias))
-      ref = conv(torch.from_numpy(x))[..., :x.shape[-1]].numpy()
+      ref = conv(torch.from_numpy(x))[..., : x.shape[-1]].numpy()
     with jax.enable_x64(True):
-      y = np.asarray(_short(
-          jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias)))
+      y = np.asarray(_short(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias)))
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-12)
 
 
@@ -270,9 +297,11 @@ class ConstantsTest(absltest.TestCase):
     self.assertEqual(z.dtype, np.float32)
     # -sin(2 pi 1e-4 / 8) = -7.854e-5 (printed as -7.9e-5).
     np.testing.assert_allclose(
-        z[1], [0.142857, 1.0, 0.707107, -7.9e-5, -0.707107], atol=1e-6)
-    self.assertAlmostEqual(float(z[1, 3]), -np.sin(2 * np.pi * 1e-4 / 8),
-                           places=9)
+        z[1], [0.142857, 1.0, 0.707107, -7.9e-5, -0.707107], atol=1e-6
+    )
+    self.assertAlmostEqual(
+        float(z[1, 3]), -np.sin(2 * np.pi * 1e-4 / 8), places=9
+    )
     np.testing.assert_allclose(t[:, 0], np.arange(8) / 7, rtol=1e-6)
     np.testing.assert_array_equal(z[:, 0], t[:, 0])
     z0, _ = long_conv.positional_features(8, dtype=np.float64)
@@ -284,8 +313,14 @@ class ConstantsTest(absltest.TestCase):
     n = 3
     f = np.linspace(1e-4, 2, 3)
     np.testing.assert_allclose(
-        z[n], np.concatenate([[n / 15], np.cos(2 * np.pi * f * n / 16),
-                              -np.sin(2 * np.pi * f * n / 16)]), atol=1e-15)
+        z[n],
+        np.concatenate([
+            [n / 15],
+            np.cos(2 * np.pi * f * n / 16),
+            -np.sin(2 * np.pi * f * n / 16),
+        ]),
+        atol=1e-15,
+    )
     for bad in (2, 4, 1):
       with self.assertRaisesRegex(ValueError, "odd"):
         long_conv.positional_features(8, bad)
@@ -297,14 +332,14 @@ def _numpy_filter(f, length):
   z = get("pos_emb_le")[:length]
   phi = get("sin_freq_o")
   t = np.arange(length)[:, None] / (f.l_max - 1)
-  env = np.exp(-t * np.abs(long_conv.decay_rates(f.hidden,
-                                                 dtype=np.float64)))
+  env = np.exp(-t * np.abs(long_conv.decay_rates(f.hidden, dtype=np.float64)))
 
   def mlp(p):
     h = np.sin(phi * (z @ get(p + "_w0_eo") + get(p + "_b0_o")))
     h = np.sin(phi * (h @ get(p + "_w1_oo") + get(p + "_b1_o")))
     h = np.sin(phi * (h @ get(p + "_w2_oo") + get(p + "_b2_o")))
     return ((h @ get(p + "_w3_oh")) * env).T
+
   return mlp("fwd"), mlp("rev"), get("bias_h")
 
 
@@ -323,19 +358,22 @@ def _small_filter(seed, dtype=None, **kwargs):
   Casting (instead of `param_dtype=dtype`) reuses the compiled float32
   initialisers, which dominate the time of these tests on CPU.
   """
-  f = long_conv.HyenaFilter(H, L_MAX, order=ORDER, rngs=nnx.Rngs(seed),
-                            **kwargs)
+  f = long_conv.HyenaFilter(
+      H, L_MAX, order=ORDER, rngs=nnx.Rngs(seed), **kwargs
+  )
   if dtype is not None:
-    nnx.update(f, jax.tree.map(lambda x: x.astype(dtype),
-                               nnx.state(f, nnx.Param)))
+    nnx.update(
+        f, jax.tree.map(lambda x: x.astype(dtype), nnx.state(f, nnx.Param))
+    )
   return f
 
 
 class HyenaFilterTest(parameterized.TestCase):
 
   def test_parameter_count_80m_filter(self):
-    f = nnx.eval_shape(lambda: long_conv.HyenaFilter(768, 128,
-                                                     rngs=nnx.Rngs(0)))
+    f = nnx.eval_shape(
+        lambda: long_conv.HyenaFilter(768, 128, rngs=nnx.Rngs(0))
+    )
     # z 640 + phi 128 + 2 MLPs x 132,096 + D 768.
     self.assertEqual(_param_count(f), 265_728)
     self.assertEqual(f.pos_emb_le.shape, (128, 5))
@@ -348,22 +386,27 @@ class HyenaFilterTest(parameterized.TestCase):
     params = jax.tree.leaves(nnx.state(f, nnx.Param))
     # No time grid or decay-rate buffers among the variables.
     self.assertLen(everything, len(params))
-    names = {str(path[-1]) for path, _ in nnx.to_flat_state(
-        nnx.state(f, nnx.Param))}
+    names = {
+        str(path[-1]) for path, _ in nnx.to_flat_state(nnx.state(f, nnx.Param))
+    }
     expected = {"pos_emb_le", "sin_freq_o", "bias_h"} | {
-        f"{p}_{n}" for p in ("fwd", "rev")
-        for n in ("w0_eo", "b0_o", "w1_oo", "b1_o", "w2_oo", "b2_o",
-                  "w3_oh")}
+        f"{p}_{n}"
+        for p in ("fwd", "rev")
+        for n in ("w0_eo", "b0_o", "w1_oo", "b1_o", "w2_oo", "b2_o", "w3_oh")
+    }
     self.assertEqual(names, expected)
 
   def test_initial_values(self):
-    f = long_conv.HyenaFilter(64, L_MAX, order=ORDER, w=10.0,
-                              rngs=nnx.Rngs(1))
+    f = long_conv.HyenaFilter(64, L_MAX, order=ORDER, w=10.0, rngs=nnx.Rngs(1))
     z, _ = long_conv.positional_features(L_MAX)
     np.testing.assert_allclose(f.pos_emb_le[...], z, rtol=1e-6)
     np.testing.assert_array_equal(f.sin_freq_o[...], np.full(ORDER, 10.0))
-    for name, fan_in in (("fwd_w0_eo", 5), ("fwd_b0_o", 5),
-                         ("rev_w1_oo", ORDER), ("rev_w3_oh", ORDER)):
+    for name, fan_in in (
+        ("fwd_w0_eo", 5),
+        ("fwd_b0_o", 5),
+        ("rev_w1_oo", ORDER),
+        ("rev_w3_oh", ORDER),
+    ):
       x = np.asarray(getattr(f, name)[...])
       self.assertLessEqual(np.abs(x).max(), 1 / np.sqrt(fan_in))
       self.assertGreater(np.abs(x).max(), 0.5 / np.sqrt(fan_in))
@@ -375,22 +418,30 @@ class HyenaFilterTest(parameterized.TestCase):
   def test_normal_mlp_init(self):
     f = _small_filter(1, mlp_init_std=0.02)
     np.testing.assert_array_equal(f.fwd_b1_o[...], 0.0)
-    w = np.concatenate([np.ravel(getattr(f, f"{p}_w{i}_oo")[...])
-                        for p in ("fwd", "rev") for i in (1, 2)])
+    w = np.concatenate([
+        np.ravel(getattr(f, f"{p}_w{i}_oo")[...])
+        for p in ("fwd", "rev")
+        for i in (1, 2)
+    ])
     # 1024 draws: the sample std is within ~0.0005 of 0.02.
     self.assertAlmostEqual(float(np.std(w)), 0.02, delta=0.002)
 
   def test_matches_float64_numpy(self):
     f = _small_filter(2)  # built outside x64 to reuse compiled inits
     with jax.enable_x64(True):
-      nnx.update(f, jax.tree.map(lambda x: x.astype(jnp.float64),
-                                 nnx.state(f, nnx.Param)))
+      nnx.update(
+          f,
+          jax.tree.map(
+              lambda x: x.astype(jnp.float64), nnx.state(f, nnx.Param)
+          ),
+      )
       self.assertEqual(f.fwd_w1_oo[...].dtype, jnp.float64)
       k_fwd, k_rev, d = _filters(f, 13)
       ref = _numpy_filter(f, 13)
     self.assertEqual(k_fwd.dtype, jnp.float64)
-    self.assertEqual((k_fwd.shape, k_rev.shape, d.shape),
-                     ((H, 13), (H, 13), (H,)))
+    self.assertEqual(
+        (k_fwd.shape, k_rev.shape, d.shape), ((H, 13), (H, 13), (H,))
+    )
     for got, want in zip((k_fwd, k_rev, d), ref):
       np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-12)
 
@@ -409,10 +460,12 @@ class HyenaFilterTest(parameterized.TestCase):
     k_fwd, k_rev, d = _filters(f, length)
     # float32 MLP outputs of size ~1 evaluated at another length: XLA may
     # vectorise differently, so allow a few ulps (7e-7 seen on one CPU).
-    np.testing.assert_allclose(k_fwd, full_fwd[:, :length], rtol=1e-5,
-                               atol=2e-6)
-    np.testing.assert_allclose(k_rev, full_rev[:, :length], rtol=1e-5,
-                               atol=2e-6)
+    np.testing.assert_allclose(
+        k_fwd, full_fwd[:, :length], rtol=1e-5, atol=2e-6
+    )
+    np.testing.assert_allclose(
+        k_rev, full_rev[:, :length], rtol=1e-5, atol=2e-6
+    )
     np.testing.assert_array_equal(d, full_d)
 
   def test_longer_than_l_max_raises(self):
@@ -440,19 +493,25 @@ class HyenaFilterTest(parameterized.TestCase):
     f = _small_filter(8)
     graphdef, state = nnx.split(f)
     length = 24
-    v = jnp.asarray(np.random.default_rng(0).normal(size=(2, H, length)),
-                    jnp.float32)
+    v = jnp.asarray(
+        np.random.default_rng(0).normal(size=(2, H, length)), jnp.float32
+    )
 
     @jax.jit
     def mix(state, v_bhl):
       k_fwd, k_rev, d = nnx.merge(graphdef, state)(v_bhl.shape[-1])
       return long_conv.bidirectional_conv(v_bhl, k_fwd, k_rev, d)
+
     y = mix(state, v)
     k_fwd, k_rev, d = f(length)  # eager
-    ops = [np.asarray(_toeplitz(k_fwd[h], k_rev[h], d[h], length))
-           for h in range(H)]
-    ref = np.stack([np.stack([ops[h] @ np.asarray(v[b, h])
-                              for h in range(H)]) for b in range(2)])
+    ops = [
+        np.asarray(_toeplitz(k_fwd[h], k_rev[h], d[h], length))
+        for h in range(H)
+    ]
+    ref = np.stack([
+        np.stack([ops[h] @ np.asarray(v[b, h]) for h in range(H)])
+        for b in range(2)
+    ])
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -42,8 +42,10 @@ def _normal(rng, shape, scale=1.0, dtype=np.float64):
 
 def _factors(rng, k, q, p, l, s, r, dtype=np.float64):
   """Random factors scaled by 1/sqrt(fan-in), so outputs stay O(1)."""
-  return (_normal(rng, (k, q, p), p**-0.5, dtype),
-          _normal(rng, (l, s, r), r**-0.5, dtype))
+  return (
+      _normal(rng, (k, q, p), p**-0.5, dtype),
+      _normal(rng, (l, s, r), r**-0.5, dtype),
+  )
 
 
 def _loop_dense(w1, w2):
@@ -56,7 +58,7 @@ def _loop_dense(w1, w2):
       # Middle index j = kk*q + qq, read as (r, l) and moved to (l, r).
       rr, ll = divmod(kk * q + qq, l)
       for ss in range(s):
-        m[ss * l + ll, kk * p:(kk + 1) * p] += w2[ll, ss, rr] * w1[kk, qq]
+        m[ss * l + ll, kk * p : (kk + 1) * p] += w2[ll, ss, rr] * w1[kk, qq]
   return m
 
 
@@ -82,9 +84,11 @@ def _x64(fn, *args):
 
 def _dense_c(w1, w2):
   """Complex dense matrix through the loop oracle (M is bilinear)."""
-  return (_loop_dense(w1.real, w2.real) - _loop_dense(w1.imag, w2.imag)
-          + 1j * (_loop_dense(w1.real, w2.imag)
-                  + _loop_dense(w1.imag, w2.real)))
+  return (
+      _loop_dense(w1.real, w2.real)
+      - _loop_dense(w1.imag, w2.imag)
+      + 1j * (_loop_dense(w1.real, w2.imag) + _loop_dense(w1.imag, w2.real))
+  )
 
 
 class MonarchApplyTest(parameterized.TestCase):
@@ -106,11 +110,13 @@ class MonarchApplyTest(parameterized.TestCase):
       self.assertEqual(y.dtype, jnp.float32)
       tol = 1e-5
     self.assertEqual(y.shape, (2, 3, n))
-    self.assertLessEqual(np.abs(np.asarray(y, np.float64) - x @ loop.T).max(),
-                         tol)
+    self.assertLessEqual(
+        np.abs(np.asarray(y, np.float64) - x @ loop.T).max(), tol
+    )
     # The permutation-matrix construction agrees with the loop definition.
-    self.assertLessEqual(np.abs(np.asarray(dense, np.float64) - loop).max(),
-                         tol)
+    self.assertLessEqual(
+        np.abs(np.asarray(dense, np.float64) - loop).max(), tol
+    )
 
   @parameterized.parameters(
       (4, 3, 5, 6, 7, 2),  # 20 -> 42
@@ -171,7 +177,8 @@ class MonarchApplyTest(parameterized.TestCase):
     w = jax.ShapeDtypeStruct((m, m, m), jnp.float32)
     found = _avals(jax.make_jaxpr(mo.monarch_to_dense)(w, w).jaxpr)
     self.assertGreaterEqual(
-        max(int(np.prod(aval.shape)) for _, aval in found), n * n)
+        max(int(np.prod(aval.shape)) for _, aval in found), n * n
+    )
 
 
 def _slices(m_nn, n0):
@@ -198,8 +205,9 @@ class ProjectionTest(parameterized.TestCase):
     w1, w2 = _factors(rng, nblocks, n1, n1, n1, nblocks, nblocks)
     m = _loop_dense(w1, w2)
     v1, v2 = _x64(lambda a: to_monarch(a, nblocks), m)
-    self.assertEqual((v1.shape, v2.shape),
-                     ((nblocks, n1, n1), (n1, nblocks, nblocks)))
+    self.assertEqual(
+        (v1.shape, v2.shape), ((nblocks, n1, n1), (n1, nblocks, nblocks))
+    )
     self.assertLessEqual(np.abs(_loop_dense(v1, v2) - m).max(), 1e-12)
 
   def test_complex_round_trip(self):
@@ -222,8 +230,9 @@ class ProjectionTest(parameterized.TestCase):
     self.assertLess(err / np.linalg.norm(a), 0.9)
     # The error is exactly the discarded singular values.
     sv = np.linalg.svd(_slices(a, 8), compute_uv=False)
-    self.assertAlmostEqual(err, np.sqrt(np.square(sv[..., 1:]).sum()),
-                           places=10)
+    self.assertAlmostEqual(
+        err, np.sqrt(np.square(sv[..., 1:]).sum()), places=10
+    )
     # Best approximation: perturbed factors are never closer.
     for _ in range(5):
       d1 = w1 + 1e-2 * _normal(rng, w1.shape)
@@ -233,11 +242,14 @@ class ProjectionTest(parameterized.TestCase):
   @parameterized.parameters(16, 64, 256, 1024)
   def test_parameter_count(self, n):
     m = int(round(n**0.5))
-    shapes = jax.eval_shape(lambda a: mo.dense_to_monarch(a, m),
-                            jax.ShapeDtypeStruct((n, n), jnp.float32))
+    shapes = jax.eval_shape(
+        lambda a: mo.dense_to_monarch(a, m),
+        jax.ShapeDtypeStruct((n, n), jnp.float32),
+    )
     self.assertEqual(sum(s.size for s in shapes), 2 * round(n**1.5))
     layer = nnx.eval_shape(
-        lambda: mo.MonarchLinear(n, n, m, use_bias=False, rngs=_rngs(0)))
+        lambda: mo.MonarchLinear(n, n, m, use_bias=False, rngs=_rngs(0))
+    )
     count = sum(v.size for v in jax.tree.leaves(nnx.state(layer, nnx.Param)))
     self.assertEqual(count, 2 * round(n**1.5))
 
@@ -252,8 +264,10 @@ class OrderPTest(parameterized.TestCase):
     x = _normal(rng, (3, n))
     y, dense = _x64(lambda a, fs: (p_apply(a, fs), p_dense(fs)), x, factors)
     self.assertLessEqual(np.abs(y - x @ dense.T).max(), 1e-12)
-    y32 = p_apply(jnp.asarray(x, jnp.float32),
-                  [jnp.asarray(f, jnp.float32) for f in factors])
+    y32 = p_apply(
+        jnp.asarray(x, jnp.float32),
+        [jnp.asarray(f, jnp.float32) for f in factors],
+    )
     self.assertEqual(y32.dtype, jnp.float32)
     self.assertLessEqual(np.abs(np.asarray(y32) - x @ dense.T).max(), 1e-5)
 
@@ -262,11 +276,16 @@ class OrderPTest(parameterized.TestCase):
     b = 4
     rng = np.random.default_rng(5)
     f1, f2, f3 = [_normal(rng, (b * b, b, b)) for _ in range(3)]
-    closed = np.einsum("yzxa,zayc,aczd->xyzacd", f3.reshape(b, b, b, b),
-                       f2.reshape(b, b, b, b), f1.reshape(b, b, b, b))
+    closed = np.einsum(
+        "yzxa,zayc,aczd->xyzacd",
+        f3.reshape(b, b, b, b),
+        f2.reshape(b, b, b, b),
+        f1.reshape(b, b, b, b),
+    )
     dense = _x64(p_dense, [f1, f2, f3])
-    self.assertLessEqual(np.abs(dense - closed.reshape(b**3, b**3)).max(),
-                         1e-12)
+    self.assertLessEqual(
+        np.abs(dense - closed.reshape(b**3, b**3)).max(), 1e-12
+    )
 
   def test_order_two_is_square_monarch(self):
     # With (F1, F2) = (w1, w2) the order-p convention is the order-2 one.
@@ -293,8 +312,7 @@ class DftTest(parameterized.TestCase):
     y, y_jnp = _x64(lambda a: (dft(a, m1, m2), jnp.fft.fft(a)), x)
     self.assertEqual(y.dtype, np.complex128)
     self.assertLessEqual(np.linalg.norm(y - ref) / np.linalg.norm(ref), 1e-12)
-    self.assertLessEqual(np.linalg.norm(y - y_jnp) / np.linalg.norm(ref),
-                         1e-12)
+    self.assertLessEqual(np.linalg.norm(y - y_jnp) / np.linalg.norm(ref), 1e-12)
     y64 = dft(jnp.asarray(x, jnp.complex64), m1, m2)
     self.assertEqual(y64.dtype, jnp.complex64)
     self.assertLessEqual(np.linalg.norm(y64 - ref) / np.linalg.norm(ref), 1e-5)
@@ -323,8 +341,9 @@ class DftTest(parameterized.TestCase):
     zeros = np.zeros(length)
 
     def conv(u, k):
-      spec = (dft(jnp.concatenate([k, zeros]), m1, m2)
-              * dft(jnp.concatenate([u, zeros]), m1, m2))
+      spec = dft(jnp.concatenate([k, zeros]), m1, m2) * dft(
+          jnp.concatenate([u, zeros]), m1, m2
+      )
       # Inverse through the Monarch DFT too: F^-1 z = conj(F conj(z)) / N.
       inv = jnp.conj(dft(jnp.conj(spec), m1, m2)) / (2 * length)
       circ = jnp.fft.ifft(dft(k, 8, 8) * dft(u, 8, 8))
@@ -359,15 +378,25 @@ class BlockDiagTest(parameterized.TestCase):
       (3072, 768, (4, 192, 768)),  # GLU output
   )
   def test_glu_shapes(self, n_in, n_out, shape):
-    layer = nnx.eval_shape(lambda: mo.BlockDiagLinear(
-        n_in, n_out, 4, rngs=_rngs(0), in_axis=sharding.EMBED,
-        out_axis=sharding.MLP))
+    layer = nnx.eval_shape(
+        lambda: mo.BlockDiagLinear(
+            n_in,
+            n_out,
+            4,
+            rngs=_rngs(0),
+            in_axis=sharding.EMBED,
+            out_axis=sharding.MLP,
+        )
+    )
     self.assertEqual(layer.weight_gqp.shape, shape)
     self.assertEqual(layer.bias_o.shape, (n_out,))
-    self.assertEqual(layer.weight_gqp.get_metadata()["out_sharding"],
-                     (None, sharding.MLP, sharding.EMBED))
-    self.assertEqual(layer.bias_o.get_metadata()["out_sharding"],
-                     (sharding.MLP,))
+    self.assertEqual(
+        layer.weight_gqp.get_metadata()["out_sharding"],
+        (None, sharding.MLP, sharding.EMBED),
+    )
+    self.assertEqual(
+        layer.bias_o.get_metadata()["out_sharding"], (sharding.MLP,)
+    )
 
   def test_init(self):
     layer = mo.BlockDiagLinear(768, 6144, 4, rngs=_rngs(0))
@@ -409,8 +438,9 @@ class MonarchLinearTest(parameterized.TestCase):
     self.assertEqual((w1.shape, w2.shape), ((g, q, in_blk), (g, out_blk, q)))
     dense = _loop_dense(w1, w2)[:n_out, :n_in]
     x = np.random.default_rng(0).normal(size=(2, 3, n_in)).astype(np.float32)
-    np.testing.assert_allclose(layer(jnp.asarray(x)), x @ dense.T + b,
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        layer(jnp.asarray(x)), x @ dense.T + b, atol=1e-5, rtol=0
+    )
 
   @parameterized.parameters((256, 1024, 4), (250, 300, 4))
   def test_output_variance_matches_dense_linear(self, n_in, n_out, g):
@@ -418,8 +448,7 @@ class MonarchLinearTest(parameterized.TestCase):
     # layer with U(+-1/sqrt(n_in)) weights gives 1/3 on average.
     ratios = []
     for seed in range(3):
-      layer = mo.MonarchLinear(n_in, n_out, g, use_bias=False,
-                               rngs=_rngs(seed))
+      layer = mo.MonarchLinear(n_in, n_out, g, use_bias=False, rngs=_rngs(seed))
       dense = to_dense(layer.w1_kqp[...], layer.w2_lsr[...])
       dense = np.asarray(dense, np.float64)[:n_out, :n_in]
       ratios.append(np.square(dense).sum() / n_out / (1 / 3))

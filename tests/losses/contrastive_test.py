@@ -32,8 +32,9 @@ class _Framed:
   def __init__(self, fn, *static):
     self.fn = fn
     self._loss = jax.jit(fn, static_argnames=static)
-    self._grad = jax.jit(jax.value_and_grad(fn, has_aux=True),
-                         static_argnames=static)
+    self._grad = jax.jit(
+        jax.value_and_grad(fn, has_aux=True), static_argnames=static
+    )
 
   def __call__(self, s, pos, valid, **kw):
     return self._loss(*_pad(s, pos, valid), **kw)
@@ -49,12 +50,15 @@ joint_lh = _Framed(cl.joint_lh, "normalize_by_positives")
 sum_marg_lh = _Framed(cl.sum_marg_lh)
 lse_pair = _Framed(cl.lse_pair, "normalize_by_positives")
 symmetric_info_nce = _Framed(cl.symmetric_info_nce)
-group_masks = jax.jit(cl.group_masks,
-                      static_argnames=("group_size", "share_hard_negatives"))
-rows_with_positive = jax.jit(cl.rows_with_positive,
-                             static_argnames="group_size")
-scores_and_masks = jax.jit(cl.scores_and_masks,
-                           static_argnames="share_hard_negatives")
+group_masks = jax.jit(
+    cl.group_masks, static_argnames=("group_size", "share_hard_negatives")
+)
+rows_with_positive = jax.jit(
+    cl.rows_with_positive, static_argnames="group_size"
+)
+scores_and_masks = jax.jit(
+    cl.scores_and_masks, static_argnames="share_hard_negatives"
+)
 
 _MULTI = {
     "joint_lh": joint_lh,
@@ -134,16 +138,18 @@ class GroupMasksTest(parameterized.TestCase):
     doc = np.array([5, 6, 7, 8, 5, -1], np.int32)
     rel = np.array([[5, 6, 8], [8, -1, -1]], np.int32)
     pos, valid = group_masks(np.array([2, 1]), 3, doc, rel)
+    np.testing.assert_array_equal(pos, [[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]])
     np.testing.assert_array_equal(
-        pos, [[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]])
-    np.testing.assert_array_equal(
-        valid, [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+        valid, [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    )
     _, valid = group_masks(
-        np.array([2, 1]), 3, doc, rel, share_hard_negatives=False)
+        np.array([2, 1]), 3, doc, rel, share_hard_negatives=False
+    )
     # Query 0 loses query 1's hard negatives; query 1 keeps query 0's
     # positives (in-batch negatives) but not its hard negative (slot 2).
     np.testing.assert_array_equal(
-        valid, [[1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 1, 0]])
+        valid, [[1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 1, 0]]
+    )
 
   @parameterized.product(share=[True, False], ids=["none", "doc", "rel"])
   def test_matches_loop_reference(self, share, ids):
@@ -154,8 +160,12 @@ class GroupMasksTest(parameterized.TestCase):
     doc = rng.integers(-1, 8, size=b * g) if ids != "none" else None
     rel = rng.integers(-1, 8, size=(b, 3)) if ids == "rel" else None
     pos, valid = group_masks(
-        counts, g, None if doc is None else doc.astype(np.int32),
-        None if rel is None else rel.astype(np.int32), share)
+        counts,
+        g,
+        None if doc is None else doc.astype(np.int32),
+        None if rel is None else rel.astype(np.int32),
+        share,
+    )
     want_pos, want_valid = _np_masks(counts, g, doc, rel, share)
     np.testing.assert_array_equal(pos, want_pos)
     np.testing.assert_array_equal(valid, want_valid)
@@ -165,16 +175,20 @@ class GroupMasksTest(parameterized.TestCase):
     doc = np.array([3, 4, -1, 5, -1, 6, -1, 7], np.int32)
     pos, valid = group_masks(counts, 2, doc)
     np.testing.assert_array_equal(
-        rows_with_positive(counts, 2, doc), np.any(pos & valid, -1))
+        rows_with_positive(counts, 2, doc), np.any(pos & valid, -1)
+    )
     np.testing.assert_array_equal(
-        rows_with_positive(counts, 2, doc), [False, False, True, False])
+        rows_with_positive(counts, 2, doc), [False, False, True, False]
+    )
 
   def test_scores_and_masks(self):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(3, 8)), jnp.bfloat16)
     p = jnp.asarray(rng.normal(size=(6, 8)), jnp.bfloat16)
-    batch = {"positive_counts": np.array([1, 2, 1]),
-             "passage_doc": np.array([0, 1, 2, 3, 0, 5], np.int32)}
+    batch = {
+        "positive_counts": np.array([1, 2, 1]),
+        "passage_doc": np.array([0, 1, 2, 3, 0, 5], np.int32),
+    }
     s, pos, valid = scores_and_masks(q, p, batch, 0.05)
     self.assertEqual(s.dtype, jnp.float32)
     want = (np.asarray(q, np.float64) @ np.asarray(p, np.float64).T) / 0.05
@@ -212,11 +226,13 @@ class KnownValuesTest(parameterized.TestCase):
     for (fn, norm), value in want.items():
       loss, _ = fn(s, pos, valid, normalize_by_positives=norm)
       self.assertAlmostEqual(float(loss), value, places=5, msg=(fn, norm))
-    self.assertAlmostEqual(float(sum_marg_lh(s, pos, valid)[0]),
-                           0.180550, places=5)
+    self.assertAlmostEqual(
+        float(sum_marg_lh(s, pos, valid)[0]), 0.180550, places=5
+    )
     # InfoNCE with several positive slots is JointLH (no ÷ m).
-    self.assertAlmostEqual(float(info_nce(s, pos, valid)[0]), 1.987623,
-                           places=5)
+    self.assertAlmostEqual(
+        float(info_nce(s, pos, valid)[0]), 1.987623, places=5
+    )
 
   def test_rand1_and_naive_info_nce(self):
     s = np.array([[2.0, 1.0, 0.0, 0.0]])
@@ -224,28 +240,27 @@ class KnownValuesTest(parameterized.TestCase):
     for drawn, other, value in ((0, 1, 0.239545), (1, 0, 0.551445)):
       pos, valid = np.zeros((1, 4), bool), np.ones((1, 4), bool)
       pos[0, drawn], valid[0, other] = True, False
-      self.assertAlmostEqual(float(info_nce(s, pos, valid)[0]), value,
-                             places=5)
+      self.assertAlmostEqual(float(info_nce(s, pos, valid)[0]), value, places=5)
     # Naive: p2 kept as a negative of p1.
     pos = np.arange(4)[None] == 0
     self.assertAlmostEqual(
-        float(info_nce(s, pos, np.ones((1, 4), bool))[0]), 0.493812,
-        places=5)
+        float(info_nce(s, pos, np.ones((1, 4), bool))[0]), 0.493812, places=5
+    )
 
   def test_two_way_softmax_is_logistic(self):
     s = np.array([[1.0, 0.0]])
     loss, _ = info_nce(s, np.array([[True, False]]), np.ones((1, 2), bool))
     self.assertAlmostEqual(float(loss), 0.31326, places=5)
-    self.assertAlmostEqual(float(loss), float(jax.nn.softplus(-1.0)),
-                           places=6)
+    self.assertAlmostEqual(float(loss), float(jax.nn.softplus(-1.0)), places=6)
 
   def test_uniform_scores_info_nce(self):
     # B=4, G=2: every row sees 8 candidates.
     pos, valid = group_masks(np.ones(4, np.int32), 2)
     for fn in (info_nce, symmetric_info_nce):
       loss, _ = fn(np.full((4, 8), 0.7), pos, valid)
-      want = math.log(8) if fn is info_nce else (
-          0.5 * (math.log(8) + math.log(4)))
+      want = (
+          math.log(8) if fn is info_nce else (0.5 * (math.log(8) + math.log(4)))
+      )
       self.assertAlmostEqual(float(loss), want, places=5)
 
   @parameterized.parameters((1, 4), (2, 3), (3, 5))
@@ -254,23 +269,25 @@ class KnownValuesTest(parameterized.TestCase):
     s = np.zeros((1, c))
     pos = np.arange(c)[None] < m
     valid = np.ones((1, c), bool)
-    self.assertAlmostEqual(float(joint_lh(s, pos, valid)[0]),
-                           m * math.log(c), places=5)
-    self.assertAlmostEqual(float(sum_marg_lh(s, pos, valid)[0]),
-                           math.log(c / m), places=5)
-    self.assertAlmostEqual(float(lse_pair(s, pos, valid)[0]),
-                           math.log(1 + m * n), places=5)
+    self.assertAlmostEqual(
+        float(joint_lh(s, pos, valid)[0]), m * math.log(c), places=5
+    )
+    self.assertAlmostEqual(
+        float(sum_marg_lh(s, pos, valid)[0]), math.log(c / m), places=5
+    )
+    self.assertAlmostEqual(
+        float(lse_pair(s, pos, valid)[0]), math.log(1 + m * n), places=5
+    )
 
   def test_limit_separated_scores(self):
     s = np.array([[50.0, 50.0, 50.0, -50.0, -50.0]])
     pos = np.arange(5)[None] < 3
     valid = np.ones((1, 5), bool)
-    self.assertAlmostEqual(float(joint_lh(s, pos, valid)[0]),
-                           3 * math.log(3), places=4)
-    self.assertAlmostEqual(float(sum_marg_lh(s, pos, valid)[0]), 0.0,
-                           places=6)
-    self.assertAlmostEqual(float(lse_pair(s, pos, valid)[0]), 0.0,
-                           places=6)
+    self.assertAlmostEqual(
+        float(joint_lh(s, pos, valid)[0]), 3 * math.log(3), places=4
+    )
+    self.assertAlmostEqual(float(sum_marg_lh(s, pos, valid)[0]), 0.0, places=6)
+    self.assertAlmostEqual(float(lse_pair(s, pos, valid)[0]), 0.0, places=6)
 
   def test_accuracy(self):
     s = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 9.0, 2.0]])
@@ -328,19 +345,22 @@ class PropertiesTest(parameterized.TestCase):
     s, pos, valid = _one_positive_batch(seed)
     want = float(info_nce(s, pos, valid)[0])
     for name, fn in _MULTI.items():
-      self.assertAlmostEqual(float(fn(s, pos, valid)[0]), want, places=5,
-                             msg=name)
+      self.assertAlmostEqual(
+          float(fn(s, pos, valid)[0]), want, places=5, msg=name
+      )
       for norm_fn in (joint_lh, lse_pair):
         self.assertAlmostEqual(
             float(norm_fn(s, pos, valid, normalize_by_positives=True)[0]),
-            want, places=5)
+            want,
+            places=5,
+        )
 
   @parameterized.parameters(0, 1, 2)
   def test_inequalities_per_row(self, seed):
     s, pos, valid, counts = _random_batch(seed, max_pos=3)
     s = s.astype(np.float32)
     for i in np.flatnonzero(counts):
-      row = (s[i:i + 1], pos[i:i + 1], valid[i:i + 1])
+      row = (s[i : i + 1], pos[i : i + 1], valid[i : i + 1])
       m = counts[i]
       joint = float(joint_lh(*row)[0])
       joint_norm = float(joint_lh(*row, normalize_by_positives=True)[0])
@@ -360,12 +380,12 @@ class PropertiesTest(parameterized.TestCase):
       for name, fn in _ALL.items():
         self.assertGreaterEqual(float(fn(s, pos, valid)[0]), 0.0, msg=name)
 
-  @parameterized.named_parameters(*[(k, k) for k in _ALL] +
-                                  [("symmetric", "symmetric")])
+  @parameterized.named_parameters(
+      *[(k, k) for k in _ALL] + [("symmetric", "symmetric")]
+  )
   def test_masked_column_and_permutation(self, name):
     fn = _ALL.get(name, symmetric_info_nce)
-    s, pos, valid, _ = _random_batch(3, max_pos=1 if name == "symmetric"
-                                     else 2)
+    s, pos, valid, _ = _random_batch(3, max_pos=1 if name == "symmetric" else 2)
     loss = float(fn(s, pos, valid)[0])
     # A masked column with a huge score changes nothing.
     s2 = np.concatenate([s, np.full((s.shape[0], 1), 1e4)], axis=1)
@@ -375,12 +395,13 @@ class PropertiesTest(parameterized.TestCase):
     # Permuting candidates (with their masks) changes nothing.
     perm = np.random.default_rng(0).permutation(s.shape[1])
     self.assertAlmostEqual(
-        float(fn(s[:, perm], pos[:, perm], valid[:, perm])[0]), loss,
-        places=5)
+        float(fn(s[:, perm], pos[:, perm], valid[:, perm])[0]), loss, places=5
+    )
     # Permuting rows neither (the symmetric reverse term included).
     rows = np.random.default_rng(1).permutation(s.shape[0])
     self.assertAlmostEqual(
-        float(fn(s[rows], pos[rows], valid[rows])[0]), loss, places=5)
+        float(fn(s[rows], pos[rows], valid[rows])[0]), loss, places=5
+    )
 
   def test_symmetric_matrix_gives_equal_directions(self):
     rng = np.random.default_rng(4)
@@ -388,11 +409,13 @@ class PropertiesTest(parameterized.TestCase):
     s = (a + a.T).astype(np.float32)
     pos, valid = np.eye(4, dtype=bool), np.ones((4, 4), bool)
     loss, aux = symmetric_info_nce(s, pos, valid)
-    self.assertAlmostEqual(float(aux["forward_loss"]),
-                           float(aux["reverse_loss"]), places=5)
+    self.assertAlmostEqual(
+        float(aux["forward_loss"]), float(aux["reverse_loss"]), places=5
+    )
     self.assertAlmostEqual(float(loss), float(aux["forward_loss"]), places=5)
-    one, aux = symmetric_info_nce(np.array([[1.5]]), np.ones((1, 1), bool),
-                                     np.ones((1, 1), bool))
+    one, aux = symmetric_info_nce(
+        np.array([[1.5]]), np.ones((1, 1), bool), np.ones((1, 1), bool)
+    )
     self.assertEqual(float(one), 0.0)
 
   def test_symmetric_matches_reverse_reference(self):
@@ -404,8 +427,9 @@ class PropertiesTest(parameterized.TestCase):
     fwd = _np_rows("info_nce", s, pos, valid)
     loss, aux = symmetric_info_nce(s.astype(np.float32), pos, valid)
     self.assertAlmostEqual(float(aux["reverse_loss"]), np.mean(rev), places=5)
-    self.assertAlmostEqual(float(loss), 0.5 * (fwd.mean() + np.mean(rev)),
-                           places=5)
+    self.assertAlmostEqual(
+        float(loss), 0.5 * (fwd.mean() + np.mean(rev)), places=5
+    )
 
 
 class GradientTest(parameterized.TestCase):
@@ -430,13 +454,19 @@ class GradientTest(parameterized.TestCase):
       m = p_pos.sum(-1, keepdims=True)
       want = {
           "joint_lh": m * pi - p_pos,
-          "sum_marg_lh": pi - np.where(
-              p_pos, pi / np.maximum((pi * p_pos).sum(-1, keepdims=True),
-                                     1e-300), 0.0),
+          "sum_marg_lh": (
+              pi
+              - np.where(
+                  p_pos,
+                  pi / np.maximum((pi * p_pos).sum(-1, keepdims=True), 1e-300),
+                  0.0,
+              )
+          ),
       }
       # LSEPair: w·softmax_N(s) on negatives, −w·softmax_P(−s) on positives.
-      z = (np.where(p_neg, np.exp(s_np), 0).sum(-1, keepdims=True) *
-           np.where(p_pos, np.exp(-s_np), 0).sum(-1, keepdims=True))
+      z = np.where(p_neg, np.exp(s_np), 0).sum(-1, keepdims=True) * np.where(
+          p_pos, np.exp(-s_np), 0
+      ).sum(-1, keepdims=True)
       w = z / (1 + z)
       soft_n = np.where(p_neg, np.exp(s_np), 0)
       soft_n /= np.maximum(soft_n.sum(-1, keepdims=True), 1e-300)
@@ -476,8 +506,9 @@ class MaskingTest(parameterized.TestCase):
     doc = np.array([7, 1, 2, 7], np.int32)
     return s, counts, doc
 
-  @parameterized.named_parameters(*[(k, k) for k in _ALL] +
-                                  [("symmetric", "symmetric")])
+  @parameterized.named_parameters(
+      *[(k, k) for k in _ALL] + [("symmetric", "symmetric")]
+  )
   def test_duplicate_positive(self, name):
     fn = _ALL.get(name, symmetric_info_nce)
     s, counts, doc = self._dup_batch()
@@ -498,14 +529,15 @@ class MaskingTest(parameterized.TestCase):
     doc = np.array([7, 1, 9, 2], np.int32)
     rel = np.array([[7, 9], [9, -1]], np.int32)
     pos, valid = group_masks(np.array([1, 1]), 2, doc)
-    self.assertAlmostEqual(float(info_nce(s, pos, valid)[0]),
-                           0.5 * math.log(2), places=5)
+    self.assertAlmostEqual(
+        float(info_nce(s, pos, valid)[0]), 0.5 * math.log(2), places=5
+    )
     pos, valid = group_masks(np.array([1, 1]), 2, doc, rel)
-    self.assertAlmostEqual(float(info_nce(s, pos, valid)[0]), 0.0,
-                           places=5)
+    self.assertAlmostEqual(float(info_nce(s, pos, valid)[0]), 0.0, places=5)
 
-  @parameterized.named_parameters(*[(k, k) for k in _ALL] +
-                                  [("symmetric", "symmetric")])
+  @parameterized.named_parameters(
+      *[(k, k) for k in _ALL] + [("symmetric", "symmetric")]
+  )
   def test_dropped_rows_are_finite(self, name):
     fn = _ALL.get(name, symmetric_info_nce)
     s, pos, valid, counts = _random_batch(21, b=4, g=2, max_pos=1)
@@ -526,13 +558,15 @@ class MaskingTest(parameterized.TestCase):
     self.assertAlmostEqual(float(loss), float(keep), places=5)
     np.testing.assert_array_equal(g[1:3], 0.0)
 
-  @parameterized.named_parameters(*[(k, k) for k in _ALL] +
-                                  [("symmetric", "symmetric")])
+  @parameterized.named_parameters(
+      *[(k, k) for k in _ALL] + [("symmetric", "symmetric")]
+  )
   def test_no_valid_row(self, name):
     fn = _ALL.get(name, symmetric_info_nce)
     s = np.ones((2, 4))
-    (loss, aux), g = fn.value_and_grad(s, np.zeros((2, 4), bool),
-                                       np.ones((2, 4), bool))
+    (loss, aux), g = fn.value_and_grad(
+        s, np.zeros((2, 4), bool), np.ones((2, 4), bool)
+    )
     self.assertEqual(float(loss), 0.0)
     self.assertEqual(float(aux["num_valid_rows"]), 0.0)
     np.testing.assert_array_equal(g, 0.0)
@@ -575,14 +609,19 @@ class SentenceTransformersParityTest(absltest.TestCase):
     q = jnp.asarray(anchors / np.linalg.norm(anchors, axis=1, keepdims=True))
     p = jnp.asarray(p_cd / np.linalg.norm(p_cd, axis=1, keepdims=True))
     s, pos, valid = scores_and_masks(
-        q, p, {"positive_counts": np.ones(b, np.int32)}, 1 / scale)
+        q, p, {"positive_counts": np.ones(b, np.int32)}, 1 / scale
+    )
     # Same matrix up to the column permutation role-major -> query-major.
     perm = np.arange(b * g).reshape(g, b).T.reshape(-1)
     np.testing.assert_allclose(s, st_scores.numpy()[:, perm], atol=1e-4)
-    self.assertAlmostEqual(float(info_nce(s, pos, valid)[0]),
-                           float(st_loss), places=4)
-    self.assertAlmostEqual(float(symmetric_info_nce(s, pos, valid)[0]),
-                           float(0.5 * (st_loss + st_reverse)), places=4)
+    self.assertAlmostEqual(
+        float(info_nce(s, pos, valid)[0]), float(st_loss), places=4
+    )
+    self.assertAlmostEqual(
+        float(symmetric_info_nce(s, pos, valid)[0]),
+        float(0.5 * (st_loss + st_reverse)),
+        places=4,
+    )
 
 
 if __name__ == "__main__":

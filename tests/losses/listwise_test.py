@@ -13,12 +13,12 @@ from retrieval_jax.losses import listwise as lw
 # Jitted once per shape; eager dispatch would compile every primitive.
 kl_distillation = jax.jit(
     lw.kl_distillation,
-    static_argnames=("student_temperature", "teacher_temperature"))
+    static_argnames=("student_temperature", "teacher_temperature"),
+)
 listnet = jax.jit(lw.listnet)
 listmle = jax.jit(lw.listmle)
 approx_ndcg = jax.jit(lw.approx_ndcg, static_argnames="alpha")
-wasserstein_list = jax.jit(lw.wasserstein_list,
-                           static_argnames="temperature")
+wasserstein_list = jax.jit(lw.wasserstein_list, static_argnames="temperature")
 margin_mse = jax.jit(lw.margin_mse)
 
 
@@ -48,27 +48,35 @@ class KLDistillationTest(parameterized.TestCase):
   def test_hand_case(self):
     s = np.array([[1.0, 0.5, -1.0]], np.float32)
     t = np.array([[0.9, 0.1, 0.0]], np.float32)
-    loss, aux = kl_distillation(s, t, np.ones((1, 3), bool),
-                                student_temperature=0.05,
-                                teacher_temperature=0.3)
+    loss, aux = kl_distillation(
+        s,
+        t,
+        np.ones((1, 3), bool),
+        student_temperature=0.05,
+        teacher_temperature=0.3,
+    )
     self.assertAlmostEqual(float(loss), 1.98844, places=4)
     self.assertEqual(float(aux["num_valid_rows"]), 1.0)
 
   def test_gradient_closed_form(self):
     with jax.enable_x64(True):
-      s, t, valid = (x.astype(np.float64) if x.dtype != bool else x
-                     for x in _random_lists(0))
+      s, t, valid = (
+          x.astype(np.float64) if x.dtype != bool else x
+          for x in _random_lists(0)
+      )
       ts, tt = 0.05, 0.3
-      g = _grad(lw.kl_distillation, student_temperature=ts,
-                teacher_temperature=tt)(s, t, valid)
+      g = _grad(
+          lw.kl_distillation, student_temperature=ts, teacher_temperature=tt
+      )(s, t, valid)
       p_s = _softmax(np.where(valid, s / ts, -np.inf))
       p_t = _softmax(np.where(valid, t / tt, -np.inf))
-      np.testing.assert_allclose(g, (p_s - p_t) / ts / s.shape[0],
-                                 atol=1e-10)
+      np.testing.assert_allclose(g, (p_s - p_t) / ts / s.shape[0], atol=1e-10)
       # The teacher is a constant.
-      g_t = jax.jit(jax.grad(
-          lambda s_, t_: lw.kl_distillation(s_, t_, valid)[0],
-          argnums=1))(s, t)
+      g_t = jax.jit(
+          jax.grad(
+              lambda s_, t_: lw.kl_distillation(s_, t_, valid)[0], argnums=1
+          )
+      )(s, t)
       np.testing.assert_array_equal(g_t, 0.0)
 
   def test_zero_iff_tempered_scores_match(self):
@@ -77,8 +85,9 @@ class KLDistillationTest(parameterized.TestCase):
     shift = np.arange(4, dtype=np.float32)[:, None]
     matched = (t / tt + shift) * ts  # s/τs = t/τt + c per row
     kw = dict(student_temperature=ts, teacher_temperature=tt)
-    self.assertAlmostEqual(float(kl_distillation(matched, t, valid, **kw)[0]),
-                           0.0, places=5)
+    self.assertAlmostEqual(
+        float(kl_distillation(matched, t, valid, **kw)[0]), 0.0, places=5
+    )
     self.assertGreater(float(kl_distillation(s, t, valid, **kw)[0]), 0.01)
 
   def test_padding_and_empty_rows(self):
@@ -132,20 +141,24 @@ class ListMLETest(parameterized.TestCase):
     self.assertAlmostEqual(float(listmle(s, s, v)[0]), 0.720868, places=5)
     # Only the label order matters, not where the items sit.
     perm = [2, 0, 1]
-    self.assertAlmostEqual(float(listmle(s[:, perm], s[:, perm], v)[0]),
-                           0.720868, places=5)
+    self.assertAlmostEqual(
+        float(listmle(s[:, perm], s[:, perm], v)[0]), 0.720868, places=5
+    )
 
   def test_single_item_and_padding(self):
     s = np.array([[5.0, 1e4, -1e4]], np.float32)
     y = np.array([[1.0, 3.0, 2.0]], np.float32)
     self.assertEqual(
-        float(listmle(s, y, np.array([[True, False, False]]))[0]), 0.0)
+        float(listmle(s, y, np.array([[True, False, False]]))[0]), 0.0
+    )
     # Padded items (huge scores, high labels) never enter a suffix.
     s = np.array([[1.0, 1e4, 0.0]], np.float32)
     y = np.array([[1.0, 3.0, 0.0]], np.float32)
     self.assertAlmostEqual(
         float(listmle(s, y, np.array([[True, False, True]]))[0]),
-        math.log1p(math.exp(-1.0)), places=6)
+        math.log1p(math.exp(-1.0)),
+        places=6,
+    )
 
   def test_ties_broken_by_position(self):
     # Labels [1, 1, 0]: item 0 ranks before item 1.
@@ -163,10 +176,15 @@ class ListMLETest(parameterized.TestCase):
     want = []
     for srow, yrow, vrow in zip(s, y, valid):
       order = srow[vrow][np.argsort(-yrow[vrow])].astype(np.float64)
-      want.append(sum(np.log(np.exp(order[k:]).sum()) - order[k]
-                      for k in range(len(order))))
-    self.assertAlmostEqual(float(listmle(s, y, valid)[0]), np.mean(want),
-                           places=4)
+      want.append(
+          sum(
+              np.log(np.exp(order[k:]).sum()) - order[k]
+              for k in range(len(order))
+          )
+      )
+    self.assertAlmostEqual(
+        float(listmle(s, y, valid)[0]), np.mean(want), places=4
+    )
     # Scores far beyond exp's float32 range: finite loss and gradients.
     big = s * 1e4
     loss = float(listmle(big, y, valid)[0])
@@ -180,16 +198,16 @@ def _exact_ndcg(s, y):
   """NDCG with exponential gains of the order predicted by s."""
   gains = 2.0**y - 1
   disc = 1 / np.log2(np.arange(2, len(s) + 2))
-  return (gains[np.argsort(-s)] * disc).sum() / (np.sort(gains)[::-1] *
-                                                  disc).sum()
+  return (gains[np.argsort(-s)] * disc).sum() / (
+      np.sort(gains)[::-1] * disc
+  ).sum()
 
 
 class ApproxNDCGTest(parameterized.TestCase):
 
   def test_large_alpha_is_exact_ndcg(self):
     s, y, valid = _random_lists(6, pad=False)
-    want = np.mean([_exact_ndcg(a, b) for a, b in zip(s, y)
-                    if (b > 0).any()])
+    want = np.mean([_exact_ndcg(a, b) for a, b in zip(s, y) if (b > 0).any()])
     loss, aux = approx_ndcg(s, y, valid, alpha=1e4)
     self.assertAlmostEqual(float(loss), -want, places=5)
     self.assertAlmostEqual(float(aux["approx_ndcg"]), want, places=5)
@@ -198,16 +216,17 @@ class ApproxNDCGTest(parameterized.TestCase):
     ideal = np.sort(y, axis=1)[:, ::-1]
     ordered = (ideal * 100 - np.arange(6)).astype(np.float32)
     self.assertAlmostEqual(
-        float(approx_ndcg(ordered, ideal, valid, alpha=1e4)[0]), -1.0,
-        places=5)
-    self.assertGreater(float(approx_ndcg(ordered / 100, ideal, valid)[0]),
-                       -0.99)
+        float(approx_ndcg(ordered, ideal, valid, alpha=1e4)[0]), -1.0, places=5
+    )
+    self.assertGreater(
+        float(approx_ndcg(ordered / 100, ideal, valid)[0]), -0.99
+    )
 
   def test_equal_scores(self):
     y = np.array([[2.0, 1.0, 0.0, 1.0]], np.float32)
     v = np.ones((1, 4), bool)
     # π̂ = 1 + (n − 1)/2 = 2.5 for every item.
-    gains = 2.0**y[0] - 1
+    gains = 2.0 ** y[0] - 1
     ideal = (np.sort(gains)[::-1] / np.log2(np.arange(2, 6))).sum()
     want = gains.sum() / np.log2(1 + 2.5) / ideal
     loss, _ = approx_ndcg(np.zeros((1, 4), np.float32), y, v)
@@ -228,7 +247,7 @@ class ApproxNDCGTest(parameterized.TestCase):
 def _frechet_reference(x, y):
   """SyCL's formula with scipy's matrix square root, float64."""
   b = x.shape[0]
-  mu = ((x.mean(0) - y.mean(0))**2).sum()
+  mu = ((x.mean(0) - y.mean(0)) ** 2).sum()
   if b < 2:
     return mu
   cx, cy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
@@ -245,14 +264,16 @@ class WassersteinListTest(parameterized.TestCase):
     # SyCL layout: each query's graded labels 3/2/1 on its own group of 2.
     g = c // b
     for i in range(b):
-      labels[i, i * g:(i + 1) * g] = rng.integers(1, 4, size=g)
+      labels[i, i * g : (i + 1) * g] = rng.integers(1, 4, size=g)
     return s, labels, np.ones((b, c), bool)
 
   @parameterized.parameters(0.5, 1.0)
   def test_matches_sqrtm_reference(self, tau):
     s, labels, valid = self._case(0)
-    want = _frechet_reference(_softmax(s.astype(np.float64) / tau),
-                              _softmax(labels.astype(np.float64)))
+    want = _frechet_reference(
+        _softmax(s.astype(np.float64) / tau),
+        _softmax(labels.astype(np.float64)),
+    )
     loss, aux = wasserstein_list(s, labels, valid, temperature=tau)
     self.assertGreater(want, 1e-3)
     self.assertAlmostEqual(float(loss), want, delta=1e-5 * max(1, want))
@@ -269,15 +290,17 @@ class WassersteinListTest(parameterized.TestCase):
     s, labels, valid = self._case(2, b=1, c=6)
     x, y = _softmax(s.astype(np.float64)), _softmax(labels.astype(np.float64))
     loss = float(wasserstein_list(s, labels, valid)[0])
-    self.assertAlmostEqual(loss, ((x - y)**2).sum(), places=6)
+    self.assertAlmostEqual(loss, ((x - y) ** 2).sum(), places=6)
 
   def test_row_permutation_and_dropped_rows(self):
     s, labels, valid = self._case(3)
     want = float(wasserstein_list(s, labels, valid)[0])
     perm = [3, 0, 4, 2, 1]
     self.assertAlmostEqual(
-        float(wasserstein_list(s[perm], labels[perm], valid[perm])[0]), want,
-        places=5)
+        float(wasserstein_list(s[perm], labels[perm], valid[perm])[0]),
+        want,
+        places=5,
+    )
     # An all-masked row is left out of both Gaussian fits.
     s2 = np.concatenate([s, np.full((1, 10), 7.0, np.float32)])
     l2 = np.concatenate([labels, np.ones((1, 10), np.float32)])
@@ -296,9 +319,10 @@ class WassersteinListTest(parameterized.TestCase):
       g = np.asarray(_grad(lw.wasserstein_list)(s, labels, valid))
       direction = np.random.default_rng(0).normal(size=s.shape)
       eps = 1e-5
-      fd = (float(wasserstein_list(s + eps * direction, labels, valid)[0]) -
-            float(wasserstein_list(s - eps * direction, labels, valid)[0])
-            ) / (2 * eps)
+      fd = (
+          float(wasserstein_list(s + eps * direction, labels, valid)[0])
+          - float(wasserstein_list(s - eps * direction, labels, valid)[0])
+      ) / (2 * eps)
       self.assertAlmostEqual(float((g * direction).sum()), fd, places=6)
 
 
@@ -309,11 +333,12 @@ class PointwiseBCETest(parameterized.TestCase):
     rng = np.random.default_rng(0)
     s = (rng.normal(size=(4, 5)) * 20).astype(np.float32)  # Large logits.
     y = rng.uniform(size=(4, 5)).astype(np.float32)
-    y[0] = (y[0] > 0.5)
+    y[0] = y[0] > 0.5
     valid = rng.uniform(size=(4, 5)) > 0.3
     loss, aux = lw.pointwise_bce(s, y, valid)
     want = torch.nn.functional.binary_cross_entropy_with_logits(
-        torch.tensor(s[valid]), torch.tensor(y[valid]))
+        torch.tensor(s[valid]), torch.tensor(y[valid])
+    )
     self.assertAlmostEqual(float(loss), float(want), places=5)
     self.assertEqual(float(aux["num_pairs"]), valid.sum())
     hits = ((s > 0) == (y >= 0.5))[valid].mean()
@@ -336,8 +361,9 @@ class PointwiseBCETest(parameterized.TestCase):
 class MarginMSETest(parameterized.TestCase):
 
   def test_hand_case(self):
-    loss, aux = margin_mse(np.array([1.0]), np.array([[0.2]]),
-                           np.array([5.0]), np.array([[3.0]]))
+    loss, aux = margin_mse(
+        np.array([1.0]), np.array([[0.2]]), np.array([5.0]), np.array([[3.0]])
+    )
     self.assertAlmostEqual(float(loss), 1.44, places=5)
     self.assertEqual(float(aux["num_pairs"]), 1.0)
 
@@ -349,8 +375,12 @@ class MarginMSETest(parameterized.TestCase):
     want = float(margin_mse(*args)[0])
     c = rng.normal(size=4).astype(np.float32) * 10
     d = rng.normal(size=4).astype(np.float32) * 10
-    shifted = (args[0] + c, args[1] + c[:, None], args[2] + d,
-               args[3] + d[:, None])
+    shifted = (
+        args[0] + c,
+        args[1] + c[:, None],
+        args[2] + d,
+        args[3] + d[:, None],
+    )
     self.assertAlmostEqual(float(margin_mse(*shifted)[0]), want, places=4)
     # Zero iff margins match: student = teacher + per-query shift.
     same = (args[2] + c, args[3] + c[:, None], args[2], args[3])
@@ -360,8 +390,10 @@ class MarginMSETest(parameterized.TestCase):
     valid[:, 2] = False
     loss, aux = margin_mse(*args, valid)
     self.assertAlmostEqual(
-        float(loss), float(margin_mse(*[a[:, :2] if a.ndim == 2 else a
-                                        for a in args])[0]), places=5)
+        float(loss),
+        float(margin_mse(*[a[:, :2] if a.ndim == 2 else a for a in args])[0]),
+        places=5,
+    )
     self.assertEqual(float(aux["num_pairs"]), 8.0)
 
 

@@ -23,9 +23,13 @@ class RegistryTest(parameterized.TestCase):
     #   orthogonal projection (cosines): (1 - ln 2) + |0|.
     ln2, ln3 = math.log(2), math.log(3)
     want = {
-        "infonce": 2 * ln3, "rand1_lh": 2 * ln3, "joint_lh": 2 * ln3,
-        "sum_marg_lh": math.log(1.5), "lse_pair": ln3,
-        "symmetric_infonce": ln3, "orthogonal_projection": 1 - ln2,
+        "infonce": 2 * ln3,
+        "rand1_lh": 2 * ln3,
+        "joint_lh": 2 * ln3,
+        "sum_marg_lh": math.log(1.5),
+        "lse_pair": ln3,
+        "symmetric_infonce": ln3,
+        "orthogonal_projection": 1 - ln2,
     }
     self.assertEqual(set(losses.LOSSES), set(want))
     s = np.array([[ln2, ln2, 0.0, 0.0]], np.float32)

@@ -11,8 +11,7 @@ from retrieval_jax.losses import regularizers as rg
 flops = jax.jit(rg.flops)
 l1 = jax.jit(rg.l1)
 idf_flops = jax.jit(rg.idf_flops)
-quadratic_warmup = jax.jit(rg.quadratic_warmup,
-                           static_argnames="total_steps")
+quadratic_warmup = jax.jit(rg.quadratic_warmup, static_argnames="total_steps")
 
 
 class SparsityTest(parameterized.TestCase):
@@ -40,10 +39,12 @@ class SparsityTest(parameterized.TestCase):
     valid = np.array([True, True, False, True, False])
     w_pad = np.where(valid[:, None], w, 1e3)
     kept = np.abs(w[valid])
-    self.assertAlmostEqual(float(flops(w_pad, valid)),
-                           float((kept.mean(0)**2).sum()), places=5)
-    self.assertAlmostEqual(float(l1(w_pad, valid)),
-                           float(kept.sum(1).mean()), places=5)
+    self.assertAlmostEqual(
+        float(flops(w_pad, valid)), float((kept.mean(0) ** 2).sum()), places=5
+    )
+    self.assertAlmostEqual(
+        float(l1(w_pad, valid)), float(kept.sum(1).mean()), places=5
+    )
     # No valid row: zero, not NaN.
     none = np.zeros(5, bool)
     self.assertEqual(float(flops(w, none)), 0.0)
@@ -54,8 +55,9 @@ class SparsityTest(parameterized.TestCase):
     w = np.abs(rng.normal(size=(4, 6))).astype(np.float32) + 0.1
     g = jax.jit(jax.grad(rg.flops))(w)
     # d/dw_ij Σ_j (mean_i w_ij)² = 2 mean_j / N for positive weights.
-    np.testing.assert_allclose(g, np.broadcast_to(2 * w.mean(0) / 4, w.shape),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        g, np.broadcast_to(2 * w.mean(0) / 4, w.shape), rtol=1e-5
+    )
 
 
 class IdfFlopsTest(parameterized.TestCase):
@@ -65,26 +67,28 @@ class IdfFlopsTest(parameterized.TestCase):
     u = np.abs(rng.normal(size=(6, 9))).astype(np.float32)
     valid = np.array([1, 1, 0, 1, 1, 1], bool)
     # Values ~6.5 in float32 (ulp 5e-7) from two different programs.
-    self.assertAlmostEqual(float(idf_flops(u, np.ones(9, np.float32), valid)),
-                           float(flops(u, valid)), places=5)
+    self.assertAlmostEqual(
+        float(idf_flops(u, np.ones(9, np.float32), valid)),
+        float(flops(u, valid)),
+        places=5,
+    )
 
   def test_equals_flops_on_raw_weights(self):
     rng = np.random.default_rng(3)
     w = np.abs(rng.normal(size=(6, 9))).astype(np.float32)
     idf = rng.uniform(0.5, 8.0, size=9).astype(np.float32)
     u = w * idf  # the contributions a query's idf weighting produces
-    self.assertAlmostEqual(float(idf_flops(u, idf)), float(flops(w)),
-                           places=5)
+    self.assertAlmostEqual(float(idf_flops(u, idf)), float(flops(w)), places=5)
     # Per term the penalty on u is ∝ 1/idf²: a frequent (low-idf) term
     # costs more than a rare one with the same contribution.
     one_term = np.zeros((2, 9), np.float32)
     one_term[:, 0] = 1.0
     rare = one_term[:, ::-1].copy()
     idf_sorted = np.linspace(1.0, 9.0, 9).astype(np.float32)
-    self.assertAlmostEqual(float(idf_flops(one_term, idf_sorted)), 1.0,
-                           places=6)
-    self.assertAlmostEqual(float(idf_flops(rare, idf_sorted)), 1 / 81,
-                           places=6)
+    self.assertAlmostEqual(
+        float(idf_flops(one_term, idf_sorted)), 1.0, places=6
+    )
+    self.assertAlmostEqual(float(idf_flops(rare, idf_sorted)), 1 / 81, places=6)
 
   def test_nonpositive_idf_terms_are_ignored(self):
     u = np.ones((3, 4), np.float32)
@@ -97,11 +101,13 @@ class IdfFlopsTest(parameterized.TestCase):
 
 class WarmupTest(parameterized.TestCase):
 
-  @parameterized.parameters((0, 0.0), (25, 0.0625), (50, 0.25), (100, 1.0),
-                            (250, 1.0), (-5, 0.0))
+  @parameterized.parameters(
+      (0, 0.0), (25, 0.0625), (50, 0.25), (100, 1.0), (250, 1.0), (-5, 0.0)
+  )
   def test_schedule(self, step, want):
-    self.assertAlmostEqual(float(quadratic_warmup(step, total_steps=100)),
-                           want, places=6)
+    self.assertAlmostEqual(
+        float(quadratic_warmup(step, total_steps=100)), want, places=6
+    )
 
   def test_no_warmup(self):
     self.assertEqual(float(quadratic_warmup(0, total_steps=0)), 1.0)

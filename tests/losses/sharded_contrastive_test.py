@@ -19,8 +19,9 @@ _B, _G, _D, _TAU = 16, 3, 8, 0.5
 
 _LOSSES = {
     "info_nce": cl.info_nce,
-    "joint_lh_norm": functools.partial(cl.joint_lh,
-                                       normalize_by_positives=True),
+    "joint_lh_norm": functools.partial(
+        cl.joint_lh, normalize_by_positives=True
+    ),
     "lse_pair": cl.lse_pair,
     "symmetric": cl.symmetric_info_nce,
     "orthogonal_projection": cl.orthogonal_projection,
@@ -39,8 +40,11 @@ def _batch(one_positive):
   rng = np.random.default_rng(0)
   q = rng.normal(size=(_B, _D)).astype(np.float32)
   p = rng.normal(size=(_B * _G, _D)).astype(np.float32)
-  counts = (np.ones(_B, np.int32) if one_positive else
-            rng.integers(1, _G + 1, size=_B).astype(np.int32))
+  counts = (
+      np.ones(_B, np.int32)
+      if one_positive
+      else rng.integers(1, _G + 1, size=_B).astype(np.int32)
+  )
   counts[2:4] = 0
   doc = np.arange(_B * _G, dtype=np.int32) + 100
   doc[15 * _G + 2] = doc[0]
@@ -87,8 +91,17 @@ class ShardedContrastiveTest(parameterized.TestCase):
 
     def sharded(q_bd, p_cd):
       return sc.sharded_contrastive_loss(
-          fn, q_bd, p_cd, counts, doc, rel, temperature=_TAU,
-          group_size=_G, mesh=mesh, share_hard_negatives=share)
+          fn,
+          q_bd,
+          p_cd,
+          counts,
+          doc,
+          rel,
+          temperature=_TAU,
+          group_size=_G,
+          mesh=mesh,
+          share_hard_negatives=share,
+      )
 
     (want, want_aux), want_g = _dense(name, share, ids)
     (got, got_aux), got_g = _grad(sharded)(q, p)
@@ -96,15 +109,17 @@ class ShardedContrastiveTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     self.assertEqual(set(got_aux), set(want_aux))
     for key in want_aux:
-      np.testing.assert_allclose(got_aux[key], want_aux[key], atol=1e-5,
-                                 err_msg=key)
+      np.testing.assert_allclose(
+          got_aux[key], want_aux[key], atol=1e-5, err_msg=key
+      )
     self.assertEqual(float(got_aux["num_valid_rows"]), _B - 2)
     for g_got, g_want, tower in zip(got_g, want_g, ("q", "p")):
       self.assertGreater(float(np.abs(g_want).max()), 1e-3)
       np.testing.assert_allclose(g_got, g_want, atol=1e-5, err_msg=tower)
 
-  @parameterized.product(name=["info_nce", "joint_lh_norm"],
-                         mesh_shape=[(8, 1, 1), (2, 4, 1)])
+  @parameterized.product(
+      name=["info_nce", "joint_lh_norm"], mesh_shape=[(8, 1, 1), (2, 4, 1)]
+  )
   def test_matches_dense(self, name, mesh_shape):
     self._check(name, mesh_shape)
 
@@ -131,9 +146,19 @@ class ShardedContrastiveTest(parameterized.TestCase):
     # The lowered program holds [B/W, C] score blocks, never [B, C].
     q, p, counts, doc, rel = _batch(True)
     mesh = sharding.make_mesh((8, 1, 1))
-    text = jax.jit(functools.partial(
-        sc.sharded_contrastive_loss, cl.info_nce, temperature=_TAU,
-        group_size=_G, mesh=mesh)).lower(q, p, counts, doc, rel).as_text()
+    text = (
+        jax.jit(
+            functools.partial(
+                sc.sharded_contrastive_loss,
+                cl.info_nce,
+                temperature=_TAU,
+                group_size=_G,
+                mesh=mesh,
+            )
+        )
+        .lower(q, p, counts, doc, rel)
+        .as_text()
+    )
     self.assertIn(f"tensor<{_B // 8}x{_B * _G}xf32>", text)
     self.assertNotIn(f"tensor<{_B}x{_B * _G}xf32>", text)
 
@@ -143,8 +168,16 @@ class ShardedContrastiveTest(parameterized.TestCase):
     p = np.zeros((12 * _G, _D), np.float32)
     with self.assertRaisesRegex(ValueError, "not divisible"):
       sc.sharded_contrastive_loss(
-          cl.info_nce, q, p, np.ones(12, np.int32), None, None,
-          temperature=_TAU, group_size=_G, mesh=mesh)
+          cl.info_nce,
+          q,
+          p,
+          np.ones(12, np.int32),
+          None,
+          None,
+          temperature=_TAU,
+          group_size=_G,
+          mesh=mesh,
+      )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from retrieval_jax.models import key_value_memory as kvm
 
 
 def _memory(seed=0, **kwargs):
-  args = dict(input_dim=12, num_heads=8, num_keys=64, key_dim=4,
-              value_dim=10)
+  args = dict(input_dim=12, num_heads=8, num_keys=64, key_dim=4, value_dim=10)
   args.update(kwargs)
   return kvm.KeyValueMemory(**args, rngs=nnx.Rngs(seed))
 
@@ -42,8 +41,9 @@ def _explicit_topk(model, z_be, k):
   keys = np.asarray(model.keys_cmd[...], np.float64)
   values = np.asarray(model.values_cmv[...], np.float64)
   if model.projection == "random":
-    h = np.einsum("be,ced->bcd", z,
-                  np.asarray(model.projection_ced[...], np.float64))
+    h = np.einsum(
+        "be,ced->bcd", z, np.asarray(model.projection_ced[...], np.float64)
+    )
   else:
     h = z.reshape(len(z), model.num_heads, model.key_dim)
   dist = ((h[:, :, None, :] - keys[None]) ** 2).sum(-1)
@@ -69,20 +69,23 @@ class GradientTest(parameterized.TestCase):
     def loss(state, z):
       logits = nnx.merge(graphdef, state)(z)
       return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
+          logits, labels
+      ).mean()
 
     grad_state, grad_z = jax.grad(loss, argnums=(0, 1))(state, z)
     idx_bc = np.asarray(model.select(z))[..., 0]
     fetched = {(c, int(idx_bc[b, c])) for b in range(16) for c in range(8)}
     g_values = np.asarray(grad_state["values_cmv"][...])
-    nonzero = {tuple(map(int, p))
-               for p in np.argwhere(np.abs(g_values).sum(-1) > 0)}
+    nonzero = {
+        tuple(map(int, p)) for p in np.argwhere(np.abs(g_values).sum(-1) > 0)
+    }
     self.assertEqual(nonzero, fetched)
     # Some cells are fetched by several rows (their gradients accumulate).
     self.assertLess(len(fetched), 16 * 8)
     np.testing.assert_array_equal(np.asarray(grad_state["keys_cmd"][...]), 0)
     np.testing.assert_array_equal(
-        np.asarray(grad_state["projection_ced"][...]), 0)
+        np.asarray(grad_state["projection_ced"][...]), 0
+    )
     np.testing.assert_array_equal(np.asarray(grad_z), 0)
 
   def test_frozen_arrays_are_not_params_and_do_not_move(self):
@@ -92,14 +95,14 @@ class GradientTest(parameterized.TestCase):
     self.assertNotIsInstance(model.keys_cmd, nnx.Param)
     params = nnx.state(model, nnx.Param)
     self.assertEqual(set(params.keys()), {"values_cmv"})
-    self.assertEqual(set(nnx.state(model, kvm.Frozen).keys()),
-                     {"keys_cmd", "projection_ced"})
+    self.assertEqual(
+        set(nnx.state(model, kvm.Frozen).keys()), {"keys_cmd", "projection_ced"}
+    )
     keys = np.asarray(model.keys_cmd[...])
     proj = np.asarray(model.projection_ced[...])
     values = np.asarray(model.values_cmv[...])
     optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
-    z = jnp.asarray(np.random.default_rng(3).normal(size=(4, 12)),
-                    jnp.float32)
+    z = jnp.asarray(np.random.default_rng(3).normal(size=(4, 12)), jnp.float32)
 
     @nnx.jit
     def step(model, optimizer):
@@ -123,13 +126,18 @@ class EmaTest(absltest.TestCase):
     starting keys near the means plus 2 far-away keys no row picks."""
     rng = np.random.default_rng(0)
     mu_cjd = rng.normal(size=(2, 5, 3)) * 30.0
-    h_njcd = mu_cjd.transpose(1, 0, 2)[None] + rng.normal(
-        size=(40, 5, 2, 3)) * 0.5
+    h_njcd = (
+        mu_cjd.transpose(1, 0, 2)[None] + rng.normal(size=(40, 5, 2, 3)) * 0.5
+    )
     h_ncd = h_njcd.reshape(200, 2, 3)
     mean_cjd = h_njcd.mean(0).transpose(1, 0, 2)  # the exact empirical means
     keys_cmd = np.concatenate(
-        [mean_cjd + rng.normal(size=(2, 5, 3)),
-         np.full((2, 2, 3), 1e3) + rng.normal(size=(2, 2, 3))], axis=1)
+        [
+            mean_cjd + rng.normal(size=(2, 5, 3)),
+            np.full((2, 2, 3), 1e3) + rng.normal(size=(2, 2, 3)),
+        ],
+        axis=1,
+    )
     return h_ncd, mean_cjd, keys_cmd
 
   def _run(self, initial_count, steps, check):
@@ -137,8 +145,9 @@ class EmaTest(absltest.TestCase):
     keys = jnp.asarray(keys0)
     counts, sums = kvm.ema_init_state(keys, initial_count)
     for t in range(1, steps + 1):
-      keys, counts, sums = kvm.ema_update(keys, counts, sums,
-                                          jnp.asarray(h_ncd), 0.9)
+      keys, counts, sums = kvm.ema_update(
+          keys, counts, sums, jnp.asarray(h_ncd), 0.9
+      )
       check(t, np.asarray(keys), np.asarray(counts), keys0, mean_cjd)
     return h_ncd, keys, counts, sums
 
@@ -172,31 +181,37 @@ class EmaTest(absltest.TestCase):
     with jax.enable_x64(True):
       h_ncd, keys, counts, sums = self._run(1.0, 200, check)
       _, mean_cjd, keys0 = self._clusters()
-      np.testing.assert_allclose(np.asarray(keys)[:, :5], mean_cjd,
-                                 atol=1e-10)
+      np.testing.assert_allclose(np.asarray(keys)[:, :5], mean_cjd, atol=1e-10)
       # Dead keys (count 0.9^200 ~ 7e-10): exactly those two get data rows
       # of their own head; live keys and statistics stay as they were.
       new_keys, new_counts, new_sums = kvm.reinit_dead_keys(
-          keys, counts, sums, jnp.asarray(h_ncd), 1e-3, 7)
+          keys, counts, sums, jnp.asarray(h_ncd), 1e-3, 7
+      )
       new_keys, new_counts = np.asarray(new_keys), np.asarray(new_counts)
       np.testing.assert_array_equal(new_keys[:, :5], np.asarray(keys)[:, :5])
-      np.testing.assert_array_equal(new_counts[:, :5],
-                                    np.asarray(counts)[:, :5])
-      np.testing.assert_array_equal(np.asarray(new_sums)[:, :5],
-                                    np.asarray(sums)[:, :5])
+      np.testing.assert_array_equal(
+          new_counts[:, :5], np.asarray(counts)[:, :5]
+      )
+      np.testing.assert_array_equal(
+          np.asarray(new_sums)[:, :5], np.asarray(sums)[:, :5]
+      )
       np.testing.assert_array_equal(new_counts[:, 5:], 1e-3)
-      np.testing.assert_allclose(np.asarray(new_sums)[:, 5:],
-                                 1e-3 * new_keys[:, 5:], rtol=1e-15)
+      np.testing.assert_allclose(
+          np.asarray(new_sums)[:, 5:], 1e-3 * new_keys[:, 5:], rtol=1e-15
+      )
       for c in range(2):
         for j in (5, 6):
           self.assertTrue(
-              (np.abs(h_ncd[:, c] - new_keys[c, j]).sum(-1) == 0).any())
-      again = kvm.reinit_dead_keys(keys, counts, sums, jnp.asarray(h_ncd),
-                                   1e-3, 7)[0]
+              (np.abs(h_ncd[:, c] - new_keys[c, j]).sum(-1) == 0).any()
+          )
+      again = kvm.reinit_dead_keys(
+          keys, counts, sums, jnp.asarray(h_ncd), 1e-3, 7
+      )[0]
       np.testing.assert_array_equal(np.asarray(again), new_keys)
       # A threshold below every count changes nothing.
-      same = kvm.reinit_dead_keys(keys, counts, sums, jnp.asarray(h_ncd),
-                                  1e-12, 7)[0]
+      same = kvm.reinit_dead_keys(
+          keys, counts, sums, jnp.asarray(h_ncd), 1e-12, 7
+      )[0]
       np.testing.assert_array_equal(np.asarray(same), np.asarray(keys))
 
   def test_initialize_keys(self):
@@ -217,8 +232,9 @@ class EmaTest(absltest.TestCase):
     counts = kvm.initialize_keys(model, [data] * 6, steps=6, seed=5)
     np.testing.assert_array_equal(np.asarray(model.keys_cmd[...]), from_array)
     # EMA counts sum to the rows per step, up to the start counts' share.
-    np.testing.assert_allclose(np.asarray(counts).sum(1),
-                               0.9**6 * 64 + (1 - 0.9**6) * 100, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(counts).sum(1), 0.9**6 * 64 + (1 - 0.9**6) * 100, rtol=1e-5
+    )
     self.assertFalse(np.array_equal(from_array, keys))
     # 10 distinct rows, each 10 times: most keys start as duplicates, lose
     # every tie (lowest index wins) and die; re-drawing them keeps every
@@ -226,8 +242,9 @@ class EmaTest(absltest.TestCase):
     repeated = np.repeat(data[:10], 10, axis=0)
     counts = kvm.initialize_keys(model, repeated, steps=6, seed=5)
     self.assertLess(np.asarray(counts).min(), 0.6)
-    counts = kvm.initialize_keys(model, repeated, steps=6, seed=5,
-                                 dead_threshold=0.6)
+    counts = kvm.initialize_keys(
+        model, repeated, steps=6, seed=5, dead_threshold=0.6
+    )
     self.assertGreaterEqual(np.asarray(counts).min(), 0.6)
     with self.assertRaisesRegex(ValueError, "decay"):
       kvm.initialize_keys(model, data, steps=1, decay=1.0)
@@ -244,8 +261,16 @@ class KnownAnswerTest(absltest.TestCase):
     train, test = order[:1200], order[1200:]
     reference = neighbors.NearestCentroid().fit(x[train], y[train])
     with jax.enable_x64(True):
-      model = kvm.KeyValueMemory(64, 1, 10, 64, 10, projection="none",
-                                 dtype=jnp.float64, rngs=nnx.Rngs(0))
+      model = kvm.KeyValueMemory(
+          64,
+          1,
+          10,
+          64,
+          10,
+          projection="none",
+          dtype=jnp.float64,
+          rngs=nnx.Rngs(0),
+      )
       model.keys_cmd[...] = jnp.asarray(reference.centroids_[None])
       model.values_cmv[...] = jnp.eye(10, dtype=jnp.float64)[None]
       logits = np.asarray(model(jnp.asarray(x[test], jnp.float64)))
@@ -260,8 +285,9 @@ class InvarianceTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.z = jnp.asarray(np.random.default_rng(7).normal(size=(32, 12)),
-                         jnp.float32)
+    self.z = jnp.asarray(
+        np.random.default_rng(7).normal(size=(32, 12)), jnp.float32
+    )
 
   @parameterized.parameters("mean", "linear")
   def test_permuting_codebook_entries(self, decoder):
@@ -270,13 +296,15 @@ class InvarianceTest(parameterized.TestCase):
       kwargs["num_outputs"] = 3
     model = _random_memory(4, **kwargs)
     expected = np.asarray(model(self.z))
-    perm_cm = np.stack([np.random.default_rng(c).permutation(64)
-                        for c in range(8)])
+    perm_cm = np.stack(
+        [np.random.default_rng(c).permutation(64) for c in range(8)]
+    )
     heads = np.arange(8)[:, None]
     model.keys_cmd[...] = model.keys_cmd[...][heads, perm_cm]
     model.values_cmv[...] = model.values_cmv[...][heads, perm_cm]
-    np.testing.assert_allclose(np.asarray(model(self.z)), expected,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model(self.z)), expected, rtol=1e-6, atol=1e-6
+    )
 
   @parameterized.parameters(1, 3)
   def test_permuting_heads_under_mean_decoder(self, top_k):
@@ -286,16 +314,18 @@ class InvarianceTest(parameterized.TestCase):
     for name in ("projection_ced", "keys_cmd", "values_cmv"):
       variable = getattr(model, name)
       variable[...] = variable[...][perm]
-    np.testing.assert_allclose(np.asarray(model(self.z)), expected,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model(self.z)), expected, rtol=1e-6, atol=1e-6
+    )
 
   @parameterized.parameters(1, 2, 5)
   def test_top_k_against_numpy(self, k):
     model = _random_memory(6, top_k=k)
     idx, expected = _explicit_topk(model, self.z, k)
     np.testing.assert_array_equal(np.asarray(model.select(self.z)), idx)
-    np.testing.assert_allclose(np.asarray(model(self.z)), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model(self.z)), expected, rtol=1e-5, atol=1e-6
+    )
 
   def test_first_of_top_k_is_top_1(self):
     model = _random_memory(7)
@@ -304,17 +334,18 @@ class InvarianceTest(parameterized.TestCase):
     top1 = np.asarray(kvm.nearest_keys(keys, h, 1))
     for k in (2, 7, 64):
       np.testing.assert_array_equal(
-          np.asarray(kvm.nearest_keys(keys, h, k))[..., :1], top1)
+          np.asarray(kvm.nearest_keys(keys, h, k))[..., :1], top1
+      )
 
   def test_split_projection_is_contiguous_slices(self):
     model = _random_memory(8, input_dim=32, projection="split")
     self.assertIsNone(model.projection_ced)
-    z = jnp.asarray(np.random.default_rng(9).normal(size=(32, 32)),
-                    jnp.float32)
+    z = jnp.asarray(np.random.default_rng(9).normal(size=(32, 32)), jnp.float32)
     idx, expected = _explicit_topk(model, z, 1)
     np.testing.assert_array_equal(np.asarray(model.select(z)), idx)
-    np.testing.assert_allclose(np.asarray(model(z)), expected, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model(z)), expected, rtol=1e-5, atol=1e-6
+    )
 
   def test_bad_arguments(self):
     for kwargs, pattern in (
@@ -326,7 +357,8 @@ class InvarianceTest(parameterized.TestCase):
         ({"top_k": 65}, "top_k=65"),
         ({"num_keys": 0}, "num_keys=0"),
         ({"decoder": "linear"}, "num_outputs=None"),
-        ({"num_outputs": 3}, "num_outputs=3")):
+        ({"num_outputs": 3}, "num_outputs=3"),
+    ):
       with self.assertRaisesRegex(ValueError, pattern):
         _memory(0, **kwargs)
     with self.assertRaisesRegex(ValueError, "z_be.shape"):
@@ -335,28 +367,34 @@ class InvarianceTest(parameterized.TestCase):
 
 class ShardingTest(parameterized.TestCase):
 
-  @parameterized.parameters(((1, 1, 8), "mean", 1), ((1, 1, 8), "linear", 2),
-                            ((1, 1, 8), "mean", 3), ((2, 1, 4), "linear", 1))
+  @parameterized.parameters(
+      ((1, 1, 8), "mean", 1),
+      ((1, 1, 8), "linear", 2),
+      ((1, 1, 8), "mean", 3),
+      ((2, 1, 4), "linear", 1),
+  )
   def test_sharded_forward_equals_unsharded(self, mesh_shape, decoder, top_k):
     kwargs = {"decoder": decoder, "top_k": top_k, "num_heads": 16}
     if decoder == "linear":
       kwargs["num_outputs"] = 6
     model = _random_memory(9, **kwargs)
-    z = jnp.asarray(np.random.default_rng(8).normal(size=(24, 12)),
-                    jnp.float32)
+    z = jnp.asarray(np.random.default_rng(8).normal(size=(24, 12)), jnp.float32)
     expected = np.asarray(model(z))
     expected_idx = np.asarray(model.select(z))
     mesh = sharding.make_mesh(mesh_shape)
     graphdef, state = nnx.split(model)
     state = jax.device_put(
-        state, train_state.variable_shardings(nnx.state(model), mesh))
+        state, train_state.variable_shardings(nnx.state(model), mesh)
+    )
     # The codebooks really are split along the heads over the model axis.
     for name in ("keys_cmd", "values_cmv", "projection_ced"):
       array = state[name][...]
-      self.assertEqual(array.addressable_shards[0].data.shape[0],
-                       16 // mesh_shape[2], msg=name)
-    z = jax.device_put(z, sharding.named_sharding(mesh, (sharding.BATCH,
-                                                         None)))
+      self.assertEqual(
+          array.addressable_shards[0].data.shape[0],
+          16 // mesh_shape[2],
+          msg=name,
+      )
+    z = jax.device_put(z, sharding.named_sharding(mesh, (sharding.BATCH, None)))
 
     @jax.jit
     def forward(state, z):
@@ -365,8 +403,7 @@ class ShardingTest(parameterized.TestCase):
 
     out, idx = forward(state, z)
     np.testing.assert_array_equal(np.asarray(idx), expected_idx)
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6, atol=1e-6)
 
 
 if __name__ == "__main__":

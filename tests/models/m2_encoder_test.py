@@ -16,13 +16,20 @@ from retrieval_jax.models import m2_encoder
 
 # A small encoder that still has every part of the 80M one.
 SMALL = m2_encoder.M2Config(
-    vocab_size=512, hidden_size=32, num_layers=2, intermediate_size=64,
-    max_position_embeddings=8192, filter_order=16, hidden_dropout=0.0)
+    vocab_size=512,
+    hidden_size=32,
+    num_layers=2,
+    intermediate_size=64,
+    max_position_embeddings=8192,
+    filter_order=16,
+    hidden_dropout=0.0,
+)
 
 
 def _count(config) -> int:
   abstract = nnx.eval_shape(
-      lambda: m2_encoder.M2Encoder(config, rngs=nnx.Rngs(0)))
+      lambda: m2_encoder.M2Encoder(config, rngs=nnx.Rngs(0))
+  )
   params = nnx.state(abstract, nnx.Param)
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
@@ -39,13 +46,17 @@ class ParameterCountTest(parameterized.TestCase):
     self.assertEqual(_count(m2_encoder.M2_CONFIGS[preset]), expected)
 
   def test_without_pooler(self):
-    config = dataclasses.replace(m2_encoder.M2_CONFIGS["m2-bert-80m-128"],
-                                 pooler=False)
+    config = dataclasses.replace(
+        m2_encoder.M2_CONFIGS["m2-bert-80m-128"], pooler=False
+    )
     self.assertEqual(_count(config), 79_644_672)
 
   def test_shapes(self):
-    model = nnx.eval_shape(lambda: m2_encoder.M2Encoder(
-        m2_encoder.M2_CONFIGS["m2-bert-80m-128"], rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: m2_encoder.M2Encoder(
+            m2_encoder.M2_CONFIGS["m2-bert-80m-128"], rngs=nnx.Rngs(0)
+        )
+    )
     self.assertEqual(model.embeddings.word_vd.shape, (30528, 768))
     glu = model.layers[0].mlp
     self.assertEqual(glu.gate.weight_gqp.shape, (4, 1536, 192))
@@ -83,46 +94,58 @@ def _reference_layer(layer, u_ld, eps):
     k_fwd, k_rev, dd = (np.asarray(a, np.float64) for a in filt(length))
     out = np.zeros_like(x_ld)
     for c in range(d):
-      op = np.asarray(long_conv.toeplitz_operator(k_fwd[c], k_rev[c], dd[c],
-                                                  length), np.float64)
+      op = np.asarray(
+          long_conv.toeplitz_operator(k_fwd[c], k_rev[c], dd[c], length),
+          np.float64,
+      )
       out[:, c] = op @ x_ld[:, c]
     return out
 
   y = long(mixer.filter, v) * x2 + long(mixer.residual_filter, u_ld)
   m_ld = y @ get(mixer.out_proj_dd) + get(mixer.out_bias_d)
+
   # Block-diagonal GLU written as explicit dense block matrices.
   def blockdiag(x, w_gqp):
     g, q, p = w_gqp.shape
     return np.concatenate(
-        [x[:, i * p:(i + 1) * p] @ w_gqp[i].T for i in range(g)], axis=1)
+        [x[:, i * p : (i + 1) * p] @ w_gqp[i].T for i in range(g)], axis=1
+    )
+
   z = blockdiag(m_ld, get(glu.gate.weight_gqp))
   a, b = np.split(z, 2, axis=1)
   gelu = 0.5 * a * (1 + np.vectorize(__import__("math").erf)(a / np.sqrt(2)))
   h = blockdiag(gelu * b, get(glu.out.weight_gqp)) + get(glu.out.bias_o)
-  return _layer_norm(m_ld + h, get(glu.norm.scale_d), get(glu.norm.bias_d),
-                     eps)
+  return _layer_norm(m_ld + h, get(glu.norm.scale_d), get(glu.norm.bias_d), eps)
 
 
 class ReferenceTest(absltest.TestCase):
 
   def test_layer_matches_float64_reference(self):
     config = dataclasses.replace(
-        SMALL, hidden_size=8, intermediate_size=16, max_position_embeddings=24,
-        filter_order=8, num_layers=1, mask_padding=False,
-        dtype=jnp.float64, param_dtype=jnp.float64)
+        SMALL,
+        hidden_size=8,
+        intermediate_size=16,
+        max_position_embeddings=24,
+        filter_order=8,
+        num_layers=1,
+        mask_padding=False,
+        dtype=jnp.float64,
+        param_dtype=jnp.float64,
+    )
     with jax.enable_x64(True):
       model = m2_encoder.M2Encoder(config, rngs=nnx.Rngs(3))
       layer = model.layers[0]
       u = np.random.default_rng(0).normal(size=(1, 24, 8))
-      ours = np.asarray(layer(jnp.asarray(u), None, deterministic=True,
-                              rng=None))[0]
+      ours = np.asarray(
+          layer(jnp.asarray(u), None, deterministic=True, rng=None)
+      )[0]
       ref = _reference_layer(layer, u[0], config.layer_norm_eps)
     np.testing.assert_allclose(ours, ref, atol=1e-10)
 
 
 def _embed(model, ids, pad_to, kind="mean"):
   ids_bl = np.zeros((1, pad_to), np.int32)
-  ids_bl[0, :len(ids)] = ids
+  ids_bl[0, : len(ids)] = ids
   mask_bl = (ids_bl != 0).astype(np.int32)
   graphdef, state = nnx.split(model)
 
@@ -130,8 +153,11 @@ def _embed(model, ids, pad_to, kind="mean"):
   def run(state, ids_bl, mask_bl):
     model = nnx.merge(graphdef, state)
     hidden = model(ids_bl, mask_bl)
-    return (steps.pool_states(model, hidden, mask_bl, kind),
-            hidden[:, :len(ids)])
+    return (
+        steps.pool_states(model, hidden, mask_bl, kind),
+        hidden[:, : len(ids)],
+    )
+
   return run(state, ids_bl, mask_bl)
 
 
@@ -162,7 +188,8 @@ class PaddingTest(parameterized.TestCase):
   def test_unpadded_text_is_the_same_in_both_modes(self):
     masked = m2_encoder.M2Encoder(SMALL, rngs=nnx.Rngs(0))
     unmasked = m2_encoder.M2Encoder(
-        dataclasses.replace(SMALL, mask_padding=False), rngs=nnx.Rngs(0))
+        dataclasses.replace(SMALL, mask_padding=False), rngs=nnx.Rngs(0)
+    )
     emb_a, _ = _embed(masked, self.ids, len(self.ids))
     emb_b, _ = _embed(unmasked, self.ids, len(self.ids))
     np.testing.assert_allclose(emb_a, emb_b, atol=1e-6)
@@ -176,6 +203,7 @@ class TrainabilityTest(absltest.TestCase):
     # ln 4 to near zero.
     import optax  # pylint: disable=g-import-not-at-top
     from retrieval_jax.losses import contrastive  # pylint: disable=g-import-not-at-top
+
     config = dataclasses.replace(SMALL, max_position_embeddings=64)
     model = m2_encoder.M2Encoder(config, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -187,15 +215,18 @@ class TrainabilityTest(absltest.TestCase):
 
     def loss_fn(params):
       enc = nnx.merge(graphdef, params, rest)
+
       def embed(ids):
         mask = (ids != 0).astype(np.int32)
         return steps.pool_states(enc, enc(ids, mask), mask, "mean")
+
       q, d = embed(q_ids), embed(d_ids)
       q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
       d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
       scores = q @ d.T / 0.05
-      return contrastive.info_nce(scores, np.eye(4, dtype=bool),
-                                  np.ones((4, 4), bool))[0]
+      return contrastive.info_nce(
+          scores, np.eye(4, dtype=bool), np.ones((4, 4), bool)
+      )[0]
 
     @jax.jit
     def step(params, opt_state):
@@ -217,9 +248,9 @@ class PrecisionTest(absltest.TestCase):
   def test_bfloat16_compute_tracks_float32(self):
     ids = np.random.default_rng(2).integers(1, 512, size=300)
     f32 = m2_encoder.M2Encoder(SMALL, rngs=nnx.Rngs(0))
-    bf16 = m2_encoder.M2Encoder(dataclasses.replace(SMALL,
-                                                    dtype=jnp.bfloat16),
-                                rngs=nnx.Rngs(0))
+    bf16 = m2_encoder.M2Encoder(
+        dataclasses.replace(SMALL, dtype=jnp.bfloat16), rngs=nnx.Rngs(0)
+    )
     a, _ = _embed(f32, ids, 512)
     b, _ = _embed(bf16, ids, 512)
     a, b = np.asarray(a, np.float64)[0], np.asarray(b, np.float64)[0]

@@ -23,9 +23,15 @@ from retrieval_jax.models import splade
 from retrieval_jax.models import transformer_encoder as te
 
 _V, _D = 50, 16
-_CONFIG = te.EncoderConfig(vocab_size=_V, hidden_size=_D, num_layers=1,
-                           num_heads=2, intermediate_size=32,
-                           max_position_embeddings=16, layer_norm_eps=1e-12)
+_CONFIG = te.EncoderConfig(
+    vocab_size=_V,
+    hidden_size=_D,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    layer_norm_eps=1e-12,
+)
 
 
 _SHARED = {}
@@ -42,15 +48,26 @@ def _model(transform_init="identity", **kwargs):
     # Weights drawn in NumPy and set without running the initialisers
     # (their eager compilation dominates a small model's cost). Scale 0.5
     # rather than BERT's 0.02 so the nonlinearities are exercised.
-    abstract = nnx.state(nnx.eval_shape(
-        lambda: te.TransformerEncoder(_CONFIG, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = nnx.state(
+        nnx.eval_shape(
+            lambda: te.TransformerEncoder(_CONFIG, rngs=nnx.Rngs(0))
+        ),
+        nnx.Param,
+    )
     rng = np.random.default_rng(0)
-    params = {path: rng.normal(float(path[-1] == "scale_d"), 0.5, v.shape)
-              for path, v in nnx.to_flat_state(abstract)}
+    params = {
+        path: rng.normal(float(path[-1] == "scale_d"), 0.5, v.shape)
+        for path, v in nnx.to_flat_state(abstract)
+    }
     _SHARED["encoder"] = te.build_with_params(
-        _CONFIG, params, seed=jax.random.key(0, impl="rbg"))
-  return splade.Splade(nnx.clone(_SHARED["encoder"]),
-                       transform_init=transform_init, rngs=_rbg(1), **kwargs)
+        _CONFIG, params, seed=jax.random.key(0, impl="rbg")
+    )
+  return splade.Splade(
+      nnx.clone(_SHARED["encoder"]),
+      transform_init=transform_init,
+      rngs=_rbg(1),
+      **kwargs,
+  )
 
 
 def _batch():
@@ -61,7 +78,7 @@ def _batch():
 
 def _np_layer_norm(x, scale, bias, eps):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
@@ -104,15 +121,16 @@ class SpladePoolTest(parameterized.TestCase):
     # if masking leaked.
     noisy = np.where(mask[:, :, None] == 1, logits, 1e6)
     np.testing.assert_array_equal(
-        np.asarray(splade.splade_pool(noisy, mask, aggregation)), w)
-    np.testing.assert_allclose(w, _np_pool(_f64(logits), mask, aggregation),
-                               rtol=1e-5, atol=1e-6)
+        np.asarray(splade.splade_pool(noisy, mask, aggregation)), w
+    )
+    np.testing.assert_allclose(
+        w, _np_pool(_f64(logits), mask, aggregation), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_array_equal(w[2], 0.0)  # no real token at all
 
   def test_weights_are_non_negative_and_bf16_gives_float32(self):
     logits = np.random.default_rng(0).normal(-2.0, 3.0, (4, 5, 30))
-    w = splade.splade_pool(jnp.asarray(logits, jnp.bfloat16),
-                           np.ones((4, 5)))
+    w = splade.splade_pool(jnp.asarray(logits, jnp.bfloat16), np.ones((4, 5)))
     self.assertEqual(w.dtype, jnp.float32)
     self.assertTrue(np.all(np.asarray(w) >= 0.0))
     self.assertTrue(np.any(np.asarray(w) == 0.0))  # some all-negative terms
@@ -131,18 +149,25 @@ class SpladeModelTest(parameterized.TestCase):
     h = _f64(model.encoder(ids, mask, types))
     table = _f64(model.encoder.embeddings.word_vd[...])
     d = np.eye(_D)
-    expected = _np_head_logits(h, d, np.zeros(_D), np.ones(_D),
-                               np.zeros(_D), np.zeros(_V), table)
+    expected = _np_head_logits(
+        h, d, np.zeros(_D), np.ones(_D), np.zeros(_D), np.zeros(_V), table
+    )
     logits = _f64(model.mlm_logits(ids, mask, types))
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
-        _f64(model(ids, mask, types)), _np_pool(expected, mask, aggregation),
-        rtol=1e-4, atol=1e-4)
+        _f64(model(ids, mask, types)),
+        _np_pool(expected, mask, aggregation),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # A constant decoder bias shifts every logit by that constant.
     shifted = _model(aggregation=aggregation, bias_init=-0.75)
     np.testing.assert_allclose(
         _f64(shifted(ids, mask, types)),
-        _np_pool(expected - 0.75, mask, aggregation), rtol=1e-4, atol=1e-4)
+        _np_pool(expected - 0.75, mask, aggregation),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
   def test_normal_init_differs_from_identity(self):
     w = np.asarray(_model("normal").head.transform_dd[...])
@@ -158,8 +183,9 @@ class SpladeModelTest(parameterized.TestCase):
     self.assertTrue(np.all(w >= 0.0))
     self.assertGreater(np.count_nonzero(w), 0)
     other = np.where(mask == 1, ids, 17)  # different padding ids
-    np.testing.assert_allclose(np.asarray(model(other, mask, types)), w,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model(other, mask, types)), w, atol=1e-5
+    )
 
   def test_special_ids_zero_only_their_columns(self):
     ids, mask, types = _batch()
@@ -173,21 +199,28 @@ class SpladeModelTest(parameterized.TestCase):
 
   def test_decoder_is_the_encoder_table(self):
     model = _model("normal")
-    shapes = [v.shape for _, v in
-              nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    shapes = [
+        v.shape for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    ]
     self.assertEqual(shapes.count((_V, _D)), 1)  # a single shared table
     ids, mask, types = _batch()
-    new_table = np.random.default_rng(5).normal(size=(_V, _D)).astype(
-        np.float32)
+    new_table = (
+        np.random.default_rng(5).normal(size=(_V, _D)).astype(np.float32)
+    )
     model.encoder.embeddings.word_vd.set_value(jnp.asarray(new_table))
     head = model.head
     expected = _np_head_logits(
-        _f64(model.encoder(ids, mask, types)), _f64(head.transform_dd[...]),
-        _f64(head.transform_bias_d[...]), _f64(head.norm.scale_d[...]),
-        _f64(head.norm.bias_d[...]), _f64(head.bias_v[...]),
-        _f64(new_table))
-    np.testing.assert_allclose(_f64(model.mlm_logits(ids, mask, types)),
-                               expected, rtol=1e-4, atol=1e-4)
+        _f64(model.encoder(ids, mask, types)),
+        _f64(head.transform_dd[...]),
+        _f64(head.transform_bias_d[...]),
+        _f64(head.norm.scale_d[...]),
+        _f64(head.norm.bias_d[...]),
+        _f64(head.bias_v[...]),
+        _f64(new_table),
+    )
+    np.testing.assert_allclose(
+        _f64(model.mlm_logits(ids, mask, types)), expected, rtol=1e-4, atol=1e-4
+    )
 
   def test_gradient_sums_embedding_and_decoder_paths(self):
     ids, mask, types = _batch()
@@ -201,7 +234,7 @@ class SpladeModelTest(parameterized.TestCase):
       return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
     def tied(table):  # the module as the project runs it: split, merge
-      return jnp.sum(with_table(table)(ids, mask, types)**2)
+      return jnp.sum(with_table(table)(ids, mask, types) ** 2)
 
     def untied(enc_table, dec_table):
       # Reference: the encoder reads `enc_table`, the decoder `dec_table`.
@@ -220,7 +253,8 @@ class SpladeModelTest(parameterized.TestCase):
     table = model.encoder.embeddings.word_vd[...]
     loss, g_tied, g_enc, g_dec = map(np.asarray, grads(table))
     np.testing.assert_allclose(
-        loss, np.sum(np.asarray(model(ids, mask, types))**2), rtol=1e-5)
+        loss, np.sum(np.asarray(model(ids, mask, types)) ** 2), rtol=1e-5
+    )
     # Both paths carry gradient, and the tied gradient is their sum. The
     # lookup only reaches the rows of tokens in the batch.
     present = np.unique(ids)
@@ -237,13 +271,16 @@ class LoadMlmHeadTest(absltest.TestCase):
     rng = np.random.default_rng(0)
     return {
         "bert.embeddings.word_embeddings.weight": rng.normal(size=(_V, _D)),
-        "cls.predictions.transform.dense.weight":  # torch [out, in]
-            rng.normal(size=(_D, _D)).astype(np.float32),
+        "cls.predictions.transform.dense.weight": (  # torch [out, in]
+            rng.normal(size=(_D, _D)).astype(np.float32)
+        ),
         "cls.predictions.transform.dense.bias": rng.normal(size=_D),
-        f"cls.predictions.transform.LayerNorm.{norm_names[0]}":
-            rng.normal(size=_D),
-        f"cls.predictions.transform.LayerNorm.{norm_names[1]}":
-            rng.normal(size=_D),
+        f"cls.predictions.transform.LayerNorm.{norm_names[0]}": rng.normal(
+            size=_D
+        ),
+        f"cls.predictions.transform.LayerNorm.{norm_names[1]}": rng.normal(
+            size=_D
+        ),
         "cls.predictions.bias": rng.normal(size=_V),
     }
 
@@ -254,27 +291,38 @@ class LoadMlmHeadTest(absltest.TestCase):
       self.assertTrue(pretrained.load_mlm_head(head, sd))
       norm = "cls.predictions.transform.LayerNorm."
       w = sd["cls.predictions.transform.dense.weight"]
-      np.testing.assert_allclose(np.asarray(head.transform_dd[...]), w.T,
-                                 rtol=1e-6)
-      np.testing.assert_allclose(np.asarray(head.norm.scale_d[...]),
-                                 sd[norm + names[0]], rtol=1e-6)
+      np.testing.assert_allclose(
+          np.asarray(head.transform_dd[...]), w.T, rtol=1e-6
+      )
+      np.testing.assert_allclose(
+          np.asarray(head.norm.scale_d[...]), sd[norm + names[0]], rtol=1e-6
+      )
       # The loaded head computes torch's Linear: y = x W^T + b.
       h = np.random.default_rng(1).normal(size=(1, 3, _D))
       table = sd["bert.embeddings.word_embeddings.weight"]
       expected = _np_head_logits(
-          h, w.T, sd["cls.predictions.transform.dense.bias"],
-          sd[norm + names[0]], sd[norm + names[1]],
-          sd["cls.predictions.bias"], table)
+          h,
+          w.T,
+          sd["cls.predictions.transform.dense.bias"],
+          sd[norm + names[0]],
+          sd[norm + names[1]],
+          sd["cls.predictions.bias"],
+          table,
+      )
       got = head(jnp.asarray(h, jnp.float32), jnp.asarray(table, jnp.float32))
       np.testing.assert_allclose(_f64(got), expected, rtol=1e-4, atol=1e-4)
 
   def test_absent_partial_and_misshapen_heads(self):
     head = splade.MlmHead(_CONFIG, rngs=_rbg(0))
     sd = self._state_dict()
-    self.assertFalse(pretrained.load_mlm_head(
-        head, {k: v for k, v in sd.items() if not k.startswith("cls.")}))
-    np.testing.assert_array_equal(np.asarray(head.transform_dd[...]),
-                                  np.eye(_D))  # untouched
+    self.assertFalse(
+        pretrained.load_mlm_head(
+            head, {k: v for k, v in sd.items() if not k.startswith("cls.")}
+        )
+    )
+    np.testing.assert_array_equal(
+        np.asarray(head.transform_dd[...]), np.eye(_D)
+    )  # untouched
     partial = dict(sd)
     del partial["cls.predictions.bias"]
     with self.assertRaisesRegex(ValueError, "cls.predictions.bias"):
@@ -282,21 +330,26 @@ class LoadMlmHeadTest(absltest.TestCase):
     bad = dict(sd, **{"cls.predictions.bias": np.zeros(_V + 1)})
     with self.assertRaisesRegex(ValueError, "bias_v"):
       pretrained.load_mlm_head(head, bad)
-    np.testing.assert_array_equal(np.asarray(head.transform_dd[...]),
-                                  np.eye(_D))  # nothing half-written
+    np.testing.assert_array_equal(
+        np.asarray(head.transform_dd[...]), np.eye(_D)
+    )  # nothing half-written
 
 
 class InferenceFreeTest(absltest.TestCase):
 
   def test_query_known_answer(self):
     idf = np.array([5.0, 1.0, -2.0, 0.5, 3.0, 4.0], np.float32)
-    q = features.inference_free_query([[0, 1, 1, 2, 3, 5], [], [4, 4]],
-                                    vocab_size=6, idf_v=idf,
-                                    special_ids=(0, 5))
+    q = features.inference_free_query(
+        [[0, 1, 1, 2, 3, 5], [], [4, 4]],
+        vocab_size=6,
+        idf_v=idf,
+        special_ids=(0, 5),
+    )
     self.assertEqual((q.dtype, q.shape), (np.float32, (3, 6)))
     # Duplicates count once, specials 0, negative idf clipped to 0.
-    np.testing.assert_array_equal(q, [[0, 1, 0, 0.5, 0, 0], [0] * 6,
-                                      [0, 0, 0, 0, 3, 0]])
+    np.testing.assert_array_equal(
+        q, [[0, 1, 0, 0.5, 0, 0], [0] * 6, [0, 0, 0, 0, 3, 0]]
+    )
     binary = features.inference_free_query([[1, 1, 3]], vocab_size=6)
     np.testing.assert_array_equal(binary, [[0, 1, 0, 1, 0, 0]])
 
@@ -310,7 +363,8 @@ class InferenceFreeTest(absltest.TestCase):
     idf = features.idf_from_corpus([[1, 2, 2], [2, 3], [], [2]], vocab_size=5)
     n, df = 4, np.array([0, 1, 3, 1, 0])
     np.testing.assert_allclose(
-        idf, np.log(1.0 + (n - df + 0.5) / (df + 0.5)), rtol=1e-6)
+        idf, np.log(1.0 + (n - df + 0.5) / (df + 0.5)), rtol=1e-6
+    )
     self.assertAlmostEqual(float(idf[2]), np.log(1 + 1.5 / 3.5), places=6)
     self.assertEqual(idf.dtype, np.float32)
     with self.assertRaisesRegex(ValueError, "token_id_lists"):

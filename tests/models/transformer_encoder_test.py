@@ -23,10 +23,18 @@ from retrieval_jax.layers import pooling
 from retrieval_jax.models import transformer_encoder as te
 
 TINY = te.EncoderConfig(
-    vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
-    intermediate_size=64, max_position_embeddings=24, type_vocab_size=2,
-    layer_norm_eps=1e-12, hidden_act="gelu", hidden_dropout=0.1,
-    attention_dropout=0.1)
+    vocab_size=50,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=24,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+)
 
 
 def _key(seed):
@@ -38,7 +46,8 @@ def _key(seed):
 def _random_model(config=TINY, seed=0) -> te.TransformerEncoder:
   """An encoder whose every parameter (biases, LayerNorms too) is random."""
   abstract = nnx.eval_shape(
-      lambda: te.TransformerEncoder(config, rngs=nnx.Rngs(0)))
+      lambda: te.TransformerEncoder(config, rngs=nnx.Rngs(0))
+  )
   rng = np.random.default_rng(seed)
   params = {}
   for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
@@ -51,24 +60,24 @@ def _random_model(config=TINY, seed=0) -> te.TransformerEncoder:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "deterministic"))
 def _jit_apply(graphdef, state, ids, mask, types, deterministic, rng):
-  return nnx.merge(graphdef, state)(ids, mask, types,
-                                    deterministic=deterministic,
-                                    dropout_rng=rng)
+  return nnx.merge(graphdef, state)(
+      ids, mask, types, deterministic=deterministic, dropout_rng=rng
+  )
 
 
 def _forward(model, ids, mask, types=None, *, deterministic=True, rng=None):
   """Jitted forward (one compile per shape, not one per op) -> NumPy."""
   graphdef, state = nnx.split(model)
-  return np.asarray(_jit_apply(graphdef, state, ids, mask, types,
-                               deterministic, rng))
+  return np.asarray(
+      _jit_apply(graphdef, state, ids, mask, types, deterministic, rng)
+  )
 
 
 def _batch(rng, b, l, vocab, lengths):
   """Random ids/types with right padding to the given lengths."""
   ids = rng.integers(1, vocab, size=(b, l)).astype(np.int32)
   types = rng.integers(0, 2, size=(b, l)).astype(np.int32)
-  mask = (np.arange(l)[None, :] < np.asarray(lengths)[:, None]).astype(
-      np.int32)
+  mask = (np.arange(l)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
   ids = np.where(mask == 1, ids, 0)
   types = np.where(mask == 1, types, 0)
   return ids, mask, types
@@ -83,8 +92,9 @@ _erf = np.vectorize(math.erf)
 
 def _np_gelu(x, approximate):
   if approximate:
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) *
-                                  (x + 0.044715 * x**3)))
+    return (
+        0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    )
   return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
 
 
@@ -106,8 +116,11 @@ def numpy_bert(p, config, ids, mask, types):
   h = d // n
   b, l = ids.shape
   emb = p["embeddings"]
-  x = (emb["word_vd"][ids] + emb["position_pd"][np.arange(l)][None]
-       + emb["type_td"][types])
+  x = (
+      emb["word_vd"][ids]
+      + emb["position_pd"][np.arange(l)][None]
+      + emb["type_td"][types]
+  )
   x = _np_layer_norm(x, emb["norm"], config.layer_norm_eps)
   approximate = config.hidden_act != "gelu"
   for i in range(config.num_layers):
@@ -132,8 +145,9 @@ def numpy_bert(p, config, ids, mask, types):
         probs /= probs.sum(-1, keepdims=True)
         context[bi, :, cols] = probs @ v[bi, :, cols]
     attn_out = _np_linear(context, wo, att["out_bias_d"])
-    x = _np_layer_norm(x + attn_out, lp["attention_norm"],
-                       config.layer_norm_eps)
+    x = _np_layer_norm(
+        x + attn_out, lp["attention_norm"], config.layer_norm_eps
+    )
     mlp = lp["mlp"]
     inter = _np_gelu(_np_linear(x, mlp["wi_df"].T, mlp["bi_f"]), approximate)
     out = _np_linear(inter, mlp["wo_fd"].T, mlp["bo_d"])
@@ -150,26 +164,34 @@ class TransformerEncoderTest(parameterized.TestCase):
   def test_bert_initialisation(self):
     model = te.TransformerEncoder(TINY, rngs=nnx.Rngs(_key(0)))
     # BERT's init: N(0, initializer_range) weights, zero biases, unit gains.
-    self.assertAlmostEqual(float(jnp.std(model.embeddings.word_vd[...])),
-                           TINY.initializer_range, delta=0.002)
+    self.assertAlmostEqual(
+        float(jnp.std(model.embeddings.word_vd[...])),
+        TINY.initializer_range,
+        delta=0.002,
+    )
     np.testing.assert_array_equal(model.layers[1].mlp_norm.scale_d[...], 1.0)
     np.testing.assert_array_equal(model.layers[1].mlp.bo_d[...], 0.0)
-    ids, mask, _ = _batch(np.random.default_rng(0), 3, 7, TINY.vocab_size,
-                          [7, 3, 1])
+    ids, mask, _ = _batch(
+        np.random.default_rng(0), 3, 7, TINY.vocab_size, [7, 3, 1]
+    )
     out = _forward(model, ids, mask)
     self.assertEqual(out.shape, (3, 7, TINY.hidden_size))
     self.assertEqual(out.dtype, np.float32)
 
   def test_bfloat16_compute(self):
     model32 = _random_model(TINY, seed=3)
-    params = {path: v[...] for path, v in
-              nnx.to_flat_state(nnx.state(model32, nnx.Param))}
+    params = {
+        path: v[...]
+        for path, v in nnx.to_flat_state(nnx.state(model32, nnx.Param))
+    }
     model16 = te.build_with_params(
-        dataclasses.replace(TINY, dtype=jnp.bfloat16), params)
+        dataclasses.replace(TINY, dtype=jnp.bfloat16), params
+    )
     # Params stay float32; only activations drop to bf16.
     self.assertEqual(model16.layers[0].mlp.wi_df[...].dtype, jnp.float32)
-    ids, mask, types = _batch(np.random.default_rng(1), 4, 11,
-                              TINY.vocab_size, [11, 6, 2, 9])
+    ids, mask, types = _batch(
+        np.random.default_rng(1), 4, 11, TINY.vocab_size, [11, 6, 2, 9]
+    )
     out16 = _forward(model16, ids, mask, types)
     self.assertEqual(out16.dtype, jnp.bfloat16)
     out32 = _forward(model32, ids, mask, types)
@@ -185,8 +207,9 @@ class TransformerEncoderTest(parameterized.TestCase):
   def test_matches_numpy_reference(self, hidden_act, with_types):
     config = dataclasses.replace(TINY, hidden_act=hidden_act)
     model = _random_model(config, seed=1)
-    ids, mask, types = _batch(np.random.default_rng(2), 4, 11,
-                              config.vocab_size, [11, 6, 2, 9])
+    ids, mask, types = _batch(
+        np.random.default_rng(2), 4, 11, config.vocab_size, [11, 6, 2, 9]
+    )
     if not with_types:
       types = np.zeros_like(ids)
     ours = _forward(model, ids, mask, types if with_types else None)
@@ -196,35 +219,44 @@ class TransformerEncoderTest(parameterized.TestCase):
   def test_gelu_variants_differ(self):
     # Guards the reference test: the two GELUs must be distinguishable.
     exact = _random_model(TINY, seed=1)
-    tanh = _random_model(dataclasses.replace(TINY, hidden_act="gelu_new"),
-                         seed=1)
-    ids, mask, types = _batch(np.random.default_rng(2), 4, 11,
-                              TINY.vocab_size, [11, 6, 2, 9])
-    diff = np.abs(_forward(exact, ids, mask, types)
-                  - _forward(tanh, ids, mask, types)).max()
+    tanh = _random_model(
+        dataclasses.replace(TINY, hidden_act="gelu_new"), seed=1
+    )
+    ids, mask, types = _batch(
+        np.random.default_rng(2), 4, 11, TINY.vocab_size, [11, 6, 2, 9]
+    )
+    diff = np.abs(
+        _forward(exact, ids, mask, types) - _forward(tanh, ids, mask, types)
+    ).max()
     self.assertGreater(diff, 1e-4)
 
   def test_mean_pooled_embedding_is_padding_invariant(self):
     model = _random_model(seed=4)
-    ids, mask, types = _batch(np.random.default_rng(5), 4, 11,
-                              TINY.vocab_size, [11, 6, 2, 9])
+    ids, mask, types = _batch(
+        np.random.default_rng(5), 4, 11, TINY.vocab_size, [11, 6, 2, 9]
+    )
     hidden = _forward(model, ids, mask, types)
     pad = ((0, 0), (0, 9))
     ids_p, mask_p, types_p = (np.pad(a, pad) for a in (ids, mask, types))
     hidden_p = _forward(model, ids_p, mask_p, types_p)
     # Equal up to float32 rounding (the matmul shapes differ).
-    np.testing.assert_allclose(pooling.pool(hidden_p, mask_p, "mean"),
-                               pooling.pool(hidden, mask, "mean"),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        pooling.pool(hidden_p, mask_p, "mean"),
+        pooling.pool(hidden, mask, "mean"),
+        atol=1e-5,
+        rtol=0,
+    )
     # The real tokens' states themselves are unchanged.
     real = mask.astype(bool)
-    np.testing.assert_allclose(hidden_p[:, :11][real], hidden[real],
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        hidden_p[:, :11][real], hidden[real], atol=1e-5, rtol=0
+    )
 
   def test_padded_token_ids_do_not_change_real_tokens(self):
     model = _random_model(seed=6)
-    ids, mask, types = _batch(np.random.default_rng(7), 4, 11,
-                              TINY.vocab_size, [11, 4, 7, 1])
+    ids, mask, types = _batch(
+        np.random.default_rng(7), 4, 11, TINY.vocab_size, [11, 4, 7, 1]
+    )
     out = _forward(model, ids, mask, types)
     other_ids = np.where(mask == 1, ids, 17)  # any token, not [PAD]
     other_types = np.where(mask == 1, types, 1)
@@ -237,8 +269,7 @@ class TransformerEncoderTest(parameterized.TestCase):
     # Counterpart: changing a real token does change its neighbours.
     changed = ids.copy()
     changed[0, 10] = ids[0, 10] % (TINY.vocab_size - 1) + 1
-    diff = np.abs(_forward(model, changed, mask, types)[0, 0]
-                  - out[0, 0]).max()
+    diff = np.abs(_forward(model, changed, mask, types)[0, 0] - out[0, 0]).max()
     self.assertGreater(diff, 1e-4)
 
   def test_fully_padded_row_is_finite(self):
@@ -248,8 +279,9 @@ class TransformerEncoderTest(parameterized.TestCase):
     mask[0, :2] = 1  # rows 1-3 are all padding
     out = _forward(model, ids, mask, np.zeros_like(ids))
     self.assertTrue(np.isfinite(out).all())
-    self.assertTrue(np.isfinite(np.asarray(
-        pooling.pool(out, mask, "mean"))).all())
+    self.assertTrue(
+        np.isfinite(np.asarray(pooling.pool(out, mask, "mean"))).all()
+    )
 
   def test_too_long_input_raises(self):
     model = _random_model(seed=0)
@@ -259,23 +291,27 @@ class TransformerEncoderTest(parameterized.TestCase):
 
   def test_dropout_with_explicit_keys(self):
     model = _random_model(seed=9)
-    ids, mask, types = _batch(np.random.default_rng(0), 4, 11,
-                              TINY.vocab_size, [11, 6, 2, 9])
+    ids, mask, types = _batch(
+        np.random.default_rng(0), 4, 11, TINY.vocab_size, [11, 6, 2, 9]
+    )
     base = _forward(model, ids, mask, types)
-    run = functools.partial(_forward, model, ids, mask, types,
-                            deterministic=False)
+    run = functools.partial(
+        _forward, model, ids, mask, types, deterministic=False
+    )
     a = run(rng=_key(3))
     np.testing.assert_array_equal(a, run(rng=_key(3)))
     self.assertGreater(np.abs(a - base).max(), 1e-3)
     self.assertGreater(np.abs(a - run(rng=_key(4))).max(), 1e-3)
     # deterministic=True ignores the key.
     np.testing.assert_array_equal(
-        _forward(model, ids, mask, types, rng=_key(3)), base)
+        _forward(model, ids, mask, types, rng=_key(3)), base
+    )
 
   def test_dropout_with_module_streams(self):
     model = _random_model(seed=9)
-    ids, mask, types = _batch(np.random.default_rng(0), 4, 11,
-                              TINY.vocab_size, [11, 6, 2, 9])
+    ids, mask, types = _batch(
+        np.random.default_rng(0), 4, 11, TINY.vocab_size, [11, 6, 2, 9]
+    )
 
     @nnx.jit
     def train_forward(model, ids, mask, types):
@@ -296,43 +332,62 @@ class TransformerEncoderTest(parameterized.TestCase):
     def forward(state, ids, mask, types):
       return nnx.merge(graphdef, state)(ids, mask, types)
 
-    ids, mask, types = _batch(np.random.default_rng(1), 4, 11,
-                              TINY.vocab_size, [11, 6, 2, 9])
-    np.testing.assert_allclose(forward(state, ids, mask, types),
-                               _forward(model, ids, mask, types),
-                               atol=1e-5, rtol=0)
+    ids, mask, types = _batch(
+        np.random.default_rng(1), 4, 11, TINY.vocab_size, [11, 6, 2, 9]
+    )
+    np.testing.assert_allclose(
+        forward(state, ids, mask, types),
+        _forward(model, ids, mask, types),
+        atol=1e-5,
+        rtol=0,
+    )
 
   def test_parameters_carry_logical_axes(self):
     model = _random_model(seed=0)
-    known = {sharding.VOCAB, sharding.EMBED, sharding.HEADS,
-             sharding.HEAD_DIM, sharding.MLP, None}
+    known = {
+        sharding.VOCAB,
+        sharding.EMBED,
+        sharding.HEADS,
+        sharding.HEAD_DIM,
+        sharding.MLP,
+        None,
+    }
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     self.assertLen(flat, 5 + TINY.num_layers * 16)
     for path, variable in flat.items():
       axes = variable.get_metadata()["out_sharding"]
       self.assertLen(axes, variable.ndim, msg=str(path))
       self.assertContainsSubset(set(axes), known, msg=str(path))
-    self.assertEqual(model.embeddings.word_vd.get_metadata()["out_sharding"],
-                     (sharding.VOCAB, sharding.EMBED))
+    self.assertEqual(
+        model.embeddings.word_vd.get_metadata()["out_sharding"],
+        (sharding.VOCAB, sharding.EMBED),
+    )
 
   def test_sharded_forward_matches_single_device(self):
     model = _random_model(seed=11)
-    ids, mask, types = _batch(np.random.default_rng(2), 4, 11,
-                              TINY.vocab_size, [11, 5, 9, 1])
+    ids, mask, types = _batch(
+        np.random.default_rng(2), 4, 11, TINY.vocab_size, [11, 5, 9, 1]
+    )
     expected = _forward(model, ids, mask, types)
     mesh = sharding.make_mesh((1, 4, 2))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_shardings = jax.tree.map(
         lambda v: sharding.named_sharding(
-            mesh, v.get_metadata()["out_sharding"]),
-        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            mesh, v.get_metadata()["out_sharding"]
+        ),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     params = jax.device_put(params, param_shardings)
     # The vocabulary and FFN matrices really are split across devices.
     wi = params["layers"][0]["mlp"]["wi_df"][...]
-    self.assertEqual(wi.addressable_shards[0].data.shape,
-                     (TINY.hidden_size // 4, TINY.intermediate_size // 2))
+    self.assertEqual(
+        wi.addressable_shards[0].data.shape,
+        (TINY.hidden_size // 4, TINY.intermediate_size // 2),
+    )
     batch_sharding = sharding.named_sharding(
-        mesh, (sharding.BATCH, sharding.LENGTH))
+        mesh, (sharding.BATCH, sharding.LENGTH)
+    )
     ids, mask, types = jax.device_put((ids, mask, types), batch_sharding)
 
     @jax.jit
@@ -343,20 +398,31 @@ class TransformerEncoderTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
 
   def test_config_from_hf_config(self):
-    hf = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
-          "num_attention_heads": 12, "intermediate_size": 1536,
-          "max_position_embeddings": 512, "type_vocab_size": 2,
-          "layer_norm_eps": 1e-12, "hidden_act": "gelu",
-          "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.2,
-          "position_embedding_type": "absolute", "model_type": "bert"}
+    hf = {
+        "vocab_size": 30522,
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.2,
+        "position_embedding_type": "absolute",
+        "model_type": "bert",
+    }
     config = te.EncoderConfig.from_hf_config(hf, dtype=jnp.bfloat16)
-    self.assertEqual((config.num_layers, config.num_heads, config.head_dim),
-                     (6, 12, 32))
+    self.assertEqual(
+        (config.num_layers, config.num_heads, config.head_dim), (6, 12, 32)
+    )
     self.assertEqual(config.attention_dropout, 0.2)
     self.assertEqual(config.dtype, jnp.bfloat16)
     with self.assertRaisesRegex(ValueError, "relative_key"):
       te.EncoderConfig.from_hf_config(
-          {**hf, "position_embedding_type": "relative_key"})
+          {**hf, "position_embedding_type": "relative_key"}
+      )
     with self.assertRaisesRegex(ValueError, "divisible"):
       te.EncoderConfig.from_hf_config({**hf, "num_attention_heads": 7})
     with self.assertRaisesRegex(ValueError, "hidden_act"):
@@ -366,26 +432,29 @@ class TransformerEncoderTest(parameterized.TestCase):
 class PoolingTest(parameterized.TestCase):
 
   def test_cls_takes_first_position(self):
-    hidden = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(
-        np.float32)
+    hidden = (
+        np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+    )
     mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
-    np.testing.assert_array_equal(pooling.pool(hidden, mask, "cls"),
-                                  hidden[:, 0])
+    np.testing.assert_array_equal(
+        pooling.pool(hidden, mask, "cls"), hidden[:, 0]
+    )
 
   def test_mean_matches_masked_average(self):
     rng = np.random.default_rng(1)
     hidden = rng.standard_normal((3, 5, 4)).astype(np.float32)
     mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
-    expected = np.stack([hidden[i, :mask[i].sum()].mean(0)
-                         for i in range(3)])
-    np.testing.assert_allclose(pooling.pool(hidden, mask, "mean"), expected,
-                               atol=1e-6, rtol=0)
+    expected = np.stack([hidden[i, : mask[i].sum()].mean(0) for i in range(3)])
+    np.testing.assert_allclose(
+        pooling.pool(hidden, mask, "mean"), expected, atol=1e-6, rtol=0
+    )
     # bf16 inputs are accumulated in float32: the result is the exact mean
     # of the rounded inputs, not a bf16-rounded one.
     hidden16 = jnp.asarray(hidden, jnp.bfloat16)
     rounded = np.asarray(hidden16, np.float64)
-    expected16 = np.stack([rounded[i, :mask[i].sum()].mean(0)
-                           for i in range(3)])
+    expected16 = np.stack(
+        [rounded[i, : mask[i].sum()].mean(0) for i in range(3)]
+    )
     out = pooling.pool(hidden16, mask, "mean")
     self.assertEqual(out.dtype, jnp.float32)
     np.testing.assert_allclose(out, expected16, atol=1e-6, rtol=0)
@@ -407,13 +476,17 @@ class PoolingTest(parameterized.TestCase):
     x = np.random.default_rng(2).standard_normal((4, 6)).astype(np.float32)
     x[1] = 0.0  # zero row: torch gives zeros, not NaN
     x[2] *= 1e-14  # below eps: divided by eps, not by its norm
-    expected = torch.nn.functional.normalize(torch.from_numpy(x), p=2,
-                                             dim=-1).numpy()
-    np.testing.assert_allclose(pooling.l2_normalize(x), expected,
-                               rtol=1e-6, atol=1e-7)
+    expected = torch.nn.functional.normalize(
+        torch.from_numpy(x), p=2, dim=-1
+    ).numpy()
+    np.testing.assert_allclose(
+        pooling.l2_normalize(x), expected, rtol=1e-6, atol=1e-7
+    )
     np.testing.assert_allclose(
         np.linalg.norm(np.asarray(pooling.l2_normalize(x))[[0, 3]], axis=1),
-        1.0, rtol=1e-6)
+        1.0,
+        rtol=1e-6,
+    )
 
 
 if __name__ == "__main__":

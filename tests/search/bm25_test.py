@@ -9,8 +9,12 @@ from retrieval_jax.search import bm25
 
 # Words chosen so the analyzer (lower-case, stop list, Porter) keeps them
 # as they are: no stop words, no suffixes the stemmer would cut.
-_DOCS = ["apple banana apple", "banana cherry", "cherry cherry cherry date",
-         "grape"]
+_DOCS = [
+    "apple banana apple",
+    "banana cherry",
+    "cherry cherry cherry date",
+    "grape",
+]
 
 
 def _lucene_bm25(query_terms, docs, k1=0.9, b=0.4):
@@ -40,8 +44,9 @@ class Bm25Test(absltest.TestCase):
   def test_scores_match_the_formula(self):
     for query in ["apple", "banana cherry", "cherry date grape"]:
       (got,) = self.index.scores([query])
-      np.testing.assert_allclose(got, _lucene_bm25(query.split(), _DOCS),
-                                 rtol=1e-5)
+      np.testing.assert_allclose(
+          got, _lucene_bm25(query.split(), _DOCS), rtol=1e-5
+      )
 
   def test_unknown_terms_give_no_scores(self):
     self.assertEqual(self.index.scores(["zebra"]), [None])
@@ -52,8 +57,9 @@ class Bm25Test(absltest.TestCase):
     # Docs 0 and 1 contain "banana"; the others score 0 and are dropped.
     self.assertEqual(indices[0].tolist()[2], -1)
     self.assertEqual(sorted(indices[0, :2].tolist()), [0, 1])
-    np.testing.assert_allclose(scores[0, :2], np.sort(want)[::-1][:2],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        scores[0, :2], np.sort(want)[::-1][:2], rtol=1e-5
+    )
     self.assertTrue(np.isneginf(scores[0, 2]))
     self.assertEqual(indices[1].tolist(), [-1, -1, -1])
 
@@ -63,10 +69,15 @@ class Bm25Test(absltest.TestCase):
     self.assertEqual(indices[0].tolist(), [0, 1])
 
   def test_pair_scores(self):
-    got = self.index.pair_scores(["cherry", "cherry", "zebra", "apple"],
-                                 [2, -1, 0, 0])
-    want = [_lucene_bm25(["cherry"], _DOCS)[2], 0.0, 0.0,
-            _lucene_bm25(["apple"], _DOCS)[0]]
+    got = self.index.pair_scores(
+        ["cherry", "cherry", "zebra", "apple"], [2, -1, 0, 0]
+    )
+    want = [
+        _lucene_bm25(["cherry"], _DOCS)[2],
+        0.0,
+        0.0,
+        _lucene_bm25(["apple"], _DOCS)[0],
+    ]
     np.testing.assert_allclose(got, want, rtol=1e-5)
     with self.assertRaisesRegex(ValueError, "one query per pair"):
       self.index.pair_scores(["a"], [0, 1])

@@ -24,8 +24,7 @@ def _low_rank(seed=0, noise=0.0):
   q = rng.normal(size=(_KQ + _TEST, _RANK))
   items = rng.normal(size=(_N, _RANK))
   # Signal std sqrt(20) = 4.47; noise std sqrt(5) = 2.24 when noise = 1.
-  return q @ items.T + noise * np.sqrt(5.0) * rng.normal(
-      size=(_KQ + _TEST, _N))
+  return q @ items.T + noise * np.sqrt(5.0) * rng.normal(size=(_KQ + _TEST, _N))
 
 
 def _rel_error(approx, exact):
@@ -72,12 +71,17 @@ class CurIndexTest(parameterized.TestCase):
   def test_sharded_index_equals_one_device(self):
     s = _low_rank(noise=1.0)[:_KQ].astype(np.float32)
     anchors = ck.random_anchor_items(_N, 50, 0)
-    one = ck.build_index(s, anchors,
-                         mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    one = ck.build_index(
+        s, anchors, mesh=sharding.make_mesh(devices=jax.devices()[:1])
+    )
     eight = ck.build_index(s, anchors, mesh=sharding.make_mesh())
     self.assertLen(eight.items_kn.sharding.device_set, 8)
-    np.testing.assert_allclose(np.asarray(eight.items_kn),
-                               np.asarray(one.items_kn), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(eight.items_kn),
+        np.asarray(one.items_kn),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
   def test_bad_anchors(self):
     with self.assertRaisesRegex(ValueError, "distinct"):
@@ -109,8 +113,10 @@ class SearchTest(absltest.TestCase):
     s = _low_rank()
     index = ck.build_index(s[:_KQ], ck.random_anchor_items(_N, 30, 0))
     result = ck.cur_search(index, self.queries, ck.matrix_scorer(s), 10, 10)
-    self.assertEqual(ck.top_k_recall(
-        result.items_bk, np.argsort(-s[_KQ:], axis=1)[:, :10]), 1.0)
+    self.assertEqual(
+        ck.top_k_recall(result.items_bk, np.argsort(-s[_KQ:], axis=1)[:, :10]),
+        1.0,
+    )
     self.assertTrue(result.exact_bk.all())
 
   def test_recall_non_decreasing_in_k_r_and_one_at_n(self):
@@ -124,7 +130,8 @@ class SearchTest(absltest.TestCase):
     # beats re-ranking random candidates (expected recall budget / N).
     for budget in (100, 200, 500):
       middle, all_anchors = self._recall(50, budget - 50), self._recall(
-          100, budget - 100)
+          100, budget - 100
+      )
       self.assertGreater(middle, all_anchors + 0.3)
       self.assertGreater(middle, 2 * budget / _N)
 
@@ -133,14 +140,15 @@ class SearchTest(absltest.TestCase):
     recalls = {}
     for rounds in (1, 5):
       scorer = ck.CountingScorer(ck.matrix_scorer(self.s))
-      result = ck.adaptive_cur_search(index, self.queries, scorer, 10, 200,
-                                      rounds)
+      result = ck.adaptive_cur_search(
+          index, self.queries, scorer, 10, 200, rounds
+      )
       self.assertEqual(scorer.total, _TEST * 200)
       np.testing.assert_array_equal(result.calls_b, 200)
       # Every returned score is exact.
       np.testing.assert_allclose(
-          result.scores_bk,
-          np.take_along_axis(self.s[_KQ:], result.items_bk, 1))
+          result.scores_bk, np.take_along_axis(self.s[_KQ:], result.items_bk, 1)
+      )
       recalls[rounds] = ck.top_k_recall(result.items_bk, self.exact_top10)
     # One round is 200 random items; five rounds steer the later anchors.
     self.assertLess(recalls[1], 0.2)
@@ -150,14 +158,14 @@ class SearchTest(absltest.TestCase):
 class RetrieveAndRerankTest(absltest.TestCase):
 
   def test_known_answer_budget_and_padding(self):
-    s = np.array([[0.1, 0.9, 0.5, 0.3, 0.7],
-                  [0.2, 0.4, 0.8, 0.6, 0.0]])
+    s = np.array([[0.1, 0.9, 0.5, 0.3, 0.7], [0.2, 0.4, 0.8, 0.6, 0.0]])
     # Query 0's first stage ranks items 0, 3, 1, 4, 2; query 1's ranks only
     # items 4 and 0 (-1: nothing else shares a term).
     ranking = np.array([[0, 3, 1, 4, 2], [4, 0, -1, -1, -1]])
     scorer = ck.CountingScorer(ck.matrix_scorer(s))
-    result = ck.retrieve_and_rerank(np.arange(2), ranking, scorer, k=4,
-                                    budget=3)
+    result = ck.retrieve_and_rerank(
+        np.arange(2), ranking, scorer, k=4, budget=3
+    )
     # Query 0: the first 3 (0, 3, 1) re-ranked by exact score (1, 3, 0),
     # then the first stage's next item (4) with score -inf.
     np.testing.assert_array_equal(result.items_bk[0], [1, 3, 0, 4])
@@ -173,10 +181,12 @@ class RetrieveAndRerankTest(absltest.TestCase):
     s = _low_rank(noise=1.0)[:50, :300]
     rng = np.random.default_rng(0)
     ranking = np.stack([rng.permutation(300) for _ in range(50)])
-    result = ck.retrieve_and_rerank(np.arange(50), ranking,
-                                    ck.matrix_scorer(s), 10, 300)
-    self.assertEqual(ck.top_k_recall(
-        result.items_bk, np.argsort(-s, axis=1)[:, :10]), 1.0)
+    result = ck.retrieve_and_rerank(
+        np.arange(50), ranking, ck.matrix_scorer(s), 10, 300
+    )
+    self.assertEqual(
+        ck.top_k_recall(result.items_bk, np.argsort(-s, axis=1)[:, :10]), 1.0
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from retrieval_jax.search import exact_topk as et
 
 def _reference(queries_qd, corpus_nd, k):
   """Brute force in float64; stable argsort = smaller index first on ties."""
-  scores_qn = (queries_qd.astype(np.float64) @
-               corpus_nd.astype(np.float64).T)
+  scores_qn = queries_qd.astype(np.float64) @ corpus_nd.astype(np.float64).T
   order_qk = np.argsort(-scores_qn, axis=1, kind="stable")[:, :k]
   return np.take_along_axis(scores_qn, order_qk, axis=1), order_qk
 
@@ -26,8 +25,9 @@ def _grid(rng, shape):
   Every score is then the exact float64 value, so the reference ranking is
   the true one and any disagreement is a bug, not rounding.
   """
-  return (np.clip(np.round(rng.standard_normal(shape) * 8), -24, 24) /
-          8).astype(np.float32)
+  return (
+      np.clip(np.round(rng.standard_normal(shape) * 8), -24, 24) / 8
+  ).astype(np.float32)
 
 
 def _normalize(x_nd):
@@ -56,15 +56,18 @@ class ExactTopkTest(parameterized.TestCase):
       ("large_k_falls_back", 2049, 50, 256, 8, 1),
       ("fewer_rows_than_devices", 5, 3, 128, 32, 8),
   )
-  def test_matches_numpy_reference(self, n, k, chunk_size, group_size,
-                                   num_devices):
+  def test_matches_numpy_reference(
+      self, n, k, chunk_size, group_size, num_devices
+  ):
     rng = np.random.default_rng(n + k)
     corpus_nd = _grid(rng, (n, 24))
     queries_qd = _grid(rng, (9, 24))
     corpus = et.encode_corpus(
-        corpus_nd, chunk_size=chunk_size, mesh=_mesh(num_devices))
+        corpus_nd, chunk_size=chunk_size, mesh=_mesh(num_devices)
+    )
     scores_qk, indices_qk = et.search(
-        corpus, queries_qd, k, group_size=group_size)
+        corpus, queries_qd, k, group_size=group_size
+    )
     ref_scores_qk, ref_indices_qk = _reference(queries_qd, corpus_nd, k)
     self.assertEqual(scores_qk.dtype, np.float32)
     self.assertEqual(scores_qk.shape, (9, k))
@@ -84,10 +87,12 @@ class ExactTopkTest(parameterized.TestCase):
     queries_qd = rng.integers(-2, 3, size=(9, 2)).astype(np.float32)
     # 512-row chunks: with k=5 every group size prunes; with k=40 groups of
     # 16 are too few (32) and the plain path runs.
-    corpus = et.encode_corpus(corpus_nd, chunk_size=512,
-                              mesh=_mesh(num_devices))
+    corpus = et.encode_corpus(
+        corpus_nd, chunk_size=512, mesh=_mesh(num_devices)
+    )
     scores_qk, indices_qk = et.search(
-        corpus, queries_qd, k, group_size=group_size)
+        corpus, queries_qd, k, group_size=group_size
+    )
     ref_scores_qk, ref_indices_qk = _reference(queries_qd, corpus_nd, k)
     np.testing.assert_array_equal(indices_qk, ref_indices_qk)
     np.testing.assert_array_equal(scores_qk, ref_scores_qk)
@@ -100,14 +105,16 @@ class ExactTopkTest(parameterized.TestCase):
     # group of each size mixes real and padding rows.
     rng = np.random.default_rng(8)
     n = 3004
-    corpus_nd = _grid(rng, (n, 16))**2 + 0.125
-    queries_qd = -(_grid(rng, (5, 16))**2 + 0.125)
-    corpus = et.encode_corpus(corpus_nd, chunk_size=512,
-                              mesh=_mesh(num_devices))
+    corpus_nd = _grid(rng, (n, 16)) ** 2 + 0.125
+    queries_qd = -(_grid(rng, (5, 16)) ** 2 + 0.125)
+    corpus = et.encode_corpus(
+        corpus_nd, chunk_size=512, mesh=_mesh(num_devices)
+    )
     self.assertGreater(corpus.embeddings_nd.shape[0], n)
     for k in (1, 3, 20):
       scores_qk, indices_qk = et.search(
-          corpus, queries_qd, k, group_size=group_size)
+          corpus, queries_qd, k, group_size=group_size
+      )
       ref_scores_qk, ref_indices_qk = _reference(queries_qd, corpus_nd, k)
       np.testing.assert_array_equal(indices_qk, ref_indices_qk)
       np.testing.assert_array_equal(scores_qk, ref_scores_qk)
@@ -121,13 +128,13 @@ class ExactTopkTest(parameterized.TestCase):
     scores_n = np.zeros(1024, np.float32)
     scores_n[:40] = 10.0
     scores_n[512 + 4 * np.arange(num_above)] = 20.0 + np.arange(num_above)
-    corpus = et.encode_corpus(scores_n[:, None], chunk_size=512,
-                              mesh=_mesh(1))
+    corpus = et.encode_corpus(scores_n[:, None], chunk_size=512, mesh=_mesh(1))
     self.assertEqual(corpus.chunk_size, 512)
     queries_qd = np.ones((1, 1), np.float32)
     scores_qk, indices_qk = et.search(corpus, queries_qd, 32, group_size=4)
-    ref_scores_qk, ref_indices_qk = _reference(queries_qd, scores_n[:, None],
-                                               32)
+    ref_scores_qk, ref_indices_qk = _reference(
+        queries_qd, scores_n[:, None], 32
+    )
     np.testing.assert_array_equal(indices_qk, ref_indices_qk)
     np.testing.assert_array_equal(scores_qk, ref_scores_qk)
 
@@ -146,7 +153,8 @@ class ExactTopkTest(parameterized.TestCase):
     corpus_nd[copies] = corpus_nd[1700]
     queries_qd = corpus_nd[[1700]] * 3.0
     scores_qk, indices_qk = et.exact_topk(
-        queries_qd, corpus_nd, 8, chunk_size=128)
+        queries_qd, corpus_nd, 8, chunk_size=128
+    )
     np.testing.assert_array_equal(indices_qk[0, :5], copies)
     self.assertTrue((scores_qk[0, :5] == scores_qk[0, 0]).all())
     _, ref_indices_qk = _reference(queries_qd, corpus_nd, 8)
@@ -155,20 +163,26 @@ class ExactTopkTest(parameterized.TestCase):
   def test_cosine(self):
     rng = np.random.default_rng(2)
     # Rows of very different norms: dot and cosine rankings disagree.
-    corpus_nd = (rng.standard_normal((900, 32)) *
-                 rng.uniform(0.1, 10.0, (900, 1))).astype(np.float32)
+    corpus_nd = (
+        rng.standard_normal((900, 32)) * rng.uniform(0.1, 10.0, (900, 1))
+    ).astype(np.float32)
     queries_qd = rng.standard_normal((6, 32)).astype(np.float32) * 5.0
     scores_qk, indices_qk = et.exact_topk(
-        queries_qd, corpus_nd, 12, metric="cosine", chunk_size=128)
+        queries_qd, corpus_nd, 12, metric="cosine", chunk_size=128
+    )
     ref_scores_qk, ref_indices_qk = _reference(
-        _normalize(queries_qd), _normalize(corpus_nd), 12)
+        _normalize(queries_qd), _normalize(corpus_nd), 12
+    )
     np.testing.assert_array_equal(indices_qk, ref_indices_qk)
     np.testing.assert_allclose(scores_qk, ref_scores_qk, atol=1e-6)
     self.assertLessEqual(scores_qk.max(), 1.0 + 1e-6)
     # Same as the dot metric on pre-normalised inputs.
     dot_scores_qk, dot_indices_qk = et.exact_topk(
         _normalize(queries_qd).astype(np.float32),
-        _normalize(corpus_nd).astype(np.float32), 12, chunk_size=128)
+        _normalize(corpus_nd).astype(np.float32),
+        12,
+        chunk_size=128,
+    )
     np.testing.assert_array_equal(indices_qk, dot_indices_qk)
     np.testing.assert_allclose(scores_qk, dot_scores_qk, atol=1e-6)
     # And not the dot ranking on the raw vectors.
@@ -179,14 +193,17 @@ class ExactTopkTest(parameterized.TestCase):
     rng = np.random.default_rng(3)
     corpus_nd = jnp.asarray(rng.standard_normal((700, 256)), jnp.bfloat16)
     queries_qd = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
-    scores_qk, indices_qk = et.exact_topk(queries_qd, corpus_nd, 10,
-                                          chunk_size=128)
+    scores_qk, indices_qk = et.exact_topk(
+        queries_qd, corpus_nd, 10, chunk_size=128
+    )
     self.assertEqual(scores_qk.dtype, np.float32)
     # The bf16 values are exact in float64; a bf16 accumulator would be off
     # by ~0.1 at these magnitudes, float32 by ~1e-5.
     ref_scores_qk, ref_indices_qk = _reference(
-        np.asarray(queries_qd, np.float64), np.asarray(corpus_nd, np.float64),
-        10)
+        np.asarray(queries_qd, np.float64),
+        np.asarray(corpus_nd, np.float64),
+        10,
+    )
     np.testing.assert_array_equal(indices_qk, ref_indices_qk)
     np.testing.assert_allclose(scores_qk, ref_scores_qk, atol=1e-4)
 
@@ -204,16 +221,19 @@ class ExactTopkTest(parameterized.TestCase):
     }
     for name, mesh in meshes.items():
       results[name] = et.exact_topk(
-          queries_qd, corpus_nd, 20, metric=metric, chunk_size=256,
-          mesh=mesh)
+          queries_qd, corpus_nd, 20, metric=metric, chunk_size=256, mesh=mesh
+      )
     single_scores_qk, single_indices_qk = results["1"]
     for name in ("8", "4x2", "4x1x2"):
       scores_qk, indices_qk = results[name]
       np.testing.assert_array_equal(indices_qk, single_indices_qk)
       np.testing.assert_allclose(scores_qk, single_scores_qk, atol=1e-6)
     self.assertEqual(
-        et.encode_corpus(corpus_nd, mesh=meshes["8"]).embeddings_nd.sharding
-        .shard_shape((5120, 128)), (640, 128))
+        et.encode_corpus(
+            corpus_nd, mesh=meshes["8"]
+        ).embeddings_nd.sharding.shard_shape((5120, 128)),
+        (640, 128),
+    )
 
   def test_query_batches_match_one_batch(self):
     rng = np.random.default_rng(5)
@@ -221,7 +241,8 @@ class ExactTopkTest(parameterized.TestCase):
     queries_qd = rng.standard_normal((23, 16)).astype(np.float32)
     whole = et.exact_topk(queries_qd, corpus_nd, 5, chunk_size=128)
     batched = et.exact_topk(
-        queries_qd, corpus_nd, 5, chunk_size=128, query_batch_size=6)
+        queries_qd, corpus_nd, 5, chunk_size=128, query_batch_size=6
+    )
     np.testing.assert_array_equal(batched[1], whole[1])
     np.testing.assert_array_equal(batched[0], whole[0])
 
@@ -240,15 +261,21 @@ class ExactTopkTest(parameterized.TestCase):
       queries_qd = rng.standard_normal((17, 40)).astype(np.float32)
       # 17 queries in batches of 5: four batches, the last one padded.
       first = et.exact_topk(
-          queries_qd, corpus_nd, 7, chunk_size=128, query_batch_size=5)
-      traces = [e for e in events if e == (
-          "/jax/core/compile/jaxpr_trace_duration", "_search_batch")]
+          queries_qd, corpus_nd, 7, chunk_size=128, query_batch_size=5
+      )
+      traces = [
+          e
+          for e in events
+          if e == ("/jax/core/compile/jaxpr_trace_duration", "_search_batch")
+      ]
       self.assertLen(traces, 1)
       events.clear()
       second = et.exact_topk(
-          queries_qd + 1.0, corpus_nd, 7, chunk_size=128, query_batch_size=5)
+          queries_qd + 1.0, corpus_nd, 7, chunk_size=128, query_batch_size=5
+      )
       compiles = [
-          e for e in events
+          e
+          for e in events
           if e[0] == "/jax/core/compile/backend_compile_duration"
       ]
       self.assertEqual(compiles, [])
@@ -259,14 +286,14 @@ class ExactTopkTest(parameterized.TestCase):
   @parameterized.parameters(10, 100)
   def test_matches_faiss_flat_ip(self, k):
     rng = np.random.default_rng(7)
-    corpus_nd = _normalize(rng.standard_normal((20_000, 64))).astype(
-        np.float32)
+    corpus_nd = _normalize(rng.standard_normal((20_000, 64))).astype(np.float32)
     queries_qd = _normalize(rng.standard_normal((50, 64))).astype(np.float32)
     index = faiss.IndexFlatIP(64)
     index.add(corpus_nd)
     faiss_scores_qk, faiss_indices_qk = index.search(queries_qd, k)
-    scores_qk, indices_qk = et.exact_topk(queries_qd, corpus_nd, k,
-                                          chunk_size=2048)
+    scores_qk, indices_qk = et.exact_topk(
+        queries_qd, corpus_nd, k, chunk_size=2048
+    )
     np.testing.assert_array_equal(indices_qk, faiss_indices_qk)
     np.testing.assert_allclose(scores_qk, faiss_scores_qk, atol=1e-5)
 

@@ -29,6 +29,7 @@ def _random_runs(seed, num_queries=4):
 
 def _reference_hybrid(dense, sparse, alpha, normalization, weight_on_dense):
   """Fill with the raw minimum first, then normalise with raw min/max."""
+
   def norm(x, xs):
     xs = np.asarray(list(xs))
     if normalization == "minmax_center":
@@ -36,6 +37,7 @@ def _reference_hybrid(dense, sparse, alpha, normalization, weight_on_dense):
     if normalization == "zscore":
       return (x - xs.mean()) / xs.std()
     return x
+
   out = {}
   for doc in set(dense) | set(sparse):
     s = norm(sparse.get(doc, min(sparse.values())), sparse.values())
@@ -47,22 +49,25 @@ def _reference_hybrid(dense, sparse, alpha, normalization, weight_on_dense):
 class NormalizeTest(parameterized.TestCase):
 
   def test_minmax_center_known_answer(self):
-    out = fusion.normalize_scores({"a": 1.0, "b": 2.0, "c": 3.0},
-                                  "minmax_center")
+    out = fusion.normalize_scores(
+        {"a": 1.0, "b": 2.0, "c": 3.0}, "minmax_center"
+    )
     self.assertEqual(out, {"a": -0.5, "b": 0.0, "c": 0.5})
 
   def test_zscore_known_answer(self):
     out = fusion.normalize_scores({"a": 1.0, "b": 2.0, "c": 3.0}, "zscore")
     z = math.sqrt(1.5)  # (x - 2) / sqrt(2/3)
-    np.testing.assert_allclose([out["a"], out["b"], out["c"]], [-z, 0, z],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        [out["a"], out["b"], out["c"]], [-z, 0, z], rtol=1e-12
+    )
 
   @parameterized.parameters("minmax_center", "zscore")
   def test_constant_list_maps_to_zero(self, method):
-    self.assertEqual(fusion.normalize_scores({"a": 4.0, "b": 4.0}, method),
-                     {"a": 0.0, "b": 0.0})
-    self.assertEqual(fusion.normalize_scores({"a": -2.0}, method),
-                     {"a": 0.0})
+    self.assertEqual(
+        fusion.normalize_scores({"a": 4.0, "b": 4.0}, method),
+        {"a": 0.0, "b": 0.0},
+    )
+    self.assertEqual(fusion.normalize_scores({"a": -2.0}, method), {"a": 0.0})
     self.assertEqual(fusion.normalize_scores({}, method), {})
 
   def test_none_is_identity(self):
@@ -84,31 +89,45 @@ class InterpolateTest(parameterized.TestCase):
     out = fusion.interpolate(dense, sparse, alpha=0.5)
     # a: 0.5 * 4 + 3, b: 0.5 * 10 + 2, c: 0.5 * 4 + 1, d: 0.5 * 4 + 1; the
     # c/d tie is broken by doc id descending.
-    self.assertEqual(list(out["q"].items()),
-                     [("b", 7.0), ("a", 5.0), ("d", 3.0), ("c", 3.0)])
+    self.assertEqual(
+        list(out["q"].items()), [("b", 7.0), ("a", 5.0), ("d", 3.0), ("c", 3.0)]
+    )
 
   def test_missing_docs_with_normalisation_and_weight_on_dense(self):
     dense = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
     sparse = {"q": {"b": 10.0, "d": 4.0}}
-    out = fusion.interpolate(dense, sparse, alpha=0.5,
-                             normalization="minmax_center",
-                             weight_on_dense=True)
+    out = fusion.interpolate(
+        dense,
+        sparse,
+        alpha=0.5,
+        normalization="minmax_center",
+        weight_on_dense=True,
+    )
     # Normalised dense a .5, b 0, c -.5 (min -.5); sparse b .5, d -.5.
-    self.assertEqual(list(out["q"].items()),
-                     [("b", 0.5), ("a", -0.25), ("d", -0.75),
-                      ("c", -0.75)])
+    self.assertEqual(
+        list(out["q"].items()),
+        [("b", 0.5), ("a", -0.25), ("d", -0.75), ("c", -0.75)],
+    )
 
-  @parameterized.product(normalization=["none", "minmax_center", "zscore"],
-                         weight_on_dense=[False, True])
-  def test_matches_fill_then_normalise_reference(self, normalization,
-                                                 weight_on_dense):
+  @parameterized.product(
+      normalization=["none", "minmax_center", "zscore"],
+      weight_on_dense=[False, True],
+  )
+  def test_matches_fill_then_normalise_reference(
+      self, normalization, weight_on_dense
+  ):
     dense, sparse = _random_runs(0)
-    out = fusion.interpolate(dense, sparse, alpha=0.3,
-                             normalization=normalization,
-                             weight_on_dense=weight_on_dense)
+    out = fusion.interpolate(
+        dense,
+        sparse,
+        alpha=0.3,
+        normalization=normalization,
+        weight_on_dense=weight_on_dense,
+    )
     for qid in dense:
-      ref = _reference_hybrid(dense[qid], sparse[qid], 0.3, normalization,
-                              weight_on_dense)
+      ref = _reference_hybrid(
+          dense[qid], sparse[qid], 0.3, normalization, weight_on_dense
+      )
       self.assertEqual(set(out[qid]), set(ref))
       for doc, score in out[qid].items():
         self.assertAlmostEqual(score, ref[doc], places=12)
@@ -128,32 +147,42 @@ class InterpolateTest(parameterized.TestCase):
       lowest = min(dense_q.values())
       for doc in set(sparse[qid]) - set(dense_q):
         self.assertEqual(out[qid][doc], lowest)
-      self.assertEqual(fused[:len(dense_q) - 1], dense_order[:-1])
+      self.assertEqual(fused[: len(dense_q) - 1], dense_order[:-1])
 
-  @parameterized.product(normalization=["minmax_center", "zscore"],
-                         weight_on_dense=[False, True])
-  def test_invariant_to_positive_affine_rescaling(self, normalization,
-                                                  weight_on_dense):
+  @parameterized.product(
+      normalization=["minmax_center", "zscore"], weight_on_dense=[False, True]
+  )
+  def test_invariant_to_positive_affine_rescaling(
+      self, normalization, weight_on_dense
+  ):
     dense, sparse = _random_runs(2)
-    kwargs = dict(alpha=0.7, normalization=normalization,
-                  weight_on_dense=weight_on_dense, k=20)
+    kwargs = dict(
+        alpha=0.7,
+        normalization=normalization,
+        weight_on_dense=weight_on_dense,
+        k=20,
+    )
     base = fusion.interpolate(dense, sparse, **kwargs)
-    dense2 = {q: {d: 3.0 * s + 7.0 for d, s in ds.items()}
-              for q, ds in dense.items()}
-    sparse2 = {q: {d: 0.25 * s - 2.0 for d, s in ds.items()}
-               for q, ds in sparse.items()}
-    for d_run, s_run in ((dense2, sparse), (dense, sparse2),
-                         (dense2, sparse2)):
+    dense2 = {
+        q: {d: 3.0 * s + 7.0 for d, s in ds.items()} for q, ds in dense.items()
+    }
+    sparse2 = {
+        q: {d: 0.25 * s - 2.0 for d, s in ds.items()}
+        for q, ds in sparse.items()
+    }
+    for d_run, s_run in ((dense2, sparse), (dense, sparse2), (dense2, sparse2)):
       out = fusion.interpolate(d_run, s_run, **kwargs)
       for qid in base:
         self.assertEqual(list(out[qid]), list(base[qid]))
-        np.testing.assert_allclose(list(out[qid].values()),
-                                   list(base[qid].values()), atol=1e-12)
+        np.testing.assert_allclose(
+            list(out[qid].values()), list(base[qid].values()), atol=1e-12
+        )
     # Without normalisation the same rescaling does change the run.
     raw = dict(kwargs, normalization="none")
     self.assertNotEqual(
         [list(v) for v in fusion.interpolate(dense, sparse, **raw).values()],
-        [list(v) for v in fusion.interpolate(dense2, sparse, **raw).values()])
+        [list(v) for v in fusion.interpolate(dense2, sparse, **raw).values()],
+    )
 
   def test_top_k_and_single_run_queries(self):
     dense = {"q1": {"a": 1.0, "b": 3.0, "c": 2.0}, "q2": {"x": 5.0, "y": 9.0}}
@@ -167,8 +196,10 @@ class InterpolateTest(parameterized.TestCase):
 
   def test_inputs_untouched_and_k_checked(self):
     dense, sparse = _random_runs(3, num_queries=1)
-    copies = ({q: dict(v) for q, v in dense.items()},
-              {q: dict(v) for q, v in sparse.items()})
+    copies = (
+        {q: dict(v) for q, v in dense.items()},
+        {q: dict(v) for q, v in sparse.items()},
+    )
     fusion.interpolate(dense, sparse, normalization="zscore")
     self.assertEqual((dense, sparse), copies)
     with self.assertRaisesRegex(ValueError, "k must"):
@@ -181,9 +212,15 @@ class ReciprocalRankFusionTest(absltest.TestCase):
     run1 = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
     run2 = {"q": {"c": 5.0, "a": 4.0, "d": 1.0}}
     out = fusion.reciprocal_rank_fusion([run1, run2], k=60)
-    self.assertEqual(list(out["q"].items()),
-                     [("a", 1 / 61 + 1 / 62), ("c", 1 / 63 + 1 / 61),
-                      ("b", 1 / 62), ("d", 1 / 63)])
+    self.assertEqual(
+        list(out["q"].items()),
+        [
+            ("a", 1 / 61 + 1 / 62),
+            ("c", 1 / 63 + 1 / 61),
+            ("b", 1 / 62),
+            ("d", 1 / 63),
+        ],
+    )
 
   def test_tied_scores_rank_by_doc_id_descending(self):
     run = {"q": {"x": 1.0, "y": 1.0, "z": 0.5}}
@@ -191,7 +228,8 @@ class ReciprocalRankFusionTest(absltest.TestCase):
     self.assertEqual(out["q"], {"y": 1.0, "x": 0.5, "z": 1 / 3})
     # Mirrored ranks give bit-identical sums; the tie then goes by doc id.
     out = fusion.reciprocal_rank_fusion(
-        [{"q": {"a": 2.0, "b": 1.0}}, {"q": {"b": 2.0, "a": 1.0}}])
+        [{"q": {"a": 2.0, "b": 1.0}}, {"q": {"b": 2.0, "a": 1.0}}]
+    )
     self.assertEqual(list(out["q"]), ["b", "a"])
     self.assertEqual(out["q"]["a"], out["q"]["b"])
 

@@ -29,9 +29,10 @@ def _reference(q_qd, q_mask_q, d_ld, d_mask_l):
     return li.NEG
   total = 0.0
   for i in np.flatnonzero(q_mask_q):
-    total += max(float(np.dot(q_qd[i].astype(np.float64),
-                              d_ld[j].astype(np.float64)))
-                 for j in np.flatnonzero(d_mask_l))
+    total += max(
+        float(np.dot(q_qd[i].astype(np.float64), d_ld[j].astype(np.float64)))
+        for j in np.flatnonzero(d_mask_l)
+    )
   return total
 
 
@@ -39,8 +40,11 @@ def _one(q_qd, d_ld, q_mask_q=None, d_mask_l=None):
   """maxsim of one query against one document, as a Python float."""
   q_mask_q = np.ones(len(q_qd), bool) if q_mask_q is None else q_mask_q
   d_mask_l = np.ones(len(d_ld), bool) if d_mask_l is None else d_mask_l
-  return float(li.maxsim(q_qd[None], q_mask_q[None], d_ld[None, None],
-                         d_mask_l[None, None])[0, 0])
+  return float(
+      li.maxsim(
+          q_qd[None], q_mask_q[None], d_ld[None, None], d_mask_l[None, None]
+      )[0, 0]
+  )
 
 
 def _corpus(rng, n=12, length=7, dim=16, lq=5, q=4):
@@ -75,8 +79,9 @@ class MaxSimTest(parameterized.TestCase):
     prefix_ml = np.arange(10)[None, :] <= np.arange(10)[:, None]
     d_mask_bml = np.broadcast_to(prefix_ml, (5, 10, 10))
     d_bmld = np.broadcast_to(d[:, None], (5, 10, 10, 8))
-    scores_bm = np.asarray(li.maxsim(q, np.ones((5, 4), bool), d_bmld,
-                                     d_mask_bml))
+    scores_bm = np.asarray(
+        li.maxsim(q, np.ones((5, 4), bool), d_bmld, d_mask_bml)
+    )
     self.assertTrue(np.all(np.diff(scores_bm, axis=1) >= -1e-6), scores_bm)
     self.assertTrue(np.all(scores_bm[:, 0] < scores_bm[:, -1]))
 
@@ -88,8 +93,11 @@ class MaxSimTest(parameterized.TestCase):
     perm = rng.permutation(9)
     # A float32 sum of 5 maxima of size ~1 whose dot products may round
     # differently with the rows' order: 1e-5, not 5e-7.
-    self.assertAlmostEqual(_one(q, d, d_mask_l=mask),
-                           _one(q, d[perm], d_mask_l=mask[perm]), places=5)
+    self.assertAlmostEqual(
+        _one(q, d, d_mask_l=mask),
+        _one(q, d[perm], d_mask_l=mask[perm]),
+        places=5,
+    )
 
   def test_masked_token_never_changes_score_all_negative(self):
     # Every real similarity is negative; the masked token would win any
@@ -107,8 +115,9 @@ class MaxSimTest(parameterized.TestCase):
     rng = np.random.default_rng(3)
     q, d = _unit(rng, 6, 8), _unit(rng, 5, 8)
     mask = np.array([1, 0, 1, 1, 0, 0], bool)
-    self.assertAlmostEqual(_one(q, d, q_mask_q=mask), _one(q[mask], d),
-                           places=5)
+    self.assertAlmostEqual(
+        _one(q, d, q_mask_q=mask), _one(q[mask], d), places=5
+    )
     self.assertEqual(_one(q, d, q_mask_q=np.zeros(6, bool)), 0.0)
 
   def test_doc_without_scored_tokens_scores_neg(self):
@@ -125,8 +134,10 @@ class MaxSimTest(parameterized.TestCase):
     d_mask[3] = False  # One empty document.
     cand = rng.integers(0, len(docs), (4, 6))
     got = np.asarray(li.maxsim(queries, q_mask, docs[cand], d_mask[cand]))
-    want = np.array([[_reference(queries[b], q_mask[b], docs[c], d_mask[c])
-                      for c in row] for b, row in enumerate(cand)])
+    want = np.array([
+        [_reference(queries[b], q_mask[b], docs[c], d_mask[c]) for c in row]
+        for b, row in enumerate(cand)
+    ])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
   @parameterized.parameters(None, 1, 5)
@@ -134,18 +145,27 @@ class MaxSimTest(parameterized.TestCase):
     rng = np.random.default_rng(6)
     queries, q_mask, docs, d_mask = _corpus(rng)
     d_mask[7] = False
-    got = np.asarray(li.maxsim_all(queries, q_mask, docs, d_mask,
-                                   chunk_size=chunk_size))
+    got = np.asarray(
+        li.maxsim_all(queries, q_mask, docs, d_mask, chunk_size=chunk_size)
+    )
     self.assertEqual(got.shape, (4, 12))
-    want = np.array([[_reference(queries[b], q_mask[b], docs[n], d_mask[n])
-                      for n in range(12)] for b in range(4)])
+    want = np.array([
+        [
+            _reference(queries[b], q_mask[b], docs[n], d_mask[n])
+            for n in range(12)
+        ]
+        for b in range(4)
+    ])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
   def test_maxsim_all_float16_inputs(self):
     rng = np.random.default_rng(7)
     queries, q_mask, docs, d_mask = _corpus(rng)
-    got = np.asarray(li.maxsim_all(queries.astype(np.float16), q_mask,
-                                   docs.astype(np.float16), d_mask))
+    got = np.asarray(
+        li.maxsim_all(
+            queries.astype(np.float16), q_mask, docs.astype(np.float16), d_mask
+        )
+    )
     self.assertEqual(got.dtype, np.float32)
     want = np.asarray(li.maxsim_all(queries, q_mask, docs, d_mask))
     # Bound from the storage rounding: at most L_q * 2^-10.
@@ -181,8 +201,9 @@ class RerankTest(parameterized.TestCase):
     super().setUp()
     rng = np.random.default_rng(10)
     self.queries, self.q_mask, self.docs, self.d_mask = _corpus(rng, q=5)
-    self.dense = np.asarray(li.maxsim_all(self.queries, self.q_mask,
-                                          self.docs, self.d_mask))
+    self.dense = np.asarray(
+        li.maxsim_all(self.queries, self.q_mask, self.docs, self.d_mask)
+    )
     cand = np.stack([rng.permutation(12)[:8] for _ in range(5)])
     cand[1, 5:] = -1
     cand[3, 0] = -1  # An empty slot first: must still end last.
@@ -193,16 +214,18 @@ class RerankTest(parameterized.TestCase):
   def test_rerank_sorts_by_maxsim_and_keeps_empty_last(self, on_device):
     docs = jnp.asarray(self.docs) if on_device else self.docs
     d_mask = jnp.asarray(self.d_mask) if on_device else self.d_mask
-    scores, indices = li.rerank(self.queries, self.q_mask, docs, d_mask,
-                                self.cand, batch=2)
+    scores, indices = li.rerank(
+        self.queries, self.q_mask, docs, d_mask, self.cand, batch=2
+    )
     for q in range(5):
       valid = self.cand[q][self.cand[q] >= 0]
       want = valid[np.argsort(-self.dense[q, valid], kind="stable")]
       n = len(valid)
       np.testing.assert_array_equal(indices[q, :n], want)
       np.testing.assert_array_equal(indices[q, n:], -1)
-      np.testing.assert_allclose(scores[q, :n], self.dense[q, want],
-                                 rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(
+          scores[q, :n], self.dense[q, want], rtol=1e-5, atol=1e-5
+      )
       self.assertTrue(np.all(np.isneginf(scores[q, n:])))
       self.assertTrue(np.all(np.diff(scores[q, :n]) <= 0))
 
@@ -211,26 +234,34 @@ class RerankTest(parameterized.TestCase):
     docs, d_mask = self.docs.copy(), self.d_mask.copy()
     docs[5], d_mask[5] = docs[2], d_mask[2]
     for cand in ([[5, 2, 0]], [[2, 0, 5]]):
-      _, indices = li.rerank(self.queries[:1], self.q_mask[:1], docs, d_mask,
-                             np.array(cand))
+      _, indices = li.rerank(
+          self.queries[:1], self.q_mask[:1], docs, d_mask, np.array(cand)
+      )
       order = [i for i in indices[0] if i in (2, 5)]
       self.assertEqual(order, [i for i in cand[0] if i in (2, 5)])
 
   def test_empty_doc_ranks_below_real_above_empty_slot(self):
     d_mask = self.d_mask.copy()
     d_mask[4] = False
-    scores, indices = li.rerank(self.queries[:1], self.q_mask[:1], self.docs,
-                                d_mask, np.array([[-1, 4, 1]]))
+    scores, indices = li.rerank(
+        self.queries[:1],
+        self.q_mask[:1],
+        self.docs,
+        d_mask,
+        np.array([[-1, 4, 1]]),
+    )
     np.testing.assert_array_equal(indices, [[1, 4, -1]])
     self.assertEqual(scores[0, 1], np.float32(li.NEG))
 
   def test_bad_candidates(self):
     with self.assertRaisesRegex(ValueError, "outside"):
-      li.rerank(self.queries, self.q_mask, self.docs, self.d_mask,
-                np.full((5, 2), 12))
+      li.rerank(
+          self.queries, self.q_mask, self.docs, self.d_mask, np.full((5, 2), 12)
+      )
     with self.assertRaisesRegex(ValueError, "candidate rows"):
-      li.rerank(self.queries[:2], self.q_mask[:2], self.docs, self.d_mask,
-                self.cand)
+      li.rerank(
+          self.queries[:2], self.q_mask[:2], self.docs, self.d_mask, self.cand
+      )
 
 
 class TwoStageTest(absltest.TestCase):
@@ -248,8 +279,10 @@ class TwoStageTest(absltest.TestCase):
   def _first_stage_order(self):
     scores = np.where(self.cand >= 0, self.first, -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")
-    return (np.take_along_axis(self.cand, order, axis=1),
-            np.take_along_axis(scores, order, axis=1))
+    return (
+        np.take_along_axis(self.cand, order, axis=1),
+        np.take_along_axis(scores, order, axis=1),
+    )
 
   def test_full_depth_equals_rerank(self):
     scores, indices = li.rerank(*self.args, self._first_stage_order()[0])
@@ -278,10 +311,8 @@ class TwoStageTest(absltest.TestCase):
     np.testing.assert_array_equal(result.indices_qk[:, :4], head)
     np.testing.assert_array_equal(result.indices_qk[:, 4:], indices[:, 4:])
     # float32 MaxSim over other candidate counts: a few ulps (see above).
-    np.testing.assert_allclose(result.maxsim_qk[:, :4], head_scores,
-                               rtol=1e-6)
-    np.testing.assert_array_equal(result.first_stage_qk[:, 4:],
-                                  scores[:, 4:])
+    np.testing.assert_allclose(result.maxsim_qk[:, :4], head_scores, rtol=1e-6)
+    np.testing.assert_array_equal(result.first_stage_qk[:, 4:], scores[:, 4:])
     # first_stage_qk moved with its documents.
     for q in range(3):
       lookup = dict(zip(self.cand[q].tolist(), self.first[q].tolist()))
@@ -298,21 +329,27 @@ class TwoStageTest(absltest.TestCase):
     ratio = 0.5
     kept = scores >= ratio * scores[:, :1]
     for drop in (True, False):
-      result = li.two_stage(self.first, self.cand, *self.args,
-                            prune_ratio=ratio, drop_pruned=drop)
+      result = li.two_stage(
+          self.first, self.cand, *self.args, prune_ratio=ratio, drop_pruned=drop
+      )
       self.assertEqual(result.num_maxsim, int(kept.sum()))
       for q in range(3):
         survivors = indices[q][kept[q]]
         pruned = indices[q][~kept[q] & (indices[q] >= 0)]
-        _, want = li.rerank(self.queries[q:q + 1], self.q_mask[q:q + 1],
-                            self.docs, self.d_mask, survivors[None])
+        _, want = li.rerank(
+            self.queries[q : q + 1],
+            self.q_mask[q : q + 1],
+            self.docs,
+            self.d_mask,
+            survivors[None],
+        )
         n = len(survivors)
         np.testing.assert_array_equal(result.indices_qk[q, :n], want[0])
         tail = result.indices_qk[q, n:]
         if drop:
           np.testing.assert_array_equal(tail, -1)
         else:
-          np.testing.assert_array_equal(tail[:len(pruned)], pruned)
+          np.testing.assert_array_equal(tail[: len(pruned)], pruned)
     # Ratio 0 prunes nothing; ratio 1 keeps only the top (distinct scores).
     r0 = li.two_stage(self.first, self.cand, *self.args, prune_ratio=0.0)
     self.assertEqual(r0.num_maxsim, int((self.cand >= 0).sum()))
@@ -323,10 +360,12 @@ class TwoStageTest(absltest.TestCase):
   def test_prune_with_depth_counts_both_limits(self):
     indices, scores = self._first_stage_order()
     kept = scores >= 0.3 * scores[:, :1]
-    result = li.two_stage(self.first, self.cand, *self.args, depth=3,
-                          prune_ratio=0.3)
-    self.assertEqual(result.num_maxsim,
-                     int(np.minimum(kept.sum(axis=1), 3).sum()))
+    result = li.two_stage(
+        self.first, self.cand, *self.args, depth=3, prune_ratio=0.3
+    )
+    self.assertEqual(
+        result.num_maxsim, int(np.minimum(kept.sum(axis=1), 3).sum())
+    )
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "depth=-1"):

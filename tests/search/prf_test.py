@@ -18,18 +18,16 @@ import numpy as np
 from retrieval_jax.search import prf
 
 _Q = np.array([[1.0, 0.0]], np.float32)
-_DOCS = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, 4.0]],
-                 np.float32)
+_DOCS = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, 4.0]], np.float32)
 
 
-def _reference(q_qd, docs_nd, feedback_qk, alpha, beta, gamma, k_top,
-               k_bottom):
+def _reference(q_qd, docs_nd, feedback_qk, alpha, beta, gamma, k_top, k_bottom):
   """Rocchio by loops in float64; Average is alpha = beta = 1/(1+n)."""
   out = []
   for q_d, row in zip(q_qd.astype(np.float64), feedback_qk):
     valid = [int(i) for i in row if i >= 0]
     top = docs_nd[valid[:k_top]].astype(np.float64)
-    bottom = docs_nd[valid[len(valid) - min(k_bottom, len(valid)):]]
+    bottom = docs_nd[valid[len(valid) - min(k_bottom, len(valid)) :]]
     new = alpha * q_d
     if len(top):
       new = new + beta * top.mean(0)
@@ -59,7 +57,8 @@ class AveragePrfTest(parameterized.TestCase):
   def test_k_zero_is_identity(self):
     queries, docs, feedback = _random_case(0)
     np.testing.assert_array_equal(
-        prf.average_prf(queries, docs, feedback, k=0), queries)
+        prf.average_prf(queries, docs, feedback, k=0), queries
+    )
 
   def test_missing_entries_are_skipped(self):
     # Trailing padding: (q + d0) / 2, not / 3.
@@ -77,38 +76,64 @@ class AveragePrfTest(parameterized.TestCase):
     out = prf.average_prf(queries, docs, feedback, k=k)
     counts = [min(k, int((row >= 0).sum())) for row in feedback]
     ref = np.concatenate([
-        _reference(queries[i:i + 1], docs, feedback[i:i + 1], 1 / (1 + c),
-                   c / (1 + c), 0.0, k, 0) for i, c in enumerate(counts)])
+        _reference(
+            queries[i : i + 1],
+            docs,
+            feedback[i : i + 1],
+            1 / (1 + c),
+            c / (1 + c),
+            0.0,
+            k,
+            0,
+        )
+        for i, c in enumerate(counts)
+    ])
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 class RocchioPrfTest(parameterized.TestCase):
 
   def test_known_answer(self):
-    out = prf.rocchio_prf(_Q, _DOCS, np.array([[0, 1, 2]]), alpha=0.9,
-                          beta=0.1, k_top=2)
+    out = prf.rocchio_prf(
+        _Q, _DOCS, np.array([[0, 1, 2]]), alpha=0.9, beta=0.1, k_top=2
+    )
     self.assertEqual(out.dtype, jnp.float32)
     np.testing.assert_allclose(out, [[0.95, 0.1]], rtol=1e-6)
 
   def test_alpha_one_beta_zero_is_identity(self):
     queries, docs, feedback = _random_case(1)
     np.testing.assert_array_equal(
-        prf.rocchio_prf(queries, docs, feedback, alpha=1.0, beta=0.0),
-        queries)
+        prf.rocchio_prf(queries, docs, feedback, alpha=1.0, beta=0.0), queries
+    )
 
   def test_bottom_k_negative_feedback_known_answer(self):
     # top: d0 = (0, 1); bottom: last two valid = d2, d3, mean (1, 2).
     # q' = (1, 0) + 0.5 (0, 1) - 0.5 (1, 2) = (0.5, -0.5).
-    out = prf.rocchio_prf(_Q, _DOCS, np.array([[0, 1, 2, 3, -1]]),
-                          alpha=1.0, beta=0.5, gamma=0.5, k_top=1,
-                          k_bottom=2)
+    out = prf.rocchio_prf(
+        _Q,
+        _DOCS,
+        np.array([[0, 1, 2, 3, -1]]),
+        alpha=1.0,
+        beta=0.5,
+        gamma=0.5,
+        k_top=1,
+        k_bottom=2,
+    )
     np.testing.assert_allclose(out, [[0.5, -0.5]], rtol=1e-6)
 
   @parameterized.parameters((3, 0), (2, 2), (10, 4))
   def test_matches_reference(self, k_top, k_bottom):
     queries, docs, feedback = _random_case(k_top + k_bottom)
-    out = prf.rocchio_prf(queries, docs, feedback, alpha=0.8, beta=0.3,
-                          gamma=0.2, k_top=k_top, k_bottom=k_bottom)
+    out = prf.rocchio_prf(
+        queries,
+        docs,
+        feedback,
+        alpha=0.8,
+        beta=0.3,
+        gamma=0.2,
+        k_top=k_top,
+        k_bottom=k_bottom,
+    )
     ref = _reference(queries, docs, feedback, 0.8, 0.3, 0.2, k_top, k_bottom)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -116,8 +141,16 @@ class RocchioPrfTest(parameterized.TestCase):
     queries, docs, feedback = _random_case(2)
     fn = jax.jit(functools.partial(prf.rocchio_prf, k_top=2, k_bottom=1))
     jitted = fn(queries, docs, feedback, alpha=0.7, beta=0.2, gamma=0.1)
-    eager = prf.rocchio_prf(queries, docs, feedback, alpha=0.7, beta=0.2,
-                            gamma=0.1, k_top=2, k_bottom=1)
+    eager = prf.rocchio_prf(
+        queries,
+        docs,
+        feedback,
+        alpha=0.7,
+        beta=0.2,
+        gamma=0.1,
+        k_top=2,
+        k_bottom=1,
+    )
     # float32; jit may fuse / reorder the sums, and entries can be near 0.
     np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
 
@@ -127,18 +160,25 @@ class CommonTest(parameterized.TestCase):
   @parameterized.parameters("average", "rocchio")
   def test_renormalize_gives_unit_norm_same_direction(self, method):
     queries, docs, feedback = _random_case(3)
-    fn = (functools.partial(prf.average_prf, k=3) if method == "average"
-          else prf.rocchio_prf)
+    fn = (
+        functools.partial(prf.average_prf, k=3)
+        if method == "average"
+        else prf.rocchio_prf
+    )
     raw = np.asarray(fn(queries, docs, feedback))
     unit = np.asarray(fn(queries, docs, feedback, renormalize=True))
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(
-        unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5)
+        unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5
+    )
 
   def test_float32_out_for_other_float_inputs(self):
-    out = prf.rocchio_prf(_Q.astype(np.float64), jnp.asarray(_DOCS,
-                                                             jnp.bfloat16),
-                          np.array([[0, 1]], np.int32), k_top=2)
+    out = prf.rocchio_prf(
+        _Q.astype(np.float64),
+        jnp.asarray(_DOCS, jnp.bfloat16),
+        np.array([[0, 1]], np.int32),
+        k_top=2,
+    )
     self.assertEqual(out.dtype, jnp.float32)
     np.testing.assert_allclose(out, [[0.95, 0.1]], rtol=1e-6)
 
