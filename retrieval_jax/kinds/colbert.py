@@ -16,19 +16,6 @@ from retrieval_jax.kinds import base
 from retrieval_jax.models import colbert as colbert_model
 from retrieval_jax.search import late_interaction
 
-# Device-batch keys: separate attention and score masks per side.
-KEYS = (
-    "query_ids",
-    "query_mask",
-    "query_score_mask",
-    "passage_ids",
-    "passage_mask",
-    "passage_score_mask",
-    "positive_counts",
-    "passage_doc",
-    "relevant_doc",
-)
-
 
 def loss(
     model,
