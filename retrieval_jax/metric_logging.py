@@ -1,7 +1,9 @@
-"""Metric logging: clu writers, an append-only metrics.jsonl, a NaN guard.
+"""Metric logging: TensorBoard events, an append-only metrics.jsonl, a NaN guard.
 
-Scalars go to clu's default writer (TensorBoard events + INFO log; the log only
-without `tensorboard`) and, from process 0, to `<workdir>/metrics.jsonl`: one
+Scalars go to the INFO log and, from process 0, to TensorBoard event files
+through `tensorboard.summary.Writer` (pure Python: no TensorFlow, so the run
+path works on accelerator images without it) and to
+`<workdir>/metrics.jsonl`: one
 flushed line `{"step": 120, "train/loss": 0.71, ...}` per `write`. A record cut
 by a crash is dropped on reopen; after a resume, rerun steps appear twice.
 """
@@ -17,15 +19,12 @@ import numpy as np
 
 from retrieval_jax import checkpointing
 
-# clu imports TensorFlow: hide the accelerators from it first.
-from retrieval_jax.data import tf_setup  # noqa: F401  # pylint: disable=unused-import
-
 try:
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from tensorboard import summary as tb_summary  # pylint: disable=g-import-not-at-top
 
   _WRITERS_IMPORT_ERROR = None
-except ImportError as e:  # clu's TensorBoard writer needs `tensorboard`.
-  metric_writers = None
+except ImportError as e:
+  tb_summary = None
   _WRITERS_IMPORT_ERROR = e
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,8 +32,8 @@ STEP_KEY = "step"  # no metric may use it
 
 
 def tensorboard_available() -> bool:
-  """Whether clu's TensorBoard writer can be used in this environment."""
-  return metric_writers is not None
+  """Whether TensorBoard event files can be written in this environment."""
+  return tb_summary is not None
 
 
 class NonFiniteError(FloatingPointError):
@@ -118,25 +117,36 @@ def _drop_partial_last_line(path: str) -> None:
       f.truncate(start)
 
 
-class _LogOnlyWriter:
-  """The INFO-log half of clu's default writer, used without tensorboard."""
+class _Writer:
+  """INFO log everywhere; TensorBoard events where `events_dir` is given."""
+
+  def __init__(self, events_dir: str | None):
+    self._events = None
+    if events_dir is not None and tb_summary is not None:
+      self._events = tb_summary.Writer(events_dir)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     values = ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items()))
     logging.info("[%d] %s", step, values)
+    if self._events is not None:
+      for name, value in scalars.items():
+        self._events.add_scalar(name, value, step)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    # Logged only: the resolved config is saved with every checkpoint.
     logging.info("[Hyperparameters] %s", hparams)
 
   def flush(self) -> None:
-    pass
+    if self._events is not None:
+      self._events.flush()
 
   def close(self) -> None:
-    pass
+    if self._events is not None:
+      self._events.close()
 
 
 class MetricLogger:
-  """Writes scalars to clu's writers and metrics.jsonl; a context manager."""
+  """Writes scalars to the log, TensorBoard and metrics.jsonl; a context manager."""
 
   def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True):
     """Opens the writers; only the `is_primary` process (0) writes files."""
@@ -145,19 +155,14 @@ class MetricLogger:
     self._closed = False
     if is_primary:
       os.makedirs(self._workdir, exist_ok=True)
-    if metric_writers is not None:
-      self._writer = metric_writers.create_default_writer(
-          self._workdir, just_logging=not is_primary
+    if is_primary and tb_summary is None:
+      logging.warning(
+          "TensorBoard summaries are off: %s; install tensorboard. Writing the"
+          " log and %s only.",
+          _WRITERS_IMPORT_ERROR,
+          METRICS_FILE,
       )
-    else:
-      if is_primary:
-        logging.warning(
-            "TensorBoard summaries are off: clu's writers cannot be imported"
-            " (%s); install tensorboard. Writing the log and %s only.",
-            _WRITERS_IMPORT_ERROR,
-            METRICS_FILE,
-        )
-      self._writer = _LogOnlyWriter()
+    self._writer = _Writer(self._workdir if is_primary else None)
     if is_primary:
       path = os.path.join(self._workdir, METRICS_FILE)
       # Append: a resumed run keeps its history in the same file.
@@ -205,7 +210,7 @@ class MetricLogger:
     if self._closed:
       return
     self._closed = True
-    self._writer.flush()  # clu's writer is asynchronous
+    self._writer.flush()
     self._writer.close()
     if self._file is not None:
       self._file.close()

@@ -130,7 +130,7 @@ class MetricLoggerTest(absltest.TestCase):
     self.assertEqual(ml.read_metrics(self.path), [])
 
   @absltest.skipUnless(
-      ml.tensorboard_available(), "clu's TensorBoard writer needs `tensorboard`"
+      ml.tensorboard_available(), "TensorBoard events need `tensorboard`"
   )
   def test_tensorboard_event_file(self):
     with ml.MetricLogger(self.workdir) as logger:
@@ -158,8 +158,8 @@ class MetricLoggerTest(absltest.TestCase):
     self.assertEqual(got, [(1, 1.0), (2, 0.25)])
 
   def test_without_tensorboard_logs_and_writes_jsonl(self):
-    # As if clu's writers could not be imported (no `tensorboard`).
-    self.enter_context(mock.patch.object(ml, "metric_writers", None))
+    # As if `tensorboard` could not be imported.
+    self.enter_context(mock.patch.object(ml, "tb_summary", None))
     self.enter_context(
         mock.patch.object(
             ml, "_WRITERS_IMPORT_ERROR", ImportError("No module 'tensorboard'")
