@@ -256,8 +256,13 @@ class TextEncoder(_MeshEncoder):
         max_length=max_length or loaded.max_length,
     )
 
-  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+  def tokenize(
+      self, texts: Sequence[str], *, desc: str = "tokenize", progress=False
+  ) -> list[list[int]]:
     """Token ids per text, [CLS] ... [SEP], truncated to `max_length`."""
+    texts = tqdm.tqdm(
+        texts, desc=desc, unit="text", disable=not progress, mininterval=1.0
+    )
     return [self.tokenizer.encode(t, self.max_length) for t in texts]
 
   def encode(
@@ -272,7 +277,7 @@ class TextEncoder(_MeshEncoder):
   ) -> np.ndarray:
     """float32 [N, D] embeddings of `texts`, in input order."""
     return self.encode_ids(
-        self.tokenize(texts),
+        self.tokenize(texts, desc=f"{desc}: tokenize", progress=progress),
         batch_size=batch_size,
         pad_multiple=pad_multiple,
         sort_by_length=sort_by_length,

@@ -10,6 +10,7 @@ here), and the run path must work without TF (issue 17). Config names
 import dataclasses
 import os
 import re
+import time
 
 from absl import logging
 import numpy as np
@@ -189,10 +190,14 @@ def prepare_builder(builder_cls, config, data_dir=None):
       config=config, data_dir=data_dir, file_format="array_record"
   )
   if not builder.is_prepared():
-    logging.info("Preparing %s in %s", builder.builder_config.name, data_dir)
-    # Local collections prepare in seconds; nested progress bars only clutter.
-    tfds.display_progress_bar(False)
-    builder.download_and_prepare()
+    name = builder.builder_config.name
+    logging.info("Preparing %s in %s", name, data_dir)
+    start = time.perf_counter()
+    builder.download_and_prepare()  # TFDS's own progress bars
+    counts = {k: v.num_examples for k, v in builder.info.splits.items()}
+    logging.info(
+        "Prepared %s in %.1f s: %s", name, time.perf_counter() - start, counts
+    )
   return builder
 
 

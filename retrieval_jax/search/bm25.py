@@ -54,9 +54,16 @@ class Bm25Index:
 
   @classmethod
   def build(
-      cls, corpus_texts: Sequence[str], settings: dict[str, Any] | None = None
+      cls,
+      corpus_texts: Sequence[str],
+      settings: dict[str, Any] | None = None,
+      *,
+      progress: bool = True,
   ) -> "Bm25Index":
-    """Tokenizes and indexes non-empty `corpus_texts` (`beir.doc_text` rows)."""
+    """Tokenizes and indexes non-empty `corpus_texts` (`beir.doc_text` rows).
+
+    `progress`: bm25s's bars on stderr (tokenize, count, score).
+    """
     if not corpus_texts:
       raise ValueError("the corpus is empty: there is nothing to index")
     import bm25s  # pylint: disable=g-import-not-at-top
@@ -68,12 +75,15 @@ class Bm25Index:
     )
     index = cls(retriever, len(corpus_texts), settings, 0.0)
     retriever.index(
-        index._tokenize(corpus_texts, return_ids=True), show_progress=False
+        index._tokenize(corpus_texts, return_ids=True, progress=progress),
+        show_progress=progress,
     )
     index.build_s = time.perf_counter() - start
     return index
 
-  def _tokenize(self, texts: Sequence[str], return_ids: bool):
+  def _tokenize(
+      self, texts: Sequence[str], return_ids: bool, progress: bool = False
+  ):
     import bm25s  # pylint: disable=g-import-not-at-top
     import Stemmer  # pylint: disable=g-import-not-at-top
 
@@ -85,7 +95,7 @@ class Bm25Index:
         token_pattern=s["token_pattern"],
         stopwords=s["stopwords"],
         stemmer=Stemmer.Stemmer(s["stemmer"]),
-        show_progress=False,
+        show_progress=progress,
     )
 
   def scores(self, query_texts: Sequence[str]) -> list[np.ndarray | None]:
