@@ -6,10 +6,17 @@ safetensors weights and tokenizer/. Imports no Flax, Optax, Orbax or TF.
 
   model = ServingModel.load("/path/to/export")
   scores_nm = model.encode_queries(queries) @ model.encode_passages(docs).T
+
+A dense index directory is what `--mode=encode` writes, corpus_embeddings.npy
+(float32 [N, D], row i is document i) and corpus_ids.json ([N] str), plus an
+optional index.json (metric, sizes, where the rows came from) that
+`write_index` / `build_index` add; `load_index` reads either. `serve.py`
+serves an export and an index over HTTP.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -20,7 +27,9 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from retrieval_jax import io
 from retrieval_jax.data import tokenizers
+from retrieval_jax.search import exact_topk
 
 FORMAT = "retrieval_jax.serving_towers"
 # Bump when an old reader could misread a new directory (2: tokenizer files).
@@ -34,6 +43,14 @@ TOWER_FILES = {
 PARAMS_FILE = "params.safetensors"
 QUERY_PARAMS_FILE = "query_params.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# What a tower's texts are called in errors ("queries[3] is int, ...").
+TEXT_NAMES = {"query": "queries", "passage": "passages"}
+# Index directory files; the first two are `--mode=encode`'s output.
+INDEX_EMBEDDINGS_FILE = "corpus_embeddings.npy"
+INDEX_IDS_FILE = "corpus_ids.json"
+INDEX_INFO_FILE = "index.json"
+INDEX_FORMAT = "retrieval_jax.dense_index"
+INDEX_FORMAT_VERSION = 1
 # Length of a tower's inputs: "symbolic" towers take any length up to their
 # max_length; "fixed" towers take exactly max_length (the loader pads to it).
 LENGTH_MODES = ("symbolic", "fixed")
@@ -65,6 +82,28 @@ def build_tokenizer(
         f"{tokenizer.vocab_size} vs {recipe['vocab_size']}"
     )
   return tokenizer
+
+
+def check_texts(texts: Iterable[str], name: str = "texts") -> list[str]:
+  """`texts` as a list; TypeError naming the first item that is not a str.
+
+  The tokenizers' own errors ("expected string or bytes-like object") name
+  neither the item nor its position: "queries[1] is int, expected str".
+  """
+  if isinstance(texts, (str, bytes)):  # would embed its characters
+    raise TypeError(
+        f"{name} is one {type(texts).__name__}, expected a sequence of str"
+    )
+  try:
+    texts = list(texts)
+  except TypeError:
+    raise TypeError(
+        f"{name} is {type(texts).__name__}, expected a sequence of str"
+    ) from None
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise TypeError(f"{name}[{i}] is {type(text).__name__}, expected str")
+  return texts
 
 
 def special_token_ids(tokenizer: tokenizers.Tokenizer) -> dict:
@@ -232,10 +271,12 @@ class ServingModel:
     return self._towers[tower]
 
   def tokenize(self, tower: str, texts: Sequence[str]) -> list[list[int]]:
-    """Ids per text, [CLS] head [SEP], at most `max_length(tower)` each."""
-    if isinstance(texts, str):  # would embed its characters
-      raise TypeError("texts must be a sequence of strings, not one string")
+    """Ids per text, [CLS] head [SEP], at most `max_length(tower)` each.
+
+    TypeError for one string or a non-str item, naming it (`check_texts`).
+    """
     max_length = self._tower(tower).max_length
+    texts = check_texts(texts, TEXT_NAMES[tower])
     return [self.tokenizer.encode(t, max_length) for t in texts]
 
   def encode_queries(
@@ -346,3 +387,168 @@ def _check_signature(
           f"{name} tower argument {i} is {aval}, the weight "
           f"file holds {array.dtype}{list(array.shape)}"
       )
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseIndex:
+  """Documents and their embeddings: row i of embeddings_nd is doc_ids[i].
+
+  embeddings_nd: float32 [N, D]; metric: "dot" or "cosine" (see
+  `exact_topk.METRICS`); info: index.json's content ({} without one).
+  """
+
+  directory: pathlib.Path
+  doc_ids: list[str]
+  embeddings_nd: np.ndarray
+  metric: str
+  info: dict
+
+  @property
+  def num_docs(self) -> int:
+    """N, the number of documents."""
+    return len(self.doc_ids)
+
+  @property
+  def embedding_dim(self) -> int:
+    """D, the width of each row."""
+    return int(self.embeddings_nd.shape[1])
+
+
+def _check_index(doc_ids, embeddings_nd, metric: str, where: str) -> None:
+  """ValueError naming `where` unless ids and rows make a searchable index."""
+  if metric not in exact_topk.METRICS:
+    raise ValueError(
+        f"{where}: metric {metric!r} is not one of {exact_topk.METRICS}"
+    )
+  if embeddings_nd.ndim != 2 or not embeddings_nd.shape[0]:
+    raise ValueError(
+        f"{where}: embeddings must be a non-empty [N, D] array, got shape "
+        f"{embeddings_nd.shape}"
+    )
+  if len(doc_ids) != embeddings_nd.shape[0]:
+    raise ValueError(
+        f"{where}: {len(doc_ids)} ids for {embeddings_nd.shape[0]} rows"
+    )
+  bad = next((i for i, d in enumerate(doc_ids) if not isinstance(d, str)), -1)
+  if bad >= 0:
+    raise ValueError(
+        f"{where}: doc_ids[{bad}] is {type(doc_ids[bad]).__name__}, "
+        "expected str"
+    )
+  if len(set(doc_ids)) != len(doc_ids):
+    raise ValueError(f"{where}: duplicate document ids")
+  # exact_topk needs finite scores (a NaN row could rank padding).
+  if not np.isfinite(embeddings_nd).all():
+    raise ValueError(f"{where}: embeddings hold NaN or inf")
+
+
+def write_index(
+    out_dir: str | os.PathLike,
+    doc_ids: Sequence[str],
+    embeddings_nd: np.ndarray,
+    *,
+    metric: str = "dot",
+    metadata: Mapping[str, Any] | None = None,
+) -> dict:
+  """Writes an index directory (module docstring); returns index.json's dict.
+
+  embeddings_nd: [N, D], stored as float32; doc_ids: N unique str. Files
+  are replaced atomically, one by one; metadata: JSON facts kept in
+  index.json.
+  """
+  out_dir = pathlib.Path(out_dir)
+  doc_ids = list(doc_ids)
+  embeddings_nd = np.asarray(embeddings_nd, np.float32)
+  _check_index(doc_ids, embeddings_nd, metric, str(out_dir))
+  info = {
+      "format": INDEX_FORMAT,
+      "format_version": INDEX_FORMAT_VERSION,
+      "created": (
+          datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"
+          )
+      ),
+      "num_docs": len(doc_ids),
+      "embedding_dim": int(embeddings_nd.shape[1]),
+      "metric": metric,
+      "metadata": dict(metadata or {}),
+  }
+  io.save_npy_atomic(out_dir / INDEX_EMBEDDINGS_FILE, embeddings_nd)
+  io.write_json_atomic(out_dir / INDEX_IDS_FILE, doc_ids)
+  # Last: a directory with index.json holds the files it describes.
+  io.write_json_atomic(out_dir / INDEX_INFO_FILE, info)
+  return info
+
+
+def load_index(index_dir: str | os.PathLike) -> DenseIndex:
+  """Reads an index directory; ValueError if its files disagree.
+
+  Without index.json (a `--mode=encode` workdir) the metric is "dot".
+  """
+  index_dir = pathlib.Path(index_dir)
+  for name in (INDEX_EMBEDDINGS_FILE, INDEX_IDS_FILE):
+    if not (index_dir / name).is_file():
+      raise FileNotFoundError(
+          f"{index_dir} holds no {name}; write an index with "
+          "serving.write_index / build_index or --mode=encode"
+      )
+  embeddings_nd = np.load(index_dir / INDEX_EMBEDDINGS_FILE, allow_pickle=False)
+  doc_ids = json.loads((index_dir / INDEX_IDS_FILE).read_text("utf-8"))
+  info = {}
+  if (index_dir / INDEX_INFO_FILE).is_file():
+    info = json.loads((index_dir / INDEX_INFO_FILE).read_text("utf-8"))
+    if info.get("format") != INDEX_FORMAT:
+      raise ValueError(
+          f"{index_dir / INDEX_INFO_FILE}: format {info.get('format')!r} "
+          f"is not {INDEX_FORMAT!r}"
+      )
+  if not isinstance(doc_ids, list):
+    raise ValueError(f"{index_dir / INDEX_IDS_FILE} is not a JSON list")
+  if embeddings_nd.dtype != np.float32:
+    raise ValueError(
+        f"{index_dir / INDEX_EMBEDDINGS_FILE} is {embeddings_nd.dtype}, "
+        "expected float32"
+    )
+  metric = info.get("metric", "dot")
+  _check_index(doc_ids, embeddings_nd, metric, str(index_dir))
+  # A copy with stale index.json sizes would otherwise serve silently.
+  if info and (info["num_docs"], info["embedding_dim"]) != embeddings_nd.shape:
+    raise ValueError(
+        f"{index_dir / INDEX_INFO_FILE} describes "
+        f"[{info['num_docs']}, {info['embedding_dim']}] rows, "
+        f"{INDEX_EMBEDDINGS_FILE} holds {list(embeddings_nd.shape)}"
+    )
+  return DenseIndex(index_dir, doc_ids, embeddings_nd, metric, info)
+
+
+def build_index(
+    model: ServingModel,
+    out_dir: str | os.PathLike,
+    doc_ids: Sequence[str],
+    passages: Sequence[str],
+    *,
+    metric: str = "dot",
+    batch_size: int = 64,
+) -> DenseIndex:
+  """Embeds `passages` with the export's passage tower and writes an index.
+
+  index.json records the export and its passage weights' SHA-256, so a
+  server can tell an index of another export.
+  """
+  passages = check_texts(passages, "passages")
+  if len(passages) != len(doc_ids):
+    raise ValueError(f"{len(doc_ids)} ids for {len(passages)} passages")
+  manifest = model.manifest
+  params_file = manifest["towers"]["passage"]["params_file"]
+  write_index(
+      out_dir,
+      doc_ids,
+      model.encode_passages(passages, batch_size=batch_size),
+      metric=metric,
+      metadata={
+          "export_dir": str(model.export_dir),
+          "passage_params_sha256": manifest["sha256"][params_file],
+          "passage_max_length": model.max_length("passage"),
+      },
+  )
+  return load_index(out_dir)
