@@ -1,0 +1,1 @@
+"""Accelerator benchmarks: run.sh, benchmark.py (README.md)."""
