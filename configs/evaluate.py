@@ -21,11 +21,21 @@ recall@2 = 0.162, SciFact ndcg@10 = 0.645, Cranfield ndcg@10 = 0.382.
 
 Retrievers (`configs/evaluate.py:retriever=NAME`, see
 retrieval_jax/evaluation/retrievers.py): dense (default), bm25, hybrid,
-dense_prf, splade, inference_free, colbert (the last three read a trained
-run: `--config.retriever.splade_workdir=...`); e.g. BM25 on SciFact (nDCG@10 0.671, DATA.md's baseline):
+dense_prf, splade, inference_free, colbert, rerank (the last four read a
+trained run or a published checkpoint: `--config.retriever.splade_workdir=
+WORKDIR_OR_CHECKPOINT`); e.g. BM25 on SciFact (nDCG@10 0.671, DATA.md's
+baseline):
 
   python -m retrieval_jax.main --config configs/evaluate.py:retriever=bm25 \
       --workdir /tmp/rj_bm25_scifact --config.data.path=../shared/data/scifact
+
+Checkpoints as users have them (nothing is downloaded): a hub id resolves
+from the local Hugging Face cache, e.g. `--config.model.pretrained=
+intfloat/e5-small-v2` (its prompts and similarity apply); a SPLADE
+checkpoint (BertForMaskedLM with its MLM head) evaluates zero-shot:
+
+  python -m retrieval_jax.main --config configs/evaluate.py:retriever=splade \
+      --workdir /tmp/rj_splade_zs --config.model.pretrained=naver/splade-v3
 
 Variants: `configs/evaluate.py:smoke` (64 queries, max length 32: seconds).
 """
@@ -41,6 +51,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = common.model_block()
+  # Prepended to every query / document before the dense encoder; None =
+  # the checkpoint's config_sentence_transformers.json prompts ("query";
+  # "document", "passage" or "corpus"; else its default prompt; none for
+  # a trained run), "" = no prompt.
+  config.model.query_prompt = ml_collections.FieldReference(
+      None, field_type=str
+  )
+  # The documents' prompt; None = the checkpoint's (see query_prompt).
+  config.model.doc_prompt = ml_collections.FieldReference(None, field_type=str)
   # A train-mode workdir: evaluate its latest checkpoint, whatever its kind
   # (a bi-encoder through the dense retrievers, SPLADE / ColBERT / a
   # cross-encoder through theirs). "" = the pretrained `model.pretrained`.
@@ -70,8 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search = ml_collections.ConfigDict()
   # Documents retrieved per query (BEIR's 1,000; clipped to the corpus size).
   config.search.top_k = 1000
-  # "cosine" or "dot" (cosine normalises both sides before the dot product).
-  config.search.metric = "cosine"
+  # "cosine" or "dot" (cosine normalises both sides before the dot
+  # product); "" = the checkpoint's similarity_fn_name (cosine if unset), or
+  # for a trained run what its training evaluations used.
+  config.search.metric = ""
   # Corpus rows scored per step of the chunked search (bounds memory).
   config.search.chunk_size = 16384
 
@@ -112,14 +133,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # dense_prf, rocchio: depth of the feedback list (0 = prf_k).
   config.retriever.prf_depth = 0
 
-  # splade / inference_free / colbert: the workdirs of trained runs
-  # (configs/train.py:scifact,splade etc.; their latest checkpoint).
+  # splade / inference_free / colbert / rerank: the workdirs of trained runs
+  # (configs/train.py:scifact,splade etc.; their latest checkpoint), or
+  # published checkpoints (directory or cached hub id): SPLADE with its MLM
+  # head; "" for splade / inference_free = config.model.pretrained if it
+  # has one.
   config.retriever.splade_workdir = ""
-  # The inference-free run's workdir.
+  # The inference-free run's workdir or checkpoint.
   config.retriever.inference_free_workdir = ""
-  # The ColBERT run's workdir.
+  # The ColBERT run's workdir, or a colbert-ir checkpoint (linear.weight).
   config.retriever.colbert_workdir = ""
-  # rerank: a cross-encoder run's workdir.
+  # rerank: a cross-encoder run's workdir, or a checkpoint with its
+  # classifier (BertForSequenceClassification, sentence-transformers
+  # CrossEncoder).
   config.retriever.rerank_workdir = ""
   # splade / inference_free: keep each document's t largest weights (0 =
   # every non-zero one).

@@ -201,10 +201,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   config.export = ml_collections.ConfigDict()
+  # "jax": jax.export programs of the kind's towers (retrieval_jax/export.py);
+  # "hf": a sentence-transformers directory (BERT bi-encoders only).
+  config.export.format = "jax"
+  # Where to write ("" = <workdir>/export, or <workdir>/export_hf for hf).
+  config.export.out_dir = ""
+  # jax.export platforms from cpu, cuda, rocm, tpu; () = this host's
+  # backend, then cpu (a GPU-trained export serves on GPU and CPU).
+  config.export.platforms = ()
   # Token budget of the exported query tower.
   config.export.query_max_length = 32
-  # Token budget of the exported passage tower.
+  # Token budget of the exported passage tower (hf: max_seq_length).
   config.export.passage_max_length = 256
+  # SPLADE towers: 0 = the [B, V] weights; k = the k largest (ids, weights).
+  config.export.top_terms = 0
+  # Inference-free query idf: a BEIR directory's corpus ("" = the run's
+  # training corpus, the idf it trained with).
+  config.export.idf_corpus = ""
 
   config.mesh = common.mesh_block()
 

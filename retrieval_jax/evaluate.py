@@ -9,6 +9,13 @@
   config.json              the resolved config
 `encode(config, workdir)` writes corpus_embeddings.npy (float32, one row per
 document in corpus.jsonl order) and corpus_ids.json.
+
+Checkpoints as users have them: `config.model.pretrained` may be a hub id
+in the local Hugging Face cache; a sentence-transformers model's prompts
+(config_sentence_transformers.json) prefix queries and documents and its
+`similarity_fn_name` picks the search metric unless the config says
+otherwise; the SPLADE / ColBERT / cross-encoder retrievers take a
+published checkpoint where they take a run (`use_checkpoints`).
 """
 
 import json
@@ -25,6 +32,7 @@ from retrieval_jax import encoding
 from retrieval_jax import errors
 from retrieval_jax import io
 from retrieval_jax import kinds
+from retrieval_jax import pretrained
 from retrieval_jax import sharding
 from retrieval_jax.data import beir
 from retrieval_jax.evaluation import evaluators
@@ -78,6 +86,144 @@ def make_encoder(
   ).text_encoder
 
 
+class PromptedRetrievalEvaluator(evaluators.RetrievalEvaluator):
+  """Dense encoding with sentence-transformers' prompts prepended.
+
+  Documents are encoded as `doc_prompt + text` (`encode_document`), queries
+  as `query_prompt + text` (`encode_query`); `query_texts` stay raw, so
+  BM25 and the other retrievers see the texts themselves.
+  """
+
+  def __init__(self, collection, *, query_prompt="", doc_prompt="", **kwargs):
+    super().__init__(collection, **kwargs)
+    self.query_prompt, self.doc_prompt = query_prompt, doc_prompt
+
+  def encode(
+      self, encoder, **kwargs
+  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """(docs_nd, queries_qd, timing) as the base class, prompts prepended."""
+    timing = {}
+    start = time.perf_counter()
+    docs_nd = encoder.encode(
+        [self.doc_prompt + t for t in self.collection.doc_texts()],
+        desc=f"{self.name}: corpus",
+        **kwargs,
+    )
+    timing["encode_corpus_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    queries_qd = encoder.encode(
+        [self.query_prompt + t for t in self.query_texts],
+        desc=f"{self.name}: queries",
+        **kwargs,
+    )
+    timing["encode_queries_s"] = time.perf_counter() - start
+    timing["corpus_texts_per_s"] = len(self.collection.doc_ids) / max(
+        timing["encode_corpus_s"], 1e-9
+    )
+    return docs_nd, queries_qd, timing
+
+
+def _pretrained_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+  try:
+    return pretrained.resolve_model_dir(config.model.pretrained)
+  except FileNotFoundError as e:
+    raise errors.ConfigError(f"config.model.pretrained: {e}") from e
+
+
+def resolve_prompts(
+    config: ml_collections.ConfigDict, from_checkpoint: bool = True
+) -> tuple[str, str]:
+  """(query prompt, document prompt) of the dense encoder.
+
+  `config.model.query_prompt` / `doc_prompt` win when set (not None; ""
+  turns a prompt off); else the checkpoint's prompts (`from_checkpoint`:
+  not for a trained run, which was trained without them).
+  """
+  checkpoint = pretrained.Prompts()
+  if from_checkpoint:
+    try:
+      checkpoint = pretrained.read_prompts(_pretrained_dir(config))
+    except ValueError as e:
+      raise errors.ConfigError(f"config.model.pretrained: {e}") from e
+  query = config.model.get("query_prompt")
+  doc = config.model.get("doc_prompt")
+  return (
+      checkpoint.query if query is None else query,
+      checkpoint.document if doc is None else doc,
+  )
+
+
+def resolve_metric(config: ml_collections.ConfigDict) -> str:
+  """`config.search.metric`, or ("") the pretrained model's similarity.
+
+  sentence-transformers' `similarity_fn_name` (cosine when unset) as the
+  metric ranking like it; ConfigError when none does.
+  """
+  if config.search.metric:
+    return config.search.metric
+  model_dir = _pretrained_dir(config)
+  normalize = config.model.normalize
+  if normalize is None:
+    normalize = pretrained.has_normalize_module(model_dir)
+  try:
+    return pretrained.read_prompts(model_dir).metric(normalize)
+  except ValueError as e:
+    raise errors.ConfigError(
+        f"config.search.metric='' takes {model_dir}'s similarity: {e}; "
+        "set config.search.metric to 'cosine' or 'dot'"
+    ) from e
+
+
+# Retriever keys naming a trained run, or a published checkpoint, of a kind.
+RUN_KEYS = (
+    "splade_workdir",
+    "inference_free_workdir",
+    "colbert_workdir",
+    "rerank_workdir",
+)
+
+
+def use_checkpoints(config: ml_collections.ConfigDict) -> None:
+  """Points the retriever's run keys at published checkpoints.
+
+  A key naming a model (directory or hub id, not a train workdir) becomes
+  its resolved directory, so caches are keyed by the snapshot; the model is
+  built by `kinds.load_checkpoint`. A splade / inference_free retriever
+  with an empty key takes `config.model.pretrained` if that has an MLM head
+  (zero-shot SPLADE); ConfigError if it has none.
+  """
+  r = config.retriever
+  key = f"{r.kind}_workdir"
+  if r.kind in ("splade", "inference_free") and not r.get(key, ""):
+    why = ""
+    try:
+      model_dir = pretrained.resolve_model_dir(config.model.pretrained)
+      if pretrained.has_mlm_head(pretrained.tensor_shapes(model_dir)):
+        logging.info("%s: zero-shot, the checkpoint %s", r.kind, model_dir)
+        r[key] = str(model_dir)
+        return
+      why = "has no MLM head (cls.predictions.*)"
+    except FileNotFoundError as e:
+      why = f"is not found ({e})"
+    raise errors.ConfigError(
+        f"config.retriever.{key} is empty: set it to the workdir of a "
+        f"configs/train.py:scifact,{r.kind} run or to a SPLADE checkpoint "
+        "(a BertForMaskedLM directory or hub id), or set "
+        "config.model.pretrained to one (config.model.pretrained="
+        f"{config.model.pretrained!r} {why})"
+    )
+  for key in RUN_KEYS:
+    value = r.get(key, "")
+    if (
+        value
+        and not (pathlib.Path(value).expanduser() / "checkpoints").is_dir()
+    ):
+      try:
+        r[key] = str(pretrained.resolve_model_dir(value))
+      except FileNotFoundError:
+        pass  # `kinds.load_run` reports both readings.
+
+
 def use_run(config: ml_collections.ConfigDict, mesh):
   """Points `config.retriever` at the trained run `config.run`.
 
@@ -104,6 +250,9 @@ def use_run(config: ml_collections.ConfigDict, mesh):
     )
   # The dense caches are keyed by the model: this run at this step.
   config.model.checkpoint = f"{pathlib.Path(config.run).resolve()}@{step}"
+  if not config.search.metric:
+    # As the run's own evaluations searched.
+    config.search.metric = "cosine" if run_cfg["model"]["normalize"] else "dot"
   return lambda: kind.text_encoder(
       model, tokenizer, run_cfg, mesh, max_length=config.model.max_length
   )
@@ -141,12 +290,33 @@ def evaluate(
   config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
   mesh = sharding.make_mesh(config.mesh.shape)
   encoder_fn = lambda: make_encoder(config, mesh)
+  run_encoder_fn = None
   if config.get("run", ""):
-    encoder_fn = use_run(config, mesh) or encoder_fn
+    run_encoder_fn = use_run(config, mesh)
+    encoder_fn = run_encoder_fn or encoder_fn
+  use_checkpoints(config)
   retrievers.validate(config)
+  r = config.retriever
+  query_prompt = doc_prompt = ""
+  if r.kind in retrievers.DENSE_KINDS or (
+      r.kind in ("colbert", "rerank") and r.first_stage == "dense"
+  ):
+    config.search.metric = resolve_metric(config)
+    query_prompt, doc_prompt = resolve_prompts(
+        config, from_checkpoint=run_encoder_fn is None
+    )
+    if query_prompt or doc_prompt:
+      logging.info("prompts: query %r, document %r", query_prompt, doc_prompt)
+      # The dense caches are keyed by config.model.checkpoint: add them.
+      config.model.checkpoint = config.model.get("checkpoint", "") + (
+          "|prompts=" + json.dumps([query_prompt, doc_prompt])
+      )
+  config.search.metric = config.search.metric or "cosine"  # Unused.
   collection = load_collection(config)
-  evaluator = evaluators.RetrievalEvaluator(
+  evaluator = PromptedRetrievalEvaluator(
       collection,
+      query_prompt=query_prompt,
+      doc_prompt=doc_prompt,
       measures=config.eval.measures,
       relevance_level=config.eval.relevance_level,
       top_k=config.search.top_k,
@@ -219,10 +389,11 @@ def encode(
   mesh = sharding.make_mesh(config.mesh.shape)
   collection = load_collection(config, corpus_only=True)
   encoder = make_encoder(config, mesh)
+  _, doc_prompt = resolve_prompts(config)
   start = time.perf_counter()
   with jax.default_matmul_precision(config.model.matmul_precision):
     docs_nd = encoder.encode(
-        collection.doc_texts(),
+        [doc_prompt + t for t in collection.doc_texts()],
         batch_size=config.encode.batch_size,
         pad_multiple=config.encode.pad_multiple,
         sort_by_length=config.encode.sort_by_length,

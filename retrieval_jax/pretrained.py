@@ -1,12 +1,16 @@
 """Import of pretrained BERT-family checkpoints from local files.
 
 Reads a Hugging Face directory (config.json, model.safetensors, maybe
-sharded) and sentence-transformers' pooling / length configs. PyTorch
-pickles are refused: loading them safely needs torch, and every checkpoint
-used ships safetensors. Entry points: `load_pretrained`, `load_model`.
+sharded), named by path, packaged name or hub id (found in the local Hugging
+Face cache, never downloaded), and sentence-transformers' pooling / length /
+prompt configs. PyTorch pickles are refused: loading them safely needs
+torch, and every checkpoint used ships safetensors. Heads of other kinds'
+checkpoints are read here too: the MLM head (SPLADE), ColBERT's `linear`
+projection, a sequence classifier's pooler and classifier (cross-encoders).
+Entry points: `load_pretrained`, `load_model`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 import dataclasses
 import importlib.util
 import json
@@ -44,6 +48,66 @@ PACKAGED_MODELS = {
 # Hugging Face `model_type`s whose weights follow the BertModel layout.
 _SUPPORTED_MODEL_TYPES = ("bert",)
 
+# sentence-transformers' `similarity_fn_name`s and the search metric each
+# ranks like ("euclidean" only on unit vectors, where it ranks like cosine).
+SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
+# `encode_document`'s prompt names, in its order (`Prompts.document`).
+_DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """A sentence-transformers model's prompts and similarity function.
+
+  prompts: {name: text prepended before tokenization}; default_name: the
+  prompt `encode` applies when none is named; similarity: the model's
+  `similarity_fn_name` ("" when unset: ST's default, cosine).
+  """
+
+  prompts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  default_name: str | None = None
+  similarity: str = ""
+
+  @property
+  def default(self) -> str:
+    """The default prompt ("" without one)."""
+    return self.prompts.get(self.default_name, "") if self.default_name else ""
+
+  @property
+  def query(self) -> str:
+    """The queries' prompt: "query", else the default prompt."""
+    return self.prompts.get("query") or self.default
+
+  @property
+  def document(self) -> str:
+    """The documents' prompt: the first non-empty of "document", "passage"
+    and "corpus" (`encode_document`'s candidates), else the default.
+
+    Non-empty: sentence-transformers >= 5 always defines "document" (empty
+    unless saved), which would hide an e5-style "passage" prompt.
+    """
+    for name in _DOCUMENT_PROMPT_NAMES:
+      if self.prompts.get(name):
+        return self.prompts[name]
+    return self.default
+
+  def metric(self, normalize: bool) -> str:
+    """The exact-search metric ("cosine" / "dot") ranking like `similarity`.
+
+    ValueError for a similarity no metric ranks like (manhattan; euclidean
+    on unnormalised embeddings).
+    """
+    similarity = self.similarity or "cosine"
+    if similarity in ("cosine", "dot"):
+      return similarity
+    if similarity == "euclidean" and normalize:
+      # |a - b|^2 = 2 - 2 cos(a, b) on unit vectors: the same ranking.
+      return "cosine"
+    raise ValueError(
+        f"similarity_fn_name {similarity!r} is not supported by the exact "
+        "search (cosine, dot; euclidean on normalised embeddings)"
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedModel:
@@ -59,13 +123,95 @@ class PretrainedModel:
   normalize: bool
   max_length: int
   model_dir: pathlib.Path
+  # config_sentence_transformers.json: prompts and similarity function.
+  prompts: Prompts = dataclasses.field(default_factory=Prompts)
+
+
+def read_prompts(model_dir: str | os.PathLike) -> Prompts:
+  """`Prompts` of config_sentence_transformers.json (empty if absent).
+
+  Unknown `similarity_fn_name`s and a `default_prompt_name` missing from
+  `prompts` raise ValueError, as sentence-transformers does.
+  """
+  path = pathlib.Path(model_dir) / "config_sentence_transformers.json"
+  if not path.is_file():
+    return Prompts()
+  st_config = json.loads(path.read_text())
+  prompts = {
+      str(k): str(v or "") for k, v in (st_config.get("prompts") or {}).items()
+  }
+  default_name = st_config.get("default_prompt_name") or None
+  similarity = st_config.get("similarity_fn_name") or ""
+  if default_name is not None and default_name not in prompts:
+    raise ValueError(
+        f"{path}: default_prompt_name {default_name!r} is not among the "
+        f"prompts {sorted(prompts)}"
+    )
+  if similarity and similarity not in SIMILARITIES:
+    raise ValueError(
+        f"{path}: similarity_fn_name {similarity!r}: expected one of "
+        f"{SIMILARITIES}"
+    )
+  return Prompts(prompts, default_name, similarity)
+
+
+def hub_cache_dirs() -> list[pathlib.Path]:
+  """Where `huggingface_hub` keeps downloaded repositories, in its order.
+
+  $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub,
+  else ~/.cache/huggingface/hub (the first that is set is the one used).
+  """
+  if os.environ.get("HF_HUB_CACHE"):
+    return [pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()]
+  if os.environ.get("HF_HOME"):
+    return [pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"]
+  cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+  return [pathlib.Path(cache).expanduser() / "huggingface" / "hub"]
+
+
+# A hub repository id: "name" or "org/name" (what `from_pretrained` takes).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _hub_snapshot(name: str, tried: list[str]) -> pathlib.Path | None:
+  """The cached snapshot of hub id `name`, or None (reasons go to `tried`).
+
+  Cache layout: models--{org}--{name}/snapshots/<commit>/, the commit read
+  from refs/main; without refs/main, the only snapshot there is.
+  """
+  for cache in hub_cache_dirs():
+    repo = cache / ("models--" + name.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+      tried.append(f"Hugging Face cache {repo} (not there)")
+      continue
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+      snapshot = snapshots / ref.read_text().strip()
+      why = f"refs/main names {snapshot.name}"
+    else:
+      found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+      if len(found) != 1:
+        tried.append(
+            f"Hugging Face cache {repo} (no refs/main and "
+            f"{len(found)} snapshots: {[p.name for p in found]})"
+        )
+        continue
+      snapshot, why = found[0], "its only snapshot"
+    if (snapshot / "config.json").is_file():
+      logging.info("%s: Hugging Face cache %s (%s)", name, snapshot, why)
+      return snapshot.resolve()
+    tried.append(f"Hugging Face cache {snapshot} ({why}; no config.json)")
+  return None
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
   """The absolute directory holding a model's config.json.
 
-  A PACKAGED_MODELS name resolves via its package's `find_spec` (no import),
-  else a local path; FileNotFoundError lists what was tried and the pip line.
+  In order: a PACKAGED_MODELS name via its package's `find_spec` (no
+  import), a local directory, a hub id ("org/name") in the local Hugging
+  Face cache (`hub_cache_dirs`; nothing is downloaded). FileNotFoundError
+  lists every place tried (and the pip line of a packaged name).
   """
   name = os.fspath(name_or_path)
   tried = []
@@ -87,6 +233,10 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
     tried.append(f"directory {path.resolve()} (no config.json)")
   else:
     tried.append(f"directory {path.resolve()} (does not exist)")
+    if _HUB_ID.match(name):
+      snapshot = _hub_snapshot(name, tried)
+      if snapshot is not None:
+        return snapshot
   message = f"cannot find model {name!r}; tried: " + "; ".join(tried) + "."
   if name in PACKAGED_MODELS:
     message += (
@@ -96,7 +246,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
     )
   else:
     message += (
-        " Pass a directory with config.json and model.safetensors, "
+        " Pass a directory with config.json and model.safetensors, a hub "
+        "id already in the Hugging Face cache (e.g. fetched with "
+        "`huggingface-cli download ORG/NAME`), "
         f"or one of {sorted(PACKAGED_MODELS)}."
     )
   raise FileNotFoundError(message)
@@ -134,9 +286,30 @@ def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   )
 
 
-# Unused by design: the position-id buffer, the [CLS] pooler, pretraining heads.
+def tensor_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+  """{tensor name: shape} of a directory's safetensors, headers only."""
+  model_dir = pathlib.Path(model_dir)
+  index = model_dir / "model.safetensors.index.json"
+  if index.is_file():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  elif (model_dir / "model.safetensors").is_file():
+    files = ["model.safetensors"]
+  else:
+    return {}
+  shapes = {}
+  for name in files:
+    with safetensors.safe_open(model_dir / name, "np") as f:
+      shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+  return shapes
+
+
+# Unused by the encoder by design: the position-id buffer, the [CLS] pooler,
+# heads (read by the kinds that use them: `load_mlm_head`,
+# `read_colbert_projection`, `read_sequence_classifier`).
 _IGNORED_KEYS = re.compile(r"^(embeddings\.position_ids|pooler\..*)$")
-_IGNORED_OUTSIDE_ENCODER = re.compile(r"^(cls|classifier|qa_outputs)\..*$")
+_IGNORED_OUTSIDE_ENCODER = re.compile(
+    r"^(cls|classifier|qa_outputs)\..*$|^linear\.weight$"
+)
 _WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 
 
@@ -295,6 +468,17 @@ def _pooling_mode(pooling_config: Mapping[str, Any], path) -> str:
   return modes[0]
 
 
+def has_normalize_module(model_dir: str | os.PathLike) -> bool:
+  """Whether modules.json lists a Normalize module (unit embeddings)."""
+  modules_path = pathlib.Path(model_dir) / "modules.json"
+  if not modules_path.is_file():
+    return False
+  return any(
+      m["type"].rsplit(".", 1)[-1] == "Normalize"
+      for m in json.loads(modules_path.read_text())
+  )
+
+
 def read_pipeline_config(
     model_dir: str | os.PathLike, config: transformer_encoder.EncoderConfig
 ) -> tuple[str, bool, int]:
@@ -325,9 +509,14 @@ def read_pipeline_config(
           max_length = min(int(st_config["max_seq_length"]), max_length)
     elif kind == "Pooling":
       pooling_path = module_dir / "config.json"
-      pooling = _pooling_mode(
-          json.loads(pooling_path.read_text()), pooling_path
-      )
+      pooling_config = json.loads(pooling_path.read_text())
+      pooling = _pooling_mode(pooling_config, pooling_path)
+      if not pooling_config.get("include_prompt", True):
+        # Pooling that skips the prompt's tokens (INSTRUCTOR-style) needs
+        # each text's prompt length, which the encoders do not track.
+        raise ValueError(
+            f"{pooling_path}: include_prompt=false is not supported"
+        )
       found_pooling = True
     elif kind == "Normalize":
       normalize = True
@@ -379,6 +568,7 @@ def load_pretrained(
       normalize=normalize,
       max_length=max_length,
       model_dir=model_dir,
+      prompts=read_prompts(model_dir),
   )
 
 
@@ -442,7 +632,7 @@ def load_mlm_head(head, state_dict: Mapping[str, Any]) -> bool:
   torch [out, in]) and the bias, not the tied decoder. Returns False (head
   untouched) without cls.predictions.* keys; a partial head is a ValueError.
   """
-  if not any(k.startswith(_HEAD_PREFIX) for k in state_dict):
+  if not has_mlm_head(state_dict):
     return False
 
   def pick(*names):
@@ -450,6 +640,19 @@ def load_mlm_head(head, state_dict: Mapping[str, Any]) -> bool:
       if name in state_dict:
         return np.asarray(state_dict[name])
     raise ValueError(f"checkpoint has an MLM head but lacks {names[0]!r}")
+
+  # The head decodes with the word table; a stored decoder that differs
+  # (an untied head) would be silently replaced.
+  decoder = state_dict.get(_HEAD_PREFIX + "decoder.weight")
+  words = [k for k in state_dict if k.endswith(_WORD_EMBEDDINGS)]
+  if decoder is not None and len(words) == 1:
+    if not np.array_equal(
+        np.asarray(decoder), np.asarray(state_dict[words[0]])
+    ):
+      raise ValueError(
+          f"{_HEAD_PREFIX}decoder.weight differs from {words[0]}: untied "
+          "MLM decoders are not supported"
+      )
 
   values = {
       "transform_dd": pick(_HEAD_DENSE + "weight").T,
@@ -475,3 +678,97 @@ def load_mlm_head(head, state_dict: Mapping[str, Any]) -> bool:
     target = targets[name]
     target.set_value(jnp.asarray(value, dtype=target.dtype))
   return True
+
+
+def has_mlm_head(names: Iterable[str]) -> bool:
+  """Whether tensor names (a state dict's keys) include BERT's MLM head."""
+  return any(k.startswith(_HEAD_PREFIX) for k in names)
+
+
+# colbert-ir's HF_ColBERT: a BertModel ("bert." prefix) plus the projection
+# `linear.weight`, torch [dim, hidden], no bias.
+COLBERT_PROJECTION = "linear.weight"
+
+
+def read_colbert_projection(
+    state_dict: Mapping[str, Any], hidden_size: int
+) -> np.ndarray | None:
+  """ColBERT's projection as [hidden, dim] float32 (`ColBERT.linear_hd`).
+
+  None without `linear.weight`; a weight that is not [dim, hidden_size]
+  raises ValueError.
+  """
+  if COLBERT_PROJECTION not in state_dict:
+    return None
+  w_dh = np.asarray(state_dict[COLBERT_PROJECTION], np.float32)
+  if w_dh.ndim != 2 or w_dh.shape[1] != hidden_size:
+    raise ValueError(
+        f"{COLBERT_PROJECTION} has shape {w_dh.shape}; expected [dim, "
+        f"{hidden_size}] (torch Linear(hidden, dim, bias=False))"
+    )
+  return w_dh.T
+
+
+def _unique_key(state_dict, suffix: str) -> str | None:
+  found = [k for k in state_dict if k == suffix or k.endswith("." + suffix)]
+  if len(found) > 1:
+    raise ValueError(f"several checkpoint keys end in {suffix!r}: {found}")
+  return found[0] if found else None
+
+
+def has_sequence_classifier(names: Iterable[str]) -> bool:
+  """Whether tensor names include a sequence classifier's `classifier`."""
+  return "classifier.weight" in set(names)
+
+
+def read_sequence_classifier(
+    state_dict: Mapping[str, Any], hidden_size: int
+) -> dict[str, np.ndarray] | None:
+  """A BertForSequenceClassification head as one relevance score.
+
+  The head is logits = classifier(tanh(pooler(h[CLS]))), classifier weight
+  [num_labels, hidden]. One label: that logit. Two: logit_1 - logit_0, the
+  log-odds whose softmax[:, 1] re-rankers (monoBERT) rank by; folded into
+  one row: (w_1 - w_0) . x + (b_1 - b_0). More labels raise ValueError, as
+  do misshapen weights. Returns None without `classifier.weight`, else
+  float32 {"score_d" [D], "bias" [], "pooler_dd" [D, D] (x W, transposed
+  from torch), "pooler_bias_d" [D]}, the pooler's entries absent when the
+  checkpoint has none.
+  """
+  if not has_sequence_classifier(state_dict):
+    return None
+  w_kd = np.asarray(state_dict["classifier.weight"], np.float32)
+  b_k = np.asarray(
+      state_dict.get("classifier.bias", np.zeros(w_kd.shape[:1])), np.float32
+  )
+  if (
+      w_kd.ndim != 2
+      or w_kd.shape[1] != hidden_size
+      or b_k.shape != (w_kd.shape[0],)
+  ):
+    raise ValueError(
+        f"classifier.weight {w_kd.shape} / bias {b_k.shape}: expected "
+        f"[num_labels, {hidden_size}] and [num_labels]"
+    )
+  if w_kd.shape[0] == 1:
+    out = {"score_d": w_kd[0], "bias": b_k[0]}
+  elif w_kd.shape[0] == 2:
+    out = {"score_d": w_kd[1] - w_kd[0], "bias": b_k[1] - b_k[0]}
+  else:
+    raise ValueError(
+        f"classifier with {w_kd.shape[0]} labels: a relevance score needs "
+        "1 (the logit) or 2 (label 1 = relevant)"
+    )
+  weight = _unique_key(state_dict, "pooler.dense.weight")
+  if weight is not None:
+    w_dd = np.asarray(state_dict[weight], np.float32)
+    bias = weight[: -len("weight")] + "bias"
+    if w_dd.shape != (hidden_size, hidden_size) or bias not in state_dict:
+      raise ValueError(
+          f"{weight} {w_dd.shape}: expected [{hidden_size}, {hidden_size}] "
+          f"and a bias {bias!r}"
+      )
+    out["pooler_dd"] = w_dd.T
+    out["pooler_bias_d"] = np.asarray(state_dict[bias], np.float32)
+  out["bias"] = np.asarray(out["bias"], np.float32)
+  return out

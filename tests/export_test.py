@@ -3,8 +3,9 @@
 all-MiniLM-L6-v2 is exported and loaded in a separate process that must not
 import Flax, Optax, Orbax or TensorFlow; its embeddings must match the
 training-time `TextEncoder` at each tower's own max length. A tiny random
-encoder covers untied towers, the fixed-length fallback, overwrite
-refusal and the loader's checks, and a tiny BPE tokenizer the HF fallback.
+encoder covers untied towers, the fixed-length fallback, lowering
+platforms (cpu + cuda from a CPU host), overwrite refusal and the loader's
+checks, and a tiny BPE tokenizer the HF fallback.
 """
 
 import functools
@@ -27,7 +28,9 @@ from tokenizers import normalizers
 from tokenizers import pre_tokenizers
 from tokenizers import processors
 
+from configs import train as train_config
 from retrieval_jax import encoding
+from retrieval_jax import errors
 from retrieval_jax import export
 from retrieval_jax import pretrained
 from retrieval_jax import serving
@@ -527,6 +530,42 @@ class ExportTowersTest(absltest.TestCase):
       self._export(parent / "too_long", passage_max_length=25)
     self.assertEqual(
         sorted(p.name for p in parent.iterdir()), ["empty", "export", "other"]
+    )
+
+  def test_platforms_default_to_the_host_backend_then_cpu(self):
+    self.assertEqual(train_config.get_config().export.platforms, ())
+    host = jax.export.default_export_platform()
+    self.assertEqual(
+        export.resolve_platforms(), tuple(dict.fromkeys((host, "cpu")))
+    )
+    if host == "cpu":
+      self.assertEqual(export.resolve_platforms(()), ("cpu",))
+    self.assertEqual(
+        export.resolve_platforms(["cuda", "cpu", "cuda"]), ("cuda", "cpu")
+    )
+    for bad in (["gpu"], ["cpu", "CUDA"], ["metal"]):
+      with self.assertRaisesRegex(
+          errors.ConfigError, r"config.export.platforms=.*unknown platform"
+      ):
+        export.resolve_platforms(bad)
+
+  def test_cpu_and_cuda_export_serializes_and_serves_on_cpu(self):
+    # jax.export lowers for CUDA on a CPU-only host (no GPU needed).
+    out_dir = pathlib.Path(self.create_tempdir().full_path) / "multi"
+    manifest = self._export(out_dir, platforms=("cpu", "cuda"))
+    self.assertEqual(manifest["platforms"], ["cpu", "cuda"])
+    for tower in ("query", "passage"):
+      exported = jax.export.deserialize(
+          bytearray((out_dir / f"{tower}_tower.jax_exported").read_bytes())
+      )
+      self.assertEqual(exported.platforms, ("cpu", "cuda"))
+    model = serving.ServingModel.load(out_dir)
+    self.assertEqual(model.device.platform, "cpu")
+    np.testing.assert_allclose(
+        model.encode_passages(_TINY_TEXTS),
+        self.passage_reference,
+        atol=MAX_ABS_DIFF,
+        rtol=0,
     )
 
   def test_loader_rejects_modified_files(self):

@@ -469,10 +469,11 @@ class ResolveModelDirTest(absltest.TestCase):
   def test_packaged_name_without_package(self):
     cwd = os.getcwd()
     os.chdir(self.create_tempdir().full_path)  # no local dir of that name
+    empty_hub = self.create_tempdir().full_path  # nor a cached copy
     try:
       with mock.patch.object(
           pretrained.importlib.util, "find_spec", return_value=None
-      ):
+      ), mock.patch.dict(os.environ, {"HF_HUB_CACHE": empty_hub}):
         with self.assertRaises(FileNotFoundError) as ctx:
           pretrained.resolve_model_dir("all-MiniLM-L6-v2")
     finally:

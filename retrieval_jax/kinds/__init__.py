@@ -7,6 +7,7 @@ export look it up here. Adding a kind is one module and one line below
 
 import pathlib
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,6 +51,10 @@ def load_run(
 ):
   """A train-mode workdir's model, rebuilt from its saved config, read-only.
 
+  `train_workdir` may instead name an off-the-shelf checkpoint of the one
+  kind in `kinds` (a directory or hub id, `pretrained.resolve_model_dir`):
+  see `load_checkpoint`.
+
   Args:
     kinds: the kinds the caller accepts (None: any); others: ValueError.
     step: the checkpoint step; None for the latest.
@@ -57,6 +62,48 @@ def load_run(
   Returns:
     (model, tokenizer, run config dict, checkpoint step).
   """
+  not_a_model = ""
+  if not (pathlib.Path(train_workdir) / "checkpoints").is_dir():
+    try:
+      model_dir = pretrained.resolve_model_dir(train_workdir)
+    except FileNotFoundError as e:
+      not_a_model = str(e)
+    else:
+      if kinds is None or len(kinds) != 1:
+        raise ValueError(
+            f"{str(train_workdir)!r} is a model checkpoint, not a train "
+            "workdir: evaluate it as one kind (configs/evaluate.py:"
+            "retriever=KIND with config.retriever.KIND_workdir=CHECKPOINT)"
+        )
+      return load_checkpoint(model_dir, kinds[0])
+  try:
+    return _load_trained(train_workdir, mesh, kinds=kinds, step=step)
+  except FileNotFoundError as e:
+    if not not_a_model:
+      raise
+    raise FileNotFoundError(
+        f"{e} (nor is it a model checkpoint: {not_a_model})"
+    ) from e
+
+
+def load_checkpoint(name_or_path, kind: str):
+  """A published checkpoint of `kind` used as a trained run (step 0).
+
+  SPLADE needs an MLM head, ColBERT `linear.weight`, a cross-encoder a
+  sequence classifier (`Kind.checkpoint_run`); ValueError otherwise.
+  Returns what `load_run` does.
+  """
+  loaded = pretrained.load_pretrained(name_or_path)
+  tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
+      loaded.model_dir
+  )
+  model, run_cfg = KINDS[kind].checkpoint_run(loaded, tokenizer)
+  logging.info("%s: the %s checkpoint %s", kind, kind, loaded.model_dir)
+  return model, tokenizer, run_cfg, 0
+
+
+def _load_trained(train_workdir, mesh, *, kinds, step):
+  """`load_run` of a train-mode workdir."""
   built = {}
 
   def abstract(metadata):

@@ -1,9 +1,10 @@
-"""The interface every retriever kind implements (`Kind`, `TrainSpec`).
+"""The interface every retriever kind implements (`Kind`, `TrainSpec`,
+`ServingTower`).
 
 Callers look a kind up in `kinds.KINDS` and never switch on its name.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any
 
@@ -41,6 +42,28 @@ class TrainSpec:
   featurize: Callable[[int, dict], dict]
   loss: Callable
   value_and_grad: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingTower:
+  """One program of a kind's serving export (`Kind.serving_towers`).
+
+  fn: `(weights, *inputs) -> output or tuple of outputs`, deterministic; a
+    module `weights` arrives rebuilt from the exported parameters.
+  weights: an NNX module (its `nnx.Param`s are the weight file) or a
+    {name: array} dict; towers given the same object share one file.
+  max_length: the widest input L, specials included.
+  inputs: the int32 inputs in call order, [B, L] each ("markers": [B, 2]).
+  fixed_length: inputs are always max_length wide (else any L <= it).
+  info: JSON facts for the manifest's tower entry (input layout, ...).
+  """
+
+  fn: Callable
+  weights: Any
+  max_length: int
+  inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+  fixed_length: bool = False
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def take_keys(keys=STEP_KEYS) -> Callable[[int, dict], dict]:
@@ -152,6 +175,18 @@ class Kind:
     """The NNX model on `loaded`'s (pretrained) encoder."""
     raise NotImplementedError
 
+  def checkpoint_run(self, loaded, tokenizer) -> tuple[nnx.Module, dict]:
+    """An off-the-shelf checkpoint of this kind, used as a trained run.
+
+    `loaded`: the checkpoint's `pretrained.PretrainedModel`. Returns (model,
+    run config dict as a train run saves it: "model", "data"); ValueError
+    when the checkpoint lacks the kind's trained head.
+    """
+    del loaded, tokenizer
+    raise ValueError(
+        f"a {self.name!r} model is not read from a checkpoint; train one"
+    )
+
   def train_spec(
       self, config, *, loader, tokenizer, loss_spec: losses.LossSpec, mesh
   ) -> TrainSpec:
@@ -168,3 +203,39 @@ class Kind:
   ):
     """An `encoding.TextEncoder` over a trained model (dense kinds)."""
     raise NotImplementedError(f"a {self.name!r} run has no text encoder")
+
+  def serving_towers(
+      self,
+      model,
+      tokenizer,
+      run_cfg: dict,
+      export_cfg,
+      *,
+      corpus_texts: Callable[[], Any],
+  ) -> dict[str, ServingTower]:
+    """The programs `--mode=export` writes for a trained `model`, by name.
+
+    export_cfg: `config.export` (token budgets, top_terms); corpus_texts:
+    `() -> texts` of the corpus idf weights come from (inference-free).
+    """
+    del model, tokenizer, run_cfg, export_cfg, corpus_texts
+    raise ConfigError(
+        f"config.model.kind={self.name!r}: this kind has no serving export"
+    )
+
+
+def checkpoint_run_config(kind: "Kind", loaded, **model) -> dict:
+  """The run config a checkpoint stands for: {"model": ..., "data": {}}."""
+  return {
+      "model": {
+          "kind": kind.name,
+          "architecture": "bert",
+          "pretrained": str(loaded.model_dir),
+          "pooling": loaded.pooling,
+          "normalize": loaded.normalize,
+          "max_length": loaded.max_length,
+          "dtype": "float32",
+          **model,
+      },
+      "data": {},
+  }

@@ -9,6 +9,7 @@ GradCache; evaluations during training are exact dense retrieval.
 import functools
 import pathlib
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
@@ -223,6 +224,42 @@ def grad_cache_value_and_grad(
   return (value, aux), grads
 
 
+def dense_towers(
+    module,
+    *,
+    pooling: str,
+    normalize: bool,
+    query_max_length: int,
+    passage_max_length: int,
+    query_module=None,
+) -> dict[str, base.ServingTower]:
+  """Serving towers `fn(ids_bl, mask_bl) -> float32 [B, D]` of an encoder.
+
+  `steps.encode_step`, the evaluator's step, so exported embeddings match
+  by construction; query_module unties the query tower.
+  """
+
+  def tower_fn(model, input_ids_bl, attention_mask_bl):
+    graphdef, state = nnx.split(model)
+    batch = {"input_ids": input_ids_bl, "attention_mask": attention_mask_bl}
+    return steps.encode_step(
+        graphdef, state, batch, pooling=pooling, normalize=normalize
+    )
+
+  info = {"pooling": pooling, "normalize": bool(normalize)}
+  return {
+      "query": base.ServingTower(
+          tower_fn,
+          module if query_module is None else query_module,
+          query_max_length,
+          info=info,
+      ),
+      "passage": base.ServingTower(
+          tower_fn, module, passage_max_length, info=info
+      ),
+  }
+
+
 class DenseEvaluator:
   """`config.evals` as exact dense retrieval with the params being trained.
 
@@ -360,6 +397,18 @@ class BiEncoder(base.Kind):
         pooling=run_cfg["model"]["pooling"],
         normalize=run_cfg["model"]["normalize"],
         max_length=max_length,
+    )
+
+  def serving_towers(
+      self, model, tokenizer, run_cfg, export_cfg, *, corpus_texts
+  ):
+    del tokenizer, corpus_texts
+    return dense_towers(
+        model,
+        pooling=run_cfg["model"]["pooling"],
+        normalize=run_cfg["model"]["normalize"],
+        query_max_length=export_cfg.query_max_length,
+        passage_max_length=export_cfg.passage_max_length,
     )
 
 

@@ -15,11 +15,13 @@ import pathlib
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from retrieval_jax import encoding
 from retrieval_jax import io
 from retrieval_jax import losses
+from retrieval_jax import pretrained
 from retrieval_jax.data import beir
 from retrieval_jax.data import features
 from retrieval_jax.errors import ConfigError
@@ -261,10 +263,47 @@ class CrossEncoder(base.Kind):
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
     del tokenizer
-    # The head (if any) starts from BERT's init, seeded by the run's seed.
-    return cross_encoder_model.CrossEncoder(
-        loaded.model, model_cfg.head, rngs=nnx.Rngs(seed)
+    head = None
+    if model_cfg.head == "cls" and pretrained.has_sequence_classifier(
+        pretrained.tensor_shapes(loaded.model_dir)
+    ):
+      # A cross-encoder checkpoint (BertForSequenceClassification, as HF and
+      # sentence-transformers save one) keeps its pooler and classifier.
+      head = pretrained.read_sequence_classifier(
+          pretrained.read_state_dict(loaded.model_dir),
+          loaded.config.hidden_size,
+      )
+    # Else the head (if any) starts from BERT's init, seeded by the run's seed.
+    model = cross_encoder_model.CrossEncoder(
+        loaded.model,
+        model_cfg.head,
+        rngs=nnx.Rngs(seed),
+        pooler=head is not None and "pooler_dd" in head,
     )
+    if head is not None:
+      for name, value in head.items():
+        target = getattr(model, name)
+        target.set_value(jnp.asarray(value, dtype=target[...].dtype))
+      logging.info("cross-encoder: classifier head from %s", loaded.model_dir)
+    return model
+
+  def checkpoint_run(self, loaded, tokenizer):
+    """A BertForSequenceClassification checkpoint (HF / sentence-transformers
+    CrossEncoder) scoring pairs as it was trained to, [CLS] head, pairs up
+    to the checkpoint's max length."""
+    if not pretrained.has_sequence_classifier(
+        pretrained.tensor_shapes(loaded.model_dir)
+    ):
+      raise ValueError(
+          f"{loaded.model_dir} has no classifier.weight, so it is not a "
+          "cross-encoder checkpoint"
+      )
+    run_cfg = base.checkpoint_run_config(self, loaded, head="cls")
+    run_cfg["data"]["pair_max_length"] = loaded.max_length
+    model = self.build(
+        ml_collections.ConfigDict(run_cfg["model"]), loaded, tokenizer
+    )
+    return model, run_cfg
 
   def train_spec(self, config, *, loader, tokenizer, loss_spec, mesh):
     del loss_spec, mesh
@@ -316,6 +355,40 @@ class CrossEncoder(base.Kind):
 
   def train_evaluator(self, config, model_def, tokenizer, mesh, workdir):
     return RerankEvaluator(config, model_def, tokenizer, mesh, workdir)
+
+  def serving_towers(
+      self, model, tokenizer, run_cfg, export_cfg, *, corpus_texts
+  ):
+    del export_cfg, corpus_texts
+    head = model.head
+    info = {
+        "head": head,
+        "layout": (
+            "[CLS] query [SEP] passage [SEP], longest-first truncated;"
+            " token_type_ids 1 on the passage part"
+        ),
+    }
+    inputs = ("input_ids", "attention_mask", "token_type_ids")
+    if head == "emb":
+      # Rows [CLS] [Q] query [SEP] [I] passage [SEP]; markers: [B, 2].
+      inputs += ("markers",)
+      info["marker_ids"] = [
+          tokenizer.token_to_id(t)
+          for t in (features.PAIR_QUERY_MARKER, features.PAIR_ITEM_MARKER)
+      ]
+
+    def score(cross_encoder, *arrays):
+      return cross_encoder(*arrays)
+
+    return {
+        "pair": base.ServingTower(
+            score,
+            model,
+            run_cfg["data"]["pair_max_length"],
+            inputs=inputs,
+            info=info,
+        )
+    }
 
 
 KIND = CrossEncoder()

@@ -17,9 +17,11 @@ from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from retrieval_jax import pretrained
 from retrieval_jax.data import features
+from retrieval_jax.errors import ConfigError
 from retrieval_jax.kinds import base
 from retrieval_jax.losses import regularizers
 from retrieval_jax.models import splade as splade_model
@@ -62,7 +64,7 @@ def loss(
     flops_d=0.0,
     flops_warmup_steps=0,
     idf_v=None,
-    special=()
+    special=(),
 ):
   """A sparse kind's training loss (see `base.TrainSpec`); `idf_v` [V] set
   means inference-free queries. Aux adds flops_q / flops_d and the mean
@@ -118,6 +120,16 @@ def loss(
   )
 
 
+def sparse_output(w_bv, top_terms: int):
+  """Served form of [B, V] weights: themselves (top_terms 0), else the
+  `top_terms` largest as (int32 ids [B, k], float32 weights [B, k]),
+  weights descending; zero weights among them are absent terms."""
+  if not top_terms:
+    return w_bv
+  weights_bk, ids_bk = jax.lax.top_k(w_bv, top_terms)
+  return ids_bk.astype(jnp.int32), weights_bk
+
+
 class Splade(base.Kind):
   """See the module docstring."""
 
@@ -131,7 +143,13 @@ class Splade(base.Kind):
         loaded.model,
         aggregation=model_cfg.splade_aggregation,
         bias_init=model_cfg.splade_bias_init,
-        special_ids=special_ids(tokenizer),
+        # Off for published checkpoints (`checkpoint_run`), which score the
+        # special tokens' columns like any other.
+        special_ids=(
+            special_ids(tokenizer)
+            if model_cfg.get("splade_zero_special_ids", True)
+            else ()
+        ),
         rngs=nnx.Rngs(seed),
     )
     # A checkpoint with BERT's MLM head gives the head its trained
@@ -142,6 +160,27 @@ class Splade(base.Kind):
     ):
       logging.info("SPLADE: MLM head weights from %s", loaded.model_dir)
     return model
+
+  def checkpoint_run(self, loaded, tokenizer):
+    """A BertForMaskedLM-style SPLADE checkpoint (naver/splade-*, the
+    opensearch inference-free document encoders) as published: max pooling,
+    its MLM head and bias, no column zeroed."""
+    if not pretrained.has_mlm_head(pretrained.tensor_shapes(loaded.model_dir)):
+      raise ValueError(
+          f"{loaded.model_dir} has no MLM head (cls.predictions.*), so it "
+          f"is not a {self.name} checkpoint"
+      )
+    run_cfg = base.checkpoint_run_config(
+        self,
+        loaded,
+        splade_aggregation="max",
+        splade_bias_init=0.0,
+        splade_zero_special_ids=False,
+    )
+    model = self.build(
+        ml_collections.ConfigDict(run_cfg["model"]), loaded, tokenizer
+    )
+    return model, run_cfg
 
   def train_spec(self, config, *, loader, tokenizer, loss_spec, mesh):
     del mesh
@@ -164,6 +203,57 @@ class Splade(base.Kind):
     return base.TrainSpec(
         featurize=base.take_keys(), loss=functools.partial(loss, **kwargs)
     )
+
+  def serving_towers(
+      self, model, tokenizer, run_cfg, export_cfg, *, corpus_texts
+  ):
+    del run_cfg
+    top_terms = export_cfg.get("top_terms", 0)
+    if not 0 <= top_terms <= tokenizer.vocab_size:
+      raise ConfigError(
+          f"config.export.top_terms={top_terms}: expected 0 (all "
+          f"{tokenizer.vocab_size} weights) up to the vocabulary size"
+      )
+    info = {
+        "output": "top_terms" if top_terms else "weights",
+        "top_terms": int(top_terms),
+        "vocab_size": int(tokenizer.vocab_size),
+    }
+
+    def encode(splade, input_ids_bl, attention_mask_bl):
+      return sparse_output(splade(input_ids_bl, attention_mask_bl), top_terms)
+
+    towers = {
+        name: base.ServingTower(
+            encode,
+            model,
+            export_cfg[f"{name}_max_length"],
+            info=dict(info, encoder="splade"),
+        )
+        for name in ("query", "passage")
+    }
+    if self.name == "inference_free":
+      # Queries are not encoded: each is the bag of its tokens weighted by
+      # the idf the run trained with; the table is the tower's one weight.
+      special = special_ids(tokenizer)
+      idf_v = features.idf_from_corpus(
+          [tokenizer.tokenize_to_ids(t) for t in corpus_texts()],
+          tokenizer.vocab_size,
+      )
+
+      def bag(weights, input_ids_bl, attention_mask_bl):
+        w_bv = bag_of_tokens(
+            input_ids_bl, attention_mask_bl, weights["idf_v"], special
+        )
+        return sparse_output(w_bv, top_terms)
+
+      towers["query"] = base.ServingTower(
+          bag,
+          {"idf_v": idf_v},
+          export_cfg.query_max_length,
+          info=dict(info, encoder="idf_bag", special_token_ids=list(special)),
+      )
+    return towers
 
 
 SPLADE = Splade("splade")

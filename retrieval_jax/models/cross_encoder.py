@@ -1,6 +1,8 @@
 r"""Cross-encoders: one BERT-family pass over a (query, item) pair -> a score.
 
-Heads: "cls", w · h[CLS] + b (the usual re-ranker); "emb", Yadav et al. 2022
+Heads: "cls", w · h[CLS] + b (the usual re-ranker), or with `pooler=True`
+w · tanh(h[CLS] P + p) + b, BertForSequenceClassification's head (HF and
+sentence-transformers cross-encoder checkpoints); "emb", Yadav et al. 2022
 ("Efficient Nearest Neighbor Search for Cross-Encoder Models using Matrix
 Factorization"): rows [CLS] [Q] query [SEP] [I] item [SEP], score = dot of the
 two markers' states (reserved "[unused0]", "[unused1]"). Its score matrix has
@@ -20,7 +22,11 @@ HEADS = ("cls", "emb")
 
 
 class CrossEncoder(nnx.Module):
-  """A pair scorer on a `TransformerEncoder`; the "cls" head has BERT's init."""
+  """A pair scorer on a `TransformerEncoder`; the "cls" head has BERT's init.
+
+  pooler: the "cls" head reads tanh(h[CLS] P + p) (BERT's pooler, P [D, D]
+  in x W layout) instead of h[CLS].
+  """
 
   def __init__(
       self,
@@ -28,12 +34,26 @@ class CrossEncoder(nnx.Module):
       head: str = "cls",
       *,
       rngs: nnx.Rngs,
+      pooler: bool = False,
   ):
     if head not in HEADS:
       raise ValueError(f"head={head!r}: expected one of {HEADS}")
+    if pooler and head != "cls":
+      raise ValueError(f"pooler=True is for the 'cls' head, not {head!r}")
     config = encoder.config
     self.encoder = encoder
     self.head = head
+    self.pooler = pooler
+    if pooler:
+      init = nnx.initializers.normal(config.initializer_range)
+      d = config.hidden_size
+      # Replicated output dimension, as in the SPLADE head's transform.
+      self.pooler_dd = core.param(
+          init, rngs, (d, d), config.param_dtype, (sharding.EMBED, None)
+      )
+      self.pooler_bias_d = core.param(
+          nnx.initializers.zeros, rngs, (d,), config.param_dtype, (None,)
+      )
     if head == "cls":
       self.score_d = core.param(
           nnx.initializers.normal(config.initializer_range),
@@ -69,7 +89,13 @@ class CrossEncoder(nnx.Module):
     )
     h_bld = h_bld.astype(jnp.float32)
     if self.head == "cls":
-      return h_bld[:, 0] @ self.score_d[...].astype(jnp.float32) + self.bias[
+      x_bd = h_bld[:, 0]
+      if self.pooler:
+        x_bd = jnp.tanh(
+            x_bd @ self.pooler_dd[...].astype(jnp.float32)
+            + self.pooler_bias_d[...].astype(jnp.float32)
+        )
+      return x_bd @ self.score_d[...].astype(jnp.float32) + self.bias[
           ...
       ].astype(jnp.float32)
     if markers_b2 is None:
