@@ -517,17 +517,15 @@ def hf_state_dict(
   tensor's HF shape, and its pooler (unused here) is copied unchanged.
   Arrays keep the parameters' dtype; re-importing gives them back bitwise.
   """
-  # pylint: disable=protected-access
-  names = pretrained._bert_name_map(model.config)
+  names = pretrained.bert_name_map(model.config)
   template = pretrained.read_state_dict(template_dir)
-  (word_key,) = [k for k in template if k.endswith(pretrained._WORD_EMBEDDINGS)]
-  prefix = word_key[: -len(pretrained._WORD_EMBEDDINGS)]
+  (word_key,) = [k for k in template if k.endswith(pretrained.WORD_EMBEDDINGS)]
+  prefix = word_key[: -len(pretrained.WORD_EMBEDDINGS)]
   shapes = {
-      pretrained._canonical_name(k[len(prefix) :]): v.shape
+      pretrained.canonical_name(k[len(prefix) :]): v.shape
       for k, v in template.items()
       if k.startswith(prefix)
   }
-  # pylint: enable=protected-access
   params = {
       path: np.asarray(variable.get_value())
       for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))

@@ -310,10 +310,10 @@ _IGNORED_KEYS = re.compile(r"^(embeddings\.position_ids|pooler\..*)$")
 _IGNORED_OUTSIDE_ENCODER = re.compile(
     r"^(cls|classifier|qa_outputs)\..*$|^linear\.weight$"
 )
-_WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 
 
-def _bert_name_map(config: transformer_encoder.EncoderConfig):
+def bert_name_map(config: transformer_encoder.EncoderConfig):
   """{HF name: (parameter path, transform)} for every encoder weight."""
   n, h = config.num_heads, config.head_dim
   identity = lambda w: w
@@ -378,7 +378,7 @@ def _bert_name_map(config: transformer_encoder.EncoderConfig):
   return names
 
 
-def _canonical_name(key: str) -> str:
+def canonical_name(key: str) -> str:
   """Old TF-ported checkpoints name LayerNorm parameters gamma/beta."""
   if "LayerNorm." in key:
     key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
@@ -396,21 +396,21 @@ def convert_bert_state_dict(
   prefix ("bert.", none) is found from the word embeddings' key; legacy
   LayerNorm gamma/beta are accepted. ValueError names missing weights.
   """
-  candidates = [k for k in state_dict if k.endswith(_WORD_EMBEDDINGS)]
+  candidates = [k for k in state_dict if k.endswith(WORD_EMBEDDINGS)]
   if len(candidates) != 1:
     raise ValueError(
         "cannot locate the BERT encoder: expected one key ending in "
-        f"{_WORD_EMBEDDINGS!r}, found {candidates} among "
+        f"{WORD_EMBEDDINGS!r}, found {candidates} among "
         f"{len(state_dict)} keys"
     )
-  prefix = candidates[0][: -len(_WORD_EMBEDDINGS)]
-  names = _bert_name_map(config)
+  prefix = candidates[0][: -len(WORD_EMBEDDINGS)]
+  names = bert_name_map(config)
   params, ignored, unknown = {}, [], []
   for key, value in state_dict.items():
     if not key.startswith(prefix):
       (ignored if _IGNORED_OUTSIDE_ENCODER.match(key) else unknown).append(key)
       continue
-    name = _canonical_name(key[len(prefix) :])
+    name = canonical_name(key[len(prefix) :])
     if name in names:
       path, transform = names.pop(name)
       try:
@@ -644,7 +644,7 @@ def load_mlm_head(head, state_dict: Mapping[str, Any]) -> bool:
   # The head decodes with the word table; a stored decoder that differs
   # (an untied head) would be silently replaced.
   decoder = state_dict.get(_HEAD_PREFIX + "decoder.weight")
-  words = [k for k in state_dict if k.endswith(_WORD_EMBEDDINGS)]
+  words = [k for k in state_dict if k.endswith(WORD_EMBEDDINGS)]
   if decoder is not None and len(words) == 1:
     if not np.array_equal(
         np.asarray(decoder), np.asarray(state_dict[words[0]])

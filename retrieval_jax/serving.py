@@ -211,6 +211,16 @@ class ServingModel:
           f"{manifest.get('format_version')} is not supported "
           f"(this reader knows version {FORMAT_VERSION})"
       )
+    kind = manifest.get("kind", "bi_encoder")
+    for name in TOWERS:
+      spec = manifest["towers"].get(name)
+      if spec is None or "embedding_dim" not in spec:
+        raise ValueError(
+            f"{manifest_path}: a {kind} export has no dense {name} tower"
+            f" (towers: {sorted(manifest['towers'])}); ServingModel serves"
+            " [B, D] query/passage towers; call the others' programs with"
+            " jax.export.deserialize (the manifest lists their inputs)"
+        )
     if verify_checksums:
       for name, expected in manifest["sha256"].items():
         found = sha256_file(export_dir / name)

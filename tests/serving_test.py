@@ -55,7 +55,21 @@ class ServingModelTest(absltest.TestCase):
         query_max_length=8,
         passage_max_length=16,
     )
+    cls.root = root
     cls.model = serving.ServingModel.load(root / "export")
+
+  def test_a_pair_scorer_export_is_refused_by_name(self):
+    # A cross-encoder export has one `pair` tower and no dense query tower.
+    pair = self.root / "pair_export"
+    shutil.copytree(self.root / "export", pair)
+    manifest = json.loads((pair / serving.MANIFEST_FILE).read_text())
+    manifest["kind"] = "cross_encoder"
+    manifest["towers"] = {"pair": manifest["towers"]["query"]}
+    (pair / serving.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with self.assertRaisesRegex(
+        ValueError, "cross_encoder export has no dense query tower"
+    ):
+      serving.ServingModel.load(pair)
 
   def test_non_str_items_are_named(self):
     cases = [
