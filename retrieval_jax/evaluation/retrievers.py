@@ -15,6 +15,7 @@ model and the texts.
 from collections.abc import Callable
 import functools
 import json
+import os
 import pathlib
 import time
 from typing import Any
@@ -64,6 +65,56 @@ def _latency_ms(
   return 1e3 * (time.perf_counter() - start) / n
 
 
+# (path, size, mtime_ns) -> SHA-256: a weight file is hashed once per process.
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _files_digest(root: pathlib.Path) -> str:
+  """SHA-256 over the names and contents of the files under `root`.
+
+  Caches are keyed by this, not by a path: new weights at an old path (a
+  replaced model.safetensors, a retrained run) never reuse old embeddings.
+  """
+  files = [root] if root.is_file() else sorted(root.rglob("*"))
+  parts = []
+  for f in files:
+    if not f.is_file():
+      continue
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+      _FILE_DIGESTS[key] = io.file_sha256(f)
+    parts.append(
+        [str(f.relative_to(root)) if f != root else f.name, _FILE_DIGESTS[key]]
+    )
+  return io.fingerprint(parts)
+
+
+def _checkpoint_digest(path: str | os.PathLike, step: int) -> str:
+  """Content digest of a run's checkpoint at `step`, or of a published
+  checkpoint's files (a run key may name either)."""
+  path = pathlib.Path(path).expanduser()
+  step_dir = path / "checkpoints" / str(step)
+  if step_dir.is_dir():
+    return _files_digest(step_dir)
+  from retrieval_jax import pretrained  # pylint: disable=g-import-not-at-top
+
+  return _files_digest(pretrained.resolve_model_dir(str(path)))
+
+
+def _weights_digest(config) -> str:
+  """Content digest of the dense encoder's weights: the run's checkpoint
+  (`config.model.checkpoint` = "<run>@<step>") or the pretrained files."""
+  from retrieval_jax import pretrained  # pylint: disable=g-import-not-at-top
+
+  checkpoint = config.model.get("checkpoint", "")
+  run, sep, step = checkpoint.partition("@")
+  if sep and step.isdigit() and pathlib.Path(run).is_dir():
+    return _checkpoint_digest(run, int(step))
+  model_dir = pretrained.resolve_model_dir(config.model.pretrained)
+  return _files_digest(model_dir)
+
+
 def _dense_cache_key(config, evaluator) -> str:
   model = config.model
   return io.fingerprint(
@@ -74,11 +125,43 @@ def _dense_cache_key(config, evaluator) -> str:
           model.dtype,
           str(model.max_length),
           model.get("checkpoint", ""),
+          _weights_digest(config),
       ],
       list(evaluator.collection.doc_ids),
       evaluator.collection.doc_texts(),
       evaluator.query_texts,
   )[:16]
+
+
+def _read_cache(path: pathlib.Path, read: Callable[[pathlib.Path], Any]):
+  """`read(path)`, or None when absent; an unreadable file is moved aside to
+  `<name>.corrupt` (logged, never deleted) for the caller to rebuild."""
+  if not path.is_file():
+    return None
+  try:
+    return read(path)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # np.load alone raises BadZipFile, ValueError, KeyError, EOFError...
+    aside = path.with_name(path.name + ".corrupt")
+    os.replace(path, aside)
+    logging.warning(
+        "%s: unreadable cache (%s: %s), moved to %s; rebuilding",
+        path,
+        type(e).__name__,
+        e,
+        aside,
+    )
+    return None
+
+
+def _load_cache(path: pathlib.Path, keys: tuple[str, ...]):
+  """The arrays `keys` of an .npz cache (see `_read_cache`)."""
+
+  def read(p):
+    with np.load(p) as f:
+      return tuple(f[k] for k in keys)
+
+  return _read_cache(path, read)
 
 
 def dense_embeddings(
@@ -99,10 +182,10 @@ def dense_embeddings(
   cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
   cache_dir.mkdir(parents=True, exist_ok=True)
   path = cache_dir / f"dense_{_dense_cache_key(config, evaluator)}.npz"
-  if path.is_file():
-    with np.load(path) as f:
-      logging.info("dense embeddings from %s", path)
-      return (f["docs_nd"], f["queries_qd"], json.loads(str(f["timing"])))
+  cached = _load_cache(path, ("docs_nd", "queries_qd", "timing"))
+  if cached is not None:
+    logging.info("dense embeddings from %s", path)
+    return cached[0], cached[1], json.loads(str(cached[2]))
   docs_nd, queries_qd, timing = evaluator.encode(
       encoder_fn(),
       batch_size=config.encode.batch_size,
@@ -285,6 +368,7 @@ def _sparse_cache(config, evaluator, key, workdir, step):
       [
           str(pathlib.Path(config.retriever[key]).resolve()),
           str(step),
+          _checkpoint_digest(config.retriever[key], step),
           str(config.model.max_length),
           str(config.retriever.top_terms),
       ],
@@ -314,8 +398,8 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
   )
   timing = {}
   cache = _sparse_cache(config, evaluator, key, workdir, step)
-  if cache.is_file():
-    index = sparse_index.load(cache)
+  index = _read_cache(cache, sparse_index.load)
+  if index is not None:
     logging.info("sparse index from %s", cache)
   else:
     start = time.perf_counter()
@@ -389,16 +473,17 @@ def _colbert_embeddings(config, evaluator, encoder, workdir, step):
       [
           str(pathlib.Path(config.retriever.colbert_workdir).resolve()),
           str(step),
+          _checkpoint_digest(config.retriever.colbert_workdir, step),
           str(config.model.max_length),
       ],
       list(evaluator.collection.doc_ids),
       evaluator.collection.doc_texts(),
   )[:16]
   path = cache_dir / f"colbert_{digest}.npz"
-  if path.is_file():
-    with np.load(path) as f:
-      logging.info("ColBERT document vectors from %s", path)
-      return f["docs_nld"], f["masks_nl"], json.loads(str(f["timing"]))
+  cached = _load_cache(path, ("docs_nld", "masks_nl", "timing"))
+  if cached is not None:
+    logging.info("ColBERT document vectors from %s", path)
+    return cached[0], cached[1], json.loads(str(cached[2]))
   start = time.perf_counter()
   docs_nld, masks_nl = encoder.embed_docs(
       evaluator.collection.doc_texts(),
