@@ -19,10 +19,10 @@ published checkpoint where they take a run (`use_checkpoints`).
 """
 
 import json
-from absl import logging
 import pathlib
 import time
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -36,6 +36,7 @@ from retrieval_jax import pretrained
 from retrieval_jax import sharding
 from retrieval_jax.data import beir
 from retrieval_jax.evaluation import evaluators
+from retrieval_jax.evaluation import ir_metrics
 from retrieval_jax.evaluation import retrievers
 from retrieval_jax.evaluation import trec_run
 
@@ -280,10 +281,54 @@ def format_table(metrics: dict[str, float], title: str) -> str:
 
 
 @sharding.uses_config_rules
+def validate(config: ml_collections.ConfigDict, *, mode: str) -> None:
+  """Checks the evaluate/encode config before any work; ConfigError names
+  the key."""
+
+  def fail(key, message):
+    raise errors.ConfigError(f"config.{key}={config_get(key)!r}: {message}")
+
+  def config_get(key):
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    return value
+
+  positive = ["encode.batch_size", "encode.pad_multiple", "model.max_length"]
+  if mode == "evaluate":
+    positive += ["search.top_k", "search.chunk_size"]
+  for key in positive:
+    value = config_get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      fail(key, "expected a positive integer")
+  if config.data.max_queries < 0:
+    fail("data.max_queries", "expected >= 0 (0: all)")
+  if config.data.on_unknown not in ("warn", "error", "ignore"):
+    fail("data.on_unknown", "expected 'warn', 'error' or 'ignore'")
+  if mode == "evaluate":
+    if config.search.metric not in ("", "cosine", "dot"):
+      fail("search.metric", "expected 'cosine', 'dot' or '' (the model's)")
+    if not config.eval.measures:
+      fail("eval.measures", "expected at least one measure")
+    for name in config.eval.measures:
+      try:
+        ir_metrics.parse_measure(name)
+      except ValueError as e:
+        fail("eval.measures", str(e))
+  try:
+    shape = tuple(config.mesh.shape)
+    if len(shape) != len(sharding.MESH_AXES):
+      raise ValueError(f"expected {len(sharding.MESH_AXES)} axes")
+    sharding.make_mesh(shape)
+  except (TypeError, ValueError) as e:
+    fail("mesh.shape", str(e))
+
+
 def evaluate(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> dict[str, float]:
   """Runs the evaluate mode; returns the mean metrics (also written)."""
+  validate(config, mode="evaluate")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
@@ -384,6 +429,7 @@ def encode(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> np.ndarray:
   """Runs the encode mode; returns the [N, D] corpus embeddings."""
+  validate(config, mode="encode")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
