@@ -1,7 +1,8 @@
-"""The library's two error types (ValueError subclasses) for deliberate errors.
+"""The library's error types for deliberate, one-line failures.
 
 `ConfigError` messages name the key ("config.optim.decay='step': ...");
-`DataError` messages start with "path:line: " (or "path: ").
+`DataError` messages start with "path:line: " (or "path: "). The entry point
+prints any of these as one `error: ...` line; see `main.py` for exit codes.
 """
 
 
@@ -20,3 +21,23 @@ class DataError(ValueError):
     self.line = line
     where = self.path if line is None else f"{self.path}:{line}"
     super().__init__(f"{where}: {message}")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be saved or restored; names the step and cause."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live process holds the workdir's lock; names its pid and host."""
+
+
+class Interrupted(Exception):
+  """SIGTERM/SIGINT stopped training after saving; rerunning resumes.
+
+  Attributes: `signal_name` ("SIGTERM"), `step` (the saved step).
+  """
+
+  def __init__(self, signal_name: str, step: int, message: str):
+    self.signal_name = signal_name
+    self.step = step
+    super().__init__(message)

@@ -1,21 +1,30 @@
-"""Atomic file writes and `fingerprint`, the content hash keying the caches.
+"""Atomic file writes, `fingerprint` (the caches' content hash), workdir locks.
 
 Writers fill a temp file beside the target and `os.replace` it, so a reader or
 a restarted run sees the old file or the new one, never half of one.
+`lock_workdir` gives one process at a time a workdir: two runs writing the
+same checkpoints and metrics would silently interleave them.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
+import datetime
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import threading
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from retrieval_jax import errors
+
 PathLike = str | os.PathLike
 _READ_CHUNK_BYTES = 1 << 20
+LOCK_FILE = ".lock"  # in the workdir; holds "pid=... host=... since=..."
 
 
 @contextlib.contextmanager
@@ -124,3 +133,77 @@ def file_sha256(path: PathLike) -> str:
     while chunk := f.read(_READ_CHUNK_BYTES):
       digest.update(chunk)
   return digest.hexdigest()
+
+
+# realpath of a workdir -> [fd, depth]: the locks this process holds. flock
+# locks belong to an open file, so a second open in the same process would
+# block on itself; nesting reuses the first.
+_HELD: dict[str, list[int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(fd: int) -> str:
+  """The holder line a locking process wrote, for the busy message."""
+  try:
+    text = os.pread(fd, 512, 0).decode("utf-8", errors="replace").strip()
+  except OSError:
+    text = ""
+  fields = dict(f.split("=", 1) for f in text.split() if "=" in f)
+  if "pid" not in fields:  # the holder has not written its line yet
+    return "another process"
+  return (
+      f"pid {fields['pid']} on host {fields.get('host', '?')}"
+      f" (since {fields.get('since', '?')})"
+  )
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: PathLike) -> Iterator[str]:
+  """Holds `<workdir>/.lock` exclusively inside the block; yields its path.
+
+  `fcntl.flock`: the kernel drops the lock when the holder exits or dies, so
+  a crashed run never blocks the next one and there is no stale-lock logic.
+  Re-entrant within one process. Creates `workdir` if missing.
+
+  Raises:
+    errors.WorkdirBusyError: a live process holds it; names its pid and host.
+  """
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  key = os.path.realpath(path)
+  with _HELD_GUARD:
+    held = _HELD.get(key)
+    if held is not None:
+      held[1] += 1
+    else:
+      # O_CLOEXEC: a subprocess the run starts must not keep the lock alive.
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise errors.WorkdirBusyError(
+            f"workdir {workdir} is in use by {holder}; wait for that run to"
+            " end or use another --workdir"
+        ) from None
+      except BaseException:
+        os.close(fd)
+        raise
+      since = datetime.datetime.now().isoformat(timespec="seconds")
+      line = f"pid={os.getpid()} host={socket.gethostname()} since={since}\n"
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, line.encode("utf-8"), 0)
+      _HELD[key] = [fd, 1]
+  try:
+    yield path
+  finally:
+    with _HELD_GUARD:
+      held = _HELD[key]
+      held[1] -= 1
+      if not held[1]:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+          os.ftruncate(held[0], 0)  # no stale holder line for the next run
+        os.close(held[0])  # closing the last descriptor releases the lock

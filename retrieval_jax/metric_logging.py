@@ -5,12 +5,16 @@ through `tensorboard.summary.Writer` (pure Python: no TensorFlow, so the run
 path works on accelerator images without it) and to
 `<workdir>/metrics.jsonl`: one
 flushed line `{"step": 120, "train/loss": 0.71, ...}` per `write`. A record cut
-by a crash is dropped on reopen; after a resume, rerun steps appear twice.
+by a crash is dropped on reopen. A resumed run (`rerun_from`) first drops the
+records of the steps it logs again, so each (step, metric) appears once; in
+TensorBoard a restart marker makes the reader drop the old values likewise.
 """
 
 from collections.abc import Iterable, Mapping
+import glob
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -18,9 +22,12 @@ import jax
 import numpy as np
 
 from retrieval_jax import checkpointing
+from retrieval_jax import io
 
 try:
   from tensorboard import summary as tb_summary  # pylint: disable=g-import-not-at-top
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
 
   _WRITERS_IMPORT_ERROR = None
 except ImportError as e:
@@ -117,12 +124,68 @@ def _drop_partial_last_line(path: str) -> None:
       f.truncate(start)
 
 
+def _roll_back(path: str, rerun_from: int) -> None:
+  """Rewrites metrics.jsonl without the records of steps >= `rerun_from`.
+
+  Atomic (a temp file replaces it): a crash here leaves the old file.
+  """
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  kept, dropped = [], 0
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    record = _parse_record(line)
+    if record is None and lineno == len(lines):
+      logging.warning("%s: dropping a partial last record", path)
+      dropped += 1
+      continue
+    step = record.get(STEP_KEY) if record is not None else None
+    if isinstance(step, int) and step >= rerun_from:
+      dropped += 1
+      continue
+    kept.append(line)  # as written; an unreadable one is kept, not judged
+  if dropped:
+    io.write_text_atomic(path, "".join(line + "\n" for line in kept))
+    logging.info(
+        "%s: dropped %d records of steps >= %d (logged again by this run)",
+        path,
+        dropped,
+        rerun_from,
+    )
+
+
+def _mark_restart(events_dir: str, step: int) -> None:
+  """Tells TensorBoard to forget the earlier files' events from `step` on.
+
+  Its readers drop the values of steps >= `step` seen so far at a SessionLog
+  START event; files are read in name order, and this one sorts after the
+  earlier runs' and before the writer's file created next. The server's
+  reader takes the first START of a run for its beginning, not a restart:
+  a second one at the same step purges in every reader.
+  """
+  if not glob.glob(os.path.join(events_dir, "events.out.tfevents.*")):
+    return  # nothing logged before
+  writer = event_file_writer.EventFileWriter(events_dir)
+  for _ in range(2):
+    writer.add_event(
+        event_pb2.Event(
+            wall_time=time.time(),
+            step=step,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+    )
+  writer.close()
+
+
 class _Writer:
   """INFO log everywhere; TensorBoard events where `events_dir` is given."""
 
-  def __init__(self, events_dir: str | None):
+  def __init__(self, events_dir: str | None, rerun_from: int | None = None):
     self._events = None
     if events_dir is not None and tb_summary is not None:
+      if rerun_from is not None:
+        _mark_restart(events_dir, rerun_from)
       self._events = tb_summary.Writer(events_dir)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -148,8 +211,20 @@ class _Writer:
 class MetricLogger:
   """Writes scalars to the log, TensorBoard and metrics.jsonl; a context manager."""
 
-  def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True):
-    """Opens the writers; only the `is_primary` process (0) writes files."""
+  def __init__(
+      self,
+      workdir: str | os.PathLike,
+      *,
+      is_primary: bool = True,
+      rerun_from: int | None = None,
+  ):
+    """Opens the writers; only the `is_primary` process (0) writes files.
+
+    `rerun_from`: a resumed run's first step to log (0: a fresh start);
+    earlier records of steps >= it are dropped. None: append to all.
+    """
+    if rerun_from is not None:
+      rerun_from = checkpointing.check_step(rerun_from)
     self._workdir = os.fspath(workdir)
     self._file = None
     self._closed = False
@@ -162,12 +237,17 @@ class MetricLogger:
           _WRITERS_IMPORT_ERROR,
           METRICS_FILE,
       )
-    self._writer = _Writer(self._workdir if is_primary else None)
+    self._writer = _Writer(
+        self._workdir if is_primary else None, rerun_from=rerun_from
+    )
     if is_primary:
       path = os.path.join(self._workdir, METRICS_FILE)
       # Append: a resumed run keeps its history in the same file.
       if os.path.exists(path):
-        _drop_partial_last_line(path)
+        if rerun_from is None:
+          _drop_partial_last_line(path)
+        else:
+          _roll_back(path, rerun_from)
       self._file = open(path, "a", encoding="utf-8")
 
   @property

@@ -7,14 +7,19 @@ generic `steps.train_step`, and the evaluations; this module only wires the
 loader, optimizer, checkpoints and logging around them.
 
 Resume order (the first that applies):
-  1. the latest complete checkpoint in <workdir>/checkpoints: the full state
-     (params, optimizer, step) and the data position; the run continues as
-     if it had never stopped (same batches, same dropout keys);
+  1. the newest checkpoint in <workdir>/checkpoints that restores (bad ones
+     are skipped and renamed <step>.corrupt): the full state (params,
+     optimizer, step) and the data position; the run continues as if it had
+     never stopped (same batches, same dropout keys). A config change that
+     alters the state is refused (`check_resume_config`);
   2. `config.checkpoint.init_from`: params from another run's checkpoint
      directory, fresh optimizer, step 0;
   3. scratch: the pretrained weights of `config.model.pretrained`.
 
+SIGTERM/SIGINT in the loop: the step finishes, is saved, errors.Interrupted.
+
 Workdir after a run:
+  .lock                 held while a run uses the workdir (pid, host)
   checkpoints/          Orbax checkpoints (state, data position, config)
   metrics.jsonl         one line per logged step (train/..., eval/..., perf/...)
   events.out.tfevents*  the same scalars for TensorBoard
@@ -23,6 +28,7 @@ Workdir after a run:
   negatives/            mined hard negatives (cache keyed by content)
 """
 
+import contextlib
 import functools
 import json
 import pathlib
@@ -38,6 +44,7 @@ from flax import nnx
 from flax import traverse_util
 
 from retrieval_jax import checkpointing
+from retrieval_jax import errors
 from retrieval_jax import io
 from retrieval_jax import kinds
 from retrieval_jax import metric_logging
@@ -106,6 +113,66 @@ def _validate_model(config) -> None:
           f"encoder's max_position_embeddings {m2.max_position_embeddings} "
           "(config.model.m2)"
       )
+
+
+def _check_int(config, key: str, minimum: int) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(
+        f"config.{key}={value!r}: must be an integer >= {minimum}"
+    )
+
+
+def check_mesh(config) -> None:
+  """`config.mesh.shape` and `cpu_devices`; before the first device query."""
+  shape = config.mesh.shape
+  if (
+      not isinstance(shape, (tuple, list))
+      or len(shape) != len(sharding.MESH_AXES)
+      or any(
+          isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1)
+          for s in shape
+      )
+      or list(shape).count(-1) > 1
+  ):
+    raise ConfigError(
+        f"config.mesh.shape={shape!r}: expected {len(sharding.MESH_AXES)} "
+        f"sizes for the axes {sharding.MESH_AXES}, each >= 1, or -1 (once) "
+        "for the remaining devices"
+    )
+  _check_int(config, "mesh.cpu_devices", 0)
+
+
+def validate_settings(config: ml_collections.ConfigDict) -> None:
+  """The loop's own settings, checked before the workdir is touched.
+
+  Raises:
+    ConfigError: naming the offending key.
+  """
+  _check_int(config, "train.num_steps", 0)
+  if not config.train.num_steps and not config.train.num_epochs > 0:
+    raise ConfigError(
+        f"config.train.num_epochs={config.train.num_epochs!r}: must be > 0"
+        " when config.train.num_steps is 0"
+    )
+  _check_int(config, "train.batch_size", 1)
+  _check_int(config, "train.log_every", 1)
+  _check_int(config, "train.eval_every", 0)
+  _check_int(config, "checkpoint.every_steps", 1)
+  _check_int(config, "checkpoint.max_to_keep", 0)
+  check_mesh(config)
+
+
+def make_mesh(config):
+  """The mesh of `config.mesh.shape` over this job's devices."""
+  try:
+    return sharding.make_mesh(config.mesh.shape)
+  except ValueError as e:
+    raise ConfigError(
+        f"config.mesh.shape={tuple(config.mesh.shape)}: {e}"
+    ) from e
 
 
 def validate(config: ml_collections.ConfigDict, mesh) -> None:
@@ -287,10 +354,91 @@ def _resolve_model_settings(config, loaded) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Resuming with a changed config.
+
+# Keys a resumed run may change: when it evaluates, logs and saves, where it
+# stops, how it shards and computes. Logged.
+RESUME_SAFE = (
+    "train.num_steps",
+    "train.num_epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_before",
+    "train.eval_after",
+    "checkpoint.",
+    "evals.",
+    "export.",
+    "mesh.",
+    "model.dtype",
+    "model.matmul_precision",
+)
+# Keys that say what the saved state is (another model, another data order):
+# refused. Changes that alter the saved arrays' structure or shapes (e.g.
+# optim.clip_norm on/off) are refused by the checkpoint's own tree check.
+RESUME_REFUSED = ("model.", "data.seed")
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+  return any(
+      key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes
+  )
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+  """{dotted key: (saved value, current value)} of two config dicts."""
+  missing = "<absent>"
+  saved = traverse_util.flatten_dict(saved, sep=".")
+  current = traverse_util.flatten_dict(current, sep=".")
+  return {
+      k: (saved.get(k, missing), current.get(k, missing))
+      for k in sorted(set(saved) | set(current))
+      if saved.get(k, missing) != current.get(k, missing)
+  }
+
+
+def _describe(changes: dict[str, tuple]) -> str:
+  return ", ".join(
+      f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()
+  )
+
+
+def check_resume_config(saved: dict, current: dict, step: int) -> dict:
+  """Refuses state-defining changes since checkpoint `step`; logs the rest.
+
+  Returns the changes outside `RESUME_SAFE` (named if the state then does
+  not fit).
+
+  Raises:
+    ConfigError: a `RESUME_REFUSED` key changed; names each.
+  """
+  changes = config_changes(saved, current)
+  refused = {k: v for k, v in changes.items() if _matches(k, RESUME_REFUSED)}
+  refused = {k: v for k, v in refused.items() if not _matches(k, RESUME_SAFE)}
+  if refused:
+    raise ConfigError(
+        f"the checkpoint at step {step} was trained with another config: "
+        f"{_describe(refused)}; a resumed run must keep these (rerun with "
+        "the saved values, or use a new --workdir)"
+    )
+  safe = {k: v for k, v in changes.items() if _matches(k, RESUME_SAFE)}
+  other = {k: v for k, v in changes.items() if k not in safe}
+  if safe:
+    logging.info("resuming from step %d with %s", step, _describe(safe))
+  if other:
+    logging.warning(
+        "resuming from step %d with changed training settings (they apply "
+        "from step %d on): %s",
+        step,
+        step + 1,
+        _describe(other),
+    )
+  return other
+
+
+# ---------------------------------------------------------------------------
 # The job.
 
 
-@sharding.uses_config_rules
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> dict[str, Any]:
@@ -299,6 +447,7 @@ def train_and_evaluate(
   Args:
     config: a `configs/train.py` config.
     workdir: outputs and checkpoints; rerunning on the same workdir resumes.
+      Locked for the run (`io.lock_workdir`).
 
   Returns:
     {"before": eval metrics at step 0 (absent when resumed past it),
@@ -306,14 +455,69 @@ def train_and_evaluate(
      "steps": total steps, "source": where the state came from}.
 
   Raises:
-    ConfigError: a bad config value (named).
-    metric_logging.NonFiniteError: the loss went NaN/inf; the last good
-      checkpoint is kept.
+    ConfigError: a bad config value, or a resume with an incompatible one
+      (named).
+    errors.WorkdirBusyError: another process is using `workdir`.
+    errors.CheckpointError: no checkpoint restores, or a save failed.
+    errors.Interrupted: SIGTERM/SIGINT; the step reached is saved.
+    metric_logging.NonFiniteError: the loss went NaN/inf; names the last
+      good checkpoint (if any).
   """
+  if not str(workdir).strip():
+    raise ConfigError("the workdir is empty: name a directory for the run")
+  validate_settings(config)  # before anything is written
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with io.lock_workdir(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _resume(config, config_json, checkpointer, layout, init_fn):
+  """`(state, start step, source)`: `resume_or_init` with the config checks."""
+  changed = {}
+
+  def check_metadata(step, metadata):
+    changed.clear()
+    changed.update(
+        check_resume_config(metadata.get("config", {}), config_json, step)
+    )
+
+  try:
+    state, data_position, source = checkpointing.resume_or_init(
+        checkpointer,
+        layout.abstract,
+        init_fn=init_fn,
+        init_from=config.checkpoint.init_from,
+        check_metadata=check_metadata,
+    )
+  except checkpointing.IncompatibleStateError as e:
+    if checkpointer.latest_step() is None:
+      raise  # init_from's checkpoint lacks the params
+    hint = (
+        f"changed since it was saved: {_describe(changed)}"
+        if changed
+        else "the code's state layout changed since it was saved"
+    )
+    raise ConfigError(
+        f"{e}; {hint}; undo the change or use a new --workdir"
+    ) from None
+  start_step = int(jax.device_get(state["step"]))
+  if data_position is not None and (
+      data_position.get("seed") != config.data.seed
+      or data_position.get("step") != start_step
+  ):
+    raise ConfigError(
+        f"checkpoint at step {start_step} was written with data position "
+        f"{data_position}; config.data.seed={config.data.seed} differs, so "
+        "resuming would not replay the same batches (use a new workdir)"
+    )
+  return state, start_step, source
+
+
+@sharding.uses_config_rules
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
+  """`train_and_evaluate` inside the workdir lock."""
   config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = make_mesh(config)
   prepare_long_documents(config, workdir)
   validate(config, mesh)
   kind = kinds.get(config.model)
@@ -349,101 +553,111 @@ def train_and_evaluate(
 
   tx, schedule = optimizers.make_optimizer(config.optim, total_steps)
   layout = train_state.state_layout(model_def, params, tx, mesh)
-  checkpointer = checkpointing.Checkpointer(
-      workdir / "checkpoints",
-      save_interval_steps=config.checkpoint.every_steps,
-      max_to_keep=config.checkpoint.max_to_keep or None,
-      async_save=config.checkpoint.async_save,
-  )
-  state, data_position, source = checkpointing.resume_or_init(
-      checkpointer,
-      layout.abstract,
-      init_fn=lambda: train_state.create(params, tx, layout),
-      init_from=config.checkpoint.init_from,
-  )
-  start_step = int(jax.device_get(state["step"]))
-  if data_position is not None and (
-      data_position.get("seed") != config.data.seed
-      or data_position.get("step") != start_step
-  ):
-    raise ConfigError(
-        f"checkpoint at step {start_step} was written with data position "
-        f"{data_position}; config.data.seed={config.data.seed} differs, so "
-        "resuming would not replay the same batches (use a new workdir)"
-    )
-  logging.info(
-      "state from %s; %d parameters; step %d of %d",
-      source,
-      train_state.num_params(params),
-      start_step,
-      total_steps,
-  )
-
-  spec = kind.train_spec(
-      config, loader=loader, tokenizer=tokenizer, loss_spec=loss_spec, mesh=mesh
-  )
-  device_batch = spec.featurize
-  batch_spec = {
-      k: v.shape for k, v in device_batch(0, loader.batch_at(0)).items()
-  }
-  step_fn = steps.make_train_step(
-      mesh,
-      layout.shardings,
-      batch_spec,
-      model_def=model_def,
-      tx=tx,
-      loss_fn=spec.loss,
-      value_and_grad_fn=spec.value_and_grad,
-      dropout=config.model.dropout,
-      learning_rate_fn=schedule,
-  )
-  in_batch_shardings = steps.batch_shardings(mesh, batch_spec)
-  rng = jax.device_put(
-      jax.random.PRNGKey(config.train.seed), sharding.replicated(mesh)
-  )
-  logger = metric_logging.MetricLogger(workdir, is_primary=is_primary)
   config_json = json.loads(config.to_json_best_effort())
-  if start_step == 0:
-    logger.write_hparams({
-        k: v
-        for k, v in traverse_util.flatten_dict(config_json, sep=".").items()
-        if isinstance(v, (int, float, str, bool))
-    })
-
-  results: dict[str, Any] = {"source": source, "steps": total_steps}
-  if getattr(eval_runner, "first_stage_metrics", None):
-    results["first_stage"] = eval_runner.first_stage_metrics
-    _print_metrics(
-        "first stage (re-ranked below)", eval_runner.first_stage_metrics
+  # Closed in reverse on any exit; a failing close never hides the error.
+  with contextlib.ExitStack() as stack:
+    checkpointer = stack.enter_context(
+        checkpointing.Checkpointer(
+            workdir / "checkpoints",
+            save_interval_steps=config.checkpoint.every_steps,
+            max_to_keep=config.checkpoint.max_to_keep or None,
+            async_save=config.checkpoint.async_save,
+        )
     )
-  if start_step == 0 and evals and config.train.eval_before:
-    results["before"] = eval_runner.run(
-        state["params"], workdir / "eval" / "step_0"
+    state, start_step, source = _resume(
+        config,
+        config_json,
+        checkpointer,
+        layout,
+        lambda: train_state.create(params, tx, layout),
     )
-    logger.write(0, results["before"])
-    _print_metrics("before training", results["before"])
-
-  def save(step, force=False):
-    checkpointer.save(
-        step,
-        state,
-        data={"step": step, "seed": config.data.seed},
-        metadata={"config": config_json},
-        force=force,
+    logging.info(
+        "state from %s; %d parameters; step %d of %d",
+        source,
+        train_state.num_params(params),
+        start_step,
+        total_steps,
     )
 
-  examples_per_step = config.train.batch_size
-  last_metrics: dict[str, float] = {}
-  bar = tqdm.tqdm(
-      total=total_steps,
-      initial=start_step,
-      desc="train",
-      unit="step",
-      disable=not is_primary,
-      mininterval=2.0,
-  )
-  window_start, window_steps = time.perf_counter(), 0
-  try:
+    spec = kind.train_spec(
+        config,
+        loader=loader,
+        tokenizer=tokenizer,
+        loss_spec=loss_spec,
+        mesh=mesh,
+    )
+    device_batch = spec.featurize
+    batch_spec = {
+        k: v.shape for k, v in device_batch(0, loader.batch_at(0)).items()
+    }
+    step_fn = steps.make_train_step(
+        mesh,
+        layout.shardings,
+        batch_spec,
+        model_def=model_def,
+        tx=tx,
+        loss_fn=spec.loss,
+        value_and_grad_fn=spec.value_and_grad,
+        dropout=config.model.dropout,
+        learning_rate_fn=schedule,
+    )
+    in_batch_shardings = steps.batch_shardings(mesh, batch_spec)
+    rng = jax.device_put(
+        jax.random.PRNGKey(config.train.seed), sharding.replicated(mesh)
+    )
+    # metrics.jsonl and TensorBoard drop what the killed run logged after
+    # its checkpoint: this run logs those steps again.
+    logger = stack.enter_context(
+        metric_logging.MetricLogger(
+            workdir,
+            is_primary=is_primary,
+            rerun_from=start_step + 1 if start_step else 0,
+        )
+    )
+    if start_step == 0:
+      logger.write_hparams({
+          k: v
+          for k, v in traverse_util.flatten_dict(config_json, sep=".").items()
+          if isinstance(v, (int, float, str, bool))
+      })
+
+    results: dict[str, Any] = {"source": source, "steps": total_steps}
+    if getattr(eval_runner, "first_stage_metrics", None):
+      results["first_stage"] = eval_runner.first_stage_metrics
+      _print_metrics(
+          "first stage (re-ranked below)", eval_runner.first_stage_metrics
+      )
+    if start_step == 0 and evals and config.train.eval_before:
+      results["before"] = eval_runner.run(
+          state["params"], workdir / "eval" / "step_0"
+      )
+      logger.write(0, results["before"])
+      _print_metrics("before training", results["before"])
+
+    def save(step, force=False):
+      checkpointer.save(
+          step,
+          state,
+          data={"step": step, "seed": config.data.seed},
+          metadata={"config": config_json},
+          force=force,
+      )
+
+    examples_per_step = config.train.batch_size
+    last_metrics: dict[str, float] = {}
+    bar = stack.enter_context(
+        tqdm.tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=not is_primary,
+            mininterval=2.0,
+        )
+    )
+    # SIGTERM/SIGINT from here on: finish the step, save, stop.
+    signals = stack.enter_context(checkpointing.StopSignals())
+    window_start, window_steps = time.perf_counter(), 0
     batches = loader.iterate(start_step)
     for step in range(start_step, total_steps):
       batch = steps.put_batch(
@@ -466,7 +680,7 @@ def train_and_evaluate(
         }
         # Checked before any save, so a diverged state never overwrites
         # the last good checkpoint.
-        metric_logging.check_finite(metrics, done)
+        _check_finite(metrics, done, checkpointer)
         elapsed = time.perf_counter() - window_start
         metrics["perf/examples_per_s"] = (
             window_steps * examples_per_step / max(elapsed, 1e-9)
@@ -488,30 +702,53 @@ def train_and_evaluate(
             done,
             eval_runner.run(state["params"], workdir / "eval" / f"step_{done}"),
         )
-      if checkpointer.reached_preemption(done):
+      # Every process gets the same answer at the same step.
+      stop = signals.requested() or (
+          "a preemption notice"
+          if checkpointer.reached_preemption(done)
+          else None
+      )
+      if stop:
         save(done, force=True)
-        logging.warning(
-            "preemption signal at step %d: saved and stopping", done
+        checkpointer.wait_until_finished()  # committed before the exit
+        raise errors.Interrupted(
+            stop,
+            done,
+            f"interrupted, resumable: {stop} at step {done} of {total_steps};"
+            f" saved checkpoint {done} in {checkpointer.directory}; rerun the"
+            " same command to resume",
         )
-        break
-  finally:
     bar.close()
-    checkpointer.wait_until_finished()
-  if evals and config.train.eval_after:
-    end_step = int(jax.device_get(state["step"]))
-    results["after"] = eval_runner.run(
-        state["params"], workdir / "eval" / f"step_{end_step}"
-    )
-    logger.write(end_step, results["after"])
-    _print_metrics("after training", results["after"])
-  results["train"] = last_metrics
-  checkpointer.close()
-  logger.close()
+    signals.restore()  # evaluation: Ctrl-C stops at once again
+    if evals and config.train.eval_after:
+      end_step = int(jax.device_get(state["step"]))
+      results["after"] = eval_runner.run(
+          state["params"], workdir / "eval" / f"step_{end_step}"
+      )
+      logger.write(end_step, results["after"])
+      _print_metrics("after training", results["after"])
+    results["train"] = last_metrics
   if is_primary:
     io.write_json_atomic(workdir / "results.json", results)
   if "before" in results and "after" in results:
     _print_before_after(results["before"], results["after"])
   return results
+
+
+def _check_finite(metrics, step: int, checkpointer) -> None:
+  """`metric_logging.check_finite`, saying which checkpoint is still good."""
+  try:
+    metric_logging.check_finite(metrics, step)
+  except metric_logging.NonFiniteError as e:
+    latest = checkpointer.latest_step()
+    where = (
+        f"the last good checkpoint is step {latest} in {checkpointer.directory}"
+        if latest is not None
+        else "no checkpoint was saved before it, so a rerun starts over"
+    )
+    raise metric_logging.NonFiniteError(
+        f"{e}; {where}", step=e.step, names=e.names
+    ) from None
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:

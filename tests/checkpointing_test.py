@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -17,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import orbax.checkpoint as ocp
 
 from retrieval_jax import checkpointing
+from retrieval_jax import errors
 from retrieval_jax import sharding
 import test_util
 
@@ -44,6 +47,62 @@ for step in range(100000):
 ckpt.close()
 print(json.dumps(answers))
 """
+
+
+# Saves a 4 MB array under a 1 MB file-size limit (what a full disk does
+# to a write) and prints the one-line error.
+_FULL_DISK_JOB = """
+import resource, signal, sys
+import jax
+from retrieval_jax import checkpointing, errors
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+state = {"w": jax.random.normal(jax.random.key(0), (1024, 1024))}  # incompressible
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+ckpt = checkpointing.Checkpointer(sys.argv[1], save_interval_steps=1,
+                                  max_to_keep=None)
+try:
+  ckpt.save(1, state, data={}, metadata={})
+  ckpt.close()
+except errors.CheckpointError as e:
+  print("CheckpointError:", e)
+"""
+
+# Enters StopSignals and sends itself the signal in argv[1] twice.
+_TWO_SIGNALS_JOB = """
+import os, signal, sys, time
+from retrieval_jax import checkpointing
+signum = getattr(signal, sys.argv[1])
+with checkpointing.StopSignals() as signals:
+  os.kill(os.getpid(), signum)
+  time.sleep(0.1)
+  print("first:", signals.requested(), flush=True)
+  os.kill(os.getpid(), signum)
+  time.sleep(5)
+print("still running")
+"""
+
+
+def _largest_state_file(step_dir):
+  """The biggest file of a step's `state` item (an array data file)."""
+  files = [
+      os.path.join(root, name)
+      for root, _, names in os.walk(os.path.join(step_dir, "state"))
+      for name in names
+  ]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_a_bit(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x10]))
 
 
 class _Tiny(nnx.Module):
@@ -299,7 +358,9 @@ class CheckpointerTest(parameterized.TestCase):
     _assert_trees_equal(self, params, _host(state["params"]))
     _assert_shardings(self, params, abstract_params)
 
-    with self.assertRaisesRegex(KeyError, "no 'weights'.*'opt_state'"):
+    with self.assertRaisesRegex(
+        checkpointing.IncompatibleStateError, "no 'weights'.*'opt_state'"
+    ):
       ckpt.restore_params(2, abstract_params, params_key="weights")
 
   def test_restore_params_from_is_read_only(self):
@@ -345,6 +406,203 @@ class CheckpointerTest(parameterized.TestCase):
     self.assertTrue(answers[-1], "no preemption reported within 60 s")
     self.assertNotIn(True, answers[:-1])
     self.assertGreaterEqual(len(answers) - 1, 5)
+
+
+class IntegrityTest(parameterized.TestCase):
+  """Checksums, the walk-back past bad steps, and one-line save errors."""
+
+  def setUp(self):
+    super().setUp()
+    self.mesh = sharding.make_mesh((8, 1, 1))
+    self.dir = self.create_tempdir().full_path
+    self.abstract = _abstract(
+        _make_state(self.mesh, sharding.DATA), self.mesh, sharding.DATA
+    )
+    self.states = {}
+
+  def _checkpointer(self, **kwargs):
+    ckpt = checkpointing.Checkpointer(
+        self.dir, save_interval_steps=1, max_to_keep=None, **kwargs
+    )
+    self.addCleanup(ckpt.close)
+    return ckpt
+
+  def _save(self, steps=(1, 2, 3), **kwargs):
+    with self._checkpointer(**kwargs) as ckpt:
+      for step in steps:
+        state = _make_state(self.mesh, sharding.DATA, seed=step, step=step)
+        self.states[step] = _host(state)
+        ckpt.save(step, state, data={"step": step}, metadata={"s": step})
+
+  @parameterized.parameters(True, False)
+  def test_every_committed_step_has_checksums(self, async_save):
+    self._save(async_save=async_save)
+    for step in (1, 2, 3):
+      step_dir = os.path.join(self.dir, str(step))
+      with open(os.path.join(step_dir, checkpointing.CHECKSUMS_FILE)) as f:
+        files = json.load(f)["files"]
+      # Every array and metadata file, not only the small ones.
+      self.assertIn(
+          os.path.relpath(_largest_state_file(step_dir), step_dir), files
+      )
+      self.assertTrue(any(f.startswith("metadata/") for f in files))
+      self.assertTrue(checkpointing.verify_checksums(step_dir))
+
+  @parameterized.named_parameters(
+      ("truncated", _truncate, "truncated"),
+      ("bit_flip", _flip_a_bit, "does not match its saved sha256"),
+      (
+          "deleted_metadata",
+          lambda p: os.remove(
+              os.path.join(p.split("/state/")[0], "state", "_METADATA")
+          ),
+          "_METADATA is missing",
+      ),
+  )
+  def test_walks_back_past_a_bad_latest_step(self, damage, message):
+    self._save()
+    damage(_largest_state_file(os.path.join(self.dir, "3")))
+    ckpt = self._checkpointer()
+    with self.assertLogs(level="ERROR") as logs:
+      state, data, metadata = ckpt.restore(None, self.abstract)
+    errors_logged = [l for l in logs.output if "cannot be restored" in l]
+    self.assertLen(errors_logged, 1)
+    self.assertIn("checkpoint 3", errors_logged[0])
+    self.assertIn(message, errors_logged[0])
+    _assert_trees_equal(self, state, self.states[2])
+    self.assertEqual((data, metadata), ({"step": 2}, {"s": 2}))
+    # Moved aside, never deleted; the run continues from step 2.
+    self.assertCountEqual(
+        [n for n in os.listdir(self.dir) if not n.startswith("_")],
+        ["1", "2", "3" + checkpointing.CORRUPT_SUFFIX],
+    )
+    self.assertEqual(ckpt.latest_step(), 2)
+    state3 = _make_state(self.mesh, sharding.DATA, seed=33, step=3)
+    self.assertTrue(ckpt.save(3, state3, data={"step": 3}, metadata={}))
+    ckpt.wait_until_finished()
+    self.assertEqual(ckpt.all_steps(), [1, 2, 3])
+
+  def test_nothing_restores_one_line_and_nothing_moved(self):
+    self._save(steps=(1, 2))
+    for step in (1, 2):
+      _truncate(_largest_state_file(os.path.join(self.dir, str(step))))
+    before = sorted(os.listdir(self.dir))
+    ckpt = self._checkpointer()
+    with self.assertRaises(errors.CheckpointError) as ctx:
+      ckpt.restore(None, self.abstract)
+    message = str(ctx.exception)
+    self.assertNotIn("\n", message)
+    self.assertRegex(message, r"step 2: .*truncated.*; step 1: .*truncated")
+    self.assertEqual(sorted(os.listdir(self.dir)), before)
+    # A named step is not walked back.
+    with self.assertRaisesRegex(errors.CheckpointError, "checkpoint 2 in"):
+      ckpt.restore(2, self.abstract)
+
+  def test_a_changed_state_layout_is_refused_not_walked_back(self):
+    self._save()
+    ckpt = self._checkpointer()
+    smaller = dict(self.abstract, opt_state=self.abstract["opt_state"][:1])
+    with self.assertRaisesRegex(
+        checkpointing.IncompatibleStateError,
+        r"checkpoint 3 .* does not fit .*arrays the run does not have",
+    ):
+      ckpt.restore(None, smaller)
+    calls = []
+
+    def refuse(step, metadata):
+      calls.append((step, metadata))
+      raise errors.ConfigError("config.model.pretrained changed")
+
+    with self.assertRaisesRegex(errors.ConfigError, "model.pretrained"):
+      ckpt.restore(None, self.abstract, check_metadata=refuse)
+    self.assertEqual(calls, [(3, {"s": 3})])
+    self.assertEqual(ckpt.all_steps(), [1, 2, 3])  # nothing moved
+
+  def test_readers_skip_a_bad_step_and_leave_the_owner_s_files(self):
+    self._save(steps=(1, 2))
+    _flip_a_bit(_largest_state_file(os.path.join(self.dir, "2")))
+    # The owner's save in flight, as `--mode=export` beside training sees it.
+    in_flight = os.path.join(self.dir, "6" + ocp.path.atomicity.TMP_DIR_SUFFIX)
+    os.makedirs(os.path.join(in_flight, "state"))
+    with open(os.path.join(in_flight, "state", "part"), "wb") as f:
+      f.write(b"being written")
+    before = sorted(os.listdir(self.dir))
+    one_device = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    params_target = _abstract(self.states[1]["params"], one_device, None)
+    step, metadata, params = checkpointing.read_run_checkpoint(
+        self.dir, lambda metadata: params_target
+    )
+    self.assertEqual((step, metadata), (1, {"s": 1}))
+    _assert_trees_equal(self, params, self.states[1]["params"])
+    params = checkpointing.restore_params_from(self.dir, params_target)
+    _assert_trees_equal(self, params, self.states[1]["params"])
+    with self.assertRaisesRegex(errors.CheckpointError, "sha256"):
+      checkpointing.read_run_checkpoint(self.dir, lambda m: params_target, 2)
+    self.assertEqual(sorted(os.listdir(self.dir)), before)
+    with open(os.path.join(in_flight, "state", "part"), "rb") as f:
+      self.assertEqual(f.read(), b"being written")
+    # A missing run directory is reported, not created.
+    missing = os.path.join(self.dir, "no_run", "checkpoints")
+    with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
+      checkpointing.open_read_only(missing)
+    self.assertFalse(os.path.exists(os.path.dirname(missing)))
+
+  def test_a_failed_save_is_one_line_naming_the_cause(self):
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_JOB, self.dir],
+        env=test_util.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = [l for l in proc.stdout.splitlines() if "CheckpointError" in l]
+    self.assertLen(lines, 1, proc.stdout + proc.stderr[-3000:])
+    self.assertIn("saving checkpoint 1 in", lines[0])
+    self.assertIn("File too large", lines[0])
+    self.assertEqual(
+        [n for n in os.listdir(self.dir) if n.isdigit()], []
+    )  # nothing committed
+
+
+class StopSignalsTest(parameterized.TestCase):
+
+  @parameterized.parameters("SIGTERM", "SIGINT")
+  def test_first_signal_is_recorded_and_handlers_restored(self, name):
+    signum = getattr(signal, name)
+    before = signal.getsignal(signum)
+    with self.assertLogs(level="WARNING") as logs:
+      with checkpointing.StopSignals() as signals:
+        self.assertIsNone(signals.requested())
+        os.kill(os.getpid(), signum)
+        self.assertEqual(signals.requested(), name)
+    self.assertIn(f"{name}: finishing the current step", logs.output[0])
+    self.assertEqual(signal.getsignal(signum), before)
+
+  def test_off_the_main_thread_it_does_nothing(self):
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(
+        target=lambda: checkpointing.StopSignals().__enter__()
+    )
+    thread.start()
+    thread.join()
+    self.assertEqual(signal.getsignal(signal.SIGTERM), before)
+
+  @parameterized.parameters(
+      ("SIGTERM", -signal.SIGTERM), ("SIGINT", -signal.SIGINT)
+  )
+  def test_a_second_signal_exits_at_once(self, name, returncode):
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWO_SIGNALS_JOB, name],
+        env=test_util.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    self.assertEqual(proc.stdout.strip(), f"first: {name}")
+    self.assertIn(f"{name} again: exiting now", proc.stderr)
+    self.assertEqual(proc.returncode, returncode)  # killed by the signal
 
 
 class ResumeOrInitTest(absltest.TestCase):

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import time
 from unittest import mock
 
 from absl.testing import absltest
@@ -156,6 +157,72 @@ class MetricLoggerTest(absltest.TestCase):
         for e in acc.Tensors("train/loss")
     ]
     self.assertEqual(got, [(1, 1.0), (2, 0.25)])
+
+  def test_resume_rolls_back_the_steps_logged_again(self):
+    # A run killed after logging steps 1-5, with a checkpoint at step 4.
+    with ml.MetricLogger(self.workdir) as logger:
+      for step in range(1, 6):
+        logger.write(step, {"train/loss": float(step)})
+      logger.write(4, {"eval/dev/ndcg@10": 0.5})  # an eval after the save
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write('{"step": 6, "train/lo')  # cut by the kill
+    inode = os.stat(self.path).st_ino
+    with ml.MetricLogger(self.workdir, rerun_from=5) as logger:
+      for step in (5, 6):
+        logger.write(step, {"train/loss": -float(step)})
+    records = ml.read_metrics(self.path)
+    self.assertEqual(
+        [(r["step"], sorted(r)) for r in records],
+        [(s, ["step", "train/loss"]) for s in (1, 2, 3, 4)]
+        + [(4, ["eval/dev/ndcg@10", "step"])]
+        + [(s, ["step", "train/loss"]) for s in (5, 6)],
+    )
+    self.assertEqual(records[-1]["train/loss"], -6.0)  # the rerun's values
+    # Rewritten through a temp file and a rename, not in place.
+    self.assertNotEqual(os.stat(self.path).st_ino, inode)
+    self.assertEqual(
+        [n for n in os.listdir(self.workdir) if n.endswith(".tmp")], []
+    )
+
+  def test_fresh_start_over_an_old_file_drops_it(self):
+    with ml.MetricLogger(self.workdir) as logger:
+      logger.write(1, {"train/loss": 1.0})
+    with ml.MetricLogger(self.workdir, rerun_from=0) as logger:
+      logger.write(1, {"train/loss": 2.0})
+    self.assertEqual(
+        ml.read_metrics(self.path), [{"step": 1, "train/loss": 2.0}]
+    )
+
+  @absltest.skipUnless(
+      ml.tensorboard_available(), "TensorBoard events need `tensorboard`"
+  )
+  def test_tensorboard_shows_one_value_per_step_after_a_resume(self):
+    # The reader TensorBoard's server uses (data_ingester ->
+    # plugin_event_multiplexer -> plugin_event_accumulator).
+    from tensorboard.backend.event_processing import plugin_event_accumulator  # pylint: disable=g-import-not-at-top
+    from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+
+    with ml.MetricLogger(self.workdir) as logger:
+      for step in range(1, 6):
+        logger.write(step, {"train/loss": float(step)})
+    # Resumed from a checkpoint at step 3 (event files are named by the
+    # second; a real resume is seconds later).
+    with mock.patch.object(ml.time, "time", return_value=time.time() + 5):
+      with ml.MetricLogger(self.workdir, rerun_from=4) as logger:
+        for step in (4, 5, 6):
+          logger.write(step, {"train/loss": -float(step)})
+    acc = plugin_event_accumulator.EventAccumulator(
+        self.workdir, size_guidance={plugin_event_accumulator.TENSORS: 0}
+    )
+    acc.Reload()
+    got = [
+        (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+        for e in acc.Tensors("train/loss")
+    ]
+    self.assertEqual(
+        got,
+        [(1, 1.0), (2, 2.0), (3, 3.0)] + [(s, -float(s)) for s in (4, 5, 6)],
+    )
 
   def test_without_tensorboard_logs_and_writes_jsonl(self):
     # As if `tensorboard` could not be imported.

@@ -5,9 +5,11 @@ PYTHONPATH, give the same metrics as the unblocked run.
 """
 
 import json
+import shutil
 import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 from absl.testing import absltest
@@ -96,7 +98,8 @@ class TfFreeRunPathTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.tmp = pathlib.Path(absltest.TEST_TMPDIR.value) / "tf_free"
+    cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix="rj_tf_free_"))
+    cls.addClassCleanup(shutil.rmtree, cls.tmp, ignore_errors=True)
     cls.blocker = cls.tmp / "blocker"
     cls.blocker.mkdir(parents=True, exist_ok=True)
     (cls.blocker / "sitecustomize.py").write_text(_SITECUSTOMIZE)
