@@ -5,8 +5,8 @@ PYTHONPATH, give the same metrics as the unblocked run.
 """
 
 import json
-import shutil
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
