@@ -6,7 +6,15 @@ reserve most GPU memory at device init. Import TF only as
 """
 
 from absl import logging
-import tensorflow as tf
+
+# TF >= 2.20 wheels load with RTLD_GLOBAL; a later `import triton` (3.7+, from
+# PyPI's CUDA build of torch) then segfaults on TF's LLVM symbols
+# (tensorflow#124205). Loaded first, triton keeps its own.
+try:
+  import triton  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 
 def hide_accelerators() -> None:
