@@ -303,6 +303,17 @@ def validate(config: ml_collections.ConfigDict, *, mode: str) -> None:
       fail(key, "expected a positive integer")
   if config.data.max_queries < 0:
     fail("data.max_queries", "expected >= 0 (0: all)")
+  if config.model.get("architecture", "bert") != "bert":
+    fail(
+        "model.architecture",
+        "the evaluate and encode modes read pretrained BERT-family"
+        " checkpoints; evaluate another architecture (M2) through"
+        " --config.run=WORKDIR of its training run",
+    )
+  if config.model.dtype not in ("float32", "bfloat16"):
+    fail("model.dtype", "expected 'float32' or 'bfloat16'")
+  if config.model.pooling not in ("", "cls", "mean"):
+    fail("model.pooling", "expected 'cls', 'mean' or '' (checkpoint default)")
   if config.data.on_unknown not in ("warn", "error", "ignore"):
     fail("data.on_unknown", "expected 'warn', 'error' or 'ignore'")
   if mode == "evaluate":

@@ -28,6 +28,10 @@ CASES = (
     ("eval.measures", (), "evaluate"),
     ("mesh.shape", (3, 1, 1), "evaluate"),
     ("mesh.shape", (1, 1), "encode"),
+    ("model.architecture", "nope", "evaluate"),
+    ("model.architecture", "m2", "encode"),
+    ("model.dtype", "float16", "evaluate"),
+    ("model.pooling", "max", "encode"),
 )
 
 
