@@ -19,6 +19,7 @@ import scipy.linalg
 
 from retrieval_jax import sharding
 from retrieval_jax.layers import monarch as mo
+import test_util
 
 # Jitted once per shape; eager dispatch would compile every primitive.
 apply = jax.jit(mo.monarch_apply)
@@ -152,7 +153,12 @@ class MonarchApplyTest(parameterized.TestCase):
     x = _normal(rng, (16,)) + 1j * _normal(rng, (16,))
     y = apply(*[jnp.asarray(a, jnp.complex64) for a in (x, w1, w2)])
     self.assertEqual(y.dtype, jnp.complex64)
-    np.testing.assert_allclose(y, _dense_c(w1, w2) @ x, atol=1e-5, rtol=0)
+    # Unscaled complex factors: outputs up to ~19, so float32 rounding is
+    # relative to that scale (2e-6 seen against a fixed 1e-5 before).
+    want = _dense_c(w1, w2) @ x
+    np.testing.assert_allclose(
+        y, want, rtol=0, atol=test_util.FP32_RTOL * np.abs(want).max()
+    )
     bf = [jnp.asarray(a.real, jnp.bfloat16) for a in (x, w1, w2)]
     self.assertEqual(apply(*bf).dtype, jnp.bfloat16)
 
