@@ -44,6 +44,7 @@ Prints per-round timings, then a markdown row:
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -128,6 +129,7 @@ from retrieval_jax import pretrained
 from retrieval_jax import steps
 from retrieval_jax import train_state
 from retrieval_jax.data import tokenizers
+from retrieval_jax.kinds import bi_encoder
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -310,10 +312,14 @@ def main():
       batch_spec,
       model_def=model_def,
       tx=tx,
-      loss_fn=losses.get_loss("infonce").fn,
-      temperature=TEMPERATURE,
-      pooling="mean",
-      normalize=True,
+      # What the bi-encoder kind's train_spec builds for this config.
+      loss_fn=functools.partial(
+          bi_encoder.loss,
+          loss_fn=losses.get_loss("infonce").fn,
+          temperature=TEMPERATURE,
+          pooling="mean",
+          normalize=True,
+      ),
       dropout=True,
   )
   batch = steps.put_batch(host_batch, steps.batch_shardings(mesh, batch_spec))
