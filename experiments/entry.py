@@ -58,4 +58,8 @@ def main(run: Callable[[ml_collections.ConfigDict, str], object]) -> None:
       logging.error("%s", e)
       sys.exit(f"error: {e}")
 
+  # pylint: disable-next=g-import-not-at-top
+  from retrieval_jax import io as rj_io
+
+  rj_io.add_config_package_root(sys.argv)
   app.run(_main)

@@ -207,3 +207,30 @@ def lock_workdir(workdir: PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
           os.ftruncate(held[0], 0)  # no stale holder line for the next run
         os.close(held[0])  # closing the last descriptor releases the lock
+
+
+def add_config_package_root(argv: Sequence[str]) -> None:
+  """Puts the directory above `--config`'s package on `sys.path`.
+
+  A config imports its siblings (`from configs import common`); with the
+  package root on the path that works from any current directory, e.g.
+  `--config /repo/configs/train.py` run from `/tmp`. The root is the first
+  directory above the config file that has no `__init__.py`.
+
+  Args:
+    argv: the command line (`sys.argv`).
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+
+  values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  values += [v for a, v in zip(argv[1:], argv[2:]) if a == "--config"]
+  if not values:
+    return
+  path = os.path.abspath(values[-1].split(":", 1)[0])
+  if not os.path.isfile(path):
+    return  # the flag parser reports the missing file
+  root = os.path.dirname(path)
+  while os.path.isfile(os.path.join(root, "__init__.py")):
+    root = os.path.dirname(root)
+  if root not in sys.path:
+    sys.path.insert(0, root)

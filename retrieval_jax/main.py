@@ -25,6 +25,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retrieval_jax import io as rj_io
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
@@ -141,6 +143,7 @@ def _fail(message: str, status: int) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing; any failure is one line and exit 2 (not --debug)."""
   debug = any(a in ("--debug", "--debug=true", "--debug=1") for a in argv)
+  rj_io.add_config_package_root(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -6,7 +6,11 @@ experiments/<name>/config.py alike; each docstring holds its command.
 
 import ast
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -77,6 +81,46 @@ class ConfigsTest(parameterized.TestCase):
           lines[lineno - 2].strip().startswith("#"),
           f"{path.name}:{lineno}: field {field} has no comment above it",
       )
+
+  def test_every_config_loads_from_another_directory(self):
+    # `--config /abs/path/configs/x.py` from any current directory: the
+    # command line puts the config's package root on sys.path first.
+    script = (
+        "import sys\n"
+        "from absl import flags\n"
+        "from ml_collections import config_flags\n"
+        "from retrieval_jax import io\n"
+        "config_flags.DEFINE_config_file('config')\n"
+        "for path in sys.argv[1:]:\n"
+        "  argv = ['prog', '--config', path]\n"
+        "  io.add_config_package_root(argv)\n"
+        "  flags.FLAGS.unparse_flags()\n"
+        "  flags.FLAGS(argv)\n"
+        "  print(path, type(flags.FLAGS.config).__name__)\n"
+    )
+    paths = [str(path) for path, _ in _CONFIGS.values()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cwd = tempfile.mkdtemp()
+    result = subprocess.run(
+        [sys.executable, "-c", script, *paths],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    self.assertLen(result.stdout.splitlines(), len(paths))
+    # Without the package root on the path the same load fails (the test
+    # can fail): `configs` is not an installed package.
+    bare = subprocess.run(
+        [sys.executable, "-c", "import configs"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    self.assertNotEqual(bare.returncode, 0)
 
   def test_parse_arg(self):
     arg = common.parse_arg("smoke,n=3,name=x", smoke=False, n=1, name="")
