@@ -197,9 +197,6 @@ def _dense(model, texts, depth, batch_size):
 
 
 def _sparse(model, texts, depth, batch_size):
-  import scipy.sparse  # pylint: disable=g-import-not-at-top
-  from retrieval_jax.kinds import splade as splade_kind  # pylint: disable=g-import-not-at-top
-  from retrieval_jax.data import features  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
 
   del depth
@@ -208,25 +205,17 @@ def _sparse(model, texts, depth, batch_size):
   )
   docs_nv = encoder.encode(texts, batch_size=batch_size, progress=False)
   built = sparse_index.SparseIndex(docs_nv.tocsc(), *docs_nv.shape)
-  tok = model.tokenizer
-  idf_v = features.idf_from_corpus(
-      [tok.tokenize_to_ids(t) for t in texts], tok.vocab_size
-  )
 
   def search(queries, k):
-    if model.kind.name == "inference_free":
-      queries_qv = scipy.sparse.csr_matrix(
-          features.inference_free_query(
-              [tok.encode(q, model.max_length) for q in queries],
-              vocab_size=tok.vocab_size,
-              idf_v=idf_v,
-              special_ids=splade_kind.special_ids(tok),
-          )
-      )
-    else:
-      queries_qv = encoder.encode(
-          queries, batch_size=batch_size, progress=False
-      )
+    queries_qv = model.kind.query_matrix(
+        encoder,
+        model.tokenizer,
+        queries,
+        texts,
+        max_length=model.max_length,
+        batch_size=batch_size,
+        progress=False,
+    )
     return sparse_index.search(built, queries_qv, k)
 
   return search

@@ -383,8 +383,7 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
   del encoder_fn
   import scipy.sparse  # pylint: disable=g-import-not-at-top
   from retrieval_jax import encoding  # pylint: disable=g-import-not-at-top
-  from retrieval_jax.kinds import splade as splade_kind  # pylint: disable=g-import-not-at-top
-  from retrieval_jax.data import features  # pylint: disable=g-import-not-at-top
+  from retrieval_jax import kinds  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import sparse_index  # pylint: disable=g-import-not-at-top
 
   key = "splade_workdir" if kind == "splade" else "inference_free_workdir"
@@ -415,30 +414,16 @@ def _sparse(config, evaluator, encoder_fn, mesh, workdir, *, kind):
     sparse_index.save(index, cache)
   texts = evaluator.query_texts
   start = time.perf_counter()
-  if kind == "splade":
-    queries_qv = encoder.encode(
-        texts, batch_size=config.encode.batch_size, desc=f"{kind}: queries"
-    )
-  else:
-    # idf of the collection being searched (document frequencies of the
-    # WordPiece tokens over its corpus).
-    idf_v = features.idf_from_corpus(
-        [
-            tokenizer.tokenize_to_ids(t)
-            for t in evaluator.collection.doc_texts()
-        ],
-        tokenizer.vocab_size,
-    )
-    timing["idf_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    queries_qv = scipy.sparse.csr_matrix(
-        features.inference_free_query(
-            [tokenizer.encode(t, config.model.max_length) for t in texts],
-            vocab_size=tokenizer.vocab_size,
-            idf_v=idf_v,
-            special_ids=splade_kind.special_ids(tokenizer),
-        )
-    )
+  # Inference-free: includes the idf over the searched corpus.
+  queries_qv = kinds.KINDS[kind].query_matrix(
+      encoder,
+      tokenizer,
+      texts,
+      evaluator.collection.doc_texts(),
+      max_length=config.model.max_length,
+      batch_size=config.encode.batch_size,
+      desc=f"{kind}: queries",
+  )
   timing["encode_queries_s"] = time.perf_counter() - start
   # Kept for side-by-side latency benchmarks (experiments/retrievers).
   scipy.sparse.save_npz(

@@ -204,6 +204,32 @@ class Splade(base.Kind):
         featurize=base.take_keys(), loss=functools.partial(loss, **kwargs)
     )
 
+  def query_matrix(
+      self, encoder, tokenizer, queries, corpus_texts, *, max_length, **kw
+  ):
+    """Queries as a scipy CSR [Q, V] for searching `corpus_texts`.
+
+    SPLADE encodes them (`encoder.encode(queries, **kw)`); inference-free
+    takes each query's bag of tokens weighted by the idf of the corpus being
+    searched (WordPiece document frequencies over `corpus_texts`).
+    """
+    import scipy.sparse  # pylint: disable=g-import-not-at-top
+
+    if self.name == "splade":
+      return encoder.encode(queries, **kw)
+    idf_v = features.idf_from_corpus(
+        [tokenizer.tokenize_to_ids(t) for t in corpus_texts],
+        tokenizer.vocab_size,
+    )
+    return scipy.sparse.csr_matrix(
+        features.inference_free_query(
+            [tokenizer.encode(q, max_length) for q in queries],
+            vocab_size=tokenizer.vocab_size,
+            idf_v=idf_v,
+            special_ids=special_ids(tokenizer),
+        )
+    )
+
   def serving_towers(
       self, model, tokenizer, run_cfg, export_cfg, *, corpus_texts
   ):

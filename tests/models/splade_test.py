@@ -19,6 +19,8 @@ import scipy.special
 
 from retrieval_jax import pretrained
 from retrieval_jax.data import features
+from retrieval_jax.data import tokenizers
+from retrieval_jax.kinds import splade as splade_kind
 from retrieval_jax.models import splade
 from retrieval_jax.models import transformer_encoder as te
 
@@ -369,6 +371,40 @@ class InferenceFreeTest(absltest.TestCase):
     self.assertEqual(idf.dtype, np.float32)
     with self.assertRaisesRegex(ValueError, "token_id_lists"):
       features.idf_from_corpus([[5]], vocab_size=5)
+
+
+class QueryMatrixTest(absltest.TestCase):
+  """`Splade.query_matrix`, the one query path of evaluate and the API."""
+
+  _VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cat", "dog", "sat"]
+
+  def test_inference_free_weights_by_searched_corpus_idf(self):
+    tok = tokenizers.WordPieceTokenizer(self._VOCAB)
+    corpus = ["cat sat", "dog sat", "cat"]
+    q_qv = splade_kind.INFERENCE_FREE.query_matrix(
+        None, tok, ["cat dog dog", "sat"], corpus, max_length=16
+    ).toarray()
+    # Lucene idf over N = 3: df(cat) = df(sat) = 2, df(dog) = 1.
+    expected = np.zeros((2, len(self._VOCAB)), np.float32)
+    expected[0, 5] = np.log1p(1.5 / 2.5)
+    expected[0, 6] = np.log1p(2.5 / 1.5)
+    expected[1, 7] = np.log1p(1.5 / 2.5)
+    np.testing.assert_allclose(q_qv, expected, rtol=1e-6)
+
+  def test_splade_encodes_queries(self):
+    calls = []
+
+    class Encoder:
+
+      def encode(self, texts, **kw):
+        calls.append((list(texts), kw))
+        return "encoded"
+
+    out = splade_kind.SPLADE.query_matrix(
+        Encoder(), None, ["q"], ["d"], max_length=8, batch_size=4
+    )
+    self.assertEqual(out, "encoded")
+    self.assertEqual(calls, [(["q"], {"batch_size": 4})])
 
 
 if __name__ == "__main__":
