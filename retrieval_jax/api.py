@@ -68,6 +68,14 @@ class Model:
         list(texts), batch_size=batch_size, progress=progress
     )
 
+  def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+    """`encode` with the checkpoint's query prompt prepended (e5: "query: ")."""
+    return self.text_encoder.encode_queries(list(texts), **kwargs)
+
+  def encode_documents(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+    """`encode` with the checkpoint's document prompt prepended."""
+    return self.text_encoder.encode_documents(list(texts), **kwargs)
+
 
 def load(
     name_or_path: str = "all-MiniLM-L6-v2",
@@ -187,12 +195,14 @@ def _dense(model, texts, depth, batch_size):
 
   del depth
   corpus = exact_topk.encode_corpus(
-      model.encode(texts, batch_size=batch_size),
+      model.encode_documents(texts, batch_size=batch_size, progress=False),
       mesh=model.mesh,
       metric="cosine" if model.text_encoder.normalize else "dot",
   )
   return lambda queries, k: exact_topk.search(
-      corpus, model.encode(queries, batch_size=batch_size), k
+      corpus,
+      model.encode_queries(queries, batch_size=batch_size, progress=False),
+      k,
   )
 
 

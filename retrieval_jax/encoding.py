@@ -14,6 +14,7 @@ axes. The encoders differ only in what one batch returns:
 """
 
 from collections.abc import Callable, Sequence
+import copy
 import functools
 import time
 
@@ -191,7 +192,13 @@ class TextEncoder(_MeshEncoder):
     pooling: "cls", "mean" (or the M2 encoder's own poolers).
     normalize: whether embeddings are L2-normalised.
     max_length: tokens per text, [CLS] and [SEP] included.
+    query_prompt, doc_prompt: prepended by `encode_queries` /
+      `encode_documents` (sentence-transformers' `encode_query` /
+      `encode_document`); a checkpoint's own prompts by default.
   """
+
+  query_prompt: str = ""
+  doc_prompt: str = ""
 
   def __init__(
       self,
@@ -247,7 +254,7 @@ class TextEncoder(_MeshEncoder):
       max_length: int | None = None,
   ) -> "TextEncoder":
     """Wraps an imported model; empty/None arguments keep its pipeline's."""
-    return cls(
+    encoder = cls(
         loaded.model,
         tokenizers.WordPieceTokenizer.from_pretrained_dir(loaded.model_dir),
         mesh,
@@ -255,6 +262,26 @@ class TextEncoder(_MeshEncoder):
         normalize=loaded.normalize if normalize is None else normalize,
         max_length=max_length or loaded.max_length,
     )
+    return encoder.with_prompts(loaded.prompts.query, loaded.prompts.document)
+
+  def with_prompts(
+      self, query_prompt: str | None, doc_prompt: str | None
+  ) -> "TextEncoder":
+    """A copy sharing the weights and program; None keeps a prompt."""
+    encoder = copy.copy(self)
+    if query_prompt is not None:
+      encoder.query_prompt = query_prompt
+    if doc_prompt is not None:
+      encoder.doc_prompt = doc_prompt
+    return encoder
+
+  def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+    """`encode` of `query_prompt + text` for each text."""
+    return self.encode([self.query_prompt + t for t in texts], **kwargs)
+
+  def encode_documents(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+    """`encode` of `doc_prompt + text` for each text."""
+    return self.encode([self.doc_prompt + t for t in texts], **kwargs)
 
   def tokenize(
       self, texts: Sequence[str], *, desc: str = "tokenize", progress=False

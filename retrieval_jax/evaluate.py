@@ -87,43 +87,6 @@ def make_encoder(
   ).text_encoder
 
 
-class PromptedRetrievalEvaluator(evaluators.RetrievalEvaluator):
-  """Dense encoding with sentence-transformers' prompts prepended.
-
-  Documents are encoded as `doc_prompt + text` (`encode_document`), queries
-  as `query_prompt + text` (`encode_query`); `query_texts` stay raw, so
-  BM25 and the other retrievers see the texts themselves.
-  """
-
-  def __init__(self, collection, *, query_prompt="", doc_prompt="", **kwargs):
-    super().__init__(collection, **kwargs)
-    self.query_prompt, self.doc_prompt = query_prompt, doc_prompt
-
-  def encode(
-      self, encoder, **kwargs
-  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(docs_nd, queries_qd, timing) as the base class, prompts prepended."""
-    timing = {}
-    start = time.perf_counter()
-    docs_nd = encoder.encode(
-        [self.doc_prompt + t for t in self.collection.doc_texts()],
-        desc=f"{self.name}: corpus",
-        **kwargs,
-    )
-    timing["encode_corpus_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    queries_qd = encoder.encode(
-        [self.query_prompt + t for t in self.query_texts],
-        desc=f"{self.name}: queries",
-        **kwargs,
-    )
-    timing["encode_queries_s"] = time.perf_counter() - start
-    timing["corpus_texts_per_s"] = len(self.collection.doc_ids) / max(
-        timing["encode_corpus_s"], 1e-9
-    )
-    return docs_nd, queries_qd, timing
-
-
 def _pretrained_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
   try:
     return pretrained.resolve_model_dir(config.model.pretrained)
@@ -353,7 +316,6 @@ def evaluate(
   use_checkpoints(config)
   retrievers.validate(config)
   r = config.retriever
-  query_prompt = doc_prompt = ""
   if r.kind in retrievers.DENSE_KINDS or (
       r.kind in ("colbert", "rerank") and r.first_stage == "dense"
   ):
@@ -361,6 +323,8 @@ def evaluate(
     query_prompt, doc_prompt = resolve_prompts(
         config, from_checkpoint=run_encoder_fn is None
     )
+    prompted = encoder_fn
+    encoder_fn = lambda: prompted().with_prompts(query_prompt, doc_prompt)
     if query_prompt or doc_prompt:
       logging.info("prompts: query %r, document %r", query_prompt, doc_prompt)
       # The dense caches are keyed by config.model.checkpoint: add them.
@@ -369,10 +333,8 @@ def evaluate(
       )
   config.search.metric = config.search.metric or "cosine"  # Unused.
   collection = load_collection(config)
-  evaluator = PromptedRetrievalEvaluator(
+  evaluator = evaluators.RetrievalEvaluator(
       collection,
-      query_prompt=query_prompt,
-      doc_prompt=doc_prompt,
       measures=config.eval.measures,
       relevance_level=config.eval.relevance_level,
       top_k=config.search.top_k,
@@ -445,12 +407,11 @@ def encode(
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
   collection = load_collection(config, corpus_only=True)
-  encoder = make_encoder(config, mesh)
-  _, doc_prompt = resolve_prompts(config)
+  encoder = make_encoder(config, mesh).with_prompts(*resolve_prompts(config))
   start = time.perf_counter()
   with jax.default_matmul_precision(config.model.matmul_precision):
-    docs_nd = encoder.encode(
-        [doc_prompt + t for t in collection.doc_texts()],
+    docs_nd = encoder.encode_documents(
+        collection.doc_texts(),
         batch_size=config.encode.batch_size,
         pad_multiple=config.encode.pad_multiple,
         sort_by_length=config.encode.sort_by_length,

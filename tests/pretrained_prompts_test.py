@@ -14,8 +14,10 @@ from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
+import test_util
 
 from configs import evaluate as evaluate_config
+from retrieval_jax import api
 from retrieval_jax import errors
 from retrieval_jax import evaluate
 from retrieval_jax import pretrained
@@ -222,6 +224,31 @@ class PromptedEvaluateTest(absltest.TestCase):
         _cosines(docs_nd, self.st_docs_custom).min(), MIN_COSINE
     )
     self.assertContainsSubset(self.queries, seen)
+
+  def test_api_encodes_and_searches_with_the_checkpoint_prompts(self):
+    model = api.load(str(self.model_dir), max_length=256)
+    self.assertGreaterEqual(
+        _cosines(model.encode_queries(self.queries), self.st_queries).min(),
+        MIN_COSINE,
+    )
+    self.assertGreaterEqual(
+        _cosines(model.encode_documents(self.docs), self.st_docs).min(),
+        MIN_COSINE,
+    )
+    # `encode` itself prepends nothing, as sentence-transformers' `encode`.
+    self.assertGreaterEqual(
+        _cosines(model.encode(self.queries), self.st_queries_raw).min(),
+        MIN_COSINE,
+    )
+    # The index searches prompted documents with prompted queries.
+    ids, _ = api.index(self.docs, model).search(self.queries, k=5)
+    scores = self.st_queries.astype(np.float64) @ self.st_docs.T
+    test_util.assert_same_topk(
+        [[int(i) for i in row] for row in ids],
+        np.argsort(-scores, axis=1, kind="stable")[:, :5],
+        scores,
+        atol=1e-5,
+    )
 
   def test_unsupported_similarity_names_the_key(self):
     model_dir = write_prompted_copy(

@@ -107,15 +107,19 @@ class RetrievalEvaluator:
   def encode(
       self, encoder, **kwargs
   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(docs_nd, queries_qd float32 in corpus / query_ids order, timing)."""
+    """(docs_nd, queries_qd float32 in corpus / query_ids order, timing).
+
+    The encoder's document / query prompts are prepended (`query_texts` stay
+    raw for the retrievers that read text).
+    """
     timing = {}
     start = time.perf_counter()
-    docs_nd = encoder.encode(
+    docs_nd = encoder.encode_documents(
         self.collection.doc_texts(), desc=f"{self.name}: corpus", **kwargs
     )
     timing["encode_corpus_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    queries_qd = encoder.encode(
+    queries_qd = encoder.encode_queries(
         self.query_texts, desc=f"{self.name}: queries", **kwargs
     )
     timing["encode_queries_s"] = time.perf_counter() - start
