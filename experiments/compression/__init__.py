@@ -1,0 +1,1 @@
+"""Vector compression baselines (experiments/compression/README.md)."""
