@@ -23,6 +23,13 @@ evaluated by re-ranking the pretrained bi-encoder's top 20 on SciFact test):
   python -m retrieval_jax.main \
       --config configs/train.py:scifact,cross_encoder --workdir /tmp/rj_ce
 
+Self-supervised pretraining on a corpus's texts alone (no queries; data/
+spans.py): Contriever cropping with a MoCo queue, or the Inverse Cloze Task
+with in-batch negatives, evaluated zero-shot on SciFact and Cranfield test:
+
+  python -m retrieval_jax.main --config configs/train.py:pretrain_crop \
+      --workdir /tmp/rj_crop
+
 Arguments (`configs/train.py:a=1,b`):
   smoke      tiny run (4 steps, short sequences, 16 eval queries): seconds
   scifact    SciFact train pairs -> SciFact test
@@ -35,6 +42,11 @@ Arguments (`configs/train.py:a=1,b`):
              with configs/evaluate.py:retriever=<kind>
   loss=NAME  a key of retrieval_jax.losses.LOSSES (infonce, rand1_lh,
              joint_lh, sum_marg_lh, lse_pair, symmetric_infonce)
+  pretrain_crop / pretrain_ict  pretrain on `data.path`'s corpus.jsonl
+             (default SciFact's) with cropping or ICT pairs
+  moco=on|off  MoCo queue and momentum encoder (model.kind "moco"); default:
+             on for cropping (Contriever), off for ICT (in-batch, as the
+             ICT paper)
   seed=N     data order, negatives and dropout seed
   shared=DIR where the shared collections live (default ../shared/data)
 
@@ -66,6 +78,93 @@ def _eval_block(
   return ev
 
 
+def _pretrain(config, arg) -> None:
+  """Pairs cut from a corpus (data/spans.py), optionally a MoCo queue."""
+  task = "crop" if arg.pretrain_crop else "ict"
+  moco = {"": task == "crop", "on": True, "off": False}[arg.moco]
+  # "corpus": pairs cut from data.path's corpus.jsonl (no queries needed).
+  config.data.format = "corpus"
+  # Pretrain on SciFact's 5,183 abstracts.
+  config.data.path = f"{arg.shared}/scifact"
+  # Settings of the span pairs (format "corpus" only).
+  config.data.spans = ml_collections.ConfigDict()
+  # "ict": a sentence vs its passage; "crop": two independent spans.
+  config.data.spans.task = task
+  # ICT: probability that the query sentence stays in its passage.
+  config.data.spans.keep_prob = 0.1
+  # Cropping: span lengths are min_crop..max_crop of the document's tokens.
+  config.data.spans.min_crop = 0.1
+  # Largest span, as a fraction of the document's tokens.
+  config.data.spans.max_crop = 0.5
+  # One positive per example, in-batch (and queue) negatives only.
+  config.data.group_size = 1
+  # One positive per example.
+  config.data.max_positives = 1
+  # No mining: there are no queries to mine for.
+  config.data.negatives = "none"
+  # The query side of ICT is one sentence; crops share the window.
+  config.data.query_max_length = 64 if task == "ict" else 128
+  # The window crops come from, and the ICT passage.
+  config.data.passage_max_length = 128
+  # Evaluation reads up to 256 tokens of a document.
+  config.model.max_length = 256
+  # Pairs per step.
+  config.train.batch_size = 32
+  # About 1.2 epochs of SciFact's corpus.
+  config.train.num_steps = 200
+  # The untrained (pretrained-checkpoint) row of the comparison.
+  config.train.eval_before = True
+  # Checkpoint every N steps.
+  config.checkpoint.every_steps = 50
+  # Contriever's rate for continued pretraining of a BERT-size model.
+  config.optim.learning_rate = 5e-5
+  if moco:
+    config.model.kind = "moco"
+    # Key encoder = EMA of the query encoder with this momentum (MoCo's τ).
+    config.model.moco_momentum = 0.999
+    # Past keys kept as negatives (a multiple of train.batch_size).
+    config.model.moco_queue_size = 1024
+    # Other in-batch keys are negatives too (else the queue alone is).
+    config.model.moco_in_batch = True
+  # Zero-shot: SciFact and Cranfield test.
+  config.evals = ml_collections.ConfigDict()
+  # SciFact test, 300 queries.
+  config.evals.scifact = _eval_block(
+      f"{arg.shared}/scifact", "test", ("ndcg@10", "recall@100")
+  )
+  # Cranfield test, 225 queries.
+  config.evals.cranfield = _eval_block(
+      f"{arg.shared}/cranfield", "test", ("ndcg@10", "recall@100")
+  )
+
+
+def _pretrain_smoke(config, arg) -> None:
+  """Shipped data: LIMIT-small for cropping; ICT needs >= 2 sentences per
+  document, which the tiny test fixture has (title + text), LIMIT not."""
+  limit = str(common.REPO_ROOT / "data" / "limit-small")
+  tiny = str(common.REPO_ROOT / "tests" / "fixtures" / "tiny_beir")
+  # The corpus the pairs are cut from.
+  config.data.path = limit if arg.pretrain_crop else tiny
+  # One positive, no hard negatives (the smoke block set 2).
+  config.data.group_size = 1
+  # Short spans: seconds per step on CPU.
+  config.data.query_max_length = 32
+  # Short windows.
+  config.data.passage_max_length = 32
+  # Four pairs per step.
+  config.train.batch_size = 4
+  # Two steps.
+  config.train.num_steps = 2
+  if config.model.kind == "moco":
+    config.model.moco_queue_size = 8  # full after 2 steps, then wraps
+  # LIMIT-small dev, 16 queries.
+  config.evals = ml_collections.ConfigDict()
+  # The evaluation of the smoke variants.
+  config.evals.limit_dev = _eval_block(
+      limit, "dev", ("ndcg@10",), max_queries=16, top_k=100
+  )
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the training config; `arg` selects variants (see docstring)."""
   arg = common.parse_arg(
@@ -79,6 +178,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       splade=False,
       inference_free=False,
       colbert=False,
+      pretrain_crop=False,
+      pretrain_ict=False,
+      moco="",
       seed=0,
       shared=str(common.REPO_ROOT.parent / "shared" / "data"),
   )
@@ -307,6 +409,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Quadratic warm-up of both weights over this many steps.
       config.loss.flops_warmup_steps = 20
 
+  if arg.pretrain_crop or arg.pretrain_ict:
+    _pretrain(config, arg)
+
   if arg.smoke:
     config.data.group_size = 2
     config.data.max_positives = 1
@@ -326,6 +431,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       for ev in config.evals.values():
         ev.rerank_depth = 5
         ev.first_stage = "bm25"
+    if arg.pretrain_crop or arg.pretrain_ict:
+      _pretrain_smoke(config, arg)
 
   config.lock()
   return config

@@ -15,6 +15,7 @@ nothing. `StopSignals` turns SIGTERM/SIGINT into a save and a stop.
 """
 
 from collections.abc import Callable, Mapping
+import datetime
 import json
 import os
 import signal
@@ -794,24 +795,99 @@ def resume_or_init(
 # Stopping on SIGTERM / SIGINT.
 
 
+# Why several processes do not leave SIGTERM to XLA's own notifier (the C
+# handler that `jax.distributed.initialize` installs): it replaces Python's,
+# so a second SIGTERM only sets its flag again instead of ending the process,
+# and no process can say which signal stopped the run. Why the preemption
+# service and not a per-step all-reduce of a "stop requested" flag
+# (multihost_utils): the service agrees on a step (the fastest process's
+# next) in the background and each step's check is local, while an
+# all-reduce every step would make the host wait for that step's device work,
+# ending its run-ahead (async dispatch) on accelerators.
+#
+# So Python handles both signals everywhere, and the process that got one
+# writes the key that the notifier's callback writes: XLA's
+# PreemptionSyncManager (xla/pjrt/distributed/preemption) on every process
+# watches this key of the coordination service's key-value store, its value
+# the RFC 3339 death time; a time already past starts the protocol at once.
+# tests/e2e/multihost_stop_test.py fails if a JAX version renames it.
+_PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+_STOP_REASON_KEY = "retrieval_jax/stop_reason"  # "SIGTERM on process 1"
+
+
+def _distributed_state():
+  return jax._src.distributed.global_state  # pylint: disable=protected-access
+
+
+def announce_stop(reason: str) -> bool:
+  """Asks every process of the run to stop at one step; returns if it could.
+
+  Starts JAX's preemption sync protocol: `Checkpointer.reached_preemption`
+  turns True on every process at the same step. `reason` is what
+  `stop_reason()` says on each of them.
+  """
+  state = _distributed_state()
+  if state.client is None or state.preemption_sync_manager is None:
+    logging.warning(
+        "%s: cannot stop every process at one step: JAX's preemption service"
+        " is off (jax_enable_preemption_service); training goes on",
+        reason,
+    )
+    return False
+  death_time = datetime.datetime.now(datetime.timezone.utc).isoformat()
+  # The reason first: a process that learns of the notice finds it.
+  for key, value in (
+      (_STOP_REASON_KEY, reason),
+      (_PREEMPTION_NOTICE_KEY, death_time),
+  ):
+    try:
+      state.client.key_value_set(key, value)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Set already: another process (or a real preemption) was first.
+      logging.info("stop notice %s not written: %s", key, cause(e))
+  return True
+
+
+def stop_reason() -> str:
+  """The announced reason to stop, else "a preemption notice" (the host's)."""
+  client = _distributed_state().client
+  if client is not None:
+    try:
+      return client.key_value_try_get(_STOP_REASON_KEY)
+    except Exception:  # pylint: disable=broad-exception-caught
+      pass  # not set: XLA's own notifier saw a SIGTERM before the loop
+  return "a preemption notice"
+
+
 class StopSignals:
   """SIGTERM/SIGINT inside the block ask the loop to save and stop.
 
   The first signal is logged and sets `received` ("SIGTERM"); the loop
   finishes its step, saves and stops. A second one ends the process at once
   with the signal's default action (exit status 128 + signal number).
-  Several processes must stop at the same step: there SIGTERM stays with
-  JAX's preemption service (`Checkpointer.reached_preemption`) and SIGINT is
-  forwarded to it as SIGTERM, so `received` is only set on one process.
+  Several processes must stop at the same step, though a signal may reach
+  only one: there `requested()` announces it (`announce_stop`) and the loop
+  stops when `Checkpointer.reached_preemption` says so, on every process at
+  the same step, naming `stop_reason()`.
   """
 
   def __init__(self):
     self.received: str | None = None
+    self._announced = False
     self._previous: dict[int, Any] = {}
 
   def requested(self) -> str | None:
-    """The signal to stop for, where this process may decide alone."""
-    return self.received if jax.process_count() == 1 else None
+    """The signal to stop for, where this process may decide alone.
+
+    With several processes, None; the first call after a signal announces
+    it to all of them.
+    """
+    if jax.process_count() == 1:
+      return self.received
+    if self.received is not None and not self._announced:
+      self._announced = True
+      announce_stop(f"{self.received} on process {jax.process_index()}")
+    return None
 
   def _handle(self, signum, frame) -> None:
     del frame
@@ -827,8 +903,6 @@ class StopSignals:
         " again to exit at once, without saving)",
         name,
     )
-    if jax.process_count() > 1 and signum == signal.SIGINT:
-      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier
 
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is not threading.main_thread():
@@ -837,8 +911,6 @@ class StopSignals:
       )
       return self
     for signum in (signal.SIGTERM, signal.SIGINT):
-      if signum == signal.SIGTERM and jax.process_count() > 1:
-        continue
       self._previous[signum] = signal.signal(signum, self._handle)
     return self
 

@@ -98,18 +98,26 @@ def train_step(
 
   The dropout key is fold_in(rng, step): a resumed run draws the same masks.
   Metrics: float32 "loss", "grad_norm", "param_norm", "update_norm", the
-  loss's aux and, with `learning_rate_fn`, "learning_rate".
+  loss's aux and, with `learning_rate_fn`, "learning_rate". A state with
+  "extra" (`train_state.ExtraState`) calls `loss_fn(model, batch, rng, step,
+  extra) -> (loss, (aux, next extra))`.
   """
   step = state["step"]
   dropout_rng = jax.random.fold_in(rng, step) if dropout else None
+  extra = state.get("extra")
+  if extra is not None and value_and_grad_fn is not None:
+    raise ValueError("a state with 'extra' needs the plain loss_fn path")
   if value_and_grad_fn is None:
 
     def loss_of_params(params):
-      return loss_fn(model_def.merge(params), batch, dropout_rng, step)
+      args = () if extra is None else (extra,)
+      return loss_fn(model_def.merge(params), batch, dropout_rng, step, *args)
 
     (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
         state["params"]
     )
+    if extra is not None:
+      aux, extra = aux
   else:
     (loss, aux), grads = value_and_grad_fn(
         model_def, state["params"], batch, dropout_rng, step
@@ -125,7 +133,10 @@ def train_step(
   if learning_rate_fn is not None:
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(step), jnp.float32)
   metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
-  return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+  new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+  if extra is not None:
+    new_state["extra"] = extra
+  return new_state, metrics
 
 
 def batch_shardings(mesh: Mesh, batch_spec: dict[str, tuple]) -> dict:

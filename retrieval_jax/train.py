@@ -213,9 +213,12 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
         is_dir=True,
         needs=("corpus.jsonl",),
     )
+  elif config.data.format == "corpus":
+    _validate_spans(config)
   else:
     raise ConfigError(
-        f"config.data.format={config.data.format!r}: expected 'beir' or 'pairs'"
+        f"config.data.format={config.data.format!r}: expected 'beir', "
+        "'pairs' or 'corpus'"
     )
   if config.data.negatives not in ("bm25", "dense", "none"):
     raise ConfigError(
@@ -239,6 +242,27 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
         ev.path,
         is_dir=True,
         needs=("corpus.jsonl", "queries.jsonl", f"qrels/{ev.split}.tsv"),
+    )
+
+
+def _validate_spans(config) -> None:
+  """Format "corpus": pairs cut from a corpus (`config.data.spans`)."""
+  from retrieval_jax.data import spans  # pylint: disable=g-import-not-at-top
+
+  _check_path(
+      "data.path", config.data.path, is_dir=True, needs=("corpus.jsonl",)
+  )
+  if config.data.get("spans") is None:
+    raise ConfigError("config.data.format='corpus' needs config.data.spans")
+  if config.data.spans.task not in spans.TASKS:
+    raise ConfigError(
+        f"config.data.spans.task={config.data.spans.task!r}: expected one "
+        f"of {spans.TASKS}"
+    )
+  if config.data.group_size != 1 or config.data.negatives != "none":
+    raise ConfigError(
+        "config.data.format='corpus' makes one positive per example: set "
+        "config.data.group_size=1 and config.data.negatives='none'"
     )
 
 
@@ -297,6 +321,8 @@ def _training_data(
   from retrieval_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   data_cfg = config.data
+  if data_cfg.format == "corpus":
+    return None, _span_loader(config, tokenizer)
   if data_cfg.format == "beir":
     data = pipeline.TrainingData.from_beir(
         data_cfg.path,
@@ -342,6 +368,28 @@ def _training_data(
       max_relevant=data_cfg.max_relevant,
   )
   return data, loader
+
+
+def _span_loader(config, tokenizer):
+  """Self-supervised pairs of `data.path`'s corpus (`data/spans.py`)."""
+  from retrieval_jax.data import spans  # pylint: disable=g-import-not-at-top
+
+  cfg = config.data.spans
+  try:
+    return spans.SpanLoader.from_beir(
+        config.data.path,
+        tokenizer,
+        task=cfg.task,
+        batch_size=config.train.batch_size,
+        query_max_length=config.data.query_max_length,
+        passage_max_length=config.data.passage_max_length,
+        seed=config.data.seed,
+        keep_prob=cfg.keep_prob,
+        min_crop=cfg.min_crop,
+        max_crop=cfg.max_crop,
+    )
+  except ValueError as e:
+    raise ConfigError(f"config.data.spans: {e}") from e
 
 
 def _resolve_model_settings(config, loaded) -> None:
@@ -447,7 +495,7 @@ def train_and_evaluate(
   Args:
     config: a `configs/train.py` config.
     workdir: outputs and checkpoints; rerunning on the same workdir resumes.
-      Locked for the run (`io.lock_workdir`).
+      Locked for the run (`io.lock_workdir`, by process 0).
 
   Returns:
     {"before": eval metrics at step 0 (absent when resumed past it),
@@ -467,7 +515,15 @@ def train_and_evaluate(
     raise ConfigError("the workdir is empty: name a directory for the run")
   validate_settings(config)  # before anything is written
   workdir = pathlib.Path(workdir)
-  with io.lock_workdir(workdir):
+  # One lock per run, held by the primary process (as main.py does): the
+  # other processes of a multi-process run share its workdir (one checkpoint
+  # directory for all), and on one host their flock would refuse them.
+  lock = (
+      io.lock_workdir(workdir)
+      if jax.process_index() == 0
+      else contextlib.nullcontext()
+  )
+  with lock:
     return _train_and_evaluate(config, workdir)
 
 
@@ -552,7 +608,16 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
     )
 
   tx, schedule = optimizers.make_optimizer(config.optim, total_steps)
-  layout = train_state.state_layout(model_def, params, tx, mesh)
+  spec = kind.train_spec(
+      config,
+      loader=loader,
+      tokenizer=tokenizer,
+      loss_spec=loss_spec,
+      mesh=mesh,
+  )
+  layout = train_state.state_layout(
+      model_def, params, tx, mesh, extra=spec.extra
+  )
   config_json = json.loads(config.to_json_best_effort())
   # Closed in reverse on any exit; a failing close never hides the error.
   with contextlib.ExitStack() as stack:
@@ -579,13 +644,6 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
         total_steps,
     )
 
-    spec = kind.train_spec(
-        config,
-        loader=loader,
-        tokenizer=tokenizer,
-        loss_spec=loss_spec,
-        mesh=mesh,
-    )
     device_batch = spec.featurize
     batch_spec = {
         k: v.shape for k, v in device_batch(0, loader.batch_at(0)).items()
@@ -702,9 +760,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
             done,
             eval_runner.run(state["params"], workdir / "eval" / f"step_{done}"),
         )
-      # Every process gets the same answer at the same step.
+      # Every process gets the same answer at the same step (several
+      # processes: a signal to any one is announced to all, see StopSignals).
       stop = signals.requested() or (
-          "a preemption notice"
+          checkpointing.stop_reason()
           if checkpointer.reached_preemption(done)
           else None
       )

@@ -4,10 +4,12 @@ The state is {step: int32 [], params: NNX Params as a pure dict, opt_state},
 one structure for Orbax, jit shardings and donation; the static rest is bound
 once into the step (`ModelDef`). Params shard by their logical axes under the
 current rules; optimizer leaves shaped like a parameter follow it, the rest is
-replicated.
+replicated. A kind may add an `extra` entry (`ExtraState`: a MoCo queue and
+key encoder), saved and restored with the rest.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,11 +92,25 @@ def opt_state_shardings(
 
 
 @dataclasses.dataclass(frozen=True)
+class ExtraState:
+  """Training state a kind keeps beside the params, under `state["extra"]`.
+
+  init: `(model_def, params) -> extra`, jittable (the step-0 value).
+  shardings: `(abstract extra, param shardings, mesh) -> NamedSharding tree`.
+  The kind's loss reads it and returns its next value (`steps.train_step`).
+  """
+
+  init: Callable[["ModelDef", PyTree], PyTree]
+  shardings: Callable[[PyTree, PyTree, Mesh], PyTree]
+
+
+@dataclasses.dataclass(frozen=True)
 class StateLayout:
   """Abstract state (shapes, dtypes, shardings) and its shardings."""
 
   abstract: PyTree  # jax.ShapeDtypeStruct leaves with .sharding set
   shardings: PyTree  # NamedSharding leaves, same structure
+  init_extra: Callable[[PyTree], PyTree] | None = None  # params -> extra
 
 
 def state_layout(
@@ -103,10 +119,12 @@ def state_layout(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules=None,
+    extra: ExtraState | None = None,
 ) -> StateLayout:
   """The state's abstract value and shardings: restore target, jit in/out.
 
-  `params` may be abstract; `rules` None: `sharding.current_rules()`.
+  `params` may be abstract; `rules` None: `sharding.current_rules()`;
+  `extra`: adds `state["extra"]`.
   """
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params
@@ -125,12 +143,17 @@ def state_layout(
       "params": abstract_params,
       "opt_state": abstract_opt,
   }
+  init_extra = None
+  if extra is not None:
+    init_extra = functools.partial(extra.init, model_def)
+    abstract["extra"] = jax.eval_shape(init_extra, abstract_params)
+    shardings["extra"] = extra.shardings(abstract["extra"], p_shardings, mesh)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract,
       shardings,
   )
-  return StateLayout(abstract=abstract, shardings=shardings)
+  return StateLayout(abstract, shardings, init_extra)
 
 
 def create(
@@ -143,7 +166,12 @@ def create(
       params
   )
   step = jax.device_put(jnp.zeros((), jnp.int32), layout.shardings["step"])
-  return {"step": step, "params": params, "opt_state": opt_state}
+  state = {"step": step, "params": params, "opt_state": opt_state}
+  if layout.init_extra is not None:
+    state["extra"] = jax.jit(
+        layout.init_extra, out_shardings=layout.shardings["extra"]
+    )(params)
+  return state
 
 
 def variable_shardings(state: nnx.State, mesh: Mesh) -> PyTree:

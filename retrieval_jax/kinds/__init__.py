@@ -21,6 +21,7 @@ from retrieval_jax.kinds import base
 from retrieval_jax.kinds import bi_encoder
 from retrieval_jax.kinds import colbert
 from retrieval_jax.kinds import cross_encoder
+from retrieval_jax.kinds import moco
 from retrieval_jax.kinds import splade
 
 KINDS: dict[str, base.Kind] = {
@@ -29,6 +30,7 @@ KINDS: dict[str, base.Kind] = {
     "splade": splade.SPLADE,
     "inference_free": splade.INFERENCE_FREE,
     "colbert": colbert.KIND,
+    "moco": moco.KIND,
 }
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 import jax
 
 from retrieval_jax import losses
+from retrieval_jax import train_state
 from retrieval_jax.errors import ConfigError
 
 # Loader keys a step of the in-batch kinds reads; the others stay on host.
@@ -37,11 +38,14 @@ class TrainSpec:
   loss: `(model, batch, rng, step) -> (loss, aux)`; rng: dropout key or None.
   value_and_grad: optional `(model_def, params, batch, rng, step) -> ((loss,
     aux), grads)` replacing `jax.value_and_grad(loss)` (GradCache).
+  extra: optional state beside the params (a MoCo queue); then `loss` is
+    `(model, batch, rng, step, extra) -> (loss, (aux, next extra))`.
   """
 
   featurize: Callable[[int, dict], dict]
   loss: Callable
   value_and_grad: Callable | None = None
+  extra: train_state.ExtraState | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,24 +5,30 @@
 `sharded_contrastive` runs any of them shard by shard), plus how the data
 side builds examples. `LISTWISE_LOSSES`: name -> `fn(scores_bn, labels_bn,
 valid_bn) -> (loss, aux)` from `listwise.py` (`margin_mse` has its own
-arguments and is called directly). Regularisers: `regularizers.py`.
+arguments and is called directly). `HASHING_LOSSES`: BPR's two losses
+(`bpr.py`), each on its own score matrix. Regularisers: `regularizers.py`.
 """
 
 from collections.abc import Callable
 import dataclasses
 
+from retrieval_jax.losses import bpr
 from retrieval_jax.losses import contrastive
 from retrieval_jax.losses import listwise
+from retrieval_jax.losses import moco
 from retrieval_jax.losses import regularizers
 from retrieval_jax.losses import sharded_contrastive
 
 __all__ = [
+    "HASHING_LOSSES",
     "LISTWISE_LOSSES",
     "LOSSES",
     "LossSpec",
+    "bpr",
     "contrastive",
     "get_loss",
     "listwise",
+    "moco",
     "regularizers",
     "sharded_contrastive",
 ]
@@ -116,6 +122,12 @@ LISTWISE_LOSSES: dict[str, Callable] = {
     "listmle": listwise.listmle,
     "approx_ndcg": listwise.approx_ndcg,
     "wasserstein_list": listwise.wasserstein_list,
+}
+
+# Learning-to-hash (BPR): `fn(scores_qc, positive_qc, valid_qc)` each.
+HASHING_LOSSES = {
+    "bpr_candidate": bpr.candidate_loss,
+    "bpr_rerank": bpr.rerank_loss,
 }
 
 
