@@ -92,36 +92,18 @@ def hamming_distance(a_qw: jax.Array, b_nw: jax.Array) -> jax.Array:
   return jnp.sum(lax.population_count(xor_qnw).astype(jnp.int32), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def _topk_scan(queries_qw, docs_tcw, num_docs, *, k, chunk_size):
+@functools.partial(jax.jit, static_argnames=("k",))
+def _topk_scan(queries_qw, docs_tcw, num_docs, *, k):
   """Running top-k over [T, C, W] chunks (lower index first on ties)."""
-  q = queries_qw.shape[0]
-  # Above every real distance: padding rows rank last and are cut below.
-  far = jnp.iinfo(jnp.int32).max
-
-  def step(carry, xs):
-    best_qk, index_qk = carry
-    chunk_cw, start = xs
-    dist_qc = hamming_distance(queries_qw, chunk_cw)
-    index_c = start + jnp.arange(chunk_size, dtype=jnp.int32)
-    dist_qc = jnp.where(index_c[None, :] < num_docs, dist_qc, far)
-    # Running list first: lax.top_k keeps the lower position on ties, and
-    # every earlier index sits at a lower position, so ties stay in order.
-    neg_qx = jnp.concatenate([-best_qk, -dist_qc], axis=1)
-    index_qx = jnp.concatenate(
-        [index_qk, jnp.broadcast_to(index_c, (q, chunk_size))], axis=1
-    )
-    neg_qk, pos_qk = lax.top_k(neg_qx, k)
-    return (-neg_qk, jnp.take_along_axis(index_qx, pos_qk, axis=1)), None
-
-  num_chunks = docs_tcw.shape[0]
-  starts_t = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
-  init = (
-      jnp.full((q, k), far, jnp.int32),
-      jnp.full((q, k), jnp.iinfo(jnp.int32).max, jnp.int32),
+  # Negated distances, highest first; padding below every real one.
+  neg_qk, index_qk = chunked.scan_topk(
+      lambda chunk_cw: -hamming_distance(queries_qw, chunk_cw),
+      docs_tcw,
+      num_docs,
+      k=k,
+      fill=-jnp.iinfo(jnp.int32).max,
   )
-  (dist_qk, index_qk), _ = lax.scan(step, init, (docs_tcw, starts_t))
-  return dist_qk, index_qk
+  return -neg_qk, index_qk
 
 
 def hamming_topk(
@@ -141,7 +123,6 @@ def hamming_topk(
       docs.rows_tc,
       jnp.int32(docs.num_rows),
       k=k,
-      chunk_size=docs.chunk_size,
   )
   return np.asarray(dist_qk), np.asarray(index_qk)
 

@@ -67,31 +67,15 @@ def adc_scores(tables_qmk: jax.Array, codes_nm: jax.Array) -> jax.Array:
   return jnp.sum(entries_qnm, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def _adc_scan(tables_qmk, codes_tcm, num_docs, *, k, chunk_size):
-  q = tables_qmk.shape[0]
-
-  def step(carry, xs):
-    best_qk, index_qk = carry
-    codes_cm, start = xs
-    scores_qc = adc_scores(tables_qmk, codes_cm)
-    index_c = start + jnp.arange(chunk_size, dtype=jnp.int32)
-    scores_qc = jnp.where(index_c[None, :] < num_docs, scores_qc, -jnp.inf)
-    # Running list first: ties keep the smaller index (lax.top_k is stable).
-    scores_qx = jnp.concatenate([best_qk, scores_qc], axis=1)
-    index_qx = jnp.concatenate(
-        [index_qk, jnp.broadcast_to(index_c, (q, chunk_size))], axis=1
-    )
-    best_qk, pos_qk = lax.top_k(scores_qx, k)
-    return (best_qk, jnp.take_along_axis(index_qx, pos_qk, axis=1)), None
-
-  starts_t = jnp.arange(codes_tcm.shape[0], dtype=jnp.int32) * chunk_size
-  init = (
-      jnp.full((q, k), -jnp.inf, jnp.float32),
-      jnp.full((q, k), jnp.iinfo(jnp.int32).max, jnp.int32),
+@functools.partial(jax.jit, static_argnames=("k",))
+def _adc_scan(tables_qmk, codes_tcm, num_docs, *, k):
+  return chunked.scan_topk(
+      lambda codes_cm: adc_scores(tables_qmk, codes_cm),
+      codes_tcm,
+      num_docs,
+      k=k,
+      fill=-jnp.inf,
   )
-  (scores_qk, index_qk), _ = lax.scan(step, init, (codes_tcm, starts_t))
-  return scores_qk, index_qk
 
 
 def adc_topk(
@@ -111,6 +95,5 @@ def adc_topk(
       codes.rows_tc,
       jnp.int32(codes.num_rows),
       k=k,
-      chunk_size=codes.chunk_size,
   )
   return np.asarray(scores_qk), np.asarray(index_qk)
