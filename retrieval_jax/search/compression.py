@@ -105,7 +105,7 @@ class Index:
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, array in self.arrays.items():
-      np.save(directory / f"{name}.npy", array, allow_pickle=False)
+      io.save_npy_atomic(directory / f"{name}.npy", array)
     io.write_json_atomic(
         directory / "index.json", dict(self.config, arrays=sorted(self.arrays))
     )
