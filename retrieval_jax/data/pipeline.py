@@ -326,7 +326,7 @@ def _from_rows(
   return data
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
   # bool is an int subclass, but batch_size=True is a bug, not a 1.
   if isinstance(value, bool):
     raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -346,7 +346,7 @@ def _check_choice(name: str, value, allowed: Sequence[str]) -> str:
   return value
 
 
-def _pad_tokens(
+def pad_tokens(
     id_lists: Sequence[Sequence[int]], width: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads id lists: ids_nl int32 [N, width], lengths_n int32 [N]."""
@@ -358,7 +358,7 @@ def _pad_tokens(
   return ids_nl, lengths_n
 
 
-def _mask(lengths_n: np.ndarray, width: int) -> np.ndarray:
+def length_mask(lengths_n: np.ndarray, width: int) -> np.ndarray:
   """int32 [N, width], 1 on the first lengths_n[i] positions of row i."""
   return (np.arange(width)[None, :] < lengths_n[:, None]).astype(np.int32)
 
@@ -414,20 +414,20 @@ class TrainLoader:
       raise ValueError(f"data must be a TrainingData, got {type(data)}")
     self.data = data
     self.tokenizer = tokenizer
-    self.batch_size = _check_int("batch_size", batch_size, 1)
-    self.group_size = _check_int("group_size", group_size, 1)
+    self.batch_size = check_int("batch_size", batch_size, 1)
+    self.group_size = check_int("group_size", group_size, 1)
     self.unit = _check_choice("unit", unit, UNITS)
     self.positives = _check_choice("positives", positives, POSITIVE_CHOICES)
-    self.max_positives = _check_int("max_positives", max_positives, 1)
+    self.max_positives = check_int("max_positives", max_positives, 1)
     # [CLS] and [SEP] need two positions.
-    self.query_max_length = _check_int("query_max_length", query_max_length, 2)
-    self.passage_max_length = _check_int(
+    self.query_max_length = check_int("query_max_length", query_max_length, 2)
+    self.passage_max_length = check_int(
         "passage_max_length", passage_max_length, 2
     )
     # numpy's SeedSequence takes only non-negative entropy.
-    self.seed = _check_int("seed", seed, 0)
-    self.negative_depth = _check_int("negative_depth", negative_depth, 1)
-    self.prefetch = _check_int("prefetch", prefetch, 0)
+    self.seed = check_int("seed", seed, 0)
+    self.negative_depth = check_int("negative_depth", negative_depth, 1)
+    self.prefetch = check_int("prefetch", prefetch, 0)
     if self.positives == "all" and self.group_size < self.max_positives:
       # Cutting positives to fit would change the loss without a word.
       raise ValueError(
@@ -440,7 +440,7 @@ class TrainLoader:
     num_most = len(most.positive_ids)
     if max_relevant is None:
       max_relevant = num_most
-    self.max_relevant = _check_int("max_relevant", max_relevant, 1)
+    self.max_relevant = check_int("max_relevant", max_relevant, 1)
     if self.max_relevant < num_most:
       # A relevant doc missing from "relevant_doc" would be scored negative.
       raise ValueError(
@@ -502,7 +502,7 @@ class TrainLoader:
     start = time.perf_counter()
     encode = self.tokenizer.encode
     pad_id = self.tokenizer.pad_id
-    self._query_ids_ql, self._query_lengths_q = _pad_tokens(
+    self._query_ids_ql, self._query_lengths_q = pad_tokens(
         [encode(ex.query, self.query_max_length) for ex in self.data.examples],
         self.query_max_length,
         pad_id,
@@ -516,7 +516,7 @@ class TrainLoader:
     self._doc_row_n[used_docs] = np.arange(len(used_docs), dtype=np.int32)
     self._doc_row_n[PAD_DOC] = len(used_docs)
     texts = self.data.doc_texts
-    self._doc_ids_rl, self._doc_lengths_r = _pad_tokens(
+    self._doc_ids_rl, self._doc_lengths_r = pad_tokens(
         [encode(texts[i], self.passage_max_length) for i in used_docs] + [[]],
         self.passage_max_length,
         pad_id,
@@ -562,7 +562,7 @@ class TrainLoader:
 
   def examples_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(epochs_b, examples_b) int64 [B]: each row's epoch and `units` row."""
-    step = _check_int("step", step, 0)
+    step = check_int("step", step, 0)
     b, e = self.batch_size, self.num_examples
     positions_b = step * b + np.arange(b, dtype=np.int64)
     epochs_b = positions_b // e
@@ -610,7 +610,7 @@ class TrainLoader:
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """The batch of step `step` (see the class docstring); thread-safe."""
-    step = _check_int("step", step, 0)
+    step = check_int("step", step, 0)
     b, g = self.batch_size, self.group_size
     positions_b = step * b + np.arange(b, dtype=np.int64)
     epochs_b, examples_b = self.examples_at(step)
@@ -634,11 +634,11 @@ class TrainLoader:
     rows_p = self._doc_row_n[passage_doc_p]
     return {
         "query_ids": self._query_ids_ql[queries_b],
-        "query_mask": _mask(
+        "query_mask": length_mask(
             self._query_lengths_q[queries_b], self.query_max_length
         ),
         "passage_ids": self._doc_ids_rl[rows_p],
-        "passage_mask": _mask(
+        "passage_mask": length_mask(
             self._doc_lengths_r[rows_p], self.passage_max_length
         ),
         "positive_counts": counts_b,
@@ -673,7 +673,7 @@ class TrainLoader:
     generator stops it.
     """
     # Checked now, not at the first next(): generators run lazily.
-    step = _check_int("start_step", start_step, 0)
+    step = check_int("start_step", start_step, 0)
     if not self.prefetch:
       return (self.batch_at(t) for t in itertools.count(step))
     return self._prefetched(step)

@@ -31,10 +31,6 @@ from retrieval_jax.data import beir
 from retrieval_jax.data import pipeline
 
 TASKS = ("ict", "crop")
-# The labelled loader's helpers: one definition of checks and padding.
-_check_int = pipeline._check_int  # pylint: disable=protected-access
-_pad_tokens = pipeline._pad_tokens  # pylint: disable=protected-access
-_mask = pipeline._mask  # pylint: disable=protected-access
 # A sentence ends at . ! or ? followed by white space (abstract-style prose).
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
 
@@ -130,12 +126,14 @@ class SpanLoader:
       )
     self.task, self.keep_prob = task, float(keep_prob)
     self.min_crop, self.max_crop = float(min_crop), float(max_crop)
-    self.batch_size = _check_int("batch_size", batch_size, 1)
-    self.query_max_length = _check_int("query_max_length", query_max_length, 3)
-    self.passage_max_length = _check_int(
+    self.batch_size = pipeline.check_int("batch_size", batch_size, 1)
+    self.query_max_length = pipeline.check_int(
+        "query_max_length", query_max_length, 3
+    )
+    self.passage_max_length = pipeline.check_int(
         "passage_max_length", passage_max_length, 3
     )
-    self.seed = _check_int("seed", seed, 0)
+    self.seed = pipeline.check_int("seed", seed, 0)
     self.tokenizer, self.source = tokenizer, source
     self.num_docs = len(doc_ids)
     start = time.perf_counter()
@@ -215,7 +213,7 @@ class SpanLoader:
 
   def examples_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(epochs_b, examples_b) int64 [B] of batch `step`."""
-    step = _check_int("step", step, 0)
+    step = pipeline.check_int("step", step, 0)
     positions_b = step * self.batch_size + np.arange(self.batch_size)
     epochs_b = positions_b // self.num_examples
     examples_b = np.array(
@@ -246,14 +244,14 @@ class SpanLoader:
       queries.append([tok.cls_id, *query[: lq - 2], tok.sep_id])
       passages.append([tok.cls_id, *positive[: lp - 2], tok.sep_id])
       kept.append(was_kept)
-    q_ids, q_len = _pad_tokens(queries, lq, tok.pad_id)
-    p_ids, p_len = _pad_tokens(passages, lp, tok.pad_id)
+    q_ids, q_len = pipeline.pad_tokens(queries, lq, tok.pad_id)
+    p_ids, p_len = pipeline.pad_tokens(passages, lp, tok.pad_id)
     doc_b = self._doc_index[examples_b]
     return {
         "query_ids": q_ids,
-        "query_mask": _mask(q_len, lq),
+        "query_mask": pipeline.length_mask(q_len, lq),
         "passage_ids": p_ids,
-        "passage_mask": _mask(p_len, lp),
+        "passage_mask": pipeline.length_mask(p_len, lp),
         "positive_counts": np.ones(self.batch_size, np.int32),
         "passage_doc": doc_b,
         "relevant_doc": doc_b[:, None].copy(),
@@ -265,7 +263,7 @@ class SpanLoader:
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Yields batch_at(start_step), batch_at(start_step + 1), ... forever."""
-    step = _check_int("start_step", start_step, 0)
+    step = pipeline.check_int("start_step", start_step, 0)
     return (self.batch_at(t) for t in itertools.count(step))
 
   def describe(self) -> str:
