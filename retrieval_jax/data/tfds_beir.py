@@ -3,7 +3,7 @@
 Tables corpus and queries (split "full") and qrels (a split per qrels file),
 parsed by beir.py in file order, for tfds.data_source / Grain. The library
 reads with `beir.load_beir`: no TF import (~4 s; SciFact 0.05 s vs 0.3 s
-here), and the run path must work without TF (issue 17). Config names
+here), and the run path must work without TF. Config names
 `<collection>_<table>_<hash>` hash the sources, so caches never go stale.
 """
 
