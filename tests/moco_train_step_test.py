@@ -21,22 +21,13 @@ from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax import train_state
 from retrieval_jax.kinds import moco
-from retrieval_jax.models import transformer_encoder
 import test_util
 
 B, L, VOCAB, QUEUE, TAU = 8, 8, 100, 16, 0.9
 
 
 def _model():
-  config = transformer_encoder.EncoderConfig(
-      vocab_size=VOCAB,
-      hidden_size=16,
-      num_layers=1,
-      num_heads=2,
-      intermediate_size=32,
-      max_position_embeddings=32,
-  )
-  return transformer_encoder.TransformerEncoder(config, rngs=nnx.Rngs(0))
+  return test_util.tiny_encoder(VOCAB)
 
 
 def _batch(seed):

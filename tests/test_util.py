@@ -94,3 +94,21 @@ def assert_same_topk(got_ids, want_ids, scores, atol):
           f" instead of {want[i]} (score {float(scores[q, want[i]])}): not a"
           f" near-tie within {atol}"
       )
+
+
+def tiny_encoder(vocab_size: int = 100, seed: int = 0):
+  """A 1-layer, width-16 BERT encoder (2 heads, FFN 32, 32 positions)."""
+  # pylint: disable=g-import-not-at-top
+  from flax import nnx
+  from retrieval_jax.models import transformer_encoder
+
+  # pylint: enable=g-import-not-at-top
+  config = transformer_encoder.EncoderConfig(
+      vocab_size=vocab_size,
+      hidden_size=16,
+      num_layers=1,
+      num_heads=2,
+      intermediate_size=32,
+      max_position_embeddings=32,
+  )
+  return transformer_encoder.TransformerEncoder(config, rngs=nnx.Rngs(seed))

@@ -24,7 +24,6 @@ from retrieval_jax.kinds import bi_encoder
 from retrieval_jax.kinds import colbert as colbert_kind
 from retrieval_jax.kinds import cross_encoder as ce_kind
 from retrieval_jax.kinds import splade as splade_kind
-from retrieval_jax.models import transformer_encoder
 import test_util
 
 B, G, LQ, LP, VOCAB = 8, 2, 8, 12, 100
@@ -36,15 +35,7 @@ _STEP_ATOL = test_util.FP32_LONG_RTOL
 
 
 def _model():
-  config = transformer_encoder.EncoderConfig(
-      vocab_size=VOCAB,
-      hidden_size=16,
-      num_layers=1,
-      num_heads=2,
-      intermediate_size=32,
-      max_position_embeddings=32,
-  )
-  return transformer_encoder.TransformerEncoder(config, rngs=nnx.Rngs(0))
+  return test_util.tiny_encoder(VOCAB)
 
 
 def _batch(seed=0):
