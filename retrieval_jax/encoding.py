@@ -5,7 +5,8 @@ fixed-size batches whose width is rounded up to `pad_multiple` (little
 padding, few distinct shapes, one compile each); dispatch is asynchronous,
 so the devices run a batch while the host collects the previous one.
 Parameters are replicated over the mesh and the batch split on its data
-axes. The encoders differ only in what one batch returns:
+axes; on a mesh spanning processes every process feeds the same batch and
+gets every row back. The encoders differ only in what one batch returns:
 
   TextEncoder         pooled vectors [N, D] (bi-encoders)
   SparseEncoder       term weights, a scipy CSR [N, V] (SPLADE)
@@ -22,6 +23,7 @@ from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import numpy as np
 import tqdm
@@ -98,6 +100,50 @@ def padded_batches(
     }
 
 
+def _place(tree, target):
+  """`jax.device_put(tree, target)`, also where the mesh spans processes.
+
+  device_put refuses a host or single-device value for a sharding with
+  other processes' devices; every process holds the same value (the same
+  weights, the same global batch), so each device takes its block of the
+  local copy, as `steps.put_batch` does.
+  """
+  shardings = jax.tree.leaves(target)
+  if all(s.is_fully_addressable for s in shardings):
+    return jax.device_put(tree, target)
+
+  def one(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, s)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # dropout keys
+      data = one(jax.random.key_data(x), s)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda i: host[i])
+
+  # `target` is a prefix of `tree` (a sharding per NNX Variable, or one).
+  return jax.tree.map(
+      lambda s, sub: jax.tree.map(lambda x: one(x, s), sub), target, tree
+  )
+
+
+def _on_host(pending):
+  """(rows, batch, out) with `out` as numpy, gathered from every process.
+
+  `np.asarray` cannot fetch rows held by other processes' devices;
+  `process_allgather` assembles the global value on every process (the
+  callers then agree on every row, as in one process).
+  """
+  rows, batch, out = pending
+
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+  return rows, batch, jax.tree.map(fetch, out)
+
+
 class _MeshEncoder:
   """An NNX module's graph and its state on the mesh (params laid out by the
   current logical-axis rules, as in training), plus jitted steps."""
@@ -113,7 +159,7 @@ class _MeshEncoder:
     graphdef, state = nnx.split(module)
     self.graphdef = self.graphdef or graphdef
     self.state_shardings = train_state.variable_shardings(state, self.mesh)
-    self.state = jax.device_put(state, self.state_shardings)
+    self.state = _place(state, self.state_shardings)
 
   def _jit(self, fn: Callable, out_axes: int):
     """`fn(module, batch) -> [B, ...]` jitted: batch and output on data."""
@@ -142,14 +188,20 @@ class _MeshEncoder:
         mininterval=1.0,
     )
     start, pending = time.perf_counter(), None
+    rows_sharding = sharding.named_sharding(self.mesh, (sharding.BATCH, None))
     for rows, batch in batches:
-      out = step(self.state, batch)
+      # With several processes jit refuses sharded numpy inputs, even on
+      # a mesh of local devices; `finish` reads the host batch.
+      out = step(
+          self.state,
+          batch if jax.process_count() == 1 else _place(batch, rows_sharding),
+      )
       if pending is not None:
-        finish(*pending)
+        finish(*_on_host(pending))
         bar.update(len(pending[0]))
       pending = (rows, batch, out)
     if pending is not None:
-      finish(*pending)
+      finish(*_on_host(pending))
       bar.update(len(pending[0]))
     bar.close()
     elapsed = time.perf_counter() - start

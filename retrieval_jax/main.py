@@ -6,25 +6,34 @@ r"""Entry point: set-up, then dispatch on --mode.
 MODE (default: `train` for a config with a `train` block, else `evaluate`):
   train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
   evaluate  zero-shot retrieval metrics (configs/evaluate.py)
-  encode    corpus embeddings to .npy (configs/evaluate.py)
+  encode    corpus embeddings: resumable shards, then one .npy
+            (configs/evaluate.py)
   export    the latest checkpoint for serving: jax.export towers of any kind
             (<workdir>/export), or `--config.export.format=hf` for a
             sentence-transformers bi-encoder (<workdir>/export_hf)
+
+Several processes (every one runs the same command): `initialize_distributed`
+joins an explicit coordinator (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID), an srun step of SLURM_NTASKS > 1 tasks or a TPU pod.
 
 Each mode is a library function. Experiments run as
 `python -m experiments.<name>.run --config experiments/<name>/config.py`.
 """
 
+from collections.abc import Mapping
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
+from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retrieval_jax import errors
 from retrieval_jax import io as rj_io
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -90,28 +99,176 @@ _MODE = flags.DEFINE_enum(
     "(configs/train.py), else `evaluate`.",
 )
 
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+# What JAX's SLURM detection reads; srun sets them, a batch script alone has
+# no SLURM_STEP_NODELIST.
+_SLURM_STEP_ENV = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
 
 
-def initialize_distributed() -> bool:
-  """Joins a multi-process run if `JAX_COORDINATOR_ADDRESS` is set; returns so.
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """How this process joins a multi-process run (see `detect_cluster`).
 
-  `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` may be left out on TPU pods and SLURM.
+  Attributes:
+    name: "coordinator", "slurm", "tpu_pod" or "tpu_vm".
+    description: what was detected, for the log.
+    kwargs: `jax.distributed.initialize` arguments; {}: JAX detects them.
+    num_processes: the process count the environment promises (checked
+      after initialisation), None where only JAX knows it.
+    required: whether a failed initialisation stops the run (False only for
+      "tpu_vm", where a single host is as likely as a pod).
+  """
+
+  name: str
+  description: str
+  kwargs: dict[str, Any]
+  num_processes: int | None
+  required: bool = True
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int | None:
+  value = env.get(key, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise errors.ConfigError(
+        f"environment variable {key}={value!r}: expected an integer"
+    ) from None
+
+
+def _hosts(value: str) -> list[str]:
+  return [h for h in value.split(",") if h.strip()]
+
+
+def detect_cluster(
+    env: Mapping[str, str], *, tpu_vm: bool = False
+) -> Cluster | None:
+  """The multi-process environment `env` describes; None: one process.
+
+  In order: an explicit coordinator (`JAX_COORDINATOR_ADDRESS`, with
+  `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` where JAX cannot detect them), a
+  SLURM job step of several tasks (`SLURM_NTASKS` > 1), a multi-host TPU
+  slice (`TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES` naming several
+  hosts, or multislice's `MEGASCALE_COORDINATOR_ADDRESS`), and with
+  `tpu_vm` (TPU chips on this host) any Cloud TPU VM, whose workers JAX reads
+  from the metadata server.
+
+  Raises:
+    errors.ConfigError: SLURM_NTASKS > 1 outside an `srun` step, or a
+      malformed count; names the variable.
+  """
+  address = next((env[k] for k in _COORDINATOR_ENV if env.get(k)), "")
+  if address:
+    num = _env_int(env, "JAX_NUM_PROCESSES")
+    pid = _env_int(env, "JAX_PROCESS_ID")
+    return Cluster(
+        "coordinator",
+        f"coordinator {address}, process"
+        f" {'?' if pid is None else pid} of {'?' if num is None else num}",
+        {
+            "coordinator_address": address,
+            "num_processes": num,
+            "process_id": pid,
+        },
+        num,
+    )
+  tasks = _env_int(env, "SLURM_NTASKS")
+  if tasks is not None and tasks > 1:
+    missing = [k for k in _SLURM_STEP_ENV if k not in env]
+    if missing:
+      raise errors.ConfigError(
+          f"SLURM_NTASKS={tasks} but {', '.join(missing)} unset: this process"
+          " was not started by srun, and alone it would run one of"
+          f" {tasks} independent copies of the job on the same workdir;"
+          " launch every task with `srun python -m retrieval_jax.main ...`,"
+          " or ask for one task (--ntasks=1)"
+      )
+    return Cluster(
+        "slurm",
+        f"SLURM job {env['SLURM_JOB_ID']}, task {env['SLURM_PROCID']} of"
+        f" {tasks} (nodes {env['SLURM_STEP_NODELIST']})",
+        {},
+        tasks,
+    )
+  hosts = _hosts(
+      env.get("TPU_PROCESS_ADDRESSES", "")
+      or env.get("TPU_WORKER_HOSTNAMES", "")
+  )
+  slices = _env_int(env, "MEGASCALE_NUM_SLICES") or 1
+  if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    total = len(hosts) * slices if hosts else None
+    return Cluster(
+        "tpu_pod",
+        f"TPU pod, worker {env.get('TPU_WORKER_ID', '?')} of"
+        f" {len(hosts) or '?'} hosts x {slices} slice(s)",
+        {},
+        total,
+    )
+  if tpu_vm:
+    return Cluster(
+        "tpu_vm",
+        "Cloud TPU VM (workers from JAX's TPU detection)",
+        {},
+        None,
+        required=False,
+    )
+  return None
+
+
+def _on_tpu_vm() -> bool:
+  """TPU chips on this host (their device files) and libtpu installed."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+  return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
+def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+  """Joins the multi-process run `detect_cluster` finds; returns whether.
+
+  Raises:
+    errors.ConfigError: a detected run could not start, or started with
+      another process count than the environment names: one line saying
+      which environment and why, rather than N independent runs sharing
+      one workdir.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  if not any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
-    return False
-  num = os.environ.get("JAX_NUM_PROCESSES")
-  pid = os.environ.get("JAX_PROCESS_ID")
-  jax.distributed.initialize(
-      coordinator_address=(
-          os.environ.get("JAX_COORDINATOR_ADDRESS")
-          or os.environ.get("COORDINATOR_ADDRESS")
-      ),
-      num_processes=int(num) if num else None,
-      process_id=int(pid) if pid else None,
+  env = os.environ if env is None else env
+  cluster = detect_cluster(
+      env,
+      # JAX_PLATFORMS=cpu (tests, CPU jobs on a TPU host) rules TPUs out.
+      tpu_vm="tpu" in env.get("JAX_PLATFORMS", "tpu") and _on_tpu_vm(),
   )
+  if cluster is None:
+    return False
+  logging.info("multi-process run (%s): %s", cluster.name, cluster.description)
+  try:
+    jax.distributed.initialize(**cluster.kwargs)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # JAX raises ValueError, RuntimeError or XlaRuntimeError (timeouts).
+    cause = (str(e).strip().splitlines() or [""])[0][:300]
+    message = (
+        f"{cluster.description}: jax.distributed.initialize failed"
+        f" ({type(e).__name__}: {cause})"
+    )
+    if not cluster.required:
+      logging.warning("%s; running as one process", message)
+      return False
+    raise errors.ConfigError(message) from e
+  if cluster.num_processes and jax.process_count() != cluster.num_processes:
+    raise errors.ConfigError(
+        f"{cluster.description}: JAX formed a run of {jax.process_count()}"
+        f" processes, the environment names {cluster.num_processes}"
+    )
   return True
 
 
@@ -208,7 +365,6 @@ def main(argv):
   handler.addFilter(_QuietLibraries())
   # pylint: disable=g-import-not-at-top
   from retrieval_jax import checkpointing
-  from retrieval_jax import errors
   from retrieval_jax import io
   from retrieval_jax import metric_logging
   from retrieval_jax import sharding
@@ -260,7 +416,12 @@ def main(argv):
     _fail(str(e), EXIT_ERROR)
   # Before the first device query: on CPU, one XLA device per core.
   sharding.use_cpu_cores_as_devices(config.mesh.cpu_devices)
-  initialize_distributed()
+  try:
+    initialize_distributed()
+  except errors.ConfigError as e:
+    if debug:
+      raise
+    _fail(str(e), EXIT_ERROR)
   # Random bits that do not depend on how arrays are sharded.
   jax.config.update("jax_threefry_partitionable", True)
   logging.info(

@@ -25,6 +25,7 @@ hands each local device its rows. Process 0 writes OUT.npz with
   process_indices              int [process_count], gathered from everyone
 """
 
+import functools
 import pathlib
 import sys
 
@@ -44,7 +45,8 @@ from retrieval_jax import main as main_lib
 from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax import train_state
-from retrieval_jax.models import transformer_encoder
+from retrieval_jax.kinds import bi_encoder
+import test_util
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -57,16 +59,8 @@ LAYOUTS = {"data": (-1, 1, 1), "fsdp": (1, -1, 1)}
 
 
 def _model() -> nnx.Module:
-  """A 1-layer, width-16 encoder; the fixed seed makes every process agree."""
-  config = transformer_encoder.EncoderConfig(
-      vocab_size=VOCAB,
-      hidden_size=16,
-      num_layers=1,
-      num_heads=2,
-      intermediate_size=32,
-      max_position_embeddings=32,
-  )
-  return transformer_encoder.TransformerEncoder(config, rngs=nnx.Rngs(0))
+  """The fixed seed makes every process agree."""
+  return test_util.tiny_encoder(VOCAB, seed=0)
 
 
 def _batch(seed: int) -> dict[str, np.ndarray]:
@@ -144,10 +138,13 @@ def train(mesh_shape) -> tuple[dict, np.ndarray, tuple[int, ...], bool]:
       spec,
       model_def=model_def,
       tx=tx,
-      loss_fn=losses.get_loss("infonce").fn,
-      temperature=0.1,
-      pooling="mean",
-      normalize=True,
+      loss_fn=functools.partial(
+          bi_encoder.loss,
+          loss_fn=losses.get_loss("infonce").fn,
+          temperature=0.1,
+          pooling="mean",
+          normalize=True,
+      ),
       dropout=True,
   )
   rng = jax.device_put(
