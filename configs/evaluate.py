@@ -3,8 +3,9 @@ r"""Zero-shot dense retrieval on a BEIR-layout directory (evaluate / encode).
 Encodes the corpus and the judged queries of one split with a pretrained
 encoder, runs exact top-k search and scores the run with trec_eval's
 conventions. Writes metrics.json, metrics_per_query.json, run.trec and
-timing.json to the workdir; `--mode=encode` writes corpus_embeddings.npy and
-corpus_ids.json instead (the directory may then hold only corpus.jsonl).
+timing.json to the workdir; `--mode=encode` writes corpus_shards/ (rerun to
+resume) and corpus_embeddings.npy, corpus_ids.json instead (the directory
+may then hold only corpus.jsonl).
 
 Launch (LIMIT-small ships with the repository):
 
@@ -37,6 +38,12 @@ checkpoint (BertForMaskedLM with its MLM head) evaluates zero-shot:
   python -m retrieval_jax.main --config configs/evaluate.py:retriever=splade \
       --workdir /tmp/rj_splade_zs --config.model.pretrained=naver/splade-v3
 
+Compressed / approximate dense search (`configs/evaluate.py:index=NAME`,
+parameters under config.retriever.index_params.NAME), e.g. HNSW:
+
+  python -m retrieval_jax.main --config configs/evaluate.py:index=hnsw \
+      --workdir /tmp/rj_hnsw --config.retriever.index_params.hnsw.ef_search=256
+
 Variants: `configs/evaluate.py:smoke` (64 queries, max length 32: seconds).
 """
 
@@ -45,9 +52,49 @@ import ml_collections
 from configs import common
 
 
+def _index_params() -> ml_collections.ConfigDict:
+  """`config.retriever.index_params`: one block per compression index kind."""
+  p = ml_collections.ConfigDict()
+  # flat: float32 vectors, exact top-k (no parameters).
+  p.flat = ml_collections.ConfigDict()
+  p.pca = ml_collections.ConfigDict()
+  # pca: principal axes kept (<= the embedding dimension).
+  p.pca.dims = 128
+  p.pq = ml_collections.ConfigDict()
+  # pq: sub-quantisers (must divide the embedding dimension).
+  p.pq.m = 48
+  # pq: bits per sub-quantiser code (2**nbits centroids <= corpus size).
+  p.pq.nbits = 8
+  # pq: "faiss" ADC search or "jax" (search/product_quantization.py).
+  p.pq.engine = "faiss"
+  p.sign = ml_collections.ConfigDict()
+  # sign: re-rank the Hamming top max(k, rerank_depth) by <q, sign d>
+  # (BPR's second stage); 0 = Hamming order only.
+  p.sign.rerank_depth = 0
+  # sign: packed word, "uint8" or "uint32" (same distances).
+  p.sign.word = "uint8"
+  p.hnsw = ml_collections.ConfigDict()
+  # hnsw: graph neighbours per node (faiss M).
+  p.hnsw.m = 32
+  # hnsw: candidate list while building (faiss efConstruction).
+  p.hnsw.ef_construction = 200
+  # hnsw: candidate list while searching; faiss uses max(ef_search, k).
+  p.hnsw.ef_search = 128
+  p.ivf_pq = ml_collections.ConfigDict()
+  # ivf_pq: coarse lists (0 = round(sqrt(N))).
+  p.ivf_pq.nlist = 0
+  # ivf_pq: sub-quantisers of the residual codes (divides the dimension).
+  p.ivf_pq.m = 48
+  # ivf_pq: bits per sub-quantiser code.
+  p.ivf_pq.nbits = 8
+  # ivf_pq: lists searched per query.
+  p.ivf_pq.nprobe = 8
+  return p
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the evaluation config; `arg` selects variants (`smoke`)."""
-  arg = common.parse_arg(arg, smoke=False, retriever="dense")
+  arg = common.parse_arg(arg, smoke=False, retriever="dense", index="exact")
   config = ml_collections.ConfigDict()
 
   config.model = common.model_block()
@@ -83,8 +130,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Encode in length order so batches carry little padding.
   config.encode.sort_by_length = True
   # Where the dense, hybrid and PRF retrievers cache the dense embeddings
-  # ("" = the workdir); runs sharing it encode a collection once.
+  # ("" = the workdir); runs sharing it encode a collection once. A
+  # finished float32 `--mode=encode` set in its corpus_shards/ (same weights,
+  # settings, corpus) serves the corpus half.
   config.encode.cache_dir = ""
+  # --mode=encode: documents per shard of <workdir>/corpus_shards/ (a rerun
+  # encodes only unfinished shards; processes split them).
+  config.encode.shard_size = 100_000
+  # --mode=encode: shard storage, "float32" or "float16" (half the bytes,
+  # components rounded to 11 significant bits).
+  config.encode.dtype = "float32"
+  # --mode=encode: also write corpus_embeddings.npy (float32) and
+  # corpus_ids.json, what `retrieval_jax.serve` and JPQ read.
+  config.encode.consolidate = True
 
   config.search = ml_collections.ConfigDict()
   # Documents retrieved per query (BEIR's 1,000; clipped to the corpus size).
@@ -132,6 +190,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.retriever.prf_k_bottom = 0
   # dense_prf, rocchio: depth of the feedback list (0 = prf_k).
   config.retriever.prf_depth = 0
+  # The dense search (dense, both dense_prf passes, hybrid's dense half, a
+  # dense first_stage): "exact" (float32, search/exact_topk.py) or a
+  # search/compression.py index over the cached corpus embeddings, saved
+  # in <workdir>/index/ and reused while its content key matches: "flat",
+  # "pca", "pq", "sign", "hnsw", "ivf_pq" (pq / hnsw / ivf_pq need faiss:
+  # pip install -e ".[index]").
+  config.retriever.index = arg.index
+  # Each index kind's parameters (experiments/compression/config.py's).
+  config.retriever.index_params = _index_params()
 
   # splade / inference_free / colbert / rerank: the workdirs of trained runs
   # (configs/train.py:scifact,splade etc.; their latest checkpoint), or

@@ -7,8 +7,10 @@
   timing.json              seconds per phase, texts/s
   stats.json               index size, query latency (`retrievers`)
   config.json              the resolved config
-`encode(config, workdir)` writes corpus_embeddings.npy (float32, one row per
-document in corpus.jsonl order) and corpus_ids.json.
+`encode(config, workdir)` writes corpus_shards/ (resumable, checksummed
+shards and manifest.json, `data/embedding_shards.py`), then
+corpus_embeddings.npy (float32, one row per document in corpus.jsonl order)
+and corpus_ids.json.
 
 Checkpoints as users have them: `config.model.pretrained` may be a hub id
 in the local Hugging Face cache; a sentence-transformers model's prompts
@@ -24,6 +26,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -35,6 +38,7 @@ from retrieval_jax import kinds
 from retrieval_jax import pretrained
 from retrieval_jax import sharding
 from retrieval_jax.data import beir
+from retrieval_jax.data import embedding_shards
 from retrieval_jax.evaluation import evaluators
 from retrieval_jax.evaluation import ir_metrics
 from retrieval_jax.evaluation import retrievers
@@ -191,10 +195,11 @@ def use_checkpoints(config: ml_collections.ConfigDict) -> None:
 def use_run(config: ml_collections.ConfigDict, mesh):
   """Points `config.retriever` at the trained run `config.run`.
 
-  A bi-encoder run serves the dense retrievers (dense, hybrid, dense_prf):
-  returns its encoder's factory. Any other kind sets `config.retriever.kind`
-  to the retriever that serves it (`Kind.retriever`) and its run key, and
-  returns None.
+  A bi-encoder run serves the dense retrievers (dense, hybrid, dense_prf)
+  and a dense first stage: returns its encoder's factory (an AR2 run's
+  ranker is then the default `rerank_workdir`). Any other kind sets
+  `config.retriever.kind` to the retriever that serves it
+  (`Kind.retriever`) and its run key, and returns None.
   """
   try:
     model, tokenizer, run_cfg, step = kinds.load_run(config.run, mesh)
@@ -207,11 +212,21 @@ def use_run(config: ml_collections.ConfigDict, mesh):
     r.kind = kind.retriever
     r[f"{kind.retriever}_workdir"] = config.run
     return None
-  if r.kind not in retrievers.DENSE_KINDS:
+  # A dense run is also the dense first stage of a re-ranking, and a run
+  # with a ranker (AR2) re-ranks with it unless rerank_workdir says else.
+  first_stage = r.kind in ("colbert", "rerank") and r.first_stage == "dense"
+  if r.kind not in retrievers.DENSE_KINDS and not first_stage:
     raise errors.ConfigError(
         f"config.retriever.kind={r.kind!r}: a {kind.name} run is evaluated "
-        f"by one of {retrievers.DENSE_KINDS}"
+        f"by one of {retrievers.DENSE_KINDS}, or is the dense first stage "
+        "of colbert / rerank (config.retriever.first_stage='dense')"
     )
+  if (
+      r.kind == "rerank"
+      and not r.get("rerank_workdir", "")
+      and (kind.name, "cross_encoder") in kinds.VIEWS
+  ):
+    r.rerank_workdir = config.run
   # The dense caches are keyed by the model: this run at this step.
   config.model.checkpoint = f"{pathlib.Path(config.run).resolve()}@{step}"
   if not config.search.metric:
@@ -260,6 +275,10 @@ def validate(config: ml_collections.ConfigDict, *, mode: str) -> None:
   positive = ["encode.batch_size", "encode.pad_multiple", "model.max_length"]
   if mode == "evaluate":
     positive += ["search.top_k", "search.chunk_size"]
+  if mode == "encode" and "shard_size" in config.encode:
+    positive.append("encode.shard_size")
+  if config.encode.get("dtype", "float32") not in embedding_shards.DTYPES:
+    fail("encode.dtype", f"expected one of {embedding_shards.DTYPES}")
   for key in positive:
     value = config_get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -385,8 +404,11 @@ def evaluate(
       if k.endswith("_s") and not k.endswith("_per_s")
   )
   print(f"time: {phases}")
+  index = stats.get("index", "")  # dense searches: exact or which index
+  if index:
+    index = f" ({index}, {stats['bytes_per_doc']:.0f} B/doc)"
   print(
-      f"index {stats['index_bytes'] / 2**20:.1f} MiB, search "
+      f"index {stats['index_bytes'] / 2**20:.1f} MiB{index}, search "
       f"{stats['search_ms_per_query']:.2f} ms/query (one at a time), "
       f"query encoding {stats['encode_ms_per_query']:.2f} ms/query"
   )
@@ -401,30 +423,72 @@ def evaluate(
 def encode(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> np.ndarray:
-  """Runs the encode mode; returns the [N, D] corpus embeddings."""
+  """Runs the encode mode; returns the [N, D] corpus embeddings.
+
+  Shards in <workdir>/corpus_shards (`data/embedding_shards.py`): a rerun
+  encodes only the missing or damaged ones; several processes split them,
+  each on its own devices. Then corpus_embeddings.npy / corpus_ids.json
+  (`config.encode.consolidate`).
+  """
   validate(config, mode="encode")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  multi = jax.process_count() > 1
+  try:
+    # Each process encodes its own shards: a mesh of its local devices.
+    mesh = sharding.make_mesh(
+        config.mesh.shape, devices=jax.local_devices() if multi else None
+    )
+  except ValueError as e:
+    raise errors.ConfigError(
+        f"config.mesh.shape={tuple(config.mesh.shape)}: {e} (the encode mode"
+        " meshes each process's local devices)"
+    ) from e
   collection = load_collection(config, corpus_only=True)
   encoder = make_encoder(config, mesh).with_prompts(*resolve_prompts(config))
+  directory = workdir / embedding_shards.DEFAULT_DIR
+  shard_size = config.encode.get("shard_size", 100_000)
+  dtype = config.encode.get("dtype", "float32")
   start = time.perf_counter()
   with jax.default_matmul_precision(config.model.matmul_precision):
-    docs_nd = encoder.encode_documents(
-        collection.doc_texts(),
-        batch_size=config.encode.batch_size,
-        pad_multiple=config.encode.pad_multiple,
-        sort_by_length=config.encode.sort_by_length,
-        desc="encode: corpus",
+    manifest, encoded = embedding_shards.write(
+        directory,
+        key_parts=retrievers.corpus_key_parts(config, encoder),
+        doc_ids=collection.doc_ids,
+        texts=collection.doc_texts(),
+        encode_fn=lambda texts: encoder.encode_documents(
+            texts,
+            batch_size=config.encode.batch_size,
+            pad_multiple=config.encode.pad_multiple,
+            sort_by_length=config.encode.sort_by_length,
+            desc="encode",
+        ),
+        shard_size=shard_size,
+        dtype=dtype,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        barrier=multihost_utils.sync_global_devices,
     )
   elapsed = time.perf_counter() - start
-  io.save_npy_atomic(
-      workdir / "corpus_embeddings.npy", docs_nd.astype(np.float32)
-  )
-  io.write_json_atomic(workdir / "corpus_ids.json", list(collection.doc_ids))
+  written = f"{directory}/"
+  if config.encode.get("consolidate", True):
+    if jax.process_index() == 0:
+      embedding_shards.consolidate(
+          directory,
+          workdir / "corpus_embeddings.npy",
+          workdir / "corpus_ids.json",
+      )
+    if multi:
+      multihost_utils.sync_global_devices("encode: consolidated")
+    written += ", corpus_embeddings.npy (float32), corpus_ids.json"
+  docs_nd, _ = embedding_shards.read(directory, verify=False)
+  shards = manifest["shards"]
+  n = sum(shards[i]["rows"][1] - shards[i]["rows"][0] for i in encoded)
+  owned = len(range(jax.process_index(), len(shards), jax.process_count()))
   print(
-      f"encoded {len(docs_nd)} docs into {docs_nd.shape[1]}-d float32 in "
-      f"{elapsed:.1f} s ({len(docs_nd) / elapsed:.0f} docs/s): "
-      f"{workdir}/corpus_embeddings.npy, corpus_ids.json"
+      (f"process {jax.process_index()}: " if multi else "")
+      + f"encoded {len(encoded)} of {owned} shards ({n} docs; the rest were"
+      f" finished before); {manifest['num_docs']} docs, {manifest['dim']}-d"
+      f" {dtype}, in {elapsed:.1f} s: {written}"
   )
   return docs_nd

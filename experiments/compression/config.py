@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.faiss_threads = 1
   # Each method: a `search.compression.INDEXES` kind and that kind's
   # parameters; its index is saved under <workdir>/<dataset>/<name>/ and
-  # searched after a reload.
+  # reused by a rerun while its content key matches (as the evaluate
+  # mode's config.retriever.index).
   config.methods = ml_collections.ConfigDict()
   m = config.methods
   # float32 exact search (the reference row).

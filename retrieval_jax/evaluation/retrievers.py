@@ -4,7 +4,9 @@ dense (exact top-k), bm25, hybrid (dense + BM25 fusion), dense_prf (vector
 PRF), splade / inference_free (a trained run over a scipy inverted index),
 colbert (MaxSim re-ranking of a first stage's top `rerank_depth`, with
 optional pruning) and rerank (a trained cross-encoder run re-scoring a
-first stage). Each returns a `RetrievalResult` and `stats` measured the same
+first stage). Every dense search (dense, dense_prf, hybrid's dense half, a
+dense first stage) goes through `config.retriever.index`: exact, or a
+`search/compression.py` index (`dense_searcher`). Each returns a `RetrievalResult` and `stats` measured the same
 way for every kind: index bytes, "search_ms_per_query" (one query at a
 time, encoded, after a warm-up) and "encode_ms_per_query" (batch query
 encoding / queries). Dense embeddings, sparse indexes and ColBERT vectors
@@ -27,6 +29,7 @@ import numpy as np
 
 from retrieval_jax import errors
 from retrieval_jax import io
+from retrieval_jax.data import embedding_shards
 from retrieval_jax.evaluation import evaluators
 
 KINDS = (
@@ -45,6 +48,28 @@ DENSE_KINDS = ("dense", "hybrid", "dense_prf")
 # First stages a ColBERT re-ranking can take its candidates from.
 FIRST_STAGES = ("bm25", "dense", "splade", "inference_free")
 PRF_METHODS = ("average", "rocchio")
+# config.retriever.index: float32 exact search; the alternatives are the
+# kinds of search/compression.py (`compression.INDEXES`).
+EXACT_INDEX = "exact"
+# The stats keys describing a dense index (`dense_searcher`).
+INDEX_STATS = (
+    "index",
+    "bytes_per_doc",
+    "index_config",
+    "index_build_s",
+    "index_reused",
+)
+# Smallest value of each integer index parameter.
+_INDEX_PARAM_MINIMUM = {
+    "dims": 1,
+    "m": 1,
+    "nbits": 1,
+    "rerank_depth": 0,
+    "ef_construction": 1,
+    "ef_search": 1,
+    "nlist": 0,
+    "nprobe": 1,
+}
 
 
 class RetrieverError(errors.ConfigError):
@@ -133,6 +158,26 @@ def _dense_cache_key(config, evaluator) -> str:
   )[:16]
 
 
+def corpus_key_parts(config, encoder) -> dict[str, str]:
+  """What a dense encoder's corpus vectors depend on besides the texts: the
+  weights' content digest and each setting that changes a vector (the key
+  of `--mode=encode`'s shard sets, `data/embedding_shards.py`)."""
+  return {
+      "weights": _weights_digest(config),
+      "model": json.dumps(
+          {
+              "dtype": config.model.dtype,
+              "matmul_precision": config.model.matmul_precision,
+              "pooling": encoder.pooling,
+              "normalize": bool(encoder.normalize),
+              "max_length": int(encoder.max_length),
+              "doc_prompt": encoder.doc_prompt,
+          },
+          sort_keys=True,
+      ),
+  }
+
+
 def _read_cache(path: pathlib.Path, read: Callable[[pathlib.Path], Any]):
   """`read(path)`, or None when absent; an unreadable file is moved aside to
   `<name>.corrupt` (logged, never deleted) for the caller to rebuild."""
@@ -177,7 +222,11 @@ def dense_embeddings(
 
   Returns:
     (docs_nd, queries_qd, timing) as `RetrievalEvaluator.encode`; a cache
-    hit reports the timings of the run that wrote it.
+    hit reports the timings of the run that wrote it. The corpus half also
+    comes from a finished float32 `--mode=encode` shard set of the same
+    weights, settings and corpus in the cache directory (`corpus_shards/`):
+    bitwise what encoding here gives when that run had one shard and the
+    same `config.encode` batching.
   """
   cache_dir = pathlib.Path(config.encode.get("cache_dir", "") or workdir)
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -186,12 +235,35 @@ def dense_embeddings(
   if cached is not None:
     logging.info("dense embeddings from %s", path)
     return cached[0], cached[1], json.loads(str(cached[2]))
-  docs_nd, queries_qd, timing = evaluator.encode(
-      encoder_fn(),
+  encoder = encoder_fn()
+  batching = dict(
       batch_size=config.encode.batch_size,
       pad_multiple=config.encode.pad_multiple,
       sort_by_length=config.encode.sort_by_length,
   )
+  shards = cache_dir / embedding_shards.DEFAULT_DIR
+  corpus = evaluator.collection
+  if embedding_shards.matches(
+      shards,
+      key_parts=corpus_key_parts(config, encoder),
+      doc_ids=corpus.doc_ids,
+      texts=corpus.doc_texts(),
+      dtype="float32",
+  ):
+    logging.info("dense corpus embeddings from %s", shards)
+    docs_nd, _ = embedding_shards.read(shards)
+    seconds = embedding_shards.read_manifest(shards)["seconds"]
+    start = time.perf_counter()
+    queries_qd = encoder.encode_queries(
+        evaluator.query_texts, desc=f"{evaluator.name}: queries", **batching
+    )
+    timing = {
+        "encode_corpus_s": seconds,
+        "encode_queries_s": time.perf_counter() - start,
+        "corpus_texts_per_s": len(corpus.doc_ids) / max(seconds, 1e-9),
+    }
+  else:
+    docs_nd, queries_qd, timing = evaluator.encode(encoder, **batching)
   io.save_npz_atomic(
       path,
       docs_nd=docs_nd.astype(np.float32),
@@ -201,20 +273,109 @@ def dense_embeddings(
   return docs_nd, queries_qd, timing
 
 
-def _dense_search(config, docs_nd, queries_qd, k, mesh):
+def _index_name(config) -> str:
+  return config.retriever.get("index", EXACT_INDEX)
+
+
+def _index_params(config) -> dict[str, Any]:
+  """config.retriever.index_params.<index> as a dict ({} when absent)."""
+  params = config.retriever.get("index_params", None)
+  block = params.get(_index_name(config), None) if params else None
+  return dict(block.to_dict() if block is not None else {})
+
+
+def _check_index_fits(kind: str, params: dict[str, Any], num_docs, dim):
+  """The limits the corpus sets, named by key before faiss trips on them."""
+  key = f"config.retriever.index_params.{kind}"
+  if kind == "pca" and params["dims"] > dim:
+    raise RetrieverError(
+        f"{key}.dims={params['dims']}: more than the embeddings' {dim}"
+        " dimensions"
+    )
+  if kind in ("pq", "ivf_pq") and dim % params["m"]:
+    raise RetrieverError(
+        f"{key}.m={params['m']}: must divide the embedding dimension {dim}"
+    )
+  if kind in ("pq", "ivf_pq") and 2 ** params["nbits"] > num_docs:
+    raise RetrieverError(
+        f"{key}.nbits={params['nbits']}: {2 ** params['nbits']} centroids per"
+        f" sub-quantiser need as many documents; the corpus has {num_docs}"
+    )
+  if kind == "ivf_pq" and params["nlist"] > num_docs:
+    raise RetrieverError(
+        f"{key}.nlist={params['nlist']}: more lists than the corpus'"
+        f" {num_docs} documents"
+    )
+
+
+def dense_searcher(config, docs_nd, mesh, workdir):
+  """The dense search `config.retriever.index` names, over [N, D] docs.
+
+  "exact": `exact_topk` over float32 vectors. Else the `compression` index,
+  built from docs_nd or reloaded from <workdir>/index/ when its content
+  key (kind, metric, parameters, vectors) matches.
+
+  Returns:
+    (search, stats): search(queries_qd, k) -> ([Q, k] scores, [Q, k] rows,
+    -1 = none); stats has index_bytes, bytes_per_doc, index (the name) and
+    for a compression index index_config, index_build_s, index_reused.
+  """
+  from retrieval_jax.search import compression  # pylint: disable=g-import-not-at-top
   from retrieval_jax.search import exact_topk  # pylint: disable=g-import-not-at-top
 
-  corpus = exact_topk.encode_corpus(
-      docs_nd,
-      metric=config.search.metric,
-      chunk_size=config.search.chunk_size,
-      mesh=mesh,
+  kind = _index_name(config)
+  if kind == EXACT_INDEX:
+    corpus = exact_topk.encode_corpus(
+        docs_nd,
+        metric=config.search.metric,
+        chunk_size=config.search.chunk_size,
+        mesh=mesh,
+    )
+    stats = {
+        "index_bytes": int(docs_nd.astype(np.float32).nbytes),
+        "bytes_per_doc": 4.0 * docs_nd.shape[1],
+        "index": kind,
+    }
+    return functools.partial(exact_topk.search, corpus), stats
+  params = _index_params(config)
+  _check_index_fits(
+      kind, dict(compression.INDEXES[kind].defaults, **params), *docs_nd.shape
   )
+  directory = pathlib.Path(workdir) / "index"
+  try:
+    index, info = compression.build_or_load(
+        directory, kind, docs_nd, metric=config.search.metric, **params
+    )
+  except (ValueError, RuntimeError) as e:  # faiss raises RuntimeError
+    raise RetrieverError(
+        f"config.retriever.index_params.{kind}={params}: building the"
+        f" {kind} index failed: {str(e).strip().splitlines()[-1]}"
+    ) from e
+  logging.info(
+      "%s index %s %s (%.1f s to build)",
+      kind,
+      "reused from" if info["reused"] else "built in",
+      directory,
+      info["build_s"],
+  )
+  stats = {
+      "index_bytes": index.nbytes,
+      "bytes_per_doc": float(index.bytes_per_doc),
+      "index": kind,
+      "index_config": index.config,
+      "index_build_s": info["build_s"],
+      "index_reused": info["reused"],
+  }
+  return index.search, stats
+
+
+def _timed_search(config, search, queries_qd, k):
+  """(scores, rows, seconds for all queries, ms per one-query search)."""
   start = time.perf_counter()
-  scores_qk, indices_qk = exact_topk.search(corpus, queries_qd, k)
+  scores_qk, indices_qk = search(queries_qd, k)
   search_s = time.perf_counter() - start
   latency = _latency_ms(
-      lambda i: exact_topk.search(corpus, queries_qd[i : i + 1], k),
+      lambda i: search(queries_qd[i : i + 1], k),
       len(queries_qd),
       config.retriever.latency_queries,
   )
@@ -225,15 +386,22 @@ def _dense(config, evaluator, encoder_fn, mesh, workdir):
   docs_nd, queries_qd, timing = dense_embeddings(
       config, evaluator, encoder_fn, workdir
   )
-  scores_qk, indices_qk, timing["search_s"], latency = _dense_search(
-      config, docs_nd, queries_qd, evaluator.top_k, mesh
+  search, stats = dense_searcher(config, docs_nd, mesh, workdir)
+  if "index_build_s" in stats:
+    timing["index_s"] = 0.0 if stats["index_reused"] else stats["index_build_s"]
+  scores_qk, indices_qk, timing["search_s"], latency = _timed_search(
+      config, search, queries_qd, evaluator.top_k
   )
-  stats = {
-      "index_bytes": int(docs_nd.astype(np.float32).nbytes),
-      "search_ms_per_query": latency,
-      "encode_ms_per_query": 1e3 * timing["encode_queries_s"] / len(queries_qd),
-  }
+  stats.update(
+      search_ms_per_query=latency,
+      encode_ms_per_query=1e3 * timing["encode_queries_s"] / len(queries_qd),
+  )
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
+
+
+def _index_stats(stats) -> dict[str, Any]:
+  """A dense part's index description, for a retriever built on it."""
+  return {k: v for k, v in stats.items() if k in INDEX_STATS}
 
 
 def _bm25(config, evaluator, encoder_fn, mesh, workdir):
@@ -288,6 +456,7 @@ def _hybrid(config, evaluator, encoder_fn, mesh, workdir):
       ),
       "encode_ms_per_query": dense_stats["encode_ms_per_query"],
       "parts": {"dense": dense.metrics, "bm25": sparse.metrics},
+      "dense_index": _index_stats(dense_stats),
   }
   return evaluator.score_run(run, timing), stats
 
@@ -306,8 +475,11 @@ def _dense_prf(config, evaluator, encoder_fn, mesh, workdir):
       config, evaluator, encoder_fn, workdir
   )
   k = evaluator.top_k
-  first_scores, first_qk, first_s, first_ms = _dense_search(
-      config, docs_nd, queries_qd, k, mesh
+  # Both passes search the same index; the feedback vectors are the cached
+  # float32 embeddings (stats: feedback_bytes, beside a compressed index).
+  search, stats = dense_searcher(config, docs_nd, mesh, workdir)
+  first_scores, first_qk, first_s, first_ms = _timed_search(
+      config, search, queries_qd, k
   )
   del first_scores
   depth = (
@@ -331,17 +503,17 @@ def _dense_prf(config, evaluator, encoder_fn, mesh, workdir):
     )
   new_qd = np.asarray(new_qd)
   prf_s = time.perf_counter() - start
-  scores_qk, indices_qk, second_s, second_ms = _dense_search(
-      config, docs_nd, new_qd, k, mesh
+  scores_qk, indices_qk, second_s, second_ms = _timed_search(
+      config, search, new_qd, k
   )
   timing.update(first_search_s=first_s, prf_s=prf_s, search_s=second_s)
-  stats = {
-      "index_bytes": int(docs_nd.astype(np.float32).nbytes),
-      "search_ms_per_query": (
-          first_ms + second_ms + 1e3 * prf_s / len(queries_qd)
-      ),
-      "encode_ms_per_query": 1e3 * timing["encode_queries_s"] / len(queries_qd),
-  }
+  if "index_build_s" in stats:
+    timing["index_s"] = 0.0 if stats["index_reused"] else stats["index_build_s"]
+    stats["feedback_bytes"] = int(docs_nd.astype(np.float32).nbytes)
+  stats.update(
+      search_ms_per_query=first_ms + second_ms + 1e3 * prf_s / len(queries_qd),
+      encode_ms_per_query=1e3 * timing["encode_queries_s"] / len(queries_qd),
+  )
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
 
@@ -557,6 +729,7 @@ def _colbert(config, evaluator, encoder_fn, mesh, workdir):
       "maxsim_per_query": out.num_maxsim / n,
       "checkpoint_step": step,
       "parts": {r.first_stage: first.metrics},
+      "first_stage_index": _index_stats(first_stats),
   }
   return (
       evaluator.score_ranking(out.run_scores(), out.indices_qk, timing),
@@ -600,6 +773,7 @@ def _rerank(config, evaluator, encoder_fn, mesh, workdir):
       "pairs_per_query": float((candidates_qk >= 0).sum() / n),
       "checkpoint_step": step,
       "parts": {r.first_stage: first.metrics},
+      "first_stage_index": _index_stats(first_stats),
   }
   return evaluator.score_ranking(scores_qk, indices_qk, timing), stats
 
@@ -679,6 +853,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.retriever.prf_method={r.prf_method!r}: "
         f"expected one of {PRF_METHODS}"
     )
+  if _index_name(config) != EXACT_INDEX:
+    _validate_index(config)
+
+
+def _validate_index(config: ml_collections.ConfigDict) -> None:
+  """`config.retriever.index` and its `index_params` block."""
+  from retrieval_jax.search import compression  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.search import hamming  # pylint: disable=g-import-not-at-top
+
+  r = config.retriever
+  kind = _index_name(config)
+  if kind not in compression.INDEXES:
+    raise RetrieverError(
+        f"config.retriever.index={kind!r}: expected {EXACT_INDEX!r} or one"
+        f" of {tuple(compression.INDEXES)}"
+    )
+  dense_first_stage = r.kind in ("colbert", "rerank") and (
+      r.first_stage == "dense"
+  )
+  if r.kind not in DENSE_KINDS and not dense_first_stage:
+    raise RetrieverError(
+        f"config.retriever.index={kind!r}: config.retriever.kind={r.kind!r}"
+        " has no dense search (the index serves dense, dense_prf, hybrid and"
+        f" a dense first_stage); set config.retriever.index={EXACT_INDEX!r}"
+    )
+  key = f"config.retriever.index_params.{kind}"
+  defaults = compression.INDEXES[kind].defaults
+  for name, value in _index_params(config).items():
+    if name not in defaults:
+      raise RetrieverError(
+          f"{key}.{name}: unknown parameter; {kind} takes {sorted(defaults)}"
+      )
+    if name in _INDEX_PARAM_MINIMUM:
+      least = 2 if (kind, name) == ("hnsw", "m") else _INDEX_PARAM_MINIMUM[name]
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise RetrieverError(
+            f"{key}.{name}={value!r}: expected an integer >= {least}"
+        )
+  params = dict(defaults, **_index_params(config))
+  if kind == "pq" and params["engine"] not in ("faiss", "jax"):
+    raise RetrieverError(
+        f"{key}.engine={params['engine']!r}: expected 'faiss' or 'jax'"
+    )
+  if kind == "sign" and params["word"] not in hamming.WORD_DTYPES:
+    raise RetrieverError(
+        f"{key}.word={params['word']!r}: expected one of {hamming.WORD_DTYPES}"
+    )
+  if kind in compression.FAISS_KINDS:
+    try:
+      import faiss  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise RetrieverError(
+          f"config.retriever.index={kind!r} needs faiss, which is not"
+          ' installed: pip install -e ".[index]"'
+      ) from e
 
 
 def retrieve(

@@ -12,12 +12,15 @@ faiss does PQ, HNSW and IVF-PQ (optional: the `index` extra, imported only
 by those kinds; they save `faiss.serialize_index` bytes as one npy). PCA is
 a NumPy SVD (float64, centred on the corpus), so no faiss is needed for it;
 sign codes use `hamming.py` (JAX, shared with BPR's search).
+`build_or_load` reuses a saved index while its content key matches.
 """
 
 import json
 import pathlib
+import time
 from typing import Any, ClassVar
 
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,6 +48,8 @@ class Index:
 
   kind: ClassVar[str] = ""
   defaults: ClassVar[dict[str, Any]] = {}
+  # Parameters read only by search: changing them needs no rebuild.
+  search_params: ClassVar[tuple[str, ...]] = ()
 
   def __init__(self, arrays: dict[str, np.ndarray], config: dict[str, Any]):
     self.arrays, self.config = arrays, config
@@ -175,6 +180,7 @@ class SignIndex(Index):
 
   kind = "sign"
   defaults = {"rerank_depth": 0, "word": "uint8"}
+  search_params = ("rerank_depth",)
 
   @classmethod
   def _fit(cls, docs_nd, config):
@@ -241,6 +247,7 @@ class PqIndex(_FaissIndex):
 
   kind = "pq"
   defaults = {"m": 48, "nbits": 8, "engine": "faiss"}
+  search_params = ("engine",)
   _adc_arrays = None  # (centroids_mks, codes_nm) on device, engine "jax"
 
   def _search(self, queries_qd, k):
@@ -283,6 +290,7 @@ class HnswIndex(_FaissIndex):
 
   kind = "hnsw"
   defaults = {"m": 32, "ef_construction": 200, "ef_search": 128}
+  search_params = ("ef_search",)
 
   @classmethod
   def _make(cls, dim, config):
@@ -306,6 +314,7 @@ class IvfPqIndex(_FaissIndex):
 
   kind = "ivf_pq"
   defaults = {"nlist": 0, "m": 48, "nbits": 8, "nprobe": 8}
+  search_params = ("nprobe",)
 
   @classmethod
   def _make(cls, dim, config):
@@ -356,3 +365,74 @@ def load(directory) -> Index:
   names = config.pop("arrays")
   arrays = {n: np.load(directory / f"{n}.npy") for n in names}
   return INDEXES[config["kind"]](arrays, config)
+
+
+# Kinds that need faiss (the `index` extra) to build or search.
+FAISS_KINDS = tuple(k for k, c in INDEXES.items() if issubclass(c, _FaissIndex))
+# Written last by `build_or_load`: present and equal = the index is complete.
+KEY_FILE = "content_key.json"
+
+
+def content_key(kind: str, docs_nd, *, metric: str = "dot", **params) -> str:
+  """SHA-256 of what a built index is a function of: kind, metric, the
+  build parameters (defaults filled in; not `search_params`) and the
+  float32 document vectors."""
+  if kind not in INDEXES:
+    raise ValueError(f"unknown index kind {kind!r}; known: {list(INDEXES)}")
+  cls = INDEXES[kind]
+  params = dict(cls.defaults, **params)
+  params = {k: v for k, v in params.items() if k not in cls.search_params}
+  return io.fingerprint(
+      [kind, metric, json.dumps(params, sort_keys=True)],
+      np.asarray(docs_nd, np.float32),
+  )
+
+
+def build_or_load(
+    directory, kind: str, docs_nd, *, metric: str = "dot", **params
+) -> tuple[Index, dict[str, Any]]:
+  """The index saved in `directory` if its content key matches, else built.
+
+  A hit takes this call's `search_params` (ef_search, nprobe, ...: no
+  rebuild). A miss builds `build(kind, docs_nd, ...)` and saves it into
+  `directory` (the old index's other arrays removed), then writes KEY_FILE
+  last, so an interrupted save is rebuilt. An unreadable saved index is
+  rebuilt too. Returns (index, info): info = {"key", "build_s" (the
+  build's, also when reused), "reused"}.
+  """
+  directory = pathlib.Path(directory)
+  key = content_key(kind, docs_nd, metric=metric, **params)
+  key_path = directory / KEY_FILE
+  try:
+    saved = json.loads(key_path.read_text())
+    if saved["key"] == key:
+      index = load(directory)
+      wanted = dict(index.defaults, **params)
+      searched = {k: wanted[k] for k in index.search_params}
+      if any(index.config[k] != v for k, v in searched.items()):
+        index.config.update(searched)  # index.json says what was searched
+        io.write_json_atomic(
+            directory / "index.json",
+            dict(index.config, arrays=sorted(index.arrays)),
+        )
+      if isinstance(index, _FaissIndex):
+        index.faiss_index()  # deserialised here: a bad copy is rebuilt
+      return index, dict(saved, reused=True)
+  except FileNotFoundError:
+    pass
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # json, npy or faiss errors alike: rebuilding is always correct.
+    logging.warning("%s: unreadable index (%s), rebuilding", directory, e)
+  try:
+    old_arrays = json.loads((directory / "index.json").read_text())["arrays"]
+  except Exception:  # pylint: disable=broad-exception-caught
+    old_arrays = []
+  key_path.unlink(missing_ok=True)
+  start = time.perf_counter()
+  index = build(kind, docs_nd, metric=metric, **params)
+  info = {"key": key, "build_s": time.perf_counter() - start}
+  index.save(directory)
+  for name in set(old_arrays) - set(index.arrays):
+    (directory / f"{name}.npy").unlink(missing_ok=True)
+  io.write_json_atomic(key_path, info)
+  return index, dict(info, reused=False)
