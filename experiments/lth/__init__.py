@@ -1,0 +1,2 @@
+"""Learning-to-hash training (BPR, JPQ) evaluated as compressed indexes
+(experiments/lth/README.md)."""
