@@ -1,7 +1,8 @@
 """Training data for the trainers, and its step-indexed loader.
 
-`TrainingData`: training queries over a corpus, from a BEIR qrels split or a
-pairs file; `negatives.mine` adds hard negatives. `TrainLoader`: fixed-shape
+`TrainingData`: training queries over a corpus, from a BEIR qrels split, a
+pairs file or a Tevatron file (`tevatron.py`: given negatives, optional
+teacher scores); `negatives.mine` adds hard negatives. `TrainLoader`: fixed-shape
 numpy batches, batch t a pure function of (data, settings, seed, t), so the
 step is the only iterator state. No seqio: there is nothing to preprocess or
 cache, and tokenizing stays with the loader, per model.
@@ -24,6 +25,7 @@ from absl import logging
 import numpy as np
 
 from retrieval_jax.data import beir
+from retrieval_jax.data import tevatron
 
 UNITS = ("pair", "query")
 POSITIVE_CHOICES = ("one", "all")
@@ -46,12 +48,22 @@ class PairRow(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TrainingExample:
-  """One query: positives (file order, all known relevant), mined negatives."""
+  """One query: positives (file order, all known relevant), mined negatives.
+
+  teacher_scores: a teacher's score of each candidate, positive_ids then
+  negative_ids in order; () when there is no teacher.
+  """
 
   query_id: str
   query: str
   positive_ids: tuple[str, ...]
   negative_ids: tuple[str, ...] = ()
+  teacher_scores: tuple[float, ...] = ()
+
+  @property
+  def candidate_ids(self) -> tuple[str, ...]:
+    """The docs a batch can give this query: positives, then negatives."""
+    return self.positive_ids + self.negative_ids
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,6 +124,14 @@ class TrainingData:
           f"{where}: doc {sorted(relevant)[0]!r} is both a"
           " positive and a negative"
       )
+    if ex.teacher_scores and (
+        len(ex.teacher_scores) != len(ex.candidate_ids)
+        or not np.all(np.isfinite(ex.teacher_scores))
+    ):
+      raise ValueError(
+          f"{where}: {len(ex.teacher_scores)} teacher scores for"
+          f" {len(ex.candidate_ids)} candidates (all must be finite)"
+      )
 
   @functools.cached_property
   def doc_index(self) -> dict[str, int]:
@@ -122,6 +142,11 @@ class TrainingData:
   def num_pairs(self) -> int:
     """int, the number of (query, positive) pairs."""
     return sum(len(ex.positive_ids) for ex in self.examples)
+
+  @property
+  def has_teacher_scores(self) -> bool:
+    """Whether every query carries its candidates' teacher scores."""
+    return all(ex.teacher_scores for ex in self.examples)
 
   @classmethod
   def from_beir(
@@ -166,6 +191,72 @@ class TrainingData:
         rows, beir.read_corpus(corpus_file), corpus_file, pairs_path
     )
 
+  @classmethod
+  def from_tevatron(
+      cls,
+      path: str | os.PathLike,
+      corpus_dir: str | os.PathLike | None = None,
+      *,
+      teacher_scores: bool = False,
+  ) -> "TrainingData":
+    """Reads a Tevatron file (`tevatron.read_tevatron`), negatives included.
+
+    The corpus is `corpus_dir`'s corpus.jsonl (if given; the file's texts
+    replace its copies) plus every passage of the file it lacks, in first
+    appearance order. teacher_scores: the passages' "score"s (required on
+    every passage) become the queries' `teacher_scores`.
+    """
+    path = os.fspath(path)
+    rows = tevatron.read_tevatron(path, require_scores=teacher_scores)
+    doc_ids, doc_texts = [], []
+    if corpus_dir is not None:
+      corpus_dir = os.fspath(corpus_dir)
+      beir.check_directory(corpus_dir)
+      ids, titles, bodies = beir.read_corpus(beir.corpus_path(corpus_dir))
+      doc_ids = list(ids)
+      doc_texts = [beir.doc_text(t, b) for t, b in zip(titles, bodies)]
+    index = {doc_id: i for i, doc_id in enumerate(doc_ids)}
+    num_changed = 0
+    examples = []
+    for row in rows:
+      passages = row.positives + row.negatives
+      for p in passages:
+        i = index.setdefault(p.doc_id, len(doc_ids))
+        if i == len(doc_ids):
+          doc_ids.append(p.doc_id)
+          doc_texts.append(p.text)
+        elif doc_texts[i] != p.text:
+          # The file's text is the passage meant (as for pairs files).
+          num_changed += 1
+          doc_texts[i] = p.text
+      examples.append(
+          TrainingExample(
+              row.query_id,
+              row.query,
+              tuple(p.doc_id for p in row.positives),
+              tuple(p.doc_id for p in row.negatives),
+              tuple(p.score for p in passages) if teacher_scores else (),
+          )
+      )
+    if num_changed:
+      logging.warning(
+          "%s: %d passage texts differ from %s's corpus; using the former",
+          path,
+          num_changed,
+          corpus_dir,
+      )
+    data = cls(examples, doc_ids, doc_texts, source=path)
+    logging.info(
+        "%s: %d training queries, %d pairs, %d given negatives, corpus of %d"
+        " docs",
+        path,
+        len(examples),
+        data.num_pairs,
+        sum(len(ex.negative_ids) for ex in examples),
+        len(doc_ids),
+    )
+    return data
+
   def with_negatives(
       self, negatives: Sequence[Sequence[str]]
   ) -> "TrainingData":
@@ -176,11 +267,28 @@ class TrainingData:
           f"{self.source}: got negatives for {len(negatives)} queries, the"
           f" data has {len(self.examples)}"
       )
+    # New candidates: the old teacher scores no longer line up.
     examples = tuple(
-        dataclasses.replace(ex, negative_ids=tuple(negs))
+        dataclasses.replace(ex, negative_ids=tuple(negs), teacher_scores=())
         for ex, negs in zip(self.examples, negatives)
     )
     # `replace` re-runs the constructor's checks on the new negatives.
+    return dataclasses.replace(self, examples=examples)
+
+  def with_teacher_scores(
+      self, scores: Sequence[Sequence[float]]
+  ) -> "TrainingData":
+    """A copy whose queries carry `scores` [Q][candidates] (`candidate_ids`
+    order) as their teacher scores."""
+    if len(scores) != len(self.examples):
+      raise ValueError(
+          f"{self.source}: got teacher scores for {len(scores)} queries, the"
+          f" data has {len(self.examples)}"
+      )
+    examples = tuple(
+        dataclasses.replace(ex, teacher_scores=tuple(map(float, row)))
+        for ex, row in zip(self.examples, scores)
+    )
     return dataclasses.replace(self, examples=examples)
 
 
@@ -385,6 +493,8 @@ class TrainLoader:
     positive_counts int32 [B], 1..G; example_index int64 [B], stream position
     passage_doc     int32 [B*G], corpus index, -1 = padding
     relevant_doc    int32 [B, R], every known relevant doc, -1 padded
+    teacher_scores  float32 [B*G], the row's teacher score (0 on padding);
+                    only when the data has them (`has_teacher_scores`)
   """
 
   def __init__(
@@ -478,6 +588,24 @@ class TrainLoader:
         ],
         np.int64,
     )
+    scored = [bool(ex.teacher_scores) for ex in examples]
+    if any(scored) and not all(scored):
+      # A batch would mix targets with rows that have none.
+      raise ValueError(
+          f"{scored.count(False)} of {len(scored)} queries have no teacher"
+          " scores; score every query or none"
+      )
+    # Query -> {corpus index: teacher score} over its candidates, or None.
+    self._teacher_scores = (
+        [
+            dict(
+                zip((doc_index[d] for d in ex.candidate_ids), ex.teacher_scores)
+            )
+            for ex in examples
+        ]
+        if all(scored)
+        else None
+    )
     self._relevant_qr = np.full(
         (len(examples), self.max_relevant), PAD_DOC, np.int32
     )
@@ -544,7 +672,7 @@ class TrainLoader:
     b, g = self.batch_size, self.group_size
     lq, lp = self.query_max_length, self.passage_max_length
     int32 = np.dtype(np.int32)
-    return {
+    spec = {
         "query_ids": ((b, lq), int32),
         "query_mask": ((b, lq), int32),
         "passage_ids": ((b * g, lp), int32),
@@ -554,6 +682,9 @@ class TrainLoader:
         "relevant_doc": ((b, self.max_relevant), int32),
         "example_index": ((b,), np.dtype(np.int64)),
     }
+    if self._teacher_scores is not None:
+      spec["teacher_scores"] = ((b * g,), np.dtype(np.float32))
+    return spec
 
   @property
   def units(self) -> np.ndarray:
@@ -616,6 +747,7 @@ class TrainLoader:
     epochs_b, examples_b = self.examples_at(step)
     queries_b = self._units_e2[examples_b, 0]
     passage_doc_bg = np.full((b, g), PAD_DOC, np.int32)
+    teacher_bg = np.zeros((b, g), np.float32)
     counts_b = np.empty(b, np.int32)
     for i in range(b):
       q, j = (int(x) for x in self._units_e2[examples_b[i]])
@@ -629,10 +761,13 @@ class TrainLoader:
       group = np.concatenate([positives, negatives])
       passage_doc_bg[i, : len(group)] = group
       counts_b[i] = len(positives)
+      if self._teacher_scores is not None:
+        scores = self._teacher_scores[q]
+        teacher_bg[i, : len(group)] = [scores[int(d)] for d in group]
     passage_doc_p = passage_doc_bg.reshape(b * g)
     # PAD_DOC (-1) indexes the last entry of _doc_row_n: the padding row.
     rows_p = self._doc_row_n[passage_doc_p]
-    return {
+    batch = {
         "query_ids": self._query_ids_ql[queries_b],
         "query_mask": length_mask(
             self._query_lengths_q[queries_b], self.query_max_length
@@ -646,6 +781,9 @@ class TrainLoader:
         "relevant_doc": self._relevant_qr[queries_b],
         "example_index": positions_b,
     }
+    if self._teacher_scores is not None:
+      batch["teacher_scores"] = teacher_bg.reshape(b * g)
+    return batch
 
   def texts_at(
       self, step: int, batch: dict[str, np.ndarray]

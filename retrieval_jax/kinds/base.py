@@ -1,7 +1,10 @@
 """The interface every retriever kind implements (`Kind`, `TrainSpec`,
 `ServingTower`).
 
-Callers look a kind up in `kinds.KINDS` and never switch on its name.
+Callers look a kind up in `kinds.KINDS` and never switch on its name. Also
+the distillation shared by the kinds that learn from a teacher
+(`config.loss.teacher`, scores from `retrieval_jax/teachers.py`): the
+checks of the teacher settings and the list loss over each query's group.
 """
 
 from collections.abc import Callable, Mapping
@@ -10,6 +13,7 @@ from typing import Any
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 
 from retrieval_jax import losses
 from retrieval_jax import train_state
@@ -29,6 +33,18 @@ STEP_KEYS = (
 # Losses that read raw cosines (not softmax logits): temperature must be 1.
 COSINE_LOSSES = ("orthogonal_projection",)
 
+# `config.loss.teacher`: "" none; scores of every (query, candidate) row from
+# BM25, the evaluate mode's dense + BM25 fusion ("hybrid"), a bi-encoder
+# ("dense") or cross-encoder run, the normalised mean of a dense and a sparse
+# teacher ("ensemble"), or the training file's own scores ("file").
+TEACHERS = ("", "bm25", "hybrid", "dense", "cross_encoder", "ensemble", "file")
+# Teachers that read `config.loss.teacher_workdir`: required / optional.
+WORKDIR_TEACHERS = ("dense", "cross_encoder")
+# Losses that take graded targets (a teacher's scores) over each group.
+DISTILLATION_LOSSES = tuple(
+    sorted(set(losses.LISTWISE_LOSSES) - {"bce"}) + ["margin_mse"]
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
@@ -40,12 +56,15 @@ class TrainSpec:
     aux), grads)` replacing `jax.value_and_grad(loss)` (GradCache).
   extra: optional state beside the params (a MoCo queue); then `loss` is
     `(model, batch, rng, step, extra) -> (loss, (aux, next extra))`.
+  optimizer: optional `(total_steps) -> (tx, learning rate schedule)`
+    replacing `optimizers.make_optimizer(config.optim, total_steps)`.
   """
 
   featurize: Callable[[int, dict], dict]
   loss: Callable
   value_and_grad: Callable | None = None
   extra: train_state.ExtraState | None = None
+  optimizer: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +99,100 @@ def take_keys(keys=STEP_KEYS) -> Callable[[int, dict], dict]:
   return featurize
 
 
+def teacher_featurizer(config, keys=STEP_KEYS) -> Callable[[int, dict], dict]:
+  """`take_keys(keys)`, plus "teacher_scores" times config.loss.teacher_scale
+  when the run has a teacher."""
+  if not config.loss.get("teacher", ""):
+    return take_keys(keys)
+  scale = config.loss.teacher_scale
+
+  def featurize(step, host_batch):
+    del step
+    batch = {k: host_batch[k] for k in keys}
+    batch["teacher_scores"] = scale * host_batch["teacher_scores"]
+    return batch
+
+  return featurize
+
+
+def group_labels(positive_counts_b, passage_doc_p):
+  """[B, G] positive and valid masks of the loader's query-major groups.
+
+  Row i's group is passages i*G .. i*G+G-1, its first positive_counts[i]
+  are positives; padding passages (doc -1) are invalid.
+  """
+  b = positive_counts_b.shape[0]
+  valid_bg = (passage_doc_p >= 0).reshape(b, -1)
+  slot_g = jnp.arange(valid_bg.shape[1])
+  positive_bg = (slot_g[None, :] < positive_counts_b[:, None]) & valid_bg
+  return positive_bg, valid_bg
+
+
+def group_distillation_loss(
+    scores_bg, teacher_bg, positive_bg, valid_bg, *, loss_name: str
+):
+  """A `DISTILLATION_LOSSES` loss of [B, G] student vs teacher group scores.
+
+  The list losses (`losses.LISTWISE_LOSSES`) take the teacher's scores as
+  graded targets over each group; margin_mse compares the margins of the
+  first positive (slot 0: groups hold one positive) over each valid
+  negative.
+  """
+  teacher_bg = teacher_bg.astype(jnp.float32)
+  if loss_name == "margin_mse":
+    return losses.listwise.margin_mse(
+        scores_bg[:, 0],
+        scores_bg[:, 1:],
+        teacher_bg[:, 0],
+        teacher_bg[:, 1:],
+        valid_bg[:, 1:] & ~positive_bg[:, 1:] & positive_bg[:, :1],
+    )
+  return losses.LISTWISE_LOSSES[loss_name](scores_bg, teacher_bg, valid_bg)
+
+
+def distillation_loss(
+    scores_qc,
+    batch,
+    *,
+    loss_name: str,
+    infonce_weight: float = 0.0,
+    share_hard_negatives: bool = True,
+):
+  """A teacher's distillation on float32 [B, B*G] in-batch scores.
+
+  The student's [B, G] group scores are each query's own block of
+  `scores_qc`; `group_distillation_loss` fits them to batch
+  "teacher_scores" [B*G] (already scaled). infonce_weight > 0 adds that
+  times InfoNCE over all B*G passages (in-batch and hard negatives). Aux:
+  the loss's own, "distillation_loss" and "infonce_loss" (unweighted).
+  """
+  b = scores_qc.shape[0]
+  g = scores_qc.shape[1] // b
+  rows_b = jnp.arange(b)
+  scores_bg = scores_qc.reshape(b, b, g)[rows_b, rows_b]
+  positive_bg, valid_bg = group_labels(
+      batch["positive_counts"], batch["passage_doc"]
+  )
+  loss, aux = group_distillation_loss(
+      scores_bg,
+      batch["teacher_scores"].reshape(b, g),
+      positive_bg,
+      valid_bg,
+      loss_name=loss_name,
+  )
+  aux = dict(aux, distillation_loss=loss)
+  if infonce_weight:
+    ranking, _ = in_batch_loss(
+        scores_qc,
+        batch,
+        loss_fn=losses.LOSSES["infonce"].fn,
+        share_hard_negatives=share_hard_negatives,
+    )
+    loss = loss + infonce_weight * ranking
+    aux["infonce_loss"] = ranking
+  return loss, aux
+
+
 def in_batch_loss(scores_qc, batch, *, loss_fn, share_hard_negatives: bool):
   """`loss_fn(scores_qc, positive_qc, valid_qc)` on float32 [B, B*G] scores."""
   group_size = scores_qc.shape[1] // scores_qc.shape[0]
@@ -104,7 +217,9 @@ class Kind:
   name: `config.model.kind`; model_keys: the `config.model` keys it needs;
   architectures: encoders it wraps; dense_negatives: can mine negatives;
   trains_with_evals: `config.evals` run in training (else the evaluate mode);
-  retriever: evaluate-mode retriever ("dense" kinds give `text_encoder`).
+  retriever: evaluate-mode retriever ("dense" kinds give `text_encoder`);
+  distills: learns from `config.loss.teacher` (`DISTILLATION_LOSSES` over
+  each query's group, the batch's "teacher_scores" as targets).
   """
 
   name: str = ""
@@ -113,9 +228,24 @@ class Kind:
   dense_negatives: bool = False
   trains_with_evals: bool = False
   retriever: str = "dense"
+  distills: bool = False
 
   def loss_spec(self, config) -> losses.LossSpec:
     """The `LossSpec` of `config.loss.name` (batch construction included)."""
+    name = config.loss.name
+    if self.distills and name in DISTILLATION_LOSSES:
+      # One (query, positive) pair per example, its group the positive and
+      # hard negatives, each row with its teacher score.
+      return losses.LossSpec(
+          (
+              losses.listwise.margin_mse
+              if name == "margin_mse"
+              else losses.LISTWISE_LOSSES[name]
+          ),
+          losses.ONE,
+          losses.PAIR,
+          f"{name} of the group scores against a teacher's",
+      )
     try:
       return losses.get_loss(config.loss.name)
     except ValueError as e:
@@ -169,15 +299,76 @@ class Kind:
           "config.loss.sharded: the shard_map loss is for "
           f"bi-encoders; set False for a {self.name!r} model"
       )
-    if config.loss.get("teacher", ""):
+    self.validate_teacher(config)
+
+  def validate_teacher(self, config, *, labels_without_teacher=False) -> None:
+    """The `config.loss.teacher` settings; raises `ConfigError`.
+
+    labels_without_teacher: the list losses may train on 1/0 labels (the
+    cross-encoder), else they need a teacher.
+    """
+    loss = config.loss
+    teacher, name = loss.get("teacher", ""), loss.name
+    if teacher not in TEACHERS:
       raise ConfigError(
-          "config.loss.teacher is for a cross-encoder "
-          "(config.model.kind='cross_encoder')"
+          f"config.loss.teacher={teacher!r}: expected one of {TEACHERS}"
+      )
+    weight = loss.get("infonce_weight", 0.0)
+    if not isinstance(weight, (int, float)) or weight < 0:
+      raise ConfigError(f"config.loss.infonce_weight={weight!r}: must be >= 0")
+    if weight and not teacher:
+      raise ConfigError(
+          f"config.loss.infonce_weight={weight}: adds InfoNCE to a "
+          "distillation loss; set config.loss.teacher, or the weight to 0"
+      )
+    if not teacher:
+      if name in DISTILLATION_LOSSES and not (
+          labels_without_teacher and name in losses.LISTWISE_LOSSES
+      ):
+        raise ConfigError(
+            f"config.loss.name={name!r} fits a teacher's scores: set "
+            f"config.loss.teacher (one of {TEACHERS[1:]})"
+        )
+      return
+    if not self.distills:
+      raise ConfigError(
+          f"config.loss.teacher={teacher!r}: a {self.name!r} model does not "
+          "learn from a teacher; set config.loss.teacher=''"
+      )
+    if name not in DISTILLATION_LOSSES:
+      raise ConfigError(
+          f"config.loss.teacher={teacher!r} gives graded scores, which "
+          f"config.loss.name={name!r} does not take; use one of "
+          f"{list(DISTILLATION_LOSSES)}"
+      )
+    if teacher in WORKDIR_TEACHERS and not loss.get("teacher_workdir", ""):
+      raise ConfigError(
+          f"config.loss.teacher={teacher!r} needs config.loss.teacher_workdir"
+          " (a train workdir or a model directory)"
+      )
+    if teacher == "file" and (
+        config.data.format != "tevatron" or config.data.negatives != "file"
+    ):
+      raise ConfigError(
+          "config.loss.teacher='file' reads the passages' scores of a "
+          "Tevatron file: set config.data.format='tevatron' and "
+          "config.data.negatives='file'"
+      )
+    if loss.get("sharded"):
+      raise ConfigError(
+          "config.loss.sharded: distillation (config.loss.teacher="
+          f"{teacher!r}) computes its loss on the global batch; set False"
       )
 
   def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0) -> nnx.Module:
     """The NNX model on `loaded`'s (pretrained) encoder."""
     raise NotImplementedError
+
+  def initial_params(self, config, model_def, params, mesh) -> Any:
+    """The params a run starts from without a checkpoint (warm starts of
+    parts of the model); `params`, the built model's, by default."""
+    del config, model_def, mesh
+    return params
 
   def checkpoint_run(self, loaded, tokenizer) -> tuple[nnx.Module, dict]:
     """An off-the-shelf checkpoint of this kind, used as a trained run.

@@ -2,8 +2,11 @@
 
 The encoder architecture (`config.model.architecture`: BERT or the M2
 long-convolution encoder) is the kind's model itself. Training takes any
-`losses.LOSSES` objective on the [B, B*G] score matrix, optionally with
-GradCache; evaluations during training are exact dense retrieval.
+`losses.LOSSES` objective on the [B, B*G] score matrix, or distils a
+teacher's scores of each query's group (`config.loss.teacher`, a
+`base.DISTILLATION_LOSSES` name, optionally plus weighted InfoNCE),
+optionally with GradCache; evaluations during training are exact dense
+retrieval.
 """
 
 import functools
@@ -31,7 +34,14 @@ def encode(model, ids_bl, mask_bl, rng, *, pooling: str, normalize: bool):
   emb_bd = steps.pool_states(
       model, hidden_bld.astype(jnp.float32), mask_bl, pooling
   )
-  return pooling_lib.l2_normalize(emb_bd) if normalize else emb_bd
+  if not normalize:
+    return emb_bd
+  # The loader's padding rows (doc -1, e.g. a Tevatron query without
+  # negatives) pool to 0, where the norm's gradient is 0/0 = NaN and
+  # poisons every parameter. The losses mask them out, so any non-zero
+  # stand-in gives the same loss and a finite gradient.
+  empty_b1 = jnp.sum(mask_bl, axis=-1, keepdims=True) == 0
+  return pooling_lib.l2_normalize(jnp.where(empty_b1, 1.0, emb_bd))
 
 
 def contrastive_loss(
@@ -43,6 +53,8 @@ def contrastive_loss(
     temperature: float,
     share_hard_negatives: bool = True,
     sharded_mesh=None,
+    distill_loss: str = "",
+    infonce_weight: float = 0.0,
 ):
   """A registry loss on the in-batch scores q . p / temperature.
 
@@ -56,6 +68,9 @@ def contrastive_loss(
     sharded_mesh: a mesh to compute the loss shard by shard on
       (`losses.sharded_contrastive`: the [B, B*G] scores never gathered);
       None computes it on the global batch.
+    distill_loss: a `base.DISTILLATION_LOSSES` name: `base.distillation_loss`
+      against batch "teacher_scores" [B*G] instead of `loss_fn`, plus
+      infonce_weight times InfoNCE.
   """
   if sharded_mesh is not None:
     batch_axes = sharding.logical_to_spec((sharding.BATCH,))[0]
@@ -81,6 +96,14 @@ def contrastive_loss(
       jnp.einsum("bd,cd->bc", q_bd, p_cd, preferred_element_type=jnp.float32)
       / temperature
   )
+  if distill_loss:
+    return base.distillation_loss(
+        scores_qc,
+        batch,
+        loss_name=distill_loss,
+        infonce_weight=infonce_weight,
+        share_hard_negatives=share_hard_negatives,
+    )
   return base.in_batch_loss(
       scores_qc,
       batch,
@@ -101,11 +124,14 @@ def loss(
     normalize: bool,
     share_hard_negatives: bool = True,
     sharded_mesh=None,
+    distill_loss: str = "",
+    infonce_weight: float = 0.0,
 ):
   """The bi-encoder's training loss on one batch (see `base.TrainSpec`).
 
   Batch: query_ids / query_mask [B, Lq], passage_ids / passage_mask
-  [B*G, Lp], positive_counts [B], passage_doc [B*G], relevant_doc [B, R].
+  [B*G, Lp], positive_counts [B], passage_doc [B*G], relevant_doc [B, R];
+  with distill_loss, teacher_scores [B*G] float32.
   """
   del step
   q_rng, p_rng = base.split_rng(rng)
@@ -120,6 +146,8 @@ def loss(
       temperature=temperature,
       share_hard_negatives=share_hard_negatives,
       sharded_mesh=sharded_mesh,
+      distill_loss=distill_loss,
+      infonce_weight=infonce_weight,
   )
 
 
@@ -336,6 +364,7 @@ class BiEncoder(base.Kind):
   architectures = ("bert", "m2")
   dense_negatives = True
   trains_with_evals = True
+  distills = True
 
   def validate(self, config) -> None:
     super().validate(config)
@@ -370,6 +399,8 @@ class BiEncoder(base.Kind):
         normalize=config.model.normalize,
         share_hard_negatives=config.loss.share_hard_negatives,
         sharded_mesh=mesh if config.loss.get("sharded") else None,
+        distill_loss=config.loss.name if config.loss.get("teacher") else "",
+        infonce_weight=config.loss.get("infonce_weight", 0.0),
     )
     q_chunks, p_chunks = config.train.grad_cache_chunks
     value_and_grad = None
@@ -381,7 +412,7 @@ class BiEncoder(base.Kind):
           **kwargs,
       )
     return base.TrainSpec(
-        featurize=base.take_keys(),
+        featurize=base.teacher_featurizer(config),
         loss=functools.partial(loss, **kwargs),
         value_and_grad=value_and_grad,
     )

@@ -4,8 +4,9 @@ Each query's group (its positive, then hard negatives) becomes pairs
 tokenised together at `config.data.pair_max_length`; the loss is a
 `losses.LOSSES` objective over the group, or a list loss of
 `losses.LISTWISE_LOSSES` on 1/0 labels or on a teacher's scores
-(`config.loss.teacher="bm25"`: distillation). Evaluations re-rank a first
-stage (dense or BM25) of each eval collection.
+(`config.loss.teacher`, e.g. "bm25": distillation; the loader's
+"teacher_scores", see `retrieval_jax/teachers.py`). Evaluations re-rank a
+first stage (dense or BM25) of each eval collection.
 """
 
 import functools
@@ -29,22 +30,11 @@ from retrieval_jax.evaluation import evaluators
 from retrieval_jax.kinds import base
 from retrieval_jax.models import cross_encoder as cross_encoder_model
 
-TEACHERS = ("", "bm25")
 # First stages a cross-encoder's evaluations can re-rank.
 FIRST_STAGES = ("dense", "bm25")
 
 
-def group_labels(positive_counts_b, passage_doc_p):
-  """[B, G] positive and valid masks of the loader's query-major groups.
-
-  Row i's group is passages i*G .. i*G+G-1, its first positive_counts[i]
-  are positives; padding passages (doc -1) are invalid.
-  """
-  b = positive_counts_b.shape[0]
-  valid_bg = (passage_doc_p >= 0).reshape(b, -1)
-  slot_g = jnp.arange(valid_bg.shape[1])
-  positive_bg = (slot_g[None, :] < positive_counts_b[:, None]) & valid_bg
-  return positive_bg, valid_bg
+group_labels = base.group_labels
 
 
 def group_loss(
@@ -54,8 +44,15 @@ def group_loss(
 
   Names of `losses.LOSSES` take the scores as logits over the group,
   positives first; names of `losses.LISTWISE_LOSSES` take 1/0 labels, or
-  the teacher's scores `teacher_bg` when given (distillation).
+  the teacher's scores `teacher_bg` when given (distillation); margin_mse
+  needs the teacher (`base.group_distillation_loss`).
   """
+  if loss_name == "margin_mse":
+    if teacher_bg is None:
+      raise ValueError("loss 'margin_mse' needs teacher scores")
+    return base.group_distillation_loss(
+        scores_bg, teacher_bg, positive_bg, valid_bg, loss_name=loss_name
+    )
   if loss_name in losses.LISTWISE_LOSSES:
     labels_bg = (
         positive_bg.astype(jnp.float32)
@@ -206,9 +203,12 @@ class CrossEncoder(base.Kind):
   model_keys = ("head",)
   trains_with_evals = True
   retriever = "rerank"
+  distills = True
 
   def loss_spec(self, config) -> losses.LossSpec:
     name = config.loss.name
+    if name == "margin_mse":
+      return super().loss_spec(config)
     if name in losses.LISTWISE_LOSSES:
       # One (query, positive) pair per example, its group filled with hard
       # negatives labelled 0.
@@ -222,17 +222,16 @@ class CrossEncoder(base.Kind):
       raise ConfigError(
           f"config.loss.name={name!r}: unknown loss; known: "
           f"{sorted(losses.LOSSES) + sorted(losses.LISTWISE_LOSSES)}"
+          " or 'margin_mse'"
       )
     return losses.LOSSES[name]
 
+  def validate_teacher(self, config, *, labels_without_teacher=True) -> None:
+    # The list losses also train on the groups' 1/0 labels.
+    super().validate_teacher(config, labels_without_teacher=True)
+
   def validate(self, config) -> None:
-    teacher = config.loss.get("teacher", "")
-    with config.unlocked():
-      config.loss.teacher = ""  # Checked below, not by the base class.
-      try:
-        super().validate(config)
-      finally:
-        config.loss.teacher = teacher
+    super().validate(config)
     if config.model.head not in cross_encoder_model.HEADS:
       raise ConfigError(
           f"config.model.head={config.model.head!r}: expected "
@@ -247,17 +246,6 @@ class CrossEncoder(base.Kind):
         )
       if ev.get("rerank_depth", 0) < 1:
         raise ConfigError(f"config.evals.{name}.rerank_depth must be >= 1")
-    if teacher not in TEACHERS:
-      raise ConfigError(
-          f"config.loss.teacher={teacher!r}: expected one of {TEACHERS}"
-      )
-    graded = sorted(set(losses.LISTWISE_LOSSES) - {"bce"})
-    if teacher and config.loss.name not in graded:
-      raise ConfigError(
-          f"config.loss.teacher={teacher!r} gives graded scores, which "
-          f"config.loss.name={config.loss.name!r} does not take; use one of "
-          f"{graded}"
-      )
 
   def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0):
     from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -307,17 +295,7 @@ class CrossEncoder(base.Kind):
 
   def train_spec(self, config, *, loader, tokenizer, loss_spec, mesh):
     del loss_spec, mesh
-    teacher = None
-    if config.loss.get("teacher", ""):
-      from retrieval_jax.search import bm25  # pylint: disable=g-import-not-at-top
-      # BM25 over the training corpus: a passage row indexes its documents.
-      teacher = bm25.Bm25Index.build(loader.data.doc_texts)
-      logging.info(
-          "distillation teacher: BM25 over %d docs (%.1f s), scores x %g",
-          teacher.num_docs,
-          teacher.build_s,
-          config.loss.teacher_scale,
-      )
+    teacher = config.loss.get("teacher", "")
     width = config.data.pair_max_length
 
     def featurize(step, host_batch):
@@ -341,10 +319,10 @@ class CrossEncoder(base.Kind):
           "positive_counts": host_batch["positive_counts"],
           "passage_doc": host_batch["passage_doc"],
       }
-      if teacher is not None:
+      if teacher:
         # The teacher's score of every row, as the list loss's targets.
-        batch["teacher_scores"] = config.loss.teacher_scale * (
-            teacher.pair_scores(queries, host_batch["passage_doc"])
+        batch["teacher_scores"] = (
+            config.loss.teacher_scale * host_batch["teacher_scores"]
         )
       return batch
 

@@ -8,7 +8,13 @@
                   make IDF-aware
 
 Scores are raw (no temperature). lambda(t) = lambda * min(1, (t / T)^2)
-(quadratic warm-up; T = 0: none). Both are evaluated by the evaluate mode.
+(quadratic warm-up; T = 0: none). `config.loss.doc_regularizer="idf_flops"`
+writes the document term as `regularizers.idf_flops` of the contributions
+u = q-weight * w the ranking sees, with the training corpus's idf:
+inference-free u = idf * w, which equals FLOPS(w) (the paper's loss, made
+explicit); SPLADE u = w, a 1/idf^2-weighted FLOPS. Both kinds also distil a
+teacher (`config.loss.teacher`, `base.distillation_loss`). Both are
+evaluated by the evaluate mode.
 """
 
 import functools
@@ -25,6 +31,9 @@ from retrieval_jax.errors import ConfigError
 from retrieval_jax.kinds import base
 from retrieval_jax.losses import regularizers
 from retrieval_jax.models import splade as splade_model
+
+# `config.loss.doc_regularizer` values.
+DOC_REGULARIZERS = ("flops", "idf_flops")
 
 
 def special_ids(tokenizer) -> tuple[int, ...]:
@@ -65,10 +74,21 @@ def loss(
     flops_warmup_steps=0,
     idf_v=None,
     special=(),
+    doc_regularizer="flops",
+    regularizer_idf_v=None,
+    distill_loss="",
+    infonce_weight=0.0,
 ):
   """A sparse kind's training loss (see `base.TrainSpec`); `idf_v` [V] set
   means inference-free queries. Aux adds flops_q / flops_d and the mean
-  non-zero terms per query / passage (l0_q, l0_d)."""
+  non-zero terms per query / passage (l0_q, l0_d).
+
+  doc_regularizer "idf_flops": flops_d is `regularizers.idf_flops` of the
+  document contributions (w times the query's idf weights; w for encoded
+  queries) with idf `regularizer_idf_v` [V]. distill_loss: a
+  `base.DISTILLATION_LOSSES` name fitting batch "teacher_scores" [B*G]
+  (`base.distillation_loss`, plus infonce_weight times InfoNCE).
+  """
   q_rng, p_rng = base.split_rng(rng)
   warmup = (
       regularizers.quadratic_warmup(step, flops_warmup_steps)
@@ -97,16 +117,33 @@ def loss(
         batch["query_ids"], batch["query_mask"], jnp.asarray(idf_v), special
     )
     reg_q = jnp.zeros((), jnp.float32)
-  reg_d = regularizers.flops(p_cv, valid_c)
+  if doc_regularizer == "idf_flops":
+    reg_idf_v = jnp.asarray(regularizer_idf_v, jnp.float32)
+    u_cv = p_cv
+    if idf_v is not None:
+      # What an idf-weighted bag scores: ReLU(idf_j) * w_j per term.
+      u_cv = p_cv * jax.nn.relu(jnp.asarray(idf_v, jnp.float32))[None, :]
+    reg_d = regularizers.idf_flops(u_cv, reg_idf_v, valid_c)
+  else:
+    reg_d = regularizers.flops(p_cv, valid_c)
   scores_qc = jnp.einsum(
       "bv,cv->bc", q_bv, p_cv, preferred_element_type=jnp.float32
   )
-  ranking, aux = base.in_batch_loss(
-      scores_qc,
-      batch,
-      loss_fn=loss_fn,
-      share_hard_negatives=share_hard_negatives,
-  )
+  if distill_loss:
+    ranking, aux = base.distillation_loss(
+        scores_qc,
+        batch,
+        loss_name=distill_loss,
+        infonce_weight=infonce_weight,
+        share_hard_negatives=share_hard_negatives,
+    )
+  else:
+    ranking, aux = base.in_batch_loss(
+        scores_qc,
+        batch,
+        loss_fn=loss_fn,
+        share_hard_negatives=share_hard_negatives,
+    )
   l0_d = jnp.sum(jnp.where(valid_c, jnp.sum(p_cv > 0, -1), 0)) / jnp.maximum(
       jnp.sum(valid_c), 1
   )
@@ -134,9 +171,19 @@ class Splade(base.Kind):
   """See the module docstring."""
 
   model_keys = ("splade_aggregation", "splade_bias_init")
+  distills = True
 
   def __init__(self, name: str):
     self.name = self.retriever = name
+
+  def validate(self, config) -> None:
+    super().validate(config)
+    regularizer = config.loss.get("doc_regularizer", "flops")
+    if regularizer not in DOC_REGULARIZERS:
+      raise ConfigError(
+          f"config.loss.doc_regularizer={regularizer!r}: expected one of "
+          f"{DOC_REGULARIZERS}"
+      )
 
   def build(self, model_cfg, loaded, tokenizer, *, seed: int = 0):
     model = splade_model.Splade(
@@ -184,24 +231,32 @@ class Splade(base.Kind):
 
   def train_spec(self, config, *, loader, tokenizer, loss_spec, mesh):
     del mesh
+    regularizer = config.loss.get("doc_regularizer", "flops")
     kwargs = dict(
         loss_fn=loss_spec.fn,
         share_hard_negatives=config.loss.share_hard_negatives,
         flops_q=config.loss.flops_q,
         flops_d=config.loss.flops_d,
         flops_warmup_steps=config.loss.flops_warmup_steps,
+        doc_regularizer=regularizer,
+        distill_loss=config.loss.name if config.loss.get("teacher") else "",
+        infonce_weight=config.loss.get("infonce_weight", 0.0),
     )
-    if self.name == "inference_free":
-      # The query side's idf comes from the training corpus.
-      kwargs.update(
-          idf_v=features.idf_from_corpus(
-              [tokenizer.tokenize_to_ids(t) for t in loader.data.doc_texts],
-              tokenizer.vocab_size,
-          ),
-          special=special_ids(tokenizer),
+    idf_v = None
+    if self.name == "inference_free" or regularizer == "idf_flops":
+      # The query side's idf (and the regulariser's) comes from the
+      # training corpus.
+      idf_v = features.idf_from_corpus(
+          [tokenizer.tokenize_to_ids(t) for t in loader.data.doc_texts],
+          tokenizer.vocab_size,
       )
+    if self.name == "inference_free":
+      kwargs.update(idf_v=idf_v, special=special_ids(tokenizer))
+    if regularizer == "idf_flops":
+      kwargs["regularizer_idf_v"] = idf_v
     return base.TrainSpec(
-        featurize=base.take_keys(), loss=functools.partial(loss, **kwargs)
+        featurize=base.teacher_featurizer(config),
+        loss=functools.partial(loss, **kwargs),
     )
 
   def query_matrix(
