@@ -23,6 +23,15 @@ evaluated by re-ranking the pretrained bi-encoder's top 20 on SciFact test):
   python -m retrieval_jax.main \
       --config configs/train.py:scifact,cross_encoder --workdir /tmp/rj_ce
 
+Listwise distillation into the bi-encoder on SciFact (teacher: the evaluate
+mode's dense + BM25 hybrid over each query's 30 dense candidates, which the
+student re-mines every epoch; KL over groups of 8 plus InfoNCE; the same
+29 steps as `scifact`, so one epoch: more epochs re-mine, e.g.
+--config.train.num_epochs=3):
+
+  python -m retrieval_jax.main --config configs/train.py:scifact,distill \
+      --workdir /tmp/rj_scifact_distill
+
 Self-supervised pretraining on a corpus's texts alone (no queries; data/
 spans.py): Contriever cropping with a MoCo queue, or the Inverse Cloze Task
 with in-batch negatives, evaluated zero-shot on SciFact and Cranfield test:
@@ -42,13 +51,57 @@ Arguments (`configs/train.py:a=1,b`):
              with configs/evaluate.py:retriever=<kind>
   loss=NAME  a key of retrieval_jax.losses.LOSSES (infonce, rand1_lh,
              joint_lh, sum_marg_lh, lse_pair, symmetric_infonce)
+  distill    learn from a teacher (retrieval_jax/teachers.py): a
+             bi-encoder distils the hybrid teacher over dense candidates
+             the student re-mines every epoch (KL + InfoNCE); splade /
+             inference_free distil the dense + BM25 "ensemble" (KL), the
+             inference-free one with IDF-aware FLOPS
+  tevatron   train from a Tevatron JSONL file (data.format "tevatron";
+             smoke: tests/fixtures/tevatron/train.jsonl, its negatives and
+             its scores as the teacher)
   pretrain_crop / pretrain_ict  pretrain on `data.path`'s corpus.jsonl
              (default SciFact's) with cropping or ICT pairs
+  pretrain_revela  Revela on that corpus's chunks (model.kind "revela":
+             the retriever weighs a small causal LM's attention to the
+             batch's other chunks; next-token loss)
+  ar2        AR2 (model.kind "ar2"): a retriever and a cross-encoder
+             ranker (both from model.pretrained) trained in turn on the
+             retriever's own top-n, re-mined every data.refresh_steps;
+             warm starts: ar2.retriever_init / ranker_init
+  bpr / jpq  learning-to-hash (model.kind): BPR's binary codes or JPQ's
+             PQ codes with a trained query encoder and centroids; with
+             `scifact` on SciFact's train pairs; evaluated by
+             experiments/lth (compressed indexes)
+  adapt      with bpr / jpq: GPL-style domain adaptation on `target`'s
+             corpus: pseudo-queries (pseudo_queries=FILE, written by
+             experiments/lth/pseudo_queries.py), BM25 negatives, margin-MSE
+             from the frozen starting encoder
+  target=NAME  the shared collection adapt trains on (scifact, cranfield)
   moco=on|off  MoCo queue and momentum encoder (model.kind "moco"); default:
              on for cropping (Contriever), off for ICT (in-batch, as the
              ICT paper)
   seed=N     data order, negatives and dropout seed
   shared=DIR where the shared collections live (default ../shared/data)
+
+AR2 on SciFact (retriever and ranker from all-MiniLM-L6-v2; 2 epochs of
+cycles of 10 ranker and 10 retriever steps, the retriever's top 7 re-mined
+every cycle; evaluated as a dense retriever and as the ranker re-ranking its
+top 20; warm starts from trained runs with
+--config.ar2.retriever_init=BI_ENCODER_WORKDIR and
+--config.ar2.ranker_init=CROSS_ENCODER_WORKDIR):
+
+  python -m retrieval_jax.main --config configs/train.py:scifact,ar2 \
+      --workdir /tmp/rj_ar2
+
+then each model of the run in the evaluate mode: the retriever
+(configs/evaluate.py --config.run=/tmp/rj_ar2), the ranker re-ranking it
+(configs/evaluate.py:retriever=rerank --config.run=/tmp/rj_ar2
+--config.retriever.first_stage=dense).
+
+Learning-to-hash (BPR, JPQ; experiments/lth/README.md has the whole protocol):
+
+  python -m retrieval_jax.main --config configs/train.py:scifact,bpr \
+      --workdir /tmp/rj_bpr
 
 Resume order: the latest checkpoint in <workdir>/checkpoints, then
 `checkpoint.init_from`, then the pretrained weights (see retrieval_jax/train.py).
@@ -79,8 +132,12 @@ def _eval_block(
 
 
 def _pretrain(config, arg) -> None:
-  """Pairs cut from a corpus (data/spans.py), optionally a MoCo queue."""
+  """Pairs cut from a corpus (data/spans.py), optionally a MoCo queue; or
+  document chunks (data/chunks.py) for Revela."""
   task = "crop" if arg.pretrain_crop else "ict"
+  task = "chunks" if arg.pretrain_revela else task
+  if task == "chunks" and arg.moco:
+    raise ValueError("moco=... is for pretrain_crop / pretrain_ict")
   moco = {"": task == "crop", "on": True, "off": False}[arg.moco]
   # "corpus": pairs cut from data.path's corpus.jsonl (no queries needed).
   config.data.format = "corpus"
@@ -88,7 +145,8 @@ def _pretrain(config, arg) -> None:
   config.data.path = f"{arg.shared}/scifact"
   # Settings of the span pairs (format "corpus" only).
   config.data.spans = ml_collections.ConfigDict()
-  # "ict": a sentence vs its passage; "crop": two independent spans.
+  # "ict": a sentence vs its passage; "crop": two independent spans;
+  # "chunks": batches of document chunks (Revela).
   config.data.spans.task = task
   # ICT: probability that the query sentence stays in its passage.
   config.data.spans.keep_prob = 0.1
@@ -126,6 +184,8 @@ def _pretrain(config, arg) -> None:
     config.model.moco_queue_size = 1024
     # Other in-batch keys are negatives too (else the queue alone is).
     config.model.moco_in_batch = True
+  if task == "chunks":
+    _revela(config)
   # Zero-shot: SciFact and Cranfield test.
   config.evals = ml_collections.ConfigDict()
   # SciFact test, 300 queries.
@@ -138,13 +198,86 @@ def _pretrain(config, arg) -> None:
   )
 
 
+def _revela(config) -> None:
+  """Revela: a causal LM over chunks reads the other chunks of the batch,
+  weighted by the retriever's p(j | i); next-token loss trains both."""
+  # The retriever kind trained through the LM (kinds/revela.py).
+  config.model.kind = "revela"
+  # The LM (random init, the retriever's vocabulary): GPT-2-style blocks.
+  config.model.revela_lm = ml_collections.ConfigDict()
+  lm = config.model.revela_lm
+  # Transformer blocks.
+  lm.num_layers = 2
+  # Width.
+  lm.hidden_size = 256
+  # Attention heads (divide hidden_size).
+  lm.num_heads = 4
+  # Feed-forward width.
+  lm.intermediate_size = 1024
+  # Positions: at least data.passage_max_length (the chunk width).
+  lm.max_length = 64
+  # Dropout on embeddings, residual branches and attention probabilities.
+  lm.dropout = 0.1
+  # Divide each cross-chunk attention output by the attention-weighted
+  # norm of its values (the authors' default).
+  config.model.revela_v_norm = True
+  # Chunks of one document in a batch (fewer if it has fewer).
+  config.data.spans.chunks_per_doc = 4
+  # Chunk width, [CLS] and [SEP] included (62 tokens of text).
+  config.data.passage_max_length = 64
+  # Unused (no queries): the chunk width.
+  config.data.query_max_length = 64
+  # Next-token prediction; p(j | i) = softmax_j(cos / temperature).
+  config.loss.name = "next_token"
+  # 0.05: sentence-transformers' scale 20 on cosines.
+  config.loss.temperature = 0.05
+  # Chunks per step (8 documents x 4 chunks).
+  config.train.batch_size = 32
+  # One rate for the pretrained retriever and the new LM.
+  config.optim.learning_rate = 1e-4
+
+
+def _distill(config, arg) -> None:
+  """Distillation from a teacher (retrieval_jax/teachers.py)."""
+  # The listwise KL between student and teacher over each group.
+  config.loss.name = "kl_distillation"
+  if config.model.kind == "bi_encoder":
+    # Listwise distillation with LLM-free candidates (Tamber et al. 2025):
+    # the evaluate mode's dense + BM25 hybrid scores the candidates the
+    # student itself retrieves, re-mined every epoch.
+    config.loss.teacher = arg.teacher or "hybrid"
+    # Hybrid scores are in [-1, 1]: x 15 spans the 30 logits of the
+    # ensemble recipe below.
+    config.loss.teacher_scale = 15.0
+    # KL plus InfoNCE, equal weights.
+    config.loss.infonce_weight = 1.0
+    config.data.negatives = "dense"
+    config.data.refresh_epochs = 1.0
+    # The positive and 7 of its top 30 candidates per query.
+    config.data.group_size = 8
+    config.data.negative_depth = 30
+  elif config.model.kind in ("splade", "inference_free"):
+    # The inference-free LSR paper's heterogeneous ensemble: per-query
+    # min-max normalised dense and sparse (BM25) teachers, averaged, x 30.
+    config.loss.teacher = arg.teacher or "ensemble"
+    config.loss.teacher_scale = 30.0
+    # The positive and 3 BM25 negatives.
+    config.data.group_size = 4
+    if config.model.kind == "inference_free":
+      config.loss.doc_regularizer = "idf_flops"
+  else:
+    raise ValueError(
+        "distill is for the bi-encoder, splade and inference_free kinds"
+    )
+
+
 def _pretrain_smoke(config, arg) -> None:
   """Shipped data: LIMIT-small for cropping; ICT needs >= 2 sentences per
   document, which the tiny test fixture has (title + text), LIMIT not."""
   limit = str(common.REPO_ROOT / "data" / "limit-small")
   tiny = str(common.REPO_ROOT / "tests" / "fixtures" / "tiny_beir")
   # The corpus the pairs are cut from.
-  config.data.path = limit if arg.pretrain_crop else tiny
+  config.data.path = tiny if arg.pretrain_ict else limit
   # One positive, no hard negatives (the smoke block set 2).
   config.data.group_size = 1
   # Short spans: seconds per step on CPU.
@@ -157,12 +290,194 @@ def _pretrain_smoke(config, arg) -> None:
   config.train.num_steps = 2
   if config.model.kind == "moco":
     config.model.moco_queue_size = 8  # full after 2 steps, then wraps
+  if config.model.kind == "revela":
+    # Two documents x 2 chunks of 30 tokens; a 1-block LM of width 32.
+    config.data.spans.chunks_per_doc = 2
+    config.model.revela_lm.update(
+        dict(
+            num_layers=1,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            max_length=32,
+        )
+    )
   # LIMIT-small dev, 16 queries.
   config.evals = ml_collections.ConfigDict()
   # The evaluation of the smoke variants.
   config.evals.limit_dev = _eval_block(
       limit, "dev", ("ndcg@10",), max_queries=16, top_k=100
   )
+
+
+def _learning_to_hash(config, arg) -> None:
+  """BPR or JPQ (model.kind), trained on the chosen pairs; `adapt`: on
+  pseudo-queries of a target corpus, distilled from the starting encoder."""
+  if arg.bpr == arg.jpq:
+    raise ValueError("name one of bpr and jpq")
+  # A key of retrieval_jax.kinds.KINDS.
+  config.model.kind = "bpr" if arg.bpr else "jpq"
+  if arg.bpr:
+    _bpr(config)
+  else:
+    _jpq(config)
+  # Weight of the supervised ranking loss (BPR: its re-ranking InfoNCE; the
+  # candidate loss on codes is always on; JPQ: config.loss.name on ADC).
+  config.loss.ranking_weight = 1.0
+  # Weight of margin-MSE against the frozen starting encoder (0 = none).
+  config.loss.margin_mse_weight = 0.0
+  # The teacher's cosines times this are the student's target margins.
+  config.loss.margin_mse_teacher_scale = 1.0
+  # Evaluated by experiments/lth (hashed / PQ index), not during training.
+  config.evals = ml_collections.ConfigDict()
+  # No zero-shot row here: experiments/lth has the untrained indexes.
+  config.train.eval_before = False
+  if arg.adapt:
+    _adapt(config, arg)
+
+
+def _bpr(config) -> None:
+  """BPR's hash-layer settings and its untempered scores."""
+  # HashNet's gamma: tanh(beta x) with beta = sqrt(1 + gamma * step) (BPR 0.1).
+  config.model.bpr_hashnet_gamma = 0.1
+  # Sign forward, d tanh(beta x) backward (False: train on tanh(beta x)).
+  config.model.bpr_straight_through = True
+  # BPR's losses take raw dot products (unit queries, +-1 codes).
+  config.loss.temperature = 1.0
+
+
+def _jpq(config) -> None:
+  """JPQ's product quantiser and centroid learning rate."""
+  # Sub-spaces M: 48 x 8 bits = 48 bytes per document, as BPR's 384 bits.
+  config.model.jpq_subspaces = 48
+  # Bits per sub-space code (2^nbits k-means centroids each).
+  config.model.jpq_nbits = 8
+  # Centroid learning rate / optim.learning_rate (Adam; 2 x 5e-5 = 1e-4,
+  # the centroid rate of the GPL + JPQ reference scripts).
+  config.model.jpq_centroid_lr_scale = 2.0
+  # The encode mode's corpus_embeddings.npy of the starting encoder ("" =
+  # embed the corpus at the start of the run).
+  config.model.jpq_init = ""
+
+
+def _adapt(config, arg) -> None:
+  """GPL-style: pseudo-query pairs of the target corpus (experiments/lth/
+  pseudo_queries.py: titles, sentences or crops of its documents, not
+  generated queries), BM25 negatives, margin-MSE from the frozen teacher."""
+  # The pseudo-query pairs file (written by experiments/lth/pseudo_queries).
+  config.data.format = "pairs"
+  # Its path: required (configs/train.py:...,pseudo_queries=FILE).
+  config.data.path = arg.pseudo_queries
+  # The target corpus the pseudo-queries come from.
+  config.data.corpus_path = (
+      str(common.REPO_ROOT / "data" / "limit-small")
+      if arg.smoke
+      else f"{arg.shared}/{arg.target}"
+  )
+  # One BM25 hard negative per pseudo-query: one margin each.
+  config.data.negatives = "bm25"
+  # Negatives from each pseudo-query's BM25 top 30 (its document excluded).
+  config.data.negative_depth = 30
+  # The positive and one negative.
+  config.data.group_size = 2
+  # One positive (the source document).
+  config.data.max_positives = 1
+  # A sentence or a title fits in 64 tokens.
+  config.data.query_max_length = 64
+  # Passages (student and teacher) read 128 tokens.
+  config.data.passage_max_length = 128
+  # Pseudo-queries per step.
+  config.train.batch_size = 32
+  # One pass over the pseudo-queries.
+  config.train.num_steps = 0
+  # Epochs over the pseudo-query pairs.
+  config.train.num_epochs = 1.0
+  # Save every N steps.
+  config.checkpoint.every_steps = 50
+  # The target has no labels: margin-MSE only (BPR keeps its code loss).
+  config.loss.ranking_weight = 0.0
+  # GPL's objective.
+  config.loss.margin_mse_weight = 1.0
+  # Teacher cosines to the student's units: <q, sign d> of a unit query is
+  # about sqrt(2 D / pi) = 15.6 cosines at D = 384; ADC scores are cosines.
+  config.loss.margin_mse_teacher_scale = 16.0 if arg.bpr else 1.0
+  # GPL's rate is 2e-5 over 140k steps; a short run moves faster.
+  config.optim.learning_rate = 5e-5
+
+
+def _learning_to_hash_smoke(config, arg) -> None:
+  """Two steps on LIMIT-small; JPQ with 8 x 4-bit codes (46 documents)."""
+  # Two steps.
+  config.train.num_steps = 2
+  # Eight queries a step.
+  config.train.batch_size = 8
+  # Short pseudo-queries and passages.
+  config.data.query_max_length = 16
+  # 32 tokens.
+  config.data.passage_max_length = 32
+  if config.model.kind == "jpq":
+    # 8 sub-spaces of 48 dims.
+    config.model.jpq_subspaces = 8
+    # 16 centroids each: k-means needs at least 16 of the 46 documents.
+    config.model.jpq_nbits = 4
+
+
+def _ar2(config, arg) -> None:
+  """AR2 (retrieval_jax/kinds/ar2.py): a retriever and a cross-encoder
+  ranker, trained in turn on groups of the retriever's own top-n."""
+  # A key of retrieval_jax.kinds.KINDS.
+  config.model.kind = "ar2"
+  # The ranker's score head: "cls" or "emb" (as for cross_encoder).
+  config.model.head = arg.head
+  # Ids per (query, passage) row of the ranker, specials included.
+  config.data.pair_max_length = 128 if arg.scifact else 192
+  # The groups' negatives: the retriever's own top-n (mined with it).
+  config.data.negatives = "dense"
+  # The positive and n = 7 retrieved negatives per query.
+  config.data.group_size = 8
+  # Exactly the top-n: depth n = group_size - 1 (a deeper list samples n).
+  config.data.negative_depth = 7
+  # One positive per group (the ranker's reward reads slot 0).
+  config.data.max_positives = 1
+  # Re-encode the corpus with the retriever every cycle of both phases.
+  config.data.refresh_steps = 20
+  # Queries per step (each with 8 passages and 8 ranker pairs).
+  config.train.batch_size = 16
+  config.ar2 = ml_collections.ConfigDict()
+  # "ranker" or "retriever": the phase of steps 0 .. its length - 1 (the
+  # authors' code starts with the ranker).
+  config.ar2.first_phase = "ranker"
+  # Ranker steps per cycle (the authors': 500 of a 2,000-step cycle).
+  config.ar2.ranker_steps = 10
+  # Retriever steps per cycle.
+  config.ar2.retriever_steps = 10
+  # The ranker's peak learning rate (0 = optim.learning_rate, the
+  # retriever's); each model warms up and decays over its own steps.
+  config.ar2.ranker_learning_rate = 5e-5
+  # p_D = softmax(ranker scores / this) in both KL terms.
+  config.ar2.ranker_temperature = 1.0
+  # Ranker loss = InfoNCE + this x KL(p_G || p_D) (0: the authors' code,
+  # whose ranker trains on cross-entropy alone).
+  config.ar2.ranker_kl_weight = 0.0
+  # Retriever loss = this x KL(p_D || p_G) + infonce_weight x InfoNCE
+  # + adv_weight x the reward-weighted log p_G term.
+  config.ar2.retriever_kl_weight = 1.0
+  # The retriever's InfoNCE (in-batch and hard negatives).
+  config.ar2.infonce_weight = 1.0
+  # The authors' code's adversarial term (their adv_lambda, 0.5 with their
+  # cross-entropy at 0.5); 0 = off.
+  config.ar2.adv_weight = 0.0
+  # Warm start of the retriever: a bi-encoder train workdir ("" = none).
+  config.ar2.retriever_init = ""
+  # Warm start of the ranker: a cross-encoder train workdir, same head.
+  config.ar2.ranker_init = ""
+  # The retriever's rate (the ranker's is ar2.ranker_learning_rate).
+  config.optim.learning_rate = 2e-5
+  # Two passes when num_steps is 0 (scifact: 919 pairs, 116 steps).
+  config.train.num_epochs = 2.0
+  for ev in config.evals.values():
+    # The ranker re-ranks the retriever's top 20 ("eval/<name>_ranker/").
+    ev.rerank_depth = 20
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -175,12 +490,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       cross_encoder=False,
       head="cls",
       teacher="",
+      distill=False,
+      tevatron=False,
       splade=False,
       inference_free=False,
       colbert=False,
       pretrain_crop=False,
       pretrain_ict=False,
+      pretrain_revela=False,
       moco="",
+      bpr=False,
+      jpq=False,
+      ar2=False,
+      adapt=False,
+      target="scifact",
+      pseudo_queries="",
       seed=0,
       shared=str(common.REPO_ROOT.parent / "shared" / "data"),
   )
@@ -195,7 +519,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dropout = True
 
   config.data = ml_collections.ConfigDict()
-  # "beir": a BEIR directory's qrels split; "pairs": a pairs JSONL file.
+  # "beir": a BEIR directory's qrels split; "pairs": a pairs JSONL file;
+  # "tevatron": a Tevatron JSONL file (query, positive / negative passages).
   config.data.format = "beir"
   # BEIR directory (format beir) or pairs file (format pairs).
   config.data.path = limit
@@ -204,8 +529,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # BEIR directory whose corpus.jsonl supplies negatives ("" = data.path).
   config.data.corpus_path = ""
   # Hard negatives: "bm25" (bm25s, Lucene BM25), "dense" (the starting
-  # encoder), "none" (in-batch negatives only).
+  # encoder), "none" (in-batch negatives only), "file" (a Tevatron file's).
   config.data.negatives = "bm25"
+  # "dense" negatives: re-mine with the model being trained every N epochs
+  # (fractions allowed; 0 = mine once, with the starting encoder).
+  config.data.refresh_epochs = 0.0
+  # Or every N steps (0 = refresh_epochs decides); one of the two is 0.
+  config.data.refresh_steps = 0
   # Hard negatives are drawn from each query's top-N mined list.
   config.data.negative_depth = 30
   # Passages per query in a batch: its positives, then hard negatives.
@@ -232,13 +562,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Bi-encoders: compute the loss shard by shard (losses/sharded_contrastive:
   # each device holds its [B/W, B*G] rows of the score matrix, not all).
   config.loss.sharded = False
-  # Cross-encoders: "" trains on 1/0 labels; "bm25" distils the BM25 score
-  # of every (query, passage) row through a list loss (kl_distillation,
-  # listnet, ...): the teacher's scores, times teacher_scale, are its
-  # targets (softmax logits for kl_distillation).
+  # A teacher whose score of every (query, passage) row a distillation loss
+  # (kl_distillation, listnet, listmle, approx_ndcg, wasserstein_list,
+  # margin_mse) fits: "" none (cross-encoders then train the list losses on
+  # 1/0 labels), "bm25", "hybrid", "dense", "cross_encoder", "ensemble",
+  # "file" (see retrieval_jax/teachers.py). Targets are the scores times
+  # teacher_scale (softmax logits for kl_distillation).
   config.loss.teacher = arg.teacher
   # Multiplies the teacher's scores (BM25's run to about 30 on SciFact).
   config.loss.teacher_scale = 1.0
+  # The "dense" / "cross_encoder" teacher (required), the dense half of
+  # "hybrid" / "ensemble" ("" = model.pretrained): a train workdir or model.
+  config.loss.teacher_workdir = ""
+  # The sparse half of "ensemble": a SPLADE train workdir or checkpoint
+  # ("" = BM25).
+  config.loss.teacher_sparse_workdir = ""
+  # With a teacher: plus this times InfoNCE over the batch (0 = off).
+  config.loss.infonce_weight = 0.0
 
   config.train = ml_collections.ConfigDict()
   # Queries per optimizer step (global, over all devices).
@@ -406,11 +746,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # FLOPS weights on queries (splade only) and documents.
       config.loss.flops_q = 0.0 if arg.inference_free else 1e-3
       config.loss.flops_d = 1e-3
+      # Document regulariser: "flops", or "idf_flops" (IDF-aware FLOPS of
+      # the score contributions, idf of the training corpus).
+      config.loss.doc_regularizer = "flops"
       # Quadratic warm-up of both weights over this many steps.
       config.loss.flops_warmup_steps = 20
 
-  if arg.pretrain_crop or arg.pretrain_ict:
+  if arg.distill:
+    _distill(config, arg)
+
+  if arg.tevatron:
+    # A Tevatron file: its negatives are the hard negatives and its scores
+    # the teacher; no corpus besides the file's passages.
+    config.data.format = "tevatron"
+    config.data.path = str(
+        common.REPO_ROOT / "tests" / "fixtures" / "tevatron" / "train.jsonl"
+    )
+    config.data.negatives = "file"
+    config.loss.name = "kl_distillation"
+    config.loss.teacher = "file"
+
+  if arg.pretrain_crop or arg.pretrain_ict or arg.pretrain_revela:
     _pretrain(config, arg)
+
+  if arg.bpr or arg.jpq:
+    _learning_to_hash(config, arg)
+
+  if arg.ar2:
+    _ar2(config, arg)
 
   if arg.smoke:
     config.data.group_size = 2
@@ -431,8 +794,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       for ev in config.evals.values():
         ev.rerank_depth = 5
         ev.first_stage = "bm25"
-    if arg.pretrain_crop or arg.pretrain_ict:
+    if arg.distill:
+      # Groups of 4 from the top 5; re-mined after 2 of the 4 steps.
+      config.data.group_size = 4
+      if config.data.negatives == "dense":
+        config.data.refresh_epochs = 0.01
+    if arg.tevatron:
+      # The fixture's 4 queries, each with 2 given negatives.
+      config.data.group_size = 3
+      config.train.batch_size = 4
+    if arg.pretrain_crop or arg.pretrain_ict or arg.pretrain_revela:
       _pretrain_smoke(config, arg)
+    if arg.bpr or arg.jpq:
+      _learning_to_hash_smoke(config, arg)
+    if arg.ar2:
+      # Step 0 trains the retriever; its top 2 are re-mined; step 1 trains
+      # the ranker on them. Every loss term on.
+      config.train.num_steps = 2
+      config.data.group_size = 3
+      config.data.negative_depth = 2
+      config.data.pair_max_length = 48
+      config.data.refresh_steps = 1
+      config.checkpoint.every_steps = 1
+      config.ar2.first_phase = "retriever"
+      config.ar2.ranker_steps = 1
+      config.ar2.retriever_steps = 1
+      config.ar2.ranker_kl_weight = 0.5
+      config.ar2.adv_weight = 0.5
+      for ev in config.evals.values():
+        ev.rerank_depth = 5
 
   config.lock()
   return config

@@ -25,7 +25,10 @@ Workdir after a run:
   events.out.tfevents*  the same scalars for TensorBoard
   results.json          eval metrics before and after training, run summary
   eval/step_<n>/<name>/ run.trec and metrics_per_query.json of each eval
-  negatives/            mined hard negatives (cache keyed by content)
+  negatives/            mined hard negatives (cache keyed by content);
+                        refresh_<r>/: round r's (config.data.refresh_steps /
+                        refresh_epochs)
+  teacher/              teacher scores of the candidates (keyed by content)
 """
 
 import contextlib
@@ -213,17 +216,63 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
         is_dir=True,
         needs=("corpus.jsonl",),
     )
+  elif config.data.format == "tevatron":
+    _check_path("data.path", config.data.path, is_dir=False)
+    if config.data.corpus_path:
+      _check_path(
+          "data.corpus_path",
+          config.data.corpus_path,
+          is_dir=True,
+          needs=("corpus.jsonl",),
+      )
   elif config.data.format == "corpus":
     _validate_spans(config)
   else:
     raise ConfigError(
         f"config.data.format={config.data.format!r}: expected 'beir', "
-        "'pairs' or 'corpus'"
+        "'pairs', 'tevatron' or 'corpus'"
     )
-  if config.data.negatives not in ("bm25", "dense", "none"):
+  if config.data.negatives not in ("bm25", "dense", "none", "file"):
     raise ConfigError(
         f"config.data.negatives={config.data.negatives!r}: "
-        "expected 'bm25', 'dense' or 'none'"
+        "expected 'bm25', 'dense', 'none' or 'file'"
+    )
+  if config.data.negatives == "file" and config.data.format != "tevatron":
+    raise ConfigError(
+        "config.data.negatives='file' takes the negatives a Tevatron file "
+        f"gives; config.data.format is {config.data.format!r}"
+    )
+  if config.loss.get("teacher", "") and config.data.format == "corpus":
+    raise ConfigError(
+        f"config.loss.teacher={config.loss.teacher!r} scores query groups;"
+        " config.data.format='corpus' has no queries"
+    )
+  refresh = config.data.get("refresh_epochs", 0.0)
+  if not isinstance(refresh, (int, float)) or refresh < 0:
+    raise ConfigError(
+        f"config.data.refresh_epochs={refresh!r}: must be >= 0 (0: mine once)"
+    )
+  refresh_steps = config.data.get("refresh_steps", 0)
+  if (
+      isinstance(refresh_steps, bool)
+      or not isinstance(refresh_steps, int)
+      or refresh_steps < 0
+  ):
+    raise ConfigError(
+        f"config.data.refresh_steps={refresh_steps!r}: must be an integer >="
+        " 0 (0: config.data.refresh_epochs decides)"
+    )
+  if refresh and refresh_steps:
+    raise ConfigError(
+        f"config.data.refresh_epochs={refresh} and refresh_steps="
+        f"{refresh_steps} both set when to re-mine; set one of them to 0"
+    )
+  if (refresh or refresh_steps) and config.data.negatives != "dense":
+    key = "refresh_epochs" if refresh else "refresh_steps"
+    raise ConfigError(
+        f"config.data.{key}={refresh or refresh_steps}: re-mines with the"
+        " model being trained, so config.data.negatives must be 'dense', not "
+        f"{config.data.negatives!r}"
     )
   positives = (
       1
@@ -247,17 +296,26 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
 
 def _validate_spans(config) -> None:
   """Format "corpus": pairs cut from a corpus (`config.data.spans`)."""
-  from retrieval_jax.data import spans  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import chunks
+  from retrieval_jax.data import spans
 
+  # pylint: enable=g-import-not-at-top
   _check_path(
       "data.path", config.data.path, is_dir=True, needs=("corpus.jsonl",)
   )
   if config.data.get("spans") is None:
     raise ConfigError("config.data.format='corpus' needs config.data.spans")
-  if config.data.spans.task not in spans.TASKS:
+  tasks = spans.TASKS + (chunks.TASK,)
+  if config.data.spans.task not in tasks:
     raise ConfigError(
         f"config.data.spans.task={config.data.spans.task!r}: expected one "
-        f"of {spans.TASKS}"
+        f"of {tasks}"
+    )
+  if config.data.spans.task == chunks.TASK and config.model.kind != "revela":
+    raise ConfigError(
+        f"config.data.spans.task={chunks.TASK!r}: chunk batches (no query/"
+        "passage pairs) train config.model.kind='revela' only"
     )
   if config.data.group_size != 1 or config.data.negatives != "none":
     raise ConfigError(
@@ -314,24 +372,34 @@ def prepare_long_documents(config, workdir: pathlib.Path) -> None:
 
 
 def _training_data(
-    config, workdir: pathlib.Path, tokenizer, loss_spec, encoder_fn
+    config, workdir: pathlib.Path, tokenizer, loss_spec, encoder_fn, mesh
 ):
-  """Training groups with mined negatives, and the loader over them."""
+  """Training groups with mined negatives and teacher scores, the loader
+  over them, and the teacher (`teachers.build`; None: none to run)."""
+  from retrieval_jax import teachers  # pylint: disable=g-import-not-at-top
   from retrieval_jax.data import negatives as negatives_lib  # pylint: disable=g-import-not-at-top
   from retrieval_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   data_cfg = config.data
   if data_cfg.format == "corpus":
-    return None, _span_loader(config, tokenizer)
+    return None, _span_loader(config, tokenizer), None
   if data_cfg.format == "beir":
     data = pipeline.TrainingData.from_beir(
         data_cfg.path,
         split=data_cfg.train_split,
         corpus_dir=data_cfg.corpus_path or None,
     )
+  elif data_cfg.format == "tevatron":
+    data = pipeline.TrainingData.from_tevatron(
+        data_cfg.path,
+        data_cfg.corpus_path or None,
+        teacher_scores=config.loss.get("teacher", "") == "file",
+    )
+    if data_cfg.negatives == "none":
+      data = data.with_negatives([()] * len(data.examples))
   else:
     data = pipeline.TrainingData.from_pairs(data_cfg.path, data_cfg.corpus_path)
-  if data_cfg.negatives != "none":
+  if data_cfg.negatives not in ("none", "file"):
     encode_fn = encoder_key = None
     if data_cfg.negatives == "dense":
       # Built even on a cache hit: its weights are part of the cache key.
@@ -353,7 +421,17 @@ def _training_data(
         encode_fn=encode_fn,
         encoder_key=encoder_key,
     )
-  loader = pipeline.TrainLoader(
+  teacher = teachers.build(config, data.doc_texts, mesh)
+  data = teachers.score_data(data, teacher, workdir / "teacher")
+  return data, make_loader(config, data, tokenizer, loss_spec), teacher
+
+
+def make_loader(config, data, tokenizer, loss_spec):
+  """The `TrainLoader` of `data` with the run's settings."""
+  from retrieval_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  data_cfg = config.data
+  return pipeline.TrainLoader(
       data,
       tokenizer,
       batch_size=config.train.batch_size,
@@ -367,14 +445,85 @@ def _training_data(
       negative_depth=data_cfg.negative_depth,
       max_relevant=data_cfg.max_relevant,
   )
-  return data, loader
+
+
+class NegativeRefresher:
+  """Re-mines dense negatives with the params being trained, every `every`
+  steps (`config.data.refresh_steps`, or `refresh_epochs` epochs), and
+  rescores the teacher.
+
+  Round r (steps r*every .. (r+1)*every - 1) uses the candidates the params
+  at step r*every mine, cached in <workdir>/negatives/refresh_<r>/ under a
+  key of the run (its start weights, its non-resume-safe config, `every`)
+  and r: a resumed run reads its round's back, so its batches equal an
+  uninterrupted run's. Round 0 is the start's mining.
+  """
+
+  def __init__(
+      self, config, workdir, data, teacher, new_loader, encoder_fn, run_key
+  ):
+    self.config, self.workdir, self.data = config, workdir, data
+    self.teacher, self.new_loader = teacher, new_loader
+    self.encoder_fn, self.run_key = encoder_fn, run_key
+    self.every = int(run_key["every_steps"])
+
+  def starts_round(self, step: int) -> bool:
+    return step > 0 and step % self.every == 0
+
+  def loader(self, step: int, params):
+    """The loader of `step`'s round, mined by `params` unless cached."""
+    from retrieval_jax import teachers  # pylint: disable=g-import-not-at-top
+    from retrieval_jax.data import negatives as negatives_lib  # pylint: disable=g-import-not-at-top
+
+    r = step // self.every
+    cache_dir = self.workdir / "negatives" / f"refresh_{r}"
+    if step % self.every and not (cache_dir / "dense.json").is_file():
+      logging.warning(
+          "round %d's negatives are not cached: mining them with the step %d"
+          " params (an uninterrupted run mined at step %d)",
+          r,
+          step,
+          r * self.every,
+      )
+    encoder = self.encoder_fn(params)
+    logging.info("refreshing hard negatives: round %d at step %d", r, step)
+    data = negatives_lib.mine(
+        self.data,
+        method="dense",
+        depth=self.config.data.negative_depth,
+        cache_dir=cache_dir,
+        encode_fn=functools.partial(
+            encoder.encode, batch_size=64, desc="negatives", progress=False
+        ),
+        encoder_key=dict(self.run_key, round=r),
+    )
+    data = teachers.score_data(data, self.teacher, self.workdir / "teacher")
+    return self.new_loader(data)
 
 
 def _span_loader(config, tokenizer):
-  """Self-supervised pairs of `data.path`'s corpus (`data/spans.py`)."""
-  from retrieval_jax.data import spans  # pylint: disable=g-import-not-at-top
+  """Self-supervised pairs (`data/spans.py`) or document chunks
+  (`data/chunks.py`) of `data.path`'s corpus."""
+  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import chunks
+  from retrieval_jax.data import spans
+
+  # pylint: enable=g-import-not-at-top
 
   cfg = config.data.spans
+  if cfg.task == chunks.TASK:
+    try:
+      # Document chunks, several per document in a batch (Revela).
+      return chunks.ChunkLoader.from_beir(
+          config.data.path,
+          tokenizer,
+          batch_size=config.train.batch_size,
+          chunk_length=config.data.passage_max_length,
+          chunks_per_doc=cfg.chunks_per_doc,
+          seed=config.data.seed,
+      )
+    except ValueError as e:
+      raise ConfigError(f"config.data.spans: {e}") from e
   try:
     return spans.SpanLoader.from_beir(
         config.data.path,
@@ -590,15 +739,20 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
   model_def, params = train_state.split_model(
       kind.build(config.model, loaded, tokenizer, seed=config.train.seed)
   )
+  # Warm starts (AR2's two models), before dense negatives are mined.
+  params = kind.initial_params(config, model_def, params, mesh)
   eval_runner = kind.train_evaluator(
       config, model_def, tokenizer, mesh, workdir
   )
   evals = eval_runner.evals if eval_runner is not None else {}
   encoder_fn = None
   if config.data.negatives == "dense":
-    # Dense negative mining uses the starting (pretrained) encoder.
+    # Dense negative mining uses the starting (pretrained) encoder; with
+    # config.data.refresh_epochs, `NegativeRefresher` re-mines later.
     encoder_fn = functools.partial(eval_runner.encoder, params)
-  _, loader = _training_data(config, workdir, tokenizer, loss_spec, encoder_fn)
+  data, loader, teacher = _training_data(
+      config, workdir, tokenizer, loss_spec, encoder_fn, mesh
+  )
   logging.info("training data: %s", loader.describe())
   if config.train.num_steps:
     total_steps = int(config.train.num_steps)
@@ -615,10 +769,49 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
       loss_spec=loss_spec,
       mesh=mesh,
   )
+  if spec.optimizer is not None:
+    tx, schedule = spec.optimizer(total_steps)
   layout = train_state.state_layout(
       model_def, params, tx, mesh, extra=spec.extra
   )
   config_json = json.loads(config.to_json_best_effort())
+  refresher = None
+  if config.data.get("refresh_epochs", 0.0) or config.data.get(
+      "refresh_steps", 0
+  ):
+    from retrieval_jax.data import negatives as negatives_lib  # pylint: disable=g-import-not-at-top
+
+    every = config.data.get("refresh_steps", 0) or max(
+        1, int(round(config.data.refresh_epochs * loader.steps_per_epoch))
+    )
+    run_key = {
+        "start": negatives_lib.encoder_key(params),
+        "config": io.fingerprint(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in traverse_util.flatten_dict(
+                        config_json, sep="."
+                    ).items()
+                    if not _matches(k, RESUME_SAFE)
+                },
+                sort_keys=True,
+            )
+        ),
+        "every_steps": every,
+    }
+    refresher = NegativeRefresher(
+        config,
+        workdir,
+        data,
+        teacher,
+        functools.partial(
+            make_loader, config, tokenizer=tokenizer, loss_spec=loss_spec
+        ),
+        eval_runner.encoder,
+        run_key,
+    )
+    logging.info("hard negatives re-mined every %d steps", every)
   # Closed in reverse on any exit; a failing close never hides the error.
   with contextlib.ExitStack() as stack:
     checkpointer = stack.enter_context(
@@ -716,8 +909,23 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
     # SIGTERM/SIGINT from here on: finish the step, save, stop.
     signals = stack.enter_context(checkpointing.StopSignals())
     window_start, window_steps = time.perf_counter(), 0
+    if refresher is not None and start_step >= refresher.every:
+      loader = refresher.loader(start_step, state["params"])
     batches = loader.iterate(start_step)
     for step in range(start_step, total_steps):
+      if (
+          refresher is not None
+          and step != start_step
+          and refresher.starts_round(step)
+      ):
+        batches.close()
+        refresh_start = time.perf_counter()
+        loader = refresher.loader(step, state["params"])
+        refresh_s = time.perf_counter() - refresh_start
+        logging.info("negatives re-mined at step %d in %.1f s", step, refresh_s)
+        logger.write(step, {"perf/negatives_refresh_s": refresh_s})
+        window_start += refresh_s  # not part of the steps' time
+        batches = loader.iterate(step)
       batch = steps.put_batch(
           device_batch(step, next(batches)), in_batch_shardings
       )

@@ -2,7 +2,8 @@
 
 Each kind is one module implementing `base.Kind`; the trainer, evaluation and
 export look it up here. Adding a kind is one module and one line below
-(README: "Adding a retriever kind").
+(README: "Adding a retriever kind"). `VIEWS`: runs of one kind that
+`load_run` also reads as another (an AR2 run's retriever and ranker).
 """
 
 import pathlib
@@ -17,11 +18,15 @@ from retrieval_jax import pretrained
 from retrieval_jax import train_state
 from retrieval_jax.data import tokenizers
 from retrieval_jax.errors import ConfigError
+from retrieval_jax.kinds import ar2
 from retrieval_jax.kinds import base
 from retrieval_jax.kinds import bi_encoder
+from retrieval_jax.kinds import bpr
 from retrieval_jax.kinds import colbert
 from retrieval_jax.kinds import cross_encoder
+from retrieval_jax.kinds import jpq
 from retrieval_jax.kinds import moco
+from retrieval_jax.kinds import revela
 from retrieval_jax.kinds import splade
 
 KINDS: dict[str, base.Kind] = {
@@ -31,6 +36,17 @@ KINDS: dict[str, base.Kind] = {
     "inference_free": splade.INFERENCE_FREE,
     "colbert": colbert.KIND,
     "moco": moco.KIND,
+    "revela": revela.KIND,
+    "bpr": bpr.KIND,
+    "jpq": jpq.KIND,
+    "ar2": ar2.KIND,
+}
+
+# (run's kind, kind it is read as) -> `(model, run config) -> (the part's
+# model, its run config)`.
+VIEWS = {
+    ("ar2", "bi_encoder"): ar2.as_retriever,
+    ("ar2", "cross_encoder"): ar2.as_ranker,
 }
 
 
@@ -58,7 +74,9 @@ def load_run(
   see `load_checkpoint`.
 
   Args:
-    kinds: the kinds the caller accepts (None: any); others: ValueError.
+    kinds: the kinds the caller accepts (None: any); a run of another
+      kind loads as its part of an accepted kind (`VIEWS`), else
+      ValueError.
     step: the checkpoint step; None for the latest.
 
   Returns:
@@ -114,11 +132,13 @@ def _load_trained(train_workdir, mesh, *, kinds, step):
     )
     name = model_cfg.get("kind", "bi_encoder")
     allowed = tuple(KINDS) if kinds is None else kinds
-    if name not in allowed:
+    views = [(name, k) for k in allowed if (name, k) in VIEWS]
+    if name not in allowed and not views:
       raise ValueError(
           f"{str(train_workdir)!r}: that run trained a {name!r}"
           f" model; expected one of {allowed}"
       )
+    built["view"] = VIEWS[views[0]] if name not in allowed else None
     loaded = pretrained.load_model(model_cfg, dtype=jnp.dtype(model_cfg.dtype))
     tokenizer = tokenizers.WordPieceTokenizer.from_pretrained_dir(
         loaded.model_dir
@@ -136,9 +156,7 @@ def _load_trained(train_workdir, mesh, *, kinds, step):
   step, metadata, params = checkpointing.read_run_checkpoint(
       pathlib.Path(train_workdir) / "checkpoints", abstract, step
   )
-  return (
-      built["model_def"].merge(params),
-      built["tokenizer"],
-      metadata["config"],
-      step,
-  )
+  model, run_cfg = built["model_def"].merge(params), metadata["config"]
+  if built["view"] is not None:
+    model, run_cfg = built["view"](model, run_cfg)
+  return model, built["tokenizer"], run_cfg, step
