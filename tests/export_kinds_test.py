@@ -405,13 +405,24 @@ def _train_command(kind_name: str, workdir: pathlib.Path) -> list[str]:
   ]
 
 
+# The kinds whose exported towers `check_parity` compares with the evaluate
+# mode's encoders.
+PARITY_KINDS = (
+    "bi_encoder",
+    "cross_encoder",
+    "splade",
+    "inference_free",
+    "colbert",
+)
+
+
 @pytest.mark.slow
 class TrainedRunExportTest(absltest.TestCase):
   """2-step smoke runs of every kind, exported by the export mode (minutes)."""
 
   def test_export_mode_of_every_kind(self):
     root = pathlib.Path(self.create_tempdir().full_path)
-    for kind_name in kinds.KINDS:
+    for kind_name in PARITY_KINDS:
       workdir = root / kind_name
       subprocess.run(
           _train_command(kind_name, workdir),
