@@ -86,6 +86,7 @@ class NextTokenLossTest(absltest.TestCase):
 
 class RevelaLossTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_retriever_gradient_through_the_weights(self):
     model_def, params = train_state.split_model(_model())
     batch = jax.tree.map(jnp.asarray, _batch())

@@ -17,6 +17,7 @@ import tempfile
 from absl.testing import absltest
 import jax
 import numpy as np
+import pytest
 
 from configs import train as train_config
 from retrieval_jax import encoding
@@ -169,6 +170,7 @@ class TeachersTest(absltest.TestCase):
           got[q], center(s) + center(d), rtol=1e-4, atol=1e-5
       )
 
+  @pytest.mark.slow
   def test_model_teachers_score_each_pair_as_their_model(self):
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
