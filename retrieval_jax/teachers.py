@@ -115,7 +115,7 @@ class DenseTeacher:
       emb_nd = self.encoder.encode_documents(
           [self.doc_texts[i] for i in new_docs],
           desc="teacher: docs",
-          progress=False,
+          progress=True,
       )
       self._docs.update(zip(new_docs, emb_nd))
     new_queries = sorted(
@@ -123,7 +123,7 @@ class DenseTeacher:
     )
     if new_queries:
       emb_qd = self.encoder.encode_queries(
-          new_queries, desc="teacher: queries", progress=False
+          new_queries, desc="teacher: queries", progress=True
       )
       self._queries.update(zip(new_queries, emb_qd))
     return [

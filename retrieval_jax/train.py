@@ -405,7 +405,7 @@ def _training_data(
       # Built even on a cache hit: its weights are part of the cache key.
       encoder = encoder_fn()
       encode_fn = functools.partial(
-          encoder.encode, batch_size=64, desc="negatives", progress=False
+          encoder.encode, batch_size=64, desc="negatives", progress=True
       )
       encoder_key = negatives_lib.encoder_key(
           encoder.state.filter(nnx.Param),
@@ -493,7 +493,7 @@ class NegativeRefresher:
         depth=self.config.data.negative_depth,
         cache_dir=cache_dir,
         encode_fn=functools.partial(
-            encoder.encode, batch_size=64, desc="negatives", progress=False
+            encoder.encode, batch_size=64, desc="negatives", progress=True
         ),
         encoder_key=dict(self.run_key, round=r),
     )
