@@ -13,11 +13,8 @@ resumed run sees the same batches. Chunks of one document are each other's
 useful neighbours, the other documents' chunks the distractors.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 import functools
-import itertools
-import math
-import os
 import time
 
 from absl import logging
@@ -25,6 +22,7 @@ import numpy as np
 
 from retrieval_jax.data import beir
 from retrieval_jax.data import pipeline
+from retrieval_jax.data import spans
 
 TASK = "chunks"  # `config.data.spans.task` of a chunk-batch run
 
@@ -39,7 +37,7 @@ def split_chunks(
   return pieces
 
 
-class ChunkLoader:
+class ChunkLoader(spans.CorpusLoader):
   """Deterministic, step-indexed batches of document chunks (module doc).
 
   Batches: chunk_ids / chunk_mask int32 [B, chunk_length] ([CLS] chunk
@@ -100,24 +98,10 @@ class ChunkLoader:
         time.perf_counter() - start,
     )
 
-  @classmethod
-  def from_beir(
-      cls, directory: str | os.PathLike, tokenizer, **kwargs
-  ) -> "ChunkLoader":
-    """Over `directory`/corpus.jsonl alone (no queries or qrels needed)."""
-    path = beir.corpus_path(os.fspath(directory))
-    doc_ids, titles, texts = beir.read_corpus(path)
-    return cls(doc_ids, titles, texts, tokenizer, source=path, **kwargs)
-
   @property
   def num_examples(self) -> int:
     """Chunks per epoch (the stream's epoch length)."""
     return int(self._take.sum())
-
-  @property
-  def steps_per_epoch(self) -> int:
-    """ceil(chunks per epoch / B)."""
-    return math.ceil(self.num_examples / self.batch_size)
 
   def _epoch_layout(self, epoch: int):
     """(document order, end offset of each one's items in the stream)."""
@@ -162,11 +146,6 @@ class ChunkLoader:
         "chunk_doc": self._rows[docs_b],
         "chunk_index": numbers_b.astype(np.int32),
     }
-
-  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Yields batch_at(start_step), batch_at(start_step + 1), ... forever."""
-    step = pipeline.check_int("start_step", start_step, 0)
-    return (self.batch_at(t) for t in itertools.count(step))
 
   def describe(self) -> str:
     """One line of counts for the training log."""

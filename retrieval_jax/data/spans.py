@@ -86,7 +86,37 @@ def ict_pair(
   return list(sentences[i]), context, kept
 
 
-class SpanLoader:
+class CorpusLoader:
+  """What the corpus-only loaders share: `from_beir`, `steps_per_epoch`
+  (ceil(num_examples / batch_size)) and `iterate` over their `batch_at`."""
+
+  batch_size: int
+
+  @classmethod
+  def from_beir(cls, directory: str | os.PathLike, tokenizer, **kwargs):
+    """Over `directory`/corpus.jsonl alone (no queries or qrels needed)."""
+    path = beir.corpus_path(os.fspath(directory))
+    doc_ids, titles, texts = beir.read_corpus(path)
+    return cls(doc_ids, titles, texts, tokenizer, source=path, **kwargs)
+
+  @property
+  def num_examples(self) -> int:
+    raise NotImplementedError
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return math.ceil(self.num_examples / self.batch_size)
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Yields batch_at(start_step), batch_at(start_step + 1), ... forever."""
+    step = pipeline.check_int("start_step", start_step, 0)
+    return (self.batch_at(t) for t in itertools.count(step))
+
+
+class SpanLoader(CorpusLoader):
   """Deterministic, step-indexed batches of ICT or cropping pairs.
 
   Examples are the usable documents (crop: >= 2 tokens; ICT: >= 2 sentences
@@ -170,24 +200,10 @@ class SpanLoader:
         time.perf_counter() - start,
     )
 
-  @classmethod
-  def from_beir(
-      cls, directory: str | os.PathLike, tokenizer, **kwargs
-  ) -> "SpanLoader":
-    """Over `directory`/corpus.jsonl alone (no queries or qrels needed)."""
-    path = beir.corpus_path(os.fspath(directory))
-    doc_ids, titles, texts = beir.read_corpus(path)
-    return cls(doc_ids, titles, texts, tokenizer, source=path, **kwargs)
-
   @property
   def num_examples(self) -> int:
     """E, usable documents (examples per epoch)."""
     return len(self._docs)
-
-  @property
-  def steps_per_epoch(self) -> int:
-    """ceil(E / B)."""
-    return math.ceil(self.num_examples / self.batch_size)
 
   @property
   def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -260,11 +276,6 @@ class SpanLoader:
         ),
         "kept": np.array(kept, np.int32),
     }
-
-  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Yields batch_at(start_step), batch_at(start_step + 1), ... forever."""
-    step = pipeline.check_int("start_step", start_step, 0)
-    return (self.batch_at(t) for t in itertools.count(step))
 
   def describe(self) -> str:
     """One line of counts for the training log."""
