@@ -128,6 +128,9 @@ def _eval_block(
   ev.top_k = top_k
   # Texts per encoder call during evaluation.
   ev.batch_size = 64
+  # "all" judged queries of the split, or "holdout": only the training
+  # queries config.data.holdout_queries leaves out of training.
+  ev.queries = "all"
   return ev
 
 
@@ -265,10 +268,55 @@ def _distill(config, arg) -> None:
     config.data.group_size = 4
     if config.model.kind == "inference_free":
       config.loss.doc_regularizer = "idf_flops"
+  elif config.model.kind == "cross_encoder":
+    _cross_encoder_distill(config, arg)
   else:
     raise ValueError(
-        "distill is for the bi-encoder, splade and inference_free kinds"
+        "distill is for the bi-encoder, cross-encoder, splade and"
+        " inference_free kinds"
     )
+
+
+def _cross_encoder_distill(config, arg) -> None:
+  """A re-ranker trained on the ranking it will re-rank: groups from the
+  dense first stage's top 20, the hybrid teacher's scores over them (KL)
+  plus InfoNCE, and the step picked on held-out training queries."""
+  # The evaluate mode's dense + BM25 hybrid (0.731 on SciFact test).
+  config.loss.teacher = arg.teacher or "hybrid"
+  # As the bi-encoder's distillation: hybrid scores in [-1, 1] x 15.
+  config.loss.teacher_scale = 15.0
+  # KL plus InfoNCE over each group, equal weights.
+  config.loss.infonce_weight = 1.0
+  # Negatives from the first stage (config.model.pretrained).
+  config.data.negatives = "dense"
+  # Its top 20: the depth the evaluations re-rank.
+  config.data.negative_depth = 20
+  # The positive and 7 of its top 20.
+  config.data.group_size = 8
+  # 16 groups of 8: 128 pairs a step, as 32 groups of 4.
+  config.train.batch_size = 16
+  # A new head: a larger rate than the encoder fine-tunes alone take.
+  config.optim.learning_rate = 1e-4
+  if not arg.scifact:
+    return
+  # 100 of SciFact's 809 training queries select the step (never test).
+  config.data.holdout_queries = 100
+  # Re-ranking of those 100 queries' first stage (SciFact's train qrels).
+  config.evals.holdout = _eval_block(
+      f"{arg.shared}/scifact", "train", config.evals.scifact.measures
+  )
+  for ev in config.evals.values():
+    ev.first_stage = "dense"
+    ev.rerank_depth = 20
+    ev.batch_size = 32
+  # Only the held-out queries of that split.
+  config.evals.holdout.queries = "holdout"
+  # The learning curve: both collections every 20 steps.
+  config.train.eval_every = 20
+  # The held-out training queries pick the step.
+  config.train.select_metric = "eval/holdout/ndcg@10"
+  # A checkpoint at every evaluated step.
+  config.checkpoint.every_steps = 20
 
 
 def _pretrain_smoke(config, arg) -> None:
@@ -550,6 +598,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.passage_max_length = 176
   # Seed of the data order, positive cycling and negative sampling.
   config.data.seed = arg.seed
+  # Training queries left out of training (drawn by data.seed) and
+  # evaluated by the config.evals block with queries="holdout": model
+  # selection without the test queries (0 = none).
+  config.data.holdout_queries = 0
 
   config.loss = ml_collections.ConfigDict()
   # A key of retrieval_jax.losses.LOSSES.
@@ -593,6 +645,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every = 5
   # Evaluate every N steps during training (0 = only before and after).
   config.train.eval_every = 0
+  # Model selection: "eval/<block>/<measure>" (e.g. of the held-out
+  # training queries) picks the best evaluated step, reported as
+  # "selected" in results.json and kept in <workdir>/selection.json with
+  # the learning curve ("" = off).
+  config.train.select_metric = ""
   # Evaluate the starting model before the first step.
   config.train.eval_before = True
   # Evaluate the trained model after the last step.
@@ -797,7 +854,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.distill:
       # Groups of 4 from the top 5; re-mined after 2 of the 4 steps.
       config.data.group_size = 4
-      if config.data.negatives == "dense":
+      if config.model.kind == "bi_encoder":
         config.data.refresh_epochs = 0.01
     if arg.tevatron:
       # The fixture's 4 queries, each with 2 given negatives.

@@ -355,3 +355,65 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
       raise ValueError(f"{path}:{lineno}: not a JSON object: {line[:80]!r}")
     records.append(record)
   return records
+
+
+class Selection:
+  """Model selection on one evaluation metric (higher is better).
+
+  Every evaluation of the run goes through `update`; the history and the
+  best step's metrics (all of them, e.g. the test collections' at that step)
+  are kept in `path` (JSON), so a resumed run continues the record. Entries
+  after the step a run resumes from are dropped: that run evaluates them
+  again.
+  """
+
+  def __init__(
+      self,
+      path: str | os.PathLike,
+      metric: str,
+      *,
+      resume_step: int = 0,
+      is_primary: bool = True,
+  ):
+    self.path, self.metric, self._is_primary = path, metric, is_primary
+    self.history: dict[int, float] = {}
+    self._metrics: dict[int, dict[str, float]] = {}
+    if resume_step and os.path.exists(path):
+      with open(path) as f:
+        record = json.load(f)
+      if record.get("metric") == metric:
+        for step, metrics in record.get("evaluations", {}).items():
+          if int(step) <= resume_step:
+            self._metrics[int(step)] = metrics
+            self.history[int(step)] = metrics[metric]
+
+  def update(self, step: int, metrics: Mapping[str, float]) -> bool:
+    """Records the evaluation of `step`; returns whether it is the best."""
+    if self.metric not in metrics:
+      raise KeyError(
+          f"config.train.select_metric={self.metric!r} is not among the "
+          f"evaluation's metrics: {sorted(metrics)}"
+      )
+    self._metrics[step] = {k: float(v) for k, v in metrics.items()}
+    self.history[step] = float(metrics[self.metric])
+    if self._is_primary:
+      io.write_json_atomic(self.path, self.summary())
+    return self.best_step == step
+
+  @property
+  def best_step(self) -> int | None:
+    """The best step so far (the earliest among ties); None before any."""
+    if not self.history:
+      return None
+    return max(sorted(self.history), key=lambda s: self.history[s])
+
+  def summary(self) -> dict[str, Any]:
+    """{metric, best_step, best (its metrics), history, evaluations}."""
+    best = self.best_step
+    return {
+        "metric": self.metric,
+        "best_step": best,
+        "best": self._metrics.get(best, {}),
+        "history": {str(s): v for s, v in sorted(self.history.items())},
+        "evaluations": {str(s): m for s, m in sorted(self._metrics.items())},
+    }

@@ -165,6 +165,24 @@ def validate_settings(config: ml_collections.ConfigDict) -> None:
   _check_int(config, "train.eval_every", 0)
   _check_int(config, "checkpoint.every_steps", 1)
   _check_int(config, "checkpoint.max_to_keep", 0)
+  metric = config.train.get("select_metric", "")
+  if metric:
+    if not metric.startswith("eval/") or metric.count("/") != 2:
+      raise ConfigError(
+          f"config.train.select_metric={metric!r}: expected"
+          " 'eval/<config.evals name>/<measure>'"
+      )
+    _, name, measure = metric.split("/")
+    if name not in config.evals or measure not in config.evals[name].measures:
+      raise ConfigError(
+          f"config.train.select_metric={metric!r}: config.evals has no block"
+          f" {name!r} measuring {measure!r}"
+      )
+    if not config.train.eval_every:
+      raise ConfigError(
+          f"config.train.select_metric={metric!r} selects among periodic"
+          " evaluations: set config.train.eval_every > 0"
+      )
   check_mesh(config)
 
 
@@ -399,6 +417,9 @@ def _training_data(
       data = data.with_negatives([()] * len(data.examples))
   else:
     data = pipeline.TrainingData.from_pairs(data_cfg.path, data_cfg.corpus_path)
+  held_out = kinds.base.holdout_query_ids(config)
+  if held_out:
+    data = _hold_out(data, held_out, data_cfg.holdout_queries)
   if data_cfg.negatives not in ("none", "file"):
     encode_fn = encoder_key = None
     if data_cfg.negatives == "dense":
@@ -424,6 +445,25 @@ def _training_data(
   teacher = teachers.build(config, data.doc_texts, mesh)
   data = teachers.score_data(data, teacher, workdir / "teacher")
   return data, make_loader(config, data, tokenizer, loss_spec), teacher
+
+
+def _hold_out(data, held_out, num: int):
+  """`data` without the held-out queries; all of them must be in it."""
+  kept = data.without_queries(held_out)
+  dropped = len(data.examples) - len(kept.examples)
+  if dropped != len(held_out):
+    raise ConfigError(
+        f"config.data.holdout_queries={num}: only {dropped} of the"
+        f" {len(held_out)} held-out queries are training queries of"
+        f" {data.source}; the eval block with queries='holdout' must read"
+        " the training queries' qrels split"
+    )
+  logging.info(
+      "held out %d of %d training queries for model selection",
+      dropped,
+      len(data.examples),
+  )
+  return kept
 
 
 def make_loader(config, data, tokenizer, loss_spec):
@@ -560,6 +600,7 @@ RESUME_SAFE = (
     "train.num_epochs",
     "train.log_every",
     "train.eval_every",
+    "train.select_metric",
     "train.eval_before",
     "train.eval_after",
     "checkpoint.",
@@ -873,16 +914,31 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
       })
 
     results: dict[str, Any] = {"source": source, "steps": total_steps}
+    selection = None
+    if config.train.get("select_metric", ""):
+      selection = metric_logging.Selection(
+          workdir / "selection.json",
+          config.train.select_metric,
+          resume_step=start_step,
+          is_primary=is_primary,
+      )
+
+    def evaluate(step):
+      metrics = eval_runner.run(
+          state["params"], workdir / "eval" / f"step_{step}"
+      )
+      logger.write(step, metrics)
+      if selection is not None:
+        selection.update(step, metrics)
+      return metrics
+
     if getattr(eval_runner, "first_stage_metrics", None):
       results["first_stage"] = eval_runner.first_stage_metrics
       _print_metrics(
           "first stage (re-ranked below)", eval_runner.first_stage_metrics
       )
     if start_step == 0 and evals and config.train.eval_before:
-      results["before"] = eval_runner.run(
-          state["params"], workdir / "eval" / "step_0"
-      )
-      logger.write(0, results["before"])
+      results["before"] = evaluate(0)
       _print_metrics("before training", results["before"])
 
     def save(step, force=False):
@@ -964,10 +1020,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
         save(done, force=True)
       every = config.train.eval_every
       if evals and every and done % every == 0 and done != total_steps:
-        logger.write(
-            done,
-            eval_runner.run(state["params"], workdir / "eval" / f"step_{done}"),
-        )
+        evaluate(done)
       # Every process gets the same answer at the same step (several
       # processes: a signal to any one is announced to all, see StopSignals).
       stop = signals.requested() or (
@@ -989,11 +1042,17 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
     signals.restore()  # evaluation: Ctrl-C stops at once again
     if evals and config.train.eval_after:
       end_step = int(jax.device_get(state["step"]))
-      results["after"] = eval_runner.run(
-          state["params"], workdir / "eval" / f"step_{end_step}"
-      )
-      logger.write(end_step, results["after"])
+      results["after"] = evaluate(end_step)
       _print_metrics("after training", results["after"])
+    if selection is not None and selection.best_step is not None:
+      summary = selection.summary()
+      results["selected"] = {
+          k: summary[k] for k in ("metric", "best_step", "best", "history")
+      }
+      _print_metrics(
+          f"selected: step {summary['best_step']} by {selection.metric}",
+          summary["best"],
+      )
     results["train"] = last_metrics
   if is_primary:
     io.write_json_atomic(workdir / "results.json", results)

@@ -275,6 +275,12 @@ class TrainingData:
     # `replace` re-runs the constructor's checks on the new negatives.
     return dataclasses.replace(self, examples=examples)
 
+  def without_queries(self, query_ids) -> "TrainingData":
+    """A copy without the queries `query_ids` (a held-out split)."""
+    drop = frozenset(query_ids)
+    kept = tuple(ex for ex in self.examples if ex.query_id not in drop)
+    return dataclasses.replace(self, examples=kept)
+
   def with_teacher_scores(
       self, scores: Sequence[Sequence[float]]
   ) -> "TrainingData":
@@ -290,6 +296,21 @@ class TrainingData:
         for ex, row in zip(self.examples, scores)
     )
     return dataclasses.replace(self, examples=examples)
+
+
+def holdout_query_ids(
+    query_ids: Sequence[str], num: int, seed: int
+) -> frozenset[str]:
+  """`num` of `query_ids` (order and duplicates ignored), drawn by `seed`:
+  training queries left out of training for model selection."""
+  ids = sorted(set(query_ids))
+  if not 0 < num < len(ids):
+    raise ValueError(
+        f"cannot hold out {num} of {len(ids)} queries: need 0 < num <"
+        f" {len(ids)}"
+    )
+  order = np.random.default_rng(seed).permutation(len(ids))
+  return frozenset(ids[i] for i in order[:num])
 
 
 def read_pairs(path: str) -> list[PairRow]:

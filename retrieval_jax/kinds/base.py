@@ -211,6 +211,74 @@ def split_rng(rng, num: int = 2):
   return (None,) * num if rng is None else tuple(jax.random.split(rng, num))
 
 
+# `config.evals.<name>.queries`: every judged query of the split, or only
+# the training queries `config.data.holdout_queries` leaves out of training.
+EVAL_QUERIES = ("all", "holdout")
+
+
+def holdout_query_ids(config) -> frozenset[str]:
+  """The training queries held out for model selection (empty: none).
+
+  `config.data.holdout_queries` of the judged queries of the one eval block
+  with `queries="holdout"` (its qrels split holds the training queries),
+  drawn by `config.data.seed`; training drops them, that block evaluates
+  only them.
+  """
+  from retrieval_jax.data import beir  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  num = config.data.get("holdout_queries", 0)
+  for name, ev in config.evals.items():
+    if ev.get("queries", "all") not in EVAL_QUERIES:
+      raise ConfigError(
+          f"config.evals.{name}.queries={ev.queries!r}: expected one of"
+          f" {EVAL_QUERIES}"
+      )
+  names = [
+      n for n, ev in config.evals.items() if ev.get("queries") == "holdout"
+  ]
+  if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+    raise ConfigError(
+        f"config.data.holdout_queries={num!r}: must be an int >= 0"
+    )
+  if not num:
+    if names:
+      raise ConfigError(
+          f"config.evals.{names[0]}.queries='holdout' evaluates held-out "
+          "training queries: set config.data.holdout_queries > 0"
+      )
+    return frozenset()
+  if len(names) != 1:
+    raise ConfigError(
+        f"config.data.holdout_queries={num}: exactly one config.evals block"
+        f" must evaluate them (queries='holdout'); found {names or 'none'}"
+    )
+  ev = config.evals[names[0]]
+  path = beir.qrels_path(ev.path, ev.split)
+  try:
+    return pipeline.holdout_query_ids(
+        list(beir.read_qrels(path)), num, config.data.seed
+    )
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.data.holdout_queries={num} ({path}): {e}") from e
+
+
+def eval_collection(config, name: str):
+  """`config.evals.<name>`'s BEIR collection; for `queries="holdout"`, its
+  qrels restricted to `holdout_query_ids(config)`."""
+  from retrieval_jax.data import beir  # pylint: disable=g-import-not-at-top
+
+  ev = config.evals[name]
+  collection = beir.load_beir(ev.path, split=ev.split, on_unknown="warn")
+  if ev.get("queries", "all") == "holdout":
+    keep = holdout_query_ids(config)
+    collection = dataclasses.replace(
+        collection,
+        qrels={q: d for q, d in collection.qrels.items() if q in keep},
+    )
+  return collection
+
+
 class Kind:
   """A retriever kind; subclasses override what differs.
 
@@ -299,6 +367,7 @@ class Kind:
           "config.loss.sharded: the shard_map loss is for "
           f"bi-encoders; set False for a {self.name!r} model"
       )
+    holdout_query_ids(config)
     self.validate_teacher(config)
 
   def validate_teacher(self, config, *, labels_without_teacher=False) -> None:

@@ -296,14 +296,13 @@ class DenseEvaluator:
   """
 
   def __init__(self, config, model_def, tokenizer, mesh, workdir):
-    from retrieval_jax.data import beir  # pylint: disable=g-import-not-at-top
 
     del workdir  # Collections are parsed directly; nothing is prepared.
     self.config, self.model_def, self.mesh = config, model_def, mesh
     self.tokenizer, self._encoder = tokenizer, None
     self.evals = {}
     for name, ev in config.evals.items():
-      collection = beir.load_beir(ev.path, split=ev.split, on_unknown="warn")
+      collection = base.eval_collection(config, name)
       self.evals[name] = evaluators.RetrievalEvaluator(
           collection,
           measures=ev.measures,

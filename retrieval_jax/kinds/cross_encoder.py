@@ -23,7 +23,6 @@ from retrieval_jax import encoding
 from retrieval_jax import io
 from retrieval_jax import losses
 from retrieval_jax import pretrained
-from retrieval_jax.data import beir
 from retrieval_jax.data import features
 from retrieval_jax.errors import ConfigError
 from retrieval_jax.evaluation import evaluators
@@ -65,12 +64,14 @@ def group_loss(
   return losses.get_loss(loss_name).fn(scores_bg, positive_bg, valid_bg)
 
 
-def loss(model, batch, rng, step, *, loss_name: str):
+def loss(model, batch, rng, step, *, loss_name: str, infonce_weight=0.0):
   """The cross-encoder's training loss (see `base.TrainSpec`).
 
   Batch: pair_ids / pair_mask / pair_types [B*G, L], pair_markers [B*G, 2]
   (the "emb" head's marker positions), positive_counts [B], passage_doc
   [B*G]; optionally teacher_scores [B*G] float32 (distillation targets).
+  infonce_weight > 0 (with a teacher) adds that times InfoNCE over each
+  group (its positives against its negatives).
   """
   del step
   positive_bg, valid_bg = group_labels(
@@ -85,8 +86,9 @@ def loss(model, batch, rng, step, *, loss_name: str):
       dropout_rng=rng,
   )
   teacher_p = batch.get("teacher_scores")
-  return group_loss(
-      scores_p.reshape(valid_bg.shape),
+  scores_bg = scores_p.reshape(valid_bg.shape)
+  value, aux = group_loss(
+      scores_bg,
       positive_bg,
       valid_bg,
       loss_name=loss_name,
@@ -94,6 +96,11 @@ def loss(model, batch, rng, step, *, loss_name: str):
           None if teacher_p is None else teacher_p.reshape(valid_bg.shape)
       ),
   )
+  if infonce_weight:
+    ranking, _ = losses.get_loss("infonce").fn(scores_bg, positive_bg, valid_bg)
+    aux = dict(aux, distillation_loss=value, infonce_loss=ranking)
+    value = value + infonce_weight * ranking
+  return value, aux
 
 
 class RerankEvaluator:
@@ -109,8 +116,9 @@ class RerankEvaluator:
     self.config, self.model_def = config, model_def
     self.tokenizer, self.mesh = tokenizer, mesh
     self.evals, self.first_stage_metrics = {}, {}
+    self._first_stage_encoder = None
     for name, ev in config.evals.items():
-      collection = beir.load_beir(ev.path, split=ev.split, on_unknown="warn")
+      collection = base.eval_collection(config, name)
       candidates, metrics = self._first_stage(
           name,
           ev,
@@ -135,6 +143,7 @@ class RerankEvaluator:
         "split": ev.split,
         "depth": max(ev.rerank_depth, ev.top_k),
         "max_queries": ev.max_queries,
+        "queries": io.fingerprint(sorted(collection.qrels)),
         "measures": list(ev.measures),
         "model": self.config.model.pretrained,
         "max_length": self.config.model.max_length,
@@ -144,13 +153,7 @@ class RerankEvaluator:
       if cached.get("key") == key:
         logging.info("%s: first stage from %s", name, path)
         return cached["candidates"], cached["metrics"]
-    encoder = None
-    if ev.first_stage == "dense":
-      encoder = encoding.TextEncoder.from_pretrained(
-          self.config.model.pretrained,
-          self.mesh,
-          max_length=self.config.model.max_length,
-      )
+    encoder = self.encoder(None) if ev.first_stage == "dense" else None
     candidates, metrics = evaluators.first_stage(
         ev.first_stage,
         collection,
@@ -166,6 +169,20 @@ class RerankEvaluator:
           path, {"key": key, "candidates": candidates, "metrics": metrics}
       )
     return candidates, metrics
+
+  def encoder(self, params) -> encoding.TextEncoder:
+    """The dense first stage, `config.model.pretrained` (not `params`: the
+    cross-encoder's): it ranks the evaluations' candidates and mines the
+    training negatives (`config.data.negatives="dense"`), so training
+    groups come from the ranking the model will re-rank."""
+    del params
+    if self._first_stage_encoder is None:
+      self._first_stage_encoder = encoding.TextEncoder.from_pretrained(
+          self.config.model.pretrained,
+          self.mesh,
+          max_length=self.config.model.max_length,
+      )
+    return self._first_stage_encoder
 
   def run(self, params, out_dir=None) -> dict[str, float]:
     """{"eval/<name>/<measure>": value} of the re-ranked runs; with
@@ -204,6 +221,8 @@ class CrossEncoder(base.Kind):
   trains_with_evals = True
   retriever = "rerank"
   distills = True
+  # With the first stage's encoder (`RerankEvaluator.encoder`).
+  dense_negatives = True
 
   def loss_spec(self, config) -> losses.LossSpec:
     name = config.loss.name
@@ -236,6 +255,14 @@ class CrossEncoder(base.Kind):
       raise ConfigError(
           f"config.model.head={config.model.head!r}: expected "
           f"one of {cross_encoder_model.HEADS}"
+      )
+    if config.data.get("refresh_epochs", 0.0) or config.data.get(
+        "refresh_steps", 0
+    ):
+      raise ConfigError(
+          "config.data.refresh_epochs / refresh_steps: a cross-encoder's"
+          " dense negatives come from its fixed first stage"
+          " (config.model.pretrained); set both to 0"
       )
     for name, ev in config.evals.items():
       if ev.get("first_stage") not in FIRST_STAGES:
@@ -328,7 +355,11 @@ class CrossEncoder(base.Kind):
 
     return base.TrainSpec(
         featurize=featurize,
-        loss=functools.partial(loss, loss_name=config.loss.name),
+        loss=functools.partial(
+            loss,
+            loss_name=config.loss.name,
+            infonce_weight=config.loss.get("infonce_weight", 0.0),
+        ),
     )
 
   def train_evaluator(self, config, model_def, tokenizer, mesh, workdir):
