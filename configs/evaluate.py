@@ -107,7 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   # The documents' prompt; None = the checkpoint's (see query_prompt).
   config.model.doc_prompt = ml_collections.FieldReference(None, field_type=str)
-  # A train-mode workdir: evaluate its latest checkpoint, whatever its kind
+  # A train-mode workdir: evaluate its checkpoint (the step its
+  # train.select_metric selected, else the latest), whatever its kind
   # (a bi-encoder through the dense retrievers, SPLADE / ColBERT / a
   # cross-encoder through theirs). "" = the pretrained `model.pretrained`.
   config.run = ""

@@ -32,6 +32,15 @@ student re-mines every epoch; KL over groups of 8 plus InfoNCE; the same
   python -m retrieval_jax.main --config configs/train.py:scifact,distill \
       --workdir /tmp/rj_scifact_distill
 
+A cross-encoder that learns the ranking it re-ranks: groups of 8 from the
+pretrained bi-encoder's top 20, KL to the hybrid teacher plus InfoNCE,
+evaluated every 20 steps on SciFact test and on 100 training queries held
+out of training, which select the step (<workdir>/selection.json):
+
+  python -m retrieval_jax.main \
+      --config configs/train.py:scifact,cross_encoder,distill \
+      --workdir /tmp/rj_ce_distill
+
 Self-supervised pretraining on a corpus's texts alone (no queries; data/
 spans.py): Contriever cropping with a MoCo queue, or the Inverse Cloze Task
 with in-batch negatives, evaluated zero-shot on SciFact and Cranfield test:
@@ -55,7 +64,10 @@ Arguments (`configs/train.py:a=1,b`):
              bi-encoder distils the hybrid teacher over dense candidates
              the student re-mines every epoch (KL + InfoNCE); splade /
              inference_free distil the dense + BM25 "ensemble" (KL), the
-             inference-free one with IDF-aware FLOPS
+             inference-free one with IDF-aware FLOPS; a cross_encoder
+             distils the hybrid over groups from its dense first stage's
+             top 20 (KL + InfoNCE), and with `scifact` 100 held-out
+             training queries pick the evaluated step (never test)
   tevatron   train from a Tevatron JSONL file (data.format "tevatron";
              smoke: tests/fixtures/tevatron/train.jsonl, its negatives and
              its scores as the teacher)
@@ -315,8 +327,11 @@ def _cross_encoder_distill(config, arg) -> None:
   config.train.eval_every = 20
   # The held-out training queries pick the step.
   config.train.select_metric = "eval/holdout/ndcg@10"
-  # A checkpoint at every evaluated step.
+  # A checkpoint at every evaluated step, all kept: the selected one is
+  # the run's model (evaluate mode, export).
   config.checkpoint.every_steps = 20
+  # Keep every checkpoint (about 270 MB each with Adam's moments).
+  config.checkpoint.max_to_keep = 0
 
 
 def _pretrain_smoke(config, arg) -> None:

@@ -357,6 +357,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   return records
 
 
+# <workdir>/SELECTION_FILE: a run's model selection (`Selection`).
+SELECTION_FILE = "selection.json"
+
+
+def read_selection(workdir: str | os.PathLike) -> tuple[int, str] | None:
+  """(best step, metric) of a run's `Selection`; None without one."""
+  path = os.path.join(workdir, SELECTION_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  if record.get("best_step") is None:
+    return None
+  return int(record["best_step"]), record["metric"]
+
+
 class Selection:
   """Model selection on one evaluation metric (higher is better).
 

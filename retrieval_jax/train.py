@@ -183,6 +183,17 @@ def validate_settings(config: ml_collections.ConfigDict) -> None:
           f"config.train.select_metric={metric!r} selects among periodic"
           " evaluations: set config.train.eval_every > 0"
       )
+    # The selected step is the run's model (kinds.load_run): keep them all.
+    if (
+        config.checkpoint.max_to_keep
+        or config.train.eval_every % config.checkpoint.every_steps
+    ):
+      raise ConfigError(
+          f"config.train.select_metric={metric!r}: every evaluated step"
+          " needs a kept checkpoint; set config.checkpoint.max_to_keep=0 and"
+          " config.checkpoint.every_steps to a divisor of"
+          f" config.train.eval_every={config.train.eval_every}"
+      )
   check_mesh(config)
 
 
@@ -917,7 +928,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
     selection = None
     if config.train.get("select_metric", ""):
       selection = metric_logging.Selection(
-          workdir / "selection.json",
+          workdir / metric_logging.SELECTION_FILE,
           config.train.select_metric,
           resume_step=start_step,
           is_primary=is_primary,

@@ -128,6 +128,16 @@ class SelectionTest(absltest.TestCase):
     other = metric_logging.Selection(path, "eval/x/y", resume_step=40)
     self.assertEmpty(other.history)
 
+  def test_the_selected_step_is_the_runs_model(self):
+    workdir = self.create_tempdir().full_path
+    self.assertIsNone(kinds.selected_step(workdir))
+    path = os.path.join(workdir, metric_logging.SELECTION_FILE)
+    selection = metric_logging.Selection(path, "eval/a/b")
+    for step, value in ((10, 0.2), (20, 0.4), (30, 0.3)):
+      selection.update(step, {"eval/a/b": value})
+    self.assertEqual(metric_logging.read_selection(workdir), (20, "eval/a/b"))
+    self.assertEqual(kinds.selected_step(workdir), 20)
+
   def test_unknown_metric(self):
     path = os.path.join(self.create_tempdir().full_path, "selection.json")
     selection = metric_logging.Selection(path, "eval/holdout/ndcg@10")
@@ -138,21 +148,64 @@ class SelectionTest(absltest.TestCase):
     config = _config(100)
     with config.unlocked():
       config.train.select_metric = "eval/holdout/ndcg@10"
-      config.train.eval_every = 2
+      config.train.eval_every = 4
+      config.checkpoint.max_to_keep = 0
     train.validate_settings(config)
     cases = [
-        ("ndcg@10", 2, "expected 'eval/<config.evals name>/<measure>'"),
-        ("eval/other/ndcg@10", 2, "no block 'other' measuring 'ndcg@10'"),
-        ("eval/holdout/map", 2, "no block 'holdout' measuring 'map'"),
-        ("eval/holdout/ndcg@10", 0, "set config.train.eval_every > 0"),
+        ("ndcg@10", 4, 0, "expected 'eval/<config.evals name>/<measure>'"),
+        ("eval/other/ndcg@10", 4, 0, "no block 'other' measuring 'ndcg@10'"),
+        ("eval/holdout/map", 4, 0, "no block 'holdout' measuring 'map'"),
+        ("eval/holdout/ndcg@10", 0, 0, "set config.train.eval_every > 0"),
+        ("eval/holdout/ndcg@10", 4, 2, "set config.checkpoint.max_to_keep=0"),
+        ("eval/holdout/ndcg@10", 3, 0, "a divisor of .*eval_every=3"),
     ]
-    for metric, every, regex in cases:
+    for metric, every, keep, regex in cases:
       with config.unlocked():
         config.train.select_metric = metric
         config.train.eval_every = every
-      with self.subTest(metric=metric, every=every):
+        config.checkpoint.max_to_keep = keep
+      with self.subTest(metric=metric, every=every, keep=keep):
         with self.assertRaisesRegex(ConfigError, regex):
           train.validate_settings(config)
+
+
+class SelectedRunTest(absltest.TestCase):
+
+  def test_training_selects_a_step_and_loading_the_run_gives_it(self):
+    config = _config(8)
+    with config.unlocked():
+      config.train.eval_every = 2
+      config.train.select_metric = "eval/holdout/ndcg@10"
+      config.checkpoint.max_to_keep = 0
+    workdir = self.create_tempdir().full_path
+    results = train.train_and_evaluate(config, workdir)
+    selected = results["selected"]
+    history = {int(k): v for k, v in selected["history"].items()}
+    self.assertEqual(set(history), {2, 4})
+    best = max(sorted(history), key=history.get)
+    self.assertEqual(selected["best_step"], best)
+    # The selected step's metrics: those logged at that step.
+    logged = {
+        r["step"]: r
+        for r in metric_logging.read_metrics(
+            os.path.join(workdir, "metrics.jsonl")
+        )
+        if "eval/holdout/ndcg@10" in r
+    }
+    for key, value in selected["best"].items():
+      self.assertAlmostEqual(logged[best][key], value, places=6)
+    mesh = train.make_mesh(config)
+    *_, step = kinds.load_run(workdir, mesh)
+    self.assertEqual(step, best)
+    # Whichever step the record names: make it step 2 (not the latest).
+    metric = config.train.select_metric
+    metric_logging.Selection(
+        os.path.join(workdir, metric_logging.SELECTION_FILE),
+        metric,
+        resume_step=4,
+    ).update(2, dict(logged[2], **{metric: 2.0}))
+    *_, step = kinds.load_run(workdir, mesh)
+    self.assertEqual(step, 2)
 
 
 class _FixedScores:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from retrieval_jax import checkpointing
+from retrieval_jax import metric_logging
 from retrieval_jax import pretrained
 from retrieval_jax import train_state
 from retrieval_jax.data import tokenizers
@@ -77,7 +78,8 @@ def load_run(
     kinds: the kinds the caller accepts (None: any); a run of another
       kind loads as its part of an accepted kind (`VIEWS`), else
       ValueError.
-    step: the checkpoint step; None for the latest.
+    step: the checkpoint step; None for the one `config.train.select_metric`
+      selected (`selected_step`), else the latest.
 
   Returns:
     (model, tokenizer, run config dict, checkpoint step).
@@ -122,6 +124,17 @@ def load_checkpoint(name_or_path, kind: str):
   return model, tokenizer, run_cfg, 0
 
 
+def selected_step(train_workdir) -> int | None:
+  """The step `config.train.select_metric` picked, or None (the latest)
+  for a run without model selection."""
+  picked = metric_logging.read_selection(train_workdir)
+  if picked is None:
+    return None
+  step, metric = picked
+  logging.info("%s: step %d, selected by %s", train_workdir, step, metric)
+  return step
+
+
 def _load_trained(train_workdir, mesh, *, kinds, step):
   """`load_run` of a train-mode workdir."""
   built = {}
@@ -153,6 +166,8 @@ def _load_trained(train_workdir, mesh, *, kinds, step):
         train_state.param_shardings(built["model_def"], params, mesh),
     )
 
+  if step is None:
+    step = selected_step(train_workdir)
   step, metadata, params = checkpointing.read_run_checkpoint(
       pathlib.Path(train_workdir) / "checkpoints", abstract, step
   )
