@@ -67,7 +67,9 @@ Arguments (`configs/train.py:a=1,b`):
              inference-free one with IDF-aware FLOPS; a cross_encoder
              distils the hybrid over groups from its dense first stage's
              top 20 (KL + InfoNCE), and with `scifact` 100 held-out
-             training queries pick the evaluated step (never test)
+             training queries pick the evaluated step (never test);
+             `first_stage=bm25`: groups from BM25's top 100, evaluated
+             re-ranking it (150 steps, held-out evaluations every 50)
   tevatron   train from a Tevatron JSONL file (data.format "tevatron";
              smoke: tests/fixtures/tevatron/train.jsonl, its negatives and
              its scores as the teacher)
@@ -332,6 +334,21 @@ def _cross_encoder_distill(config, arg) -> None:
   config.checkpoint.every_steps = 20
   # Keep every checkpoint (about 270 MB each with Adam's moments).
   config.checkpoint.max_to_keep = 0
+  if arg.first_stage == "bm25":
+    # Groups from BM25's top 100, the ranking it will then re-rank.
+    config.data.negatives = "bm25"
+    # The depth the evaluations re-rank.
+    config.data.negative_depth = 100
+    for ev in config.evals.values():
+      ev.first_stage = "bm25"
+      ev.rerank_depth = 100
+    # About 3 epochs of 51 steps: deeper lists need more steps.
+    config.train.num_steps = 150
+    # Re-ranking 100 candidates per query costs 4x the top 20's: fewer
+    # evaluations.
+    config.train.eval_every = 50
+    # A checkpoint at every evaluated step.
+    config.checkpoint.every_steps = 50
 
 
 def _pretrain_smoke(config, arg) -> None:
@@ -565,12 +582,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bpr=False,
       jpq=False,
       ar2=False,
+      first_stage="",
       adapt=False,
       target="scifact",
       pseudo_queries="",
       seed=0,
       shared=str(common.REPO_ROOT.parent / "shared" / "data"),
   )
+  if arg.first_stage not in ("", "dense", "bm25"):
+    raise ValueError(f"first_stage={arg.first_stage}: expected dense or bm25")
+  if arg.first_stage and not (
+      arg.scifact and arg.cross_encoder and arg.distill
+  ):
+    raise ValueError("first_stage=... is for scifact,cross_encoder,distill")
   limit = str(common.REPO_ROOT / "data" / "limit-small")
   config = ml_collections.ConfigDict()
 

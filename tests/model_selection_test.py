@@ -274,6 +274,28 @@ class CrossEncoderInfonceTest(absltest.TestCase):
     with self.assertRaisesRegex(ConfigError, "fixed first stage"):
       kinds.get(config.model).validate(config)
 
+  def test_each_first_stage_trains_and_evaluates_on_its_own_ranking(self):
+    for first_stage, negatives, depth in (
+        ("dense", "dense", 20),
+        ("bm25", "bm25", 100),
+    ):
+      config = train_config.get_config(
+          f"scifact,cross_encoder,distill,first_stage={first_stage}"
+      )
+      with self.subTest(first_stage=first_stage):
+        self.assertEqual(config.data.negatives, negatives)
+        self.assertEqual(config.data.negative_depth, depth)
+        for ev in config.evals.values():
+          self.assertEqual(
+              (ev.first_stage, ev.rerank_depth), (first_stage, depth)
+          )
+        every = config.train.eval_every
+        self.assertEqual(config.checkpoint.every_steps % every, 0)
+    with self.assertRaisesRegex(
+        ValueError, "for scifact,cross_encoder,distill"
+    ):
+      train_config.get_config("scifact,first_stage=bm25")
+
 
 if __name__ == "__main__":
   absltest.main()
