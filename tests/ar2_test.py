@@ -23,6 +23,7 @@ import optax
 from configs import train as train_config
 from retrieval_jax import checkpointing
 from retrieval_jax import losses
+from retrieval_jax import metric_logging
 from retrieval_jax import pretrained
 from retrieval_jax import sharding
 from retrieval_jax import steps
@@ -437,16 +438,16 @@ class NegativesTest(absltest.TestCase):
       )
 
 
-def _save_run(workdir, params, model_cfg):
-  """A one-checkpoint train workdir holding `params` and a model config."""
+def _save_run(workdir, params, model_cfg, step=3):
+  """A train workdir with a checkpoint of `params` at `step`."""
   state = {"step": np.zeros((), np.int32), "params": params}
   with checkpointing.Checkpointer(
       workdir / "checkpoints", save_interval_steps=1, max_to_keep=None
   ) as checkpointer:
     checkpointer.save(
-        3,
+        step,
         jax.device_put(state),
-        data={"step": 3, "seed": 0},
+        data={"step": step, "seed": 0},
         metadata={"config": {"model": model_cfg}},
         force=True,
     )
@@ -501,6 +502,35 @@ class WarmStartTest(absltest.TestCase):
     config.ar2.ranker_init = str(root / "missing")
     with self.assertRaisesRegex(ConfigError, "config.ar2.ranker_init="):
       ar2.KIND.initial_params(config, model_def, params, mesh)
+
+  def test_a_run_with_model_selection_gives_its_selected_step(self):
+    root = pathlib.Path(self.create_tempdir().full_path)
+    model = {"pretrained": "all-MiniLM-L6-v2", "architecture": "bert"}
+    model_cfg = dict(model, kind="bi_encoder")
+    early, late = (
+        train_state.split_model(test_util.tiny_encoder(VOCAB, seed=s))[1]
+        for s in (5, 8)
+    )
+    _save_run(root / "bi", early, model_cfg, step=3)
+    _save_run(root / "bi", late, model_cfg, step=6)
+    config = train_config.get_config("ar2,smoke")
+    config.unlock()
+    config.ar2.retriever_init = str(root / "bi")
+    model_def, params = train_state.split_model(_model())
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+    got = ar2.KIND.initial_params(config, model_def, params, mesh)
+    for a, b in zip(leaves(got["retriever"]), leaves(late)):
+      np.testing.assert_array_equal(a, b)  # no selection: the latest
+    selection = metric_logging.Selection(
+        str(root / "bi" / metric_logging.SELECTION_FILE), "eval/a/ndcg@10"
+    )
+    selection.update(3, {"eval/a/ndcg@10": 0.7})
+    selection.update(6, {"eval/a/ndcg@10": 0.6})
+    got = ar2.KIND.initial_params(config, model_def, params, mesh)
+    for a, b in zip(leaves(got["retriever"]), leaves(early)):
+      np.testing.assert_array_equal(a, b)
 
 
 class ValidateTest(absltest.TestCase):

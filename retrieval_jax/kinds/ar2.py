@@ -32,6 +32,7 @@ from retrieval_jax import checkpointing
 from retrieval_jax import encoding
 from retrieval_jax import errors
 from retrieval_jax import losses
+from retrieval_jax import metric_logging
 from retrieval_jax import optimizers
 from retrieval_jax import train_state
 from retrieval_jax.errors import ConfigError
@@ -560,7 +561,8 @@ class AR2(base.Kind):
 
   def initial_params(self, config, model_def, params, mesh):
     """`params` with `ar2.retriever_init` (a bi-encoder run) and
-    `ar2.ranker_init` (a cross-encoder run) read in, when set."""
+    `ar2.ranker_init` (a cross-encoder run) read in, when set: the step the
+    run's model selection picked, else its latest."""
     shardings = train_state.param_shardings(model_def, params, mesh)
     params = dict(params)
     for part, kind in ((RETRIEVER, "bi_encoder"), (RANKER, "cross_encoder")):
@@ -591,9 +593,12 @@ class AR2(base.Kind):
             shardings[part],
         )
 
+      picked = metric_logging.read_selection(workdir)
       try:
         step, _, params[part] = checkpointing.read_run_checkpoint(
-            pathlib.Path(workdir) / "checkpoints", abstract
+            pathlib.Path(workdir) / "checkpoints",
+            abstract,
+            None if picked is None else picked[0],
         )
       except (FileNotFoundError, errors.CheckpointError) as e:
         raise ConfigError(f"config.ar2.{key}={workdir!r}: {e}") from e
