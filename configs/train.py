@@ -107,6 +107,20 @@ top 20; warm starts from trained runs with
   python -m retrieval_jax.main --config configs/train.py:scifact,ar2 \
       --workdir /tmp/rj_ar2
 
+AR2 as its paper runs it, from separately trained models (the README's
+AR2 results; eval_before evaluates the two starting models on the same
+lists):
+
+  python -m retrieval_jax.main --config configs/train.py:scifact \
+      --workdir /tmp/rj_scifact
+  python -m retrieval_jax.main \
+      --config configs/train.py:scifact,cross_encoder,distill,first_stage=bm25 \
+      --workdir /tmp/rj_ce_bm25
+  python -m retrieval_jax.main --config configs/train.py:scifact,ar2 \
+      --workdir /tmp/rj_ar2_warm --config.train.eval_before=True \
+      --config.ar2.retriever_init=/tmp/rj_scifact \
+      --config.ar2.ranker_init=/tmp/rj_ce_bm25
+
 then each model of the run in the evaluate mode: the retriever
 (configs/evaluate.py --config.run=/tmp/rj_ar2), the ranker re-ranking it
 (configs/evaluate.py:retriever=rerank --config.run=/tmp/rj_ar2

@@ -453,10 +453,29 @@ def _save_run(workdir, params, model_cfg, step=3):
     )
 
 
+def _assert_same_leaves(got, want):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 class WarmStartTest(absltest.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    self.root = pathlib.Path(self.create_tempdir().full_path)
+    self.model = {"pretrained": "all-MiniLM-L6-v2", "architecture": "bert"}
+    self.config = train_config.get_config("ar2,smoke")
+    self.config.unlock()
+    self.model_def, self.params = train_state.split_model(_model())
+
+  def _initial_params(self):
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    return ar2.KIND.initial_params(
+        self.config, self.model_def, self.params, mesh
+    )
+
   def test_each_model_from_its_run(self):
-    root = pathlib.Path(self.create_tempdir().full_path)
+    root, config = self.root, self.config
     source = train_state.split_model(
         ar2.AR2Model(
             test_util.tiny_encoder(VOCAB, seed=5),
@@ -465,72 +484,53 @@ class WarmStartTest(absltest.TestCase):
             ),
         )
     )[1]
-    model = {"pretrained": "all-MiniLM-L6-v2", "architecture": "bert"}
-    _save_run(root / "bi", source["retriever"], dict(model, kind="bi_encoder"))
+    _save_run(
+        root / "bi", source["retriever"], dict(self.model, kind="bi_encoder")
+    )
     _save_run(
         root / "ce",
         source["ranker"],
-        dict(model, kind="cross_encoder", head="cls"),
+        dict(self.model, kind="cross_encoder", head="cls"),
     )
-    config = train_config.get_config("ar2,smoke")
-    config.unlock()
     config.ar2.retriever_init = str(root / "bi")
-    model_def, params = train_state.split_model(_model())
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-    got = ar2.KIND.initial_params(config, model_def, params, mesh)
-    for a, b in zip(leaves(got["retriever"]), leaves(source["retriever"])):
-      np.testing.assert_array_equal(a, b)
-    for a, b in zip(leaves(got["ranker"]), leaves(params["ranker"])):
-      np.testing.assert_array_equal(a, b)  # no ranker_init: as built
+    got = self._initial_params()
+    _assert_same_leaves(got["retriever"], source["retriever"])
+    # No ranker_init: as built.
+    _assert_same_leaves(got["ranker"], self.params["ranker"])
 
     config.ar2.ranker_init = str(root / "ce")
-    got = ar2.KIND.initial_params(config, model_def, params, mesh)
-    for a, b in zip(leaves(got["ranker"]), leaves(source["ranker"])):
-      np.testing.assert_array_equal(a, b)
+    _assert_same_leaves(self._initial_params()["ranker"], source["ranker"])
 
     config.ar2.ranker_init = str(root / "bi")
     with self.assertRaisesRegex(
         ConfigError, "config.ar2.ranker_init=.*'bi_encoder'"
     ):
-      ar2.KIND.initial_params(config, model_def, params, mesh)
+      self._initial_params()
     config.ar2.ranker_init = str(root / "ce")
     config.model.head = "emb"
     with self.assertRaisesRegex(ConfigError, "model.head='cls'"):
-      ar2.KIND.initial_params(config, model_def, params, mesh)
+      self._initial_params()
     config.ar2.ranker_init = str(root / "missing")
     with self.assertRaisesRegex(ConfigError, "config.ar2.ranker_init="):
-      ar2.KIND.initial_params(config, model_def, params, mesh)
+      self._initial_params()
 
   def test_a_run_with_model_selection_gives_its_selected_step(self):
-    root = pathlib.Path(self.create_tempdir().full_path)
-    model = {"pretrained": "all-MiniLM-L6-v2", "architecture": "bert"}
-    model_cfg = dict(model, kind="bi_encoder")
+    model_cfg = dict(self.model, kind="bi_encoder")
     early, late = (
         train_state.split_model(test_util.tiny_encoder(VOCAB, seed=s))[1]
         for s in (5, 8)
     )
-    _save_run(root / "bi", early, model_cfg, step=3)
-    _save_run(root / "bi", late, model_cfg, step=6)
-    config = train_config.get_config("ar2,smoke")
-    config.unlock()
-    config.ar2.retriever_init = str(root / "bi")
-    model_def, params = train_state.split_model(_model())
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-    got = ar2.KIND.initial_params(config, model_def, params, mesh)
-    for a, b in zip(leaves(got["retriever"]), leaves(late)):
-      np.testing.assert_array_equal(a, b)  # no selection: the latest
+    _save_run(self.root / "bi", early, model_cfg, step=3)
+    _save_run(self.root / "bi", late, model_cfg, step=6)
+    self.config.ar2.retriever_init = str(self.root / "bi")
+    # No selection.json: the latest step.
+    _assert_same_leaves(self._initial_params()["retriever"], late)
     selection = metric_logging.Selection(
-        str(root / "bi" / metric_logging.SELECTION_FILE), "eval/a/ndcg@10"
+        str(self.root / "bi" / metric_logging.SELECTION_FILE), "eval/a/ndcg@10"
     )
     selection.update(3, {"eval/a/ndcg@10": 0.7})
     selection.update(6, {"eval/a/ndcg@10": 0.6})
-    got = ar2.KIND.initial_params(config, model_def, params, mesh)
-    for a, b in zip(leaves(got["retriever"]), leaves(early)):
-      np.testing.assert_array_equal(a, b)
+    _assert_same_leaves(self._initial_params()["retriever"], early)
 
 
 class ValidateTest(absltest.TestCase):
