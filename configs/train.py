@@ -743,7 +743,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 2
   # Write in the background while training continues.
   config.checkpoint.async_save = True
-  # Another run's checkpoint directory to start from (params only).
+  # Another run's checkpoint directory to start from (params only; the step
+  # its run's model selection picked, else its latest).
   config.checkpoint.init_from = ""
 
   config.evals = ml_collections.ConfigDict()

@@ -688,13 +688,15 @@ def restore_params_from(
     abstract_params: PyTree,
     *,
     params_key: str = "params",
+    step: int | None = None,
 ) -> PyTree:
-  """Another run's latest good params, read-only (safe while it trains)."""
+  """Another run's params at `step` (None: its latest good one), read-only
+  (safe while it trains)."""
   manager = open_read_only(directory)
   try:
     return _restore_first_good(
         manager,
-        None,
+        step,
         lambda s: _restore_params(manager, s, abstract_params, params_key),
         move_aside=False,
     )[1]
@@ -762,12 +764,14 @@ def resume_or_init(
     *,
     init_fn: Callable[[], PyTree],
     init_from: str | os.PathLike = "",
+    init_step: int | None = None,
     params_key: str = "params",
     check_metadata: Callable[[int, dict], None] | None = None,
 ) -> tuple[PyTree, dict | None, str]:
   """Returns `(state, data, source)` in the module's resume order.
 
-  `init_fn` builds a fresh sharded state; `init_from`: a run directory or "".
+  `init_fn` builds a fresh sharded state; `init_from`: a run directory or "",
+  read at `init_step` (None: its latest good step).
   `data`: the saved loader position or None; `source`: "checkpoint:<step>",
   "init_from:<dir>" or "scratch". `check_metadata`: see `restore`. A run
   whose checkpoints all fail to restore raises; it never restarts silently.
@@ -781,10 +785,14 @@ def resume_or_init(
     init_from = os.fspath(init_from)
     # Before init_fn, so a bad init_from fails before a slow initialisation.
     params = restore_params_from(
-        init_from, _get(abstract_state, params_key), params_key=params_key
+        init_from,
+        _get(abstract_state, params_key),
+        params_key=params_key,
+        step=init_step,
     )
     state, data = _replace(init_fn(), params_key, params), None
     source = f"init_from:{init_from}"
+    source += "" if init_step is None else f"@{init_step}"
   else:
     state, data, source = init_fn(), None, "scratch"
   logging.info("train state from %s", source)

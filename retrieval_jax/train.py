@@ -13,7 +13,8 @@ Resume order (the first that applies):
      never stopped (same batches, same dropout keys). A config change that
      alters the state is refused (`check_resume_config`);
   2. `config.checkpoint.init_from`: params from another run's checkpoint
-     directory, fresh optimizer, step 0;
+     directory (the step its model selection picked, else its latest),
+     fresh optimizer, step 0;
   3. scratch: the pretrained weights of `config.model.pretrained`.
 
 SIGTERM/SIGINT in the loop: the step finishes, is saved, errors.Interrupted.
@@ -728,6 +729,19 @@ def train_and_evaluate(
     return _train_and_evaluate(config, workdir)
 
 
+def init_from_step(init_from: str) -> int | None:
+  """The step to read from `checkpoint.init_from` (a run's checkpoints
+  directory): the one its run's model selection picked, else None (the
+  latest)."""
+  if not init_from:
+    return None
+  picked = metric_logging.read_selection(pathlib.Path(init_from).parent)
+  if picked is None:
+    return None
+  logging.info("init_from %s: step %d, selected by %s", init_from, *picked)
+  return picked[0]
+
+
 def _resume(config, config_json, checkpointer, layout, init_fn):
   """`(state, start step, source)`: `resume_or_init` with the config checks."""
   changed = {}
@@ -744,6 +758,7 @@ def _resume(config, config_json, checkpointer, layout, init_fn):
         layout.abstract,
         init_fn=init_fn,
         init_from=config.checkpoint.init_from,
+        init_step=init_from_step(config.checkpoint.init_from),
         check_metadata=check_metadata,
     )
   except checkpointing.IncompatibleStateError as e:

@@ -658,6 +658,32 @@ class ResumeOrInitTest(absltest.TestCase):
     self.assertEqual(int(state["step"]), 0)
     _assert_shardings(self, state, self.abstract)
 
+  def test_init_from_at_a_given_step(self):
+    other = self.create_tempdir().full_path
+    states = {
+        step: _make_state(self.mesh, sharding.FSDP, seed=seed, step=step)
+        for step, seed in ((900, 5), (950, 6))
+    }
+    with self._checkpointer(other) as other_ckpt:
+      for step, state in states.items():
+        other_ckpt.save(step, state, data={"step": step}, metadata={})
+    for init_step, want in ((None, 950), (900, 900)):
+      ckpt = self._checkpointer(self.create_tempdir().full_path)
+      state, _, source = checkpointing.resume_or_init(
+          ckpt,
+          self.abstract,
+          init_fn=self._init_fn,
+          init_from=other,
+          init_step=init_step,
+      )
+      with self.subTest(init_step=init_step):
+        _assert_trees_equal(
+            self, state["params"], _host(states[want]["params"])
+        )
+        self.assertEqual(
+            source, f"init_from:{other}" + ("" if init_step is None else "@900")
+        )
+
   def test_own_checkpoint_wins_over_init_from(self):
     other = self.create_tempdir().full_path
     with self._checkpointer(other) as other_ckpt:

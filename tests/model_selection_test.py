@@ -138,6 +138,18 @@ class SelectionTest(absltest.TestCase):
     self.assertEqual(metric_logging.read_selection(workdir), (20, "eval/a/b"))
     self.assertEqual(kinds.selected_step(workdir), 20)
 
+  def test_init_from_reads_the_selected_step(self):
+    workdir = self.create_tempdir().full_path
+    checkpoints = os.path.join(workdir, "checkpoints")
+    self.assertIsNone(train.init_from_step(""))
+    self.assertIsNone(train.init_from_step(checkpoints))
+    selection = metric_logging.Selection(
+        os.path.join(workdir, metric_logging.SELECTION_FILE), "eval/a/map"
+    )
+    selection.update(20, {"eval/a/map": 0.5})
+    selection.update(40, {"eval/a/map": 0.4})
+    self.assertEqual(train.init_from_step(checkpoints), 20)
+
   def test_unknown_metric(self):
     path = os.path.join(self.create_tempdir().full_path, "selection.json")
     selection = metric_logging.Selection(path, "eval/holdout/ndcg@10")
