@@ -772,3 +772,106 @@ def read_sequence_classifier(
     out["pooler_bias_d"] = np.asarray(state_dict[bias], np.float32)
   out["bias"] = np.asarray(out["bias"], np.float32)
   return out
+
+
+# The reference M2-BERT's buffers (recomputed here, never loaded) and the
+# aliases of its one shared sine frequency per filter.
+_M2_SKIPPED = re.compile(
+    r"(^embeddings\.position_ids$|\.pos_emb\.t$|\.modulation\.deltas$"
+    r"|\.implicit_filter\.[35]\.freq$|\.implicit_filter_rev\.[135]\.freq$)"
+)
+
+
+def load_m2_state_dict(model, state_dict, *, source: str = "state dict"):
+  """Writes a reference M2-BERT state dict (HazyResearch/m2's `BertModel`,
+  keys as its `state_dict()`, optionally under a `bert.` prefix) into the
+  `m2_encoder.M2Encoder` `model`, in place.
+
+  The key map is the README's (M2 section). Every tensor under the prefix
+  must be used and every variable of `model` written: a missing, extra or
+  mis-shaped tensor raises DataError naming `source` and the key.
+  """
+  anchor = "embeddings.word_embeddings.weight"
+  prefixes = [k[: -len(anchor)] for k in state_dict if k.endswith(anchor)]
+  if len(prefixes) != 1:
+    raise errors.DataError(
+        source, None, f"expected one '*{anchor}' tensor, found {len(prefixes)}"
+    )
+  prefix = prefixes[0]
+  used = set()
+
+  def get(key, transform=lambda a: a):
+    full = prefix + key
+    if full not in state_dict:
+      raise errors.DataError(source, None, f"no tensor {full!r}")
+    used.add(full)
+    return transform(np.asarray(state_dict[full]))
+
+  def put(variable, key, transform=lambda a: a):
+    value = get(key, transform)
+    if variable[...].shape != value.shape:
+      raise errors.DataError(
+          source,
+          None,
+          f"{prefix + key!r} has shape {value.shape} after the key map; the"
+          f" model expects {variable[...].shape} (check the M2 config)",
+      )
+    variable[...] = jnp.asarray(value, variable[...].dtype)
+
+  t = lambda a: a.T
+  e = model.embeddings
+  put(e.word_vd, "embeddings.word_embeddings.weight")
+  put(e.position_pd, "embeddings.position_embeddings.weight")
+  put(e.type_td, "embeddings.token_type_embeddings.weight")
+  put(e.norm.scale_d, "embeddings.LayerNorm.weight")
+  put(e.norm.bias_d, "embeddings.LayerNorm.bias")
+
+  def put_filter(f, p):
+    put(f.bias_h, p + "bias")
+    put(f.pos_emb_le, p + "pos_emb.z", lambda a: a[0])
+    put(f.sin_freq_o, p + "implicit_filter.1.freq", lambda a: a[0])
+    towers = [("fwd", "implicit_filter")]
+    towers += [("rev", "implicit_filter_rev")] if f.bidirectional else []
+    for ours, theirs in towers:
+      for j, shape in ((0, "eo"), (1, "oo"), (2, "oo")):
+        put(
+            getattr(f, f"{ours}_w{j}_{shape}"), f"{p}{theirs}.{2 * j}.weight", t
+        )
+        put(getattr(f, f"{ours}_b{j}_o"), f"{p}{theirs}.{2 * j}.bias")
+      put(getattr(f, f"{ours}_w3_oh"), f"{p}{theirs}.6.weight", t)
+
+  for i, layer in enumerate(model.layers):
+    p, mixer = f"encoder.layer.{i}.", layer.mixer
+    a = p + "attention."
+    put(mixer.in_proj_dc, a + "in_linear.weight", t)
+    put(mixer.in_bias_c, a + "in_linear.bias")
+    put(mixer.short_conv_ck, a + "short_filter.weight", lambda w: w[:, 0, :])
+    put(mixer.short_conv_bias_c, a + "short_filter.bias")
+    put(mixer.out_proj_dd, a + "out_linear.weight", t)
+    put(mixer.out_bias_d, a + "out_linear.bias")
+    put_filter(mixer.filter, a + "filter_fn.")
+    if mixer.residual_long_conv:
+      put_filter(mixer.residual_filter, a + "filter_fn2.")
+    put(layer.mlp.gate.weight_gqp, p + "mlp.gated_layers.weight")
+    put(layer.mlp.out.weight_gqp, p + "mlp.wo.weight")
+    put(layer.mlp.out.bias_o, p + "mlp.wo.bias")
+    put(layer.mlp.norm.scale_d, p + "mlp.layernorm.weight")
+    put(layer.mlp.norm.bias_d, p + "mlp.layernorm.bias")
+  if hasattr(model, "pooler_dd"):
+    put(model.pooler_dd, "pooler.dense.weight", t)
+    put(model.pooler_bias_d, "pooler.dense.bias")
+  extra = sorted(
+      k
+      for k in state_dict
+      if k.startswith(prefix)
+      and k not in used
+      and not _M2_SKIPPED.search(k[len(prefix) :])
+  )
+  if extra:
+    raise errors.DataError(
+        source,
+        None,
+        f"{len(extra)} tensors this M2 encoder has no place for, e.g."
+        f" {extra[:3]} (a different layer count, or options it does not"
+        " implement such as hyena_training_additions)",
+    )
