@@ -373,6 +373,17 @@ def read_selection(workdir: str | os.PathLike) -> tuple[int, str] | None:
   return int(record["best_step"]), record["metric"]
 
 
+def selected_step(workdir: str | os.PathLike) -> int | None:
+  """The step a run's `config.train.select_metric` picked, or None (the
+  latest) for a run without model selection."""
+  picked = read_selection(workdir)
+  if picked is None:
+    return None
+  step, metric = picked
+  logging.info("%s: step %d, selected by %s", workdir, step, metric)
+  return step
+
+
 class Selection:
   """Model selection on one evaluation metric (higher is better).
 

@@ -735,11 +735,7 @@ def init_from_step(init_from: str) -> int | None:
   latest)."""
   if not init_from:
     return None
-  picked = metric_logging.read_selection(pathlib.Path(init_from).parent)
-  if picked is None:
-    return None
-  logging.info("init_from %s: step %d, selected by %s", init_from, *picked)
-  return picked[0]
+  return metric_logging.selected_step(pathlib.Path(init_from).parent)
 
 
 def _resume(config, config_json, checkpointer, layout, init_fn):

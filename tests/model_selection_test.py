@@ -130,13 +130,13 @@ class SelectionTest(absltest.TestCase):
 
   def test_the_selected_step_is_the_runs_model(self):
     workdir = self.create_tempdir().full_path
-    self.assertIsNone(kinds.selected_step(workdir))
+    self.assertIsNone(metric_logging.selected_step(workdir))
     path = os.path.join(workdir, metric_logging.SELECTION_FILE)
     selection = metric_logging.Selection(path, "eval/a/b")
     for step, value in ((10, 0.2), (20, 0.4), (30, 0.3)):
       selection.update(step, {"eval/a/b": value})
     self.assertEqual(metric_logging.read_selection(workdir), (20, "eval/a/b"))
-    self.assertEqual(kinds.selected_step(workdir), 20)
+    self.assertEqual(metric_logging.selected_step(workdir), 20)
 
   def test_init_from_reads_the_selected_step(self):
     workdir = self.create_tempdir().full_path

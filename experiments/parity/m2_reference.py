@@ -178,7 +178,6 @@ def main() -> None:
         ),
     }
     print(json.dumps(report))
-  (args.out / "sizes.json").write_text(json.dumps(SIZES, indent=1) + "\n")
 
 
 if __name__ == "__main__":

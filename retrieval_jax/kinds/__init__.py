@@ -79,7 +79,7 @@ def load_run(
       kind loads as its part of an accepted kind (`VIEWS`), else
       ValueError.
     step: the checkpoint step; None for the one `config.train.select_metric`
-      selected (`selected_step`), else the latest.
+      selected (`metric_logging.selected_step`), else the latest.
 
   Returns:
     (model, tokenizer, run config dict, checkpoint step).
@@ -124,17 +124,6 @@ def load_checkpoint(name_or_path, kind: str):
   return model, tokenizer, run_cfg, 0
 
 
-def selected_step(train_workdir) -> int | None:
-  """The step `config.train.select_metric` picked, or None (the latest)
-  for a run without model selection."""
-  picked = metric_logging.read_selection(train_workdir)
-  if picked is None:
-    return None
-  step, metric = picked
-  logging.info("%s: step %d, selected by %s", train_workdir, step, metric)
-  return step
-
-
 def _load_trained(train_workdir, mesh, *, kinds, step):
   """`load_run` of a train-mode workdir."""
   built = {}
@@ -167,7 +156,7 @@ def _load_trained(train_workdir, mesh, *, kinds, step):
     )
 
   if step is None:
-    step = selected_step(train_workdir)
+    step = metric_logging.selected_step(train_workdir)
   step, metadata, params = checkpointing.read_run_checkpoint(
       pathlib.Path(train_workdir) / "checkpoints", abstract, step
   )

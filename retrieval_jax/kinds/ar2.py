@@ -593,12 +593,11 @@ class AR2(base.Kind):
             shardings[part],
         )
 
-      picked = metric_logging.read_selection(workdir)
       try:
         step, _, params[part] = checkpointing.read_run_checkpoint(
             pathlib.Path(workdir) / "checkpoints",
             abstract,
-            None if picked is None else picked[0],
+            metric_logging.selected_step(workdir),
         )
       except (FileNotFoundError, errors.CheckpointError) as e:
         raise ConfigError(f"config.ar2.{key}={workdir!r}: {e}") from e
