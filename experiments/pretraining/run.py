@@ -159,25 +159,49 @@ def _children_cpu_s() -> float:
 
 @dataclasses.dataclass
 class Runner:
-  """Runs commands once each, accumulating their CPU and wall seconds."""
+  """Runs commands once each, accumulating their CPU and wall seconds.
+
+  A finished step's arguments (the workdir written as `<workdir>`) are kept
+  in commands.json; a rerun with other arguments for a finished step (say
+  another `scratch.num_steps`) is an error instead of a stale row.
+  """
 
   workdir: pathlib.Path
+  main: tuple[str, ...] = _MAIN
 
   @property
   def times_path(self) -> pathlib.Path:
     return self.workdir / "cpu_seconds.json"
+
+  @property
+  def commands_path(self) -> pathlib.Path:
+    return self.workdir / "commands.json"
 
   def times(self) -> dict:
     if self.times_path.is_file():
       return json.loads(self.times_path.read_text())
     return {}
 
+  def _commands(self) -> dict:
+    if self.commands_path.is_file():
+      return json.loads(self.commands_path.read_text())
+    return {}
+
   def step(self, name: str, args: list[str], done: pathlib.Path) -> None:
     """Runs `retrieval_jax.main args` unless `done` exists."""
+    recorded = [a.replace(str(self.workdir), "<workdir>") for a in args]
     if done.is_file():
+      before = self._commands().get(name)
+      if before is not None and before != recorded:
+        changed = sorted(set(recorded) ^ set(before))
+        raise errors.ConfigError(
+            f"step {name} finished in {done.parent} with other arguments "
+            f"(differing: {changed}); use another --workdir or delete "
+            f"{done.parent}"
+        )
       print(f"= {name}: done ({done.parent})", flush=True)
       return
-    cmd = [*_MAIN, *args]
+    cmd = [*self.main, *args]
     print(f"+ [{name}] {shlex.join(cmd)}", flush=True)
     cpu, wall = _children_cpu_s(), time.perf_counter()
     try:
@@ -193,6 +217,9 @@ class Runner:
       total["cpu_s"] += _children_cpu_s() - cpu
       total["wall_s"] += time.perf_counter() - wall
       io.write_json_atomic(self.times_path, times)
+    io.write_json_atomic(
+        self.commands_path, {**self._commands(), name: recorded}
+    )
 
 
 def _flags(**values) -> list[str]:
