@@ -17,6 +17,7 @@ run's corpus) or the pretrained embeddings (another corpus).
       --config experiments/lth/config.py --workdir /tmp/rj_lth
 """
 
+import ast
 import json
 import pathlib
 import time
@@ -120,11 +121,18 @@ def baselines(config, name: str, workdir: pathlib.Path):
 
 def train_run(config, name: str, workdir: pathlib.Path) -> pathlib.Path:
   """Trains `config.runs[name]` into <workdir>/runs/<name> (or reuses it)."""
-  spec = config.runs[name]
   run_dir = workdir / "runs" / name
   if (run_dir / "results.json").is_file():
     logging.info("%s: reusing the trained run in %s", name, run_dir)
     return run_dir
+  train.train_and_evaluate(training_config(config, name, workdir), run_dir)
+  return run_dir
+
+
+def training_config(config, name: str, workdir: pathlib.Path):
+  """configs/train.py's config of `config.runs[name]`, with its overrides;
+  an adaptation run's pseudo-queries are written first."""
+  spec = config.runs[name]
   arg = spec.train_arg
   if spec.adapt:
     pairs = workdir / "pseudo_queries" / f"{spec.adapt}.jsonl"
@@ -136,6 +144,18 @@ def train_run(config, name: str, workdir: pathlib.Path) -> pathlib.Path:
       logging.info("pseudo-queries: %s", summary)
     arg += f",pseudo_queries={pairs}"
   cfg = train_config.get_config(arg)
+  for override in spec.overrides:
+    # Locked: a key the training config lacks is an error, not a new key.
+    key, sep, value = override.partition("=")
+    try:
+      if not sep:
+        raise ValueError("no '='")
+      cfg.update_from_flattened_dict({key: ast.literal_eval(value)})
+    except (AttributeError, KeyError, ValueError, SyntaxError, TypeError) as e:
+      raise errors.ConfigError(
+          f"config.runs.{name}.overrides: {override!r} is not key=value of "
+          f"a key of the training config ({e})"
+      ) from None
   cfg.unlock()
   corpus = pathlib.Path(cfg.data.corpus_path or cfg.data.path)
   if (
@@ -162,8 +182,7 @@ def train_run(config, name: str, workdir: pathlib.Path) -> pathlib.Path:
       and cfg.model.pretrained == config.model.pretrained
   ):
     cfg.model.jpq_init = str(embeddings / "corpus_embeddings.npy")
-  train.train_and_evaluate(cfg, run_dir)
-  return run_dir
+  return cfg
 
 
 def _same_corpus(run_cfg: dict, path: str) -> bool:

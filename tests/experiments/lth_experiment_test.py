@@ -4,7 +4,9 @@ Each pseudo-query is a piece of its own document (its title, one of its
 sentences, or a run of its words within the crop bounds), the positive is
 the document exactly as the corpus has it (the training data reads no
 other text), the draws repeat under a seed, and the file loads as training
-pairs over the corpus.
+pairs over the corpus. A run's training-config overrides apply, and one
+naming a key the training config lacks (or a value of the wrong type) is an
+error naming the run.
 """
 
 import json
@@ -14,7 +16,10 @@ import pathlib
 from absl.testing import absltest
 import numpy as np
 
+from experiments.lth import config as lth_config
 from experiments.lth import pseudo_queries
+from experiments.lth import run as lth_run
+from retrieval_jax import errors
 from retrieval_jax.data import beir
 from retrieval_jax.data import pipeline
 from retrieval_jax.data import spans
@@ -91,6 +96,34 @@ class PseudoQueriesTest(absltest.TestCase):
     )
     self.assertEqual(data.num_pairs, summary["num_pairs"])
     self.assertTrue(np.all([len(ex.positive_ids) == 1 for ex in data.examples]))
+
+
+class OverridesTest(absltest.TestCase):
+
+  def _config(self, *overrides):
+    config = lth_config.get_config("smoke")
+    with config.unlocked():
+      config.runs.bpr.overrides = overrides
+    return config
+
+  def test_overrides_apply(self):
+    workdir = pathlib.Path(self.create_tempdir())
+    plain = lth_run.training_config(self._config(), "bpr", workdir)
+    cfg = lth_run.training_config(
+        self._config("train.num_steps=7", "model.bpr_hashnet_gamma=0.5"),
+        "bpr",
+        workdir,
+    )
+    self.assertEqual((plain.train.num_steps, cfg.train.num_steps), (2, 7))
+    self.assertEqual(cfg.model.bpr_hashnet_gamma, 0.5)
+
+  def test_a_bad_override_names_the_run(self):
+    workdir = pathlib.Path(self.create_tempdir())
+    for bad in ("train.nope=3", "train.num_steps='x'", "train.num_steps"):
+      with self.subTest(bad), self.assertRaisesRegex(
+          errors.ConfigError, r"config\.runs\.bpr\.overrides: .*train\."
+      ):
+        lth_run.training_config(self._config(bad), "bpr", workdir)
 
 
 if __name__ == "__main__":
