@@ -25,6 +25,11 @@ Arguments (`configs/m2_long_docs.py:a=1,b`):
                model at that length: an accelerator job)
   loss=NAME    infonce (default) | orthogonal_projection (one-query
                batches) | any key of retrieval_jax.losses.LOSSES
+  pretrain=crop  no queries: crop + MoCo pairs of the long documents
+               themselves (configs/train.py:pretrain_crop's spans and
+               queue), crops of up to half a document (2,048 tokens) read
+               against crops of up to 4,096; evaluated on the same test
+               queries
   seed=N       data order, initialisation and dropout seed
   shared=DIR   where the shared collections live (default ../shared/data)
 """
@@ -42,10 +47,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       smoke=False,
       model="small",
       loss="infonce",
+      pretrain="",
       seed=0,
       shared=str(common.REPO_ROOT.parent / "shared" / "data"),
   )
-  config = train_config.get_config(f"seed={arg.seed},loss={arg.loss}")
+  if arg.pretrain not in ("", "crop"):
+    raise ValueError(f"pretrain={arg.pretrain}: expected crop")
+  pretrain = "pretrain_crop," if arg.pretrain else ""
+  config = train_config.get_config(
+      f"{pretrain}seed={arg.seed},loss={arg.loss},shared={arg.shared}"
+  )
   config.unlock()
 
   config.long_docs = ml_collections.ConfigDict()
@@ -102,23 +113,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.m2.seed = arg.seed
 
   data = config.data
-  # The built collection is a BEIR directory.
-  data.format = "beir"
   # Filled in at start-up with the built collection (long_docs.out_dir).
   data.path = ""
-  # Its train queries (SciFact's train judgments).
-  data.train_split = "train"
-  # In-batch negatives only: a hard negative would double the documents
-  # encoded per step.
-  data.negatives = "none"
-  # Documents per query in a batch: its positive only.
-  data.group_size = 1
-  # One positive document per query.
-  data.max_positives = 1
-  # Query token budget.
-  data.query_max_length = 48
-  # Documents are read whole.
-  data.passage_max_length = model.max_length
+  if not arg.pretrain:
+    # The built collection is a BEIR directory.
+    data.format = "beir"
+    # Its train queries (SciFact's train judgments).
+    data.train_split = "train"
+    # In-batch negatives only: a hard negative would double the documents
+    # encoded per step.
+    data.negatives = "none"
+    # Documents per query in a batch: its positive only.
+    data.group_size = 1
+    # One positive document per query.
+    data.max_positives = 1
+    # Query token budget.
+    data.query_max_length = 48
+    # Documents are read whole.
+    data.passage_max_length = model.max_length
 
   # Softmax temperature for the contrastive losses.
   config.loss.temperature = 0.05
@@ -183,5 +195,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.grad_cache_chunks = (0, 0)
     config.checkpoint.every_steps = 2
 
+  if arg.pretrain:
+    _pretrain(config, smoke=arg.smoke)
   config.lock()
   return config
+
+
+def _pretrain(config, *, smoke: bool) -> None:
+  """Crop + MoCo on the built collection's documents (no queries): the
+  pair settings of configs/train.py:pretrain_crop at long-document size."""
+  # Crops of 10-50 % of a document's first max_length tokens.
+  config.data.passage_max_length = config.model.max_length
+  # A query crop is at most half of that window.
+  config.data.query_max_length = config.model.max_length // 2
+  # MoCo has no GradCache: whole batches.
+  config.train.grad_cache_chunks = (0, 0)
+  # Keys of past batches: 32 batches of 8, under half of the 565 documents
+  # (keys of a batch's own documents are not negatives: kinds/moco.py).
+  config.model.moco_queue_size = 32 * config.train.batch_size
+  # The untrained model's row (step 0) and the pretrained one's.
+  config.train.eval_before = True
+  if smoke:
+    return
+  # About 2.8 passes over the 565 documents.
+  config.train.num_steps = 200
+  # Checkpoint every N steps.
+  config.checkpoint.every_steps = 25

@@ -25,12 +25,12 @@ import test_util
 from test_util import REPO
 
 
-def _run(workdir, *extra):
+def _run(workdir, *extra, variant="smoke"):
   cmd = [
       sys.executable,
       "-m",
       "retrieval_jax.main",
-      "--config=configs/m2_long_docs.py:smoke",
+      f"--config=configs/m2_long_docs.py:{variant}",
       f"--workdir={workdir}",
       *extra,
   ]
@@ -143,6 +143,30 @@ class M2LongDocsTest(absltest.TestCase):
     # Padding-invariant encoder: alone or next to a longer text, the same.
     alone = np.asarray(model.encode_passages(texts[:1]))
     np.testing.assert_allclose(alone[0], emb[0], atol=1e-5)
+
+
+class M2PretrainCropTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_crop_moco_on_the_long_documents(self):
+    workdir = tempfile.mkdtemp(prefix="rj_m2_crop_e2e_")
+    run = _run(workdir, variant="smoke,pretrain=crop")
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    with open(f"{workdir}/results.json") as f:
+      results = json.load(f)
+    self.assertEqual(results["steps"], 4)
+    for when in ("before", "after"):
+      self.assertBetween(results[when]["eval/long_docs/ndcg@10"], 0.0, 1.0)
+    # The MoCo kind: step 1 has the batch's other 3 keys as negatives, and
+    # every later step more, from the queue of past keys.
+    with open(f"{workdir}/metrics.jsonl") as f:
+      rows = [json.loads(line) for line in f]
+    negatives = [
+        r["train/num_negatives"] for r in rows if "train/num_negatives" in r
+    ]
+    self.assertLen(negatives, 4)
+    self.assertEqual(negatives[0], 3)
+    self.assertEqual(negatives, sorted(set(negatives)))
 
 
 if __name__ == "__main__":
