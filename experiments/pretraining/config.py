@@ -59,8 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scratch = ml_collections.ConfigDict()
   # Objectives, in order: "ict", "crop" (+ MoCo), "revela".
   config.scratch.objectives = ("ict", "crop", "revela")
-  # Optimizer steps per run.
-  config.scratch.num_steps = 2000
+  # Optimizer steps per run (README.md, second table; about 3 CPU-s a step).
+  config.scratch.num_steps = 600
   # Peak learning rate (10 % warm-up, linear decay): from scratch.
   config.scratch.learning_rate = 5e-4
   # Checkpoint every N steps (a killed run resumes from there).
@@ -85,8 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.continued.pretrained = "all-MiniLM-L6-v2"
   # Corpus of the continued pretraining.
   config.continued.corpus = f"{arg.shared}/scifact"
-  # Optimizer steps (configs/train.py:pretrain_crop's 200: ~1.2 epochs).
-  config.continued.num_steps = 200
+  # Optimizer steps (0.6 epochs of SciFact's corpus at batch 32).
+  config.continued.num_steps = 100
   # Peak learning rate (Contriever's for a pretrained BERT).
   config.continued.learning_rate = 5e-5
   # Checkpoint every N steps.
