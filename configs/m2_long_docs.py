@@ -15,6 +15,12 @@ whole document (up to 4,096 tokens), which no 512-token encoder can.
   python -m retrieval_jax.main --config configs/m2_long_docs.py \
       --workdir /tmp/rj_m2_long_docs
 
+Crop + MoCo pretraining of the same M2 on the long documents alone (no
+queries; smoke: `:smoke,pretrain=crop`):
+
+  python -m retrieval_jax.main --config configs/m2_long_docs.py:pretrain=crop \
+      --workdir /tmp/rj_m2_crop
+
 Results and the baselines (BM25; all-MiniLM-L6-v2 truncated at 512 tokens)
 are in experiments/m2_long_docs/README.md.
 
