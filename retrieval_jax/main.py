@@ -368,7 +368,7 @@ def main(argv):
   from retrieval_jax import io
   from retrieval_jax import metric_logging
   from retrieval_jax import sharding
-  from retrieval_jax import train
+  from retrieval_jax import train_checks
   import jax
   # pylint: enable=g-import-not-at-top
 
@@ -409,7 +409,7 @@ def main(argv):
 
   try:
     if "mesh" in config:  # before the first device query
-      train.check_mesh(config)
+      train_checks.check_mesh(config)
   except errors.ConfigError as e:
     if debug:
       raise
@@ -443,9 +443,9 @@ def main(argv):
     )
   try:  # the values checked before the workdir is touched
     if mode == "train":
-      train.validate_settings(config)
+      train_checks.validate_settings(config)
     if mode != "export" and "mesh" in config:  # export uses one device
-      train.make_mesh(config)
+      train_checks.make_mesh(config)
   except errors.ConfigError as e:
     if debug:
       raise

@@ -28,6 +28,7 @@ from retrieval_jax import pretrained
 from retrieval_jax import sharding
 from retrieval_jax import steps
 from retrieval_jax import train
+from retrieval_jax import train_checks
 from retrieval_jax import train_state
 from retrieval_jax.data import features
 from retrieval_jax.data import negatives
@@ -571,16 +572,16 @@ class ValidateTest(absltest.TestCase):
     config.unlock()
     config.data.refresh_steps = 3  # with BM25 negatives
     with self.assertRaisesRegex(ConfigError, "config.data.refresh_steps=3"):
-      train.validate(config, mesh)
+      train_checks.validate(config, mesh)
     config.data.negatives = "dense"
     config.data.refresh_epochs = 1.0
     with self.assertRaisesRegex(ConfigError, "set one of them to 0"):
-      train.validate(config, mesh)
+      train_checks.validate(config, mesh)
     config.data.refresh_epochs = 0.0
-    train.validate(config, mesh)
+    train_checks.validate(config, mesh)
     config.data.refresh_steps = -1
     with self.assertRaisesRegex(ConfigError, "config.data.refresh_steps=-1"):
-      train.validate(config, mesh)
+      train_checks.validate(config, mesh)
 
 
 if __name__ == "__main__":

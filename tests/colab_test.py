@@ -97,7 +97,8 @@ class TpuNotebookTest(parameterized.TestCase):
         c for c in cells[:train_cell] if "raise SystemExit" not in c
     )
     code += textwrap.dedent("""
-        train.validate(config, mesh)
+        from retrieval_jax import train_checks
+        train_checks.validate(config, mesh)
         print(json.dumps({"mesh": dict(mesh.shape),
                           "batch_size": config.train.batch_size}))
         """)

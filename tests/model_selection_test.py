@@ -18,6 +18,7 @@ from configs import train as train_config
 from retrieval_jax import kinds
 from retrieval_jax import metric_logging
 from retrieval_jax import train
+from retrieval_jax import train_checks
 from retrieval_jax.data import beir
 from retrieval_jax.data import pipeline
 from retrieval_jax.errors import ConfigError
@@ -162,7 +163,7 @@ class SelectionTest(absltest.TestCase):
       config.train.select_metric = "eval/holdout/ndcg@10"
       config.train.eval_every = 4
       config.checkpoint.max_to_keep = 0
-    train.validate_settings(config)
+    train_checks.validate_settings(config)
     cases = [
         ("ndcg@10", 4, 0, "expected 'eval/<config.evals name>/<measure>'"),
         ("eval/other/ndcg@10", 4, 0, "no block 'other' measuring 'ndcg@10'"),
@@ -178,7 +179,7 @@ class SelectionTest(absltest.TestCase):
         config.checkpoint.max_to_keep = keep
       with self.subTest(metric=metric, every=every, keep=keep):
         with self.assertRaisesRegex(ConfigError, regex):
-          train.validate_settings(config)
+          train_checks.validate_settings(config)
 
 
 class SelectedRunTest(absltest.TestCase):
@@ -206,7 +207,7 @@ class SelectedRunTest(absltest.TestCase):
     }
     for key, value in selected["best"].items():
       self.assertAlmostEqual(logged[best][key], value, places=6)
-    mesh = train.make_mesh(config)
+    mesh = train_checks.make_mesh(config)
     *_, step = kinds.load_run(workdir, mesh)
     self.assertEqual(step, best)
     # Whichever step the record names: make it step 2 (not the latest).

@@ -9,6 +9,7 @@ from configs import train as train_config
 from retrieval_jax import errors
 from retrieval_jax import metric_logging
 from retrieval_jax import train
+from retrieval_jax import train_checks
 
 
 def _smoke(**overrides):
@@ -48,11 +49,11 @@ class SettingsTest(parameterized.TestCase):
     with self.assertRaisesRegex(
         errors.ConfigError, r"config.mesh.shape=\(3, 1, 1\): .*needs 3"
     ):
-      train.make_mesh(_smoke(**{"mesh.shape": (3, 1, 1)}))
+      train_checks.make_mesh(_smoke(**{"mesh.shape": (3, 1, 1)}))
 
   def test_defaults_pass(self):
-    train.validate_settings(_smoke())
-    train.validate_settings(train_config.get_config())
+    train_checks.validate_settings(_smoke())
+    train_checks.validate_settings(train_config.get_config())
 
 
 class _Checkpointer:
@@ -95,14 +96,16 @@ class ResumeConfigTest(absltest.TestCase):
     return _smoke(**overrides).to_dict()
 
   def test_unchanged(self):
-    self.assertEqual(train.check_resume_config(self.saved, self.saved, 4), {})
+    self.assertEqual(
+        train_checks.check_resume_config(self.saved, self.saved, 4), {}
+    )
 
   def test_model_and_data_order_changes_are_refused_naming_keys(self):
     current = self._changed(
         **{"model.pretrained": "other", "data.seed": 3, "train.log_every": 2}
     )
     with self.assertRaises(errors.ConfigError) as ctx:
-      train.check_resume_config(self.saved, current, 4)
+      train_checks.check_resume_config(self.saved, current, 4)
     message = str(ctx.exception)
     self.assertIn("step 4", message)
     self.assertIn("model.pretrained: 'all-MiniLM-L6-v2' -> 'other'", message)
@@ -117,13 +120,15 @@ class ResumeConfigTest(absltest.TestCase):
         "mesh.shape": (1, -1, 1),
     })
     with self.assertLogs(level="INFO") as logs:
-      self.assertEqual(train.check_resume_config(self.saved, current, 4), {})
+      self.assertEqual(
+          train_checks.check_resume_config(self.saved, current, 4), {}
+      )
     self.assertIn("train.num_steps: 4 -> 40", "\n".join(logs.output))
 
   def test_other_changes_are_allowed_with_a_warning(self):
     current = self._changed(**{"optim.learning_rate": 5e-5})
     with self.assertLogs(level="WARNING") as logs:
-      other = train.check_resume_config(self.saved, current, 4)
+      other = train_checks.check_resume_config(self.saved, current, 4)
     self.assertEqual(other, {"optim.learning_rate": (1e-4, 5e-5)})
     self.assertIn("apply from step 5 on", "\n".join(logs.output))
 
@@ -131,7 +136,7 @@ class ResumeConfigTest(absltest.TestCase):
     current = self._changed()
     del current["optim"]["eps"]
     self.assertEqual(
-        train.config_changes(self.saved, current),
+        train_checks.config_changes(self.saved, current),
         {"optim.eps": (1e-8, "<absent>")},
     )
 
