@@ -8,6 +8,9 @@ scores on the same test queries:
     whole documents;
   * all-MiniLM-L6-v2 with documents truncated to 512 tokens (its position
     table ends there), through the evaluate mode;
+  * the idf-weighted mean of all-MiniLM-L6-v2's input word embeddings (no
+    layer, no training) over the whole document and over its first 512
+    tokens: what a reader of every token gets from term weighting alone;
 
 and prints one table with the M2 row from the run's results.json.
 
@@ -24,8 +27,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+from retrieval_jax import pretrained
 from retrieval_jax.data import beir
+from retrieval_jax.data import features
 from retrieval_jax.data import negatives
+from retrieval_jax.data import tokenizers
 from retrieval_jax.evaluation import ir_metrics
 
 MEASURES = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
@@ -59,6 +67,57 @@ def bm25_row(collection_dir: pathlib.Path, split: str) -> dict[str, float]:
   )
   means["seconds"] = elapsed
   return means
+
+
+def bag_of_embeddings_rows(
+    collection_dir: pathlib.Path, split: str, max_length: int
+) -> dict[str, dict[str, float]]:
+  """Idf-weighted mean word embedding of MiniLM, whole vs truncated docs.
+
+  Idf (Lucene BM25's) over the collection's whole documents; cosine; exact
+  search. Word embeddings only: no position or type embedding, no layer.
+  """
+  model_dir = pretrained.resolve_model_dir("all-MiniLM-L6-v2")
+  tokenizer = tokenizers.from_pretrained_dir(model_dir)
+  state = pretrained.read_state_dict(model_dir)
+  (name,) = [k for k in state if k.endswith("word_embeddings.weight")]
+  table_vd = np.asarray(state[name], np.float64)
+  collection = beir.load_beir(str(collection_dir), split=split)
+  judged = [q for q in collection.query_ids if q in collection.qrels]
+  text_of = dict(zip(collection.query_ids, collection.queries))
+  unlimited = 1 << 30
+  doc_ids = [
+      tokenizer.encode(t, unlimited)[1:-1] for t in collection.doc_texts()
+  ]
+  idf_v = features.idf_from_corpus(doc_ids, table_vd.shape[0])
+
+  def embed(ids: list[int]) -> np.ndarray:
+    w = idf_v[ids].astype(np.float64)
+    v = (w[:, None] * table_vd[ids]).sum(0) / w.sum()
+    return v / np.linalg.norm(v)
+
+  queries_qd = np.stack(
+      [embed(tokenizer.encode(text_of[q], unlimited)[1:-1]) for q in judged]
+  )
+  rows = {}
+  for label, limit in (
+      ("whole document", None),
+      (f"first {max_length}", max_length),
+  ):
+    start = time.perf_counter()
+    # The first `limit` tokens of the model's input: [CLS] and [SEP] excluded.
+    docs_nd = np.stack([embed(ids[: limit and limit - 2]) for ids in doc_ids])
+    scores_qn = queries_qd @ docs_nd.T
+    run = {}
+    for q, row in zip(judged, scores_qn):
+      top = np.argsort(-row, kind="stable")[:100]
+      run[q] = {collection.doc_ids[j]: float(row[j]) for j in top}
+    means, _ = ir_metrics.evaluate(
+        {q: collection.qrels[q] for q in judged}, run, MEASURES
+    )
+    means["seconds"] = time.perf_counter() - start
+    rows[f"MiniLM word embeddings, idf-weighted mean, {label}"] = means
+  return rows
 
 
 def minilm_row(
@@ -115,6 +174,9 @@ def main():
   rows["BM25"] = bm25_row(collection_dir, args.split)
   rows[f"all-MiniLM-L6-v2 @ {args.minilm_max_length}"] = minilm_row(
       collection_dir, args.split, workdir / "baselines", args.minilm_max_length
+  )
+  rows.update(
+      bag_of_embeddings_rows(collection_dir, args.split, args.minilm_max_length)
   )
   out = {"collection": manifest.get("summary", {}), "rows": rows}
   (workdir / "baselines.json").write_text(json.dumps(out, indent=1) + "\n")
