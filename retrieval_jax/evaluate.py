@@ -1,21 +1,14 @@
 """The `evaluate` and `encode` modes: a retriever on a BEIR directory.
 
-`evaluate(config, workdir)` writes to the workdir:
-  metrics.json             flat {measure: mean} over the judged queries
-  metrics_per_query.json   {measure: {query_id: value}}
-  run.trec                 TREC run (ids with spaces percent-encoded)
-  timing.json              seconds per phase, texts/s
-  stats.json               index size, query latency (`retrievers`)
-  config.json              the resolved config
-`encode(config, workdir)` writes corpus_shards/ (resumable, checksummed
-shards and manifest.json, `data/embedding_shards.py`), then
-corpus_embeddings.npy (float32, one row per document in corpus.jsonl order)
-and corpus_ids.json.
+`evaluate(config, workdir)` writes metrics.json ({measure: mean}),
+metrics_per_query.json, run.trec, timing.json, stats.json (index size,
+query latency) and config.json. `encode(config, workdir)` writes
+corpus_shards/ (resumable, checksummed, `data/embedding_shards.py`), then
+corpus_embeddings.npy (float32, corpus.jsonl order) and corpus_ids.json.
 
-Checkpoints as users have them: `config.model.pretrained` may be a hub id
-in the local Hugging Face cache; a sentence-transformers model's prompts
-(config_sentence_transformers.json) prefix queries and documents and its
-`similarity_fn_name` picks the search metric unless the config says
+`config.model.pretrained` may be a hub id in the local Hugging Face cache;
+a sentence-transformers model's prompts prefix queries and documents and
+its `similarity_fn_name` picks the search metric unless the config says
 otherwise; the SPLADE / ColBERT / cross-encoder retrievers take a
 published checkpoint where they take a run (`use_checkpoints`).
 """

@@ -1,23 +1,13 @@
-r"""Serving export of a trained run (STYLE.md, 15): jax.export or Hugging Face.
+r"""Serving export of a trained run: jax.export or Hugging Face.
 
 `config.export.format="jax"` (default) writes one serialized
 `jax.export.Exported` per tower of the run's kind (`Kind.serving_towers`),
 `fn(flat_params, *int32 inputs) -> outputs`, B symbolic and L symbolic up
-to max_length (else fixed at it, `length_mode: "fixed"`), lowered for
-`config.export.platforms`. Weights are safetensors arguments, not
-constants; manifest.json lists towers, inputs, outputs and token layouts:
-
-  bi_encoder      query, passage: (ids, mask) -> float32 [B, D]
-  splade          query, passage: (ids, mask) -> float32 [B, V] weights, or
-                  (int32 ids [B, k], float32 weights [B, k]) (top_terms k)
-  inference_free  passage as splade; query: the idf-weighted token bag, its
-                  one weight the idf table (query_params.safetensors)
-  colbert         query (fixed width), passage: (ids, mask) -> (float32
-                  [B, L, d] vectors, 0 where unscored; int32 [B, L] score mask)
-  cross_encoder   pair: (ids, mask, token types[, markers [B, 2]]) -> [B]
-
-`serving.py` reads the dense-shaped ones (bi_encoder, splade,
-inference_free). `format="hf"` writes a bi-encoder as a sentence-transformers
+to max_length (else fixed, `length_mode: "fixed"`), lowered for
+`config.export.platforms`; weights are safetensors arguments, not
+constants; manifest.json lists towers, inputs, outputs and token layouts
+(per kind: the README's export table). `serving.py` reads the dense-shaped
+ones. `format="hf"` writes a bi-encoder as a sentence-transformers
 directory (`export_hf`).
 
   python -m retrieval_jax.export --model=all-MiniLM-L6-v2 \

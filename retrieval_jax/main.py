@@ -4,19 +4,13 @@ r"""Entry point: set-up, then dispatch on --mode.
       --workdir DIR [--mode MODE] [--config.a.b=value ...]
 
 MODE (default: `train` for a config with a `train` block, else `evaluate`):
-  train     fine-tune (configs/train.py); resumes from <workdir>/checkpoints
-  evaluate  zero-shot retrieval metrics (configs/evaluate.py)
-  encode    corpus embeddings: resumable shards, then one .npy
-            (configs/evaluate.py)
-  export    the latest checkpoint for serving: jax.export towers of any kind
-            (<workdir>/export), or `--config.export.format=hf` for a
-            sentence-transformers bi-encoder (<workdir>/export_hf)
-
-Several processes (every one runs the same command): `initialize_distributed`
-joins an explicit coordinator (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID), an srun step of SLURM_NTASKS > 1 tasks or a TPU pod.
-
-Each mode is a library function. Experiments run as
+train (configs/train.py; resumes from <workdir>/checkpoints), evaluate,
+encode (resumable corpus embedding shards, then one .npy) and export
+(jax.export towers of any kind, or `--config.export.format=hf`). Each mode
+is a library function. Several processes (each runs the same command) join
+through `initialize_distributed`: an explicit coordinator
+(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), an srun step
+of SLURM_NTASKS > 1 tasks, or a TPU pod. Experiments run as
 `python -m experiments.<name>.run --config experiments/<name>/config.py`.
 """
 

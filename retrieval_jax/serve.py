@@ -4,26 +4,14 @@ r"""HTTP search over an exported query tower and a dense index.
       [--host 127.0.0.1] [--build_index_from corpus.jsonl]
 
 --export is what `--mode=export` writes (`serving.ServingModel`); --index an
-index directory (`serving.load_index`: `--mode=encode`'s output, or one that
-`--build_index_from` writes first with the export's passage tower). HTTP is
-the standard library's `http.server.ThreadingHTTPServer`: no new dependency,
-one thread per connection, HTTP/1.0 (one request per connection), so it is
-meant to run behind a proxy that terminates TLS and keep-alive. Routes:
-
-  GET  /health  200 {"status": "ok", "model": ..., "index": ..., "stats": ...}
-  POST /search  {"queries": [str, ...], "k": 10} (k optional) ->
-                {"k": k, "results": [{"ids": [...], "scores": [...]}, ...]}
-  POST /embed   {"queries": [str, ...]} -> {"embeddings": [[...]], "dim": D}
-
-Queries that arrive together share one encoder call (`MicroBatcher`: up to
---max_batch texts, waiting at most --max_wait_ms for more), and a longer
-request is split into --max_batch parts; search is `exact_topk.search`.
-Bad input is answered with {"error": "..."} naming the problem: 400 for
-malformed requests (not JSON, missing or unknown keys, a query that is not a
-non-empty str, k not an int in 1..N), 413 for a size limit (the flag is
-named), 411 without Content-Length, 404 / 405 for an unknown route / method.
-SIGINT and SIGTERM stop accepting, finish the requests in flight and exit 0.
-One log line per request (stderr).
+index directory (`serving.load_index`, or one `--build_index_from` writes
+first). Standard library `ThreadingHTTPServer` (HTTP/1.0, one thread per
+connection; run it behind a proxy for TLS and keep-alive). Routes
+GET /health, POST /search, POST /embed, their JSON and error codes: README
+("Serving over HTTP"). Queries that arrive together share one encoder call
+(`MicroBatcher`); search is `exact_topk.search`. Bad input gets
+{"error": "..."} naming the problem; SIGINT/SIGTERM finish the requests in
+flight and exit 0.
 """
 
 from collections.abc import Callable, Mapping, Sequence

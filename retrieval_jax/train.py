@@ -4,32 +4,14 @@
 and the notebooks call it the same way. The kind (`config.model.kind`,
 `kinds.KINDS`) supplies the model, the featurizer and loss of the one
 generic `steps.train_step`, and the evaluations; this module only wires the
-loader, optimizer, checkpoints and logging around them.
+loader, optimizer, checkpoints and logging around them (start-up checks:
+`train_checks`).
 
-Resume order (the first that applies):
-  1. the newest checkpoint in <workdir>/checkpoints that restores (bad ones
-     are skipped and renamed <step>.corrupt): the full state (params,
-     optimizer, step) and the data position; the run continues as if it had
-     never stopped (same batches, same dropout keys). A config change that
-     alters the state is refused (`check_resume_config`);
-  2. `config.checkpoint.init_from`: params from another run's checkpoint
-     directory (the step its model selection picked, else its latest),
-     fresh optimizer, step 0;
-  3. scratch: the pretrained weights of `config.model.pretrained`.
-
-SIGTERM/SIGINT in the loop: the step finishes, is saved, errors.Interrupted.
-
-Workdir after a run:
-  .lock                 held while a run uses the workdir (pid, host)
-  checkpoints/          Orbax checkpoints (state, data position, config)
-  metrics.jsonl         one line per logged step (train/..., eval/..., perf/...)
-  events.out.tfevents*  the same scalars for TensorBoard
-  results.json          eval metrics before and after training, run summary
-  eval/step_<n>/<name>/ run.trec and metrics_per_query.json of each eval
-  negatives/            mined hard negatives (cache keyed by content);
-                        refresh_<r>/: round r's (config.data.refresh_steps /
-                        refresh_epochs)
-  teacher/              teacher scores of the candidates (keyed by content)
+Resume order: the newest checkpoint in <workdir>/checkpoints that restores
+(bad ones renamed <step>.corrupt; the run continues as if never stopped),
+else `config.checkpoint.init_from` (params only), else the pretrained
+weights. SIGTERM/SIGINT: the step finishes, is saved, errors.Interrupted.
+The workdir's files are listed in the README ("What the quick start does").
 """
 
 import contextlib

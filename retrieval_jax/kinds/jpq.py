@@ -1,22 +1,16 @@
 """JPQ: a query encoder trained against fixed PQ codes (Zhan et al. 2021).
 
-At the start of a run the training collection's corpus (`data.corpus_path`,
-else `data.path`) is embedded by the starting encoder (or read from
-`config.model.jpq_init`, the encode mode's corpus_embeddings.npy) and
-product-quantised by faiss (`search.compression`'s "pq": M =
-`jpq_subspaces` sub-spaces, 2^`jpq_nbits` k-means centroids each). The
-codes [N, M] are constants of the run: they sit in `state["extra"]` with
-the k-means centroids, saved with every checkpoint and never trained.
-Trained: the query encoder and the centroids (`models.jpq`: init + scale ·
-offset, scale = `jpq_centroid_lr_scale`). A passage is its code decoded
-with the current centroids; scores are ADC (`search.product_quantization`)
-of the query against the batch's `passage_doc` codes, under any
-`losses.LOSSES` objective / `config.loss.temperature`. No document tower
-runs in training (JPQ's reference trains with its index's top 200 and a
-ΔRR-weighted pairwise loss; here: the in-batch and hard negatives).
-Domain adaptation adds margin-MSE against the frozen starting encoder
-(`frozen_teacher`). `build_index`: a faiss IndexPQ of the trained centroids
-and the run's codes (or of other documents assigned to those centroids).
+At the start of a run the training corpus is embedded by the starting
+encoder (or read from `config.model.jpq_init`, an encode-mode .npy) and
+product-quantised by faiss (M = `jpq_subspaces`, 2^`jpq_nbits` centroids
+each). The codes [N, M] are constants of the run, kept in `state["extra"]`
+with the centroids and checkpointed. Trained: the query encoder and the
+centroids (`models.jpq`: init + scale · offset). A passage is its code
+decoded with the current centroids, scored by ADC under any `losses.LOSSES`
+objective; no document tower runs in training (in-batch and hard
+negatives, not the paper's top-200 ΔRR-weighted loss). Domain adaptation
+adds margin-MSE against the frozen starting encoder (`frozen_teacher`).
+`build_index`: a faiss IndexPQ of the trained centroids and the codes.
 """
 
 import functools

@@ -1,26 +1,16 @@
-r"""Revela's language model: a causal LM that also reads the batch's other
-chunks, weighted by a retriever (Cai et al. 2025, arXiv 2506.16552).
+r"""Revela's LM: a causal LM that also reads the batch's other chunks,
+weighted by a retriever (Cai et al. 2025, arXiv 2506.16552).
 
-Per block and head, chunk i's attention output (before the output
-projection) is, as in the authors' released LLaMA attention:
-
+Per block and head, chunk i's attention output (before the projection):
   a_i = softmax_causal(q_i K_i^T / sqrt(h)) V_i
         + sum_{j != i} w_ij vnorm(softmax(q_i Kc_j^T / sqrt(h)) Vc_j)
-
-w_ij = p(j | i) = softmax_{j != i}(cos(e_i, e_j) / tau) is the retriever's
-(`neighbour_weights`). Kc_j, Vc_j are the keys and values of the same block
-in chunk j's own causal pass (every chunk alone first, as the public code's
-cached first pass): chunk j's in-batch states have seen all of chunk i, its
-future tokens included, so reading them would leak the targets. The softmax
-over chunk j's tokens is not causal; its padding is masked. vnorm (on by
-default, as there) divides each query's output by sum_k A_qk |Vc_jk|, the
-attention-weighted L2 norm of the values it mixed.
-
-GPT-2-style blocks (pre-LayerNorm, learned absolute positions, GELU MLP,
-final LayerNorm, output tied to the word embeddings), sized by an
-`EncoderConfig`, instead of the paper's LLaMA (RoPE, RMSNorm, SwiGLU).
-Shape letters: b / c chunks (query / key side), q / k positions, l position,
-d width, n heads, h head width, v vocabulary.
+w_ij = softmax_{j != i}(cos(e_i, e_j) / tau) (`neighbour_weights`); Kc_j,
+Vc_j come from chunk j's own causal pass (its in-batch states saw chunk i's
+future tokens); vnorm divides by the attention-weighted L2 norm of the
+values mixed, as in the released code. GPT-2-style blocks (pre-LN, learned
+positions, GELU MLP, tied output) sized by an `EncoderConfig`, not the
+paper's LLaMA. Shape letters: b / c chunks (query / key side), q / k
+positions, l position, d width, n heads, h head width, v vocabulary.
 """
 
 import math
