@@ -106,6 +106,9 @@ def m2_block(preset: str = "m2-bert-80m-2k") -> ml_collections.ConfigDict:
   # Zero padded positions before the long convolutions, so an embedding
   # does not depend on the pad length (False = the reference computation).
   m2.mask_padding = True
+  # Start every mixer at the identity (long filters zero, residual skip 1,
+  # output projection I) instead of the reference's random mixing.
+  m2.identity_init = False
   # Copy word/type embeddings from `model.pretrained` (same width needed).
   m2.init_embeddings = False
   # Seed of the random initialisation.

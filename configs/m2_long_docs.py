@@ -21,6 +21,10 @@ queries; smoke: `:smoke,pretrain=crop`):
   python -m retrieval_jax.main --config configs/m2_long_docs.py:pretrain=crop \
       --workdir /tmp/rj_m2_crop
 
+`--config.model.m2.identity_init=True` starts every mixer at the identity
+(long filters zero, residual skip 1, output projection I), so the untrained
+encoder is close to a mean of its copied word embeddings.
+
 Results and the baselines (BM25; all-MiniLM-L6-v2 truncated at 512 tokens)
 are in experiments/m2_long_docs/README.md.
 

@@ -57,6 +57,9 @@ class M2Config:
   residual_long_conv: bool = True  # second long conv on the layer input
   pooler: bool = True  # dense + tanh pooler (the reference embedding)
   mask_padding: bool = True  # padding-invariant mode (see module doc)
+  # Mixers start as the identity: long filters zero (their MLPs' last layer),
+  # residual skip D = 1, output projection I; other draws as the reference.
+  identity_init: bool = False
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype of parameters
 
@@ -72,6 +75,9 @@ class M2Config:
             f"{name} {getattr(self, name)} is not divisible by "
             f"monarch_blocks {self.monarch_blocks}"
         )
+
+    if self.identity_init and not self.residual_long_conv:
+      raise ValueError("identity_init needs residual_long_conv")
 
   def embedding_config(self) -> transformer_encoder.EncoderConfig:
     """The shared embedding block's config (word + position + type, LN)."""
@@ -143,6 +149,14 @@ class SequenceMixer(nnx.Module):
         normal, rngs, (d, d), pd, (sharding.MLP, sharding.EMBED)
     )
     self.out_bias_d = core.param(zeros, rngs, (d,), pd, (sharding.EMBED,))
+    if config.identity_init:
+      for f in (self.filter, self.residual_filter):
+        for direction in ("fwd", "rev") if config.bidirectional else ("fwd",):
+          w3 = getattr(f, f"{direction}_w3_oh")
+          w3[...] = jnp.zeros_like(w3[...])
+      skip = self.residual_filter.bias_h
+      skip[...] = jnp.ones_like(skip[...])
+      self.out_proj_dd[...] = jnp.eye(d, dtype=self.out_proj_dd[...].dtype)
 
   def __call__(self, u_bld: jax.Array, mask_bl: jax.Array | None) -> jax.Array:
     """[B, L, D] inputs (and [B, L] mask or None) -> [B, L, D]."""
@@ -336,7 +350,7 @@ def config_from_block(block, *, dtype: Any = jnp.float32) -> M2Config:
 
   `block`: `preset` (a key of M2_CONFIGS) and optional nonzero overrides
   `num_layers`, `hidden_size`, `intermediate_size`, `max_position_embeddings`,
-  `filter_order`, and `mask_padding`.
+  `filter_order`, and the flags `mask_padding` and `identity_init`.
   """
   if block["preset"] not in M2_CONFIGS:
     raise ValueError(
@@ -355,6 +369,7 @@ def config_from_block(block, *, dtype: Any = jnp.float32) -> M2Config:
       if block.get(k)
   }
   overrides["mask_padding"] = bool(block.get("mask_padding", True))
+  overrides["identity_init"] = bool(block.get("identity_init", False))
   return dataclasses.replace(base, dtype=dtype, **overrides)
 
 

@@ -195,6 +195,56 @@ class PaddingTest(parameterized.TestCase):
     np.testing.assert_allclose(emb_a, emb_b, atol=1e-6)
 
 
+class IdentityInitTest(absltest.TestCase):
+
+  def test_mixer_passes_its_input_through_when_the_gated_branch_is_cut(self):
+    config = dataclasses.replace(SMALL, identity_init=True)
+    mixer = m2_encoder.M2Encoder(config, rngs=nnx.Rngs(0)).layers[0].mixer
+    for f in (mixer.filter, mixer.residual_filter):
+      k_fwd, k_rev, _ = f(64)
+      np.testing.assert_array_equal(k_fwd, 0.0)
+      np.testing.assert_array_equal(k_rev, 0.0)
+    # Cut the gated branch (in_proj and the short conv's bias at zero make
+    # x1, x2 and v zero): the residual path alone must be the identity.
+    mixer.in_proj_dc[...] = jnp.zeros_like(mixer.in_proj_dc[...])
+    mixer.short_conv_bias_c[...] = jnp.zeros_like(mixer.short_conv_bias_c[...])
+    u = np.random.default_rng(0).normal(size=(2, 64, 32)).astype(np.float32)
+    mask = np.ones((2, 64), np.int32)
+    mask[1, 40:] = 0
+    out = np.asarray(mixer(jnp.asarray(u), jnp.asarray(mask)))
+    np.testing.assert_allclose(out, u * mask[..., None], atol=1e-5)
+
+  def test_other_draws_match_the_reference_init(self):
+    ref = nnx.state(m2_encoder.M2Encoder(SMALL, rngs=nnx.Rngs(0)), nnx.Param)
+    ident = nnx.state(
+        m2_encoder.M2Encoder(
+            dataclasses.replace(SMALL, identity_init=True), rngs=nnx.Rngs(0)
+        ),
+        nnx.Param,
+    )
+    changed = set()
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(ref), nnx.to_flat_state(ident)
+    ):
+      if not np.array_equal(np.asarray(a[...]), np.asarray(b[...])):
+        changed.add("/".join(str(p) for p in path[2:]))
+    self.assertEqual(
+        changed,
+        {
+            "mixer/filter/fwd_w3_oh",
+            "mixer/filter/rev_w3_oh",
+            "mixer/residual_filter/fwd_w3_oh",
+            "mixer/residual_filter/rev_w3_oh",
+            "mixer/residual_filter/bias_h",
+            "mixer/out_proj_dd",
+        },
+    )
+
+  def test_needs_the_residual_long_conv(self):
+    with self.assertRaisesRegex(ValueError, "residual_long_conv"):
+      dataclasses.replace(SMALL, identity_init=True, residual_long_conv=False)
+
+
 class TrainabilityTest(absltest.TestCase):
 
   def test_contrastive_loss_fits_a_fixed_batch(self):
