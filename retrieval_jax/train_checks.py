@@ -195,17 +195,10 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
             f"qrels/{config.data.train_split}.tsv",
         ),
     )
-  elif config.data.format == "pairs":
+  elif config.data.format in ("pairs", "tevatron"):
     check_path("data.path", config.data.path, is_dir=False)
-    check_path(
-        "data.corpus_path",
-        config.data.corpus_path,
-        is_dir=True,
-        needs=("corpus.jsonl",),
-    )
-  elif config.data.format == "tevatron":
-    check_path("data.path", config.data.path, is_dir=False)
-    if config.data.corpus_path:
+    # Pairs name documents of a corpus; a Tevatron file may carry its texts.
+    if config.data.format == "pairs" or config.data.corpus_path:
       check_path(
           "data.corpus_path",
           config.data.corpus_path,

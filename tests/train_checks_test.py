@@ -56,6 +56,32 @@ class SettingsTest(parameterized.TestCase):
     train_checks.validate_settings(train_config.get_config())
 
 
+class DataPathsTest(absltest.TestCase):
+
+  def _config(self, fmt, corpus_path):
+    pairs = self.create_tempfile("pairs.jsonl", content="{}\n").full_path
+    config = _smoke(**{"data.format": fmt, "data.negatives": "none"})
+    with config.unlocked():
+      config.data.path = pairs
+      config.data.corpus_path = corpus_path
+      config.data.group_size = 1
+    return config
+
+  def test_pairs_need_a_corpus(self):
+    mesh = train_checks.make_mesh(_smoke())
+    with self.assertRaisesRegex(errors.ConfigError, "config.data.corpus_path"):
+      train_checks.validate(self._config("pairs", ""), mesh)
+
+  def test_tevatron_corpus_is_optional_but_checked_when_given(self):
+    mesh = train_checks.make_mesh(_smoke())
+    train_checks.validate(self._config("tevatron", ""), mesh)
+    missing = os.path.join(self.create_tempdir().full_path, "nowhere")
+    with self.assertRaisesRegex(
+        errors.ConfigError, "config.data.corpus_path=.*no such directory"
+    ):
+      train_checks.validate(self._config("tevatron", missing), mesh)
+
+
 class _Checkpointer:
   directory = "/run/checkpoints"
 
